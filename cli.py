@@ -1,0 +1,102 @@
+"""`blip3`: the command line of blip3-engine.
+
+Command groups live beside the code they drive (each package's `commands.py` has a
+`register(app)`), so this file only wires them together and turns user errors into one line.
+Heavy libraries (torch, ray) are imported inside commands, so `blip3 --help` stays instant.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from core.errors import UserError
+
+app = typer.Typer(
+    name="blip3",
+    help="Data engine and slim trainer for xGen-MM (BLIP-3) style multimodal models.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+catalog_app = typer.Typer(help="Register shards in the DuckDB catalog and summarise it.", no_args_is_help=True)
+app.add_typer(catalog_app, name="catalog")
+
+DbOption = typer.Option(None, "--db", help="Catalog file (default: $BLIP3_DB or ./catalog.duckdb).")
+
+
+@catalog_app.command("add")
+def catalog_add(
+    output_dir: Path = typer.Argument(..., help="A folder of NNNNNN.tar shards with their sidecars."),
+    source: Optional[str] = typer.Option(None, "--source", help="Source name (default: the folder name)."),
+    kind: str = typer.Option("caption", "--kind", help="caption | interleaved | sft | dpo"),
+    refresh: bool = typer.Option(False, "--refresh", help="Re-read shards whose tar changed."),
+    db: Optional[Path] = DbOption,
+) -> None:
+    """Register finished shards and their per-sample sidecar rows (idempotent)."""
+    from core.catalog import Catalog
+    from core.logs import console
+
+    with Catalog(db) as cat:
+        r = cat.add_output(output_dir, source=source, kind=kind, refresh=refresh)
+    console.print(
+        f"[green]{r.source}[/]: {r.added} shard(s) added ({r.rows} rows), {r.skipped} already catalogued"
+        + (f", [yellow]{r.changed} changed on disk (flagged)[/]" if r.changed else "")
+    )
+
+
+@catalog_app.command("stats")
+def catalog_stats(db: Optional[Path] = DbOption) -> None:
+    """Print a summary table per source: shards, samples, failures, caption length, coverage."""
+    from core.sql import run_query
+    from core.tables import write_result
+
+    write_result(run_query("SELECT * FROM v_source_summary ORDER BY source", db), title="catalog")
+
+
+@app.command("sql")
+def sql(
+    query: str = typer.Argument(..., help='A read-only query, e.g. "SELECT * FROM v_source_summary".'),
+    fmt: str = typer.Option("table", "--format", "-f", help="table | csv | json | parquet"),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Write the result to this file."),
+    db: Optional[Path] = DbOption,
+) -> None:
+    """Run a read-only SQL query on the catalog (statements that write are refused)."""
+    from core.sql import run_query
+    from core.tables import write_result
+
+    write_result(run_query(query, db), fmt=fmt, out=out)
+
+
+def _register_groups() -> None:
+    """Each package adds its own commands; a package not yet present is simply absent."""
+    import importlib
+
+    for module in ("datagen.commands", "mixture.commands", "train.commands", "model.commands"):
+        try:
+            mod = importlib.import_module(module)
+        except ModuleNotFoundError as e:
+            if e.name != module:
+                raise
+            continue
+        mod.register(app)
+
+
+_register_groups()
+
+
+def main() -> None:
+    try:
+        app(standalone_mode=True)
+    except UserError as e:
+        from core.logs import console
+
+        console.print(f"[bold red]error:[/] {e}", highlight=False, soft_wrap=True)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()

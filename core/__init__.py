@@ -1,0 +1,1 @@
+"""Infrastructure every stage shares: shard I/O, the DuckDB catalog, keys, logging, errors."""

@@ -1,0 +1,270 @@
+"""The DuckDB catalog: every source, shard, sample, mixture and training run, queryable with SQL.
+
+Default file `./catalog.duckdb`; every command takes `--db PATH` and honours `BLIP3_DB`.
+
+Tables (columns documented in README "The catalog"):
+
+- `sources`   one row per registered source (name, kind, path, counts, tokens, meta JSON)
+- `shards`    one row per shard tar (path, source, index, sha256, size, counts, status)
+              status is `ok`, or `changed` when the tar on disk no longer matches the sha256
+              recorded when it was added (flagged, never silently re-read)
+- `samples`   one row per input sample of every shard, failures included: the sidecar parquet
+              columns (core.shards.SIDECAR_SCHEMA) plus `source` and `shard`
+- `mixtures`, `mixture_sources`   mixtures built by `blip3 mix build` and their per-source plan
+- `runs`      training runs recorded by `blip3 train` (stage, manifest, steps, tokens, loss, ckpt)
+
+Adding is idempotent: a shard already catalogued with the same sha256 is skipped, so adding the
+same folder twice leaves the row counts unchanged.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import duckdb
+
+from core.errors import UserError
+from core.shards import SIDECAR_COLUMNS, file_sha256, list_shards
+
+DEFAULT_DB = "catalog.duckdb"
+SOURCE_KINDS = ("caption", "interleaved", "sft", "dpo")
+
+SCHEMA = [
+    """CREATE TABLE IF NOT EXISTS sources (
+        name VARCHAR PRIMARY KEY,
+        kind VARCHAR NOT NULL,
+        path VARCHAR NOT NULL,
+        n_shards BIGINT DEFAULT 0,
+        n_samples BIGINT DEFAULT 0,
+        n_tokens BIGINT,
+        added_at TIMESTAMPTZ,
+        updated_at TIMESTAMPTZ,
+        meta JSON
+    )""",
+    """CREATE TABLE IF NOT EXISTS shards (
+        path VARCHAR PRIMARY KEY,
+        source VARCHAR NOT NULL,
+        idx INTEGER,
+        sha256 VARCHAR NOT NULL,
+        tar_bytes BIGINT,
+        n_samples INTEGER,
+        n_success INTEGER,
+        n_failed INTEGER,
+        n_tokens BIGINT,
+        generator JSON,
+        status VARCHAR DEFAULT 'ok',
+        added_at TIMESTAMPTZ,
+        checked_at TIMESTAMPTZ
+    )""",
+    """CREATE TABLE IF NOT EXISTS samples (
+        source VARCHAR NOT NULL,
+        shard VARCHAR NOT NULL,
+        key VARCHAR, uid VARCHAR, url VARCHAR,
+        status VARCHAR, error VARCHAR,
+        width INTEGER, height INTEGER, orig_width INTEGER, orig_height INTEGER,
+        image_bytes BIGINT, caption_length INTEGER, n_captions INTEGER,
+        n_ocr INTEGER, n_objects INTEGER, mean_confidence FLOAT, has_source_caption BOOLEAN
+    )""",
+    """CREATE TABLE IF NOT EXISTS mixtures (
+        name VARCHAR PRIMARY KEY,
+        manifest_path VARCHAR,
+        seed BIGINT,
+        weight_by VARCHAR,
+        target_samples BIGINT,
+        target_tokens BIGINT,
+        created_at TIMESTAMPTZ,
+        spec JSON
+    )""",
+    """CREATE TABLE IF NOT EXISTS mixture_sources (
+        mixture VARCHAR NOT NULL,
+        source VARCHAR NOT NULL,
+        kind VARCHAR,
+        weight DOUBLE,
+        available_samples BIGINT,
+        available_tokens BIGINT,
+        target_samples BIGINT,
+        target_tokens BIGINT,
+        epochs DOUBLE
+    )""",
+    """CREATE TABLE IF NOT EXISTS runs (
+        run_id VARCHAR PRIMARY KEY,
+        stage VARCHAR,
+        kind VARCHAR,
+        config_path VARCHAR,
+        manifest VARCHAR,
+        started_at TIMESTAMPTZ,
+        finished_at TIMESTAMPTZ,
+        steps BIGINT,
+        tokens BIGINT,
+        final_loss DOUBLE,
+        checkpoint VARCHAR,
+        status VARCHAR,
+        metrics_path VARCHAR
+    )""",
+]
+
+
+def resolve_db(db: str | Path | None = None) -> Path:
+    """`--db` if given, else `$BLIP3_DB`, else `./catalog.duckdb`."""
+    return Path(db or os.environ.get("BLIP3_DB") or DEFAULT_DB)
+
+
+def _now() -> datetime:
+    return datetime.now(timezone.utc)
+
+
+@dataclass
+class AddResult:
+    source: str
+    added: int = 0
+    skipped: int = 0
+    changed: int = 0
+    rows: int = 0
+
+
+class Catalog:
+    """A read-write handle on the catalog file (queries from users go through `core.sql`)."""
+
+    def __init__(self, db: str | Path | None = None):
+        self.path = resolve_db(db)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.con = duckdb.connect(str(self.path))
+        for ddl in SCHEMA:
+            self.con.execute(ddl)
+        from core.views import create_views  # views over the tables above, one place
+
+        create_views(self.con)
+
+    def close(self) -> None:
+        self.con.close()
+
+    def __enter__(self) -> "Catalog":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    # -- sources and shards ------------------------------------------------------------------
+    def upsert_source(self, name: str, kind: str, path: str | Path, meta: dict | None = None) -> None:
+        if kind not in SOURCE_KINDS:
+            raise UserError(f"unknown source kind {kind!r}; one of {', '.join(SOURCE_KINDS)}", field="kind")
+        path = str(Path(path).resolve())
+        row = self.con.execute("SELECT kind, path FROM sources WHERE name = ?", [name]).fetchone()
+        if row is None:
+            self.con.execute(
+                "INSERT INTO sources (name, kind, path, added_at, updated_at, meta) VALUES (?, ?, ?, ?, ?, ?)",
+                [name, kind, path, _now(), _now(), json.dumps(meta or {})],
+            )
+        else:
+            if row[0] != kind:
+                raise UserError(f"source {name!r} is already registered with kind {row[0]!r}", field="kind")
+            self.con.execute(
+                "UPDATE sources SET path = ?, updated_at = ?, meta = coalesce(?, meta) WHERE name = ?",
+                [path, _now(), None if meta is None else json.dumps(meta), name],
+            )
+
+    def add_output(
+        self, out_dir: str | Path, *, source: str | None = None, kind: str = "caption", refresh: bool = False
+    ) -> AddResult:
+        """Register the finished shards of `out_dir` and their sidecar rows.
+
+        A shard already catalogued with the same sha256 is skipped; one whose tar changed since is
+        flagged `changed` (and re-read only with `refresh=True`).
+        """
+        out = Path(out_dir)
+        if not out.is_dir():
+            raise UserError("not a directory", file=out)
+        shards = list_shards(out)
+        if not shards:
+            raise UserError("no finished shards (NNNNNN_stats.json) found", file=out)
+        name = source or out.resolve().name
+        self.upsert_source(name, kind, out)
+        result = AddResult(source=name)
+        for info in shards:
+            tar = str(info.tar.resolve())
+            sha = file_sha256(info.tar) if info.tar.exists() else None
+            known = self.con.execute("SELECT sha256 FROM shards WHERE path = ?", [tar]).fetchone()
+            if sha is None:
+                raise UserError("stats file present but tar missing", file=info.tar)
+            if sha != info.sha256:
+                # The tar on disk is not the one its stats describe: flag, do not trust the sidecar.
+                self._flag_changed(tar, name, info, sha)
+                result.changed += 1
+                continue
+            if known is not None and known[0] == sha:
+                self.con.execute("UPDATE shards SET checked_at = ?, status = 'ok' WHERE path = ?", [_now(), tar])
+                result.skipped += 1
+                continue
+            if known is not None and not refresh:
+                self.con.execute("UPDATE shards SET status = 'changed', checked_at = ? WHERE path = ?", [_now(), tar])
+                result.changed += 1
+                continue
+            result.rows += self._insert_shard(tar, name, info)
+            result.added += 1
+        self._refresh_source_counts(name)
+        return result
+
+    def _flag_changed(self, tar: str, source: str, info, sha: str) -> None:
+        if self.con.execute("SELECT 1 FROM shards WHERE path = ?", [tar]).fetchone():
+            self.con.execute("UPDATE shards SET status = 'changed', checked_at = ? WHERE path = ?", [_now(), tar])
+        else:
+            self.con.execute(
+                "INSERT INTO shards (path, source, idx, sha256, tar_bytes, status, added_at, checked_at) "
+                "VALUES (?, ?, ?, ?, ?, 'changed', ?, ?)",
+                [tar, source, info.index, sha, info.tar_bytes, _now(), _now()],
+            )
+
+    def _insert_shard(self, tar: str, source: str, info) -> int:
+        cols = ", ".join(SIDECAR_COLUMNS)
+        self.con.execute("BEGIN TRANSACTION")
+        try:
+            self.con.execute("DELETE FROM samples WHERE shard = ?", [tar])
+            self.con.execute("DELETE FROM shards WHERE path = ?", [tar])
+            self.con.execute(
+                f"INSERT INTO samples (source, shard, {cols}) "
+                f"SELECT ?, ?, {cols} FROM read_parquet(?)",
+                [source, tar, str(info.parquet)],
+            )
+            self.con.execute(
+                "INSERT INTO shards (path, source, idx, sha256, tar_bytes, n_samples, n_success, n_failed, "
+                "generator, status, added_at, checked_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, 'ok', ?, ?)",
+                [tar, source, info.index, info.sha256, info.tar_bytes, info.count, info.successes,
+                 info.failed, json.dumps(info.generator), _now(), _now()],
+            )
+            self.con.execute("COMMIT")
+        except Exception:
+            self.con.execute("ROLLBACK")
+            raise
+        return info.count
+
+    def _refresh_source_counts(self, name: str) -> None:
+        self.con.execute(
+            """UPDATE sources SET
+                 n_shards = (SELECT count(*) FROM shards WHERE source = ? AND status = 'ok'),
+                 n_samples = (SELECT coalesce(sum(n_success), 0) FROM shards WHERE source = ? AND status = 'ok'),
+                 updated_at = ?
+               WHERE name = ?""",
+            [name, name, _now(), name],
+        )
+
+    # -- runs ----------------------------------------------------------------------------------
+    def record_run(self, **fields: Any) -> None:
+        """Insert or replace one row of `runs` (keys are its column names; run_id required)."""
+        if "run_id" not in fields:
+            raise ValueError("record_run needs run_id")
+        cols = list(fields)
+        self.con.execute("DELETE FROM runs WHERE run_id = ?", [fields["run_id"]])
+        self.con.execute(
+            f"INSERT INTO runs ({', '.join(cols)}) VALUES ({', '.join('?' for _ in cols)})",
+            [fields[c] for c in cols],
+        )
+
+    # -- reading -------------------------------------------------------------------------------
+    def source_stats(self):
+        """Per-source summary (a polars DataFrame) for `blip3 catalog stats`."""
+        return self.con.execute("SELECT * FROM v_source_summary ORDER BY source").pl()

@@ -1,0 +1,58 @@
+"""One console, one logger setup and one progress-bar factory that every command reuses."""
+
+from __future__ import annotations
+
+import logging
+import os
+from contextlib import contextmanager
+from typing import Iterator
+
+from rich.console import Console
+from rich.logging import RichHandler
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
+
+console = Console(stderr=True)
+_configured = False
+
+
+def get_logger(name: str) -> logging.Logger:
+    """A logger under the `blip3` namespace; level from BLIP3_LOG_LEVEL (default INFO)."""
+    global _configured
+    if not _configured:
+        root = logging.getLogger("blip3")
+        root.setLevel(os.environ.get("BLIP3_LOG_LEVEL", "INFO").upper())
+        handler = RichHandler(console=console, show_path=False, rich_tracebacks=False)
+        handler.setFormatter(logging.Formatter("%(message)s"))
+        root.addHandler(handler)
+        root.propagate = False
+        _configured = True
+    return logging.getLogger(f"blip3.{name}")
+
+
+def progress_enabled() -> bool:
+    """Bars are on in a terminal and off when BLIP3_NO_PROGRESS is set (tests, CI logs)."""
+    return not os.environ.get("BLIP3_NO_PROGRESS")
+
+
+@contextmanager
+def progress(transient: bool = False) -> Iterator[Progress]:
+    """A rich progress bar with count, rate and ETA columns."""
+    bar = Progress(
+        TextColumn("[bold blue]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        TimeRemainingColumn(),
+        console=console,
+        transient=transient,
+        disable=not progress_enabled(),
+    )
+    with bar:
+        yield bar

@@ -1,0 +1,383 @@
+"""WebDataset shard I/O: the one place every stage writes and reads shards.
+
+Layout of an output folder (the same habit as img2dataset):
+
+    000000.tar          members `<key>.<ext>`: the image, `<key>.txt` caption, `<key>.json` record
+    000000.parquet      one row per *input* sample, failures included (status, error, sizes, counts)
+    000000_stats.json   counts, failure reasons, timings, generator; written last = completion mark
+
+Atomicity: the tar and the parquet are written under temporary names, fsynced and renamed; the
+stats file, which carries the tar's sha256, is renamed into place last. A shard is complete only
+when its stats file exists and the tar on disk matches the recorded size (and checksum, when asked).
+A crash therefore never leaves a `NNNNNN.tar` that passes for finished, and re-running a job can
+skip complete shards and redo the rest.
+
+Tars are deterministic (fixed mtime, owner and mode), so the same input gives the same bytes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import re
+import tarfile
+import time
+from collections import Counter
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Iterable, Iterator
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from core.keys import is_safe_key
+
+SHARD_DIGITS = 6
+_EXT = re.compile(r"^[A-Za-z0-9_-]+(\.[A-Za-z0-9_-]+)*$")
+
+#: Columns of the sidecar parquet, one row per input sample (failures included).
+SIDECAR_SCHEMA = pa.schema(
+    [
+        ("key", pa.string()),
+        ("uid", pa.string()),
+        ("url", pa.string()),
+        ("status", pa.string()),  # "success" | "failed"
+        ("error", pa.string()),  # failure reason, null on success
+        ("width", pa.int32()),  # stored image size (after any conversion)
+        ("height", pa.int32()),
+        ("orig_width", pa.int32()),  # size of the input image before resizing
+        ("orig_height", pa.int32()),
+        ("image_bytes", pa.int64()),  # size of the stored image member
+        ("caption_length", pa.int32()),  # characters of the default caption (`.txt`)
+        ("n_captions", pa.int32()),  # caption variants stored in the json
+        ("n_ocr", pa.int32()),  # OCR entries kept
+        ("n_objects", pa.int32()),  # grounded objects kept
+        ("mean_confidence", pa.float32()),  # mean OCR/detector confidence of kept entries
+        ("has_source_caption", pa.bool_()),
+    ]
+)
+SIDECAR_COLUMNS = [f.name for f in SIDECAR_SCHEMA]
+
+
+@dataclass
+class SampleRow:
+    """One row of the sidecar parquet."""
+
+    key: str
+    status: str = "success"
+    error: str | None = None
+    uid: str | None = None
+    url: str | None = None
+    width: int | None = None
+    height: int | None = None
+    orig_width: int | None = None
+    orig_height: int | None = None
+    image_bytes: int | None = None
+    caption_length: int | None = None
+    n_captions: int | None = None
+    n_ocr: int | None = None
+    n_objects: int | None = None
+    mean_confidence: float | None = None
+    has_source_caption: bool | None = None
+
+
+@dataclass
+class ShardInfo:
+    """What the stats file says about a finished shard."""
+
+    index: int
+    tar: Path
+    parquet: Path
+    stats: Path
+    sha256: str
+    tar_bytes: int
+    count: int
+    successes: int
+    failed: int
+    generator: dict[str, Any] = field(default_factory=dict)
+    failure_reasons: dict[str, int] = field(default_factory=dict)
+
+
+def shard_name(index: int) -> str:
+    return f"{index:0{SHARD_DIGITS}d}"
+
+
+def shard_paths(out_dir: str | Path, index: int) -> tuple[Path, Path, Path]:
+    """(tar, parquet, stats) paths of shard `index` in `out_dir`."""
+    out = Path(out_dir)
+    name = shard_name(index)
+    return out / f"{name}.tar", out / f"{name}.parquet", out / f"{name}_stats.json"
+
+
+def file_sha256(path: str | Path, chunk: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _atomic_write_bytes(path: Path, data: bytes) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def _error_reason(error: str | None) -> str:
+    """Group failure messages by their leading reason (text before the first colon)."""
+    if not error:
+        return "unknown"
+    return error.split(":", 1)[0].strip()[:80] or "unknown"
+
+
+class ShardWriter:
+    """Write one shard: stream members into a temporary tar, then publish tar, parquet, stats.
+
+    Use as a context manager; leaving the block with an exception discards everything.
+
+        with ShardWriter(out, 0, generator={"name": "ocr", "engine": "rapidocr"}) as w:
+            w.add(key, {"jpg": jpeg, "txt": caption.encode(), "json": record}, SampleRow(key, ...))
+            w.add_failure(SampleRow(key2, status="failed", error="decode: cannot identify image"))
+    """
+
+    def __init__(self, out_dir: str | Path, index: int, *, generator: dict[str, Any] | None = None):
+        self.out_dir = Path(out_dir)
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        self.index = index
+        self.generator = dict(generator or {})
+        self.tar_path, self.parquet_path, self.stats_path = shard_paths(self.out_dir, index)
+        self._tmp_tar = self.tar_path.with_name(f".{self.tar_path.name}.tmp-{os.getpid()}")
+        self._file = open(self._tmp_tar, "wb")
+        self._tar = tarfile.open(fileobj=self._file, mode="w", format=tarfile.GNU_FORMAT)
+        self._rows: list[SampleRow] = []
+        self._keys: set[str] = set()
+        self._started = time.time()
+        self._closed = False
+
+    # -- writing -----------------------------------------------------------------------------
+    def add(self, key: str, members: dict[str, bytes | str | dict], row: SampleRow) -> bool:
+        """Add a successful sample; returns False (and records a failure) for a duplicate key."""
+        if not is_safe_key(key):
+            raise ValueError(f"unsafe shard key {key!r}: pass it through core.keys.sanitize_key")
+        if key in self._keys:
+            row.status, row.error = "failed", f"duplicate key: {key} already in shard"
+            self._rows.append(row)
+            return False
+        self._keys.add(key)
+        for ext, value in members.items():
+            if not _EXT.match(ext):
+                raise ValueError(f"bad member extension {ext!r} for key {key!r}")
+            data = _to_bytes(value)
+            info = tarfile.TarInfo(f"{key}.{ext}")
+            info.size = len(data)
+            info.mtime = 0
+            info.mode = 0o644
+            info.uname = info.gname = ""
+            self._tar.addfile(info, io.BytesIO(data))
+        row.key = key
+        row.status = "success"
+        self._rows.append(row)
+        return True
+
+    def add_failure(self, row: SampleRow) -> None:
+        """Record an input sample that produced no member; `row.error` says why."""
+        row.status = "failed"
+        if not row.error:
+            raise ValueError("a failed sample needs an error reason")
+        self._rows.append(row)
+
+    @property
+    def rows(self) -> list[SampleRow]:
+        return list(self._rows)
+
+    # -- publishing --------------------------------------------------------------------------
+    def close(self, extra_stats: dict[str, Any] | None = None) -> ShardInfo:
+        """Publish the shard atomically and return its info."""
+        if self._closed:
+            raise RuntimeError("shard already closed")
+        self._closed = True
+        self._tar.close()
+        self._file.flush()
+        os.fsync(self._file.fileno())
+        self._file.close()
+
+        table = rows_to_table(self._rows)
+        buf = pa.BufferOutputStream()
+        pq.write_table(table, buf, compression="zstd")
+        tmp_parquet = self.parquet_path.with_name(f".{self.parquet_path.name}.tmp-{os.getpid()}")
+        with open(tmp_parquet, "wb") as f:
+            f.write(buf.getvalue().to_pybytes())
+            f.flush()
+            os.fsync(f.fileno())
+
+        sha = file_sha256(self._tmp_tar)
+        size = self._tmp_tar.stat().st_size
+        os.replace(self._tmp_tar, self.tar_path)
+        os.replace(tmp_parquet, self.parquet_path)
+        reasons = Counter(_error_reason(r.error) for r in self._rows if r.status != "success")
+        successes = sum(r.status == "success" for r in self._rows)
+        stats = {
+            "shard": shard_name(self.index),
+            "tar": self.tar_path.name,
+            "parquet": self.parquet_path.name,
+            "sha256": sha,
+            "tar_bytes": size,
+            "count": len(self._rows),
+            "successes": successes,
+            "failed": len(self._rows) - successes,
+            "failure_reasons": dict(sorted(reasons.items())),
+            "started_at": self._started,
+            "finished_at": time.time(),
+            "duration_s": round(time.time() - self._started, 4),
+            "generator": self.generator,
+        }
+        if extra_stats:
+            stats.update(extra_stats)
+        _atomic_write_bytes(self.stats_path, json.dumps(stats, indent=2).encode())
+        _fsync_dir(self.out_dir)
+        return _info_from_stats(self.out_dir, stats)
+
+    def abort(self) -> None:
+        """Drop everything written so far; nothing appears under the final names."""
+        if self._closed:
+            return
+        self._closed = True
+        try:
+            self._tar.close()
+        finally:
+            self._file.close()
+            self._tmp_tar.unlink(missing_ok=True)
+
+    def __enter__(self) -> "ShardWriter":
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is not None:
+            self.abort()
+        elif not self._closed:
+            self.close()
+
+
+def _to_bytes(value: bytes | str | dict | list) -> bytes:
+    if isinstance(value, bytes):
+        return value
+    if isinstance(value, str):
+        return value.encode("utf-8")
+    return json.dumps(value, ensure_ascii=False, sort_keys=True).encode("utf-8")
+
+
+def rows_to_table(rows: Iterable[SampleRow]) -> pa.Table:
+    data = [asdict(r) for r in rows]
+    return pa.Table.from_pylist(data, schema=SIDECAR_SCHEMA)
+
+
+def _info_from_stats(out_dir: Path, stats: dict[str, Any]) -> ShardInfo:
+    index = int(stats["shard"])
+    tar, parquet, stats_path = shard_paths(out_dir, index)
+    return ShardInfo(
+        index=index,
+        tar=tar,
+        parquet=parquet,
+        stats=stats_path,
+        sha256=stats["sha256"],
+        tar_bytes=int(stats["tar_bytes"]),
+        count=int(stats["count"]),
+        successes=int(stats["successes"]),
+        failed=int(stats["failed"]),
+        generator=stats.get("generator", {}),
+        failure_reasons=stats.get("failure_reasons", {}),
+    )
+
+
+# -- reading -----------------------------------------------------------------------------------
+def read_stats(out_dir: str | Path, index: int) -> dict[str, Any] | None:
+    _, _, stats_path = shard_paths(out_dir, index)
+    try:
+        return json.loads(stats_path.read_text())
+    except (FileNotFoundError, json.JSONDecodeError):
+        return None
+
+
+def shard_complete(out_dir: str | Path, index: int, *, verify_checksum: bool = True) -> bool:
+    """True when shard `index` was published whole (stats present, tar size and sha256 match)."""
+    stats = read_stats(out_dir, index)
+    if stats is None:
+        return False
+    tar, parquet, _ = shard_paths(out_dir, index)
+    if not tar.exists() or not parquet.exists() or tar.stat().st_size != stats.get("tar_bytes"):
+        return False
+    return not verify_checksum or file_sha256(tar) == stats.get("sha256")
+
+
+def list_shards(out_dir: str | Path) -> list[ShardInfo]:
+    """Finished shards of an output folder, by index (unfinished temp files are ignored)."""
+    out = Path(out_dir)
+    infos = []
+    for stats_path in sorted(out.glob("*_stats.json")):
+        stem = stats_path.name[: -len("_stats.json")]
+        if not stem.isdigit():
+            continue
+        try:
+            stats = json.loads(stats_path.read_text())
+        except json.JSONDecodeError:
+            continue
+        infos.append(_info_from_stats(out, stats))
+    return infos
+
+
+def clean_temporaries(out_dir: str | Path) -> int:
+    """Remove leftovers of killed writers (`.NNNNNN.tar.tmp-*`); returns how many."""
+    n = 0
+    for p in Path(out_dir).glob(".*.tmp-*"):
+        p.unlink(missing_ok=True)
+        n += 1
+    return n
+
+
+def split_member_name(name: str) -> tuple[str, str]:
+    """`dir/key.ext.more` -> (`dir/key`, `ext.more`), the webdataset convention."""
+    head, _, base = name.rpartition("/")
+    key, _, ext = base.partition(".")
+    return (f"{head}/{key}" if head else key), ext
+
+
+def iter_shard(path: str | Path) -> Iterator[dict[str, Any]]:
+    """Samples of one tar as webdataset yields them: `{"__key__", "__url__", ext: bytes, ...}`."""
+    current: dict[str, Any] | None = None
+    with tarfile.open(path, mode="r|*") as tar:
+        for member in tar:
+            if not member.isfile():
+                continue
+            key, ext = split_member_name(member.name)
+            f = tar.extractfile(member)
+            data = f.read() if f is not None else b""
+            if current is not None and current["__key__"] != key:
+                yield current
+                current = None
+            if current is None:
+                current = {"__key__": key, "__url__": str(path)}
+            current[ext] = data
+    if current is not None:
+        yield current
+
+
+def read_sidecar(path: str | Path) -> pa.Table:
+    return pq.read_table(path)

@@ -1,0 +1,70 @@
+"""Print and save tabular results (Arrow/polars) as a rich table, CSV, JSON or parquet."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.csv as pacsv
+import pyarrow.parquet as pq
+from rich.console import Console
+from rich.table import Table
+
+from core.errors import UserError
+
+FORMATS = ("table", "csv", "json", "parquet")
+
+
+def to_arrow(data) -> pa.Table:
+    if isinstance(data, pa.Table):
+        return data
+    if hasattr(data, "to_arrow"):  # polars
+        return data.to_arrow()
+    raise TypeError(f"cannot tabulate {type(data)!r}")
+
+
+def rich_table(data, title: str | None = None, max_rows: int = 200) -> Table:
+    t = to_arrow(data)
+    table = Table(title=title, show_lines=False, header_style="bold cyan")
+    for name in t.column_names:
+        table.add_column(name, overflow="fold")
+    for row in t.slice(0, max_rows).to_pylist():
+        table.add_row(*("" if v is None else _fmt(v) for v in row.values()))
+    if t.num_rows > max_rows:
+        table.caption = f"{max_rows} of {t.num_rows} rows shown (use --format csv/json/parquet --out FILE for all)"
+    return table
+
+
+def _fmt(v) -> str:
+    if isinstance(v, float):
+        return f"{v:.4g}"
+    return str(v)
+
+
+def write_result(data, fmt: str = "table", out: str | Path | None = None, title: str | None = None) -> None:
+    """Print `data` as a table, or write it as csv/json/parquet to `out` (stdout for csv/json)."""
+    if fmt not in FORMATS:
+        raise UserError(f"unknown format {fmt!r}; one of {', '.join(FORMATS)}", field="--format")
+    t = to_arrow(data)
+    if fmt == "table":
+        console = Console(record=out is not None, width=200 if out else None)
+        console.print(rich_table(t, title=title))
+        if out:
+            Path(out).write_text(console.export_text())
+        return
+    if fmt == "parquet":
+        if not out:
+            raise UserError("parquet output needs --out FILE", field="--out")
+        pq.write_table(t, out)
+        return
+    if fmt == "csv":
+        sink = pa.BufferOutputStream()
+        pacsv.write_csv(t, sink)
+        text = sink.getvalue().to_pybytes().decode()
+    else:
+        text = "\n".join(json.dumps(r, default=str, ensure_ascii=False) for r in t.to_pylist()) + "\n"
+    if out:
+        Path(out).write_text(text)
+    else:
+        print(text, end="")

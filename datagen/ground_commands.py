@@ -1,0 +1,9 @@
+"""CLI commands of the ground engine."""
+
+from __future__ import annotations
+
+import typer
+
+
+def register(app: typer.Typer) -> None:
+    """Add this engine's commands to the `blip3` app."""
