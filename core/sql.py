@@ -50,10 +50,8 @@ def run_query(sql: str, db: str | Path | None = None) -> pa.Table:
         raise UserError("catalog not found (create it with `blip3 catalog add` or set --db/BLIP3_DB)", file=path)
     con = duckdb.connect(str(path), read_only=True)
     try:
-        result = con.execute(sql)
-        if result.description is None:
-            return pa.table({})
-        return result.fetch_arrow_table()
+        rel = con.sql(sql)
+        return pa.table({}) if rel is None else rel.to_arrow_table()
     except duckdb.Error as e:
         raise UserError(f"SQL error: {_one_line(e)}") from None
     finally:

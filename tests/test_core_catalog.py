@@ -1,0 +1,152 @@
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import duckdb
+import pytest
+
+from core.catalog import Catalog
+from core.errors import UserError
+from core.shards import shard_paths
+from core.sql import check_read_only, run_query
+from tests.core_fixtures import write_caption_shard
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def blip3(*args: str, env_db: Path | None = None) -> subprocess.CompletedProcess:
+    import os
+
+    env = dict(os.environ, BLIP3_NO_PROGRESS="1")
+    if env_db is not None:
+        env["BLIP3_DB"] = str(env_db)
+    return subprocess.run([sys.executable, str(REPO / "cli.py"), *args], capture_output=True, text=True, env=env, cwd=REPO)
+
+
+@pytest.fixture
+def output_dir(tmp_path):
+    out = tmp_path / "ocr-en"
+    write_caption_shard(out, 0, 6, n_failed=1)
+    write_caption_shard(out, 1, 4, n_failed=2)
+    return out
+
+
+def counts(db: Path) -> tuple[int, int, int]:
+    con = duckdb.connect(str(db), read_only=True)
+    try:
+        return tuple(con.execute(f"SELECT count(*) FROM {t}").fetchone()[0] for t in ("sources", "shards", "samples"))
+    finally:
+        con.close()
+
+
+def test_add_twice_is_idempotent(output_dir, tmp_path):
+    db = tmp_path / "c.duckdb"
+    with Catalog(db) as cat:
+        r1 = cat.add_output(output_dir)
+    assert (r1.added, r1.rows, r1.source) == (2, 13, "ocr-en")
+    first = counts(db)
+    assert first == (1, 2, 13)
+    with Catalog(db) as cat:
+        r2 = cat.add_output(output_dir)
+    assert (r2.added, r2.skipped, r2.changed) == (0, 2, 0)
+    assert counts(db) == first
+    rows = run_query("SELECT source, shards, samples, ok, failed FROM v_source_summary", db).to_pylist()
+    assert rows == [{"source": "ocr-en", "shards": 2, "samples": 13, "ok": 10, "failed": 3}]
+    n = run_query("SELECT n_samples FROM sources", db).to_pylist()
+    assert n == [{"n_samples": 10}]
+
+
+def test_changed_shard_is_flagged(output_dir, tmp_path):
+    db = tmp_path / "c.duckdb"
+    with Catalog(db) as cat:
+        cat.add_output(output_dir)
+    tar, _, _ = shard_paths(output_dir, 1)
+    data = bytearray(tar.read_bytes())
+    data[600] ^= 0xFF
+    tar.write_bytes(bytes(data))
+    with Catalog(db) as cat:
+        r = cat.add_output(output_dir)
+    assert (r.added, r.skipped, r.changed) == (0, 1, 1)
+    status = run_query("SELECT idx, status FROM shards ORDER BY idx", db).to_pylist()
+    assert status == [{"idx": 0, "status": "ok"}, {"idx": 1, "status": "changed"}]
+
+
+def test_catalog_add_cli_and_env_var(output_dir, tmp_path):
+    db = tmp_path / "env.duckdb"
+    r = blip3("catalog", "add", str(output_dir), "--source", "mine", env_db=db)
+    assert r.returncode == 0, r.stderr
+    assert "2 shard(s) added" in r.stderr
+    r = blip3("catalog", "stats", env_db=db)
+    assert r.returncode == 0 and "mine" in r.stdout
+    r = blip3("sql", "SELECT count(*) AS n FROM samples", "--format", "json", "--db", str(db))
+    assert r.returncode == 0
+    assert json.loads(r.stdout.strip()) == {"n": 13}
+
+
+@pytest.mark.parametrize(
+    "stmt",
+    [
+        "DROP TABLE samples",
+        "INSERT INTO sources (name, kind, path) VALUES ('x', 'caption', '/')",
+        "COPY (SELECT 1) TO 'leak.csv'",
+        "ATTACH 'other.duckdb' AS o",
+        "SELECT 1; DELETE FROM samples",
+        "CREATE TABLE t AS SELECT 1",
+        "EXPORT DATABASE 'dump'",
+        "INSTALL httpfs",
+        "SET threads = 1",
+    ],
+)
+def test_sql_refuses_writes(stmt, output_dir, tmp_path):
+    db = tmp_path / "c.duckdb"
+    with Catalog(db) as cat:
+        cat.add_output(output_dir)
+    before = counts(db)
+    with pytest.raises(UserError, match="refused"):
+        check_read_only(stmt)
+    r = blip3("sql", stmt, "--db", str(db))
+    assert r.returncode == 2
+    assert "refused" in r.stderr and "Traceback" not in r.stderr
+    assert counts(db) == before
+    assert not (REPO / "leak.csv").exists() and not (tmp_path / "leak.csv").exists()
+
+
+def test_sql_error_is_one_clear_line(output_dir, tmp_path):
+    db = tmp_path / "c.duckdb"
+    with Catalog(db) as cat:
+        cat.add_output(output_dir)
+    r = blip3("sql", "SELECT nope FROM samples", "--db", str(db))
+    assert r.returncode == 2
+    assert "Traceback" not in r.stderr
+    lines = [l for l in r.stderr.strip().splitlines() if l.strip()]
+    assert len(lines) <= 2 and "SQL error" in r.stderr and "nope" in r.stderr
+    r = blip3("sql", "SELEC 1", "--db", str(db))
+    assert r.returncode == 2 and "SQL error" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_sql_output_formats(output_dir, tmp_path):
+    db = tmp_path / "c.duckdb"
+    with Catalog(db) as cat:
+        cat.add_output(output_dir)
+    q = "SELECT key, status FROM samples ORDER BY key"
+    csv_out = tmp_path / "r.csv"
+    assert blip3("sql", q, "--db", str(db), "--format", "csv", "--out", str(csv_out)).returncode == 0
+    assert csv_out.read_text().splitlines()[0] == '"key","status"'
+    pq_out = tmp_path / "r.parquet"
+    assert blip3("sql", q, "--db", str(db), "--format", "parquet", "--out", str(pq_out)).returncode == 0
+    import pyarrow.parquet as pq
+
+    assert pq.read_table(pq_out).num_rows == 13
+    r = blip3("sql", q, "--db", str(db), "--format", "parquet")
+    assert r.returncode == 2 and "--out" in r.stderr
+
+
+def test_missing_catalog_is_a_clear_error(tmp_path):
+    r = blip3("sql", "SELECT 1", "--db", str(tmp_path / "none.duckdb"))
+    assert r.returncode == 2 and "catalog not found" in r.stderr
+
+
+def test_add_rejects_folder_without_shards(tmp_path):
+    with Catalog(tmp_path / "c.duckdb") as cat, pytest.raises(UserError, match="no finished shards"):
+        cat.add_output(tmp_path)
