@@ -1,0 +1,57 @@
+"""The DPO objective (Rafailov et al. 2023), computed in our loop.
+
+trl 1.16's `DPOTrainer` reads `outputs.log_probs` from a patched LM head and has no standalone
+loss function, and our multimodal forward takes pixel values and crop masks it does not know. So
+the loop computes the same quantities itself: the summed log-probability of each response's
+tokens (labels != -100, next-token shifted), for the policy and for the frozen reference (the
+adapter-disabled model), and trl's `sigmoid` loss on top. `tests/test_train_dpo.py` proves the
+value equal to trl's own `DPOTrainer.compute_loss` on a text-only tiny Phi-3.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+IGNORE = -100
+
+
+def sequence_logps(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Sum over each row of log p(label_t+1 | <= t) where the label is not -100.
+
+    logits [B, T, V], labels [B, T] aligned with input_ids (not yet shifted) -> [B] float32.
+    """
+    logits = logits[:, :-1].float()
+    target = labels[:, 1:]
+    mask = target != IGNORE
+    logp = torch.log_softmax(logits, dim=-1)
+    picked = torch.gather(logp, 2, target.clamp(min=0).unsqueeze(-1)).squeeze(-1)  # [B, T-1]
+    return (picked * mask).sum(dim=1)
+
+
+@dataclass
+class DpoOutput:
+    loss: torch.Tensor  # scalar, mean over pairs
+    chosen_rewards: torch.Tensor  # beta * (log pi - log ref) of the chosen responses, [P]
+    rejected_rewards: torch.Tensor  # the same for the rejected responses, [P]
+
+    @property
+    def margin(self) -> torch.Tensor:
+        """Mean reward margin chosen - rejected: what DPO pushes up."""
+        return (self.chosen_rewards - self.rejected_rewards).mean()
+
+
+def dpo_loss(
+    policy_chosen: torch.Tensor,
+    policy_rejected: torch.Tensor,
+    ref_chosen: torch.Tensor,
+    ref_rejected: torch.Tensor,
+    beta: float,
+) -> DpoOutput:
+    """Sigmoid DPO loss: -log sigma(beta * ((pi_c - ref_c) - (pi_r - ref_r))), mean over pairs."""
+    chosen = policy_chosen - ref_chosen
+    rejected = policy_rejected - ref_rejected
+    loss = -F.logsigmoid(beta * (chosen - rejected)).mean()
+    return DpoOutput(loss=loss, chosen_rewards=beta * chosen.detach(), rejected_rewards=beta * rejected.detach())
