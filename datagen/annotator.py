@@ -1,0 +1,55 @@
+"""The one interface every datagen engine implements (OCR, grounding, ...).
+
+The pipeline (`datagen.pipeline.run_job`) owns reading, validation, sharding, writing and the
+catalog; an annotator only turns one upright RGB image into captions and metadata. Ray actors
+build their annotator from a picklable zero-argument factory (a small config dataclass with
+`__call__`, or `functools.partial`), call `load()` once, then `annotate()` per image. The driver
+also builds one (without `load()`) to ask `generator_info()` for the shard stats, so
+`generator_info` must not need the loaded model.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable, Protocol, runtime_checkable
+
+from PIL import Image
+
+from datagen.inputs import InputSample
+
+
+@dataclass
+class Annotation:
+    """What an annotator says about one image.
+
+    - `default_caption` becomes `<key>.txt`.
+    - `captions` (all variants) and `metadata` go into `<key>.json` under those names.
+    - `record` holds extra top-level fields of `<key>.json` (e.g. grounding's `objects`).
+    - the counts feed the sidecar parquet (`n_ocr`, `n_objects`, `mean_confidence`).
+    """
+
+    default_caption: str
+    captions: list[dict[str, Any]]
+    metadata: dict[str, Any]
+    n_ocr: int = 0
+    n_objects: int = 0
+    mean_confidence: float | None = None
+    record: dict[str, Any] = field(default_factory=dict)
+
+
+@runtime_checkable
+class Annotator(Protocol):
+    name: str  # "ocr" | "grounding"; goes into the shard stats' generator
+
+    def load(self) -> None:
+        """Load the heavy model; called once per Ray actor."""
+
+    def annotate(self, image: Image.Image, sample: InputSample) -> Annotation:
+        """Annotate one upright RGB image; raise only for programming errors."""
+
+    def generator_info(self) -> dict[str, Any]:
+        """Engine name, version and thresholds, for the stats json (no model load needed)."""
+
+
+#: A picklable zero-argument callable returning an (unloaded) annotator.
+AnnotatorFactory = Callable[[], Annotator]

@@ -1,0 +1,336 @@
+"""Input kinds of a datagen job, enumerated in a stable order with safe, unique keys.
+
+A job's input is one of (detected from the path, or named with `--input-format`):
+
+- `folder`       a folder of images, recursive; files sorted by relative path. A `name.txt` beside
+                 `name.jpg` is taken as the image's source caption (img2dataset's habit).
+- `webdataset`   WebDataset tars: one `.tar`, a brace pattern (`shards/{000000..000009}.tar`), or
+                 a folder holding `.tar` files. `<key>.txt` is the source caption, `<key>.json`
+                 may carry `uid`/`url`.
+- `img2dataset`  an img2dataset output folder: its `NNNNN.parquet` lists every URL it tried
+                 (failures with `error_message` become failed samples with a `download:` reason),
+                 its tars hold the images.
+- `urls`         a parquet / CSV / TSV / JSONL of URLs (`url`, optional `caption`, optional `uid`),
+                 fetched through img2dataset into `<output>/.download/` first (see `fetch.py`).
+- `blip3-ocr`    a parquet in the published BLIP3-OCR shape (`uid`, `url`, `captions` JSON,
+                 `metadata` JSON): fetched like `urls`, keeping `uid`.
+
+Enumeration happens in two steps so that a job can be sharded deterministically without holding
+image bytes: `iter_refs` yields light `SampleRef`s (a locator, not the bytes) in a stable order,
+and `load_sample(ref)` reads the bytes wherever the work runs (a Ray actor). `iter_samples` does
+both for callers who just want `InputSample`s.
+
+Keys: the raw name (relative path, tar member key, img2dataset key) goes through
+`core.keys.sanitize_key`; a key already seen gets `_1`, `_2`, ... appended in enumeration order,
+so the same input always gives the same keys and no key can name a path outside the output.
+"""
+
+from __future__ import annotations
+
+import json
+import tarfile
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Iterator
+
+from core.errors import UserError
+from core.keys import sanitize_key
+from core.shards import split_member_name
+
+INPUT_FORMATS = ("folder", "webdataset", "img2dataset", "urls", "blip3-ocr")
+IMAGE_EXTS = ("jpg", "jpeg", "png", "webp", "bmp", "gif", "tif", "tiff")
+URL_LIST_SUFFIXES = (".parquet", ".csv", ".tsv", ".jsonl", ".json")
+
+
+@dataclass
+class InputSample:
+    """One input image with what the source says about it.
+
+    `error` is set (and `image` empty) for a sample that failed before we saw it, e.g. a URL
+    img2dataset could not download; the pipeline records it as a failed row with that reason.
+    """
+
+    key: str
+    image: bytes
+    ext: str
+    uid: str | None = None
+    url: str | None = None
+    source_caption: str | None = None
+    meta: dict[str, Any] = field(default_factory=dict)
+    error: str | None = None
+
+
+@dataclass
+class SampleRef:
+    """Where an input sample's bytes are, without the bytes.
+
+    `locator` is `["file", path]`, `["tar", path, offset, size]`, or `["none"]` (pre-failed).
+    Refs serialise to JSON (`to_json`/`from_json`) so they travel cheaply through Ray Data.
+    """
+
+    key: str
+    ext: str
+    locator: list[Any]
+    uid: str | None = None
+    url: str | None = None
+    source_caption: str | None = None
+    meta: dict[str, Any] = field(default_factory=dict)
+    error: str | None = None
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), ensure_ascii=False)
+
+    @classmethod
+    def from_json(cls, text: str) -> "SampleRef":
+        return cls(**json.loads(text))
+
+
+# -- detection ---------------------------------------------------------------------------------
+def detect_format(input_path: str | Path) -> str:
+    """Guess the input kind from the path; raises UserError when it cannot tell."""
+    text = str(input_path)
+    if "{" in text and "}" in text:
+        return "webdataset"
+    path = Path(text)
+    if not path.exists():
+        raise UserError("input does not exist", file=path)
+    if path.is_dir():
+        if any(path.glob("*.tar")):
+            return "img2dataset" if _is_img2dataset_dir(path) else "webdataset"
+        return "folder"
+    suffix = path.suffix.lower()
+    if suffix == ".tar":
+        return "webdataset"
+    if suffix == ".parquet":
+        import pyarrow.parquet as pq
+
+        names = set(pq.read_schema(path).names)
+        if {"captions", "metadata", "url"} <= names:
+            return "blip3-ocr"
+        if "url" in names:
+            return "urls"
+        raise UserError("parquet has no `url` column; cannot use it as an input", field="url", file=path)
+    if suffix in URL_LIST_SUFFIXES:
+        return "urls"
+    raise UserError(
+        f"cannot tell the input kind; pass --input-format ({', '.join(INPUT_FORMATS)})", file=path
+    )
+
+
+def _is_img2dataset_dir(path: Path) -> bool:
+    """img2dataset writes `NNNNN.parquet` with an `error_message` column beside each tar."""
+    import pyarrow.parquet as pq
+
+    for parquet in sorted(path.glob("*.parquet")):
+        try:
+            if "error_message" in pq.read_schema(parquet).names:
+                return True
+        except Exception:  # an unreadable parquet is not img2dataset's; treat the dir as plain tars
+            return False
+    return False
+
+
+# -- enumeration -------------------------------------------------------------------------------
+class _KeyDeduper:
+    """Sanitise raw keys and make them unique in enumeration order."""
+
+    def __init__(self) -> None:
+        self.seen: set[str] = set()
+
+    def __call__(self, raw: str) -> str:
+        base = sanitize_key(raw)
+        key, n = base, 0
+        while key in self.seen:
+            n += 1
+            key = f"{base}_{n}"
+        self.seen.add(key)
+        return key
+
+
+def iter_refs(
+    input_path: str | Path, input_format: str | None = None, *, work_dir: str | Path | None = None
+) -> Iterator[SampleRef]:
+    """Yield the input's samples as refs, in a stable order, with sanitised unique keys.
+
+    `work_dir` is where URL inputs are downloaded (required for `urls` and `blip3-ocr`).
+    """
+    kind = input_format or detect_format(input_path)
+    if kind not in INPUT_FORMATS:
+        raise UserError(f"unknown input format {kind!r}; one of {', '.join(INPUT_FORMATS)}", field="--input-format")
+    dedup = _KeyDeduper()
+    if kind == "folder":
+        raw = _folder_refs(Path(input_path))
+    elif kind == "webdataset":
+        raw = _webdataset_refs(str(input_path))
+    elif kind == "img2dataset":
+        raw = _img2dataset_refs(Path(input_path))
+    else:
+        if work_dir is None:
+            raise UserError("URL inputs need a work folder to download into", field="work_dir")
+        from datagen.fetch import fetch_urls
+
+        raw = _img2dataset_refs(fetch_urls(Path(input_path), Path(work_dir), kind=kind))
+    for ref in raw:
+        ref.key = dedup(ref.key)
+        yield ref
+
+
+def load_sample(ref: SampleRef) -> InputSample:
+    """Read the bytes a ref points at (in whichever process runs the work)."""
+    kind = ref.locator[0]
+    if kind == "file":
+        image = Path(ref.locator[1]).read_bytes()
+    elif kind == "tar":
+        _, path, offset, size = ref.locator
+        with open(path, "rb") as f:
+            f.seek(int(offset))
+            image = f.read(int(size))
+    elif kind == "none":
+        image = b""
+    else:
+        raise ValueError(f"unknown locator {ref.locator!r}")
+    return InputSample(
+        key=ref.key, image=image, ext=ref.ext, uid=ref.uid, url=ref.url,
+        source_caption=ref.source_caption, meta=dict(ref.meta), error=ref.error,
+    )
+
+
+def iter_samples(
+    input_path: str | Path, input_format: str | None = None, *, work_dir: str | Path | None = None
+) -> Iterator[InputSample]:
+    """`iter_refs` + `load_sample`: the input's samples with their bytes, in order."""
+    for ref in iter_refs(input_path, input_format, work_dir=work_dir):
+        yield load_sample(ref)
+
+
+def _ext_of(name: str) -> str:
+    return name.rsplit(".", 1)[-1].lower() if "." in name else ""
+
+
+def _folder_refs(root: Path) -> Iterator[SampleRef]:
+    if not root.is_dir():
+        raise UserError("not a directory", file=root)
+    files = sorted(
+        (p for p in root.rglob("*") if p.is_file() and _ext_of(p.name) in IMAGE_EXTS),
+        key=lambda p: p.relative_to(root).as_posix(),
+    )
+    for path in files:
+        rel = path.relative_to(root).as_posix()
+        caption_file = path.with_suffix(".txt")
+        caption = caption_file.read_text(encoding="utf-8", errors="replace").strip() if caption_file.is_file() else None
+        yield SampleRef(
+            key=rel.rsplit(".", 1)[0], ext=_ext_of(path.name), locator=["file", str(path.resolve())],
+            source_caption=caption or None, meta={"path": rel},
+        )
+
+
+def expand_tar_pattern(pattern: str) -> list[Path]:
+    """Brace pattern, single tar, or folder of tars -> the tar paths (pattern order / sorted)."""
+    if "{" in pattern:
+        from braceexpand import braceexpand
+
+        paths = [Path(p) for p in braceexpand(pattern)]
+    else:
+        p = Path(pattern)
+        paths = sorted(p.glob("*.tar")) if p.is_dir() else [p]
+    missing = [str(p) for p in paths if not p.is_file()]
+    if missing:
+        raise UserError(f"{len(missing)} shard(s) not found, first: {missing[0]}", file=pattern)
+    if not paths:
+        raise UserError("no .tar shards found", file=pattern)
+    return paths
+
+
+@dataclass
+class _TarSample:
+    key: str
+    members: dict[str, tarfile.TarInfo] = field(default_factory=dict)
+
+
+def scan_tar(path: Path) -> Iterator[_TarSample]:
+    """Group a tar's members by webdataset key, keeping their data offsets (no data read)."""
+    current: _TarSample | None = None
+    try:
+        with tarfile.open(path, mode="r:") as tar:
+            for member in tar:
+                if not member.isfile():
+                    continue
+                key, ext = split_member_name(member.name)
+                if current is not None and current.key != key:
+                    yield current
+                    current = None
+                if current is None:
+                    current = _TarSample(key)
+                current.members[ext.lower()] = member
+    except tarfile.TarError as e:
+        raise UserError(f"not a readable tar: {e}", file=path) from e
+    if current is not None:
+        yield current
+
+
+def _read_member(path: Path, info: tarfile.TarInfo) -> bytes:
+    with open(path, "rb") as f:
+        f.seek(info.offset_data)
+        return f.read(info.size)
+
+
+def _tar_sample_ref(path: Path, sample: _TarSample, extra: dict[str, Any] | None = None) -> SampleRef:
+    image_ext = next((e for e in IMAGE_EXTS if e in sample.members), None)
+    meta: dict[str, Any] = {"shard": path.name}
+    record: dict[str, Any] = {}
+    if "json" in sample.members:
+        try:
+            record = json.loads(_read_member(path, sample.members["json"]))
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            record = {}
+    caption = None
+    if "txt" in sample.members:
+        caption = _read_member(path, sample.members["txt"]).decode("utf-8", errors="replace").strip() or None
+    extra = extra or {}
+    uid = extra.get("uid") or record.get("uid")
+    url = extra.get("url") or record.get("url")
+    caption = extra.get("caption") or caption or record.get("caption")
+    if image_ext is None:
+        return SampleRef(
+            key=sample.key, ext="", locator=["none"], uid=_str_or_none(uid), url=_str_or_none(url),
+            source_caption=caption, meta=meta, error=f"no_image: members {sorted(sample.members)}",
+        )
+    info = sample.members[image_ext]
+    return SampleRef(
+        key=sample.key, ext=image_ext, locator=["tar", str(path.resolve()), info.offset_data, info.size],
+        uid=_str_or_none(uid), url=_str_or_none(url), source_caption=caption, meta=meta,
+    )
+
+
+def _str_or_none(value: Any) -> str | None:
+    return None if value is None else str(value)
+
+
+def _webdataset_refs(pattern: str) -> Iterator[SampleRef]:
+    for path in expand_tar_pattern(pattern):
+        for sample in scan_tar(path):
+            yield _tar_sample_ref(path, sample)
+
+
+def _img2dataset_refs(folder: Path) -> Iterator[SampleRef]:
+    """Every URL img2dataset tried, in its parquet order; its failures become failed refs."""
+    import pyarrow.parquet as pq
+
+    parquets = sorted(p for p in folder.glob("*.parquet") if p.stem.isdigit())
+    if not parquets:
+        raise UserError("no img2dataset parquet files (NNNNN.parquet) found", file=folder)
+    for parquet in parquets:
+        tar = parquet.with_suffix(".tar")
+        samples = {s.key: s for s in scan_tar(tar)} if tar.is_file() else {}
+        for row in pq.read_table(parquet).to_pylist():
+            key = str(row.get("key"))
+            extra = {"uid": row.get("uid"), "url": row.get("url"), "caption": row.get("caption")}
+            if row.get("status") == "success" and key in samples:
+                yield _tar_sample_ref(tar, samples[key], extra)
+            else:
+                reason = row.get("error_message") or row.get("status") or "missing from tar"
+                yield SampleRef(
+                    key=key, ext="", locator=["none"], uid=_str_or_none(extra["uid"]), url=_str_or_none(extra["url"]),
+                    source_caption=extra["caption"], meta={"shard": parquet.name},
+                    error=f"download: {reason}",
+                )
