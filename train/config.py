@@ -5,7 +5,10 @@ LoRA, optimiser and schedule, batch and sequence sizes, any-res, length, cadence
 A pipeline file lists stage files; each stage's final checkpoint is the next stage's init.
 
 Every mistake is reported as one `UserError` naming the field (dotted path) and the file.
-Relative paths in a file are resolved against that file's folder, so recipes are relocatable.
+Paths: `data.*` (recipe files shipped beside the stage) are relative to the stage file's folder;
+`output_dir` and `init.path` (run outputs) are relative to the working directory, like any
+command's output. In a pipeline, each stage after the first starts from the previous stage's
+`final/` model, whatever its own `init.path` says (that one serves for running it alone).
 """
 
 from __future__ import annotations
@@ -31,9 +34,8 @@ MODULE_GROUPS = ("vision_encoder", "vision_tokenizer", "lang_model")
 
 @dataclass
 class InitConfig:
-    """Where the weights come from: a preset built from scratch, or a saved model/checkpoint dir."""
+    """Where the weights come from: a saved model dir, else the `model` preset built from scratch."""
 
-    preset: str | None = None  # model.config.get_config name, e.g. "tiny", "phi3-mini"
     path: str | None = None  # a model dir (save_pretrained) or a stage output dir
     seed: int = 0  # for from-scratch initialisation
 
@@ -101,7 +103,7 @@ class StageConfig:
     name: str
     output_dir: str
     init: InitConfig = field(default_factory=InitConfig)
-    model: str | None = None  # preset for from-scratch init; ignored when init.path is set
+    model: str | None = None  # model.config preset ("tiny", "phi3-mini") for a from-scratch init
     data: DataConfig = field(default_factory=DataConfig)
     freeze: list[str] = field(default_factory=lambda: ["vision_encoder"])
     lora: LoraConfig = field(default_factory=LoraConfig)
@@ -162,6 +164,11 @@ def _coerce(value: Any, tp: Any, where: str, file: str) -> Any:
             raise UserError(f"expected a list of {len(args)} numbers", field=where, file=file)
         return tuple(_coerce(v, a, f"{where}[{i}]", file) for i, (v, a) in enumerate(zip(value, args)))
     if tp is float:
+        if isinstance(value, str):  # YAML 1.1 reads `3e-4` as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise UserError(f"expected a number, got {value!r}", field=where, file=file)
         return float(value)
@@ -221,8 +228,8 @@ def _check_stage(cfg: StageConfig, file: str) -> None:
         raise bad("data", "give exactly one of `data.manifest` (built) or `data.spec` (built at start)")
     if cfg.data.generate not in (None, "tiny"):
         raise bad("data.generate", "only `tiny` is known")
-    if cfg.init.path is None and cfg.init.preset is None and cfg.model is None:
-        raise bad("init", "give `init.path`, `init.preset` or `model` (a preset to build from scratch)")
+    if cfg.init.path is None and cfg.model is None:
+        raise bad("init.path", "give `init.path` (a saved model) or `model` (a preset built from scratch)")
     for i, g in enumerate(cfg.freeze):
         if g not in MODULE_GROUPS:
             raise bad(f"freeze[{i}]", f"unknown module group {g!r}; one of {', '.join(MODULE_GROUPS)}")
@@ -274,14 +281,12 @@ def _read_yaml(path: Path) -> dict:
     return raw
 
 
-def stage_from_dict(raw: dict, file: str | Path, base: Path | None = None) -> StageConfig:
-    """Build and validate a stage from a parsed mapping; paths resolved against `base`."""
+def stage_from_dict(raw: dict, file: str | Path) -> StageConfig:
+    """Build and validate a stage from a parsed mapping (see the module doc for paths)."""
     file = str(file)
     cfg = _build(StageConfig, raw, "", file)
     _check_stage(cfg, file)
-    base = base if base is not None else Path(file).parent
-    cfg.output_dir = _resolve(base, cfg.output_dir)
-    cfg.init.path = _resolve(base, cfg.init.path)
+    base = Path(file).parent
     cfg.data.manifest = _resolve(base, cfg.data.manifest)
     cfg.data.spec = _resolve(base, cfg.data.spec)
     cfg.source = file

@@ -1,0 +1,116 @@
+"""Process group setup (torchrun) and the parallelism recipe, applied in one place.
+
+Order, as torchtitan does it: activation checkpointing per decoder block -> torch.compile per
+block -> FSDP2 `fully_shard` per decoder block, then the resampler, then the root. The frozen ViT
+is sharded as its own unit before the root, so its (never-updated) parameters never share a flat
+group with trainable ones; mixed precision keeps bf16 parameters for compute and fp32 reductions.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass
+class DistInfo:
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    device: torch.device = torch.device("cpu")
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+
+def init_distributed() -> DistInfo:
+    """Join the torchrun process group when launched by torchrun; a single process otherwise."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    cuda = torch.cuda.is_available()
+    if world <= 1:
+        return DistInfo(device=torch.device("cuda", 0) if cuda else torch.device("cpu"))
+    local = int(os.environ.get("LOCAL_RANK", "0"))
+    if cuda:
+        torch.cuda.set_device(local)
+    if not dist.is_initialized():
+        dist.init_process_group(backend="nccl" if cuda else "gloo")
+    device = torch.device("cuda", local) if cuda else torch.device("cpu")
+    return DistInfo(rank=dist.get_rank(), world_size=dist.get_world_size(), local_rank=local, device=device)
+
+
+def decoder_blocks(model: torch.nn.Module) -> torch.nn.ModuleList:
+    """The Phi-3 decoder layers inside `model.lang_model` (through a peft wrapper if present)."""
+    for name, module in model.named_modules():
+        if name.endswith("lang_model.model.layers") and isinstance(module, torch.nn.ModuleList):
+            return module
+    raise ValueError("no lang_model.model.layers in the model")
+
+
+def apply_activation_checkpointing(model: torch.nn.Module) -> None:
+    from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
+
+    blocks = decoder_blocks(model)
+    for i, block in enumerate(blocks):
+        blocks[i] = checkpoint_wrapper(block, preserve_rng_state=False)
+
+
+def apply_compile(model: torch.nn.Module) -> None:
+    """Compile each decoder block on its own (fast compile, reused across identical blocks)."""
+    blocks = decoder_blocks(model)
+    for i, block in enumerate(blocks):
+        blocks[i] = torch.compile(block, dynamic=False)
+
+
+def apply_fsdp(model: torch.nn.Module, *, bf16: bool) -> None:
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16 if bf16 else None, reduce_dtype=torch.float32)
+    blocks = decoder_blocks(model)
+    for i, block in enumerate(blocks):
+        # The last block stays gathered after forward: backward needs it at once.
+        fully_shard(block, mp_policy=mp, reshard_after_forward=i < len(blocks) - 1)
+    fully_shard(_find(model, "vision_encoder"), mp_policy=mp)
+    fully_shard(_find(model, "vision_tokenizer"), mp_policy=mp)
+    fully_shard(model, mp_policy=mp)
+
+
+def _find(model: torch.nn.Module, suffix: str) -> torch.nn.Module:
+    for name, module in model.named_modules():
+        if name.split(".")[-1] == suffix:
+            return module
+    raise ValueError(f"no {suffix} in the model")
+
+
+def parallelize(model: torch.nn.Module, *, ac: bool, compile: bool, fsdp: bool, bf16: bool) -> torch.nn.Module:
+    """The fixed order: activation checkpointing, per-block compile, FSDP2 blocks then root."""
+    if ac:
+        apply_activation_checkpointing(model)
+    if compile:
+        apply_compile(model)
+    if fsdp:
+        apply_fsdp(model, bf16=bf16)
+    return model
+
+
+def all_reduce_mean(value: float, info: DistInfo) -> float:
+    if not info.distributed:
+        return value
+    t = torch.tensor([value], dtype=torch.float64, device=info.device)
+    dist.all_reduce(t)
+    return (t / info.world_size).item()
+
+
+def all_reduce_sum(value: float, info: DistInfo) -> float:
+    if not info.distributed:
+        return value
+    t = torch.tensor([value], dtype=torch.float64, device=info.device)
+    dist.all_reduce(t)
+    return t.item()
