@@ -1,0 +1,309 @@
+"""The streaming mixture loader the trainer reads from.
+
+How samples are chosen, and why each choice:
+
+- **Slots.** Every (data-parallel rank, DataLoader worker) pair is one *slot*; there are
+  `world_size * num_workers` of them. Each slot runs the whole algorithm below on its own share
+  of every source, so no coordination between processes is needed.
+- **Epochs and the split.** A source's stream is an endless sequence of epochs; each epoch is its
+  shards in an order permuted per (seed, source, epoch), samples in tar order within a shard.
+  Global positions of that stream are cut into chunks of `ceil(samples / slots)`; chunk `g`
+  belongs to slot `g % slots`. Every position belongs to exactly one slot, so within one epoch
+  of one source no sample is read twice and none is dropped, and a slot reads contiguous runs
+  of tars (about 1/slots of the bytes), not every shard. A small source that is up-weighted
+  simply runs through more epochs; each sample carries its `epoch`.
+- **Shuffling** is by blocks: a slot's stream is cut into blocks of `min(shuffle_buffer, chunk)`
+  samples, each block is read into memory and emitted in an order permuted per (seed, source,
+  slot, block). Memory is bounded by one block per source, and a position maps to its block by
+  arithmetic, which is what makes resume exact and cheap.
+- **Interleaving** is deterministic stride scheduling: source `i`'s `c`-th draw is due at time
+  `(c + o_i) / w_i` (`w_i` its sampling weight, `o_i` in [0, 1) drawn from the seed) and the
+  earliest due draw goes next. After `t` samples every source has been drawn `w_i * t` times
+  to within one sample, so realised proportions match the weights at every prefix, not only on
+  average (random draws would be off by ~3% relative for a 1% source over 100k samples).
+- **Resume.** A slot's whole state is how many samples it has drawn from each source: the
+  scheduler, the epoch, the block and the offset in it follow from those counts. So
+  `state_dict()` is a few integers per slot, and `load_state_dict()` gives exactly the same
+  following samples. With DataLoader workers, use `MixtureLoader.dataloader(...)`, whose
+  batches carry each worker's counts back to the main process.
+"""
+
+from __future__ import annotations
+
+import math
+import zlib
+from bisect import bisect_right
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import numpy as np
+import torch
+from torch.utils.data import IterableDataset, get_worker_info
+
+from core.errors import UserError
+from mixture.manifest import Manifest, ManifestSource, load_manifest
+from mixture.tar_index import TarCache, decode_sample, read_members
+
+STATE_VERSION = 1
+_STATE_KEY = "__mixture_state__"
+
+
+def _seed_seq(*parts: int) -> np.random.Generator:
+    return np.random.default_rng(np.random.SeedSequence([int(p) & 0xFFFFFFFF for p in parts]))
+
+
+def _name_id(name: str) -> int:
+    return zlib.crc32(name.encode("utf-8"))
+
+
+class _SourceStream:
+    """Position arithmetic of one source as seen by one slot (no I/O)."""
+
+    def __init__(self, src: ManifestSource, seed: int, slot: int, slots: int, shuffle_buffer: int):
+        self.src = src
+        self.seed = seed
+        self.sid = _name_id(src.name)
+        self.slot = slot
+        self.slots = slots
+        self.n = src.samples
+        self.chunk = max(1, math.ceil(self.n / slots))
+        self.block = max(1, min(shuffle_buffer, self.chunk))
+        self.shuffle = shuffle_buffer > 1
+        self._orders: dict[int, tuple[list[int], list[int]]] = {}
+        self._perms: dict[int, np.ndarray] = {}
+
+    def _epoch_order(self, epoch: int) -> tuple[list[int], list[int]]:
+        """(shard indices in this epoch's order, cumulative sample counts after each)."""
+        if epoch not in self._orders:
+            order = list(_seed_seq(self.seed, self.sid, epoch, 1).permutation(len(self.src.shards)))
+            ends, total = [], 0
+            for i in order:
+                total += self.src.shards[i].samples
+                ends.append(total)
+            if len(self._orders) > 4:
+                self._orders.pop(min(self._orders))
+            self._orders[epoch] = (order, ends)
+        return self._orders[epoch]
+
+    def locate(self, local: int) -> tuple[int, int, int]:
+        """Slot-local stream position -> (epoch, shard index, sample index in that shard)."""
+        j, r = divmod(local, self.chunk)
+        g = j * self.slots + self.slot
+        epoch, q = divmod(g * self.chunk + r, self.n)
+        order, ends = self._epoch_order(epoch)
+        k = bisect_right(ends, q)
+        start = ends[k - 1] if k else 0
+        return epoch, order[k], q - start
+
+    def block_perm(self, b: int) -> np.ndarray:
+        if b not in self._perms:
+            perm = (
+                _seed_seq(self.seed, self.sid, self.slot, self.slots, b, 2).permutation(self.block)
+                if self.shuffle
+                else np.arange(self.block)
+            )
+            self._perms = {b: perm}
+        return self._perms[b]
+
+
+class MixtureLoader(IterableDataset):
+    """Weighted, interleaved, resumable stream of samples of a manifest (contract B).
+
+    Yields dicts `{"source", "kind", "key", "json", "txt", "images", "epoch", "shard"}`; with
+    `decode=False` only the bookkeeping fields (no member bytes read): the index mode used for
+    audits and for checking proportions over many samples fast.
+
+    `verify`: "sha256" (default: every shard re-hashed once, here, before any sample is read, so
+    a changed shard is one clear error), "size" (existence and size only: for very large data),
+    or "none".
+    """
+
+    def __init__(
+        self,
+        manifest: Manifest | str | Path,
+        *,
+        seed: int | None = None,
+        rank: int = 0,
+        world_size: int = 1,
+        shuffle_buffer: int = 1000,
+        verify: str = "sha256",
+        decode: bool = True,
+    ):
+        super().__init__()
+        if isinstance(manifest, (str, Path)):
+            manifest = load_manifest(manifest, verify=verify)
+        elif verify != "none":
+            from mixture.manifest import verify_shards
+
+            verify_shards(manifest, checksum=verify == "sha256", file=manifest.path)
+        if not (0 <= rank < world_size):
+            raise UserError(f"rank {rank} is not in [0, {world_size})", field="rank")
+        if shuffle_buffer < 1:
+            raise UserError("must be >= 1", field="shuffle_buffer")
+        self.manifest = manifest
+        self.seed = manifest.seed if seed is None else int(seed)
+        self.rank = rank
+        self.world_size = world_size
+        self.shuffle_buffer = shuffle_buffer
+        self.decode = decode
+        self.names = [s.name for s in manifest.sources]
+        total = sum(s.sample_weight for s in manifest.sources)
+        self.weights = [s.sample_weight / total for s in manifest.sources]
+        self._counts: dict[int, list[int]] = {}  # slot -> samples drawn per source
+        self._num_workers = 1  # what the counts in _counts were made with
+        self._emit_state = False
+
+    # -- state ---------------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        """Samples drawn per source, per slot: all a resume needs."""
+        return {
+            "version": STATE_VERSION,
+            "manifest": self.manifest.name,
+            "seed": self.seed,
+            "world_size": self.world_size,
+            "rank": self.rank,
+            "num_workers": self._num_workers,
+            "sources": list(self.names),
+            "counts": {str(slot): list(c) for slot, c in sorted(self._counts.items())},
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Continue exactly where `state` was taken (same seed, world size and worker count)."""
+        for key, mine in (("version", STATE_VERSION), ("manifest", self.manifest.name), ("seed", self.seed),
+                          ("world_size", self.world_size), ("sources", self.names)):
+            if state.get(key) != mine:
+                raise UserError(f"loader state has {key}={state.get(key)!r}, this loader {mine!r}", field=key)
+        self._num_workers = int(state["num_workers"])
+        self._counts = {int(k): list(v) for k, v in state["counts"].items()}
+
+    # -- iteration -------------------------------------------------------------------------------
+    def _slot(self) -> tuple[int, int, int]:
+        """(slot id, number of slots, workers per rank) of the calling process."""
+        info = get_worker_info()
+        workers, worker = (1, 0) if info is None else (info.num_workers, info.id)
+        if self._counts and workers != self._num_workers:
+            raise UserError(
+                f"loader state was taken with {self._num_workers} worker(s) per rank, resumed with {workers}",
+                field="num_workers",
+            )
+        self._num_workers = workers
+        return self.rank * workers + worker, self.world_size * workers, workers
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        slot, slots, _ = self._slot()
+        counts = self._counts.setdefault(slot, [0] * len(self.names))
+        streams = [_SourceStream(s, self.seed, slot, slots, self.shuffle_buffer) for s in self.manifest.sources]
+        offsets = _seed_seq(self.seed, slot, slots, 3).random(len(self.names))
+        due = [(counts[i] + offsets[i]) / w for i, w in enumerate(self.weights)]
+        blocks: list[tuple[int, list] | None] = [None] * len(streams)
+        cache = TarCache()
+        try:
+            while True:
+                i = min(range(len(due)), key=due.__getitem__)
+                st = streams[i]
+                b, u = divmod(counts[i], st.block)
+                if blocks[i] is None or blocks[i][0] != b:
+                    blocks[i] = (b, self._read_block(st, b, cache))
+                sample = blocks[i][1][st.block_perm(b)[u]]
+                counts[i] += 1
+                due[i] = (counts[i] + offsets[i]) / self.weights[i]
+                if self._emit_state:
+                    sample = {**sample, _STATE_KEY: (slot, tuple(counts))}
+                yield sample
+        finally:
+            cache.close()
+
+    def _read_block(self, st: _SourceStream, b: int, cache: TarCache) -> list[dict[str, Any]]:
+        """The samples of block `b` of a stream, in stream order (read in runs per shard)."""
+        src = st.src
+        out = []
+        for local in range(b * st.block, (b + 1) * st.block):
+            epoch, shard_i, idx = st.locate(local)
+            ref = src.shards[shard_i]
+            f, index = cache.get(ref.path, ref.samples)
+            entry = index[idx]
+            if self.decode:
+                sample = decode_sample(read_members(f, entry), key=entry.key, source=src.name, kind=src.kind,
+                                       shard=ref.path)
+            else:
+                sample = {"source": src.name, "kind": src.kind, "key": entry.key}
+            sample["epoch"] = epoch
+            sample["shard"] = ref.path
+            out.append(sample)
+        return out
+
+    def take(self, n: int) -> list[dict[str, Any]]:
+        """The next `n` samples (this process's slot); the state advances by `n`."""
+        out = []
+        if n <= 0:
+            return out
+        for sample in self:
+            out.append(sample)
+            if len(out) >= n:
+                break
+        return out
+
+    def dataloader(
+        self, batch_size: int, *, num_workers: int = 0, collate_fn: Callable[[list[dict]], Any] | None = None, **kwargs
+    ) -> "MixtureDataLoader":
+        """A torch DataLoader over this loader whose `state_dict()` covers every worker."""
+        return MixtureDataLoader(self, batch_size, num_workers=num_workers, collate_fn=collate_fn, **kwargs)
+
+
+def _default_collate(samples: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    return samples
+
+
+class _StateCollate:
+    """Runs in the worker: strips each sample's state tag and returns it with the batch."""
+
+    def __init__(self, collate_fn: Callable[[list[dict]], Any]):
+        self.collate_fn = collate_fn
+
+    def __call__(self, samples: list[dict[str, Any]]) -> tuple[Any, tuple[int, tuple[int, ...]]]:
+        state = samples[-1][_STATE_KEY]
+        clean = [{k: v for k, v in s.items() if k != _STATE_KEY} for s in samples]
+        return self.collate_fn(clean), state
+
+
+class MixtureDataLoader:
+    """`torch.utils.data.DataLoader` over a `MixtureLoader`, resumable across its workers.
+
+    Workers run ahead (prefetch), so the state must describe what the *trainer consumed*: each
+    batch carries its worker's per-source counts, and `state_dict()` returns the counts of the
+    last batch seen from each worker. Default collate returns the list of sample dicts.
+    """
+
+    def __init__(self, dataset: MixtureLoader, batch_size: int, *, num_workers: int = 0,
+                 collate_fn: Callable[[list[dict]], Any] | None = None, **kwargs):
+        self.dataset = dataset
+        self.batch_size = batch_size
+        self.num_workers = num_workers
+        self.collate_fn = collate_fn or _default_collate
+        self.kwargs = kwargs
+
+    def __iter__(self) -> Iterator[Any]:
+        dl = torch.utils.data.DataLoader(
+            self.dataset, batch_size=self.batch_size, num_workers=self.num_workers,
+            collate_fn=_StateCollate(self.collate_fn), **self.kwargs,
+        )
+        self.dataset._emit_state = True  # workers get a copy of the dataset as it is now
+        try:
+            for batch, (slot, counts) in dl:
+                self.dataset._counts[slot] = list(counts)
+                self.dataset._num_workers = max(1, self.num_workers)
+                yield batch
+        finally:
+            self.dataset._emit_state = False
+
+    def state_dict(self) -> dict[str, Any]:
+        return self.dataset.state_dict()
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if int(state.get("num_workers", 1)) != max(1, self.num_workers):
+            raise UserError(
+                f"loader state was taken with {state.get('num_workers')} worker(s), this DataLoader has "
+                f"{max(1, self.num_workers)}",
+                field="num_workers",
+            )
+        self.dataset.load_state_dict(state)

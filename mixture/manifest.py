@@ -1,0 +1,292 @@
+"""The mixture manifest: the one file the trainer reads to know exactly which samples it will see.
+
+A manifest is what `blip3 mix build` resolves a spec into (formats.md, "Mixture spec and
+manifest"): every source with its kind, its normalised target weight, the sampling weight the
+loader interleaves by, its resolved shard list (path, sha256, bytes, samples), the counts it has
+(`samples`, `tokens`) and the counts the mixture plans to draw from it (`target_samples`,
+`target_tokens`, `epochs`). Everything needed to reproduce a run's data order is in it.
+
+YAML on disk (JSON is accepted too, it is YAML). A top-level `manifest_version` tells a built
+manifest from a spec, so passing a spec where a manifest is expected is one clear error.
+Relative shard paths are resolved against the manifest's folder; `build` writes absolute ones.
+
+Validation raises `core.errors.UserError` naming the field (`sources[2].shards[0].sha256`) and
+the file, before any sample is read.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from core.errors import UserError
+
+MANIFEST_VERSION = 1
+KINDS = ("caption", "interleaved", "sft", "dpo")
+WEIGHT_BY = ("samples", "tokens")
+
+
+@dataclass
+class ShardRef:
+    """One tar of a source, pinned by checksum."""
+
+    path: str
+    sha256: str
+    bytes: int
+    samples: int
+    tokens: int | None = None
+
+
+@dataclass
+class ManifestSource:
+    """One source of the mixture and its plan.
+
+    `weight` is the normalised target share (of samples or of tokens, per the manifest's
+    `weight_by`); `sample_weight` is the share of *samples* the loader draws from this source
+    (equal to `weight` when weighting by samples). `samples`/`tokens` are what the source has;
+    `target_samples`/`target_tokens` what the mixture draws; `epochs` = target / available.
+    """
+
+    name: str
+    kind: str
+    weight: float
+    shards: list[ShardRef]
+    samples: int
+    tokens: int
+    epochs: float
+    sample_weight: float | None = None
+    target_samples: int | None = None
+    target_tokens: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.sample_weight is None:
+            self.sample_weight = self.weight
+
+
+@dataclass
+class Manifest:
+    """A resolved mixture. `target` is `{"samples": N}` and/or `{"tokens": N}`."""
+
+    name: str
+    seed: int
+    target: dict[str, int]
+    weight_by: str
+    sources: list[ManifestSource]
+    tokenizer: str = "estimate:utf8-bytes/4"
+    vision_tokens_per_image: int = 128
+    created_at: str | None = None
+    path: str | None = field(default=None, compare=False)  # where it was loaded from (not written)
+
+    def source(self, name: str) -> ManifestSource:
+        for s in self.sources:
+            if s.name == name:
+                return s
+        raise KeyError(name)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d.pop("path")
+        return {"manifest_version": MANIFEST_VERSION, **d}
+
+
+def write_manifest(manifest: Manifest, path: str | Path) -> Path:
+    """Write `manifest` as YAML (atomically: a reader never sees half a manifest)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    text = yaml.safe_dump(manifest.to_dict(), sort_keys=False, width=120)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    tmp.replace(path)
+    return path
+
+
+def load_manifest(path: str | Path, *, verify: str = "size") -> Manifest:
+    """Read and validate a manifest.
+
+    `verify`: "none" (fields only), "size" (every shard exists with its recorded byte size; the
+    default, cheap) or "sha256" (also re-hash every shard: catches any change, reads all bytes).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise UserError("manifest not found", file=path)
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        raise UserError(f"not valid YAML: {' '.join(str(e).split())}", file=path) from None
+    manifest = manifest_from_dict(data, file=path)
+    manifest.path = str(path)
+    if verify != "none":
+        verify_shards(manifest, checksum=verify == "sha256", file=path)
+    return manifest
+
+
+def manifest_from_dict(data: Any, *, file: str | Path | None = None) -> Manifest:
+    """Validate a parsed manifest; relative shard paths resolve against `file`'s folder."""
+    v = _Validator(file)
+    if not isinstance(data, dict):
+        raise UserError("a manifest is a mapping with name, seed, target, weight_by, sources", file=file)
+    if "manifest_version" not in data:
+        raise UserError(
+            "no manifest_version: this looks like a mixture spec; resolve it with `blip3 mix build SPEC -o MANIFEST`",
+            field="manifest_version",
+            file=file,
+        )
+    if data["manifest_version"] != MANIFEST_VERSION:
+        raise UserError(f"unsupported version {data['manifest_version']!r}", field="manifest_version", file=file)
+    name = v.string(data, "name")
+    seed = v.integer(data, "seed", minimum=0)
+    weight_by = v.choice(data, "weight_by", WEIGHT_BY)
+    target = data.get("target")
+    if not isinstance(target, dict) or not target or set(target) - {"samples", "tokens"}:
+        raise UserError("must be a mapping with samples and/or tokens", field="target", file=file)
+    target = {k: v.integer(target, k, minimum=1, prefix="target.") for k in target}
+    raw_sources = data.get("sources")
+    if not isinstance(raw_sources, list) or not raw_sources:
+        raise UserError("must be a non-empty list", field="sources", file=file)
+    base = Path(file).resolve().parent if file is not None else Path.cwd()
+    sources = [_source(v, s, f"sources[{i}].", base) for i, s in enumerate(raw_sources)]
+    names = [s.name for s in sources]
+    for i, n in enumerate(names):
+        if names.index(n) != i:
+            raise UserError(f"duplicate source name {n!r}", field=f"sources[{i}].name", file=file)
+    return Manifest(
+        name=name,
+        seed=seed,
+        target=target,
+        weight_by=weight_by,
+        sources=sources,
+        tokenizer=str(data.get("tokenizer", "estimate:utf8-bytes/4")),
+        vision_tokens_per_image=v.integer(data, "vision_tokens_per_image", minimum=0, default=128),
+        created_at=data.get("created_at"),
+    )
+
+
+def _source(v: "_Validator", s: Any, prefix: str, base: Path) -> ManifestSource:
+    if not isinstance(s, dict):
+        raise UserError("must be a mapping", field=prefix.rstrip("."), file=v.file)
+    shards_raw = s.get("shards")
+    if not isinstance(shards_raw, list) or not shards_raw:
+        raise UserError("a source needs a non-empty shard list", field=f"{prefix}shards", file=v.file)
+    shards = []
+    for j, sh in enumerate(shards_raw):
+        p = f"{prefix}shards[{j}]."
+        if not isinstance(sh, dict):
+            raise UserError("must be a mapping with path, sha256, bytes, samples", field=p.rstrip("."), file=v.file)
+        shard_path = Path(v.string(sh, "path", prefix=p))
+        if not shard_path.is_absolute():
+            shard_path = base / shard_path
+        sha = v.string(sh, "sha256", prefix=p)
+        if len(sha) != 64 or any(c not in "0123456789abcdef" for c in sha):
+            raise UserError(f"not a sha256 hex digest: {sha!r}", field=f"{p}sha256", file=v.file)
+        shards.append(
+            ShardRef(
+                path=str(shard_path),
+                sha256=sha,
+                bytes=v.integer(sh, "bytes", minimum=1, prefix=p),
+                samples=v.integer(sh, "samples", minimum=0, prefix=p),
+                tokens=v.integer(sh, "tokens", minimum=0, prefix=p, default=None),
+            )
+        )
+    samples = v.integer(s, "samples", minimum=1, prefix=prefix)
+    if samples != sum(sh.samples for sh in shards):
+        raise UserError(
+            f"{samples} does not match the sum of its shards' samples ({sum(sh.samples for sh in shards)})",
+            field=f"{prefix}samples",
+            file=v.file,
+        )
+    return ManifestSource(
+        name=v.string(s, "name", prefix=prefix),
+        kind=v.choice(s, "kind", KINDS, prefix=prefix),
+        weight=v.positive(s, "weight", prefix=prefix),
+        sample_weight=v.positive(s, "sample_weight", prefix=prefix, default=None),
+        shards=shards,
+        samples=samples,
+        tokens=v.integer(s, "tokens", minimum=0, prefix=prefix),
+        epochs=v.number(s, "epochs", prefix=prefix),
+        target_samples=v.integer(s, "target_samples", minimum=0, prefix=prefix, default=None),
+        target_tokens=v.integer(s, "target_tokens", minimum=0, prefix=prefix, default=None),
+    )
+
+
+def verify_shards(manifest: Manifest, *, checksum: bool, file: str | Path | None = None) -> None:
+    """Every shard is where the manifest says, with its size (and sha256 when `checksum`)."""
+    from core.shards import file_sha256
+
+    for i, src in enumerate(manifest.sources):
+        for j, sh in enumerate(src.shards):
+            fld = f"sources[{i}].shards[{j}]"
+            p = Path(sh.path)
+            if not p.is_file():
+                raise UserError(f"shard {sh.path} of source {src.name!r} is missing (moved or deleted)", field=f"{fld}.path", file=file)
+            size = p.stat().st_size
+            if size != sh.bytes:
+                raise UserError(
+                    f"shard {sh.path} of source {src.name!r} changed: {size} bytes on disk, {sh.bytes} recorded",
+                    field=f"{fld}.bytes",
+                    file=file,
+                )
+            if checksum and file_sha256(p) != sh.sha256:
+                raise UserError(
+                    f"shard {sh.path} of source {src.name!r} changed: sha256 differs from the recorded one",
+                    field=f"{fld}.sha256",
+                    file=file,
+                )
+
+
+_MISSING = object()
+
+
+class _Validator:
+    """Typed field access that raises one UserError naming the field and the file."""
+
+    def __init__(self, file: str | Path | None):
+        self.file = None if file is None else str(file)
+
+    def _get(self, d: dict, key: str, prefix: str, default: Any) -> Any:
+        if key in d and d[key] is not None:
+            return d[key]
+        if default is not _MISSING:
+            return default
+        raise UserError("is required", field=f"{prefix}{key}", file=self.file)
+
+    def string(self, d: dict, key: str, prefix: str = "", default: Any = _MISSING) -> str:
+        val = self._get(d, key, prefix, default)
+        if not isinstance(val, str) or not val:
+            raise UserError(f"must be a non-empty string, got {val!r}", field=f"{prefix}{key}", file=self.file)
+        return val
+
+    def integer(self, d: dict, key: str, *, minimum: int, prefix: str = "", default: Any = _MISSING) -> Any:
+        val = self._get(d, key, prefix, default)
+        if val is default and default is not _MISSING:
+            return val
+        if isinstance(val, float) and val.is_integer():
+            val = int(val)
+        if isinstance(val, bool) or not isinstance(val, int) or val < minimum:
+            raise UserError(f"must be an integer >= {minimum}, got {val!r}", field=f"{prefix}{key}", file=self.file)
+        return val
+
+    def number(self, d: dict, key: str, prefix: str = "", default: Any = _MISSING) -> Any:
+        val = self._get(d, key, prefix, default)
+        if val is default and default is not _MISSING:
+            return val
+        if isinstance(val, bool) or not isinstance(val, (int, float)) or not math.isfinite(val):
+            raise UserError(f"must be a number, got {val!r}", field=f"{prefix}{key}", file=self.file)
+        return float(val)
+
+    def positive(self, d: dict, key: str, prefix: str = "", default: Any = _MISSING) -> Any:
+        val = self.number(d, key, prefix, default)
+        if val is default and default is not _MISSING:
+            return val
+        if val <= 0:
+            raise UserError(f"must be > 0, got {val!r}", field=f"{prefix}{key}", file=self.file)
+        return val
+
+    def choice(self, d: dict, key: str, options: tuple[str, ...], prefix: str = "", default: Any = _MISSING) -> str:
+        val = self._get(d, key, prefix, default)
+        if val not in options:
+            raise UserError(f"must be one of {', '.join(options)}, got {val!r}", field=f"{prefix}{key}", file=self.file)
+        return val
