@@ -1,9 +1,93 @@
-"""CLI commands of the ground engine."""
+"""CLI commands of the grounding engine: `blip3 ground` and `blip3 retemplate`."""
 
 from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
 
 import typer
 
 
+def ground(
+    input: str = typer.Argument(..., help="Images: folder, WebDataset shards (brace patterns ok), img2dataset "
+                                          "output, or a parquet/CSV/JSONL of URLs (same kinds as `blip3 ocr`)."),
+    output: Path = typer.Argument(..., help="Output folder for NNNNNN.tar shards and their sidecars."),
+    detector: str = typer.Option("grounding-dino", "--detector",
+                                 help="grounding-dino (transformers) | groundingdino-py | annotations"),
+    tags: str = typer.Option("caption", "--tags", help="caption (noun phrases) | vocab | clip (open_clip zero-shot)"),
+    vocab: Optional[Path] = typer.Option(None, "--vocab", help="Vocabulary file, one tag per line (vocab, clip)."),
+    annotations: Optional[Path] = typer.Option(None, "--annotations", help="COCO or Visual Genome box JSON."),
+    include_crowd: bool = typer.Option(False, "--include-crowd", help="Keep COCO iscrowd boxes (skipped by default)."),
+    model: Optional[Path] = typer.Option(None, "--model", help="Grounding DINO dir (else $BLIP3_GROUNDING_DINO, "
+                                         "else the HF cache); groundingdino-py: the checkpoint file."),
+    gdino_config: Optional[Path] = typer.Option(None, "--gdino-config", help="groundingdino-py config .py file."),
+    clip_model: Optional[Path] = typer.Option(None, "--clip-model", help="Local open_clip dir for --tags clip "
+                                              "(else $BLIP3_CLIP_MODEL)."),
+    clip_top_k: int = typer.Option(8, "--clip-top-k", help="Tags per image with --tags clip."),
+    box_threshold: float = typer.Option(0.35, "--box-threshold", help="Min box confidence."),
+    text_threshold: float = typer.Option(0.25, "--text-threshold", help="Min tag-token confidence."),
+    nms_iou: float = typer.Option(0.5, "--nms-iou", help="Per-label NMS IoU (detectors only)."),
+    min_area: float = typer.Option(0.0005, "--min-area", help="Min box area as a fraction of the image."),
+    max_objects: int = typer.Option(20, "--max-objects", help="Keep at most N objects (highest scores)."),
+    caption_format: str = typer.Option("positional", "--caption-format", help=".txt format: positional|textual|bbox"),
+    caption_style: Optional[str] = typer.Option(None, "--caption-style",
+                                                help=".txt style: inline|tags (default inline when a caption exists)"),
+    input_format: Optional[str] = typer.Option(None, "--input-format", help="Force the input kind (else detected)."),
+    workers: int = typer.Option(2, "--workers", help="Detector actors (one model each)."),
+    gpus_per_worker: float = typer.Option(0.0, "--gpus-per-worker", help="GPU share per actor on a GPU cluster."),
+    ray_address: Optional[str] = typer.Option(None, "--ray-address", help="Join this Ray cluster (else local Ray)."),
+    shard_size: int = typer.Option(1000, "--shard-size", help="Samples per shard."),
+    limit: Optional[int] = typer.Option(None, "--limit", help="Only the first N input samples."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Redo all shards (default: skip finished ones)."),
+    source: Optional[str] = typer.Option(None, "--source", help="Catalog source name (default: output folder name)."),
+    db: Optional[Path] = typer.Option(None, "--db", help="Catalog file (default: $BLIP3_DB or ./catalog.duckdb)."),
+) -> None:
+    """Detect objects and write BLIP3-GROUNDING caption shards (positional, textual, bbox)."""
+    from core.logs import console
+    from datagen.detectors import DetectionLimits
+    from datagen.grounding import ground as run_ground
+    from datagen.grounding import make_config
+
+    config = make_config(
+        detector=detector, tags=tags, vocab=vocab, model=model, gdino_config=gdino_config,
+        annotations=annotations, include_crowd=include_crowd, clip_model=clip_model, clip_top_k=clip_top_k,
+        limits=DetectionLimits(box_threshold, text_threshold, nms_iou, min_area, max_objects),
+        caption_format=caption_format, caption_style=caption_style,
+    )
+    r = run_ground(input, output, config, input_format=input_format, workers=workers, ray_address=ray_address,
+                   shard_size=shard_size, limit=limit, overwrite=overwrite, catalog_db=db, source_name=source,
+                   gpus_per_worker=gpus_per_worker)
+    reasons = ", ".join(f"{k}: {v}" for k, v in r.failure_reasons.items())
+    console.print(
+        f"[green]{r.output}[/]: {r.shards_written} shard(s) written, {r.shards_skipped} skipped; "
+        f"{r.successes} ok, {r.failed} failed" + (f" ({reasons})" if reasons else "") + f" in {r.duration_s:.1f}s"
+    )
+
+
+def retemplate(
+    input_dir: Path = typer.Argument(..., help="Folder of grounding shards."),
+    output_dir: Path = typer.Argument(..., help="Folder for the re-captioned shards (must differ)."),
+    caption_format: str = typer.Option("positional", "--caption-format", help=".txt format: positional|textual|bbox"),
+    caption_style: Optional[str] = typer.Option(None, "--caption-style", help=".txt style: inline|tags"),
+    lead_in: Optional[str] = typer.Option(None, "--lead-in", help='Tag-list lead-in (default "The image contains").'),
+    also_lead_in: Optional[str] = typer.Option(None, "--also-lead-in",
+                                               help='Lead-in for objects not found in the caption.'),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Rewrite shards already retemplated."),
+) -> None:
+    """Rebuild grounding captions from the objects stored in existing shards (no re-detection)."""
+    from core.logs import console
+    from datagen.grounding_captions import DEFAULT_ALSO_LEAD_IN, DEFAULT_LEAD_IN
+    from datagen.retemplate import TemplateOptions
+    from datagen.retemplate import retemplate as run_retemplate
+
+    opts = TemplateOptions(caption_format, caption_style, DEFAULT_LEAD_IN if lead_in is None else lead_in,
+                           DEFAULT_ALSO_LEAD_IN if also_lead_in is None else also_lead_in)
+    r = run_retemplate(input_dir, output_dir, opts, overwrite=overwrite)
+    console.print(f"[green]{output_dir}[/]: {r.shards_written} shard(s) rewritten ({r.samples} rows), "
+                  f"{r.shards_skipped} already done")
+
+
 def register(app: typer.Typer) -> None:
     """Add this engine's commands to the `blip3` app."""
+    app.command("ground")(ground)
+    app.command("retemplate")(retemplate)

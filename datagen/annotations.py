@@ -1,0 +1,174 @@
+"""Existing box annotations (COCO or Visual Genome JSON) as the grounding "detector".
+
+Visual Genome is in the xGen-MM pretraining mixture, and COCO-style files are what most labelled
+sets ship, so turning their boxes into grounding captions needs no model at all.
+
+Accepted files (the format is detected from the structure):
+
+- COCO instances: `{"images": [{id, file_name, width?, height?}], "annotations": [{image_id,
+  bbox: [x, y, w, h] pixels, category_id, iscrowd?}], "categories": [{id, name}]}`.
+  Crowd boxes (`iscrowd: 1`, a region covering many instances) are skipped by default and counted
+  in the sample's metadata (`skipped_crowd`); `include_crowd=True` keeps them with their category.
+  Images listed with no box give valid samples with no objects.
+- Visual Genome `objects.json`: `[{"image_id", "image_url"?, "objects": [{x, y, w, h, names:
+  [...] (or name)}]}]`; the first name is the label. VG gives no image size here, so boxes are
+  normalised by the decoded image's size.
+
+Boxes are normalised by the annotation's own `width`/`height` when it has them (the frame the boxes
+were drawn in), else by the decoded image. An input image is matched to an annotation entry by
+file name, file stem, sanitised stem or numeric id (VG files are named `<image_id>.jpg`); an input
+image with no entry fails with reason `annotations` (it was not annotated, which is not the same
+as "annotated with no boxes").
+
+The whole file is held in memory once per worker (VG objects.json: a few GB of Python objects).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path, PurePosixPath
+from typing import Any, Iterable
+
+from core.errors import UserError
+from core.keys import sanitize_key
+from datagen.grounding_captions import GroundedObject, normalize_box
+
+
+@dataclass
+class AnnotatedImage:
+    """Pixel boxes of one annotated image, before normalisation."""
+
+    boxes: list[tuple[str, float, float, float, float]]  # (label, x, y, w, h) in pixels
+    width: float | None = None
+    height: float | None = None
+    skipped_crowd: int = 0
+
+    def objects(self, image_width: int, image_height: int) -> list[GroundedObject]:
+        """Normalized objects (score 1.0: ground truth)."""
+        w = self.width or image_width
+        h = self.height or image_height
+        out = []
+        for label, x, y, bw, bh in self.boxes:
+            out.append(GroundedObject(label, normalize_box(x, y, x + bw, y + bh, w, h), 1.0))
+        return out
+
+
+@dataclass
+class AnnotationIndex:
+    """Annotated images by every name an input image may carry."""
+
+    path: Path
+    kind: str  # "coco" | "vg"
+    images: list[AnnotatedImage] = field(default_factory=list)
+    names: dict[str, int] = field(default_factory=dict)
+
+    def lookup(self, candidates: Iterable[str | None]) -> AnnotatedImage | None:
+        for c in candidates:
+            if not c:
+                continue
+            for name in _name_forms(str(c)):
+                i = self.names.get(name)
+                if i is not None:
+                    return self.images[i]
+        return None
+
+    def _add(self, image: AnnotatedImage, names: Iterable[Any]) -> None:
+        self.images.append(image)
+        i = len(self.images) - 1
+        for n in names:
+            if n is None or n == "":
+                continue
+            for form in _name_forms(str(n)):
+                self.names.setdefault(form, i)
+
+
+def _name_forms(name: str) -> list[str]:
+    """`a/b/000001.jpg` -> [`a/b/000001.jpg`, `000001.jpg`, `000001`, sanitised forms, `1`]."""
+    base = PurePosixPath(name.replace("\\", "/")).name
+    stem = base.rsplit(".", 1)[0] if "." in base else base
+    forms = [name, base, stem, sanitize_key(stem), sanitize_key(base)]
+    if stem.isdigit():
+        forms.append(str(int(stem)))
+    return list(dict.fromkeys(forms))
+
+
+def _fail(msg: str, path: Path, field: str = "--annotations") -> UserError:
+    return UserError(msg, field=field, file=path)
+
+
+def load_annotations(path: str | Path, *, include_crowd: bool = False) -> AnnotationIndex:
+    """Read a COCO or VG box file; malformed structure -> one UserError naming the field."""
+    p = Path(path)
+    try:
+        data = json.loads(p.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise _fail("annotation file not found", p) from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise _fail(f"not valid JSON ({e})", p) from None
+    if isinstance(data, dict) and "images" in data and "annotations" in data:
+        return _load_coco(data, p, include_crowd)
+    if isinstance(data, list) and (not data or (isinstance(data[0], dict) and "objects" in data[0])):
+        return _load_vg(data, p)
+    raise _fail("neither COCO (images/annotations/categories) nor Visual Genome objects.json", p)
+
+
+def _num(v: Any, where: str, p: Path) -> float:
+    if isinstance(v, bool) or not isinstance(v, (int, float)):
+        raise _fail(f"expected a number, got {v!r}", p, where)
+    return float(v)
+
+
+def _load_coco(data: dict, p: Path, include_crowd: bool) -> AnnotationIndex:
+    idx = AnnotationIndex(p, "coco")
+    cats = {}
+    for j, c in enumerate(data.get("categories") or []):
+        if not isinstance(c, dict) or "id" not in c or "name" not in c:
+            raise _fail("each category needs id and name", p, f"categories[{j}]")
+        cats[c["id"]] = str(c["name"])
+    by_id: dict[Any, AnnotatedImage] = {}
+    for j, im in enumerate(data["images"]):
+        if not isinstance(im, dict) or "id" not in im:
+            raise _fail("each image needs an id", p, f"images[{j}]")
+        w, h = im.get("width"), im.get("height")
+        entry = AnnotatedImage([], _num(w, f"images[{j}].width", p) if w else None,
+                               _num(h, f"images[{j}].height", p) if h else None)
+        by_id[im["id"]] = entry
+        idx._add(entry, [im.get("file_name"), im["id"], im.get("coco_url"), im.get("flickr_url")])
+    for j, a in enumerate(data["annotations"]):
+        where = f"annotations[{j}]"
+        if not isinstance(a, dict) or "image_id" not in a or "bbox" not in a:
+            raise _fail("each annotation needs image_id and bbox", p, where)
+        entry = by_id.get(a["image_id"])
+        if entry is None:
+            raise _fail(f"image_id {a['image_id']!r} is not in images", p, f"{where}.image_id")
+        if a.get("iscrowd") and not include_crowd:
+            entry.skipped_crowd += 1
+            continue
+        bbox = a["bbox"]
+        if not isinstance(bbox, list) or len(bbox) != 4:
+            raise _fail("bbox must be [x, y, width, height]", p, f"{where}.bbox")
+        x, y, w, h = (_num(v, f"{where}.bbox", p) for v in bbox)
+        label = cats.get(a.get("category_id"))
+        if label is None:
+            raise _fail(f"category_id {a.get('category_id')!r} is not in categories", p, f"{where}.category_id")
+        entry.boxes.append((label, x, y, w, h))
+    return idx
+
+
+def _load_vg(data: list, p: Path) -> AnnotationIndex:
+    idx = AnnotationIndex(p, "vg")
+    for j, im in enumerate(data):
+        if not isinstance(im, dict) or "image_id" not in im or not isinstance(im.get("objects"), list):
+            raise _fail("each entry needs image_id and an objects list", p, f"[{j}]")
+        entry = AnnotatedImage([], im.get("width"), im.get("height"))
+        for k, o in enumerate(im["objects"]):
+            where = f"[{j}].objects[{k}]"
+            names = o.get("names") or ([o["name"]] if o.get("name") else [])
+            if not names:
+                raise _fail("object has no names/name", p, where)
+            x, y, w, h = (_num(o.get(c), f"{where}.{c}", p) for c in ("x", "y", "w", "h"))
+            entry.boxes.append((" ".join(str(names[0]).split()).lower(), x, y, w, h))
+        url = im.get("image_url") or im.get("url")
+        idx._add(entry, [im["image_id"], url])
+    return idx

@@ -1,0 +1,273 @@
+"""The BLIP3-GROUNDING annotator, and `ground()`, the Python API behind `blip3 ground`.
+
+One image goes: tags (caption noun phrases | vocabulary | open_clip zero-shot) -> detector
+(Grounding DINO | groundingdino-py | existing COCO/VG boxes) -> area floor, per-label NMS, cap ->
+objects in reading order -> caption variants (grounding_captions.py). Reading, validation,
+sharding and the catalog are the shared pipeline's (datagen/pipeline.py), as for OCR.
+
+Stored per sample (formats.md): `captions` = all variants `{"text", "format", "style"}`;
+`metadata` = `{"objects": [{"label", "bbox", "score"}], "tags", "tag_source", "detector", ...}`,
+so `blip3 retemplate` can rebuild captions without re-detecting.
+
+No-object policy (quality.md): an image where nothing is detected (or an annotated image with no
+boxes) is KEPT as a valid sample with `objects: []`, no caption variants, and its source caption
+(or "") as `.txt`; `n_objects = 0` in the sidecar lets users filter it out. An image with no tags
+(no source caption with `--tags caption`) is the same case, noted in `metadata.tags`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+from PIL import Image
+
+from core.errors import UserError
+from datagen.detectors import DetectionLimits, filter_objects
+from datagen.grounding_captions import (
+    DEFAULT_ALSO_LEAD_IN,
+    DEFAULT_LEAD_IN,
+    FORMATS,
+    STYLES,
+    build_captions,
+    pick_caption,
+    reading_order,
+)
+from datagen.images import ImageRejected
+from datagen.inputs import InputSample
+
+DETECTORS = ("grounding-dino", "groundingdino-py", "annotations")
+TAG_SOURCES = ("caption", "vocab", "clip")
+ENGINE_VERSION = "1"
+
+
+@dataclass(frozen=True)
+class GroundingConfig:
+    """Everything an actor needs to build its annotator; picklable, and the pipeline's factory
+    (`config()` returns an unloaded `GroundingAnnotator`). Build it with `make_config`, which
+    checks the options and finds the weights in the driver, before any work starts."""
+
+    detector: str = "grounding-dino"
+    tags: str = "caption"
+    vocab: tuple[str, ...] = ()
+    model_dir: str | None = None
+    gdino_config: str | None = None
+    annotations: str | None = None
+    include_crowd: bool = False
+    clip_model: str | None = None
+    clip_top_k: int = 8
+    limits: DetectionLimits = field(default_factory=DetectionLimits)
+    caption_format: str = "positional"
+    caption_style: str | None = None
+    lead_in: str = DEFAULT_LEAD_IN
+    also_lead_in: str = DEFAULT_ALSO_LEAD_IN
+    device: str | None = None
+
+    def __call__(self) -> "GroundingAnnotator":
+        return GroundingAnnotator(self)
+
+
+def make_config(
+    *,
+    detector: str = "grounding-dino",
+    tags: str = "caption",
+    vocab: str | Path | None = None,
+    model: str | Path | None = None,
+    gdino_config: str | Path | None = None,
+    annotations: str | Path | None = None,
+    include_crowd: bool = False,
+    clip_model: str | Path | None = None,
+    clip_top_k: int = 8,
+    limits: DetectionLimits = DetectionLimits(),
+    caption_format: str = "positional",
+    caption_style: str | None = None,
+    lead_in: str = DEFAULT_LEAD_IN,
+    also_lead_in: str = DEFAULT_ALSO_LEAD_IN,
+    device: str | None = None,
+) -> GroundingConfig:
+    """Validate options, resolve weights (MissingWeightsError names what to set), load the vocab."""
+    if detector not in DETECTORS:
+        raise UserError(f"unknown detector {detector!r}; expected one of {', '.join(DETECTORS)}", field="--detector")
+    if tags not in TAG_SOURCES:
+        raise UserError(f"unknown tag source {tags!r}; expected one of {', '.join(TAG_SOURCES)}", field="--tags")
+    if caption_format not in FORMATS:
+        raise UserError(f"expected one of {', '.join(FORMATS)}", field="--caption-format")
+    if caption_style is not None and caption_style not in STYLES:
+        raise UserError(f"expected one of {', '.join(STYLES)}", field="--caption-style")
+    try:
+        limits.validate()
+    except ValueError as e:
+        raise UserError(str(e)) from None
+    if clip_top_k < 1:
+        raise UserError("must be >= 1", field="--clip-top-k")
+    words: tuple[str, ...] = ()
+    model_dir = clip_dir = ann_path = None
+
+    if detector == "annotations":
+        from datagen.annotations import load_annotations
+
+        if not annotations:
+            raise UserError("--detector annotations needs --annotations FILE (COCO or Visual Genome JSON)",
+                            field="--annotations")
+        load_annotations(annotations, include_crowd=include_crowd)  # malformed file: fail before work
+        ann_path = str(Path(annotations).resolve())
+        limits = replace(limits, nms_iou=None)  # ground truth may overlap on purpose
+    else:
+        if tags in ("vocab", "clip"):
+            if not vocab:
+                raise UserError(f"--tags {tags} needs --vocab FILE", field="--vocab")
+            from datagen.tags import load_vocab
+
+            words = tuple(load_vocab(vocab))
+        if tags == "clip":
+            from datagen.tags_clip import resolve_clip_model
+
+            clip_dir = str(resolve_clip_model(clip_model).resolve())
+        if detector == "grounding-dino":
+            from datagen.detectors_gdino import resolve_grounding_dino
+
+            model_dir = str(resolve_grounding_dino(model).resolve())
+        else:
+            from datagen.detectors_gdino import GroundingDinoPy
+
+            GroundingDinoPy.check_available()
+            if not model or not gdino_config:
+                raise UserError("groundingdino-py needs --model CHECKPOINT and --gdino-config CONFIG_PY",
+                                field="--model")
+            model_dir = str(Path(model).resolve())
+            gdino_config = str(Path(gdino_config).resolve())
+    return GroundingConfig(
+        detector=detector, tags=tags, vocab=words, model_dir=model_dir,
+        gdino_config=str(gdino_config) if gdino_config else None, annotations=ann_path,
+        include_crowd=include_crowd, clip_model=clip_dir, clip_top_k=clip_top_k, limits=limits,
+        caption_format=caption_format, caption_style=caption_style, lead_in=lead_in,
+        also_lead_in=also_lead_in, device=device,
+    )
+
+
+def _sample_names(sample: InputSample) -> list[str | None]:
+    """Every name an annotation file may know this image by."""
+    names: list[str | None] = [sample.meta.get(k) for k in ("path", "name", "file_name", "filename")]
+    names += [sample.uid, sample.url, sample.key]
+    return [str(n) for n in names if n]
+
+
+class GroundingAnnotator:
+    """The `Annotator` of the grounding engine (see datagen/annotator.py)."""
+
+    name = "grounding"
+
+    def __init__(self, config: GroundingConfig):
+        self.config = config
+        self._detector: Any = None
+        self._clip: Any = None
+        self._index: Any = None
+
+    def load(self) -> None:
+        c = self.config
+        if c.detector == "annotations":
+            from datagen.annotations import load_annotations
+
+            self._index = load_annotations(c.annotations, include_crowd=c.include_crowd)  # type: ignore[arg-type]
+            return
+        if c.detector == "grounding-dino":
+            from datagen.detectors_gdino import HFGroundingDino
+
+            self._detector = HFGroundingDino(c.model_dir, c.device)  # type: ignore[arg-type]
+        else:
+            from datagen.detectors_gdino import GroundingDinoPy
+
+            self._detector = GroundingDinoPy(c.gdino_config, c.model_dir, c.device)  # type: ignore[arg-type]
+        self._detector.load()
+        if c.tags == "clip":
+            from datagen.tags_clip import ClipTagger
+
+            self._clip = ClipTagger(c.clip_model, c.vocab, top_k=c.clip_top_k, device=c.device)  # type: ignore[arg-type]
+            self._clip.load()
+
+    def tags_for(self, image: Image.Image, sample: InputSample) -> list[str]:
+        c = self.config
+        if c.tags == "caption":
+            from datagen.tags import noun_phrases
+
+            return noun_phrases(sample.source_caption)
+        if c.tags == "vocab":
+            return list(c.vocab)
+        return self._clip.tags(image)
+
+    def annotate(self, image: Image.Image, sample: InputSample):
+        from datagen.annotator import Annotation
+
+        c = self.config
+        extra: dict[str, Any] = {}
+        if c.detector == "annotations":
+            entry = self._index.lookup(_sample_names(sample))
+            if entry is None:
+                raise ImageRejected("annotations", f"no entry for {sample.key} in {Path(c.annotations or '').name}")
+            objects = filter_objects(entry.objects(*image.size), c.limits)
+            tags: list[str] = sorted({o.label for o in objects})
+            extra["skipped_crowd"] = entry.skipped_crowd
+        else:
+            tags = self.tags_for(image, sample)
+            objects = filter_objects(self._detector.detect(image, tags, c.limits), c.limits)
+        objects = reading_order(objects)
+        captions = build_captions(objects, sample.source_caption, lead_in=c.lead_in, also_lead_in=c.also_lead_in)
+        chosen = pick_caption(captions, c.caption_format, c.caption_style)
+        metadata = {
+            "objects": [o.to_dict() for o in objects],
+            "tags": tags,
+            "tag_source": "annotations" if c.detector == "annotations" else c.tags,
+            "detector": c.detector,
+            **extra,
+        }
+        scores = [o.score for o in objects]
+        return Annotation(
+            default_caption=chosen["text"] if chosen else (sample.source_caption or ""),
+            captions=captions,
+            metadata=metadata,
+            n_objects=len(objects),
+            mean_confidence=sum(scores) / len(scores) if scores else None,
+        )
+
+    def generator_info(self) -> dict[str, Any]:
+        c = self.config
+        info: dict[str, Any] = {
+            "engine": "blip3-grounding",
+            "version": ENGINE_VERSION,
+            "detector": c.detector,
+            "tags": "annotations" if c.detector == "annotations" else c.tags,
+            "box_threshold": c.limits.box_threshold,
+            "text_threshold": c.limits.text_threshold,
+            "nms_iou": c.limits.nms_iou,
+            "min_area": c.limits.min_area,
+            "max_objects": c.limits.max_objects,
+            "caption_format": c.caption_format,
+            "caption_style": c.caption_style,
+            "lead_in": c.lead_in,
+            "also_lead_in": c.also_lead_in,
+        }
+        if c.model_dir:
+            info["model"] = Path(c.model_dir).name
+        if c.annotations:
+            info["annotations"] = Path(c.annotations).name
+        if c.clip_model:
+            info["clip_model"] = Path(c.clip_model).name
+        return info
+
+
+def ground(
+    input: str | Path,
+    output: str | Path,
+    config: GroundingConfig | None = None,
+    **job: Any,
+):
+    """Run the grounding engine over `input` into caption shards in `output`.
+
+    `config` comes from `make_config(...)` (default: Grounding DINO on caption noun phrases);
+    `job` goes to `datagen.pipeline.run_job` (workers, ray_address, shard_size, overwrite, ...).
+    """
+    from datagen.pipeline import run_job
+
+    return run_job(input, output, config or make_config(), **job)
+

@@ -1,0 +1,118 @@
+"""Rebuild grounding captions of existing shards from their stored objects, without re-detecting.
+
+Each sample's `<key>.json` keeps `metadata.objects` and `source_caption`, so a new caption format,
+default style or lead-in is a pure re-templating pass: every shard of INPUT is rewritten to OUTPUT
+under the same index, images and other members byte-for-byte, failed rows of the sidecar kept,
+`.txt` / `captions` / `generator` / sidecar caption columns updated. Shards are published through
+`core.shards.ShardWriter` (atomic), and a shard already retemplated with the same options is
+skipped, so an interrupted run can simply be started again.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from core.errors import UserError
+from core.shards import SampleRow, ShardWriter, iter_shard, list_shards, read_sidecar, read_stats, shard_complete
+from datagen.grounding_captions import (
+    DEFAULT_ALSO_LEAD_IN,
+    DEFAULT_LEAD_IN,
+    FORMATS,
+    STYLES,
+    GroundedObject,
+    build_captions,
+    pick_caption,
+)
+
+
+@dataclass(frozen=True)
+class TemplateOptions:
+    caption_format: str = "positional"
+    caption_style: str | None = None
+    lead_in: str = DEFAULT_LEAD_IN
+    also_lead_in: str = DEFAULT_ALSO_LEAD_IN
+
+    def validate(self) -> "TemplateOptions":
+        if self.caption_format not in FORMATS:
+            raise UserError(f"expected one of {', '.join(FORMATS)}", field="--caption-format")
+        if self.caption_style is not None and self.caption_style not in STYLES:
+            raise UserError(f"expected one of {', '.join(STYLES)}", field="--caption-style")
+        return self
+
+    def as_generator(self) -> dict[str, Any]:
+        return {"caption_format": self.caption_format, "caption_style": self.caption_style,
+                "lead_in": self.lead_in, "also_lead_in": self.also_lead_in}
+
+
+@dataclass
+class RetemplateResult:
+    shards_written: int = 0
+    shards_skipped: int = 0
+    samples: int = 0
+
+
+def retemplate_record(record: dict[str, Any], opts: TemplateOptions) -> tuple[str, dict[str, Any]]:
+    """(new `.txt`, new record) for one sample's json."""
+    objects = [GroundedObject.from_dict(o) for o in (record.get("metadata") or {}).get("objects", [])]
+    source = record.get("source_caption")
+    captions = build_captions(objects, source, lead_in=opts.lead_in, also_lead_in=opts.also_lead_in)
+    chosen = pick_caption(captions, opts.caption_format, opts.caption_style)
+    new = dict(record)
+    new["captions"] = captions
+    new["generator"] = {**(record.get("generator") or {}), **opts.as_generator()}
+    return (chosen["text"] if chosen else (source or "")), new
+
+
+def retemplate(input_dir: str | Path, output_dir: str | Path, opts: TemplateOptions = TemplateOptions(),
+               *, overwrite: bool = False) -> RetemplateResult:
+    """Rewrite every finished shard of `input_dir` into `output_dir` with new captions."""
+    src, dst = Path(input_dir), Path(output_dir)
+    opts.validate()
+    if not src.is_dir():
+        raise UserError("not a folder of shards", file=src)
+    if src.resolve() == dst.resolve():
+        raise UserError("OUTPUT must differ from INPUT (the input shards are read while writing)", file=dst)
+    shards = list_shards(src)
+    if not shards:
+        raise UserError("no finished shards (NNNNNN_stats.json) found", file=src)
+    for info in shards:
+        if info.generator.get("name") != "grounding":
+            raise UserError(f"shard made by {info.generator.get('name')!r}, not the grounding engine",
+                            field="generator.name", file=info.stats)
+    result = RetemplateResult()
+    for info in shards:
+        stats = read_stats(src, info.index) or {}
+        generator = {**info.generator, **opts.as_generator()}
+        done = read_stats(dst, info.index)
+        if (not overwrite and done is not None and done.get("generator") == generator
+                and done.get("retemplated_from") == info.sha256 and shard_complete(dst, info.index)):
+            result.shards_skipped += 1
+            continue
+        result.samples += _rewrite_shard(info, dst, opts, generator, stats.get("input_digest"))
+        result.shards_written += 1
+    return result
+
+
+def _rewrite_shard(info: Any, dst: Path, opts: TemplateOptions, generator: dict[str, Any],
+                   input_digest: str | None) -> int:
+    rows = read_sidecar(info.parquet).to_pylist()
+    samples = iter_shard(info.tar)
+    with ShardWriter(dst, info.index, generator=generator) as w:
+        for r in rows:
+            row = SampleRow(**r)
+            if row.status != "success":
+                w.add_failure(row)
+                continue
+            sample = next(samples, None)
+            if sample is None or sample["__key__"] != row.key:
+                raise UserError(f"tar and sidecar disagree at key {row.key!r}", file=info.tar)
+            txt, record = retemplate_record(json.loads(sample["json"]), opts)
+            members = {k: v for k, v in sample.items() if not k.startswith("__")}
+            members["txt"], members["json"] = txt, record
+            row.caption_length, row.n_captions = len(txt), len(record["captions"])
+            w.add(row.key, members, row)
+        w.close(extra_stats={"input_digest": input_digest, "retemplated_from": info.sha256})
+    return len(rows)
