@@ -1,0 +1,303 @@
+"""XGenMMProcessor: text + images -> input_ids / labels / pixel_values the model reads.
+
+Each `<image>` in the text becomes that image's run of `<image placeholder>` ids (n_crops x
+num_latents of them), so the sequence the model sees has one id per embedding and logits align
+with input_ids and labels one-to-one. Labels are -100 on placeholders, on BOS, and (chats) on
+everything but assistant turns. Three sample shapes, as the data formats define them:
+- caption:     `<s><image>{caption}<|endofchunk|><|endoftext|>`
+- interleaved: texts and images in document order, `<|endofchunk|>` closing each text that
+               follows an image, then `<|endoftext|>`
+- chat:        Phi-3 template, `<|system|>\n..<|end|>\n<|user|>\n..<|end|>\n<|assistant|>\n..<|end|>\n`
+The text budget (`max_text_tokens`) counts text tokens only, before images are spliced in; a
+sample is never cut inside an image (images after the cut are dropped with it).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+from PIL import Image
+
+from .anyres import anyres_crops
+from .config import END_OF_CHUNK_TOKEN, IMAGE_TOKEN, PLACEHOLDER_TOKEN, ModelConfig
+
+IGNORE_INDEX = -100
+PROCESSOR_FILE = "processor_config.json"
+DEFAULT_SYSTEM = (
+    "A chat between a curious user and an artificial intelligence assistant. "
+    "The assistant gives helpful, detailed, and polite answers to the user's questions."
+)
+
+
+@dataclass
+class Encoded:
+    """One sample: ids/labels of equal length, and its images in order of appearance."""
+
+    input_ids: list[int]
+    labels: list[int]
+    images: list[torch.Tensor] = field(default_factory=list)  # each (n_crops, 3, S, S)
+    image_sizes: list[tuple[int, int]] = field(default_factory=list)  # original (width, height)
+    truncated: bool = False
+
+    def __len__(self) -> int:
+        return len(self.input_ids)
+
+
+class XGenMMProcessor:
+    """Tokenizer + image transform + sample encoders + batch collation (padding or packing)."""
+
+    def __init__(self, tokenizer, config: ModelConfig, *, anyres: bool = True, max_text_tokens: int | None = None):
+        self.tokenizer = tokenizer
+        self.config = config
+        self.anyres = anyres
+        self.max_text_tokens = max_text_tokens or config.max_text_tokens
+        self.placeholder_id = tokenizer.convert_tokens_to_ids(PLACEHOLDER_TOKEN)
+        if self.placeholder_id != config.image_placeholder_id:
+            raise ValueError(
+                f"tokenizer maps {PLACEHOLDER_TOKEN!r} to {self.placeholder_id}, config expects {config.image_placeholder_id}"
+            )
+        self.end_of_chunk_id = tokenizer.convert_tokens_to_ids(END_OF_CHUNK_TOKEN)
+        self.end_id = tokenizer.convert_tokens_to_ids("<|end|>")
+        self.pad_id = tokenizer.pad_token_id
+        self.fill = tuple(int(round(m * 255)) for m in config.image_mean)
+        self._mean = torch.tensor(config.image_mean).view(3, 1, 1)
+        self._std = torch.tensor(config.image_std).view(3, 1, 1)
+
+    @classmethod
+    def from_config(cls, config: ModelConfig, *, phi3_dir: str | None = None, anyres: bool = True) -> "XGenMMProcessor":
+        """Tiny: a tokenizer trained on the fly. phi3-mini: Phi-3's tokenizer from local files."""
+        from .tokenizer import add_xgenmm_tokens, train_tiny_tokenizer
+
+        if config.tokenizer == "tiny":
+            tok = train_tiny_tokenizer(config.lang_model["vocab_size"])
+        else:
+            from .weights import load_phi3_tokenizer
+
+            tok = add_xgenmm_tokens(load_phi3_tokenizer(phi3_dir))
+        return cls(tok, config, anyres=anyres)
+
+    # --- images ------------------------------------------------------------------------------
+    def _to_tensor(self, img: Image.Image) -> torch.Tensor:
+        x = torch.from_numpy(np.asarray(img.convert("RGB"), dtype=np.uint8).copy()).permute(2, 0, 1)
+        return (x.float() / 255.0 - self._mean) / self._std  # (3, S, S)
+
+    def image_crops(self, image: Image.Image) -> torch.Tensor:
+        """(n_crops, 3, S, S): base image first, then any-res crops (one crop without any-res)."""
+        S = self.config.image_size
+        if not self.anyres:
+            return self._to_tensor(image.convert("RGB").resize((S, S), Image.Resampling.BICUBIC))[None]
+        crops, _ = anyres_crops(image, self.config.anyres_grids, S, self.fill)
+        return torch.stack([self._to_tensor(c) for c in crops])
+
+    # --- encoding ----------------------------------------------------------------------------
+    def _text_ids(self, text: str) -> list[int]:
+        return self.tokenizer.encode(text, add_special_tokens=False) if text else []
+
+    def _encode(self, pieces: list[tuple[str, Any, bool]]) -> Encoded:
+        """pieces: ("text", str, train) | ("ids", list[int], train) | ("image", PIL image, False)."""
+        out = Encoded([], [])
+        budget = self.max_text_tokens
+        for kind, value, train in pieces:
+            if kind == "image":
+                if budget <= 0:
+                    out.truncated = True
+                    break
+                crops = self.image_crops(value)
+                n = crops.shape[0] * self.config.num_latents
+                out.input_ids += [self.placeholder_id] * n
+                out.labels += [IGNORE_INDEX] * n
+                out.images.append(crops)
+                out.image_sizes.append(tuple(value.size))
+                continue
+            ids = self._text_ids(value) if kind == "text" else list(value)
+            if len(ids) > budget:
+                ids, out.truncated = ids[:budget], True
+            budget -= len(ids)
+            out.input_ids += ids
+            out.labels += ids if train else [IGNORE_INDEX] * len(ids)
+            if out.truncated:
+                break
+        return out
+
+    def _split_images(self, text: str, images: Sequence[Image.Image], cursor: list[int], train: bool) -> list:
+        """Text with `<image>` markers -> pieces, consuming images in order (cursor is shared)."""
+        parts = text.split(IMAGE_TOKEN)
+        pieces: list = []
+        for i, part in enumerate(parts):
+            if i:
+                if cursor[0] >= len(images):
+                    raise ValueError(f"more {IMAGE_TOKEN} markers than images ({len(images)})")
+                pieces.append(("image", images[cursor[0]], False))
+                cursor[0] += 1
+            if part:
+                pieces.append(("text", part, train))
+        return pieces
+
+    def _bos(self) -> list:
+        bos = self.tokenizer.bos_token_id
+        return [("ids", [bos], False)] if bos is not None else []
+
+    def _eos(self, train: bool = True) -> tuple:
+        return ("ids", [self.tokenizer.eos_token_id], train)
+
+    def encode_caption(self, caption: str, image: Image.Image) -> Encoded:
+        """Pretraining caption sample; loss on the caption and its end tokens."""
+        return self._encode(
+            [*self._bos(), ("image", image, False), ("text", caption, True), ("ids", [self.end_of_chunk_id], True), self._eos()]
+        )
+
+    def encode_interleaved(self, texts: Sequence[str | None], images: Sequence[Image.Image | None]) -> Encoded:
+        """Interleaved document (parallel lists, one of text/image set at each position)."""
+        if len(texts) != len(images):
+            raise ValueError(f"texts and images differ in length ({len(texts)} vs {len(images)})")
+        pieces, seen_image = self._bos(), False
+        for t, img in zip(texts, images):
+            if (t is None) == (img is None):
+                raise ValueError("each position of an interleaved document holds exactly one of text or image")
+            if img is not None:
+                pieces.append(("image", img, False))
+                seen_image = True
+            else:
+                pieces.append(("text", t, True))
+                if seen_image:
+                    pieces.append(("ids", [self.end_of_chunk_id], True))
+                    seen_image = False
+        pieces.append(self._eos())
+        return self._encode(pieces)
+
+    def encode_chat(
+        self,
+        messages: Sequence[dict],
+        images: Sequence[Image.Image] = (),
+        *,
+        add_generation_prompt: bool = False,
+        system: str | None = DEFAULT_SYSTEM,
+    ) -> Encoded:
+        """Phi-3 chat; loss on assistant contents and their `<|end|>` only.
+
+        `<image>` markers in the contents place the images; with none, each image is put as
+        `<image> ` at the start of the first user turn. A default system turn is added when the
+        messages have none (None disables it).
+        """
+        messages = [dict(m) for m in messages]
+        n_markers = sum(m["content"].count(IMAGE_TOKEN) for m in messages)
+        if images and n_markers == 0:
+            first_user = next((m for m in messages if m["role"] == "user"), None)
+            if first_user is None:
+                raise ValueError("images given but the chat has no user turn")
+            first_user["content"] = f"{IMAGE_TOKEN} " * len(images) + first_user["content"]
+        elif n_markers != len(images):
+            raise ValueError(f"chat has {n_markers} {IMAGE_TOKEN} markers but {len(images)} images")
+        if system is not None and not any(m["role"] == "system" for m in messages):
+            messages.insert(0, {"role": "system", "content": system})
+        pieces, cursor = self._bos(), [0]
+        for m in messages:
+            role = m["role"]
+            if role not in ("system", "user", "assistant"):
+                raise ValueError(f"unknown chat role {role!r}")
+            train = role == "assistant"
+            pieces.append(("text", f"<|{role}|>\n", False))
+            pieces += self._split_images(m["content"], images, cursor, train)
+            pieces.append(("ids", [self.end_id], train))
+            pieces.append(("text", "\n", False))
+        if add_generation_prompt:
+            pieces.append(("text", "<|assistant|>\n", False))
+        return self._encode(pieces)
+
+    def encode_prompt(self, text: str, images: Sequence[Image.Image] = ()) -> Encoded:
+        """Free text with `<image>` markers (no special tokens besides BOS), e.g. for generate."""
+        return self._encode([*self._bos(), *self._split_images(text, images, [0], False)])
+
+    # --- batching ----------------------------------------------------------------------------
+    def _images_batch(self, samples: Sequence[Encoded]) -> dict[str, torch.Tensor]:
+        crops = [c for s in samples for c in s.images]
+        if not crops:
+            return {}
+        c_max = max(c.shape[0] for c in crops)
+        S = self.config.image_size
+        pv = torch.zeros(len(crops), c_max, 3, S, S)
+        for i, c in enumerate(crops):
+            pv[i, : c.shape[0]] = c
+        out = {"pixel_values": pv}
+        if self.anyres:
+            out["image_sizes"] = torch.tensor([sz for s in samples for sz in s.image_sizes], dtype=torch.long)
+        return out
+
+    def collate(self, samples: Sequence[Encoded], *, padding_side: str = "right") -> dict[str, torch.Tensor]:
+        """Pad to the longest sample: input_ids, attention_mask, labels (B, T) + images.
+
+        Images are ordered sample by sample, as the placeholders appear row-major in input_ids.
+        Use padding_side="left" for batched generation.
+        """
+        T = max(len(s) for s in samples)
+        ids = torch.full((len(samples), T), self.pad_id, dtype=torch.long)
+        labels = torch.full((len(samples), T), IGNORE_INDEX, dtype=torch.long)
+        mask = torch.zeros((len(samples), T), dtype=torch.long)
+        for i, s in enumerate(samples):
+            sl = slice(T - len(s), T) if padding_side == "left" else slice(0, len(s))
+            ids[i, sl] = torch.tensor(s.input_ids)
+            labels[i, sl] = torch.tensor(s.labels)
+            mask[i, sl] = 1
+        return {"input_ids": ids, "attention_mask": mask, "labels": labels, **self._images_batch(samples)}
+
+    def pack(self, samples: Sequence[Encoded], seq_len: int) -> dict[str, torch.Tensor]:
+        """Greedy in-order packing into rows of seq_len: adds segment_ids (0 = padding, 1..k).
+
+        A sample longer than seq_len is an error (encode with a smaller text budget).
+        """
+        rows: list[list[Encoded]] = [[]]
+        used = 0
+        for s in samples:
+            if len(s) > seq_len:
+                raise ValueError(f"sample of {len(s)} tokens does not fit seq_len {seq_len}")
+            if used + len(s) > seq_len:
+                rows.append([])
+                used = 0
+            rows[-1].append(s)
+            used += len(s)
+        B = len(rows)
+        ids = torch.full((B, seq_len), self.pad_id, dtype=torch.long)
+        labels = torch.full((B, seq_len), IGNORE_INDEX, dtype=torch.long)
+        seg = torch.zeros((B, seq_len), dtype=torch.long)
+        for r, row in enumerate(rows):
+            pos = 0
+            for k, s in enumerate(row, start=1):
+                ids[r, pos : pos + len(s)] = torch.tensor(s.input_ids)
+                labels[r, pos : pos + len(s)] = torch.tensor(s.labels)
+                seg[r, pos : pos + len(s)] = k
+                pos += len(s)
+        ordered = [s for row in rows for s in row]
+        return {"input_ids": ids, "labels": labels, "segment_ids": seg, **self._images_batch(ordered)}
+
+    def decode(self, ids, skip_special_tokens: bool = True) -> str:
+        return self.tokenizer.decode(ids, skip_special_tokens=skip_special_tokens)
+
+    # --- save / load -------------------------------------------------------------------------
+    def save_pretrained(self, directory: str | Path) -> None:
+        """Tokenizer files + processor_config.json (the model config lives in config.json)."""
+        d = Path(directory)
+        d.mkdir(parents=True, exist_ok=True)
+        self.tokenizer.save_pretrained(str(d))
+        (d / PROCESSOR_FILE).write_text(json.dumps({"anyres": self.anyres, "max_text_tokens": self.max_text_tokens}, indent=2))
+
+    @classmethod
+    def from_pretrained(cls, directory: str | Path, config: ModelConfig | None = None) -> "XGenMMProcessor":
+        from transformers import AutoTokenizer
+
+        from core.errors import MissingWeightsError
+
+        d = Path(directory)
+        if not (d / PROCESSOR_FILE).is_file():
+            raise MissingWeightsError(f"no {PROCESSOR_FILE} in {d}", field="model dir")
+        if config is None:
+            from .xgenmm import CONFIG_FILE
+
+            config = ModelConfig.from_dict(json.loads((d / CONFIG_FILE).read_text()))
+        opts = json.loads((d / PROCESSOR_FILE).read_text())
+        tok = AutoTokenizer.from_pretrained(str(d), local_files_only=True)
+        return cls(tok, config, anyres=opts["anyres"], max_text_tokens=opts["max_text_tokens"])

@@ -1,0 +1,227 @@
+"""xGen-MM: frozen ViT -> Perceiver Resampler -> image tokens spliced into Phi-3's input embeddings.
+
+Data flow for one batch (shapes in comments):
+  pixel_values (N_img, C_max, 3, S, S) + image_sizes (N_img, 2) -> the present crops (sum_crops, 3, S, S)
+  -> ViT patch tokens (sum_crops, P, Dv), frozen, no grad -> resampler with per-crop key masks
+  -> (sum_crops, L, D) -> flattened in order, written over the `<image placeholder>` positions of
+  the token embeddings (row-major over the batch: the k-th image of the batch fills the k-th run).
+`input_ids` arrive already expanded (one placeholder id per image token), so logits align
+one-to-one with input_ids and labels. `segment_ids` packs several samples in one row:
+block-diagonal causal attention and positions restarting at each segment.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .anyres import crop_patch_masks, plan_crops
+from .config import ModelConfig
+from .resampler import PerceiverResampler
+from .vision import build_vision_encoder, patch_tokens
+
+CONFIG_FILE = "config.json"
+WEIGHTS_FILE = "model.safetensors"
+IGNORE_INDEX = -100
+
+
+def build_lang_model(config: ModelConfig, attn_implementation: str = "sdpa") -> nn.Module:
+    """A randomly initialised `Phi3ForCausalLM` from `config.lang_model` (Phi3Config kwargs)."""
+    from transformers import Phi3Config, Phi3ForCausalLM
+
+    cfg = Phi3Config(**config.lang_model)
+    cfg._attn_implementation = attn_implementation
+    return Phi3ForCausalLM(cfg)
+
+
+def packing_mask(segment_ids: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """segment_ids (B, T) -> additive 4D mask (B, 1, T, T) and position ids (B, T).
+
+    A token sees earlier tokens of its own segment only; segment 0 (padding) sees itself only, so
+    no row is fully masked. Positions restart at 0 where the segment id changes.
+    """
+    B, T = segment_ids.shape
+    dev = segment_ids.device
+    same = segment_ids[:, :, None] == segment_ids[:, None, :]  # (B, T, T)
+    causal = torch.ones(T, T, dtype=torch.bool, device=dev).tril()
+    real = (segment_ids > 0)[:, :, None]
+    keep = (same & causal & real) | torch.eye(T, dtype=torch.bool, device=dev)
+    mask = torch.zeros(B, 1, T, T, dtype=dtype, device=dev).masked_fill(~keep[:, None], torch.finfo(dtype).min)
+    idx = torch.arange(T, device=dev).expand(B, T)
+    starts = torch.ones_like(segment_ids, dtype=torch.bool)
+    starts[:, 1:] = segment_ids[:, 1:] != segment_ids[:, :-1]
+    first = torch.where(starts, idx, torch.zeros_like(idx)).cummax(dim=1).values
+    return mask, idx - first
+
+
+class XGenMM(nn.Module):
+    """Submodules: `vision_encoder` (open_clip visual, frozen), `vision_tokenizer` (resampler),
+    `lang_model` (`Phi3ForCausalLM`). LoRA on the LLM alone:
+    `lang_model.*(qkv_proj|o_proj|gate_up_proj|down_proj)` matches nothing else."""
+
+    def __init__(
+        self,
+        config: ModelConfig,
+        *,
+        vision_checkpoint: str | None = None,
+        vision_encoder: nn.Module | None = None,
+        lang_model: nn.Module | None = None,
+    ):
+        """Random weights unless built parts are passed in (see `model.weights.build_pretrained`)."""
+        super().__init__()
+        self.config = config
+        self.vision_encoder = vision_encoder if vision_encoder is not None else build_vision_encoder(config, vision_checkpoint)
+        self.vision_encoder.requires_grad_(False)
+        self.vision_encoder.eval()
+        self.vision_tokenizer = PerceiverResampler(
+            dim=config.vision_width,
+            dim_inner=config.hidden_size,
+            depth=config.resampler_depth,
+            dim_head=config.resampler_dim_head,
+            heads=config.resampler_heads,
+            num_latents=config.num_latents,
+            ff_mult=config.resampler_ff_mult,
+        )
+        self.lang_model = lang_model if lang_model is not None else build_lang_model(config)
+
+    # --- modes -------------------------------------------------------------------------------
+    def train(self, mode: bool = True) -> "XGenMM":
+        """The ViT stays in eval mode (frozen in every stage)."""
+        super().train(mode)
+        self.vision_encoder.eval()
+        return self
+
+    @property
+    def device(self) -> torch.device:
+        return self.lang_model.lm_head.weight.device
+
+    # --- images ------------------------------------------------------------------------------
+    def crop_layout(self, image_sizes: torch.Tensor | None, n_images: int) -> tuple[list[int], torch.Tensor | None]:
+        """Crops per image and the (sum_crops, P) key masks; (all ones, None) without any-res."""
+        if image_sizes is None:
+            return [1] * n_images, None
+        counts, masks = [], []
+        for w, h in image_sizes.tolist():
+            plan = plan_crops((w, h), self.config.anyres_grids, self.config.image_size)
+            counts.append(plan.n_crops)
+            masks.append(crop_patch_masks(plan, self.config.patch_size))
+        return counts, torch.cat(masks)
+
+    def encode_images(self, pixel_values: torch.Tensor, image_sizes: torch.Tensor | None = None) -> torch.Tensor:
+        """(N_img, C_max, 3, S, S) -> (sum_crops * num_latents, hidden) image tokens, in order."""
+        if pixel_values.dim() == 4:  # (N_img, 3, S, S): one crop per image
+            pixel_values = pixel_values[:, None]
+        counts, mask = self.crop_layout(image_sizes, pixel_values.shape[0])
+        if max(counts) > pixel_values.shape[1]:
+            raise ValueError(f"image_sizes need {max(counts)} crops but pixel_values has {pixel_values.shape[1]}")
+        crops = torch.cat([pixel_values[i, :n] for i, n in enumerate(counts)])  # (sum_crops, 3, S, S)
+        vit_dtype = next(self.vision_encoder.parameters()).dtype
+        with torch.no_grad():
+            feats = patch_tokens(self.vision_encoder, crops.to(self.device, vit_dtype))  # (sum_crops, P, Dv)
+        if mask is not None:
+            mask = mask.to(feats.device)
+            if bool(mask.all()):
+                mask = None
+        dtype = self.vision_tokenizer.projection.weight.dtype
+        tokens = self.vision_tokenizer(feats.to(dtype), mask)  # (sum_crops, L, D)
+        return tokens.flatten(0, 1)
+
+    def embed(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None = None, image_sizes: torch.Tensor | None = None) -> torch.Tensor:
+        """Token embeddings (B, T, D) with each placeholder position replaced by its image token."""
+        embeds = self.lang_model.get_input_embeddings()(input_ids)
+        slots = input_ids == self.config.image_placeholder_id  # (B, T)
+        n_slots = int(slots.sum())
+        if pixel_values is None or pixel_values.numel() == 0:
+            if n_slots:
+                raise ValueError(f"input_ids hold {n_slots} image placeholder tokens but no pixel_values were given")
+            return embeds
+        images = self.encode_images(pixel_values, image_sizes)
+        if images.shape[0] != n_slots:
+            raise ValueError(
+                f"input_ids hold {n_slots} image placeholder tokens but the images give {images.shape[0]} "
+                "(a sample cut inside an image, or image_sizes that do not match the processor's)"
+            )
+        return embeds.masked_scatter(slots.unsqueeze(-1), images.to(embeds.dtype))
+
+    # --- forward / generate ------------------------------------------------------------------
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+        pixel_values: torch.Tensor | None = None,
+        image_sizes: torch.Tensor | None = None,
+        segment_ids: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+        **lm_kwargs,
+    ):
+        """Returns transformers' `CausalLMOutputWithPast` (.loss when labels are given, .logits (B, T, V)).
+
+        labels: -100 is ignored; placeholder positions, padding (segment 0) and the first token
+        of each packed segment are forced to -100 so no loss crosses an image or a sample boundary.
+        image_sizes: (N_img, 2) original (width, height) -> any-res crops; None = one crop per image.
+        """
+        embeds = self.embed(input_ids, pixel_values, image_sizes)
+        if labels is not None:
+            labels = labels.masked_fill(input_ids == self.config.image_placeholder_id, IGNORE_INDEX)
+        if segment_ids is not None:
+            if attention_mask is not None:
+                segment_ids = segment_ids * attention_mask.to(segment_ids.dtype)
+            attention_mask, position_ids = packing_mask(segment_ids, embeds.dtype)
+            if labels is not None:
+                starts = torch.ones_like(segment_ids, dtype=torch.bool)
+                starts[:, 1:] = segment_ids[:, 1:] != segment_ids[:, :-1]
+                labels = labels.masked_fill(starts | (segment_ids == 0), IGNORE_INDEX)
+        return self.lang_model(
+            inputs_embeds=embeds, attention_mask=attention_mask, position_ids=position_ids, labels=labels, **lm_kwargs
+        )
+
+    @torch.no_grad()
+    def generate(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        pixel_values: torch.Tensor | None = None,
+        image_sizes: torch.Tensor | None = None,
+        **generate_kwargs,
+    ) -> torch.Tensor:
+        """New token ids only (B, T_new); generate_kwargs go to `Phi3ForCausalLM.generate`."""
+        embeds = self.embed(input_ids, pixel_values, image_sizes)
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        return self.lang_model.generate(inputs_embeds=embeds, attention_mask=attention_mask, **generate_kwargs)
+
+    # --- save / load -------------------------------------------------------------------------
+    def save_pretrained(self, directory: str | Path) -> None:
+        """config.json + model.safetensors (every weight, the frozen ViT included)."""
+        from safetensors.torch import save_model
+
+        d = Path(directory)
+        d.mkdir(parents=True, exist_ok=True)
+        (d / CONFIG_FILE).write_text(json.dumps(self.config.to_dict(), indent=2))
+        save_model(self, str(d / WEIGHTS_FILE))
+
+    @classmethod
+    def from_pretrained(cls, directory: str | Path, *, device: str | torch.device = "cpu") -> "XGenMM":
+        """Load a directory written by `save_pretrained` (no random init of the big weights)."""
+        from accelerate import init_empty_weights
+        from safetensors.torch import load_file
+
+        from core.errors import MissingWeightsError
+
+        d = Path(directory)
+        if not (d / CONFIG_FILE).is_file() or not (d / WEIGHTS_FILE).is_file():
+            raise MissingWeightsError(f"no {CONFIG_FILE} + {WEIGHTS_FILE} in {d}", field="model dir")
+        config = ModelConfig.from_dict(json.loads((d / CONFIG_FILE).read_text()))
+        with init_empty_weights(include_buffers=False):
+            model = cls(config)
+        state = load_file(str(d / WEIGHTS_FILE), device=str(device))
+        model.load_state_dict(state, strict=True, assign=True)
+        model.vision_encoder.requires_grad_(False)
+        return model.to(device)
+
+    def num_params(self, trainable_only: bool = False) -> int:
+        return sum(p.numel() for p in self.parameters() if p.requires_grad or not trainable_only)
