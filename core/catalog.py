@@ -89,7 +89,10 @@ SCHEMA = [
         available_tokens BIGINT,
         target_samples BIGINT,
         target_tokens BIGINT,
-        epochs DOUBLE
+        epochs DOUBLE,
+        sample_weight DOUBLE,   -- share of samples the loader draws (= weight unless weight_by tokens)
+        n_shards INTEGER,
+        tokenizer VARCHAR       -- how tokens were counted (`estimate:...` or `hf:NAME`)
     )""",
     """CREATE TABLE IF NOT EXISTS runs (
         run_id VARCHAR PRIMARY KEY,

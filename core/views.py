@@ -34,6 +34,82 @@ VIEWS: dict[str, str] = {
         FROM samples WHERE status <> 'success'
         GROUP BY ALL ORDER BY source, n DESC
     """,
+    # Failure reasons with their share of all input samples of the source.
+    "v_failure_share": """
+        WITH totals AS (SELECT source, count(*) AS inputs FROM samples GROUP BY source)
+        SELECT f.source, f.reason, f.n, t.inputs, round(f.n / t.inputs, 4) AS share
+        FROM v_failures f JOIN totals t USING (source)
+        ORDER BY f.source, f.n DESC
+    """,
+    # Tokens and samples per source, and how the tokens were counted (tokenizer or estimate).
+    "v_source_tokens": """
+        SELECT name AS source, kind, n_shards AS shards, n_samples AS samples, n_tokens AS tokens,
+               round(n_tokens / nullif(n_samples, 0), 1)          AS tokens_per_sample,
+               json_extract_string(meta, '$.tokenizer')             AS tokenizer,
+               json_extract_string(meta, '$.token_count')           AS token_count
+        FROM sources ORDER BY name
+    """,
+    # OCR / grounding coverage per source: share of good samples with text / objects, and density.
+    "v_coverage": """
+        SELECT source,
+               count(*)                                                   AS samples,
+               round(avg(CASE WHEN n_ocr > 0 THEN 1.0 ELSE 0.0 END), 4)     AS text_share,
+               round(avg(CASE WHEN n_objects > 0 THEN 1.0 ELSE 0.0 END), 4) AS object_share,
+               round(avg(coalesce(n_ocr, 0)), 3)                          AS ocr_per_image,
+               round(avg(coalesce(n_objects, 0)), 3)                      AS objects_per_image,
+               round(avg(mean_confidence), 4)                             AS mean_confidence
+        FROM samples WHERE status = 'success'
+        GROUP BY source ORDER BY source
+    """,
+    # Caption length distribution: 32-character buckets up to 512, then one open bucket.
+    "v_caption_lengths": """
+        WITH b AS (
+            SELECT source, least(caption_length // 32, 16) * 32 AS lo
+            FROM samples WHERE status = 'success' AND caption_length IS NOT NULL
+        )
+        SELECT source, lo AS chars_from, CASE WHEN lo = 512 THEN NULL ELSE lo + 31 END AS chars_to,
+               count(*) AS n, round(count(*) / sum(count(*)) OVER (PARTITION BY source), 4) AS share
+        FROM b GROUP BY source, lo ORDER BY source, lo
+    """,
+    "v_caption_length_quantiles": """
+        SELECT source, count(*) AS n,
+               min(caption_length) AS min, quantile_disc(caption_length, 0.1) AS p10,
+               quantile_disc(caption_length, 0.5) AS p50, quantile_disc(caption_length, 0.9) AS p90,
+               max(caption_length) AS max, round(avg(caption_length), 1) AS mean
+        FROM samples WHERE status = 'success' AND caption_length IS NOT NULL
+        GROUP BY source ORDER BY source
+    """,
+    # Each mixture's plan per source: target vs realised weight, effective epochs, tokens.
+    # realised_weight is the planned share in the unit the mixture is weighted by (samples or tokens).
+    "v_mixture_sources": """
+        SELECT ms.mixture, ms.source, ms.kind,
+               round(ms.weight, 6)                                                       AS target_weight,
+               round(CASE WHEN m.weight_by = 'tokens'
+                          THEN ms.target_tokens / sum(ms.target_tokens) OVER (PARTITION BY ms.mixture)
+                          ELSE ms.target_samples / sum(ms.target_samples) OVER (PARTITION BY ms.mixture)
+                     END, 6)                                                              AS realised_weight,
+               round(ms.target_samples / sum(ms.target_samples) OVER (PARTITION BY ms.mixture), 6) AS sample_share,
+               round(ms.target_tokens / sum(ms.target_tokens) OVER (PARTITION BY ms.mixture), 6)   AS token_share,
+               ms.available_samples, ms.target_samples AS planned_samples,
+               ms.available_tokens, ms.target_tokens AS planned_tokens,
+               round(ms.epochs, 4)                                                       AS epochs,
+               ms.n_shards, ms.tokenizer
+        FROM mixture_sources ms JOIN mixtures m ON m.name = ms.mixture
+        ORDER BY ms.mixture, ms.weight DESC, ms.source
+    """,
+    "v_mixture_weights": """
+        SELECT mixture, source, target_weight, realised_weight,
+               round(realised_weight - target_weight, 6) AS weight_error, epochs
+        FROM v_mixture_sources
+    """,
+    # One line per mixture: totals and the largest number of epochs any source is repeated.
+    "v_mixture_summary": """
+        SELECT m.name AS mixture, m.weight_by, m.seed, count(ms.source) AS sources,
+               sum(ms.target_samples) AS samples, sum(ms.target_tokens) AS tokens,
+               round(max(ms.epochs), 4) AS max_epochs, m.manifest_path, m.created_at
+        FROM mixtures m LEFT JOIN mixture_sources ms ON ms.mixture = m.name
+        GROUP BY ALL ORDER BY m.name
+    """,
 }
 
 

@@ -1,9 +1,184 @@
-"""CLI commands of `mixture`."""
+"""CLI of `mixture`: `blip3 source ...` (register and import sources), `blip3 mix ...` (build,
+sample, stats, plot) and `blip3 audit` (contact sheet and histograms of caption shards).
+
+Heavy imports (torch through the loader, matplotlib) stay inside the commands.
+"""
 
 from __future__ import annotations
 
+from pathlib import Path
+from typing import Optional
+
 import typer
+
+DbOption = typer.Option(None, "--db", help="Catalog file (default: $BLIP3_DB or ./catalog.duckdb).")
+TokenizerOption = typer.Option(
+    None, "--tokenizer",
+    help="Hugging Face tokenizer folder for token counts (default: $BLIP3_TOKENIZER, else an estimate "
+         "of UTF-8 bytes / 4, labelled `estimate:utf8-bytes/4` in the catalog).",
+)
+CropsOption = typer.Option(1, "--crops-per-image", min=1, help="Crops each image costs (x 128 vision tokens).")
+
+source_app = typer.Typer(help="Register sources (caption, interleaved, sft, dpo shards) in the catalog.",
+                         no_args_is_help=True)
+mix_app = typer.Typer(help="Weighted interleaved mixtures: build manifests, sample, stats, plots.",
+                      no_args_is_help=True)
+
+
+@source_app.command("add")
+def source_add(
+    name: str = typer.Argument(..., help="Source name used in mixture specs."),
+    path: str = typer.Argument(..., help="Folder of .tar shards (ours or any WebDataset), a glob or a brace pattern."),
+    kind: str = typer.Option("caption", "--kind", help="caption | interleaved | sft | dpo"),
+    tokenizer: Optional[Path] = TokenizerOption,
+    crops_per_image: int = CropsOption,
+    db: Optional[Path] = DbOption,
+) -> None:
+    """Register a source with its shards, checksums, sample and token counts (idempotent)."""
+    from core.catalog import Catalog
+    from core.logs import console
+    from mixture.sources import add_source
+    from mixture.tokens import TokenCounter
+
+    counter = TokenCounter(tokenizer, crops_per_image=crops_per_image)
+    with Catalog(db) as cat:
+        r = add_source(cat, name, path, kind, counter)
+    console.print(f"[green]{r.name}[/] ({r.kind}): {r.shards} shard(s), {r.samples} samples, {r.tokens} tokens "
+                  f"\\[{r.tokenizer}], {r.added} shard(s) newly added")
+
+
+@source_app.command("import-obelics")
+def source_import_obelics(
+    parquet: Path = typer.Argument(..., help="OBELICS-shaped parquet (columns texts, images)."),
+    output: Path = typer.Argument(..., help="Output folder for interleaved shards."),
+    shard_size: int = typer.Option(1000, "--shard-size", min=1, help="Documents per shard."),
+    image_root: Optional[Path] = typer.Option(None, "--image-root", help="Folder relative image paths start from "
+                                              "(default: the parquet's folder)."),
+    source: Optional[str] = typer.Option(None, "--source", help="Also register the output as this source."),
+    tokenizer: Optional[Path] = TokenizerOption,
+    db: Optional[Path] = DbOption,
+) -> None:
+    """Import OBELICS/MINT-1T-shaped parquet (images by path or embedded bytes) as interleaved shards."""
+    from core.logs import console
+    from mixture.obelics import import_obelics
+
+    r = import_obelics(parquet, output, shard_size=shard_size, image_root=image_root)
+    console.print(f"{r.documents} document(s) written in {r.shards} shard(s), {r.failed} failed "
+                  f"({', '.join(f'{k}: {v}' for k, v in r.reasons.items()) or 'none'})")
+    if source:
+        source_add(source, str(output), "interleaved", tokenizer, 1, db)
+
+
+@source_app.command("tiny")
+def source_tiny(
+    output: Path = typer.Argument(..., help="Folder to write the tiny sources into."),
+    shards: int = typer.Option(2, "--shards", min=1),
+    per_shard: int = typer.Option(24, "--per-shard", min=1),
+    seed: int = typer.Option(0, "--seed"),
+) -> None:
+    """Write tiny sources of every kind (the data of manifests/tiny-mix.yaml)."""
+    from core.logs import console
+    from mixture.tiny_sources import write_tiny_sources
+
+    for name, folder in write_tiny_sources(output, shards=shards, per_shard=per_shard, seed=seed).items():
+        console.print(f"{name}: {folder}")
+
+
+@mix_app.command("build")
+def mix_build(
+    spec: Path = typer.Argument(..., help="Mixture spec YAML (formats.md)."),
+    out: Path = typer.Option(..., "--out", "-o", help="Manifest to write, e.g. manifests/NAME.yaml."),
+    tokenizer: Optional[Path] = TokenizerOption,
+    crops_per_image: int = CropsOption,
+    db: Optional[Path] = DbOption,
+) -> None:
+    """Resolve a spec into the manifest the trainer reads, and record it in the catalog."""
+    from core.catalog import resolve_db
+    from core.logs import console
+    from mixture.build import build_manifest
+
+    m = build_manifest(spec, db=resolve_db(db), out=out, tokenizer=tokenizer, crops_per_image=crops_per_image)
+    console.print(f"[green]{m.name}[/]: {len(m.sources)} sources, {m.target['samples']} samples, "
+                  f"{m.target['tokens']} tokens \\[{m.tokenizer}] -> {out}")
+    for s in m.sources:
+        console.print(f"  {s.name:<24} {s.kind:<12} weight {s.weight:.4f}  samples {s.target_samples:>10} "
+                      f"of {s.samples:<10} epochs {s.epochs:.3f}")
+
+
+@mix_app.command("sample")
+def mix_sample(
+    manifest: Path = typer.Argument(..., help="A built manifest."),
+    n: int = typer.Option(20, "-n", min=1, help="How many samples."),
+    seed: Optional[int] = typer.Option(None, "--seed", help="Override the manifest's seed."),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Write JSON lines here (default: stdout)."),
+    rank: int = typer.Option(0, "--rank"),
+    world_size: int = typer.Option(1, "--world-size", min=1),
+    shuffle_buffer: int = typer.Option(1000, "--shuffle-buffer", min=1),
+) -> None:
+    """The first N samples in loader order, one JSON line each (source, key, kind, epoch, caption, images)."""
+    import json
+    import sys
+
+    from mixture.loader import MixtureLoader
+
+    loader = MixtureLoader(manifest, seed=seed, rank=rank, world_size=world_size, shuffle_buffer=shuffle_buffer)
+    sink = open(out, "w") if out else sys.stdout
+    try:
+        for i, s in enumerate(loader.take(n)):
+            line = {"index": i, "source": s["source"], "kind": s["kind"], "key": s["key"], "epoch": s["epoch"],
+                    "shard": s["shard"], "txt": s["txt"], "images": sorted(s["images"])}
+            sink.write(json.dumps(line, ensure_ascii=False) + "\n")
+    finally:
+        if out:
+            sink.close()
+
+
+@mix_app.command("stats")
+def mix_stats(
+    name: str = typer.Argument(..., help="Mixture name (as built by `mix build`)."),
+    fmt: str = typer.Option("table", "--format", "-f", help="table | csv | json"),
+    db: Optional[Path] = DbOption,
+) -> None:
+    """Per-source weights (target vs realised), tokens, epochs, coverage, caption lengths, failures."""
+    from core.tables import write_result
+    from mixture.stats import mixture_stats
+
+    for title, table in mixture_stats(name, db).items():
+        if fmt != "table":
+            print(f"# {title}")
+        write_result(table, fmt=fmt, title=title)
+
+
+@mix_app.command("plot")
+def mix_plot(
+    name: str = typer.Argument(..., help="Mixture name."),
+    out: Path = typer.Option(..., "--out", "-o", help="PNG file."),
+    db: Optional[Path] = DbOption,
+) -> None:
+    """Composition (target vs realised shares) and token budget per source, as one PNG."""
+    from core.logs import console
+    from mixture.plots import plot_mixture
+
+    plot_mixture(name, out, db=db)
+    console.print(f"wrote {out}")
+
+
+def audit(
+    shards: str = typer.Argument(..., help="Caption shards: a folder, a .tar, a glob or a brace pattern."),
+    out: Path = typer.Option(..., "--out", "-o", help="Output folder (index.html, images/, *.png)."),
+    n: int = typer.Option(48, "-n", min=1, help="Images on the contact sheet."),
+    seed: int = typer.Option(0, "--seed"),
+) -> None:
+    """HTML contact sheet of sampled images with OCR and object boxes and captions, plus histograms."""
+    from core.logs import console
+    from mixture.audit import write_audit
+
+    r = write_audit(shards, out, n=n, seed=seed)
+    console.print(f"{r.shown} of {r.scanned} samples on {r.html}; histograms: {', '.join(p.name for p in r.plots)}")
 
 
 def register(app: typer.Typer) -> None:
-    """Add this package's commands to the `blip3` app."""
+    """Add `source`, `mix` and `audit` to the `blip3` app."""
+    app.add_typer(source_app, name="source")
+    app.add_typer(mix_app, name="mix")
+    app.command("audit")(audit)

@@ -1,0 +1,323 @@
+"""`blip3 mix build`: resolve a mixture spec (what a user writes) into a manifest (what the
+trainer reads), and record it in the catalog.
+
+Spec (formats.md): `name`, `seed` (default 0), optional `target` (`{samples: N}` or
+`{tokens: N}`), optional `weight_by` (`samples` | `tokens`, default samples) and `sources`, each
+`{name, weight}` for a source registered with `blip3 source add`, or `{name, path, kind, weight}`
+for one given inline (works without a catalog). Paths may use `${VAR}` / `${VAR:-default}` and
+are relative to the spec's folder.
+
+The plan, and why:
+- Weights are relative (normalised to sum 1), each must be > 0.
+- The loader interleaves by samples. With `weight_by: tokens` a source's sampling weight is its
+  token weight divided by its mean tokens per sample (normalised), so its share of *tokens*
+  matches the spec.
+- Default target: one pass over the source with the largest weight (the spec's definition).
+  A token target is turned into samples through the mean tokens per sample of the mix.
+- Planned samples per source are the weights times the target, apportioned by largest remainder
+  so they sum to the target exactly; epochs = planned / available, realised tokens = planned x
+  mean tokens per sample.
+- Every shard is checked against its catalogued sha256 (or hashed, inline) before the manifest
+  is written: a shard that moved or changed is one clear error naming the field and the file.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from core.errors import UserError
+from core.shards import file_sha256
+from mixture.manifest import KINDS, WEIGHT_BY, Manifest, ManifestSource, ShardRef, write_manifest
+from mixture.tokens import TokenCounter
+
+_VAR = re.compile(r"\$\{(\w+)(?::-([^}]*))?\}")
+
+
+def expand_path(text: str, *, field: str, file: str | None) -> str:
+    """`${VAR}` and `${VAR:-default}` from the environment; an unset VAR without default is an error."""
+
+    def sub(m: re.Match) -> str:
+        val = os.environ.get(m.group(1))
+        if val:
+            return val
+        if m.group(2) is not None:
+            return m.group(2)
+        raise UserError(f"environment variable {m.group(1)} is not set", field=field, file=file)
+
+    return _VAR.sub(sub, text)
+
+
+def load_spec(spec: dict | str | Path) -> tuple[dict[str, Any], str | None, Path]:
+    """(parsed spec, its file or None, folder relative paths resolve against)."""
+    if isinstance(spec, dict):
+        return spec, None, Path.cwd()
+    path = Path(spec)
+    if not path.is_file():
+        raise UserError("spec not found", file=path)
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        raise UserError(f"not valid YAML: {' '.join(str(e).split())}", file=path) from None
+    return data, str(path), path.resolve().parent
+
+
+def validate_spec(data: Any, file: str | None = None) -> dict[str, Any]:
+    """Check a spec's shape (no I/O); returns it with defaults filled in."""
+    def err(msg: str, field: str) -> UserError:
+        return UserError(msg, field=field, file=file)
+
+    if not isinstance(data, dict):
+        raise err("a mixture spec is a mapping with name, seed and sources", "spec")
+    if "manifest_version" in data:
+        raise err("this is a built manifest, not a spec; pass it to the loader or `mix sample`", "manifest_version")
+    unknown = set(data) - {"name", "seed", "target", "weight_by", "sources", "description"}
+    if unknown:
+        raise err(f"unknown field(s) {', '.join(sorted(unknown))}", sorted(unknown)[0])
+    name = data.get("name")
+    if not isinstance(name, str) or not re.fullmatch(r"[A-Za-z0-9_.-]+", name or ""):
+        raise err(f"must be a name of letters, digits, '.', '_' or '-', got {name!r}", "name")
+    seed = data.get("seed", 0)
+    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+        raise err(f"must be an integer >= 0, got {seed!r}", "seed")
+    weight_by = data.get("weight_by", "samples")
+    if weight_by not in WEIGHT_BY:
+        raise err(f"must be one of {', '.join(WEIGHT_BY)}, got {weight_by!r}", "weight_by")
+    target = data.get("target")
+    if target is not None:
+        if not isinstance(target, dict) or len(target) != 1 or next(iter(target)) not in ("samples", "tokens"):
+            raise err("must be {samples: N} or {tokens: N}", "target")
+        (unit, n), = target.items()
+        if isinstance(n, float) and n.is_integer():
+            n = int(n)
+        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+            raise err(f"must be an integer >= 1, got {n!r}", f"target.{unit}")
+        target = {unit: n}
+    sources = data.get("sources")
+    if not isinstance(sources, list) or not sources:
+        raise err("must be a non-empty list of {name, weight}", "sources")
+    seen: set[str] = set()
+    out_sources = []
+    for i, s in enumerate(sources):
+        f = f"sources[{i}]"
+        if not isinstance(s, dict):
+            raise err("must be a mapping {name, weight} or {name, path, kind, weight}", f)
+        extra = set(s) - {"name", "weight", "path", "kind"}
+        if extra:
+            raise err(f"unknown field(s) {', '.join(sorted(extra))}", f"{f}.{sorted(extra)[0]}")
+        sname = s.get("name")
+        if not isinstance(sname, str) or not sname:
+            raise err(f"must be a non-empty string, got {sname!r}", f"{f}.name")
+        if sname in seen:
+            raise err(f"duplicate source {sname!r}", f"{f}.name")
+        seen.add(sname)
+        w = s.get("weight")
+        if isinstance(w, bool) or not isinstance(w, (int, float)) or not math.isfinite(w) or w <= 0:
+            raise err(f"must be a number > 0, got {w!r}", f"{f}.weight")
+        if "path" in s:
+            if not isinstance(s["path"], str) or not s["path"]:
+                raise err("must be a path, glob or brace pattern of .tar shards", f"{f}.path")
+            if s.get("kind") not in KINDS:
+                raise err(f"an inline source needs kind, one of {', '.join(KINDS)}; got {s.get('kind')!r}", f"{f}.kind")
+        elif "kind" in s:
+            raise err("kind is only given with path (a catalogued source has its kind)", f"{f}.kind")
+        out_sources.append(dict(s, weight=float(w)))
+    return {"name": name, "seed": seed, "weight_by": weight_by, "target": target, "sources": out_sources}
+
+
+def build_manifest(
+    spec: dict | str | Path,
+    *,
+    db: str | Path | None = None,
+    out: str | Path | None = None,
+    tokenizer: str | Path | None = None,
+    crops_per_image: int = 1,
+    record: bool | None = None,
+) -> Manifest:
+    """Resolve `spec` into a manifest; write it to `out`; record it in the catalog.
+
+    The catalog (`db`, else $BLIP3_DB / ./catalog.duckdb) is opened when `db` is given or a
+    source is named without a path; the mixture is recorded there unless `record=False`.
+    """
+    data, file, base = load_spec(spec)
+    spec_d = validate_spec(data, file)
+    counter = TokenCounter(tokenizer, crops_per_image=crops_per_image)
+    needs_catalog = db is not None or any("path" not in s for s in spec_d["sources"])
+    cat = None
+    if needs_catalog:
+        from core.catalog import Catalog, resolve_db
+
+        if db is None and not resolve_db(None).exists():
+            missing = next(i for i, s in enumerate(spec_d["sources"]) if "path" not in s)
+            raise UserError(
+                f"source {spec_d['sources'][missing]['name']!r} has no path and there is no catalog "
+                f"({resolve_db(None)}); register it with `blip3 source add` or give path and kind",
+                field=f"sources[{missing}].name", file=file,
+            )
+        cat = Catalog(db)
+    try:
+        resolved = []
+        for i, s in enumerate(spec_d["sources"]):
+            if "path" in s:
+                resolved.append(_inline_source(s, i, counter, base, file))
+            else:
+                resolved.append(_catalog_source(cat, s, i, counter, file))
+        manifest = _plan(spec_d, resolved, counter)
+        if out is not None:
+            write_manifest(manifest, out)
+            manifest.path = str(out)
+        if cat is not None and record is not False:
+            record_mixture(cat, manifest, spec_d)
+    finally:
+        if cat is not None:
+            cat.close()
+    return manifest
+
+
+def _inline_source(s: dict, i: int, counter: TokenCounter, base: Path, file: str | None) -> ManifestSource:
+    from mixture.sources import resolve_shards, scan_shard
+
+    field = f"sources[{i}].path"
+    try:
+        tars = resolve_shards(expand_path(s["path"], field=field, file=file), base)
+    except UserError as e:
+        raise UserError(f"source {s['name']!r}: {e}", field=field, file=file) from None
+    shards = []
+    for tar in tars:
+        scan = scan_shard(tar, s["kind"], counter)
+        if scan.samples:
+            shards.append(ShardRef(scan.path, scan.sha256, scan.bytes, scan.samples, scan.tokens))
+    return _source(s, s["kind"], shards, i, file)
+
+
+def _catalog_source(cat, s: dict, i: int, counter: TokenCounter, file: str | None) -> ManifestSource:
+    field = f"sources[{i}].name"
+    row = cat.con.execute("SELECT kind, meta FROM sources WHERE name = ?", [s["name"]]).fetchone()
+    if row is None:
+        known = [r[0] for r in cat.con.execute("SELECT name FROM sources ORDER BY name").fetchall()]
+        raise UserError(
+            f"unknown source {s['name']!r} (catalog {cat.path} has: {', '.join(known) or 'none'}); "
+            f"register it with `blip3 source add` or give path and kind",
+            field=field, file=file,
+        )
+    kind, meta = row[0], json.loads(row[1] or "{}")
+    if meta.get("tokenizer") not in (None, counter.label):
+        raise UserError(
+            f"source {s['name']!r} was counted with tokenizer {meta['tokenizer']}, this build uses {counter.label}; "
+            f"re-add it with the same --tokenizer",
+            field=field, file=file,
+        )
+    rows = cat.con.execute(
+        "SELECT path, sha256, tar_bytes, n_success, n_tokens, status FROM shards WHERE source = ? ORDER BY path",
+        [s["name"]],
+    ).fetchall()
+    shards = []
+    for path, sha, size, n, tokens, status in rows:
+        p = Path(path)
+        if status != "ok":
+            raise UserError(f"source {s['name']!r}: shard {path} changed since it was catalogued (status {status})",
+                            field=field, file=file)
+        if not p.is_file():
+            raise UserError(f"source {s['name']!r}: shard {path} is missing (moved or deleted)", field=field, file=file)
+        if p.stat().st_size != size or file_sha256(p) != sha:
+            raise UserError(f"source {s['name']!r}: shard {path} changed on disk (sha256 differs from the catalog)",
+                            field=field, file=file)
+        if tokens is None:
+            from mixture.sources import scan_shard
+
+            tokens = scan_shard(p, kind, counter).tokens
+        if n:
+            shards.append(ShardRef(str(p), sha, int(size), int(n), int(tokens)))
+    return _source(s, kind, shards, i, file)
+
+
+def _source(s: dict, kind: str, shards: list[ShardRef], i: int, file: str | None) -> ManifestSource:
+    samples = sum(sh.samples for sh in shards)
+    if not samples:
+        raise UserError(f"source {s['name']!r} has no samples", field=f"sources[{i}]", file=file)
+    return ManifestSource(name=s["name"], kind=kind, weight=s["weight"], shards=shards, samples=samples,
+                          tokens=sum(sh.tokens or 0 for sh in shards), epochs=0.0)
+
+
+def apportion(total: int, weights: list[float]) -> list[int]:
+    """Integers proportional to `weights` summing to `total` (largest remainder)."""
+    raw = [w * total for w in weights]
+    out = [math.floor(r) for r in raw]
+    order = sorted(range(len(raw)), key=lambda i: (out[i] - raw[i], i))
+    for i in order[: total - sum(out)]:
+        out[i] += 1
+    return out
+
+
+def _plan(spec: dict, sources: list[ManifestSource], counter: TokenCounter) -> Manifest:
+    wsum = sum(s.weight for s in sources)
+    for s in sources:
+        s.weight = round(s.weight / wsum, 12)
+    mean_tok = [s.tokens / s.samples for s in sources]
+    if spec["weight_by"] == "tokens":
+        if any(m <= 0 for m in mean_tok):
+            raise UserError("weight_by: tokens needs sources with tokens", field="weight_by")
+        raw = [s.weight / m for s, m in zip(sources, mean_tok)]
+    else:
+        raw = [s.weight for s in sources]
+    for s, r in zip(sources, raw):
+        s.sample_weight = round(r / sum(raw), 12)
+    tokens_per_sample = sum(s.sample_weight * m for s, m in zip(sources, mean_tok))
+    target = spec["target"]
+    if target and "samples" in target:
+        total = target["samples"]
+    elif target:
+        total = max(1, round(target["tokens"] / max(tokens_per_sample, 1e-9)))
+    else:  # one pass over the source with the largest weight
+        j = max(range(len(sources)), key=lambda k: (sources[k].weight, -k))
+        total = max(1, round(sources[j].samples / sources[j].sample_weight))
+    planned = apportion(total, [s.sample_weight for s in sources])
+    for s, n, m in zip(sources, planned, mean_tok):
+        s.target_samples = n
+        s.target_tokens = round(n * m)
+        s.epochs = round(n / s.samples, 6)
+    return Manifest(
+        name=spec["name"],
+        seed=spec["seed"],
+        target={"samples": total, "tokens": sum(s.target_tokens for s in sources)},
+        weight_by=spec["weight_by"],
+        sources=sources,
+        tokenizer=counter.label,
+        vision_tokens_per_image=counter.vision_tokens_per_image,
+        created_at=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    )
+
+
+def record_mixture(cat, manifest: Manifest, spec: dict) -> None:
+    """Replace the mixture's rows in `mixtures` and `mixture_sources`."""
+    con = cat.con
+    con.execute("BEGIN TRANSACTION")
+    try:
+        con.execute("DELETE FROM mixture_sources WHERE mixture = ?", [manifest.name])
+        con.execute("DELETE FROM mixtures WHERE name = ?", [manifest.name])
+        con.execute(
+            "INSERT INTO mixtures (name, manifest_path, seed, weight_by, target_samples, target_tokens, created_at, spec) "
+            "VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+            [manifest.name, None if manifest.path is None else str(Path(manifest.path).resolve()), manifest.seed,
+             manifest.weight_by, manifest.target["samples"], manifest.target["tokens"],
+             datetime.now(timezone.utc), json.dumps(spec)],
+        )
+        for s in manifest.sources:
+            con.execute(
+                "INSERT INTO mixture_sources (mixture, source, kind, weight, sample_weight, available_samples, "
+                "available_tokens, target_samples, target_tokens, epochs, n_shards, tokenizer) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                [manifest.name, s.name, s.kind, s.weight, s.sample_weight, s.samples, s.tokens, s.target_samples,
+                 s.target_tokens, s.epochs, len(s.shards), manifest.tokenizer],
+            )
+        con.execute("COMMIT")
+    except Exception:
+        con.execute("ROLLBACK")
+        raise

@@ -1,0 +1,238 @@
+"""Sources: folders (or globs, or brace patterns) of WebDataset tars of one kind, scanned and
+registered in the catalog with their shards, checksums, sample and token counts.
+
+Two shapes of folder are accepted:
+- ours (`core.shards` layout, `NNNNNN_stats.json` beside each tar): registered through
+  `Catalog.add_output`, so failed inputs from the sidecars land in `samples` too;
+- any other WebDataset tars (img2dataset output, downloaded shards): each tar is read once and a
+  `samples` row is derived per sample from its members (sizes, caption length, OCR entries,
+  objects); failures are unknown there, so none are recorded.
+Either way each shard's tokens are counted by reading it (`mixture.tokens.TokenCounter`), and a
+sample whose record does not fit its kind (an interleaved sample without `texts`/`images`, ...)
+is one clear error naming the sample and the tar.
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+
+from core.catalog import SOURCE_KINDS, Catalog
+from core.errors import UserError
+from core.shards import SIDECAR_SCHEMA, file_sha256, iter_shard, list_shards
+from mixture.tar_index import is_image_ext
+from mixture.tokens import TokenCounter
+
+
+@dataclass
+class ShardScan:
+    """What reading one tar found."""
+
+    path: str
+    sha256: str
+    bytes: int
+    samples: int
+    tokens: int
+    rows: list[dict[str, Any]] = field(default_factory=list)
+
+
+def resolve_shards(spec: str | Path, base: Path | None = None) -> list[Path]:
+    """Tars named by a folder (its `*.tar`, else recursively), a file, a glob or a brace pattern."""
+    from braceexpand import braceexpand
+
+    text = str(spec)
+    paths: list[Path] = []
+    for part in braceexpand(text):
+        p = Path(part)
+        if base is not None and not p.is_absolute():
+            p = base / p
+        if any(c in part for c in "*?["):
+            paths += [Path(x) for x in sorted(glob.glob(str(p), recursive=True)) if x.endswith(".tar")]
+        elif p.is_dir():
+            tars = sorted(p.glob("*.tar")) or sorted(p.rglob("*.tar"))
+            paths += tars
+        elif p.is_file():
+            paths.append(p)
+        else:
+            raise UserError("no such file or folder", file=p)
+    if not paths:
+        raise UserError("no .tar shards found", file=text)
+    return [p.resolve() for p in paths]
+
+
+def _check_record(kind: str, key: str, rec: dict, sample: dict, tar: Path) -> None:
+    def bad(msg: str) -> UserError:
+        return UserError(f"sample {key}: {msg} (kind {kind}, see formats.md)", file=tar)
+
+    if kind == "caption":
+        if not any(is_image_ext(k) for k in sample if not k.startswith("__")):
+            raise bad("a caption sample needs an image member (<key>.jpg, .png, ...)")
+        return
+    if kind == "interleaved":
+        texts, images = rec.get("texts"), rec.get("images")
+        if not isinstance(texts, list) or not isinstance(images, list) or len(texts) != len(images):
+            raise bad("json needs 'texts' and 'images' lists of equal length")
+        names = [n for n in images if n]
+    elif kind == "sft":
+        conv = rec.get("conversations")
+        if not isinstance(conv, list) or not all(isinstance(t, dict) and "role" in t and "content" in t for t in conv):
+            raise bad("json needs 'conversations': [{role, content}, ...]")
+        names = rec.get("images") or []
+    else:
+        if not all(isinstance(rec.get(k), str) for k in ("prompt", "chosen", "rejected")):
+            raise bad("json needs string 'prompt', 'chosen' and 'rejected'")
+        names = rec.get("images") or []
+    missing = [n for n in names if n not in sample]
+    if missing:
+        raise bad(f"image member(s) {', '.join(missing)} listed in json but absent from the tar")
+
+
+def _row(key: str, rec: dict, sample: dict, txt: str | None, kind: str) -> dict[str, Any]:
+    """A `samples` row derived from the members of a sample (for tars without our sidecars)."""
+    meta = rec.get("metadata") if isinstance(rec.get("metadata"), dict) else {}
+    entries = meta.get("entries") or []
+    objects = rec.get("objects") or meta.get("objects") or []
+    scores = [e.get("confidence") for e in entries if isinstance(e, dict)] + [
+        o.get("score") for o in objects if isinstance(o, dict)]
+    scores = [s for s in scores if isinstance(s, (int, float))]
+    if kind == "caption":
+        length = len(txt) if txt is not None else None
+    elif kind == "interleaved":
+        length = sum(len(t) for t in rec.get("texts", []) if t)
+    elif kind == "sft":
+        length = sum(len(t.get("content", "")) for t in rec.get("conversations", []))
+    else:
+        length = sum(len(rec.get(k, "")) for k in ("prompt", "chosen", "rejected"))
+    return {
+        "key": key, "uid": rec.get("uid"), "url": rec.get("url"), "status": "success", "error": None,
+        "width": rec.get("width"), "height": rec.get("height"),
+        "orig_width": rec.get("original_width"), "orig_height": rec.get("original_height"),
+        "image_bytes": sum(len(v) for k, v in sample.items() if is_image_ext(k)),
+        "caption_length": length,
+        "n_captions": len(rec["captions"]) if isinstance(rec.get("captions"), list) else None,
+        "n_ocr": len(entries), "n_objects": len(objects),
+        "mean_confidence": sum(scores) / len(scores) if scores else None,
+        "has_source_caption": bool(rec.get("source_caption") or rec.get("caption")),
+    }
+
+
+def scan_shard(tar: str | Path, kind: str, counter: TokenCounter, *, rows: bool = False) -> ShardScan:
+    """Read one tar: checksum, samples, tokens (and `samples` rows when `rows`)."""
+    tar = Path(tar)
+    n = tokens = 0
+    out_rows = []
+    try:
+        for sample in iter_shard(tar):
+            key = sample["__key__"]
+            try:
+                rec = json.loads(sample["json"]) if "json" in sample else {}
+            except (json.JSONDecodeError, UnicodeDecodeError):
+                raise UserError(f"sample {key}: {key}.json is not valid JSON", file=tar) from None
+            _check_record(kind, key, rec, sample, tar)
+            txt = sample["txt"].decode("utf-8", errors="replace") if "txt" in sample else None
+            n_images = sum(1 for k in sample if is_image_ext(k))
+            tokens += counter.sample(kind, rec, txt, n_images)
+            n += 1
+            if rows:
+                out_rows.append(_row(key, rec, sample, txt, kind))
+    except (OSError, EOFError) as e:  # tarfile raises these on truncated/corrupt archives
+        raise UserError(f"cannot read tar: {' '.join(str(e).split())}", file=tar) from None
+    return ShardScan(str(tar.resolve()), file_sha256(tar), tar.stat().st_size, n, tokens, out_rows)
+
+
+def _our_layout(path: Path) -> bool:
+    """True for a folder written by `core.shards.ShardWriter` (stats files with sha256)."""
+    if not path.is_dir():
+        return False
+    try:
+        return bool(list_shards(path))
+    except (KeyError, ValueError, TypeError):  # someone else's *_stats.json (img2dataset's)
+        return False
+
+
+@dataclass
+class SourceResult:
+    name: str
+    kind: str
+    shards: int
+    samples: int
+    tokens: int
+    tokenizer: str
+    added: int
+
+
+def add_source(cat: Catalog, name: str, path: str | Path, kind: str, counter: TokenCounter) -> SourceResult:
+    """Register a source (idempotent: shards already catalogued with the same sha256 keep their rows;
+    tokens are recounted only for shards without a count or when the tokenizer changed)."""
+    if kind not in SOURCE_KINDS:
+        raise UserError(f"unknown kind {kind!r}; one of {', '.join(SOURCE_KINDS)}", field="--kind")
+    p = Path(path)
+    if _our_layout(p):
+        added = cat.add_output(p, source=name, kind=kind).added
+    else:
+        cat.upsert_source(name, kind, p)
+        added = _add_foreign(cat, name, resolve_shards(path), kind, counter)
+    con = cat.con
+    meta = json.loads(con.execute("SELECT meta FROM sources WHERE name = ?", [name]).fetchone()[0] or "{}")
+    recount = "tokenizer" in meta and (
+        meta["tokenizer"] != counter.label or meta.get("vision_tokens_per_image") != counter.vision_tokens_per_image)
+    todo = con.execute(
+        "SELECT path FROM shards WHERE source = ? AND status = 'ok'" + ("" if recount else " AND n_tokens IS NULL"),
+        [name],
+    ).fetchall()
+    for (tar,) in todo:
+        scan = scan_shard(tar, kind, counter)
+        con.execute("UPDATE shards SET n_tokens = ? WHERE path = ?", [scan.tokens, tar])
+    meta.update(tokenizer=counter.label, token_count="exact" if counter.exact else "estimate",
+                vision_tokens_per_image=counter.vision_tokens_per_image)
+    con.execute(
+        """UPDATE sources SET
+             n_shards = (SELECT count(*) FROM shards WHERE source = $n AND status = 'ok'),
+             n_samples = (SELECT coalesce(sum(n_success), 0) FROM shards WHERE source = $n AND status = 'ok'),
+             n_tokens = (SELECT sum(n_tokens) FROM shards WHERE source = $n AND status = 'ok'),
+             meta = $meta, updated_at = $now
+           WHERE name = $n""",
+        {"n": name, "meta": json.dumps(meta), "now": datetime.now(timezone.utc)},
+    )
+    row = con.execute("SELECT n_shards, n_samples, coalesce(n_tokens, 0) FROM sources WHERE name = ?", [name]).fetchone()
+    return SourceResult(name, kind, row[0], row[1], row[2], counter.label, added)
+
+
+def _add_foreign(cat: Catalog, name: str, tars: list[Path], kind: str, counter: TokenCounter) -> int:
+    con = cat.con
+    added = 0
+    now = datetime.now(timezone.utc)
+    for i, tar in enumerate(tars):
+        path = str(tar)
+        sha = file_sha256(tar)
+        known = con.execute("SELECT sha256 FROM shards WHERE path = ?", [path]).fetchone()
+        if known is not None and known[0] == sha:
+            continue
+        scan = scan_shard(tar, kind, counter, rows=True)
+        table = pa.Table.from_pylist(scan.rows, schema=SIDECAR_SCHEMA)
+        cols = ", ".join(SIDECAR_SCHEMA.names)
+        con.execute("BEGIN TRANSACTION")
+        try:
+            con.execute("DELETE FROM samples WHERE shard = ?", [path])
+            con.execute("DELETE FROM shards WHERE path = ?", [path])
+            con.register("_scan_rows", table)
+            con.execute(f"INSERT INTO samples (source, shard, {cols}) SELECT ?, ?, {cols} FROM _scan_rows", [name, path])
+            con.unregister("_scan_rows")
+            con.execute(
+                "INSERT INTO shards (path, source, idx, sha256, tar_bytes, n_samples, n_success, n_failed, n_tokens, "
+                "generator, status, added_at, checked_at) VALUES (?, ?, ?, ?, ?, ?, ?, 0, ?, ?, 'ok', ?, ?)",
+                [path, name, i, sha, scan.bytes, scan.samples, scan.samples, scan.tokens,
+                 json.dumps({"name": "external"}), now, now],
+            )
+            con.execute("COMMIT")
+        except Exception:
+            con.execute("ROLLBACK")
+            raise
+        added += 1
+    return added
