@@ -30,6 +30,7 @@ How samples are chosen, and why each choice:
 
 from __future__ import annotations
 
+import heapq
 import math
 import zlib
 from bisect import bisect_right
@@ -151,6 +152,7 @@ class MixtureLoader(IterableDataset):
         self.weights = [s.sample_weight / total for s in manifest.sources]
         self._counts: dict[int, list[int]] = {}  # slot -> samples drawn per source
         self._num_workers = 1  # what the counts in _counts were made with
+        self._next_worker = 0  # DataLoader worker role that produces the next batch
         self._emit_state = False
 
     # -- state ---------------------------------------------------------------------------------
@@ -163,6 +165,7 @@ class MixtureLoader(IterableDataset):
             "world_size": self.world_size,
             "rank": self.rank,
             "num_workers": self._num_workers,
+            "next_worker": self._next_worker,
             "sources": list(self.names),
             "counts": {str(slot): list(c) for slot, c in sorted(self._counts.items())},
         }
@@ -174,13 +177,16 @@ class MixtureLoader(IterableDataset):
             if state.get(key) != mine:
                 raise UserError(f"loader state has {key}={state.get(key)!r}, this loader {mine!r}", field=key)
         self._num_workers = int(state["num_workers"])
+        self._next_worker = int(state.get("next_worker", 0))
         self._counts = {int(k): list(v) for k, v in state["counts"].items()}
 
     # -- iteration -------------------------------------------------------------------------------
     def _slot(self) -> tuple[int, int, int]:
         """(slot id, number of slots, workers per rank) of the calling process."""
         info = get_worker_info()
-        workers, worker = (1, 0) if info is None else (info.num_workers, info.id)
+        # A DataLoader always asks worker 0 first; on resume, worker 0 plays the role whose batch
+        # comes next, so the batch order continues where it stopped.
+        workers, worker = (1, 0) if info is None else (info.num_workers, (info.id + self._next_worker) % info.num_workers)
         if self._counts and workers != self._num_workers:
             raise UserError(
                 f"loader state was taken with {self._num_workers} worker(s) per rank, resumed with {workers}",
@@ -193,20 +199,22 @@ class MixtureLoader(IterableDataset):
         slot, slots, _ = self._slot()
         counts = self._counts.setdefault(slot, [0] * len(self.names))
         streams = [_SourceStream(s, self.seed, slot, slots, self.shuffle_buffer) for s in self.manifest.sources]
-        offsets = _seed_seq(self.seed, slot, slots, 3).random(len(self.names))
-        due = [(counts[i] + offsets[i]) / w for i, w in enumerate(self.weights)]
+        offsets = [float(o) for o in _seed_seq(self.seed, slot, slots, 3).random(len(self.names))]
+        # Earliest due draw first; ties go to the lower source index (the heap compares tuples).
+        heap = [((counts[i] + offsets[i]) / w, i) for i, w in enumerate(self.weights)]
+        heapq.heapify(heap)
         blocks: list[tuple[int, list] | None] = [None] * len(streams)
         cache = TarCache()
         try:
             while True:
-                i = min(range(len(due)), key=due.__getitem__)
+                i = heap[0][1]
                 st = streams[i]
                 b, u = divmod(counts[i], st.block)
                 if blocks[i] is None or blocks[i][0] != b:
                     blocks[i] = (b, self._read_block(st, b, cache))
                 sample = blocks[i][1][st.block_perm(b)[u]]
                 counts[i] += 1
-                due[i] = (counts[i] + offsets[i]) / self.weights[i]
+                heapq.heapreplace(heap, ((counts[i] + offsets[i]) / self.weights[i], i))
                 if self._emit_state:
                     sample = {**sample, _STATE_KEY: (slot, tuple(counts))}
                 yield sample
@@ -289,9 +297,11 @@ class MixtureDataLoader:
         )
         self.dataset._emit_state = True  # workers get a copy of the dataset as it is now
         try:
+            workers = max(1, self.num_workers)
             for batch, (slot, counts) in dl:
                 self.dataset._counts[slot] = list(counts)
-                self.dataset._num_workers = max(1, self.num_workers)
+                self.dataset._num_workers = workers
+                self.dataset._next_worker = (slot - self.dataset.rank * workers + 1) % workers
                 yield batch
         finally:
             self.dataset._emit_state = False
