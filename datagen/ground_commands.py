@@ -18,6 +18,8 @@ def ground(
     vocab: Optional[Path] = typer.Option(None, "--vocab", help="Vocabulary file, one tag per line (vocab, clip)."),
     annotations: Optional[Path] = typer.Option(None, "--annotations", help="COCO or Visual Genome box JSON."),
     include_crowd: bool = typer.Option(False, "--include-crowd", help="Keep COCO iscrowd boxes (skipped by default)."),
+    drop_empty: bool = typer.Option(False, "--drop-empty", help="Record images with no object as failed "
+                                    "(no_objects) instead of keeping them with an empty object list."),
     model: Optional[Path] = typer.Option(None, "--model", help="Grounding DINO dir (else $BLIP3_GROUNDING_DINO, "
                                          "else the HF cache); groundingdino-py: the checkpoint file."),
     gdino_config: Optional[Path] = typer.Option(None, "--gdino-config", help="groundingdino-py config .py file."),
@@ -50,7 +52,7 @@ def ground(
 
     config = make_config(
         detector=detector, tags=tags, vocab=vocab, model=model, gdino_config=gdino_config,
-        annotations=annotations, include_crowd=include_crowd, clip_model=clip_model, clip_top_k=clip_top_k,
+        annotations=annotations, include_crowd=include_crowd, drop_empty=drop_empty, clip_model=clip_model, clip_top_k=clip_top_k,
         limits=DetectionLimits(box_threshold, text_threshold, nms_iou, min_area, max_objects),
         caption_format=caption_format, caption_style=caption_style,
     )

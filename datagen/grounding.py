@@ -9,10 +9,11 @@ Stored per sample (formats.md): `captions` = all variants `{"text", "format", "s
 `metadata` = `{"objects": [{"label", "bbox", "score"}], "tags", "tag_source", "detector", ...}`,
 so `blip3 retemplate` can rebuild captions without re-detecting.
 
-No-object policy (quality.md): an image where nothing is detected (or an annotated image with no
-boxes) is KEPT as a valid sample with `objects: []`, no caption variants, and its source caption
-(or "") as `.txt`; `n_objects = 0` in the sidecar lets users filter it out. An image with no tags
-(no source caption with `--tags caption`) is the same case, noted in `metadata.tags`.
+No-object policy (quality.md): by default an image where nothing is detected (or an annotated
+image with no boxes) is KEPT as a valid sample with `objects: []`, no caption variants, and its
+source caption (or "") as `.txt`; `n_objects = 0` in the sidecar lets users filter it out. With
+`drop_empty` (`--drop-empty`) it is recorded as failed with reason `no_objects` instead. An image
+with no tags (no source caption with `--tags caption`) is the same case, noted in `metadata.tags`.
 """
 
 from __future__ import annotations
@@ -34,7 +35,6 @@ from datagen.grounding_captions import (
     pick_caption,
     reading_order,
 )
-from datagen.images import ImageRejected
 from datagen.inputs import InputSample
 
 DETECTORS = ("grounding-dino", "groundingdino-py", "annotations")
@@ -55,6 +55,7 @@ class GroundingConfig:
     gdino_config: str | None = None
     annotations: str | None = None
     include_crowd: bool = False
+    drop_empty: bool = False
     clip_model: str | None = None
     clip_top_k: int = 8
     limits: DetectionLimits = field(default_factory=DetectionLimits)
@@ -77,6 +78,7 @@ def make_config(
     gdino_config: str | Path | None = None,
     annotations: str | Path | None = None,
     include_crowd: bool = False,
+    drop_empty: bool = False,
     clip_model: str | Path | None = None,
     clip_top_k: int = 8,
     limits: DetectionLimits = DetectionLimits(),
@@ -140,7 +142,7 @@ def make_config(
     return GroundingConfig(
         detector=detector, tags=tags, vocab=words, model_dir=model_dir,
         gdino_config=str(gdino_config) if gdino_config else None, annotations=ann_path,
-        include_crowd=include_crowd, clip_model=clip_dir, clip_top_k=clip_top_k, limits=limits,
+        include_crowd=include_crowd, drop_empty=drop_empty, clip_model=clip_dir, clip_top_k=clip_top_k, limits=limits,
         caption_format=caption_format, caption_style=caption_style, lead_in=lead_in,
         also_lead_in=also_lead_in, device=device,
     )
@@ -197,14 +199,14 @@ class GroundingAnnotator:
         return self._clip.tags(image)
 
     def annotate(self, image: Image.Image, sample: InputSample):
-        from datagen.annotator import Annotation
+        from datagen.annotator import Annotation, SkipSample
 
         c = self.config
         extra: dict[str, Any] = {}
         if c.detector == "annotations":
             entry = self._index.lookup(_sample_names(sample))
             if entry is None:
-                raise ImageRejected("annotations", f"no entry for {sample.key} in {Path(c.annotations or '').name}")
+                raise SkipSample("annotations", f"no entry for {sample.key} in {Path(c.annotations or '').name}")
             objects = filter_objects(entry.objects(*image.size), c.limits)
             tags: list[str] = sorted({o.label for o in objects})
             extra["skipped_crowd"] = entry.skipped_crowd
@@ -212,6 +214,8 @@ class GroundingAnnotator:
             tags = self.tags_for(image, sample)
             objects = filter_objects(self._detector.detect(image, tags, c.limits), c.limits)
         objects = reading_order(objects)
+        if not objects and c.drop_empty:
+            raise SkipSample("no_objects", f"nothing detected for tags {tags[:5]}")
         captions = build_captions(objects, sample.source_caption, lead_in=c.lead_in, also_lead_in=c.also_lead_in)
         chosen = pick_caption(captions, c.caption_format, c.caption_style)
         metadata = {
@@ -242,6 +246,7 @@ class GroundingAnnotator:
             "nms_iou": c.limits.nms_iou,
             "min_area": c.limits.min_area,
             "max_objects": c.limits.max_objects,
+            "drop_empty": c.drop_empty,
             "caption_format": c.caption_format,
             "caption_style": c.caption_style,
             "lead_in": c.lead_in,

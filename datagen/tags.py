@@ -44,6 +44,7 @@ _CLOSED = _DETERMINERS | set(
     besides behind between among around next through across along against toward towards up down out off
     about after before during inside outside upon within like than as via per and or but nor so yet
     if then because although though not very too also just only all most more less other others
+    again together away still almost nearly
     is are was were be been being am has have had having do does did will would can could should
     may might must shall its it's there's that's what's""".split()
 )
