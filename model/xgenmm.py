@@ -99,10 +99,16 @@ class XGenMM(nn.Module):
         return self.lang_model.lm_head.weight.device
 
     # --- images ------------------------------------------------------------------------------
-    def crop_layout(self, image_sizes: torch.Tensor | None, n_images: int) -> tuple[list[int], torch.Tensor | None]:
-        """Crops per image and the (sum_crops, P) key masks; (all ones, None) without any-res."""
+    def crop_layout(
+        self, image_sizes: torch.Tensor | None, n_images: int, n_crops_max: int
+    ) -> tuple[list[int], torch.Tensor | None]:
+        """Crops per image and the (sum_crops, P) key masks.
+
+        Without image_sizes every image uses all `n_crops_max` crops of pixel_values, unmasked
+        (one crop when the processor runs without any-res).
+        """
         if image_sizes is None:
-            return [1] * n_images, None
+            return [n_crops_max] * n_images, None
         counts, masks = [], []
         for w, h in image_sizes.tolist():
             plan = plan_crops((w, h), self.config.anyres_grids, self.config.image_size)
@@ -114,7 +120,7 @@ class XGenMM(nn.Module):
         """(N_img, C_max, 3, S, S) -> (sum_crops * num_latents, hidden) image tokens, in order."""
         if pixel_values.dim() == 4:  # (N_img, 3, S, S): one crop per image
             pixel_values = pixel_values[:, None]
-        counts, mask = self.crop_layout(image_sizes, pixel_values.shape[0])
+        counts, mask = self.crop_layout(image_sizes, pixel_values.shape[0], pixel_values.shape[1])
         if max(counts) > pixel_values.shape[1]:
             raise ValueError(f"image_sizes need {max(counts)} crops but pixel_values has {pixel_values.shape[1]}")
         crops = torch.cat([pixel_values[i, :n] for i, n in enumerate(counts)])  # (sum_crops, 3, S, S)
@@ -162,7 +168,7 @@ class XGenMM(nn.Module):
 
         labels: -100 is ignored; placeholder positions, padding (segment 0) and the first token
         of each packed segment are forced to -100 so no loss crosses an image or a sample boundary.
-        image_sizes: (N_img, 2) original (width, height) -> any-res crops; None = one crop per image.
+        image_sizes: (N_img, 2) original (width, height) -> any-res crops; None = all crops, unmasked.
         """
         embeds = self.embed(input_ids, pixel_values, image_sizes)
         if labels is not None:
@@ -207,7 +213,6 @@ class XGenMM(nn.Module):
     @classmethod
     def from_pretrained(cls, directory: str | Path, *, device: str | torch.device = "cpu") -> "XGenMM":
         """Load a directory written by `save_pretrained` (no random init of the big weights)."""
-        from accelerate import init_empty_weights
         from safetensors.torch import load_file
 
         from core.errors import MissingWeightsError
@@ -216,12 +221,15 @@ class XGenMM(nn.Module):
         if not (d / CONFIG_FILE).is_file() or not (d / WEIGHTS_FILE).is_file():
             raise MissingWeightsError(f"no {CONFIG_FILE} + {WEIGHTS_FILE} in {d}", field="model dir")
         config = ModelConfig.from_dict(json.loads((d / CONFIG_FILE).read_text()))
-        with init_empty_weights(include_buffers=False):
+        with torch.device("meta"):  # shapes only; the weights come from the file
             model = cls(config)
-        state = load_file(str(d / WEIGHTS_FILE), device=str(device))
-        model.load_state_dict(state, strict=True, assign=True)
+        model.load_state_dict(load_file(str(d / WEIGHTS_FILE), device=str(device)), strict=True, assign=True)
+        # The rotary tables are non-persistent buffers (not in the file): rebuild them for real.
+        rotary = model.lang_model.model.rotary_emb
+        with torch.device(device):
+            model.lang_model.model.rotary_emb = type(rotary)(config=model.lang_model.config)
         model.vision_encoder.requires_grad_(False)
-        return model.to(device)
+        return model
 
     def num_params(self, trainable_only: bool = False) -> int:
         return sum(p.numel() for p in self.parameters() if p.requires_grad or not trainable_only)
