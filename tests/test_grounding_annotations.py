@@ -137,3 +137,35 @@ def test_retemplate_refuses_other_engines(tmp_path):
         retemplate(tmp_path / "ocr", tmp_path / "o2")
     with pytest.raises(UserError, match="must differ"):
         retemplate(tmp_path / "ocr", tmp_path / "ocr")
+
+
+def test_drop_empty_policy_in_process(scenes):  # noqa: F811
+    from PIL import Image
+
+    from datagen.annotator import SkipSample
+    from datagen.grounding import make_config
+    from datagen.inputs import InputSample
+
+    keep, drop = (make_config(detector="annotations", annotations=scenes["coco"], drop_empty=d)() for d in (False, True))
+    keep.load(), drop.load()
+    image = Image.open(scenes["images"] / "scene_002.png").convert("RGB")
+    sample = InputSample(key="scene_002", image=b"", ext="png", source_caption="An empty white wall.",
+                         meta={"path": "scene_002.png"})
+    assert keep.annotate(image, sample).n_objects == 0
+    with pytest.raises(SkipSample, match="no_objects"):
+        drop.annotate(image, sample)
+
+
+def test_malformed_annotations_fail_before_work(tmp_path, scenes):  # noqa: F811
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    bad = tmp_path / "bad.json"
+    bad.write_text('{"images": [{"id": 1}], "annotations": [{"image_id": 1}], "categories": []}')
+    r = subprocess.run([sys.executable, "-m", "cli", "ground", str(scenes["images"]), str(tmp_path / "o"),
+                        "--detector", "annotations", "--annotations", str(bad)],
+                       capture_output=True, text=True, cwd=Path(__file__).resolve().parents[1], timeout=120)
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    assert "bad.json: annotations[0]: each annotation needs image_id and bbox" in " ".join(r.stderr.split())
+    assert not (tmp_path / "o").exists()
