@@ -93,6 +93,7 @@ class RuntimeConfig:
     compile: bool = False
     activation_checkpointing: bool = False
     fsdp: bool = True  # under torchrun with world_size > 1
+    cpu_threads: int = 0  # torch intra-op threads on CPU; 0 = torch's default
 
 
 @dataclass
@@ -257,6 +258,8 @@ def _check_stage(cfg: StageConfig, file: str) -> None:
         raise bad("dpo.beta", "must be > 0")
     if cfg.runtime.precision not in ("auto", "bf16", "fp32"):
         raise bad("runtime.precision", "one of auto, bf16, fp32")
+    if cfg.runtime.cpu_threads < 0:
+        raise bad("runtime.cpu_threads", "must be >= 0 (0 = torch's default)")
     for name in ("checkpoint_every", "eval_every", "log_every"):
         if getattr(cfg, name) < 0:
             raise bad(name, "must be >= 0")

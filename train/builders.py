@@ -1,0 +1,127 @@
+"""Builders from a stage config: model + processor (init, freezing, LoRA), optimiser, data.
+
+The loop receives built components and does not know which stage it runs, the torchtitan habit.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+
+from core.errors import UserError
+from train.config import StageConfig
+
+ADAPTER_DIR = "adapter"
+
+
+def model_dir(path: str | Path) -> Path:
+    """A model dir, or a stage output dir whose `final/` is the model."""
+    p = Path(path)
+    if (p / "final" / "config.json").is_file():
+        return p / "final"
+    return p
+
+
+def load_model_dir(path: str | Path):
+    """(XGenMM, processor) from a saved dir; an unmerged LoRA adapter in it is merged on load."""
+    from model.processor import XGenMMProcessor
+    from model.xgenmm import XGenMM
+
+    d = model_dir(path)
+    model = XGenMM.from_pretrained(d)
+    processor = XGenMMProcessor.from_pretrained(d, model.config)
+    if (d / ADAPTER_DIR).is_dir():
+        from peft import PeftModel
+
+        model = PeftModel.from_pretrained(model, str(d / ADAPTER_DIR)).merge_and_unload()
+    return model, processor
+
+
+def build_model(cfg: StageConfig, init_path: str | None = None):
+    """The stage's starting model and processor, frozen groups frozen, LoRA attached if asked.
+
+    Returns (model, processor, info) where info reports parameter counts and the trainable share.
+    """
+    from model.config import get_config
+    from model.processor import XGenMMProcessor
+    from model.xgenmm import XGenMM
+
+    path = init_path or cfg.init.path
+    if path is not None:
+        if not Path(path).exists():
+            raise UserError(f"no model at {path} (run the previous stage first)", field="init.path", file=cfg.source)
+        model, processor = load_model_dir(path)
+    else:
+        config = get_config(cfg.model)
+        if config.tokenizer != "tiny":
+            raise UserError(
+                f"a {cfg.model} model is not built from scratch: give init.path (a model dir assembled from "
+                "the released SigLIP and Phi-3 weights)", field="init.path", file=cfg.source,
+            )
+        torch.manual_seed(cfg.init.seed)
+        model = XGenMM(config)
+        processor = XGenMMProcessor.from_config(config)
+    processor.anyres = cfg.anyres
+    processor.max_text_tokens = min(cfg.batch.seq_len, model.config.max_text_tokens)
+
+    model.requires_grad_(True)
+    for group in cfg.freeze:
+        getattr(model, group).requires_grad_(False)
+    if cfg.lora.enabled:
+        model = attach_lora(model, cfg)
+    total = sum(p.numel() for p in model.parameters())
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    info = {"params": total, "trainable_params": trainable, "trainable_share": trainable / total}
+    return model, processor, info
+
+
+def attach_lora(model, cfg: StageConfig):
+    """peft LoRA on the LLM's projections only; groups not frozen by the stage keep training."""
+    from peft import LoraConfig, get_peft_model
+
+    lc = cfg.lora
+    peft_cfg = LoraConfig(r=lc.rank, lora_alpha=lc.alpha, lora_dropout=lc.dropout, target_modules=lc.target_modules,
+                          bias="none")
+    wrapped = get_peft_model(model, peft_cfg)
+    if not any("lora_" in n for n, _ in wrapped.named_parameters()):
+        raise UserError(f"LoRA target pattern matched no module: {lc.target_modules!r}", field="lora.target_modules",
+                        file=cfg.source)
+    base = wrapped.get_base_model()
+    for group in ("vision_tokenizer", "lang_model"):
+        if group not in cfg.freeze and group != "lang_model":
+            getattr(base, group).requires_grad_(True)
+    return wrapped
+
+
+def unwrap(model):
+    """The XGenMM inside a peft wrapper (or the model itself)."""
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
+def build_optimizer(model, cfg: StageConfig, device: torch.device) -> torch.optim.Optimizer:
+    """AdamW; weight decay on matrices only (not on norms, biases, latents' 1-D vectors)."""
+    decay, no_decay = [], []
+    for _, p in model.named_parameters():
+        if p.requires_grad:
+            (decay if p.dim() >= 2 else no_decay).append(p)
+    o = cfg.optim
+    groups = [{"params": decay, "weight_decay": o.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=o.lr, betas=o.betas, eps=o.eps, fused=device.type == "cuda")
+
+
+def resolve_manifest(cfg: StageConfig, out_dir: Path, db: str | Path | None, is_main: bool):
+    """The stage's manifest: the given one, or the spec built into `out_dir/mixture.yaml`."""
+    from mixture.build import build_manifest
+
+    if cfg.data.generate == "tiny":
+        from train.tiny_data import ensure_tiny_data
+
+        os.environ["BLIP3_TINY_DATA"] = str(ensure_tiny_data())
+    if cfg.data.manifest is not None:
+        return Path(cfg.data.manifest)
+    built = out_dir / "mixture.yaml"
+    if is_main:
+        build_manifest(cfg.data.spec, db=db, out=built)
+    return built

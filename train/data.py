@@ -1,0 +1,177 @@
+"""From mixture samples to training batches, resumable to the sample.
+
+`BatchStream` pulls sample dicts from a `mixture.loader.MixtureLoader`, encodes them with the
+model's processor (caption, interleaved document, chat, preference pair) and assembles one
+micro-batch at a time:
+
+- pretrain: packed rows (`segment_ids`), `micro_batch_size` rows of `seq_len` tokens;
+- sft / interleave / safety: one chat per row, padded; labels only on assistant tokens;
+- dpo: rows `[chosen_1..P, rejected_1..P]` of chats sharing the prompt; with
+  `noised_image_rejected`, P more pairs whose rejected side is the chosen answer given a
+  Gaussian-noised image (an image-conditioned preference: the answer must come from the image).
+
+State for exact resume = the loader's counts + the encoded samples read but not yet used (the
+one that overflowed the last packed row). Noise uses the global torch RNG, which checkpoints hold.
+"""
+
+from __future__ import annotations
+
+import io
+from dataclasses import dataclass, replace
+from typing import Any
+
+import torch
+from PIL import Image
+
+from core.errors import UserError
+
+#: Which source kinds each stage reads.
+STAGE_SOURCE_KINDS = {
+    "pretrain": ("caption", "interleaved"),
+    "sft": ("sft",),
+    "interleave": ("sft", "interleaved"),
+    "dpo": ("dpo",),
+    "safety": ("sft",),
+}
+
+
+def check_kinds(stage: str, manifest, file: str | None) -> None:
+    allowed = STAGE_SOURCE_KINDS[stage]
+    for i, src in enumerate(manifest.sources):
+        if src.kind not in allowed:
+            raise UserError(
+                f"source {src.name!r} is {src.kind!r}; a {stage} stage reads {', '.join(allowed)}",
+                field=f"data (sources[{i}].kind)", file=file,
+            )
+
+
+def _image(data: bytes) -> Image.Image:
+    img = Image.open(io.BytesIO(data))
+    img.load()
+    return img.convert("RGB")
+
+
+def _member(sample: dict, name: str) -> bytes:
+    images = sample["images"]
+    if name in images:
+        return images[name]
+    raise UserError(f"sample {sample['key']} names image {name!r} but has members {sorted(images)}", file=sample.get("shard"))
+
+
+def encode_sample(processor, sample: dict[str, Any]):
+    """One non-preference sample -> `model.processor.Encoded`."""
+    kind, rec = sample["kind"], sample["json"]
+    if kind == "caption":
+        name = next(iter(sorted(sample["images"])), None)
+        caption = sample["txt"] if sample.get("txt") else rec.get("caption", "")
+        if name is None:
+            raise UserError(f"caption sample {sample['key']} has no image member", file=sample.get("shard"))
+        return processor.encode_caption(caption, _image(sample["images"][name]))
+    if kind == "interleaved":
+        images = [None if n is None else _image(_member(sample, n)) for n in rec["images"]]
+        return processor.encode_interleaved(rec["texts"], images)
+    if kind == "sft":
+        images = [_image(_member(sample, n)) for n in rec.get("images", [])]
+        return processor.encode_chat(rec["conversations"], images)
+    raise ValueError(f"encode_sample does not take kind {kind!r}")
+
+
+def encode_pair(processor, sample: dict[str, Any]):
+    """A preference pair -> (chosen, rejected) chats sharing the prompt and images."""
+    rec = sample["json"]
+    images = [_image(_member(sample, n)) for n in rec.get("images", [])]
+    user = {"role": "user", "content": rec["prompt"]}
+    chosen = processor.encode_chat([user, {"role": "assistant", "content": rec["chosen"]}], images)
+    rejected = processor.encode_chat([user, {"role": "assistant", "content": rec["rejected"]}], images)
+    return chosen, rejected
+
+
+def noised(enc, std: float):
+    """The same encoded chat with Gaussian noise added to its (normalised) pixels."""
+    return replace(enc, images=[c + std * torch.randn_like(c) for c in enc.images])
+
+
+@dataclass
+class Batch:
+    inputs: dict[str, torch.Tensor]  # model kwargs (input_ids, labels, attention_mask | segment_ids, images)
+    n_pairs: int = 0  # dpo: rows are [chosen x n_pairs, rejected x n_pairs]
+    skipped: int = 0  # samples dropped as longer than a packed row
+
+
+class BatchStream:
+    """Micro-batches for one stage, from one rank's slice of the mixture."""
+
+    def __init__(self, loader, processor, *, stage: str, micro_batch_size: int, seq_len: int, pack: bool,
+                 noised_image_rejected: bool = False, noise_std: float = 1.0):
+        self.loader = loader
+        self.processor = processor
+        self.stage = stage
+        self.rows = micro_batch_size
+        self.seq_len = seq_len
+        self.pack = pack
+        self.noised_image_rejected = noised_image_rejected
+        self.noise_std = noise_std
+        self._pending: list = []
+        self._it = None
+
+    # -- state ---------------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        return {"loader": self.loader.state_dict(), "pending": list(self._pending)}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.loader.load_state_dict(state["loader"])
+        self._pending = list(state["pending"])
+        self._it = None
+
+    # -- reading -------------------------------------------------------------------------------
+    def _raw(self) -> dict[str, Any]:
+        if self._it is None:
+            self._it = iter(self.loader)
+        return next(self._it)
+
+    def _encoded(self):
+        if self._pending:
+            return self._pending.pop(0)
+        return encode_sample(self.processor, self._raw())
+
+    def next(self) -> Batch:
+        if self.stage == "dpo":
+            return self._dpo()
+        if self.pack:
+            return self._packed()
+        return Batch(self.processor.collate([self._encoded() for _ in range(self.rows)]))
+
+    def _packed(self) -> Batch:
+        chosen, skipped, row, used = [], 0, 0, 0
+        while True:
+            enc = self._encoded()
+            n = len(enc)
+            if n > self.seq_len:
+                skipped += 1
+                continue
+            if used + n > self.seq_len:
+                row, used = row + 1, 0
+                if row == self.rows:
+                    self._pending.insert(0, enc)
+                    break
+            chosen.append(enc)
+            used += n
+        batch = self.processor.pack(chosen, self.seq_len)
+        assert batch["input_ids"].shape[0] == self.rows
+        return Batch(batch, skipped=skipped)
+
+    def _dpo(self) -> Batch:
+        pairs = [encode_pair(self.processor, self._raw()) for _ in range(self.rows)]
+        if self.noised_image_rejected:
+            pairs += [(c, noised(c, self.noise_std)) for c, _ in pairs if c.images]
+        chosen, rejected = zip(*pairs)
+        return Batch(self.processor.collate([*chosen, *rejected]), n_pairs=len(pairs))
+
+
+def count_tokens(inputs: dict[str, torch.Tensor]) -> int:
+    """Real (non-padding) positions of a batch: what tokens/s and MFU count."""
+    if inputs.get("segment_ids") is not None:
+        return int((inputs["segment_ids"] > 0).sum())
+    if inputs.get("attention_mask") is not None:
+        return int(inputs["attention_mask"].sum())
+    return int(inputs["input_ids"].numel())

@@ -1,0 +1,245 @@
+"""The training loop of one stage: read it top to bottom.
+
+    build (model, processor, optimiser, schedule, data) -> resume? -> parallelize ->
+    for each step: grad_accum x (batch -> forward under autocast -> loss / accum -> backward)
+                   -> clip -> optimiser step -> schedule step -> log -> checkpoint every N
+    -> final checkpoint + `final/` model dir -> catalog row
+
+The loss depends on the stage: next-token cross-entropy (labels already -100 outside the trained
+tokens: images, padding, user turns, the first token of each packed segment), or for `dpo` the
+DPO objective of the policy against the adapter-disabled reference (`train.dpo`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import shutil
+import time
+import uuid
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+
+import torch
+
+from core.logs import get_logger, progress
+from train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from train.config import StageConfig
+from train.data import Batch, BatchStream, check_kinds, count_tokens
+from train.distributed import DistInfo, all_reduce_mean, all_reduce_sum, init_distributed, parallelize
+from train.dpo import dpo_loss, sequence_logps
+from train.metrics import MetricsWriter
+from train.mfu import flops_model, mfu, peak_flops
+from train.schedule import build_scheduler
+
+log = get_logger("train")
+MODEL_KEYS = ("input_ids", "attention_mask", "labels", "pixel_values", "image_sizes", "segment_ids")
+
+
+@dataclass
+class StageResult:
+    stage: str
+    name: str
+    output_dir: Path
+    final_dir: Path | None  # None when stopped early (--max-steps) before the end
+    steps: int
+    tokens: int
+    final_loss: float | None
+    losses: list[float] = field(default_factory=list)
+    info: dict = field(default_factory=dict)
+    run_id: str = ""
+
+
+def _autocast(device: torch.device, bf16: bool):
+    if not bf16:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+
+
+def _to(inputs: dict, device: torch.device) -> dict:
+    return {k: v.to(device, non_blocking=True) for k, v in inputs.items() if k in MODEL_KEYS and v is not None}
+
+
+def compute_loss(model, batch: Batch, stage: str, beta: float) -> tuple[torch.Tensor, dict]:
+    """Loss of one micro-batch and its extra metrics (dpo: reward margin and accuracy)."""
+    inputs = batch.inputs
+    if stage != "dpo":
+        return model(**inputs).loss, {}
+    labels = inputs["labels"]
+    fwd = {k: v for k, v in inputs.items() if k != "labels"}
+    logps = sequence_logps(model(**fwd).logits, labels)
+    with torch.no_grad(), model.disable_adapter():  # the reference: the same model, adapters off
+        ref = sequence_logps(model(**fwd).logits, labels)
+    p = batch.n_pairs
+    out = dpo_loss(logps[:p], logps[p:], ref[:p], ref[p:], beta)
+    acc = (out.chosen_rewards > out.rejected_rewards).float().mean()
+    return out.loss, {"margin": out.margin.item(), "reward_acc": acc.item()}
+
+
+def total_steps(cfg: StageConfig, world_size: int) -> int:
+    """Optimiser steps of the stage; a token budget is converted at full rows of seq_len."""
+    if cfg.steps is not None:
+        return cfg.steps
+    per_step = cfg.batch.micro_batch_size * cfg.batch.seq_len * cfg.batch.grad_accum * world_size
+    return max(1, math.ceil(cfg.tokens / per_step))
+
+
+def train_stage(
+    cfg: StageConfig,
+    *,
+    init_path: str | None = None,
+    resume: bool = False,
+    max_steps: int | None = None,
+    db: str | Path | None = None,
+    dist_info: DistInfo | None = None,
+    record: bool = True,
+) -> StageResult:
+    """Run (or resume) one stage; stop early after `max_steps` total steps (a checkpoint is kept)."""
+    from mixture.loader import MixtureLoader
+
+    info = dist_info or init_distributed()
+    device = info.device
+    bf16 = cfg.runtime.precision == "bf16" or (cfg.runtime.precision == "auto" and device.type == "cuda")
+    out = Path(cfg.output_dir)
+    if info.is_main:
+        if not resume and out.exists():
+            for sub in ("checkpoints", "final", "metrics.jsonl"):
+                p = out / sub
+                shutil.rmtree(p) if p.is_dir() else p.unlink(missing_ok=True)
+        out.mkdir(parents=True, exist_ok=True)
+    if device.type == "cpu" and cfg.runtime.cpu_threads:
+        torch.set_num_threads(cfg.runtime.cpu_threads)
+    torch.manual_seed(cfg.seed + info.rank)
+
+    # -- build ---------------------------------------------------------------------------------
+    from train.builders import build_model, build_optimizer, resolve_manifest, unwrap
+
+    manifest = resolve_manifest(cfg, out, db, info.is_main)
+    if info.distributed:
+        torch.distributed.barrier()
+    loader = MixtureLoader(manifest, rank=info.rank, world_size=info.world_size,
+                           shuffle_buffer=cfg.data.shuffle_buffer, verify="size")
+    check_kinds(cfg.stage, loader.manifest, cfg.source)
+    model, processor, pinfo = build_model(cfg, init_path)
+    if cfg.lora.enabled:
+        log.info(f"{cfg.name}: LoRA r={cfg.lora.rank} trains {pinfo['trainable_params']:,} of {pinfo['params']:,} "
+                 f"parameters ({100 * pinfo['trainable_share']:.2f}%)")
+    model.to(device)
+    flops = flops_model(unwrap(model))
+    base = unwrap(model)
+    steps_total = total_steps(cfg, info.world_size)
+    stop_at = min(steps_total, max_steps) if max_steps is not None else steps_total
+    optimizer = build_optimizer(model, cfg, device)
+    scheduler = build_scheduler(optimizer, cfg.optim.warmup_steps, steps_total, cfg.optim.min_lr_ratio)
+    stream = BatchStream(loader, processor, stage=cfg.stage, micro_batch_size=cfg.batch.micro_batch_size,
+                         seq_len=cfg.batch.seq_len, pack=cfg.batch.pack,
+                         noised_image_rejected=cfg.dpo.noised_image_rejected, noise_std=cfg.dpo.noise_std)
+    model = parallelize(model, ac=cfg.runtime.activation_checkpointing, compile=cfg.runtime.compile,
+                        fsdp=cfg.runtime.fsdp and info.distributed, bf16=bf16)
+
+    step, tokens, run_id = 0, 0, f"{cfg.name}-{uuid.uuid4().hex[:8]}"
+    started = datetime.now(timezone.utc)
+    ckpt = latest_checkpoint(out) if resume else None
+    if ckpt is not None:
+        meta = load_checkpoint(ckpt, model=model, optimizer=optimizer, scheduler=scheduler)
+        stream.load_state_dict(meta["data"])
+        step, tokens, run_id = meta["step"], meta["tokens"], meta.get("run_id", run_id)
+        log.info(f"{cfg.name}: resumed from {ckpt} at step {step}")
+    metrics = MetricsWriter(out, enabled=info.is_main, resume_from_step=step if ckpt is not None else None)
+    peak = peak_flops(device)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+
+    # -- loop ----------------------------------------------------------------------------------
+    def checkpoint(at: int) -> None:
+        save_checkpoint(out, at, model=model, optimizer=optimizer, scheduler=scheduler,
+                        data_state=stream.state_dict(),
+                        meta={"tokens": tokens, "run_id": run_id, "stage": cfg.stage, "config": cfg.source})
+
+    model.train()
+    losses: list[float] = []
+    last_loss = None
+    with progress() as bar:
+        task = bar.add_task(cfg.name, total=stop_at, completed=step)
+        while step < stop_at:
+            t0 = time.perf_counter()
+            step_tokens, step_crops, step_loss, extras = 0, 0, 0.0, {}
+            for _ in range(cfg.batch.grad_accum):
+                batch = stream.next()
+                batch.inputs = _to(batch.inputs, device)
+                step_tokens += count_tokens(batch.inputs)
+                # every crop fills num_latents placeholder slots: count crops from the ids
+                slots = int((batch.inputs["input_ids"] == base.config.image_placeholder_id).sum())
+                step_crops += slots // base.config.num_latents
+                with _autocast(device, bf16):
+                    loss, extra = compute_loss(model, batch, cfg.stage, cfg.dpo.beta)
+                (loss / cfg.batch.grad_accum).backward()
+                step_loss += loss.item() / cfg.batch.grad_accum
+                for k, v in extra.items():
+                    extras[k] = extras.get(k, 0.0) + v / cfg.batch.grad_accum
+            grad_norm = None
+            if cfg.optim.grad_clip > 0:
+                grad_norm = torch.nn.utils.clip_grad_norm_(
+                    [p for p in model.parameters() if p.requires_grad], cfg.optim.grad_clip
+                ).item()
+            lr = scheduler.get_last_lr()[0]
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            dt = time.perf_counter() - t0
+            step += 1
+            step_loss = all_reduce_mean(step_loss, info)
+            step_tokens_all = int(all_reduce_sum(step_tokens, info))
+            tokens += step_tokens_all
+            losses.append(step_loss)
+            last_loss = step_loss
+            if cfg.log_every and (step % cfg.log_every == 0 or step == stop_at):
+                row = {
+                    "loss": step_loss, "lr": lr, "tokens": tokens, "tokens_per_s": step_tokens_all / dt,
+                    "step_time_s": dt, "grad_norm": grad_norm,
+                    "mfu": mfu(flops.step_flops(step_tokens, cfg.batch.seq_len, step_crops), dt, peak),
+                    **{k: all_reduce_mean(v, info) for k, v in extras.items()},
+                }
+                if device.type == "cuda":
+                    row["max_memory_gb"] = torch.cuda.max_memory_allocated(device) / 2**30
+                metrics.log(step, row)
+            bar.update(task, completed=step, description=f"{cfg.name} loss {step_loss:.3f}")
+            if cfg.checkpoint_every and step % cfg.checkpoint_every == 0 and step < stop_at:
+                checkpoint(step)
+    metrics.close()
+    checkpoint(step)
+
+    final = None
+    if step >= steps_total:
+        final = out / "final"
+        save_final(model, processor, final, cfg, info)
+    result = StageResult(cfg.stage, cfg.name, out, final, step, tokens, last_loss, losses, pinfo, run_id)
+    if record and info.is_main:
+        _record(result, cfg, started, manifest, db)
+    return result
+
+
+def save_final(model, processor, final: Path, cfg: StageConfig, info: DistInfo) -> None:
+    """The stage's output model dir: merged LoRA on request, else base model + `adapter/`."""
+    from train.export import export_model
+
+    export_model(model, processor, final, merge=cfg.lora.merge, info=info)
+
+
+def _record(result: StageResult, cfg: StageConfig, started: datetime, manifest, db) -> None:
+    from core.catalog import Catalog
+
+    with Catalog(db) as cat:
+        cat.record_run(
+            run_id=result.run_id, stage=cfg.stage, kind="lora" if cfg.lora.enabled else "full",
+            config_path=str(Path(cfg.source).resolve()) if cfg.source else None,
+            manifest=str(Path(manifest).resolve()) if isinstance(manifest, (str, Path)) else manifest.name,
+            started_at=started, finished_at=datetime.now(timezone.utc), steps=result.steps, tokens=result.tokens,
+            final_loss=result.final_loss,
+            checkpoint=str(result.final_dir.resolve()) if result.final_dir else None,
+            status="finished" if result.final_dir else "stopped",
+            metrics_path=str((result.output_dir / "metrics.jsonl").resolve()),
+        )
