@@ -1,0 +1,197 @@
+"""`blip3 audit SHARDS -o DIR`: look at caption shards before training on them.
+
+Writes `DIR/index.html`, a contact sheet of sampled images (reservoir sample, seeded) with the
+OCR boxes (red: the polygon when there is one, else the normalised bbox) and the object boxes
+(blue, with label and score) drawn on them, each with its key and caption; the drawn images in
+`DIR/images/`; and PNG histograms over *all* scanned samples: caption lengths, boxes per image,
+OCR confidence (and detector scores). Boxes are drawn into the pixels (not overlaid in CSS), so
+the sheet shows exactly what the coordinates say on any viewer.
+
+The page counts its own images once loaded (`data-images-loaded` on `<body>`, and in its
+header), so a broken image is visible to a person and to a headless-browser check alike.
+"""
+
+from __future__ import annotations
+
+import html
+import io
+import json
+import random
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from PIL import Image, ImageDraw, UnidentifiedImageError
+
+from core.shards import iter_shard
+from mixture.sources import resolve_shards
+from mixture.tar_index import is_image_ext
+
+THUMB_WIDTH = 320
+OCR_COLOR = (230, 20, 20)
+OBJECT_COLOR = (20, 90, 230)
+
+
+@dataclass
+class AuditResult:
+    html: Path
+    scanned: int
+    shown: int
+    plots: list[Path] = field(default_factory=list)
+
+
+@dataclass
+class _Card:
+    key: str
+    shard: str
+    caption: str
+    image: bytes | None
+    entries: list[dict]
+    objects: list[dict]
+
+
+def _boxes(rec: dict) -> tuple[list[dict], list[dict]]:
+    meta = rec.get("metadata") if isinstance(rec.get("metadata"), dict) else {}
+    entries = [e for e in meta.get("entries") or [] if isinstance(e, dict)]
+    objects = [o for o in (rec.get("objects") or meta.get("objects") or []) if isinstance(o, dict)]
+    return entries, objects
+
+
+def _scaled_box(bbox, w: int, h: int) -> list[float] | None:
+    try:
+        x1, y1, x2, y2 = (float(v) for v in bbox)
+    except (TypeError, ValueError):
+        return None
+    return [x1 * w, y1 * h, x2 * w, y2 * h]
+
+
+def render_card_image(card: _Card) -> Image.Image | None:
+    """The sample's image, scaled to THUMB_WIDTH, with its OCR and object boxes drawn."""
+    if card.image is None:
+        return None
+    try:
+        img = Image.open(io.BytesIO(card.image))
+        img.load()
+    except (UnidentifiedImageError, OSError):
+        return None
+    img = img.convert("RGB")
+    ow, oh = img.size
+    scale = THUMB_WIDTH / max(ow, 1)
+    img = img.resize((THUMB_WIDTH, max(1, round(oh * scale))), Image.Resampling.BILINEAR)
+    w, h = img.size
+    d = ImageDraw.Draw(img)
+    for e in card.entries:
+        poly = e.get("polygon")
+        if isinstance(poly, list) and len(poly) >= 3:
+            d.polygon([(float(x) * scale, float(y) * scale) for x, y in poly], outline=OCR_COLOR, width=2)
+        elif (box := _scaled_box(e.get("bbox"), w, h)) is not None:
+            d.rectangle(box, outline=OCR_COLOR, width=2)
+    for o in card.objects:
+        box = _scaled_box(o.get("bbox"), w, h)
+        if box is None:
+            continue
+        d.rectangle(box, outline=OBJECT_COLOR, width=2)
+        label = f"{o.get('label', '?')} {o.get('score', '')}".strip()
+        d.text((box[0] + 2, box[1] + 1), label, fill=OBJECT_COLOR)
+    return img
+
+
+def write_audit(shards: str | Path, out: str | Path, *, n: int = 48, seed: int = 0) -> AuditResult:
+    """Scan `shards`, draw a reservoir sample of `n` on a contact sheet, plot the histograms."""
+    out = Path(out)
+    (out / "images").mkdir(parents=True, exist_ok=True)
+    rng = random.Random(seed)
+    chosen: list[_Card] = []
+    lengths: list[int] = []
+    boxes: list[int] = []
+    ocr_conf: list[float] = []
+    obj_score: list[float] = []
+    scanned = 0
+    for tar in resolve_shards(shards):
+        for sample in iter_shard(tar):
+            try:
+                rec = json.loads(sample["json"]) if "json" in sample else {}
+            except (json.JSONDecodeError, UnicodeDecodeError):
+                rec = {}
+            caption = sample["txt"].decode("utf-8", errors="replace") if "txt" in sample else ""
+            entries, objects = _boxes(rec)
+            lengths.append(len(caption))
+            boxes.append(len(entries) + len(objects))
+            ocr_conf += [float(e["confidence"]) for e in entries if isinstance(e.get("confidence"), (int, float))]
+            obj_score += [float(o["score"]) for o in objects if isinstance(o.get("score"), (int, float))]
+            scanned += 1
+            slot = len(chosen) if len(chosen) < n else rng.randrange(scanned)
+            if slot < n:
+                image = next((v for k, v in sample.items() if not k.startswith("__") and is_image_ext(k)), None)
+                card = _Card(sample["__key__"], Path(tar).name, caption, image, entries, objects)
+                if slot == len(chosen):
+                    chosen.append(card)
+                else:
+                    chosen[slot] = card
+    chosen.sort(key=lambda c: (c.shard, c.key))
+    cards_html = []
+    for i, card in enumerate(chosen):
+        img = render_card_image(card)
+        if img is None:
+            figure = '<div class="broken">image does not decode</div>'
+        else:
+            name = f"images/{i:04d}.jpg"
+            img.save(out / name, format="JPEG", quality=85)
+            figure = f'<img src="{name}" width="{img.width}" height="{img.height}" alt="{html.escape(card.key)}">'
+        legend = "".join(
+            f'<li class="ocr">{html.escape(str(e.get("text", "")))} '
+            f'<span>{e.get("confidence", "")}</span></li>' for e in card.entries
+        ) + "".join(
+            f'<li class="obj">{html.escape(str(o.get("label", "")))} <span>{o.get("score", "")}</span></li>'
+            for o in card.objects
+        )
+        cards_html.append(
+            f'<figure class="card">{figure}<figcaption><b>{html.escape(card.key)}</b> '
+            f'<small>{html.escape(card.shard)}</small><p>{html.escape(card.caption)}</p>'
+            f'<ul>{legend}</ul></figcaption></figure>'
+        )
+    from mixture.plots import plot_histograms
+
+    plots = plot_histograms(out, lengths=lengths, boxes=boxes, ocr_conf=ocr_conf, obj_score=obj_score)
+    page = _PAGE.format(
+        title=html.escape(str(shards)), scanned=scanned, shown=len(chosen),
+        plots="".join(f'<img class="plot" src="{p.name}" alt="{p.stem}">' for p in plots),
+        cards="\n".join(cards_html),
+    )
+    index = out / "index.html"
+    index.write_text(page)
+    return AuditResult(index, scanned, len(chosen), plots)
+
+
+_PAGE = """<!doctype html>
+<html lang="en"><head><meta charset="utf-8"><title>audit: {title}</title>
+<style>
+body {{ font-family: sans-serif; margin: 16px; background: #fafafa; }}
+header p {{ color: #444; }}
+.plots {{ display: flex; flex-wrap: wrap; gap: 8px; }}
+.plot {{ width: 360px; border: 1px solid #ddd; background: #fff; }}
+.sheet {{ display: grid; grid-template-columns: repeat(auto-fill, minmax(330px, 1fr)); gap: 10px; }}
+.card {{ margin: 0; padding: 5px; background: #fff; border: 1px solid #ddd; }}
+.card p {{ font-size: 12px; margin: 4px 0; }}
+.card ul {{ font-size: 11px; margin: 0; padding-left: 16px; }}
+.ocr {{ color: rgb(230, 20, 20); }} .obj {{ color: rgb(20, 90, 230); }}
+.broken {{ width: 320px; height: 60px; background: #fdd; }}
+</style></head>
+<body data-images-loaded="pending">
+<header><h1>Audit of {title}</h1>
+<p>{shown} of {scanned} samples shown. Red: OCR boxes; blue: objects.
+<span id="loaded">Images loaded: checking...</span></p></header>
+<section class="plots">{plots}</section>
+<section class="sheet">
+{cards}
+</section>
+<script>
+window.addEventListener("load", () => {{
+  const imgs = Array.from(document.images);
+  const ok = imgs.filter(i => i.complete && i.naturalWidth > 0).length;
+  document.body.dataset.imagesLoaded = ok + "/" + imgs.length;
+  document.getElementById("loaded").textContent = "Images loaded: " + ok + " of " + imgs.length;
+}});
+</script>
+</body></html>
+"""
+
