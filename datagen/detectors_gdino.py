@@ -93,7 +93,8 @@ class HFGroundingDino:
             self.processor = AutoProcessor.from_pretrained(self.model_dir, local_files_only=True)
             self.model = AutoModelForZeroShotObjectDetection.from_pretrained(self.model_dir, local_files_only=True)
         except OSError as e:
-            raise MissingWeightsError(f"cannot load Grounding DINO from {self.model_dir}: {e}".splitlines()[0]) from None
+            first_line = str(e).splitlines()[0] if str(e) else type(e).__name__
+            raise MissingWeightsError(f"cannot load Grounding DINO from {self.model_dir}: {first_line}") from None
         self.model.to(self.device).eval()
 
     def detect(self, image: Image.Image, tags: Sequence[str], limits: DetectionLimits) -> list[GroundedObject]:

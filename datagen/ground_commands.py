@@ -52,7 +52,8 @@ def ground(
 
     config = make_config(
         detector=detector, tags=tags, vocab=vocab, model=model, gdino_config=gdino_config,
-        annotations=annotations, include_crowd=include_crowd, drop_empty=drop_empty, clip_model=clip_model, clip_top_k=clip_top_k,
+        annotations=annotations, include_crowd=include_crowd, drop_empty=drop_empty, clip_model=clip_model,
+        clip_top_k=clip_top_k,
         limits=DetectionLimits(box_threshold, text_threshold, nms_iou, min_area, max_objects),
         caption_format=caption_format, caption_style=caption_style,
     )

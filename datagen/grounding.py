@@ -142,8 +142,8 @@ def make_config(
     return GroundingConfig(
         detector=detector, tags=tags, vocab=words, model_dir=model_dir,
         gdino_config=str(gdino_config) if gdino_config else None, annotations=ann_path,
-        include_crowd=include_crowd, drop_empty=drop_empty, clip_model=clip_dir, clip_top_k=clip_top_k, limits=limits,
-        caption_format=caption_format, caption_style=caption_style, lead_in=lead_in,
+        include_crowd=include_crowd, drop_empty=drop_empty, clip_model=clip_dir, clip_top_k=clip_top_k,
+        limits=limits, caption_format=caption_format, caption_style=caption_style, lead_in=lead_in,
         also_lead_in=also_lead_in, device=device,
     )
 
@@ -185,7 +185,7 @@ class GroundingAnnotator:
         if c.tags == "clip":
             from datagen.tags_clip import ClipTagger
 
-            self._clip = ClipTagger(c.clip_model, c.vocab, top_k=c.clip_top_k, device=c.device)  # type: ignore[arg-type]
+            self._clip = ClipTagger(c.clip_model or "", c.vocab, top_k=c.clip_top_k, device=c.device)
             self._clip.load()
 
     def tags_for(self, image: Image.Image, sample: InputSample) -> list[str]:

@@ -74,7 +74,8 @@ def test_tag_caption_reading_order():
     assert tag_caption([GARMENT, neck], "positional") == (
         "The image contains neckband (above the center), garment (at the bottom right corner)."
     )
-    assert tag_caption([neck], "bbox", lead_in="") == "<object>neckband</object><bbox>[0.400, 0.100][0.600, 0.300]</bbox>."
+    assert tag_caption([neck], "bbox", lead_in="") == (
+        "<object>neckband</object><bbox>[0.400, 0.100][0.600, 0.300]</bbox>.")
     assert tag_caption([], "textual") == ""
 
 
