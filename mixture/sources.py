@@ -173,11 +173,25 @@ def add_source(cat: Catalog, name: str, path: str | Path, kind: str, counter: To
     if kind not in SOURCE_KINDS:
         raise UserError(f"unknown kind {kind!r}; one of {', '.join(SOURCE_KINDS)}", field="--kind")
     p = Path(path)
-    if _our_layout(p):
+    ours = _our_layout(p)
+    tars = [str(i.tar.resolve()) for i in list_shards(p)] if ours else [str(t) for t in resolve_shards(path)]
+    taken = cat.con.execute(
+        "SELECT path, source FROM shards WHERE source <> ? AND path IN (SELECT unnest(?::VARCHAR[]))", [name, tars]
+    ).fetchone()
+    if taken:
+        raise UserError(f"shard {taken[0]} already belongs to source {taken[1]!r} (a shard is in one source)",
+                        field="NAME")
+    if ours:
         added = cat.add_output(p, source=name, kind=kind).added
     else:
+        new = cat.con.execute("SELECT 1 FROM sources WHERE name = ?", [name]).fetchone() is None
         cat.upsert_source(name, kind, p)
-        added = _add_foreign(cat, name, resolve_shards(path), kind, counter)
+        try:
+            added = _add_foreign(cat, name, [Path(t) for t in tars], kind, counter)
+        except UserError:
+            if new:  # a source that failed on its first add leaves no empty row behind
+                cat.con.execute("DELETE FROM sources WHERE name = ?", [name])
+            raise
     con = cat.con
     meta = json.loads(con.execute("SELECT meta FROM sources WHERE name = ?", [name]).fetchone()[0] or "{}")
     recount = "tokenizer" in meta and (

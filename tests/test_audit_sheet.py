@@ -1,0 +1,92 @@
+"""`blip3 audit`: contact sheet with boxes drawn, histograms, and the page rendered in Chromium."""
+
+from __future__ import annotations
+
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+from PIL import Image
+from typer.testing import CliRunner
+
+from cli import app
+from mixture.audit import OBJECT_COLOR, OCR_COLOR, _Card, render_card_image
+from mixture.tiny_sources import _image
+from tests.mixture_fixtures import tiny_sources  # noqa: F401  (fixture)
+
+
+@pytest.fixture(scope="module")
+def audit_dir(tmp_path_factory, tiny_sources):  # noqa: F811
+    out = tmp_path_factory.mktemp("audit")
+    pattern = str(Path(tiny_sources["caption-ocr"]).parent / "caption-{ocr,grounding}")
+    r = CliRunner().invoke(app, ["audit", pattern, "-o", str(out), "-n", "16", "--seed", "1"])
+    assert r.exit_code == 0, r.output
+    return out
+
+
+def test_sheet_lists_sampled_images_with_captions_and_histograms(audit_dir):
+    page = (audit_dir / "index.html").read_text()
+    imgs = re.findall(r'<img src="(images/\d+\.jpg)"', page)
+    assert len(imgs) == 16 and all((audit_dir / p).is_file() for p in imgs)
+    assert "16 of 96 samples shown" in page
+    assert page.count('class="card"') == 16 and "The image contains" in page
+    for name in ("caption_lengths.png", "boxes_per_image.png", "confidence.png"):
+        im = Image.open(audit_dir / name)
+        assert im.size[0] > 300 and len(set(im.convert("RGB").getdata())) > 20
+        assert f'src="{name}"' in page
+
+
+def _count_color(img: Image.Image, color) -> int:
+    return sum(1 for px in img.getdata() if all(abs(a - b) < 30 for a, b in zip(px, color)))
+
+
+def test_boxes_are_drawn_where_the_coordinates_say():
+    import random
+
+    jpg, _ = _image(random.Random(0), 96, 64)
+    plain = render_card_image(_Card("k", "s", "", jpg, [], []))
+    drawn = render_card_image(_Card(
+        "k", "s", "", jpg,
+        [{"text": "A", "bbox": [0.1, 0.1, 0.5, 0.5], "confidence": 0.9}],
+        [{"label": "dog", "bbox": [0.5, 0.5, 0.9, 0.9], "score": 0.8}],
+    ))
+    assert plain.size == drawn.size == (320, 213)
+    assert _count_color(drawn, OCR_COLOR) > _count_color(plain, OCR_COLOR) + 100
+    assert _count_color(drawn, OBJECT_COLOR) > _count_color(plain, OBJECT_COLOR) + 100
+    # the OCR box's top-left corner is at (0.1, 0.1) of the thumbnail
+    x, y = round(0.1 * 320), round(0.1 * 213)
+    assert any(all(abs(a - b) < 30 for a, b in zip(drawn.getpixel((x + dx, y + dy)), OCR_COLOR))
+               for dx in range(-1, 2) for dy in range(-1, 2))
+    assert render_card_image(_Card("k", "s", "", b"not an image", [], [])) is None
+
+
+def _chromium(args: list[str], tmp: Path) -> subprocess.CompletedProcess:
+    exe = shutil.which("chromium") or shutil.which("chromium-browser")
+    if exe is None:
+        pytest.fail("chromium is not installed (apt-get install -y chromium; .ci/run installs it)")
+    base = [exe, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+            "--disable-background-networking", "--disable-component-update", "--disable-sync",
+            f"--user-data-dir={tmp / 'profile'}", "--virtual-time-budget=5000"]
+    return subprocess.run(base + args, capture_output=True, text=True, timeout=120)
+
+
+@pytest.mark.browser
+def test_sheet_renders_its_images_in_chromium(audit_dir, tmp_path):
+    url = (audit_dir / "index.html").resolve().as_uri()
+    dom = _chromium(["--dump-dom", url], tmp_path).stdout
+    loaded = re.search(r'data-images-loaded="(\d+)/(\d+)"', dom)
+    assert loaded, dom[:500]
+    assert loaded.group(1) == loaded.group(2) == "19"  # 16 thumbnails + 3 histograms
+
+    shot = tmp_path / "shot.png"
+    _chromium([f"--screenshot={shot}", "--window-size=1200,900", url], tmp_path)
+    img = Image.open(shot).convert("RGB")
+    assert img.size == (1200, 900) and len(set(img.getdata())) > 500  # pictures, not a blank page
+
+    broken = tmp_path / "broken"
+    shutil.copytree(audit_dir, broken)
+    (broken / "images" / "0003.jpg").unlink()
+    dom = _chromium(["--dump-dom", (broken / "index.html").as_uri()], tmp_path).stdout
+    assert 'data-images-loaded="18/19"' in dom  # the check does fail when an image is missing

@@ -1,0 +1,175 @@
+"""Sources in the catalog, and the SQL views answering on a real catalog built by the commands."""
+
+from __future__ import annotations
+
+import io
+import json
+import tarfile
+from pathlib import Path
+
+import pytest
+from PIL import Image
+from typer.testing import CliRunner
+
+from cli import app
+from core.catalog import Catalog
+from core.errors import UserError
+from core.sql import run_query
+from mixture.build import build_manifest
+from mixture.sources import add_source, scan_shard
+from mixture.tokens import ESTIMATE_LABEL, TokenCounter
+from tests.mixture_fixtures import tiny_sources, write_spec  # noqa: F401  (fixture)
+
+runner = CliRunner()
+
+
+def _cli(*args: str) -> str:
+    r = runner.invoke(app, list(args))
+    assert r.exit_code == 0, r.output
+    return r.output
+
+
+@pytest.fixture(scope="module")
+def mixed_catalog(tmp_path_factory, tiny_sources):  # noqa: F811
+    """Sources added through the CLI, a mixture built and recorded: (db, manifest path)."""
+    tmp = tmp_path_factory.mktemp("mixcat")
+    db = str(tmp / "cat.duckdb")
+    for name, kind in [("caption-ocr", "caption"), ("caption-grounding", "caption"), ("interleaved", "interleaved"),
+                       ("sft", "sft")]:
+        _cli("source", "add", name, str(tiny_sources[name]), "--kind", kind, "--db", db)
+    spec = write_spec(tmp / "spec.yaml", [{"name": "caption-ocr", "weight": 0.5}, {"name": "caption-grounding", "weight": 0.2},
+                                          {"name": "interleaved", "weight": 0.2}, {"name": "sft", "weight": 0.1}],
+                      name="mixed", seed=3, target={"samples": 1000})
+    _cli("mix", "build", str(spec), "-o", str(tmp / "mixed.yaml"), "--db", db)
+    return db, tmp / "mixed.yaml"
+
+
+def _rows(sql: str, db) -> list[dict]:
+    return run_query(sql, db).to_pylist()
+
+
+def test_sources_are_registered_with_tokens(mixed_catalog, tiny_sources):  # noqa: F811
+    db, _ = mixed_catalog
+    rows = {r["source"]: r for r in _rows("SELECT * FROM v_source_tokens", db)}
+    assert set(rows) == {"caption-ocr", "caption-grounding", "interleaved", "sft"}
+    scanned = sum(scan_shard(t, "interleaved", TokenCounter()).tokens for t in sorted(tiny_sources["interleaved"].glob("*.tar")))
+    assert rows["interleaved"]["tokens"] == scanned and rows["interleaved"]["samples"] == 48
+    assert rows["sft"]["tokenizer"] == ESTIMATE_LABEL and rows["sft"]["token_count"] == "estimate"
+    # images cost 128 vision tokens each: a caption sample is one image plus a short caption
+    assert 128 < rows["caption-ocr"]["tokens_per_sample"] < 128 + 40
+
+
+def test_mixture_views_answer(mixed_catalog):
+    db, manifest = mixed_catalog
+    weights = {r["source"]: r for r in _rows("SELECT * FROM v_mixture_weights WHERE mixture = 'mixed'", db)}
+    assert weights["caption-ocr"]["target_weight"] == 0.5
+    assert all(abs(r["weight_error"]) < 1e-3 for r in weights.values())
+    assert weights["caption-ocr"]["epochs"] == pytest.approx(500 / 48, abs=1e-3)
+    summary = _rows("SELECT * FROM v_mixture_summary", db)[0]
+    assert (summary["mixture"], summary["samples"], summary["sources"]) == ("mixed", 1000, 4)
+    assert Path(summary["manifest_path"]) == manifest.resolve()
+    plan = {r["source"]: r for r in _rows("SELECT * FROM v_mixture_sources", db)}
+    assert sum(r["planned_tokens"] for r in plan.values()) == summary["tokens"]
+    assert sum(r["token_share"] for r in plan.values()) == pytest.approx(1, abs=1e-5)
+
+
+def test_coverage_lengths_and_failures(mixed_catalog, tiny_sources):  # noqa: F811
+    db, _ = mixed_catalog
+    cov = {r["source"]: r for r in _rows("SELECT * FROM v_coverage", db)}
+    with_text = 0
+    for tar in sorted(tiny_sources["caption-ocr"].glob("*.tar")):
+        with tarfile.open(tar) as t:
+            for m in t.getmembers():
+                if m.name.endswith(".json"):
+                    with_text += bool(json.load(t.extractfile(m))["metadata"]["entries"])
+    assert cov["caption-ocr"]["text_share"] == pytest.approx(with_text / 48, abs=1e-4)
+    assert cov["caption-ocr"]["object_share"] == 0 and 0 < cov["caption-grounding"]["object_share"] < 1
+    buckets = _rows("SELECT * FROM v_caption_lengths WHERE source = 'caption-ocr'", db)
+    assert sum(b["n"] for b in buckets) == 48 and sum(b["share"] for b in buckets) == pytest.approx(1, abs=1e-3)
+    q = _rows("SELECT * FROM v_caption_length_quantiles WHERE source = 'caption-ocr'", db)[0]
+    assert q["min"] <= q["p10"] <= q["p50"] <= q["p90"] <= q["max"]
+    fails = _rows("SELECT * FROM v_failure_share ORDER BY source", db)
+    assert [(f["source"], f["reason"], f["n"], f["inputs"]) for f in fails] == [
+        ("caption-grounding", "too_large", 1, 49), ("caption-ocr", "decode", 2, 50)]
+
+
+def test_mix_stats_command_and_sql(mixed_catalog):
+    db, _ = mixed_catalog
+    out = _cli("mix", "stats", "mixed", "--db", db, "--format", "csv")
+    for title in ("weights, tokens and epochs per source", "OCR / grounding coverage", "failure reasons"):
+        assert f"# {title}" in out
+    assert '"caption-ocr","caption",0.5,0.5,' in out
+    sql_out = _cli("sql", "SELECT source, epochs FROM v_mixture_weights ORDER BY source", "--db", db, "--format", "json")
+    assert json.loads(sql_out.splitlines()[0]) == {"source": "caption-grounding", "epochs": pytest.approx(200 / 48, abs=1e-3)}
+    r = runner.invoke(app, ["mix", "stats", "nope", "--db", db])
+    assert isinstance(r.exception, UserError) and "no mixture 'nope'" in str(r.exception)
+
+
+def test_mix_plot_and_sample_commands(mixed_catalog, tmp_path):
+    db, manifest = mixed_catalog
+    _cli("mix", "plot", "mixed", "-o", str(tmp_path / "mix.png"), "--db", db)
+    img = Image.open(tmp_path / "mix.png")
+    assert img.size[0] > 800 and len(set(img.convert("RGB").getdata())) > 50
+    _cli("mix", "sample", str(manifest), "-n", "40", "--seed", "3", "--out", str(tmp_path / "s.jsonl"))
+    lines = [json.loads(x) for x in (tmp_path / "s.jsonl").read_text().splitlines()]
+    assert len(lines) == 40 and all({"source", "key", "kind", "epoch"} <= set(x) for x in lines)
+    assert sum(x["source"] == "caption-ocr" for x in lines) == 20
+
+
+def test_source_add_is_idempotent_and_recounts_with_a_new_tokenizer(tmp_path, tiny_sources):  # noqa: F811
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"[UNK]": 0, **{w: i + 1 for i, w in enumerate(["open", "shop", "cafe", "exit", "sale", "."])}}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok_dir = tmp_path / "tok"
+    PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]").save_pretrained(tok_dir)
+
+    db = tmp_path / "c.duckdb"
+    with Catalog(db) as cat:
+        first = add_source(cat, "docs", tiny_sources["interleaved"], "interleaved", TokenCounter())
+        again = add_source(cat, "docs", tiny_sources["interleaved"], "interleaved", TokenCounter())
+        assert (again.added, again.tokens, again.samples) == (0, first.tokens, first.samples)
+        assert cat.con.execute("SELECT count(*) FROM samples WHERE source = 'docs'").fetchone()[0] == 48
+        hf = add_source(cat, "docs", tiny_sources["interleaved"], "interleaved", TokenCounter(tok_dir))
+    assert hf.tokenizer == "hf:tok" and hf.tokens != first.tokens
+    counter = TokenCounter(tok_dir)
+    assert counter.text("open shop. sale") == 4
+    expected = sum(scan_shard(t, "interleaved", counter).tokens for t in sorted(tiny_sources["interleaved"].glob("*.tar")))
+    assert hf.tokens == expected
+    spec = write_spec(tmp_path / "s.yaml", [{"name": "docs", "weight": 1}])
+    with pytest.raises(UserError, match=r"sources\[0\]\.name: source 'docs' was counted with tokenizer hf:tok"):
+        build_manifest(spec, db=db)
+    assert build_manifest(spec, db=db, tokenizer=tok_dir).sources[0].tokens == expected
+
+
+def _foreign_tar(path: Path, n: int) -> None:
+    """An img2dataset-style tar (jpg/txt/json members, no sidecars of ours)."""
+    with tarfile.open(path, "w") as t:
+        for i in range(n):
+            buf = io.BytesIO()
+            Image.new("RGB", (10, 10), (i, 0, 0)).save(buf, format="JPEG")
+            for ext, data in (("jpg", buf.getvalue()), ("txt", f"photo {i}".encode()),
+                              ("json", json.dumps({"url": f"http://x/{i}", "width": 10, "height": 10}).encode())):
+                info = tarfile.TarInfo(f"{i:09d}.{ext}")
+                info.size = len(data)
+                t.addfile(info, io.BytesIO(data))
+
+
+def test_foreign_webdataset_shards_become_a_source(tmp_path):
+    (tmp_path / "wds").mkdir()
+    _foreign_tar(tmp_path / "wds" / "00000.tar", 5)
+    _foreign_tar(tmp_path / "wds" / "00001.tar", 3)
+    (tmp_path / "wds" / "00000_stats.json").write_text(json.dumps({"count": 5, "successes": 5}))  # img2dataset's
+    db = str(tmp_path / "c.duckdb")
+    _cli("source", "add", "cc-mini", str(tmp_path / "wds" / "{00000..00001}.tar"), "--db", db)
+    row = _rows("SELECT * FROM v_source_summary WHERE source = 'cc-mini'", db)[0]
+    assert (row["shards"], row["samples"], row["ok"], row["mean_caption_chars"]) == (2, 8, 8, 7.0)
+    taken = runner.invoke(app, ["source", "add", "x", str(tmp_path / "wds"), "--db", db])
+    assert isinstance(taken.exception, UserError) and "already belongs to source 'cc-mini'" in str(taken.exception)
+    (tmp_path / "other").mkdir()
+    _foreign_tar(tmp_path / "other" / "a.tar", 2)
+    bad = runner.invoke(app, ["source", "add", "x", str(tmp_path / "other"), "--kind", "sft", "--db", db])
+    assert isinstance(bad.exception, UserError) and "json needs 'conversations'" in str(bad.exception)
+    assert _rows("SELECT count(*) AS n FROM sources WHERE name = 'x'", db) == [{"n": 0}]
