@@ -50,8 +50,6 @@ def build_model(cfg: StageConfig, init_path: str | None = None):
 
     path = init_path or cfg.init.path
     if path is not None:
-        if not Path(path).exists():
-            raise UserError(f"no model at {path} (run the previous stage first)", field="init.path", file=cfg.source)
         model, processor = load_model_dir(path)
     else:
         config = get_config(cfg.model)

@@ -1,9 +1,39 @@
-"""CLI commands of `train`."""
+"""CLI commands of `train`: `blip3 train STAGE_OR_PIPELINE.yaml`."""
 
 from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
 
 import typer
 
 
 def register(app: typer.Typer) -> None:
     """Add this package's commands to the `blip3` app."""
+
+    @app.command("train")
+    def train(
+        config: Path = typer.Argument(..., help="A stage YAML or a pipeline YAML (manifests/tiny/pipeline.yaml)."),
+        resume: bool = typer.Option(False, "--resume", help="Continue from the latest checkpoint of each stage."),
+        max_steps: Optional[int] = typer.Option(None, "--max-steps", help="Stop each stage after N steps (checkpointed)."),
+        out: Optional[Path] = typer.Option(None, "--out", help="Put every stage's output under this folder."),
+        db: Optional[Path] = typer.Option(None, "--db", help="Catalog file (default: $BLIP3_DB or ./catalog.duckdb)."),
+    ) -> None:
+        """Train one stage, or a pipeline of stages (each stage's output is the next one's init).
+
+        Multi-GPU: `torchrun --nproc-per-node N -m train CONFIG.yaml` (FSDP2).
+        """
+        from core.errors import UserError
+        from core.logs import console
+        from train.config import load_any
+        from train.pipeline import run_pipeline
+
+        if max_steps is not None and max_steps <= 0:
+            raise UserError("must be > 0", field="--max-steps")
+        pipeline = load_any(config)
+        results = run_pipeline(pipeline, resume=resume, max_steps=max_steps, db=db, out_root=out)
+        for r in results:
+            where = r.final_dir or f"{r.output_dir}/checkpoints (stopped)"
+            loss = "n/a" if r.final_loss is None else f"{r.final_loss:.4f}"
+            console.print(f"[green]{r.name}[/] ({r.stage}): {r.steps} steps, {r.tokens:,} tokens, "
+                          f"final loss {loss}, trainable {100 * r.info['trainable_share']:.2f}% -> {where}")

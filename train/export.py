@@ -51,7 +51,11 @@ def merge_lora(base: dict, adapter: dict, scale: float, adapter_name: str = "def
     return merged
 
 
-def export_model(model, processor, final: Path, *, merge: bool, info: DistInfo) -> None:
+TRAIN_INFO = "train_info.json"
+
+
+def export_model(model, processor, final: Path, *, merge: bool, info: DistInfo, about: dict | None = None) -> None:
+    """`about` (stage, init, steps, loss, trainable share) goes to `train_info.json` beside the weights."""
     from safetensors.torch import save_file
 
     from model.xgenmm import CONFIG_FILE, WEIGHTS_FILE
@@ -79,6 +83,7 @@ def export_model(model, processor, final: Path, *, merge: bool, info: DistInfo) 
         (tmp / CONFIG_FILE).write_text(json.dumps(unwrap(model).config.to_dict(), indent=2))
         save_file(base, str(tmp / WEIGHTS_FILE))
         processor.save_pretrained(tmp)
+        (tmp / TRAIN_INFO).write_text(json.dumps(about or {}, indent=2, default=str))
         if final.exists():
             shutil.rmtree(final)
         tmp.rename(final)

@@ -23,6 +23,7 @@ from pathlib import Path
 
 import torch
 
+from core.errors import UserError
 from core.logs import get_logger, progress
 from train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from train.config import StageConfig
@@ -102,6 +103,9 @@ def train_stage(
     device = info.device
     bf16 = cfg.runtime.precision == "bf16" or (cfg.runtime.precision == "auto" and device.type == "cuda")
     out = Path(cfg.output_dir)
+    start_from = init_path or cfg.init.path
+    if start_from is not None and not Path(start_from).exists():
+        raise UserError(f"no model at {start_from} (run the previous stage first)", field="init.path", file=cfg.source)
     if info.is_main:
         if not resume and out.exists():
             for sub in ("checkpoints", "final", "metrics.jsonl"):
@@ -212,21 +216,23 @@ def train_stage(
     metrics.close()
     checkpoint(step)
 
-    final = None
+    result = StageResult(cfg.stage, cfg.name, out, None, step, tokens, last_loss, losses, pinfo, run_id)
     if step >= steps_total:
-        final = out / "final"
-        save_final(model, processor, final, cfg, info)
-    result = StageResult(cfg.stage, cfg.name, out, final, step, tokens, last_loss, losses, pinfo, run_id)
+        result.final_dir = out / "final"
+        about = {"run_id": run_id, "stage": cfg.stage, "name": cfg.name, "config": cfg.source, "init": start_from,
+                 "steps": step, "tokens": tokens, "final_loss": last_loss, **pinfo,
+                 "lora": cfg.lora.enabled, "merged": cfg.lora.enabled and cfg.lora.merge}
+        save_final(model, processor, result.final_dir, cfg, info, about)
     if record and info.is_main:
         _record(result, cfg, started, manifest, db)
     return result
 
 
-def save_final(model, processor, final: Path, cfg: StageConfig, info: DistInfo) -> None:
+def save_final(model, processor, final: Path, cfg: StageConfig, info: DistInfo, about: dict) -> None:
     """The stage's output model dir: merged LoRA on request, else base model + `adapter/`."""
     from train.export import export_model
 
-    export_model(model, processor, final, merge=cfg.lora.merge, info=info)
+    export_model(model, processor, final, merge=cfg.lora.merge, info=info, about=about)
 
 
 def _record(result: StageResult, cfg: StageConfig, started: datetime, manifest, db) -> None:
