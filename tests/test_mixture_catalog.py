@@ -88,6 +88,9 @@ def test_coverage_lengths_and_failures(mixed_catalog, tiny_sources):  # noqa: F8
     assert sum(b["n"] for b in buckets) == 48 and sum(b["share"] for b in buckets) == pytest.approx(1, abs=1e-3)
     q = _rows("SELECT * FROM v_caption_length_quantiles WHERE source = 'caption-ocr'", db)[0]
     assert q["min"] <= q["p10"] <= q["p50"] <= q["p90"] <= q["max"]
+    ref = _rows("SELECT quantile_disc(caption_length, [0.1, 0.5, 0.9]) AS q FROM samples "
+                "WHERE source = 'caption-ocr' AND status = 'success'", db)[0]["q"]
+    assert [q["p10"], q["p50"], q["p90"]] == ref
     fails = _rows("SELECT * FROM v_failure_share ORDER BY source", db)
     assert [(f["source"], f["reason"], f["n"], f["inputs"]) for f in fails] == [
         ("caption-grounding", "too_large", 1, 49), ("caption-ocr", "decode", 2, 50)]
