@@ -8,6 +8,7 @@ VisionTransformer, whose `forward_features` gives the normed last hidden state) 
 from __future__ import annotations
 
 import copy
+import logging
 
 import torch
 from torch import nn
@@ -22,24 +23,36 @@ def register_open_clip_config(name: str, cfg: dict) -> None:
     factory._MODEL_CONFIGS[name] = copy.deepcopy(cfg)
 
 
+class _QuietRandomInit(logging.Filter):
+    """open_clip warns on every build without weights; random weights are what we asked for."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "No pretrained weights loaded" not in record.getMessage()
+
+
 def build_vision_encoder(config: ModelConfig, checkpoint: str | None = None, device: str | torch.device | None = None) -> nn.Module:
     """open_clip's `.visual` for `config.vision_model`, frozen and in eval mode.
 
     `checkpoint` is a local open_clip checkpoint file (weights of the whole CLIP model); without it
-    the weights are random. Nothing is downloaded. Built on `device` (default: torch's current default device, so `with torch.device("meta")` builds
-    shapes only).
+    the weights are random. Nothing is downloaded. Built on `device` (default: torch's current
+    default device, so `with torch.device("meta")` builds shapes only).
     """
     import open_clip
 
     if config.vision_model_cfg is not None:
         register_open_clip_config(config.vision_model, config.vision_model_cfg)
-    clip = open_clip.create_model(
-        config.vision_model,
-        pretrained=checkpoint,
-        pretrained_text=False,
-        require_pretrained=checkpoint is not None,
-        device=device if device is not None else torch.get_default_device(),
-    )
+    quiet = _QuietRandomInit()
+    logging.getLogger().addFilter(quiet)
+    try:
+        clip = open_clip.create_model(
+            config.vision_model,
+            pretrained=checkpoint,
+            pretrained_text=False,
+            require_pretrained=checkpoint is not None,
+            device=device if device is not None else torch.get_default_device(),
+        )
+    finally:
+        logging.getLogger().removeFilter(quiet)
     visual = clip.visual
     if hasattr(visual, "output_tokens"):
         visual.output_tokens = True
