@@ -59,11 +59,12 @@ def is_image_ext(ext: str) -> bool:
 
 
 def read_members(f, sample: SampleIndex) -> dict[str, bytes]:
-    out = {}
-    for ext, offset, size in sample.members:
-        f.seek(offset)
-        out[ext] = f.read(size)
-    return out
+    """A sample's members are adjacent in the tar: one seek and one read, then slices."""
+    start = sample.members[0][1]
+    end = max(offset + size for _, offset, size in sample.members)
+    f.seek(start)
+    span = memoryview(f.read(end - start))
+    return {ext: bytes(span[offset - start: offset - start + size]) for ext, offset, size in sample.members}
 
 
 def decode_sample(raw: dict[str, bytes], *, key: str, source: str, kind: str, shard: str) -> dict[str, Any]:
