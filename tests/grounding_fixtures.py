@@ -79,7 +79,8 @@ def write_scenes(root: Path) -> dict:
     """Shape scenes + captions + coco.json; returns what the tests check against.
 
     scene_000: red circle (box A) and blue square, plus a crowd region; scene_001: green circle;
-    scene_002: no boxes (listed in the file); unlisted_003: not in the file; broken_004: corrupt.
+    scene_002: no boxes (listed in the file); unlisted_003: not in the file; broken_004: corrupt;
+    `more/été (1)`: a blue square under a file name with a folder, accents, spaces and brackets.
     """
     images_dir = root / "images"
     images_dir.mkdir(parents=True)
@@ -92,6 +93,7 @@ def write_scenes(root: Path) -> dict:
         "scene_001": ([(3, (60, 30, 30, 30))], "A green circle on a white wall."),
         "scene_002": ([], "An empty white wall."),
         "unlisted_003": ([(1, (5, 5, 20, 20))], "A red circle."),
+        "more/été (1)": ([(2, (0, 0, 80, 60))], "Un carré bleu."),  # a key that must be sanitised
     }
     colour_of = {1: "red", 2: "blue", 3: "green"}
     images, annotations = [], []
@@ -101,6 +103,7 @@ def write_scenes(root: Path) -> dict:
         for cat, (x, y, w, h) in boxes:
             shape = d.ellipse if cat in (1, 3) else d.rectangle
             shape((x, y, x + w, y + h), fill=COLOURS[colour_of[cat]])
+        (images_dir / name).parent.mkdir(parents=True, exist_ok=True)
         img.save(images_dir / f"{name}.png")
         (images_dir / f"{name}.txt").write_text(caption)
         if name.startswith("unlisted"):

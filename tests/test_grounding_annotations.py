@@ -8,6 +8,7 @@ from typer.testing import CliRunner
 
 from cli import app
 from core.errors import UserError
+from core.keys import sanitize_key
 from core.shards import list_shards, read_sidecar
 from datagen.annotations import load_annotations
 from tests.grounding_fixtures import grounding_ray, scenes  # noqa: F401  (fixtures)
@@ -86,7 +87,10 @@ def test_coco_end_to_end_through_cli(scenes, tmp_path, grounding_ray):  # noqa: 
     r = CliRunner().invoke(app, args)
     assert r.exit_code == 0, r.output
     samples, rows = _read_back(out)
-    assert sorted(samples) == ["scene_000", "scene_001", "scene_002"]
+    odd = sanitize_key("more/été (1)")  # matched to its COCO entry by its relative path
+    assert sorted(samples) == sorted([odd, "scene_000", "scene_001", "scene_002"])
+    assert samples[odd]["json"]["metadata"]["objects"] == [
+        {"label": "blue square", "bbox": [0.0, 0.0, 0.5, 0.5], "score": 1.0}]
     failed = {k: r["error"].split(":")[0] for k, r in rows.items() if r["status"] != "success"}
     assert failed == {"broken_004": "decode", "unlisted_003": "annotations"}
 

@@ -12,6 +12,7 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from cli import app
+from core.keys import sanitize_key
 from core.shards import list_shards, read_sidecar
 from datagen.detectors import DetectionLimits
 from datagen.detectors_gdino import ENV_VAR, HFGroundingDino
@@ -50,7 +51,8 @@ def test_blip3_ground_with_tiny_model_on_ray(scenes, tiny_gdino, tmp_path, groun
     assert len(infos) == 3 and infos[0].generator["model"] == "tiny-grounding-dino"
     samples = [s for i in infos for s in wds.WebDataset(str(i.tar), shardshuffle=False).decode()]
     rows = [row for i in infos for row in read_sidecar(i.parquet).to_pylist()]
-    assert sorted(s["__key__"] for s in samples) == ["scene_000", "scene_001", "scene_002", "unlisted_003"]
+    assert sorted(s["__key__"] for s in samples) == sorted(
+        ["scene_000", "scene_001", "scene_002", "unlisted_003", sanitize_key("more/été (1)")])
     assert [row["error"].split(":")[0] for row in rows if row["status"] == "failed"] == ["decode"]
     for s in samples:
         objs = s["json"]["metadata"]["objects"]
