@@ -26,11 +26,12 @@ def register(app: typer.Typer) -> None:
         from core.errors import UserError
         from core.logs import console
         from train.config import load_any
-        from train.pipeline import run_pipeline
 
         if max_steps is not None and max_steps <= 0:
             raise UserError("must be > 0", field="--max-steps")
-        pipeline = load_any(config)
+        pipeline = load_any(config)  # validated before torch is even imported
+        from train.pipeline import run_pipeline
+
         results = run_pipeline(pipeline, resume=resume, max_steps=max_steps, db=db, out_root=out)
         for r in results:
             where = r.final_dir or f"{r.output_dir}/checkpoints (stopped)"

@@ -161,6 +161,26 @@ def train_stage(
                         data_state=stream.state_dict(),
                         meta={"tokens": tokens, "run_id": run_id, "stage": cfg.stage, "config": cfg.source})
 
+    def evaluate() -> dict:
+        """Mean loss on `eval_batches` fixed micro-batches drawn with another seed (RNG untouched)."""
+        ev = BatchStream(MixtureLoader(manifest, seed=loader.seed + 1, rank=info.rank, world_size=info.world_size,
+                                       shuffle_buffer=cfg.data.shuffle_buffer, verify="none"),
+                         processor, stage=cfg.stage, micro_batch_size=cfg.batch.micro_batch_size,
+                         seq_len=cfg.batch.seq_len, pack=cfg.batch.pack)
+        model.eval()
+        total, extra_sum = 0.0, {}
+        with torch.no_grad(), torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+            for _ in range(cfg.eval_batches):
+                b = ev.next()
+                b.inputs = _to(b.inputs, device)
+                with _autocast(device, bf16):
+                    loss, extra = compute_loss(model, b, cfg.stage, cfg.dpo.beta)
+                total += loss.item() / cfg.eval_batches
+                for k, v in extra.items():
+                    extra_sum[f"eval_{k}"] = extra_sum.get(f"eval_{k}", 0.0) + v / cfg.eval_batches
+        model.train()
+        return {"eval_loss": all_reduce_mean(total, info), **{k: all_reduce_mean(v, info) for k, v in extra_sum.items()}}
+
     model.train()
     losses: list[float] = []
     last_loss = None
@@ -210,6 +230,8 @@ def train_stage(
                 if device.type == "cuda":
                     row["max_memory_gb"] = torch.cuda.max_memory_allocated(device) / 2**30
                 metrics.log(step, row)
+            if cfg.eval_every and (step % cfg.eval_every == 0 or step == stop_at):
+                metrics.log(step, evaluate())
             bar.update(task, completed=step, description=f"{cfg.name} loss {step_loss:.3f}")
             if cfg.checkpoint_every and step % cfg.checkpoint_every == 0 and step < stop_at:
                 checkpoint(step)

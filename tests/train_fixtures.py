@@ -1,0 +1,41 @@
+"""Shared fixtures of the trainer tests: the tiny five-stage chain, run once per session."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = ROOT / "manifests" / "tiny"
+
+
+@pytest.fixture(scope="session")
+def tiny_chain(tmp_path_factory):
+    """(results, out_root, db) of `manifests/tiny/pipeline.yaml` run end to end on CPU."""
+    from train.config import load_any
+    from train.pipeline import run_pipeline
+
+    os.environ["BLIP3_NO_PROGRESS"] = "1"
+    out = tmp_path_factory.mktemp("tiny-chain")
+    db = out / "catalog.duckdb"
+    results = run_pipeline(load_any(TINY / "pipeline.yaml"), out_root=out, db=db)
+    return results, out, db
+
+
+def tiny_stage(name: str, tmp: Path, **changes):
+    """A tiny stage config with its output under `tmp` and fields replaced (dotted keys allowed)."""
+    from dataclasses import replace
+
+    from train.config import load_stage
+
+    cfg = load_stage(TINY / f"{name}.yaml")
+    cfg.output_dir = str(tmp / name)
+    for key, value in changes.items():
+        if "." in key:
+            group, field = key.split(".")
+            setattr(cfg, group, replace(getattr(cfg, group), **{field: value}))
+        else:
+            setattr(cfg, key, value)
+    return cfg
