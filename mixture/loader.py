@@ -34,6 +34,7 @@ import heapq
 import math
 import zlib
 from bisect import bisect_right
+from itertools import islice
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
@@ -242,14 +243,11 @@ class MixtureLoader(IterableDataset):
 
     def take(self, n: int) -> list[dict[str, Any]]:
         """The next `n` samples (this process's slot); the state advances by `n`."""
-        out = []
-        if n <= 0:
-            return out
-        for sample in self:
-            out.append(sample)
-            if len(out) >= n:
-                break
-        return out
+        it = iter(self)
+        try:
+            return list(islice(it, max(0, n)))
+        finally:
+            it.close()  # closes the tars now, not at garbage collection
 
     def dataloader(
         self, batch_size: int, *, num_workers: int = 0, collate_fn: Callable[[list[dict]], Any] | None = None, **kwargs

@@ -24,6 +24,7 @@ from typing import Any
 import yaml
 
 from core.errors import UserError
+from mixture.tokens import ESTIMATE_LABEL
 
 MANIFEST_VERSION = 1
 KINDS = ("caption", "interleaved", "sft", "dpo")
@@ -76,7 +77,7 @@ class Manifest:
     target: dict[str, int]
     weight_by: str
     sources: list[ManifestSource]
-    tokenizer: str = "estimate:utf8-bytes/4"
+    tokenizer: str = ESTIMATE_LABEL
     vision_tokens_per_image: int = 128
     created_at: str | None = None
     path: str | None = field(default=None, compare=False)  # where it was loaded from (not written)
@@ -159,7 +160,7 @@ def manifest_from_dict(data: Any, *, file: str | Path | None = None) -> Manifest
         target=target,
         weight_by=weight_by,
         sources=sources,
-        tokenizer=str(data.get("tokenizer", "estimate:utf8-bytes/4")),
+        tokenizer=str(data.get("tokenizer", ESTIMATE_LABEL)),
         vision_tokens_per_image=v.integer(data, "vision_tokens_per_image", minimum=0, default=128),
         created_at=data.get("created_at"),
     )

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import pyarrow as pa
+import polars as pl
 
 from core.errors import UserError
 from core.sql import run_query
@@ -34,11 +34,11 @@ def mixture_queries(name: str) -> dict[str, str]:
     }
 
 
-def mixture_stats(name: str, db: str | Path | None = None) -> dict[str, pa.Table]:
-    """Title -> Arrow table of each stats query; UserError when the mixture is not catalogued."""
+def mixture_stats(name: str, db: str | Path | None = None) -> dict[str, pl.DataFrame]:
+    """Title -> polars DataFrame of each stats query; UserError when the mixture is not catalogued."""
     known = run_query(f"SELECT name FROM mixtures WHERE name = {_quote(name)}", db)
     if known.num_rows == 0:
         names = run_query("SELECT name FROM mixtures ORDER BY name", db).column("name").to_pylist()
         raise UserError(f"no mixture {name!r} in the catalog (have: {', '.join(names) or 'none'}); "
                         f"build it with `blip3 mix build`", field="NAME")
-    return {title: run_query(sql, db) for title, sql in mixture_queries(name).items()}
+    return {title: pl.from_arrow(run_query(sql, db)) for title, sql in mixture_queries(name).items()}
