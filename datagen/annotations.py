@@ -15,7 +15,8 @@ Accepted files (the format is detected from the structure):
   normalised by the decoded image's size.
 
 Boxes are normalised by the annotation's own `width`/`height` when it has them (the frame the boxes
-were drawn in), else by the decoded image. An input image is matched to an annotation entry by
+were drawn in), else by the decoded image; boxes are taken to be drawn on the upright image (the
+pipeline applies EXIF orientation before annotating). An input image is matched to an annotation entry by
 file name, file stem, sanitised stem or numeric id (VG files are named `<image_id>.jpg`); an input
 image with no entry fails with reason `annotations` (it was not annotated, which is not the same
 as "annotated with no boxes").
@@ -125,7 +126,7 @@ def _load_coco(data: dict, p: Path, include_crowd: bool) -> AnnotationIndex:
     for j, c in enumerate(data.get("categories") or []):
         if not isinstance(c, dict) or "id" not in c or "name" not in c:
             raise _fail("each category needs id and name", p, f"categories[{j}]")
-        cats[c["id"]] = str(c["name"])
+        cats[c["id"]] = " ".join(str(c["name"]).split())
     by_id: dict[Any, AnnotatedImage] = {}
     for j, im in enumerate(data["images"]):
         if not isinstance(im, dict) or "id" not in im:

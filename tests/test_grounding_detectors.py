@@ -69,8 +69,7 @@ def test_option_combinations(tmp_path):
 
 def test_missing_grounding_dino_names_flag_env_and_cache(tmp_path, monkeypatch):
     monkeypatch.delenv(ENV_VAR, raising=False)
-    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))  # an empty cache
-    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hf" / "hub"))
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_CACHE", str(tmp_path / "hub"))  # an empty cache
     with pytest.raises(MissingWeightsError) as e:
         resolve_grounding_dino(None)
     msg = str(e.value)

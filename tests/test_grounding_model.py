@@ -94,3 +94,25 @@ def test_clip_tags_feed_the_detector(tiny_clip, tiny_gdino, tmp_path):  # noqa: 
     assert ann.metadata["tag_source"] == "clip" and 1 <= len(tags) <= 2 and set(tags) <= set(config.vocab)
     assert 1 <= ann.n_objects <= 3 and {o["label"] for o in ann.metadata["objects"]} <= set(tags)
     assert annotator.generator_info()["clip_model"] == "tiny-clip"
+
+
+def test_hf_cache_is_the_last_lookup(tiny_gdino, tmp_path, monkeypatch):  # noqa: F811
+    """With no flag and no env var, the model comes from the HF cache (local files only)."""
+    import shutil
+
+    from datagen.detectors_gdino import HF_REPO, resolve_grounding_dino
+
+    hub = tmp_path / "hub"
+    repo = hub / ("models--" + HF_REPO.replace("/", "--"))
+    commit = "0" * 40
+    shutil.copytree(tiny_gdino, repo / "snapshots" / commit)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(commit)
+    monkeypatch.delenv(ENV_VAR, raising=False)
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_CACHE", str(hub))  # read at call time
+    found = resolve_grounding_dino(None)
+    assert found == repo / "snapshots" / commit
+    det = HFGroundingDino(found)
+    det.load()
+    assert det.detect(Image.new("RGB", (96, 64)), ["dog"], DetectionLimits(box_threshold=0.0, text_threshold=0.0))
+    assert resolve_grounding_dino(tiny_gdino) == tiny_gdino  # the flag wins over the cache
