@@ -17,7 +17,9 @@ The chunker is deliberately light and dependency-free (no POS tagger, no model).
 - Adjectives are kept as modifiers ("red car"); number words and quantifiers are dropped from the
   front ("two dogs" -> "dogs"); scene words that are not objects ("image", "background", "front",
   "side", "top", "view" ...) are removed, so "in front of" gives nothing.
-- No lemmatisation: "dogs" stays "dogs" (caption insertion matches plurals both ways anyway).
+- No lemmatisation: "dogs" stays "dogs" (caption insertion matches a plural `s`/`es` anyway).
+- Conjunctions always split: "an old black and white photo of a train station" gives
+  "old black", "white", "train station" (no attachment of coordinated modifiers).
 - Phrases are lower-cased and deduplicated, in caption order.
 """
 
