@@ -116,3 +116,20 @@ def test_hf_cache_is_the_last_lookup(tiny_gdino, tmp_path, monkeypatch):  # noqa
     det.load()
     assert det.detect(Image.new("RGB", (96, 64)), ["dog"], DetectionLimits(box_threshold=0.0, text_threshold=0.0))
     assert resolve_grounding_dino(tiny_gdino) == tiny_gdino  # the flag wins over the cache
+
+
+def test_caption_tags_are_grounded_inline(tiny_gdino):  # noqa: F811
+    config = make_config(tags="caption", model=tiny_gdino,
+                         limits=DetectionLimits(box_threshold=0.0, text_threshold=0.0, max_objects=4))
+    annotator = config()
+    annotator.load()
+    sample = InputSample(key="k", image=b"", ext="png", source_caption="A red circle next to a blue square.")
+    ann = annotator.annotate(Image.new("RGB", (120, 80), (250, 250, 250)), sample)
+    assert ann.metadata["tags"] == ["red circle", "blue square"]
+    labels = {o["label"] for o in ann.metadata["objects"]}
+    assert labels and labels <= {"red circle", "blue square"}
+    inline = {c["format"]: c["text"] for c in ann.captions if c["style"] == "inline"}
+    assert ann.default_caption == inline["positional"]
+    for label in labels:
+        assert f"{label} (" in inline["positional"] and f"<object>{label}</object><bbox>[" in inline["bbox"]
+    assert "also contains" not in inline["positional"]  # every label was found in the caption
