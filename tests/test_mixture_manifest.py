@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import shutil
 from pathlib import Path
 
@@ -183,3 +184,25 @@ def test_xgenmm_stage1_spec_builds_over_catalogued_sources(tmp_path, tiny_source
     assert w["vg"] == pytest.approx(0.0125) and sum(w.values()) == pytest.approx(1)
     assert m.target["tokens"] == pytest.approx(1e11, rel=1e-3)
     assert m.source("vg").epochs > 1000  # tiny stand-ins: the plan says how often each repeats
+
+
+def test_cli_prints_one_line_naming_field_and_file(tmp_path):
+    import subprocess
+    import sys
+
+    (tmp_path / "empty").mkdir()
+    cases = [
+        ([{"name": "a", "path": str(tmp_path / "empty"), "kind": "caption", "weight": 1}],
+         r"sources\[0\]\.path: source 'a': .*no \.tar shards found"),
+        ([{"name": "a", "path": "x", "kind": "caption", "weight": 0}], r"sources\[0\]\.weight: must be a number > 0"),
+    ]
+    blip3 = Path(sys.executable).with_name("blip3")
+    for entries, message in cases:
+        spec = write_spec(tmp_path / "bad.yaml", entries)
+        r = subprocess.run([str(blip3), "mix", "build", str(spec), "-o", str(tmp_path / "m.yaml"),
+                            "--db", str(tmp_path / "c.duckdb")], capture_output=True, text=True, timeout=60)
+        assert r.returncode == 2
+        lines = r.stderr.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith(f"error: {spec}: "), r.stderr
+        assert re.search(message, lines[0]), lines[0]
+    assert not (tmp_path / "m.yaml").exists()
