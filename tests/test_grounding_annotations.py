@@ -119,9 +119,12 @@ def test_coco_end_to_end_through_cli(scenes, tmp_path, grounding_ray):  # noqa: 
 
     # re-template without re-detecting: textual tag lists as .txt, objects untouched
     re_out = tmp_path / "retemplated"
-    r = CliRunner().invoke(app, ["retemplate", str(out), str(re_out), "--caption-format", "textual",
-                                 "--caption-style", "tags", "--lead-in", "Objects:"])
+    re_args = ["retemplate", str(out), str(re_out), "--caption-format", "textual", "--caption-style", "tags",
+               "--lead-in", "Objects:"]
+    r = CliRunner().invoke(app, re_args)
     assert r.exit_code == 0, r.output
+    r = CliRunner().invoke(app, re_args)  # same options again: nothing to redo
+    assert "0 shard(s) rewritten (0 rows), 2 already done" in " ".join(r.output.split())
     re_samples, re_rows = _read_back(re_out)
     assert re_samples["scene_000"]["txt"] == (
         "Objects: red circle (starts at [0.075, 0.167] and extends up to [0.375, 0.500]), "
