@@ -181,28 +181,31 @@ def add_source(cat: Catalog, name: str, path: str | Path, kind: str, counter: To
     if taken:
         raise UserError(f"shard {taken[0]} already belongs to source {taken[1]!r} (a shard is in one source)",
                         field="NAME")
+    con = cat.con
+    row = con.execute("SELECT meta FROM sources WHERE name = ?", [name]).fetchone()
+    meta = json.loads(row[0] or "{}") if row else {}
+    recount = "tokenizer" in meta and (
+        meta["tokenizer"] != counter.label or meta.get("vision_tokens_per_image") != counter.vision_tokens_per_image)
     if ours:
+        # Read (and check against the kind) every shard that needs a token count *before* writing
+        # anything, so a wrong --kind leaves the catalog as it was.
+        counted = {r[0] for r in con.execute(
+            "SELECT path FROM shards WHERE source = ? AND n_tokens IS NOT NULL", [name]).fetchall()}
+        tokens = {t: scan_shard(t, kind, counter).tokens for t in tars if recount or t not in counted}
         added = cat.add_output(p, source=name, kind=kind).added
+        for tar, n in tokens.items():
+            con.execute("UPDATE shards SET n_tokens = ? WHERE path = ?", [n, tar])
     else:
-        new = cat.con.execute("SELECT 1 FROM sources WHERE name = ?", [name]).fetchone() is None
         cat.upsert_source(name, kind, p)
         try:
             added = _add_foreign(cat, name, [Path(t) for t in tars], kind, counter)
         except UserError:
-            if new:  # a source that failed on its first add leaves no empty row behind
-                cat.con.execute("DELETE FROM sources WHERE name = ?", [name])
+            if row is None:  # a source that failed on its first add leaves no empty row behind
+                con.execute("DELETE FROM sources WHERE name = ?", [name])
             raise
-    con = cat.con
-    meta = json.loads(con.execute("SELECT meta FROM sources WHERE name = ?", [name]).fetchone()[0] or "{}")
-    recount = "tokenizer" in meta and (
-        meta["tokenizer"] != counter.label or meta.get("vision_tokens_per_image") != counter.vision_tokens_per_image)
-    todo = con.execute(
-        "SELECT path FROM shards WHERE source = ? AND status = 'ok'" + ("" if recount else " AND n_tokens IS NULL"),
-        [name],
-    ).fetchall()
-    for (tar,) in todo:
-        scan = scan_shard(tar, kind, counter)
-        con.execute("UPDATE shards SET n_tokens = ? WHERE path = ?", [scan.tokens, tar])
+        if recount:  # shards kept from an earlier add were counted with another tokenizer
+            for (tar,) in con.execute("SELECT path FROM shards WHERE source = ? AND status = 'ok'", [name]).fetchall():
+                con.execute("UPDATE shards SET n_tokens = ? WHERE path = ?", [scan_shard(tar, kind, counter).tokens, tar])
     meta.update(tokenizer=counter.label, token_count="exact" if counter.exact else "estimate",
                 vision_tokens_per_image=counter.vision_tokens_per_image)
     con.execute(

@@ -176,3 +176,14 @@ def test_foreign_webdataset_shards_become_a_source(tmp_path):
     bad = runner.invoke(app, ["source", "add", "x", str(tmp_path / "other"), "--kind", "sft", "--db", db])
     assert isinstance(bad.exception, UserError) and "json needs 'conversations'" in str(bad.exception)
     assert _rows("SELECT count(*) AS n FROM sources WHERE name = 'x'", db) == [{"n": 0}]
+
+
+def test_wrong_kind_is_refused_before_anything_is_written(tmp_path, tiny_sources):  # noqa: F811
+    db = tmp_path / "c.duckdb"
+    with Catalog(db) as cat:
+        with pytest.raises(UserError, match=r"000000\.tar: sample ocr0000000: json needs 'conversations'"):
+            add_source(cat, "ocr", tiny_sources["caption-ocr"], "sft", TokenCounter())
+        assert cat.con.execute("SELECT count(*) FROM sources").fetchone()[0] == 0
+        assert cat.con.execute("SELECT count(*) FROM shards").fetchone()[0] == 0
+        ok = add_source(cat, "ocr", tiny_sources["caption-ocr"], "caption", TokenCounter())
+    assert (ok.kind, ok.shards, ok.samples) == ("caption", 2, 48)
