@@ -25,6 +25,7 @@ from typing import Any
 from PIL import Image
 
 from core.errors import UserError
+from datagen.annotator import Annotation, SkipSample
 from datagen.detectors import DetectionLimits, filter_objects
 from datagen.grounding_captions import (
     DEFAULT_ALSO_LEAD_IN,
@@ -148,9 +149,9 @@ def make_config(
     )
 
 
-def _sample_names(sample: InputSample) -> list[str | None]:
+def _sample_names(sample: InputSample) -> list[str]:
     """Every name an annotation file may know this image by."""
-    names: list[str | None] = [sample.meta.get(k) for k in ("path", "name", "file_name", "filename")]
+    names = [sample.meta.get(k) for k in ("path", "name", "file_name", "filename")]
     names += [sample.uid, sample.url, sample.key]
     return [str(n) for n in names if n]
 
@@ -198,9 +199,7 @@ class GroundingAnnotator:
             return list(c.vocab)
         return self._clip.tags(image)
 
-    def annotate(self, image: Image.Image, sample: InputSample):
-        from datagen.annotator import Annotation, SkipSample
-
+    def annotate(self, image: Image.Image, sample: InputSample) -> Annotation:
         c = self.config
         extra: dict[str, Any] = {}
         if c.detector == "annotations":
