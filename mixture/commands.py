@@ -90,6 +90,7 @@ def mix_build(
     out: Path = typer.Option(..., "--out", "-o", help="Manifest to write, e.g. manifests/NAME.yaml."),
     tokenizer: Optional[Path] = TokenizerOption,
     crops_per_image: int = CropsOption,
+    verify: str = typer.Option("sha256", "--verify", help="sha256 (re-hash catalogued shards) | size"),
     db: Optional[Path] = DbOption,
 ) -> None:
     """Resolve a spec into the manifest the trainer reads, and record it in the catalog."""
@@ -97,7 +98,8 @@ def mix_build(
     from core.logs import console
     from mixture.build import build_manifest
 
-    m = build_manifest(spec, db=resolve_db(db), out=out, tokenizer=tokenizer, crops_per_image=crops_per_image)
+    m = build_manifest(spec, db=resolve_db(db), out=out, tokenizer=tokenizer, crops_per_image=crops_per_image,
+                       verify=verify)
     console.print(f"[green]{m.name}[/]: {len(m.sources)} sources, {m.target['samples']} samples, "
                   f"{m.target['tokens']} tokens \\[{m.tokenizer}] -> {out}")
     for s in m.sources:

@@ -14,8 +14,9 @@ How samples are chosen, and why each choice:
   simply runs through more epochs; each sample carries its `epoch`.
 - **Shuffling** is by blocks: a slot's stream is cut into blocks of `min(shuffle_buffer, chunk)`
   samples, each block is read into memory and emitted in an order permuted per (seed, source,
-  slot, block). Memory is bounded by one block per source, and a position maps to its block by
-  arithmetic, which is what makes resume exact and cheap.
+  slot, block). Memory is bounded by one block per source (about shuffle_buffer x mean sample
+  bytes x sources, per worker: lower `shuffle_buffer` for many large sources), and a position
+  maps to its block by arithmetic, which is what makes resume exact and cheap.
 - **Interleaving** is deterministic stride scheduling: source `i`'s `c`-th draw is due at time
   `(c + o_i) / w_i` (`w_i` its sampling weight, `o_i` in [0, 1) drawn from the seed) and the
   earliest due draw goes next. After `t` samples every source has been drawn `w_i * t` times

@@ -187,3 +187,9 @@ def test_wrong_kind_is_refused_before_anything_is_written(tmp_path, tiny_sources
         assert cat.con.execute("SELECT count(*) FROM shards").fetchone()[0] == 0
         ok = add_source(cat, "ocr", tiny_sources["caption-ocr"], "caption", TokenCounter())
     assert (ok.kind, ok.shards, ok.samples) == ("caption", 2, 48)
+
+
+def test_source_tiny_command_writes_every_kind(tmp_path):
+    _cli("source", "tiny", str(tmp_path / "t"), "--shards", "1", "--per-shard", "3")
+    for name in ("caption-ocr", "caption-grounding", "interleaved", "sft", "dpo"):
+        assert (tmp_path / "t" / name / "000000.tar").is_file() and (tmp_path / "t" / name / "000000.parquet").is_file()

@@ -206,3 +206,17 @@ def test_cli_prints_one_line_naming_field_and_file(tmp_path):
         assert len(lines) == 1 and lines[0].startswith(f"error: {spec}: "), r.stderr
         assert re.search(message, lines[0]), lines[0]
     assert not (tmp_path / "m.yaml").exists()
+
+
+def test_size_only_verification_skips_hashing_but_still_catches_moves(private_catalog):
+    db, folders, spec = private_catalog
+    tar = folders["caption-ocr"] / "000000.tar"
+    data = bytearray(tar.read_bytes())
+    data[700] ^= 0xFF
+    tar.write_bytes(bytes(data))
+    m = build_manifest(spec, db=db, verify="size", record=False)  # same size: not noticed here ...
+    with pytest.raises(UserError, match="sha256 differs"):
+        MixtureLoader(m)  # ... but the loader's default check hashes
+    tar.unlink()
+    with pytest.raises(UserError, match="is missing"):
+        build_manifest(spec, db=db, verify="size")
