@@ -51,5 +51,13 @@ class Annotator(Protocol):
         """Engine name, version and thresholds, for the stats json (no model load needed)."""
 
 
+class SkipSample(Exception):
+    """Raised by `annotate` to drop a sample on purpose; recorded as failed with `reason: detail`."""
+
+    def __init__(self, reason: str, detail: str):
+        super().__init__(f"{reason}: {detail}")
+        self.error = f"{reason}: {detail}"
+
+
 #: A picklable zero-argument callable returning an (unloaded) annotator.
 AnnotatorFactory = Callable[[], Annotator]

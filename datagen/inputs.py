@@ -13,7 +13,8 @@ A job's input is one of (detected from the path, or named with `--input-format`)
 - `urls`         a parquet / CSV / TSV / JSONL of URLs (`url`, optional `caption`, optional `uid`),
                  fetched through img2dataset into `<output>/.download/` first (see `fetch.py`).
 - `blip3-ocr`    a parquet in the published BLIP3-OCR shape (`uid`, `url`, `captions` JSON,
-                 `metadata` JSON): fetched like `urls`, keeping `uid`.
+                 `metadata` JSON): fetched like `urls`, keeping `uid` (the
+                 captions are made anew by our engine; `blip3 export blip3-ocr` writes this shape).
 
 Enumeration happens in two steps so that a job can be sharded deterministically without holding
 image bytes: `iter_refs` yields light `SampleRef`s (a locator, not the bytes) in a stable order,
@@ -313,7 +314,7 @@ def _webdataset_refs(pattern: str) -> Iterator[SampleRef]:
 
 
 def _img2dataset_refs(folder: Path) -> Iterator[SampleRef]:
-    """Every URL img2dataset tried, in its parquet order; its failures become failed refs."""
+    """Every URL img2dataset tried, by key (= input order); its failures become failed refs."""
     import pyarrow.parquet as pq
 
     parquets = sorted(p for p in folder.glob("*.parquet") if p.stem.isdigit())
@@ -322,7 +323,8 @@ def _img2dataset_refs(folder: Path) -> Iterator[SampleRef]:
     for parquet in parquets:
         tar = parquet.with_suffix(".tar")
         samples = {s.key: s for s in scan_tar(tar)} if tar.is_file() else {}
-        for row in pq.read_table(parquet).to_pylist():
+        # img2dataset writes rows in completion order; its keys follow the input order: sort by key.
+        for row in sorted(pq.read_table(parquet).to_pylist(), key=lambda r: str(r.get("key"))):
             key = str(row.get("key"))
             extra = {"uid": row.get("uid"), "url": row.get("url"), "caption": row.get("caption")}
             if row.get("status") == "success" and key in samples:

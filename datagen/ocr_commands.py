@@ -1,9 +1,72 @@
-"""CLI commands of the ocr engine."""
+"""`blip3 ocr` and `blip3 export blip3-ocr`: thin wrappers over `datagen.ocr` and `datagen.ocr_export`."""
 
 from __future__ import annotations
 
+from pathlib import Path
+from typing import Optional
+
 import typer
+
+from datagen.cli_groups import export_group
 
 
 def register(app: typer.Typer) -> None:
     """Add this engine's commands to the `blip3` app."""
+    app.command("ocr")(ocr)
+    export_group(app).command("blip3-ocr")(export_blip3_ocr)
+
+
+def ocr(
+    input: str = typer.Argument(..., help="Image folder, WebDataset tars/brace pattern, img2dataset folder, "
+                                          "URL list (parquet/csv/tsv/jsonl) or BLIP3-OCR parquet."),
+    output: Path = typer.Argument(..., help="Output folder for NNNNNN.tar shards and sidecars."),
+    engine: str = typer.Option("rapidocr", "--engine", help="rapidocr | paddleocr"),
+    workers: int = typer.Option(2, "--workers", help="OCR actors (one engine each)."),
+    ray_address: Optional[str] = typer.Option(None, "--ray-address", help="Join this Ray cluster instead of a local one."),
+    min_confidence: float = typer.Option(0.5, "--min-confidence", help="Drop OCR entries below this confidence."),
+    shard_size: int = typer.Option(1000, "--shard-size", help="Input samples per shard."),
+    default_granularity: int = typer.Option(4, "--default-granularity", help="Granularity (0-5) of <key>.txt."),
+    input_format: Optional[str] = typer.Option(None, "--input-format",
+                                               help="folder | webdataset | img2dataset | urls | blip3-ocr (default: detect)."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Redo every shard (default: skip finished ones)."),
+    db: Optional[Path] = typer.Option(None, "--db", help="Catalog file (default: $BLIP3_DB or ./catalog.duckdb)."),
+    source: Optional[str] = typer.Option(None, "--source", help="Catalog source name (default: the output folder name)."),
+    lead_in: str = typer.Option("The image contains", "--lead-in", help="Words before the OCR entries."),
+    filler: str = typer.Option("the text", "--filler", help='Words before each entry ("" to strip, as the paper does).'),
+    drop_empty: bool = typer.Option(False, "--drop-empty", help="Record images without text as failed (no_text) instead of keeping them."),
+    paddle_det_dir: Optional[str] = typer.Option(None, "--paddle-det-dir", help="PaddleOCR detection model folder."),
+    paddle_rec_dir: Optional[str] = typer.Option(None, "--paddle-rec-dir", help="PaddleOCR recognition model folder."),
+    limit: Optional[int] = typer.Option(None, "--limit", help="Only the first N input samples."),
+) -> None:
+    """OCR images into BLIP3-OCR caption shards (12 caption variants each) on Ray; resumable."""
+    from core.logs import console
+    from datagen.ocr import run_ocr
+    from datagen.ocr_captions import CaptionStyle
+
+    options = {}
+    if engine == "paddleocr":
+        options = {k: v for k, v in {"det_dir": paddle_det_dir, "rec_dir": paddle_rec_dir}.items() if v}
+    r = run_ocr(input, output, engine=engine, engine_options=options, workers=workers, ray_address=ray_address,
+                min_confidence=min_confidence, shard_size=shard_size, default_granularity=default_granularity,
+                input_format=input_format, overwrite=overwrite, db=db, source=source,
+                style=CaptionStyle(lead_in=lead_in, filler=filler), keep_empty=not drop_empty, limit=limit)
+    reasons = ", ".join(f"{k}: {v}" for k, v in r.failure_reasons.items())
+    console.print(
+        f"[green]{r.output}[/]: {r.shards_written} shard(s) written, {r.shards_skipped} already done; "
+        f"{r.successes} ok, {r.failed} failed{f' ({reasons})' if reasons else ''}; {r.duration_s:.1f}s"
+        + (f"; catalog source [bold]{r.source}[/]" if r.source else ""),
+        highlight=False,
+    )
+
+
+def export_blip3_ocr(
+    output: Path = typer.Argument(..., help="A folder of OCR caption shards (from `blip3 ocr`)."),
+    parquet_dir: Path = typer.Argument(..., help="Where to write parquet files in the published BLIP3-OCR shape."),
+    rows_per_file: int = typer.Option(100_000, "--rows-per-file", help="Rows per parquet file."),
+) -> None:
+    """Export OCR shards to parquet with the published columns: uid, url, captions (JSON), metadata (JSON)."""
+    from core.logs import console
+    from datagen.ocr_export import export_blip3_ocr as run_export
+
+    files, rows = run_export(output, parquet_dir, rows_per_file=rows_per_file)
+    console.print(f"[green]{parquet_dir}[/]: {rows} rows in {len(files)} file(s)", highlight=False)

@@ -33,7 +33,7 @@ from typing import Any, Iterable
 from core.errors import UserError
 from core.logs import get_logger, progress, progress_enabled
 from core.shards import SampleRow, ShardWriter, clean_temporaries, read_stats, shard_complete, shard_paths
-from datagen.annotator import AnnotatorFactory
+from datagen.annotator import AnnotatorFactory, SkipSample
 from datagen.images import ImageLimits, ImageRejected, decode_image
 from datagen.inputs import SampleRef, iter_refs, load_sample
 
@@ -81,6 +81,9 @@ def process_ref(ref: SampleRef, annotator, limits: ImageLimits) -> dict[str, Any
     row.width, row.height = decoded.width, decoded.height
     try:
         ann = annotator.annotate(decoded.image, sample)
+    except SkipSample as e:
+        row.status, row.error = "failed", e.error
+        return _result(row)
     except Exception as e:  # an engine crash on one image must not stop the job; recorded with reason
         row.status, row.error = "failed", f"annotate: {type(e).__name__}: {str(e)[:200]}"
         return _result(row)

@@ -1,0 +1,106 @@
+"""BLIP3-OCR caption generation: the OCR annotator and `run_ocr`, the Python face of `blip3 ocr`.
+
+    from datagen.ocr import run_ocr
+    result = run_ocr("images/", "shards/ocr", engine="rapidocr", workers=2, min_confidence=0.5)
+
+Each sample's `<key>.json` carries `captions` (the 12 variants of `datagen.ocr_captions`) and
+`metadata = {"entries": [...]}` (`datagen.ocr_entries`); `<key>.txt` is the variant at
+`default_granularity`, led by the source caption when the input has one. The caption policy for
+images without text is in `datagen.ocr_captions` (kept, "The image contains no text.").
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from PIL import Image
+
+from core.errors import UserError
+from datagen.annotator import Annotation, SkipSample
+from datagen.inputs import InputSample
+from datagen.ocr_captions import GRANULARITIES, CaptionStyle, build_captions
+from datagen.ocr_engines import ENGINES, OcrEngine, make_engine
+from datagen.ocr_entries import build_entries
+from datagen.pipeline import DEFAULT_SHARD_SIZE, JobResult, run_job
+
+DEFAULT_GRANULARITY = 4
+DEFAULT_MIN_CONFIDENCE = 0.5
+
+
+@dataclass
+class OcrAnnotator:
+    """The OCR annotator; also its own picklable factory (calling it returns a fresh copy)."""
+
+    engine: str = "rapidocr"
+    engine_options: dict[str, Any] = field(default_factory=dict)
+    min_confidence: float = DEFAULT_MIN_CONFIDENCE
+    default_granularity: int = DEFAULT_GRANULARITY
+    style: CaptionStyle = field(default_factory=CaptionStyle)
+    keep_empty: bool = True
+    name: str = "ocr"
+    _engine: OcrEngine | None = field(default=None, repr=False)
+
+    def __post_init__(self) -> None:
+        if self.engine not in ENGINES:
+            raise UserError(f"unknown OCR engine {self.engine!r}; one of {', '.join(ENGINES)}", field="--engine")
+        if self.default_granularity not in GRANULARITIES:
+            raise UserError(f"must be one of {GRANULARITIES}", field="--default-granularity")
+        if not 0.0 <= self.min_confidence <= 1.0:
+            raise UserError("must be within [0, 1]", field="--min-confidence")
+
+    def __call__(self) -> "OcrAnnotator":
+        return OcrAnnotator(self.engine, dict(self.engine_options), self.min_confidence,
+                            self.default_granularity, self.style, self.keep_empty)
+
+    def load(self) -> None:
+        self._engine = make_engine(self.engine, **self.engine_options)
+        self._engine.load()
+
+    def generator_info(self) -> dict[str, Any]:
+        return {**make_engine(self.engine, **self.engine_options).info(), "min_confidence": self.min_confidence,
+                "default_granularity": self.default_granularity, "lead_in": self.style.lead_in,
+                "filler": self.style.filler}
+
+    def annotate(self, image: Image.Image, sample: InputSample) -> Annotation:
+        if self._engine is None:
+            raise RuntimeError("call load() first")
+        entries = build_entries(self._engine.recognize(image), image.width, image.height, self.min_confidence)
+        if not entries and not self.keep_empty:
+            raise SkipSample("no_text", f"no OCR entry at confidence >= {self.min_confidence}")
+        captions = build_captions(entries, sample.source_caption, self.style)
+        lead = bool(sample.source_caption)
+        default = next(c["text"] for c in captions
+                       if c["granularity"] == self.default_granularity and c["include_datacomp_raw_cap"] == lead)
+        mean = round(sum(e["confidence"] for e in entries) / len(entries), 4) if entries else None
+        return Annotation(default, captions, {"entries": entries}, n_ocr=len(entries), mean_confidence=mean)
+
+
+def run_ocr(
+    input: str | Path,
+    output: str | Path,
+    *,
+    engine: str = "rapidocr",
+    engine_options: dict[str, Any] | None = None,
+    workers: int = 2,
+    ray_address: str | None = None,
+    min_confidence: float = DEFAULT_MIN_CONFIDENCE,
+    shard_size: int = DEFAULT_SHARD_SIZE,
+    default_granularity: int = DEFAULT_GRANULARITY,
+    input_format: str | None = None,
+    overwrite: bool = False,
+    db: str | Path | None = None,
+    source: str | None = None,
+    style: CaptionStyle = CaptionStyle(),
+    keep_empty: bool = True,
+    limit: int | None = None,
+    register: bool = True,
+) -> JobResult:
+    """OCR `input` into BLIP3-OCR caption shards in `output` (resumable; see datagen.pipeline)."""
+    annotator = OcrAnnotator(engine, dict(engine_options or {}), min_confidence, default_granularity, style, keep_empty)
+    if engine == "paddleocr":
+        make_engine(engine, **annotator.engine_options).check()  # fail before Ray starts
+    return run_job(input, output, annotator, input_format=input_format, workers=workers, ray_address=ray_address,
+                   shard_size=shard_size, overwrite=overwrite, catalog_db=db, source_name=source, limit=limit,
+                   register=register)

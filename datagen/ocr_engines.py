@@ -1,0 +1,156 @@
+"""OCR engines behind one small interface: `load()`, `recognize(image) -> [RawText]`, `info()`.
+
+- `rapidocr`  (default) rapidocr_onnxruntime, which ships PP-OCRv4 det/rec ONNX models inside the
+              wheel: real OCR with nothing to download. One ONNX Runtime thread per engine by
+              default, so N Ray actors use N cores without oversubscription and results do not
+              depend on the thread count.
+- `paddleocr` PaddleOCR 3.x (optional extra `blip3-engine[paddle]`) from local model folders:
+              `det_dir`/`rec_dir` or `BLIP3_PADDLEOCR_DET_DIR`/`BLIP3_PADDLEOCR_REC_DIR` (model
+              names optional: `BLIP3_PADDLEOCR_DET_NAME`/`BLIP3_PADDLEOCR_REC_NAME`). PaddleOCR
+              would otherwise download its models at first use, which cannot work offline, so the
+              folders are required and checked before anything loads.
+
+Both return pixel polygons of the upright image; filtering, boxes and reading order are done once,
+engine-independently, in `datagen.ocr_entries`.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+from PIL import Image
+
+from core.errors import UserError
+from datagen.ocr_entries import RawText
+
+ENGINES = ("rapidocr", "paddleocr")
+PADDLE_ENV = {"det_dir": "BLIP3_PADDLEOCR_DET_DIR", "rec_dir": "BLIP3_PADDLEOCR_REC_DIR",
+              "det_name": "BLIP3_PADDLEOCR_DET_NAME", "rec_name": "BLIP3_PADDLEOCR_REC_NAME"}
+
+
+class OcrEngine(Protocol):
+    name: str
+
+    def load(self) -> None: ...
+
+    def recognize(self, image: Image.Image) -> list[RawText]: ...
+
+    def info(self) -> dict[str, Any]: ...
+
+
+def _version(dist: str) -> str | None:
+    try:
+        return importlib.metadata.version(dist)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+@dataclass
+class RapidOcrEngine:
+    """rapidocr_onnxruntime with its embedded PP-OCRv4 models."""
+
+    threads: int = 1
+    use_cuda: bool = False
+    name: str = "rapidocr"
+    _ocr: Any = field(default=None, repr=False)
+
+    def load(self) -> None:
+        from rapidocr_onnxruntime import RapidOCR
+
+        opts: dict[str, Any] = {"intra_op_num_threads": self.threads, "inter_op_num_threads": 1}
+        if self.use_cuda:
+            opts.update(det_use_cuda=True, cls_use_cuda=True, rec_use_cuda=True)
+        # Keep every detection: the confidence filter is ours (ocr_entries), not the engine's.
+        opts["text_score"] = 0.0
+        self._ocr = RapidOCR(**opts)
+
+    def recognize(self, image: Image.Image) -> list[RawText]:
+        if self._ocr is None:
+            raise RuntimeError("call load() first")
+        result, _ = self._ocr(image)
+        return [RawText([[float(x), float(y)] for x, y in poly], str(text), float(score))
+                for poly, text, score in (result or [])]
+
+    def info(self) -> dict[str, Any]:
+        return {"engine": self.name, "engine_version": _version("rapidocr_onnxruntime"),
+                "models": "PP-OCRv4 det + rec (embedded)"}
+
+
+@dataclass
+class PaddleOcrEngine:
+    """PaddleOCR 3.x from local model folders (no download)."""
+
+    det_dir: str | None = None
+    rec_dir: str | None = None
+    det_name: str | None = None
+    rec_name: str | None = None
+    device: str = "cpu"
+    name: str = "paddleocr"
+    _ocr: Any = field(default=None, repr=False)
+
+    def resolved(self) -> dict[str, str | None]:
+        """Flags first, then env vars."""
+        return {k: getattr(self, k) or os.environ.get(env) for k, env in PADDLE_ENV.items()}
+
+    def check(self) -> dict[str, str | None]:
+        """Raise one clear UserError when the package or the model folders are missing."""
+        cfg = self.resolved()
+        for k in ("det_dir", "rec_dir"):
+            if not cfg[k]:
+                raise UserError(f"paddleocr needs local model folders: pass --paddle-{k.replace('_', '-')} "
+                                f"or set {PADDLE_ENV[k]}", field=f"--paddle-{k.replace('_', '-')}")
+            if not Path(cfg[k]).is_dir():
+                raise UserError(f"model folder not found (set {PADDLE_ENV[k]} or --paddle-{k.replace('_', '-')})",
+                                field=PADDLE_ENV[k], file=cfg[k])
+        try:
+            import paddleocr  # noqa: F401
+        except ImportError as e:
+            raise UserError("paddleocr is not installed: pip install 'blip3-engine[paddle]' "
+                            "(paddleocr>=3 and paddlepaddle), or use --engine rapidocr", field="--engine") from e
+        return cfg
+
+    def load(self) -> None:
+        cfg = self.check()
+        from paddleocr import PaddleOCR
+
+        kwargs: dict[str, Any] = dict(
+            text_detection_model_dir=cfg["det_dir"], text_recognition_model_dir=cfg["rec_dir"],
+            use_doc_orientation_classify=False, use_doc_unwarping=False, use_textline_orientation=False,
+            device=self.device,
+        )
+        if cfg["det_name"]:
+            kwargs["text_detection_model_name"] = cfg["det_name"]
+        if cfg["rec_name"]:
+            kwargs["text_recognition_model_name"] = cfg["rec_name"]
+        self._ocr = PaddleOCR(**kwargs)
+
+    def recognize(self, image: Image.Image) -> list[RawText]:
+        import numpy as np
+
+        if self._ocr is None:
+            raise RuntimeError("call load() first")
+        bgr = np.ascontiguousarray(np.asarray(image)[:, :, ::-1])
+        out = []
+        for res in self._ocr.predict(bgr):
+            data = res.json.get("res", res.json) if hasattr(res, "json") else res
+            for poly, text, score in zip(data["rec_polys"], data["rec_texts"], data["rec_scores"]):
+                out.append(RawText([[float(x), float(y)] for x, y in poly], str(text), float(score)))
+        return out
+
+    def info(self) -> dict[str, Any]:
+        cfg = self.resolved()
+        return {"engine": self.name, "engine_version": _version("paddleocr"),
+                "models": {"det": cfg["det_name"] or cfg["det_dir"], "rec": cfg["rec_name"] or cfg["rec_dir"]}}
+
+
+def make_engine(name: str, **options: Any) -> OcrEngine:
+    """Build an (unloaded) engine by name; options are the engine's dataclass fields."""
+    if name == "rapidocr":
+        return RapidOcrEngine(**options)
+    if name == "paddleocr":
+        return PaddleOcrEngine(**options)
+    raise UserError(f"unknown OCR engine {name!r}; one of {', '.join(ENGINES)}", field="--engine")
