@@ -20,7 +20,7 @@ import random
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from PIL import Image, ImageDraw, UnidentifiedImageError
+from PIL import Image, ImageDraw, ImageOps, UnidentifiedImageError
 
 from core.shards import iter_shard
 from mixture.sources import resolve_shards
@@ -47,6 +47,7 @@ class _Card:
     image: bytes | None
     entries: list[dict]
     objects: list[dict]
+    frame_width: int | None = None  # width of the image the polygons' pixels refer to (json `width`)
 
 
 def _boxes(rec: dict) -> tuple[list[dict], list[dict]]:
@@ -73,11 +74,11 @@ def render_card_image(card: _Card) -> Image.Image | None:
         img.load()
     except (UnidentifiedImageError, OSError):
         return None
-    img = img.convert("RGB")
+    img = ImageOps.exif_transpose(img).convert("RGB")  # annotations refer to the upright image
     ow, oh = img.size
-    scale = THUMB_WIDTH / max(ow, 1)
-    img = img.resize((THUMB_WIDTH, max(1, round(oh * scale))), Image.Resampling.BILINEAR)
+    img = img.resize((THUMB_WIDTH, max(1, round(oh * THUMB_WIDTH / max(ow, 1)))), Image.Resampling.BILINEAR)
     w, h = img.size
+    scale = THUMB_WIDTH / max(card.frame_width or ow, 1)  # polygon pixels -> thumbnail pixels
     d = ImageDraw.Draw(img)
     for e in card.entries:
         poly = e.get("polygon")
@@ -122,7 +123,8 @@ def write_audit(shards: str | Path, out: str | Path, *, n: int = 48, seed: int =
             slot = len(chosen) if len(chosen) < n else rng.randrange(scanned)
             if slot < n:
                 image = next((v for k, v in sample.items() if not k.startswith("__") and is_image_ext(k)), None)
-                card = _Card(sample["__key__"], Path(tar).name, caption, image, entries, objects)
+                width = rec.get("width") if isinstance(rec.get("width"), int) else None
+                card = _Card(sample["__key__"], Path(tar).name, caption, image, entries, objects, width)
                 if slot == len(chosen):
                     chosen.append(card)
                 else:

@@ -90,3 +90,17 @@ def test_sheet_renders_its_images_in_chromium(audit_dir, tmp_path):
     (broken / "images" / "0003.jpg").unlink()
     dom = _chromium(["--dump-dom", (broken / "index.html").as_uri()], tmp_path).stdout
     assert 'data-images-loaded="18/19"' in dom  # the check does fail when an image is missing
+
+
+def test_polygons_follow_the_records_frame_when_the_stored_image_is_larger():
+    """Polygons are pixels of the image the engine saw (json width); the thumbnail is rescaled."""
+    import io
+
+    img = Image.new("RGB", (192, 128), (255, 255, 255))  # stored at 2x the annotated 96x64 frame
+    buf = io.BytesIO()
+    img.save(buf, format="PNG")
+    entry = {"text": "A", "bbox": [0.25, 0.25, 0.75, 0.75], "polygon": [[24, 16], [72, 16], [72, 48], [24, 48]]}
+    drawn = render_card_image(_Card("k", "s", "", buf.getvalue(), [entry], [], frame_width=96))
+    # the polygon's left edge is at 24/96 of the width = x 80 in the 320-wide thumbnail
+    column = [drawn.getpixel((80, y)) for y in range(60, 150)]
+    assert sum(1 for px in column if all(abs(a - b) < 30 for a, b in zip(px, OCR_COLOR))) > 40
