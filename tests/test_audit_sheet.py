@@ -104,3 +104,38 @@ def test_polygons_follow_the_records_frame_when_the_stored_image_is_larger():
     # the polygon's left edge is at 24/96 of the width = x 80 in the 320-wide thumbnail
     column = [drawn.getpixel((80, y)) for y in range(60, 150)]
     assert sum(1 for px in column if all(abs(a - b) < 30 for a, b in zip(px, OCR_COLOR))) > 40
+
+
+def test_audit_of_a_real_ocr_annotation(tmp_path):
+    """The real OCR engine reads a rendered sign; the sheet shows its text and draws its box."""
+    import io
+
+    import matplotlib
+    from PIL import ImageDraw, ImageFont
+
+    from core.shards import SampleRow, ShardWriter
+    from datagen.inputs import InputSample
+    from datagen.ocr import OcrAnnotator
+
+    font = ImageFont.truetype(str(Path(matplotlib.get_data_path()) / "fonts/ttf/DejaVuSans-Bold.ttf"), 48)
+    img = Image.new("RGB", (480, 200), (255, 255, 255))
+    ImageDraw.Draw(img).text((60, 70), "MACK SHOP", font=font, fill=(0, 0, 0))
+    buf = io.BytesIO()
+    img.save(buf, format="PNG")
+    ocr = OcrAnnotator()
+    ocr.load()
+    ann = ocr.annotate(img, InputSample(key="sign", image=buf.getvalue(), ext="png", uid="sign", url=None,
+                                        source_caption=None, meta={}))
+    assert any("MACK" in e["text"] for e in ann.metadata["entries"])
+    record = {"width": 480, "height": 200, "captions": ann.captions, "metadata": ann.metadata}
+    with ShardWriter(tmp_path / "shards", 0) as w:
+        w.add("sign", {"png": buf.getvalue(), "txt": ann.default_caption, "json": record},
+              SampleRow("sign", n_ocr=ann.n_ocr))
+    result = CliRunner().invoke(app, ["audit", str(tmp_path / "shards"), "-o", str(tmp_path / "audit")])
+    assert result.exit_code == 0, result.output
+    page = (tmp_path / "audit" / "index.html").read_text()
+    assert "MACK" in page and 'class="ocr"' in page
+    thumb = Image.open(tmp_path / "audit" / "images" / "0000.jpg").convert("RGB")
+    x1, y1, x2, y2 = ann.metadata["entries"][0]["bbox"]
+    edge = [thumb.getpixel((round(x1 * 320) + dx, round((y1 + y2) / 2 * thumb.height))) for dx in (-1, 0, 1)]
+    assert any(px[0] > 150 and px[1] < 100 and px[2] < 100 for px in edge)  # red box edge at the text's left
