@@ -43,7 +43,8 @@ class ShardScan:
 
 
 def resolve_shards(spec: str | Path, base: Path | None = None) -> list[Path]:
-    """Tars named by a folder (its `*.tar`, else recursively), a file, a glob or a brace pattern."""
+    """Tars named by a folder (its finished shards if written by us, else its `*.tar`, else
+    recursively), a file, a glob or a brace pattern."""
     from braceexpand import braceexpand
 
     text = str(spec)
@@ -54,9 +55,10 @@ def resolve_shards(spec: str | Path, base: Path | None = None) -> list[Path]:
             p = base / p
         if any(c in part for c in "*?["):
             paths += [Path(x) for x in sorted(glob.glob(str(p), recursive=True)) if x.endswith(".tar")]
+        elif p.is_dir() and _our_layout(p):  # only finished shards (a stats file marks them)
+            paths += [info.tar for info in list_shards(p)]
         elif p.is_dir():
-            tars = sorted(p.glob("*.tar")) or sorted(p.rglob("*.tar"))
-            paths += tars
+            paths += sorted(p.glob("*.tar")) or sorted(p.rglob("*.tar"))
         elif p.is_file():
             paths.append(p)
         else:

@@ -26,7 +26,7 @@ def mixture_queries(name: str) -> dict[str, str]:
         "mixture": f"SELECT * EXCLUDE (manifest_path, created_at) FROM v_mixture_summary WHERE mixture = {q}",
         "weights, tokens and epochs per source": (
             "SELECT source, kind, target_weight, realised_weight, sample_share, token_share, available_samples, "
-            f"planned_samples, planned_tokens, epochs FROM v_mixture_sources WHERE mixture = {q}"
+            f"planned_samples, available_tokens, planned_tokens, epochs FROM v_mixture_sources WHERE mixture = {q}"
         ),
         "OCR / grounding coverage": f"SELECT * FROM v_coverage WHERE {in_mix}",
         "caption length (characters)": f"SELECT * FROM v_caption_length_quantiles WHERE {in_mix}",

@@ -220,3 +220,10 @@ def test_size_only_verification_skips_hashing_but_still_catches_moves(private_ca
     tar.unlink()
     with pytest.raises(UserError, match="is missing"):
         build_manifest(spec, db=db, verify="size")
+
+
+def test_inline_folder_uses_only_finished_shards(tmp_path, tiny_sources):  # noqa: F811
+    folders = copy_sources({"sft": tiny_sources["sft"]}, tmp_path / "data")
+    (folders["sft"] / "000001_stats.json").unlink()  # as if killed between the tar and its stats
+    m = build_manifest({"name": "m", "sources": inline(folders, {"sft": 1})})
+    assert [Path(sh.path).name for sh in m.sources[0].shards] == ["000000.tar"] and m.sources[0].samples == 24
