@@ -133,6 +133,8 @@ class MixtureLoader(IterableDataset):
         decode: bool = True,
     ):
         super().__init__()
+        if verify not in ("sha256", "size", "none"):
+            raise UserError(f"must be sha256, size or none, got {verify!r}", field="verify")
         if isinstance(manifest, (str, Path)):
             manifest = load_manifest(manifest, verify=verify)
         elif verify != "none":

@@ -111,6 +111,8 @@ def load_manifest(path: str | Path, *, verify: str = "size") -> Manifest:
     `verify`: "none" (fields only), "size" (every shard exists with its recorded byte size; the
     default, cheap) or "sha256" (also re-hash every shard: catches any change, reads all bytes).
     """
+    if verify not in ("sha256", "size", "none"):
+        raise UserError(f"must be sha256, size or none, got {verify!r}", field="verify")
     path = Path(path)
     if not path.is_file():
         raise UserError("manifest not found", file=path)
