@@ -1,0 +1,183 @@
+"""Test inputs for the OCR area: rendered text images, real photos, bad files, a local HTTP server.
+
+Rendered images use the DejaVu/STIX fonts matplotlib ships; real photos are matplotlib's sample
+data (a portrait with a name plate, the matplotlib logo, an icon without text).
+"""
+
+from __future__ import annotations
+
+import functools
+import http.server
+import io
+import struct
+import threading
+import zlib
+from dataclasses import dataclass
+from pathlib import Path
+
+import matplotlib
+import numpy as np
+from PIL import Image, ImageDraw, ImageFont
+
+MPL_DATA = Path(matplotlib.__file__).parent / "mpl-data"
+FONTS = MPL_DATA / "fonts" / "ttf"
+SAMPLES = MPL_DATA / "sample_data"
+
+
+@dataclass(frozen=True)
+class Rendered:
+    name: str
+    text: str
+    font: str
+    size: int
+    angle: float
+    fg: tuple[int, int, int]
+    bg: tuple[int, int, int]
+
+
+#: Known strings in several fonts, sizes, rotations and colours.
+RENDERED = [
+    Rendered("sign_mack", "MACK SHOP", "DejaVuSans-Bold.ttf", 44, 0, (0, 0, 0), (255, 255, 255)),
+    Rendered("serif_open", "Open daily 9 to 5", "DejaVuSerif.ttf", 36, 0, (20, 20, 120), (250, 250, 235)),
+    Rendered("mono_code", "ORDER 4711", "DejaVuSansMono.ttf", 40, 4, (255, 255, 255), (30, 60, 160)),
+    Rendered("stix_coffee", "Fresh Coffee", "STIXGeneral.ttf", 48, -5, (180, 20, 20), (255, 240, 120)),
+    Rendered("oblique_exit", "EXIT", "DejaVuSans-Oblique.ttf", 56, 8, (255, 255, 255), (0, 120, 40)),
+    Rendered("small_print", "Printed in 2024", "DejaVuSans.ttf", 26, 0, (60, 60, 60), (220, 220, 220)),
+]
+
+
+def render(spec: Rendered) -> Image.Image:
+    """Draw `spec.text` centred with a margin, rotated by `spec.angle` degrees."""
+    font = ImageFont.truetype(str(FONTS / spec.font), spec.size)
+    left, top, right, bottom = font.getbbox(spec.text)
+    w, h = right - left + 2 * spec.size, bottom - top + 2 * spec.size
+    img = Image.new("RGB", (w, h), spec.bg)
+    ImageDraw.Draw(img).text((spec.size - left, spec.size - top), spec.text, font=font, fill=spec.fg)
+    if spec.angle:
+        img = img.rotate(spec.angle, expand=True, fillcolor=spec.bg, resample=Image.Resampling.BICUBIC)
+    return img
+
+
+def png_bytes(img: Image.Image, **kw) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, format="PNG", **kw)
+    return buf.getvalue()
+
+
+def jpeg_bytes(img: Image.Image, **kw) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, format="JPEG", quality=92, **kw)
+    return buf.getvalue()
+
+
+def text_image(text: str = "HELLO 42", size: tuple[int, int] = (320, 96)) -> Image.Image:
+    img = Image.new("RGB", size, "white")
+    font = ImageFont.truetype(str(FONTS / "DejaVuSans-Bold.ttf"), 36)
+    ImageDraw.Draw(img).text((16, 24), text, font=font, fill="black")
+    return img
+
+
+def no_text_image(size: tuple[int, int] = (160, 120)) -> Image.Image:
+    """A smooth gradient: nothing an OCR engine can read."""
+    x = np.linspace(0, 255, size[0], dtype=np.float32)
+    y = np.linspace(0, 255, size[1], dtype=np.float32)[:, None]
+    arr = np.stack([np.broadcast_to(x, (size[1], size[0])), np.broadcast_to(y, (size[1], size[0])),
+                    np.full((size[1], size[0]), 128.0)], axis=-1)
+    return Image.fromarray(arr.astype(np.uint8), "RGB")
+
+
+def real_photos() -> dict[str, tuple[bytes, bool]]:
+    """name -> (bytes, has_text) from matplotlib's sample data."""
+    hopper = Image.open(SAMPLES / "grace_hopper.jpg").convert("RGB")
+    return {
+        "photo_hopper": ((SAMPLES / "grace_hopper.jpg").read_bytes(), True),
+        "photo_logo": ((SAMPLES / "logo2.png").read_bytes(), True),
+        "photo_icon": ((SAMPLES / "Minduka_Present_Blue_Pack.png").read_bytes(), False),
+        "photo_hopper_face": (jpeg_bytes(hopper.crop((0, 0, 512, 380))), False),
+    }
+
+
+# -- bad inputs ------------------------------------------------------------------------------
+def png_bomb(width: int = 30000, height: int = 30000) -> bytes:
+    """A tiny PNG whose header claims width x height pixels (IHDR + an empty-ish IDAT)."""
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    idat = zlib.compress(b"\x00" * 64)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", idat) + chunk(b"IEND", b"")
+
+
+def exif_rotated_jpeg(img: Image.Image, orientation: int = 6) -> bytes:
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    return jpeg_bytes(img, exif=exif.tobytes())
+
+
+def bad_inputs() -> dict[str, bytes]:
+    """file name -> bytes for every bad-input case of quality.md (decisions in datagen/images.py)."""
+    base = text_image("CMYK 7")
+    good_png = png_bytes(text_image("TRUNCATED"))
+    rgba = text_image("ALPHA 3").convert("RGBA")
+    rgba.putalpha(200)
+    gray16 = Image.fromarray(np.asarray(text_image("DEEP 16").convert("L"), dtype=np.uint16) * 257)  # mode I;16
+    return {
+        "zero.jpg": b"",
+        "notimage.jpg": b"this is plain text, not a picture\n" * 4,
+        "truncated.png": good_png[: len(good_png) // 2],
+        "corrupt.jpg": b"\xff\xd8\xff\xe0" + bytes(range(256)) * 3,
+        "bomb.png": png_bomb(),
+        "tiny.png": png_bytes(Image.new("RGB", (1, 1), "white")),
+        "gray.png": png_bytes(text_image("GRAY 5").convert("L")),
+        "cmyk.jpg": jpeg_bytes(base.convert("CMYK")),
+        "alpha.png": png_bytes(rgba),
+        "deep16.png": png_bytes(gray16),
+        "rotated.jpg": exif_rotated_jpeg(text_image("ROTATE 9").rotate(90, expand=True), orientation=6),
+        "blank.png": png_bytes(no_text_image()),
+    }
+
+
+#: What the pipeline must record for each bad input (None: a successful sample).
+BAD_EXPECTED = {
+    "zero.jpg": "empty", "notimage.jpg": "decode", "truncated.png": "decode", "corrupt.jpg": "decode",
+    "bomb.png": "too_large", "tiny.png": "too_small", "gray.png": None, "cmyk.jpg": None, "alpha.png": None,
+    "deep16.png": None, "rotated.jpg": None, "blank.png": None,
+}
+
+
+# -- a local HTTP server --------------------------------------------------------------------
+class _QuietHandler(http.server.SimpleHTTPRequestHandler):
+    def log_message(self, *args) -> None:  # keep test output clean
+        pass
+
+
+class LocalServer:
+    """Serve a folder on 127.0.0.1 (random port) from a thread."""
+
+    def __init__(self, root: Path):
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(_QuietHandler, directory=str(root)))
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.server.server_address[1]}"
+
+    def __enter__(self) -> "LocalServer":
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def cer(ref: str, hyp: str) -> tuple[int, int]:
+    """(edit distance, len(ref)) for a character error rate summed over many strings."""
+    prev = list(range(len(hyp) + 1))
+    for i, rc in enumerate(ref, 1):
+        cur = [i]
+        for j, hc in enumerate(hyp, 1):
+            cur.append(min(prev[j] + 1, cur[j - 1] + 1, prev[j - 1] + (rc != hc)))
+        prev = cur
+    return prev[-1], len(ref)

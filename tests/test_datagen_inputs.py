@@ -1,0 +1,97 @@
+"""Input kinds: detection, stable order, safe unique keys, tar offsets, img2dataset failures."""
+
+from __future__ import annotations
+
+import io
+import json
+import tarfile
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from core.errors import UserError
+from core.keys import is_safe_key
+from datagen.inputs import SampleRef, detect_format, iter_refs, iter_samples, load_sample
+from tests.ocr_fixtures import jpeg_bytes, png_bytes, text_image
+
+
+def _tar(path, members: list[tuple[str, bytes]]) -> None:
+    with tarfile.open(path, "w") as tar:
+        for name, data in members:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+
+
+def test_folder_recursive_sorted_with_captions_and_safe_unique_keys(tmp_path):
+    img = png_bytes(text_image())
+    (tmp_path / "sub" / "deeper").mkdir(parents=True)
+    for name in ["b.png", "a.png", "a.jpg", "sub/a.png", "sub/deeper/café ☕.png", "x..y.png", "notes.md"]:
+        (tmp_path / name).write_bytes(img)
+    (tmp_path / "a.txt").write_text("alt text of a\n")
+    refs = list(iter_refs(tmp_path))
+    assert detect_format(tmp_path) == "folder"
+    assert [r.meta["path"] for r in refs] == ["a.jpg", "a.png", "b.png", "sub/a.png", "sub/deeper/café ☕.png", "x..y.png"]
+    keys = [r.key for r in refs]
+    assert keys[:3] == ["a", "a_1", "b"]  # duplicate stems rewritten deterministically
+    assert all(is_safe_key(k) for k in keys) and len(set(keys)) == len(keys)
+    assert refs[0].source_caption == "alt text of a" and refs[2].source_caption is None
+    assert keys == [r.key for r in iter_refs(tmp_path)]  # stable
+    sample = load_sample(SampleRef.from_json(refs[1].to_json()))
+    assert sample.image == img and sample.ext == "png"
+
+
+def test_webdataset_brace_pattern_keys_offsets_and_captions(tmp_path):
+    img0, img1 = jpeg_bytes(text_image("ZERO")), png_bytes(text_image("ONE"))
+    _tar(tmp_path / "s-000.tar", [
+        ("k0.jpg", img0), ("k0.txt", b"caption zero"), ("k0.json", json.dumps({"uid": "u0", "url": "http://x/0"}).encode()),
+        ("../evil.png", img1), ("dir/k1.png", img1), ("nometa.txt", b"only text"),
+    ])
+    _tar(tmp_path / "s-001.tar", [("k0.jpg", img0)])  # same key in the next shard
+    pattern = str(tmp_path / "s-{000..001}.tar")
+    assert detect_format(pattern) == "webdataset"
+    samples = list(iter_samples(pattern))
+    keys = [s.key for s in samples]
+    assert keys[0] == "k0" and keys[-1] == "k0_1"
+    assert all(is_safe_key(k) and ".." not in k and "/" not in k for k in keys)
+    assert samples[0].image == img0 and samples[0].source_caption == "caption zero"
+    assert (samples[0].uid, samples[0].url) == ("u0", "http://x/0")
+    assert samples[1].image == img1 and samples[2].image == img1
+    assert samples[3].error.startswith("no_image:") and samples[3].image == b""
+    assert detect_format(tmp_path) == "webdataset"
+    with pytest.raises(UserError, match="not found"):
+        list(iter_refs(str(tmp_path / "s-{000..002}.tar")))
+
+
+def test_img2dataset_folder_failures_become_failed_samples(tmp_path):
+    img = jpeg_bytes(text_image())
+    _tar(tmp_path / "00000.tar", [("000000000.jpg", img), ("000000000.txt", b"cap"), ("000000002.jpg", img)])
+    rows = [
+        {"key": "000000002", "url": "http://h/2", "caption": "two", "status": "success", "error_message": None, "uid": "u2"},
+        {"key": "000000001", "url": "http://h/1", "caption": None, "status": "failed_to_download",
+         "error_message": "HTTP Error 404: Not Found", "uid": "u1"},
+        {"key": "000000000", "url": "http://h/0", "caption": "zero", "status": "success", "error_message": None, "uid": "u0"},
+    ]
+    pq.write_table(pa.Table.from_pylist(rows), tmp_path / "00000.parquet")
+    assert detect_format(tmp_path) == "img2dataset"
+    refs = list(iter_refs(tmp_path))
+    assert [r.key for r in refs] == ["000000000", "000000001", "000000002"]  # input order, not completion order
+    assert refs[1].error == "download: HTTP Error 404: Not Found" and refs[1].url == "http://h/1"
+    assert refs[0].uid == "u0" and refs[0].source_caption == "zero"
+    assert load_sample(refs[2]).image == img
+
+
+def test_detection_errors_are_one_clear_line(tmp_path):
+    with pytest.raises(UserError, match="does not exist"):
+        detect_format(tmp_path / "nope")
+    (tmp_path / "x.bin").write_bytes(b"1")
+    with pytest.raises(UserError, match="--input-format"):
+        detect_format(tmp_path / "x.bin")
+    pq.write_table(pa.table({"a": [1]}), tmp_path / "t.parquet")
+    with pytest.raises(UserError, match="url"):
+        detect_format(tmp_path / "t.parquet")
+    pq.write_table(pa.table({"uid": ["1"], "url": ["u"], "captions": ["[]"], "metadata": ["{}"]}), tmp_path / "o.parquet")
+    assert detect_format(tmp_path / "o.parquet") == "blip3-ocr"
+    with pytest.raises(UserError, match="unknown input format"):
+        list(iter_refs(tmp_path, "zip"))

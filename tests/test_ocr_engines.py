@@ -1,0 +1,70 @@
+"""OCR engines: the embedded rapidocr on real pixels, and paddleocr's clear errors when unavailable."""
+
+from __future__ import annotations
+
+import importlib.util
+
+import pytest
+
+from core.errors import UserError
+from datagen.inputs import InputSample
+from datagen.ocr import OcrAnnotator
+from datagen.ocr_engines import PaddleOcrEngine, make_engine
+from tests.ocr_fixtures import no_text_image, text_image
+
+
+@pytest.fixture(scope="module")
+def annotator():
+    a = OcrAnnotator(min_confidence=0.5, default_granularity=4)
+    a.load()
+    return a
+
+
+def test_rapidocr_reads_rendered_text_with_a_box_where_it_was_drawn(annotator):
+    img = text_image("HELLO 42", size=(320, 96))  # drawn at x=16, y=24 with a 36 px font
+    ann = annotator.annotate(img, InputSample("k", b"", "png", source_caption="a greeting"))
+    assert [e["text"] for e in ann.metadata["entries"]] == ["HELLO 42"]
+    x1, y1, x2, y2 = ann.metadata["entries"][0]["bbox"]
+    assert 0.0 <= x1 < 0.1 and 0.15 < y1 < 0.35 and 0.4 < x2 < 0.8 and 0.55 < y2 < 0.9
+    assert ann.n_ocr == 1 and ann.mean_confidence > 0.8 and len(ann.captions) == 12
+    assert ann.default_caption.startswith('a greeting. The image contains the text "HELLO 42" starts at [')
+
+
+def test_image_without_text_is_kept_with_the_no_text_caption(annotator):
+    ann = annotator.annotate(no_text_image(), InputSample("k", b"", "png"))
+    assert ann.metadata == {"entries": []} and ann.n_ocr == 0 and ann.mean_confidence is None
+    assert ann.default_caption == "The image contains no text."
+
+
+def test_generator_info_needs_no_model_load():
+    info = OcrAnnotator(min_confidence=0.7)().generator_info()
+    assert info["engine"] == "rapidocr" and info["engine_version"] and info["min_confidence"] == 0.7
+
+
+def test_paddleocr_without_model_dirs_is_one_clear_error(monkeypatch, tmp_path):
+    for env in ("BLIP3_PADDLEOCR_DET_DIR", "BLIP3_PADDLEOCR_REC_DIR"):
+        monkeypatch.delenv(env, raising=False)
+    with pytest.raises(UserError, match="BLIP3_PADDLEOCR_DET_DIR"):
+        make_engine("paddleocr").load()
+    monkeypatch.setenv("BLIP3_PADDLEOCR_DET_DIR", str(tmp_path / "missing_det"))
+    monkeypatch.setenv("BLIP3_PADDLEOCR_REC_DIR", str(tmp_path))
+    with pytest.raises(UserError, match="model folder not found") as e:
+        PaddleOcrEngine().check()
+    assert "missing_det" in str(e.value)
+
+
+@pytest.mark.skipif(importlib.util.find_spec("paddleocr") is not None, reason="paddleocr is installed here")
+def test_paddleocr_not_installed_is_one_clear_error(tmp_path):
+    (tmp_path / "det").mkdir()
+    (tmp_path / "rec").mkdir()
+    with pytest.raises(UserError, match=r"paddleocr is not installed: pip install 'blip3-engine\[paddle\]'"):
+        PaddleOcrEngine(det_dir=str(tmp_path / "det"), rec_dir=str(tmp_path / "rec")).load()
+
+
+def test_bad_options_are_user_errors():
+    with pytest.raises(UserError, match="--engine"):
+        OcrAnnotator(engine="tesseract")
+    with pytest.raises(UserError, match="--default-granularity"):
+        OcrAnnotator(default_granularity=6)
+    with pytest.raises(UserError, match="--min-confidence"):
+        OcrAnnotator(min_confidence=1.5)
