@@ -56,6 +56,11 @@ class ModelConfig:
         return (self.image_size // self.patch_size) ** 2
 
     @property
+    def vision_tokens_per_crop(self) -> int:
+        """ViT patch tokens per crop (the resampler's media length); an alias of num_patches."""
+        return self.num_patches
+
+    @property
     def hidden_size(self) -> int:
         return int(self.lang_model["hidden_size"])
 
