@@ -5,17 +5,17 @@ Random-weight Grounding DINO models are built on the spot (speed does not depend
 `IDEA-Research/grounding-dino-tiny` architecture: Swin-T, BERT-base-sized text encoder, 6+6 layers,
 900 queries, 800 px; use it on a GPU). Inputs are N rendered 640x480 scenes with captions.
 
-    python benchmarks/bench_grounding.py [--size small|gdino-tiny] [--images 32] [--device cpu|cuda]
+    python benchmarks/bench_grounding.py [--size small|gdino-tiny] [--images 48] [--shard-size 6] [--device cpu|cuda]
 
 Rows:
 - bare loop: `HFGroundingDino.detect` + post-filter on pre-decoded images in this process, torch
   limited to one thread (the same as one Ray worker) — the engine's own cost;
 - pipeline w=1 / w=2: `datagen.grounding.ground` (read, decode, detect, 6 captions, shard + parquet
   write, no catalog) on a local Ray started beforehand (start-up reported apart);
-- totals include the fixed start-up of a job (actors importing torch, loading the model); the
-  `marginal` rows remove it: each pipeline is also run on N/4 images, and the extra 3N/4 images'
-  time is the steady-state cost per image;
-- ratios: pipeline time / bare time, and w=2 / w=1 marginal throughput;
+- `total` includes the fixed start-up of a job (actor processes importing torch and loading the
+  model, Ray Data planning); `steady` is the rate once actors are up: images of shards 2..n over
+  the time between the first and the last shard's publication (`finished_at` in the stats files);
+- ratios: time per image vs the bare loop's, and w=2 / w=1 steady throughput;
 - peak memory: peak RSS of this process (bare loop) and peak summed RSS of the process tree
   (driver + raylet + workers) sampled every 0.2 s during each pipeline run.
 """
@@ -39,8 +39,8 @@ WORDS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", ".", "a", "the", "red", "
 TAGS = ["red circle", "blue square", "green ball", "dog", "tree", "car", "person", "sky"]
 
 
-def build_model(out: Path, size: str) -> Path:
-    """A random Grounding DINO of the given size, saved with its processor (vocab written here)."""
+def build_model(out: Path, size: str) -> tuple[Path, int]:
+    """A random Grounding DINO of the given size, saved with its processor; (dir, parameter count)."""
     import torch
     from transformers import (BertConfig, BertTokenizerFast, GroundingDinoConfig, GroundingDinoForObjectDetection,
                               GroundingDinoImageProcessor, GroundingDinoProcessor, SwinConfig)
@@ -66,7 +66,7 @@ def build_model(out: Path, size: str) -> Path:
     model.save_pretrained(out)
     GroundingDinoProcessor(image_processor=GroundingDinoImageProcessor(size=image_size),
                            tokenizer=tokenizer).save_pretrained(out)
-    return out
+    return out, sum(p.numel() for p in model.parameters())
 
 
 def write_images(folder: Path, n: int) -> None:
@@ -115,6 +115,17 @@ class TreeRss:
         self._thread.join()
 
 
+def steady_rate(out: Path) -> float:
+    """Images/s between the first and the last shard publication: the rate once actors are up."""
+    import json
+
+    stats = sorted((json.loads(p.read_text()) for p in out.glob("*_stats.json")), key=lambda s: s["finished_at"])
+    if len(stats) < 2:
+        raise SystemExit("steady rate needs at least 2 shards: use more --images or a smaller --shard-size")
+    images = sum(s["count"] for s in stats[1:])
+    return images / (stats[-1]["finished_at"] - stats[0]["finished_at"])
+
+
 def bare_loop(model_dir: Path, images: Path, device: str | None) -> float:
     import torch
     from PIL import Image
@@ -137,7 +148,8 @@ def bare_loop(model_dir: Path, images: Path, device: str | None) -> float:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--size", choices=["small", "gdino-tiny"], default="small")
-    ap.add_argument("--images", type=int, default=32)
+    ap.add_argument("--images", type=int, default=48)
+    ap.add_argument("--shard-size", type=int, default=6)
     ap.add_argument("--device", default=None, help="cpu | cuda (default: cuda when available)")
     args = ap.parse_args()
 
@@ -150,7 +162,7 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        model_dir = build_model(tmp / f"gdino-{args.size}", args.size)
+        model_dir, n_params = build_model(tmp / f"gdino-{args.size}", args.size)
         write_images(tmp / "images", args.images)
         (tmp / "vocab.txt").write_text("\n".join(TAGS) + "\n")
         config = make_config(tags="vocab", vocab=tmp / "vocab.txt", model=model_dir, device=args.device)
@@ -163,41 +175,35 @@ def main() -> None:
         gpus = 0.5 if on_gpu else 0.0  # two actors share one GPU
         # a throwaway job first: the driver's one-time Ray Data set-up is not a per-job cost
         ground(tmp / "images", tmp / "warmup", config, workers=1, register=False, gpus_per_worker=gpus, limit=2)
-        marginal: dict[int, float] = {}
+        steady: dict[int, float] = {}
         rows: list[dict] = []
-        small = max(1, args.images // 4)
         for workers in (1, 2):
-            runs = {}
-            for n in (small, args.images):
-                with TreeRss() as mem:
-                    t = time.perf_counter()
-                    r = ground(tmp / "images", tmp / f"out_w{workers}_{n}", config, workers=workers, shard_size=16,
-                               register=False, gpus_per_worker=gpus, limit=n)
-                    runs[n] = time.perf_counter() - t
-                assert r.successes == n, r
-            # marginal cost: the extra images of the big run over the small one, without the fixed
-            # start-up (actor processes importing torch and loading the model, Ray Data planning)
-            marginal[workers] = (runs[args.images] - runs[small]) / (args.images - small)
-            rows.append({"run": f"pipeline w={workers}, total", "images": args.images, "seconds": runs[args.images],
-                         "images/s": args.images / runs[args.images], "vs bare": 0.0,
-                         "peak MB": mem.peak})
-            rows.append({"run": f"pipeline w={workers}, marginal", "images": args.images - small,
-                         "seconds": marginal[workers] * (args.images - small), "images/s": 1 / marginal[workers],
-                         "vs bare": 0.0, "peak MB": mem.peak})  # filled in once the bare time is final
+            out = tmp / f"out_w{workers}"
+            with TreeRss() as mem:
+                t = time.perf_counter()
+                r = ground(tmp / "images", out, config, workers=workers, shard_size=args.shard_size,
+                           register=False, gpus_per_worker=gpus)
+                total = time.perf_counter() - t
+            assert r.successes == args.images, r
+            steady[workers] = steady_rate(out)
+            rows.append({"run": f"pipeline w={workers}, total", "images": args.images, "seconds": total,
+                         "images/s": args.images / total, "vs bare": 0.0, "peak MB": mem.peak})
+            rows.append({"run": f"pipeline w={workers}, steady", "images": args.images, "seconds": 0.0,
+                         "images/s": steady[workers], "vs bare": 0.0, "peak MB": mem.peak})
         ray.shutdown()
         # the bare loop again, after: on a shared machine the less loaded of the two runs is the engine's cost
         bare_s = min(bare_first, bare_loop(model_dir, tmp / "images", args.device))
     rows.insert(0, {"run": "bare detector loop (1 thread)", "images": args.images, "seconds": bare_s,
                     "images/s": args.images / bare_s, "vs bare": 1.0, "peak MB": bare_peak})
-    for r in rows[1:]:
-        if r["run"].startswith("pipeline"):
-            r["vs bare"] = r["seconds"] / (bare_s * r["images"] / args.images)
-    rows.append({"run": "2 workers vs 1 (marginal throughput)", "images": args.images, "seconds": 0.0,
-                 "images/s": 0.0, "vs bare": marginal[1] / marginal[2], "peak MB": 0.0})
+    for r in rows[1:]:  # time per image relative to the bare loop's (>1: slower than bare)
+        r["vs bare"] = (args.images / bare_s) / r["images/s"]
+    rows.append({"run": "2 workers vs 1 (steady throughput)", "images": args.images, "seconds": 0.0,
+                 "images/s": 0.0, "vs bare": steady[2] / steady[1], "peak MB": 0.0})
     rows.append({"run": "ray start-up (not in rows above)", "images": 0, "seconds": ray_start,
                  "images/s": 0.0, "vs bare": 0.0, "peak MB": 0.0})
     device = "cuda" if gpus else "cpu"
-    path = report("bench_grounding", rows, f"grounding datagen, model={args.size} on {device}, {os.cpu_count()} CPUs")
+    title = f"grounding datagen: {args.size} ({n_params / 1e6:.1f}M params) on {device}, {os.cpu_count()} CPUs"
+    path = report("bench_grounding", rows, title)
     print(f"wrote {path}")
 
 
