@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Optional
 
@@ -33,6 +34,8 @@ def register(app: typer.Typer) -> None:
         from train.pipeline import run_pipeline
 
         results = run_pipeline(pipeline, resume=resume, max_steps=max_steps, db=db, out_root=out)
+        if int(os.environ.get("RANK", "0")) != 0:
+            return
         for r in results:
             where = r.final_dir or f"{r.output_dir}/checkpoints (stopped)"
             loss = "n/a" if r.final_loss is None else f"{r.final_loss:.4f}"

@@ -134,13 +134,14 @@ def train_stage(
     base = unwrap(model)
     steps_total = total_steps(cfg, info.world_size)
     stop_at = min(steps_total, max_steps) if max_steps is not None else steps_total
-    optimizer = build_optimizer(model, cfg, device)
-    scheduler = build_scheduler(optimizer, cfg.optim.warmup_steps, steps_total, cfg.optim.min_lr_ratio)
     stream = BatchStream(loader, processor, stage=cfg.stage, micro_batch_size=cfg.batch.micro_batch_size,
                          seq_len=cfg.batch.seq_len, pack=cfg.batch.pack,
                          noised_image_rejected=cfg.dpo.noised_image_rejected, noise_std=cfg.dpo.noise_std)
     model = parallelize(model, ac=cfg.runtime.activation_checkpointing, compile=cfg.runtime.compile,
                         fsdp=cfg.runtime.fsdp and info.distributed, bf16=bf16)
+    # the optimiser holds the parameters as FSDP2 leaves them (sharded DTensors): build it after
+    optimizer = build_optimizer(model, cfg, device)
+    scheduler = build_scheduler(optimizer, cfg.optim.warmup_steps, steps_total, cfg.optim.min_lr_ratio)
 
     step, tokens, run_id = 0, 0, f"{cfg.name}-{uuid.uuid4().hex[:8]}"
     started = datetime.now(timezone.utc)
