@@ -75,7 +75,7 @@ def _register_groups() -> None:
     """Each package adds its own commands; a package not yet present is simply absent."""
     import importlib
 
-    for module in ("datagen.commands", "mixture.commands", "train.commands", "model.commands"):
+    for module in ("datagen.commands", "mixture.commands", "train.commands", "model.commands", "demo.commands"):
         try:
             mod = importlib.import_module(module)
         except ModuleNotFoundError as e:

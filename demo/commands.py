@@ -1,0 +1,21 @@
+"""`blip3 demo`: the main job on the embedded default."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+
+def register(app: typer.Typer) -> None:
+    @app.command("demo")
+    def demo(
+        out: Path = typer.Option(Path("blip3-demo"), "--out", "-o", help="Folder for everything the demo writes (replaced)."),
+        workers: int = typer.Option(2, "--workers", help="Ray actors for OCR and grounding."),
+        train_steps: Optional[int] = typer.Option(None, "--train-steps", help="Cap the steps of each training stage."),
+    ) -> None:
+        """Generate a small corpus, caption it (OCR, grounding) on Ray, mix it, train the tiny model, write a report."""
+        from demo.run import run_demo
+
+        run_demo(out, workers=workers, train_steps=train_steps)

@@ -1,0 +1,98 @@
+"""The demo's HTML report: what was made, what it costs, and how training went, on one page.
+
+It links the pieces other commands already write (the audit contact sheets, the mixture plot)
+and adds the loss curves of the training stages, read from each stage's `metrics.jsonl`.
+"""
+
+from __future__ import annotations
+
+import html
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+from train.metrics import read_metrics  # noqa: E402
+
+
+@dataclass
+class ReportInputs:
+    out_dir: Path
+    audits: dict[str, Path] = field(default_factory=dict)  # title -> audit index.html
+    mixture_plot: Path | None = None
+    stage_dirs: dict[str, Path] = field(default_factory=dict)  # stage name -> run dir
+    tables: dict[str, list[dict]] = field(default_factory=dict)  # title -> rows (SQL results)
+    notes: list[str] = field(default_factory=list)
+
+
+def plot_losses(stage_dirs: dict[str, Path], out: Path) -> Path | None:
+    """One panel per stage: training loss against step."""
+    curves = {name: read_metrics(d) for name, d in stage_dirs.items()}
+    curves = {k: [r for r in v if r.get("loss") is not None] for k, v in curves.items()}
+    curves = {k: v for k, v in curves.items() if v}
+    if not curves:
+        return None
+    fig, axes = plt.subplots(1, len(curves), figsize=(3.2 * len(curves), 2.8), squeeze=False)
+    for ax, (name, rows) in zip(axes[0], curves.items()):
+        ax.plot([r["step"] for r in rows], [r["loss"] for r in rows], color="#2b6cb0", lw=1.5)
+        ax.set_title(name)
+        ax.set_xlabel("step")
+        ax.grid(alpha=0.3)
+    axes[0][0].set_ylabel("loss")
+    fig.tight_layout()
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return out
+
+
+def _table(rows: list[dict]) -> str:
+    if not rows:
+        return "<p><em>no rows</em></p>"
+    head = "".join(f"<th>{html.escape(str(c))}</th>" for c in rows[0])
+    body = "".join(
+        "<tr>" + "".join(f"<td>{html.escape(_fmt(v))}</td>" for v in r.values()) + "</tr>" for r in rows
+    )
+    return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+
+
+def _fmt(v) -> str:
+    if v is None:
+        return ""
+    if isinstance(v, float):
+        return f"{v:.4g}"
+    return str(v)
+
+
+def _rel(path: Path, base: Path) -> str:
+    return html.escape(os.path.relpath(path, base))
+
+
+def write_report(inp: ReportInputs) -> Path:
+    """Write `report.html` (and `losses.png`) into `inp.out_dir`; returns the page's path."""
+    out = inp.out_dir
+    losses = plot_losses(inp.stage_dirs, out / "losses.png")
+    parts = ["<h1>blip3-engine demo</h1>"]
+    if inp.notes:
+        parts.append("<ul>" + "".join(f"<li>{html.escape(n)}</li>" for n in inp.notes) + "</ul>")
+    if inp.audits:
+        parts.append("<h2>Caption shards (contact sheets)</h2><ul>")
+        parts += [f'<li><a href="{_rel(p, out)}">{html.escape(t)}</a></li>' for t, p in inp.audits.items()]
+        parts.append("</ul>")
+    for title, rows in inp.tables.items():
+        parts.append(f"<h2>{html.escape(title)}</h2>{_table(rows)}")
+    if inp.mixture_plot is not None:
+        parts.append(f'<h2>Mixture</h2><img src="{_rel(inp.mixture_plot, out)}" alt="mixture composition">')
+    if losses is not None:
+        parts.append(f'<h2>Training loss by stage</h2><img src="{_rel(losses, out)}" alt="loss curves">')
+    style = (
+        "body{font-family:sans-serif;margin:2em;max-width:1200px}table{border-collapse:collapse;margin:.5em 0}"
+        "td,th{border:1px solid #ccc;padding:3px 8px;font-size:13px}th{background:#eef}img{max-width:100%}"
+    )
+    page = f"<!doctype html><html><head><meta charset='utf-8'><title>blip3-engine demo</title><style>{style}</style></head><body>{''.join(parts)}</body></html>"
+    path = out / "report.html"
+    path.write_text(page)
+    return path
