@@ -54,17 +54,18 @@ def flops_model(model: torch.nn.Module, *, forward_only: bool = False) -> FlopsM
     emb = cfg.vocab_size * cfg.hidden_size  # the embedding lookup is not a matmul
     n_frozen_mm = max(n_frozen - emb, 0) if not _embed_trainable(llm) else n_frozen
     n_train_mm = n_train - (emb if _embed_trainable(llm) else 0)
+    res = model.vision_tokenizer
+    res_train = any(p.requires_grad for p in res.parameters()) and not forward_only
     if forward_only:
         llm_tok = 2.0 * (n_frozen_mm + n_train_mm)
         attn = 4.0 * cfg.num_hidden_layers * cfg.hidden_size
     else:
-        frozen_mult = 4.0 if n_train else 2.0
+        # frozen LLM weights still pass gradients to inputs when LoRA or the resampler trains
+        frozen_mult = 4.0 if (n_train or res_train) else 2.0
         llm_tok = frozen_mult * n_frozen_mm + 6.0 * n_train_mm
         attn = 12.0 * cfg.num_hidden_layers * cfg.hidden_size
-    res = model.vision_tokenizer
-    res_train = any(p.requires_grad for p in res.parameters()) and not forward_only
-    n_lat = int(getattr(res, "num_latents", res.latents.shape[0]))
-    n_media = int(getattr(model.config, "vision_tokens_per_crop", 0) or 0) if hasattr(model, "config") else 0
+    n_lat = int(model.config.num_latents)
+    n_media = int(model.config.num_patches)  # ViT patch tokens per crop
     n_res = _count(res)
     kv = sum(p.numel() for n, p in res.named_parameters() if "to_kv" in n)
     res_flops = (6.0 if res_train else 2.0) * ((n_res - kv) * n_lat + kv * (n_media + n_lat))
