@@ -8,8 +8,11 @@ everything but assistant turns. Three sample shapes, as the data formats define 
 - interleaved: texts and images in document order, `<|endofchunk|>` closing each text that
                follows an image, then `<|endoftext|>`
 - chat:        Phi-3 template, `<|system|>\n..<|end|>\n<|user|>\n..<|end|>\n<|assistant|>\n..<|end|>\n`
-The text budget (`max_text_tokens`) counts text tokens only, before images are spliced in; a
-sample is never cut inside an image (images after the cut are dropped with it).
+Each sample is tokenized as one string (what the chat template renders), so the ids match the
+tokenizer's own reading of the whole text; labels come from character spans via offsets. The text
+budget (`max_text_tokens`) counts text tokens only, before images are spliced in; a sample is
+never cut inside an image (images after the cut are dropped with it). Special-token strings inside
+data text are read as those tokens (as the template would).
 """
 
 from __future__ import annotations
@@ -17,7 +20,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Sequence
 
 import numpy as np
 import torch
@@ -61,6 +64,7 @@ class XGenMMProcessor:
             raise ValueError(
                 f"tokenizer maps {PLACEHOLDER_TOKEN!r} to {self.placeholder_id}, config expects {config.image_placeholder_id}"
             )
+        self.image_id = tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
         self.end_of_chunk_id = tokenizer.convert_tokens_to_ids(END_OF_CHUNK_TOKEN)
         self.end_id = tokenizer.convert_tokens_to_ids("<|end|>")
         self.pad_id = tokenizer.pad_token_id
@@ -95,80 +99,69 @@ class XGenMMProcessor:
         return torch.stack([self._to_tensor(c) for c in crops])
 
     # --- encoding ----------------------------------------------------------------------------
-    def _text_ids(self, text: str) -> list[int]:
-        return self.tokenizer.encode(text, add_special_tokens=False) if text else []
-
-    def _encode(self, pieces: list[tuple[str, Any, bool]]) -> Encoded:
-        """pieces: ("text", str, train) | ("ids", list[int], train) | ("image", PIL image, False)."""
+    def _encode(self, parts: Sequence[tuple[str, bool]], images: Sequence[Image.Image]) -> Encoded:
+        """parts: (text, trained) in order, tokenized as ONE string (as the chat template would be),
+        after BOS; each `<image>` token becomes its image's placeholders (images taken in order).
+        A token is trained when it starts inside a trained part."""
+        text = "".join(t for t, _ in parts)
+        spans, pos = [], 0
+        for t, train in parts:
+            if train:
+                spans.append((pos, pos + len(t)))
+            pos += len(t)
+        enc = self.tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+        ids, offsets = enc["input_ids"], enc["offset_mapping"]
+        if ids.count(self.image_id) != len(images):
+            raise ValueError(f"text has {ids.count(self.image_id)} {IMAGE_TOKEN} markers but {len(images)} images")
         out = Encoded([], [])
         budget = self.max_text_tokens
-        for kind, value, train in pieces:
-            if kind == "image":
-                if budget <= 0:
-                    out.truncated = True
-                    break
-                crops = self.image_crops(value)
+        if self.tokenizer.bos_token_id is not None:
+            out.input_ids.append(self.tokenizer.bos_token_id)
+            out.labels.append(IGNORE_INDEX)
+            budget -= 1
+        next_image = iter(images)
+        for tid, (a, _) in zip(ids, offsets):
+            if budget <= 0:
+                out.truncated = True
+                break
+            if tid == self.image_id:
+                image = next(next_image)
+                crops = self.image_crops(image)
                 n = crops.shape[0] * self.config.num_latents
                 out.input_ids += [self.placeholder_id] * n
                 out.labels += [IGNORE_INDEX] * n
                 out.images.append(crops)
-                out.image_sizes.append(tuple(value.size))
+                out.image_sizes.append(tuple(image.size))
                 continue
-            ids = self._text_ids(value) if kind == "text" else list(value)
-            if len(ids) > budget:
-                ids, out.truncated = ids[:budget], True
-            budget -= len(ids)
-            out.input_ids += ids
-            out.labels += ids if train else [IGNORE_INDEX] * len(ids)
-            if out.truncated:
-                break
+            out.input_ids.append(tid)
+            out.labels.append(tid if any(lo <= a < hi for lo, hi in spans) else IGNORE_INDEX)
+            budget -= 1
         return out
-
-    def _split_images(self, text: str, images: Sequence[Image.Image], cursor: list[int], train: bool) -> list:
-        """Text with `<image>` markers -> pieces, consuming images in order (cursor is shared)."""
-        parts = text.split(IMAGE_TOKEN)
-        pieces: list = []
-        for i, part in enumerate(parts):
-            if i:
-                if cursor[0] >= len(images):
-                    raise ValueError(f"more {IMAGE_TOKEN} markers than images ({len(images)})")
-                pieces.append(("image", images[cursor[0]], False))
-                cursor[0] += 1
-            if part:
-                pieces.append(("text", part, train))
-        return pieces
-
-    def _bos(self) -> list:
-        bos = self.tokenizer.bos_token_id
-        return [("ids", [bos], False)] if bos is not None else []
-
-    def _eos(self, train: bool = True) -> tuple:
-        return ("ids", [self.tokenizer.eos_token_id], train)
 
     def encode_caption(self, caption: str, image: Image.Image) -> Encoded:
         """Pretraining caption sample; loss on the caption and its end tokens."""
-        return self._encode(
-            [*self._bos(), ("image", image, False), ("text", caption, True), ("ids", [self.end_of_chunk_id], True), self._eos()]
-        )
+        end = END_OF_CHUNK_TOKEN + self.tokenizer.eos_token
+        return self._encode([(IMAGE_TOKEN, False), (caption, True), (end, True)], [image])
 
     def encode_interleaved(self, texts: Sequence[str | None], images: Sequence[Image.Image | None]) -> Encoded:
         """Interleaved document (parallel lists, one of text/image set at each position)."""
         if len(texts) != len(images):
             raise ValueError(f"texts and images differ in length ({len(texts)} vs {len(images)})")
-        pieces, seen_image = self._bos(), False
+        parts: list[tuple[str, bool]] = []
+        seen_image = False
         for t, img in zip(texts, images):
             if (t is None) == (img is None):
                 raise ValueError("each position of an interleaved document holds exactly one of text or image")
             if img is not None:
-                pieces.append(("image", img, False))
+                parts.append((IMAGE_TOKEN, False))
                 seen_image = True
             else:
-                pieces.append(("text", t, True))
+                parts.append((t, True))
                 if seen_image:
-                    pieces.append(("ids", [self.end_of_chunk_id], True))
+                    parts.append((END_OF_CHUNK_TOKEN, True))
                     seen_image = False
-        pieces.append(self._eos())
-        return self._encode(pieces)
+        parts.append((self.tokenizer.eos_token, True))
+        return self._encode(parts, [im for im in images if im is not None])
 
     def encode_chat(
         self,
@@ -191,27 +184,22 @@ class XGenMMProcessor:
             if first_user is None:
                 raise ValueError("images given but the chat has no user turn")
             first_user["content"] = f"{IMAGE_TOKEN} " * len(images) + first_user["content"]
-        elif n_markers != len(images):
-            raise ValueError(f"chat has {n_markers} {IMAGE_TOKEN} markers but {len(images)} images")
         if system is not None and not any(m["role"] == "system" for m in messages):
             messages.insert(0, {"role": "system", "content": system})
-        pieces, cursor = self._bos(), [0]
+        parts: list[tuple[str, bool]] = []
         for m in messages:
             role = m["role"]
             if role not in ("system", "user", "assistant"):
                 raise ValueError(f"unknown chat role {role!r}")
             train = role == "assistant"
-            pieces.append(("text", f"<|{role}|>\n", False))
-            pieces += self._split_images(m["content"], images, cursor, train)
-            pieces.append(("ids", [self.end_id], train))
-            pieces.append(("text", "\n", False))
+            parts += [(f"<|{role}|>\n", False), (m["content"], train), ("<|end|>", train), ("\n", False)]
         if add_generation_prompt:
-            pieces.append(("text", "<|assistant|>\n", False))
-        return self._encode(pieces)
+            parts.append(("<|assistant|>\n", False))
+        return self._encode(parts, images)
 
     def encode_prompt(self, text: str, images: Sequence[Image.Image] = ()) -> Encoded:
         """Free text with `<image>` markers (no special tokens besides BOS), e.g. for generate."""
-        return self._encode([*self._bos(), *self._split_images(text, images, [0], False)])
+        return self._encode([(text, False)], images)
 
     # --- batching ----------------------------------------------------------------------------
     def _images_batch(self, samples: Sequence[Encoded]) -> dict[str, torch.Tensor]:

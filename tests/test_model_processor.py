@@ -63,6 +63,16 @@ def test_chat_matches_template_and_trains_only_assistant_turns(tiny_processor):
     enc = p.encode_chat(msgs, ims)
     rendered = p.tokenizer.apply_chat_template([{"role": "system", "content": DEFAULT_SYSTEM}, *msgs], tokenize=False)
     assert collapse(p.decode(enc.input_ids, skip_special_tokens=False)) == "<s>" + rendered
+    # ids are the tokenizer's own reading of the rendered template (each image run -> one <image> id)
+    ids, prev = [], None
+    for i in enc.input_ids:
+        if i == p.placeholder_id:
+            if prev != p.placeholder_id:
+                ids.append(p.image_id)
+        else:
+            ids.append(i)
+        prev = i
+    assert ids == [p.tokenizer.bos_token_id, *p.tokenizer(rendered, add_special_tokens=False)["input_ids"]]
     trained = [i for i, l in zip(enc.input_ids, enc.labels) if l != IGN]
     assert p.decode(trained, skip_special_tokens=False) == "A dog.<|end|>Two cats.<|end|>"
     assert all(l == IGN for i, l in zip(enc.input_ids, enc.labels) if i == p.placeholder_id)
