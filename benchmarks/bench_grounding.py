@@ -9,12 +9,15 @@ Random-weight Grounding DINO models are built on the spot (speed does not depend
 
 Rows:
 - bare loop: `HFGroundingDino.detect` + post-filter on pre-decoded images in this process, torch
-  limited to one thread (the same as one Ray worker) — the engine's own cost;
+  limited to one thread (as in a Ray actor with one CPU) — the engine's own cost; run before, between
+  and after the pipeline runs, the median is used (on a shared machine the load changes);
 - pipeline w=1 / w=2: `datagen.grounding.ground` (read, decode, detect, 6 captions, shard + parquet
   write, no catalog) on a local Ray started beforehand (start-up reported apart);
 - `total` includes the fixed start-up of a job (actor processes importing torch and loading the
   model, Ray Data planning); `steady` is the rate once actors are up: images of shards 2..n over
-  the time between the first and the last shard's publication (`finished_at` in the stats files);
+  the time between the first and the last shard's publication (`finished_at` in the stats files).
+  Rows reach the driver in Ray Data blocks, so the first publication can lag its compute and
+  `steady` reads high on short runs: use enough images that `total` is the figure to trust;
 - ratios: time per image vs the bare loop's, and w=2 / w=1 steady throughput;
 - peak memory: peak RSS of this process (bare loop) and peak summed RSS of the process tree
   (driver + raylet + workers) sampled every 0.2 s during each pipeline run.
@@ -24,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import random
+import statistics
 import sys
 import tempfile
 import threading
@@ -166,7 +170,7 @@ def main() -> None:
         write_images(tmp / "images", args.images)
         (tmp / "vocab.txt").write_text("\n".join(TAGS) + "\n")
         config = make_config(tags="vocab", vocab=tmp / "vocab.txt", model=model_dir, device=args.device)
-        bare_first = bare_loop(model_dir, tmp / "images", args.device)
+        bare_runs = [bare_loop(model_dir, tmp / "images", args.device)]
         bare_peak = peak_rss_mb()
         t = time.perf_counter()
         ray.init(num_cpus=max(2, os.cpu_count() or 1), include_dashboard=False, log_to_driver=False)
@@ -188,11 +192,11 @@ def main() -> None:
             steady[workers] = steady_rate(out)
             rows.append({"run": f"pipeline w={workers}, total", "images": args.images, "seconds": total,
                          "images/s": args.images / total, "vs bare": 0.0, "peak MB": mem.peak})
+            bare_runs.append(bare_loop(model_dir, tmp / "images", args.device))  # interleaved with the pipeline runs
             rows.append({"run": f"pipeline w={workers}, steady", "images": args.images, "seconds": 0.0,
                          "images/s": steady[workers], "vs bare": 0.0, "peak MB": mem.peak})
         ray.shutdown()
-        # the bare loop again, after: on a shared machine the less loaded of the two runs is the engine's cost
-        bare_s = min(bare_first, bare_loop(model_dir, tmp / "images", args.device))
+        bare_s = statistics.median(bare_runs)  # the machine may be shared: the median of 3 interleaved runs
     rows.insert(0, {"run": "bare detector loop (1 thread)", "images": args.images, "seconds": bare_s,
                     "images/s": args.images / bare_s, "vs bare": 1.0, "peak MB": bare_peak})
     for r in rows[1:]:  # time per image relative to the bare loop's (>1: slower than bare)
