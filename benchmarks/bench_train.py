@@ -1,0 +1,175 @@
+"""Trainer benchmark: tokens/s, MFU and peak memory of training steps; the tiny chain's wall time.
+
+    python benchmarks/bench_train.py                       # CPU: tiny model, tiny chain
+    python benchmarks/bench_train.py --config phi3-mini    # GPU: phi3-mini size, bf16
+
+Each row times full optimiser steps (forward under autocast, backward, clip, fused AdamW) on
+synthetic batches shaped like the stages' batches, after warm-up steps:
+- pretrain: `micro_batch` rows of `seq_len` tokens, packed (`segment_ids`), 4 samples per row,
+  one 1-crop image each (num_latents image tokens);
+- sft: `micro_batch` rows, one any-res image of 5 crops each (640 image tokens at phi3-mini
+  size), loss on the second half of each row (the answer).
+Weights are random (no download): speed does not depend on their values.
+
+MFU = model FLOPs per step / step time / peak bf16 dense FLOP/s of the GPU (train.mfu: 6N per
+trained LLM/resampler parameter per token, 12*L*d*T attention, 2N per frozen ViT parameter per
+patch token; H100/H200 SXM peak 989 TFLOP/s). Activation-checkpoint recompute is not counted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks._common import peak_rss_mb, report  # noqa: E402
+
+
+def synthetic_batch(config, kind: str, rows: int, seq_len: int, device):
+    """Random ids with image placeholder runs where images go, and matching pixel values."""
+    import torch
+
+    from model.anyres import plan_crops
+
+    g = torch.Generator().manual_seed(0)
+    vocab, ph, L, S = config.lang_model["vocab_size"], config.image_placeholder_id, config.num_latents, config.image_size
+    ids = torch.randint(10, min(vocab, 32000), (rows, seq_len), generator=g)
+    ids[ids == ph] = 11
+    labels = ids.clone()
+    out = {}
+    if kind == "pretrain":
+        seg = torch.zeros(rows, seq_len, dtype=torch.long)
+        per = seq_len // 4
+        for r in range(rows):
+            for k in range(4):
+                seg[r, k * per:(k + 1) * per] = k + 1
+                ids[r, k * per + 1:k * per + 1 + L] = ph
+        out["segment_ids"] = seg
+        pv = torch.randn(rows * 4, 1, 3, S, S, generator=g)
+    else:
+        size = (2 * S, 2 * S)  # best fit: the 2x2 grid -> base + 4 crops
+        n_crops = plan_crops(size, config.anyres_grids, S).n_crops
+        for r in range(rows):
+            ids[r, 1:1 + n_crops * L] = ph
+        labels[:, : seq_len // 2] = -100
+        out["attention_mask"] = torch.ones(rows, seq_len, dtype=torch.long)
+        out["image_sizes"] = torch.tensor([size] * rows)
+        pv = torch.randn(rows, n_crops, 3, S, S, generator=g)
+    labels[ids == ph] = -100
+    out.update(input_ids=ids, labels=labels, pixel_values=pv)
+    return {k: v.to(device) for k, v in out.items()}
+
+
+def time_steps(config_name: str, kind: str, rows: int, seq_len: int, steps: int, warmup: int, *, ac: bool,
+               compile: bool, threads: int | None) -> dict:
+    import torch
+
+    from model.config import get_config
+    from model.xgenmm import XGenMM
+    from train.distributed import parallelize
+    from train.mfu import flops_model, mfu, peak_flops
+
+    if threads:
+        torch.set_num_threads(threads)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    bf16 = device.type == "cuda"
+    config = get_config(config_name)
+    torch.manual_seed(0)
+    with torch.device(device):
+        model = XGenMM(config)
+    model.vision_encoder.requires_grad_(False)
+    model.train()
+    parallelize(model, ac=ac, compile=compile, fsdp=False, bf16=bf16)
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=1e-5, fused=device.type == "cuda")
+    batch = synthetic_batch(config, kind, rows, seq_len, device)
+    tokens = int((batch["segment_ids"] > 0).sum()) if "segment_ids" in batch else int(batch["attention_mask"].sum())
+    crops = int((batch["input_ids"] == config.image_placeholder_id).sum()) // config.num_latents
+    fm = flops_model(model)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+
+    def step():
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+            loss = model(**batch).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    for _ in range(warmup):
+        step()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        step()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    dt = (time.perf_counter() - t0) / steps
+    flops = fm.step_flops(tokens, seq_len, crops)
+    util = mfu(flops, dt, peak_flops(device))
+    return {
+        "config": config_name, "batch": kind, "device": torch.cuda.get_device_name() if bf16 else f"cpu x{torch.get_num_threads()}",
+        "rows x seq": f"{rows}x{seq_len}", "step s": dt, "tokens/s": tokens / dt, "TFLOP/s": flops / dt / 1e12,
+        "MFU": "n/a (CPU)" if util is None else f"{100 * util:.1f}%",
+        "peak mem GB": torch.cuda.max_memory_allocated() / 2**30 if bf16 else peak_rss_mb() / 1024,
+    }
+
+
+def tiny_chain_wall() -> dict:
+    import os
+
+    from train.config import load_any
+    from train.pipeline import run_pipeline
+
+    os.environ["BLIP3_NO_PROGRESS"] = "1"
+    root = Path(__file__).resolve().parents[1]
+    with tempfile.TemporaryDirectory() as d:
+        t0 = time.perf_counter()
+        results = run_pipeline(load_any(root / "manifests/tiny/pipeline.yaml"), out_root=d, db=Path(d) / "c.duckdb")
+        wall = time.perf_counter() - t0
+    steps = sum(r.steps for r in results)
+    tokens = sum(r.tokens for r in results)
+    return {"config": "tiny", "batch": "5-stage chain", "device": "cpu x1", "rows x seq": f"{steps} steps",
+            "step s": wall / steps, "tokens/s": tokens / wall, "TFLOP/s": float("nan"), "MFU": f"wall {wall:.1f}s",
+            "peak mem GB": peak_rss_mb() / 1024}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--config", default=None, help="tiny (CPU default) or phi3-mini (GPU default)")
+    ap.add_argument("--steps", type=int, default=None)
+    ap.add_argument("--warmup", type=int, default=None)
+    ap.add_argument("--pretrain-rows", type=int, default=None)
+    ap.add_argument("--sft-rows", type=int, default=None)
+    ap.add_argument("--seq-len", type=int, default=None)
+    ap.add_argument("--ac", action="store_true", help="activation checkpointing per decoder block")
+    ap.add_argument("--compile", action="store_true", help="torch.compile per decoder block")
+    ap.add_argument("--no-chain", action="store_true", help="skip the tiny chain's wall time")
+    args = ap.parse_args()
+
+    import torch
+
+    gpu = torch.cuda.is_available()
+    name = args.config or ("phi3-mini" if gpu else "tiny")
+    big = name != "tiny"
+    steps = args.steps or (10 if big else 20)
+    warmup = args.warmup if args.warmup is not None else (3 if big else 2)
+    seq = args.seq_len or (2048 if big else 256)
+    rows = []
+    for kind, n in (("pretrain", args.pretrain_rows or (4 if big else 2)), ("sft", args.sft_rows or (4 if big else 2))):
+        for threads in ([None] if gpu else [1, 2]):
+            rows.append(time_steps(name, kind, n, seq, steps, warmup, ac=args.ac or big, compile=args.compile,
+                                   threads=threads))
+    if not gpu and not args.no_chain:
+        rows.append(tiny_chain_wall())
+    report("bench_train", rows, f"training throughput ({name})")
+
+
+if __name__ == "__main__":
+    main()
