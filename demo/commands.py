@@ -14,8 +14,16 @@ def register(app: typer.Typer) -> None:
         out: Path = typer.Option(Path("blip3-demo"), "--out", "-o", help="Folder for everything the demo writes (replaced)."),
         workers: int = typer.Option(2, "--workers", help="Ray actors for OCR and grounding."),
         train_steps: Optional[int] = typer.Option(None, "--train-steps", help="Cap the steps of each training stage."),
+        corpus_only: bool = typer.Option(False, "--corpus-only", help="Only write the corpus (OUT/corpus) and stop."),
     ) -> None:
         """Generate a small corpus, caption it (OCR, grounding) on Ray, mix it, train the tiny model, write a report."""
+        if corpus_only:
+            from core.logs import console
+            from demo.corpus import build_corpus
+
+            corpus = build_corpus(out / "corpus")
+            console.print(f"corpus written to {corpus.root}: local/ (images), web/, scenes/ (+ coco.json)")
+            return
         from demo.run import run_demo
 
         run_demo(out, workers=workers, train_steps=train_steps)
