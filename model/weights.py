@@ -89,13 +89,48 @@ def load_phi3_tokenizer(phi3_dir: str | None = None):
     return AutoTokenizer.from_pretrained(resolve_phi3_dir(phi3_dir), local_files_only=True)
 
 
-def load_released_state_dict(model, path: str | None = None) -> dict[str, list[str]]:
-    """Copy the released checkpoint into `model`: the resampler strictly, the LLM where names and
-    shapes match. Returns {"loaded": [...], "skipped": [...]} (checkpoint names, prefix removed).
+def siglip_hf_to_timm(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """transformers' SiglipVisionTransformer names -> timm's VisionTransformer (open_clip's trunk).
 
-    The released vision encoder uses transformers' Siglip names, not open_clip's; it is skipped
-    here and comes from the SigLIP checkpoint instead.
+    q/k/v projections are concatenated into timm's fused qkv; the MAP head becomes `attn_pool`
+    (its packed in_proj splits into q and kv). Note: timm's so400m uses exact GELU where
+    transformers' Siglip uses the tanh approximation; the same weights differ by ~1e-4 per token.
     """
+    out: dict[str, torch.Tensor] = {}
+    layers = sorted({int(k.split(".")[2]) for k in state if k.startswith("encoder.layers.")})
+    for i in layers:
+        src, dst = f"encoder.layers.{i}.", f"blocks.{i}."
+        for part in ("weight", "bias"):
+            out[f"{dst}attn.qkv.{part}"] = torch.cat([state[f"{src}self_attn.{x}_proj.{part}"] for x in "qkv"])
+            out[f"{dst}attn.proj.{part}"] = state[f"{src}self_attn.out_proj.{part}"]
+            out[f"{dst}norm1.{part}"] = state[f"{src}layer_norm1.{part}"]
+            out[f"{dst}norm2.{part}"] = state[f"{src}layer_norm2.{part}"]
+            out[f"{dst}mlp.fc1.{part}"] = state[f"{src}mlp.fc1.{part}"]
+            out[f"{dst}mlp.fc2.{part}"] = state[f"{src}mlp.fc2.{part}"]
+    pos = state["embeddings.position_embedding.weight"]
+    out["pos_embed"] = pos[None]  # (1, P, D)
+    for part in ("weight", "bias"):
+        out[f"patch_embed.proj.{part}"] = state[f"embeddings.patch_embedding.{part}"]
+        out[f"norm.{part}"] = state[f"post_layernorm.{part}"]
+    if "head.probe" in state:
+        D = pos.shape[1]
+        out["attn_pool.latent"] = state["head.probe"]
+        w, b = state["head.attention.in_proj_weight"], state["head.attention.in_proj_bias"]
+        out["attn_pool.q.weight"], out["attn_pool.kv.weight"] = w[:D], w[D:]
+        out["attn_pool.q.bias"], out["attn_pool.kv.bias"] = b[:D], b[D:]
+        for part in ("weight", "bias"):
+            out[f"attn_pool.proj.{part}"] = state[f"head.attention.out_proj.{part}"]
+            out[f"attn_pool.norm.{part}"] = state[f"head.layernorm.{part}"]
+            out[f"attn_pool.mlp.fc1.{part}"] = state[f"head.mlp.fc1.{part}"]
+            out[f"attn_pool.mlp.fc2.{part}"] = state[f"head.mlp.fc2.{part}"]
+    return out
+
+
+def load_released_state_dict(model, path: str | None = None) -> dict[str, list[str]]:
+    """Copy the released checkpoint into `model`: the resampler strictly, the SigLIP tower
+    strictly when ours is timm-backed (names mapped from transformers' Siglip), the LLM where
+    names and shapes match. Returns {"loaded": [...], "skipped": [...]} (checkpoint names,
+    prefix removed)."""
     from safetensors.torch import load_file
 
     state: dict[str, torch.Tensor] = {}
@@ -105,12 +140,17 @@ def load_released_state_dict(model, path: str | None = None) -> dict[str, list[s
     resampler = {k.removeprefix("vision_tokenizer."): v for k, v in state.items() if k.startswith("vision_tokenizer.")}
     model.vision_tokenizer.load_state_dict(resampler, strict=True)
     loaded = [f"vision_tokenizer.{k}" for k in resampler]
+    vision = {k.removeprefix("vision_encoder."): v for k, v in state.items() if k.startswith("vision_encoder.")}
+    trunk = getattr(model.vision_encoder, "trunk", None)
+    if vision and trunk is not None:
+        trunk.load_state_dict(siglip_hf_to_timm(vision), strict=True)
+        loaded += [f"vision_encoder.{k}" for k in vision]
     own = model.lang_model.state_dict()
     lm = {}
     skipped = []
     for k, v in state.items():
         if not k.startswith("lang_model."):
-            if not k.startswith("vision_tokenizer."):
+            if not k.startswith("vision_tokenizer.") and not (k.startswith("vision_encoder.") and trunk is not None):
                 skipped.append(k)
             continue
         name = k.removeprefix("lang_model.")
@@ -132,13 +172,15 @@ def build_pretrained(
     use_released: bool = False,
     dtype: torch.dtype = torch.float32,
 ):
-    """XGenMM with SigLIP + Phi-3 weights (and the released resampler/LLM when use_released)."""
+    """XGenMM with SigLIP + Phi-3 weights; with use_released, the released checkpoint on top
+    (resampler, LLM, and the SigLIP tower, which then needs no separate checkpoint)."""
     from transformers import Phi3ForCausalLM
 
     from .vision import build_vision_encoder
     from .xgenmm import XGenMM
 
-    vision = build_vision_encoder(config, resolve_siglip(siglip_ckpt))
+    siglip = _optional(resolve_siglip, siglip_ckpt) if use_released else resolve_siglip(siglip_ckpt)
+    vision = build_vision_encoder(config, siglip)
     lm = Phi3ForCausalLM.from_pretrained(
         resolve_phi3_dir(phi3_dir), local_files_only=True, dtype=dtype, attn_implementation="sdpa"
     )
@@ -146,5 +188,15 @@ def build_pretrained(
         raise MissingWeightsError(f"Phi-3 hidden size {lm.config.hidden_size} != config {config.hidden_size}", field="--phi3-dir")
     model = XGenMM(config, vision_encoder=vision, lang_model=lm).to(dtype)
     if use_released:
-        load_released_state_dict(model, xgenmm_ckpt)
+        report = load_released_state_dict(model, xgenmm_ckpt)
+        if siglip is None and not any(k.startswith("vision_encoder.") for k in report["loaded"]):
+            resolve_siglip(siglip_ckpt)  # the released file had no usable tower: raise the SigLIP error
     return model
+
+
+def _optional(resolve, path):
+    """The resolved path, or None when missing (the released checkpoint may carry the tower)."""
+    try:
+        return resolve(path)
+    except MissingWeightsError:
+        return None

@@ -76,3 +76,52 @@ def test_build_pretrained_from_local_files(empty_hf_cache, tmp_path, monkeypatch
     save_file(bad, str(tmp_path / "bad.safetensors"))
     with pytest.raises(RuntimeError, match="projection.bias"):  # the resampler loads strictly
         weights.load_released_state_dict(model, str(tmp_path / "bad.safetensors"))
+
+
+def _tiny_siglip_pair():
+    """A transformers Siglip vision tower and open_clip's timm trunk for so400m, at a tiny size."""
+    import timm
+    from transformers import SiglipVisionConfig, SiglipVisionModel
+
+    torch.manual_seed(21)
+    hf_cfg = SiglipVisionConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=2,
+                                image_size=32, patch_size=8, vision_use_head=True,
+                                hidden_act="gelu")  # timm's so400m uses exact GELU, transformers' Siglip the tanh form
+    hf = SiglipVisionModel(hf_cfg).eval()
+    trunk = timm.create_model("vit_so400m_patch14_siglip_384", pretrained=False, img_size=32, patch_size=8,
+                              embed_dim=64, depth=2, num_heads=2, mlp_ratio=2.0, num_classes=0).eval()
+    return hf, trunk
+
+
+def test_released_siglip_names_map_onto_the_timm_tower():
+    """Mapped by name, the timm trunk gives the same patch tokens and pooled output."""
+    hf, trunk = _tiny_siglip_pair()
+    trunk.load_state_dict(weights.siglip_hf_to_timm(hf.state_dict()), strict=True)
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        ref = hf(pixel_values=x)
+        feats = trunk.forward_features(x)
+        pooled = trunk.forward_head(feats)
+    assert torch.allclose(feats, ref.last_hidden_state, atol=1e-5)
+    assert torch.allclose(pooled, ref.pooler_output, atol=1e-5)
+
+
+def test_released_checkpoint_fills_a_timm_backed_tower(tmp_path, tiny_config):
+    """The whole released layout (Siglip tower, resampler, LLM under `vlm.`) loads into XGenMM."""
+    from safetensors.torch import save_file
+
+    from model.vision import patch_tokens
+
+    hf, trunk = _tiny_siglip_pair()
+    model = build_tiny_model(tiny_config, seed=30)
+    model.vision_encoder.trunk = trunk  # open_clip's TimmModel shape: `.trunk` is the timm ViT
+    donor = build_tiny_model(tiny_config, seed=31)
+    released = {f"vlm.{k}": v.clone() for k, v in donor.state_dict().items() if not k.startswith("vision_encoder.")}
+    released |= {f"vlm.vision_encoder.{k}": v.clone() for k, v in hf.state_dict().items()}
+    save_file(released, str(tmp_path / "released.safetensors"))
+    report = weights.load_released_state_dict(model, str(tmp_path / "released.safetensors"))
+    assert report["skipped"] == [] and len(report["loaded"]) == len(released)
+    x = torch.randn(1, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.allclose(patch_tokens(model.vision_encoder, x), hf(pixel_values=x).last_hidden_state, atol=1e-5)
+    assert torch.equal(model.lang_model.lm_head.weight, donor.lang_model.lm_head.weight)
