@@ -61,3 +61,43 @@ def test_interrupt_and_resume_is_exact(tmp_path, make, k):
 def test_stored_loss_curve(tmp_path):
     result = train_stage(_pretrain(tmp_path), record=False)
     assert result.losses == pytest.approx(PRETRAIN_LOSSES, rel=2e-3)
+
+
+def test_resume_after_a_real_kill(tmp_path):
+    """SIGKILL the training process once a checkpoint exists; `--resume` finishes the same run."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    import yaml
+
+    from tests.train_fixtures import ROOT, TINY
+    from train.config import load_stage
+
+    stage = yaml.safe_load((TINY / "pretrain.yaml").read_text())
+    stage.update(steps=24, checkpoint_every=4, eval_every=0, output_dir=str(tmp_path / "killed"))
+    stage["data"]["spec"] = str(TINY / "mixtures" / "pretrain.yaml")
+    cfg_path = tmp_path / "stage.yaml"
+    cfg_path.write_text(yaml.safe_dump(stage))
+    env = {**os.environ, "BLIP3_NO_PROGRESS": "1", "PYTHONPATH": str(ROOT)}
+    proc = subprocess.Popen([sys.executable, "-m", "train", str(cfg_path), "--db", str(tmp_path / "c.duckdb")],
+                            cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    first_ckpt = tmp_path / "killed" / "checkpoints" / "step_000004"
+    deadline = time.time() + 120
+    while not first_ckpt.is_dir() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert first_ckpt.is_dir() and not (tmp_path / "killed" / "final").exists()  # really interrupted mid-run
+
+    cfg = load_stage(cfg_path)
+    resumed = train_stage(cfg, resume=True, record=False)
+    full_cfg = load_stage(cfg_path)
+    full_cfg.output_dir = str(tmp_path / "full")
+    full = train_stage(full_cfg, record=False)
+    curve = lambda d: [r["loss"] for r in read_metrics(d) if "loss" in r]  # noqa: E731
+    assert len(curve(full.output_dir)) == 24
+    assert curve(resumed.output_dir) == pytest.approx(curve(full.output_dir), rel=1e-5)
+    a, b = _weights(full), _weights(resumed)
+    assert all(torch.allclose(a[k], b[k], rtol=1e-5, atol=1e-6) for k in a)
