@@ -1,4 +1,5 @@
 """Fixtures of the grounding tests: tiny real models built and saved here, and a COCO scene set.
+(Ray: the shared session fixture `ray_local` in conftest.py.)
 
 - A tiny Grounding DINO (small Swin backbone, one-layer BERT text encoder, random weights, a
   WordPiece vocabulary written by the test) saved in the `IDEA-Research/grounding-dino-tiny`
@@ -11,7 +12,6 @@
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import pytest
@@ -134,24 +134,3 @@ def tiny_clip(tmp_path_factory) -> Path:
 @pytest.fixture
 def scenes(tmp_path) -> dict:
     return write_scenes(tmp_path / "scenes")
-
-
-@pytest.fixture(scope="session")
-def grounding_ray(request):
-    """A local Ray (2 CPUs) for the session: the shared `ray_local` fixture when conftest has one."""
-    try:
-        shared = request.getfixturevalue("ray_local")
-    except pytest.FixtureLookupError:
-        shared = None
-    if shared is not None:
-        yield shared
-        return
-    import ray
-
-    started = not ray.is_initialized()
-    if started:
-        os.environ.setdefault("RAY_DEDUP_LOGS", "1")
-        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-    yield ray
-    if started:
-        ray.shutdown()

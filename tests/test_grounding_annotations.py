@@ -11,7 +11,7 @@ from core.errors import UserError
 from core.keys import sanitize_key
 from core.shards import list_shards, read_sidecar
 from datagen.annotations import load_annotations
-from tests.grounding_fixtures import grounding_ray, scenes  # noqa: F401  (fixtures)
+from tests.grounding_fixtures import scenes  # noqa: F401  (fixtures)
 
 RED = (0.075, 0.167, 0.375, 0.5)  # (12, 20, 48x40) on 160x120
 BLUE = (0.625, 0.5, 0.875, 0.833)  # (100, 60, 40x40)
@@ -80,7 +80,7 @@ def _read_back(out):
 
 
 @pytest.mark.slow
-def test_coco_end_to_end_through_cli(scenes, tmp_path, grounding_ray):  # noqa: F811
+def test_coco_end_to_end_through_cli(scenes, tmp_path, ray_local):  # noqa: F811
     out, db = tmp_path / "out", tmp_path / "cat.duckdb"
     args = ["ground", str(scenes["images"]), str(out), "--detector", "annotations",
             "--annotations", str(scenes["coco"]), "--workers", "2", "--shard-size", "3", "--db", str(db)]

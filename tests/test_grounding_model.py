@@ -18,7 +18,7 @@ from datagen.detectors import DetectionLimits
 from datagen.detectors_gdino import ENV_VAR, HFGroundingDino
 from datagen.grounding import make_config
 from datagen.inputs import InputSample
-from tests.grounding_fixtures import grounding_ray, scenes, tiny_clip, tiny_gdino  # noqa: F401  (fixtures)
+from tests.grounding_fixtures import scenes, tiny_clip, tiny_gdino  # noqa: F401  (fixtures)
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -37,7 +37,7 @@ def test_tiny_grounding_dino_detects_with_tag_labels(tiny_gdino):  # noqa: F811
 
 
 @pytest.mark.slow
-def test_blip3_ground_with_tiny_model_on_ray(scenes, tiny_gdino, tmp_path, grounding_ray, monkeypatch):  # noqa: F811
+def test_blip3_ground_with_tiny_model_on_ray(scenes, tiny_gdino, tmp_path, ray_local, monkeypatch):  # noqa: F811
     vocab = tmp_path / "vocab.txt"
     vocab.write_text("red circle\nblue square\nsky\n")
     out = tmp_path / "out"
