@@ -96,11 +96,21 @@ def run_ocr(
     keep_empty: bool = True,
     limit: int | None = None,
     register: bool = True,
+    gpus_per_worker: float = 0.0,
 ) -> JobResult:
-    """OCR `input` into BLIP3-OCR caption shards in `output` (resumable; see datagen.pipeline)."""
-    annotator = OcrAnnotator(engine, dict(engine_options or {}), min_confidence, default_granularity, style, keep_empty)
+    """OCR `input` into BLIP3-OCR caption shards in `output` (resumable; see datagen.pipeline).
+
+    `gpus_per_worker > 0` reserves GPUs for the actors and asks the engine to use them (rapidocr:
+    ONNX Runtime's CUDA provider, which needs `onnxruntime-gpu`; paddleocr: `device="gpu"`).
+    """
+    options = dict(engine_options or {})
+    if gpus_per_worker > 0 and engine == "rapidocr":
+        options.setdefault("use_cuda", True)
+    elif gpus_per_worker > 0:
+        options.setdefault("device", "gpu")
+    annotator = OcrAnnotator(engine, options, min_confidence, default_granularity, style, keep_empty)
     if engine == "paddleocr":
         make_engine(engine, **annotator.engine_options).check()  # fail before Ray starts
     return run_job(input, output, annotator, input_format=input_format, workers=workers, ray_address=ray_address,
                    shard_size=shard_size, overwrite=overwrite, catalog_db=db, source_name=source, limit=limit,
-                   register=register)
+                   register=register, gpus_per_worker=gpus_per_worker)

@@ -37,6 +37,7 @@ def ocr(
     paddle_det_dir: Optional[str] = typer.Option(None, "--paddle-det-dir", help="PaddleOCR detection model folder."),
     paddle_rec_dir: Optional[str] = typer.Option(None, "--paddle-rec-dir", help="PaddleOCR recognition model folder."),
     limit: Optional[int] = typer.Option(None, "--limit", help="Only the first N input samples."),
+    gpus_per_worker: float = typer.Option(0.0, "--gpus-per-worker", help="GPUs per OCR actor (0: CPU)."),
 ) -> None:
     """OCR images into BLIP3-OCR caption shards (12 caption variants each) on Ray; resumable."""
     from core.logs import console
@@ -49,7 +50,8 @@ def ocr(
     r = run_ocr(input, output, engine=engine, engine_options=options, workers=workers, ray_address=ray_address,
                 min_confidence=min_confidence, shard_size=shard_size, default_granularity=default_granularity,
                 input_format=input_format, overwrite=overwrite, db=db, source=source,
-                style=CaptionStyle(lead_in=lead_in, filler=filler), keep_empty=not drop_empty, limit=limit)
+                style=CaptionStyle(lead_in=lead_in, filler=filler), keep_empty=not drop_empty, limit=limit,
+                gpus_per_worker=gpus_per_worker)
     reasons = ", ".join(f"{k}: {v}" for k, v in r.failure_reasons.items())
     console.print(
         f"[green]{r.output}[/]: {r.shards_written} shard(s) written, {r.shards_skipped} already done; "

@@ -28,7 +28,7 @@ import time
 from collections import Counter, defaultdict
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Iterable, Iterator
 
 from core.errors import UserError
 from core.logs import get_logger, progress, progress_enabled
@@ -41,6 +41,7 @@ log = get_logger("datagen")
 DEFAULT_SHARD_SIZE = 1000
 DEFAULT_BATCH_SIZE = 4
 DOWNLOAD_DIR = ".download"
+WINDOW_SAMPLES = 50_000
 
 
 @dataclass
@@ -61,8 +62,11 @@ class JobResult:
 
 
 # -- one sample, no Ray: read -> validate -> annotate -> pack ---------------------------------
-def process_ref(ref: SampleRef, annotator, limits: ImageLimits) -> dict[str, Any]:
-    """Run one sample through the steps; returns a result row (success or failure with reason)."""
+def process_ref(ref: SampleRef, annotator, limits: ImageLimits, generator: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Run one sample through the steps; returns a result row (success or failure with reason).
+
+    `generator` (the annotator's `generator_info()`, computed once per actor) goes into the record.
+    """
     row = SampleRow(key=ref.key, uid=ref.uid, url=ref.url, has_source_caption=bool(ref.source_caption))
     if ref.error:
         row.status, row.error = "failed", ref.error
@@ -97,7 +101,7 @@ def process_ref(ref: SampleRef, annotator, limits: ImageLimits) -> dict[str, Any
         "captions": ann.captions,
         "metadata": ann.metadata,
         **ann.record,
-        "generator": annotator.generator_info(),
+        "generator": generator if generator is not None else annotator.generator_info(),
         "status": "success",
     }
     if decoded.conversions:
@@ -125,11 +129,12 @@ class AnnotateActor:
         self.annotator = factory()
         self.annotator.load()
         self.limits = limits
+        self.generator = self.annotator.generator_info()
 
     def __call__(self, batch: dict[str, Any]) -> dict[str, list]:
         out: dict[str, list] = defaultdict(list)
         for shard, pos, ref_json in zip(batch["shard"], batch["pos"], batch["ref"]):
-            res = process_ref(SampleRef.from_json(str(ref_json)), self.annotator, self.limits)
+            res = process_ref(SampleRef.from_json(str(ref_json)), self.annotator, self.limits, self.generator)
             out["shard"].append(int(shard))
             out["pos"].append(int(pos))
             for k, v in res.items():
@@ -259,29 +264,46 @@ def _run_pending(
     started_here = connect_ray(ray_address, workers)
     try:
         _configure_ray_data()
-        items = [{"shard": i, "pos": j, "ref": ref.to_json()} for i in pending for j, ref in enumerate(shards[i])]
-        ds = ray.data.from_items(items, override_num_blocks=max(1, math.ceil(len(items) / batch_size)))
-        ds = ds.map_batches(
-            AnnotateActor, fn_constructor_kwargs={"factory": factory, "limits": limits},
-            batch_size=batch_size, compute=ray.data.ActorPoolStrategy(size=workers), num_cpus=cpus_per_worker,
-            **({"num_gpus": gpus_per_worker} if gpus_per_worker else {}),
-        )
-        buffers: dict[int, list[dict[str, Any]]] = defaultdict(list)
         reasons: Counter[str] = Counter()
+        total = sum(len(shards[i]) for i in pending)
         with progress() as bar:
-            task = bar.add_task(f"{generator['name']} -> {out.name}", total=len(items))
-            for row in ds.iter_rows():
-                shard = int(row["shard"])
-                buffers[shard].append(row)
-                bar.advance(task)
-                if len(buffers[shard]) == len(shards[shard]):
-                    _write_shard(out, shard, buffers.pop(shard), generator, digests[shard], result, reasons)
-        if buffers:  # rows missing: a programming error upstream, never a silent partial shard
-            raise RuntimeError(f"incomplete shards after the run: {sorted(buffers)}")
+            task = bar.add_task(f"{generator['name']} -> {out.name}", total=total)
+            for window in _windows(pending, shards):
+                items = [{"shard": i, "pos": j, "ref": ref.to_json()} for i in window for j, ref in enumerate(shards[i])]
+                ds = ray.data.from_items(items, override_num_blocks=max(1, math.ceil(len(items) / batch_size)))
+                ds = ds.map_batches(
+                    AnnotateActor, fn_constructor_kwargs={"factory": factory, "limits": limits},
+                    batch_size=batch_size, compute=ray.data.ActorPoolStrategy(size=workers), num_cpus=cpus_per_worker,
+                    **({"num_gpus": gpus_per_worker} if gpus_per_worker else {}),
+                )
+                buffers: dict[int, list[dict[str, Any]]] = defaultdict(list)
+                for row in ds.iter_rows():
+                    shard = int(row["shard"])
+                    buffers[shard].append(row)
+                    bar.advance(task)
+                    if len(buffers[shard]) == len(shards[shard]):
+                        _write_shard(out, shard, buffers.pop(shard), generator, digests[shard], result, reasons)
+                if buffers:  # rows missing: a programming error upstream, never a silent partial shard
+                    raise RuntimeError(f"incomplete shards after the run: {sorted(buffers)}")
         result.failure_reasons = dict(sorted(reasons.items()))
     finally:
         if started_here:
             ray.shutdown()
+
+
+def _windows(pending: list[int], shards: list[list[SampleRef]]) -> Iterator[list[int]]:
+    """Pending shards in groups of about WINDOW_SAMPLES inputs: the driver never holds the refs of a
+    whole large job in one Ray dataset; each window restarts the actor pool (one model load per window)."""
+    window: list[int] = []
+    count = 0
+    for i in pending:
+        window.append(i)
+        count += len(shards[i])
+        if count >= WINDOW_SAMPLES:
+            yield window
+            window, count = [], 0
+    if window:
+        yield window
 
 
 def _write_shard(out: Path, index: int, rows: list[dict[str, Any]], generator: dict[str, Any], digest: str,

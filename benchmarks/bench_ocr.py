@@ -1,0 +1,228 @@
+"""OCR datagen benchmark: bare engine loop vs the full `blip3 ocr` Ray pipeline on the same images.
+
+    .venv/bin/python benchmarks/bench_ocr.py [--images 96] [--out benchmarks/results/bench_ocr.json]
+
+Figures (quality.md):
+- images/s per core of a bare loop of engine calls (decoded images in memory, one ORT thread);
+- the full pipeline (read, decode+validate, OCR, 12 captions, tar + parquet + stats, catalog) with
+  1 worker on the same images: wall-time ratio to the bare loop, with and without the fixed cost
+  of starting the actor pool (the Ray cluster is started before timing; its start is reported);
+- 2 workers vs 1 (this machine has 2 cores);
+- peak resident memory of the driver and of the whole process tree (Ray workers included).
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import os
+import random
+import shutil
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import psutil
+from PIL import Image, ImageDraw, ImageFont
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+os.environ.setdefault("BLIP3_NO_PROGRESS", "1")
+
+WORDS = ["OPEN", "SALE", "COFFEE", "EXIT", "STATION", "MARKET", "No parking", "Platform 9", "BAKERY", "HOTEL",
+         "Tickets", "PHARMACY", "Gate B12", "Welcome", "BOOKS", "Fresh bread daily"]
+
+
+def make_images(folder: Path, n: int, seed: int = 0) -> list[Path]:
+    """n photo-sized (640x480) JPEGs with 2-4 lines of text on a noisy background."""
+    import matplotlib
+
+    fonts = sorted((Path(matplotlib.__file__).parent / "mpl-data" / "fonts" / "ttf").glob("DejaVu*.ttf"))
+    rng = random.Random(seed)
+    paths = []
+    for i in range(n):
+        img = Image.effect_noise((640, 480), 40).convert("RGB")
+        draw = ImageDraw.Draw(img)
+        for line in range(rng.randint(2, 4)):
+            font = ImageFont.truetype(str(rng.choice(fonts)), rng.randint(24, 48))
+            colour = tuple(rng.randint(0, 90) for _ in range(3))
+            draw.text((rng.randint(10, 200), 30 + line * 110 + rng.randint(0, 30)), rng.choice(WORDS), font=font, fill=colour)
+        path = folder / f"img{i:04d}.jpg"
+        img.save(path, quality=90)
+        paths.append(path)
+    return paths
+
+
+class TreeMonitor:
+    """Sample RSS and CPU time of this process and its whole tree (raylet, Ray workers) every 50 ms.
+
+    CPU seconds are the load-independent cost: on a shared machine wall time measures the
+    neighbours as much as the pipeline.
+    """
+
+    def __init__(self) -> None:
+        self.driver = self.tree = 0
+        self._cpu: dict[int, float] = {}
+        self._cpu0: dict[int, float] = {}
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        me = psutil.Process()
+        while not self._stop.is_set():
+            try:
+                procs = [me, *me.children(recursive=True)]
+                total = 0
+                for p in procs:
+                    try:
+                        total += p.memory_info().rss
+                        t = p.cpu_times()
+                        self._cpu[p.pid] = t.user + t.system
+                        self._cpu0.setdefault(p.pid, self._cpu[p.pid])
+                    except psutil.Error:
+                        pass
+                self.driver = max(self.driver, me.memory_info().rss)
+                self.tree = max(self.tree, total)
+            except psutil.Error:
+                pass
+            self._stop.wait(0.05)
+
+    @property
+    def cpu_s(self) -> float:
+        """CPU seconds used by the tree while monitored (processes already running count from start)."""
+        return sum(self._cpu[p] - self._cpu0[p] for p in self._cpu)
+
+    def __enter__(self) -> "TreeMonitor":
+        me = psutil.Process()
+        for p in [me, *me.children(recursive=True)]:
+            try:
+                t = p.cpu_times()
+                self._cpu0[p.pid] = t.user + t.system
+            except psutil.Error:
+                pass
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
+def bare_loop(paths: list[Path]) -> tuple[float, float]:
+    """(wall s, CPU s) of engine calls on decoded images, one ONNX Runtime thread."""
+    from datagen.ocr_engines import RapidOcrEngine
+
+    engine = RapidOcrEngine(threads=1)
+    engine.load()
+    images = [Image.open(io.BytesIO(p.read_bytes())).convert("RGB") for p in paths]
+    engine.recognize(images[0])  # warm-up, as the pipeline's actors get on their first image
+    start, cpu = time.perf_counter(), time.process_time()
+    for img in images:
+        engine.recognize(img)
+    return time.perf_counter() - start, time.process_time() - cpu
+
+
+def pipeline(src: Path, out: Path, workers: int, db: Path) -> tuple[float, float]:
+    """(job wall time, time spent starting the actor pool until the first result)."""
+    from datagen.ocr import run_ocr
+
+    shutil.rmtree(out, ignore_errors=True)
+    start = time.perf_counter()
+    result = run_ocr(src, out, workers=workers, shard_size=32, db=db, overwrite=True)
+    wall = time.perf_counter() - start
+    assert result.failed == 0 and result.successes > 0, result
+    return wall, result.duration_s
+
+
+def actor_startup(workers: int) -> float:
+    """Seconds for Ray Data to start `workers` OCR actors and return one trivial batch."""
+    import ray.data
+
+    from datagen.ocr import OcrAnnotator
+    from datagen.pipeline import AnnotateActor
+    from datagen.images import ImageLimits
+
+    start = time.perf_counter()
+    ds = ray.data.from_items([{"shard": 0, "pos": i, "ref": json.dumps({"key": f"k{i}", "ext": "", "locator": ["none"],
+                                                                        "error": "x: y"})} for i in range(workers)],
+                             override_num_blocks=workers)
+    ds.map_batches(AnnotateActor, fn_constructor_kwargs={"factory": OcrAnnotator(), "limits": ImageLimits()},
+                   batch_size=1, compute=ray.data.ActorPoolStrategy(size=workers), num_cpus=1).take_all()
+    return time.perf_counter() - start
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--images", type=int, default=96)
+    ap.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "bench_ocr.json")
+    args = ap.parse_args()
+
+    import ray
+
+    tmp = Path(tempfile.mkdtemp(prefix="bench_ocr_"))
+    try:
+        src = tmp / "in"
+        src.mkdir()
+        paths = make_images(src, args.images)
+        with TreeMonitor() as bare_mem:
+            bare, bare_cpu = bare_loop(paths)
+        t0 = time.perf_counter()
+        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, logging_level="ERROR")
+        ray_start = time.perf_counter() - t0
+        import ray.data
+
+        ray.data.DataContext.get_current().enable_progress_bars = False
+        startup, startup_cpu = {}, {}
+        for w in (1, 2):
+            with TreeMonitor() as mon:
+                startup[w] = actor_startup(w)
+            startup_cpu[w] = mon.cpu_s
+        runs = {}
+        for w in (1, 2):
+            with TreeMonitor() as mem:
+                wall, _ = pipeline(src, tmp / f"out{w}", w, tmp / "catalog.duckdb")
+            runs[w] = {"wall_s": round(wall, 2), "images_per_s": round(args.images / wall, 2),
+                       "steady_wall_s": round(wall - startup[w], 2), "cpu_s": round(mem.cpu_s, 2),
+                       "steady_cpu_s": round(mem.cpu_s - startup_cpu[w], 2),
+                       "peak_rss_driver_mb": round(mem.driver / 2**20), "peak_rss_tree_mb": round(mem.tree / 2**20)}
+        ray.shutdown()
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+    res = {
+        "images": args.images, "image_size": "640x480", "cpus": os.cpu_count(),
+        "load_avg_1m": round(os.getloadavg()[0], 2),
+        "bare": {"wall_s": round(bare, 2), "cpu_s": round(bare_cpu, 2),
+                 "images_per_s_per_core": round(args.images / bare_cpu, 2),
+                 "peak_rss_mb": round(bare_mem.driver / 2**20)},
+        "ray_init_s": round(ray_start, 2), "actor_pool_start_s": {str(k): round(v, 2) for k, v in startup.items()},
+        "pipeline": {str(k): v for k, v in runs.items()},
+        "ratio_pipeline1_vs_bare": round(runs[1]["wall_s"] / bare, 3),
+        "cpu_ratio_pipeline_vs_bare": {str(k): round(v["cpu_s"] / bare_cpu, 3) for k, v in runs.items()},
+        "cpu_ratio_pipeline_vs_bare_steady": {str(k): round(v["steady_cpu_s"] / bare_cpu, 3) for k, v in runs.items()},
+        "actor_pool_start_cpu_s": {str(k): round(v, 2) for k, v in startup_cpu.items()},
+        "ratio_pipeline1_vs_bare_steady": round(runs[1]["steady_wall_s"] / bare, 3),
+        "speedup_2_vs_1_workers": round(runs[1]["wall_s"] / runs[2]["wall_s"], 3),
+    }
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(res, indent=2))
+
+    print(f"\nOCR benchmark: {args.images} images 640x480, {os.cpu_count()} cores, load avg {res['load_avg_1m']}")
+    print(f"{'run':<28}{'wall s':>9}{'img/s':>9}{'CPU s':>9}{'img/CPU-s':>11}{'peak RSS MB':>14}")
+    print(f"{'bare engine loop (1 core)':<28}{bare:>9.2f}{args.images / bare:>9.2f}{bare_cpu:>9.2f}"
+          f"{args.images / bare_cpu:>11.2f}{res['bare']['peak_rss_mb']:>14}")
+    for w, r in runs.items():
+        print(f"{f'pipeline, {w} worker(s)':<28}{r['wall_s']:>9.2f}{r['images_per_s']:>9.2f}{r['cpu_s']:>9.2f}"
+              f"{args.images / r['cpu_s']:>11.2f}{r['peak_rss_tree_mb']:>14}")
+    print(f"CPU-seconds pipeline / bare: {res['cpu_ratio_pipeline_vs_bare']}; minus the actor-pool start "
+          f"({res['actor_pool_start_cpu_s']} CPU-s): {res['cpu_ratio_pipeline_vs_bare_steady']}")
+    print(f"pipeline(1 worker) / bare: {res['ratio_pipeline1_vs_bare']:.3f} "
+          f"(minus actor-pool start {startup[1]:.2f}s: {res['ratio_pipeline1_vs_bare_steady']:.3f}); "
+          f"2 vs 1 workers: x{res['speedup_2_vs_1_workers']:.2f}; ray.init {ray_start:.2f}s (not in the ratios)")
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,88 @@
+"""Pipeline steps without Ray: one sample through read -> validate -> annotate -> pack; shard reuse rules."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+
+import pytest
+
+from core.errors import UserError
+from core.shards import SampleRow, ShardWriter
+from datagen.annotator import Annotation, SkipSample
+from datagen.images import ImageLimits
+from datagen.inputs import SampleRef
+from datagen.pipeline import input_digest, plan_shards, process_ref, shard_done
+from tests.ocr_fixtures import bad_inputs, png_bytes, text_image
+
+
+@dataclass
+class SizeCaptioner:
+    """A deterministic test annotator: captions an image with its size (unit logic only)."""
+
+    name: str = "size"
+    fail_on: int = -1
+
+    def load(self) -> None:
+        pass
+
+    def generator_info(self) -> dict:
+        return {"engine": "size"}
+
+    def annotate(self, image, sample) -> Annotation:
+        if image.width == self.fail_on:
+            raise SkipSample("too_plain", f"width {image.width}")
+        if image.width == 2 * self.fail_on:
+            raise ZeroDivisionError("engine bug")
+        text = f"{image.width}x{image.height}"
+        return Annotation(text, [{"text": text}], {"entries": []}, record={"objects": []})
+
+
+def _ref(tmp_path, name: str, data: bytes, **kw) -> SampleRef:
+    path = tmp_path / name
+    path.write_bytes(data)
+    return SampleRef(key=name.replace(".", "_"), ext=name.rsplit(".", 1)[1], locator=["file", str(path)], **kw)
+
+
+def test_process_ref_success_record(tmp_path):
+    ref = _ref(tmp_path, "a.png", png_bytes(text_image(size=(120, 40))), uid="u1", url="http://x/a.png",
+               source_caption="alt")
+    res = process_ref(ref, SizeCaptioner(), ImageLimits())
+    record, row = json.loads(res["json"]), json.loads(res["row"])
+    assert res["ok"] and res["txt"] == "120x40" and res["ext"] == "png"
+    assert record["uid"] == "u1" and record["source_caption"] == "alt" and record["objects"] == []
+    assert record["generator"] == {"engine": "size"} and record["status"] == "success"
+    assert row["width"] == 120 and row["n_captions"] == 1 and row["has_source_caption"] is True
+
+
+def test_process_ref_failures_carry_reasons(tmp_path):
+    ann = SizeCaptioner(fail_on=120)
+    assert json.loads(process_ref(_ref(tmp_path, "z.jpg", b""), ann, ImageLimits())["row"])["error"] == "empty: zero-byte file"
+    pre = SampleRef(key="k", ext="", locator=["none"], error="download: HTTP Error 404")
+    assert json.loads(process_ref(pre, ann, ImageLimits())["row"])["error"] == "download: HTTP Error 404"
+    skip = process_ref(_ref(tmp_path, "s.png", png_bytes(text_image(size=(120, 40)))), ann, ImageLimits())
+    assert not skip["ok"] and json.loads(skip["row"])["error"] == "too_plain: width 120"
+    crash = process_ref(_ref(tmp_path, "c.png", png_bytes(text_image(size=(240, 40)))), ann, ImageLimits())
+    assert json.loads(crash["row"])["error"] == "annotate: ZeroDivisionError: engine bug"
+    gone = SampleRef(key="g", ext="png", locator=["file", str(tmp_path / "gone.png")])
+    assert json.loads(process_ref(gone, ann, ImageLimits())["row"])["error"].startswith("read:")
+    bomb = process_ref(_ref(tmp_path, "b.png", bad_inputs()["bomb.png"]), ann, ImageLimits())
+    assert json.loads(bomb["row"])["error"].startswith("too_large:")
+
+
+def test_shard_reused_only_when_complete_and_for_the_same_inputs(tmp_path):
+    refs = [SampleRef(key=f"k{i}", ext="png", locator=["none"]) for i in range(5)]
+    shards = plan_shards(refs, 2)
+    assert [len(s) for s in shards] == [2, 2, 1]
+    digest = input_digest(shards[0])
+    with ShardWriter(tmp_path, 0) as w:
+        w.add_failure(SampleRow("k0", error="x: y"))
+        w.close(extra_stats={"input_digest": digest})
+    assert shard_done(tmp_path, 0, digest)
+    assert not shard_done(tmp_path, 0, input_digest(shards[1]))  # inputs changed: redo
+    assert not shard_done(tmp_path, 1, input_digest(shards[1]))  # never written
+    with open(tmp_path / "000000.tar", "ab") as f:  # a tar that no longer matches its stats
+        f.write(b"\0" * 512)
+    assert not shard_done(tmp_path, 0, digest)
+    with pytest.raises(UserError, match="--shard-size"):
+        plan_shards(refs, 0)
