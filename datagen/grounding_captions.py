@@ -19,8 +19,8 @@ Decisions written down here because the sources are silent:
   centre, cells being [0, 1/3), [1/3, 2/3), [2/3, 1]; the test is done on integer thousandths
   (centre*2000 = X1+X2), so it is exact: a centre of 0.333 is in the first cell, 0.3335 in the
   second, 0.6665 in the second, 0.667 in the third.
-- Tag list: `<lead-in> a, b, c.`; objects in reading order (top to bottom, then left to right,
-  by box centre); an empty object list gives no tag caption.
+- Tag list: `<lead-in> a, b, c.`; objects in reading order: by the grid row of the box centre
+  (top to bottom), then left to right by centre x; an empty object list gives no tag caption.
 - Inline insertion, one rule set for all formats:
   * a label matches a whole-word, case-insensitive occurrence of itself in the caption, optionally
     followed by a plural `s`/`es` (`dog` grounds `dogs`); the match keeps the caption's casing;
@@ -137,11 +137,12 @@ def format_object(obj: GroundedObject, fmt: str) -> str:
 
 
 def reading_order(objects: Iterable[GroundedObject]) -> list[GroundedObject]:
-    """Top to bottom, then left to right, by box centre (ties: label, then score)."""
+    """Grid rows top to bottom, left to right within a row, by box centre (ties: y, label, score)."""
 
     def key(o: GroundedObject) -> tuple:
         x1, y1, x2, y2 = o.bbox
-        return (_thousandths(y1) + _thousandths(y2), _thousandths(x1) + _thousandths(x2), o.label, -o.score)
+        cx, cy = _thousandths(x1) + _thousandths(x2), _thousandths(y1) + _thousandths(y2)
+        return (_cell(y1, y2), cx, cy, o.label, -o.score)
 
     return sorted(objects, key=key)
 

@@ -74,6 +74,12 @@ def test_tag_caption_reading_order():
     assert tag_caption([GARMENT, neck], "positional") == (
         "The image contains neckband (above the center), garment (at the bottom right corner)."
     )
+    # same grid row: left to right, even when the left one sits lower
+    high_right = GroundedObject("square", (0.591, 0.121, 0.731, 0.308))
+    low_left = GroundedObject("triangle", (0.309, 0.196, 0.438, 0.367))
+    assert tag_caption([high_right, low_left], "positional") == (
+        "The image contains triangle (above the center), square (above the center)."
+    )
     assert tag_caption([neck], "bbox", lead_in="") == (
         "<object>neckband</object><bbox>[0.400, 0.100][0.600, 0.300]</bbox>.")
     assert tag_caption([], "textual") == ""
