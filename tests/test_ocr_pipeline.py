@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import io
 import json
 import re
+import tarfile
 from pathlib import Path
 
 import duckdb
@@ -125,3 +127,28 @@ def test_rerun_skips_finished_shards(ocr_run):
     r = CliRunner().invoke(app, ["ocr", str(src), str(out), "--db", str(db), "--source", "ocr-e2e", "--shard-size", "8"])
     assert r.exit_code == 0 and "0 shard(s) written" in " ".join(r.output.split()), r.output
     assert before == {p.name: p.stat().st_mtime_ns for p in out.glob("*_stats.json")}
+
+
+def test_webdataset_input_with_hostile_member_names_stays_inside_output(ray_local, tmp_path):
+    from datagen.ocr import run_ocr
+    from tests.ocr_fixtures import text_image
+
+    img = png_bytes(text_image("SAFE 1"))
+    tar_path = tmp_path / "in" / "shard-000.tar"
+    tar_path.parent.mkdir()
+    with tarfile.open(tar_path, "w") as tar:
+        for name in ["dup.png", "../../escape.png", "/abs/root.png", "dup.png", "naïve ☕.png", "a/b/c.png"]:
+            info = tarfile.TarInfo(name)
+            info.size = len(img)
+            tar.addfile(info, io.BytesIO(img))
+    out = tmp_path / "out"
+    result = run_ocr(str(tmp_path / "in" / "shard-{000..000}.tar"), out, workers=1, shard_size=4,
+                     db=tmp_path / "c.duckdb")
+    assert result.successes == 6 and result.failed == 0
+    files = sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*") if p.is_file())
+    assert all(f.startswith(("in/", "out/")) or f == "c.duckdb" for f in files), files
+    keys = [s["__key__"] for t in sorted(out.glob("*.tar")) for s in wds.WebDataset(str(t), shardshuffle=False)]
+    assert len(keys) == len(set(keys)) == 6 and "dup" in keys and "dup_1" in keys
+    assert all(re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_-]*", k) for k in keys)
+    with tarfile.open(out / "000000.tar") as tar:
+        assert all("/" not in m.name and ".." not in m.name for m in tar.getmembers())
