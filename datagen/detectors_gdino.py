@@ -83,6 +83,7 @@ class HFGroundingDino:
         self.device = device
         self.model: Any = None
         self.processor: Any = None
+        self._tag_tokens: dict[str, list[list[int]]] = {}  # prompt -> token positions of each tag
 
     def load(self) -> None:
         import torch
@@ -107,14 +108,7 @@ class HFGroundingDino:
         out: list[GroundedObject] = []
         for chunk in _chunk_tags(tags, lambda t: len(tok.tokenize(t))):
             text = ". ".join(chunk) + "."
-            spans, pos = [], 0
-            for tag in chunk:
-                spans.append((pos, pos + len(tag)))
-                pos += len(tag) + 2
-            offsets = tok(text, return_offsets_mapping=True)["offset_mapping"]
-            tag_tokens = [
-                [i for i, (s, e) in enumerate(offsets) if e > s and s >= a and e <= b] for a, b in spans
-            ]
+            tag_tokens = self._tag_tokens.get(text) or self._locate_tags(chunk, text)
             inputs = self.processor(images=image, text=text, return_tensors="pt").to(self.device)
             with torch.inference_mode():
                 outputs = self.model(**inputs)
@@ -132,8 +126,17 @@ class HFGroundingDino:
                 out.append(GroundedObject(chunk[int(best[q])], bbox, float(box_scores[q])))  # type: ignore[arg-type]
         return out
 
-    def info(self) -> dict[str, Any]:
-        return {"detector": "grounding-dino", "backend": "transformers", "model": self.model_dir.name}
+    def _locate_tags(self, chunk: Sequence[str], text: str) -> list[list[int]]:
+        """Token positions of each tag in the prompt (cached: vocabulary prompts repeat per image)."""
+        spans, pos = [], 0
+        for tag in chunk:
+            spans.append((pos, pos + len(tag)))
+            pos += len(tag) + 2
+        offsets = self.processor.tokenizer(text, return_offsets_mapping=True)["offset_mapping"]
+        found = [[i for i, (s, e) in enumerate(offsets) if e > s and s >= a and e <= b] for a, b in spans]
+        if len(self._tag_tokens) < 1024:
+            self._tag_tokens[text] = found
+        return found
 
 
 class GroundingDinoPy:
@@ -186,6 +189,3 @@ class GroundingDinoPy:
             bbox = tuple(round(min(max(v, 0.0), 1.0), 3) for v in (cx - w / 2, cy - h / 2, cx + w / 2, cy + h / 2))
             out.append(GroundedObject(label, bbox, float(score)))  # type: ignore[arg-type]
         return out
-
-    def info(self) -> dict[str, Any]:
-        return {"detector": "groundingdino-py", "backend": "groundingdino", "model": self.checkpoint.name}

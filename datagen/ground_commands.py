@@ -14,7 +14,8 @@ def ground(
     output: Path = typer.Argument(..., help="Output folder for NNNNNN.tar shards and their sidecars."),
     detector: str = typer.Option("grounding-dino", "--detector",
                                  help="grounding-dino (transformers) | groundingdino-py | annotations"),
-    tags: str = typer.Option("caption", "--tags", help="caption (noun phrases) | vocab | clip (open_clip zero-shot)"),
+    tags: str = typer.Option("caption", "--tags", help="caption (noun phrases) | vocab | clip (open_clip zero-shot); "
+                             "not used with --detector annotations (labels come from the file)"),
     vocab: Optional[Path] = typer.Option(None, "--vocab", help="Vocabulary file, one tag per line (vocab, clip)."),
     annotations: Optional[Path] = typer.Option(None, "--annotations", help="COCO or Visual Genome box JSON."),
     include_crowd: bool = typer.Option(False, "--include-crowd", help="Keep COCO iscrowd boxes (skipped by default)."),
