@@ -287,6 +287,8 @@ def _tar_sample_ref(path: Path, sample: _TarSample, extra: dict[str, Any] | None
     caption = None
     if "txt" in sample.members:
         caption = _read_member(path, sample.members["txt"]).decode("utf-8", errors="replace").strip() or None
+    if "captions" in record and "generator" in record:  # our own caption shard: `.txt` is our caption
+        caption = record.get("source_caption")
     extra = extra or {}
     uid = extra.get("uid") or record.get("uid")
     url = extra.get("url") or record.get("url")

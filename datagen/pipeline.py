@@ -237,7 +237,8 @@ def run_job(
     shards = plan_shards(refs, shard_size)
     digests = [input_digest(s) for s in shards]
     pending = [i for i in range(len(shards)) if not shard_done(out, i, digests[i])]
-    generator = {"name": annotator_factory().name, **annotator_factory().generator_info()}
+    probe = annotator_factory()  # unloaded: only asked for its name and generator info
+    generator = {"name": probe.name, **probe.generator_info()}
     result = JobResult(out, len(shards), len(pending), len(shards) - len(pending), generator=generator)
     log.info(f"{len(refs)} samples in {len(shards)} shard(s); {len(pending)} to do, {result.shards_skipped} done")
 

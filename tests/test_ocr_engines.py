@@ -68,3 +68,19 @@ def test_bad_options_are_user_errors():
         OcrAnnotator(default_granularity=6)
     with pytest.raises(UserError, match="--min-confidence"):
         OcrAnnotator(min_confidence=1.5)
+
+
+def test_cli_reports_missing_paddle_models_in_one_line(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    (tmp_path / "in").mkdir()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("BLIP3_PADDLEOCR")}
+    code = "import sys; from cli import main; sys.argv = ['blip3'] + sys.argv[1:]; main()"
+    proc = subprocess.run([sys.executable, "-c", code, "ocr", str(tmp_path / "in"), str(tmp_path / "out"),
+                           "--engine", "paddleocr"], capture_output=True, text=True, env=env, timeout=120)
+    assert proc.returncode == 2
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and "BLIP3_PADDLEOCR_DET_DIR" in lines[0] and "Traceback" not in proc.stderr
+    assert not (tmp_path / "out").exists()  # refused before any work
