@@ -27,6 +27,15 @@ def _pretrain(tmp, **kw):
     return tiny_stage("pretrain", tmp, steps=8, checkpoint_every=4, eval_every=0, **kw)
 
 
+def _pretrain_ac(tmp):
+    """Activation checkpointing wraps each decoder block: names in checkpoints must not change."""
+    from dataclasses import replace
+
+    cfg = _pretrain(tmp)
+    cfg.runtime = replace(cfg.runtime, activation_checkpointing=True)
+    return cfg
+
+
 def _dpo(tmp):
     # DPO from a from-scratch tiny model: LoRA, the reference forward and the noised-image pairs
     # (which draw from the RNG) all have to come back identically after a resume.
@@ -47,7 +56,10 @@ def _assert_same_run(full, parts, out_full, out_parts):
     assert curve(out_full.output_dir) == pytest.approx(curve(out_parts.output_dir), rel=1e-5)
 
 
-@pytest.mark.parametrize("make, k", [(_pretrain, 4), (_pretrain, 3), (_dpo, 2)], ids=["pretrain-k4", "pretrain-k3", "dpo-k2"])
+@pytest.mark.parametrize(
+    "make, k", [(_pretrain, 4), (_pretrain, 3), (_pretrain_ac, 4), (_dpo, 2)],
+    ids=["pretrain-k4", "pretrain-k3", "pretrain-ac-k4", "dpo-k2"],
+)
 def test_interrupt_and_resume_is_exact(tmp_path, make, k):
     full = train_stage(make(tmp_path / "full"), record=False)
     cfg = make(tmp_path / "parts")
@@ -58,8 +70,9 @@ def test_interrupt_and_resume_is_exact(tmp_path, make, k):
     _assert_same_run(full, first.losses + second.losses, full, second)
 
 
-def test_stored_loss_curve(tmp_path):
-    result = train_stage(_pretrain(tmp_path), record=False)
+@pytest.mark.parametrize("make", [_pretrain, _pretrain_ac], ids=["plain", "activation-checkpointing"])
+def test_stored_loss_curve(tmp_path, make):
+    result = train_stage(make(tmp_path), record=False)
     assert result.losses == pytest.approx(PRETRAIN_LOSSES, rel=2e-3)
 
 

@@ -64,7 +64,8 @@ def set_rng_state(state: dict[str, Any]) -> None:
 
 
 def _trainable_names(model: torch.nn.Module) -> set[str]:
-    return {n for n, p in model.named_parameters() if p.requires_grad}
+    """Names as state dicts give them (wrapper prefixes of compile / checkpointing removed)."""
+    return {_strip(n) for n, p in model.named_parameters() if p.requires_grad}
 
 
 def save_checkpoint(
@@ -85,7 +86,9 @@ def save_checkpoint(
     opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
     msd = get_model_state_dict(model, options=opts)
     names = _trainable_names(model)
-    msd = {k: v for k, v in msd.items() if _strip(k) in names or k in names}
+    msd = {k: v for k, v in msd.items() if _strip(k) in names}
+    if len(msd) != len(names):  # a silently missing tensor would make resume inexact
+        raise RuntimeError(f"checkpoint holds {len(msd)} of {len(names)} trainable tensors")
     osd = get_optimizer_state_dict(model, optimizer, options=opts)
     rank = _rank()
     if rank == 0:

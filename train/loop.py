@@ -64,7 +64,8 @@ def _to(inputs: dict, device: torch.device) -> dict:
 
 def compute_loss(model, batch: Batch, stage: str, beta: float) -> tuple[torch.Tensor, dict]:
     """Loss of one micro-batch and its extra metrics (dpo: reward margin and accuracy)."""
-    inputs = batch.inputs
+    # no KV cache in training: a recomputed (activation-checkpointed) block would append to it twice
+    inputs = {**batch.inputs, "use_cache": False}
     if stage != "dpo":
         return model(**inputs).loss, {}
     labels = inputs["labels"]
