@@ -121,3 +121,27 @@ def test_cli_runs_a_stage_and_reports_bad_files(tmp_path):
     err = subprocess.run([*blip3, "train", str(bad)], capture_output=True, text=True, env=env, cwd=tmp_path)
     assert err.returncode == 2 and "batch.seq_len" in err.stderr and str(bad) in err.stderr
     assert "Traceback" not in err.stderr
+
+
+def test_merge_lora_command_gives_the_adapted_model(tiny_chain, tmp_path):
+    from peft import PeftModel
+
+    from model.xgenmm import XGenMM
+    from model.processor import XGenMMProcessor
+
+    _, out, _ = tiny_chain
+    env = {**os.environ, "BLIP3_NO_PROGRESS": "1"}
+    r = subprocess.run([sys.executable, str(ROOT / "cli.py"), "merge-lora", str(out / "dpo"), str(tmp_path / "m")],
+                       capture_output=True, text=True, env=env)
+    assert r.returncode == 0, r.stderr[-2000:]
+    merged = XGenMM.from_pretrained(tmp_path / "m").eval()
+    d = out / "dpo" / "final"
+    adapted = PeftModel.from_pretrained(XGenMM.from_pretrained(d), str(d / "adapter")).eval()
+    proc = XGenMMProcessor.from_pretrained(tmp_path / "m")
+    enc = proc.encode_chat([{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "a red circle"}])
+    batch = proc.collate([enc])
+    with torch.no_grad():
+        a, b = merged(**batch).logits, adapted(**batch).logits
+        with adapted.disable_adapter():
+            base = adapted(**batch).logits
+    assert torch.allclose(a, b, atol=1e-4) and not torch.allclose(a, base, atol=1e-4)

@@ -41,3 +41,20 @@ def register(app: typer.Typer) -> None:
             loss = "n/a" if r.final_loss is None else f"{r.final_loss:.4f}"
             console.print(f"[green]{r.name}[/] ({r.stage}): {r.steps} steps, {r.tokens:,} tokens, "
                           f"final loss {loss}, trainable {100 * r.info['trainable_share']:.2f}% -> {where}")
+
+    @app.command("merge-lora")
+    def merge_lora(
+        stage_dir: Path = typer.Argument(..., help="A stage output (or its final/) holding an unmerged adapter/."),
+        out: Path = typer.Argument(..., help="Model directory to write, adapters folded into the weights."),
+    ) -> None:
+        """Merge a stage's LoRA adapters into its base weights (for stages run with `lora.merge: false`)."""
+        from core.errors import UserError
+        from core.logs import console
+        from train.builders import ADAPTER_DIR, load_model_dir, model_dir
+
+        if not (model_dir(stage_dir) / ADAPTER_DIR).is_dir():
+            raise UserError(f"no {ADAPTER_DIR}/ to merge", file=model_dir(stage_dir))
+        model, processor = load_model_dir(stage_dir)  # merges on load
+        model.save_pretrained(out)
+        processor.save_pretrained(out)
+        console.print(f"[green]{out}[/]: adapters of {model_dir(stage_dir)} merged")

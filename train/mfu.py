@@ -45,7 +45,7 @@ class FlopsModel:
         )
 
 
-def flops_model(model: torch.nn.Module, *, forward_only: bool = False) -> FlopsModel:
+def flops_model(model: torch.nn.Module) -> FlopsModel:
     """Build the FLOP counts from an XGenMM-shaped model (vision_encoder / vision_tokenizer / lang_model)."""
     llm = model.lang_model
     cfg = llm.config
@@ -55,15 +55,11 @@ def flops_model(model: torch.nn.Module, *, forward_only: bool = False) -> FlopsM
     n_frozen_mm = max(n_frozen - emb, 0) if not _embed_trainable(llm) else n_frozen
     n_train_mm = n_train - (emb if _embed_trainable(llm) else 0)
     res = model.vision_tokenizer
-    res_train = any(p.requires_grad for p in res.parameters()) and not forward_only
-    if forward_only:
-        llm_tok = 2.0 * (n_frozen_mm + n_train_mm)
-        attn = 4.0 * cfg.num_hidden_layers * cfg.hidden_size
-    else:
-        # frozen LLM weights still pass gradients to inputs when LoRA or the resampler trains
-        frozen_mult = 4.0 if (n_train or res_train) else 2.0
-        llm_tok = frozen_mult * n_frozen_mm + 6.0 * n_train_mm
-        attn = 12.0 * cfg.num_hidden_layers * cfg.hidden_size
+    res_train = any(p.requires_grad for p in res.parameters())
+    # frozen LLM weights still pass gradients to their inputs when LoRA or the resampler trains
+    frozen_mult = 4.0 if (n_train or res_train) else 2.0
+    llm_tok = frozen_mult * n_frozen_mm + 6.0 * n_train_mm
+    attn = 12.0 * cfg.num_hidden_layers * cfg.hidden_size
     n_lat = int(model.config.num_latents)
     n_media = int(model.config.num_patches)  # ViT patch tokens per crop
     n_res = _count(res)
