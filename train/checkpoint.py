@@ -87,10 +87,11 @@ def save_checkpoint(
     msd = get_model_state_dict(model, options=opts)
     names = _trainable_names(model)
     msd = {k: v for k, v in msd.items() if _strip(k) in names}
-    if len(msd) != len(names):  # a silently missing tensor would make resume inexact
-        raise RuntimeError(f"checkpoint holds {len(msd)} of {len(names)} trainable tensors")
     osd = get_optimizer_state_dict(model, optimizer, options=opts)
     rank = _rank()
+    # (full state dicts with cpu_offload live on rank 0 only)
+    if rank == 0 and len(msd) != len(names):  # a silently missing tensor would make resume inexact
+        raise RuntimeError(f"checkpoint holds {len(msd)} of {len(names)} trainable tensors")
     if rank == 0:
         if tmp.exists():
             shutil.rmtree(tmp)
