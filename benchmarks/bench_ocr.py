@@ -175,6 +175,10 @@ def main() -> None:
         import ray.data
 
         ray.data.DataContext.get_current().enable_progress_bars = False
+        time.sleep(2)
+        with TreeMonitor() as idle:  # what Ray's own daemons (gcs, raylet, agents) cost per second
+            time.sleep(8)
+        ray_idle_cpu_per_s = idle.cpu_s / 8
         startup, startup_cpu = {}, {}
         for w in (1, 2):
             with TreeMonitor() as mon:
@@ -187,6 +191,7 @@ def main() -> None:
             runs[w] = {"wall_s": round(wall, 2), "images_per_s": round(args.images / wall, 2),
                        "steady_wall_s": round(wall - startup[w], 2), "cpu_s": round(mem.cpu_s, 2),
                        "steady_cpu_s": round(mem.cpu_s - startup_cpu[w], 2),
+                       "ray_daemons_cpu_s": round(ray_idle_cpu_per_s * wall, 2),
                        "peak_rss_driver_mb": round(mem.driver / 2**20), "peak_rss_tree_mb": round(mem.tree / 2**20)}
         ray.shutdown()
         # the machine may be shared: measure the bare loop again and keep the less disturbed run
@@ -209,6 +214,9 @@ def main() -> None:
         "cpu_ratio_pipeline_vs_bare": {str(k): round(v["cpu_s"] / bare_cpu, 3) for k, v in runs.items()},
         "cpu_ratio_pipeline_vs_bare_steady": {str(k): round(v["steady_cpu_s"] / bare_cpu, 3) for k, v in runs.items()},
         "actor_pool_start_cpu_s": {str(k): round(v, 2) for k, v in startup_cpu.items()},
+        "ray_idle_cpu_s_per_s": round(ray_idle_cpu_per_s, 3),
+        "cpu_ratio_pipeline_vs_bare_steady_minus_ray_daemons": {
+            str(k): round((v["steady_cpu_s"] - v["ray_daemons_cpu_s"]) / bare_cpu, 3) for k, v in runs.items()},
         "ratio_pipeline1_vs_bare_steady": round(runs[1]["steady_wall_s"] / bare, 3),
         "speedup_2_vs_1_workers": round(runs[1]["wall_s"] / runs[2]["wall_s"], 3),
     }
@@ -223,7 +231,8 @@ def main() -> None:
         print(f"{f'pipeline, {w} worker(s)':<28}{r['wall_s']:>9.2f}{r['images_per_s']:>9.2f}{r['cpu_s']:>9.2f}"
               f"{args.images / r['cpu_s']:>11.2f}{r['peak_rss_tree_mb']:>14}")
     print(f"CPU-seconds pipeline / bare: {res['cpu_ratio_pipeline_vs_bare']}; minus the actor-pool start "
-          f"({res['actor_pool_start_cpu_s']} CPU-s): {res['cpu_ratio_pipeline_vs_bare_steady']}")
+          f"({res['actor_pool_start_cpu_s']} CPU-s): {res['cpu_ratio_pipeline_vs_bare_steady']}; minus also Ray's "
+          f"idle daemons ({ray_idle_cpu_per_s:.3f} CPU-s/s): {res['cpu_ratio_pipeline_vs_bare_steady_minus_ray_daemons']}")
     print(f"pipeline(1 worker) / bare: {res['ratio_pipeline1_vs_bare']:.3f} "
           f"(minus actor-pool start {startup[1]:.2f}s: {res['ratio_pipeline1_vs_bare_steady']:.3f}); "
           f"2 vs 1 workers: x{res['speedup_2_vs_1_workers']:.2f}; ray.init {ray_start:.2f}s (not in the ratios)")

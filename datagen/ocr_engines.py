@@ -64,7 +64,10 @@ class RapidOcrEngine:
     _ocr: Any = field(default=None, repr=False)
 
     def load(self) -> None:
+        import cv2
         from rapidocr_onnxruntime import RapidOCR
+
+        cv2.setNumThreads(self.threads)  # OpenCV (pre/post-processing) would otherwise use every core
 
         opts: dict[str, Any] = {"intra_op_num_threads": self.threads, "inter_op_num_threads": 1,
                                 "det_limit_side_len": self.det_limit_side_len, "det_limit_type": self.det_limit_type}

@@ -149,9 +149,10 @@ def plan_shards(refs: list[SampleRef], shard_size: int) -> list[list[SampleRef]]
     return [refs[i : i + shard_size] for i in range(0, len(refs), shard_size)]
 
 
-def input_digest(refs: Iterable[SampleRef]) -> str:
-    """A fingerprint of a shard's inputs: a finished shard is reused only for the same inputs."""
-    h = hashlib.sha256()
+def input_digest(refs: Iterable[SampleRef], generator: dict[str, Any] | None = None) -> str:
+    """A fingerprint of a shard's inputs and of the annotator's settings: a finished shard is reused
+    only for the same inputs annotated the same way (changing e.g. `--min-confidence` redoes it)."""
+    h = hashlib.sha256(json.dumps(generator or {}, sort_keys=True, default=str).encode())
     for r in refs:
         h.update(json.dumps([r.key, r.ext, r.uid, r.url, r.source_caption, r.error]).encode())
     return h.hexdigest()
@@ -178,7 +179,6 @@ def connect_ray(ray_address: str | None, workers: int) -> bool:
     if ray.is_initialized():
         return False
     os.environ.setdefault("RAY_DEDUP_LOGS", "1")
-    os.environ.setdefault("RAY_ENABLE_RECORD_ACTOR_TASK_LOGGING", "0")
     kwargs: dict[str, Any] = dict(include_dashboard=False, log_to_driver=False, logging_level=logging.WARNING)
     if ray_address:
         ray.init(address=ray_address, **kwargs)
@@ -225,20 +225,20 @@ def run_job(
     if workers < 1:
         raise UserError("must be at least 1", field="--workers")
     out = Path(output)
-    out.mkdir(parents=True, exist_ok=True)
-    clean_temporaries(out)
-    if overwrite:
-        _remove_shards(out)
+    probe = annotator_factory()  # unloaded: only asked for its name and generator info
+    generator = {"name": probe.name, **probe.generator_info()}
     refs = list(iter_refs(input, input_format, work_dir=out / DOWNLOAD_DIR))
     if limit is not None:
         refs = refs[:limit]
     if not refs:
         raise UserError("no input images found", file=input)
     shards = plan_shards(refs, shard_size)
-    digests = [input_digest(s) for s in shards]
+    out.mkdir(parents=True, exist_ok=True)
+    clean_temporaries(out)
+    if overwrite:
+        _remove_shards(out)
+    digests = [input_digest(s, generator) for s in shards]
     pending = [i for i in range(len(shards)) if not shard_done(out, i, digests[i])]
-    probe = annotator_factory()  # unloaded: only asked for its name and generator info
-    generator = {"name": probe.name, **probe.generator_info()}
     result = JobResult(out, len(shards), len(pending), len(shards) - len(pending), generator=generator)
     log.info(f"{len(refs)} samples in {len(shards)} shard(s); {len(pending)} to do, {result.shards_skipped} done")
 

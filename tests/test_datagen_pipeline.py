@@ -80,6 +80,7 @@ def test_shard_reused_only_when_complete_and_for_the_same_inputs(tmp_path):
         w.close(extra_stats={"input_digest": digest})
     assert shard_done(tmp_path, 0, digest)
     assert not shard_done(tmp_path, 0, input_digest(shards[1]))  # inputs changed: redo
+    assert not shard_done(tmp_path, 0, input_digest(shards[0], {"min_confidence": 0.9}))  # settings changed
     assert not shard_done(tmp_path, 1, input_digest(shards[1]))  # never written
     with open(tmp_path / "000000.tar", "ab") as f:  # a tar that no longer matches its stats
         f.write(b"\0" * 512)
