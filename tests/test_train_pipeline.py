@@ -106,6 +106,9 @@ def test_runs_are_in_the_catalog(tiny_chain):
     assert [r["stage"] for r in rows] == ["pretrain", "sft", "interleave", "dpo", "safety"]
     assert all(r["status"] == "finished" and r["final_loss"] is not None for r in rows)
     assert [r["kind"] for r in rows][-2:] == ["lora", "lora"]
+    joined = run_query("SELECT r.stage, m.name FROM runs r JOIN mixtures m ON m.manifest_path = r.manifest "
+                       "ORDER BY r.started_at", db).to_pylist()
+    assert [(j["stage"], j["name"]) for j in joined][:2] == [("pretrain", "tiny-pretrain"), ("sft", "tiny-sft")]
 
 
 def test_cli_runs_a_stage_and_reports_bad_files(tmp_path):

@@ -120,7 +120,10 @@ def train_stage(
     # -- build ---------------------------------------------------------------------------------
     from train.builders import build_model, build_optimizer, resolve_manifest, unwrap
 
-    manifest = resolve_manifest(cfg, out, db, info.is_main)
+    from core.catalog import resolve_db
+
+    # recorded runs also record their mixture, so `blip3 sql` joins runs to mixtures and sources
+    manifest = resolve_manifest(cfg, out, resolve_db(db) if record else None, info.is_main)
     if info.distributed:
         torch.distributed.barrier()
     loader = MixtureLoader(manifest, rank=info.rank, world_size=info.world_size,
