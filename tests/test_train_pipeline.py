@@ -148,3 +148,30 @@ def test_merge_lora_command_gives_the_adapted_model(tiny_chain, tmp_path):
         with adapted.disable_adapter():
             base = adapted(**batch).logits
     assert torch.allclose(a, b, atol=1e-4) and not torch.allclose(a, base, atol=1e-4)
+
+
+def test_packed_rows_do_not_attend_across_samples(tiny_chain):
+    """The loss of a packed batch equals the token-weighted loss of its samples run one by one."""
+    from mixture.loader import MixtureLoader
+    from train.builders import load_model_dir
+    from train.data import BatchStream, encode_sample
+
+    _, out, _ = tiny_chain
+    model, processor = load_model_dir(out / "pretrain")
+    processor.anyres = False
+    model.eval()
+    stream = BatchStream(MixtureLoader(out / "pretrain" / "mixture.yaml", verify="none"), processor,
+                         stage="pretrain", micro_batch_size=2, seq_len=256, pack=True)
+    packed = stream.next().inputs
+    assert int(packed["segment_ids"].max()) >= 3  # several samples share each row
+    singles = [encode_sample(processor, s) for s in MixtureLoader(out / "pretrain" / "mixture.yaml", verify="none")
+               .take(int((packed["segment_ids"].amax(dim=1)).sum()))]
+    with torch.no_grad():
+        packed_loss = model(**packed, use_cache=False).loss.item()
+        total, count = 0.0, 0
+        for enc in singles:
+            b = processor.collate([enc])
+            n = int((b["labels"][:, 1:] != -100).sum())
+            total += model(**b, use_cache=False).loss.item() * n
+            count += n
+    assert packed_loss == pytest.approx(total / count, rel=1e-4)
