@@ -11,7 +11,7 @@ import sys
 import pytest
 import torch
 
-from tests.train_fixtures import ROOT, TINY, tiny_chain, tiny_stage  # noqa: F401  (fixture)
+from tests.train_fixtures import ROOT, TINY, tiny_chain  # noqa: F401  (fixture)
 
 pytestmark = pytest.mark.slow
 

@@ -23,8 +23,10 @@ from pathlib import Path
 
 import torch
 
+from core.catalog import resolve_db
 from core.errors import UserError
 from core.logs import get_logger, progress
+from train.builders import build_model, build_optimizer, resolve_manifest, unwrap
 from train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from train.config import StageConfig
 from train.data import Batch, BatchStream, check_kinds, count_tokens
@@ -118,10 +120,6 @@ def train_stage(
     torch.manual_seed(cfg.seed + info.rank)
 
     # -- build ---------------------------------------------------------------------------------
-    from train.builders import build_model, build_optimizer, resolve_manifest, unwrap
-
-    from core.catalog import resolve_db
-
     # recorded runs also record their mixture, so `blip3 sql` joins runs to mixtures and sources
     manifest = resolve_manifest(cfg, out, resolve_db(db) if record else None, info.is_main)
     if info.distributed:
