@@ -188,3 +188,13 @@ def test_mfu_counts_six_n_for_trained_and_two_n_for_frozen_vit():
     lm.requires_grad_(False)  # frozen LLM (LoRA stages without adapters here): fwd + input grads
     assert flops_model(model).llm_per_token == pytest.approx(4 * n_llm)
     assert mfu(1e12, 1.0, 1e12) == 1.0 and mfu(1.0, 1.0, None) is None
+
+
+def test_token_budget_becomes_steps():
+    from train.config import load_stage
+    from train.loop import total_steps
+    from tests.train_fixtures import ROOT
+
+    cfg = load_stage(ROOT / "manifests/xgenmm/pretrain.yaml")  # tokens: 100B, 8 x 2048 x accum 4 per rank
+    assert total_steps(cfg, world_size=8) == -(-100_000_000_000 // (8 * 2048 * 4 * 8))
+    assert total_steps(load_stage(ROOT / "manifests/tiny/sft.yaml"), world_size=1) == 12
