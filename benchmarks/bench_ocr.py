@@ -6,8 +6,9 @@ Figures (quality.md):
 - images/s per core of a bare loop of engine calls (decoded images in memory, one ORT thread);
 - bare loop measured before and after the pipelines, the faster run kept (shared machines);
 - the full pipeline (read, decode+validate, OCR, 12 captions, tar + parquet + stats, catalog) with
-  1 worker on the same images: wall-time ratio to the bare loop, with and without the fixed cost
-  of starting the actor pool (the Ray cluster is started before timing; its start is reported);
+  1 worker on the same images: wall and CPU-second ratios to the bare loop for the whole job, and
+  per extra image (T(all) - T(half), which cancels the fixed cost of starting the actor pool,
+  planning and the catalog); the Ray cluster is started before timing, its start is reported;
 - 2 workers vs 1 (this machine has 2 cores);
 - peak resident memory of the driver and of the whole process tree (Ray workers included).
 """
@@ -125,8 +126,8 @@ def bare_loop(paths: list[Path]) -> tuple[float, float]:
     return time.perf_counter() - start, time.process_time() - cpu
 
 
-def pipeline(src: Path, out: Path, workers: int, db: Path) -> tuple[float, float]:
-    """(job wall time, time spent starting the actor pool until the first result)."""
+def pipeline(src: Path, out: Path, workers: int, db: Path) -> float:
+    """Wall seconds of `run_ocr` (the Ray cluster is already up)."""
     from datagen.ocr import run_ocr
 
     shutil.rmtree(out, ignore_errors=True)
@@ -134,24 +135,7 @@ def pipeline(src: Path, out: Path, workers: int, db: Path) -> tuple[float, float
     result = run_ocr(src, out, workers=workers, shard_size=32, db=db, overwrite=True)
     wall = time.perf_counter() - start
     assert result.failed == 0 and result.successes > 0, result
-    return wall, result.duration_s
-
-
-def actor_startup(workers: int) -> float:
-    """Seconds for Ray Data to start `workers` OCR actors and return one trivial batch."""
-    import ray.data
-
-    from datagen.ocr import OcrAnnotator
-    from datagen.pipeline import AnnotateActor
-    from datagen.images import ImageLimits
-
-    start = time.perf_counter()
-    ds = ray.data.from_items([{"shard": 0, "pos": i, "ref": json.dumps({"key": f"k{i}", "ext": "", "locator": ["none"],
-                                                                        "error": "x: y"})} for i in range(workers)],
-                             override_num_blocks=workers)
-    ds.map_batches(AnnotateActor, fn_constructor_kwargs={"factory": OcrAnnotator(), "limits": ImageLimits()},
-                   batch_size=1, compute=ray.data.ActorPoolStrategy(size=workers), num_cpus=1).take_all()
-    return time.perf_counter() - start
+    return wall
 
 
 def main() -> None:
@@ -179,20 +163,18 @@ def main() -> None:
         with TreeMonitor() as idle:  # what Ray's own daemons (gcs, raylet, agents) cost per second
             time.sleep(8)
         ray_idle_cpu_per_s = idle.cpu_s / 8
-        startup, startup_cpu = {}, {}
-        for w in (1, 2):
-            with TreeMonitor() as mon:
-                startup[w] = actor_startup(w)
-            startup_cpu[w] = mon.cpu_s
+        half = tmp / "half"  # the first half of the images: the marginal cost per image is T(all) - T(half)
+        half.mkdir()
+        for p in paths[: args.images // 2]:
+            (half / p.name).symlink_to(p)
         runs = {}
-        for w in (1, 2):
+        for name, folder, w in (("1_half", half, 1), ("1", src, 1), ("2", src, 2)):
+            n = len(list(folder.iterdir()))
             with TreeMonitor() as mem:
-                wall, _ = pipeline(src, tmp / f"out{w}", w, tmp / "catalog.duckdb")
-            runs[w] = {"wall_s": round(wall, 2), "images_per_s": round(args.images / wall, 2),
-                       "steady_wall_s": round(wall - startup[w], 2), "cpu_s": round(mem.cpu_s, 2),
-                       "steady_cpu_s": round(mem.cpu_s - startup_cpu[w], 2),
-                       "ray_daemons_cpu_s": round(ray_idle_cpu_per_s * wall, 2),
-                       "peak_rss_driver_mb": round(mem.driver / 2**20), "peak_rss_tree_mb": round(mem.tree / 2**20)}
+                wall = pipeline(folder, tmp / f"out{name}", w, tmp / "catalog.duckdb")
+            runs[name] = {"images": n, "wall_s": round(wall, 2), "images_per_s": round(n / wall, 2),
+                          "cpu_s": round(mem.cpu_s, 2), "ray_daemons_cpu_s": round(ray_idle_cpu_per_s * wall, 2),
+                          "peak_rss_driver_mb": round(mem.driver / 2**20), "peak_rss_tree_mb": round(mem.tree / 2**20)}
         ray.shutdown()
         # the machine may be shared: measure the bare loop again and keep the less disturbed run
         with TreeMonitor() as bare_mem2:
@@ -202,40 +184,43 @@ def main() -> None:
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
+    n_marg = runs["1"]["images"] - runs["1_half"]["images"]
+    marg_wall = (runs["1"]["wall_s"] - runs["1_half"]["wall_s"]) / n_marg
+    marg_cpu = (runs["1"]["cpu_s"] - runs["1_half"]["cpu_s"]) / n_marg
     res = {
         "images": args.images, "image_size": "640x480", "cpus": os.cpu_count(),
         "load_avg_1m": round(os.getloadavg()[0], 2),
         "bare": {"wall_s": round(bare, 2), "cpu_s": round(bare_cpu, 2),
-                 "images_per_s_per_core": round(args.images / bare_cpu, 2),
-                 "peak_rss_mb": round(bare_mem.driver / 2**20)},
-        "ray_init_s": round(ray_start, 2), "actor_pool_start_s": {str(k): round(v, 2) for k, v in startup.items()},
-        "pipeline": {str(k): v for k, v in runs.items()},
-        "ratio_pipeline1_vs_bare": round(runs[1]["wall_s"] / bare, 3),
-        "cpu_ratio_pipeline_vs_bare": {str(k): round(v["cpu_s"] / bare_cpu, 3) for k, v in runs.items()},
-        "cpu_ratio_pipeline_vs_bare_steady": {str(k): round(v["steady_cpu_s"] / bare_cpu, 3) for k, v in runs.items()},
-        "actor_pool_start_cpu_s": {str(k): round(v, 2) for k, v in startup_cpu.items()},
-        "ray_idle_cpu_s_per_s": round(ray_idle_cpu_per_s, 3),
-        "cpu_ratio_pipeline_vs_bare_steady_minus_ray_daemons": {
-            str(k): round((v["steady_cpu_s"] - v["ray_daemons_cpu_s"]) / bare_cpu, 3) for k, v in runs.items()},
-        "ratio_pipeline1_vs_bare_steady": round(runs[1]["steady_wall_s"] / bare, 3),
-        "speedup_2_vs_1_workers": round(runs[1]["wall_s"] / runs[2]["wall_s"], 3),
+                 "images_per_s_per_core": round(args.images / bare_cpu, 2), "peak_rss_mb": round(bare_mem.driver / 2**20)},
+        "ray_init_s": round(ray_start, 2), "ray_idle_cpu_s_per_s": round(ray_idle_cpu_per_s, 3),
+        "pipeline": runs,
+        "ratio_wall_pipeline1_vs_bare": round(runs["1"]["wall_s"] / bare, 3),
+        "ratio_cpu_pipeline1_vs_bare": round(runs["1"]["cpu_s"] / bare_cpu, 3),
+        "marginal_per_image": {"pipeline_wall_s": round(marg_wall, 4), "pipeline_cpu_s": round(marg_cpu, 4),
+                               "bare_wall_s": round(bare / args.images, 4), "bare_cpu_s": round(bare_cpu / args.images, 4),
+                               "ratio_wall": round(marg_wall / (bare / args.images), 3),
+                               "ratio_cpu": round(marg_cpu / (bare_cpu / args.images), 3)},
+        "fixed_cost_s": round(runs["1"]["wall_s"] - marg_wall * runs["1"]["images"], 2),
+        "speedup_2_vs_1_workers": round(runs["1"]["wall_s"] / runs["2"]["wall_s"], 3),
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(res, indent=2))
 
     print(f"\nOCR benchmark: {args.images} images 640x480, {os.cpu_count()} cores, load avg {res['load_avg_1m']}")
-    print(f"{'run':<28}{'wall s':>9}{'img/s':>9}{'CPU s':>9}{'img/CPU-s':>11}{'peak RSS MB':>14}")
-    print(f"{'bare engine loop (1 core)':<28}{bare:>9.2f}{args.images / bare:>9.2f}{bare_cpu:>9.2f}"
-          f"{args.images / bare_cpu:>11.2f}{res['bare']['peak_rss_mb']:>14}")
-    for w, r in runs.items():
-        print(f"{f'pipeline, {w} worker(s)':<28}{r['wall_s']:>9.2f}{r['images_per_s']:>9.2f}{r['cpu_s']:>9.2f}"
-              f"{args.images / r['cpu_s']:>11.2f}{r['peak_rss_tree_mb']:>14}")
-    print(f"CPU-seconds pipeline / bare: {res['cpu_ratio_pipeline_vs_bare']}; minus the actor-pool start "
-          f"({res['actor_pool_start_cpu_s']} CPU-s): {res['cpu_ratio_pipeline_vs_bare_steady']}; minus also Ray's "
-          f"idle daemons ({ray_idle_cpu_per_s:.3f} CPU-s/s): {res['cpu_ratio_pipeline_vs_bare_steady_minus_ray_daemons']}")
-    print(f"pipeline(1 worker) / bare: {res['ratio_pipeline1_vs_bare']:.3f} "
-          f"(minus actor-pool start {startup[1]:.2f}s: {res['ratio_pipeline1_vs_bare_steady']:.3f}); "
-          f"2 vs 1 workers: x{res['speedup_2_vs_1_workers']:.2f}; ray.init {ray_start:.2f}s (not in the ratios)")
+    print(f"{'run':<30}{'images':>7}{'wall s':>9}{'img/s':>8}{'CPU s':>8}{'img/CPU-s':>11}{'peak RSS MB':>13}")
+    print(f"{'bare engine loop (1 core)':<30}{args.images:>7}{bare:>9.2f}{args.images / bare:>8.2f}{bare_cpu:>8.2f}"
+          f"{args.images / bare_cpu:>11.2f}{res['bare']['peak_rss_mb']:>13}")
+    for name, r in runs.items():
+        label = f"pipeline, {name[0]} worker(s)" + (", half" if name.endswith("half") else "")
+        print(f"{label:<30}{r['images']:>7}{r['wall_s']:>9.2f}{r['images_per_s']:>8.2f}{r['cpu_s']:>8.2f}"
+              f"{r['images'] / r['cpu_s']:>11.2f}{r['peak_rss_tree_mb']:>13}")
+    m = res["marginal_per_image"]
+    print(f"pipeline(1 worker) / bare, whole job: wall x{res['ratio_wall_pipeline1_vs_bare']:.3f}, "
+          f"CPU x{res['ratio_cpu_pipeline1_vs_bare']:.3f} (fixed cost ~{res['fixed_cost_s']:.1f}s: actor start, "
+          f"planning, catalog)")
+    print(f"per extra image: pipeline {m['pipeline_wall_s']:.4f}s vs bare {m['bare_wall_s']:.4f}s -> wall x{m['ratio_wall']:.3f}, "
+          f"CPU x{m['ratio_cpu']:.3f}; Ray's idle daemons {ray_idle_cpu_per_s:.3f} CPU-s/s")
+    print(f"2 vs 1 workers: x{res['speedup_2_vs_1_workers']:.2f}; ray.init {ray_start:.2f}s (not in the ratios)")
     print(f"wrote {args.out}")
 
 
