@@ -43,16 +43,25 @@ RENDERED = [
     Rendered("stix_coffee", "Fresh Coffee", "STIXGeneral.ttf", 48, -5, (180, 20, 20), (255, 240, 120)),
     Rendered("oblique_exit", "EXIT", "DejaVuSans-Oblique.ttf", 56, 8, (255, 255, 255), (0, 120, 40)),
     Rendered("small_print", "Printed in 2024", "DejaVuSans.ttf", 26, 0, (60, 60, 60), (220, 220, 220)),
+    Rendered("lower_sentence", "quick brown fox jumps", "DejaVuSans.ttf", 30, 0, (0, 0, 0), (255, 255, 255)),
+    Rendered("price_tag", "Price: $12.99", "DejaVuSerif-Bold.ttf", 42, -3, (255, 255, 0), (20, 20, 20)),
+    Rendered("mono_time", "10:45 PM", "DejaVuSansMono-Bold.ttf", 52, 12, (0, 80, 0), (230, 255, 230)),
+    Rendered("stix_italic", "Library", "STIXGeneralItalic.ttf", 60, 0, (90, 0, 90), (255, 255, 255)),
+    Rendered("tiny_caps", "NO ENTRY", "DejaVuSans-Bold.ttf", 18, 0, (200, 0, 0), (255, 255, 255)),
+    Rendered("upside_down", "DOWN UNDER", "DejaVuSans-Bold.ttf", 40, 180, (0, 0, 0), (255, 255, 255)),
+    Rendered("two_lines", "FIRST LINE\nsecond line", "DejaVuSans.ttf", 36, 0, (0, 0, 0), (255, 255, 255)),
 ]
 
 
 def render(spec: Rendered) -> Image.Image:
-    """Draw `spec.text` centred with a margin, rotated by `spec.angle` degrees."""
+    """Draw `spec.text` (lines split at `\\n`) with a margin, rotated by `spec.angle` degrees."""
     font = ImageFont.truetype(str(FONTS / spec.font), spec.size)
-    left, top, right, bottom = font.getbbox(spec.text)
+    probe = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+    left, top, right, bottom = probe.multiline_textbbox((0, 0), spec.text, font=font, spacing=spec.size // 2)
     w, h = right - left + 2 * spec.size, bottom - top + 2 * spec.size
     img = Image.new("RGB", (w, h), spec.bg)
-    ImageDraw.Draw(img).text((spec.size - left, spec.size - top), spec.text, font=font, fill=spec.fg)
+    ImageDraw.Draw(img).multiline_text((spec.size - left, spec.size - top), spec.text, font=font, fill=spec.fg,
+                                       spacing=spec.size // 2)
     if spec.angle:
         img = img.rotate(spec.angle, expand=True, fillcolor=spec.bg, resample=Image.Resampling.BICUBIC)
     return img
