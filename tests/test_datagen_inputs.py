@@ -104,3 +104,21 @@ def test_our_own_caption_shards_as_input_keep_the_original_alt_text(tmp_path):
                                    ("k.json", json.dumps(record).encode())])
     (sample,) = iter_samples(tmp_path / "000000.tar")
     assert sample.source_caption == "the original alt text" and sample.uid == "u"
+
+
+def test_url_lists_are_checked_before_any_download(tmp_path):
+    from core.shards import file_sha256
+    from datagen.fetch import MARKER, fetch_urls
+
+    no_url = tmp_path / "list.csv"
+    no_url.write_text("link,caption\nhttp://x/a.jpg,a\n")
+    with pytest.raises(UserError, match="no `url` column"):
+        fetch_urls(no_url, tmp_path / "dl")
+    with pytest.raises(UserError, match="not found"):
+        fetch_urls(tmp_path / "missing.csv", tmp_path / "dl")
+    urls = tmp_path / "urls.jsonl"
+    urls.write_text('{"url": "http://127.0.0.1:9/a.jpg"}\n')
+    (tmp_path / "dl").mkdir()
+    (tmp_path / "dl" / MARKER).write_text(file_sha256(urls))  # a finished download of this very list
+    assert fetch_urls(urls, tmp_path / "dl") == tmp_path / "dl" / "img2dataset"  # skipped, nothing fetched
+    assert not (tmp_path / "dl" / "img2dataset").exists()
