@@ -61,7 +61,7 @@ class OcrAnnotator:
     def generator_info(self) -> dict[str, Any]:
         return {**make_engine(self.engine, **self.engine_options).info(), "min_confidence": self.min_confidence,
                 "default_granularity": self.default_granularity, "lead_in": self.style.lead_in,
-                "filler": self.style.filler}
+                "filler": self.style.filler, "keep_empty": self.keep_empty}
 
     def annotate(self, image: Image.Image, sample: InputSample) -> Annotation:
         if self._engine is None:
