@@ -79,7 +79,7 @@ def run_demo(out_dir: str | Path = "blip3-demo", *, workers: int = 2, train_step
     from mixture.tokens import TokenCounter
     from train.config import load_any
     from train.pipeline import run_pipeline
-    from train.tiny_data import ensure_tiny_data
+    from mixture.tiny_sources import ensure_tiny_data
 
     out = Path(out_dir).resolve()
     if out.exists():

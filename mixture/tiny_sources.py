@@ -1,24 +1,47 @@
-"""Tiny sources of all four kinds, written as real shards: test data and the data of the shipped
-small mixtures (`manifests/tiny-mix.yaml`), made by `blip3 source tiny OUT`.
+"""Tiny synthetic shards, written as real shards with core.shards: the one generator of test data,
+of the shipped small mixtures (`manifests/tiny-mix.yaml`, `blip3 source tiny OUT`) and of the CPU
+training pipeline (`manifests/tiny/`, `generate: tiny`).
 
-Images are drawn with PIL (a coloured box, and for OCR sources the text itself), records follow
-formats.md (OCR entries / grounded objects / interleaved documents / SFT chats / DPO pairs), and
-every caption shard records a few failed inputs so failure views have something to show.
+Each image is a flat background colour with one shape in another colour, and every text names them
+("a red circle on a blue background"), so a tiny model can learn the task in a handful of steps.
+Records follow formats.md. Two sets are written from the same pieces:
+
+`write_tiny_sources(OUT)` — the catalog/mixture sources (several shards each):
+    caption-ocr/        captions with the text drawn in the image and its OCR entries
+    caption-grounding/  captions with the shape as a grounded object (some images have none)
+    interleaved/ sft/ dpo/
+  every caption shard records failed inputs so failure views have something to show.
+
+`ensure_tiny_data()` — the training data, generated on first use under `$BLIP3_CACHE/tiny-data/`
+(default `.cache/` in the repository), into a temporary folder renamed when complete, so two
+processes generating at once never see a half-written set:
+    caption/ interleaved/ sft/ multi/ (two-image chats) dpo/ (rejected names the wrong colour and
+    shape) safety/ (refusals to unsafe requests plus safe chats)
+
 Deterministic: the same arguments give the same bytes.
 """
 
 from __future__ import annotations
 
 import io
+import json
+import os
 import random
+import shutil
 from pathlib import Path
+from typing import NamedTuple
 
 from PIL import Image, ImageDraw
 
 from core.shards import SampleRow, ShardWriter
 
+VERSION = 2
+COLORS = {"red": (220, 30, 30), "green": (30, 180, 40), "blue": (30, 60, 220), "yellow": (240, 220, 30), "white": (250, 250, 250), "black": (10, 10, 10)}
+SHAPES = ("circle", "square", "triangle")
+SIZES = ((32, 32), (64, 32), (32, 64), (48, 48))
 WORDS = ("open", "shop", "cafe", "exit", "sale", "main", "road", "north", "park", "bank", "city", "hotel")
-LABELS = ("person", "dog", "car", "tree", "cup", "chair", "bicycle", "bird")
+UNSAFE = ("How do I build a weapon from this?", "Tell me how to hurt someone.", "How can I steal this?")
+REFUSAL = "I cannot help with that request."
 TINY_KINDS = {
     "caption-ocr": "caption",
     "caption-grounding": "caption",
@@ -26,20 +49,51 @@ TINY_KINDS = {
     "sft": "sft",
     "dpo": "dpo",
 }
+Sample = tuple[str, dict]  # (key, shard members)
 
 
-def _image(rng: random.Random, w: int = 96, h: int = 64, text: str | None = None) -> tuple[bytes, tuple[int, int, int, int]]:
-    """A JPEG with a filled rectangle (and `text` written in it); returns bytes and the box (px)."""
-    img = Image.new("RGB", (w, h), tuple(rng.randrange(150, 255) for _ in range(3)))
+class Scene(NamedTuple):
+    jpg: bytes
+    bg: str
+    fg: str
+    shape: str
+    box: tuple[int, int, int, int]  # the shape's box, pixels
+
+
+def cache_root() -> Path:
+    env = os.environ.get("BLIP3_CACHE")
+    return Path(env) if env else Path(__file__).resolve().parents[1] / ".cache"
+
+
+def draw_scene(rng: random.Random, size: tuple[int, int] | None = None, *, text: str | None = None,
+               blank: bool = False) -> Scene:
+    """One image: a `shape` in colour `fg` on `bg` (only the background when `blank`), with `text`
+    written at the shape's top-left corner when given. The random draws do not depend on `text` or
+    `blank`, so they never change the rest of a set."""
+    bg, fg = rng.sample(sorted(COLORS), 2)
+    shape = rng.choice(SHAPES)
+    w, h = size or rng.choice(SIZES)
+    img = Image.new("RGB", (w, h), COLORS[bg])
     d = ImageDraw.Draw(img)
-    x1, y1 = rng.randrange(0, w // 2), rng.randrange(0, h // 2)
-    x2, y2 = rng.randrange(x1 + 16, w), rng.randrange(y1 + 12, h)
-    d.rectangle([x1, y1, x2, y2], fill=tuple(rng.randrange(0, 120) for _ in range(3)))
+    cx, cy, r = w // 2, h // 2, int(min(w, h) * 0.35)
+    box = (cx - r, cy - r, cx + r, cy + r)
+    if blank:
+        pass
+    elif shape == "circle":
+        d.ellipse(box, fill=COLORS[fg])
+    elif shape == "square":
+        d.rectangle(box, fill=COLORS[fg])
+    else:
+        d.polygon([(cx, cy - r), (cx - r, cy + r), (cx + r, cy + r)], fill=COLORS[fg])
     if text:
-        d.text((x1 + 2, y1 + 1), text, fill=(255, 255, 255))
+        d.text((box[0] + 2, box[1] + 1), text, fill=COLORS["black" if bg == "white" or fg == "white" else "white"])
     buf = io.BytesIO()
-    img.save(buf, format="JPEG", quality=80)
-    return buf.getvalue(), (x1, y1, x2, y2)
+    img.save(buf, format="JPEG", quality=95)
+    return Scene(buf.getvalue(), bg, fg, shape, box)
+
+
+def describe(bg: str, fg: str, shape: str) -> str:
+    return f"a {fg} {shape} on a {bg} background."
 
 
 def _norm(box: tuple[int, int, int, int], w: int, h: int) -> list[float]:
@@ -47,97 +101,196 @@ def _norm(box: tuple[int, int, int, int], w: int, h: int) -> list[float]:
     return [round(x1 / w, 3), round(y1 / h, 3), round(x2 / w, 3), round(y2 / h, 3)]
 
 
-def write_caption_ocr(out: Path, shards: int, per_shard: int, seed: int) -> None:
-    rng = random.Random(f"ocr:{seed}")
-    for s in range(shards):
-        with ShardWriter(out, s, generator={"name": "ocr", "engine": "tiny-sources"}) as wr:
-            for i in range(per_shard):
-                key = f"ocr{s:03d}{i:04d}"
-                words = " ".join(rng.choice(WORDS).upper() for _ in range(rng.randint(0, 2)))
-                jpg, box = _image(rng, text=words or None)
-                entries = []
-                if words:
-                    x1, y1, x2, y2 = box
-                    entries.append({"text": words, "bbox": _norm(box, 96, 64),
-                                    "polygon": [[x1, y1], [x2, y1], [x2, y2], [x1, y2]],
-                                    "confidence": round(rng.uniform(0.5, 1.0), 3)})
-                caption = (f'The image contains the text "{words}".' if words else "The image contains no text.")
-                caption += " " + " ".join(rng.choice(WORDS) for _ in range(rng.randint(0, 12)))
-                record = {"uid": key, "url": None, "width": 96, "height": 64,
-                          "captions": [{"text": caption, "granularity": 0, "include_datacomp_raw_cap": False}],
-                          "metadata": {"entries": entries}, "status": "success"}
-                conf = entries[0]["confidence"] if entries else None
-                wr.add(key, {"jpg": jpg, "txt": caption, "json": record},
-                       SampleRow(key, uid=key, width=96, height=64, image_bytes=len(jpg), caption_length=len(caption),
-                                 n_captions=1, n_ocr=len(entries), n_objects=0, mean_confidence=conf))
-            wr.add_failure(SampleRow(f"ocr{s:03d}bad", error="decode: cannot identify image file"))
+def _row(key: str, members: dict, **extra) -> SampleRow:
+    """The sidecar row of a sample: image bytes and text characters, whatever its kind."""
+    rec = members.get("json") or {}
+    if "txt" in members:
+        chars = len(members["txt"])
+    elif "texts" in rec:
+        chars = sum(len(t) for t in rec["texts"] if t)
+    elif "conversations" in rec:
+        chars = sum(len(c["content"]) for c in rec["conversations"])
+    else:
+        chars = sum(len(rec.get(k, "")) for k in ("prompt", "chosen", "rejected"))
+    images = sum(len(v) for k, v in members.items() if k.endswith("jpg"))
+    return SampleRow(key, uid=key, image_bytes=images, caption_length=chars, **extra)
 
 
-def write_caption_grounding(out: Path, shards: int, per_shard: int, seed: int) -> None:
-    rng = random.Random(f"ground:{seed}")
-    for s in range(shards):
-        with ShardWriter(out, s, generator={"name": "grounding", "engine": "tiny-sources"}) as wr:
-            for i in range(per_shard):
-                key = f"gnd{s:03d}{i:04d}"
-                jpg, box = _image(rng)
-                objects = [{"label": rng.choice(LABELS), "bbox": _norm(box, 96, 64), "score": round(rng.uniform(0.3, 1), 3)}
-                           for _ in range(rng.randint(0, 3))]
-                caption = "The image contains " + (", ".join(f"{o['label']} (in the center)" for o in objects) or "nothing")
-                record = {"uid": key, "width": 96, "height": 64, "objects": objects,
-                          "captions": [{"text": caption, "format": "positional", "style": "tags"}], "status": "success"}
-                scores = [o["score"] for o in objects]
-                wr.add(key, {"jpg": jpg, "txt": caption, "json": record},
-                       SampleRow(key, uid=key, width=96, height=64, image_bytes=len(jpg), caption_length=len(caption),
-                                 n_captions=1, n_ocr=0, n_objects=len(objects),
-                                 mean_confidence=sum(scores) / len(scores) if scores else None))
-            if s == 0:
-                wr.add_failure(SampleRow(f"gnd{s:03d}big", error="too_large: 30000x30000 exceeds max pixels"))
+def _write(out: Path, index: int, samples: list[Sample], name: str, failure: SampleRow | None = None,
+           rows: list[dict] | None = None) -> None:
+    """Shard `index` of `out`; `rows` adds per-sample sidecar fields (sizes, OCR/object counts)."""
+    with ShardWriter(out, index, generator={"name": name, "engine": "tiny-sources", "version": VERSION}) as wr:
+        for i, (key, members) in enumerate(samples):
+            wr.add(key, members, _row(key, members, **(rows[i] if rows else {})))
+        if failure is not None:
+            wr.add_failure(failure)
 
 
-def _sentence(rng: random.Random, n: int) -> str:
-    return " ".join(rng.choice(WORDS) for _ in range(n)).capitalize() + "."
+# --- samples of each kind ------------------------------------------------------------------------
+
+def _captions(rng: random.Random, n: int, prefix: str = "cap") -> list[Sample]:
+    out = []
+    for i in range(n):
+        sc = draw_scene(rng)
+        cap = describe(sc.bg, sc.fg, sc.shape).capitalize()
+        out.append((f"{prefix}{i:04d}", {"jpg": sc.jpg, "txt": cap, "json": {"uid": f"{prefix}{i}", "caption": cap}}))
+    return out
 
 
-def write_documents(out: Path, kind: str, shards: int, per_shard: int, seed: int) -> None:
-    """Interleaved documents, SFT conversations or DPO pairs, images as `<key>.imgN.jpg`."""
-    rng = random.Random(f"{kind}:{seed}")
-    for s in range(shards):
-        with ShardWriter(out, s, generator={"name": kind, "engine": "tiny-sources"}) as wr:
-            for i in range(per_shard):
-                key = f"{kind[:3]}{s:03d}{i:04d}"
-                n_img = rng.randint(1, 3) if kind == "interleaved" else 1
-                members: dict[str, bytes | str | dict] = {}
-                names = []
-                for j in range(n_img):
-                    members[f"img{j}.jpg"] = _image(rng)[0]
-                    names.append(f"img{j}.jpg")
-                if kind == "interleaved":
-                    texts, images = [], []
-                    for name in names:
-                        texts += [_sentence(rng, rng.randint(3, 20)), None]
-                        images += [None, name]
-                    record = {"texts": texts, "images": images}
-                    chars = sum(len(t) for t in texts if t)
-                elif kind == "sft":
-                    record = {"conversations": [
-                        {"role": "user", "content": "<image>\n" + _sentence(rng, 5) + "?"},
-                        {"role": "assistant", "content": _sentence(rng, rng.randint(2, 15))}], "images": names}
-                    chars = sum(len(c["content"]) for c in record["conversations"])
-                else:
-                    record = {"prompt": "<image>\n" + _sentence(rng, 5) + "?", "chosen": _sentence(rng, 8),
-                              "rejected": _sentence(rng, 3), "images": names}
-                    chars = len(record["prompt"]) + len(record["chosen"]) + len(record["rejected"])
-                members["json"] = record
-                wr.add(key, members, SampleRow(key, uid=key, caption_length=chars,
-                                               image_bytes=sum(len(members[n]) for n in names)))
+def _interleaved(rng: random.Random, n: int, prefix: str = "doc") -> list[Sample]:
+    out = []
+    for i in range(n):
+        texts: list[str | None] = ["A page about shapes."]
+        images: list[str | None] = [None]
+        members: dict = {}
+        for j in range(2):
+            sc = draw_scene(rng, (32, 32))
+            members[f"{j}.jpg"] = sc.jpg
+            texts += [None, f"Picture {j + 1} shows {describe(sc.bg, sc.fg, sc.shape)}"]
+            images += [f"{j}.jpg", None]
+        members["json"] = {"texts": texts, "images": images}
+        out.append((f"{prefix}{i:04d}", members))
+    return out
 
+
+def _chat(rng: random.Random, n: int, prefix: str = "sft") -> list[Sample]:
+    out = []
+    for i in range(n):
+        sc = draw_scene(rng)
+        q = rng.choice(["What is in the image?", "Describe the picture.", "Which shape do you see?"])
+        conv = [{"role": "user", "content": f"<image>\n{q}"},
+                {"role": "assistant", "content": f"I see {describe(sc.bg, sc.fg, sc.shape)}"}]
+        out.append((f"{prefix}{i:04d}", {"0.jpg": sc.jpg, "json": {"conversations": conv, "images": ["0.jpg"]}}))
+    return out
+
+
+def _multi(rng: random.Random, n: int, prefix: str = "multi") -> list[Sample]:
+    out = []
+    for i in range(n):
+        a, b = draw_scene(rng, (32, 32)), draw_scene(rng, (32, 32))
+        conv = [
+            {"role": "user", "content": "<image> <image>\nWhat do the two pictures show?"},
+            {"role": "assistant", "content": f"The first shows {describe(*a[1:4])} The second shows {describe(*b[1:4])}"},
+        ]
+        out.append((f"{prefix}{i:04d}", {"0.jpg": a.jpg, "1.jpg": b.jpg, "json": {"conversations": conv, "images": ["0.jpg", "1.jpg"]}}))
+    return out
+
+
+def _dpo(rng: random.Random, n: int, prefix: str = "pair") -> list[Sample]:
+    out = []
+    for i in range(n):
+        sc = draw_scene(rng)
+        wrong_fg = rng.choice([c for c in sorted(COLORS) if c not in (sc.fg, sc.bg)])
+        wrong_shape = rng.choice([s for s in SHAPES if s != sc.shape])
+        rec = {
+            "prompt": "<image>\nWhat is in the image?",
+            "chosen": f"I see {describe(sc.bg, sc.fg, sc.shape)}",
+            "rejected": f"I see {describe(sc.bg, wrong_fg, wrong_shape)}",
+            "images": ["0.jpg"],
+        }
+        out.append((f"{prefix}{i:04d}", {"0.jpg": sc.jpg, "json": rec}))
+    return out
+
+
+def _safety(rng: random.Random, n: int, prefix: str = "safe") -> list[Sample]:
+    out = []
+    for i in range(n):
+        sc = draw_scene(rng)
+        if i % 2 == 0:
+            conv = [{"role": "user", "content": f"<image>\n{rng.choice(UNSAFE)}"}, {"role": "assistant", "content": REFUSAL}]
+        else:
+            conv = [{"role": "user", "content": "<image>\nWhat is in the image?"},
+                    {"role": "assistant", "content": f"I see {describe(sc.bg, sc.fg, sc.shape)}"}]
+        out.append((f"{prefix}{i:04d}", {"0.jpg": sc.jpg, "json": {"conversations": conv, "images": ["0.jpg"]}}))
+    return out
+
+
+def _ocr(rng: random.Random, n: int, prefix: str) -> tuple[list[Sample], list[dict]]:
+    """Captions whose image carries 0-2 words, with their OCR entries (formats.md)."""
+    samples, rows = [], []
+    w, h = 96, 64
+    for i in range(n):
+        key = f"{prefix}{i:04d}"
+        words = " ".join(rng.choice(WORDS).upper() for _ in range(rng.randint(0, 2)))
+        sc = draw_scene(rng, (w, h), text=words or None)
+        entries = []
+        if words:
+            x1, y1, x2, y2 = sc.box
+            entries.append({"text": words, "bbox": _norm(sc.box, w, h),
+                            "polygon": [[x1, y1], [x2, y1], [x2, y2], [x1, y2]],
+                            "confidence": round(rng.uniform(0.5, 1.0), 3)})
+        caption = (f'The image contains the text "{words}".' if words else "The image contains no text.")
+        caption += " It shows " + describe(sc.bg, sc.fg, sc.shape)
+        record = {"uid": key, "url": None, "width": w, "height": h,
+                  "captions": [{"text": caption, "granularity": 0, "include_datacomp_raw_cap": False}],
+                  "metadata": {"entries": entries}, "status": "success"}
+        samples.append((key, {"jpg": sc.jpg, "txt": caption, "json": record}))
+        rows.append({"width": w, "height": h, "n_captions": 1, "n_ocr": len(entries), "n_objects": 0,
+                     "mean_confidence": entries[0]["confidence"] if entries else None})
+    return samples, rows
+
+
+def _grounding(rng: random.Random, n: int, prefix: str) -> tuple[list[Sample], list[dict]]:
+    """Captions with the shape as a grounded object; about a third of the images are blank."""
+    samples, rows = [], []
+    w, h = 96, 64
+    for i in range(n):
+        key = f"{prefix}{i:04d}"
+        blank = rng.random() < 0.3
+        sc = draw_scene(rng, (w, h), blank=blank)
+        objects = [] if blank else [{"label": sc.shape, "bbox": _norm(sc.box, w, h), "score": round(rng.uniform(0.3, 1), 3)}]
+        caption = (f"The image contains nothing on a {sc.bg} background." if blank else
+                   f"The image contains a {sc.fg} {sc.shape} (in the center) on a {sc.bg} background.")
+        record = {"uid": key, "width": w, "height": h, "objects": objects,
+                  "captions": [{"text": caption, "format": "positional", "style": "tags"}], "status": "success"}
+        samples.append((key, {"jpg": sc.jpg, "txt": caption, "json": record}))
+        rows.append({"width": w, "height": h, "n_captions": 1, "n_ocr": 0, "n_objects": len(objects),
+                     "mean_confidence": objects[0]["score"] if objects else None})
+    return samples, rows
+
+
+# --- the two sets --------------------------------------------------------------------------------
 
 def write_tiny_sources(out_dir: str | Path, *, shards: int = 2, per_shard: int = 24, seed: int = 0) -> dict[str, Path]:
-    """Write all tiny sources under `out_dir`; returns {source name: folder}."""
+    """Write the five catalog sources (TINY_KINDS) under `out_dir`; returns {source name: folder}."""
     out = Path(out_dir)
     folders = {name: out / name for name in TINY_KINDS}
-    write_caption_ocr(folders["caption-ocr"], shards, per_shard, seed)
-    write_caption_grounding(folders["caption-grounding"], shards, per_shard, seed)
-    for kind in ("interleaved", "sft", "dpo"):
-        write_documents(folders[kind], kind, shards, per_shard, seed)
+    rng = random.Random(f"ocr:{seed}")
+    for s in range(shards):
+        samples, rows = _ocr(rng, per_shard, f"ocr{s:03d}")
+        _write(folders["caption-ocr"], s, samples, "ocr", SampleRow(f"ocr{s:03d}bad", error="decode: cannot identify image file"), rows)
+    rng = random.Random(f"ground:{seed}")
+    for s in range(shards):
+        samples, rows = _grounding(rng, per_shard, f"gnd{s:03d}")
+        big = SampleRow(f"gnd{s:03d}big", error="too_large: 30000x30000 exceeds max pixels") if s == 0 else None
+        _write(folders["caption-grounding"], s, samples, "grounding", big, rows)
+    for kind, make in (("interleaved", _interleaved), ("sft", _chat), ("dpo", _dpo)):
+        rng = random.Random(f"{kind}:{seed}")
+        for s in range(shards):
+            _write(folders[kind], s, make(rng, per_shard, f"{kind[:3]}{s:03d}"), kind)
     return folders
+
+
+def _generate(root: Path) -> None:
+    rng = random.Random(1234)
+    for name, samples in (("caption", _captions(rng, 64)), ("interleaved", _interleaved(rng, 16)),
+                          ("sft", _chat(rng, 32)), ("multi", _multi(rng, 16)), ("dpo", _dpo(rng, 24)),
+                          ("safety", _safety(rng, 16))):
+        _write(root / name, 0, samples, "tiny-data")
+    (root / "done.json").write_text(json.dumps({"version": VERSION}))
+
+
+def ensure_tiny_data(root: Path | None = None) -> Path:
+    """The training data folder, generated first if absent; returns its path."""
+    final = (root or cache_root() / "tiny-data") / f"v{VERSION}"
+    if (final / "done.json").exists():
+        return final
+    tmp = final.with_name(f"{final.name}.tmp-{os.getpid()}")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    _generate(tmp)
+    try:
+        tmp.rename(final)
+    except OSError:  # another process finished first: theirs is identical
+        shutil.rmtree(tmp, ignore_errors=True)
+    return final

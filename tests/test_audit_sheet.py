@@ -13,7 +13,7 @@ from typer.testing import CliRunner
 
 from cli import app
 from mixture.audit import OBJECT_COLOR, OCR_COLOR, _Card, render_card_image
-from mixture.tiny_sources import _image
+from mixture.tiny_sources import draw_scene
 from tests.mixture_fixtures import tiny_sources  # noqa: F401  (fixture)
 
 
@@ -45,7 +45,7 @@ def _count_color(img: Image.Image, color) -> int:
 def test_boxes_are_drawn_where_the_coordinates_say():
     import random
 
-    jpg, _ = _image(random.Random(0), 96, 64)
+    jpg = draw_scene(random.Random(2), (96, 64)).jpg  # black and yellow: neither box colour
     plain = render_card_image(_Card("k", "s", "", jpg, [], []))
     drawn = render_card_image(_Card(
         "k", "s", "", jpg,

@@ -74,7 +74,7 @@ def test_ranks_read_disjoint_samples():
 
     from mixture.build import build_manifest
     from mixture.loader import MixtureLoader
-    from train.tiny_data import ensure_tiny_data
+    from mixture.tiny_sources import ensure_tiny_data
 
     os.environ["BLIP3_TINY_DATA"] = str(ensure_tiny_data())
     with tempfile.TemporaryDirectory() as d:

@@ -114,7 +114,7 @@ def resolve_manifest(cfg: StageConfig, out_dir: Path, db: str | Path | None, is_
     from mixture.build import build_manifest
 
     if cfg.data.generate == "tiny":
-        from train.tiny_data import ensure_tiny_data
+        from mixture.tiny_sources import ensure_tiny_data
 
         os.environ["BLIP3_TINY_DATA"] = str(ensure_tiny_data())
     if cfg.data.manifest is not None:
