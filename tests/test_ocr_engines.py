@@ -84,3 +84,14 @@ def test_cli_reports_missing_paddle_models_in_one_line(tmp_path):
     lines = [line for line in proc.stderr.splitlines() if line.strip()]
     assert len(lines) == 1 and "BLIP3_PADDLEOCR_DET_DIR" in lines[0] and "Traceback" not in proc.stderr
     assert not (tmp_path / "out").exists()  # refused before any work
+
+
+def test_drop_empty_records_images_without_text_as_no_text(annotator):
+    from datagen.annotator import SkipSample
+
+    dropping = OcrAnnotator(keep_empty=False)
+    dropping._engine = annotator._engine  # same loaded engine, other policy
+    with pytest.raises(SkipSample) as e:
+        dropping.annotate(no_text_image(), InputSample("k", b"", "png"))
+    assert e.value.error == "no_text: no OCR entry at confidence >= 0.5"
+    assert dropping.annotate(text_image("KEEP"), InputSample("k", b"", "png")).n_ocr == 1
