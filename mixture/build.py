@@ -31,10 +31,9 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from core.errors import UserError
 from core.shards import file_sha256
+from core.yamlio import read_yaml
 from mixture.manifest import KINDS, WEIGHT_BY, Manifest, ManifestSource, ShardRef, write_manifest
 from mixture.tokens import TokenCounter
 
@@ -60,12 +59,7 @@ def load_spec(spec: dict | str | Path) -> tuple[dict[str, Any], str | None, Path
     if isinstance(spec, dict):
         return spec, None, Path.cwd()
     path = Path(spec)
-    if not path.is_file():
-        raise UserError("spec not found", file=path)
-    try:
-        data = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as e:
-        raise UserError(f"not valid YAML: {' '.join(str(e).split())}", file=path) from None
+    data = read_yaml(path, "spec")
     return data, str(path), path.resolve().parent
 
 

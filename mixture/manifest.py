@@ -24,6 +24,7 @@ from typing import Any
 import yaml
 
 from core.errors import UserError
+from core.yamlio import read_yaml
 from mixture.tokens import ESTIMATE_LABEL
 
 MANIFEST_VERSION = 1
@@ -114,13 +115,7 @@ def load_manifest(path: str | Path, *, verify: str = "size") -> Manifest:
     if verify not in ("sha256", "size", "none"):
         raise UserError(f"must be sha256, size or none, got {verify!r}", field="verify")
     path = Path(path)
-    if not path.is_file():
-        raise UserError("manifest not found", file=path)
-    try:
-        data = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as e:
-        raise UserError(f"not valid YAML: {' '.join(str(e).split())}", file=path) from None
-    manifest = manifest_from_dict(data, file=path)
+    manifest = manifest_from_dict(read_yaml(path, "manifest"), file=path)
     manifest.path = str(path)
     if verify != "none":
         verify_shards(manifest, checksum=verify == "sha256", file=path)

@@ -20,9 +20,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from core.errors import UserError
+from core.yamlio import read_yaml
 
 STAGE_KINDS = ("pretrain", "sft", "interleave", "dpo", "safety")
 #: Stages that train LoRA adapters on the LLM by default (the paper's post-training).
@@ -273,12 +272,7 @@ def _resolve(base: Path, p: str | None) -> str | None:
 
 
 def _read_yaml(path: Path) -> dict:
-    if not path.is_file():
-        raise UserError("file not found", file=path)
-    try:
-        raw = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as e:
-        raise UserError(f"not valid YAML: {e}".splitlines()[0], file=path) from None
+    raw = read_yaml(path)
     if not isinstance(raw, dict):
         raise UserError("expected a mapping at the top level", file=path)
     return raw
