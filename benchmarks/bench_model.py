@@ -7,8 +7,8 @@ tokens/s, MFU and peak memory at 1, 2 and 5 crops per image.
 Each row is a batch of `--batch` sequences of `--seq-len` tokens: BOS, one image (crops x
 num_latents placeholder tokens) and random text filling the rest. Crops are passed without
 image_sizes (all crops used, unmasked), so any crop count can be measured. FLOPs follow
-model/flops.py (nanoGPT-style: 6N per token for the trained weights + attention term; resampler
-matmuls x3; frozen ViT 2N per patch token, forward only); MFU divides by `--peak-tflops`
+model/flops.py (nanoGPT-style: 6N per token for the trained weights, 4N for frozen ones + attention;
+resampler matmuls x3 when trained; frozen ViT 2N per patch token, forward only); MFU divides by `--peak-tflops`
 (H100 SXM bf16 dense: 989).
 
     python benchmarks/bench_model.py

@@ -11,7 +11,7 @@ synthetic batches shaped like the stages' batches, after warm-up steps:
   size), loss on the second half of each row (the answer).
 Weights are random (no download): speed does not depend on their values.
 
-MFU = model FLOPs per step / step time / peak bf16 dense FLOP/s of the GPU (train.mfu: 6N per
+MFU = model FLOPs per step / step time / peak bf16 dense FLOP/s of the GPU (model.flops: 6N per
 trained LLM/resampler parameter per token, 12*L*d*T attention, 2N per frozen ViT parameter per
 patch token; H100/H200 SXM peak 989 TFLOP/s). Activation-checkpoint recompute is not counted.
 """
@@ -71,7 +71,7 @@ def time_steps(config_name: str, kind: str, rows: int, seq_len: int, steps: int,
     from model.config import get_config
     from model.xgenmm import XGenMM
     from train.distributed import parallelize
-    from train.mfu import flops_model, mfu, peak_flops
+    from model.flops import flops_model, mfu, peak_flops
 
     if threads:
         torch.set_num_threads(threads)

@@ -1,29 +1,42 @@
-"""FLOPs of one training step, nanoGPT-style, for MFU.
+"""FLOPs of a training step and model FLOPs utilisation (MFU): achieved model FLOPs per second over
+the device's peak. The one count used by the trainer and the benchmarks.
 
-LLM: 6N per token (forward + backward over the trained weights; the input embedding is a lookup
-and is left out) plus the attention term 12 * layers * hidden * seq_len. Resampler: its matmuls
-per crop, x3 for forward + backward. Frozen ViT: 2N per patch token, forward only.
+Counted as nanoGPT / PaLM do (matmul FLOPs only, no recompute from activation checkpointing), and
+according to what trains:
+
+- LLM, per sequence position: 2N forward. Trained weights add 4N backward (grad of inputs and of
+  weights): 6N. Frozen weights still pass gradients to their inputs when anything upstream or
+  inside trains (LoRA adapters, the resampler): 4N; 2N when nothing trains. The input embedding is
+  a lookup and is left out. Attention scores and values: 12 * layers * hidden * T_ctx per position
+  (fwd+bwd), where T_ctx is the attended length (we use the row length, an upper bound a
+  block-diagonal kernel over packed segments may not reach).
+- Resampler, per crop: its matmuls for P patch tokens -> L latents (projections, attention, feed-
+  forward, output projection); x3 for forward + backward if trained, x1 when frozen (nothing
+  upstream needs its input grads).
+- ViT (frozen, forward only): 2 N_vit per patch token.
+
+Peak: bf16 dense tensor-core FLOP/s of the GPU (H100/H200 SXM 989 TFLOP/s, A100 312), or
+$BLIP3_PEAK_TFLOPS; on CPU MFU is reported as None unless that variable is set.
 """
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
-from torch import nn
+import torch
+
+PEAK_BF16_TFLOPS = {"H100": 989.4, "H200": 989.4, "H800": 989.4, "A100": 312.0, "A800": 312.0, "L40S": 362.0}
 
 
-def _params(module: nn.Module) -> int:
-    return sum(p.numel() for p in module.parameters())
-
-
-def vit_patch_params(visual: nn.Module) -> int:
-    """ViT weights a patch token goes through (the pooling head is never run)."""
-    skip = ("attn_pool", "head.", "proj")
-    return sum(p.numel() for n, p in visual.named_parameters() if not any(s in n for s in skip))
+def _count(module: torch.nn.Module, trainable: bool | None = None) -> int:
+    return sum(p.numel() for p in module.parameters() if trainable is None or p.requires_grad == trainable)
 
 
 @dataclass
 class StepFlops:
+    """One step's FLOPs by component."""
+
     llm: float
     resampler: float
     vit: float
@@ -31,6 +44,28 @@ class StepFlops:
     @property
     def total(self) -> float:
         return self.llm + self.resampler + self.vit
+
+
+@dataclass
+class FlopsModel:
+    """Per-unit FLOP counts derived once from the model and what trains."""
+
+    llm_per_token: float  # without attention
+    attn_per_token_per_ctx: float  # times the attended length
+    resampler_per_crop: float
+    vit_per_crop: float
+
+    def breakdown(self, tokens: int, seq_len: int, crops: int) -> StepFlops:
+        """FLOPs of one optimiser step that processed `tokens` positions (image tokens included) in
+        rows of `seq_len`, with `crops` crops through the ViT and the resampler."""
+        return StepFlops(
+            llm=float(tokens * (self.llm_per_token + self.attn_per_token_per_ctx * seq_len)),
+            resampler=float(crops * self.resampler_per_crop),
+            vit=float(crops * self.vit_per_crop),
+        )
+
+    def step_flops(self, tokens: int, seq_len: int, crops: int) -> float:
+        return self.breakdown(tokens, seq_len, crops).total
 
 
 def resampler_forward_flops(cfg) -> float:
@@ -47,14 +82,42 @@ def resampler_forward_flops(cfg) -> float:
     return cfg.resampler_depth * per_layer + 2 * L * D * cfg.hidden_size  # + projection
 
 
-def step_flops(model, *, tokens: int, seq_len: int, crops: int) -> StepFlops:
-    """FLOPs of one forward+backward over `tokens` sequence positions (image tokens included)
-    in rows of `seq_len`, with `crops` crops through the ViT and the resampler."""
-    cfg = model.config
-    lm = model.lang_model
-    n_llm = _params(lm) - lm.get_input_embeddings().weight.numel()
-    layers, hidden = lm.config.num_hidden_layers, lm.config.hidden_size
-    llm = tokens * (6 * n_llm + 12 * layers * hidden * seq_len)
-    resampler = crops * 3 * resampler_forward_flops(cfg)
-    vit = crops * cfg.num_patches * 2 * vit_patch_params(model.vision_encoder)
-    return StepFlops(llm=float(llm), resampler=float(resampler), vit=float(vit))
+def flops_model(model: torch.nn.Module) -> FlopsModel:
+    """Build the FLOP counts from an XGenMM-shaped model (vision_encoder / vision_tokenizer / lang_model)."""
+    llm = model.lang_model
+    cfg = llm.config
+    emb = llm.get_input_embeddings().weight
+    n_frozen = _count(llm, trainable=False) - (0 if emb.requires_grad else emb.numel())
+    n_train = _count(llm, trainable=True) - (emb.numel() if emb.requires_grad else 0)
+    res_train = any(p.requires_grad for p in model.vision_tokenizer.parameters())
+    frozen_mult = 4.0 if (n_train or res_train) else 2.0
+    llm_tok = frozen_mult * n_frozen + 6.0 * n_train
+    attn = 12.0 * cfg.num_hidden_layers * cfg.hidden_size
+    res_flops = (3.0 if res_train else 1.0) * resampler_forward_flops(model.config)
+    n_vit = _count(model.vision_encoder)
+    return FlopsModel(llm_tok, attn, res_flops, 2.0 * n_vit * int(model.config.num_patches))
+
+
+def step_flops(model: torch.nn.Module, *, tokens: int, seq_len: int, crops: int) -> StepFlops:
+    """FLOPs of one forward+backward of `model` as it is set to train, by component."""
+    return flops_model(model).breakdown(tokens, seq_len, crops)
+
+
+def peak_flops(device: torch.device) -> float | None:
+    """bf16 dense peak FLOP/s of `device`, from $BLIP3_PEAK_TFLOPS or the GPU's name; None if unknown."""
+    env = os.environ.get("BLIP3_PEAK_TFLOPS")
+    if env:
+        return float(env) * 1e12
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    for key, tflops in PEAK_BF16_TFLOPS.items():
+        if key in name:
+            return tflops * 1e12
+    return None
+
+
+def mfu(step_flops: float, seconds: float, peak: float | None, world_size: int = 1) -> float | None:
+    if peak is None or seconds <= 0:
+        return None
+    return step_flops / seconds / (peak * world_size)

@@ -171,7 +171,7 @@ def test_stage_kinds_are_checked():
 def test_mfu_counts_six_n_for_trained_and_two_n_for_frozen_vit():
     from model.config import get_config
     from model.xgenmm import XGenMM
-    from train.mfu import flops_model, mfu
+    from model.flops import flops_model, mfu
 
     torch.manual_seed(0)
     model = XGenMM(get_config("tiny"))

@@ -33,7 +33,7 @@ from train.data import Batch, BatchStream, check_kinds, count_tokens
 from train.distributed import DistInfo, all_reduce_mean, all_reduce_sum, init_distributed, parallelize
 from train.dpo import dpo_loss, sequence_logps
 from train.metrics import MetricsWriter
-from train.mfu import flops_model, mfu, peak_flops
+from model.flops import flops_model, mfu, peak_flops
 from train.schedule import build_scheduler
 
 log = get_logger("train")
