@@ -21,6 +21,8 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -115,6 +117,19 @@ SCHEMA = [
 def resolve_db(db: str | Path | None = None) -> Path:
     """`--db` if given, else `$BLIP3_DB`, else `./catalog.duckdb`."""
     return Path(db or os.environ.get("BLIP3_DB") or DEFAULT_DB)
+
+
+@contextmanager
+def transaction(con: duckdb.DuckDBPyConnection) -> Iterator[None]:
+    """All of the block's statements or none: committed at the end, rolled back (and the error
+    raised again) when the block fails."""
+    con.execute("BEGIN TRANSACTION")
+    try:
+        yield
+        con.execute("COMMIT")
+    except Exception:
+        con.execute("ROLLBACK")
+        raise
 
 
 def _now() -> datetime:
@@ -224,8 +239,7 @@ class Catalog:
 
     def _insert_shard(self, tar: str, source: str, info) -> int:
         cols = ", ".join(SIDECAR_COLUMNS)
-        self.con.execute("BEGIN TRANSACTION")
-        try:
+        with transaction(self.con):
             self.con.execute("DELETE FROM samples WHERE shard = ?", [tar])
             self.con.execute("DELETE FROM shards WHERE path = ?", [tar])
             self.con.execute(
@@ -239,10 +253,6 @@ class Catalog:
                 [tar, source, info.index, info.sha256, info.tar_bytes, info.count, info.successes,
                  info.failed, json.dumps(info.generator), _now(), _now()],
             )
-            self.con.execute("COMMIT")
-        except Exception:
-            self.con.execute("ROLLBACK")
-            raise
         return info.count
 
     def _refresh_source_counts(self, name: str) -> None:

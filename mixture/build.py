@@ -31,6 +31,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+from core.catalog import transaction
 from core.errors import UserError
 from core.shards import file_sha256
 from core.yamlio import read_yaml
@@ -298,8 +299,7 @@ def _plan(spec: dict, sources: list[ManifestSource], counter: TokenCounter) -> M
 def record_mixture(cat, manifest: Manifest, spec: dict) -> None:
     """Replace the mixture's rows in `mixtures` and `mixture_sources`."""
     con = cat.con
-    con.execute("BEGIN TRANSACTION")
-    try:
+    with transaction(con):
         con.execute("DELETE FROM mixture_sources WHERE mixture = ?", [manifest.name])
         con.execute("DELETE FROM mixtures WHERE name = ?", [manifest.name])
         con.execute(
@@ -317,7 +317,3 @@ def record_mixture(cat, manifest: Manifest, spec: dict) -> None:
                 [manifest.name, s.name, s.kind, s.weight, s.sample_weight, s.samples, s.tokens, s.target_samples,
                  s.target_tokens, s.epochs, len(s.shards), manifest.tokenizer],
             )
-        con.execute("COMMIT")
-    except Exception:
-        con.execute("ROLLBACK")
-        raise

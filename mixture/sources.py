@@ -23,7 +23,7 @@ from typing import Any
 
 import pyarrow as pa
 
-from core.catalog import SOURCE_KINDS, Catalog
+from core.catalog import SOURCE_KINDS, Catalog, transaction
 from core.errors import UserError
 from core.shards import SIDECAR_SCHEMA, file_sha256, iter_shard, list_shards
 from mixture.tar_index import is_image_ext
@@ -236,8 +236,7 @@ def _add_foreign(cat: Catalog, name: str, tars: list[Path], kind: str, counter: 
         scan = scan_shard(tar, kind, counter, rows=True)
         table = pa.Table.from_pylist(scan.rows, schema=SIDECAR_SCHEMA)
         cols = ", ".join(SIDECAR_SCHEMA.names)
-        con.execute("BEGIN TRANSACTION")
-        try:
+        with transaction(con):
             con.execute("DELETE FROM samples WHERE shard = ?", [path])
             con.execute("DELETE FROM shards WHERE path = ?", [path])
             con.register("_scan_rows", table)
@@ -249,9 +248,5 @@ def _add_foreign(cat: Catalog, name: str, tars: list[Path], kind: str, counter: 
                 [path, name, i, sha, scan.bytes, scan.samples, scan.samples, scan.tokens,
                  json.dumps({"name": "external"}), now, now],
             )
-            con.execute("COMMIT")
-        except Exception:
-            con.execute("ROLLBACK")
-            raise
         added += 1
     return added

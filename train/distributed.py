@@ -101,11 +101,7 @@ def parallelize(model: torch.nn.Module, *, ac: bool, compile: bool, fsdp: bool, 
 
 
 def all_reduce_mean(value: float, info: DistInfo) -> float:
-    if not info.distributed:
-        return value
-    t = torch.tensor([value], dtype=torch.float64, device=info.device)
-    dist.all_reduce(t)
-    return (t / info.world_size).item()
+    return all_reduce_sum(value, info) / info.world_size
 
 
 def all_reduce_sum(value: float, info: DistInfo) -> float:
