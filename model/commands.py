@@ -86,10 +86,14 @@ def generate(
     from model.processor import XGenMMProcessor
     from model.xgenmm import XGenMM
 
+    images = []
     for p in image:
         if not p.is_file():
             raise UserError("no such image", field="--image", file=p)
-    images = [Image.open(p).convert("RGB") for p in image]
+        try:
+            images.append(Image.open(p).convert("RGB"))
+        except OSError as e:  # PIL's UnidentifiedImageError is an OSError
+            raise UserError(f"not a readable image ({type(e).__name__})", field="--image", file=p) from None
     model = XGenMM.from_pretrained(model_dir, device=device).eval()
     proc = XGenMMProcessor.from_pretrained(model_dir, model.config)
     try:

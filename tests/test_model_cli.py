@@ -23,6 +23,10 @@ def test_init_then_generate_with_an_image(tmp_path):
     # two markers, one image: a user error (exit 2), not a traceback
     r = runner.invoke(app, ["model", "generate", str(out), "--prompt", "<image> <image>", "--image", str(tmp_path / "a.png")])
     assert r.exit_code != 0 and "markers" in str(r.exception)
+    # a file that is not an image: a user error naming the file, not PIL's traceback
+    (tmp_path / "notes.png").write_text("not pixels")
+    r = runner.invoke(app, ["model", "generate", str(out), "--prompt", "<image> what?", "--image", str(tmp_path / "notes.png")])
+    assert r.exit_code != 0 and "not a readable image" in str(r.exception) and "notes.png" in str(r.exception)
 
 
 def test_info_counts_the_real_model_on_meta():
