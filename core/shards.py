@@ -26,8 +26,10 @@ import tarfile
 import time
 from collections import Counter
 from dataclasses import asdict, dataclass, field
+from itertools import groupby
+from operator import itemgetter
 from pathlib import Path
-from typing import Any, Iterable, Iterator
+from typing import Any, Iterable, Iterator, NamedTuple
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -359,24 +361,48 @@ def split_member_name(name: str) -> tuple[str, str]:
     return (f"{head}/{key}" if head else key), ext
 
 
+def _keyed_files(tar: tarfile.TarFile) -> Iterator[tuple[str, str, tarfile.TarInfo]]:
+    """(key, ext, member) for each regular file, in tar order: consecutive equal keys form a sample."""
+    for member in tar:
+        if member.isfile():
+            key, ext = split_member_name(member.name)
+            yield key, ext, member
+
+
+class MemberSpan(NamedTuple):
+    """One member of a sample: its extension and where its data lies in the tar file."""
+
+    ext: str
+    offset: int
+    size: int
+
+
+@dataclass(frozen=True)
+class SampleIndex:
+    """Where one sample's members live in its tar: key and its members in tar order."""
+
+    key: str
+    members: tuple[MemberSpan, ...]
+
+
+def iter_tar_index(path: str | Path) -> Iterator[SampleIndex]:
+    """Samples of an uncompressed tar in order, by reading headers only (data is seeked over), so a
+    reader can later fetch just the members it needs. `tarfile.TarError` / `OSError` pass through
+    unchanged: each caller words them for its own user."""
+    with tarfile.open(path, mode="r:") as tar:
+        for key, group in groupby(_keyed_files(tar), key=itemgetter(0)):
+            yield SampleIndex(key, tuple(MemberSpan(ext, m.offset_data, m.size) for _, ext, m in group))
+
+
 def iter_shard(path: str | Path) -> Iterator[dict[str, Any]]:
     """Samples of one tar as webdataset yields them: `{"__key__", "__url__", ext: bytes, ...}`."""
-    current: dict[str, Any] | None = None
     with tarfile.open(path, mode="r|*") as tar:
-        for member in tar:
-            if not member.isfile():
-                continue
-            key, ext = split_member_name(member.name)
-            f = tar.extractfile(member)
-            data = f.read() if f is not None else b""
-            if current is not None and current["__key__"] != key:
-                yield current
-                current = None
-            if current is None:
-                current = {"__key__": key, "__url__": str(path)}
-            current[ext] = data
-    if current is not None:
-        yield current
+        for key, group in groupby(_keyed_files(tar), key=itemgetter(0)):
+            sample: dict[str, Any] = {"__key__": key, "__url__": str(path)}
+            for _, ext, member in group:  # streaming: read each member before the next header
+                f = tar.extractfile(member)
+                sample[ext] = f.read() if f is not None else b""
+            yield sample
 
 
 def read_sidecar(path: str | Path) -> pa.Table:

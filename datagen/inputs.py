@@ -36,7 +36,7 @@ from typing import Any, Iterator
 
 from core.errors import UserError
 from core.keys import sanitize_key
-from core.shards import split_member_name
+from core.shards import MemberSpan, iter_tar_index
 
 INPUT_FORMATS = ("folder", "webdataset", "img2dataset", "urls", "blip3-ocr")
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp", "bmp", "gif", "tif", "tiff")
@@ -245,34 +245,22 @@ def expand_tar_pattern(pattern: str) -> list[Path]:
 @dataclass
 class _TarSample:
     key: str
-    members: dict[str, tarfile.TarInfo] = field(default_factory=dict)
+    members: dict[str, MemberSpan] = field(default_factory=dict)  # by lower-cased ext, last wins
 
 
 def scan_tar(path: Path) -> Iterator[_TarSample]:
     """Group a tar's members by webdataset key, keeping their data offsets (no data read)."""
-    current: _TarSample | None = None
     try:
-        with tarfile.open(path, mode="r:") as tar:
-            for member in tar:
-                if not member.isfile():
-                    continue
-                key, ext = split_member_name(member.name)
-                if current is not None and current.key != key:
-                    yield current
-                    current = None
-                if current is None:
-                    current = _TarSample(key)
-                current.members[ext.lower()] = member
+        for sample in iter_tar_index(path):
+            yield _TarSample(sample.key, {m.ext.lower(): m for m in sample.members})
     except tarfile.TarError as e:
         raise UserError(f"not a readable tar: {e}", file=path) from e
-    if current is not None:
-        yield current
 
 
-def _read_member(path: Path, info: tarfile.TarInfo) -> bytes:
+def _read_member(path: Path, member: MemberSpan) -> bytes:
     with open(path, "rb") as f:
-        f.seek(info.offset_data)
-        return f.read(info.size)
+        f.seek(member.offset)
+        return f.read(member.size)
 
 
 def _tar_sample_ref(path: Path, sample: _TarSample, extra: dict[str, Any] | None = None) -> SampleRef:
@@ -300,7 +288,7 @@ def _tar_sample_ref(path: Path, sample: _TarSample, extra: dict[str, Any] | None
         )
     info = sample.members[image_ext]
     return SampleRef(
-        key=sample.key, ext=image_ext, locator=["tar", str(path.resolve()), info.offset_data, info.size],
+        key=sample.key, ext=image_ext, locator=["tar", str(path.resolve()), info.offset, info.size],
         uid=_str_or_none(uid), url=_str_or_none(url), source_caption=caption, meta=meta,
     )
 

@@ -4,7 +4,7 @@ The loader reads a contiguous run of samples from the middle of a shard (its sha
 or the block it resumes in). A tar is a sequence of headers and data, so an index of where each
 member's data starts (built by reading headers only, seeking over data) lets it read exactly the
 members it needs. Samples are grouped the webdataset way: consecutive members with the same key
-(`core.shards.split_member_name`).
+(`core.shards.iter_tar_index`).
 """
 
 from __future__ import annotations
@@ -12,45 +12,21 @@ from __future__ import annotations
 import json
 import tarfile
 from collections import OrderedDict
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from core.errors import UserError
-from core.shards import split_member_name
+from core.shards import SampleIndex, iter_tar_index
 
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp", "bmp", "gif", "tif", "tiff", "ppm")
 
 
-@dataclass(frozen=True)
-class SampleIndex:
-    """Where one sample's members live in its tar: key and [(ext, data offset, size)]."""
-
-    key: str
-    members: tuple[tuple[str, int, int], ...]
-
-
 def index_tar(path: str | Path) -> list[SampleIndex]:
-    """Samples of a tar in order, by reading headers only."""
-    samples: list[SampleIndex] = []
-    cur_key: str | None = None
-    cur: list[tuple[str, int, int]] = []
+    """Samples of a tar in order, by reading headers only (`core.shards.iter_tar_index`)."""
     try:
-        with tarfile.open(path, mode="r:") as tar:
-            for m in tar:
-                if not m.isfile():
-                    continue
-                key, ext = split_member_name(m.name)
-                if cur_key is not None and key != cur_key:
-                    samples.append(SampleIndex(cur_key, tuple(cur)))
-                    cur = []
-                cur_key = key
-                cur.append((ext, m.offset_data, m.size))
+        return list(iter_tar_index(path))
     except (tarfile.TarError, OSError) as e:
         raise UserError(f"cannot read tar: {' '.join(str(e).split())}", file=path) from None
-    if cur_key is not None:
-        samples.append(SampleIndex(cur_key, tuple(cur)))
-    return samples
 
 
 def is_image_ext(ext: str) -> bool:
@@ -60,7 +36,7 @@ def is_image_ext(ext: str) -> bool:
 
 def read_members(f, sample: SampleIndex) -> dict[str, bytes]:
     """A sample's members are adjacent in the tar: one seek and one read, then slices."""
-    start = sample.members[0][1]
+    start = sample.members[0].offset
     end = max(offset + size for _, offset, size in sample.members)
     f.seek(start)
     span = memoryview(f.read(end - start))
