@@ -1,12 +1,15 @@
-"""Small helpers every benchmark shares: a results table, JSON output, peak memory."""
+"""Small helpers every benchmark shares: a results table, JSON output, peak memory (of this process
+or of its whole process tree)."""
 
 from __future__ import annotations
 
 import json
 import resource
 import sys
+import threading
 from pathlib import Path
 
+import psutil
 from rich.console import Console
 from rich.table import Table
 
@@ -30,3 +33,60 @@ def report(name: str, rows: list[dict], title: str) -> Path:
     out = RESULTS / f"{name}.json"
     out.write_text(json.dumps({"argv": sys.argv, "rows": rows}, indent=2))
     return out
+
+
+class TreeMonitor:
+    """Peak RSS (bytes) of this process (`driver`) and of its whole tree (`tree`: raylet, Ray
+    workers), and the tree's CPU seconds (`cpu_s`), sampled in a thread every `interval` seconds.
+
+    CPU seconds are the load-independent cost: on a shared machine wall time measures the
+    neighbours as much as the pipeline.
+    """
+
+    def __init__(self, interval: float) -> None:
+        self.interval = interval
+        self.driver = self.tree = 0
+        self._cpu: dict[int, float] = {}
+        self._cpu0: dict[int, float] = {}
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        me = psutil.Process()
+        while not self._stop.is_set():
+            try:
+                procs = [me, *me.children(recursive=True)]
+                total = 0
+                for p in procs:
+                    try:
+                        total += p.memory_info().rss
+                        t = p.cpu_times()
+                        self._cpu[p.pid] = t.user + t.system
+                        self._cpu0.setdefault(p.pid, self._cpu[p.pid])
+                    except psutil.Error:
+                        pass
+                self.driver = max(self.driver, me.memory_info().rss)
+                self.tree = max(self.tree, total)
+            except psutil.Error:
+                pass
+            self._stop.wait(self.interval)
+
+    @property
+    def cpu_s(self) -> float:
+        """CPU seconds used by the tree while monitored (processes already running count from start)."""
+        return sum(self._cpu[p] - self._cpu0[p] for p in self._cpu)
+
+    def __enter__(self) -> "TreeMonitor":
+        me = psutil.Process()
+        for p in [me, *me.children(recursive=True)]:
+            try:
+                t = p.cpu_times()
+                self._cpu0[p.pid] = t.user + t.system
+            except psutil.Error:
+                pass
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()

@@ -30,13 +30,12 @@ import random
 import statistics
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks._common import peak_rss_mb, report  # noqa: E402
+from benchmarks._common import TreeMonitor, peak_rss_mb, report  # noqa: E402
 
 WORDS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", ".", "a", "the", "red", "blue", "green", "circle", "square",
          "ball", "dog", "tree", "car", "sky", "person", "field", "on", "next", "to", "and", "white", "wall"]
@@ -87,36 +86,6 @@ def write_images(folder: Path, n: int) -> None:
             d.ellipse((x, y, x + s, y + s), fill=rng.choice(list(colours.values())))
         img.save(folder / f"img_{i:04d}.jpg", quality=90)
         (folder / f"img_{i:04d}.txt").write_text("a red circle next to a blue square on a white wall")
-
-
-class TreeRss:
-    """Peak summed RSS (MB) of this process and all its descendants, sampled in a thread."""
-
-    def __init__(self, interval: float = 0.2):
-        self.interval, self.peak, self._stop = interval, 0.0, threading.Event()
-
-    def _sample(self) -> None:
-        import psutil
-
-        me = psutil.Process()
-        while not self._stop.is_set():
-            total = 0
-            for p in [me, *me.children(recursive=True)]:
-                try:
-                    total += p.memory_info().rss
-                except psutil.Error:
-                    pass
-            self.peak = max(self.peak, total / 2**20)
-            self._stop.wait(self.interval)
-
-    def __enter__(self) -> "TreeRss":
-        self._thread = threading.Thread(target=self._sample, daemon=True)
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self._stop.set()
-        self._thread.join()
 
 
 def steady_rate(out: Path) -> float:
@@ -183,7 +152,7 @@ def main() -> None:
         rows: list[dict] = []
         for workers in (1, 2):
             out = tmp / f"out_w{workers}"
-            with TreeRss() as mem:
+            with TreeMonitor(interval=0.2) as mem:
                 t = time.perf_counter()
                 r = ground(tmp / "images", out, config, workers=workers, shard_size=args.shard_size,
                            register=False, gpus_per_worker=gpus)
@@ -191,10 +160,10 @@ def main() -> None:
             assert r.successes == args.images, r
             steady[workers] = steady_rate(out)
             rows.append({"run": f"pipeline w={workers}, total", "images": args.images, "seconds": total,
-                         "images/s": args.images / total, "vs bare": 0.0, "peak MB": mem.peak})
+                         "images/s": args.images / total, "vs bare": 0.0, "peak MB": mem.tree / 2**20})
             bare_runs.append(bare_loop(model_dir, tmp / "images", args.device))  # interleaved with the pipeline runs
             rows.append({"run": f"pipeline w={workers}, steady", "images": args.images, "seconds": 0.0,
-                         "images/s": steady[workers], "vs bare": 0.0, "peak MB": mem.peak})
+                         "images/s": steady[workers], "vs bare": 0.0, "peak MB": mem.tree / 2**20})
         ray.shutdown()
         bare_s = statistics.median(bare_runs)  # the machine may be shared: the median of 3 interleaved runs
     rows.insert(0, {"run": "bare detector loop (1 thread)", "images": args.images, "seconds": bare_s,

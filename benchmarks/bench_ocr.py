@@ -23,15 +23,15 @@ import random
 import shutil
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
-import psutil
 from PIL import Image, ImageDraw, ImageFont
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 os.environ.setdefault("BLIP3_NO_PROGRESS", "1")
+
+from benchmarks._common import TreeMonitor  # noqa: E402
 
 WORDS = ["OPEN", "SALE", "COFFEE", "EXIT", "STATION", "MARKET", "No parking", "Platform 9", "BAKERY", "HOTEL",
          "Tickets", "PHARMACY", "Gate B12", "Welcome", "BOOKS", "Fresh bread daily"]
@@ -55,61 +55,6 @@ def make_images(folder: Path, n: int, seed: int = 0) -> list[Path]:
         img.save(path, quality=90)
         paths.append(path)
     return paths
-
-
-class TreeMonitor:
-    """Sample RSS and CPU time of this process and its whole tree (raylet, Ray workers) every 50 ms.
-
-    CPU seconds are the load-independent cost: on a shared machine wall time measures the
-    neighbours as much as the pipeline.
-    """
-
-    def __init__(self) -> None:
-        self.driver = self.tree = 0
-        self._cpu: dict[int, float] = {}
-        self._cpu0: dict[int, float] = {}
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-
-    def _run(self) -> None:
-        me = psutil.Process()
-        while not self._stop.is_set():
-            try:
-                procs = [me, *me.children(recursive=True)]
-                total = 0
-                for p in procs:
-                    try:
-                        total += p.memory_info().rss
-                        t = p.cpu_times()
-                        self._cpu[p.pid] = t.user + t.system
-                        self._cpu0.setdefault(p.pid, self._cpu[p.pid])
-                    except psutil.Error:
-                        pass
-                self.driver = max(self.driver, me.memory_info().rss)
-                self.tree = max(self.tree, total)
-            except psutil.Error:
-                pass
-            self._stop.wait(0.05)
-
-    @property
-    def cpu_s(self) -> float:
-        """CPU seconds used by the tree while monitored (processes already running count from start)."""
-        return sum(self._cpu[p] - self._cpu0[p] for p in self._cpu)
-
-    def __enter__(self) -> "TreeMonitor":
-        me = psutil.Process()
-        for p in [me, *me.children(recursive=True)]:
-            try:
-                t = p.cpu_times()
-                self._cpu0[p.pid] = t.user + t.system
-            except psutil.Error:
-                pass
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self._stop.set()
-        self._thread.join()
 
 
 def bare_loop(paths: list[Path]) -> tuple[float, float]:
@@ -151,7 +96,7 @@ def main() -> None:
         src = tmp / "in"
         src.mkdir()
         paths = make_images(src, args.images)
-        with TreeMonitor() as bare_mem:
+        with TreeMonitor(interval=0.05) as bare_mem:
             bare, bare_cpu = bare_loop(paths)
         t0 = time.perf_counter()
         ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, logging_level="ERROR")
@@ -160,7 +105,7 @@ def main() -> None:
 
         ray.data.DataContext.get_current().enable_progress_bars = False
         time.sleep(2)
-        with TreeMonitor() as idle:  # what Ray's own daemons (gcs, raylet, agents) cost per second
+        with TreeMonitor(interval=0.05) as idle:  # what Ray's own daemons (gcs, raylet, agents) cost per second
             time.sleep(8)
         ray_idle_cpu_per_s = idle.cpu_s / 8
         half = tmp / "half"  # the first half of the images: the marginal cost per image is T(all) - T(half)
@@ -170,14 +115,14 @@ def main() -> None:
         runs = {}
         for name, folder, w in (("1_half", half, 1), ("1", src, 1), ("2", src, 2)):
             n = len(list(folder.iterdir()))
-            with TreeMonitor() as mem:
+            with TreeMonitor(interval=0.05) as mem:
                 wall = pipeline(folder, tmp / f"out{name}", w, tmp / "catalog.duckdb")
             runs[name] = {"images": n, "wall_s": round(wall, 2), "images_per_s": round(n / wall, 2),
                           "cpu_s": round(mem.cpu_s, 2), "ray_daemons_cpu_s": round(ray_idle_cpu_per_s * wall, 2),
                           "peak_rss_driver_mb": round(mem.driver / 2**20), "peak_rss_tree_mb": round(mem.tree / 2**20)}
         ray.shutdown()
         # the machine may be shared: measure the bare loop again and keep the less disturbed run
-        with TreeMonitor() as bare_mem2:
+        with TreeMonitor(interval=0.05) as bare_mem2:
             bare2, bare_cpu2 = bare_loop(paths)
         if bare2 < bare:
             bare, bare_cpu, bare_mem = bare2, bare_cpu2, bare_mem2
