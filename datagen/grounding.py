@@ -30,9 +30,8 @@ from datagen.detectors import DetectionLimits, filter_objects
 from datagen.grounding_captions import (
     DEFAULT_ALSO_LEAD_IN,
     DEFAULT_LEAD_IN,
-    FORMATS,
-    STYLES,
     build_captions,
+    check_caption_choice,
     pick_caption,
     reading_order,
 )
@@ -94,10 +93,7 @@ def make_config(
         raise UserError(f"unknown detector {detector!r}; expected one of {', '.join(DETECTORS)}", field="--detector")
     if tags not in TAG_SOURCES:
         raise UserError(f"unknown tag source {tags!r}; expected one of {', '.join(TAG_SOURCES)}", field="--tags")
-    if caption_format not in FORMATS:
-        raise UserError(f"expected one of {', '.join(FORMATS)}", field="--caption-format")
-    if caption_style is not None and caption_style not in STYLES:
-        raise UserError(f"expected one of {', '.join(STYLES)}", field="--caption-style")
+    check_caption_choice(caption_format, caption_style)
     try:
         limits.validate()
     except ValueError as e:

@@ -41,6 +41,8 @@ import re
 from dataclasses import dataclass
 from typing import Iterable, Sequence
 
+from core.errors import UserError
+
 FORMATS = ("positional", "textual", "bbox")
 STYLES = ("tags", "inline")
 
@@ -220,6 +222,14 @@ def build_captions(
             for f in FORMATS
         ]
     return caps
+
+
+def check_caption_choice(caption_format: str, caption_style: str | None) -> None:
+    """The user's `--caption-format` / `--caption-style` (shared by `blip3 ground` and `blip3 retemplate`)."""
+    if caption_format not in FORMATS:
+        raise UserError(f"expected one of {', '.join(FORMATS)}", field="--caption-format")
+    if caption_style is not None and caption_style not in STYLES:
+        raise UserError(f"expected one of {', '.join(STYLES)}", field="--caption-style")
 
 
 def pick_caption(captions: Sequence[dict], fmt: str, style: str | None) -> dict | None:

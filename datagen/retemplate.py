@@ -20,10 +20,9 @@ from core.shards import SampleRow, ShardWriter, iter_shard, list_shards, read_si
 from datagen.grounding_captions import (
     DEFAULT_ALSO_LEAD_IN,
     DEFAULT_LEAD_IN,
-    FORMATS,
-    STYLES,
     GroundedObject,
     build_captions,
+    check_caption_choice,
     pick_caption,
 )
 
@@ -36,10 +35,7 @@ class TemplateOptions:
     also_lead_in: str = DEFAULT_ALSO_LEAD_IN
 
     def validate(self) -> "TemplateOptions":
-        if self.caption_format not in FORMATS:
-            raise UserError(f"expected one of {', '.join(FORMATS)}", field="--caption-format")
-        if self.caption_style is not None and self.caption_style not in STYLES:
-            raise UserError(f"expected one of {', '.join(STYLES)}", field="--caption-style")
+        check_caption_choice(self.caption_format, self.caption_style)
         return self
 
     def as_generator(self) -> dict[str, Any]:
