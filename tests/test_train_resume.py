@@ -89,7 +89,8 @@ def test_resume_after_a_real_kill(tmp_path):
     from train.config import load_stage
 
     stage = yaml.safe_load((TINY / "pretrain.yaml").read_text())
-    stage.update(steps=24, checkpoint_every=4, eval_every=0, output_dir=str(tmp_path / "killed"))
+    # 48 steps after the first checkpoint at 4: the kill lands mid-run even on a busy machine.
+    stage.update(steps=48, checkpoint_every=4, eval_every=0, output_dir=str(tmp_path / "killed"))
     stage["data"]["spec"] = str(TINY / "mixtures" / "pretrain.yaml")
     cfg_path = tmp_path / "stage.yaml"
     cfg_path.write_text(yaml.safe_dump(stage))
@@ -110,7 +111,7 @@ def test_resume_after_a_real_kill(tmp_path):
     full_cfg.output_dir = str(tmp_path / "full")
     full = train_stage(full_cfg, record=False)
     curve = lambda d: [r["loss"] for r in read_metrics(d) if "loss" in r]  # noqa: E731
-    assert len(curve(full.output_dir)) == 24
+    assert len(curve(full.output_dir)) == 48
     assert curve(resumed.output_dir) == pytest.approx(curve(full.output_dir), rel=1e-5)
     a, b = _weights(full), _weights(resumed)
     assert all(torch.allclose(a[k], b[k], rtol=1e-5, atol=1e-6) for k in a)
