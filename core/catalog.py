@@ -204,11 +204,11 @@ class Catalog:
         self.upsert_source(name, kind, out)
         result = AddResult(source=name)
         for info in shards:
-            tar = str(info.tar.resolve())
-            sha = file_sha256(info.tar) if info.tar.exists() else None
-            known = self.con.execute("SELECT sha256 FROM shards WHERE path = ?", [tar]).fetchone()
-            if sha is None:
+            if not info.tar.exists():
                 raise UserError("stats file present but tar missing", file=info.tar)
+            tar = str(info.tar.resolve())
+            sha = file_sha256(info.tar)
+            known = self.con.execute("SELECT sha256 FROM shards WHERE path = ?", [tar]).fetchone()
             if sha != info.sha256:
                 # The tar on disk is not the one its stats describe: flag, do not trust the sidecar.
                 self._flag_changed(tar, name, info, sha)
@@ -276,8 +276,3 @@ class Catalog:
             f"INSERT INTO runs ({', '.join(cols)}) VALUES ({', '.join('?' for _ in cols)})",
             [fields[c] for c in cols],
         )
-
-    # -- reading -------------------------------------------------------------------------------
-    def source_stats(self):
-        """Per-source summary (a polars DataFrame) for `blip3 catalog stats`."""
-        return self.con.execute("SELECT * FROM v_source_summary ORDER BY source").pl()
