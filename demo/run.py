@@ -19,17 +19,13 @@ from pathlib import Path
 
 import yaml
 
-from core.logs import console, get_logger
+from core.logs import console
 
-log = get_logger("demo")
 REPO = Path(__file__).resolve().parents[1]
 TINY_PIPELINE = REPO / "manifests" / "tiny" / "pipeline.yaml"
 
-STANDARD_QUERIES = {
-    "sources": "SELECT source, kind, shards, samples, ok, failed, mean_caption_chars, ocr_coverage, object_coverage "
-               "FROM v_source_summary ORDER BY source",
-    "failure reasons": "SELECT * FROM v_failures",
-}
+SOURCES_QUERY = ("SELECT source, kind, shards, samples, ok, failed, mean_caption_chars, ocr_coverage, object_coverage "
+                 "FROM v_source_summary ORDER BY source")
 
 
 @dataclass
@@ -76,6 +72,7 @@ def run_demo(out_dir: str | Path = "blip3-demo", *, workers: int = 2, train_step
     from mixture.build import build_manifest
     from mixture.plots import plot_mixture
     from mixture.sources import add_source
+    from mixture.stats import mixture_queries
     from mixture.tokens import TokenCounter
     from train.config import load_any
     from train.pipeline import run_pipeline
@@ -135,15 +132,10 @@ def run_demo(out_dir: str | Path = "blip3-demo", *, workers: int = 2, train_step
         }
         res.manifest = out / "demo-mix.manifest.yaml"
         build_manifest(spec, db=db, out=res.manifest)
+        # the catalog summary, then exactly what `blip3 mix stats demo-mix` prints
+        queries = {"sources": SOURCES_QUERY, **{f"demo-mix: {t}": q for t, q in mixture_queries("demo-mix").items()}}
         tables = {}
-        for title, sql in STANDARD_QUERIES.items():
-            t = run_query(sql, db)
-            write_result(t, title=title)
-            tables[title] = t.to_pylist()
-        for title, sql in {
-            "mixture: weights, tokens, epochs": "SELECT source, kind, target_weight, realised_weight, planned_samples, "
-                                                "planned_tokens, epochs FROM v_mixture_sources WHERE mixture = 'demo-mix'",
-        }.items():
+        for title, sql in queries.items():
             t = run_query(sql, db)
             write_result(t, title=title)
             tables[title] = t.to_pylist()
@@ -177,7 +169,7 @@ def run_demo(out_dir: str | Path = "blip3-demo", *, workers: int = 2, train_step
 
     report = write_report(ReportInputs(
         out_dir=out,
-        audits={f"{name} ({path.name})": p for (name, path), p in zip(res.shards.items(), audits.values())},
+        audits=audits,
         mixture_plot=mix_plot,
         stage_dirs={r.name: Path(r.output_dir) for r in results},
         tables=tables,
