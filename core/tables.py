@@ -30,13 +30,16 @@ def rich_table(data, title: str | None = None, max_rows: int = 200) -> Table:
     for name in t.column_names:
         table.add_column(name, overflow="fold")
     for row in t.slice(0, max_rows).to_pylist():
-        table.add_row(*("" if v is None else _fmt(v) for v in row.values()))
+        table.add_row(*(format_cell(v) for v in row.values()))
     if t.num_rows > max_rows:
         table.caption = f"{max_rows} of {t.num_rows} rows shown (use --format csv/json/parquet --out FILE for all)"
     return table
 
 
-def _fmt(v) -> str:
+def format_cell(v) -> str:
+    """How a value reads in a table: empty for NULL, floats to 4 significant digits."""
+    if v is None:
+        return ""
     if isinstance(v, float):
         return f"{v:.4g}"
     return str(v)
