@@ -163,12 +163,20 @@ def shard_done(out: Path, index: int, digest: str) -> bool:
     return stats is not None and stats.get("input_digest") == digest and shard_complete(out, index)
 
 
-def _remove_shards(out: Path) -> None:
-    for stats in out.glob("*_stats.json"):
-        stem = stats.name[: -len("_stats.json")]
-        if stem.isdigit():
-            for p in shard_paths(out, int(stem)):
-                p.unlink(missing_ok=True)
+def _remove_shards(out: Path, keep_below: int = 0) -> list[int]:
+    """Delete every published shard (tar, parquet, stats) whose index is `keep_below` or more; returns
+    the removed indices. Shards past the current plan are left over from a run with another
+    `--shard-size` or a larger `--limit`: kept, they would be catalogued and exported twice."""
+    indices = set()
+    for suffix in ("_stats.json", ".tar", ".parquet"):
+        for p in out.glob(f"*{suffix}"):
+            stem = p.name[: -len(suffix)]
+            if stem.isdigit() and int(stem) >= keep_below:
+                indices.add(int(stem))
+    for i in sorted(indices):
+        for p in shard_paths(out, i)[::-1]:  # stats first: a half-removed shard never looks complete
+            p.unlink(missing_ok=True)
+    return sorted(indices)
 
 
 # -- Ray ------------------------------------------------------------------------------------
@@ -235,8 +243,10 @@ def run_job(
     shards = plan_shards(refs, shard_size)
     out.mkdir(parents=True, exist_ok=True)
     clean_temporaries(out)
-    if overwrite:
-        _remove_shards(out)
+    removed = _remove_shards(out, keep_below=0 if overwrite else len(shards))
+    if removed:
+        why = "--overwrite" if overwrite else "left over from an earlier run"
+        log.info(f"removed {len(removed)} shard(s) ({why}): indices {removed[0]}..{removed[-1]}")
     digests = [input_digest(s, generator) for s in shards]
     pending = [i for i in range(len(shards)) if not shard_done(out, i, digests[i])]
     result = JobResult(out, len(shards), len(pending), len(shards) - len(pending), generator=generator)

@@ -87,3 +87,23 @@ def test_shard_reused_only_when_complete_and_for_the_same_inputs(tmp_path):
     assert not shard_done(tmp_path, 0, digest)
     with pytest.raises(UserError, match="--shard-size"):
         plan_shards(refs, 0)
+
+
+def test_rerun_with_fewer_shards_removes_leftover_shards(ray_local, tmp_path):
+    """A re-run planning fewer shards (bigger --shard-size) drops the earlier run's higher shards."""
+    from core.shards import list_shards
+    from datagen.pipeline import run_job
+
+    src = tmp_path / "in"
+    src.mkdir()
+    for i in range(6):
+        (src / f"img{i}.png").write_bytes(png_bytes(text_image(f"N {i}", size=(80 + 8 * i, 40))))
+    out = tmp_path / "out"
+    first = run_job(src, out, SizeCaptioner, workers=1, shard_size=1, register=False)
+    assert first.shards_total == 6 and len(list_shards(out)) == 6
+    second = run_job(src, out, SizeCaptioner, workers=1, shard_size=3, register=False)
+    assert second.shards_total == 2
+    shards = list_shards(out)
+    assert len(shards) == 2 and sum(s.count for s in shards) == 6
+    assert sorted(p.name for p in out.glob("0*")) == [
+        "000000.parquet", "000000.tar", "000000_stats.json", "000001.parquet", "000001.tar", "000001_stats.json"]
