@@ -11,46 +11,66 @@ keeping `uid`, and OCR'd anew.
 from __future__ import annotations
 
 import json
+import os
+import shutil
+import tempfile
 from pathlib import Path
+from typing import Iterator
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 
 from core.errors import UserError
-from core.shards import iter_shard, list_shards
+from core.shards import ShardInfo, iter_tar_index, list_shards
 
 BLIP3_OCR_SCHEMA = pa.schema([("uid", pa.string()), ("url", pa.string()),
                               ("captions", pa.string()), ("metadata", pa.string())])
 
 
 def export_blip3_ocr(output: str | Path, parquet_dir: str | Path, *, rows_per_file: int = 100_000) -> tuple[list[Path], int]:
-    """Write `part-NNNNN.parquet` files from the shards of `output`; returns (files, rows)."""
+    """Write `part-NNNNN.parquet` files from the shards of `output`; returns (files, rows).
+
+    The parts are written into a temporary folder inside `parquet_dir` and swapped in only once all
+    are written: a failed export leaves the previous one whole, and a smaller re-export leaves no
+    stale `part-*.parquet` of the previous one behind (they would be read as duplicate rows).
+    """
     shards = list_shards(output)
     if not shards:
         raise UserError("no finished shards (NNNNNN_stats.json) found", file=output)
     dest = Path(parquet_dir)
     dest.mkdir(parents=True, exist_ok=True)
-    files: list[Path] = []
+    staging = Path(tempfile.mkdtemp(prefix=".export-", dir=dest))
+    try:
+        names, total = _write_parts(shards, staging, rows_per_file)
+        for old in dest.glob("part-*.parquet"):
+            old.unlink()
+        for name in names:
+            os.replace(staging / name, dest / name)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return [dest / name for name in names], total
+
+
+def _write_parts(shards: list[ShardInfo], dest: Path, rows_per_file: int) -> tuple[list[str], int]:
+    names: list[str] = []
     rows: list[dict[str, str | None]] = []
     total = 0
 
     def flush() -> None:
         nonlocal rows
         if rows:
-            path = dest / f"part-{len(files):05d}.parquet"
-            pq.write_table(pa.Table.from_pylist(rows, schema=BLIP3_OCR_SCHEMA), path, compression="zstd")
-            files.append(path)
+            name = f"part-{len(names):05d}.parquet"
+            pq.write_table(pa.Table.from_pylist(rows, schema=BLIP3_OCR_SCHEMA), dest / name, compression="zstd")
+            names.append(name)
             rows = []
 
     for info in shards:
-        for sample in iter_shard(info.tar):
-            if "json" not in sample:
-                continue
-            record = json.loads(sample["json"])
+        for key, raw in _iter_json_members(info.tar):
+            record = json.loads(raw)
             if "captions" not in record or "entries" not in record.get("metadata", {}):
                 raise UserError("not an OCR shard (sample json lacks captions/metadata.entries)", file=info.tar)
             rows.append({
-                "uid": record.get("uid") or sample["__key__"],
+                "uid": record.get("uid") or key,
                 "url": record.get("url"),
                 "captions": json.dumps(record["captions"], ensure_ascii=False),
                 "metadata": json.dumps(record["metadata"], ensure_ascii=False),
@@ -59,4 +79,15 @@ def export_blip3_ocr(output: str | Path, parquet_dir: str | Path, *, rows_per_fi
             if len(rows) >= rows_per_file:
                 flush()
     flush()
-    return files, total
+    return names, total
+
+
+def _iter_json_members(tar: Path) -> Iterator[tuple[str, bytes]]:
+    """(key, json bytes) of each sample that has a json member; the images are seeked over, not read."""
+    with open(tar, "rb") as f:
+        for sample in iter_tar_index(tar):
+            for member in sample.members:
+                if member.ext == "json":
+                    f.seek(member.offset)
+                    yield sample.key, f.read(member.size)
+                    break
