@@ -224,9 +224,10 @@ def add_source(cat: Catalog, name: str, path: str | Path, kind: str, counter: To
 
 
 def _add_foreign(cat: Catalog, name: str, tars: list[Path], kind: str, counter: TokenCounter) -> int:
+    """Scan every new (or changed) tar first, then insert them all in one transaction: a bad
+    sample in any tar leaves the catalog as it was, with no rows of the tars read before it."""
     con = cat.con
-    added = 0
-    now = datetime.now(timezone.utc)
+    scans: list[tuple[int, str, str, ShardScan, pa.Table]] = []
     for i, tar in enumerate(tars):
         path = str(tar)
         sha = file_sha256(tar)
@@ -234,9 +235,12 @@ def _add_foreign(cat: Catalog, name: str, tars: list[Path], kind: str, counter: 
         if known is not None and known[0] == sha:
             continue
         scan = scan_shard(tar, kind, counter, rows=True)
-        table = pa.Table.from_pylist(scan.rows, schema=SIDECAR_SCHEMA)
-        cols = ", ".join(SIDECAR_SCHEMA.names)
-        with transaction(con):
+        scans.append((i, path, sha, scan, pa.Table.from_pylist(scan.rows, schema=SIDECAR_SCHEMA)))
+        scan.rows = []  # kept as the (columnar) table only
+    now = datetime.now(timezone.utc)
+    cols = ", ".join(SIDECAR_SCHEMA.names)
+    with transaction(con):
+        for i, path, sha, scan, table in scans:
             con.execute("DELETE FROM samples WHERE shard = ?", [path])
             con.execute("DELETE FROM shards WHERE path = ?", [path])
             con.register("_scan_rows", table)
@@ -248,5 +252,4 @@ def _add_foreign(cat: Catalog, name: str, tars: list[Path], kind: str, counter: 
                 [path, name, i, sha, scan.bytes, scan.samples, scan.samples, scan.tokens,
                  json.dumps({"name": "external"}), now, now],
             )
-        added += 1
-    return added
+    return len(scans)

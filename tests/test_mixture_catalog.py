@@ -193,3 +193,17 @@ def test_source_tiny_command_writes_every_kind(tmp_path):
     _cli("source", "tiny", str(tmp_path / "t"), "--shards", "1", "--per-shard", "3")
     for name in ("caption-ocr", "caption-grounding", "interleaved", "sft", "dpo"):
         assert (tmp_path / "t" / name / "000000.tar").is_file() and (tmp_path / "t" / name / "000000.parquet").is_file()
+
+
+def test_failed_first_foreign_add_leaves_no_rows_of_earlier_shards(tmp_path):
+    (tmp_path / "wds").mkdir()
+    _foreign_tar(tmp_path / "wds" / "a.tar", 3)
+    with tarfile.open(tmp_path / "wds" / "b.tar", "w") as t:  # a caption sample without an image
+        info = tarfile.TarInfo("000000000.txt")
+        info.size = 4
+        t.addfile(info, io.BytesIO(b"text"))
+    with Catalog(tmp_path / "c.duckdb") as cat:
+        with pytest.raises(UserError, match=r"b\.tar: sample 000000000: a caption sample needs an image member"):
+            add_source(cat, "x", tmp_path / "wds", "caption", TokenCounter())
+        for table in ("sources", "shards", "samples"):
+            assert cat.con.execute(f"SELECT count(*) FROM {table}").fetchone()[0] == 0, table
