@@ -239,6 +239,10 @@ def _check_stage(cfg: StageConfig, file: str) -> None:
         raise bad("lora.rank", "must be > 0")
     if cfg.stage in LORA_KINDS and not cfg.lora.enabled:
         raise bad("lora.enabled", f"the {cfg.stage} stage trains LoRA adapters; set `lora.enabled: true`")
+    if cfg.stage == "dpo" and "vision_tokenizer" not in cfg.freeze:
+        # the reference is the adapter-disabled model: a training resampler would move it too
+        raise bad("freeze", "the dpo reference is the model without its adapters; keep `vision_tokenizer` "
+                  "listed so the reference stays fixed")
     o, b = cfg.optim, cfg.batch
     if o.lr <= 0:
         raise bad("optim.lr", "must be > 0")

@@ -103,6 +103,10 @@ def train_stage(
     from mixture.loader import MixtureLoader
 
     info = dist_info or init_distributed()
+    if info.distributed and not cfg.runtime.fsdp:
+        # without FSDP nothing synchronises gradients: each rank would train its own copy
+        raise UserError(f"{info.world_size} ranks need `runtime.fsdp: true` (there is no other data-parallel "
+                        "wrapper); run one process or enable it", field="runtime.fsdp", file=cfg.source)
     device = info.device
     bf16 = cfg.runtime.precision == "bf16" or (cfg.runtime.precision == "auto" and device.type == "cuda")
     out = Path(cfg.output_dir)
@@ -140,7 +144,7 @@ def train_stage(
                          seq_len=cfg.batch.seq_len, pack=cfg.batch.pack,
                          noised_image_rejected=cfg.dpo.noised_image_rejected, noise_std=cfg.dpo.noise_std)
     model = parallelize(model, ac=cfg.runtime.activation_checkpointing, compile=cfg.runtime.compile,
-                        fsdp=cfg.runtime.fsdp and info.distributed, bf16=bf16)
+                        fsdp=info.distributed, bf16=bf16)
     # the optimiser holds the parameters as FSDP2 leaves them (sharded DTensors): build it after
     optimizer = build_optimizer(model, cfg, device)
     scheduler = build_scheduler(optimizer, cfg.optim.warmup_steps, steps_total, cfg.optim.min_lr_ratio)

@@ -1,0 +1,43 @@
+"""Guards of the trainer: configurations that would train something other than asked are refused
+up front, and what the loop counts (skipped samples, seeds) reaches the metrics."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import replace
+
+import pytest
+import yaml
+
+from core.errors import UserError
+from tests.train_fixtures import ROOT, tiny_stage
+
+os.environ.setdefault("BLIP3_NO_PROGRESS", "1")
+
+
+def test_several_ranks_without_fsdp_are_refused_before_any_work(tmp_path):
+    from train.distributed import DistInfo
+    from train.loop import train_stage
+
+    cfg = tiny_stage("pretrain", tmp_path, steps=1)
+    cfg.runtime = replace(cfg.runtime, fsdp=False)
+    with pytest.raises(UserError) as e:
+        train_stage(cfg, dist_info=DistInfo(rank=0, world_size=2), record=False)
+    assert e.value.field == "runtime.fsdp" and e.value.file == cfg.source
+    assert not (tmp_path / "pretrain").exists()  # nothing was built or written
+
+
+def test_dpo_needs_a_frozen_resampler(tmp_path):
+    from train.config import load_stage
+
+    raw = yaml.safe_load((ROOT / "manifests/tiny/dpo.yaml").read_text())
+    raw["data"]["spec"] = str(ROOT / "manifests/tiny/mixtures/dpo.yaml")
+    raw["freeze"] = ["vision_encoder"]
+    p = tmp_path / "dpo.yaml"
+    p.write_text(yaml.safe_dump(raw))
+    with pytest.raises(UserError) as e:
+        load_stage(p)
+    assert e.value.field == "freeze" and e.value.file == str(p) and "vision_tokenizer" in str(e.value)
+    raw["freeze"] = ["vision_encoder", "vision_tokenizer"]
+    p.write_text(yaml.safe_dump(raw))
+    assert load_stage(p).stage == "dpo"
