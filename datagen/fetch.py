@@ -65,7 +65,7 @@ def _run_img2dataset(args: dict, work_dir: Path, timeout_s: float | None) -> Non
         raise UserError(f"img2dataset failed ({tail[0][:200]}); log: {log_path}", file=args["url_list"])
 
 
-def fetch_urls(list_file: Path, work_dir: Path, *, kind: str = "urls", thread_count: int = 16,
+def fetch_urls(list_file: Path, work_dir: Path, *, thread_count: int = 16,
                processes_count: int = 1, timeout: int = 10,
                timeout_s: float | None = None) -> Path:
     """Download the list's images into `work_dir/img2dataset/`; returns that folder."""

@@ -170,7 +170,7 @@ def iter_refs(
             raise UserError("URL inputs need a work folder to download into", field="work_dir")
         from datagen.fetch import fetch_urls
 
-        raw = _img2dataset_refs(fetch_urls(Path(input_path), Path(work_dir), kind=kind))
+        raw = _img2dataset_refs(fetch_urls(Path(input_path), Path(work_dir)))
     for ref in raw:
         ref.key = dedup(ref.key)
         yield ref
