@@ -11,7 +11,7 @@ images without text is in `datagen.ocr_captions` (kept, "The image contains no t
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -51,8 +51,7 @@ class OcrAnnotator:
             raise UserError("must be within [0, 1]", field="--min-confidence")
 
     def __call__(self) -> "OcrAnnotator":
-        return OcrAnnotator(self.engine, dict(self.engine_options), self.min_confidence,
-                            self.default_granularity, self.style, self.keep_empty)
+        return replace(self, engine_options=dict(self.engine_options), _engine=None)
 
     def load(self) -> None:
         self._engine = make_engine(self.engine, **self.engine_options)
@@ -108,7 +107,8 @@ def run_ocr(
         options.setdefault("use_cuda", True)
     elif gpus_per_worker > 0:
         options.setdefault("device", "gpu")
-    annotator = OcrAnnotator(engine, options, min_confidence, default_granularity, style, keep_empty)
+    annotator = OcrAnnotator(engine, options, min_confidence=min_confidence, default_granularity=default_granularity,
+                             style=style, keep_empty=keep_empty)
     if engine == "paddleocr":
         make_engine(engine, **annotator.engine_options).check()  # fail before Ray starts
     return run_job(input, output, annotator, input_format=input_format, workers=workers, ray_address=ray_address,

@@ -95,3 +95,11 @@ def test_drop_empty_records_images_without_text_as_no_text(annotator):
         dropping.annotate(no_text_image(), InputSample("k", b"", "png"))
     assert e.value.error == "no_text: no OCR entry at confidence >= 0.5"
     assert dropping.annotate(text_image("KEEP"), InputSample("k", b"", "png")).n_ocr == 1
+
+
+def test_factory_copy_keeps_every_field_and_not_the_loaded_engine():
+    a = OcrAnnotator(min_confidence=0.4, keep_empty=False, name="ocr-strict", engine_options={"text_score": 0.3})
+    a._engine = object()  # as after load(): a copy must load its own
+    b = a()
+    assert (b.name, b.min_confidence, b.keep_empty, b.engine_options) == ("ocr-strict", 0.4, False, {"text_score": 0.3})
+    assert b.engine_options is not a.engine_options and b._engine is None
