@@ -104,13 +104,10 @@ def build_captions(
     entries: list[dict[str, Any]], source_caption: str | None, style: CaptionStyle = CaptionStyle()
 ) -> list[dict[str, Any]]:
     """The 12 variants in the public dataset's shape: `{"text", "granularity", "include_datacomp_raw_cap"}`."""
-    out = []
-    for raw in (False, True):
-        for g in GRANULARITIES:
-            sentence = ocr_sentence(entries, g, style)
-            out.append({"text": with_source(source_caption, sentence) if raw else sentence,
-                        "granularity": g, "include_datacomp_raw_cap": raw})
-    return out
+    sentences = {g: ocr_sentence(entries, g, style) for g in GRANULARITIES}
+    return [{"text": with_source(source_caption, sentences[g]) if raw else sentences[g],
+             "granularity": g, "include_datacomp_raw_cap": raw}
+            for raw in (False, True) for g in GRANULARITIES]
 
 
 # -- parsing back (tests, re-templating) ------------------------------------------------------

@@ -109,3 +109,14 @@ def test_captions_parse_back_to_the_same_text_and_box(items, width, height, fill
     for g in (0, 1, 2):  # no box, but the text still reads back from between the quotes
         sentence = ocr_sentence(entries, g, style)
         assert all(f'"{e["text"]}"' in sentence for e in entries)
+
+
+def test_build_captions_builds_each_granularity_sentence_once(monkeypatch):
+    import datagen.ocr_captions as oc
+
+    calls: list[int] = []
+    real = oc.ocr_sentence
+    monkeypatch.setattr(oc, "ocr_sentence", lambda entries, g, style: calls.append(g) or real(entries, g, style))
+    caps = oc.build_captions([{"text": "HI", "bbox": [0.1, 0.2, 0.3, 0.4]}], "alt text", oc.CaptionStyle())
+    assert sorted(calls) == sorted(oc.GRANULARITIES)
+    assert [c["text"] for c in caps[len(calls):]] == [oc.with_source("alt text", c["text"]) for c in caps[:len(calls)]]
