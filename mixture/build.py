@@ -215,6 +215,12 @@ def _catalog_source(cat, s: dict, i: int, counter: TokenCounter, file: str | Non
             f"re-add it with the same --tokenizer",
             field=field, file=file,
         )
+    if "tokenizer" in meta and meta.get("vision_tokens_per_image") != counter.vision_tokens_per_image:
+        raise UserError(
+            f"source {s['name']!r} was counted with {meta.get('vision_tokens_per_image')} vision tokens per image, "
+            f"this build uses {counter.vision_tokens_per_image}; re-add it with the same --crops-per-image",
+            field=field, file=file,
+        )
     rows = cat.con.execute(
         "SELECT path, sha256, tar_bytes, n_success, n_tokens, status FROM shards WHERE source = ? ORDER BY path",
         [s["name"]],

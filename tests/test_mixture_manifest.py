@@ -92,6 +92,14 @@ def test_unknown_source_without_a_catalog(tmp_path, monkeypatch):
         build_manifest(spec)
 
 
+def test_build_refuses_sources_counted_with_other_vision_tokens_per_image(tmp_path, tiny_catalog):  # noqa: F811
+    spec = write_spec(tmp_path / "s.yaml", [{"name": "caption-ocr", "weight": 1}])
+    with pytest.raises(UserError, match=r"sources\[0\]\.name: source 'caption-ocr' was counted with 128 vision tokens "
+                                        r"per image, this build uses 256"):
+        build_manifest(spec, db=tiny_catalog, crops_per_image=2, record=False)
+    assert build_manifest(spec, db=tiny_catalog, record=False).vision_tokens_per_image == 128
+
+
 @pytest.fixture()
 def private_catalog(tmp_path, tiny_sources):  # noqa: F811
     """A catalog over a private copy of two tiny sources, so the test may move or corrupt shards."""
