@@ -22,7 +22,7 @@ from PIL import Image
 
 from core.errors import MissingWeightsError, UserError
 from datagen.detectors import DetectionLimits
-from datagen.grounding_captions import GroundedObject
+from datagen.grounding_captions import GroundedObject, normalize_box
 
 ENV_VAR = "BLIP3_GROUNDING_DINO"
 HF_REPO = "IDEA-Research/grounding-dino-tiny"
@@ -74,6 +74,11 @@ def _chunk_tags(tags: Sequence[str], n_tokens: Any) -> list[list[str]]:
     return [c for c in chunks if c]
 
 
+def _corners(cx: float, cy: float, w: float, h: float) -> tuple[float, float, float, float]:
+    """A normalized (cx, cy, w, h) box, as both backends predict it, to clamped [0, 1] corners."""
+    return normalize_box(cx - w / 2, cy - h / 2, cx + w / 2, cy + h / 2, 1.0, 1.0)
+
+
 class HFGroundingDino:
     """Grounding DINO through `AutoModelForZeroShotObjectDetection` (any local directory in the
     `IDEA-Research/grounding-dino-tiny` layout, including tiny random ones)."""
@@ -84,6 +89,7 @@ class HFGroundingDino:
         self.model: Any = None
         self.processor: Any = None
         self._tag_tokens: dict[str, list[list[int]]] = {}  # prompt -> token positions of each tag
+        self._chunks: dict[tuple[str, ...], list[list[str]]] = {}  # tags -> prompt chunks
 
     def load(self) -> None:
         import torch
@@ -104,9 +110,8 @@ class HFGroundingDino:
 
         if not tags:
             return []
-        tok = self.processor.tokenizer
         out: list[GroundedObject] = []
-        for chunk in _chunk_tags(tags, lambda t: len(tok.tokenize(t))):
+        for chunk in self._chunk_cached(tags):
             text = ". ".join(chunk) + "."
             tag_tokens = self._tag_tokens.get(text) or self._locate_tags(chunk, text)
             inputs = self.processor(images=image, text=text, return_tensors="pt").to(self.device)
@@ -121,10 +126,19 @@ class HFGroundingDino:
             tag_scores, best = per_tag.max(dim=-1)
             keep = (box_scores > limits.box_threshold) & (tag_scores > limits.text_threshold)
             for q in keep.nonzero().flatten().tolist():
-                cx, cy, w, h = boxes[q].tolist()
-                bbox = tuple(round(min(max(v, 0.0), 1.0), 3) for v in (cx - w / 2, cy - h / 2, cx + w / 2, cy + h / 2))
-                out.append(GroundedObject(chunk[int(best[q])], bbox, float(box_scores[q])))  # type: ignore[arg-type]
+                out.append(GroundedObject(chunk[int(best[q])], _corners(*boxes[q].tolist()), float(box_scores[q])))
         return out
+
+    def _chunk_cached(self, tags: Sequence[str]) -> list[list[str]]:
+        """The prompt chunks of a tag list (cached like `_locate_tags`: tag lists repeat per image)."""
+        key = tuple(tags)
+        chunks = self._chunks.get(key)
+        if chunks is None:
+            tok = self.processor.tokenizer
+            chunks = _chunk_tags(tags, lambda t: len(tok.tokenize(t)))
+            if len(self._chunks) < 1024:
+                self._chunks[key] = chunks
+        return chunks
 
     def _locate_tags(self, chunk: Sequence[str], text: str) -> list[list[int]]:
         """Token positions of each tag in the prompt (cached: vocabulary prompts repeat per image)."""
@@ -186,6 +200,5 @@ class GroundingDinoPy:
             label = known.get(phrase.strip().lower(), phrase.strip())
             if not label:
                 continue
-            bbox = tuple(round(min(max(v, 0.0), 1.0), 3) for v in (cx - w / 2, cy - h / 2, cx + w / 2, cy + h / 2))
-            out.append(GroundedObject(label, bbox, float(score)))  # type: ignore[arg-type]
+            out.append(GroundedObject(label, _corners(cx, cy, w, h), float(score)))
         return out

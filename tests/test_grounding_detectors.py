@@ -99,3 +99,10 @@ def test_prompt_chunks_respect_token_budget():
     chunks = _chunk_tags(tags, lambda t: 2)  # 3 tokens per tag with its "."
     assert [len(c) for c in chunks] == [83, 83, 34]
     assert sum(chunks, []) == tags
+
+
+def test_center_boxes_become_clamped_corners():
+    from datagen.detectors_gdino import _corners
+
+    assert _corners(0.5, 0.5, 1.2, 0.2) == (0.0, 0.4, 1.0, 0.6)
+    assert _corners(0.25, 0.75, 0.1, 0.1) == (0.2, 0.7, 0.3, 0.8)

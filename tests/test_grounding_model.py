@@ -36,6 +36,21 @@ def test_tiny_grounding_dino_detects_with_tag_labels(tiny_gdino):  # noqa: F811
     assert det.detect(image, [], DetectionLimits(box_threshold=0.0)) == []
 
 
+def test_prompt_chunks_are_tokenized_once_per_tag_list(tiny_gdino):  # noqa: F811
+    det = HFGroundingDino(tiny_gdino)
+    det.load()
+    tok = det.processor.tokenizer
+    calls: list[str] = []
+    real = tok.tokenize
+    tok.tokenize = lambda text, **kw: calls.append(text) or real(text, **kw)
+    image = Image.new("RGB", (120, 80), (30, 160, 60))
+    tags = ["football player", "ball", "green field"]
+    first = det.detect(image, tags, DetectionLimits(box_threshold=0.0, text_threshold=0.0))
+    assert sorted(calls) == sorted(tags)
+    assert det.detect(image, tags, DetectionLimits(box_threshold=0.0, text_threshold=0.0)) == first
+    assert sorted(calls) == sorted(tags)  # the second image reuses the chunks
+
+
 @pytest.mark.slow
 def test_blip3_ground_with_tiny_model_on_ray(scenes, tiny_gdino, tmp_path, ray_local, monkeypatch):  # noqa: F811
     vocab = tmp_path / "vocab.txt"
