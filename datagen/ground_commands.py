@@ -7,6 +7,10 @@ from typing import Optional
 
 import typer
 
+from datagen.detectors import DetectionLimits
+
+_LIMITS = DetectionLimits()  # the options' defaults are the library's
+
 
 def ground(
     input: str = typer.Argument(..., help="Images: folder, WebDataset shards (brace patterns ok), img2dataset "
@@ -27,11 +31,11 @@ def ground(
     clip_model: Optional[Path] = typer.Option(None, "--clip-model", help="Local open_clip dir for --tags clip "
                                               "(else $BLIP3_CLIP_MODEL)."),
     clip_top_k: int = typer.Option(8, "--clip-top-k", help="Tags per image with --tags clip."),
-    box_threshold: float = typer.Option(0.35, "--box-threshold", help="Min box confidence."),
-    text_threshold: float = typer.Option(0.25, "--text-threshold", help="Min tag-token confidence."),
-    nms_iou: float = typer.Option(0.5, "--nms-iou", help="Per-label NMS IoU (detectors only)."),
-    min_area: float = typer.Option(0.0005, "--min-area", help="Min box area as a fraction of the image."),
-    max_objects: int = typer.Option(20, "--max-objects", help="Keep at most N objects (highest scores)."),
+    box_threshold: float = typer.Option(_LIMITS.box_threshold, "--box-threshold", help="Min box confidence."),
+    text_threshold: float = typer.Option(_LIMITS.text_threshold, "--text-threshold", help="Min tag-token confidence."),
+    nms_iou: float = typer.Option(_LIMITS.nms_iou, "--nms-iou", help="Per-label NMS IoU (detectors only)."),
+    min_area: float = typer.Option(_LIMITS.min_area, "--min-area", help="Min box area as a fraction of the image."),
+    max_objects: int = typer.Option(_LIMITS.max_objects, "--max-objects", help="Keep at most N objects (highest scores)."),
     caption_format: str = typer.Option("positional", "--caption-format", help=".txt format: positional|textual|bbox"),
     caption_style: Optional[str] = typer.Option(None, "--caption-style",
                                                 help=".txt style: inline|tags (default inline when a caption exists)"),
@@ -46,8 +50,9 @@ def ground(
     db: Optional[Path] = typer.Option(None, "--db", help="Catalog file (default: $BLIP3_DB or ./catalog.duckdb)."),
 ) -> None:
     """Detect objects and write BLIP3-GROUNDING caption shards (positional, textual, bbox)."""
+    from rich.markup import escape
+
     from core.logs import console
-    from datagen.detectors import DetectionLimits
     from datagen.grounding import ground as run_ground
     from datagen.grounding import make_config
 
@@ -61,11 +66,7 @@ def ground(
     r = run_ground(input, output, config, input_format=input_format, workers=workers, ray_address=ray_address,
                    shard_size=shard_size, limit=limit, overwrite=overwrite, catalog_db=db, source_name=source,
                    gpus_per_worker=gpus_per_worker)
-    reasons = ", ".join(f"{k}: {v}" for k, v in r.failure_reasons.items())
-    console.print(
-        f"[green]{r.output}[/]: {r.shards_written} shard(s) written, {r.shards_skipped} skipped; "
-        f"{r.successes} ok, {r.failed} failed" + (f" ({reasons})" if reasons else "") + f" in {r.duration_s:.1f}s"
-    )
+    console.print(f"[green]{r.output}[/]: {escape(r.summary(skipped_as='skipped'))}", highlight=False)
 
 
 def retemplate(

@@ -40,6 +40,8 @@ def ocr(
     gpus_per_worker: float = typer.Option(0.0, "--gpus-per-worker", help="GPUs per OCR actor (0: CPU)."),
 ) -> None:
     """OCR images into BLIP3-OCR caption shards (12 caption variants each) on Ray; resumable."""
+    from rich.markup import escape
+
     from core.logs import console
     from datagen.ocr import run_ocr
     from datagen.ocr_captions import CaptionStyle
@@ -52,13 +54,7 @@ def ocr(
                 input_format=input_format, overwrite=overwrite, db=db, source=source,
                 style=CaptionStyle(lead_in=lead_in, filler=filler), keep_empty=not drop_empty, limit=limit,
                 gpus_per_worker=gpus_per_worker)
-    reasons = ", ".join(f"{k}: {v}" for k, v in r.failure_reasons.items())
-    console.print(
-        f"[green]{r.output}[/]: {r.shards_written} shard(s) written, {r.shards_skipped} already done; "
-        f"{r.successes} ok, {r.failed} failed{f' ({reasons})' if reasons else ''}; {r.duration_s:.1f}s"
-        + (f"; catalog source [bold]{r.source}[/]" if r.source else ""),
-        highlight=False,
-    )
+    console.print(f"[green]{r.output}[/]: {escape(r.summary())}", highlight=False)
 
 
 def export_blip3_ocr(

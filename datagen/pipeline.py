@@ -60,6 +60,13 @@ class JobResult:
     source: str | None = None
     generator: dict[str, Any] = field(default_factory=dict)
 
+    def summary(self, skipped_as: str = "already done") -> str:
+        """One plain line for the engines' commands: shards, outcomes, failure reasons, time, source."""
+        reasons = ", ".join(f"{k}: {v}" for k, v in self.failure_reasons.items())
+        return (f"{self.shards_written} shard(s) written, {self.shards_skipped} {skipped_as}; "
+                f"{self.successes} ok, {self.failed} failed{f' ({reasons})' if reasons else ''}; {self.duration_s:.1f}s"
+                + (f"; catalog source {self.source}" if self.source else ""))
+
 
 # -- one sample, no Ray: read -> validate -> annotate -> pack ---------------------------------
 def process_ref(ref: SampleRef, annotator, limits: ImageLimits, generator: dict[str, Any] | None = None) -> dict[str, Any]:

@@ -107,3 +107,13 @@ def test_rerun_with_fewer_shards_removes_leftover_shards(ray_local, tmp_path):
     assert len(shards) == 2 and sum(s.count for s in shards) == 6
     assert sorted(p.name for p in out.glob("0*")) == [
         "000000.parquet", "000000.tar", "000000_stats.json", "000001.parquet", "000001.tar", "000001_stats.json"]
+
+
+def test_job_summary_line(tmp_path):
+    from datagen.pipeline import JobResult
+
+    r = JobResult(tmp_path, 3, 2, 1, successes=5, failed=2, failure_reasons={"decode": 1, "too_small": 1},
+                  duration_s=1.25, source="scans")
+    assert r.summary() == ("2 shard(s) written, 1 already done; 5 ok, 2 failed (decode: 1, too_small: 1); 1.2s; "
+                           "catalog source scans")
+    assert JobResult(tmp_path, 1, 0, 1).summary(skipped_as="skipped") == "0 shard(s) written, 1 skipped; 0 ok, 0 failed; 0.0s"
