@@ -41,3 +41,18 @@ def test_dpo_needs_a_frozen_resampler(tmp_path):
     raw["freeze"] = ["vision_encoder", "vision_tokenizer"]
     p.write_text(yaml.safe_dump(raw))
     assert load_stage(p).stage == "dpo"
+
+
+@pytest.mark.slow
+def test_the_run_follows_cfg_seed_not_init_seed(tmp_path):
+    """Building the model seeds init.seed; the RNG stream of the run must stay the one of `seed`."""
+    import torch
+
+    from train.loop import train_stage
+
+    states = []
+    for seed in (1, 2):
+        cfg = tiny_stage("pretrain", tmp_path / str(seed), steps=1, checkpoint_every=0, eval_every=0, seed=seed)
+        train_stage(cfg, record=False)
+        states.append(torch.random.get_rng_state())
+    assert not torch.equal(states[0], states[1])

@@ -131,7 +131,10 @@ def train_stage(
     loader = MixtureLoader(manifest, rank=info.rank, world_size=info.world_size,
                            shuffle_buffer=cfg.data.shuffle_buffer, verify="size")
     check_kinds(cfg.stage, loader.manifest, cfg.source)
-    model, processor, pinfo = build_model(cfg, init_path)
+    # build_model seeds with init.seed (the same weights on every rank); the fork keeps the stream
+    # of cfg.seed + rank for what follows (noise, dropout)
+    with torch.random.fork_rng(devices=[]):
+        model, processor, pinfo = build_model(cfg, init_path)
     if cfg.lora.enabled:
         log.info(f"{cfg.name}: LoRA r={cfg.lora.rank} trains {pinfo['trainable_params']:,} of {pinfo['params']:,} "
                  f"parameters ({100 * pinfo['trainable_share']:.2f}%)")
