@@ -7,13 +7,11 @@ from typing import Optional
 
 import typer
 
-from datagen.cli_groups import export_group
 
-
-def register(app: typer.Typer) -> None:
-    """Add this engine's commands to the `blip3` app."""
+def register(app: typer.Typer, export: typer.Typer) -> None:
+    """Add this engine's commands to the `blip3` app and its `export` group."""
     app.command("ocr")(ocr)
-    export_group(app).command("blip3-ocr")(export_blip3_ocr)
+    export.command("blip3-ocr")(export_blip3_ocr)
 
 
 def ocr(

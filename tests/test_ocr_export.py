@@ -35,3 +35,18 @@ def test_smaller_reexport_leaves_no_stale_parts(tmp_path):
     assert n == 1 and [f.name for f in files] == ["part-00000.parquet"]
     assert _rows(dest) == ["u-d"]
     assert sorted(p.name for p in dest.iterdir()) == ["part-00000.parquet"]  # no staging folder left
+
+
+def test_every_app_gets_its_own_export_group():
+    """Registering on a fresh app (as each CLI test run does) always adds `blip3 export blip3-ocr`."""
+    import typer
+
+    from datagen.commands import register
+
+    for _ in range(20):  # apps freed in between: a group cached by id(app) would go to a dead app
+        app = typer.Typer()
+        register(app)
+        groups = [g for g in app.registered_groups if g.name == "export"]
+        assert len(groups) == 1
+        assert [c.name for c in groups[0].typer_instance.registered_commands] == ["blip3-ocr"]
+        del app, groups
