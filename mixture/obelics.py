@@ -9,7 +9,7 @@ written by `core.shards.ShardWriter` (sidecars included).
 A document that cannot be imported whole is recorded as failed with its reason and skipped,
 never half-written: `format` (lists of unequal length, a position with both or neither set),
 `image_url` (URLs are not fetched here: fetch them with img2dataset first), `image_missing`,
-`decode` (bytes that are not an image). Rows are read in batches, so memory stays bounded.
+`decode` (bytes that are not an image), `duplicate key` (an id already in the same shard). Rows are read in batches, so memory stays bounded.
 """
 
 from __future__ import annotations
@@ -111,10 +111,13 @@ def import_obelics(parquet: str | Path, output: str | Path, *, shard_size: int =
                 try:
                     record, members = _document(rec["texts"], rec["images"], root)
                     record["uid"] = uid
-                    writer.add(key, {**members, "json": record},
-                               SampleRow(key, uid=uid, image_bytes=sum(len(b) for b in members.values()),
-                                         caption_length=sum(len(t) for t in rec["texts"] if t)))
-                    result.documents += 1
+                    if writer.add(key, {**members, "json": record},
+                                  SampleRow(key, uid=uid, image_bytes=sum(len(b) for b in members.values()),
+                                            caption_length=sum(len(t) for t in rec["texts"] if t))):
+                        result.documents += 1
+                    else:  # the writer recorded it as failed: `duplicate key: ...`
+                        reasons["duplicate key"] += 1
+                        result.failed += 1
                 except _Skip as e:
                     writer.add_failure(SampleRow(key, uid=uid, error=str(e)))
                     reasons[str(e).split(":", 1)[0]] += 1

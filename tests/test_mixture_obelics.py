@@ -68,3 +68,17 @@ def test_import_obelics_plain_path_column(tmp_path):
     assert (r.documents, r.failed, r.shards) == (1, 0, 1)
     doc = next(iter(wds.WebDataset(str(tmp_path / "out" / "000000.tar"), shardshuffle=False)))
     assert json.loads(doc["json"])["uid"] == "doc/1" and "img0.png" in doc
+
+
+def test_import_obelics_counts_a_duplicate_id_as_failed(tmp_path):
+    (tmp_path / "imgs").mkdir()
+    Image.new("RGB", (8, 8), (9, 9, 9)).save(tmp_path / "imgs" / "a.png")
+    src = tmp_path / "dup.parquet"
+    pq.write_table(pa.table({"texts": [["One", None], ["Two", None]], "images": [[None, "imgs/a.png"]] * 2,
+                             "id": ["doc-1", "doc-1"]}), src)
+    from mixture.obelics import import_obelics
+
+    r = import_obelics(src, tmp_path / "out")
+    assert (r.documents, r.failed, r.shards, r.reasons) == (1, 1, 1, {"duplicate key": 1})
+    docs = list(wds.WebDataset(str(tmp_path / "out" / "000000.tar"), shardshuffle=False))
+    assert [json.loads(d["json"])["texts"] for d in docs] == [["One", None]]
