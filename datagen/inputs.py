@@ -28,11 +28,12 @@ so the same input always gives the same keys and no key can name a path outside 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import tarfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, BinaryIO, Iterator
 
 from core.errors import UserError
 from core.keys import sanitize_key
@@ -184,8 +185,7 @@ def load_sample(ref: SampleRef) -> InputSample:
     elif kind == "tar":
         _, path, offset, size = ref.locator
         with open(path, "rb") as f:
-            f.seek(int(offset))
-            image = f.read(int(size))
+            image = _read_member(f, int(offset), int(size))
     elif kind == "none":
         image = b""
     else:
@@ -257,24 +257,26 @@ def scan_tar(path: Path) -> Iterator[_TarSample]:
         raise UserError(f"not a readable tar: {e}", file=path) from e
 
 
-def _read_member(path: Path, member: MemberSpan) -> bytes:
-    with open(path, "rb") as f:
-        f.seek(member.offset)
-        return f.read(member.size)
+def _read_member(f: BinaryIO, offset: int, size: int) -> bytes:
+    """A member's data from its tar, already open (a scan opens each tar once for all its members)."""
+    f.seek(offset)
+    return f.read(size)
 
 
-def _tar_sample_ref(path: Path, sample: _TarSample, extra: dict[str, Any] | None = None) -> SampleRef:
+def _tar_sample_ref(path: Path, f: BinaryIO, sample: _TarSample, extra: dict[str, Any] | None = None) -> SampleRef:
+    """The ref of one tar sample; its json/txt members are read through `f`, the open tar at `path`."""
     image_ext = next((e for e in IMAGE_EXTS if e in sample.members), None)
     meta: dict[str, Any] = {"shard": path.name}
     record: dict[str, Any] = {}
     if "json" in sample.members:
         try:
-            record = json.loads(_read_member(path, sample.members["json"]))
+            record = json.loads(_read_member(f, sample.members["json"].offset, sample.members["json"].size))
         except (json.JSONDecodeError, UnicodeDecodeError):
             record = {}
     caption = None
     if "txt" in sample.members:
-        caption = _read_member(path, sample.members["txt"]).decode("utf-8", errors="replace").strip() or None
+        txt = sample.members["txt"]
+        caption = _read_member(f, txt.offset, txt.size).decode("utf-8", errors="replace").strip() or None
     if "captions" in record and "generator" in record:  # our own caption shard: `.txt` is our caption
         caption = record.get("source_caption")
     extra = extra or {}
@@ -299,30 +301,37 @@ def _str_or_none(value: Any) -> str | None:
 
 def _webdataset_refs(pattern: str) -> Iterator[SampleRef]:
     for path in expand_tar_pattern(pattern):
-        for sample in scan_tar(path):
-            yield _tar_sample_ref(path, sample)
+        with open(path, "rb") as f:
+            for sample in scan_tar(path):
+                yield _tar_sample_ref(path, f, sample)
 
 
 def _img2dataset_refs(folder: Path) -> Iterator[SampleRef]:
     """Every URL img2dataset tried, by key (= input order); its failures become failed refs."""
-    import pyarrow.parquet as pq
-
     parquets = sorted(p for p in folder.glob("*.parquet") if p.stem.isdigit())
     if not parquets:
         raise UserError("no img2dataset parquet files (NNNNN.parquet) found", file=folder)
     for parquet in parquets:
         tar = parquet.with_suffix(".tar")
         samples = {s.key: s for s in scan_tar(tar)} if tar.is_file() else {}
-        # img2dataset writes rows in completion order; its keys follow the input order: sort by key.
-        for row in sorted(pq.read_table(parquet).to_pylist(), key=lambda r: str(r.get("key"))):
-            key = str(row.get("key"))
-            extra = {"uid": row.get("uid"), "url": row.get("url"), "caption": row.get("caption")}
-            if row.get("status") == "success" and key in samples:
-                yield _tar_sample_ref(tar, samples[key], extra)
-            else:
-                reason = row.get("error_message") or row.get("status") or "missing from tar"
-                yield SampleRef(
-                    key=key, ext="", locator=["none"], uid=_str_or_none(extra["uid"]), url=_str_or_none(extra["url"]),
-                    source_caption=extra["caption"], meta={"shard": parquet.name},
-                    error=f"download: {reason}",
-                )
+        with open(tar, "rb") if samples else contextlib.nullcontext() as f:
+            yield from _img2dataset_parquet_refs(parquet, tar, f, samples)
+
+
+def _img2dataset_parquet_refs(parquet: Path, tar: Path, f: BinaryIO | None,
+                              samples: dict[str, _TarSample]) -> Iterator[SampleRef]:
+    import pyarrow.parquet as pq
+
+    # img2dataset writes rows in completion order; its keys follow the input order: sort by key.
+    for row in sorted(pq.read_table(parquet).to_pylist(), key=lambda r: str(r.get("key"))):
+        key = str(row.get("key"))
+        extra = {"uid": row.get("uid"), "url": row.get("url"), "caption": row.get("caption")}
+        if f is not None and row.get("status") == "success" and key in samples:
+            yield _tar_sample_ref(tar, f, samples[key], extra)
+        else:
+            reason = row.get("error_message") or row.get("status") or "missing from tar"
+            yield SampleRef(
+                key=key, ext="", locator=["none"], uid=_str_or_none(extra["uid"]), url=_str_or_none(extra["url"]),
+                source_caption=extra["caption"], meta={"shard": parquet.name},
+                error=f"download: {reason}",
+            )

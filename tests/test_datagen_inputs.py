@@ -122,3 +122,27 @@ def test_url_lists_are_checked_before_any_download(tmp_path):
     (tmp_path / "dl" / MARKER).write_text(file_sha256(urls))  # a finished download of this very list
     assert fetch_urls(urls, tmp_path / "dl") == tmp_path / "dl" / "img2dataset"  # skipped, nothing fetched
     assert not (tmp_path / "dl" / "img2dataset").exists()
+
+
+def test_webdataset_scan_opens_each_tar_once(tmp_path, monkeypatch):
+    """Reading the json/txt members of a tar's samples goes through one open file, not one per member."""
+    import builtins
+
+    import datagen.inputs as inputs
+
+    img = png_bytes(text_image("A", size=(40, 20)))
+    members = []
+    for i in range(4):
+        members += [(f"s{i}.png", img), (f"s{i}.txt", f"cap {i}".encode()), (f"s{i}.json", json.dumps({"uid": str(i)}).encode())]
+    _tar(tmp_path / "a.tar", members)
+    opened: list[str] = []
+
+    def counting_open(file, *args, **kwargs):
+        opened.append(str(file))
+        return builtins.open(file, *args, **kwargs)
+
+    monkeypatch.setattr(inputs, "open", counting_open, raising=False)
+    refs = list(iter_refs(tmp_path / "a.tar"))
+    assert [(r.uid, r.source_caption) for r in refs] == [(str(i), f"cap {i}") for i in range(4)]
+    assert opened == [str(tmp_path / "a.tar")]
+    assert load_sample(refs[2]).image == img  # load_sample reads through the same helper
