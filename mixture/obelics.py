@@ -9,7 +9,8 @@ written by `core.shards.ShardWriter` (sidecars included).
 A document that cannot be imported whole is recorded as failed with its reason and skipped,
 never half-written: `format` (lists of unequal length, a position with both or neither set),
 `image_url` (URLs are not fetched here: fetch them with img2dataset first), `image_missing`,
-`decode` (bytes that are not an image), `duplicate key` (an id already in the same shard). Rows are read in batches, so memory stays bounded.
+`decode` (bytes that are not an image), `duplicate key` (an id already in the same shard).
+Rows are read in batches, so memory stays bounded.
 """
 
 from __future__ import annotations
