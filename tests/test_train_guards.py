@@ -56,3 +56,18 @@ def test_the_run_follows_cfg_seed_not_init_seed(tmp_path):
         train_stage(cfg, record=False)
         states.append(torch.random.get_rng_state())
     assert not torch.equal(states[0], states[1])
+
+
+@pytest.mark.slow
+def test_samples_too_long_for_a_packed_row_are_reported(tmp_path):
+    from train.loop import train_stage
+    from train.metrics import read_metrics
+
+    # 40-token rows: a caption image alone takes 16 placeholders, so longer documents cannot fit
+    cfg = tiny_stage("pretrain", tmp_path, steps=2, checkpoint_every=0, eval_every=0, log_every=1)
+    cfg.batch = replace(cfg.batch, seq_len=40)
+    out = train_stage(cfg, record=False).output_dir
+    rows = [r for r in read_metrics(out) if "loss" in r]
+    assert [r["step"] for r in rows] == [1, 2]
+    assert all(isinstance(r["skipped"], int) and r["skipped"] >= 0 for r in rows)
+    assert sum(r["skipped"] for r in rows) > 0

@@ -175,3 +175,9 @@ def count_tokens(inputs: dict[str, torch.Tensor]) -> int:
     if inputs.get("attention_mask") is not None:
         return int(inputs["attention_mask"].sum())
     return int(inputs["input_ids"].numel())
+
+
+def count_crops(inputs: dict[str, torch.Tensor], config) -> int:
+    """Crops of a batch (what the ViT and the resampler process): each fills num_latents placeholders."""
+    slots = int((inputs["input_ids"] == config.image_placeholder_id).sum())
+    return slots // config.num_latents

@@ -29,7 +29,7 @@ from core.logs import get_logger, progress
 from train.builders import build_model, build_optimizer, resolve_manifest, unwrap
 from train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from train.config import StageConfig
-from train.data import Batch, BatchStream, check_kinds, count_tokens
+from train.data import Batch, BatchStream, check_kinds, count_crops, count_tokens
 from train.distributed import DistInfo, all_reduce_mean, all_reduce_sum, init_distributed, parallelize
 from train.dpo import dpo_loss, sequence_logps
 from train.metrics import MetricsWriter
@@ -193,7 +193,7 @@ def train_stage(
 
     model.train()
     losses: list[float] = []
-    last_loss = None
+    last_loss, skipped = None, 0
     with progress() as bar:
         task = bar.add_task(cfg.name, total=stop_at, completed=step)
         while step < stop_at:
@@ -201,11 +201,11 @@ def train_stage(
             step_tokens, step_crops, step_loss, extras = 0, 0, 0.0, {}
             for _ in range(cfg.batch.grad_accum):
                 batch = stream.next()
-                batch.inputs = _to(batch.inputs, device)
+                # counted on the host batch: no device sync
                 step_tokens += count_tokens(batch.inputs)
-                # every crop fills num_latents placeholder slots: count crops from the ids
-                slots = int((batch.inputs["input_ids"] == base.config.image_placeholder_id).sum())
-                step_crops += slots // base.config.num_latents
+                step_crops += count_crops(batch.inputs, base.config)
+                skipped += batch.skipped
+                batch.inputs = _to(batch.inputs, device)
                 with _autocast(device, bf16):
                     loss, extra = compute_loss(model, batch, cfg.stage, cfg.dpo.beta)
                 (loss / cfg.batch.grad_accum).backward()
@@ -234,12 +234,15 @@ def train_stage(
                 row = {
                     "loss": step_loss, "lr": lr, "tokens": tokens, "tokens_per_s": step_tokens_all / dt,
                     "step_time_s": dt, "grad_norm": grad_norm,
+                    # samples longer than a packed row, dropped since the previous row (all ranks)
+                    "skipped": int(all_reduce_sum(skipped, info)),
                     "mfu": mfu(flops.step_flops(step_tokens, cfg.batch.seq_len, step_crops), dt, peak),
                     **{k: all_reduce_mean(v, info) for k, v in extras.items()},
                 }
                 if device.type == "cuda":
                     row["max_memory_gb"] = torch.cuda.max_memory_allocated(device) / 2**30
                 metrics.log(step, row)
+                skipped = 0
             if cfg.eval_every and (step % cfg.eval_every == 0 or step == stop_at):
                 metrics.log(step, evaluate())
             bar.update(task, completed=step, description=f"{cfg.name} loss {step_loss:.3f}")
