@@ -37,11 +37,21 @@ def build_lang_model(config: ModelConfig, attn_implementation: str = "sdpa") -> 
     return Phi3ForCausalLM(cfg)
 
 
-def packing_mask(segment_ids: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+def segment_starts(segment_ids: torch.Tensor) -> torch.Tensor:
+    """(B, T) bool: True where a packed segment begins (position 0 and each change of id)."""
+    starts = torch.ones_like(segment_ids, dtype=torch.bool)
+    starts[:, 1:] = segment_ids[:, 1:] != segment_ids[:, :-1]
+    return starts
+
+
+def packing_mask(
+    segment_ids: torch.Tensor, dtype: torch.dtype, starts: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """segment_ids (B, T) -> additive 4D mask (B, 1, T, T) and position ids (B, T).
 
     A token sees earlier tokens of its own segment only; segment 0 (padding) sees itself only, so
-    no row is fully masked. Positions restart at 0 where the segment id changes.
+    no row is fully masked. Positions restart at 0 where the segment id changes (`starts`, from
+    `segment_starts`, when the caller already has it).
     """
     B, T = segment_ids.shape
     dev = segment_ids.device
@@ -51,8 +61,8 @@ def packing_mask(segment_ids: torch.Tensor, dtype: torch.dtype) -> tuple[torch.T
     keep = (same & causal & real) | torch.eye(T, dtype=torch.bool, device=dev)
     mask = torch.zeros(B, 1, T, T, dtype=dtype, device=dev).masked_fill(~keep[:, None], torch.finfo(dtype).min)
     idx = torch.arange(T, device=dev).expand(B, T)
-    starts = torch.ones_like(segment_ids, dtype=torch.bool)
-    starts[:, 1:] = segment_ids[:, 1:] != segment_ids[:, :-1]
+    if starts is None:
+        starts = segment_starts(segment_ids)
     first = torch.where(starts, idx, torch.zeros_like(idx)).cummax(dim=1).values
     return mask, idx - first
 
@@ -135,10 +145,19 @@ class XGenMM(nn.Module):
         tokens = self.vision_tokenizer(feats.to(dtype), mask)  # (sum_crops, L, D)
         return tokens.flatten(0, 1)
 
-    def embed(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None = None, image_sizes: torch.Tensor | None = None) -> torch.Tensor:
-        """Token embeddings (B, T, D) with each placeholder position replaced by its image token."""
+    def embed(
+        self,
+        input_ids: torch.Tensor,
+        pixel_values: torch.Tensor | None = None,
+        image_sizes: torch.Tensor | None = None,
+        slots: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Token embeddings (B, T, D) with each placeholder position replaced by its image token.
+
+        slots: the (B, T) placeholder mask of input_ids, when the caller already computed it."""
         embeds = self.lang_model.get_input_embeddings()(input_ids)
-        slots = input_ids == self.config.image_placeholder_id  # (B, T)
+        if slots is None:
+            slots = input_ids == self.config.image_placeholder_id  # (B, T)
         n_slots = int(slots.sum())
         if pixel_values is None or pixel_values.numel() == 0:
             if n_slots:
@@ -170,16 +189,16 @@ class XGenMM(nn.Module):
         of each packed segment are forced to -100 so no loss crosses an image or a sample boundary.
         image_sizes: (N_img, 2) original (width, height) -> any-res crops; None = all crops, unmasked.
         """
-        embeds = self.embed(input_ids, pixel_values, image_sizes)
+        slots = input_ids == self.config.image_placeholder_id
+        embeds = self.embed(input_ids, pixel_values, image_sizes, slots=slots)
         if labels is not None:
-            labels = labels.masked_fill(input_ids == self.config.image_placeholder_id, IGNORE_INDEX)
+            labels = labels.masked_fill(slots, IGNORE_INDEX)
         if segment_ids is not None:
             if attention_mask is not None:
                 segment_ids = segment_ids * attention_mask.to(segment_ids.dtype)
-            attention_mask, position_ids = packing_mask(segment_ids, embeds.dtype)
+            starts = segment_starts(segment_ids)
+            attention_mask, position_ids = packing_mask(segment_ids, embeds.dtype, starts)
             if labels is not None:
-                starts = torch.ones_like(segment_ids, dtype=torch.bool)
-                starts[:, 1:] = segment_ids[:, 1:] != segment_ids[:, :-1]
                 labels = labels.masked_fill(starts | (segment_ids == 0), IGNORE_INDEX)
         return self.lang_model(
             inputs_embeds=embeds, attention_mask=attention_mask, position_ids=position_ids, labels=labels, **lm_kwargs
