@@ -168,6 +168,7 @@ class MixtureLoader(IterableDataset):
             "seed": self.seed,
             "world_size": self.world_size,
             "rank": self.rank,
+            "shuffle_buffer": self.shuffle_buffer,
             "num_workers": self._num_workers,
             "next_worker": self._next_worker,
             "sources": list(self.names),
@@ -175,9 +176,11 @@ class MixtureLoader(IterableDataset):
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Continue exactly where `state` was taken (same seed, world size and worker count)."""
+        """Continue exactly where `state` was taken (same seed, world size, rank, shuffle buffer and
+        worker count: the block order and a slot's share of each source depend on them)."""
         for key, mine in (("version", STATE_VERSION), ("manifest", self.manifest.name), ("seed", self.seed),
-                          ("world_size", self.world_size), ("sources", self.names)):
+                          ("world_size", self.world_size), ("rank", self.rank),
+                          ("shuffle_buffer", self.shuffle_buffer), ("sources", self.names)):
             if state.get(key) != mine:
                 raise UserError(f"loader state has {key}={state.get(key)!r}, this loader {mine!r}", field=key)
         self._num_workers = int(state["num_workers"])

@@ -68,6 +68,18 @@ def test_resume_refuses_a_different_seed(manifest):
         MixtureLoader(manifest, seed=99).load_state_dict(state)
 
 
+@pytest.mark.parametrize("other, field", [({"shuffle_buffer": 8}, "shuffle_buffer"), ({"rank": 1}, "rank")])
+def test_resume_refuses_another_shuffle_buffer_or_rank(manifest, other, field):
+    first = MixtureLoader(manifest, shuffle_buffer=16, world_size=2)
+    first.take(5)
+    state = first.state_dict()
+    assert state["shuffle_buffer"] == 16
+    resumed = MixtureLoader(manifest, **{"shuffle_buffer": 16, "world_size": 2, **other})
+    with pytest.raises(UserError, match=f"loader state has {field}=") as e:
+        resumed.load_state_dict(state)
+    assert e.value.field == field
+
+
 @pytest.mark.parametrize("workers", [0, 2])
 def test_exact_resume_through_dataloader_workers(manifest, workers):
     loader = MixtureLoader(manifest, shuffle_buffer=8, decode=False).dataloader(4, num_workers=workers)
