@@ -188,8 +188,8 @@ class MixtureLoader(IterableDataset):
         self._counts = {int(k): list(v) for k, v in state["counts"].items()}
 
     # -- iteration -------------------------------------------------------------------------------
-    def _slot(self) -> tuple[int, int, int]:
-        """(slot id, number of slots, workers per rank) of the calling process."""
+    def _slot(self) -> tuple[int, int]:
+        """(slot id, number of slots) of the calling process."""
         info = get_worker_info()
         # A DataLoader always asks worker 0 first; on resume, worker 0 plays the role whose batch
         # comes next, so the batch order continues where it stopped.
@@ -200,10 +200,10 @@ class MixtureLoader(IterableDataset):
                 field="num_workers",
             )
         self._num_workers = workers
-        return self.rank * workers + worker, self.world_size * workers, workers
+        return self.rank * workers + worker, self.world_size * workers
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
-        slot, slots, _ = self._slot()
+        slot, slots = self._slot()
         counts = self._counts.setdefault(slot, [0] * len(self.names))
         streams = [_SourceStream(s, self.seed, slot, slots, self.shuffle_buffer) for s in self.manifest.sources]
         offsets = [float(o) for o in _seed_seq(self.seed, slot, slots, 3).random(len(self.names))]
