@@ -111,12 +111,14 @@ class HFGroundingDino:
         if not tags:
             return []
         out: list[GroundedObject] = []
+        # What `processor(images=, text=)` does, split so the image is preprocessed once for all chunks.
+        pixels = self.processor.image_processor(image, return_tensors="pt").to(self.device)
         for chunk in self._chunk_cached(tags):
             text = ". ".join(chunk) + "."
             tag_tokens = self._tag_tokens.get(text) or self._locate_tags(chunk, text)
-            inputs = self.processor(images=image, text=text, return_tensors="pt").to(self.device)
+            tokens = self.processor.tokenizer(text, return_token_type_ids=True, return_tensors="pt").to(self.device)
             with torch.inference_mode():
-                outputs = self.model(**inputs)
+                outputs = self.model(**pixels, **tokens)
             probs = outputs.logits[0].sigmoid().float().cpu()  # (queries, max_text_len)
             boxes = outputs.pred_boxes[0].float().cpu()  # (queries, 4) cx, cy, w, h normalized
             box_scores = probs.max(dim=-1).values

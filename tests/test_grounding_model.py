@@ -51,6 +51,25 @@ def test_prompt_chunks_are_tokenized_once_per_tag_list(tiny_gdino):  # noqa: F81
     assert sorted(calls) == sorted(tags)  # the second image reuses the chunks
 
 
+def test_image_is_preprocessed_once_for_all_prompt_chunks(tiny_gdino, monkeypatch):  # noqa: F811
+    det = HFGroundingDino(tiny_gdino)
+    det.load()
+    tags = [f"thing number {i}" for i in range(120)]  # several prompts of <= 250 tokens
+    assert len(det._chunk_cached(tags)) > 1
+    cls = type(det.processor.image_processor)
+    real = cls.__call__
+    calls: list[int] = []
+
+    def counting(self, *args, **kwargs):
+        calls.append(1)
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(cls, "__call__", counting)
+    objs = det.detect(Image.new("RGB", (120, 80), (30, 160, 60)), tags, DetectionLimits(box_threshold=0.0, text_threshold=0.0))
+    assert len(calls) == 1 and len(objs) == 30 * len(det._chunk_cached(tags))
+    assert {o.label for o in objs} <= set(tags)
+
+
 @pytest.mark.slow
 def test_blip3_ground_with_tiny_model_on_ray(scenes, tiny_gdino, tmp_path, ray_local, monkeypatch):  # noqa: F811
     vocab = tmp_path / "vocab.txt"
