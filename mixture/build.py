@@ -134,7 +134,7 @@ def build_manifest(
     out: str | Path | None = None,
     tokenizer: str | Path | None = None,
     crops_per_image: int = 1,
-    record: bool | None = None,
+    record: bool = True,
     verify: str = "sha256",
 ) -> Manifest:
     """Resolve `spec` into a manifest; write it to `out`; record it in the catalog.
@@ -173,7 +173,7 @@ def build_manifest(
         if out is not None:
             write_manifest(manifest, out)
             manifest.path = str(out)
-        if cat is not None and record is not False:
+        if cat is not None and record:
             record_mixture(cat, manifest, spec_d)
     finally:
         if cat is not None:
