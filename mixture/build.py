@@ -31,11 +31,11 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from core.catalog import transaction
+from core.catalog import SOURCE_KINDS, transaction
 from core.errors import UserError
 from core.shards import file_sha256
 from core.yamlio import read_yaml
-from mixture.manifest import KINDS, WEIGHT_BY, Manifest, ManifestSource, ShardRef, write_manifest
+from mixture.manifest import WEIGHT_BY, Manifest, ManifestSource, ShardRef, write_manifest
 from mixture.tokens import TokenCounter
 
 _VAR = re.compile(r"\$\{(\w+)(?::-([^}]*))?\}")
@@ -119,8 +119,9 @@ def validate_spec(data: Any, file: str | None = None) -> dict[str, Any]:
         if "path" in s:
             if not isinstance(s["path"], str) or not s["path"]:
                 raise err("must be a path, glob or brace pattern of .tar shards", f"{f}.path")
-            if s.get("kind") not in KINDS:
-                raise err(f"an inline source needs kind, one of {', '.join(KINDS)}; got {s.get('kind')!r}", f"{f}.kind")
+            if s.get("kind") not in SOURCE_KINDS:
+                raise err(f"an inline source needs kind, one of {', '.join(SOURCE_KINDS)}; got {s.get('kind')!r}",
+                          f"{f}.kind")
         elif "kind" in s:
             raise err("kind is only given with path (a catalogued source has its kind)", f"{f}.kind")
         out_sources.append(dict(s, weight=float(w)))

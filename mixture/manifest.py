@@ -23,12 +23,12 @@ from typing import Any
 
 import yaml
 
+from core.catalog import SOURCE_KINDS
 from core.errors import UserError
 from core.yamlio import read_yaml
 from mixture.tokens import ESTIMATE_LABEL
 
 MANIFEST_VERSION = 1
-KINDS = ("caption", "interleaved", "sft", "dpo")
 WEIGHT_BY = ("samples", "tokens")
 
 
@@ -198,7 +198,7 @@ def _source(v: "_Validator", s: Any, prefix: str, base: Path) -> ManifestSource:
         )
     return ManifestSource(
         name=v.string(s, "name", prefix=prefix),
-        kind=v.choice(s, "kind", KINDS, prefix=prefix),
+        kind=v.choice(s, "kind", SOURCE_KINDS, prefix=prefix),
         weight=v.positive(s, "weight", prefix=prefix),
         sample_weight=v.positive(s, "sample_weight", prefix=prefix, default=None),
         shards=shards,
