@@ -17,12 +17,12 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 from core.errors import UserError  # noqa: E402
 from core.sql import run_query  # noqa: E402
+from mixture.stats import _quote  # noqa: E402
 
 
 def plot_mixture(name: str, out: str | Path, *, db: str | Path | None = None) -> Path:
     """Write the composition and token-budget figure of mixture `name` to `out`."""
-    q = "'" + name.replace("'", "''") + "'"
-    rows = run_query(f"SELECT * FROM v_mixture_sources WHERE mixture = {q}", db).to_pylist()
+    rows = run_query(f"SELECT * FROM v_mixture_sources WHERE mixture = {_quote(name)}", db).to_pylist()
     if not rows:
         raise UserError(f"no mixture {name!r} in the catalog; build it with `blip3 mix build`", field="NAME")
     names = [r["source"] for r in rows]
