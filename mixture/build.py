@@ -314,7 +314,7 @@ def record_mixture(cat, manifest: Manifest, spec: dict) -> None:
             "VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
             [manifest.name, None if manifest.path is None else str(Path(manifest.path).resolve()), manifest.seed,
              manifest.weight_by, manifest.target["samples"], manifest.target["tokens"],
-             datetime.now(timezone.utc), json.dumps(spec)],
+             datetime.fromisoformat(manifest.created_at), json.dumps(spec)],
         )
         for s in manifest.sources:
             con.execute(

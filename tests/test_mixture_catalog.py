@@ -207,3 +207,13 @@ def test_failed_first_foreign_add_leaves_no_rows_of_earlier_shards(tmp_path):
             add_source(cat, "x", tmp_path / "wds", "caption", TokenCounter())
         for table in ("sources", "shards", "samples"):
             assert cat.con.execute(f"SELECT count(*) FROM {table}").fetchone()[0] == 0, table
+
+
+def test_recorded_mixture_has_the_manifest_created_at(mixed_catalog):
+    from datetime import datetime
+
+    from mixture.manifest import load_manifest
+
+    db, manifest_path = mixed_catalog
+    created = _rows("SELECT created_at FROM mixtures WHERE name = 'mixed'", db)[0]["created_at"]
+    assert created == datetime.fromisoformat(load_manifest(manifest_path, verify="none").created_at)
