@@ -176,7 +176,7 @@ def add_source(cat: Catalog, name: str, path: str | Path, kind: str, counter: To
         raise UserError(f"unknown kind {kind!r}; one of {', '.join(SOURCE_KINDS)}", field="--kind")
     p = Path(path)
     ours = _our_layout(p)
-    tars = [str(i.tar.resolve()) for i in list_shards(p)] if ours else [str(t) for t in resolve_shards(path)]
+    tars = [str(t) for t in resolve_shards(path)]  # our layout: its finished shards
     taken = cat.con.execute(
         "SELECT path, source FROM shards WHERE source <> ? AND path IN (SELECT unnest(?::VARCHAR[]))", [name, tars]
     ).fetchone()
