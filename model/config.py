@@ -17,6 +17,7 @@ IMAGE_TOKEN = "<image>"
 PLACEHOLDER_TOKEN = "<image placeholder>"
 END_OF_CHUNK_TOKEN = "<|endofchunk|>"
 CHAT_TOKENS = ("<|system|>", "<|user|>", "<|assistant|>", "<|end|>")
+IGNORE_INDEX = -100  # label of positions without loss (transformers' cross-entropy default)
 
 # Released any-resolution grids, (width, height) in pixels of 384x384 crops.
 RELEASED_GRIDS_384: tuple[tuple[int, int], ...] = ((384, 768), (768, 384), (768, 768), (1152, 384), (384, 1152))
@@ -54,11 +55,6 @@ class ModelConfig:
     def num_patches(self) -> int:
         """Patch tokens per crop (the ViT's conv drops a remainder: 384 // 14 = 27 -> 729)."""
         return (self.image_size // self.patch_size) ** 2
-
-    @property
-    def vision_tokens_per_crop(self) -> int:
-        """ViT patch tokens per crop (the resampler's media length); an alias of num_patches."""
-        return self.num_patches
 
     @property
     def hidden_size(self) -> int:

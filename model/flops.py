@@ -117,7 +117,8 @@ def peak_flops(device: torch.device) -> float | None:
     return None
 
 
-def mfu(step_flops: float, seconds: float, peak: float | None, world_size: int = 1) -> float | None:
+def mfu(step_flops: float, seconds: float, peak: float | None) -> float | None:
+    """One device's FLOPs per second over its peak; None when the peak is unknown."""
     if peak is None or seconds <= 0:
         return None
-    return step_flops / seconds / (peak * world_size)
+    return step_flops / seconds / peak

@@ -27,9 +27,8 @@ import torch
 from PIL import Image
 
 from .anyres import anyres_crops
-from .config import END_OF_CHUNK_TOKEN, IMAGE_TOKEN, PLACEHOLDER_TOKEN, ModelConfig
+from .config import END_OF_CHUNK_TOKEN, IGNORE_INDEX, IMAGE_TOKEN, PLACEHOLDER_TOKEN, ModelConfig
 
-IGNORE_INDEX = -100
 PROCESSOR_FILE = "processor_config.json"
 DEFAULT_SYSTEM = (
     "A chat between a curious user and an artificial intelligence assistant. "

@@ -30,12 +30,12 @@ class _QuietRandomInit(logging.Filter):
         return "No pretrained weights loaded" not in record.getMessage()
 
 
-def build_vision_encoder(config: ModelConfig, checkpoint: str | None = None, device: str | torch.device | None = None) -> nn.Module:
+def build_vision_encoder(config: ModelConfig, checkpoint: str | None = None) -> nn.Module:
     """open_clip's `.visual` for `config.vision_model`, frozen and in eval mode.
 
     `checkpoint` is a local open_clip checkpoint file (weights of the whole CLIP model); without it
-    the weights are random. Nothing is downloaded. Built on `device` (default: torch's current
-    default device, so `with torch.device("meta")` builds shapes only).
+    the weights are random. Nothing is downloaded. Built on torch's current default device, so
+    `with torch.device("meta")` builds shapes only.
     """
     import open_clip
 
@@ -49,7 +49,7 @@ def build_vision_encoder(config: ModelConfig, checkpoint: str | None = None, dev
             pretrained=checkpoint,
             pretrained_text=False,
             require_pretrained=checkpoint is not None,
-            device=device if device is not None else torch.get_default_device(),
+            device=torch.get_default_device(),
         )
     finally:
         logging.getLogger().removeFilter(quiet)

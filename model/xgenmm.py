@@ -19,13 +19,12 @@ import torch
 from torch import nn
 
 from .anyres import crop_patch_masks, plan_crops
-from .config import ModelConfig
+from .config import IGNORE_INDEX, ModelConfig
 from .resampler import PerceiverResampler
 from .vision import build_vision_encoder, patch_tokens
 
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
-IGNORE_INDEX = -100
 
 
 def build_lang_model(config: ModelConfig, attn_implementation: str = "sdpa") -> nn.Module:
@@ -76,14 +75,13 @@ class XGenMM(nn.Module):
         self,
         config: ModelConfig,
         *,
-        vision_checkpoint: str | None = None,
         vision_encoder: nn.Module | None = None,
         lang_model: nn.Module | None = None,
     ):
         """Random weights unless built parts are passed in (see `model.weights.build_pretrained`)."""
         super().__init__()
         self.config = config
-        self.vision_encoder = vision_encoder if vision_encoder is not None else build_vision_encoder(config, vision_checkpoint)
+        self.vision_encoder = vision_encoder if vision_encoder is not None else build_vision_encoder(config)
         self.vision_encoder.requires_grad_(False)
         self.vision_encoder.eval()
         self.vision_tokenizer = PerceiverResampler(

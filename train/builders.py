@@ -87,9 +87,8 @@ def attach_lora(model, cfg: StageConfig):
         raise UserError(f"LoRA target pattern matched no module: {lc.target_modules!r}", field="lora.target_modules",
                         file=cfg.source)
     base = wrapped.get_base_model()
-    for group in ("vision_tokenizer", "lang_model"):
-        if group not in cfg.freeze and group != "lang_model":
-            getattr(base, group).requires_grad_(True)
+    if "vision_tokenizer" not in cfg.freeze:
+        base.vision_tokenizer.requires_grad_(True)
     return wrapped
 
 

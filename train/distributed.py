@@ -19,7 +19,6 @@ import torch.distributed as dist
 class DistInfo:
     rank: int = 0
     world_size: int = 1
-    local_rank: int = 0
     device: torch.device = torch.device("cpu")
 
     @property
@@ -43,7 +42,7 @@ def init_distributed() -> DistInfo:
     if not dist.is_initialized():
         dist.init_process_group(backend="nccl" if cuda else "gloo")
     device = torch.device("cuda", local) if cuda else torch.device("cpu")
-    return DistInfo(rank=dist.get_rank(), world_size=dist.get_world_size(), local_rank=local, device=device)
+    return DistInfo(rank=dist.get_rank(), world_size=dist.get_world_size(), device=device)
 
 
 def decoder_blocks(model: torch.nn.Module) -> torch.nn.ModuleList:

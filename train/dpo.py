@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-IGNORE = -100
+from model.config import IGNORE_INDEX
 
 
 def sequence_logps(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -25,7 +25,7 @@ def sequence_logps(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """
     logits = logits[:, :-1].float()
     target = labels[:, 1:]
-    mask = target != IGNORE
+    mask = target != IGNORE_INDEX
     logp = torch.log_softmax(logits, dim=-1)
     picked = torch.gather(logp, 2, target.clamp(min=0).unsqueeze(-1)).squeeze(-1)  # [B, T-1]
     return (picked * mask).sum(dim=1)

@@ -32,6 +32,7 @@ from train.config import StageConfig
 from train.data import Batch, BatchStream, check_kinds, count_crops, count_tokens
 from train.distributed import DistInfo, all_reduce_mean, all_reduce_sum, init_distributed, parallelize
 from train.dpo import dpo_loss, sequence_logps
+from train.export import export_model
 from train.metrics import MetricsWriter
 from model.flops import flops_model, mfu, peak_flops
 from train.schedule import build_scheduler
@@ -139,8 +140,8 @@ def train_stage(
         log.info(f"{cfg.name}: LoRA r={cfg.lora.rank} trains {pinfo['trainable_params']:,} of {pinfo['params']:,} "
                  f"parameters ({100 * pinfo['trainable_share']:.2f}%)")
     model.to(device)
-    flops = flops_model(unwrap(model))
     base = unwrap(model)
+    flops = flops_model(base)
     steps_total = total_steps(cfg, info.world_size)
     stop_at = min(steps_total, max_steps) if max_steps is not None else steps_total
     stream = BatchStream(loader, processor, stage=cfg.stage, micro_batch_size=cfg.batch.micro_batch_size,
@@ -257,17 +258,10 @@ def train_stage(
         about = {"run_id": run_id, "stage": cfg.stage, "name": cfg.name, "config": cfg.source, "init": start_from,
                  "steps": step, "tokens": tokens, "final_loss": last_loss, **pinfo,
                  "lora": cfg.lora.enabled, "merged": cfg.lora.enabled and cfg.lora.merge}
-        save_final(model, processor, result.final_dir, cfg, info, about)
+        export_model(model, processor, result.final_dir, merge=cfg.lora.merge, info=info, about=about)
     if record and info.is_main:
         _record(result, cfg, started, manifest, db)
     return result
-
-
-def save_final(model, processor, final: Path, cfg: StageConfig, info: DistInfo, about: dict) -> None:
-    """The stage's output model dir: merged LoRA on request, else base model + `adapter/`."""
-    from train.export import export_model
-
-    export_model(model, processor, final, merge=cfg.lora.merge, info=info, about=about)
 
 
 def _record(result: StageResult, cfg: StageConfig, started: datetime, manifest, db) -> None:
