@@ -8,8 +8,8 @@ Each row is a batch of `--batch` sequences of `--seq-len` tokens: BOS, one image
 num_latents placeholder tokens) and random text filling the rest. Crops are passed without
 image_sizes (all crops used, unmasked), so any crop count can be measured. FLOPs follow
 model/flops.py (nanoGPT-style: 6N per token for the trained weights, 4N for frozen ones + attention;
-resampler matmuls x3 when trained; frozen ViT 2N per patch token, forward only); MFU divides by `--peak-tflops`
-(H100 SXM bf16 dense: 989).
+resampler matmuls x3 when trained; frozen ViT 2N per patch token, forward only); MFU is
+`model.flops.mfu` against `model.flops.peak_flops` of the GPU (or `--peak-tflops`).
 
     python benchmarks/bench_model.py
     python benchmarks/bench_model.py --device cuda --config phi3-mini --dtype bf16 --batch 4 --grad-ckpt
@@ -34,7 +34,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks._common import peak_rss_mb, report  # noqa: E402
 from model.config import get_config  # noqa: E402
-from model.flops import step_flops  # noqa: E402
+from model.flops import mfu, peak_flops, step_flops  # noqa: E402
 from model.xgenmm import XGenMM  # noqa: E402
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
@@ -99,13 +99,15 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--grad-ckpt", action="store_true", help="activation checkpointing in the LLM")
-    ap.add_argument("--peak-tflops", type=float, default=989.0, help="device peak for MFU (H100 bf16 dense = 989)")
+    ap.add_argument("--peak-tflops", type=float, default=None,
+                    help="device peak for MFU (default: model.flops.peak_flops of the GPU, or $BLIP3_PEAK_TFLOPS)")
     args = ap.parse_args()
 
     cuda = args.device.startswith("cuda")
     batch_size = args.batch or (4 if cuda else 8)
     seq_len = args.seq_len or (256 if args.config == "tiny" else 2048)
     model = build(args.config, args.device, DTYPES[args.dtype], args.grad_ckpt)
+    peak = args.peak_tflops * 1e12 if args.peak_tflops else peak_flops(torch.device(args.device))
     cfg = model.config
     rows = []
     for crops in (int(c) for c in args.crops.split(",")):
@@ -127,15 +129,15 @@ def main() -> None:
             "achieved_TFLOPs": flops.total / dt / 1e12,
         }
         if cuda:
-            row["MFU"] = flops.total / dt / (args.peak_tflops * 1e12)
+            row["MFU"] = mfu(flops.total, dt, peak)
             row["peak_mem_GiB"] = torch.cuda.max_memory_allocated() / 2**30
         else:
             row["peak_rss_MB"] = peak_rss_mb()
         rows.append(row)
     name = f"bench_model_{args.config}_{'cuda' if cuda else 'cpu'}_{args.dtype}"
     where = torch.cuda.get_device_name() if cuda else f"cpu x{torch.get_num_threads()} threads"
-    peak = f", MFU vs {args.peak_tflops:g} TFLOPs peak" if cuda else ""
-    report(name, rows, title=f"xGen-MM fwd+bwd, {args.config} {args.dtype} on {where}{peak}")
+    vs = f", MFU vs {peak / 1e12:g} TFLOPs peak" if cuda and peak else ""
+    report(name, rows, title=f"xGen-MM fwd+bwd, {args.config} {args.dtype} on {where}{vs}")
 
 
 if __name__ == "__main__":

@@ -72,6 +72,7 @@ def time_steps(config_name: str, kind: str, rows: int, seq_len: int, steps: int,
     from model.xgenmm import XGenMM
     from train.distributed import parallelize
     from model.flops import flops_model, mfu, peak_flops
+    from train.data import count_crops, count_tokens
 
     if threads:
         torch.set_num_threads(threads)
@@ -87,8 +88,7 @@ def time_steps(config_name: str, kind: str, rows: int, seq_len: int, steps: int,
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=1e-5, fused=device.type == "cuda")
     batch = synthetic_batch(config, kind, rows, seq_len, device)
-    tokens = int((batch["segment_ids"] > 0).sum()) if "segment_ids" in batch else int(batch["attention_mask"].sum())
-    crops = int((batch["input_ids"] == config.image_placeholder_id).sum()) // config.num_latents
+    tokens, crops = count_tokens(batch), count_crops(batch, config)
     fm = flops_model(model)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
