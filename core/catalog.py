@@ -256,13 +256,15 @@ class Catalog:
         return info.count
 
     def _refresh_source_counts(self, name: str) -> None:
+        """Shards, samples and tokens of a source from its `ok` shards (tokens NULL while none is counted)."""
         self.con.execute(
             """UPDATE sources SET
-                 n_shards = (SELECT count(*) FROM shards WHERE source = ? AND status = 'ok'),
-                 n_samples = (SELECT coalesce(sum(n_success), 0) FROM shards WHERE source = ? AND status = 'ok'),
-                 updated_at = ?
-               WHERE name = ?""",
-            [name, name, _now(), name],
+                 n_shards = (SELECT count(*) FROM shards WHERE source = $n AND status = 'ok'),
+                 n_samples = (SELECT coalesce(sum(n_success), 0) FROM shards WHERE source = $n AND status = 'ok'),
+                 n_tokens = (SELECT sum(n_tokens) FROM shards WHERE source = $n AND status = 'ok'),
+                 updated_at = $now
+               WHERE name = $n""",
+            {"n": name, "now": _now()},
         )
 
     # -- runs ----------------------------------------------------------------------------------

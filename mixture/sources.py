@@ -210,15 +210,8 @@ def add_source(cat: Catalog, name: str, path: str | Path, kind: str, counter: To
                 con.execute("UPDATE shards SET n_tokens = ? WHERE path = ?", [scan_shard(tar, kind, counter).tokens, tar])
     meta.update(tokenizer=counter.label, token_count="exact" if counter.exact else "estimate",
                 vision_tokens_per_image=counter.vision_tokens_per_image)
-    con.execute(
-        """UPDATE sources SET
-             n_shards = (SELECT count(*) FROM shards WHERE source = $n AND status = 'ok'),
-             n_samples = (SELECT coalesce(sum(n_success), 0) FROM shards WHERE source = $n AND status = 'ok'),
-             n_tokens = (SELECT sum(n_tokens) FROM shards WHERE source = $n AND status = 'ok'),
-             meta = $meta, updated_at = $now
-           WHERE name = $n""",
-        {"n": name, "meta": json.dumps(meta), "now": datetime.now(timezone.utc)},
-    )
+    con.execute("UPDATE sources SET meta = ? WHERE name = ?", [json.dumps(meta), name])
+    cat._refresh_source_counts(name)
     row = con.execute("SELECT n_shards, n_samples, coalesce(n_tokens, 0) FROM sources WHERE name = ?", [name]).fetchone()
     return SourceResult(name, kind, row[0], row[1], row[2], counter.label, added)
 
