@@ -192,7 +192,7 @@ def _inline_source(s: dict, i: int, counter: TokenCounter, base: Path, file: str
         raise UserError(f"source {s['name']!r}: {e}", field=field, file=file) from None
     shards = []
     for tar in tars:
-        scan = scan_shard(tar, s["kind"], counter)
+        scan = scan_shard(tar, s["kind"], counter, checksum=True)
         if scan.samples:
             shards.append(ShardRef(scan.path, scan.sha256, scan.bytes, scan.samples, scan.tokens))
     return _source(s, s["kind"], shards, i, file)

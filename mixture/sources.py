@@ -35,7 +35,7 @@ class ShardScan:
     """What reading one tar found."""
 
     path: str
-    sha256: str
+    sha256: str | None  # only when asked for (`checksum=True`)
     bytes: int
     samples: int
     tokens: int
@@ -124,8 +124,10 @@ def _row(key: str, rec: dict, sample: dict, txt: str | None, kind: str) -> dict[
     }
 
 
-def scan_shard(tar: str | Path, kind: str, counter: TokenCounter, *, rows: bool = False) -> ShardScan:
-    """Read one tar: checksum, samples, tokens (and `samples` rows when `rows`)."""
+def scan_shard(tar: str | Path, kind: str, counter: TokenCounter, *, rows: bool = False,
+               checksum: bool = False) -> ShardScan:
+    """Read one tar: samples, tokens (and `samples` rows when `rows`, its sha256 when `checksum`:
+    hashing reads the whole tar again, so only callers that use the value ask for it)."""
     tar = Path(tar)
     n = tokens = 0
     out_rows = []
@@ -145,7 +147,8 @@ def scan_shard(tar: str | Path, kind: str, counter: TokenCounter, *, rows: bool 
                 out_rows.append(_row(key, rec, sample, txt, kind))
     except (OSError, EOFError) as e:  # tarfile raises these on truncated/corrupt archives
         raise UserError(f"cannot read tar: {' '.join(str(e).split())}", file=tar) from None
-    return ShardScan(str(tar.resolve()), file_sha256(tar), tar.stat().st_size, n, tokens, out_rows)
+    sha = file_sha256(tar) if checksum else None
+    return ShardScan(str(tar.resolve()), sha, tar.stat().st_size, n, tokens, out_rows)
 
 
 def _our_layout(path: Path) -> bool:

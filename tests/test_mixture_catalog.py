@@ -217,3 +217,29 @@ def test_recorded_mixture_has_the_manifest_created_at(mixed_catalog):
     db, manifest_path = mixed_catalog
     created = _rows("SELECT created_at FROM mixtures WHERE name = 'mixed'", db)[0]["created_at"]
     assert created == datetime.fromisoformat(load_manifest(manifest_path, verify="none").created_at)
+
+
+def test_source_add_hashes_each_shard_once(tmp_path, tiny_sources, monkeypatch):  # noqa: F811
+    import core.catalog
+    import mixture.sources
+    from core.shards import file_sha256
+
+    hashed: list[str] = []
+
+    def counting(path, *a, **k):
+        hashed.append(Path(path).name)
+        return file_sha256(path, *a, **k)
+
+    monkeypatch.setattr(core.catalog, "file_sha256", counting)
+    monkeypatch.setattr(mixture.sources, "file_sha256", counting)
+    (tmp_path / "wds").mkdir()
+    _foreign_tar(tmp_path / "wds" / "a.tar", 2)
+    _foreign_tar(tmp_path / "wds" / "b.tar", 2)
+    with Catalog(tmp_path / "c.duckdb") as cat:
+        add_source(cat, "ours", tiny_sources["caption-ocr"], "caption", TokenCounter())
+        assert sorted(hashed) == ["000000.tar", "000001.tar"]
+        hashed.clear()
+        add_source(cat, "theirs", tmp_path / "wds", "caption", TokenCounter())
+        assert sorted(hashed) == ["a.tar", "b.tar"]
+    assert scan_shard(tmp_path / "wds" / "a.tar", "caption", TokenCounter(), checksum=True).sha256 == file_sha256(
+        tmp_path / "wds" / "a.tar")
