@@ -29,9 +29,10 @@ from pathlib import Path
 from typing import Any
 
 import duckdb
+import pyarrow as pa
 
 from core.errors import UserError
-from core.shards import SIDECAR_COLUMNS, file_sha256, list_shards
+from core.shards import SIDECAR_COLUMNS, ShardInfo, file_sha256, list_shards
 
 DEFAULT_DB = "catalog.duckdb"
 SOURCE_KINDS = ("caption", "interleaved", "sft", "dpo")
@@ -222,7 +223,8 @@ class Catalog:
                 self.con.execute("UPDATE shards SET status = 'changed', checked_at = ? WHERE path = ?", [_now(), tar])
                 result.changed += 1
                 continue
-            result.rows += self._insert_shard(tar, name, info)
+            with transaction(self.con):
+                result.rows += self._insert_shard(tar, name, info)
             result.added += 1
         self._refresh_source_counts(name)
         return result
@@ -237,22 +239,31 @@ class Catalog:
                 [tar, source, info.index, sha, info.tar_bytes, _now(), _now()],
             )
 
-    def _insert_shard(self, tar: str, source: str, info) -> int:
+    def _insert_shard(self, tar: str, source: str, info: ShardInfo, *, rows: pa.Table | None = None,
+                      n_tokens: int | None = None) -> int:
+        """Replace one shard's `shards` row and `samples` rows; call it inside a `transaction`.
+
+        The samples come from `rows` (an Arrow table with the sidecar columns) when given, for tars
+        that have no sidecar parquet, else from `info.parquet`.
+        """
         cols = ", ".join(SIDECAR_COLUMNS)
-        with transaction(self.con):
-            self.con.execute("DELETE FROM samples WHERE shard = ?", [tar])
-            self.con.execute("DELETE FROM shards WHERE path = ?", [tar])
-            self.con.execute(
-                f"INSERT INTO samples (source, shard, {cols}) "
-                f"SELECT ?, ?, {cols} FROM read_parquet(?)",
-                [source, tar, str(info.parquet)],
-            )
-            self.con.execute(
-                "INSERT INTO shards (path, source, idx, sha256, tar_bytes, n_samples, n_success, n_failed, "
-                "generator, status, added_at, checked_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, 'ok', ?, ?)",
-                [tar, source, info.index, info.sha256, info.tar_bytes, info.count, info.successes,
-                 info.failed, json.dumps(info.generator), _now(), _now()],
-            )
+        self.con.execute("DELETE FROM samples WHERE shard = ?", [tar])
+        self.con.execute("DELETE FROM shards WHERE path = ?", [tar])
+        insert = f"INSERT INTO samples (source, shard, {cols}) SELECT ?, ?, {cols} FROM "
+        if rows is None:
+            self.con.execute(insert + "read_parquet(?)", [source, tar, str(info.parquet)])
+        else:
+            self.con.register("_shard_rows", rows)
+            try:
+                self.con.execute(insert + "_shard_rows", [source, tar])
+            finally:
+                self.con.unregister("_shard_rows")
+        self.con.execute(
+            "INSERT INTO shards (path, source, idx, sha256, tar_bytes, n_samples, n_success, n_failed, n_tokens, "
+            "generator, status, added_at, checked_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, 'ok', ?, ?)",
+            [tar, source, info.index, info.sha256, info.tar_bytes, info.count, info.successes,
+             info.failed, n_tokens, json.dumps(info.generator), _now(), _now()],
+        )
         return info.count
 
     def _refresh_source_counts(self, name: str) -> None:

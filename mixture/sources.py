@@ -17,7 +17,6 @@ from __future__ import annotations
 import glob
 import json
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +24,7 @@ import pyarrow as pa
 
 from core.catalog import SOURCE_KINDS, Catalog, transaction
 from core.errors import UserError
-from core.shards import SIDECAR_SCHEMA, file_sha256, iter_shard, list_shards
+from core.shards import SIDECAR_SCHEMA, ShardInfo, file_sha256, iter_shard, list_shards
 from mixture.tar_index import is_image_ext
 from mixture.tokens import TokenCounter
 
@@ -223,7 +222,7 @@ def _add_foreign(cat: Catalog, name: str, tars: list[Path], kind: str, counter: 
     """Scan every new (or changed) tar first, then insert them all in one transaction: a bad
     sample in any tar leaves the catalog as it was, with no rows of the tars read before it."""
     con = cat.con
-    scans: list[tuple[int, str, str, ShardScan, pa.Table]] = []
+    scans: list[tuple[str, ShardInfo, pa.Table, int]] = []
     for i, tar in enumerate(tars):
         path = str(tar)
         sha = file_sha256(tar)
@@ -231,21 +230,11 @@ def _add_foreign(cat: Catalog, name: str, tars: list[Path], kind: str, counter: 
         if known is not None and known[0] == sha:
             continue
         scan = scan_shard(tar, kind, counter, rows=True)
-        scans.append((i, path, sha, scan, pa.Table.from_pylist(scan.rows, schema=SIDECAR_SCHEMA)))
-        scan.rows = []  # kept as the (columnar) table only
-    now = datetime.now(timezone.utc)
-    cols = ", ".join(SIDECAR_SCHEMA.names)
+        # no sidecar parquet or stats file: the rows derived from the members are passed instead
+        info = ShardInfo(index=i, tar=tar, parquet=None, stats=None, sha256=sha, tar_bytes=scan.bytes,
+                         count=scan.samples, successes=scan.samples, failed=0, generator={"name": "external"})
+        scans.append((path, info, pa.Table.from_pylist(scan.rows, schema=SIDECAR_SCHEMA), scan.tokens))
     with transaction(con):
-        for i, path, sha, scan, table in scans:
-            con.execute("DELETE FROM samples WHERE shard = ?", [path])
-            con.execute("DELETE FROM shards WHERE path = ?", [path])
-            con.register("_scan_rows", table)
-            con.execute(f"INSERT INTO samples (source, shard, {cols}) SELECT ?, ?, {cols} FROM _scan_rows", [name, path])
-            con.unregister("_scan_rows")
-            con.execute(
-                "INSERT INTO shards (path, source, idx, sha256, tar_bytes, n_samples, n_success, n_failed, n_tokens, "
-                "generator, status, added_at, checked_at) VALUES (?, ?, ?, ?, ?, ?, ?, 0, ?, ?, 'ok', ?, ?)",
-                [path, name, i, sha, scan.bytes, scan.samples, scan.samples, scan.tokens,
-                 json.dumps({"name": "external"}), now, now],
-            )
+        for path, info, rows, tokens in scans:
+            cat._insert_shard(path, name, info, rows=rows, n_tokens=tokens)
     return len(scans)
