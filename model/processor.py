@@ -50,6 +50,34 @@ class Encoded:
         return len(self.input_ids)
 
 
+class RowPacker:
+    """Greedy in-order packing into rows of `seq_len` tokens: a sample joins the current row if it
+    fits, else opens the next one. The one rule behind `XGenMMProcessor.pack` and the trainer's
+    packed micro-batches (`train.data.BatchStream`, which stops at `max_rows`)."""
+
+    def __init__(self, seq_len: int, max_rows: int | None = None):
+        self.seq_len = seq_len
+        self.max_rows = max_rows
+        self.rows: list[list[Encoded]] = [[]]
+        self._used = 0
+
+    def add(self, sample: Encoded) -> bool:
+        """Place `sample`; False (nothing placed) when it would open a row past `max_rows`.
+
+        A sample longer than seq_len is an error (encode with a smaller text budget)."""
+        n = len(sample)
+        if n > self.seq_len:
+            raise ValueError(f"sample of {n} tokens does not fit seq_len {self.seq_len}")
+        if self._used + n > self.seq_len:
+            if self.max_rows is not None and len(self.rows) == self.max_rows:
+                return False
+            self.rows.append([])
+            self._used = 0
+        self.rows[-1].append(sample)
+        self._used += n
+        return True
+
+
 class XGenMMProcessor:
     """Tokenizer + image transform + sample encoders + batch collation (padding or packing)."""
 
@@ -237,16 +265,10 @@ class XGenMMProcessor:
 
         A sample longer than seq_len is an error (encode with a smaller text budget).
         """
-        rows: list[list[Encoded]] = [[]]
-        used = 0
+        packer = RowPacker(seq_len)
         for s in samples:
-            if len(s) > seq_len:
-                raise ValueError(f"sample of {len(s)} tokens does not fit seq_len {seq_len}")
-            if used + len(s) > seq_len:
-                rows.append([])
-                used = 0
-            rows[-1].append(s)
-            used += len(s)
+            packer.add(s)
+        rows = packer.rows
         B = len(rows)
         ids = torch.full((B, seq_len), self.pad_id, dtype=torch.long)
         labels = torch.full((B, seq_len), IGNORE_INDEX, dtype=torch.long)

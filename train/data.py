@@ -24,6 +24,7 @@ import torch
 from PIL import Image
 
 from core.errors import UserError
+from model.processor import RowPacker
 
 #: Which source kinds each stage reads.
 STAGE_SOURCE_KINDS = {
@@ -142,23 +143,19 @@ class BatchStream:
         return Batch(self.processor.collate([self._encoded() for _ in range(self.rows)]))
 
     def _packed(self) -> Batch:
-        chosen, skipped, row, used = [], 0, 0, 0
+        """Fill `rows` rows by the processor's packing rule; the sample that would open one more
+        row waits in `_pending` for the next batch."""
+        packer, skipped = RowPacker(self.seq_len, max_rows=self.rows), 0
         while True:
             enc = self._encoded()
-            n = len(enc)
-            if n > self.seq_len:
+            if len(enc) > self.seq_len:
                 skipped += 1
                 continue
-            if used + n > self.seq_len:
-                row, used = row + 1, 0
-                if row == self.rows:
-                    self._pending.insert(0, enc)
-                    break
-            chosen.append(enc)
-            used += n
-        batch = self.processor.pack(chosen, self.seq_len)
-        assert batch["input_ids"].shape[0] == self.rows
-        return Batch(batch, skipped=skipped)
+            if not packer.add(enc):
+                self._pending.insert(0, enc)
+                break
+        chosen = [s for row in packer.rows for s in row]
+        return Batch(self.processor.pack(chosen, self.seq_len), skipped=skipped)
 
     def _dpo(self) -> Batch:
         pairs = [encode_pair(self.processor, self._raw()) for _ in range(self.rows)]
