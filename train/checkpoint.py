@@ -132,12 +132,18 @@ def latest_checkpoint(out_dir: str | Path) -> Path | None:
 
 
 def load_checkpoint(ckpt: Path, *, model: torch.nn.Module, optimizer: torch.optim.Optimizer, scheduler) -> dict:
-    """Restore model, optimiser, scheduler and RNG; returns meta plus this rank's `data` state."""
-    opts = StateDictOptions(full_state_dict=True, strict=False)
-    msd = torch.load(ckpt / "trainable.pt", map_location="cpu", weights_only=False)
-    set_model_state_dict(model, msd, options=opts)
-    osd = torch.load(ckpt / "optim.pt", map_location="cpu", weights_only=False)
-    set_optimizer_state_dict(model, optimizer, osd, options=StateDictOptions(full_state_dict=True))
+    """Restore model, optimiser, scheduler and RNG; returns meta plus this rank's `data` state.
+
+    Under several ranks only rank 0 reads the full state dicts and broadcasts them (one copy of
+    the model in host memory, not one per rank)."""
+    shared = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+    read = not shared or _rank() == 0
+    msd = torch.load(ckpt / "trainable.pt", map_location="cpu", weights_only=False) if read else {}
+    set_model_state_dict(model, msd, options=StateDictOptions(full_state_dict=True, strict=False,
+                                                              broadcast_from_rank0=shared))
+    osd = torch.load(ckpt / "optim.pt", map_location="cpu", weights_only=False) if read else {}
+    set_optimizer_state_dict(model, optimizer, osd,
+                             options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=shared))
     meta = json.loads((ckpt / "meta.json").read_text())
     scheduler.load_state_dict(meta["scheduler"])
     per_rank = torch.load(ckpt / f"rank{_rank()}.pt", map_location="cpu", weights_only=False)
