@@ -95,7 +95,7 @@ def time_steps(config_name: str, kind: str, rows: int, seq_len: int, steps: int,
 
     def step():
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-            loss = model(**batch).loss
+            loss = model(**batch, use_cache=False).loss  # no KV cache: a recomputed block would append twice
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
