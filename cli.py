@@ -13,7 +13,7 @@ from typing import Optional
 
 import typer
 
-from core.errors import UserError
+from blip3.core.errors import UserError
 
 app = typer.Typer(
     name="blip3",
@@ -37,8 +37,8 @@ def catalog_add(
     db: Optional[Path] = DbOption,
 ) -> None:
     """Register finished shards and their per-sample sidecar rows (idempotent)."""
-    from core.catalog import Catalog
-    from core.logs import console
+    from blip3.core.catalog import Catalog
+    from blip3.core.logs import console
 
     with Catalog(db) as cat:
         r = cat.add_output(output_dir, source=source, kind=kind, refresh=refresh)
@@ -51,8 +51,8 @@ def catalog_add(
 @catalog_app.command("stats")
 def catalog_stats(db: Optional[Path] = DbOption) -> None:
     """Print a summary table per source: shards, samples, failures, caption length, coverage."""
-    from core.sql import run_query
-    from core.tables import write_result
+    from blip3.core.sql import run_query
+    from blip3.core.tables import write_result
 
     write_result(run_query("SELECT * FROM v_source_summary ORDER BY source", db), title="catalog")
 
@@ -65,8 +65,8 @@ def sql(
     db: Optional[Path] = DbOption,
 ) -> None:
     """Run a read-only SQL query on the catalog (statements that write are refused)."""
-    from core.sql import run_query
-    from core.tables import write_result
+    from blip3.core.sql import run_query
+    from blip3.core.tables import write_result
 
     write_result(run_query(query, db), fmt=fmt, out=out)
 
@@ -75,7 +75,7 @@ def _register_groups() -> None:
     """Each package adds its own commands; a package not yet present is simply absent."""
     import importlib
 
-    for module in ("datagen.commands", "mixture.commands", "train.commands", "model.commands", "demo.commands"):
+    for module in ("blip3.datagen.commands", "blip3.mixture.commands", "blip3.train.commands", "blip3.model.commands", "blip3.demo.commands"):
         try:
             mod = importlib.import_module(module)
         except ModuleNotFoundError as e:
@@ -92,7 +92,7 @@ def main() -> None:
     try:
         app(standalone_mode=True)
     except UserError as e:
-        from core.logs import console
+        from blip3.core.logs import console
 
         console.print(f"[bold red]error:[/] {e}", highlight=False, soft_wrap=True)
         sys.exit(2)

@@ -31,7 +31,7 @@ def make_output(out: Path, n_rows: int, shard_rows: int, source_idx: int) -> Non
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from core.shards import SIDECAR_SCHEMA, SampleRow, ShardWriter
+    from blip3.core.shards import SIDECAR_SCHEMA, SampleRow, ShardWriter
 
     rng = np.random.default_rng(source_idx)
     out.mkdir(parents=True, exist_ok=True)
@@ -62,8 +62,8 @@ def make_output(out: Path, n_rows: int, shard_rows: int, source_idx: int) -> Non
 
 def run_scale(n_rows: int, shard_rows: int, n_sources: int = 4) -> dict:
     from benchmarks._common import peak_rss_mb
-    from core.catalog import Catalog
-    from core.sql import run_query
+    from blip3.core.catalog import Catalog
+    from blip3.core.sql import run_query
 
     with tempfile.TemporaryDirectory() as tmp:
         tmp_path = Path(tmp)

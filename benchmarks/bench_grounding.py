@@ -103,8 +103,8 @@ def bare_loop(model_dir: Path, images: Path, device: str | None) -> float:
     import torch
     from PIL import Image
 
-    from datagen.detectors import DetectionLimits, filter_objects
-    from datagen.detectors_gdino import HFGroundingDino
+    from blip3.datagen.detectors import DetectionLimits, filter_objects
+    from blip3.datagen.detectors_gdino import HFGroundingDino
 
     torch.set_num_threads(1)
     det = HFGroundingDino(model_dir, device)
@@ -131,7 +131,7 @@ def main() -> None:
     os.environ.setdefault("BLIP3_NO_PROGRESS", "1")
     import ray
 
-    from datagen.grounding import ground, make_config
+    from blip3.datagen.grounding import ground, make_config
 
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)

@@ -29,7 +29,7 @@ def make_sources(root: Path, shards: int, per_shard: int) -> list[Path]:
     """`SOURCES` caption sources sharing `shards` tars, ~12 KB JPEGs, captions and json records."""
     from PIL import Image
 
-    from core.shards import SampleRow, ShardWriter
+    from blip3.core.shards import SampleRow, ShardWriter
 
     rng = random.Random(0)
     images = []
@@ -65,7 +65,7 @@ def bare_webdataset(tars: list[str], workers: int) -> tuple[int, float]:
 
 
 def mixture(manifest, n: int, workers: int) -> tuple[int, float]:
-    from mixture.loader import MixtureLoader
+    from blip3.mixture.loader import MixtureLoader
 
     loader = MixtureLoader(manifest, verify="none", shuffle_buffer=1000).dataloader(32, num_workers=workers)
     t0 = time.perf_counter()
@@ -80,9 +80,9 @@ def mixture(manifest, n: int, workers: int) -> tuple[int, float]:
 def stats_latency(rows: int) -> dict[str, float]:
     """Fill a catalog with `rows` synthetic sample rows over 8 sources, build a mixture row set,
     then time each `mix stats` query (mean of 3, warm)."""
-    from core.catalog import Catalog
-    from mixture.stats import mixture_queries
-    from core.sql import run_query
+    from blip3.core.catalog import Catalog
+    from blip3.mixture.stats import mixture_queries
+    from blip3.core.sql import run_query
 
     with tempfile.TemporaryDirectory() as tmp:
         db = Path(tmp) / "catalog.duckdb"
@@ -131,8 +131,8 @@ def main() -> None:
     ap.add_argument("--rows", type=int, default=10_000_000)
     args = ap.parse_args()
     from benchmarks._common import peak_rss_mb, report
-    from mixture.build import build_manifest
-    from mixture.loader import MixtureLoader
+    from blip3.mixture.build import build_manifest
+    from blip3.mixture.loader import MixtureLoader
 
     with tempfile.TemporaryDirectory() as tmp:
         folders = make_sources(Path(tmp), args.shards, args.per_shard)

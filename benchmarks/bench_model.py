@@ -33,9 +33,9 @@ import torch  # noqa: E402
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks._common import peak_rss_mb, report  # noqa: E402
-from model.config import get_config  # noqa: E402
-from model.flops import mfu, peak_flops, step_flops  # noqa: E402
-from model.xgenmm import XGenMM  # noqa: E402
+from blip3.model.config import get_config  # noqa: E402
+from blip3.model.flops import mfu, peak_flops, step_flops  # noqa: E402
+from blip3.model.xgenmm import XGenMM  # noqa: E402
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 

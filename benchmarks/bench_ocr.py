@@ -59,7 +59,7 @@ def make_images(folder: Path, n: int, seed: int = 0) -> list[Path]:
 
 def bare_loop(paths: list[Path]) -> tuple[float, float]:
     """(wall s, CPU s) of engine calls on decoded images, one ONNX Runtime thread."""
-    from datagen.ocr_engines import RapidOcrEngine
+    from blip3.datagen.ocr_engines import RapidOcrEngine
 
     engine = RapidOcrEngine(threads=1)
     engine.load()
@@ -73,7 +73,7 @@ def bare_loop(paths: list[Path]) -> tuple[float, float]:
 
 def pipeline(src: Path, out: Path, workers: int, db: Path) -> float:
     """Wall seconds of `run_ocr` (the Ray cluster is already up)."""
-    from datagen.ocr import run_ocr
+    from blip3.datagen.ocr import run_ocr
 
     shutil.rmtree(out, ignore_errors=True)
     start = time.perf_counter()

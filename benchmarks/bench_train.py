@@ -33,7 +33,7 @@ def synthetic_batch(config, kind: str, rows: int, seq_len: int, device):
     """Random ids with image placeholder runs where images go, and matching pixel values."""
     import torch
 
-    from model.anyres import plan_crops
+    from blip3.model.anyres import plan_crops
 
     g = torch.Generator().manual_seed(0)
     vocab, ph, L, S = config.lang_model["vocab_size"], config.image_placeholder_id, config.num_latents, config.image_size
@@ -68,11 +68,11 @@ def time_steps(config_name: str, kind: str, rows: int, seq_len: int, steps: int,
                compile: bool, threads: int | None) -> dict:
     import torch
 
-    from model.config import get_config
-    from model.xgenmm import XGenMM
-    from train.distributed import parallelize
-    from model.flops import flops_model, mfu, peak_flops
-    from train.data import count_crops, count_tokens
+    from blip3.model.config import get_config
+    from blip3.model.xgenmm import XGenMM
+    from blip3.train.distributed import parallelize
+    from blip3.model.flops import flops_model, mfu, peak_flops
+    from blip3.train.data import count_crops, count_tokens
 
     if threads:
         torch.set_num_threads(threads)
@@ -124,8 +124,8 @@ def time_steps(config_name: str, kind: str, rows: int, seq_len: int, steps: int,
 def tiny_chain_wall() -> dict:
     import os
 
-    from train.config import load_any
-    from train.pipeline import run_pipeline
+    from blip3.train.config import load_any
+    from blip3.train.pipeline import run_pipeline
 
     os.environ["BLIP3_NO_PROGRESS"] = "1"
     root = Path(__file__).resolve().parents[1]

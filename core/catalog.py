@@ -31,8 +31,8 @@ from typing import Any
 import duckdb
 import pyarrow as pa
 
-from core.errors import UserError
-from core.shards import SIDECAR_COLUMNS, ShardInfo, file_sha256, list_shards
+from blip3.core.errors import UserError
+from blip3.core.shards import SIDECAR_COLUMNS, ShardInfo, file_sha256, list_shards
 
 DEFAULT_DB = "catalog.duckdb"
 SOURCE_KINDS = ("caption", "interleaved", "sft", "dpo")
@@ -155,7 +155,7 @@ class Catalog:
         self.con = duckdb.connect(str(self.path))
         for ddl in SCHEMA:
             self.con.execute(ddl)
-        from core.views import create_views  # views over the tables above, one place
+        from blip3.core.views import create_views  # views over the tables above, one place
 
         create_views(self.con)
 

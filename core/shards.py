@@ -34,7 +34,7 @@ from typing import Any, Iterable, Iterator, NamedTuple
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from core.keys import is_safe_key
+from blip3.core.keys import is_safe_key
 
 SHARD_DIGITS = 6
 _EXT = re.compile(r"^[A-Za-z0-9_-]+(\.[A-Za-z0-9_-]+)*$")

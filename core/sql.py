@@ -13,8 +13,8 @@ from pathlib import Path
 import duckdb
 import pyarrow as pa
 
-from core.catalog import resolve_db
-from core.errors import UserError
+from blip3.core.catalog import resolve_db
+from blip3.core.errors import UserError
 
 _ALLOWED = {duckdb.StatementType.SELECT, duckdb.StatementType.EXPLAIN}
 

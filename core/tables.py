@@ -11,7 +11,7 @@ import pyarrow.parquet as pq
 from rich.console import Console
 from rich.table import Table
 
-from core.errors import UserError
+from blip3.core.errors import UserError
 
 FORMATS = ("table", "csv", "json", "parquet")
 

@@ -8,7 +8,7 @@ from typing import Any
 
 import yaml
 
-from core.errors import UserError
+from blip3.core.errors import UserError
 
 
 def read_yaml(path: str | Path, what: str = "file") -> Any:

@@ -31,9 +31,9 @@ from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Any, Iterable
 
-from core.errors import UserError
-from core.keys import sanitize_key
-from datagen.grounding_captions import GroundedObject, normalize_box
+from blip3.core.errors import UserError
+from blip3.core.keys import sanitize_key
+from blip3.datagen.grounding_captions import GroundedObject, normalize_box
 
 
 @dataclass

@@ -15,7 +15,7 @@ from typing import Any, Callable, Protocol, runtime_checkable
 
 from PIL import Image
 
-from datagen.inputs import InputSample
+from blip3.datagen.inputs import InputSample
 
 
 @dataclass

@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Sequence
 
-from datagen.grounding_captions import GroundedObject
+from blip3.datagen.grounding_captions import GroundedObject
 
 #: Grounding DINO's own demo defaults.
 DEFAULT_BOX_THRESHOLD = 0.35

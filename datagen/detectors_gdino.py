@@ -20,9 +20,9 @@ from typing import Any, Sequence
 
 from PIL import Image
 
-from core.errors import MissingWeightsError, UserError
-from datagen.detectors import DetectionLimits
-from datagen.grounding_captions import GroundedObject, normalize_box
+from blip3.core.errors import MissingWeightsError, UserError
+from blip3.datagen.detectors import DetectionLimits
+from blip3.datagen.grounding_captions import GroundedObject, normalize_box
 
 ENV_VAR = "BLIP3_GROUNDING_DINO"
 HF_REPO = "IDEA-Research/grounding-dino-tiny"

@@ -16,8 +16,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-from core.errors import UserError
-from core.shards import file_sha256
+from blip3.core.errors import UserError
+from blip3.core.shards import file_sha256
 
 _FORMATS = {".parquet": "parquet", ".csv": "csv", ".tsv": "tsv", ".jsonl": "jsonl", ".json": "json"}
 MARKER = ".complete"

@@ -7,7 +7,7 @@ from typing import Optional
 
 import typer
 
-from datagen.detectors import DetectionLimits
+from blip3.datagen.detectors import DetectionLimits
 
 _LIMITS = DetectionLimits()  # the options' defaults are the library's
 
@@ -52,9 +52,9 @@ def ground(
     """Detect objects and write BLIP3-GROUNDING caption shards (positional, textual, bbox)."""
     from rich.markup import escape
 
-    from core.logs import console
-    from datagen.grounding import ground as run_ground
-    from datagen.grounding import make_config
+    from blip3.core.logs import console
+    from blip3.datagen.grounding import ground as run_ground
+    from blip3.datagen.grounding import make_config
 
     config = make_config(
         detector=detector, tags=tags, vocab=vocab, model=model, gdino_config=gdino_config,
@@ -80,10 +80,10 @@ def retemplate(
     overwrite: bool = typer.Option(False, "--overwrite", help="Rewrite shards already retemplated."),
 ) -> None:
     """Rebuild grounding captions from the objects stored in existing shards (no re-detection)."""
-    from core.logs import console
-    from datagen.grounding_captions import DEFAULT_ALSO_LEAD_IN, DEFAULT_LEAD_IN
-    from datagen.retemplate import TemplateOptions
-    from datagen.retemplate import retemplate as run_retemplate
+    from blip3.core.logs import console
+    from blip3.datagen.grounding_captions import DEFAULT_ALSO_LEAD_IN, DEFAULT_LEAD_IN
+    from blip3.datagen.retemplate import TemplateOptions
+    from blip3.datagen.retemplate import retemplate as run_retemplate
 
     opts = TemplateOptions(caption_format, caption_style, DEFAULT_LEAD_IN if lead_in is None else lead_in,
                            DEFAULT_ALSO_LEAD_IN if also_lead_in is None else also_lead_in)

@@ -24,10 +24,10 @@ from typing import Any
 
 from PIL import Image
 
-from core.errors import UserError
-from datagen.annotator import Annotation, SkipSample
-from datagen.detectors import DetectionLimits, filter_objects
-from datagen.grounding_captions import (
+from blip3.core.errors import UserError
+from blip3.datagen.annotator import Annotation, SkipSample
+from blip3.datagen.detectors import DetectionLimits, filter_objects
+from blip3.datagen.grounding_captions import (
     DEFAULT_ALSO_LEAD_IN,
     DEFAULT_LEAD_IN,
     build_captions,
@@ -35,7 +35,7 @@ from datagen.grounding_captions import (
     pick_caption,
     reading_order,
 )
-from datagen.inputs import InputSample
+from blip3.datagen.inputs import InputSample
 
 DETECTORS = ("grounding-dino", "groundingdino-py", "annotations")
 TAG_SOURCES = ("caption", "vocab", "clip")
@@ -104,7 +104,7 @@ def make_config(
     model_dir = clip_dir = ann_path = None
 
     if detector == "annotations":
-        from datagen.annotations import load_annotations
+        from blip3.datagen.annotations import load_annotations
 
         if not annotations:
             raise UserError("--detector annotations needs --annotations FILE (COCO or Visual Genome JSON)",
@@ -116,19 +116,19 @@ def make_config(
         if tags in ("vocab", "clip"):
             if not vocab:
                 raise UserError(f"--tags {tags} needs --vocab FILE", field="--vocab")
-            from datagen.tags import load_vocab
+            from blip3.datagen.tags import load_vocab
 
             words = tuple(load_vocab(vocab))
         if tags == "clip":
-            from datagen.tags_clip import resolve_clip_model
+            from blip3.datagen.tags_clip import resolve_clip_model
 
             clip_dir = str(resolve_clip_model(clip_model).resolve())
         if detector == "grounding-dino":
-            from datagen.detectors_gdino import resolve_grounding_dino
+            from blip3.datagen.detectors_gdino import resolve_grounding_dino
 
             model_dir = str(resolve_grounding_dino(model).resolve())
         else:
-            from datagen.detectors_gdino import GroundingDinoPy
+            from blip3.datagen.detectors_gdino import GroundingDinoPy
 
             GroundingDinoPy.check_available()
             if not model or not gdino_config:
@@ -166,21 +166,21 @@ class GroundingAnnotator:
     def load(self) -> None:
         c = self.config
         if c.detector == "annotations":
-            from datagen.annotations import load_annotations
+            from blip3.datagen.annotations import load_annotations
 
             self._index = load_annotations(c.annotations, include_crowd=c.include_crowd)  # type: ignore[arg-type]
             return
         if c.detector == "grounding-dino":
-            from datagen.detectors_gdino import HFGroundingDino
+            from blip3.datagen.detectors_gdino import HFGroundingDino
 
             self._detector = HFGroundingDino(c.model_dir, c.device)  # type: ignore[arg-type]
         else:
-            from datagen.detectors_gdino import GroundingDinoPy
+            from blip3.datagen.detectors_gdino import GroundingDinoPy
 
             self._detector = GroundingDinoPy(c.gdino_config, c.model_dir, c.device)  # type: ignore[arg-type]
         self._detector.load()
         if c.tags == "clip":
-            from datagen.tags_clip import ClipTagger
+            from blip3.datagen.tags_clip import ClipTagger
 
             self._clip = ClipTagger(c.clip_model or "", c.vocab, top_k=c.clip_top_k, device=c.device)
             self._clip.load()
@@ -188,7 +188,7 @@ class GroundingAnnotator:
     def tags_for(self, image: Image.Image, sample: InputSample) -> list[str]:
         c = self.config
         if c.tags == "caption":
-            from datagen.tags import noun_phrases
+            from blip3.datagen.tags import noun_phrases
 
             return noun_phrases(sample.source_caption)
         if c.tags == "vocab":
@@ -267,7 +267,7 @@ def ground(
     `config` comes from `make_config(...)` (default: Grounding DINO on caption noun phrases);
     `job` goes to `datagen.pipeline.run_job` (workers, ray_address, shard_size, overwrite, ...).
     """
-    from datagen.pipeline import run_job
+    from blip3.datagen.pipeline import run_job
 
     return run_job(input, output, config or make_config(), **job)
 

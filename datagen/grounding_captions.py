@@ -41,7 +41,7 @@ import re
 from dataclasses import dataclass
 from typing import Iterable, Sequence
 
-from core.errors import UserError
+from blip3.core.errors import UserError
 
 FORMATS = ("positional", "textual", "bbox")
 STYLES = ("tags", "inline")

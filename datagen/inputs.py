@@ -35,9 +35,9 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, BinaryIO, Iterator
 
-from core.errors import UserError
-from core.keys import sanitize_key
-from core.shards import MemberSpan, iter_tar_index
+from blip3.core.errors import UserError
+from blip3.core.keys import sanitize_key
+from blip3.core.shards import MemberSpan, iter_tar_index
 
 INPUT_FORMATS = ("folder", "webdataset", "img2dataset", "urls", "blip3-ocr")
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp", "bmp", "gif", "tif", "tiff")
@@ -169,7 +169,7 @@ def iter_refs(
     else:
         if work_dir is None:
             raise UserError("URL inputs need a work folder to download into", field="work_dir")
-        from datagen.fetch import fetch_urls
+        from blip3.datagen.fetch import fetch_urls
 
         raw = _img2dataset_refs(fetch_urls(Path(input_path), Path(work_dir)))
     for ref in raw:

@@ -1,6 +1,6 @@
 """BLIP3-OCR caption generation: the OCR annotator and `run_ocr`, the Python face of `blip3 ocr`.
 
-    from datagen.ocr import run_ocr
+    from blip3.datagen.ocr import run_ocr
     result = run_ocr("images/", "shards/ocr", engine="rapidocr", workers=2, min_confidence=0.5)
 
 Each sample's `<key>.json` carries `captions` (the 12 variants of `datagen.ocr_captions`) and
@@ -17,13 +17,13 @@ from typing import Any
 
 from PIL import Image
 
-from core.errors import UserError
-from datagen.annotator import Annotation, SkipSample
-from datagen.inputs import InputSample
-from datagen.ocr_captions import GRANULARITIES, CaptionStyle, build_captions
-from datagen.ocr_engines import ENGINES, OcrEngine, make_engine
-from datagen.ocr_entries import build_entries
-from datagen.pipeline import DEFAULT_SHARD_SIZE, JobResult, run_job
+from blip3.core.errors import UserError
+from blip3.datagen.annotator import Annotation, SkipSample
+from blip3.datagen.inputs import InputSample
+from blip3.datagen.ocr_captions import GRANULARITIES, CaptionStyle, build_captions
+from blip3.datagen.ocr_engines import ENGINES, OcrEngine, make_engine
+from blip3.datagen.ocr_entries import build_entries
+from blip3.datagen.pipeline import DEFAULT_SHARD_SIZE, JobResult, run_job
 
 DEFAULT_GRANULARITY = 4
 DEFAULT_MIN_CONFIDENCE = 0.5

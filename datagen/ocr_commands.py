@@ -40,9 +40,9 @@ def ocr(
     """OCR images into BLIP3-OCR caption shards (12 caption variants each) on Ray; resumable."""
     from rich.markup import escape
 
-    from core.logs import console
-    from datagen.ocr import run_ocr
-    from datagen.ocr_captions import CaptionStyle
+    from blip3.core.logs import console
+    from blip3.datagen.ocr import run_ocr
+    from blip3.datagen.ocr_captions import CaptionStyle
 
     options = {}
     if engine == "paddleocr":
@@ -61,8 +61,8 @@ def export_blip3_ocr(
     rows_per_file: int = typer.Option(100_000, "--rows-per-file", help="Rows per parquet file."),
 ) -> None:
     """Export OCR shards to parquet with the published columns: uid, url, captions (JSON), metadata (JSON)."""
-    from core.logs import console
-    from datagen.ocr_export import export_blip3_ocr as run_export
+    from blip3.core.logs import console
+    from blip3.datagen.ocr_export import export_blip3_ocr as run_export
 
     files, rows = run_export(output, parquet_dir, rows_per_file=rows_per_file)
     console.print(f"[green]{parquet_dir}[/]: {rows} rows in {len(files)} file(s)", highlight=False)

@@ -24,8 +24,8 @@ from typing import Any, Protocol
 
 from PIL import Image
 
-from core.errors import UserError
-from datagen.ocr_entries import RawText
+from blip3.core.errors import UserError
+from blip3.datagen.ocr_entries import RawText
 
 ENGINES = ("rapidocr", "paddleocr")
 PADDLE_ENV = {"det_dir": "BLIP3_PADDLEOCR_DET_DIR", "rec_dir": "BLIP3_PADDLEOCR_REC_DIR",

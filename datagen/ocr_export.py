@@ -20,8 +20,8 @@ from typing import Iterator
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from core.errors import UserError
-from core.shards import ShardInfo, iter_tar_index, list_shards
+from blip3.core.errors import UserError
+from blip3.core.shards import ShardInfo, iter_tar_index, list_shards
 
 BLIP3_OCR_SCHEMA = pa.schema([("uid", pa.string()), ("url", pa.string()),
                               ("captions", pa.string()), ("metadata", pa.string())])

@@ -30,12 +30,12 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Iterator
 
-from core.errors import UserError
-from core.logs import get_logger, progress, progress_enabled
-from core.shards import SampleRow, ShardWriter, clean_temporaries, read_stats, shard_complete, shard_paths
-from datagen.annotator import AnnotatorFactory, SkipSample
-from datagen.images import ImageLimits, ImageRejected, decode_image
-from datagen.inputs import SampleRef, iter_refs, load_sample
+from blip3.core.errors import UserError
+from blip3.core.logs import get_logger, progress, progress_enabled
+from blip3.core.shards import SampleRow, ShardWriter, clean_temporaries, read_stats, shard_complete, shard_paths
+from blip3.datagen.annotator import AnnotatorFactory, SkipSample
+from blip3.datagen.images import ImageLimits, ImageRejected, decode_image
+from blip3.datagen.inputs import SampleRef, iter_refs, load_sample
 
 log = get_logger("datagen")
 DEFAULT_SHARD_SIZE = 1000
@@ -264,7 +264,7 @@ def run_job(
                      ray_address=ray_address, workers=workers, limits=limits, batch_size=batch_size,
                      cpus_per_worker=cpus_per_worker, gpus_per_worker=gpus_per_worker)
     if register:
-        from core.catalog import Catalog
+        from blip3.core.catalog import Catalog
 
         with Catalog(catalog_db) as cat:
             result.source = cat.add_output(out, source=source_name, kind="caption").source

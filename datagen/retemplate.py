@@ -15,9 +15,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from core.errors import UserError
-from core.shards import SampleRow, ShardWriter, iter_shard, list_shards, read_sidecar, read_stats, shard_complete
-from datagen.grounding_captions import (
+from blip3.core.errors import UserError
+from blip3.core.shards import SampleRow, ShardWriter, iter_shard, list_shards, read_sidecar, read_stats, shard_complete
+from blip3.datagen.grounding_captions import (
     DEFAULT_ALSO_LEAD_IN,
     DEFAULT_LEAD_IN,
     GroundedObject,

@@ -28,7 +28,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from core.errors import UserError
+from blip3.core.errors import UserError
 
 MAX_PHRASE_WORDS = 4
 

@@ -19,7 +19,7 @@ from typing import Any, Sequence
 
 from PIL import Image
 
-from core.errors import MissingWeightsError
+from blip3.core.errors import MissingWeightsError
 
 ENV_VAR = "BLIP3_CLIP_MODEL"
 PROMPT = "a photo of a {}."

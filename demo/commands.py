@@ -18,12 +18,12 @@ def register(app: typer.Typer) -> None:
     ) -> None:
         """Generate a small corpus, caption it (OCR, grounding) on Ray, mix it, train the tiny model, write a report."""
         if corpus_only:
-            from core.logs import console
-            from demo.corpus import build_corpus
+            from blip3.core.logs import console
+            from blip3.demo.corpus import build_corpus
 
             corpus = build_corpus(out / "corpus")
             console.print(f"corpus written to {corpus.root}: local/ (images), web/, scenes/ (+ coco.json)")
             return
-        from demo.run import run_demo
+        from blip3.demo.run import run_demo
 
         run_demo(out, workers=workers, train_steps=train_steps)

@@ -16,8 +16,8 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-from core.tables import format_cell  # noqa: E402
-from train.metrics import read_metrics  # noqa: E402
+from blip3.core.tables import format_cell  # noqa: E402
+from blip3.train.metrics import read_metrics  # noqa: E402
 
 
 @dataclass

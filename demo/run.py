@@ -19,7 +19,7 @@ from pathlib import Path
 
 import yaml
 
-from core.logs import console
+from blip3.core.logs import console
 
 REPO = Path(__file__).resolve().parents[1]
 TINY_PIPELINE = REPO / "manifests" / "tiny" / "pipeline.yaml"
@@ -60,23 +60,23 @@ def run_demo(out_dir: str | Path = "blip3-demo", *, workers: int = 2, train_step
     """Run every stage of the demo into `out_dir`; `train_steps` caps each training stage."""
     import ray
 
-    from core.catalog import Catalog
-    from core.sql import run_query
-    from core.tables import write_result
-    from datagen.grounding import ground, make_config
-    from datagen.ocr import run_ocr
-    from demo.corpus import build_corpus, write_url_list
-    from demo.report import ReportInputs, write_report
-    from demo.serve import serve_folder
-    from mixture.audit import write_audit
-    from mixture.build import build_manifest
-    from mixture.plots import plot_mixture
-    from mixture.sources import add_source
-    from mixture.stats import mixture_queries
-    from mixture.tokens import TokenCounter
-    from train.config import load_any
-    from train.pipeline import run_pipeline
-    from mixture.tiny_sources import ensure_tiny_data
+    from blip3.core.catalog import Catalog
+    from blip3.core.sql import run_query
+    from blip3.core.tables import write_result
+    from blip3.datagen.grounding import ground, make_config
+    from blip3.datagen.ocr import run_ocr
+    from blip3.demo.corpus import build_corpus, write_url_list
+    from blip3.demo.report import ReportInputs, write_report
+    from blip3.demo.serve import serve_folder
+    from blip3.mixture.audit import write_audit
+    from blip3.mixture.build import build_manifest
+    from blip3.mixture.plots import plot_mixture
+    from blip3.mixture.sources import add_source
+    from blip3.mixture.stats import mixture_queries
+    from blip3.mixture.tokens import TokenCounter
+    from blip3.train.config import load_any
+    from blip3.train.pipeline import run_pipeline
+    from blip3.mixture.tiny_sources import ensure_tiny_data
 
     out = Path(out_dir).resolve()
     if out.exists():

@@ -31,12 +31,12 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from core.catalog import SOURCE_KINDS, transaction
-from core.errors import UserError
-from core.shards import file_sha256
-from core.yamlio import read_yaml
-from mixture.manifest import WEIGHT_BY, Manifest, ManifestSource, ShardRef, write_manifest
-from mixture.tokens import TokenCounter
+from blip3.core.catalog import SOURCE_KINDS, transaction
+from blip3.core.errors import UserError
+from blip3.core.shards import file_sha256
+from blip3.core.yamlio import read_yaml
+from blip3.mixture.manifest import WEIGHT_BY, Manifest, ManifestSource, ShardRef, write_manifest
+from blip3.mixture.tokens import TokenCounter
 
 _VAR = re.compile(r"\$\{(\w+)(?::-([^}]*))?\}")
 
@@ -153,7 +153,7 @@ def build_manifest(
     needs_catalog = db is not None or any("path" not in s for s in spec_d["sources"])
     cat = None
     if needs_catalog:
-        from core.catalog import Catalog, resolve_db
+        from blip3.core.catalog import Catalog, resolve_db
 
         if db is None and not resolve_db(None).exists():
             missing = next(i for i, s in enumerate(spec_d["sources"]) if "path" not in s)
@@ -183,7 +183,7 @@ def build_manifest(
 
 
 def _inline_source(s: dict, i: int, counter: TokenCounter, base: Path, file: str | None) -> ManifestSource:
-    from mixture.sources import resolve_shards, scan_shard
+    from blip3.mixture.sources import resolve_shards, scan_shard
 
     field = f"sources[{i}].path"
     try:
@@ -238,7 +238,7 @@ def _catalog_source(cat, s: dict, i: int, counter: TokenCounter, file: str | Non
             raise UserError(f"source {s['name']!r}: shard {path} changed on disk (sha256 differs from the catalog)",
                             field=field, file=file)
         if tokens is None:
-            from mixture.sources import scan_shard
+            from blip3.mixture.sources import scan_shard
 
             tokens = scan_shard(p, kind, counter).tokens
         if n:

@@ -35,10 +35,10 @@ def source_add(
     db: Optional[Path] = DbOption,
 ) -> None:
     """Register a source with its shards, checksums, sample and token counts (idempotent)."""
-    from core.catalog import Catalog
-    from core.logs import console
-    from mixture.sources import add_source
-    from mixture.tokens import TokenCounter
+    from blip3.core.catalog import Catalog
+    from blip3.core.logs import console
+    from blip3.mixture.sources import add_source
+    from blip3.mixture.tokens import TokenCounter
 
     counter = TokenCounter(tokenizer, crops_per_image=crops_per_image)
     with Catalog(db) as cat:
@@ -59,8 +59,8 @@ def source_import_obelics(
     db: Optional[Path] = DbOption,
 ) -> None:
     """Import OBELICS/MINT-1T-shaped parquet (images by path or embedded bytes) as interleaved shards."""
-    from core.logs import console
-    from mixture.obelics import import_obelics
+    from blip3.core.logs import console
+    from blip3.mixture.obelics import import_obelics
 
     r = import_obelics(parquet, output, shard_size=shard_size, image_root=image_root)
     console.print(f"{r.documents} document(s) written in {r.shards} shard(s), {r.failed} failed "
@@ -77,8 +77,8 @@ def source_tiny(
     seed: int = typer.Option(0, "--seed"),
 ) -> None:
     """Write tiny sources of every kind (the data of manifests/tiny-mix.yaml)."""
-    from core.logs import console
-    from mixture.tiny_sources import write_tiny_sources
+    from blip3.core.logs import console
+    from blip3.mixture.tiny_sources import write_tiny_sources
 
     for name, folder in write_tiny_sources(output, shards=shards, per_shard=per_shard, seed=seed).items():
         console.print(f"{name}: {folder}")
@@ -94,9 +94,9 @@ def mix_build(
     db: Optional[Path] = DbOption,
 ) -> None:
     """Resolve a spec into the manifest the trainer reads, and record it in the catalog."""
-    from core.catalog import resolve_db
-    from core.logs import console
-    from mixture.build import build_manifest
+    from blip3.core.catalog import resolve_db
+    from blip3.core.logs import console
+    from blip3.mixture.build import build_manifest
 
     m = build_manifest(spec, db=resolve_db(db), out=out, tokenizer=tokenizer, crops_per_image=crops_per_image,
                        verify=verify)
@@ -121,7 +121,7 @@ def mix_sample(
     import json
     import sys
 
-    from mixture.loader import MixtureLoader
+    from blip3.mixture.loader import MixtureLoader
 
     loader = MixtureLoader(manifest, seed=seed, rank=rank, world_size=world_size, shuffle_buffer=shuffle_buffer)
     sink = open(out, "w") if out else sys.stdout
@@ -142,8 +142,8 @@ def mix_stats(
     db: Optional[Path] = DbOption,
 ) -> None:
     """Per-source weights (target vs realised), tokens, epochs, coverage, caption lengths, failures."""
-    from core.tables import write_result
-    from mixture.stats import mixture_stats
+    from blip3.core.tables import write_result
+    from blip3.mixture.stats import mixture_stats
 
     for title, table in mixture_stats(name, db).items():
         if fmt != "table":
@@ -158,8 +158,8 @@ def mix_plot(
     db: Optional[Path] = DbOption,
 ) -> None:
     """Composition (target vs realised shares) and token budget per source, as one PNG."""
-    from core.logs import console
-    from mixture.plots import plot_mixture
+    from blip3.core.logs import console
+    from blip3.mixture.plots import plot_mixture
 
     plot_mixture(name, out, db=db)
     console.print(f"wrote {out}")
@@ -172,8 +172,8 @@ def audit(
     seed: int = typer.Option(0, "--seed"),
 ) -> None:
     """HTML contact sheet of sampled images with OCR and object boxes and captions, plus histograms."""
-    from core.logs import console
-    from mixture.audit import write_audit
+    from blip3.core.logs import console
+    from blip3.mixture.audit import write_audit
 
     r = write_audit(shards, out, n=n, seed=seed)
     console.print(f"{r.shown} of {r.scanned} samples on {r.html}; histograms: {', '.join(p.name for p in r.plots)}")

@@ -43,9 +43,9 @@ import numpy as np
 import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
-from core.errors import UserError
-from mixture.manifest import Manifest, ManifestSource, load_manifest
-from mixture.tar_index import TarCache, decode_sample, read_members
+from blip3.core.errors import UserError
+from blip3.mixture.manifest import Manifest, ManifestSource, load_manifest
+from blip3.mixture.tar_index import TarCache, decode_sample, read_members
 
 STATE_VERSION = 1
 _STATE_KEY = "__mixture_state__"
@@ -138,7 +138,7 @@ class MixtureLoader(IterableDataset):
         if isinstance(manifest, (str, Path)):
             manifest = load_manifest(manifest, verify=verify)
         elif verify != "none":
-            from mixture.manifest import verify_shards
+            from blip3.mixture.manifest import verify_shards
 
             verify_shards(manifest, checksum=verify == "sha256", file=manifest.path)
         if not (0 <= rank < world_size):

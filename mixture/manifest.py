@@ -23,10 +23,10 @@ from typing import Any
 
 import yaml
 
-from core.catalog import SOURCE_KINDS
-from core.errors import UserError
-from core.yamlio import read_yaml
-from mixture.tokens import ESTIMATE_LABEL
+from blip3.core.catalog import SOURCE_KINDS
+from blip3.core.errors import UserError
+from blip3.core.yamlio import read_yaml
+from blip3.mixture.tokens import ESTIMATE_LABEL
 
 MANIFEST_VERSION = 1
 WEIGHT_BY = ("samples", "tokens")
@@ -212,7 +212,7 @@ def _source(v: "_Validator", s: Any, prefix: str, base: Path) -> ManifestSource:
 
 def verify_shards(manifest: Manifest, *, checksum: bool, file: str | Path | None = None) -> None:
     """Every shard is where the manifest says, with its size (and sha256 when `checksum`)."""
-    from core.shards import file_sha256
+    from blip3.core.shards import file_sha256
 
     for i, src in enumerate(manifest.sources):
         for j, sh in enumerate(src.shards):

@@ -23,9 +23,9 @@ from pathlib import Path
 import pyarrow.parquet as pq
 from PIL import Image, UnidentifiedImageError
 
-from core.errors import UserError
-from core.keys import sanitize_key
-from core.shards import SampleRow, ShardWriter
+from blip3.core.errors import UserError
+from blip3.core.keys import sanitize_key
+from blip3.core.shards import SampleRow, ShardWriter
 
 _EXT = {"JPEG": "jpg", "PNG": "png", "WEBP": "webp", "GIF": "gif", "BMP": "bmp", "TIFF": "tif"}
 

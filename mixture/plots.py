@@ -15,9 +15,9 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-from core.errors import UserError  # noqa: E402
-from core.sql import run_query  # noqa: E402
-from mixture.stats import _quote  # noqa: E402
+from blip3.core.errors import UserError  # noqa: E402
+from blip3.core.sql import run_query  # noqa: E402
+from blip3.mixture.stats import _quote  # noqa: E402
 
 
 def plot_mixture(name: str, out: str | Path, *, db: str | Path | None = None) -> Path:

@@ -10,8 +10,8 @@ from pathlib import Path
 
 import polars as pl
 
-from core.errors import UserError
-from core.sql import run_query
+from blip3.core.errors import UserError
+from blip3.core.sql import run_query
 
 
 def _quote(name: str) -> str:

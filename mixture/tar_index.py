@@ -15,8 +15,8 @@ from collections import OrderedDict
 from pathlib import Path
 from typing import Any
 
-from core.errors import UserError
-from core.shards import SampleIndex, iter_tar_index
+from blip3.core.errors import UserError
+from blip3.core.shards import SampleIndex, iter_tar_index
 
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp", "bmp", "gif", "tif", "tiff", "ppm")
 

@@ -33,7 +33,7 @@ from typing import NamedTuple
 
 from PIL import Image, ImageDraw
 
-from core.shards import SampleRow, ShardWriter
+from blip3.core.shards import SampleRow, ShardWriter
 
 VERSION = 2
 COLORS = {"red": (220, 30, 30), "green": (30, 180, 40), "blue": (30, 60, 220), "yellow": (240, 220, 30), "white": (250, 250, 250), "black": (10, 10, 10)}

@@ -17,7 +17,7 @@ import re
 from pathlib import Path
 from typing import Any
 
-from core.errors import UserError
+from blip3.core.errors import UserError
 
 ESTIMATE_LABEL = "estimate:utf8-bytes/4"
 TOKENIZER_ENV = "BLIP3_TOKENIZER"

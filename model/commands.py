@@ -21,9 +21,9 @@ def info(config: str = typer.Option("tiny", "--config", help="tiny | phi3-mini")
     import pyarrow as pa
     import torch
 
-    from core.tables import write_result
-    from model.config import get_config
-    from model.xgenmm import XGenMM
+    from blip3.core.tables import write_result
+    from blip3.model.config import get_config
+    from blip3.model.xgenmm import XGenMM
 
     cfg = get_config(config)
     with torch.device("meta"):
@@ -51,15 +51,15 @@ def init(
     """Write a model directory (weights + tokenizer + processor) for training or generate."""
     import torch
 
-    from core.logs import console
-    from model.config import get_config
-    from model.processor import XGenMMProcessor
-    from model.xgenmm import XGenMM
+    from blip3.core.logs import console
+    from blip3.model.config import get_config
+    from blip3.model.processor import XGenMMProcessor
+    from blip3.model.xgenmm import XGenMM
 
     cfg = get_config(config)
     torch.manual_seed(seed)
     if pretrained or released:
-        from model.weights import build_pretrained
+        from blip3.model.weights import build_pretrained
 
         model = build_pretrained(cfg, siglip_ckpt=siglip_ckpt, phi3_dir=phi3_dir, xgenmm_ckpt=xgenmm_ckpt, use_released=released)
     else:
@@ -82,9 +82,9 @@ def generate(
     """Greedy generation with images, for a quick look at a model."""
     from PIL import Image
 
-    from core.errors import UserError
-    from model.processor import XGenMMProcessor
-    from model.xgenmm import XGenMM
+    from blip3.core.errors import UserError
+    from blip3.model.processor import XGenMMProcessor
+    from blip3.model.xgenmm import XGenMM
 
     images = []
     for p in image:

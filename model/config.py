@@ -169,7 +169,7 @@ PRESETS = {"phi3-mini": _phi3_mini, "tiny": _tiny}
 def get_config(name: str) -> ModelConfig:
     """A fresh copy of a named preset ("tiny" or "phi3-mini")."""
     if name not in PRESETS:
-        from core.errors import UserError
+        from blip3.core.errors import UserError
 
         raise UserError(f"unknown model config {name!r} (known: {', '.join(PRESETS)})", field="config")
     return PRESETS[name]()

@@ -298,7 +298,7 @@ class XGenMMProcessor:
     def from_pretrained(cls, directory: str | Path, config: ModelConfig | None = None) -> "XGenMMProcessor":
         from transformers import AutoTokenizer
 
-        from core.errors import MissingWeightsError
+        from blip3.core.errors import MissingWeightsError
 
         d = Path(directory)
         if not (d / PROCESSOR_FILE).is_file():

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-from core.errors import MissingWeightsError
+from blip3.core.errors import MissingWeightsError
 
 from .config import ModelConfig
 

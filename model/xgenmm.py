@@ -232,7 +232,7 @@ class XGenMM(nn.Module):
         """Load a directory written by `save_pretrained` (no random init of the big weights)."""
         from safetensors.torch import load_file
 
-        from core.errors import MissingWeightsError
+        from blip3.core.errors import MissingWeightsError
 
         d = Path(directory)
         if not (d / CONFIG_FILE).is_file() or not (d / WEIGHTS_FILE).is_file():

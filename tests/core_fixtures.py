@@ -7,7 +7,7 @@ from pathlib import Path
 
 from PIL import Image
 
-from core.shards import SampleRow, ShardWriter
+from blip3.core.shards import SampleRow, ShardWriter
 
 
 def jpeg(color: tuple[int, int, int] = (200, 30, 30), size: tuple[int, int] = (32, 24)) -> bytes:

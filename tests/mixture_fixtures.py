@@ -9,10 +9,10 @@ from pathlib import Path
 import pytest
 import yaml
 
-from core.catalog import Catalog
-from mixture.sources import add_source
-from mixture.tiny_sources import TINY_KINDS, write_tiny_sources
-from mixture.tokens import TokenCounter
+from blip3.core.catalog import Catalog
+from blip3.mixture.sources import add_source
+from blip3.mixture.tiny_sources import TINY_KINDS, write_tiny_sources
+from blip3.mixture.tokens import TokenCounter
 
 
 @pytest.fixture(scope="session")

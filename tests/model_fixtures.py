@@ -7,7 +7,7 @@ import pytest
 import torch
 from PIL import Image
 
-from model.config import ModelConfig, get_config
+from blip3.model.config import ModelConfig, get_config
 
 
 def noise_image(w: int, h: int, seed: int = 0) -> Image.Image:
@@ -23,14 +23,14 @@ def tiny_config() -> ModelConfig:
 
 @pytest.fixture(scope="session")
 def tiny_processor(tiny_config):
-    from model.processor import XGenMMProcessor
+    from blip3.model.processor import XGenMMProcessor
 
     return XGenMMProcessor.from_config(tiny_config)
 
 
 def build_tiny_model(config: ModelConfig, seed: int = 0):
     """A fresh tiny model with fixed random weights, float32, eval mode."""
-    from model.xgenmm import XGenMM
+    from blip3.model.xgenmm import XGenMM
 
     torch.manual_seed(seed)
     return XGenMM(config).eval()

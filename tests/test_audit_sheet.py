@@ -11,9 +11,9 @@ import pytest
 from PIL import Image
 from typer.testing import CliRunner
 
-from cli import app
-from mixture.audit import OBJECT_COLOR, OCR_COLOR, _Card, render_card_image
-from mixture.tiny_sources import draw_scene
+from blip3.cli import app
+from blip3.mixture.audit import OBJECT_COLOR, OCR_COLOR, _Card, render_card_image
+from blip3.mixture.tiny_sources import draw_scene
 from tests.mixture_fixtures import tiny_sources  # noqa: F401  (fixture)
 
 
@@ -113,9 +113,9 @@ def test_audit_of_a_real_ocr_annotation(tmp_path):
     import matplotlib
     from PIL import ImageDraw, ImageFont
 
-    from core.shards import SampleRow, ShardWriter
-    from datagen.inputs import InputSample
-    from datagen.ocr import OcrAnnotator
+    from blip3.core.shards import SampleRow, ShardWriter
+    from blip3.datagen.inputs import InputSample
+    from blip3.datagen.ocr import OcrAnnotator
 
     font = ImageFont.truetype(str(Path(matplotlib.get_data_path()) / "fonts/ttf/DejaVuSans-Bold.ttf"), 48)
     img = Image.new("RGB", (480, 200), (255, 255, 255))

@@ -6,10 +6,10 @@ from pathlib import Path
 import duckdb
 import pytest
 
-from core.catalog import Catalog
-from core.errors import UserError
-from core.shards import shard_paths
-from core.sql import check_read_only, run_query
+from blip3.core.catalog import Catalog
+from blip3.core.errors import UserError
+from blip3.core.shards import shard_paths
+from blip3.core.sql import check_read_only, run_query
 from tests.core_fixtures import write_caption_shard
 
 REPO = Path(__file__).resolve().parents[1]
@@ -21,7 +21,7 @@ def blip3(*args: str, env_db: Path | None = None) -> subprocess.CompletedProcess
     env = dict(os.environ, BLIP3_NO_PROGRESS="1")
     if env_db is not None:
         env["BLIP3_DB"] = str(env_db)
-    return subprocess.run([sys.executable, str(REPO / "cli.py"), *args], capture_output=True, text=True, env=env, cwd=REPO)
+    return subprocess.run([sys.executable, "-m", "blip3.cli", *args], capture_output=True, text=True, env=env, cwd=REPO)
 
 
 @pytest.fixture

@@ -16,7 +16,7 @@ def _walk(cmd, path: tuple[str, ...] = ()):
 
 
 def test_every_command_has_help_text():
-    from cli import app
+    from blip3.cli import app
 
     root = typer.main.get_command(app)
     seen = []

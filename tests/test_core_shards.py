@@ -11,8 +11,8 @@ import pyarrow.parquet as pq
 import pytest
 import webdataset as wds
 
-from core.keys import is_safe_key, sanitize_key
-from core.shards import (
+from blip3.core.keys import is_safe_key, sanitize_key
+from blip3.core.shards import (
     SIDECAR_COLUMNS,
     SampleRow,
     ShardWriter,
@@ -75,9 +75,8 @@ def test_killed_writer_leaves_no_complete_looking_tar(tmp_path):
     """SIGKILL a process in the middle of a shard: no NNNNNN.tar, no stats, shard not complete."""
     script = textwrap.dedent(
         f"""
-        import sys, time
-        sys.path.insert(0, {str(REPO)!r})
-        from core.shards import ShardWriter, SampleRow
+        import time
+        from blip3.core.shards import ShardWriter, SampleRow
         w = ShardWriter({str(tmp_path)!r}, 0)
         for i in range(10_000):
             w.add(f"k{{i}}", {{"bin": b"x" * 4096}}, SampleRow(f"k{{i}}"))

@@ -5,7 +5,7 @@ from __future__ import annotations
 import duckdb
 import pytest
 
-from core.catalog import transaction
+from blip3.core.catalog import transaction
 
 
 def test_a_block_commits_or_rolls_back_whole():

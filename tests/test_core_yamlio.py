@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from core.errors import UserError
-from core.yamlio import read_yaml
+from blip3.core.errors import UserError
+from blip3.core.yamlio import read_yaml
 
 
 def test_reads_yaml(tmp_path):

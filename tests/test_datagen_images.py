@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from datagen.images import ImageLimits, ImageRejected, decode_image
+from blip3.datagen.images import ImageLimits, ImageRejected, decode_image
 from tests.ocr_fixtures import BAD_EXPECTED, bad_inputs, png_bomb, jpeg_bytes, png_bytes, text_image
 
 BAD = bad_inputs()

@@ -10,9 +10,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from core.errors import UserError
-from core.keys import is_safe_key
-from datagen.inputs import SampleRef, detect_format, iter_refs, iter_samples, load_sample
+from blip3.core.errors import UserError
+from blip3.core.keys import is_safe_key
+from blip3.datagen.inputs import SampleRef, detect_format, iter_refs, iter_samples, load_sample
 from tests.ocr_fixtures import jpeg_bytes, png_bytes, text_image
 
 
@@ -107,8 +107,8 @@ def test_our_own_caption_shards_as_input_keep_the_original_alt_text(tmp_path):
 
 
 def test_url_lists_are_checked_before_any_download(tmp_path):
-    from core.shards import file_sha256
-    from datagen.fetch import MARKER, fetch_urls
+    from blip3.core.shards import file_sha256
+    from blip3.datagen.fetch import MARKER, fetch_urls
 
     no_url = tmp_path / "list.csv"
     no_url.write_text("link,caption\nhttp://x/a.jpg,a\n")
@@ -128,7 +128,7 @@ def test_webdataset_scan_opens_each_tar_once(tmp_path, monkeypatch):
     """Reading the json/txt members of a tar's samples goes through one open file, not one per member."""
     import builtins
 
-    import datagen.inputs as inputs
+    import blip3.datagen.inputs as inputs
 
     img = png_bytes(text_image("A", size=(40, 20)))
     members = []

@@ -7,12 +7,12 @@ from dataclasses import dataclass
 
 import pytest
 
-from core.errors import UserError
-from core.shards import SampleRow, ShardWriter
-from datagen.annotator import Annotation, SkipSample
-from datagen.images import ImageLimits
-from datagen.inputs import SampleRef
-from datagen.pipeline import input_digest, plan_shards, process_ref, shard_done
+from blip3.core.errors import UserError
+from blip3.core.shards import SampleRow, ShardWriter
+from blip3.datagen.annotator import Annotation, SkipSample
+from blip3.datagen.images import ImageLimits
+from blip3.datagen.inputs import SampleRef
+from blip3.datagen.pipeline import input_digest, plan_shards, process_ref, shard_done
 from tests.ocr_fixtures import bad_inputs, png_bytes, text_image
 
 
@@ -91,8 +91,8 @@ def test_shard_reused_only_when_complete_and_for_the_same_inputs(tmp_path):
 
 def test_rerun_with_fewer_shards_removes_leftover_shards(ray_local, tmp_path):
     """A re-run planning fewer shards (bigger --shard-size) drops the earlier run's higher shards."""
-    from core.shards import list_shards
-    from datagen.pipeline import run_job
+    from blip3.core.shards import list_shards
+    from blip3.datagen.pipeline import run_job
 
     src = tmp_path / "in"
     src.mkdir()
@@ -110,7 +110,7 @@ def test_rerun_with_fewer_shards_removes_leftover_shards(ray_local, tmp_path):
 
 
 def test_job_summary_line(tmp_path):
-    from datagen.pipeline import JobResult
+    from blip3.datagen.pipeline import JobResult
 
     r = JobResult(tmp_path, 3, 2, 1, successes=5, failed=2, failure_reasons={"decode": 1, "too_small": 1},
                   duration_s=1.25, source="scans")

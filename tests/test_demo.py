@@ -19,7 +19,7 @@ STAGES = ("pretrain", "sft", "interleave", "dpo", "safety")
 def test_demo_end_to_end(tmp_path):
     out = tmp_path / "demo"
     env = dict(os.environ, BLIP3_NO_PROGRESS="1", BLIP3_CACHE=str(tmp_path / "cache"))
-    r = subprocess.run([sys.executable, str(REPO / "cli.py"), "demo", "--out", str(out)],
+    r = subprocess.run([sys.executable, "-m", "blip3.cli", "demo", "--out", str(out)],
                        capture_output=True, text=True, env=env, cwd=tmp_path, timeout=900)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     assert "report:" in r.stderr

@@ -6,11 +6,11 @@ import pytest
 import webdataset as wds
 from typer.testing import CliRunner
 
-from cli import app
-from core.errors import UserError
-from core.keys import sanitize_key
-from core.shards import list_shards, read_sidecar
-from datagen.annotations import load_annotations
+from blip3.cli import app
+from blip3.core.errors import UserError
+from blip3.core.keys import sanitize_key
+from blip3.core.shards import list_shards, read_sidecar
+from blip3.datagen.annotations import load_annotations
 from tests.grounding_fixtures import scenes  # noqa: F401  (fixtures)
 
 RED = (0.075, 0.167, 0.375, 0.5)  # (12, 20, 48x40) on 160x120
@@ -135,8 +135,8 @@ def test_coco_end_to_end_through_cli(scenes, tmp_path, ray_local):  # noqa: F811
 
 
 def test_retemplate_refuses_other_engines(tmp_path):
-    from core.shards import SampleRow, ShardWriter
-    from datagen.retemplate import retemplate
+    from blip3.core.shards import SampleRow, ShardWriter
+    from blip3.datagen.retemplate import retemplate
 
     with ShardWriter(tmp_path / "ocr", 0, generator={"name": "ocr"}) as w:
         w.add("k", {"txt": "x", "json": {}}, SampleRow("k"))
@@ -149,9 +149,9 @@ def test_retemplate_refuses_other_engines(tmp_path):
 def test_drop_empty_policy_in_process(scenes):  # noqa: F811
     from PIL import Image
 
-    from datagen.annotator import SkipSample
-    from datagen.grounding import make_config
-    from datagen.inputs import InputSample
+    from blip3.datagen.annotator import SkipSample
+    from blip3.datagen.grounding import make_config
+    from blip3.datagen.inputs import InputSample
 
     keep, drop = (make_config(detector="annotations", annotations=scenes["coco"], drop_empty=d)()
                   for d in (False, True))
@@ -172,7 +172,7 @@ def test_malformed_annotations_fail_before_work(tmp_path, scenes):  # noqa: F811
 
     bad = tmp_path / "bad.json"
     bad.write_text('{"images": [{"id": 1}], "annotations": [{"image_id": 1}], "categories": []}')
-    r = subprocess.run([sys.executable, "-m", "cli", "ground", str(scenes["images"]), str(tmp_path / "o"),
+    r = subprocess.run([sys.executable, "-m", "blip3.cli", "ground", str(scenes["images"]), str(tmp_path / "o"),
                         "--detector", "annotations", "--annotations", str(bad)],
                        capture_output=True, text=True, cwd=Path(__file__).resolve().parents[1], timeout=120)
     assert r.returncode == 2 and "Traceback" not in r.stderr

@@ -2,7 +2,7 @@
 
 import pytest
 
-from datagen.grounding_captions import (
+from blip3.datagen.grounding_captions import (
     GroundedObject,
     build_captions,
     format_object,

@@ -2,12 +2,12 @@
 
 import pytest
 
-from core.errors import MissingWeightsError, UserError
-from datagen.detectors import DetectionLimits, filter_objects, iou, nms_per_label
-from datagen.detectors_gdino import ENV_VAR, HF_REPO, _chunk_tags, resolve_grounding_dino
-from datagen.grounding import make_config
-from datagen.grounding_captions import GroundedObject as O
-from datagen.tags_clip import resolve_clip_model
+from blip3.core.errors import MissingWeightsError, UserError
+from blip3.datagen.detectors import DetectionLimits, filter_objects, iou, nms_per_label
+from blip3.datagen.detectors_gdino import ENV_VAR, HF_REPO, _chunk_tags, resolve_grounding_dino
+from blip3.datagen.grounding import make_config
+from blip3.datagen.grounding_captions import GroundedObject as O
+from blip3.datagen.tags_clip import resolve_clip_model
 
 
 def test_iou():
@@ -102,7 +102,7 @@ def test_prompt_chunks_respect_token_budget():
 
 
 def test_center_boxes_become_clamped_corners():
-    from datagen.detectors_gdino import _corners
+    from blip3.datagen.detectors_gdino import _corners
 
     assert _corners(0.5, 0.5, 1.2, 0.2) == (0.0, 0.4, 1.0, 0.6)
     assert _corners(0.25, 0.75, 0.1, 0.1) == (0.2, 0.7, 0.3, 0.8)

@@ -11,13 +11,13 @@ import webdataset as wds
 from PIL import Image
 from typer.testing import CliRunner
 
-from cli import app
-from core.keys import sanitize_key
-from core.shards import list_shards, read_sidecar
-from datagen.detectors import DetectionLimits
-from datagen.detectors_gdino import ENV_VAR, HFGroundingDino
-from datagen.grounding import make_config
-from datagen.inputs import InputSample
+from blip3.cli import app
+from blip3.core.keys import sanitize_key
+from blip3.core.shards import list_shards, read_sidecar
+from blip3.datagen.detectors import DetectionLimits
+from blip3.datagen.detectors_gdino import ENV_VAR, HFGroundingDino
+from blip3.datagen.grounding import make_config
+from blip3.datagen.inputs import InputSample
 from tests.grounding_fixtures import scenes, tiny_clip, tiny_gdino  # noqa: F401  (fixtures)
 
 REPO = Path(__file__).resolve().parents[1]
@@ -107,7 +107,7 @@ def test_blip3_ground_with_tiny_model_on_ray(scenes, tiny_gdino, tmp_path, ray_l
 def test_missing_weights_is_one_line(scenes, tmp_path):  # noqa: F811
     env = {k: v for k, v in os.environ.items() if k != ENV_VAR}
     env.update(HF_HOME=str(tmp_path / "hf"), HF_HUB_CACHE=str(tmp_path / "hf" / "hub"), HF_HUB_OFFLINE="1")
-    r = subprocess.run([sys.executable, "-m", "cli", "ground", str(scenes["images"]), str(tmp_path / "o")],
+    r = subprocess.run([sys.executable, "-m", "blip3.cli", "ground", str(scenes["images"]), str(tmp_path / "o")],
                        capture_output=True, text=True, cwd=REPO, env=env, timeout=120)
     assert r.returncode == 2
     err = " ".join(r.stderr.split())
@@ -134,7 +134,7 @@ def test_hf_cache_is_the_last_lookup(tiny_gdino, tmp_path, monkeypatch):  # noqa
     """With no flag and no env var, the model comes from the HF cache (local files only)."""
     import shutil
 
-    from datagen.detectors_gdino import HF_REPO, resolve_grounding_dino
+    from blip3.datagen.detectors_gdino import HF_REPO, resolve_grounding_dino
 
     hub = tmp_path / "hub"
     repo = hub / ("models--" + HF_REPO.replace("/", "--"))

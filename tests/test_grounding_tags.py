@@ -2,8 +2,8 @@
 
 import pytest
 
-from core.errors import UserError
-from datagen.tags import MAX_PHRASE_WORDS, load_vocab, noun_phrases
+from blip3.core.errors import UserError
+from blip3.datagen.tags import MAX_PHRASE_WORDS, load_vocab, noun_phrases
 
 
 @pytest.mark.parametrize(

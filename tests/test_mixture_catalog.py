@@ -11,13 +11,13 @@ import pytest
 from PIL import Image
 from typer.testing import CliRunner
 
-from cli import app
-from core.catalog import Catalog
-from core.errors import UserError
-from core.sql import run_query
-from mixture.build import build_manifest
-from mixture.sources import add_source, scan_shard
-from mixture.tokens import ESTIMATE_LABEL, TokenCounter
+from blip3.cli import app
+from blip3.core.catalog import Catalog
+from blip3.core.errors import UserError
+from blip3.core.sql import run_query
+from blip3.mixture.build import build_manifest
+from blip3.mixture.sources import add_source, scan_shard
+from blip3.mixture.tokens import ESTIMATE_LABEL, TokenCounter
 from tests.mixture_fixtures import tiny_sources, write_spec  # noqa: F401  (fixture)
 
 runner = CliRunner()
@@ -212,7 +212,7 @@ def test_failed_first_foreign_add_leaves_no_rows_of_earlier_shards(tmp_path):
 def test_recorded_mixture_has_the_manifest_created_at(mixed_catalog):
     from datetime import datetime
 
-    from mixture.manifest import load_manifest
+    from blip3.mixture.manifest import load_manifest
 
     db, manifest_path = mixed_catalog
     created = _rows("SELECT created_at FROM mixtures WHERE name = 'mixed'", db)[0]["created_at"]
@@ -220,9 +220,9 @@ def test_recorded_mixture_has_the_manifest_created_at(mixed_catalog):
 
 
 def test_source_add_hashes_each_shard_once(tmp_path, tiny_sources, monkeypatch):  # noqa: F811
-    import core.catalog
-    import mixture.sources
-    from core.shards import file_sha256
+    import blip3.core.catalog
+    import blip3.mixture.sources
+    from blip3.core.shards import file_sha256
 
     hashed: list[str] = []
 
@@ -230,8 +230,8 @@ def test_source_add_hashes_each_shard_once(tmp_path, tiny_sources, monkeypatch):
         hashed.append(Path(path).name)
         return file_sha256(path, *a, **k)
 
-    monkeypatch.setattr(core.catalog, "file_sha256", counting)
-    monkeypatch.setattr(mixture.sources, "file_sha256", counting)
+    monkeypatch.setattr(blip3.core.catalog, "file_sha256", counting)
+    monkeypatch.setattr(blip3.mixture.sources, "file_sha256", counting)
     (tmp_path / "wds").mkdir()
     _foreign_tar(tmp_path / "wds" / "a.tar", 2)
     _foreign_tar(tmp_path / "wds" / "b.tar", 2)

@@ -9,11 +9,11 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from core.errors import UserError
-from mixture.build import build_manifest
-from mixture.loader import MixtureLoader, _SourceStream
-from mixture.manifest import ManifestSource, ShardRef
-from mixture.tar_index import index_tar
+from blip3.core.errors import UserError
+from blip3.mixture.build import build_manifest
+from blip3.mixture.loader import MixtureLoader, _SourceStream
+from blip3.mixture.manifest import ManifestSource, ShardRef
+from blip3.mixture.tar_index import index_tar
 from tests.mixture_fixtures import inline, tiny_sources  # noqa: F401  (fixture)
 
 WEIGHTS = {"caption-ocr": 0.5, "caption-grounding": 0.3, "interleaved": 0.15, "sft": 0.0375, "dpo": 0.0125}

@@ -9,14 +9,14 @@ from pathlib import Path
 import pytest
 import yaml
 
-from core.catalog import Catalog
-from core.errors import UserError
-from mixture.build import build_manifest, validate_spec
-from mixture.loader import MixtureLoader
-from mixture.manifest import load_manifest, manifest_from_dict, write_manifest
-from mixture.sources import add_source
-from mixture.tiny_sources import TINY_KINDS
-from mixture.tokens import TokenCounter
+from blip3.core.catalog import Catalog
+from blip3.core.errors import UserError
+from blip3.mixture.build import build_manifest, validate_spec
+from blip3.mixture.loader import MixtureLoader
+from blip3.mixture.manifest import load_manifest, manifest_from_dict, write_manifest
+from blip3.mixture.sources import add_source
+from blip3.mixture.tiny_sources import TINY_KINDS
+from blip3.mixture.tokens import TokenCounter
 from tests.mixture_fixtures import copy_sources, inline, tiny_catalog, tiny_sources, write_spec  # noqa: F401
 
 REPO = Path(__file__).resolve().parents[1]

@@ -11,10 +11,10 @@ import webdataset as wds
 from PIL import Image
 from typer.testing import CliRunner
 
-from cli import app
-from core.sql import run_query
-from mixture.build import build_manifest
-from mixture.loader import MixtureLoader
+from blip3.cli import app
+from blip3.core.sql import run_query
+from blip3.mixture.build import build_manifest
+from blip3.mixture.loader import MixtureLoader
 
 
 def _png(color) -> bytes:
@@ -62,7 +62,7 @@ def test_import_obelics_plain_path_column(tmp_path):
     Image.new("RGB", (8, 8), (9, 9, 9)).save(tmp_path / "imgs" / "a.png")
     src = tmp_path / "paths.parquet"
     pq.write_table(pa.table({"texts": [["Hello", None]], "images": [[None, "imgs/a.png"]], "id": ["doc/1"]}), src)
-    from mixture.obelics import import_obelics
+    from blip3.mixture.obelics import import_obelics
 
     r = import_obelics(src, tmp_path / "out")
     assert (r.documents, r.failed, r.shards) == (1, 0, 1)
@@ -76,7 +76,7 @@ def test_import_obelics_counts_a_duplicate_id_as_failed(tmp_path):
     src = tmp_path / "dup.parquet"
     pq.write_table(pa.table({"texts": [["One", None], ["Two", None]], "images": [[None, "imgs/a.png"]] * 2,
                              "id": ["doc-1", "doc-1"]}), src)
-    from mixture.obelics import import_obelics
+    from blip3.mixture.obelics import import_obelics
 
     r = import_obelics(src, tmp_path / "out")
     assert (r.documents, r.failed, r.shards, r.reasons) == (1, 1, 1, {"duplicate key": 1})

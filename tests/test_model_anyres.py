@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from model.anyres import anyres_crops, crop_patch_masks, plan_crops, select_best_grid
-from model.config import RELEASED_GRIDS_384
+from blip3.model.anyres import anyres_crops, crop_patch_masks, plan_crops, select_best_grid
+from blip3.model.config import RELEASED_GRIDS_384
 from tests.model_fixtures import noise_image
 
 S, PATCH, FILL = 384, 14, (128, 128, 128)

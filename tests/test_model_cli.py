@@ -5,8 +5,8 @@ from __future__ import annotations
 from PIL import Image
 from typer.testing import CliRunner
 
-from cli import app
-from model.xgenmm import XGenMM
+from blip3.cli import app
+from blip3.model.xgenmm import XGenMM
 
 
 def test_init_then_generate_with_an_image(tmp_path):

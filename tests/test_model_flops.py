@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from model.flops import resampler_forward_flops, step_flops
+from blip3.model.flops import resampler_forward_flops, step_flops
 from tests.model_fixtures import tiny_config, tiny_model  # noqa: F401
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from model.processor import Encoded, RowPacker
+from blip3.model.processor import Encoded, RowPacker
 
 
 def _enc(n: int) -> Encoded:

@@ -8,9 +8,9 @@ import re
 import pytest
 import torch
 
-from model.config import get_config
-from model.processor import DEFAULT_SYSTEM, XGenMMProcessor
-from model.tokenizer import SPECIAL_TOKENS, add_xgenmm_tokens, train_tiny_tokenizer
+from blip3.model.config import get_config
+from blip3.model.processor import DEFAULT_SYSTEM, XGenMMProcessor
+from blip3.model.tokenizer import SPECIAL_TOKENS, add_xgenmm_tokens, train_tiny_tokenizer
 from tests.model_fixtures import build_tiny_model, noise_image, tiny_config, tiny_model, tiny_processor  # noqa: F401
 
 IGN = -100

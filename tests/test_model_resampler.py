@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import torch
 
-from model.config import get_config
-from model.resampler import PerceiverResampler
+from blip3.model.config import get_config
+from blip3.model.resampler import PerceiverResampler
 
 REAL = dict(dim=1152, dim_inner=3072, depth=6, dim_head=96, heads=16, num_latents=128, ff_mult=4)
 
@@ -75,14 +75,14 @@ def test_real_size_names_shapes_and_count_on_meta():
 
 
 def test_config_preset_builds_the_spec_resampler():
-    from model.xgenmm import XGenMM
+    from blip3.model.xgenmm import XGenMM
 
     with torch.device("meta"):
         m = XGenMM(get_config("phi3-mini"))
     got = {k: tuple(v.shape) for k, v in m.vision_tokenizer.state_dict().items()}
     assert got == spec_table()
     # the timm-backed SigLIP so400m gives 729 patch tokens of width 1152 per 384x384 crop
-    from model.vision import patch_tokens
+    from blip3.model.vision import patch_tokens
 
     feats = patch_tokens(m.vision_encoder, torch.empty(2, 3, 384, 384, device="meta"))
     assert tuple(feats.shape) == (2, 729, 1152)

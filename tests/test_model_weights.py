@@ -7,8 +7,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from core.errors import MissingWeightsError
-from model import weights
+from blip3.core.errors import MissingWeightsError
+from blip3.model import weights
 from tests.model_fixtures import build_tiny_model, tiny_config  # noqa: F401
 
 
@@ -34,7 +34,7 @@ def test_missing_weights_name_the_env_var(empty_hf_cache, resolve, var, monkeypa
 
 
 def test_missing_model_dir(tmp_path):
-    from model.xgenmm import XGenMM
+    from blip3.model.xgenmm import XGenMM
 
     with pytest.raises(MissingWeightsError, match="config.json"):
         XGenMM.from_pretrained(tmp_path)
@@ -45,7 +45,7 @@ def test_build_pretrained_from_local_files(empty_hf_cache, tmp_path, monkeypatch
     import open_clip
     from safetensors.torch import save_file
 
-    from model.vision import register_open_clip_config
+    from blip3.model.vision import register_open_clip_config
 
     torch.manual_seed(11)
     register_open_clip_config(tiny_config.vision_model, tiny_config.vision_model_cfg)
@@ -110,7 +110,7 @@ def test_released_checkpoint_fills_a_timm_backed_tower(tmp_path, tiny_config):
     """The whole released layout (Siglip tower, resampler, LLM under `vlm.`) loads into XGenMM."""
     from safetensors.torch import save_file
 
-    from model.vision import patch_tokens
+    from blip3.model.vision import patch_tokens
 
     hf, trunk = _tiny_siglip_pair()
     model = build_tiny_model(tiny_config, seed=30)

@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from model.xgenmm import XGenMM
+from blip3.model.xgenmm import XGenMM
 from tests.model_fixtures import build_tiny_model, noise_image, tiny_config, tiny_model, tiny_processor  # noqa: F401
 
 
@@ -155,7 +155,7 @@ def test_gradients_reach_resampler_and_llm_not_vit(tiny_config, tiny_processor, 
 
 
 def test_save_load_round_trip_gives_identical_logits(tmp_path, tiny_config, tiny_processor, mixed):
-    from model.processor import XGenMMProcessor
+    from blip3.model.processor import XGenMMProcessor
 
     model = build_tiny_model(tiny_config, seed=5)
     model.save_pretrained(tmp_path)

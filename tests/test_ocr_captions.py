@@ -6,10 +6,10 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from datagen.ocr_captions import (
+from blip3.datagen.ocr_captions import (
     GRANULARITIES, CaptionStyle, build_captions, format_entry, ocr_sentence, parse_sentence, with_source,
 )
-from datagen.ocr_entries import RawText, build_entries, polygon_to_bbox
+from blip3.datagen.ocr_entries import RawText, build_entries, polygon_to_bbox
 
 MACK = {"text": "MACK SHOP", "bbox": [0.192, 0.037, 0.817, 0.203]}
 GOLDEN = {
@@ -112,7 +112,7 @@ def test_captions_parse_back_to_the_same_text_and_box(items, width, height, fill
 
 
 def test_build_captions_builds_each_granularity_sentence_once(monkeypatch):
-    import datagen.ocr_captions as oc
+    import blip3.datagen.ocr_captions as oc
 
     calls: list[int] = []
     real = oc.ocr_sentence

@@ -6,10 +6,10 @@ import importlib.util
 
 import pytest
 
-from core.errors import UserError
-from datagen.inputs import InputSample
-from datagen.ocr import OcrAnnotator
-from datagen.ocr_engines import PaddleOcrEngine, make_engine
+from blip3.core.errors import UserError
+from blip3.datagen.inputs import InputSample
+from blip3.datagen.ocr import OcrAnnotator
+from blip3.datagen.ocr_engines import PaddleOcrEngine, make_engine
 from tests.ocr_fixtures import no_text_image, text_image
 
 
@@ -87,7 +87,7 @@ def test_cli_reports_missing_paddle_models_in_one_line(tmp_path):
 
 
 def test_drop_empty_records_images_without_text_as_no_text(annotator):
-    from datagen.annotator import SkipSample
+    from blip3.datagen.annotator import SkipSample
 
     dropping = OcrAnnotator(keep_empty=False)
     dropping._engine = annotator._engine  # same loaded engine, other policy

@@ -6,8 +6,8 @@ import json
 
 import pyarrow.parquet as pq
 
-from core.shards import SampleRow, ShardWriter
-from datagen.ocr_export import export_blip3_ocr
+from blip3.core.shards import SampleRow, ShardWriter
+from blip3.datagen.ocr_export import export_blip3_ocr
 from tests.ocr_fixtures import png_bytes, text_image
 
 
@@ -41,7 +41,7 @@ def test_every_app_gets_its_own_export_group():
     """Registering on a fresh app (as each CLI test run does) always adds `blip3 export blip3-ocr`."""
     import typer
 
-    from datagen.commands import register
+    from blip3.datagen.commands import register
 
     for _ in range(20):  # apps freed in between: a group cached by id(app) would go to a dead app
         app = typer.Typer()

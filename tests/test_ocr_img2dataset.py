@@ -9,8 +9,8 @@ import pyarrow.parquet as pq
 import pytest
 from typer.testing import CliRunner
 
-from cli import app
-from core.shards import iter_shard, read_sidecar
+from blip3.cli import app
+from blip3.core.shards import iter_shard, read_sidecar
 from tests.ocr_fixtures import LocalServer, png_bytes, text_image
 
 pytestmark = pytest.mark.slow

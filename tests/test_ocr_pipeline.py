@@ -13,8 +13,8 @@ import pytest
 import webdataset as wds
 from typer.testing import CliRunner
 
-from cli import app
-from core.shards import read_sidecar
+from blip3.cli import app
+from blip3.core.shards import read_sidecar
 from tests.ocr_fixtures import BAD_EXPECTED, RENDERED, bad_inputs, cer, png_bytes, real_photos, render
 
 pytestmark = pytest.mark.slow
@@ -131,7 +131,7 @@ def test_rerun_skips_finished_shards(ocr_run):
 
 
 def test_webdataset_input_with_hostile_member_names_stays_inside_output(ray_local, tmp_path):
-    from datagen.ocr import run_ocr
+    from blip3.datagen.ocr import run_ocr
     from tests.ocr_fixtures import text_image
 
     img = png_bytes(text_image("SAFE 1"))

@@ -11,8 +11,8 @@ import time
 import pytest
 from typer.testing import CliRunner
 
-from cli import app
-from core.shards import clean_temporaries, file_sha256, read_sidecar, shard_complete
+from blip3.cli import app
+from blip3.core.shards import clean_temporaries, file_sha256, read_sidecar, shard_complete
 from tests.ocr_fixtures import png_bytes, text_image
 
 pytestmark = pytest.mark.slow

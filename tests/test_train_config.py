@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from core.errors import UserError
-from train.config import load_any, load_stage
+from blip3.core.errors import UserError
+from blip3.train.config import load_any, load_stage
 
 ROOT = Path(__file__).resolve().parents[1]
 RECIPES = sorted((ROOT / "manifests" / "tiny").glob("*.yaml")) + sorted((ROOT / "manifests" / "xgenmm").glob("*.yaml"))
@@ -34,7 +34,7 @@ def test_every_shipped_recipe_validates(path):
 
 @pytest.mark.parametrize("path", MIXTURE_SPECS, ids=lambda p: f"{p.parent.parent.name}/{p.name}")
 def test_every_mixture_spec_is_well_formed(path):
-    from mixture.build import validate_spec
+    from blip3.mixture.build import validate_spec
 
     spec = validate_spec(yaml.safe_load(path.read_text()), str(path))
     assert spec["sources"] and all(s["weight"] > 0 for s in spec["sources"])

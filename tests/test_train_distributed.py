@@ -22,7 +22,7 @@ pytestmark = pytest.mark.slow
 
 def _torchrun(args, cwd, env):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-           "-m", "train", *args]
+           "-m", "blip3.train", *args]
     return subprocess.run(cmd, capture_output=True, text=True, cwd=cwd, env=env, timeout=150)
 
 
@@ -62,7 +62,7 @@ def test_fsdp2_two_ranks_train_checkpoint_resume_export(tmp_path):
     b = load_file(str(tmp_path / "full" / "final" / "model.safetensors"))
     assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k], rtol=1e-5, atol=1e-6) for k in a)
 
-    from train.builders import load_model_dir
+    from blip3.train.builders import load_model_dir
 
     model, _ = load_model_dir(tmp_path / "out")
     assert model.num_params() > 0
@@ -72,9 +72,9 @@ def test_ranks_read_disjoint_samples():
     """The data split under world_size=2: each rank its own slice of the mixture."""
     import tempfile
 
-    from mixture.build import build_manifest
-    from mixture.loader import MixtureLoader
-    from mixture.tiny_sources import ensure_tiny_data
+    from blip3.mixture.build import build_manifest
+    from blip3.mixture.loader import MixtureLoader
+    from blip3.mixture.tiny_sources import ensure_tiny_data
 
     os.environ["BLIP3_TINY_DATA"] = str(ensure_tiny_data())
     with tempfile.TemporaryDirectory() as d:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from train.dpo import dpo_loss, sequence_logps
+from blip3.train.dpo import dpo_loss, sequence_logps
 
 WORDS = "a red green blue circle square triangle on background i see what is in the image ?".split()
 

@@ -9,15 +9,15 @@ from dataclasses import replace
 import pytest
 import yaml
 
-from core.errors import UserError
+from blip3.core.errors import UserError
 from tests.train_fixtures import ROOT, tiny_stage
 
 os.environ.setdefault("BLIP3_NO_PROGRESS", "1")
 
 
 def test_several_ranks_without_fsdp_are_refused_before_any_work(tmp_path):
-    from train.distributed import DistInfo
-    from train.loop import train_stage
+    from blip3.train.distributed import DistInfo
+    from blip3.train.loop import train_stage
 
     cfg = tiny_stage("pretrain", tmp_path, steps=1)
     cfg.runtime = replace(cfg.runtime, fsdp=False)
@@ -28,7 +28,7 @@ def test_several_ranks_without_fsdp_are_refused_before_any_work(tmp_path):
 
 
 def test_dpo_needs_a_frozen_resampler(tmp_path):
-    from train.config import load_stage
+    from blip3.train.config import load_stage
 
     raw = yaml.safe_load((ROOT / "manifests/tiny/dpo.yaml").read_text())
     raw["data"]["spec"] = str(ROOT / "manifests/tiny/mixtures/dpo.yaml")
@@ -48,7 +48,7 @@ def test_the_run_follows_cfg_seed_not_init_seed(tmp_path):
     """Building the model seeds init.seed; the RNG stream of the run must stay the one of `seed`."""
     import torch
 
-    from train.loop import train_stage
+    from blip3.train.loop import train_stage
 
     states = []
     for seed in (1, 2):
@@ -60,8 +60,8 @@ def test_the_run_follows_cfg_seed_not_init_seed(tmp_path):
 
 @pytest.mark.slow
 def test_samples_too_long_for_a_packed_row_are_reported(tmp_path):
-    from train.loop import train_stage
-    from train.metrics import read_metrics
+    from blip3.train.loop import train_stage
+    from blip3.train.metrics import read_metrics
 
     # 40-token rows: a caption image alone takes 16 placeholders, so longer documents cannot fit
     cfg = tiny_stage("pretrain", tmp_path, steps=2, checkpoint_every=0, eval_every=0, log_every=1)

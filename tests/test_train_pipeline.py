@@ -21,7 +21,7 @@ def _by_stage(results):
 
 
 def test_every_stage_leaves_a_checkpoint_the_next_one_loads(tiny_chain):
-    from train.builders import load_model_dir
+    from blip3.train.builders import load_model_dir
 
     results, out, _ = tiny_chain
     assert [r.stage for r in results] == ["pretrain", "sft", "interleave", "dpo", "safety"]
@@ -50,9 +50,9 @@ def test_pretrain_loss_goes_down(tiny_chain):
 
 
 def test_sft_labels_are_assistant_tokens_only(tiny_chain):
-    from mixture.loader import MixtureLoader
-    from train.builders import load_model_dir
-    from train.data import BatchStream
+    from blip3.mixture.loader import MixtureLoader
+    from blip3.train.builders import load_model_dir
+    from blip3.train.data import BatchStream
 
     _, out, _ = tiny_chain
     _, processor = load_model_dir(out / "sft")
@@ -72,11 +72,11 @@ def test_sft_labels_are_assistant_tokens_only(tiny_chain):
 def test_dpo_increases_the_margin_and_lora_share_is_reported(tiny_chain):
     from peft import PeftModel
 
-    from mixture.loader import MixtureLoader
-    from model.processor import XGenMMProcessor
-    from model.xgenmm import XGenMM
-    from train.data import BatchStream
-    from train.loop import compute_loss
+    from blip3.mixture.loader import MixtureLoader
+    from blip3.model.processor import XGenMMProcessor
+    from blip3.model.xgenmm import XGenMM
+    from blip3.train.data import BatchStream
+    from blip3.train.loop import compute_loss
 
     results, out, _ = tiny_chain
     dpo = _by_stage(results)["dpo"]
@@ -98,7 +98,7 @@ def test_dpo_increases_the_margin_and_lora_share_is_reported(tiny_chain):
 
 
 def test_runs_are_in_the_catalog(tiny_chain):
-    from core.sql import run_query
+    from blip3.core.sql import run_query
 
     _, _, db = tiny_chain
     rows = run_query("SELECT stage, kind, steps, status, final_loss, checkpoint, manifest FROM runs ORDER BY started_at", db)
@@ -113,7 +113,7 @@ def test_runs_are_in_the_catalog(tiny_chain):
 
 def test_cli_runs_a_stage_and_reports_bad_files(tmp_path):
     env = {**os.environ, "BLIP3_NO_PROGRESS": "1"}
-    blip3 = [sys.executable, str(ROOT / "cli.py")]
+    blip3 = [sys.executable, "-m", "blip3.cli"]
     ok = subprocess.run([*blip3, "train", str(TINY / "pretrain.yaml"), "--max-steps", "2", "--out", str(tmp_path),
                          "--db", str(tmp_path / "c.duckdb")], capture_output=True, text=True, env=env, cwd=tmp_path)
     assert ok.returncode == 0, ok.stderr[-2000:]
@@ -129,12 +129,12 @@ def test_cli_runs_a_stage_and_reports_bad_files(tmp_path):
 def test_merge_lora_command_gives_the_adapted_model(tiny_chain, tmp_path):
     from peft import PeftModel
 
-    from model.xgenmm import XGenMM
-    from model.processor import XGenMMProcessor
+    from blip3.model.xgenmm import XGenMM
+    from blip3.model.processor import XGenMMProcessor
 
     _, out, _ = tiny_chain
     env = {**os.environ, "BLIP3_NO_PROGRESS": "1"}
-    r = subprocess.run([sys.executable, str(ROOT / "cli.py"), "merge-lora", str(out / "dpo"), str(tmp_path / "m")],
+    r = subprocess.run([sys.executable, "-m", "blip3.cli", "merge-lora", str(out / "dpo"), str(tmp_path / "m")],
                        capture_output=True, text=True, env=env)
     assert r.returncode == 0, r.stderr[-2000:]
     merged = XGenMM.from_pretrained(tmp_path / "m").eval()
@@ -152,9 +152,9 @@ def test_merge_lora_command_gives_the_adapted_model(tiny_chain, tmp_path):
 
 def test_packed_rows_do_not_attend_across_samples(tiny_chain):
     """The loss of a packed batch equals the token-weighted loss of its samples run one by one."""
-    from mixture.loader import MixtureLoader
-    from train.builders import load_model_dir
-    from train.data import BatchStream, encode_sample
+    from blip3.mixture.loader import MixtureLoader
+    from blip3.train.builders import load_model_dir
+    from blip3.train.data import BatchStream, encode_sample
 
     _, out, _ = tiny_chain
     model, processor = load_model_dir(out / "pretrain")

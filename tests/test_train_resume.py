@@ -12,9 +12,9 @@ import torch
 from safetensors.torch import load_file
 
 from tests.train_fixtures import tiny_stage
-from train.config import InitConfig
-from train.loop import train_stage
-from train.metrics import read_metrics
+from blip3.train.config import InitConfig
+from blip3.train.loop import train_stage
+from blip3.train.metrics import read_metrics
 
 pytestmark = pytest.mark.slow
 os.environ.setdefault("BLIP3_NO_PROGRESS", "1")
@@ -86,7 +86,7 @@ def test_resume_after_a_real_kill(tmp_path):
     import yaml
 
     from tests.train_fixtures import ROOT, TINY
-    from train.config import load_stage
+    from blip3.train.config import load_stage
 
     stage = yaml.safe_load((TINY / "pretrain.yaml").read_text())
     # 48 steps after the first checkpoint at 4: the kill lands mid-run even on a busy machine.
@@ -95,7 +95,7 @@ def test_resume_after_a_real_kill(tmp_path):
     cfg_path = tmp_path / "stage.yaml"
     cfg_path.write_text(yaml.safe_dump(stage))
     env = {**os.environ, "BLIP3_NO_PROGRESS": "1", "PYTHONPATH": str(ROOT)}
-    proc = subprocess.Popen([sys.executable, "-m", "train", str(cfg_path), "--db", str(tmp_path / "c.duckdb")],
+    proc = subprocess.Popen([sys.executable, "-m", "blip3.train", str(cfg_path), "--db", str(tmp_path / "c.duckdb")],
                             cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     first_ckpt = tmp_path / "killed" / "checkpoints" / "step_000004"
     deadline = time.time() + 120

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from train.schedule import WarmupCosine, build_scheduler
+from blip3.train.schedule import WarmupCosine, build_scheduler
 
 
 def test_warmup_then_cosine_to_floor():
@@ -39,7 +39,7 @@ def test_scheduler_state_round_trips_through_json():
 
 
 def test_metrics_resume_drops_lines_after_the_checkpoint(tmp_path):
-    from train.metrics import MetricsWriter, read_metrics
+    from blip3.train.metrics import MetricsWriter, read_metrics
 
     w = MetricsWriter(tmp_path)
     for s in range(1, 6):
@@ -52,7 +52,7 @@ def test_metrics_resume_drops_lines_after_the_checkpoint(tmp_path):
 
 
 def test_checkpoint_round_trip_and_keep(tmp_path):
-    from train.checkpoint import latest_checkpoint, list_checkpoints, load_checkpoint, save_checkpoint
+    from blip3.train.checkpoint import latest_checkpoint, list_checkpoints, load_checkpoint, save_checkpoint
 
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Linear(4, 2))
@@ -87,7 +87,7 @@ def test_lora_merge_equals_peft_merge_and_unload():
     from peft import LoraConfig, get_peft_model
     from transformers import Phi3Config, Phi3ForCausalLM
 
-    from train.export import _split_lora, merge_lora
+    from blip3.train.export import _split_lora, merge_lora
 
     torch.manual_seed(0)
     base = Phi3ForCausalLM(Phi3Config(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
@@ -109,7 +109,7 @@ class _TinyProcessor:
     """Only what BatchStream's packing needs: `pack` as the real processor lays rows out."""
 
     def pack(self, samples, seq_len):
-        from model.processor import XGenMMProcessor
+        from blip3.model.processor import XGenMMProcessor
 
         return XGenMMProcessor.pack(self, samples, seq_len)
 
@@ -137,8 +137,8 @@ class _ListLoader:
 
 
 def test_packing_fills_rows_and_carries_the_overflow(monkeypatch):
-    from model.processor import Encoded
-    from train import data
+    from blip3.model.processor import Encoded
+    from blip3.train import data
 
     monkeypatch.setattr(data, "encode_sample", lambda proc, n: Encoded(list(range(1, n + 1)), list(range(1, n + 1))))
     stream = data.BatchStream(_ListLoader([5, 4, 6, 3, 12, 7]), _TinyProcessor(), stage="pretrain",
@@ -159,8 +159,8 @@ def test_packing_fills_rows_and_carries_the_overflow(monkeypatch):
 def test_stage_kinds_are_checked():
     from types import SimpleNamespace
 
-    from core.errors import UserError
-    from train.data import check_kinds
+    from blip3.core.errors import UserError
+    from blip3.train.data import check_kinds
 
     m = SimpleNamespace(sources=[SimpleNamespace(name="cap", kind="caption"), SimpleNamespace(name="p", kind="dpo")])
     with pytest.raises(UserError, match=r"sources\[1\].kind"):
@@ -169,9 +169,9 @@ def test_stage_kinds_are_checked():
 
 
 def test_mfu_counts_six_n_for_trained_and_two_n_for_frozen_vit():
-    from model.config import get_config
-    from model.xgenmm import XGenMM
-    from model.flops import flops_model, mfu
+    from blip3.model.config import get_config
+    from blip3.model.xgenmm import XGenMM
+    from blip3.model.flops import flops_model, mfu
 
     torch.manual_seed(0)
     model = XGenMM(get_config("tiny"))
@@ -191,8 +191,8 @@ def test_mfu_counts_six_n_for_trained_and_two_n_for_frozen_vit():
 
 
 def test_token_budget_becomes_steps():
-    from train.config import load_stage
-    from train.loop import total_steps
+    from blip3.train.config import load_stage
+    from blip3.train.loop import total_steps
     from tests.train_fixtures import ROOT
 
     cfg = load_stage(ROOT / "manifests/xgenmm/pretrain.yaml")  # tokens: 100B, 8 x 2048 x accum 4 per rank

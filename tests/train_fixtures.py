@@ -14,8 +14,8 @@ TINY = ROOT / "manifests" / "tiny"
 @pytest.fixture(scope="session")
 def tiny_chain(tmp_path_factory):
     """(results, out_root, db) of `manifests/tiny/pipeline.yaml` run end to end on CPU."""
-    from train.config import load_any
-    from train.pipeline import run_pipeline
+    from blip3.train.config import load_any
+    from blip3.train.pipeline import run_pipeline
 
     os.environ["BLIP3_NO_PROGRESS"] = "1"
     out = tmp_path_factory.mktemp("tiny-chain")
@@ -28,7 +28,7 @@ def tiny_stage(name: str, tmp: Path, **changes):
     """A tiny stage config with its output under `tmp` and fields replaced (dotted keys allowed)."""
     from dataclasses import replace
 
-    from train.config import load_stage
+    from blip3.train.config import load_stage
 
     cfg = load_stage(TINY / f"{name}.yaml")
     cfg.output_dir = str(tmp / name)

@@ -10,8 +10,8 @@ from pathlib import Path
 
 import torch
 
-from core.errors import UserError
-from train.config import StageConfig
+from blip3.core.errors import UserError
+from blip3.train.config import StageConfig
 
 ADAPTER_DIR = "adapter"
 
@@ -26,8 +26,8 @@ def model_dir(path: str | Path) -> Path:
 
 def load_model_dir(path: str | Path):
     """(XGenMM, processor) from a saved dir; an unmerged LoRA adapter in it is merged on load."""
-    from model.processor import XGenMMProcessor
-    from model.xgenmm import XGenMM
+    from blip3.model.processor import XGenMMProcessor
+    from blip3.model.xgenmm import XGenMM
 
     d = model_dir(path)
     model = XGenMM.from_pretrained(d)
@@ -44,9 +44,9 @@ def build_model(cfg: StageConfig, init_path: str | None = None):
 
     Returns (model, processor, info) where info reports parameter counts and the trainable share.
     """
-    from model.config import get_config
-    from model.processor import XGenMMProcessor
-    from model.xgenmm import XGenMM
+    from blip3.model.config import get_config
+    from blip3.model.processor import XGenMMProcessor
+    from blip3.model.xgenmm import XGenMM
 
     path = init_path or cfg.init.path
     if path is not None:
@@ -110,10 +110,10 @@ def build_optimizer(model, cfg: StageConfig, device: torch.device) -> torch.opti
 
 def resolve_manifest(cfg: StageConfig, out_dir: Path, db: str | Path | None, is_main: bool):
     """The stage's manifest: the given one, or the spec built into `out_dir/mixture.yaml`."""
-    from mixture.build import build_manifest
+    from blip3.mixture.build import build_manifest
 
     if cfg.data.generate == "tiny":
-        from mixture.tiny_sources import ensure_tiny_data
+        from blip3.mixture.tiny_sources import ensure_tiny_data
 
         os.environ["BLIP3_TINY_DATA"] = str(ensure_tiny_data())
     if cfg.data.manifest is not None:

@@ -22,16 +22,16 @@ def register(app: typer.Typer) -> None:
     ) -> None:
         """Train one stage, or a pipeline of stages (each stage's output is the next one's init).
 
-        Multi-GPU: `torchrun --nproc-per-node N -m train CONFIG.yaml` (FSDP2).
+        Multi-GPU: `torchrun --nproc-per-node N -m blip3.train CONFIG.yaml` (FSDP2).
         """
-        from core.errors import UserError
-        from core.logs import console
-        from train.config import load_any
+        from blip3.core.errors import UserError
+        from blip3.core.logs import console
+        from blip3.train.config import load_any
 
         if max_steps is not None and max_steps <= 0:
             raise UserError("must be > 0", field="--max-steps")
         pipeline = load_any(config)  # validated before torch is even imported
-        from train.pipeline import run_pipeline
+        from blip3.train.pipeline import run_pipeline
 
         results = run_pipeline(pipeline, resume=resume, max_steps=max_steps, db=db, out_root=out)
         if int(os.environ.get("RANK", "0")) != 0:
@@ -48,9 +48,9 @@ def register(app: typer.Typer) -> None:
         out: Path = typer.Argument(..., help="Model directory to write, adapters folded into the weights."),
     ) -> None:
         """Merge a stage's LoRA adapters into its base weights (for stages run with `lora.merge: false`)."""
-        from core.errors import UserError
-        from core.logs import console
-        from train.builders import ADAPTER_DIR, load_model_dir, model_dir
+        from blip3.core.errors import UserError
+        from blip3.core.logs import console
+        from blip3.train.builders import ADAPTER_DIR, load_model_dir, model_dir
 
         if not (model_dir(stage_dir) / ADAPTER_DIR).is_dir():
             raise UserError(f"no {ADAPTER_DIR}/ to merge", file=model_dir(stage_dir))

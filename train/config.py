@@ -20,8 +20,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from core.errors import UserError
-from core.yamlio import read_yaml
+from blip3.core.errors import UserError
+from blip3.core.yamlio import read_yaml
 
 STAGE_KINDS = ("pretrain", "sft", "interleave", "dpo", "safety")
 #: Stages that train LoRA adapters on the LLM by default (the paper's post-training).

@@ -23,8 +23,8 @@ from typing import Any
 import torch
 from PIL import Image
 
-from core.errors import UserError
-from model.processor import RowPacker
+from blip3.core.errors import UserError
+from blip3.model.processor import RowPacker
 
 #: Which source kinds each stage reads.
 STAGE_SOURCE_KINDS = {

@@ -20,9 +20,9 @@ import torch
 import torch.distributed as dist
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
-from train.builders import ADAPTER_DIR, unwrap
-from train.checkpoint import _strip
-from train.distributed import DistInfo
+from blip3.train.builders import ADAPTER_DIR, unwrap
+from blip3.train.checkpoint import _strip
+from blip3.train.distributed import DistInfo
 
 PEFT_PREFIX = "base_model.model."
 
@@ -58,7 +58,7 @@ def export_model(model, processor, final: Path, *, merge: bool, info: DistInfo, 
     """`about` (stage, init, steps, loss, trainable share) goes to `train_info.json` beside the weights."""
     from safetensors.torch import save_file
 
-    from model.xgenmm import CONFIG_FILE, WEIGHTS_FILE
+    from blip3.model.xgenmm import CONFIG_FILE, WEIGHTS_FILE
 
     sd = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     if info.is_main:

@@ -23,19 +23,19 @@ from pathlib import Path
 
 import torch
 
-from core.catalog import resolve_db
-from core.errors import UserError
-from core.logs import get_logger, progress
-from train.builders import build_model, build_optimizer, resolve_manifest, unwrap
-from train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
-from train.config import StageConfig
-from train.data import Batch, BatchStream, check_kinds, count_crops, count_tokens
-from train.distributed import DistInfo, all_reduce_mean, all_reduce_sum, init_distributed, parallelize
-from train.dpo import dpo_loss, sequence_logps
-from train.export import export_model
-from train.metrics import MetricsWriter
-from model.flops import flops_model, mfu, peak_flops
-from train.schedule import build_scheduler
+from blip3.core.catalog import resolve_db
+from blip3.core.errors import UserError
+from blip3.core.logs import get_logger, progress
+from blip3.train.builders import build_model, build_optimizer, resolve_manifest, unwrap
+from blip3.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from blip3.train.config import StageConfig
+from blip3.train.data import Batch, BatchStream, check_kinds, count_crops, count_tokens
+from blip3.train.distributed import DistInfo, all_reduce_mean, all_reduce_sum, init_distributed, parallelize
+from blip3.train.dpo import dpo_loss, sequence_logps
+from blip3.train.export import export_model
+from blip3.train.metrics import MetricsWriter
+from blip3.model.flops import flops_model, mfu, peak_flops
+from blip3.train.schedule import build_scheduler
 
 log = get_logger("train")
 MODEL_KEYS = ("input_ids", "attention_mask", "labels", "pixel_values", "image_sizes", "segment_ids")
@@ -101,7 +101,7 @@ def train_stage(
     record: bool = True,
 ) -> StageResult:
     """Run (or resume) one stage; stop early after `max_steps` total steps (a checkpoint is kept)."""
-    from mixture.loader import MixtureLoader
+    from blip3.mixture.loader import MixtureLoader
 
     info = dist_info or init_distributed()
     if info.distributed and not cfg.runtime.fsdp:
@@ -265,7 +265,7 @@ def train_stage(
 
 
 def _record(result: StageResult, cfg: StageConfig, started: datetime, manifest, db) -> None:
-    from core.catalog import Catalog
+    from blip3.core.catalog import Catalog
 
     with Catalog(db) as cat:
         cat.record_run(

@@ -10,9 +10,9 @@ from __future__ import annotations
 from dataclasses import replace
 from pathlib import Path
 
-from core.logs import get_logger
-from train.config import PipelineConfig
-from train.loop import StageResult, train_stage
+from blip3.core.logs import get_logger
+from blip3.train.config import PipelineConfig
+from blip3.train.loop import StageResult, train_stage
 
 log = get_logger("train")
 
@@ -25,7 +25,7 @@ def run_pipeline(
     db: str | Path | None = None,
     out_root: str | Path | None = None,
 ) -> list[StageResult]:
-    from train.distributed import init_distributed
+    from blip3.train.distributed import init_distributed
 
     info = init_distributed()
     results: list[StageResult] = []
