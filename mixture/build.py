@@ -1,7 +1,7 @@
 """`blip3 mix build`: resolve a mixture spec (what a user writes) into a manifest (what the
 trainer reads), and record it in the catalog.
 
-Spec (formats.md): `name`, `seed` (default 0), optional `target` (`{samples: N}` or
+Spec (docs/formats.md): `name`, `seed` (default 0), optional `target` (`{samples: N}` or
 `{tokens: N}`), optional `weight_by` (`samples` | `tokens`, default samples) and `sources`, each
 `{name, weight}` for a source registered with `blip3 source add`, or `{name, path, kind, weight}`
 for one given inline (works without a catalog). Paths may use `${VAR}` / `${VAR:-default}` and
@@ -12,7 +12,7 @@ The plan, and why:
 - The loader interleaves by samples. With `weight_by: tokens` a source's sampling weight is its
   token weight divided by its mean tokens per sample (normalised), so its share of *tokens*
   matches the spec.
-- Default target: one pass over the source with the largest weight (the spec's definition).
+- Default target: one pass over the source with the largest weight (docs/formats.md).
   A token target is turned into samples through the mean tokens per sample of the mix.
 - Planned samples per source are the weights times the target, apportioned by largest remainder
   so they sum to the target exactly; epochs = planned / available, realised tokens = planned x

@@ -86,7 +86,7 @@ def source_tiny(
 
 @mix_app.command("build")
 def mix_build(
-    spec: Path = typer.Argument(..., help="Mixture spec YAML (formats.md)."),
+    spec: Path = typer.Argument(..., help="Mixture spec YAML (docs/formats.md)."),
     out: Path = typer.Option(..., "--out", "-o", help="Manifest to write, e.g. manifests/NAME.yaml."),
     tokenizer: Optional[Path] = TokenizerOption,
     crops_per_image: int = CropsOption,

@@ -110,7 +110,7 @@ class _SourceStream:
 
 
 class MixtureLoader(IterableDataset):
-    """Weighted, interleaved, resumable stream of samples of a manifest (contract B).
+    """Weighted, interleaved, resumable stream of samples of a manifest (docs/formats.md, "Loader samples").
 
     Yields dicts `{"source", "kind", "key", "json", "txt", "images", "epoch", "shard"}`; with
     `decode=False` only the bookkeeping fields (no member bytes read): the index mode used for

@@ -1,10 +1,10 @@
 """The mixture manifest: the one file the trainer reads to know exactly which samples it will see.
 
-A manifest is what `blip3 mix build` resolves a spec into (formats.md, "Mixture spec and
-manifest"): every source with its kind, its normalised target weight, the sampling weight the
-loader interleaves by, its resolved shard list (path, sha256, bytes, samples), the counts it has
-(`samples`, `tokens`) and the counts the mixture plans to draw from it (`target_samples`,
-`target_tokens`, `epochs`). Everything needed to reproduce a run's data order is in it.
+A manifest is what `blip3 mix build` resolves a spec into (docs/formats.md, "Manifest"): every
+source with its kind, its normalised target weight, the sampling weight the loader interleaves by,
+its resolved shard list (path, sha256, bytes, samples), the counts it has (`samples`, `tokens`)
+and the counts the mixture plans to draw from it (`target_samples`, `target_tokens`, `epochs`).
+Everything needed to reproduce a run's data order is in it.
 
 YAML on disk (JSON is accepted too, it is YAML). A top-level `manifest_version` tells a built
 manifest from a spec, so passing a spec where a manifest is expected is one clear error.

@@ -69,7 +69,7 @@ def resolve_shards(spec: str | Path, base: Path | None = None) -> list[Path]:
 
 def _check_record(kind: str, key: str, rec: dict, sample: dict, tar: Path) -> None:
     def bad(msg: str) -> UserError:
-        return UserError(f"sample {key}: {msg} (kind {kind}, see formats.md)", file=tar)
+        return UserError(f"sample {key}: {msg} (kind {kind}, see docs/formats.md)", file=tar)
 
     if kind == "caption":
         if not any(is_image_ext(k) for k in sample if not k.startswith("__")):

@@ -44,7 +44,7 @@ def read_members(f, sample: SampleIndex) -> dict[str, bytes]:
 
 
 def decode_sample(raw: dict[str, bytes], *, key: str, source: str, kind: str, shard: str) -> dict[str, Any]:
-    """Raw members -> the loader's sample dict (contract B): json parsed, txt decoded, images kept
+    """Raw members -> the loader's sample dict (docs/formats.md, "Loader samples"): json parsed, txt decoded, images kept
     as bytes under their member name (`jpg` for caption shards, `img0.jpg` for documents)."""
     meta: dict[str, Any] = {}
     if "json" in raw:

@@ -4,7 +4,7 @@ training pipeline (`manifests/tiny/`, `generate: tiny`).
 
 Each image is a flat background colour with one shape in another colour, and every text names them
 ("a red circle on a blue background"), so a tiny model can learn the task in a handful of steps.
-Records follow formats.md. Two sets are written from the same pieces:
+Records follow docs/formats.md. Two sets are written from the same pieces:
 
 `write_tiny_sources(OUT)` — the catalog/mixture sources (several shards each):
     caption-ocr/        captions with the text drawn in the image and its OCR entries
@@ -206,7 +206,7 @@ def _safety(rng: random.Random, n: int, prefix: str = "safe") -> list[Sample]:
 
 
 def _ocr(rng: random.Random, n: int, prefix: str) -> tuple[list[Sample], list[dict]]:
-    """Captions whose image carries 0-2 words, with their OCR entries (formats.md)."""
+    """Captions whose image carries 0-2 words, with their OCR entries (docs/formats.md)."""
     samples, rows = [], []
     w, h = 96, 64
     for i in range(n):
