@@ -71,18 +71,18 @@ def sql(
     write_result(run_query(query, db), fmt=fmt, out=out)
 
 
-def _register_groups() -> None:
-    """Each package adds its own commands; a package not yet present is simply absent."""
+#: The packages that add command groups (each `commands.py` has a `register(app)`).
+COMMAND_MODULES = ("blip3.datagen.commands", "blip3.mixture.commands", "blip3.train.commands",
+                   "blip3.model.commands", "blip3.demo.commands")
+
+
+def _register_groups(modules: tuple[str, ...] = COMMAND_MODULES) -> None:
+    """Each package adds its own commands. A module that fails to import is a broken install, not
+    an optional part: the error propagates, so a command group never silently goes missing."""
     import importlib
 
-    for module in ("blip3.datagen.commands", "blip3.mixture.commands", "blip3.train.commands", "blip3.model.commands", "blip3.demo.commands"):
-        try:
-            mod = importlib.import_module(module)
-        except ModuleNotFoundError as e:
-            if e.name != module:
-                raise
-            continue
-        mod.register(app)
+    for module in modules:
+        importlib.import_module(module).register(app)
 
 
 _register_groups()
