@@ -22,9 +22,8 @@ from pathlib import Path
 
 from PIL import Image, ImageDraw, ImageOps, UnidentifiedImageError
 
-from blip3.core.shards import iter_shard
+from blip3.core.shards import is_image_ext, iter_shard
 from blip3.mixture.sources import resolve_shards
-from blip3.mixture.tar_index import is_image_ext
 
 THUMB_WIDTH = 320
 OCR_COLOR = (230, 20, 20)

@@ -33,9 +33,9 @@ from typing import Any
 
 from blip3.core.catalog import SOURCE_KINDS, transaction
 from blip3.core.errors import UserError
-from blip3.core.shards import file_sha256
 from blip3.core.yamlio import read_yaml
-from blip3.mixture.manifest import WEIGHT_BY, Manifest, ManifestSource, ShardRef, write_manifest
+from blip3.mixture.manifest import (WEIGHT_BY, Manifest, ManifestSource, ShardRef, check_verify_mode, shard_change,
+                                    write_manifest)
 from blip3.mixture.tokens import TokenCounter
 
 _VAR = re.compile(r"\$\{(\w+)(?::-([^}]*))?\}")
@@ -145,8 +145,7 @@ def build_manifest(
     `verify`: "sha256" re-hashes every catalogued shard against its recorded checksum; "size"
     only checks existence and size (for very large catalogues; the loader can still hash).
     """
-    if verify not in ("sha256", "size"):
-        raise UserError(f"must be sha256 or size, got {verify!r}", field="verify")
+    check_verify_mode(verify, ("sha256", "size"))  # a manifest is only written for shards looked at
     data, file, base = load_spec(spec)
     spec_d = validate_spec(data, file)
     counter = TokenCounter(tokenizer, crops_per_image=crops_per_image)
@@ -232,10 +231,11 @@ def _catalog_source(cat, s: dict, i: int, counter: TokenCounter, file: str | Non
         if status != "ok":
             raise UserError(f"source {s['name']!r}: shard {path} changed since it was catalogued (status {status})",
                             field=field, file=file)
-        if not p.is_file():
+        change = shard_change(p, size, sha, checksum=checksum)
+        if change == "missing":
             raise UserError(f"source {s['name']!r}: shard {path} is missing (moved or deleted)", field=field, file=file)
-        if p.stat().st_size != size or (checksum and file_sha256(p) != sha):
-            raise UserError(f"source {s['name']!r}: shard {path} changed on disk (sha256 differs from the catalog)",
+        if change is not None:
+            raise UserError(f"source {s['name']!r}: shard {path} changed on disk ({change} differs from the catalog)",
                             field=field, file=file)
         if tokens is None:
             from blip3.mixture.sources import scan_shard

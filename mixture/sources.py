@@ -24,8 +24,7 @@ import pyarrow as pa
 
 from blip3.core.catalog import SOURCE_KINDS, Catalog, transaction
 from blip3.core.errors import UserError
-from blip3.core.shards import SIDECAR_SCHEMA, ShardInfo, file_sha256, iter_shard, list_shards
-from blip3.mixture.tar_index import is_image_ext
+from blip3.core.shards import SIDECAR_SCHEMA, ShardInfo, file_sha256, is_image_ext, iter_shard, list_shards
 from blip3.mixture.tokens import TokenCounter
 
 
