@@ -32,10 +32,11 @@ import duckdb
 import pyarrow as pa
 
 from blip3.core.errors import UserError
+from blip3.core.records import RECORD_KINDS
 from blip3.core.shards import SIDECAR_COLUMNS, ShardInfo, file_sha256, list_shards
 
 DEFAULT_DB = "catalog.duckdb"
-SOURCE_KINDS = ("caption", "interleaved", "sft", "dpo")
+SOURCE_KINDS = tuple(RECORD_KINDS)  # caption, interleaved, sft, dpo: one record type each
 
 SCHEMA = [
     """CREATE TABLE IF NOT EXISTS sources (

@@ -22,6 +22,7 @@ from pathlib import Path
 
 from PIL import Image, ImageDraw, ImageOps, UnidentifiedImageError
 
+from blip3.core.records import grounding_objects, ocr_entries
 from blip3.core.shards import is_image_ext, iter_shard
 from blip3.mixture.sources import resolve_shards
 
@@ -47,13 +48,6 @@ class _Card:
     entries: list[dict]
     objects: list[dict]
     frame_width: int | None = None  # width of the image the polygons' pixels refer to (json `width`)
-
-
-def _boxes(rec: dict) -> tuple[list[dict], list[dict]]:
-    meta = rec.get("metadata") if isinstance(rec.get("metadata"), dict) else {}
-    entries = [e for e in meta.get("entries") or [] if isinstance(e, dict)]
-    objects = [o for o in (rec.get("objects") or meta.get("objects") or []) if isinstance(o, dict)]
-    return entries, objects
 
 
 def _scaled_box(bbox, w: int, h: int) -> list[float] | None:
@@ -113,7 +107,7 @@ def write_audit(shards: str | Path, out: str | Path, *, n: int = 48, seed: int =
             except (json.JSONDecodeError, UnicodeDecodeError):
                 rec = {}
             caption = sample["txt"].decode("utf-8", errors="replace") if "txt" in sample else ""
-            entries, objects = _boxes(rec)
+            entries, objects = ocr_entries(rec), grounding_objects(rec)
             lengths.append(len(caption))
             boxes.append(len(entries) + len(objects))
             ocr_conf += [float(e["confidence"]) for e in entries if isinstance(e.get("confidence"), (int, float))]

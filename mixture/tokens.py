@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from blip3.core.errors import UserError
+from blip3.core.records import record_kind
 
 ESTIMATE_LABEL = "estimate:utf8-bytes/4"
 TOKENIZER_ENV = "BLIP3_TOKENIZER"
@@ -60,12 +61,5 @@ class TokenCounter:
 
     def sample(self, kind: str, record: dict[str, Any], txt: str | None, n_images: int) -> int:
         """Tokens of one sample of `kind` (json `record`, caption `txt`, `n_images` image members)."""
-        if kind == "caption":
-            text = self.text(txt)
-        elif kind == "interleaved":
-            text = sum(self.text(t) for t in record.get("texts", []) if t)
-        elif kind == "sft":
-            text = sum(self.text(turn.get("content")) for turn in record.get("conversations", []))
-        else:
-            text = sum(self.text(record.get(k)) for k in ("prompt", "chosen", "rejected"))
+        text = sum(self.text(t) for t in record_kind(kind).texts(record, txt))
         return text + n_images * self.vision_tokens_per_image
