@@ -14,6 +14,7 @@ from typing import Optional
 import typer
 
 from blip3.core.errors import UserError
+from blip3.core.options import DbOption
 
 app = typer.Typer(
     name="blip3",
@@ -25,7 +26,6 @@ app = typer.Typer(
 catalog_app = typer.Typer(help="Register shards in the DuckDB catalog and summarise it.", no_args_is_help=True)
 app.add_typer(catalog_app, name="catalog")
 
-DbOption = typer.Option(None, "--db", help="Catalog file (default: $BLIP3_DB or ./catalog.duckdb).")
 
 
 @catalog_app.command("add")
@@ -34,7 +34,7 @@ def catalog_add(
     source: Optional[str] = typer.Option(None, "--source", help="Source name (default: the folder name)."),
     kind: str = typer.Option("caption", "--kind", help="caption | interleaved | sft | dpo"),
     refresh: bool = typer.Option(False, "--refresh", help="Re-read shards whose tar changed."),
-    db: Optional[Path] = DbOption,
+    db: Path = DbOption,
 ) -> None:
     """Register finished shards and their per-sample sidecar rows (idempotent)."""
     from blip3.core.catalog import Catalog
@@ -49,7 +49,7 @@ def catalog_add(
 
 
 @catalog_app.command("stats")
-def catalog_stats(db: Optional[Path] = DbOption) -> None:
+def catalog_stats(db: Path = DbOption) -> None:
     """Print a summary table per source: shards, samples, failures, caption length, coverage."""
     from blip3.core.sql import run_query
     from blip3.core.tables import write_result
@@ -62,7 +62,7 @@ def sql(
     query: str = typer.Argument(..., help='A read-only query, e.g. "SELECT * FROM v_source_summary".'),
     fmt: str = typer.Option("table", "--format", "-f", help="table | csv | json | parquet"),
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="Write the result to this file."),
-    db: Optional[Path] = DbOption,
+    db: Path = DbOption,
 ) -> None:
     """Run a read-only SQL query on the catalog (statements that write are refused)."""
     from blip3.core.sql import run_query

@@ -23,15 +23,15 @@ The plan, and why:
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import re
+from dataclasses import astuple
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from blip3.core.catalog import SOURCE_KINDS, transaction
+from blip3.core.catalog import SOURCE_KINDS
 from blip3.core.errors import UserError
 from blip3.core.yamlio import read_yaml
 from blip3.mixture.manifest import (WEIGHT_BY, Manifest, ManifestSource, ShardRef, check_verify_mode, shard_change,
@@ -174,7 +174,7 @@ def build_manifest(
             write_manifest(manifest, out)
             manifest.path = str(out)
         if cat is not None and record:
-            record_mixture(cat, manifest, spec_d)
+            cat.record_mixture(manifest, spec_d)
     finally:
         if cat is not None:
             cat.close()
@@ -200,15 +200,14 @@ def _inline_source(s: dict, i: int, counter: TokenCounter, base: Path, file: str
 def _catalog_source(cat, s: dict, i: int, counter: TokenCounter, file: str | None, *,
                     checksum: bool) -> ManifestSource:
     field = f"sources[{i}].name"
-    row = cat.con.execute("SELECT kind, meta FROM sources WHERE name = ?", [s["name"]]).fetchone()
+    row = cat.source(s["name"])
     if row is None:
-        known = [r[0] for r in cat.con.execute("SELECT name FROM sources ORDER BY name").fetchall()]
         raise UserError(
-            f"unknown source {s['name']!r} (catalog {cat.path} has: {', '.join(known) or 'none'}); "
+            f"unknown source {s['name']!r} (catalog {cat.path} has: {', '.join(cat.source_names()) or 'none'}); "
             f"register it with `blip3 source add` or give path and kind",
             field=field, file=file,
         )
-    kind, meta = row[0], json.loads(row[1] or "{}")
+    kind, meta = row.kind, row.meta
     if meta.get("tokenizer") not in (None, counter.label):
         raise UserError(
             f"source {s['name']!r} was counted with tokenizer {meta['tokenizer']}, this build uses {counter.label}; "
@@ -221,12 +220,8 @@ def _catalog_source(cat, s: dict, i: int, counter: TokenCounter, file: str | Non
             f"this build uses {counter.vision_tokens_per_image}; re-add it with the same --crops-per-image",
             field=field, file=file,
         )
-    rows = cat.con.execute(
-        "SELECT path, sha256, tar_bytes, n_success, n_tokens, status FROM shards WHERE source = ? ORDER BY path",
-        [s["name"]],
-    ).fetchall()
     shards = []
-    for path, sha, size, n, tokens, status in rows:
+    for path, sha, size, n, tokens, status in (astuple(r) for r in cat.source_shards(s["name"])):
         p = Path(path)
         if status != "ok":
             raise UserError(f"source {s['name']!r}: shard {path} changed since it was catalogued (status {status})",
@@ -301,26 +296,3 @@ def _plan(spec: dict, sources: list[ManifestSource], counter: TokenCounter) -> M
         vision_tokens_per_image=counter.vision_tokens_per_image,
         created_at=datetime.now(timezone.utc).isoformat(timespec="seconds"),
     )
-
-
-def record_mixture(cat, manifest: Manifest, spec: dict) -> None:
-    """Replace the mixture's rows in `mixtures` and `mixture_sources`."""
-    con = cat.con
-    with transaction(con):
-        con.execute("DELETE FROM mixture_sources WHERE mixture = ?", [manifest.name])
-        con.execute("DELETE FROM mixtures WHERE name = ?", [manifest.name])
-        con.execute(
-            "INSERT INTO mixtures (name, manifest_path, seed, weight_by, target_samples, target_tokens, created_at, spec) "
-            "VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-            [manifest.name, None if manifest.path is None else str(Path(manifest.path).resolve()), manifest.seed,
-             manifest.weight_by, manifest.target["samples"], manifest.target["tokens"],
-             datetime.fromisoformat(manifest.created_at), json.dumps(spec)],
-        )
-        for s in manifest.sources:
-            con.execute(
-                "INSERT INTO mixture_sources (mixture, source, kind, weight, sample_weight, available_samples, "
-                "available_tokens, target_samples, target_tokens, epochs, n_shards, tokenizer) "
-                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                [manifest.name, s.name, s.kind, s.weight, s.sample_weight, s.samples, s.tokens, s.target_samples,
-                 s.target_tokens, s.epochs, len(s.shards), manifest.tokenizer],
-            )

@@ -11,7 +11,8 @@ from typing import Optional
 
 import typer
 
-DbOption = typer.Option(None, "--db", help="Catalog file (default: $BLIP3_DB or ./catalog.duckdb).")
+from blip3.core.options import DbOption
+
 TokenizerOption = typer.Option(
     None, "--tokenizer",
     help="Hugging Face tokenizer folder for token counts (default: $BLIP3_TOKENIZER, else an estimate "
@@ -32,7 +33,7 @@ def source_add(
     kind: str = typer.Option("caption", "--kind", help="caption | interleaved | sft | dpo"),
     tokenizer: Optional[Path] = TokenizerOption,
     crops_per_image: int = CropsOption,
-    db: Optional[Path] = DbOption,
+    db: Path = DbOption,
 ) -> None:
     """Register a source with its shards, checksums, sample and token counts (idempotent)."""
     from blip3.core.catalog import Catalog
@@ -56,7 +57,7 @@ def source_import_obelics(
                                               "(default: the parquet's folder)."),
     source: Optional[str] = typer.Option(None, "--source", help="Also register the output as this source."),
     tokenizer: Optional[Path] = TokenizerOption,
-    db: Optional[Path] = DbOption,
+    db: Path = DbOption,
 ) -> None:
     """Import OBELICS/MINT-1T-shaped parquet (images by path or embedded bytes) as interleaved shards."""
     from blip3.core.logs import console
@@ -91,14 +92,13 @@ def mix_build(
     tokenizer: Optional[Path] = TokenizerOption,
     crops_per_image: int = CropsOption,
     verify: str = typer.Option("sha256", "--verify", help="sha256 (re-hash catalogued shards) | size"),
-    db: Optional[Path] = DbOption,
+    db: Path = DbOption,
 ) -> None:
     """Resolve a spec into the manifest the trainer reads, and record it in the catalog."""
-    from blip3.core.catalog import resolve_db
     from blip3.core.logs import console
     from blip3.mixture.build import build_manifest
 
-    m = build_manifest(spec, db=resolve_db(db), out=out, tokenizer=tokenizer, crops_per_image=crops_per_image,
+    m = build_manifest(spec, db=db, out=out, tokenizer=tokenizer, crops_per_image=crops_per_image,
                        verify=verify)
     console.print(f"[green]{m.name}[/]: {len(m.sources)} sources, {m.target['samples']} samples, "
                   f"{m.target['tokens']} tokens \\[{m.tokenizer}] -> {out}")
@@ -139,7 +139,7 @@ def mix_sample(
 def mix_stats(
     name: str = typer.Argument(..., help="Mixture name (as built by `mix build`)."),
     fmt: str = typer.Option("table", "--format", "-f", help="table | csv | json"),
-    db: Optional[Path] = DbOption,
+    db: Path = DbOption,
 ) -> None:
     """Per-source weights (target vs realised), tokens, epochs, coverage, caption lengths, failures."""
     from blip3.core.tables import write_result
@@ -155,7 +155,7 @@ def mix_stats(
 def mix_plot(
     name: str = typer.Argument(..., help="Mixture name."),
     out: Path = typer.Option(..., "--out", "-o", help="PNG file."),
-    db: Optional[Path] = DbOption,
+    db: Path = DbOption,
 ) -> None:
     """Composition (target vs realised shares) and token budget per source, as one PNG."""
     from blip3.core.logs import console

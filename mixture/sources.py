@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pyarrow as pa
 
-from blip3.core.catalog import SOURCE_KINDS, Catalog, transaction
+from blip3.core.catalog import SOURCE_KINDS, Catalog
 from blip3.core.errors import UserError
 from blip3.core.records import RecordError, image_members, record_kind, sidecar_row
 from blip3.core.shards import SampleRow, ShardInfo, file_sha256, iter_shard, list_shards, rows_to_table
@@ -125,62 +125,51 @@ def add_source(cat: Catalog, name: str, path: str | Path, kind: str, counter: To
     p = Path(path)
     ours = _our_layout(p)
     tars = [str(t) for t in resolve_shards(path)]  # our layout: its finished shards
-    taken = cat.con.execute(
-        "SELECT path, source FROM shards WHERE source <> ? AND path IN (SELECT unnest(?::VARCHAR[]))", [name, tars]
-    ).fetchone()
+    taken = cat.shard_owner(tars, other_than=name)
     if taken:
         raise UserError(f"shard {taken[0]} already belongs to source {taken[1]!r} (a shard is in one source)",
                         field="NAME")
-    con = cat.con
-    row = con.execute("SELECT meta FROM sources WHERE name = ?", [name]).fetchone()
-    meta = json.loads(row[0] or "{}") if row else {}
+    known = cat.source(name)
+    meta = known.meta if known else {}
     recount = "tokenizer" in meta and (
         meta["tokenizer"] != counter.label or meta.get("vision_tokens_per_image") != counter.vision_tokens_per_image)
     if ours:
         # Read (and check against the kind) every shard that needs a token count *before* writing
         # anything, so a wrong --kind leaves the catalog as it was.
-        counted = {r[0] for r in con.execute(
-            "SELECT path FROM shards WHERE source = ? AND n_tokens IS NOT NULL", [name]).fetchall()}
+        counted = {s.path for s in cat.source_shards(name, counted_only=True)}
         tokens = {t: scan_shard(t, kind, counter).tokens for t in tars if recount or t not in counted}
         added = cat.add_output(p, source=name, kind=kind).added
-        for tar, n in tokens.items():
-            con.execute("UPDATE shards SET n_tokens = ? WHERE path = ?", [n, tar])
+        cat.set_shard_tokens(tokens)
     else:
         cat.upsert_source(name, kind, p)
         try:
             added = _add_foreign(cat, name, [Path(t) for t in tars], kind, counter)
         except UserError:
-            if row is None:  # a source that failed on its first add leaves no empty row behind
-                con.execute("DELETE FROM sources WHERE name = ?", [name])
+            if known is None:  # a source that failed on its first add leaves no empty row behind
+                cat.drop_source(name)
             raise
         if recount:  # shards kept from an earlier add were counted with another tokenizer
-            for (tar,) in con.execute("SELECT path FROM shards WHERE source = ? AND status = 'ok'", [name]).fetchall():
-                con.execute("UPDATE shards SET n_tokens = ? WHERE path = ?", [scan_shard(tar, kind, counter).tokens, tar])
+            cat.set_shard_tokens({s.path: scan_shard(s.path, kind, counter).tokens
+                                  for s in cat.source_shards(name, ok_only=True)})
     meta.update(tokenizer=counter.label, token_count="exact" if counter.exact else "estimate",
                 vision_tokens_per_image=counter.vision_tokens_per_image)
-    con.execute("UPDATE sources SET meta = ? WHERE name = ?", [json.dumps(meta), name])
-    cat._refresh_source_counts(name)
-    row = con.execute("SELECT n_shards, n_samples, coalesce(n_tokens, 0) FROM sources WHERE name = ?", [name]).fetchone()
-    return SourceResult(name, kind, row[0], row[1], row[2], counter.label, added)
+    cat.set_source_meta(name, meta)
+    cat.refresh_source_counts(name)
+    row = cat.source(name)
+    return SourceResult(name, kind, row.n_shards, row.n_samples, row.n_tokens or 0, counter.label, added)
 
 
 def _add_foreign(cat: Catalog, name: str, tars: list[Path], kind: str, counter: TokenCounter) -> int:
     """Scan every new (or changed) tar first, then insert them all in one transaction: a bad
     sample in any tar leaves the catalog as it was, with no rows of the tars read before it."""
-    con = cat.con
-    scans: list[tuple[str, ShardInfo, pa.Table, int]] = []
+    scans: list[tuple[ShardInfo, pa.Table, int]] = []
     for i, tar in enumerate(tars):
-        path = str(tar)
         sha = file_sha256(tar)
-        known = con.execute("SELECT sha256 FROM shards WHERE path = ?", [path]).fetchone()
-        if known is not None and known[0] == sha:
+        if cat.shard_sha256(str(tar)) == sha:
             continue
         scan = scan_shard(tar, kind, counter, rows=True)
         # no sidecar parquet or stats file: the rows derived from the members are passed instead
         info = ShardInfo(index=i, tar=tar, parquet=None, stats=None, sha256=sha, tar_bytes=scan.bytes,
                          count=scan.samples, successes=scan.samples, failed=0, generator={"name": "external"})
-        scans.append((path, info, rows_to_table(scan.rows), scan.tokens))
-    with transaction(con):
-        for path, info, rows, tokens in scans:
-            cat._insert_shard(path, name, info, rows=rows, n_tokens=tokens)
-    return len(scans)
+        scans.append((info, rows_to_table(scan.rows), scan.tokens))
+    return cat.add_shards(name, scans)
