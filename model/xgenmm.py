@@ -28,12 +28,16 @@ WEIGHTS_FILE = "model.safetensors"
 
 
 def build_lang_model(config: ModelConfig, attn_implementation: str = "sdpa") -> nn.Module:
-    """A randomly initialised `Phi3ForCausalLM` from `config.lang_model` (Phi3Config kwargs)."""
+    """A randomly initialised `Phi3ForCausalLM` from `config.lang_model` (Phi3Config kwargs), its
+    head biased when `config.lm_head_bias` (the released checkpoint's layout)."""
     from transformers import Phi3Config, Phi3ForCausalLM
 
     cfg = Phi3Config(**config.lang_model)
     cfg._attn_implementation = attn_implementation
-    return Phi3ForCausalLM(cfg)
+    lm = Phi3ForCausalLM(cfg)
+    if config.lm_head_bias:
+        lm.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=True)
+    return lm
 
 
 def segment_starts(segment_ids: torch.Tensor) -> torch.Tensor:
