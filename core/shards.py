@@ -338,10 +338,9 @@ def list_shards(out_dir: str | Path) -> list[ShardInfo]:
         if not stem.isdigit():
             continue
         try:
-            stats = json.loads(stats_path.read_text())
-        except json.JSONDecodeError:
-            continue
-        infos.append(_info_from_stats(out, stats))
+            infos.append(_info_from_stats(out, json.loads(stats_path.read_text())))
+        except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, ValueError):
+            continue  # not a finished shard's stats; callers that must account for tars check them
     return infos
 
 
