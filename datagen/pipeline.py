@@ -30,12 +30,12 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Iterator
 
-from blip3.core.errors import UserError
+from blip3.core.errors import UserError, describe_exception
 from blip3.core.logs import get_logger, progress, progress_enabled
 from blip3.core.shards import SampleRow, ShardWriter, clean_temporaries, read_stats, shard_complete, shard_paths
 from blip3.datagen.annotator import AnnotatorFactory, SkipSample
 from blip3.datagen.images import ImageLimits, ImageRejected, decode_image
-from blip3.datagen.inputs import SampleRef, iter_refs, load_sample
+from blip3.datagen.inputs import SampleRef, check_output_outside_input, iter_refs, load_sample
 
 log = get_logger("datagen")
 DEFAULT_SHARD_SIZE = 1000
@@ -96,7 +96,7 @@ def process_ref(ref: SampleRef, annotator, limits: ImageLimits, generator: dict[
         row.status, row.error = "failed", e.error
         return _result(row)
     except Exception as e:  # an engine crash on one image must not stop the job; recorded with reason
-        row.status, row.error = "failed", f"annotate: {type(e).__name__}: {str(e)[:200]}"
+        row.status, row.error = "failed", f"annotate: {describe_exception(e)[:200]}"
         return _result(row)
     record: dict[str, Any] = {
         "key": ref.key,
@@ -240,6 +240,7 @@ def run_job(
     if workers < 1:
         raise UserError("must be at least 1", field="--workers")
     out = Path(output)
+    check_output_outside_input(input, out)
     probe = annotator_factory()  # unloaded: only asked for its name and generator info
     generator = {"name": probe.name, **probe.generator_info()}
     refs = list(iter_refs(input, input_format, work_dir=out / DOWNLOAD_DIR))
