@@ -357,10 +357,9 @@ def list_shards(out_dir: str | Path) -> list[ShardInfo]:
         if not stem.isdigit():
             continue
         try:
-            stats = json.loads(stats_path.read_text())
-        except json.JSONDecodeError:
-            continue
-        infos.append(_info_from_stats(out, stats))
+            infos.append(_info_from_stats(out, json.loads(stats_path.read_text())))
+        except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, ValueError):
+            continue  # not a finished shard's stats; callers that must account for tars check them
     return infos
 
 
@@ -380,12 +379,18 @@ def split_member_name(name: str) -> tuple[str, str]:
     return (f"{head}/{key}" if head else key), ext
 
 
-def _keyed_files(tar: tarfile.TarFile) -> Iterator[tuple[str, str, tarfile.TarInfo]]:
-    """(key, ext, member) for each regular file, in tar order: consecutive equal keys form a sample."""
+def _keyed_files(tar: tarfile.TarFile, skipped: list[tarfile.TarInfo] | None = None
+                 ) -> Iterator[tuple[str, str, tarfile.TarInfo]]:
+    """(key, ext, member) for each regular file, in tar order: consecutive equal keys form a sample.
+
+    Links and device entries carry no data of their own; they are passed over, and appended to
+    `skipped` when given so a reader that must account for every input can report them."""
     for member in tar:
         if member.isfile():
             key, ext = split_member_name(member.name)
             yield key, ext, member
+        elif skipped is not None and not member.isdir():
+            skipped.append(member)
 
 
 class MemberSpan(NamedTuple):
@@ -404,12 +409,13 @@ class SampleIndex:
     members: tuple[MemberSpan, ...]
 
 
-def iter_tar_index(path: str | Path) -> Iterator[SampleIndex]:
+def iter_tar_index(path: str | Path, *, skipped: list[tarfile.TarInfo] | None = None) -> Iterator[SampleIndex]:
     """Samples of an uncompressed tar in order, by reading headers only (data is seeked over), so a
     reader can later fetch just the members it needs. `tarfile.TarError` / `OSError` pass through
-    unchanged: each caller words them for its own user."""
+    unchanged: each caller words them for its own user. Non-regular members (hard and symbolic
+    links, devices) are not samples; they are appended to `skipped` when it is given."""
     with tarfile.open(path, mode="r:") as tar:
-        for key, group in groupby(_keyed_files(tar), key=itemgetter(0)):
+        for key, group in groupby(_keyed_files(tar, skipped), key=itemgetter(0)):
             yield SampleIndex(key, tuple(MemberSpan(ext, m.offset_data, m.size) for _, ext, m in group))
 
 

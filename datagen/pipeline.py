@@ -34,13 +34,13 @@ from itertools import chain
 from pathlib import Path
 from typing import Any, Iterator
 
-from blip3.core.errors import UserError
+from blip3.core.errors import UserError, describe_exception
 from blip3.core.logs import get_logger, progress
 from blip3.core.shards import SampleRow, ShardWriter, clean_temporaries, read_stats, shard_complete, shard_paths
 from blip3.datagen.annotator import AnnotatorFactory, SkipSample
 from blip3.datagen.images import ImageLimits, ImageRejected, decode_image
-from blip3.datagen.inputs import SampleRef, iter_raw_refs, load_sample
-from blip3.datagen.plans import ShardPlan, input_digest, iter_plans
+from blip3.datagen.inputs import SampleRef, check_output_outside_input, iter_raw_refs, load_sample
+from blip3.datagen.plans import ShardPlan, iter_plans
 
 log = get_logger("datagen")
 DEFAULT_SHARD_SIZE = 1000
@@ -116,7 +116,7 @@ def process_ref(ref: SampleRef, annotator, limits: ImageLimits, generator: dict[
     except SkipSample as e:
         return failed(e.error)
     except Exception as e:  # an engine crash on one image must not stop the job; recorded with reason
-        return failed(f"annotate: {type(e).__name__}: {str(e)[:200]}")
+        return failed(f"annotate: {describe_exception(e)[:200]}")
     record: dict[str, Any] = {
         "key": ref.key,
         "uid": ref.uid,
@@ -226,6 +226,7 @@ def run_job(
     if workers < 1:
         raise UserError("must be at least 1", field="--workers")
     out = Path(output)
+    check_output_outside_input(input, out)
     probe = annotator_factory()  # unloaded: only asked for its name and generator info
     generator = {"name": probe.name, **probe.generator_info()}
     plans = iter_plans(iter_raw_refs(input, input_format, work_dir=out / DOWNLOAD_DIR), shard_size, generator,
