@@ -42,10 +42,11 @@ def catalog_add(
 
     with Catalog(db) as cat:
         r = cat.add_output(output_dir, source=source, kind=kind, refresh=refresh)
-    console.print(
-        f"[green]{r.source}[/]: {r.added} shard(s) added ({r.rows} rows), {r.skipped} already catalogued"
-        + (f", [yellow]{r.changed} changed on disk (flagged)[/]" if r.changed else "")
-    )
+    console.print(r.summary(), highlight=False, soft_wrap=True)
+    if r.failed:
+        for path, reason in r.failed:
+            console.print(f"[red]not registered:[/] {path}: {reason}", highlight=False, soft_wrap=True)
+        raise typer.Exit(1)  # the good shards are registered; the exit status says some were not
 
 
 @catalog_app.command("stats")

@@ -202,6 +202,8 @@ class GroundingAnnotator:
             entry = self._index.lookup(_sample_names(sample))
             if entry is None:
                 raise SkipSample("annotations", f"no entry for {sample.key} in {Path(c.annotations or '').name}")
+            if entry.error:
+                raise SkipSample("annotations", entry.error)
             objects = filter_objects(entry.objects(*image.size), c.limits)
             tags: list[str] = sorted({o.label for o in objects})
             extra["skipped_crowd"] = entry.skipped_crowd

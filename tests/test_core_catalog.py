@@ -150,3 +150,34 @@ def test_missing_catalog_is_a_clear_error(tmp_path):
 def test_add_rejects_folder_without_shards(tmp_path):
     with Catalog(tmp_path / "c.duckdb") as cat, pytest.raises(UserError, match="no finished shards"):
         cat.add_output(tmp_path)
+
+
+def test_add_with_a_corrupt_sidecar_registers_the_good_shards_and_exits_non_zero(tmp_path):
+    out = tmp_path / "src"
+    write_caption_shard(out, 0, 3)
+    write_caption_shard(out, 1, 4)
+    write_caption_shard(out, 2, 5)
+    _, parquet, _ = shard_paths(out, 1)
+    parquet.write_bytes(b"PAR1 this is not a parquet file PAR1")
+    (out / "000007.tar").write_bytes(b"")  # a tar with no stats file: a killed or foreign writer
+    db = tmp_path / "c.duckdb"
+    r = blip3("catalog", "add", str(out), "--db", str(db))
+    assert r.returncode == 1 and "Traceback" not in r.stderr
+    text = " ".join(r.stderr.split())
+    assert "2 shard(s) added (8 rows)" in text and "2 shard(s) NOT registered" in text
+    assert f"not registered: {(out / '000001.tar').resolve()}:" in text
+    assert f"not registered: {(out / '000007.tar').resolve()}: no stats file" in text
+    assert run_query("SELECT idx FROM shards ORDER BY idx", db).to_pylist() == [{"idx": 0}, {"idx": 2}]
+    assert counts(db) == (1, 2, 8)  # the bad shard left no partial rows
+    parquet.unlink()
+    write_caption_shard(out, 1, 4)  # repaired: a second add registers it
+    (out / "000007.tar").unlink()
+    with Catalog(db) as cat:
+        r2 = cat.add_output(out)
+    assert (r2.added, r2.skipped, r2.failed) == (1, 2, [])
+
+
+def test_add_counts_a_folder_of_stats_less_tars_in_its_error(tmp_path):
+    (tmp_path / "000000.tar").write_bytes(b"")
+    with Catalog(tmp_path / "c.duckdb") as cat, pytest.raises(UserError, match=r"1 tar\(s\) without a readable stats"):
+        cat.add_output(tmp_path)
