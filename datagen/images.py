@@ -1,6 +1,6 @@
 """Decode and validate one input image, with bounded memory and a documented decision per case.
 
-Decisions (docs/bad-input.md):
+Decisions (datagen/README.md, "Bad input"):
 
 | input                               | decision                                                      |
 |-------------------------------------|---------------------------------------------------------------|

@@ -36,7 +36,7 @@ from blip3.core.errors import UserError
 from blip3.core.yamlio import read_yaml
 from blip3.mixture.manifest import (WEIGHT_BY, Manifest, ManifestSource, ShardRef, check_verify_mode, shard_change,
                                     write_manifest)
-from blip3.mixture.tokens import TokenCounter
+from blip3.mixture.tokens import DEFAULT_VISION_TOKENS_PER_CROP, TokenCounter
 
 _VAR = re.compile(r"\$\{(\w+)(?::-([^}]*))?\}")
 
@@ -73,7 +73,7 @@ def validate_spec(data: Any, file: str | None = None) -> dict[str, Any]:
         raise err("a mixture spec is a mapping with name, seed and sources", "spec")
     if "manifest_version" in data:
         raise err("this is a built manifest, not a spec; pass it to the loader or `mix sample`", "manifest_version")
-    unknown = set(data) - {"name", "seed", "target", "weight_by", "sources", "description"}
+    unknown = set(data) - {"name", "seed", "target", "weight_by", "vision_tokens_per_crop", "sources", "description"}
     if unknown:
         raise err(f"unknown field(s) {', '.join(sorted(unknown))}", sorted(unknown)[0])
     name = data.get("name")
@@ -85,6 +85,10 @@ def validate_spec(data: Any, file: str | None = None) -> dict[str, Any]:
     weight_by = data.get("weight_by", "samples")
     if weight_by not in WEIGHT_BY:
         raise err(f"must be one of {', '.join(WEIGHT_BY)}, got {weight_by!r}", "weight_by")
+    vision = data.get("vision_tokens_per_crop")
+    if vision is not None and (isinstance(vision, bool) or not isinstance(vision, int) or vision < 1):
+        raise err(f"must be an integer >= 1 (the model's vision tokens per image crop), got {vision!r}",
+                  "vision_tokens_per_crop")
     target = data.get("target")
     if target is not None:
         if not isinstance(target, dict) or len(target) != 1 or next(iter(target)) not in ("samples", "tokens"):
@@ -125,7 +129,8 @@ def validate_spec(data: Any, file: str | None = None) -> dict[str, Any]:
         elif "kind" in s:
             raise err("kind is only given with path (a catalogued source has its kind)", f"{f}.kind")
         out_sources.append(dict(s, weight=float(w)))
-    return {"name": name, "seed": seed, "weight_by": weight_by, "target": target, "sources": out_sources}
+    return {"name": name, "seed": seed, "weight_by": weight_by, "target": target,
+            "vision_tokens_per_crop": vision, "sources": out_sources}
 
 
 def build_manifest(
@@ -135,10 +140,15 @@ def build_manifest(
     out: str | Path | None = None,
     tokenizer: str | Path | None = None,
     crops_per_image: int = 1,
+    vision_tokens_per_crop: int | None = None,
     record: bool = True,
     verify: str = "sha256",
 ) -> Manifest:
     """Resolve `spec` into a manifest; write it to `out`; record it in the catalog.
+
+    Vision tokens per crop: the spec's `vision_tokens_per_crop`, else `vision_tokens_per_crop`
+    (the model of the stage that builds it), else the released model's; a spec that declares
+    another value than the caller's model is an error, not a silent choice.
 
     The catalog (`db`, else $BLIP3_DB / ./catalog.duckdb) is opened when `db` is given or a
     source is named without a path; the mixture is recorded there unless `record=False`.
@@ -148,7 +158,8 @@ def build_manifest(
     check_verify_mode(verify, ("sha256", "size"))  # a manifest is only written for shards looked at
     data, file, base = load_spec(spec)
     spec_d = validate_spec(data, file)
-    counter = TokenCounter(tokenizer, crops_per_image=crops_per_image)
+    vision = _vision_tokens_per_crop(spec_d["vision_tokens_per_crop"], vision_tokens_per_crop, file)
+    counter = TokenCounter(tokenizer, vision_tokens_per_crop=vision, crops_per_image=crops_per_image)
     needs_catalog = db is not None or any("path" not in s for s in spec_d["sources"])
     cat = None
     if needs_catalog:
@@ -179,6 +190,13 @@ def build_manifest(
         if cat is not None:
             cat.close()
     return manifest
+
+
+def _vision_tokens_per_crop(declared: int | None, model: int | None, file: str | None) -> int:
+    if declared is not None and model is not None and declared != model:
+        raise UserError(f"the spec declares {declared} vision tokens per crop, the model has {model}",
+                        field="vision_tokens_per_crop", file=file)
+    return declared or model or DEFAULT_VISION_TOKENS_PER_CROP
 
 
 def _inline_source(s: dict, i: int, counter: TokenCounter, base: Path, file: str | None) -> ManifestSource:
@@ -217,7 +235,8 @@ def _catalog_source(cat, s: dict, i: int, counter: TokenCounter, file: str | Non
     if "tokenizer" in meta and meta.get("vision_tokens_per_image") != counter.vision_tokens_per_image:
         raise UserError(
             f"source {s['name']!r} was counted with {meta.get('vision_tokens_per_image')} vision tokens per image, "
-            f"this build uses {counter.vision_tokens_per_image}; re-add it with the same --crops-per-image",
+            f"this build uses {counter.vision_tokens_per_image}; re-add it with the same --crops-per-image and "
+            f"--vision-tokens-per-crop",
             field=field, file=file,
         )
     shards = []

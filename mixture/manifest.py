@@ -26,7 +26,7 @@ import yaml
 from blip3.core.catalog import SOURCE_KINDS
 from blip3.core.errors import UserError
 from blip3.core.yamlio import read_yaml
-from blip3.mixture.tokens import ESTIMATE_LABEL
+from blip3.mixture.tokens import DEFAULT_VISION_TOKENS_PER_CROP, ESTIMATE_LABEL
 
 MANIFEST_VERSION = 1
 WEIGHT_BY = ("samples", "tokens")
@@ -83,7 +83,7 @@ class Manifest:
     weight_by: str
     sources: list[ManifestSource]
     tokenizer: str = ESTIMATE_LABEL
-    vision_tokens_per_image: int = 128
+    vision_tokens_per_image: int = DEFAULT_VISION_TOKENS_PER_CROP
     created_at: str | None = None
     path: str | None = field(default=None, compare=False)  # where it was loaded from (not written)
 
@@ -181,7 +181,8 @@ def manifest_from_dict(data: Any, *, file: str | Path | None = None) -> Manifest
         weight_by=weight_by,
         sources=sources,
         tokenizer=str(data.get("tokenizer", ESTIMATE_LABEL)),
-        vision_tokens_per_image=v.integer(data, "vision_tokens_per_image", minimum=0, default=128),
+        vision_tokens_per_image=v.integer(data, "vision_tokens_per_image", minimum=0,
+                                          default=DEFAULT_VISION_TOKENS_PER_CROP),
         created_at=data.get("created_at"),
     )
 
