@@ -15,7 +15,7 @@ _LIMITS = DetectionLimits()  # the options' defaults are the library's
 def ground(
     input: str = typer.Argument(..., help="Images: folder, WebDataset shards (brace patterns ok), img2dataset "
                                           "output, or a parquet/CSV/JSONL of URLs (same kinds as `blip3 ocr`)."),
-    output: Path = typer.Argument(..., help="Output folder for NNNNNN.tar shards and their sidecars."),
+    output: str = typer.Argument(..., help="Output folder for NNNNNN.tar shards and their sidecars."),
     detector: str = typer.Option("grounding-dino", "--detector",
                                  help="grounding-dino (transformers) | groundingdino-py | annotations"),
     tags: str = typer.Option("caption", "--tags", help="caption (noun phrases) | vocab | clip (open_clip zero-shot); "

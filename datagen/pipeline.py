@@ -37,6 +37,7 @@ from typing import Any, Iterator
 from blip3.core.errors import UserError, describe_exception
 from blip3.core.logs import get_logger, progress
 from blip3.core.shards import SampleRow, ShardWriter, clean_temporaries, read_stats, shard_complete, shard_paths
+from blip3.core.storage import local_path
 from blip3.datagen.annotator import AnnotatorFactory, SkipSample
 from blip3.datagen.images import ImageLimits, ImageRejected, decode_image
 from blip3.datagen.inputs import SampleRef, check_output_outside_input, iter_raw_refs, load_sample
@@ -225,7 +226,7 @@ def run_job(
     started = time.time()
     if workers < 1:
         raise UserError("must be at least 1", field="--workers")
-    out = Path(output)
+    out = local_path(output, "output")
     check_output_outside_input(input, out)
     probe = annotator_factory()  # unloaded: only asked for its name and generator info
     generator = {"name": probe.name, **probe.generator_info()}

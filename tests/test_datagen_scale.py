@@ -81,9 +81,10 @@ def test_driver_writes_no_shard_bytes(ray_local, tmp_path):
     assert opened == []
 
 
-def _cli(args: list[str], env: dict[str, str]) -> subprocess.CompletedProcess:
+def _cli(args: list[str], env: dict[str, str], cwd: Path | None = None) -> subprocess.CompletedProcess:
     code = "import sys; from blip3.cli import main; sys.argv = ['blip3'] + sys.argv[1:]; main()"
-    return subprocess.run([sys.executable, "-c", code, *args], env=env, capture_output=True, text=True, timeout=300)
+    return subprocess.run([sys.executable, "-c", code, *args], env=env, capture_output=True, text=True, timeout=300,
+                          cwd=cwd)
 
 
 @pytest.mark.slow
@@ -104,3 +105,21 @@ def test_run_without_ray_address_ignores_a_stale_cluster_record_and_cleans_up(tm
         assert not list((ray_tmp / "ray").glob("session_2*")), "the job's Ray session folder was left behind"
     finally:
         shutil.rmtree(ray_tmp, ignore_errors=True)
+
+
+def test_object_store_output_is_refused_not_written_to_a_local_folder(tmp_path):
+    """`s3://bucket/out` used to exit 0 having written a local folder `s3:`; now one clear line, exit 2."""
+    from blip3.core.errors import UserError
+    from blip3.core.storage import local_path
+
+    src = _images(tmp_path / "in", 1)
+    for out in ("s3://bucket/out", "gs://bucket/out"):
+        r = _cli(["ocr", str(src), out, "--db", str(tmp_path / "c.duckdb")], dict(os.environ), cwd=tmp_path)
+        assert r.returncode == 2, r.stderr[-2000:]
+        assert f"{out.split(':')[0]}:// locations are not supported" in " ".join(r.stderr.split())
+        assert "Traceback" not in r.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in"]  # no `s3:` / `gs:` folder, no catalog
+    assert local_path(f"file://{tmp_path}/x", "output") == tmp_path / "x"
+    assert local_path("rel/out", "output") == Path("rel/out")
+    with pytest.raises(UserError, match="hf:// locations"):
+        local_path(Path("hf://datasets/x"), "output")  # what pathlib leaves of a URL is caught too
