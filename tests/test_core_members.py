@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import io
 import re
+from pathlib import Path
 
 import pytest
 from PIL import Image
@@ -47,6 +48,13 @@ def test_one_image_extension_list(tmp_path):
     Image.new("RGB", (4, 4)).save(buf, format="PPM")
     decoded = decode_sample({"0.ppm": buf.getvalue(), "json": b"{}"}, key="k", source="s", kind="sft", shard="x")
     assert list(decoded["images"]) == ["0.ppm"]
+
+
+def test_image_extensions_are_defined_once():
+    repo = Path(__file__).resolve().parents[1]
+    defining = [p.relative_to(repo).as_posix() for pkg in ("core", "datagen", "mixture", "train", "model", "demo")
+                for p in (repo / pkg).rglob("*.py") if re.search(r"^\s*IMAGE_EXTS\s*=", p.read_text(), re.M)]
+    assert defining == ["core/shards.py"]
 
 
 def test_every_verify_option_is_checked_the_same_way(tmp_path, tiny_sources):  # noqa: F811
