@@ -204,7 +204,8 @@ def _vision_tokens_per_crop(declared: int | None, model: int | None, file: str |
 
 
 def _inline_source(s: dict, i: int, counter: TokenCounter, base: Path, file: str | None) -> ManifestSource:
-    from blip3.mixture.sources import resolve_shards, scan_shard
+    from blip3.core.shards import resolve_shards
+    from blip3.mixture.sources import scan_shard
 
     field = f"sources[{i}].path"
     try:

@@ -23,8 +23,7 @@ from pathlib import Path
 from PIL import Image, ImageDraw, ImageOps, UnidentifiedImageError
 
 from blip3.core.records import grounding_objects, ocr_entries
-from blip3.core.shards import is_image_ext, iter_shard
-from blip3.mixture.sources import resolve_shards
+from blip3.core.shards import is_image_ext, iter_shard, resolve_shards
 
 THUMB_WIDTH = 320
 OCR_COLOR = (230, 20, 20)
@@ -144,7 +143,7 @@ def write_audit(shards: str | Path, out: str | Path, *, n: int = 48, seed: int =
             f'<small>{html.escape(card.shard)}</small><p>{html.escape(card.caption)}</p>'
             f'<ul>{legend}</ul></figcaption></figure>'
         )
-    from blip3.mixture.plots import plot_histograms
+    from blip3.datagen.audit_plots import plot_histograms
 
     plots = plot_histograms(out, lengths=lengths, boxes=boxes, ocr_conf=ocr_conf, obj_score=obj_score)
     page = _PAGE.format(
