@@ -88,6 +88,26 @@ def render_card_image(card: _Card) -> Image.Image | None:
     return img
 
 
+def _card_html(card: _Card, name: str, out: Path) -> str:
+    """One card of the sheet; its drawn image is saved as `out/name`."""
+    img = render_card_image(card)
+    if img is None:
+        figure = '<div class="broken">image does not decode</div>'
+    else:
+        img.save(out / name, format="JPEG", quality=85)
+        figure = f'<img src="{name}" width="{img.width}" height="{img.height}" alt="{html.escape(card.key)}">'
+    legend = "".join(
+        f'<li class="ocr">{html.escape(str(e.get("text", "")))} '
+        f'<span>{e.get("confidence", "")}</span></li>' for e in card.entries
+    ) + "".join(
+        f'<li class="obj">{html.escape(str(o.get("label", "")))} <span>{o.get("score", "")}</span></li>'
+        for o in card.objects
+    )
+    return (f'<figure class="card">{figure}<figcaption><b>{html.escape(card.key)}</b> '
+            f'<small>{html.escape(card.shard)}</small><p>{html.escape(card.caption)}</p>'
+            f'<ul>{legend}</ul></figcaption></figure>')
+
+
 def write_audit(shards: str | Path, out: str | Path, *, n: int = 48, seed: int = 0) -> AuditResult:
     """Scan `shards`, draw a reservoir sample of `n` on a contact sheet, plot the histograms."""
     out = Path(out)
@@ -122,27 +142,7 @@ def write_audit(shards: str | Path, out: str | Path, *, n: int = 48, seed: int =
                 else:
                     chosen[slot] = card
     chosen.sort(key=lambda c: (c.shard, c.key))
-    cards_html = []
-    for i, card in enumerate(chosen):
-        img = render_card_image(card)
-        if img is None:
-            figure = '<div class="broken">image does not decode</div>'
-        else:
-            name = f"images/{i:04d}.jpg"
-            img.save(out / name, format="JPEG", quality=85)
-            figure = f'<img src="{name}" width="{img.width}" height="{img.height}" alt="{html.escape(card.key)}">'
-        legend = "".join(
-            f'<li class="ocr">{html.escape(str(e.get("text", "")))} '
-            f'<span>{e.get("confidence", "")}</span></li>' for e in card.entries
-        ) + "".join(
-            f'<li class="obj">{html.escape(str(o.get("label", "")))} <span>{o.get("score", "")}</span></li>'
-            for o in card.objects
-        )
-        cards_html.append(
-            f'<figure class="card">{figure}<figcaption><b>{html.escape(card.key)}</b> '
-            f'<small>{html.escape(card.shard)}</small><p>{html.escape(card.caption)}</p>'
-            f'<ul>{legend}</ul></figcaption></figure>'
-        )
+    cards_html = [_card_html(card, f"images/{i:04d}.jpg", out) for i, card in enumerate(chosen)]
     from blip3.datagen.audit_plots import plot_histograms
 
     plots = plot_histograms(out, lengths=lengths, boxes=boxes, ocr_conf=ocr_conf, obj_score=obj_score)
