@@ -41,9 +41,11 @@ RESULTS = REPO / "benchmarks" / "results"
 #: Module -> the tests that guard it (fast ones; `--slow` adds the Ray/CLI end-to-end tests too).
 MODULES: dict[str, list[str]] = {
     "core/shards.py": ["tests/test_core_shards.py", "tests/test_bite_shards.py"],
-    "core/sql.py": ["tests/test_bite_sql.py", "tests/test_core_catalog.py"],
+    "core/sql.py": ["tests/test_bite_sql.py", "tests/test_core_catalog.py::test_sql_refuses_writes",
+                    "tests/test_core_catalog.py::test_sql_error_is_one_clear_line"],
     "core/catalog.py": ["tests/test_core_catalog.py", "tests/test_core_transaction.py"],
-    "datagen/ocr_captions.py": ["tests/test_ocr_captions.py", "tests/test_bite_datagen.py"],
+    "datagen/ocr_captions.py": ["tests/test_ocr_captions.py", "tests/test_bite_datagen.py::test_all_nine_ocr_grid_words",
+                                "tests/test_bite_datagen.py::test_ocr_grid_borders_at_thirds"],
     "datagen/grounding_captions.py": ["tests/test_grounding_captions.py"],
     "datagen/images.py": ["tests/test_datagen_images.py", "tests/test_bite_datagen.py"],
     "datagen/pipeline.py": ["tests/test_datagen_pipeline.py"],
