@@ -74,6 +74,9 @@ SCHEMA = [
         image_bytes BIGINT, caption_length INTEGER, n_captions INTEGER,
         n_ocr INTEGER, n_objects INTEGER, mean_confidence FLOAT, has_source_caption BOOLEAN
     )""",
+    # Re-registering a shard deletes its rows by `shard`: with this index that costs the same at
+    # 1M and 10M rows (a full scan without it), for about twice the bulk insert time.
+    "CREATE INDEX IF NOT EXISTS samples_by_shard ON samples (shard)",
     """CREATE TABLE IF NOT EXISTS mixtures (
         name VARCHAR PRIMARY KEY,
         manifest_path VARCHAR,
@@ -250,12 +253,15 @@ class Catalog:
             )
 
     def add_output(
-        self, out_dir: str | Path, *, source: str | None = None, kind: str = "caption", refresh: bool = False
+        self, out_dir: str | Path, *, source: str | None = None, kind: str = "caption", refresh: bool = False,
+        verify: bool = False,
     ) -> AddResult:
         """Register the finished shards of `out_dir` and their sidecar rows.
 
         A shard already catalogued with the same sha256 is skipped; one whose tar changed since is
-        flagged `changed` (and re-read only with `refresh=True`).
+        flagged `changed` (and re-read only with `refresh=True`). The sha256 is the one the writer
+        computed while writing (in the stats), checked against the tar's size; `verify=True`
+        re-hashes every tar (a full read of the corpus).
         """
         out = Path(out_dir)
         if not out.is_dir():
@@ -272,24 +278,27 @@ class Catalog:
             # One bad shard (a corrupt sidecar, a vanished tar) is reported, never a reason to leave
             # the rest of the folder unregistered; each shard is its own transaction.
             try:
-                self._add_shard(info, name, refresh, result)
+                self._add_shard(info, name, refresh, result, verify)
             except (duckdb.Error, OSError, UserError) as e:
                 result.failed.append((str(info.tar), " ".join(str(e).split())[:300]))
         result.failed.extend(unlisted)
         self._refresh_source_counts(name)
         return result
 
-    def _add_shard(self, info: ShardInfo, name: str, refresh: bool, result: AddResult) -> None:
+    def _add_shard(self, info: ShardInfo, name: str, refresh: bool, result: AddResult, verify: bool = False) -> None:
         """Register, skip or flag one finished shard, counting the outcome in `result`."""
         if not info.tar.exists():
             raise UserError("stats file present but tar missing")
         tar = str(info.tar.resolve())
-        sha = file_sha256(info.tar)
-        known = self.con.execute("SELECT sha256 FROM shards WHERE path = ?", [tar]).fetchone()
+        same_size = info.tar.stat().st_size == info.tar_bytes
+        sha = file_sha256(info.tar) if verify or not same_size else info.sha256
+        known = self.con.execute("SELECT sha256, status FROM shards WHERE path = ?", [tar]).fetchone()
         if sha != info.sha256:
             # The tar on disk is not the one its stats describe: flag, do not trust the sidecar.
             self._flag_changed(tar, name, info, sha)
             result.changed += 1
+        elif known is not None and known[0] == sha and known[1] == "changed" and not verify:
+            result.changed += 1  # flagged by an earlier re-hash; only another re-hash clears it
         elif known is not None and known[0] == sha:
             self.con.execute("UPDATE shards SET checked_at = ?, status = 'ok' WHERE path = ?", [_now(), tar])
             result.skipped += 1
@@ -320,8 +329,9 @@ class Catalog:
         that have no sidecar parquet, else from `info.parquet`.
         """
         cols = ", ".join(SIDECAR_COLUMNS)
-        self.con.execute("DELETE FROM samples WHERE shard = ?", [tar])
-        self.con.execute("DELETE FROM shards WHERE path = ?", [tar])
+        if self.con.execute("SELECT 1 FROM shards WHERE path = ?", [tar]).fetchone():  # re-registration
+            self.con.execute("DELETE FROM samples WHERE shard = ?", [tar])
+            self.con.execute("DELETE FROM shards WHERE path = ?", [tar])
         insert = f"INSERT INTO samples (source, shard, {cols}) SELECT ?, ?, {cols} FROM "
         if rows is None:
             self.con.execute(insert + "read_parquet(?)", [source, tar, str(info.parquet)])

@@ -185,11 +185,22 @@ def iter_refs(
     """Yield the input's samples as refs, in a stable order, with sanitised unique keys.
 
     `work_dir` is where URL inputs are downloaded (required for `urls` and `blip3-ocr`).
+    Keys are unique over the whole input; the datagen pipeline, which must not hold every key of
+    a large job, uses `iter_raw_refs` and makes keys unique per shard instead (datagen.plans).
     """
+    dedup = _KeyDeduper()
+    for ref in iter_raw_refs(input_path, input_format, work_dir=work_dir):
+        ref.key = dedup(ref.key)
+        yield ref
+
+
+def iter_raw_refs(
+    input_path: str | Path, input_format: str | None = None, *, work_dir: str | Path | None = None
+) -> Iterator[SampleRef]:
+    """`iter_refs` before key de-duplication: raw keys, not yet sanitised, in the same stable order."""
     kind = input_format or detect_format(input_path)
     if kind not in INPUT_FORMATS:
         raise UserError(f"unknown input format {kind!r}; one of {', '.join(INPUT_FORMATS)}", field="--input-format")
-    dedup = _KeyDeduper()
     if kind == "folder":
         raw = _folder_refs(Path(input_path))
     elif kind == "webdataset":
@@ -202,9 +213,7 @@ def iter_refs(
         from blip3.datagen.fetch import fetch_urls
 
         raw = _img2dataset_refs(fetch_urls(Path(input_path), Path(work_dir)))
-    for ref in raw:
-        ref.key = dedup(ref.key)
-        yield ref
+    yield from raw
 
 
 def load_sample(ref: SampleRef) -> InputSample:

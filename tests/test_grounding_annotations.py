@@ -148,7 +148,7 @@ def test_coco_end_to_end_through_cli(scenes, tmp_path, ray_local):  # noqa: F811
     assert len(by_variant) == 6
     assert by_variant[("bbox", "tags")] == (
         "The image contains <object>red circle</object><bbox>[0.075, 0.167][0.375, 0.500]</bbox>, "
-        "<object>blue square</object><bbox>[0.625, 0.500][0.875, 0.833]</bbox>.")
+        "<object>blue square</object><bbox>[0.625, 0.500][0.875, 0.833]</bbox>")  # the paper's form: no period
     assert rows["scene_000"]["n_objects"] == 2 and rows["scene_000"]["n_captions"] == 6
 
     empty = samples["scene_002"]  # annotated with no boxes: kept, caption = source caption
@@ -159,10 +159,10 @@ def test_coco_end_to_end_through_cli(scenes, tmp_path, ray_local):  # noqa: F811
     again = CliRunner().invoke(app, args)
     assert again.exit_code == 0 and "0 shard(s) written, 2 skipped" in " ".join(again.output.split())
 
-    # re-template without re-detecting: textual tag lists as .txt, objects untouched
+    # re-template without re-detecting: textual tag lists in reading order as .txt, objects untouched
     re_out = tmp_path / "retemplated"
     re_args = ["retemplate", str(out), str(re_out), "--caption-format", "textual", "--caption-style", "tags",
-               "--lead-in", "Objects:"]
+               "--lead-in", "Objects:", "--tag-order", "reading"]
     r = CliRunner().invoke(app, re_args)
     assert r.exit_code == 0, r.output
     r = CliRunner().invoke(app, re_args)  # same options again: nothing to redo
