@@ -242,6 +242,30 @@ def build_captions(
     return caps
 
 
+_NUM = r"(\d+(?:\.\d+)?)"
+#: One textual-format object. The released blip3-grounding-50m writes "extends upto"; our
+#: template (and the card) "extends up to": both are read.
+_TEXTUAL = re.compile(rf"\(starts at \[{_NUM}, {_NUM}\] and extends up ?to \[{_NUM}, {_NUM}\]\)")
+
+
+def parse_textual_tags(text: str, lead_in: str = DEFAULT_LEAD_IN) -> list[GroundedObject]:
+    """Objects read back from a textual-format tag list (`<lead-in> a (starts at [..] and extends
+    up to [..]), b (...)`), in caption order; labels are the words between one object and the next.
+    A label containing parentheses or commas cannot be told apart from the template and is cut."""
+    out: list[GroundedObject] = []
+    pos = 0
+    for m in _TEXTUAL.finditer(text):
+        label = text[pos : m.start()].strip()
+        if not out and lead_in and label.startswith(lead_in):
+            label = label[len(lead_in) :]
+        label = label.lstrip(",;. ").removeprefix("and ").strip()
+        x1, y1, x2, y2 = (float(m.group(i)) for i in range(1, 5))
+        if label:
+            out.append(GroundedObject(label, (x1, y1, x2, y2)))
+        pos = m.end()
+    return out
+
+
 def check_caption_choice(caption_format: str, caption_style: str | None, tag_order: str = "detector") -> None:
     """The user's `--caption-format` / `--caption-style` / `--tag-order` (shared by `blip3 ground`
     and `blip3 retemplate`)."""

@@ -94,6 +94,9 @@ class Manifest:
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
         d.pop("path")
+        for s in d["sources"]:
+            if s.get("caption") is None:
+                s.pop("caption", None)  # only sources that choose a caption variant say so
         return {"manifest_version": MANIFEST_VERSION, **d}
 
 
