@@ -1,6 +1,6 @@
 """BLIP3-GROUNDING caption templates: one object in three formats, two caption shapes.
 
-Formats (formats.md, from the blip3-grounding-50m card), for an object `garment` with box
+Formats (docs/captions.md, from the blip3-grounding-50m card), for an object `garment` with box
 [0.512, 0.604][0.990, 0.998]:
 
     positional  garment (at the bottom right corner)
@@ -143,7 +143,7 @@ def ground_phrase(phrase: str, boxes: Sequence[Sequence[float]], fmt: str) -> st
 
 
 def format_object(obj: GroundedObject, fmt: str) -> str:
-    """One object as the spec's table writes it."""
+    """One object as docs/captions.md's table writes it."""
     return ground_phrase(obj.label, [obj.bbox], fmt)
 
 

@@ -1,6 +1,6 @@
 """BLIP3-OCR caption templates: 6 granularities x with/without the source caption = 12 variants.
 
-One entry `{"text": "MACK SHOP", "bbox": [0.192, 0.037, 0.817, 0.203]}` reads (formats.md, the
+One entry `{"text": "MACK SHOP", "bbox": [0.192, 0.037, 0.817, 0.203]}` reads (docs/captions.md, the
 paper's own example, a golden test):
 
     0  "MACK SHOP"
@@ -66,7 +66,7 @@ def _fraction(v: float) -> str:
 
 
 def format_entry(text: str, bbox: list[float], granularity: int) -> str:
-    """One entry at one granularity, exactly as formats.md's table."""
+    """One entry at one granularity, exactly as docs/captions.md's table."""
     x1, y1, x2, y2 = bbox
     cx, cy = (x1 + x2) / 2, (y1 + y2) / 2
     text = caption_text(text)  # OCR'd text is data: it cannot open or close a tag

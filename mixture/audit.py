@@ -25,9 +25,9 @@ from typing import Any, Iterator
 from PIL import Image, ImageDraw, ImageOps, UnidentifiedImageError
 
 from blip3.core.errors import UserError
-from blip3.core.shards import iter_shard
+from blip3.core.records import grounding_objects, ocr_entries
+from blip3.core.shards import is_image_ext, iter_shard
 from blip3.mixture.sources import resolve_shards
-from blip3.mixture.tar_index import is_image_ext
 
 THUMB_WIDTH = 320
 OCR_COLOR = (230, 20, 20)
@@ -51,13 +51,6 @@ class _Card:
     entries: list[dict]
     objects: list[dict]
     frame_width: int | None = None  # width of the image the polygons' pixels refer to (json `width`)
-
-
-def _boxes(rec: dict) -> tuple[list[dict], list[dict]]:
-    meta = rec.get("metadata") if isinstance(rec.get("metadata"), dict) else {}
-    entries = [e for e in meta.get("entries") or [] if isinstance(e, dict)]
-    objects = [o for o in (rec.get("objects") or meta.get("objects") or []) if isinstance(o, dict)]
-    return entries, objects
 
 
 def _scaled_box(bbox, w: int, h: int) -> list[float] | None:
@@ -125,7 +118,7 @@ def write_audit(shards: str | Path, out: str | Path, *, n: int = 48, seed: int =
             except (json.JSONDecodeError, UnicodeDecodeError):
                 rec = {}
             caption = sample["txt"].decode("utf-8", errors="replace") if "txt" in sample else ""
-            entries, objects = _boxes(rec)
+            entries, objects = ocr_entries(rec), grounding_objects(rec)
             lengths.append(len(caption))
             boxes.append(len(entries) + len(objects))
             ocr_conf += [float(e["confidence"]) for e in entries if isinstance(e.get("confidence"), (int, float))]

@@ -24,7 +24,7 @@ def test_demo_end_to_end(tmp_path):
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     assert "report:" in r.stderr
 
-    # Caption shards, read back by webdataset, with the spec's captions.
+    # Caption shards, read back by webdataset, with the captions of docs/captions.md.
     for source in ("ocr-web", "ocr-local", "coco-grounding"):
         tars = sorted((out / "shards" / source).glob("*.tar"))
         assert tars, source
