@@ -13,7 +13,7 @@ from typing import Optional
 
 import typer
 
-from blip3.core.errors import UserError
+from blip3.core.errors import UserError, environment_error
 from blip3.core.options import DbOption
 
 app = typer.Typer(
@@ -94,10 +94,13 @@ _register_groups()
 def main() -> None:
     try:
         app(standalone_mode=True)
-    except UserError as e:
+    except Exception as e:  # only user errors end here: anything else is raised again, loud
+        err = e if isinstance(e, UserError) else environment_error(e)
+        if err is None:
+            raise
         from blip3.core.logs import console
 
-        console.print(f"[bold red]error:[/] {e}", highlight=False, soft_wrap=True)
+        console.print(f"[bold red]error:[/] {err}", highlight=False, soft_wrap=True)
         sys.exit(2)
 
 

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -124,6 +125,39 @@ def resolve_db(db: str | Path | None = None) -> Path:
     return Path(db or os.environ.get("BLIP3_DB") or DEFAULT_DB)
 
 
+LOCK_WAIT_S = 10.0  # default for $BLIP3_LOCK_WAIT: how long to wait for another blip3 process's lock
+
+
+def open_catalog(path: Path, *, read_only: bool = False, config: dict[str, Any] | None = None
+                 ) -> duckdb.DuckDBPyConnection:
+    """Connect to the catalog file, waiting a bounded time while another process holds its lock.
+
+    DuckDB lets one process write a file at a time (and none read it meanwhile); a second `blip3`
+    command started during a long `catalog add` retries for `$BLIP3_LOCK_WAIT` seconds (default
+    10) and then says who holds the lock, in one line. A file that is not a DuckDB database is a
+    UserError naming it, not a traceback.
+    """
+    wait_s = float(os.environ.get("BLIP3_LOCK_WAIT") or LOCK_WAIT_S)
+    deadline = time.monotonic() + wait_s
+    delay = 0.05
+    while True:
+        try:
+            return duckdb.connect(str(path), read_only=read_only, config=config or {})
+        except duckdb.IOException as e:
+            message = " ".join(str(e).split())
+            if "Could not set lock" in message:
+                if time.monotonic() < deadline:
+                    time.sleep(delay)
+                    delay = min(delay * 2, 1.0)
+                    continue
+                holder = message.split("Conflicting lock is held in", 1)[-1].split(". See also")[0].strip()
+                raise UserError(f"catalog is locked by another process ({holder}); waited {wait_s:g}s "
+                                "(set BLIP3_LOCK_WAIT to wait longer)", file=path) from None
+            if "not a valid DuckDB database" in message:
+                raise UserError("not a DuckDB catalog file", file=path, field="--db") from None
+            raise UserError(f"cannot open the catalog: {message}", file=path) from None
+
+
 def _tars_without_stats(out: Path, listed: list[ShardInfo]) -> list[tuple[str, str]]:
     """`NNNNNN.tar` files of `out` that no readable stats file describes (a killed writer, a
     hand-copied tar, a corrupt stats file), as (path, reason): they are not registered, and say so."""
@@ -205,8 +239,11 @@ class Catalog:
 
     def __init__(self, db: str | Path | None = None):
         self.path = resolve_db(db)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self.con = duckdb.connect(str(self.path))
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise UserError(f"cannot create the catalog's folder: {e.strerror}", file=self.path.parent) from None
+        self.con = open_catalog(self.path)
         for ddl in SCHEMA:
             self.con.execute(ddl)
         from blip3.core.views import create_views  # views over the tables above, one place

@@ -17,11 +17,14 @@ import html
 import io
 import json
 import random
+import tarfile
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any, Iterator
 
 from PIL import Image, ImageDraw, ImageOps, UnidentifiedImageError
 
+from blip3.core.errors import UserError
 from blip3.core.records import grounding_objects, ocr_entries
 from blip3.core.shards import is_image_ext, iter_shard, resolve_shards
 
@@ -108,6 +111,14 @@ def _card_html(card: _Card, name: str, out: Path) -> str:
             f'<ul>{legend}</ul></figcaption></figure>')
 
 
+def _tar_samples(tar: Path) -> Iterator[dict[str, Any]]:
+    """The samples of one tar; a file that is not a tar is named in one line (a UserError)."""
+    try:
+        yield from iter_shard(tar)
+    except tarfile.TarError as e:
+        raise UserError(f"not a readable tar ({e})", file=tar) from None
+
+
 def write_audit(shards: str | Path, out: str | Path, *, n: int = 48, seed: int = 0) -> AuditResult:
     """Scan `shards`, draw a reservoir sample of `n` on a contact sheet, plot the histograms."""
     out = Path(out)
@@ -120,7 +131,7 @@ def write_audit(shards: str | Path, out: str | Path, *, n: int = 48, seed: int =
     obj_score: list[float] = []
     scanned = 0
     for tar in resolve_shards(shards):
-        for sample in iter_shard(tar):
+        for sample in _tar_samples(tar):
             try:
                 rec = json.loads(sample["json"]) if "json" in sample else {}
             except (json.JSONDecodeError, UnicodeDecodeError):

@@ -17,6 +17,9 @@ A caption is one sentence: `{lead_in} {entry}, {entry}, ... .` where each entry 
 token spans and carry no filler. Granularity 2 uses `Fraction(c).limit_denominator(20)` of the box
 centre (y, then x); a whole fraction prints as `0` or `1`.
 
+Text from data (the OCR'd text, the source caption) goes through `caption_text.caption_text`
+first: `<`/`>` become `‹`/`›`, so an alt text holding `</ocr>` cannot forge a tag.
+
 With `include_datacomp_raw_cap=True` the source caption (alt text) leads: `{source}. {sentence}`
 (a final `.`, `!` or `?` of the source is kept instead of adding one). Without a source caption
 the variant is the same text as the one without it, so every image has all 12 variants.
@@ -34,6 +37,8 @@ import re
 from dataclasses import dataclass
 from fractions import Fraction
 from typing import Any
+
+from blip3.datagen.caption_text import caption_text
 
 GRANULARITIES = (0, 1, 2, 3, 4, 5)
 _GRID = (
@@ -64,6 +69,7 @@ def format_entry(text: str, bbox: list[float], granularity: int) -> str:
     """One entry at one granularity, exactly as docs/captions.md's table."""
     x1, y1, x2, y2 = bbox
     cx, cy = (x1 + x2) / 2, (y1 + y2) / 2
+    text = caption_text(text)  # OCR'd text is data: it cannot open or close a tag
     quoted = f'"{text}"'
     if granularity == 0:
         return quoted
@@ -94,7 +100,7 @@ def ocr_sentence(entries: list[dict[str, Any]], granularity: int, style: Caption
 
 def with_source(source: str | None, sentence: str) -> str:
     """Lead the OCR sentence with the source caption (alt text), when there is one."""
-    src = " ".join((source or "").split())
+    src = caption_text(source)
     if not src:
         return sentence
     return f"{src if src[-1] in '.!?' else src + '.'} {sentence}"
