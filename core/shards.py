@@ -29,7 +29,7 @@ from dataclasses import asdict, dataclass, field
 from itertools import groupby
 from operator import itemgetter
 from pathlib import Path
-from typing import Any, Iterable, Iterator, NamedTuple
+from typing import Any, BinaryIO, Iterable, Iterator, NamedTuple
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -37,6 +37,9 @@ import pyarrow.parquet as pq
 from blip3.core.keys import is_safe_key
 
 SHARD_DIGITS = 6
+#: Member extensions that hold an image, in the order a reader prefers them when a sample has
+#: several (the one list: datagen's inputs, the record kinds, the loader and the audit use it).
+IMAGE_EXTS = ("jpg", "jpeg", "png", "webp", "bmp", "gif", "tif", "tiff", "ppm")
 _EXT = re.compile(r"^[A-Za-z0-9_-]+(\.[A-Za-z0-9_-]+)*$")
 
 #: Columns of the sidecar parquet, one row per input sample (failures included).
@@ -417,6 +420,24 @@ def iter_tar_index(path: str | Path, *, skipped: list[tarfile.TarInfo] | None = 
     with tarfile.open(path, mode="r:") as tar:
         for key, group in groupby(_keyed_files(tar, skipped), key=itemgetter(0)):
             yield SampleIndex(key, tuple(MemberSpan(ext, m.offset_data, m.size) for _, ext, m in group))
+
+
+def is_image_ext(ext: str) -> bool:
+    """`jpg`, or an interleaved member name like `img0.jpg` (the last dotted part decides)."""
+    return ext.rsplit(".", 1)[-1].lower() in IMAGE_EXTS
+
+
+def read_span(f: BinaryIO, offset: int, size: int) -> bytes:
+    """`size` bytes at `offset` of an open tar: a member's data, located by `iter_tar_index`."""
+    f.seek(offset)
+    return f.read(size)
+
+
+def read_members(f: BinaryIO, sample: SampleIndex) -> dict[str, bytes]:
+    """All members of a sample, by extension: they are adjacent in the tar, so one read, then slices."""
+    start = sample.members[0].offset
+    span = memoryview(read_span(f, start, max(m.offset + m.size for m in sample.members) - start))
+    return {m.ext: bytes(span[m.offset - start: m.offset - start + m.size]) for m in sample.members}
 
 
 def iter_shard(path: str | Path) -> Iterator[dict[str, Any]]:

@@ -17,14 +17,17 @@ import html
 import io
 import json
 import random
+import tarfile
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any, Iterator
 
 from PIL import Image, ImageDraw, ImageOps, UnidentifiedImageError
 
-from blip3.core.shards import iter_shard
+from blip3.core.errors import UserError
+from blip3.core.records import grounding_objects, ocr_entries
+from blip3.core.shards import is_image_ext, iter_shard
 from blip3.mixture.sources import resolve_shards
-from blip3.mixture.tar_index import is_image_ext
 
 THUMB_WIDTH = 320
 OCR_COLOR = (230, 20, 20)
@@ -48,13 +51,6 @@ class _Card:
     entries: list[dict]
     objects: list[dict]
     frame_width: int | None = None  # width of the image the polygons' pixels refer to (json `width`)
-
-
-def _boxes(rec: dict) -> tuple[list[dict], list[dict]]:
-    meta = rec.get("metadata") if isinstance(rec.get("metadata"), dict) else {}
-    entries = [e for e in meta.get("entries") or [] if isinstance(e, dict)]
-    objects = [o for o in (rec.get("objects") or meta.get("objects") or []) if isinstance(o, dict)]
-    return entries, objects
 
 
 def _scaled_box(bbox, w: int, h: int) -> list[float] | None:
@@ -96,6 +92,14 @@ def render_card_image(card: _Card) -> Image.Image | None:
     return img
 
 
+def _tar_samples(tar: Path) -> Iterator[dict[str, Any]]:
+    """The samples of one tar; a file that is not a tar is named in one line (a UserError)."""
+    try:
+        yield from iter_shard(tar)
+    except tarfile.TarError as e:
+        raise UserError(f"not a readable tar ({e})", file=tar) from None
+
+
 def write_audit(shards: str | Path, out: str | Path, *, n: int = 48, seed: int = 0) -> AuditResult:
     """Scan `shards`, draw a reservoir sample of `n` on a contact sheet, plot the histograms."""
     out = Path(out)
@@ -108,13 +112,13 @@ def write_audit(shards: str | Path, out: str | Path, *, n: int = 48, seed: int =
     obj_score: list[float] = []
     scanned = 0
     for tar in resolve_shards(shards):
-        for sample in iter_shard(tar):
+        for sample in _tar_samples(tar):
             try:
                 rec = json.loads(sample["json"]) if "json" in sample else {}
             except (json.JSONDecodeError, UnicodeDecodeError):
                 rec = {}
             caption = sample["txt"].decode("utf-8", errors="replace") if "txt" in sample else ""
-            entries, objects = _boxes(rec)
+            entries, objects = ocr_entries(rec), grounding_objects(rec)
             lengths.append(len(caption))
             boxes.append(len(entries) + len(objects))
             ocr_conf += [float(e["confidence"]) for e in entries if isinstance(e.get("confidence"), (int, float))]
