@@ -17,6 +17,7 @@ Tars are deterministic (fixed mtime, owner and mode), so the same input gives th
 
 from __future__ import annotations
 
+import glob
 import hashlib
 import io
 import json
@@ -34,6 +35,7 @@ from typing import Any, BinaryIO, Iterable, Iterator, NamedTuple
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from blip3.core.errors import UserError
 from blip3.core.keys import is_safe_key
 
 SHARD_DIGITS = 6
@@ -364,6 +366,42 @@ def list_shards(out_dir: str | Path) -> list[ShardInfo]:
         except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, ValueError):
             continue  # not a finished shard's stats; callers that must account for tars check them
     return infos
+
+
+def is_shard_folder(path: Path) -> bool:
+    """True for a folder written by `ShardWriter` (finished shards with their stats files)."""
+    if not path.is_dir():
+        return False
+    try:
+        return bool(list_shards(path))
+    except (KeyError, ValueError, TypeError):  # someone else's *_stats.json (img2dataset's)
+        return False
+
+
+def resolve_shards(spec: str | Path, base: Path | None = None) -> list[Path]:
+    """Tars named by a folder (its finished shards if written by us, else its `*.tar`, else
+    recursively), a file, a glob or a brace pattern."""
+    from braceexpand import braceexpand
+
+    text = str(spec)
+    paths: list[Path] = []
+    for part in braceexpand(text):
+        p = Path(part)
+        if base is not None and not p.is_absolute():
+            p = base / p
+        if any(c in part for c in "*?["):
+            paths += [Path(x) for x in sorted(glob.glob(str(p), recursive=True)) if x.endswith(".tar")]
+        elif p.is_dir() and is_shard_folder(p):  # only finished shards (a stats file marks them)
+            paths += [info.tar for info in list_shards(p)]
+        elif p.is_dir():
+            paths += sorted(p.glob("*.tar")) or sorted(p.rglob("*.tar"))
+        elif p.is_file():
+            paths.append(p)
+        else:
+            raise UserError("no such file or folder", file=p)
+    if not paths:
+        raise UserError("no .tar shards found", file=text)
+    return [p.resolve() for p in paths]
 
 
 def clean_temporaries(out_dir: str | Path) -> int:

@@ -99,7 +99,7 @@ def run_demo(out_dir: str | Path = "blip3-demo", *, workers: int = 2, train_step
     from blip3.demo.corpus import build_corpus, write_url_list
     from blip3.demo.report import ReportInputs, write_report
     from blip3.demo.serve import serve_folder
-    from blip3.mixture.audit import write_audit
+    from blip3.datagen.audit import write_audit
     from blip3.mixture.build import build_manifest
     from blip3.mixture.plots import plot_mixture
     from blip3.mixture.sources import add_source

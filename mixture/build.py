@@ -91,50 +91,55 @@ def validate_spec(data: Any, file: str | None = None) -> dict[str, Any]:
     if vision is not None and (isinstance(vision, bool) or not isinstance(vision, int) or vision < 1):
         raise err(f"must be an integer >= 1 (the model's vision tokens per image crop), got {vision!r}",
                   "vision_tokens_per_crop")
-    target = data.get("target")
-    if target is not None:
-        if not isinstance(target, dict) or len(target) != 1 or next(iter(target)) not in ("samples", "tokens"):
-            raise err("must be {samples: N} or {tokens: N}", "target")
-        (unit, n), = target.items()
-        if isinstance(n, float) and n.is_integer():
-            n = int(n)
-        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
-            raise err(f"must be an integer >= 1, got {n!r}", f"target.{unit}")
-        target = {unit: n}
+    target = _validate_target(data.get("target"), err)
     sources = data.get("sources")
     if not isinstance(sources, list) or not sources:
         raise err("must be a non-empty list of {name, weight}", "sources")
-    seen: set[str] = set()
-    out_sources = []
-    for i, s in enumerate(sources):
-        f = f"sources[{i}]"
-        if not isinstance(s, dict):
-            raise err("must be a mapping {name, weight} or {name, path, kind, weight}", f)
-        extra = set(s) - {"name", "weight", "path", "kind", "caption"}
-        if extra:
-            raise err(f"unknown field(s) {', '.join(sorted(extra))}", f"{f}.{sorted(extra)[0]}")
-        sname = s.get("name")
-        if not isinstance(sname, str) or not sname:
-            raise err(f"must be a non-empty string, got {sname!r}", f"{f}.name")
-        if sname in seen:
-            raise err(f"duplicate source {sname!r}", f"{f}.name")
-        seen.add(sname)
-        w = s.get("weight")
-        if isinstance(w, bool) or not isinstance(w, (int, float)) or not math.isfinite(w) or w <= 0:
-            raise err(f"must be a number > 0, got {w!r}", f"{f}.weight")
-        if "path" in s:
-            if not isinstance(s["path"], str) or not s["path"]:
-                raise err("must be a path, glob or brace pattern of .tar shards", f"{f}.path")
-            if s.get("kind") not in SOURCE_KINDS:
-                raise err(f"an inline source needs kind, one of {', '.join(SOURCE_KINDS)}; got {s.get('kind')!r}",
-                          f"{f}.kind")
-        elif "kind" in s:
-            raise err("kind is only given with path (a catalogued source has its kind)", f"{f}.kind")
-        if "caption" in s:
-            s = dict(s, caption=validate_caption_choice(s["caption"], field=f"{f}.caption", file=file))
-        out_sources.append(dict(s, weight=float(w)))
+    out_sources = [_validate_source(s, f"sources[{i}]", err, file) for i, s in enumerate(sources)]
+    for i, s in enumerate(out_sources):
+        if any(o["name"] == s["name"] for o in out_sources[:i]):
+            raise err(f"duplicate source {s['name']!r}", f"sources[{i}].name")
     return {"name": name, "seed": seed, "weight_by": weight_by, "target": target,
             "vision_tokens_per_crop": vision, "sources": out_sources}
+
+
+def _validate_target(target: Any, err) -> dict[str, int] | None:
+    if target is None:
+        return None
+    if not isinstance(target, dict) or len(target) != 1 or next(iter(target)) not in ("samples", "tokens"):
+        raise err("must be {samples: N} or {tokens: N}", "target")
+    (unit, n), = target.items()
+    if isinstance(n, float) and n.is_integer():
+        n = int(n)
+    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+        raise err(f"must be an integer >= 1, got {n!r}", f"target.{unit}")
+    return {unit: n}
+
+
+def _validate_source(s: Any, f: str, err, file: str | None) -> dict[str, Any]:
+    """One `sources[i]` entry: `{name, weight}` (catalogued) or `{name, path, kind, weight}`."""
+    if not isinstance(s, dict):
+        raise err("must be a mapping {name, weight} or {name, path, kind, weight}", f)
+    extra = set(s) - {"name", "weight", "path", "kind", "caption"}
+    if extra:
+        raise err(f"unknown field(s) {', '.join(sorted(extra))}", f"{f}.{sorted(extra)[0]}")
+    sname = s.get("name")
+    if not isinstance(sname, str) or not sname:
+        raise err(f"must be a non-empty string, got {sname!r}", f"{f}.name")
+    w = s.get("weight")
+    if isinstance(w, bool) or not isinstance(w, (int, float)) or not math.isfinite(w) or w <= 0:
+        raise err(f"must be a number > 0, got {w!r}", f"{f}.weight")
+    if "path" in s:
+        if not isinstance(s["path"], str) or not s["path"]:
+            raise err("must be a path, glob or brace pattern of .tar shards", f"{f}.path")
+        if s.get("kind") not in SOURCE_KINDS:
+            raise err(f"an inline source needs kind, one of {', '.join(SOURCE_KINDS)}; got {s.get('kind')!r}",
+                      f"{f}.kind")
+    elif "kind" in s:
+        raise err("kind is only given with path (a catalogued source has its kind)", f"{f}.kind")
+    if "caption" in s:
+        s = dict(s, caption=validate_caption_choice(s["caption"], field=f"{f}.caption", file=file))
+    return dict(s, weight=float(w))
 
 
 def build_manifest(
@@ -164,19 +169,7 @@ def build_manifest(
     spec_d = validate_spec(data, file)
     vision = _vision_tokens_per_crop(spec_d["vision_tokens_per_crop"], vision_tokens_per_crop, file)
     counter = TokenCounter(tokenizer, vision_tokens_per_crop=vision, crops_per_image=crops_per_image)
-    needs_catalog = db is not None or any("path" not in s for s in spec_d["sources"])
-    cat = None
-    if needs_catalog:
-        from blip3.core.catalog import Catalog, resolve_db
-
-        if db is None and not resolve_db(None).exists():
-            missing = next(i for i, s in enumerate(spec_d["sources"]) if "path" not in s)
-            raise UserError(
-                f"source {spec_d['sources'][missing]['name']!r} has no path and there is no catalog "
-                f"({resolve_db(None)}); register it with `blip3 source add` or give path and kind",
-                field=f"sources[{missing}].name", file=file,
-            )
-        cat = Catalog(db)
+    cat = _open_catalog(db, spec_d["sources"], file)
     try:
         resolved = []
         for i, s in enumerate(spec_d["sources"]):
@@ -196,6 +189,23 @@ def build_manifest(
     return manifest
 
 
+def _open_catalog(db: str | Path | None, sources: list[dict], file: str | None):
+    """The catalog when `db` is given or a source is named without a path, else None (an inline
+    spec builds without one)."""
+    from blip3.core.catalog import Catalog, resolve_db
+
+    if db is None and all("path" in s for s in sources):
+        return None
+    if db is None and not resolve_db(None).exists():
+        missing = next(i for i, s in enumerate(sources) if "path" not in s)
+        raise UserError(
+            f"source {sources[missing]['name']!r} has no path and there is no catalog "
+            f"({resolve_db(None)}); register it with `blip3 source add` or give path and kind",
+            field=f"sources[{missing}].name", file=file,
+        )
+    return Catalog(db)
+
+
 def _vision_tokens_per_crop(declared: int | None, model: int | None, file: str | None) -> int:
     if declared is not None and model is not None and declared != model:
         raise UserError(f"the spec declares {declared} vision tokens per crop, the model has {model}",
@@ -204,7 +214,8 @@ def _vision_tokens_per_crop(declared: int | None, model: int | None, file: str |
 
 
 def _inline_source(s: dict, i: int, counter: TokenCounter, base: Path, file: str | None) -> ManifestSource:
-    from blip3.mixture.sources import resolve_shards, scan_shard
+    from blip3.core.shards import resolve_shards
+    from blip3.mixture.sources import scan_shard
 
     field = f"sources[{i}].path"
     try:

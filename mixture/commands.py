@@ -1,5 +1,5 @@
-"""CLI of `mixture`: `blip3 source ...` (register and import sources), `blip3 mix ...` (build,
-sample, stats, plot) and `blip3 audit` (contact sheet and histograms of caption shards).
+"""CLI of `mixture`: `blip3 source ...` (register and import sources) and `blip3 mix ...` (build,
+sample, stats, plot).
 
 Heavy imports (torch through the loader, matplotlib) stay inside the commands.
 """
@@ -173,22 +173,7 @@ def mix_plot(
     console.print(f"wrote {out}")
 
 
-def audit(
-    shards: str = typer.Argument(..., help="Caption shards: a folder, a .tar, a glob or a brace pattern."),
-    out: Path = typer.Option(..., "--out", "-o", help="Output folder (index.html, images/, *.png)."),
-    n: int = typer.Option(48, "-n", min=1, help="Images on the contact sheet."),
-    seed: int = typer.Option(0, "--seed"),
-) -> None:
-    """HTML contact sheet of sampled images with OCR and object boxes and captions, plus histograms."""
-    from blip3.core.logs import console
-    from blip3.mixture.audit import write_audit
-
-    r = write_audit(shards, out, n=n, seed=seed)
-    console.print(f"{r.shown} of {r.scanned} samples on {r.html}; histograms: {', '.join(p.name for p in r.plots)}")
-
-
 def register(app: typer.Typer) -> None:
-    """Add `source`, `mix` and `audit` to the `blip3` app."""
+    """Add `source` and `mix` to the `blip3` app."""
     app.add_typer(source_app, name="source")
     app.add_typer(mix_app, name="mix")
-    app.command("audit")(audit)

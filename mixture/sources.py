@@ -14,7 +14,6 @@ sample whose record does not fit its kind (`core.records`: an interleaved sample
 
 from __future__ import annotations
 
-import glob
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,7 +23,8 @@ import pyarrow as pa
 from blip3.core.catalog import SOURCE_KINDS, Catalog
 from blip3.core.errors import UserError
 from blip3.core.records import RecordError, image_members, record_kind, sidecar_row
-from blip3.core.shards import SampleRow, ShardInfo, file_sha256, iter_shard, list_shards, rows_to_table
+from blip3.core.shards import (SampleRow, ShardInfo, file_sha256, is_shard_folder, iter_shard, resolve_shards,
+                               rows_to_table)
 from blip3.mixture.tokens import TokenCounter
 
 
@@ -38,32 +38,6 @@ class ShardScan:
     samples: int
     tokens: int
     rows: list[SampleRow] = field(default_factory=list)
-
-
-def resolve_shards(spec: str | Path, base: Path | None = None) -> list[Path]:
-    """Tars named by a folder (its finished shards if written by us, else its `*.tar`, else
-    recursively), a file, a glob or a brace pattern."""
-    from braceexpand import braceexpand
-
-    text = str(spec)
-    paths: list[Path] = []
-    for part in braceexpand(text):
-        p = Path(part)
-        if base is not None and not p.is_absolute():
-            p = base / p
-        if any(c in part for c in "*?["):
-            paths += [Path(x) for x in sorted(glob.glob(str(p), recursive=True)) if x.endswith(".tar")]
-        elif p.is_dir() and _our_layout(p):  # only finished shards (a stats file marks them)
-            paths += [info.tar for info in list_shards(p)]
-        elif p.is_dir():
-            paths += sorted(p.glob("*.tar")) or sorted(p.rglob("*.tar"))
-        elif p.is_file():
-            paths.append(p)
-        else:
-            raise UserError("no such file or folder", file=p)
-    if not paths:
-        raise UserError("no .tar shards found", file=text)
-    return [p.resolve() for p in paths]
 
 
 def scan_shard(tar: str | Path, kind: str, counter: TokenCounter, *, rows: bool = False,
@@ -96,16 +70,6 @@ def scan_shard(tar: str | Path, kind: str, counter: TokenCounter, *, rows: bool 
     return ShardScan(str(tar.resolve()), sha, tar.stat().st_size, n, tokens, out_rows)
 
 
-def _our_layout(path: Path) -> bool:
-    """True for a folder written by `core.shards.ShardWriter` (stats files with sha256)."""
-    if not path.is_dir():
-        return False
-    try:
-        return bool(list_shards(path))
-    except (KeyError, ValueError, TypeError):  # someone else's *_stats.json (img2dataset's)
-        return False
-
-
 @dataclass
 class SourceResult:
     name: str
@@ -123,7 +87,7 @@ def add_source(cat: Catalog, name: str, path: str | Path, kind: str, counter: To
     if kind not in SOURCE_KINDS:
         raise UserError(f"unknown kind {kind!r}; one of {', '.join(SOURCE_KINDS)}", field="--kind")
     p = Path(path)
-    ours = _our_layout(p)
+    ours = is_shard_folder(p)
     tars = [str(t) for t in resolve_shards(path)]  # our layout: its finished shards
     taken = cat.shard_owner(tars, other_than=name)
     if taken:

@@ -94,13 +94,17 @@ def test_reregistering_a_shard_replaces_its_rows_through_the_shard_index(output_
                                ).fetchone()[0] == 1
 
 
-def test_catalog_add_cli_and_env_var(output_dir, tmp_path):
+def test_catalog_add_cli_and_env_var(output_dir, tmp_path, monkeypatch):
+    monkeypatch.setenv("COLUMNS", "200")  # one table row per source, no wrapping
     db = tmp_path / "env.duckdb"
     r = blip3("catalog", "add", str(output_dir), "--source", "mine", env_db=db)
     assert r.returncode == 0, r.stderr
-    assert "2 shard(s) added" in r.stderr
+    assert "mine: 2 shard(s) added (13 rows), 0 already catalogued" in " ".join(r.stderr.split())
     r = blip3("catalog", "stats", env_db=db)
-    assert r.returncode == 0 and "mine" in r.stdout
+    assert r.returncode == 0
+    (row,) = [line for line in r.stdout.splitlines() if "mine" in line]
+    cells = [c.strip() for c in row.strip("│ ").split("│")]
+    assert cells[:6] == ["mine", "caption", "2", "13", "10", "3"]  # source kind shards samples ok failed
     r = blip3("sql", "SELECT count(*) AS n FROM samples", "--format", "json", "--db", str(db))
     assert r.returncode == 0
     assert json.loads(r.stdout.strip()) == {"n": 13}

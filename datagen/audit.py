@@ -26,8 +26,7 @@ from PIL import Image, ImageDraw, ImageOps, UnidentifiedImageError
 
 from blip3.core.errors import UserError
 from blip3.core.records import grounding_objects, ocr_entries
-from blip3.core.shards import is_image_ext, iter_shard
-from blip3.mixture.sources import resolve_shards
+from blip3.core.shards import is_image_ext, iter_shard, resolve_shards
 
 THUMB_WIDTH = 320
 OCR_COLOR = (230, 20, 20)
@@ -92,6 +91,26 @@ def render_card_image(card: _Card) -> Image.Image | None:
     return img
 
 
+def _card_html(card: _Card, name: str, out: Path) -> str:
+    """One card of the sheet; its drawn image is saved as `out/name`."""
+    img = render_card_image(card)
+    if img is None:
+        figure = '<div class="broken">image does not decode</div>'
+    else:
+        img.save(out / name, format="JPEG", quality=85)
+        figure = f'<img src="{name}" width="{img.width}" height="{img.height}" alt="{html.escape(card.key)}">'
+    legend = "".join(
+        f'<li class="ocr">{html.escape(str(e.get("text", "")))} '
+        f'<span>{e.get("confidence", "")}</span></li>' for e in card.entries
+    ) + "".join(
+        f'<li class="obj">{html.escape(str(o.get("label", "")))} <span>{o.get("score", "")}</span></li>'
+        for o in card.objects
+    )
+    return (f'<figure class="card">{figure}<figcaption><b>{html.escape(card.key)}</b> '
+            f'<small>{html.escape(card.shard)}</small><p>{html.escape(card.caption)}</p>'
+            f'<ul>{legend}</ul></figcaption></figure>')
+
+
 def _tar_samples(tar: Path) -> Iterator[dict[str, Any]]:
     """The samples of one tar; a file that is not a tar is named in one line (a UserError)."""
     try:
@@ -134,28 +153,8 @@ def write_audit(shards: str | Path, out: str | Path, *, n: int = 48, seed: int =
                 else:
                     chosen[slot] = card
     chosen.sort(key=lambda c: (c.shard, c.key))
-    cards_html = []
-    for i, card in enumerate(chosen):
-        img = render_card_image(card)
-        if img is None:
-            figure = '<div class="broken">image does not decode</div>'
-        else:
-            name = f"images/{i:04d}.jpg"
-            img.save(out / name, format="JPEG", quality=85)
-            figure = f'<img src="{name}" width="{img.width}" height="{img.height}" alt="{html.escape(card.key)}">'
-        legend = "".join(
-            f'<li class="ocr">{html.escape(str(e.get("text", "")))} '
-            f'<span>{e.get("confidence", "")}</span></li>' for e in card.entries
-        ) + "".join(
-            f'<li class="obj">{html.escape(str(o.get("label", "")))} <span>{o.get("score", "")}</span></li>'
-            for o in card.objects
-        )
-        cards_html.append(
-            f'<figure class="card">{figure}<figcaption><b>{html.escape(card.key)}</b> '
-            f'<small>{html.escape(card.shard)}</small><p>{html.escape(card.caption)}</p>'
-            f'<ul>{legend}</ul></figcaption></figure>'
-        )
-    from blip3.mixture.plots import plot_histograms
+    cards_html = [_card_html(card, f"images/{i:04d}.jpg", out) for i, card in enumerate(chosen)]
+    from blip3.datagen.audit_plots import plot_histograms
 
     plots = plot_histograms(out, lengths=lengths, boxes=boxes, ocr_conf=ocr_conf, obj_score=obj_score)
     page = _PAGE.format(
