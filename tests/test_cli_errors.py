@@ -145,3 +145,18 @@ def test_datagen_on_a_really_full_disk_is_one_line(tmp_path):
         assert "no space left on the device" in text
     finally:
         subprocess.run(["umount", str(disk)], check=False)
+
+
+def test_datagen_refuses_ambiguous_inputs_before_any_work(tmp_path):
+    from tests.ocr_fixtures import png_bytes, text_image
+
+    imgs = tmp_path / "imgs"
+    imgs.mkdir()
+    for i in range(3):
+        (imgs / f"{i}.png").write_bytes(png_bytes(text_image()))
+    text = one_line_error(blip3("ocr", str(imgs), str(imgs / "out"), "--workers", "1"))
+    assert "is inside the input folder" in text and not (imgs / "out").exists()
+    with tarfile.open(imgs / "000000.tar", "w"):
+        pass
+    text = one_line_error(blip3("ocr", str(imgs), str(tmp_path / "out"), "--workers", "1"))
+    assert "--input-format folder" in text and not (tmp_path / "out").exists()
