@@ -123,3 +123,29 @@ def test_object_store_output_is_refused_not_written_to_a_local_folder(tmp_path):
     assert local_path("rel/out", "output") == Path("rel/out")
     with pytest.raises(UserError, match="hf:// locations"):
         local_path(Path("hf://datasets/x"), "output")  # what pathlib leaves of a URL is caught too
+
+
+def test_tar_index_memory_stays_flat_in_the_number_of_members(tmp_path):
+    """Planning over a big input tar keeps no per-member state: tarfile's own member list would
+    hold one TarInfo per member (about 2 MB for 5k members)."""
+    import io
+    import tarfile
+    import tracemalloc
+
+    from blip3.datagen.inputs import iter_raw_refs
+    from blip3.datagen.plans import iter_plans
+
+    path = tmp_path / "big.tar"
+    with tarfile.open(path, "w") as tar:
+        for i in range(5_000):
+            info = tarfile.TarInfo(f"{i:07d}.jpg")
+            info.size = 1
+            tar.addfile(info, io.BytesIO(b"x"))
+    tracemalloc.start()
+    try:
+        n = sum(len(p.refs) for p in iter_plans(iter_raw_refs(path), 100))
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert n == 5_000
+    assert peak < 1_000_000, f"planning 5k members peaked at {peak / 1e6:.1f} MB"
