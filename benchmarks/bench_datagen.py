@@ -100,7 +100,7 @@ def pipeline_run(folder: Path, coco: Path, out: Path, workers: int, limit: int
 
     before = _proc_io()
     t = time.perf_counter()
-    with TreeMonitor(0.1) as mon:
+    with TreeMonitor(1.0) as mon:  # sparse: the sampling itself runs in the driver, inside the tree
         ground(folder, out, make_config(detector="annotations", annotations=coco), workers=workers,
                shard_size=SHARD_SIZE, limit=limit, register=False)
     wall = time.perf_counter() - t
@@ -112,12 +112,15 @@ def folder_bytes(folder: Path) -> int:
     return sum(p.stat().st_size for p in folder.iterdir() if p.is_file())
 
 
+# VmHWM, not ru_maxrss: getrusage's peak survives fork + exec, so a child would report the
+# benchmark process's own peak.
 _PLAN_ONLY = """
-import resource, sys
+import re, sys
+from pathlib import Path
 from blip3.datagen.inputs import iter_raw_refs
 from blip3.datagen.plans import iter_plans
 n = sum(len(p.refs) for p in iter_plans(iter_raw_refs(sys.argv[1]), 1000))
-print(n, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+print(n, int(re.search(r"VmHWM:\\s+(\\d+)", Path("/proc/self/status").read_text()).group(1)) / 1024)
 """
 
 
