@@ -29,7 +29,7 @@ import os
 import re
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
+from typing import Any, Mapping
 
 from blip3.core.catalog import SOURCE_KINDS, transaction
 from blip3.core.errors import UserError
@@ -41,11 +41,12 @@ from blip3.mixture.tokens import TokenCounter
 _VAR = re.compile(r"\$\{(\w+)(?::-([^}]*))?\}")
 
 
-def expand_path(text: str, *, field: str, file: str | None) -> str:
-    """`${VAR}` and `${VAR:-default}` from the environment; an unset VAR without default is an error."""
+def expand_path(text: str, *, field: str, file: str | None, variables: Mapping[str, str] | None = None) -> str:
+    """`${VAR}` and `${VAR:-default}` from `variables` (what the trainer's prepare step made), else
+    the environment; an unset VAR without default is an error."""
 
     def sub(m: re.Match) -> str:
-        val = os.environ.get(m.group(1))
+        val = (variables or {}).get(m.group(1)) or os.environ.get(m.group(1))
         if val:
             return val
         if m.group(2) is not None:
@@ -137,6 +138,7 @@ def build_manifest(
     crops_per_image: int = 1,
     record: bool = True,
     verify: str = "sha256",
+    variables: Mapping[str, str] | None = None,
 ) -> Manifest:
     """Resolve `spec` into a manifest; write it to `out`; record it in the catalog.
 
@@ -167,7 +169,7 @@ def build_manifest(
         resolved = []
         for i, s in enumerate(spec_d["sources"]):
             if "path" in s:
-                resolved.append(_inline_source(s, i, counter, base, file))
+                resolved.append(_inline_source(s, i, counter, base, file, variables))
             else:
                 resolved.append(_catalog_source(cat, s, i, counter, file, checksum=verify == "sha256"))
         manifest = _plan(spec_d, resolved, counter)
@@ -182,12 +184,13 @@ def build_manifest(
     return manifest
 
 
-def _inline_source(s: dict, i: int, counter: TokenCounter, base: Path, file: str | None) -> ManifestSource:
+def _inline_source(s: dict, i: int, counter: TokenCounter, base: Path, file: str | None,
+                   variables: Mapping[str, str] | None = None) -> ManifestSource:
     from blip3.mixture.sources import resolve_shards, scan_shard
 
     field = f"sources[{i}].path"
     try:
-        tars = resolve_shards(expand_path(s["path"], field=field, file=file), base)
+        tars = resolve_shards(expand_path(s["path"], field=field, file=file, variables=variables), base)
     except UserError as e:
         raise UserError(f"source {s['name']!r}: {e}", field=field, file=file) from None
     shards = []

@@ -11,7 +11,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from tests.train_fixtures import tiny_stage
+from tests.train_fixtures import tiny_stage, tiny_vars
 from blip3.train.config import InitConfig
 from blip3.train.loop import train_stage
 from blip3.train.metrics import read_metrics
@@ -61,18 +61,18 @@ def _assert_same_run(full, parts, out_full, out_parts):
     ids=["pretrain-k4", "pretrain-k3", "pretrain-ac-k4", "dpo-k2"],
 )
 def test_interrupt_and_resume_is_exact(tmp_path, make, k):
-    full = train_stage(make(tmp_path / "full"), record=False)
+    full = train_stage(make(tmp_path / "full"), record=False, data_vars=tiny_vars())
     cfg = make(tmp_path / "parts")
-    first = train_stage(cfg, max_steps=k, record=False)
+    first = train_stage(cfg, max_steps=k, record=False, data_vars=tiny_vars())
     assert first.final_dir is None and first.steps == k  # interrupted: checkpoint only
-    second = train_stage(cfg, resume=True, record=False)
+    second = train_stage(cfg, resume=True, record=False, data_vars=tiny_vars())
     assert second.steps == full.steps
     _assert_same_run(full, first.losses + second.losses, full, second)
 
 
 @pytest.mark.parametrize("make", [_pretrain, _pretrain_ac], ids=["plain", "activation-checkpointing"])
 def test_stored_loss_curve(tmp_path, make):
-    result = train_stage(make(tmp_path), record=False)
+    result = train_stage(make(tmp_path), record=False, data_vars=tiny_vars())
     assert result.losses == pytest.approx(PRETRAIN_LOSSES, rel=2e-3)
 
 
@@ -106,10 +106,10 @@ def test_resume_after_a_real_kill(tmp_path):
     assert first_ckpt.is_dir() and not (tmp_path / "killed" / "final").exists()  # really interrupted mid-run
 
     cfg = load_stage(cfg_path)
-    resumed = train_stage(cfg, resume=True, record=False)
+    resumed = train_stage(cfg, resume=True, record=False, data_vars=tiny_vars())
     full_cfg = load_stage(cfg_path)
     full_cfg.output_dir = str(tmp_path / "full")
-    full = train_stage(full_cfg, record=False)
+    full = train_stage(full_cfg, record=False, data_vars=tiny_vars())
     curve = lambda d: [r["loss"] for r in read_metrics(d) if "loss" in r]  # noqa: E731
     assert len(curve(full.output_dir)) == 48
     assert curve(resumed.output_dir) == pytest.approx(curve(full.output_dir), rel=1e-5)

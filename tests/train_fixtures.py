@@ -24,6 +24,14 @@ def tiny_chain(tmp_path_factory):
     return results, out, db
 
 
+def tiny_vars() -> dict[str, str]:
+    """The spec variables of the tiny recipes (the data step `blip3 train` runs first)."""
+    from blip3.mixture.tiny_sources import ensure_tiny_data
+    from blip3.train.prepare import TINY_VAR
+
+    return {TINY_VAR: str(ensure_tiny_data())}
+
+
 def tiny_stage(name: str, tmp: Path, **changes):
     """A tiny stage config with its output under `tmp` and fields replaced (dotted keys allowed)."""
     from dataclasses import replace
