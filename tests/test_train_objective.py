@@ -13,7 +13,7 @@ import torch
 from blip3.core.errors import UserError
 from blip3.train.config import InitConfig
 from tests.model_fixtures import build_tiny_model
-from tests.train_fixtures import tiny_stage, tiny_vars
+from tests.train_fixtures import rank_rows, tiny_stage, tiny_vars
 
 os.environ.setdefault("BLIP3_NO_PROGRESS", "1")
 
@@ -115,7 +115,6 @@ def _rank_main(rank: int, world: int, init_file: str, out_dir: str, tmp: str) ->
     import torch.distributed as dist
 
     from blip3.model.config import get_config
-    from blip3.train.data import Batch
     from blip3.train.distributed import DistInfo, parallelize
     from blip3.train.loop import train_step
 
@@ -126,17 +125,9 @@ def _rank_main(rank: int, world: int, init_file: str, out_dir: str, tmp: str) ->
         model = build_tiny_model(config).train()
         objective = _objective("pretrain", model)
         batch = _stream("pretrain", Path(tmp) / f"r{rank}", 4).next()
-        rows = slice(2 * rank, 2 * rank + 2)
-        half = {k: (v[rows] if k in ("input_ids", "labels", "segment_ids") else v) for k, v in batch.inputs.items()}
-        # images: keep the crops whose placeholders fall in this rank's rows
-        per_row = (batch.inputs["input_ids"] == config.image_placeholder_id).sum(1) // config.num_latents
-        first = int(per_row[:2 * rank].sum())
-        n = int(per_row[rows].sum())
-        for k in ("pixel_values", "image_sizes"):
-            if batch.inputs.get(k) is not None:
-                half[k] = batch.inputs[k][first:first + n]
+        half = rank_rows(batch, rank, world, config)
         model = parallelize(model, ac=False, compile=False, fsdp=True, bf16=False)
-        stats = train_step(model, objective, [Batch(half)], info=DistInfo(rank=rank, world_size=world))
+        stats = train_step(model, objective, [half], info=DistInfo(rank=rank, world_size=world))
         grads = {n: p.grad.full_tensor() for n, p in model.named_parameters() if p.grad is not None}
         if rank == 0:
             torch.save({"grads": grads, "loss": stats.loss, "items": stats.items}, Path(out_dir) / "ranks.pt")

@@ -47,3 +47,19 @@ def tiny_stage(name: str, tmp: Path, **changes):
         else:
             setattr(cfg, key, value)
     return cfg
+
+
+def rank_rows(batch, rank: int, world: int, config):
+    """This rank's equal share of a micro-batch's rows, with the image crops those rows hold."""
+    from blip3.train.data import Batch
+
+    n_rows = batch.inputs["input_ids"].shape[0] // world
+    rows = slice(n_rows * rank, n_rows * (rank + 1))
+    part = {k: (v[rows] if k in ("input_ids", "labels", "segment_ids", "attention_mask") else v)
+            for k, v in batch.inputs.items()}
+    per_row = (batch.inputs["input_ids"] == config.image_placeholder_id).sum(1) // config.num_latents
+    first, n = int(per_row[:rows.start].sum()), int(per_row[rows].sum())
+    for k in ("pixel_values", "image_sizes"):
+        if batch.inputs.get(k) is not None:
+            part[k] = batch.inputs[k][first:first + n]
+    return Batch(part)

@@ -10,8 +10,10 @@ micro-batch at a time:
   `noised_image_rejected`, P more pairs whose rejected side is the chosen answer given a
   Gaussian-noised image (an image-conditioned preference: the answer must come from the image).
 
-State for exact resume = the loader's counts + the encoded samples read but not yet used (the
-one that overflowed the last packed row). Noise uses the global torch RNG, which checkpoints hold.
+State for exact resume = the loader's position before the first sample read but not yet used
+(the one that overflowed the last packed row): a resume reads and encodes it again (encoding is
+deterministic), so the state is a few integers, JSON in the checkpoint, never encoded tensors.
+Noise uses the global torch RNG, which checkpoints hold.
 """
 
 from __future__ import annotations
@@ -112,16 +114,17 @@ class BatchStream:
         self.pack = pack
         self.noised_image_rejected = noised_image_rejected
         self.noise_std = noise_std
-        self._pending: list = []
+        # samples read but not used yet, each with the loader state from before it was read
+        self._pending: list[tuple[Any, dict]] = []
         self._it = None
 
     # -- state ---------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
-        return {"loader": self.loader.state_dict(), "pending": list(self._pending)}
+        return {"loader": self._pending[0][1] if self._pending else self.loader.state_dict()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.loader.load_state_dict(state["loader"])
-        self._pending = list(state["pending"])
+        self._pending = []
         self._it = None
 
     # -- reading -------------------------------------------------------------------------------
@@ -131,28 +134,30 @@ class BatchStream:
         return next(self._it)
 
     def _encoded(self):
+        """(the next encoded sample, the loader state from before it was read)."""
         if self._pending:
             return self._pending.pop(0)
-        return encode_sample(self.processor, self._raw())
+        before = self.loader.state_dict()
+        return encode_sample(self.processor, self._raw()), before
 
     def next(self) -> Batch:
         if self.stage == "dpo":
             return self._dpo()
         if self.pack:
             return self._packed()
-        return Batch(self.processor.collate([self._encoded() for _ in range(self.rows)]))
+        return Batch(self.processor.collate([self._encoded()[0] for _ in range(self.rows)]))
 
     def _packed(self) -> Batch:
         """Fill `rows` rows by the processor's packing rule; the sample that would open one more
         row waits in `_pending` for the next batch."""
         packer, skipped = RowPacker(self.seq_len, max_rows=self.rows), 0
         while True:
-            enc = self._encoded()
+            enc, before = self._encoded()
             if len(enc) > self.seq_len:
                 skipped += 1
                 continue
             if not packer.add(enc):
-                self._pending.insert(0, enc)
+                self._pending.insert(0, (enc, before))
                 break
         chosen = [s for row in packer.rows for s in row]
         return Batch(self.processor.pack(chosen, self.seq_len), skipped=skipped)
