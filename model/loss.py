@@ -28,15 +28,16 @@ def shift_targets(labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return target.clamp(min=0), target != IGNORE_INDEX
 
 
-def _chunk_logps(hidden: torch.Tensor, weight: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    logits = (hidden @ weight.t()).float()
+def _chunk_logps(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                 target: torch.Tensor) -> torch.Tensor:
+    logits = torch.nn.functional.linear(hidden, weight, bias).float()
     picked = logits.gather(-1, target.unsqueeze(-1)).squeeze(-1)
     return picked - torch.logsumexp(logits, dim=-1)
 
 
-def token_logps(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, *,
+def token_logps(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, *, bias: torch.Tensor | None = None,
                 chunk: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """hidden (B, T, D), LM-head weight (V, D), labels (B, T) unshifted ->
+    """hidden (B, T, D), LM-head weight (V, D) and bias (V) or None, labels (B, T) unshifted ->
     (log p of each next label (B, T-1) float32, 0 where unlabelled; the labelled mask (B, T-1))."""
     chunk = chunk or DEFAULT_CHUNK
     target, mask = shift_targets(labels)
@@ -47,9 +48,9 @@ def token_logps(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor
     for s in range(0, flat_h.shape[0], chunk):
         hs, ts = flat_h[s:s + chunk], flat_t[s:s + chunk]
         if torch.is_grad_enabled() and (hs.requires_grad or weight.requires_grad):
-            parts.append(checkpoint(_chunk_logps, hs, weight, ts, use_reentrant=False))
+            parts.append(checkpoint(_chunk_logps, hs, weight, bias, ts, use_reentrant=False))
         else:
-            parts.append(_chunk_logps(hs, weight, ts))
+            parts.append(_chunk_logps(hs, weight, bias, ts))
     logps = torch.cat(parts).reshape(B, T1) if parts else hidden.new_zeros(B, T1, dtype=torch.float32)
     return logps * mask, mask
 

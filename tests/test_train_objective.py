@@ -45,13 +45,16 @@ def _objective(stage: str, model):
     return build_objective(tiny_stage(stage, Path("unused")), model.config)
 
 
-def test_chunked_token_logps_equal_the_dense_loss_and_its_gradients(tmp_path, monkeypatch):
+@pytest.mark.parametrize("head_bias", [False, True], ids=["head", "biased-head"])
+def test_chunked_token_logps_equal_the_dense_loss_and_its_gradients(tmp_path, monkeypatch, head_bias):
     """Chunks of 37 tokens (not a divisor of anything) against transformers' own mean loss."""
-    from blip3.model import loss as L
+    from dataclasses import replace
 
+    from blip3.model import loss as L
     from blip3.model.config import get_config
 
-    model = build_tiny_model(get_config("tiny")).train()
+    model = build_tiny_model(replace(get_config("tiny"), lm_head_bias=head_bias)).train()
+    assert (model.lang_model.lm_head.bias is not None) == head_bias
     batch = _stream("pretrain", tmp_path, 2).next()
     inputs = {**batch.inputs, "use_cache": False}
     model.zero_grad()

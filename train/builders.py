@@ -136,7 +136,7 @@ def build_stream(cfg: StageConfig, manifest, processor, info, *, verify: str, se
     check_kinds(cfg.stage, loader.manifest, cfg.source)
     return BatchStream(loader, processor, stage=cfg.stage, micro_batch_size=cfg.batch.micro_batch_size,
                        seq_len=cfg.batch.seq_len, pack=cfg.batch.pack,
-                       noised_image_rejected=cfg.dpo.noised_image_rejected and seed_offset == 0,
+                       noised_image_chosen_as_rejected=cfg.dpo.noised_image_chosen_as_rejected and seed_offset == 0,
                        noise_std=cfg.dpo.noise_std)
 
 
