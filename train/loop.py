@@ -182,14 +182,28 @@ def build_run(cfg: StageConfig, *, init_path: str | None, resume: bool, db, info
 # -- step -------------------------------------------------------------------------------------------
 
 
+def _lap(timings: dict[str, float] | None, key: str, t0: float, device: torch.device) -> float:
+    """Add the time since t0 to timings[key] (device synchronised first); returns now."""
+    if timings is None:
+        return t0
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    now = time.perf_counter()
+    timings[key] = timings.get(key, 0.0) + now - t0
+    return now
+
+
 def train_step(model, objective: Objective, batches: list[Batch], *, optimizer=None, scheduler=None,
-               grad_clip: float = 0.0, info: DistInfo | None = None, bf16: bool = False) -> StepStats:
+               grad_clip: float = 0.0, info: DistInfo | None = None, bf16: bool = False,
+               timings: dict[str, float] | None = None) -> StepStats:
     """One optimiser step over `batches` (this rank's micro-batches, host tensors).
 
     The items of the whole step are counted first (host, then one all-reduce), so each
     micro-batch's summed loss is divided by the same number: the step optimises the mean over
     every item of every micro-batch and rank. FSDP averages gradients over ranks, hence the
     factor `world_size`. Without an optimiser only the gradients are left (what the tests compare).
+    timings: when given, seconds spent in transfer / forward / backward / optimizer are added to it
+    (the device is synchronised at each boundary, so only benchmarks ask for it).
     """
     info = info or DistInfo()
     device = info.device
@@ -201,15 +215,19 @@ def train_step(model, objective: Objective, batches: list[Batch], *, optimizer=N
     tokens = crops = skipped = 0
     loss_sum = torch.zeros((), dtype=torch.float64, device=device)
     extras: dict[str, torch.Tensor] = {}
+    t = time.perf_counter()
     for batch in batches:
         # counted on the host batch: no device sync
         tokens += count_tokens(batch.inputs)
         crops += count_crops(batch.inputs, unwrap(model).config)
         skipped += batch.skipped
         batch = Batch(_to(batch.inputs, device), batch.n_pairs, batch.skipped)
+        t = _lap(timings, "transfer", t, device)
         with _autocast(device, bf16):
             loss, extra = objective(model, batch)
+        t = _lap(timings, "forward", t, device)
         (loss * scale).backward()
+        t = _lap(timings, "backward", t, device)
         loss_sum += loss.detach().double()
         for k, v in extra.items():
             extras[k] = extras.get(k, 0.0) + v.detach().double()
@@ -227,6 +245,7 @@ def train_step(model, objective: Objective, batches: list[Batch], *, optimizer=N
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
+        _lap(timings, "optimizer", t, device)
     return StepStats(loss_value, items, tokens, crops, skipped, grad_norm, lr, extra_values)
 
 
@@ -297,6 +316,7 @@ def train_stage(
             while run.step < stop_at:
                 t0 = time.perf_counter()
                 batches = [run.stream.next() for _ in range(cfg.batch.grad_accum)]
+                data_wait = time.perf_counter() - t0
                 s = train_step(run.model, run.objective, batches, optimizer=run.optimizer, scheduler=run.scheduler,
                                grad_clip=cfg.optim.grad_clip, info=info, bf16=run.bf16)
                 if run.device.type == "cuda":
@@ -310,7 +330,7 @@ def train_stage(
                 if cfg.log_every and (run.step % cfg.log_every == 0 or run.step == stop_at):
                     row = {
                         "loss": s.loss, "lr": s.lr, "tokens": run.tokens, "tokens_per_s": step_tokens_all / dt,
-                        "step_time_s": dt, "grad_norm": s.grad_norm,
+                        "step_time_s": dt, "data_wait_s": data_wait, "grad_norm": s.grad_norm,
                         # samples longer than a packed row, dropped since the previous row (all ranks)
                         "skipped": int(all_reduce_sum(skipped, info)),
                         "mfu": mfu(flops.step_flops(s.tokens, cfg.batch.seq_len, s.crops), dt, peak),
