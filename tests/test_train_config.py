@@ -85,6 +85,7 @@ def _write(tmp_path, body: dict) -> Path:
         ({"optim": {"lr": "nan"}}, "optim.lr", "finite"),
         ({"dpo": {"beta": float("inf")}}, "dpo.beta", "finite"),
         ({"runtime": {"loss": "fused"}}, "runtime.loss", "chunked"),
+        ({"data": {"num_workers": -1}}, "data.num_workers", ">= 0"),
     ],
 )
 def test_bad_field_is_one_clear_error(tmp_path, change, field, words):

@@ -37,6 +37,13 @@ def _pretrain_ac(tmp):
     return cfg
 
 
+def _pretrain_workers(tmp):
+    """Samples read and encoded by 2 DataLoader workers: the resumed run reads on where it stopped."""
+    cfg = _pretrain(tmp)
+    cfg.data.num_workers = 2
+    return cfg
+
+
 def _dpo(tmp):
     # DPO from a from-scratch tiny model: LoRA, the reference forward and the noised-image pairs
     # (which draw from the RNG) all have to come back identically after a resume.
@@ -58,8 +65,8 @@ def _assert_same_run(full, parts, out_full, out_parts):
 
 
 @pytest.mark.parametrize(
-    "make, k", [(_pretrain, 4), (_pretrain, 3), (_pretrain_ac, 4), (_dpo, 2)],
-    ids=["pretrain-k4", "pretrain-k3", "pretrain-ac-k4", "dpo-k2"],
+    "make, k", [(_pretrain, 4), (_pretrain, 3), (_pretrain_ac, 4), (_pretrain_workers, 3), (_dpo, 2)],
+    ids=["pretrain-k4", "pretrain-k3", "pretrain-ac-k4", "pretrain-2-workers-k3", "dpo-k2"],
 )
 def test_interrupt_and_resume_is_exact(tmp_path, make, k):
     full = train_stage(make(tmp_path / "full"), record=False, data_vars=tiny_vars())

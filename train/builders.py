@@ -137,7 +137,8 @@ def build_stream(cfg: StageConfig, manifest, processor, info, *, verify: str, se
     return BatchStream(loader, processor, stage=cfg.stage, micro_batch_size=cfg.batch.micro_batch_size,
                        seq_len=cfg.batch.seq_len, pack=cfg.batch.pack,
                        noised_image_chosen_as_rejected=cfg.dpo.noised_image_chosen_as_rejected and seed_offset == 0,
-                       noise_std=cfg.dpo.noise_std)
+                       noise_std=cfg.dpo.noise_std, num_workers=cfg.data.num_workers if seed_offset == 0 else 0,
+                       pin_memory=info.device.type == "cuda")
 
 
 def resolve_manifest(cfg: StageConfig, out_dir: Path, db: str | Path | None, is_main: bool,

@@ -48,7 +48,7 @@ class DataConfig:
     spec: str | None = None
     generate: str | None = None  # "tiny": the CLI writes the tiny synthetic shards before the first stage
     shuffle_buffer: int = 1000
-    num_workers: int = 0
+    num_workers: int = 0  # DataLoader processes that read, decode and encode samples (0: the training thread)
 
 
 @dataclass
@@ -268,6 +268,10 @@ def _check_stage(cfg: StageConfig, file: str) -> None:
         raise bad("dpo.beta", "must be > 0")
     if cfg.runtime.precision not in ("auto", "bf16", "fp32"):
         raise bad("runtime.precision", "one of auto, bf16, fp32")
+    if cfg.data.num_workers < 0:
+        raise bad("data.num_workers", "must be >= 0 (0 reads on the training thread)")
+    if cfg.data.shuffle_buffer < 1:
+        raise bad("data.shuffle_buffer", "must be >= 1")
     if cfg.runtime.loss not in ("chunked", "dense"):
         raise bad("runtime.loss", "one of chunked, dense")
     if cfg.runtime.cpu_threads < 0:
