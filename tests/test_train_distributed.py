@@ -33,7 +33,8 @@ def test_fsdp2_two_ranks_train_checkpoint_resume_export(tmp_path):
     stage["runtime"] = {"cpu_threads": 1, "fsdp": True}
     cfg = tmp_path / "stage.yaml"
     cfg.write_text(yaml.safe_dump(stage))
-    env = {**os.environ, "BLIP3_NO_PROGRESS": "1", "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
+    path = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
+    env = {**os.environ, "BLIP3_NO_PROGRESS": "1", "PYTHONPATH": path}
     db = str(tmp_path / "c.duckdb")
     first = _torchrun([str(cfg), "--max-steps", "2", "--db", db], tmp_path, env)
     assert first.returncode == 0, first.stderr[-3000:]

@@ -102,7 +102,8 @@ def test_resume_after_a_real_kill(tmp_path):
     stage["data"]["spec"] = str(TINY / "mixtures" / "pretrain.yaml")
     cfg_path = tmp_path / "stage.yaml"
     cfg_path.write_text(yaml.safe_dump(stage))
-    env = {**os.environ, "BLIP3_NO_PROGRESS": "1", "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
+    path = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
+    env = {**os.environ, "BLIP3_NO_PROGRESS": "1", "PYTHONPATH": path}
     proc = subprocess.Popen([sys.executable, "-m", "blip3.train", str(cfg_path), "--db", str(tmp_path / "c.duckdb")],
                             cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     first_ckpt = tmp_path / "killed" / "checkpoints" / "step_000004"

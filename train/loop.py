@@ -271,7 +271,8 @@ def evaluate(run: Run) -> dict[str, float]:
                 extra_sum[f"eval_{k}"] = extra_sum.get(f"eval_{k}", 0.0) + v.item()
     model.train()
     n = max(1.0, all_reduce_sum(items, info))
-    return {"eval_loss": all_reduce_sum(loss_sum, info) / n, **{k: all_reduce_sum(v, info) / n for k, v in extra_sum.items()}}
+    extras = {k: all_reduce_sum(v, info) / n for k, v in extra_sum.items()}
+    return {"eval_loss": all_reduce_sum(loss_sum, info) / n, **extras}
 
 
 # -- the stage --------------------------------------------------------------------------------------
