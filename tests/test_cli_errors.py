@@ -145,3 +145,44 @@ def test_datagen_on_a_really_full_disk_is_one_line(tmp_path):
         assert "no space left on the device" in text
     finally:
         subprocess.run(["umount", str(disk)], check=False)
+
+
+def test_datagen_refuses_ambiguous_inputs_before_any_work(tmp_path):
+    from tests.ocr_fixtures import png_bytes, text_image
+
+    imgs = tmp_path / "imgs"
+    imgs.mkdir()
+    for i in range(3):
+        (imgs / f"{i}.png").write_bytes(png_bytes(text_image()))
+    text = one_line_error(blip3("ocr", str(imgs), str(imgs / "out"), "--workers", "1"))
+    assert "is inside the input folder" in text and not (imgs / "out").exists()
+    with tarfile.open(imgs / "000000.tar", "w"):
+        pass
+    text = one_line_error(blip3("ocr", str(imgs), str(tmp_path / "out"), "--workers", "1"))
+    assert "--input-format folder" in text and not (tmp_path / "out").exists()
+
+
+def test_output_on_a_read_only_file_system_is_one_line(tmp_path, catalog):
+    """Root ignores permission bits, so "unwritable" is a read-only tmpfs (needs mount rights)."""
+    from tests.ocr_fixtures import png_bytes, text_image
+
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    if shutil.which("mount") is None or subprocess.run(["mount", "-t", "tmpfs", "-o", "ro,size=64k", "tmpfs", str(ro)],
+                                                       capture_output=True).returncode != 0:
+        pytest.skip("cannot mount a tmpfs here")
+    try:
+        (tmp_path / "imgs").mkdir()
+        (tmp_path / "imgs" / "a.png").write_bytes(png_bytes(text_image()))
+        text = one_line_error(blip3("ocr", str(tmp_path / "imgs"), str(ro / "out"), "--workers", "1"))
+        assert f"{ro / 'out'}: read-only file system" in text
+        text = one_line_error(blip3("sql", "SELECT 1", "--format", "csv", "--out", str(ro / "r.csv"), "--db", str(catalog)))
+        assert "read-only file system" in text
+        src = tmp_path / "src"
+        from tests.core_fixtures import write_caption_shard
+
+        write_caption_shard(src, 0, 2)
+        text = one_line_error(blip3("catalog", "add", str(src), "--db", str(ro / "c.duckdb")))
+        assert "c.duckdb" in text and "Read-only file system" in text
+    finally:
+        subprocess.run(["umount", str(ro)], check=False)
