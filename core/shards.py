@@ -447,13 +447,22 @@ def split_member_name(name: str) -> tuple[str, str]:
     return (f"{head}/{key}" if head else key), ext
 
 
+def _members(tar: tarfile.TarFile) -> Iterator[tarfile.TarInfo]:
+    """The tar's members in order, without keeping them: iterating a TarFile appends every header
+    to `tar.members`, so indexing a 200k-member input tar would hold 200k TarInfo objects in the
+    job's driver. Only regular members are read afterwards, which needs no earlier header."""
+    while (member := tar.next()) is not None:
+        tar.members.clear()
+        yield member
+
+
 def _keyed_files(tar: tarfile.TarFile, skipped: list[tarfile.TarInfo] | None = None
                  ) -> Iterator[tuple[str, str, tarfile.TarInfo]]:
     """(key, ext, member) for each regular file, in tar order: consecutive equal keys form a sample.
 
     Links and device entries carry no data of their own; they are passed over, and appended to
     `skipped` when given so a reader that must account for every input can report them."""
-    for member in tar:
+    for member in _members(tar):
         if member.isfile():
             key, ext = split_member_name(member.name)
             yield key, ext, member
