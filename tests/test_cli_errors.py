@@ -142,7 +142,7 @@ def test_datagen_on_a_really_full_disk_is_one_line(tmp_path):
         for i in range(4):  # noise does not compress: 4 x ~75 KB will not fit in 64 KB
             Image.fromarray(rng.integers(0, 255, (160, 160, 3), dtype=np.uint8)).save(imgs / f"n{i}.png")
         text = one_line_error(blip3("ocr", str(imgs), str(disk / "out"), "--workers", "1", "--shard-size", "2", timeout=600))
-        assert "no space left on the device" in text
+        assert f"{disk / 'out'}: no space left on the device" in text
     finally:
         subprocess.run(["umount", str(disk)], check=False)
 
@@ -186,3 +186,19 @@ def test_output_on_a_read_only_file_system_is_one_line(tmp_path, catalog):
         assert "c.duckdb" in text and "Read-only file system" in text
     finally:
         subprocess.run(["umount", str(ro)], check=False)
+
+
+def test_datagen_says_when_part_of_its_output_is_not_in_the_catalog(tmp_path):
+    """The job is done but a shard cannot be registered (its sidecar was damaged since): exit 2, named."""
+    from tests.ocr_fixtures import png_bytes, text_image
+
+    imgs, out = tmp_path / "imgs", tmp_path / "out"
+    imgs.mkdir()
+    (imgs / "a.png").write_bytes(png_bytes(text_image()))
+    coco = tmp_path / "coco.json"
+    coco.write_text('{"images": [{"id": 1, "file_name": "a.png"}], "annotations": [], "categories": []}')
+    args = ["ground", str(imgs), str(out), "--detector", "annotations", "--annotations", str(coco), "--workers", "1"]
+    assert blip3(*args, "--db", str(tmp_path / "c.duckdb")).returncode == 0
+    (out / "000000.parquet").write_bytes(b"PAR1 damaged PAR1")
+    text = one_line_error(blip3(*args, "--db", str(tmp_path / "fresh.duckdb")))
+    assert "1 shard(s) NOT registered" in text and "000000.tar" in text and "catalog add" in text
