@@ -78,10 +78,12 @@ class RapidOcrEngine:
 
     threads: int = 1
     use_cuda: bool = False
-    #: Detector input size: the longer side is scaled to at most this. The wheel's default instead
-    #: scales the *shorter* side up to 736, which on a 600x120 sign means a 3700x736 detector pass:
-    #: ~30x slower here and worse (it splits lines into overlapping boxes: `fruit` + `t and`).
-    det_limit_side_len: int = 960
+    #: Detector input size: the longer side is scaled down to at most this (never up). 640 reads as
+    #: well as 960 or 1280 on 384-1024 px pictures, 12 px text on a 1024 px page included, at up to
+    #: half the detector cost (docs/ocr.md). The wheel's default instead scales the *shorter* side
+    #: up to 736, which on a 600x120 sign means a 3700x736 detector pass: many times slower and
+    #: worse (it splits lines into overlapping boxes: `fruit` + `t and`).
+    det_limit_side_len: int = 640
     det_limit_type: str = "max"
     #: Text lines recognised per ONNX Runtime call (lines of one picture, sorted by width).
     rec_batch: int = 6

@@ -93,7 +93,7 @@ def test_image_without_text_is_kept_with_the_no_text_caption(annotator):
 def test_generator_info_needs_no_model_load():
     info = OcrAnnotator(min_confidence=0.7)().generator_info()
     assert info["engine"] == "rapidocr" and info["engine_version"] and info["min_confidence"] == 0.7
-    assert info["models"].startswith("PP-OCRv6") and info["det_limit"] == "max 960"
+    assert info["models"].startswith("PP-OCRv6") and info["det_limit"] == "max 640"
 
 
 def test_paddleocr_without_model_dirs_is_one_clear_error(monkeypatch, tmp_path):
