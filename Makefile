@@ -5,7 +5,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: setup demo test test-fast bench clean
+.PHONY: setup demo test test-fast mutate bench clean
 
 setup: $(STAMP)
 
@@ -23,6 +23,11 @@ test: setup
 
 test-fast: setup
 	$(BIN)/python -m pytest -m "not slow"
+
+# Mutation testing (slow, not in CI): kill rate per module -> benchmarks/results/mutation.md.
+# `make mutate MODULES="core/shards.py core/sql.py"` for a few; see docs/testing.md.
+mutate: setup
+	nice -n 10 $(BIN)/python -m benchmarks.mutate $(or $(MODULES),--all)
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache

@@ -13,7 +13,8 @@ from typing import Optional
 
 import typer
 
-from blip3.core.errors import UserError
+from blip3.core.errors import UserError, environment_error
+from blip3.core.options import DbOption
 
 app = typer.Typer(
     name="blip3",
@@ -25,7 +26,6 @@ app = typer.Typer(
 catalog_app = typer.Typer(help="Register shards in the DuckDB catalog and summarise it.", no_args_is_help=True)
 app.add_typer(catalog_app, name="catalog")
 
-DbOption = typer.Option(None, "--db", help="Catalog file (default: $BLIP3_DB or ./catalog.duckdb).")
 
 
 @catalog_app.command("add")
@@ -34,22 +34,25 @@ def catalog_add(
     source: Optional[str] = typer.Option(None, "--source", help="Source name (default: the folder name)."),
     kind: str = typer.Option("caption", "--kind", help="caption | interleaved | sft | dpo"),
     refresh: bool = typer.Option(False, "--refresh", help="Re-read shards whose tar changed."),
-    db: Optional[Path] = DbOption,
+    verify: bool = typer.Option(False, "--verify", help="Re-hash every tar (default: trust the sha256 its "
+                                "writer recorded, checking the size)."),
+    db: Path = DbOption,
 ) -> None:
     """Register finished shards and their per-sample sidecar rows (idempotent)."""
     from blip3.core.catalog import Catalog
     from blip3.core.logs import console
 
     with Catalog(db) as cat:
-        r = cat.add_output(output_dir, source=source, kind=kind, refresh=refresh)
-    console.print(
-        f"[green]{r.source}[/]: {r.added} shard(s) added ({r.rows} rows), {r.skipped} already catalogued"
-        + (f", [yellow]{r.changed} changed on disk (flagged)[/]" if r.changed else "")
-    )
+        r = cat.add_output(output_dir, source=source, kind=kind, refresh=refresh, verify=verify)
+    console.print(r.summary(), highlight=False, soft_wrap=True)
+    if r.failed:
+        for path, reason in r.failed:
+            console.print(f"[red]not registered:[/] {path}: {reason}", highlight=False, soft_wrap=True)
+        raise typer.Exit(1)  # the good shards are registered; the exit status says some were not
 
 
 @catalog_app.command("stats")
-def catalog_stats(db: Optional[Path] = DbOption) -> None:
+def catalog_stats(db: Path = DbOption) -> None:
     """Print a summary table per source: shards, samples, failures, caption length, coverage."""
     from blip3.core.sql import run_query
     from blip3.core.tables import write_result
@@ -62,7 +65,7 @@ def sql(
     query: str = typer.Argument(..., help='A read-only query, e.g. "SELECT * FROM v_source_summary".'),
     fmt: str = typer.Option("table", "--format", "-f", help="table | csv | json | parquet"),
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="Write the result to this file."),
-    db: Optional[Path] = DbOption,
+    db: Path = DbOption,
 ) -> None:
     """Run a read-only SQL query on the catalog (statements that write are refused)."""
     from blip3.core.sql import run_query
@@ -71,18 +74,18 @@ def sql(
     write_result(run_query(query, db), fmt=fmt, out=out)
 
 
-def _register_groups() -> None:
-    """Each package adds its own commands; a package not yet present is simply absent."""
+#: The packages that add command groups (each `commands.py` has a `register(app)`).
+COMMAND_MODULES = ("blip3.datagen.commands", "blip3.mixture.commands", "blip3.train.commands",
+                   "blip3.model.commands", "blip3.demo.commands")
+
+
+def _register_groups(modules: tuple[str, ...] = COMMAND_MODULES) -> None:
+    """Each package adds its own commands. A module that fails to import is a broken install, not
+    an optional part: the error propagates, so a command group never silently goes missing."""
     import importlib
 
-    for module in ("blip3.datagen.commands", "blip3.mixture.commands", "blip3.train.commands", "blip3.model.commands", "blip3.demo.commands"):
-        try:
-            mod = importlib.import_module(module)
-        except ModuleNotFoundError as e:
-            if e.name != module:
-                raise
-            continue
-        mod.register(app)
+    for module in modules:
+        importlib.import_module(module).register(app)
 
 
 _register_groups()
@@ -91,10 +94,13 @@ _register_groups()
 def main() -> None:
     try:
         app(standalone_mode=True)
-    except UserError as e:
+    except Exception as e:  # only user errors end here: anything else is raised again, loud
+        err = e if isinstance(e, UserError) else environment_error(e)
+        if err is None:
+            raise
         from blip3.core.logs import console
 
-        console.print(f"[bold red]error:[/] {e}", highlight=False, soft_wrap=True)
+        console.print(f"[bold red]error:[/] {err}", highlight=False, soft_wrap=True)
         sys.exit(2)
 
 

@@ -16,7 +16,7 @@ its detector-size, recognition-batch and angle-classifier variants, the wheel's 
 736), `rapidocr-v4` (rapidocr_onnxruntime, PP-OCRv4) when installed, `paddleocr` when
 BLIP3_PADDLEOCR_DET_DIR/REC_DIR are set.
 
-Pipeline figures (quality.md):
+Pipeline figures (README "Performance"):
 - bare loop of default-engine calls (decoded images in memory), measured before and after the
   pipelines, the faster run kept (shared machines);
 - the full pipeline (read, decode+validate, OCR, 12 captions, tar + parquet + stats, catalog) with

@@ -17,6 +17,7 @@ Tars are deterministic (fixed mtime, owner and mode), so the same input gives th
 
 from __future__ import annotations
 
+import glob
 import hashlib
 import io
 import json
@@ -29,14 +30,18 @@ from dataclasses import asdict, dataclass, field
 from itertools import groupby
 from operator import itemgetter
 from pathlib import Path
-from typing import Any, Iterable, Iterator, NamedTuple
+from typing import Any, BinaryIO, Iterable, Iterator, NamedTuple
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from blip3.core.errors import UserError
 from blip3.core.keys import is_safe_key
 
 SHARD_DIGITS = 6
+#: Member extensions that hold an image, in the order a reader prefers them when a sample has
+#: several (the one list: datagen's inputs, the record kinds, the loader and the audit use it).
+IMAGE_EXTS = ("jpg", "jpeg", "png", "webp", "bmp", "gif", "tif", "tiff", "ppm")
 _EXT = re.compile(r"^[A-Za-z0-9_-]+(\.[A-Za-z0-9_-]+)*$")
 
 #: Columns of the sidecar parquet, one row per input sample (failures included).
@@ -150,6 +155,24 @@ def _error_reason(error: str | None) -> str:
     return error.split(":", 1)[0].strip()[:80] or "unknown"
 
 
+class _HashingFile:
+    """A write-only file wrapper that hashes and counts what passes through it, so a shard's sha256
+    comes from the write itself (hash once) instead of a second full read of the tar."""
+
+    def __init__(self, f):
+        self._f = f
+        self.sha = hashlib.sha256()
+        self.size = 0
+
+    def write(self, data) -> int:
+        self.sha.update(data)
+        self.size += len(data)
+        return self._f.write(data)
+
+    def tell(self) -> int:
+        return self.size
+
+
 class ShardWriter:
     """Write one shard: stream members into a temporary tar, then publish tar, parquet, stats.
 
@@ -168,7 +191,8 @@ class ShardWriter:
         self.tar_path, self.parquet_path, self.stats_path = shard_paths(self.out_dir, index)
         self._tmp_tar = self.tar_path.with_name(f".{self.tar_path.name}.tmp-{os.getpid()}")
         self._file = open(self._tmp_tar, "wb")
-        self._tar = tarfile.open(fileobj=self._file, mode="w", format=tarfile.GNU_FORMAT)
+        self._hashed = _HashingFile(self._file)
+        self._tar = tarfile.open(fileobj=self._hashed, mode="w", format=tarfile.GNU_FORMAT)
         self._rows: list[SampleRow] = []
         self._keys: set[str] = set()
         self._started = time.time()
@@ -230,8 +254,7 @@ class ShardWriter:
             f.flush()
             os.fsync(f.fileno())
 
-        sha = file_sha256(self._tmp_tar)
-        size = self._tmp_tar.stat().st_size
+        sha, size = self._hashed.sha.hexdigest(), self._hashed.size
         os.replace(self._tmp_tar, self.tar_path)
         os.replace(tmp_parquet, self.parquet_path)
         reasons = Counter(_error_reason(r.error) for r in self._rows if r.status != "success")
@@ -319,7 +342,8 @@ def read_stats(out_dir: str | Path, index: int) -> dict[str, Any] | None:
 
 
 def shard_complete(out_dir: str | Path, index: int, *, verify_checksum: bool = True) -> bool:
-    """True when shard `index` was published whole (stats present, tar size and sha256 match)."""
+    """True when shard `index` was published whole (stats present, tar size and, when
+    `verify_checksum`, sha256 match; without it the stats' sha256 is trusted: hash once)."""
     stats = read_stats(out_dir, index)
     if stats is None:
         return False
@@ -338,11 +362,46 @@ def list_shards(out_dir: str | Path) -> list[ShardInfo]:
         if not stem.isdigit():
             continue
         try:
-            stats = json.loads(stats_path.read_text())
-        except json.JSONDecodeError:
-            continue
-        infos.append(_info_from_stats(out, stats))
+            infos.append(_info_from_stats(out, json.loads(stats_path.read_text())))
+        except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, ValueError):
+            continue  # not a finished shard's stats; callers that must account for tars check them
     return infos
+
+
+def is_shard_folder(path: Path) -> bool:
+    """True for a folder written by `ShardWriter` (finished shards with their stats files)."""
+    if not path.is_dir():
+        return False
+    try:
+        return bool(list_shards(path))
+    except (KeyError, ValueError, TypeError):  # someone else's *_stats.json (img2dataset's)
+        return False
+
+
+def resolve_shards(spec: str | Path, base: Path | None = None) -> list[Path]:
+    """Tars named by a folder (its finished shards if written by us, else its `*.tar`, else
+    recursively), a file, a glob or a brace pattern."""
+    from braceexpand import braceexpand
+
+    text = str(spec)
+    paths: list[Path] = []
+    for part in braceexpand(text):
+        p = Path(part)
+        if base is not None and not p.is_absolute():
+            p = base / p
+        if any(c in part for c in "*?["):
+            paths += [Path(x) for x in sorted(glob.glob(str(p), recursive=True)) if x.endswith(".tar")]
+        elif p.is_dir() and is_shard_folder(p):  # only finished shards (a stats file marks them)
+            paths += [info.tar for info in list_shards(p)]
+        elif p.is_dir():
+            paths += sorted(p.glob("*.tar")) or sorted(p.rglob("*.tar"))
+        elif p.is_file():
+            paths.append(p)
+        else:
+            raise UserError("no such file or folder", file=p)
+    if not paths:
+        raise UserError("no .tar shards found", file=text)
+    return [p.resolve() for p in paths]
 
 
 def clean_temporaries(out_dir: str | Path) -> int:
@@ -361,12 +420,18 @@ def split_member_name(name: str) -> tuple[str, str]:
     return (f"{head}/{key}" if head else key), ext
 
 
-def _keyed_files(tar: tarfile.TarFile) -> Iterator[tuple[str, str, tarfile.TarInfo]]:
-    """(key, ext, member) for each regular file, in tar order: consecutive equal keys form a sample."""
+def _keyed_files(tar: tarfile.TarFile, skipped: list[tarfile.TarInfo] | None = None
+                 ) -> Iterator[tuple[str, str, tarfile.TarInfo]]:
+    """(key, ext, member) for each regular file, in tar order: consecutive equal keys form a sample.
+
+    Links and device entries carry no data of their own; they are passed over, and appended to
+    `skipped` when given so a reader that must account for every input can report them."""
     for member in tar:
         if member.isfile():
             key, ext = split_member_name(member.name)
             yield key, ext, member
+        elif skipped is not None and not member.isdir():
+            skipped.append(member)
 
 
 class MemberSpan(NamedTuple):
@@ -385,13 +450,32 @@ class SampleIndex:
     members: tuple[MemberSpan, ...]
 
 
-def iter_tar_index(path: str | Path) -> Iterator[SampleIndex]:
+def iter_tar_index(path: str | Path, *, skipped: list[tarfile.TarInfo] | None = None) -> Iterator[SampleIndex]:
     """Samples of an uncompressed tar in order, by reading headers only (data is seeked over), so a
     reader can later fetch just the members it needs. `tarfile.TarError` / `OSError` pass through
-    unchanged: each caller words them for its own user."""
+    unchanged: each caller words them for its own user. Non-regular members (hard and symbolic
+    links, devices) are not samples; they are appended to `skipped` when it is given."""
     with tarfile.open(path, mode="r:") as tar:
-        for key, group in groupby(_keyed_files(tar), key=itemgetter(0)):
+        for key, group in groupby(_keyed_files(tar, skipped), key=itemgetter(0)):
             yield SampleIndex(key, tuple(MemberSpan(ext, m.offset_data, m.size) for _, ext, m in group))
+
+
+def is_image_ext(ext: str) -> bool:
+    """`jpg`, or an interleaved member name like `img0.jpg` (the last dotted part decides)."""
+    return ext.rsplit(".", 1)[-1].lower() in IMAGE_EXTS
+
+
+def read_span(f: BinaryIO, offset: int, size: int) -> bytes:
+    """`size` bytes at `offset` of an open tar: a member's data, located by `iter_tar_index`."""
+    f.seek(offset)
+    return f.read(size)
+
+
+def read_members(f: BinaryIO, sample: SampleIndex) -> dict[str, bytes]:
+    """All members of a sample, by extension: they are adjacent in the tar, so one read, then slices."""
+    start = sample.members[0].offset
+    span = memoryview(read_span(f, start, max(m.offset + m.size for m in sample.members) - start))
+    return {m.ext: bytes(span[m.offset - start: m.offset - start + m.size]) for m in sample.members}
 
 
 def iter_shard(path: str | Path) -> Iterator[dict[str, Any]]:

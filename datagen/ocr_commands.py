@@ -7,6 +7,7 @@ from typing import Optional
 
 import typer
 
+from blip3.core.options import DbOption
 
 def register(app: typer.Typer, export: typer.Typer) -> None:
     """Add this engine's commands to the `blip3` app and its `export` group."""
@@ -17,7 +18,7 @@ def register(app: typer.Typer, export: typer.Typer) -> None:
 def ocr(
     input: str = typer.Argument(..., help="Image folder, WebDataset tars/brace pattern, img2dataset folder, "
                                           "URL list (parquet/csv/tsv/jsonl) or BLIP3-OCR parquet."),
-    output: Path = typer.Argument(..., help="Output folder for NNNNNN.tar shards and sidecars."),
+    output: str = typer.Argument(..., help="Output folder for NNNNNN.tar shards and sidecars."),
     engine: str = typer.Option("rapidocr", "--engine",
                                help="rapidocr (PP-OCRv6, default) | rapidocr-v4 (needs rapidocr_onnxruntime) | paddleocr"),
     workers: int = typer.Option(2, "--workers", help="OCR actors (one engine each)."),
@@ -28,7 +29,7 @@ def ocr(
     input_format: Optional[str] = typer.Option(None, "--input-format",
                                                help="folder | webdataset | img2dataset | urls | blip3-ocr (default: detect)."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Redo every shard (default: skip finished ones)."),
-    db: Optional[Path] = typer.Option(None, "--db", help="Catalog file (default: $BLIP3_DB or ./catalog.duckdb)."),
+    db: Path = DbOption,
     source: Optional[str] = typer.Option(None, "--source", help="Catalog source name (default: the output folder name)."),
     lead_in: str = typer.Option("The image contains", "--lead-in", help="Words before the OCR entries."),
     filler: str = typer.Option("the text", "--filler", help='Words before each entry ("" to strip, as the paper does).'),

@@ -12,7 +12,7 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from blip3.cli import app
-from blip3.mixture.audit import OBJECT_COLOR, OCR_COLOR, _Card, render_card_image
+from blip3.datagen.audit import OBJECT_COLOR, OCR_COLOR, _Card, render_card_image
 from blip3.mixture.tiny_sources import draw_scene
 from tests.mixture_fixtures import tiny_sources  # noqa: F401  (fixture)
 
@@ -139,3 +139,18 @@ def test_audit_of_a_real_ocr_annotation(tmp_path):
     x1, y1, x2, y2 = ann.metadata["entries"][0]["bbox"]
     edge = [thumb.getpixel((round(x1 * 320) + dx, round((y1 + y2) / 2 * thumb.height))) for dx in (-1, 0, 1)]
     assert any(px[0] > 150 and px[1] < 100 and px[2] < 100 for px in edge)  # red box edge at the text's left
+
+
+def test_the_audit_lives_with_the_caption_shards_it_reads():
+    """It audits datagen's caption shards, not mixtures: datagen owns it and its command."""
+    import importlib
+
+    import typer
+
+    from blip3.datagen import audit_commands
+
+    with pytest.raises(ModuleNotFoundError):
+        importlib.import_module("blip3.mixture.audit")
+    probe = typer.Typer()
+    audit_commands.register(probe)
+    assert [c.callback.__module__ for c in probe.registered_commands] == ["blip3.datagen.audit_commands"]
