@@ -245,6 +245,9 @@ class ShardWriter:
         self._closed = True
         try:
             return self._publish(extra_stats)
+        except OSError as e:
+            self._discard()
+            raise _naming(e, self.out_dir) from e
         except BaseException:
             self._discard()
             raise
@@ -313,8 +316,16 @@ class ShardWriter:
     def __exit__(self, exc_type, exc, tb) -> None:
         if exc_type is not None:
             self.abort()
+            if isinstance(exc, OSError) and exc.filename is None:
+                raise _naming(exc, self.out_dir) from exc
         elif not self._closed:
             self.close()
+
+
+def _naming(e: OSError, where: Path) -> OSError:
+    """`e` with a file name: a write that fails at a buffer flush (a full disk) has none, and
+    "no space left" is only useful with the disk it is about."""
+    return e if e.filename is not None else OSError(e.errno, e.strerror, str(where))
 
 
 def _to_bytes(value: bytes | str | dict | list) -> bytes:
@@ -436,13 +447,22 @@ def split_member_name(name: str) -> tuple[str, str]:
     return (f"{head}/{key}" if head else key), ext
 
 
+def _members(tar: tarfile.TarFile) -> Iterator[tarfile.TarInfo]:
+    """The tar's members in order, without keeping them: iterating a TarFile appends every header
+    to `tar.members`, so indexing a 200k-member input tar would hold 200k TarInfo objects in the
+    job's driver. Only regular members are read afterwards, which needs no earlier header."""
+    while (member := tar.next()) is not None:
+        tar.members.clear()
+        yield member
+
+
 def _keyed_files(tar: tarfile.TarFile, skipped: list[tarfile.TarInfo] | None = None
                  ) -> Iterator[tuple[str, str, tarfile.TarInfo]]:
     """(key, ext, member) for each regular file, in tar order: consecutive equal keys form a sample.
 
     Links and device entries carry no data of their own; they are passed over, and appended to
     `skipped` when given so a reader that must account for every input can report them."""
-    for member in tar:
+    for member in _members(tar):
         if member.isfile():
             key, ext = split_member_name(member.name)
             yield key, ext, member
