@@ -9,7 +9,8 @@ Tables (columns documented in README "The catalog"):
               status is `ok`, or `changed` when the tar on disk no longer matches the sha256
               recorded when it was added (flagged, never silently re-read)
 - `samples`   one row per input sample of every shard, failures included: the sidecar parquet
-              columns (core.shards.SIDECAR_SCHEMA) plus `source` and `shard`
+              columns (core.shards.SIDECAR_SCHEMA, img2dataset's names) but the caption text,
+              plus `source` and `shard`
 - `mixtures`, `mixture_sources`   mixtures built by `blip3 mix build` and their per-source plan
 - `runs`      training runs recorded by `blip3 train` (stage, manifest, steps, tokens, loss, ckpt)
 
@@ -68,8 +69,8 @@ SCHEMA = [
         source VARCHAR NOT NULL,
         shard VARCHAR NOT NULL,
         key VARCHAR, uid VARCHAR, url VARCHAR,
-        status VARCHAR, error VARCHAR,
-        width INTEGER, height INTEGER, orig_width INTEGER, orig_height INTEGER,
+        status VARCHAR, error_message VARCHAR,
+        width INTEGER, height INTEGER, original_width INTEGER, original_height INTEGER, sha256 VARCHAR,
         image_bytes BIGINT, caption_length INTEGER, n_captions INTEGER,
         n_ocr INTEGER, n_objects INTEGER, mean_confidence FLOAT, has_source_caption BOOLEAN
     )""",
@@ -115,6 +116,25 @@ SCHEMA = [
 ]
 
 
+#: Sidecar columns copied into `samples`: all but the caption text (the tars hold it; the catalog
+#: keeps its length), which would make the catalog as large as the captions.
+SAMPLE_COLUMNS = [c for c in SIDECAR_COLUMNS if c != "caption"]
+
+#: Columns renamed to img2dataset's names; a catalog made before is renamed on open.
+_RENAMED = {"error": "error_message", "orig_width": "original_width", "orig_height": "original_height"}
+
+
+def _migrate_samples(con: duckdb.DuckDBPyConnection) -> None:
+    """Bring a `samples` table made by an earlier version to the current columns (renamed, added)."""
+    have = {r[0] for r in con.execute(
+        "SELECT column_name FROM information_schema.columns WHERE table_name = 'samples'").fetchall()}
+    for old, new in _RENAMED.items():
+        if old in have and new not in have:
+            con.execute(f"ALTER TABLE samples RENAME COLUMN {old} TO {new}")
+    if "sha256" not in have:
+        con.execute("ALTER TABLE samples ADD COLUMN sha256 VARCHAR")
+
+
 def resolve_db(db: str | Path | None = None) -> Path:
     """`--db` if given, else `$BLIP3_DB`, else `./catalog.duckdb`."""
     return Path(db or os.environ.get("BLIP3_DB") or DEFAULT_DB)
@@ -155,6 +175,7 @@ class Catalog:
         self.con = duckdb.connect(str(self.path))
         for ddl in SCHEMA:
             self.con.execute(ddl)
+        _migrate_samples(self.con)
         from blip3.core.views import create_views  # views over the tables above, one place
 
         create_views(self.con)
@@ -246,7 +267,7 @@ class Catalog:
         The samples come from `rows` (an Arrow table with the sidecar columns) when given, for tars
         that have no sidecar parquet, else from `info.parquet`.
         """
-        cols = ", ".join(SIDECAR_COLUMNS)
+        cols = ", ".join(SAMPLE_COLUMNS)
         self.con.execute("DELETE FROM samples WHERE shard = ?", [tar])
         self.con.execute("DELETE FROM shards WHERE path = ?", [tar])
         insert = f"INSERT INTO samples (source, shard, {cols}) SELECT ?, ?, {cols} FROM "

@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Optional
+from typing import Literal, Optional
 
 import typer
+
+from blip3.core.shards import SHARD_DIGITS
+from blip3.datagen.images import DEFAULT_ENCODE_QUALITY
 
 from blip3.datagen.detectors import DetectionLimits
 
@@ -44,6 +47,13 @@ def ground(
     gpus_per_worker: float = typer.Option(0.0, "--gpus-per-worker", help="GPU share per actor on a GPU cluster."),
     ray_address: Optional[str] = typer.Option(None, "--ray-address", help="Join this Ray cluster (else local Ray)."),
     shard_size: int = typer.Option(1000, "--shard-size", help="Samples per shard."),
+    image_format: Literal["jpg", "keep"] = typer.Option(
+        "jpg", "--image-format", help="Image members: jpg (every sample .jpg, img2dataset's default) | keep "
+                                      "(PNG/WebP inputs stored as they are: mixed member types)."),
+    encode_quality: int = typer.Option(DEFAULT_ENCODE_QUALITY, "--encode-quality", min=1, max=95,
+                                       help="JPEG quality of re-encoded images."),
+    shard_name_width: int = typer.Option(SHARD_DIGITS, "--shard-name-width", min=1,
+                                         help="Digits of shard names (img2dataset's oom_shard_count)."),
     limit: Optional[int] = typer.Option(None, "--limit", help="Only the first N input samples."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Redo all shards (default: skip finished ones)."),
     source: Optional[str] = typer.Option(None, "--source", help="Catalog source name (default: output folder name)."),
@@ -54,6 +64,7 @@ def ground(
 
     from blip3.core.logs import console
     from blip3.datagen.grounding import ground as run_ground
+    from blip3.datagen.images import ImageOutput
     from blip3.datagen.grounding import make_config
 
     config = make_config(
@@ -65,7 +76,8 @@ def ground(
     )
     r = run_ground(input, output, config, input_format=input_format, workers=workers, ray_address=ray_address,
                    shard_size=shard_size, limit=limit, overwrite=overwrite, catalog_db=db, source_name=source,
-                   gpus_per_worker=gpus_per_worker)
+                   gpus_per_worker=gpus_per_worker, image_output=ImageOutput(image_format, encode_quality),
+                   shard_name_width=shard_name_width)
     console.print(f"[green]{r.output}[/]: {escape(r.summary(skipped_as='skipped'))}", highlight=False)
 
 

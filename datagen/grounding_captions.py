@@ -20,7 +20,10 @@ Decisions written down here because the sources are silent:
   (centre*2000 = X1+X2), so it is exact: a centre of 0.333 is in the first cell, 0.3335 in the
   second, 0.6665 in the second, 0.667 in the third.
 - Tag list: `<lead-in> a, b, c.`; objects in reading order: by the grid row of the box centre
-  (top to bottom), then left to right by centre x; an empty object list gives no tag caption.
+  (top to bottom), then left to right by centre x.
+- No objects (the policy OCR has for "no text"): the tag variants say so, `<lead-in> no objects.`
+  ("The image contains no objects."), and the inline variants are the source caption unchanged,
+  so `.txt` is never empty; `--drop-empty` records such images as failed `no_objects` instead.
 - Inline insertion, one rule set for all formats:
   * a label matches a whole-word, case-insensitive occurrence of itself in the caption, optionally
     followed by a plural `s`/`es` (`dog` grounds `dogs`); the match keeps the caption's casing;
@@ -157,6 +160,11 @@ def tag_caption(objects: Sequence[GroundedObject], fmt: str, lead_in: str = DEFA
     return f"{lead_in} {parts}." if lead_in else f"{parts}."
 
 
+def no_objects_caption(lead_in: str = DEFAULT_LEAD_IN) -> str:
+    """The tag caption of an image where nothing was found: `The image contains no objects.`"""
+    return f"{lead_in} no objects." if lead_in else "No objects."
+
+
 def _label_pattern(label: str) -> re.Pattern[str]:
     words = [re.escape(w) for w in label.split()]
     return re.compile(r"(?<!\w)" + r"\s+".join(words) + r"(?:es|s)?(?!\w)", re.IGNORECASE)
@@ -211,11 +219,10 @@ def build_captions(
 ) -> list[dict]:
     """All caption variants of a sample: 3 formats x (tags, and inline when a caption exists).
 
-    No objects -> no variants (the sample keeps its source caption as `.txt`; see grounding.py).
+    No objects -> the tag variants say `<lead-in> no objects.` (see the module docstring).
     """
-    if not objects:
-        return []
-    caps = [{"text": tag_caption(objects, f, lead_in), "format": f, "style": "tags"} for f in FORMATS]
+    tags = [tag_caption(objects, f, lead_in) if objects else no_objects_caption(lead_in) for f in FORMATS]
+    caps = [{"text": text, "format": f, "style": "tags"} for f, text in zip(FORMATS, tags)]
     if source_caption and source_caption.strip():
         caps += [
             {"text": inline_caption(source_caption.strip(), objects, f, also_lead_in), "format": f, "style": "inline"}

@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Optional
+from typing import Literal, Optional
 
 import typer
+
+from blip3.core.shards import SHARD_DIGITS
+from blip3.datagen.images import DEFAULT_ENCODE_QUALITY
 
 
 def register(app: typer.Typer, export: typer.Typer) -> None:
@@ -23,6 +26,13 @@ def ocr(
     ray_address: Optional[str] = typer.Option(None, "--ray-address", help="Join this Ray cluster instead of a local one."),
     min_confidence: float = typer.Option(0.5, "--min-confidence", help="Drop OCR entries below this confidence."),
     shard_size: int = typer.Option(1000, "--shard-size", help="Input samples per shard."),
+    image_format: Literal["jpg", "keep"] = typer.Option(
+        "jpg", "--image-format", help="Image members: jpg (every sample .jpg, img2dataset's default) | keep "
+                                      "(PNG/WebP inputs stored as they are: mixed member types)."),
+    encode_quality: int = typer.Option(DEFAULT_ENCODE_QUALITY, "--encode-quality", min=1, max=95,
+                                       help="JPEG quality of re-encoded images."),
+    shard_name_width: int = typer.Option(SHARD_DIGITS, "--shard-name-width", min=1,
+                                         help="Digits of shard names (img2dataset's oom_shard_count)."),
     default_granularity: int = typer.Option(4, "--default-granularity", help="Granularity (0-5) of <key>.txt."),
     input_format: Optional[str] = typer.Option(None, "--input-format",
                                                help="folder | webdataset | img2dataset | urls | blip3-ocr (default: detect)."),
@@ -41,6 +51,7 @@ def ocr(
     from rich.markup import escape
 
     from blip3.core.logs import console
+    from blip3.datagen.images import ImageOutput
     from blip3.datagen.ocr import run_ocr
     from blip3.datagen.ocr_captions import CaptionStyle
 
@@ -51,7 +62,8 @@ def ocr(
                 min_confidence=min_confidence, shard_size=shard_size, default_granularity=default_granularity,
                 input_format=input_format, overwrite=overwrite, db=db, source=source,
                 style=CaptionStyle(lead_in=lead_in, filler=filler), keep_empty=not drop_empty, limit=limit,
-                gpus_per_worker=gpus_per_worker)
+                gpus_per_worker=gpus_per_worker, image_output=ImageOutput(image_format, encode_quality),
+                shard_name_width=shard_name_width)
     console.print(f"[green]{r.output}[/]: {escape(r.summary())}", highlight=False)
 
 

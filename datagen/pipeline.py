@@ -32,9 +32,17 @@ from typing import Any, Iterable, Iterator
 
 from blip3.core.errors import UserError
 from blip3.core.logs import get_logger, progress, progress_enabled
-from blip3.core.shards import SampleRow, ShardWriter, clean_temporaries, read_stats, shard_complete, shard_paths
+from blip3.core.shards import (
+    SHARD_DIGITS,
+    SampleRow,
+    ShardWriter,
+    clean_temporaries,
+    read_stats,
+    shard_complete,
+    shard_paths,
+)
 from blip3.datagen.annotator import AnnotatorFactory, SkipSample
-from blip3.datagen.images import ImageLimits, ImageRejected, decode_image
+from blip3.datagen.images import ImageLimits, ImageOutput, ImageRejected, decode_image
 from blip3.datagen.inputs import SampleRef, iter_refs, load_sample
 
 log = get_logger("datagen")
@@ -69,34 +77,36 @@ class JobResult:
 
 
 # -- one sample, no Ray: read -> validate -> annotate -> pack ---------------------------------
-def process_ref(ref: SampleRef, annotator, limits: ImageLimits, generator: dict[str, Any] | None = None) -> dict[str, Any]:
+def process_ref(ref: SampleRef, annotator, limits: ImageLimits, generator: dict[str, Any] | None = None,
+                output: ImageOutput = ImageOutput()) -> dict[str, Any]:
     """Run one sample through the steps; returns a result row (success or failure with reason).
 
-    `generator` (the annotator's `generator_info()`, computed once per actor) goes into the record.
+    `generator` (the annotator's `generator_info()`, computed once per actor) goes into the record;
+    `output` says how the image member is stored.
     """
     row = SampleRow(key=ref.key, uid=ref.uid, url=ref.url, has_source_caption=bool(ref.source_caption))
     if ref.error:
-        row.status, row.error = "failed", ref.error
+        row.status, row.error_message = "failed", ref.error
         return _result(row)
     try:
         sample = load_sample(ref)
     except OSError as e:
-        row.status, row.error = "failed", f"read: {e}"
+        row.status, row.error_message = "failed", f"read: {e}"
         return _result(row)
     try:
-        decoded = decode_image(sample.image, limits)
+        decoded = decode_image(sample.image, limits, output)
     except ImageRejected as e:
-        row.status, row.error = "failed", e.error
+        row.status, row.error_message = "failed", e.error
         return _result(row)
-    row.orig_width, row.orig_height = decoded.orig_width, decoded.orig_height
+    row.original_width, row.original_height = decoded.orig_width, decoded.orig_height
     row.width, row.height = decoded.width, decoded.height
     try:
         ann = annotator.annotate(decoded.image, sample)
     except SkipSample as e:
-        row.status, row.error = "failed", e.error
+        row.status, row.error_message = "failed", e.error
         return _result(row)
     except Exception as e:  # an engine crash on one image must not stop the job; recorded with reason
-        row.status, row.error = "failed", f"annotate: {type(e).__name__}: {str(e)[:200]}"
+        row.status, row.error_message = "failed", f"annotate: {type(e).__name__}: {str(e)[:200]}"
         return _result(row)
     record: dict[str, Any] = {
         "key": ref.key,
@@ -105,6 +115,7 @@ def process_ref(ref: SampleRef, annotator, limits: ImageLimits, generator: dict[
         "width": decoded.width,
         "height": decoded.height,
         "source_caption": sample.source_caption,
+        **({"source_path": sample.meta["path"]} if "path" in sample.meta else {}),  # lineage of folder inputs
         "captions": ann.captions,
         "metadata": ann.metadata,
         **ann.record,
@@ -114,6 +125,8 @@ def process_ref(ref: SampleRef, annotator, limits: ImageLimits, generator: dict[
     if decoded.conversions:
         record["conversions"] = decoded.conversions
     row.image_bytes = len(decoded.data)
+    row.sha256 = hashlib.sha256(decoded.data).hexdigest()
+    row.caption = ann.default_caption
     row.caption_length = len(ann.default_caption)
     row.n_captions = len(ann.captions)
     row.n_ocr, row.n_objects = ann.n_ocr, ann.n_objects
@@ -132,16 +145,18 @@ def _result(row: SampleRow, *, image: bytes = b"", ext: str = "", txt: str = "",
 class AnnotateActor:
     """A Ray Data actor: one annotator, loaded once, processing batches of refs."""
 
-    def __init__(self, factory: AnnotatorFactory, limits: ImageLimits):
+    def __init__(self, factory: AnnotatorFactory, limits: ImageLimits, output: ImageOutput):
         self.annotator = factory()
         self.annotator.load()
         self.limits = limits
+        self.output = output
         self.generator = self.annotator.generator_info()
 
     def __call__(self, batch: dict[str, Any]) -> dict[str, list]:
         out: dict[str, list] = defaultdict(list)
         for shard, pos, ref_json in zip(batch["shard"], batch["pos"], batch["ref"]):
-            res = process_ref(SampleRef.from_json(str(ref_json)), self.annotator, self.limits, self.generator)
+            res = process_ref(SampleRef.from_json(str(ref_json)), self.annotator, self.limits, self.generator,
+                              self.output)
             out["shard"].append(int(shard))
             out["pos"].append(int(pos))
             for k, v in res.items():
@@ -165,25 +180,26 @@ def input_digest(refs: Iterable[SampleRef], generator: dict[str, Any] | None = N
     return h.hexdigest()
 
 
-def shard_done(out: Path, index: int, digest: str) -> bool:
-    stats = read_stats(out, index)
-    return stats is not None and stats.get("input_digest") == digest and shard_complete(out, index)
+def shard_done(out: Path, index: int, digest: str, digits: int = SHARD_DIGITS) -> bool:
+    stats = read_stats(out, index, digits)
+    return stats is not None and stats.get("input_digest") == digest and shard_complete(out, index, digits=digits)
 
 
-def _remove_shards(out: Path, keep_below: int = 0) -> list[int]:
-    """Delete every published shard (tar, parquet, stats) whose index is `keep_below` or more; returns
-    the removed indices. Shards past the current plan are left over from a run with another
-    `--shard-size` or a larger `--limit`: kept, they would be catalogued and exported twice."""
-    indices = set()
+def _remove_shards(out: Path, keep_below: int = 0, digits: int = SHARD_DIGITS) -> list[int]:
+    """Delete every published shard (tar, parquet, stats) whose index is `keep_below` or more, or
+    whose name has another width than `digits`; returns the removed indices. Such shards are left
+    over from a run with another `--shard-size`, a larger `--limit` or another `--shard-name-width`:
+    kept, they would be catalogued and exported twice."""
+    names = set()
     for suffix in ("_stats.json", ".tar", ".parquet"):
         for p in out.glob(f"*{suffix}"):
             stem = p.name[: -len(suffix)]
-            if stem.isdigit() and int(stem) >= keep_below:
-                indices.add(int(stem))
-    for i in sorted(indices):
-        for p in shard_paths(out, i)[::-1]:  # stats first: a half-removed shard never looks complete
+            if stem.isdigit() and (int(stem) >= keep_below or len(stem) != digits):
+                names.add(stem)
+    for name in names:
+        for p in shard_paths(out, name)[::-1]:  # stats first: a half-removed shard never looks complete
             p.unlink(missing_ok=True)
-    return sorted(indices)
+    return sorted(int(n) for n in names)
 
 
 # -- Ray ------------------------------------------------------------------------------------
@@ -226,6 +242,8 @@ def run_job(
     source_name: str | None = None,
     limit: int | None = None,
     limits: ImageLimits = ImageLimits(),
+    image_output: ImageOutput = ImageOutput(),
+    shard_name_width: int = SHARD_DIGITS,
     batch_size: int = DEFAULT_BATCH_SIZE,
     cpus_per_worker: float = 1.0,
     gpus_per_worker: float = 0.0,
@@ -234,14 +252,20 @@ def run_job(
     """Annotate `input` into caption shards in `output`; resumable, see the module docstring.
 
     `annotator_factory` is a picklable zero-argument callable returning an unloaded annotator.
-    `register=False` skips the catalog (the shards are complete without it).
+    `image_output` is how image members are stored (datagen.images); `shard_name_width` the digits
+    of shard names (img2dataset's 5 by default). `register=False` skips the catalog (the shards are
+    complete without it).
     """
     started = time.time()
     if workers < 1:
         raise UserError("must be at least 1", field="--workers")
     out = Path(output)
     probe = annotator_factory()  # unloaded: only asked for its name and generator info
-    generator = {"name": probe.name, **probe.generator_info()}
+    if shard_name_width < 1:
+        raise UserError("must be at least 1", field="--shard-name-width")
+    # the image settings are part of what made a shard: changing them redoes it (input_digest)
+    generator = {"name": probe.name, **probe.generator_info(),
+                 "image_format": image_output.format, "encode_quality": image_output.quality}
     refs = list(iter_refs(input, input_format, work_dir=out / DOWNLOAD_DIR))
     if limit is not None:
         refs = refs[:limit]
@@ -250,19 +274,20 @@ def run_job(
     shards = plan_shards(refs, shard_size)
     out.mkdir(parents=True, exist_ok=True)
     clean_temporaries(out)
-    removed = _remove_shards(out, keep_below=0 if overwrite else len(shards))
+    removed = _remove_shards(out, keep_below=0 if overwrite else len(shards), digits=shard_name_width)
     if removed:
         why = "--overwrite" if overwrite else "left over from an earlier run"
         log.info(f"removed {len(removed)} shard(s) ({why}): indices {removed[0]}..{removed[-1]}")
     digests = [input_digest(s, generator) for s in shards]
-    pending = [i for i in range(len(shards)) if not shard_done(out, i, digests[i])]
+    pending = [i for i in range(len(shards)) if not shard_done(out, i, digests[i], shard_name_width)]
     result = JobResult(out, len(shards), len(pending), len(shards) - len(pending), generator=generator)
     log.info(f"{len(refs)} samples in {len(shards)} shard(s); {len(pending)} to do, {result.shards_skipped} done")
 
     if pending:
         _run_pending(shards, pending, digests, out, annotator_factory, generator, result,
-                     ray_address=ray_address, workers=workers, limits=limits, batch_size=batch_size,
-                     cpus_per_worker=cpus_per_worker, gpus_per_worker=gpus_per_worker)
+                     ray_address=ray_address, workers=workers, limits=limits, image_output=image_output,
+                     digits=shard_name_width, batch_size=batch_size, cpus_per_worker=cpus_per_worker,
+                     gpus_per_worker=gpus_per_worker)
     if register:
         from blip3.core.catalog import Catalog
 
@@ -275,7 +300,8 @@ def run_job(
 def _run_pending(
     shards: list[list[SampleRef]], pending: list[int], digests: list[str], out: Path,
     factory: AnnotatorFactory, generator: dict[str, Any], result: JobResult, *, ray_address: str | None,
-    workers: int, limits: ImageLimits, batch_size: int, cpus_per_worker: float, gpus_per_worker: float,
+    workers: int, limits: ImageLimits, image_output: ImageOutput, digits: int, batch_size: int,
+    cpus_per_worker: float, gpus_per_worker: float,
 ) -> None:
     import ray.data
 
@@ -290,7 +316,8 @@ def _run_pending(
                 items = [{"shard": i, "pos": j, "ref": ref.to_json()} for i in window for j, ref in enumerate(shards[i])]
                 ds = ray.data.from_items(items, override_num_blocks=max(1, math.ceil(len(items) / batch_size)))
                 ds = ds.map_batches(
-                    AnnotateActor, fn_constructor_kwargs={"factory": factory, "limits": limits},
+                    AnnotateActor,
+                    fn_constructor_kwargs={"factory": factory, "limits": limits, "output": image_output},
                     batch_size=batch_size, compute=ray.data.ActorPoolStrategy(size=workers), num_cpus=cpus_per_worker,
                     **({"num_gpus": gpus_per_worker} if gpus_per_worker else {}),
                 )
@@ -300,7 +327,8 @@ def _run_pending(
                     buffers[shard].append(row)
                     bar.advance(task)
                     if len(buffers[shard]) == len(shards[shard]):
-                        _write_shard(out, shard, buffers.pop(shard), generator, digests[shard], result, reasons)
+                        _write_shard(out, shard, buffers.pop(shard), generator, digests[shard], result, reasons,
+                                     digits)
                 if buffers:  # rows missing: a programming error upstream, never a silent partial shard
                     raise RuntimeError(f"incomplete shards after the run: {sorted(buffers)}")
         result.failure_reasons = dict(sorted(reasons.items()))
@@ -325,9 +353,9 @@ def _windows(pending: list[int], shards: list[list[SampleRef]]) -> Iterator[list
 
 
 def _write_shard(out: Path, index: int, rows: list[dict[str, Any]], generator: dict[str, Any], digest: str,
-                 result: JobResult, reasons: Counter[str]) -> None:
+                 result: JobResult, reasons: Counter[str], digits: int = SHARD_DIGITS) -> None:
     rows.sort(key=lambda r: int(r["pos"]))
-    with ShardWriter(out, index, generator=generator) as w:
+    with ShardWriter(out, index, generator=generator, digits=digits) as w:
         for r in rows:
             sample_row = SampleRow(**json.loads(r["row"]))
             if r["ok"]:

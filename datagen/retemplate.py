@@ -59,7 +59,7 @@ def retemplate_record(record: dict[str, Any], opts: TemplateOptions) -> tuple[st
     new = dict(record)
     new["captions"] = captions
     new["generator"] = {**(record.get("generator") or {}), **opts.as_generator()}
-    return (chosen["text"] if chosen else (source or "")), new
+    return chosen["text"], new
 
 
 def retemplate(input_dir: str | Path, output_dir: str | Path, opts: TemplateOptions = TemplateOptions(),
@@ -108,7 +108,7 @@ def _rewrite_shard(info: Any, dst: Path, opts: TemplateOptions, generator: dict[
             txt, record = retemplate_record(json.loads(sample["json"]), opts)
             members = {k: v for k, v in sample.items() if not k.startswith("__")}
             members["txt"], members["json"] = txt, record
-            row.caption_length, row.n_captions = len(txt), len(record["captions"])
+            row.caption, row.caption_length, row.n_captions = txt, len(txt), len(record["captions"])
             w.add(row.key, members, row)
         w.close(extra_stats={"input_digest": input_digest, "retemplated_from": info.sha256})
     return len(rows)

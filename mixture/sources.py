@@ -111,9 +111,10 @@ def _row(key: str, rec: dict, sample: dict, txt: str | None, kind: str) -> dict[
     else:
         length = sum(len(rec.get(k, "")) for k in ("prompt", "chosen", "rejected"))
     return {
-        "key": key, "uid": rec.get("uid"), "url": rec.get("url"), "status": "success", "error": None,
-        "width": rec.get("width"), "height": rec.get("height"),
-        "orig_width": rec.get("original_width"), "orig_height": rec.get("original_height"),
+        "key": key, "uid": rec.get("uid"), "url": rec.get("url"), "caption": txt, "status": "success",
+        "error_message": None, "width": rec.get("width"), "height": rec.get("height"),
+        "original_width": rec.get("original_width"), "original_height": rec.get("original_height"),
+        "sha256": rec.get("sha256"),
         "image_bytes": sum(len(v) for k, v in sample.items() if is_image_ext(k)),
         "caption_length": length,
         "n_captions": len(rec["captions"]) if isinstance(rec.get("captions"), list) else None,

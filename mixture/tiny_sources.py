@@ -258,11 +258,11 @@ def write_tiny_sources(out_dir: str | Path, *, shards: int = 2, per_shard: int =
     rng = random.Random(f"ocr:{seed}")
     for s in range(shards):
         samples, rows = _ocr(rng, per_shard, f"ocr{s:03d}")
-        _write(folders["caption-ocr"], s, samples, "ocr", SampleRow(f"ocr{s:03d}bad", error="decode: cannot identify image file"), rows)
+        _write(folders["caption-ocr"], s, samples, "ocr", SampleRow(f"ocr{s:03d}bad", error_message="decode: cannot identify image file"), rows)
     rng = random.Random(f"ground:{seed}")
     for s in range(shards):
         samples, rows = _grounding(rng, per_shard, f"gnd{s:03d}")
-        big = SampleRow(f"gnd{s:03d}big", error="too_large: 30000x30000 exceeds max pixels") if s == 0 else None
+        big = SampleRow(f"gnd{s:03d}big", error_message="too_large: 30000x30000 exceeds max pixels") if s == 0 else None
         _write(folders["caption-grounding"], s, samples, "grounding", big, rows)
     for kind, make in (("interleaved", _interleaved), ("sft", _chat), ("dpo", _dpo)):
         rng = random.Random(f"{kind}:{seed}")

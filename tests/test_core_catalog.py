@@ -150,3 +150,18 @@ def test_missing_catalog_is_a_clear_error(tmp_path):
 def test_add_rejects_folder_without_shards(tmp_path):
     with Catalog(tmp_path / "c.duckdb") as cat, pytest.raises(UserError, match="no finished shards"):
         cat.add_output(tmp_path)
+
+
+def test_catalog_from_before_the_img2dataset_names_is_migrated(output_dir, tmp_path):
+    db = tmp_path / "old.duckdb"
+    con = duckdb.connect(str(db))
+    con.execute("CREATE TABLE samples (source VARCHAR NOT NULL, shard VARCHAR NOT NULL, key VARCHAR, uid VARCHAR, "
+                "url VARCHAR, status VARCHAR, error VARCHAR, width INTEGER, height INTEGER, orig_width INTEGER, "
+                "orig_height INTEGER, image_bytes BIGINT, caption_length INTEGER, n_captions INTEGER, n_ocr INTEGER, "
+                "n_objects INTEGER, mean_confidence FLOAT, has_source_caption BOOLEAN)")
+    con.execute("INSERT INTO samples (source, shard, key, status, error) VALUES ('old', 's', 'k', 'failed', 'decode: x')")
+    con.close()
+    with Catalog(db) as cat:
+        cat.add_output(output_dir, source="new")
+        rows = cat.con.execute("SELECT source, error_message FROM samples WHERE status = 'failed' ORDER BY source").fetchall()
+    assert rows[-1] == ("old", "decode: x") and any(src == "new" for src, _ in rows)

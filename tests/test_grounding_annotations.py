@@ -91,7 +91,7 @@ def test_coco_end_to_end_through_cli(scenes, tmp_path, ray_local):  # noqa: F811
     assert sorted(samples) == sorted([odd, "scene_000", "scene_001", "scene_002"])
     assert samples[odd]["json"]["metadata"]["objects"] == [
         {"label": "blue square", "bbox": [0.0, 0.0, 0.5, 0.5], "score": 1.0}]
-    failed = {k: r["error"].split(":")[0] for k, r in rows.items() if r["status"] != "success"}
+    failed = {k: r["error_message"].split(":")[0] for k, r in rows.items() if r["status"] != "success"}
     assert failed == {"broken_004": "decode", "unlisted_003": "annotations"}
 
     s0 = samples["scene_000"]

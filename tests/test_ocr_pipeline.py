@@ -98,9 +98,9 @@ def test_every_bad_input_is_recorded_in_sidecar_and_catalog(ocr_run):
         stem = name.rsplit(".", 1)[0]
         row = _by_prefix(by_key, f"bad_{stem}_")
         if reason is None:
-            assert row["status"] == "success", (name, row["error"])
+            assert row["status"] == "success", (name, row["error_message"])
         else:
-            assert row["status"] == "failed" and row["error"].startswith(reason + ":"), (name, row["error"])
+            assert row["status"] == "failed" and row["error_message"].startswith(reason + ":"), (name, row["error_message"])
     con = duckdb.connect(str(ocr_run["db"]), read_only=True)
     failed = dict(con.execute(
         "SELECT split_part(error, ':', 1), count(*) FROM samples WHERE source = 'ocr-e2e' AND status = 'failed' GROUP BY 1"
@@ -151,5 +151,5 @@ def test_webdataset_input_with_hostile_member_names_stays_inside_output(ray_loca
     keys = [s["__key__"] for t in sorted(out.glob("*.tar")) for s in wds.WebDataset(str(t), shardshuffle=False)]
     assert len(keys) == len(set(keys)) == 6 and "dup" in keys and "dup_1" in keys
     assert all(re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_-]*", k) for k in keys)
-    with tarfile.open(out / "000000.tar") as tar:
+    with tarfile.open(out / "00000.tar") as tar:
         assert all("/" not in m.name and ".." not in m.name for m in tar.getmembers())

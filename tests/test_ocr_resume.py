@@ -48,7 +48,7 @@ def test_killed_run_resumes_to_identical_shards(ray_local, tmp_path):
         start_new_session=True,
     )
     deadline = time.time() + 180
-    while not (out / "000000_stats.json").exists():
+    while not (out / "00000_stats.json").exists():
         assert proc.poll() is None, proc.stderr.read().decode()[-2000:]
         assert time.time() < deadline, "no shard appeared"
         time.sleep(0.02)
