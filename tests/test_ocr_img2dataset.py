@@ -42,7 +42,7 @@ def test_url_list_to_ocr_shards_with_failures_export_and_reimport(ray_local, tmp
         assert rows["uid-3"]["status"] == "failed" and rows["uid-3"]["error_message"].startswith("decode:")
         assert rows["uid-1"]["url"] == f"{server.url}/missing.png"
         con = duckdb.connect(str(db), read_only=True)
-        reasons = dict(con.execute("SELECT split_part(error, ':', 1), count(*) FROM samples WHERE source = 'web' "
+        reasons = dict(con.execute("SELECT split_part(error_message, ':', 1), count(*) FROM samples WHERE source = 'web' "
                                    "AND status = 'failed' GROUP BY 1").fetchall())
         con.close()
         assert reasons == {"download": 1, "decode": 1}

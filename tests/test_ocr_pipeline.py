@@ -103,7 +103,7 @@ def test_every_bad_input_is_recorded_in_sidecar_and_catalog(ocr_run):
             assert row["status"] == "failed" and row["error_message"].startswith(reason + ":"), (name, row["error_message"])
     con = duckdb.connect(str(ocr_run["db"]), read_only=True)
     failed = dict(con.execute(
-        "SELECT split_part(error, ':', 1), count(*) FROM samples WHERE source = 'ocr-e2e' AND status = 'failed' GROUP BY 1"
+        "SELECT split_part(error_message, ':', 1), count(*) FROM samples WHERE source = 'ocr-e2e' AND status = 'failed' GROUP BY 1"
     ).fetchall())
     assert failed == {"empty": 1, "decode": 3, "too_large": 1, "too_small": 1}
     n_rows = con.execute("SELECT count(*) FROM samples WHERE source = 'ocr-e2e'").fetchone()[0]
