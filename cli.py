@@ -34,6 +34,8 @@ def catalog_add(
     source: Optional[str] = typer.Option(None, "--source", help="Source name (default: the folder name)."),
     kind: str = typer.Option("caption", "--kind", help="caption | interleaved | sft | dpo"),
     refresh: bool = typer.Option(False, "--refresh", help="Re-read shards whose tar changed."),
+    verify: bool = typer.Option(False, "--verify", help="Re-hash every tar (default: trust the sha256 its "
+                                "writer recorded, checking the size)."),
     db: Optional[Path] = DbOption,
 ) -> None:
     """Register finished shards and their per-sample sidecar rows (idempotent)."""
@@ -41,11 +43,12 @@ def catalog_add(
     from blip3.core.logs import console
 
     with Catalog(db) as cat:
-        r = cat.add_output(output_dir, source=source, kind=kind, refresh=refresh)
-    console.print(
-        f"[green]{r.source}[/]: {r.added} shard(s) added ({r.rows} rows), {r.skipped} already catalogued"
-        + (f", [yellow]{r.changed} changed on disk (flagged)[/]" if r.changed else "")
-    )
+        r = cat.add_output(output_dir, source=source, kind=kind, refresh=refresh, verify=verify)
+    console.print(r.summary(), highlight=False, soft_wrap=True)
+    if r.failed:
+        for path, reason in r.failed:
+            console.print(f"[red]not registered:[/] {path}: {reason}", highlight=False, soft_wrap=True)
+        raise typer.Exit(1)  # the good shards are registered; the exit status says some were not
 
 
 @catalog_app.command("stats")

@@ -27,3 +27,27 @@ class UserError(ValueError):
 
 class MissingWeightsError(UserError):
     """Model weights are not where we looked; the message says which path or env var to set."""
+
+
+def describe_exception(e: BaseException) -> str:
+    """`Type: message` of an exception recorded as a sample's failure reason.
+
+    Some engines raise with no message and put the real reason in the chained exception
+    (rapidocr's `raise ResizeImgError() from exc`), which alone would read as a bare type name; the
+    chain is followed until a message is found, so the row says what actually went wrong.
+    """
+    parts = [type(e).__name__]
+    cause: BaseException | None = e
+    seen: set[int] = set()
+    while cause is not None and id(cause) not in seen:
+        seen.add(id(cause))
+        message = " ".join(str(cause).split())
+        if message:
+            if cause is not e:
+                parts.append(type(cause).__name__)
+            parts.append(message)
+            break
+        cause = cause.__cause__ or cause.__context__
+    else:
+        parts.append(repr(e))
+    return ": ".join(parts)

@@ -170,6 +170,24 @@ DOWNLOAD_REASONS = frozenset({"download", "read", "no_image"})
 DECODE_REASONS = frozenset({"empty", "decode", "too_large", "too_small"})
 
 
+class _HashingFile:
+    """A write-only file wrapper that hashes and counts what passes through it, so a shard's sha256
+    comes from the write itself (hash once) instead of a second full read of the tar."""
+
+    def __init__(self, f):
+        self._f = f
+        self.sha = hashlib.sha256()
+        self.size = 0
+
+    def write(self, data) -> int:
+        self.sha.update(data)
+        self.size += len(data)
+        return self._f.write(data)
+
+    def tell(self) -> int:
+        return self.size
+
+
 class ShardWriter:
     """Write one shard: stream members into a temporary tar, then publish tar, parquet, stats.
 
@@ -190,7 +208,8 @@ class ShardWriter:
         self.tar_path, self.parquet_path, self.stats_path = shard_paths(self.out_dir, self.name)
         self._tmp_tar = self.tar_path.with_name(f".{self.tar_path.name}.tmp-{os.getpid()}")
         self._file = open(self._tmp_tar, "wb")
-        self._tar = tarfile.open(fileobj=self._file, mode="w", format=tarfile.GNU_FORMAT)
+        self._hashed = _HashingFile(self._file)
+        self._tar = tarfile.open(fileobj=self._hashed, mode="w", format=tarfile.GNU_FORMAT)
         self._rows: list[SampleRow] = []
         self._keys: set[str] = set()
         self._started = time.time()
@@ -252,8 +271,7 @@ class ShardWriter:
             f.flush()
             os.fsync(f.fileno())
 
-        sha = file_sha256(self._tmp_tar)
-        size = self._tmp_tar.stat().st_size
+        sha, size = self._hashed.sha.hexdigest(), self._hashed.size
         os.replace(self._tmp_tar, self.tar_path)
         os.replace(tmp_parquet, self.parquet_path)
         # img2dataset's status_dict: "success" and each failure reason, with their counts
@@ -346,7 +364,8 @@ def read_stats(out_dir: str | Path, index: int, digits: int = SHARD_DIGITS) -> d
 
 def shard_complete(out_dir: str | Path, index: int, *, verify_checksum: bool = True,
                    digits: int = SHARD_DIGITS) -> bool:
-    """True when shard `index` was published whole (stats present, tar size and sha256 match)."""
+    """True when shard `index` was published whole (stats present, tar size and, when
+    `verify_checksum`, sha256 match; without it the stats' sha256 is trusted: hash once)."""
     stats = read_stats(out_dir, index, digits)
     if stats is None:
         return False
@@ -365,10 +384,9 @@ def list_shards(out_dir: str | Path) -> list[ShardInfo]:
         if not stem.isdigit():
             continue
         try:
-            stats = json.loads(stats_path.read_text())
-        except json.JSONDecodeError:
-            continue
-        infos.append(_info_from_stats(out, stats))
+            infos.append(_info_from_stats(out, json.loads(stats_path.read_text())))
+        except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, ValueError):
+            continue  # not a finished shard's stats; callers that must account for tars check them
     return infos
 
 
@@ -388,12 +406,18 @@ def split_member_name(name: str) -> tuple[str, str]:
     return (f"{head}/{key}" if head else key), ext
 
 
-def _keyed_files(tar: tarfile.TarFile) -> Iterator[tuple[str, str, tarfile.TarInfo]]:
-    """(key, ext, member) for each regular file, in tar order: consecutive equal keys form a sample."""
+def _keyed_files(tar: tarfile.TarFile, skipped: list[tarfile.TarInfo] | None = None
+                 ) -> Iterator[tuple[str, str, tarfile.TarInfo]]:
+    """(key, ext, member) for each regular file, in tar order: consecutive equal keys form a sample.
+
+    Links and device entries carry no data of their own; they are passed over, and appended to
+    `skipped` when given so a reader that must account for every input can report them."""
     for member in tar:
         if member.isfile():
             key, ext = split_member_name(member.name)
             yield key, ext, member
+        elif skipped is not None and not member.isdir():
+            skipped.append(member)
 
 
 class MemberSpan(NamedTuple):
@@ -412,12 +436,13 @@ class SampleIndex:
     members: tuple[MemberSpan, ...]
 
 
-def iter_tar_index(path: str | Path) -> Iterator[SampleIndex]:
+def iter_tar_index(path: str | Path, *, skipped: list[tarfile.TarInfo] | None = None) -> Iterator[SampleIndex]:
     """Samples of an uncompressed tar in order, by reading headers only (data is seeked over), so a
     reader can later fetch just the members it needs. `tarfile.TarError` / `OSError` pass through
-    unchanged: each caller words them for its own user."""
+    unchanged: each caller words them for its own user. Non-regular members (hard and symbolic
+    links, devices) are not samples; they are appended to `skipped` when it is given."""
     with tarfile.open(path, mode="r:") as tar:
-        for key, group in groupby(_keyed_files(tar), key=itemgetter(0)):
+        for key, group in groupby(_keyed_files(tar, skipped), key=itemgetter(0)):
             yield SampleIndex(key, tuple(MemberSpan(ext, m.offset_data, m.size) for _, ext, m in group))
 
 

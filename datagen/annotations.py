@@ -27,6 +27,7 @@ The whole file is held in memory once per worker (VG objects.json: a few GB of P
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Any, Iterable
@@ -44,6 +45,7 @@ class AnnotatedImage:
     width: float | None = None
     height: float | None = None
     skipped_crowd: int = 0
+    error: str | None = None  # set when the file is ambiguous about this image (a repeated id)
 
     def objects(self, image_width: int, image_height: int) -> list[GroundedObject]:
         """Normalized objects (score 1.0: ground truth)."""
@@ -114,29 +116,63 @@ def load_annotations(path: str | Path, *, include_crowd: bool = False) -> Annota
     raise _fail("neither COCO (images/annotations/categories) nor Visual Genome objects.json", p)
 
 
-def _num(v: Any, where: str, p: Path) -> float:
+def _num(v: Any, where: str, p: Path, *, minimum: float | None = None, strict: bool = False) -> float:
+    """A finite number (JSON allows NaN/Infinity; a box made of them would poison every caption),
+    at least `minimum` (above it when `strict`): bad values fail the whole file at load time,
+    not image by image in the middle of a job."""
     if isinstance(v, bool) or not isinstance(v, (int, float)):
         raise _fail(f"expected a number, got {v!r}", p, where)
-    return float(v)
+    x = float(v)
+    if not math.isfinite(x):
+        raise _fail(f"expected a finite number, got {v!r}", p, where)
+    if minimum is not None and (x <= minimum if strict else x < minimum):
+        raise _fail(f"expected a number {'>' if strict else '>='} {minimum:g}, got {v!r}", p, where)
+    return x
+
+
+def _size(v: Any, where: str, p: Path) -> float | None:
+    """An image's optional width/height: absent, or a number above zero."""
+    return None if v is None else _num(v, where, p, minimum=0, strict=True)
+
+
+def _box(values: list[Any], wheres: list[str], p: Path) -> tuple[float, float, float, float]:
+    """(x, y, w, h) in pixels: finite, with a width and height that are not negative."""
+    x, y = (_num(v, where, p) for v, where in zip(values[:2], wheres[:2]))
+    w, h = (_num(v, where, p, minimum=0) for v, where in zip(values[2:], wheres[2:]))
+    return x, y, w, h
+
+
+def _list(data: dict, key: str, p: Path, *, required: bool = True) -> list:
+    value = data.get(key)
+    if value is None and not required:
+        return []
+    if not isinstance(value, list):
+        raise _fail(f"must be a list, got {type(value).__name__}", p, key)
+    return value
 
 
 def _load_coco(data: dict, p: Path, include_crowd: bool) -> AnnotationIndex:
     idx = AnnotationIndex(p, "coco")
     cats = {}
-    for j, c in enumerate(data.get("categories") or []):
+    for j, c in enumerate(_list(data, "categories", p, required=False)):
         if not isinstance(c, dict) or "id" not in c or "name" not in c:
             raise _fail("each category needs id and name", p, f"categories[{j}]")
         cats[c["id"]] = " ".join(str(c["name"]).split())
     by_id: dict[Any, AnnotatedImage] = {}
-    for j, im in enumerate(data["images"]):
+    first_seen: dict[Any, int] = {}
+    for j, im in enumerate(_list(data, "images", p)):
         if not isinstance(im, dict) or "id" not in im:
             raise _fail("each image needs an id", p, f"images[{j}]")
-        w, h = im.get("width"), im.get("height")
-        entry = AnnotatedImage([], _num(w, f"images[{j}].width", p) if w else None,
-                               _num(h, f"images[{j}].height", p) if h else None)
-        by_id[im["id"]] = entry
+        entry = AnnotatedImage([], _size(im.get("width"), f"images[{j}].width", p),
+                               _size(im.get("height"), f"images[{j}].height", p))
+        if im["id"] in by_id:
+            # Which entry the boxes belong to is unknowable: both images fail with this reason.
+            entry.error = by_id[im["id"]].error = (
+                f"image id {im['id']!r} is listed twice in {p.name} (images[{first_seen[im['id']]}] and images[{j}])")
+        else:
+            by_id[im["id"]], first_seen[im["id"]] = entry, j
         idx._add(entry, [im.get("file_name"), im["id"], im.get("coco_url"), im.get("flickr_url")])
-    for j, a in enumerate(data["annotations"]):
+    for j, a in enumerate(_list(data, "annotations", p)):
         where = f"annotations[{j}]"
         if not isinstance(a, dict) or "image_id" not in a or "bbox" not in a:
             raise _fail("each annotation needs image_id and bbox", p, where)
@@ -149,7 +185,7 @@ def _load_coco(data: dict, p: Path, include_crowd: bool) -> AnnotationIndex:
         bbox = a["bbox"]
         if not isinstance(bbox, list) or len(bbox) != 4:
             raise _fail("bbox must be [x, y, width, height]", p, f"{where}.bbox")
-        x, y, w, h = (_num(v, f"{where}.bbox", p) for v in bbox)
+        x, y, w, h = _box(bbox, [f"{where}.bbox"] * 4, p)
         label = cats.get(a.get("category_id"))
         if label is None:
             raise _fail(f"category_id {a.get('category_id')!r} is not in categories", p, f"{where}.category_id")
@@ -162,13 +198,15 @@ def _load_vg(data: list, p: Path) -> AnnotationIndex:
     for j, im in enumerate(data):
         if not isinstance(im, dict) or "image_id" not in im or not isinstance(im.get("objects"), list):
             raise _fail("each entry needs image_id and an objects list", p, f"[{j}]")
-        entry = AnnotatedImage([], im.get("width"), im.get("height"))
+        entry = AnnotatedImage([], _size(im.get("width"), f"[{j}].width", p), _size(im.get("height"), f"[{j}].height", p))
         for k, o in enumerate(im["objects"]):
             where = f"[{j}].objects[{k}]"
+            if not isinstance(o, dict):
+                raise _fail(f"each object must be a JSON object, got {type(o).__name__}", p, where)
             names = o.get("names") or ([o["name"]] if o.get("name") else [])
-            if not names:
+            if not isinstance(names, list) or not names:
                 raise _fail("object has no names/name", p, where)
-            x, y, w, h = (_num(o.get(c), f"{where}.{c}", p) for c in ("x", "y", "w", "h"))
+            x, y, w, h = _box([o.get(c) for c in "xywh"], [f"{where}.{c}" for c in "xywh"], p)
             entry.boxes.append((" ".join(str(names[0]).split()).lower(), x, y, w, h))
         url = im.get("image_url") or im.get("url")
         idx._add(entry, [im["image_id"], url])

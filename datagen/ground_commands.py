@@ -18,7 +18,7 @@ _LIMITS = DetectionLimits()  # the options' defaults are the library's
 def ground(
     input: str = typer.Argument(..., help="Images: folder, WebDataset shards (brace patterns ok), img2dataset "
                                           "output, or a parquet/CSV/JSONL of URLs (same kinds as `blip3 ocr`)."),
-    output: Path = typer.Argument(..., help="Output folder for NNNNNN.tar shards and their sidecars."),
+    output: str = typer.Argument(..., help="Output folder for NNNNNN.tar shards and their sidecars."),
     detector: str = typer.Option("grounding-dino", "--detector",
                                  help="grounding-dino (transformers) | groundingdino-py | annotations"),
     tags: str = typer.Option("caption", "--tags", help="caption (noun phrases) | vocab | clip (open_clip zero-shot); "
@@ -42,6 +42,8 @@ def ground(
     caption_format: str = typer.Option("positional", "--caption-format", help=".txt format: positional|textual|bbox"),
     caption_style: Optional[str] = typer.Option(None, "--caption-style",
                                                 help=".txt style: inline|tags (default inline when a caption exists)"),
+    tag_order: str = typer.Option("detector", "--tag-order", help="Tag-list order: detector (the paper's form: "
+                                  "detector order, no final period) | reading (by position, ending in a period)"),
     input_format: Optional[str] = typer.Option(None, "--input-format", help="Force the input kind (else detected)."),
     workers: int = typer.Option(2, "--workers", help="Detector actors (one model each)."),
     gpus_per_worker: float = typer.Option(0.0, "--gpus-per-worker", help="GPU share per actor on a GPU cluster."),
@@ -72,7 +74,7 @@ def ground(
         annotations=annotations, include_crowd=include_crowd, drop_empty=drop_empty, clip_model=clip_model,
         clip_top_k=clip_top_k,
         limits=DetectionLimits(box_threshold, text_threshold, nms_iou, min_area, max_objects),
-        caption_format=caption_format, caption_style=caption_style,
+        caption_format=caption_format, caption_style=caption_style, tag_order=tag_order,
     )
     r = run_ground(input, output, config, input_format=input_format, workers=workers, ray_address=ray_address,
                    shard_size=shard_size, limit=limit, overwrite=overwrite, catalog_db=db, source_name=source,
@@ -89,6 +91,8 @@ def retemplate(
     lead_in: Optional[str] = typer.Option(None, "--lead-in", help='Tag-list lead-in (default "The image contains").'),
     also_lead_in: Optional[str] = typer.Option(None, "--also-lead-in",
                                                help='Lead-in for objects not found in the caption.'),
+    tag_order: str = typer.Option("detector", "--tag-order", help="Tag-list order: detector (the paper's form: "
+                                  "detector order, no final period) | reading (by position, ending in a period)"),
     overwrite: bool = typer.Option(False, "--overwrite", help="Rewrite shards already retemplated."),
 ) -> None:
     """Rebuild grounding captions from the objects stored in existing shards (no re-detection)."""
@@ -98,7 +102,7 @@ def retemplate(
     from blip3.datagen.retemplate import retemplate as run_retemplate
 
     opts = TemplateOptions(caption_format, caption_style, DEFAULT_LEAD_IN if lead_in is None else lead_in,
-                           DEFAULT_ALSO_LEAD_IN if also_lead_in is None else also_lead_in)
+                           DEFAULT_ALSO_LEAD_IN if also_lead_in is None else also_lead_in, tag_order)
     r = run_retemplate(input_dir, output_dir, opts, overwrite=overwrite)
     console.print(f"[green]{output_dir}[/]: {r.shards_written} shard(s) rewritten ({r.samples} rows), "
                   f"{r.shards_skipped} already done")

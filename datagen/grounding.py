@@ -35,7 +35,6 @@ from blip3.datagen.grounding_captions import (
     build_captions,
     check_caption_choice,
     pick_caption,
-    reading_order,
 )
 from blip3.datagen.inputs import InputSample
 
@@ -65,6 +64,7 @@ class GroundingConfig:
     caption_style: str | None = None
     lead_in: str = DEFAULT_LEAD_IN
     also_lead_in: str = DEFAULT_ALSO_LEAD_IN
+    tag_order: str = "detector"
     device: str | None = None
 
     def __call__(self) -> "GroundingAnnotator":
@@ -88,6 +88,7 @@ def make_config(
     caption_style: str | None = None,
     lead_in: str = DEFAULT_LEAD_IN,
     also_lead_in: str = DEFAULT_ALSO_LEAD_IN,
+    tag_order: str = "detector",
     device: str | None = None,
 ) -> GroundingConfig:
     """Validate options, resolve weights (MissingWeightsError names what to set), load the vocab."""
@@ -95,7 +96,7 @@ def make_config(
         raise UserError(f"unknown detector {detector!r}; expected one of {', '.join(DETECTORS)}", field="--detector")
     if tags not in TAG_SOURCES:
         raise UserError(f"unknown tag source {tags!r}; expected one of {', '.join(TAG_SOURCES)}", field="--tags")
-    check_caption_choice(caption_format, caption_style)
+    check_caption_choice(caption_format, caption_style, tag_order)
     try:
         limits.validate()
     except ValueError as e:
@@ -143,7 +144,7 @@ def make_config(
         gdino_config=str(gdino_config) if gdino_config else None, annotations=ann_path,
         include_crowd=include_crowd, drop_empty=drop_empty, clip_model=clip_dir, clip_top_k=clip_top_k,
         limits=limits, caption_format=caption_format, caption_style=caption_style, lead_in=lead_in,
-        also_lead_in=also_lead_in, device=device,
+        also_lead_in=also_lead_in, tag_order=tag_order, device=device,
     )
 
 
@@ -204,16 +205,18 @@ class GroundingAnnotator:
             entry = self._index.lookup(_sample_names(sample))
             if entry is None:
                 raise SkipSample("annotations", f"no entry for {sample.key} in {Path(c.annotations or '').name}")
+            if entry.error:
+                raise SkipSample("annotations", entry.error)
             objects = filter_objects(entry.objects(*image.size), c.limits)
             tags: list[str] = sorted({o.label for o in objects})
             extra["skipped_crowd"] = entry.skipped_crowd
         else:
             tags = self.tags_for(image, sample)
             objects = filter_objects(self._detector.detect(image, tags, c.limits), c.limits)
-        objects = reading_order(objects)
         if not objects and c.drop_empty:
             raise SkipSample("no_objects", f"nothing detected for tags {tags[:5]}")
-        captions = build_captions(objects, sample.source_caption, lead_in=c.lead_in, also_lead_in=c.also_lead_in)
+        captions = build_captions(objects, sample.source_caption, lead_in=c.lead_in, also_lead_in=c.also_lead_in,
+                                  tag_order=c.tag_order)
         chosen = pick_caption(captions, c.caption_format, c.caption_style)
         metadata = {
             "objects": [o.to_dict() for o in objects],
@@ -248,6 +251,7 @@ class GroundingAnnotator:
             "caption_style": c.caption_style,
             "lead_in": c.lead_in,
             "also_lead_in": c.also_lead_in,
+            "tag_order": c.tag_order,
         }
         if c.model_dir:
             info["model"] = Path(c.model_dir).name

@@ -7,7 +7,7 @@ Formats (formats.md, from the blip3-grounding-50m card), for an object `garment`
     textual     garment (starts at [0.512, 0.604] and extends up to [0.990, 0.998])
     bbox        <object>garment</object><bbox>[0.512, 0.604][0.990, 0.998]</bbox>
 
-Shapes: a tag list (`The image contains garment (...), neckband (...).`) and the source caption
+Shapes: a tag list (`The image contains garment (...), neckband (...)`) and the source caption
 with grounding inserted after the phrase it grounds (`a football player (in the center) in ...`).
 
 Everything here is a pure function of the stored objects and the source caption, so
@@ -19,11 +19,13 @@ Decisions written down here because the sources are silent:
   centre, cells being [0, 1/3), [1/3, 2/3), [2/3, 1]; the test is done on integer thousandths
   (centre*2000 = X1+X2), so it is exact: a centre of 0.333 is in the first cell, 0.3335 in the
   second, 0.6665 in the second, 0.667 in the third.
-- Tag list: `<lead-in> a, b, c.`; objects in reading order: by the grid row of the box centre
-  (top to bottom), then left to right by centre x.
-- No objects (the policy OCR has for "no text"): the tag variants say so, `<lead-in> no objects.`
-  ("The image contains no objects."), and the inline variants are the source caption unchanged,
-  so `.txt` is never empty; `--drop-empty` records such images as failed `no_objects` instead.
+- Tag list, by default the paper's form (Fig. 4): `<lead-in> a, b, c`, objects in the order the
+  detector gave them, no final period. `order="reading"` gives `<lead-in> a, b, c.` in reading
+  order instead: by the grid row of the box centre (top to bottom), then left to right by centre x.
+- No objects (the policy OCR has for "no text"): the tag variants say so, `<lead-in> no objects`
+  ("The image contains no objects", with the period of `order="reading"`), and the inline variants
+  are the source caption unchanged, so `.txt` is never empty; `--drop-empty` records such images
+  as failed `no_objects` instead.
 - Inline insertion, one rule set for all formats:
   * a label matches a whole-word, case-insensitive occurrence of itself in the caption, optionally
     followed by a plural `s`/`es` (`dog` grounds `dogs`); the match keeps the caption's casing;
@@ -48,6 +50,7 @@ from blip3.core.errors import UserError
 
 FORMATS = ("positional", "textual", "bbox")
 STYLES = ("tags", "inline")
+ORDERS = ("detector", "reading")  # tag-list object order: the paper's, or ours sorted by position
 
 #: 3x3 grid words, by (row, column) of the box centre.
 GRID_WORDS = (
@@ -152,17 +155,26 @@ def reading_order(objects: Iterable[GroundedObject]) -> list[GroundedObject]:
     return sorted(objects, key=key)
 
 
-def tag_caption(objects: Sequence[GroundedObject], fmt: str, lead_in: str = DEFAULT_LEAD_IN) -> str:
-    """`The image contains a (...), b (...).`; empty string for no objects."""
+def tag_caption(
+    objects: Sequence[GroundedObject], fmt: str, lead_in: str = DEFAULT_LEAD_IN, order: str = "detector"
+) -> str:
+    """`The image contains a (...), b (...)` in the given order (the paper's form), or with
+    order="reading" sorted by position and ended by a period; empty string for no objects."""
+    if order not in ORDERS:
+        raise ValueError(f"unknown tag order {order!r}; expected one of {ORDERS}")
     if not objects:
         return ""
-    parts = ", ".join(format_object(o, fmt) for o in reading_order(objects))
-    return f"{lead_in} {parts}." if lead_in else f"{parts}."
+    reading = order == "reading"
+    parts = ", ".join(format_object(o, fmt) for o in (reading_order(objects) if reading else objects))
+    end = "." if reading else ""
+    return f"{lead_in} {parts}{end}" if lead_in else f"{parts}{end}"
 
 
-def no_objects_caption(lead_in: str = DEFAULT_LEAD_IN) -> str:
-    """The tag caption of an image where nothing was found: `The image contains no objects.`"""
-    return f"{lead_in} no objects." if lead_in else "No objects."
+def no_objects_caption(lead_in: str = DEFAULT_LEAD_IN, order: str = "detector") -> str:
+    """The tag caption of an image where nothing was found: `The image contains no objects`
+    (ended by a period with order="reading", as `tag_caption`)."""
+    end = "." if order == "reading" else ""
+    return f"{lead_in} no objects{end}" if lead_in else f"No objects{end}"
 
 
 def _label_pattern(label: str) -> re.Pattern[str]:
@@ -203,7 +215,7 @@ def inline_caption(
     for s, e, grounded in sorted(placed, reverse=True):
         out = out[:s] + grounded + out[e:]
     if missing:
-        tail = tag_caption(missing, fmt, also_lead_in)
+        tail = tag_caption(missing, fmt, also_lead_in, order="reading")  # a sentence closing the caption
         out = out.rstrip()
         sep = "" if not out else (" " if out[-1] in ".!?" else ". ")
         out = f"{out}{sep}{tail}"
@@ -216,12 +228,14 @@ def build_captions(
     *,
     lead_in: str = DEFAULT_LEAD_IN,
     also_lead_in: str = DEFAULT_ALSO_LEAD_IN,
+    tag_order: str = "detector",
 ) -> list[dict]:
     """All caption variants of a sample: 3 formats x (tags, and inline when a caption exists).
 
     No objects -> the tag variants say `<lead-in> no objects.` (see the module docstring).
     """
-    tags = [tag_caption(objects, f, lead_in) if objects else no_objects_caption(lead_in) for f in FORMATS]
+    tags = [tag_caption(objects, f, lead_in, tag_order) if objects else no_objects_caption(lead_in, tag_order)
+            for f in FORMATS]
     caps = [{"text": text, "format": f, "style": "tags"} for f, text in zip(FORMATS, tags)]
     if source_caption and source_caption.strip():
         caps += [
@@ -231,8 +245,35 @@ def build_captions(
     return caps
 
 
-def check_caption_choice(caption_format: str, caption_style: str | None) -> None:
-    """The user's `--caption-format` / `--caption-style` (shared by `blip3 ground` and `blip3 retemplate`)."""
+_NUM = r"(\d+(?:\.\d+)?)"
+#: One textual-format object. The released blip3-grounding-50m writes "extends upto"; our
+#: template (and the card) "extends up to": both are read.
+_TEXTUAL = re.compile(rf"\(starts at \[{_NUM}, {_NUM}\] and extends up ?to \[{_NUM}, {_NUM}\]\)")
+
+
+def parse_textual_tags(text: str, lead_in: str = DEFAULT_LEAD_IN) -> list[GroundedObject]:
+    """Objects read back from a textual-format tag list (`<lead-in> a (starts at [..] and extends
+    up to [..]), b (...)`), in caption order; labels are the words between one object and the next.
+    A label containing parentheses or commas cannot be told apart from the template and is cut."""
+    out: list[GroundedObject] = []
+    pos = 0
+    for m in _TEXTUAL.finditer(text):
+        label = text[pos : m.start()].strip()
+        if not out and lead_in and label.startswith(lead_in):
+            label = label[len(lead_in) :]
+        label = label.lstrip(",;. ").removeprefix("and ").strip()
+        x1, y1, x2, y2 = (float(m.group(i)) for i in range(1, 5))
+        if label:
+            out.append(GroundedObject(label, (x1, y1, x2, y2)))
+        pos = m.end()
+    return out
+
+
+def check_caption_choice(caption_format: str, caption_style: str | None, tag_order: str = "detector") -> None:
+    """The user's `--caption-format` / `--caption-style` / `--tag-order` (shared by `blip3 ground`
+    and `blip3 retemplate`)."""
+    if tag_order not in ORDERS:
+        raise UserError(f"expected one of {', '.join(ORDERS)}", field="--tag-order")
     if caption_format not in FORMATS:
         raise UserError(f"expected one of {', '.join(FORMATS)}", field="--caption-format")
     if caption_style is not None and caption_style not in STYLES:

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import tarfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -38,7 +39,7 @@ from typing import Any, BinaryIO, Iterator
 
 from blip3.core.errors import UserError
 from blip3.core.keys import sanitize_key
-from blip3.core.shards import MemberSpan, iter_tar_index
+from blip3.core.shards import MemberSpan, iter_tar_index, split_member_name
 
 INPUT_FORMATS = ("folder", "webdataset", "img2dataset", "urls", "blip3-ocr")
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp", "bmp", "gif", "tif", "tiff")
@@ -99,6 +100,7 @@ def detect_format(input_path: str | Path) -> str:
         raise UserError("input does not exist", file=path)
     if path.is_dir():
         if any(path.glob("*.tar")):
+            _refuse_mixed_folder(path)
             return "img2dataset" if _is_img2dataset_dir(path) else "webdataset"
         return "folder"
     suffix = path.suffix.lower()
@@ -118,6 +120,34 @@ def detect_format(input_path: str | Path) -> str:
     raise UserError(
         f"cannot tell the input kind; pass --input-format ({', '.join(INPUT_FORMATS)})", file=path
     )
+
+
+def _refuse_mixed_folder(path: Path) -> None:
+    """A folder holding both tars and loose images is ambiguous: taking it as tars would silently
+    drop the images (and a job writing its shards into its own input folder looks just like it),
+    so the user must say which one they mean."""
+    loose = next((p for p in path.rglob("*") if _ext_of(p.name) in IMAGE_EXTS and (p.is_file() or p.is_symlink())), None)
+    if loose is not None:
+        raise UserError(
+            f"holds both .tar files and loose images (e.g. {loose.relative_to(path).as_posix()}); pass "
+            "--input-format folder (the loose images) or --input-format webdataset (the tars)",
+            file=path,
+        )
+
+
+def check_output_outside_input(input_path: str | Path, output_dir: str | Path) -> None:
+    """Refuse an output folder that is, or lies inside, a folder input: the job's own shards would
+    become input on the next run (or be mistaken for it), so inputs could be dropped or doubled."""
+    text = str(input_path)
+    if "{" in text:
+        return
+    src = Path(text).resolve()
+    if not src.is_dir():
+        return
+    out = Path(output_dir).resolve()
+    if out == src or src in out.parents:
+        raise UserError(f"output folder {out} is inside the input folder; choose an output outside it",
+                        file=src, field="--output")
 
 
 def _is_img2dataset_dir(path: Path) -> bool:
@@ -159,11 +189,22 @@ def iter_refs(
     """Yield the input's samples as refs, in a stable order, with sanitised unique keys.
 
     `work_dir` is where URL inputs are downloaded (required for `urls` and `blip3-ocr`).
+    Keys are unique over the whole input; the datagen pipeline, which must not hold every key of
+    a large job, uses `iter_raw_refs` and makes keys unique per shard instead (datagen.plans).
     """
+    dedup = _KeyDeduper()
+    for ref in iter_raw_refs(input_path, input_format, work_dir=work_dir):
+        ref.key = dedup(ref.key)
+        yield ref
+
+
+def iter_raw_refs(
+    input_path: str | Path, input_format: str | None = None, *, work_dir: str | Path | None = None
+) -> Iterator[SampleRef]:
+    """`iter_refs` before key de-duplication: raw keys, not yet sanitised, in the same stable order."""
     kind = input_format or detect_format(input_path)
     if kind not in INPUT_FORMATS:
         raise UserError(f"unknown input format {kind!r}; one of {', '.join(INPUT_FORMATS)}", field="--input-format")
-    dedup = _KeyDeduper()
     if kind == "folder":
         raw = _folder_refs(Path(input_path))
     elif kind == "webdataset":
@@ -176,9 +217,7 @@ def iter_refs(
         from blip3.datagen.fetch import fetch_urls
 
         raw = _img2dataset_refs(fetch_urls(Path(input_path), Path(work_dir)))
-    for ref in raw:
-        ref.key = dedup(ref.key)
-        yield ref
+    yield from raw
 
 
 def load_sample(ref: SampleRef) -> InputSample:
@@ -216,17 +255,26 @@ def _folder_refs(root: Path) -> Iterator[SampleRef]:
     if not root.is_dir():
         raise UserError("not a directory", file=root)
     files = sorted(
-        (p for p in root.rglob("*") if p.is_file() and _ext_of(p.name) in IMAGE_EXTS),
+        (p for p in root.rglob("*") if _ext_of(p.name) in IMAGE_EXTS and (p.is_file() or _is_dangling(p))),
         key=lambda p: p.relative_to(root).as_posix(),
     )
     for path in files:
         rel = path.relative_to(root).as_posix()
+        if _is_dangling(path):
+            yield SampleRef(key=rel.rsplit(".", 1)[0], ext=_ext_of(path.name), locator=["none"], meta={"path": rel},
+                            error=f"dangling_symlink: {rel} points at {os.readlink(path)}, which does not exist")
+            continue
         caption_file = path.with_suffix(".txt")
         caption = caption_file.read_text(encoding="utf-8", errors="replace").strip() if caption_file.is_file() else None
         yield SampleRef(
             key=rel.rsplit(".", 1)[0], ext=_ext_of(path.name), locator=["file", str(path.resolve())],
             source_caption=caption or None, meta={"path": rel},
         )
+
+
+def _is_dangling(path: Path) -> bool:
+    """A symlink whose target is gone: an input the user listed, so it gets a failed row."""
+    return path.is_symlink() and not path.exists()
 
 
 def expand_tar_pattern(pattern: str) -> list[Path]:
@@ -249,22 +297,58 @@ def expand_tar_pattern(pattern: str) -> list[Path]:
 @dataclass
 class _TarSample:
     key: str
-    members: dict[str, MemberSpan] = field(default_factory=dict)  # by lower-cased ext, last wins
+    members: dict[str, MemberSpan] = field(default_factory=dict)  # by lower-cased ext, first wins
+    extra_images: list[str] = field(default_factory=list)  # image members not taken (`key.ext`)
+    link: str | None = None  # set for a link member (`name -> target`): no data of its own
 
 
 def scan_tar(path: Path) -> Iterator[_TarSample]:
-    """Group a tar's members by webdataset key, keeping their data offsets (no data read)."""
+    """Group a tar's members by webdataset key, keeping their data offsets (no data read).
+
+    Every image member is accounted for: a second image under one key (a repeated `a.jpg`, or
+    `a.jpg` beside `a.png`) is listed in `extra_images`, and an image member that is a hard or
+    symbolic link comes last as a sample of its own with `link` set, so each becomes a failed row."""
+    links: list[tarfile.TarInfo] = []
     try:
-        for sample in iter_tar_index(path):
-            yield _TarSample(sample.key, {m.ext.lower(): m for m in sample.members})
+        for sample in iter_tar_index(path, skipped=links):
+            yield _group_members(sample.key, sample.members)
     except tarfile.TarError as e:
         raise UserError(f"not a readable tar: {e}", file=path) from e
+    for member in links:
+        key, ext = split_member_name(member.name)
+        if _ext_of(member.name) in IMAGE_EXTS:
+            kind = "hard link" if member.islnk() else "symbolic link" if member.issym() else "special file"
+            yield _TarSample(key, link=f"{member.name!r} is a {kind}" + (f" to {member.linkname!r}" if member.linkname else ""))
+
+
+def _group_members(key: str, spans: tuple[MemberSpan, ...]) -> _TarSample:
+    """One key's members by extension; the image member used is the first of the preferred ext."""
+    sample = _TarSample(key)
+    for span in spans:
+        sample.members.setdefault(span.ext.lower(), span)
+    image_ext = next((e for e in IMAGE_EXTS if e in sample.members), None)
+    chosen = sample.members.get(image_ext) if image_ext else None
+    sample.extra_images = [f"{key}.{m.ext}" for m in spans if m.ext.lower() in IMAGE_EXTS and m is not chosen]
+    return sample
 
 
 def _read_member(f: BinaryIO, offset: int, size: int) -> bytes:
     """A member's data from its tar, already open (a scan opens each tar once for all its members)."""
     f.seek(offset)
     return f.read(size)
+
+
+def _tar_sample_refs(path: Path, f: BinaryIO, sample: _TarSample) -> Iterator[SampleRef]:
+    """The refs of one tar sample: its own, then a failed one per image member not taken."""
+    if sample.link is not None:
+        yield SampleRef(key=sample.key, ext="", locator=["none"], meta={"shard": path.name},
+                        error=f"tar_link: {sample.link}; links are not read as images")
+        return
+    yield _tar_sample_ref(path, f, sample)
+    for name in sample.extra_images:
+        yield SampleRef(key=sample.key, ext=_ext_of(name), locator=["none"], meta={"shard": path.name},
+                        error=f"duplicate_member: {name!r} is a second image under key {sample.key!r} "
+                              f"in {path.name}; only the first is used")
 
 
 def _tar_sample_ref(path: Path, f: BinaryIO, sample: _TarSample, extra: dict[str, Any] | None = None) -> SampleRef:
@@ -307,7 +391,7 @@ def _webdataset_refs(pattern: str) -> Iterator[SampleRef]:
     for path in expand_tar_pattern(pattern):
         with open(path, "rb") as f:
             for sample in scan_tar(path):
-                yield _tar_sample_ref(path, f, sample)
+                yield from _tar_sample_refs(path, f, sample)
 
 
 def _img2dataset_refs(folder: Path) -> Iterator[SampleRef]:
@@ -317,7 +401,7 @@ def _img2dataset_refs(folder: Path) -> Iterator[SampleRef]:
         raise UserError("no img2dataset parquet files (NNNNN.parquet) found", file=folder)
     for parquet in parquets:
         tar = parquet.with_suffix(".tar")
-        samples = {s.key: s for s in scan_tar(tar)} if tar.is_file() else {}
+        samples = {s.key: s for s in scan_tar(tar) if s.link is None} if tar.is_file() else {}
         with open(tar, "rb") if samples else contextlib.nullcontext() as f:
             yield from _img2dataset_parquet_refs(parquet, tar, f, samples)
 

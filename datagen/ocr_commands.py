@@ -20,7 +20,7 @@ def register(app: typer.Typer, export: typer.Typer) -> None:
 def ocr(
     input: str = typer.Argument(..., help="Image folder, WebDataset tars/brace pattern, img2dataset folder, "
                                           "URL list (parquet/csv/tsv/jsonl) or BLIP3-OCR parquet."),
-    output: Path = typer.Argument(..., help="Output folder for NNNNNN.tar shards and sidecars."),
+    output: str = typer.Argument(..., help="Output folder for NNNNNN.tar shards and sidecars."),
     engine: str = typer.Option("rapidocr", "--engine", help="rapidocr | paddleocr"),
     workers: int = typer.Option(2, "--workers", help="OCR actors (one engine each)."),
     ray_address: Optional[str] = typer.Option(None, "--ray-address", help="Join this Ray cluster instead of a local one."),

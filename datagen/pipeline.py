@@ -1,37 +1,42 @@
 """One datagen pipeline for every annotator: read -> validate -> annotate -> caption -> write.
 
-    refs (driver, stable order) --chunk by shard_size--> shards 0..n-1 (skip complete ones)
-      --Ray Data from_items(refs of pending shards)--> map_batches(actor pool: one annotator per
-      actor, loaded once; per sample: read bytes, decode+validate, annotate, pack members)
-      --rows back to the driver--> ShardWriter per shard (tar + parquet + stats, atomic)
-      --> catalog.add_output
+    input (streamed, stable order) --datagen.plans--> shard plans 0..n-1, one at a time
+      --skip finished ones--> one actor pool for the whole job (one annotator per actor, loaded
+      once), at most IN_FLIGHT_PER_WORKER plans queued per actor (back-pressure)
+      --each actor call = one whole shard: read, decode+validate, annotate, caption, write tar +
+      parquet + stats straight to the output, atomically--> the shard's stats back to the driver
+      --> catalog.add_output (the driver is the only catalog writer)
 
 Why this shape:
-- Determinism and resume: shard `i` always holds input samples `i*S .. i*S+S-1` (in `iter_refs`
-  order) and members are written sorted by that position, so the tars are byte-identical across
-  runs however Ray schedules the work. A shard counts as done when `core.shards.shard_complete`
-  (stats present, tar size and sha256 match) holds and its stats carry the same `input_digest`;
-  a killed run leaves only temporaries, removed on the next start.
-- Small overhead: refs (not bytes) travel into Ray; each actor reads, decodes and annotates in one
-  step, so an image crosses process boundaries once, as the bytes that will be stored.
-- The driver writes shards as soon as all their rows are back, in whichever order they finish.
+- Workers write: image bytes never travel back to the driver, which only plans and collects
+  counts; so adding nodes adds write throughput, and with `--ray-address` the tars land where the
+  output says, not on the client. One call per shard keeps the framework's cost per shard, not
+  per image.
+- Determinism and resume: shard `i` always holds input samples `i*S .. i*S+S-1` and members are
+  written in that order, so the tars are byte-identical across runs however Ray schedules the
+  work. A shard counts as done when its stats exist, the tar has the recorded size (the sha256 is
+  trusted from the stats, computed while writing; `verify=True` re-reads it) and its stats carry
+  the same `input_digest`; a killed run leaves only temporaries, removed on the next start.
+- Fault tolerance: a worker process that dies mid-shard is restarted by Ray and the call retried
+  (`max_task_retries`); the retry writes the same bytes under a fresh temporary name and the
+  shard is published once.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-import logging
 import math
 import os
 import time
-from collections import Counter, defaultdict
-from dataclasses import asdict, dataclass, field
+from collections import Counter, deque
+from dataclasses import dataclass, field
+from itertools import chain
 from pathlib import Path
-from typing import Any, Iterable, Iterator
+from typing import Any, Iterator
 
-from blip3.core.errors import UserError
-from blip3.core.logs import get_logger, progress, progress_enabled
+from blip3.core.errors import UserError, describe_exception
+from blip3.core.logs import get_logger, progress
 from blip3.core.shards import (
     SHARD_DIGITS,
     SampleRow,
@@ -41,16 +46,20 @@ from blip3.core.shards import (
     shard_complete,
     shard_paths,
 )
+from blip3.core.storage import local_path
 from blip3.datagen.annotator import AnnotatorFactory, SkipSample
 from blip3.datagen.images import ImageLimits, ImageOutput, ImageRejected, decode_image
-from blip3.datagen.inputs import SampleRef, iter_refs, load_sample
+from blip3.datagen.inputs import SampleRef, check_output_outside_input, iter_raw_refs, load_sample
+from blip3.datagen.plans import ShardPlan, iter_plans
 
 log = get_logger("datagen")
 DEFAULT_SHARD_SIZE = 1000
-DEFAULT_BATCH_SIZE = 4
 DOWNLOAD_DIR = ".download"
-WINDOW_SAMPLES = 50_000
-
+#: Plans queued per actor: one running, one waiting, so an actor never idles between shards
+#: while the driver never holds more than 2 * workers shards of refs.
+IN_FLIGHT_PER_WORKER = 2
+#: Retries of a shard whose worker process died (the actor is restarted each time).
+SHARD_RETRIES = 3
 
 @dataclass
 class JobResult:
@@ -77,37 +86,49 @@ class JobResult:
 
 
 # -- one sample, no Ray: read -> validate -> annotate -> pack ---------------------------------
+@dataclass
+class Processed:
+    """One sample's outcome: its sidecar row, and its tar members when it succeeded."""
+
+    row: SampleRow
+    members: dict[str, bytes | str] | None = None
+
+    @property
+    def ok(self) -> bool:
+        return self.members is not None
+
+
 def process_ref(ref: SampleRef, annotator, limits: ImageLimits, generator: dict[str, Any] | None = None,
-                output: ImageOutput = ImageOutput()) -> dict[str, Any]:
-    """Run one sample through the steps; returns a result row (success or failure with reason).
+                output: ImageOutput = ImageOutput()) -> Processed:
+    """Run one sample through the steps; a failure comes back as a row with its reason.
 
     `generator` (the annotator's `generator_info()`, computed once per actor) goes into the record;
     `output` says how the image member is stored.
     """
     row = SampleRow(key=ref.key, uid=ref.uid, url=ref.url, has_source_caption=bool(ref.source_caption))
+
+    def failed(error: str) -> Processed:
+        row.status, row.error_message = "failed", error
+        return Processed(row)
+
     if ref.error:
-        row.status, row.error_message = "failed", ref.error
-        return _result(row)
+        return failed(ref.error)
     try:
         sample = load_sample(ref)
     except OSError as e:
-        row.status, row.error_message = "failed", f"read: {e}"
-        return _result(row)
+        return failed(f"read: {e}")
     try:
         decoded = decode_image(sample.image, limits, output)
     except ImageRejected as e:
-        row.status, row.error_message = "failed", e.error
-        return _result(row)
+        return failed(e.error)
     row.original_width, row.original_height = decoded.orig_width, decoded.orig_height
     row.width, row.height = decoded.width, decoded.height
     try:
         ann = annotator.annotate(decoded.image, sample)
     except SkipSample as e:
-        row.status, row.error_message = "failed", e.error
-        return _result(row)
+        return failed(e.error)
     except Exception as e:  # an engine crash on one image must not stop the job; recorded with reason
-        row.status, row.error_message = "failed", f"annotate: {type(e).__name__}: {str(e)[:200]}"
-        return _result(row)
+        return failed(f"annotate: {describe_exception(e)[:200]}")
     record: dict[str, Any] = {
         "key": ref.key,
         "uid": ref.uid,
@@ -131,58 +152,53 @@ def process_ref(ref: SampleRef, annotator, limits: ImageLimits, generator: dict[
     row.n_captions = len(ann.captions)
     row.n_ocr, row.n_objects = ann.n_ocr, ann.n_objects
     row.mean_confidence = ann.mean_confidence
-    return _result(
-        row, image=decoded.data, ext=decoded.ext, txt=ann.default_caption,
-        record=json.dumps(record, ensure_ascii=False),
-    )
+    return Processed(row, {decoded.ext: decoded.data, "txt": ann.default_caption,
+                           "json": json.dumps(record, ensure_ascii=False)})
 
 
-def _result(row: SampleRow, *, image: bytes = b"", ext: str = "", txt: str = "", record: str = "") -> dict[str, Any]:
-    return {"ok": row.status == "success", "image": image, "ext": ext, "txt": txt, "json": record,
-            "row": json.dumps(asdict(row))}
+# -- one shard, no Ray: plan -> tar + parquet + stats ------------------------------------------
+def write_shard(out: str | Path, plan: ShardPlan, annotator, limits: ImageLimits, generator: dict[str, Any],
+                record_generator: dict[str, Any] | None = None, output: ImageOutput = ImageOutput(),
+                digits: int = SHARD_DIGITS) -> dict[str, Any]:
+    """Process every sample of `plan` in order and publish the shard; returns its stats (counts,
+    sha256, failure reasons), all the driver needs. `generator` goes into the stats,
+    `record_generator` into each sample's json; `output` is how images are stored, `digits` the
+    width of the shard's name."""
+    with ShardWriter(out, plan.index, generator=generator, digits=digits) as w:
+        for ref in plan.refs:
+            res = process_ref(ref, annotator, limits, record_generator, output)
+            if res.ok:
+                w.add(res.row.key, res.members, res.row)
+            else:
+                w.add_failure(res.row)
+        info = w.close(extra_stats={"input_digest": plan.digest})
+    return {"index": info.index, "count": info.count, "successes": info.successes, "failed": info.failed,
+            "failure_reasons": info.failure_reasons, "sha256": info.sha256, "tar_bytes": info.tar_bytes}
 
 
-class AnnotateActor:
-    """A Ray Data actor: one annotator, loaded once, processing batches of refs."""
+class ShardWorker:
+    """A Ray actor: one annotator, loaded once, writing whole shards."""
 
-    def __init__(self, factory: AnnotatorFactory, limits: ImageLimits, output: ImageOutput):
+    def __init__(self, factory: AnnotatorFactory, limits: ImageLimits, output: ImageOutput = ImageOutput(),
+                 digits: int = SHARD_DIGITS):
         self.annotator = factory()
         self.annotator.load()
         self.limits = limits
         self.output = output
-        self.generator = self.annotator.generator_info()
+        self.digits = digits
+        self.record_generator = self.annotator.generator_info()
 
-    def __call__(self, batch: dict[str, Any]) -> dict[str, list]:
-        out: dict[str, list] = defaultdict(list)
-        for shard, pos, ref_json in zip(batch["shard"], batch["pos"], batch["ref"]):
-            res = process_ref(SampleRef.from_json(str(ref_json)), self.annotator, self.limits, self.generator,
-                              self.output)
-            out["shard"].append(int(shard))
-            out["pos"].append(int(pos))
-            for k, v in res.items():
-                out[k].append(v)
-        return dict(out)
+    def write(self, out: str, plan: ShardPlan, generator: dict[str, Any]) -> dict[str, Any]:
+        return write_shard(out, plan, self.annotator, self.limits, generator, self.record_generator, self.output,
+                           self.digits)
 
 
-# -- planning ---------------------------------------------------------------------------------
-def plan_shards(refs: list[SampleRef], shard_size: int) -> list[list[SampleRef]]:
-    if shard_size < 1:
-        raise UserError("must be at least 1", field="--shard-size")
-    return [refs[i : i + shard_size] for i in range(0, len(refs), shard_size)]
-
-
-def input_digest(refs: Iterable[SampleRef], generator: dict[str, Any] | None = None) -> str:
-    """A fingerprint of a shard's inputs and of the annotator's settings: a finished shard is reused
-    only for the same inputs annotated the same way (changing e.g. `--min-confidence` redoes it)."""
-    h = hashlib.sha256(json.dumps(generator or {}, sort_keys=True, default=str).encode())
-    for r in refs:
-        h.update(json.dumps([r.key, r.ext, r.uid, r.url, r.source_caption, r.error]).encode())
-    return h.hexdigest()
-
-
-def shard_done(out: Path, index: int, digest: str, digits: int = SHARD_DIGITS) -> bool:
+# -- resume -----------------------------------------------------------------------------------
+def shard_done(out: Path, index: int, digest: str, *, verify: bool = False, digits: int = SHARD_DIGITS) -> bool:
+    """A finished shard of the same inputs and settings; its sha256 is re-read only with `verify`."""
     stats = read_stats(out, index, digits)
-    return stats is not None and stats.get("input_digest") == digest and shard_complete(out, index, digits=digits)
+    return (stats is not None and stats.get("input_digest") == digest
+            and shard_complete(out, index, verify_checksum=verify, digits=digits))
 
 
 def _remove_shards(out: Path, keep_below: int = 0, digits: int = SHARD_DIGITS) -> list[int]:
@@ -202,31 +218,6 @@ def _remove_shards(out: Path, keep_below: int = 0, digits: int = SHARD_DIGITS) -
     return sorted(int(n) for n in names)
 
 
-# -- Ray ------------------------------------------------------------------------------------
-def connect_ray(ray_address: str | None, workers: int) -> bool:
-    """Join `ray_address`, or start a quiet local Ray; reuse one already running. True if started here."""
-    import ray
-
-    if ray.is_initialized():
-        return False
-    os.environ.setdefault("RAY_DEDUP_LOGS", "1")
-    kwargs: dict[str, Any] = dict(include_dashboard=False, log_to_driver=False, logging_level=logging.WARNING)
-    if ray_address:
-        ray.init(address=ray_address, **kwargs)
-    else:
-        ray.init(num_cpus=max(workers, os.cpu_count() or 1), **kwargs)
-    return True
-
-
-def _configure_ray_data() -> None:
-    import ray.data
-
-    ctx = ray.data.DataContext.get_current()
-    ctx.enable_progress_bars = progress_enabled()
-    ctx.verbose_progress = False
-    logging.getLogger("ray.data").setLevel(logging.WARNING)
-
-
 # -- the job ----------------------------------------------------------------------------------
 def run_job(
     input: str | Path,
@@ -244,50 +235,61 @@ def run_job(
     limits: ImageLimits = ImageLimits(),
     image_output: ImageOutput = ImageOutput(),
     shard_name_width: int = SHARD_DIGITS,
-    batch_size: int = DEFAULT_BATCH_SIZE,
     cpus_per_worker: float = 1.0,
     gpus_per_worker: float = 0.0,
     register: bool = True,
+    verify: bool = False,
 ) -> JobResult:
     """Annotate `input` into caption shards in `output`; resumable, see the module docstring.
 
     `annotator_factory` is a picklable zero-argument callable returning an unloaded annotator.
     `image_output` is how image members are stored (datagen.images); `shard_name_width` the digits
     of shard names (img2dataset's 5 by default). `register=False` skips the catalog (the shards are
-    complete without it).
+    complete without it). `verify=True` re-hashes finished shards before skipping them.
     """
     started = time.time()
     if workers < 1:
         raise UserError("must be at least 1", field="--workers")
-    out = Path(output)
+    out = local_path(output, "output")
+    check_output_outside_input(input, out)
     probe = annotator_factory()  # unloaded: only asked for its name and generator info
     if shard_name_width < 1:
         raise UserError("must be at least 1", field="--shard-name-width")
     # the image settings are part of what made a shard: changing them redoes it (input_digest)
     generator = {"name": probe.name, **probe.generator_info(),
                  "image_format": image_output.format, "encode_quality": image_output.quality}
-    refs = list(iter_refs(input, input_format, work_dir=out / DOWNLOAD_DIR))
-    if limit is not None:
-        refs = refs[:limit]
-    if not refs:
+    plans = iter_plans(iter_raw_refs(input, input_format, work_dir=out / DOWNLOAD_DIR), shard_size, generator,
+                       limit=limit)
+    first = next(plans, None)
+    if first is None:
         raise UserError("no input images found", file=input)
-    shards = plan_shards(refs, shard_size)
     out.mkdir(parents=True, exist_ok=True)
     clean_temporaries(out)
-    removed = _remove_shards(out, keep_below=0 if overwrite else len(shards), digits=shard_name_width)
-    if removed:
-        why = "--overwrite" if overwrite else "left over from an earlier run"
-        log.info(f"removed {len(removed)} shard(s) ({why}): indices {removed[0]}..{removed[-1]}")
-    digests = [input_digest(s, generator) for s in shards]
-    pending = [i for i in range(len(shards)) if not shard_done(out, i, digests[i], shard_name_width)]
-    result = JobResult(out, len(shards), len(pending), len(shards) - len(pending), generator=generator)
-    log.info(f"{len(refs)} samples in {len(shards)} shard(s); {len(pending)} to do, {result.shards_skipped} done")
+    if overwrite:
+        _remove_shards(out, digits=shard_name_width)
+    result = JobResult(out, 0, 0, 0, generator=generator)
+    reasons: Counter[str] = Counter()
 
-    if pending:
-        _run_pending(shards, pending, digests, out, annotator_factory, generator, result,
-                     ray_address=ray_address, workers=workers, limits=limits, image_output=image_output,
-                     digits=shard_name_width, batch_size=batch_size, cpus_per_worker=cpus_per_worker,
-                     gpus_per_worker=gpus_per_worker)
+    def pending() -> Iterator[ShardPlan]:
+        for plan in chain([first], plans):
+            result.shards_total += 1
+            if shard_done(out, plan.index, plan.digest, verify=verify, digits=shard_name_width):
+                result.shards_skipped += 1
+            else:
+                yield plan
+
+    todo = pending()
+    nxt = next(todo, None)
+    if nxt is not None:
+        _run_plans(chain([nxt], todo), out, annotator_factory, generator, result, reasons,
+                   ray_address=ray_address, workers=workers, limits=limits, image_output=image_output,
+                   digits=shard_name_width, cpus_per_worker=cpus_per_worker, gpus_per_worker=gpus_per_worker)
+    result.failure_reasons = dict(sorted(reasons.items()))
+    clean_temporaries(out)  # of workers killed mid-shard (their shard was retried and published)
+    removed = _remove_shards(out, keep_below=result.shards_total, digits=shard_name_width)
+    if removed:
+        log.info(f"removed {len(removed)} shard(s) left over from an earlier run: indices {removed[0]}..{removed[-1]}")
+    log.info(f"{result.shards_total} shard(s): {result.shards_written} written, {result.shards_skipped} done before")
     if register:
         from blip3.core.catalog import Catalog
 
@@ -297,74 +299,54 @@ def run_job(
     return result
 
 
-def _run_pending(
-    shards: list[list[SampleRef]], pending: list[int], digests: list[str], out: Path,
-    factory: AnnotatorFactory, generator: dict[str, Any], result: JobResult, *, ray_address: str | None,
-    workers: int, limits: ImageLimits, image_output: ImageOutput, digits: int, batch_size: int,
-    cpus_per_worker: float, gpus_per_worker: float,
+def _run_plans(
+    plans: Iterator[ShardPlan], out: Path, factory: AnnotatorFactory, generator: dict[str, Any], result: JobResult,
+    reasons: Counter[str], *, ray_address: str | None, workers: int, limits: ImageLimits, image_output: ImageOutput,
+    digits: int, cpus_per_worker: float, gpus_per_worker: float,
 ) -> None:
-    import ray.data
+    """Send plans to one actor pool, at most IN_FLIGHT_PER_WORKER per actor, and collect stats."""
+    import ray
 
-    started_here = connect_ray(ray_address, workers)
-    try:
-        _configure_ray_data()
-        reasons: Counter[str] = Counter()
-        total = sum(len(shards[i]) for i in pending)
-        with progress() as bar:
-            task = bar.add_task(f"{generator['name']} -> {out.name}", total=total)
-            for window in _windows(pending, shards):
-                items = [{"shard": i, "pos": j, "ref": ref.to_json()} for i in window for j, ref in enumerate(shards[i])]
-                ds = ray.data.from_items(items, override_num_blocks=max(1, math.ceil(len(items) / batch_size)))
-                ds = ds.map_batches(
-                    AnnotateActor,
-                    fn_constructor_kwargs={"factory": factory, "limits": limits, "output": image_output},
-                    batch_size=batch_size, compute=ray.data.ActorPoolStrategy(size=workers), num_cpus=cpus_per_worker,
-                    **({"num_gpus": gpus_per_worker} if gpus_per_worker else {}),
-                )
-                buffers: dict[int, list[dict[str, Any]]] = defaultdict(list)
-                for row in ds.iter_rows():
-                    shard = int(row["shard"])
-                    buffers[shard].append(row)
-                    bar.advance(task)
-                    if len(buffers[shard]) == len(shards[shard]):
-                        _write_shard(out, shard, buffers.pop(shard), generator, digests[shard], result, reasons,
-                                     digits)
-                if buffers:  # rows missing: a programming error upstream, never a silent partial shard
-                    raise RuntimeError(f"incomplete shards after the run: {sorted(buffers)}")
-        result.failure_reasons = dict(sorted(reasons.items()))
-    finally:
-        if started_here:
-            ray.shutdown()
+    from blip3.core.ray_session import ray_session
 
+    cpus = max(math.ceil(workers * cpus_per_worker), os.cpu_count() or 1)
+    with ray_session(ray_address, num_cpus=cpus), progress() as bar:
+        task = bar.add_task(f"{generator['name']} -> {out.name} (shards)", total=None)
+        actor_cls = ray.remote(ShardWorker).options(
+            num_cpus=cpus_per_worker, max_restarts=-1, max_task_retries=SHARD_RETRIES,
+            **({"num_gpus": gpus_per_worker} if gpus_per_worker else {}),
+        )
+        actors = [actor_cls.remote(factory, limits, image_output, digits) for _ in range(workers)]
+        free = deque(a for _ in range(IN_FLIGHT_PER_WORKER) for a in actors)
+        in_flight: dict[Any, tuple[Any, int]] = {}
+        lost: list[str] = []
 
-def _windows(pending: list[int], shards: list[list[SampleRef]]) -> Iterator[list[int]]:
-    """Pending shards in groups of about WINDOW_SAMPLES inputs: the driver never holds the refs of a
-    whole large job in one Ray dataset; each window restarts the actor pool (one model load per window)."""
-    window: list[int] = []
-    count = 0
-    for i in pending:
-        window.append(i)
-        count += len(shards[i])
-        if count >= WINDOW_SAMPLES:
-            yield window
-            window, count = [], 0
-    if window:
-        yield window
+        def collect() -> None:
+            done, _ = ray.wait(list(in_flight), num_returns=1)
+            for ref in done:
+                actor, index = in_flight.pop(ref)
+                free.append(actor)
+                try:
+                    stats = ray.get(ref)
+                except (ray.exceptions.RayActorError, ray.exceptions.RayTaskError) as e:
+                    lost.append(f"{index}: {str(e).strip().splitlines()[0][:200]}")
+                    continue
+                result.shards_written += 1
+                result.samples += int(stats["count"])
+                result.successes += int(stats["successes"])
+                result.failed += int(stats["failed"])
+                reasons.update(stats.get("failure_reasons", {}))
+                bar.advance(task)
 
-
-def _write_shard(out: Path, index: int, rows: list[dict[str, Any]], generator: dict[str, Any], digest: str,
-                 result: JobResult, reasons: Counter[str], digits: int = SHARD_DIGITS) -> None:
-    rows.sort(key=lambda r: int(r["pos"]))
-    with ShardWriter(out, index, generator=generator, digits=digits) as w:
-        for r in rows:
-            sample_row = SampleRow(**json.loads(r["row"]))
-            if r["ok"]:
-                members = {str(r["ext"]): bytes(r["image"]), "txt": str(r["txt"]), "json": str(r["json"])}
-                w.add(sample_row.key, members, sample_row)
-            else:
-                w.add_failure(sample_row)
-        info = w.close(extra_stats={"input_digest": digest})
-    result.samples += info.count
-    result.successes += info.successes
-    result.failed += info.failed
-    reasons.update(info.failure_reasons)
+        for plan in plans:
+            while not free:
+                collect()
+            actor = free.popleft()
+            in_flight[actor.write.remote(str(out), plan, generator)] = (actor, plan.index)
+        while in_flight:
+            collect()
+        for actor in actors:
+            ray.kill(actor)
+    if lost:
+        raise UserError(f"{len(lost)} shard(s) failed after {SHARD_RETRIES} retries (re-run to retry them); "
+                        f"first: shard {lost[0]}")

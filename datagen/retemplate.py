@@ -33,14 +33,15 @@ class TemplateOptions:
     caption_style: str | None = None
     lead_in: str = DEFAULT_LEAD_IN
     also_lead_in: str = DEFAULT_ALSO_LEAD_IN
+    tag_order: str = "detector"
 
     def validate(self) -> "TemplateOptions":
-        check_caption_choice(self.caption_format, self.caption_style)
+        check_caption_choice(self.caption_format, self.caption_style, self.tag_order)
         return self
 
     def as_generator(self) -> dict[str, Any]:
         return {"caption_format": self.caption_format, "caption_style": self.caption_style,
-                "lead_in": self.lead_in, "also_lead_in": self.also_lead_in}
+                "lead_in": self.lead_in, "also_lead_in": self.also_lead_in, "tag_order": self.tag_order}
 
 
 @dataclass
@@ -54,7 +55,8 @@ def retemplate_record(record: dict[str, Any], opts: TemplateOptions) -> tuple[st
     """(new `.txt`, new record) for one sample's json."""
     objects = [GroundedObject.from_dict(o) for o in (record.get("metadata") or {}).get("objects", [])]
     source = record.get("source_caption")
-    captions = build_captions(objects, source, lead_in=opts.lead_in, also_lead_in=opts.also_lead_in)
+    captions = build_captions(objects, source, lead_in=opts.lead_in, also_lead_in=opts.also_lead_in,
+                              tag_order=opts.tag_order)
     chosen = pick_caption(captions, opts.caption_format, opts.caption_style)
     new = dict(record)
     new["captions"] = captions

@@ -58,9 +58,8 @@ def _write_yaml(path: Path, data: dict) -> Path:
 
 def run_demo(out_dir: str | Path = "blip3-demo", *, workers: int = 2, train_steps: int | None = None) -> DemoResult:
     """Run every stage of the demo into `out_dir`; `train_steps` caps each training stage."""
-    import ray
-
     from blip3.core.catalog import Catalog
+    from blip3.core.ray_session import ray_session
     from blip3.core.sql import run_query
     from blip3.core.tables import write_result
     from blip3.datagen.grounding import ground, make_config
@@ -91,8 +90,7 @@ def run_demo(out_dir: str | Path = "blip3-demo", *, workers: int = 2, train_step
         tiny = ensure_tiny_data()
         console.print(f"corpus: {len(corpus.texts)} rendered signs, real photos, {corpus.coco.name} scenes; tiny sources in {tiny}")
 
-    ray.init(num_cpus=max(workers, 1), include_dashboard=False, log_to_driver=False, logging_level="WARNING")
-    try:
+    with ray_session(num_cpus=max(workers, 1)):  # one cluster for the three datagen jobs
         with _Timer(res, "img2dataset + ocr"):
             with serve_folder(corpus.web_dir) as base_url:
                 write_url_list(corpus, base_url)
@@ -109,8 +107,6 @@ def run_demo(out_dir: str | Path = "blip3-demo", *, workers: int = 2, train_step
                        source_name="coco-grounding", shard_size=8)
             res.shards["coco-grounding"] = r.output
             console.print(f"coco-grounding: {r.successes} ok, {r.failed} failed")
-    finally:
-        ray.shutdown()
 
     with _Timer(res, "catalog + mixture"):
         counter = TokenCounter()

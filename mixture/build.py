@@ -5,7 +5,8 @@ Spec (formats.md): `name`, `seed` (default 0), optional `target` (`{samples: N}`
 `{tokens: N}`), optional `weight_by` (`samples` | `tokens`, default samples) and `sources`, each
 `{name, weight}` for a source registered with `blip3 source add`, or `{name, path, kind, weight}`
 for one given inline (works without a catalog). Paths may use `${VAR}` / `${VAR:-default}` and
-are relative to the spec's folder.
+are relative to the spec's folder. A caption source may add `caption: {...}` to train on one of
+its stored caption variants instead of `.txt` (mixture/caption_choice.py).
 
 The plan, and why:
 - Weights are relative (normalised to sum 1), each must be > 0.
@@ -35,6 +36,7 @@ from blip3.core.catalog import SOURCE_KINDS, transaction
 from blip3.core.errors import UserError
 from blip3.core.shards import file_sha256
 from blip3.core.yamlio import read_yaml
+from blip3.mixture.caption_choice import validate_caption_choice
 from blip3.mixture.manifest import WEIGHT_BY, Manifest, ManifestSource, ShardRef, write_manifest
 from blip3.mixture.tokens import TokenCounter
 
@@ -104,7 +106,7 @@ def validate_spec(data: Any, file: str | None = None) -> dict[str, Any]:
         f = f"sources[{i}]"
         if not isinstance(s, dict):
             raise err("must be a mapping {name, weight} or {name, path, kind, weight}", f)
-        extra = set(s) - {"name", "weight", "path", "kind"}
+        extra = set(s) - {"name", "weight", "path", "kind", "caption"}
         if extra:
             raise err(f"unknown field(s) {', '.join(sorted(extra))}", f"{f}.{sorted(extra)[0]}")
         sname = s.get("name")
@@ -124,6 +126,8 @@ def validate_spec(data: Any, file: str | None = None) -> dict[str, Any]:
                           f"{f}.kind")
         elif "kind" in s:
             raise err("kind is only given with path (a catalogued source has its kind)", f"{f}.kind")
+        if "caption" in s:
+            s = dict(s, caption=validate_caption_choice(s["caption"], field=f"{f}.caption", file=file))
         out_sources.append(dict(s, weight=float(w)))
     return {"name": name, "seed": seed, "weight_by": weight_by, "target": target, "sources": out_sources}
 
@@ -250,8 +254,11 @@ def _source(s: dict, kind: str, shards: list[ShardRef], i: int, file: str | None
     samples = sum(sh.samples for sh in shards)
     if not samples:
         raise UserError(f"source {s['name']!r} has no samples", field=f"sources[{i}]", file=file)
+    if s.get("caption") and kind != "caption":
+        raise UserError(f"source {s['name']!r} is {kind}: only caption sources choose a caption variant",
+                        field=f"sources[{i}].caption", file=file)
     return ManifestSource(name=s["name"], kind=kind, weight=s["weight"], shards=shards, samples=samples,
-                          tokens=sum(sh.tokens or 0 for sh in shards), epochs=0.0)
+                          tokens=sum(sh.tokens or 0 for sh in shards), epochs=0.0, caption=s.get("caption"))
 
 
 def apportion(total: int, weights: list[float]) -> list[int]:

@@ -44,6 +44,7 @@ import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
 from blip3.core.errors import UserError
+from blip3.mixture.caption_choice import apply_caption_choice
 from blip3.mixture.manifest import Manifest, ManifestSource, load_manifest
 from blip3.mixture.tar_index import TarCache, decode_sample, read_members
 
@@ -244,7 +245,7 @@ class MixtureLoader(IterableDataset):
                 sample = {"source": src.name, "kind": src.kind, "key": entry.key}
             sample["epoch"] = epoch
             sample["shard"] = ref.path
-            out.append(sample)
+            out.append(apply_caption_choice(sample, src.caption) if self.decode else sample)
         return out
 
     def take(self, n: int) -> list[dict[str, Any]]:

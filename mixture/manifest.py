@@ -26,6 +26,7 @@ import yaml
 from blip3.core.catalog import SOURCE_KINDS
 from blip3.core.errors import UserError
 from blip3.core.yamlio import read_yaml
+from blip3.mixture.caption_choice import validate_caption_choice
 from blip3.mixture.tokens import ESTIMATE_LABEL
 
 MANIFEST_VERSION = 1
@@ -63,6 +64,7 @@ class ManifestSource:
     sample_weight: float | None = None
     target_samples: int | None = None
     target_tokens: int | None = None
+    caption: dict[str, Any] | None = None  # the caption variant the loader hands out (mixture.caption_choice)
 
     def __post_init__(self) -> None:
         if self.sample_weight is None:
@@ -207,6 +209,8 @@ def _source(v: "_Validator", s: Any, prefix: str, base: Path) -> ManifestSource:
         epochs=v.number(s, "epochs", prefix=prefix),
         target_samples=v.integer(s, "target_samples", minimum=0, prefix=prefix, default=None),
         target_tokens=v.integer(s, "target_tokens", minimum=0, prefix=prefix, default=None),
+        caption=None if s.get("caption") is None else validate_caption_choice(
+            s["caption"], field=f"{prefix}caption", file=v.file),
     )
 
 

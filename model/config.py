@@ -44,6 +44,8 @@ class ModelConfig:
     resampler_ff_mult: int = 4
     # --- language model: kwargs of transformers.Phi3Config ---
     lang_model: dict[str, Any] = field(default_factory=dict)
+    # The released head has a bias (the authors' decoupled head); Phi-3's own has none.
+    lm_head_bias: bool = False
     # --- tokenizer: "tiny" (trained on the fly) or "phi3" (from the Phi-3 directory) ---
     tokenizer: str = "phi3"
     image_placeholder_id: int = 32013  # id of `<image placeholder>` in that tokenizer

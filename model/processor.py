@@ -95,7 +95,6 @@ class XGenMMProcessor:
         self.end_of_chunk_id = tokenizer.convert_tokens_to_ids(END_OF_CHUNK_TOKEN)
         self.end_id = tokenizer.convert_tokens_to_ids("<|end|>")
         self.pad_id = tokenizer.pad_token_id
-        self.fill = tuple(int(round(m * 255)) for m in config.image_mean)
         self._mean = torch.tensor(config.image_mean).view(3, 1, 1)
         self._std = torch.tensor(config.image_std).view(3, 1, 1)
 
@@ -122,7 +121,7 @@ class XGenMMProcessor:
         S = self.config.image_size
         if not self.anyres:
             return self._to_tensor(image.convert("RGB").resize((S, S), Image.Resampling.BICUBIC))[None]
-        crops, _ = anyres_crops(image, self.config.anyres_grids, S, self.fill)
+        crops, _ = anyres_crops(image, self.config.anyres_grids, S)
         return torch.stack([self._to_tensor(c) for c in crops])
 
     # --- encoding ----------------------------------------------------------------------------

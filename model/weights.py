@@ -126,41 +126,123 @@ def siglip_hf_to_timm(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]
     return out
 
 
+# The authors wrap Phi-3's input embedding and output head in "decoupled" layers: the rows of the
+# tokens they added live in a separate table, and their logits come from a separate linear layer
+# appended after the base vocabulary; the base head carries a bias. Both are exactly one larger
+# embedding table and one biased head, which is how we hold them (one module each, so LoRA,
+# FSDP and saving see plain Phi-3 parts).
+ADDITIONAL_EMBEDDING = "lang_model.model.embed_tokens.additional_embedding.weight"
+HEAD = "lang_model.lm_head."
+ADDITIONAL_FC = "lang_model.lm_head.additional_fc."
+
+
+class ReleasedLayoutError(MissingWeightsError):
+    """The released checkpoint does not fill our model key for key (renamed, missing or extra)."""
+
+
+def merge_decoupled(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Released-layout state dict (prefix `vlm.` removed) -> the same weights as one embedding
+    table (N + k rows: ids >= N read the additional rows in order) and one biased head whose
+    logits are the base vocabulary's followed by the additional tokens'."""
+    out = dict(state)
+    extra = out.pop(ADDITIONAL_EMBEDDING, None)
+    fc_w, fc_b = out.pop(ADDITIONAL_FC + "weight", None), out.pop(ADDITIONAL_FC + "bias", None)
+    if (extra is None) != (fc_w is None) or (fc_w is None) != (fc_b is None):
+        raise ReleasedLayoutError(
+            "the decoupled embedding and head come together: found "
+            f"{[k for k, v in ((ADDITIONAL_EMBEDDING, extra), (ADDITIONAL_FC + 'weight', fc_w), (ADDITIONAL_FC + 'bias', fc_b)) if v is not None]}",
+            field="--xgenmm-ckpt",
+        )
+    if extra is None:
+        return out
+    emb, head_w, head_b = "lang_model.model.embed_tokens.weight", HEAD + "weight", HEAD + "bias"
+    missing = [k for k in (emb, head_w, head_b) if k not in out]
+    if missing:
+        raise ReleasedLayoutError(f"decoupled layers without their base weights: missing {missing}", field="--xgenmm-ckpt")
+    if extra.shape[0] != fc_w.shape[0] or out[emb].shape[0] != out[head_w].shape[0]:
+        raise ReleasedLayoutError(
+            f"decoupled vocabularies disagree: embedding {tuple(out[emb].shape)} + {tuple(extra.shape)}, "
+            f"head {tuple(out[head_w].shape)} + {tuple(fc_w.shape)}",
+            field="--xgenmm-ckpt",
+        )
+    out[emb] = torch.cat([out[emb], extra])
+    out[head_w] = torch.cat([out[head_w], fc_w])
+    out[head_b] = torch.cat([out[head_b], fc_b])
+    return out
+
+
+def fit_lang_model(model, vocab_size: int, head_bias: bool) -> None:
+    """Resize `model`'s LLM embedding and head to `vocab_size` rows (head with a bias or not) and
+    record it in `model.config`, so `save_pretrained` / `from_pretrained` rebuild the same shapes.
+    The weights are overwritten by the caller; new rows start as copies of nothing meaningful."""
+    from torch import nn
+
+    lm = model.lang_model
+    old = lm.get_input_embeddings()
+    head = lm.lm_head
+    if old.num_embeddings != vocab_size:
+        lm.set_input_embeddings(nn.Embedding(vocab_size, old.embedding_dim, dtype=old.weight.dtype, device=old.weight.device))
+    if head.out_features != vocab_size or (head.bias is not None) != head_bias:
+        w = head.weight
+        lm.lm_head = nn.Linear(head.in_features, vocab_size, bias=head_bias, dtype=w.dtype, device=w.device)
+    lm.config.vocab_size = vocab_size
+    model.config.lang_model["vocab_size"] = vocab_size
+    model.config.lm_head_bias = head_bias
+
+
 def load_released_state_dict(model, path: str | None = None) -> dict[str, list[str]]:
-    """Copy the released checkpoint into `model`: the resampler strictly, the SigLIP tower
-    strictly when ours is timm-backed (names mapped from transformers' Siglip), the LLM where
-    names and shapes match. Returns {"loaded": [...], "skipped": [...]} (checkpoint names,
+    """Copy the released checkpoint into `model`, every key accounted for.
+
+    The resampler and the LLM load strictly (the decoupled embedding/head merged first, see
+    `merge_decoupled`; the model's LLM is resized to match); any key of theirs we cannot place, or
+    any of ours the file lacks, raises `ReleasedLayoutError`. The SigLIP tower loads strictly when
+    ours is timm-backed (names mapped from transformers' Siglip); otherwise its keys are the only
+    ones reported as skipped. Returns {"loaded": [...], "skipped": [...]} (checkpoint names,
     prefix removed)."""
     from safetensors.torch import load_file
 
     state: dict[str, torch.Tensor] = {}
     for f in resolve_xgenmm(path):
         state.update(load_file(str(f)))
-    state = {k.removeprefix(RELEASED_PREFIX): v for k, v in state.items()}
+    state = merge_decoupled({k.removeprefix(RELEASED_PREFIX): v for k, v in state.items()})
+    parts = ("vision_tokenizer.", "vision_encoder.", "lang_model.")
+    stray = [k for k in state if not k.startswith(parts)]
+    if stray:
+        raise ReleasedLayoutError(f"keys outside {list(parts)}: {stray[:5]}", field="--xgenmm-ckpt")
     resampler = {k.removeprefix("vision_tokenizer."): v for k, v in state.items() if k.startswith("vision_tokenizer.")}
-    model.vision_tokenizer.load_state_dict(resampler, strict=True)
+    _load_strict(model.vision_tokenizer, resampler, "vision_tokenizer.")
     loaded = [f"vision_tokenizer.{k}" for k in resampler]
+    lm = {k.removeprefix("lang_model."): v for k, v in state.items() if k.startswith("lang_model.")}
+    if "model.embed_tokens.weight" in lm:
+        fit_lang_model(model, lm["model.embed_tokens.weight"].shape[0], head_bias="lm_head.bias" in lm)
+    _load_strict(model.lang_model, lm, "lang_model.")
+    loaded += [f"lang_model.{k}" for k in lm]
     vision = {k.removeprefix("vision_encoder."): v for k, v in state.items() if k.startswith("vision_encoder.")}
     trunk = getattr(model.vision_encoder, "trunk", None)
+    skipped = []
     if vision and trunk is not None:
         trunk.load_state_dict(siglip_hf_to_timm(vision), strict=True)
         loaded += [f"vision_encoder.{k}" for k in vision]
-    own = model.lang_model.state_dict()
-    lm = {}
-    skipped = []
-    for k, v in state.items():
-        if not k.startswith("lang_model."):
-            if not k.startswith("vision_tokenizer.") and not (k.startswith("vision_encoder.") and trunk is not None):
-                skipped.append(k)
-            continue
-        name = k.removeprefix("lang_model.")
-        if name in own and own[name].shape == v.shape:
-            lm[name] = v
-            loaded.append(k)
-        else:
-            skipped.append(k)
-    model.lang_model.load_state_dict(lm, strict=False)
+    else:
+        skipped = [f"vision_encoder.{k}" for k in vision]
     return {"loaded": loaded, "skipped": skipped}
+
+
+def _load_strict(module, state: dict[str, torch.Tensor], prefix: str) -> None:
+    """load_state_dict(strict=True), with names and shapes checked first so the error is one line
+    naming the keys (torch's own message lists every mismatch across several lines)."""
+    own = module.state_dict()
+    missing = sorted(set(own) - set(state))
+    unexpected = sorted(set(state) - set(own))
+    wrong = sorted(k for k in set(own) & set(state) if own[k].shape != state[k].shape)
+    if missing or unexpected or wrong:
+        detail = "; ".join(
+            f"{what}: {[prefix + k for k in keys[:5]]}{' ...' if len(keys) > 5 else ''}"
+            for what, keys in (("missing", missing), ("unexpected", unexpected), ("wrong shape", wrong))
+            if keys
+        )
+        raise ReleasedLayoutError(f"released checkpoint does not match the model ({detail})", field="--xgenmm-ckpt")
+    module.load_state_dict(state, strict=True)
 
 
 def build_pretrained(

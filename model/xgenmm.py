@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .anyres import crop_patch_masks, plan_crops
+from .anyres import crop_patch_masks, plan_crops, release_token_groups
 from .config import IGNORE_INDEX, ModelConfig
 from .resampler import PerceiverResampler
 from .vision import build_vision_encoder, patch_tokens
@@ -28,12 +28,16 @@ WEIGHTS_FILE = "model.safetensors"
 
 
 def build_lang_model(config: ModelConfig, attn_implementation: str = "sdpa") -> nn.Module:
-    """A randomly initialised `Phi3ForCausalLM` from `config.lang_model` (Phi3Config kwargs)."""
+    """A randomly initialised `Phi3ForCausalLM` from `config.lang_model` (Phi3Config kwargs), its
+    head biased when `config.lm_head_bias` (the released checkpoint's layout)."""
     from transformers import Phi3Config, Phi3ForCausalLM
 
     cfg = Phi3Config(**config.lang_model)
     cfg._attn_implementation = attn_implementation
-    return Phi3ForCausalLM(cfg)
+    lm = Phi3ForCausalLM(cfg)
+    if config.lm_head_bias:
+        lm.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=True)
+    return lm
 
 
 def segment_starts(segment_ids: torch.Tensor) -> torch.Tensor:
@@ -110,7 +114,7 @@ class XGenMM(nn.Module):
     def crop_layout(
         self, image_sizes: torch.Tensor | None, n_images: int, n_crops_max: int
     ) -> tuple[list[int], torch.Tensor | None]:
-        """Crops per image and the (sum_crops, P) key masks.
+        """Crops per image and the (sum_crops, P) key masks (in the released resampler-group order).
 
         Without image_sizes every image uses all `n_crops_max` crops of pixel_values, unmasked
         (one crop when the processor runs without any-res).
@@ -121,7 +125,7 @@ class XGenMM(nn.Module):
         for w, h in image_sizes.tolist():
             plan = plan_crops((w, h), self.config.anyres_grids, self.config.image_size)
             counts.append(plan.n_crops)
-            masks.append(crop_patch_masks(plan, self.config.patch_size))
+            masks.append(crop_patch_masks((w, h), plan, self.config.patch_size))
         return counts, torch.cat(masks)
 
     def encode_images(self, pixel_values: torch.Tensor, image_sizes: torch.Tensor | None = None) -> torch.Tensor:
@@ -135,6 +139,8 @@ class XGenMM(nn.Module):
         vit_dtype = next(self.vision_encoder.parameters()).dtype
         with torch.no_grad():
             feats = patch_tokens(self.vision_encoder, crops.to(self.device, vit_dtype))  # (sum_crops, P, Dv)
+        if image_sizes is not None:
+            feats = self._release_groups(feats, image_sizes, counts)
         if mask is not None:
             mask = mask.to(feats.device)
             if bool(mask.all()):
@@ -142,6 +148,16 @@ class XGenMM(nn.Module):
         dtype = self.vision_tokenizer.projection.weight.dtype
         tokens = self.vision_tokenizer(feats.to(dtype), mask)  # (sum_crops, L, D)
         return tokens.flatten(0, 1)
+
+    def _release_groups(self, feats: torch.Tensor, image_sizes: torch.Tensor, counts: list[int]) -> torch.Tensor:
+        """Regroup each image's grid-crop tokens as the released model feeds its resampler
+        (`anyres.release_token_groups`); the base crop stays as it is."""
+        out, start = [], 0
+        for (w, h), n in zip(image_sizes.tolist(), counts):
+            plan = plan_crops((w, h), self.config.anyres_grids, self.config.image_size)
+            out += [feats[start : start + 1], release_token_groups(feats[start + 1 : start + n], plan.rows, plan.cols)]
+            start += n
+        return torch.cat(out)
 
     def embed(
         self,

@@ -6,9 +6,9 @@ from pathlib import Path
 import duckdb
 import pytest
 
-from blip3.core.catalog import Catalog
+from blip3.core.catalog import Catalog, transaction
 from blip3.core.errors import UserError
-from blip3.core.shards import shard_paths
+from blip3.core.shards import list_shards, shard_paths
 from blip3.core.sql import check_read_only, run_query
 from tests.core_fixtures import write_caption_shard
 
@@ -65,11 +65,33 @@ def test_changed_shard_is_flagged(output_dir, tmp_path):
     data = bytearray(tar.read_bytes())
     data[600] ^= 0xFF
     tar.write_bytes(bytes(data))
-    with Catalog(db) as cat:
+    with Catalog(db) as cat:  # same size: the writer's sha256 is trusted (hash once) ...
         r = cat.add_output(output_dir)
+        assert (r.added, r.skipped, r.changed) == (0, 2, 0)
+        r = cat.add_output(output_dir, verify=True)  # ... until the user asks for a re-read
     assert (r.added, r.skipped, r.changed) == (0, 1, 1)
     status = run_query("SELECT idx, status FROM shards ORDER BY idx", db).to_pylist()
     assert status == [{"idx": 0, "status": "ok"}, {"idx": 1, "status": "changed"}]
+    tar0, _, _ = shard_paths(output_dir, 0)
+    with open(tar0, "ab") as f:  # another size is caught without --verify
+        f.write(b"\0" * 512)
+    with Catalog(db) as cat:
+        r = cat.add_output(output_dir)
+    assert r.changed == 2 and run_query("SELECT status FROM shards WHERE idx = 0", db).to_pylist() == [
+        {"status": "changed"}]
+
+
+def test_reregistering_a_shard_replaces_its_rows_through_the_shard_index(output_dir, tmp_path):
+    db = tmp_path / "c.duckdb"
+    with Catalog(db) as cat:
+        cat.add_output(output_dir)
+        n = cat.con.execute("SELECT count(*) FROM samples").fetchone()[0]
+        info = list_shards(output_dir)[0]
+        with transaction(cat.con):
+            cat._insert_shard(str(info.tar.resolve()), "ocr", info)  # again: replaced, not doubled
+        assert cat.con.execute("SELECT count(*) FROM samples").fetchone()[0] == n
+        assert cat.con.execute("SELECT count(*) FROM duckdb_indexes() WHERE index_name = 'samples_by_shard'"
+                               ).fetchone()[0] == 1
 
 
 def test_catalog_add_cli_and_env_var(output_dir, tmp_path):
@@ -149,6 +171,37 @@ def test_missing_catalog_is_a_clear_error(tmp_path):
 
 def test_add_rejects_folder_without_shards(tmp_path):
     with Catalog(tmp_path / "c.duckdb") as cat, pytest.raises(UserError, match="no finished shards"):
+        cat.add_output(tmp_path)
+
+
+def test_add_with_a_corrupt_sidecar_registers_the_good_shards_and_exits_non_zero(tmp_path):
+    out = tmp_path / "src"
+    write_caption_shard(out, 0, 3)
+    write_caption_shard(out, 1, 4)
+    write_caption_shard(out, 2, 5)
+    _, parquet, _ = shard_paths(out, 1)
+    parquet.write_bytes(b"PAR1 this is not a parquet file PAR1")
+    (out / "00007.tar").write_bytes(b"")  # a tar with no stats file: a killed or foreign writer
+    db = tmp_path / "c.duckdb"
+    r = blip3("catalog", "add", str(out), "--db", str(db))
+    assert r.returncode == 1 and "Traceback" not in r.stderr
+    text = " ".join(r.stderr.split())
+    assert "2 shard(s) added (8 rows)" in text and "2 shard(s) NOT registered" in text
+    assert f"not registered: {(out / '00001.tar').resolve()}:" in text
+    assert f"not registered: {(out / '00007.tar').resolve()}: no stats file" in text
+    assert run_query("SELECT idx FROM shards ORDER BY idx", db).to_pylist() == [{"idx": 0}, {"idx": 2}]
+    assert counts(db) == (1, 2, 8)  # the bad shard left no partial rows
+    parquet.unlink()
+    write_caption_shard(out, 1, 4)  # repaired: a second add registers it
+    (out / "00007.tar").unlink()
+    with Catalog(db) as cat:
+        r2 = cat.add_output(out)
+    assert (r2.added, r2.skipped, r2.failed) == (1, 2, [])
+
+
+def test_add_counts_a_folder_of_stats_less_tars_in_its_error(tmp_path):
+    (tmp_path / "00000.tar").write_bytes(b"")
+    with Catalog(tmp_path / "c.duckdb") as cat, pytest.raises(UserError, match=r"1 tar\(s\) without a readable stats"):
         cat.add_output(tmp_path)
 
 

@@ -146,3 +146,63 @@ def test_webdataset_scan_opens_each_tar_once(tmp_path, monkeypatch):
     assert [(r.uid, r.source_caption) for r in refs] == [(str(i), f"cap {i}") for i in range(4)]
     assert opened == [str(tmp_path / "a.tar")]
     assert load_sample(refs[2]).image == img  # load_sample reads through the same helper
+
+
+# -- nothing lost silently ------------------------------------------------------------------------
+def test_folder_with_tars_and_loose_images_is_refused_naming_the_flag(tmp_path):
+    img = png_bytes(text_image())
+    for i in range(3):
+        (tmp_path / f"img{i}.png").write_bytes(img)
+    _tar(tmp_path / "000000.tar", [("k.png", img)])
+    with pytest.raises(UserError, match="--input-format folder") as e:
+        detect_format(tmp_path)
+    assert "\n" not in str(e.value)
+    assert len(list(iter_refs(tmp_path, "folder"))) == 3  # naming the kind still works
+    assert len(list(iter_refs(tmp_path, "webdataset"))) == 1
+
+
+def test_output_inside_a_folder_input_is_refused(tmp_path):
+    from blip3.datagen.inputs import check_output_outside_input
+
+    (tmp_path / "in").mkdir()
+    for out in (tmp_path / "in", tmp_path / "in" / "shards"):
+        with pytest.raises(UserError, match="inside the input folder"):
+            check_output_outside_input(tmp_path / "in", out)
+    check_output_outside_input(tmp_path / "in", tmp_path / "out")  # beside it: fine
+    check_output_outside_input(tmp_path / "in", tmp_path)  # input inside the output: fine
+
+
+def test_dangling_symlink_is_a_failed_row(tmp_path):
+    img = png_bytes(text_image())
+    (tmp_path / "a.png").write_bytes(img)
+    (tmp_path / "b.png").symlink_to(tmp_path / "gone.png")
+    refs = list(iter_refs(tmp_path))
+    assert [r.key for r in refs] == ["a", "b"]
+    assert refs[0].error is None
+    assert refs[1].error.startswith("dangling_symlink: b.png points at") and refs[1].locator == ["none"]
+
+
+def test_every_image_member_of_a_tar_gets_a_row(tmp_path):
+    """7 image members: a repeated key, two images under one key and a hard link -> 7 rows."""
+    img0, img1 = png_bytes(text_image("A")), png_bytes(text_image("B"))
+    path = tmp_path / "s.tar"
+    with tarfile.open(path, "w") as tar:
+        for name, data in [("a.png", img0), ("a.png", img1), ("b.jpg", img0), ("b.png", img1), ("c.png", img0)]:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+        link = tarfile.TarInfo("d.png")
+        link.type, link.linkname = tarfile.LNKTYPE, "a.png"
+        tar.addfile(link)
+        info = tarfile.TarInfo("e.png")
+        info.size = len(img1)
+        tar.addfile(info, io.BytesIO(img1))
+    refs = list(iter_refs(path))
+    assert len(refs) == 7
+    by_key = {r.key: r for r in refs}
+    assert set(by_key) == {"a", "a_1", "b", "b_1", "c", "e", "d"}
+    assert load_sample(by_key["a"]).image == img0  # the first of a repeated member is used
+    assert by_key["a_1"].error.startswith("duplicate_member: 'a.png'")
+    assert by_key["b"].ext == "jpg" and by_key["b_1"].error.startswith("duplicate_member: 'b.png'")
+    assert by_key["d"].error == "tar_link: 'd.png' is a hard link to 'a.png'; links are not read as images"
+    assert by_key["c"].error is None and by_key["e"].error is None

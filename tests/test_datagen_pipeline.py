@@ -13,7 +13,8 @@ from blip3.core.shards import SampleRow, ShardWriter
 from blip3.datagen.annotator import Annotation, SkipSample
 from blip3.datagen.images import ImageLimits, ImageOutput
 from blip3.datagen.inputs import SampleRef
-from blip3.datagen.pipeline import input_digest, plan_shards, process_ref, shard_done
+from blip3.datagen.pipeline import process_ref, shard_done
+from blip3.datagen.plans import input_digest, iter_plans
 from tests.ocr_fixtures import bad_inputs, png_bytes, text_image
 
 
@@ -49,50 +50,87 @@ def test_process_ref_success_record(tmp_path):
     ref = _ref(tmp_path, "a.png", png_bytes(text_image(size=(120, 40))), uid="u1", url="http://x/a.png",
                source_caption="alt")
     res = process_ref(ref, SizeCaptioner(), ImageLimits())
-    record, row = json.loads(res["json"]), json.loads(res["row"])
-    assert res["ok"] and res["txt"] == "120x40" and res["ext"] == "jpg"  # PNG input, one member type: jpg
+    record, row = json.loads(res.members["json"]), res.row
+    assert res.ok and res.members["txt"] == "120x40" and set(res.members) == {"jpg", "txt", "json"}  # PNG in: jpg
     assert record["uid"] == "u1" and record["source_caption"] == "alt" and record["objects"] == []
     assert record["generator"] == {"engine": "size"} and record["status"] == "success"
-    assert row["width"] == 120 and row["n_captions"] == 1 and row["has_source_caption"] is True
+    assert row.width == 120 and row.n_captions == 1 and row.has_source_caption is True
     # img2dataset's sidecar columns: the caption, the stored image's sha256, the original size
-    assert row["caption"] == "120x40" and row["sha256"] == hashlib.sha256(res["image"]).hexdigest()
-    assert (row["original_width"], row["original_height"]) == (120, 40)
+    assert row.caption == "120x40" and row.sha256 == hashlib.sha256(res.members["jpg"]).hexdigest()
+    assert (row.original_width, row.original_height) == (120, 40)
     kept = process_ref(ref, SizeCaptioner(), ImageLimits(), output=ImageOutput("keep"))
-    assert kept["ext"] == "png" and kept["image"] == (tmp_path / "a.png").read_bytes()
+    assert kept.members["png"] == (tmp_path / "a.png").read_bytes()
 
 
 def test_process_ref_failures_carry_reasons(tmp_path):
     ann = SizeCaptioner(fail_on=120)
-    assert json.loads(process_ref(_ref(tmp_path, "z.jpg", b""), ann, ImageLimits())["row"])["error_message"] == "empty: zero-byte file"
+    assert process_ref(_ref(tmp_path, "z.jpg", b""), ann, ImageLimits()).row.error_message == "empty: zero-byte file"
     pre = SampleRef(key="k", ext="", locator=["none"], error="download: HTTP Error 404")
-    assert json.loads(process_ref(pre, ann, ImageLimits())["row"])["error_message"] == "download: HTTP Error 404"
+    assert process_ref(pre, ann, ImageLimits()).row.error_message == "download: HTTP Error 404"
     skip = process_ref(_ref(tmp_path, "s.png", png_bytes(text_image(size=(120, 40)))), ann, ImageLimits())
-    assert not skip["ok"] and json.loads(skip["row"])["error_message"] == "too_plain: width 120"
+    assert not skip.ok and skip.row.error_message == "too_plain: width 120" and skip.row.status == "failed"
     crash = process_ref(_ref(tmp_path, "c.png", png_bytes(text_image(size=(240, 40)))), ann, ImageLimits())
-    assert json.loads(crash["row"])["error_message"] == "annotate: ZeroDivisionError: engine bug"
+    assert crash.row.error_message == "annotate: ZeroDivisionError: engine bug"
     gone = SampleRef(key="g", ext="png", locator=["file", str(tmp_path / "gone.png")])
-    assert json.loads(process_ref(gone, ann, ImageLimits())["row"])["error_message"].startswith("read:")
+    assert process_ref(gone, ann, ImageLimits()).row.error_message.startswith("read:")
     bomb = process_ref(_ref(tmp_path, "b.png", bad_inputs()["bomb.png"]), ann, ImageLimits())
-    assert json.loads(bomb["row"])["error_message"].startswith("too_large:")
+    assert bomb.row.error_message.startswith("too_large:")
 
 
 def test_shard_reused_only_when_complete_and_for_the_same_inputs(tmp_path):
     refs = [SampleRef(key=f"k{i}", ext="png", locator=["none"]) for i in range(5)]
-    shards = plan_shards(refs, 2)
-    assert [len(s) for s in shards] == [2, 2, 1]
-    digest = input_digest(shards[0])
+    shards = list(iter_plans(refs, 2))
+    assert [(p.index, len(p.refs)) for p in shards] == [(0, 2), (1, 2), (2, 1)]
+    digest = shards[0].digest
+    assert digest == input_digest(shards[0].refs)
     with ShardWriter(tmp_path, 0) as w:
         w.add_failure(SampleRow("k0", error_message="x: y"))
         w.close(extra_stats={"input_digest": digest})
     assert shard_done(tmp_path, 0, digest)
-    assert not shard_done(tmp_path, 0, input_digest(shards[1]))  # inputs changed: redo
-    assert not shard_done(tmp_path, 0, input_digest(shards[0], {"min_confidence": 0.9}))  # settings changed
-    assert not shard_done(tmp_path, 1, input_digest(shards[1]))  # never written
-    with open(tmp_path / "00000.tar", "ab") as f:  # a tar that no longer matches its stats
+    assert not shard_done(tmp_path, 0, shards[1].digest)  # inputs changed: redo
+    assert not shard_done(tmp_path, 0, input_digest(shards[0].refs, {"min_confidence": 0.9}))  # settings changed
+    assert not shard_done(tmp_path, 1, shards[1].digest)  # never written
+    tar = tmp_path / "00000.tar"
+    data = bytearray(tar.read_bytes())
+    data[100] ^= 0xFF  # same size, other bytes: trusted from the stats unless verified
+    tar.write_bytes(bytes(data))
+    assert shard_done(tmp_path, 0, digest) and not shard_done(tmp_path, 0, digest, verify=True)
+    with open(tar, "ab") as f:  # a tar that no longer matches its stats' size
         f.write(b"\0" * 512)
     assert not shard_done(tmp_path, 0, digest)
     with pytest.raises(UserError, match="--shard-size"):
-        plan_shards(refs, 0)
+        list(iter_plans(refs, 0))
+
+
+def test_plans_are_cut_from_a_stream_without_listing_every_ref():
+    """The planner pulls one shard's refs at a time: it never lists the whole input. A stream that
+    breaks past the second shard would fail here if all refs were listed up front."""
+    pulled = []
+
+    def stream():
+        for i in range(10**9):
+            if i >= 7:
+                raise AssertionError("the planner read past the shards it was asked for")
+            pulled.append(i)
+            yield SampleRef(key="same" if i in (0, 1) else f"k{i}", ext="png", locator=["none"])
+
+    plans = iter_plans(stream(), 3)
+    first = next(plans)
+    assert len(pulled) == 3 and [r.key for r in first.refs] == ["same", "same_1", "k2"]
+    second = next(plans)
+    assert second.index == 1 and len(pulled) == 6
+    assert [r.key for r in next(iter_plans(iter([SampleRef(key="same", ext="", locator=["none"])]), 3)).refs] == ["same"]
+
+
+def test_plans_limit_and_stable_digests():
+    def refs():
+        return (SampleRef(key=f"k{i}", ext="png", locator=["none"]) for i in range(10))
+
+    a = [(p.index, [r.key for r in p.refs], p.digest) for p in iter_plans(refs(), 4, limit=6)]
+    b = [(p.index, [r.key for r in p.refs], p.digest) for p in iter_plans(refs(), 4, limit=6)]
+    assert a == b and [len(keys) for _, keys, _ in a] == [4, 2]
+    with pytest.raises(UserError, match="--limit"):
+        list(iter_plans(refs(), 4, limit=0))
 
 
 def test_rerun_with_fewer_shards_removes_leftover_shards(ray_local, tmp_path):

@@ -60,6 +60,23 @@ def test_visual_genome_parse(tmp_path):
          '"categories": [{"id": 1, "name": "x"}]}', r"annotations\[0\]\.category_id"),
         ('[{"image_id": 1, "objects": [{"x": 0, "y": 0, "w": "a", "h": 1, "names": ["x"]}]}]',
          r"\[0\]\.objects\[0\]\.w"),
+        ('{"images": {"id": 1}, "annotations": [], "categories": []}', r"images: must be a list, got dict"),
+        ('{"images": 7, "annotations": [], "categories": []}', r"images: must be a list, got int"),
+        ('{"images": [], "annotations": {}, "categories": []}', r"annotations: must be a list"),
+        ('{"images": [{"id": 1, "width": -640, "height": 480}], "annotations": [], "categories": []}',
+         r"images\[0\]\.width: expected a number > 0, got -640"),
+        ('{"images": [{"id": 1, "width": "640", "height": 480}], "annotations": [], "categories": []}',
+         r"images\[0\]\.width: expected a number, got '640'"),
+        ('{"images": [{"id": 1, "width": 0, "height": 480}], "annotations": [], "categories": []}',
+         r"images\[0\]\.width: expected a number > 0"),
+        ('{"images": [{"id": 1}], "annotations": [{"image_id": 1, "bbox": [NaN,0,1,1], "category_id": 1}], '
+         '"categories": [{"id": 1, "name": "x"}]}', r"annotations\[0\]\.bbox: expected a finite number, got nan"),
+        ('{"images": [{"id": 1}], "annotations": [{"image_id": 1, "bbox": [0,0,-5,1], "category_id": 1}], '
+         '"categories": [{"id": 1, "name": "x"}]}', r"annotations\[0\]\.bbox: expected a number >= 0, got -5"),
+        ('[{"image_id": 1, "objects": ["tree"]}]', r"\[0\]\.objects\[0\]: each object must be a JSON object, got str"),
+        ('[{"image_id": 1, "width": "wide", "objects": []}]', r"\[0\]\.width: expected a number"),
+        ('[{"image_id": 1, "objects": [{"x": Infinity, "y": 0, "w": 1, "h": 1, "names": ["x"]}]}]',
+         r"\[0\]\.objects\[0\]\.x: expected a finite number"),
     ],
 )
 def test_malformed_files_name_the_field(tmp_path, content, match):
@@ -68,6 +85,31 @@ def test_malformed_files_name_the_field(tmp_path, content, match):
     with pytest.raises(UserError, match=match) as e:
         load_annotations(f)
     assert "ann.json" in str(e.value)
+
+
+def test_duplicate_coco_image_id_fails_both_images_with_a_reason(tmp_path):
+    from PIL import Image
+
+    from blip3.datagen.annotator import SkipSample
+    from blip3.datagen.grounding import make_config
+    from blip3.datagen.inputs import InputSample
+
+    f = tmp_path / "coco.json"
+    f.write_text(json.dumps({
+        "images": [{"id": 5, "file_name": "a.jpg"}, {"id": 6, "file_name": "c.jpg"}, {"id": 5, "file_name": "b.jpg"}],
+        "annotations": [{"image_id": 5, "bbox": [0, 0, 2, 2], "category_id": 1}],
+        "categories": [{"id": 1, "name": "cat"}],
+    }))
+    idx = load_annotations(f)
+    reason = "image id 5 is listed twice in coco.json (images[0] and images[2])"
+    assert idx.lookup(["a.jpg"]).error == reason and idx.lookup(["b.jpg"]).error == reason
+    assert idx.lookup(["c.jpg"]).error is None
+    annotator = make_config(detector="annotations", annotations=f)()
+    annotator.load()
+    image = Image.new("RGB", (8, 8))
+    with pytest.raises(SkipSample, match="annotations: image id 5 is listed twice"):
+        annotator.annotate(image, InputSample(key="b", image=b"", ext="jpg", meta={"path": "b.jpg"}))
+    assert annotator.annotate(image, InputSample(key="c", image=b"", ext="jpg", meta={"path": "c.jpg"})).n_objects == 0
 
 
 def _read_back(out):
@@ -106,7 +148,7 @@ def test_coco_end_to_end_through_cli(scenes, tmp_path, ray_local):  # noqa: F811
     assert len(by_variant) == 6
     assert by_variant[("bbox", "tags")] == (
         "The image contains <object>red circle</object><bbox>[0.075, 0.167][0.375, 0.500]</bbox>, "
-        "<object>blue square</object><bbox>[0.625, 0.500][0.875, 0.833]</bbox>.")
+        "<object>blue square</object><bbox>[0.625, 0.500][0.875, 0.833]</bbox>")  # the paper's form: no period
     assert rows["scene_000"]["n_objects"] == 2 and rows["scene_000"]["n_captions"] == 6
 
     empty = samples["scene_002"]  # annotated with no boxes: kept, caption = source caption
@@ -117,10 +159,10 @@ def test_coco_end_to_end_through_cli(scenes, tmp_path, ray_local):  # noqa: F811
     again = CliRunner().invoke(app, args)
     assert again.exit_code == 0 and "0 shard(s) written, 2 skipped" in " ".join(again.output.split())
 
-    # re-template without re-detecting: textual tag lists as .txt, objects untouched
+    # re-template without re-detecting: textual tag lists in reading order as .txt, objects untouched
     re_out = tmp_path / "retemplated"
     re_args = ["retemplate", str(out), str(re_out), "--caption-format", "textual", "--caption-style", "tags",
-               "--lead-in", "Objects:"]
+               "--lead-in", "Objects:", "--tag-order", "reading"]
     r = CliRunner().invoke(app, re_args)
     assert r.exit_code == 0, r.output
     r = CliRunner().invoke(app, re_args)  # same options again: nothing to redo

@@ -69,20 +69,33 @@ def test_normalize_box_clamps_orders_rounds():
         normalize_box(0, 0, 1, 1, 0, 10)
 
 
-def test_tag_caption_reading_order():
+def test_tag_caption_default_is_the_papers_form():
+    """Fig. 4 of the paper: objects in detector order, no final period."""
     neck = GroundedObject("neckband", (0.4, 0.1, 0.6, 0.3))
     assert tag_caption([GARMENT, neck], "positional") == (
+        "The image contains garment (at the bottom right corner), neckband (above the center)"
+    )
+    assert tag_caption([neck], "bbox", lead_in="") == "<object>neckband</object><bbox>[0.400, 0.100][0.600, 0.300]</bbox>"
+    assert build_captions([GARMENT, neck], None)[0]["text"] == tag_caption([GARMENT, neck], "positional")
+    assert tag_caption([], "textual") == ""
+    with pytest.raises(ValueError):
+        tag_caption([neck], "textual", order="size")
+
+
+def test_tag_caption_reading_order_option():
+    neck = GroundedObject("neckband", (0.4, 0.1, 0.6, 0.3))
+    assert tag_caption([GARMENT, neck], "positional", order="reading") == (
         "The image contains neckband (above the center), garment (at the bottom right corner)."
     )
     # same grid row: left to right, even when the left one sits lower
     high_right = GroundedObject("square", (0.591, 0.121, 0.731, 0.308))
     low_left = GroundedObject("triangle", (0.309, 0.196, 0.438, 0.367))
-    assert tag_caption([high_right, low_left], "positional") == (
+    assert tag_caption([high_right, low_left], "positional", order="reading") == (
         "The image contains triangle (above the center), square (above the center)."
     )
-    assert tag_caption([neck], "bbox", lead_in="") == (
+    assert tag_caption([neck], "bbox", lead_in="", order="reading") == (
         "<object>neckband</object><bbox>[0.400, 0.100][0.600, 0.300]</bbox>.")
-    assert tag_caption([], "textual") == ""
+    assert build_captions([GARMENT, neck], None, tag_order="reading")[0]["text"].endswith("(at the bottom right corner).")
 
 
 PLAYER = GroundedObject("football player", (0.3, 0.2, 0.7, 0.8), 0.8)

@@ -82,7 +82,10 @@ class BatchConfig:
 @dataclass
 class DpoConfig:
     beta: float = 0.1
-    noised_image_rejected: bool = False  # add pairs whose rejected side sees a noised image
+    # Add pairs whose rejected side is the CHOSEN answer given a noised image. Not the paper's
+    # noised-image negative (the model's own answer on a noised image), which needs generation
+    # during training; the name says which one this is.
+    noised_image_chosen_as_rejected: bool = False
     noise_std: float = 1.0
 
 

@@ -7,7 +7,7 @@ micro-batch at a time:
 - pretrain: packed rows (`segment_ids`), `micro_batch_size` rows of `seq_len` tokens;
 - sft / interleave / safety: one chat per row, padded; labels only on assistant tokens;
 - dpo: rows `[chosen_1..P, rejected_1..P]` of chats sharing the prompt; with
-  `noised_image_rejected`, P more pairs whose rejected side is the chosen answer given a
+  `noised_image_chosen_as_rejected`, P more pairs whose rejected side is the chosen answer given a
   Gaussian-noised image (an image-conditioned preference: the answer must come from the image).
 
 State for exact resume = the loader's counts + the encoded samples read but not yet used (the
@@ -103,14 +103,14 @@ class BatchStream:
     """Micro-batches for one stage, from one rank's slice of the mixture."""
 
     def __init__(self, loader, processor, *, stage: str, micro_batch_size: int, seq_len: int, pack: bool,
-                 noised_image_rejected: bool = False, noise_std: float = 1.0):
+                 noised_image_chosen_as_rejected: bool = False, noise_std: float = 1.0):
         self.loader = loader
         self.processor = processor
         self.stage = stage
         self.rows = micro_batch_size
         self.seq_len = seq_len
         self.pack = pack
-        self.noised_image_rejected = noised_image_rejected
+        self.noised_image_chosen_as_rejected = noised_image_chosen_as_rejected
         self.noise_std = noise_std
         self._pending: list = []
         self._it = None
@@ -159,7 +159,7 @@ class BatchStream:
 
     def _dpo(self) -> Batch:
         pairs = [encode_pair(self.processor, self._raw()) for _ in range(self.rows)]
-        if self.noised_image_rejected:
+        if self.noised_image_chosen_as_rejected:
             pairs += [(c, noised(c, self.noise_std)) for c, _ in pairs if c.images]
         chosen, rejected = zip(*pairs)
         return Batch(self.processor.collate([*chosen, *rejected]), n_pairs=len(pairs))

@@ -146,7 +146,7 @@ def train_stage(
     stop_at = min(steps_total, max_steps) if max_steps is not None else steps_total
     stream = BatchStream(loader, processor, stage=cfg.stage, micro_batch_size=cfg.batch.micro_batch_size,
                          seq_len=cfg.batch.seq_len, pack=cfg.batch.pack,
-                         noised_image_rejected=cfg.dpo.noised_image_rejected, noise_std=cfg.dpo.noise_std)
+                         noised_image_chosen_as_rejected=cfg.dpo.noised_image_chosen_as_rejected, noise_std=cfg.dpo.noise_std)
     model = parallelize(model, ac=cfg.runtime.activation_checkpointing, compile=cfg.runtime.compile,
                         fsdp=info.distributed, bf16=bf16)
     # the optimiser holds the parameters as FSDP2 leaves them (sharded DTensors): build it after

@@ -1,0 +1,61 @@
+"""The one way every command connects to Ray.
+
+- `--ray-address ADDR` (or the standard `RAY_ADDRESS` variable): join that cluster.
+- otherwise: start our own quiet local Ray with `address="local"`. Ray's default would read the
+  record of the last local cluster (`/tmp/ray/ray_current_cluster`), which outlives the cluster:
+  a dead record fails every run with a traceback, a live one belongs to someone else's job. We
+  never join a cluster nobody named.
+- Ray already initialised in this process (tests, notebooks): reuse it, leave it running.
+
+A cluster started here is shut down on exit and its session folder removed, so a job leaves no
+`session_*` folders behind in Ray's temp dir.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+from blip3.core.errors import UserError
+
+
+@contextmanager
+def ray_session(address: str | None = None, num_cpus: int | None = None) -> Iterator[bool]:
+    """Connect for the block; yields True when the cluster was started here (and is stopped after)."""
+    import ray
+
+    if ray.is_initialized():
+        yield False
+        return
+    os.environ.setdefault("RAY_DEDUP_LOGS", "1")
+    kwargs: dict[str, Any] = dict(include_dashboard=False, log_to_driver=False, logging_level=logging.WARNING)
+    address = address or os.environ.get("RAY_ADDRESS") or None
+    try:
+        if address:
+            ray.init(address=address, **kwargs)
+        else:
+            ray.init(address="local", num_cpus=num_cpus or os.cpu_count() or 1, **kwargs)
+    except (ConnectionError, ValueError, RuntimeError) as e:
+        raise UserError(f"cannot connect to Ray: {str(e).splitlines()[0] if str(e) else type(e).__name__}",
+                        field="--ray-address" if address else None) from e
+    session_dir = None if address else _session_dir()
+    try:
+        yield not address
+    finally:
+        ray.shutdown()
+        if session_dir:
+            shutil.rmtree(session_dir, ignore_errors=True)
+
+
+def _session_dir() -> str | None:
+    """The session folder of the cluster this process started (None if Ray does not say)."""
+    try:
+        from ray._private.worker import global_worker
+
+        return global_worker.node.get_session_dir_path()
+    except Exception:  # a private API: without it we only skip the clean-up
+        return None

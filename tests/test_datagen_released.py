@@ -1,0 +1,170 @@
+"""Released datasets as sources: rows written here in each published layout, with local images,
+import into real shards that keep the released captions / pairs / conversations."""
+
+from __future__ import annotations
+
+import json
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from blip3.core.errors import UserError
+from blip3.core.shards import iter_tar_index, list_shards, read_sidecar
+from blip3.datagen.grounding_captions import parse_textual_tags
+from blip3.datagen.released import average_rating, import_released
+from tests.model_fixtures import noise_image, tiny_config, tiny_processor  # noqa: F401
+
+
+def _images(folder, names):
+    folder.mkdir(parents=True, exist_ok=True)
+    for i, name in enumerate(names):
+        (folder / name).parent.mkdir(parents=True, exist_ok=True)
+        noise_image(40, 30, seed=i).save(folder / name)
+    return folder
+
+
+def _read(out):
+    """{key: {ext: bytes}} of every shard, and the sidecar rows."""
+    samples, rows = {}, {}
+    for info in list_shards(out):
+        with open(info.tar, "rb") as f:
+            for s in iter_tar_index(info.tar):
+                members = {}
+                for m in s.members:
+                    f.seek(m.offset)
+                    members[m.ext] = f.read(m.size)
+                samples[s.key] = members
+        rows |= {r["key"]: r for r in read_sidecar(info.parquet).to_pylist()}
+    return samples, rows
+
+
+def test_blip3_ocr_parquet_keeps_its_captions(tmp_path):
+    caps = [{"text": f'The image contains the text "MACK SHOP" v{g}{int(raw)}', "granularity": g,
+             "include_datacomp_raw_cap": raw} for raw in (False, True) for g in range(6)]
+    rows = [{"uid": "u1", "url": "http://x/1.jpg", "captions": json.dumps(caps),
+             "metadata": json.dumps({"entries": [{"text": "MACK SHOP", "bbox": [0.192, 0.037, 0.817, 0.203]}]})},
+            {"uid": "u2", "url": "http://x/2.jpg", "captions": json.dumps(caps), "metadata": "{}"}]
+    pq.write_table(pa.Table.from_pylist(rows), tmp_path / "ocr.parquet")
+    r = import_released("blip3-ocr", tmp_path / "ocr.parquet", _images(tmp_path / "img", ["u1.jpg"]), tmp_path / "out")
+    assert (r.samples, r.failed) == (1, {"missing_image": 1})
+    samples, sidecar = _read(tmp_path / "out")
+    rec = json.loads(samples["u1"]["json"])
+    assert rec["captions"] == caps and rec["metadata"]["entries"][0]["text"] == "MACK SHOP"
+    assert samples["u1"]["txt"].decode() == caps[4]["text"]  # granularity 4, no source caption: our default
+    assert sidecar["u2"]["status"] == "failed" and sidecar["u2"]["error_message"].startswith("missing_image")
+    assert list_shards(tmp_path / "out")[0].generator["name"] == "ocr"
+
+
+def test_grounding_strings_parse_in_both_spellings():
+    text = ("The image contains garment (starts at [0.512, 0.604] and extends upto [0.99, 0.998]), "
+            "neckband (starts at [0.4, 0.1] and extends up to [0.6, 0.3])")
+    objs = parse_textual_tags(text)
+    assert [(o.label, o.bbox) for o in objs] == [("garment", (0.512, 0.604, 0.99, 0.998)), ("neckband", (0.4, 0.1, 0.6, 0.3))]
+
+
+def test_blip3_grounding_rows_keep_captions_and_recover_objects(tmp_path):
+    caps = [{"text": "The image contains garment (at the bottom right corner)"},
+            {"text": "The image contains garment (starts at [0.512, 0.604] and extends upto [0.99, 0.998])"},
+            {"text": "The image contains <object>garment</object><bbox>[0.512, 0.604][0.99, 0.998]</bbox>"}]
+    (tmp_path / "g.jsonl").write_text(json.dumps({"uid": "g1", "url": "u", "captions": caps, "metadata": {}}) + "\n")
+    r = import_released("blip3-grounding", tmp_path / "g.jsonl", _images(tmp_path / "img", ["g1.png"]), tmp_path / "out")
+    assert r.samples == 1
+    samples, _ = _read(tmp_path / "out")
+    rec = json.loads(samples["g1"]["json"])
+    assert [c["text"] for c in rec["captions"]] == [c["text"] for c in caps]
+    assert [c["format"] for c in rec["captions"]] == ["positional", "textual", "bbox"]
+    assert rec["metadata"]["objects"] == [{"label": "garment", "bbox": [0.512, 0.604, 0.99, 0.998], "score": 1.0}]
+    assert samples["g1"]["txt"].decode() == caps[0]["text"] and "png" in samples["g1"]
+
+
+def test_kale_rows_keep_the_dense_caption(tmp_path):
+    rows = [{"key": "000001", "url": "u", "caption": "A dense caption of a red bus parked by a cafe."}]
+    (tmp_path / "k.json").write_text(json.dumps(rows))
+    import_released("blip3-kale", tmp_path / "k.json", _images(tmp_path / "img", ["000001.jpg"]), tmp_path / "out")
+    samples, _ = _read(tmp_path / "out")
+    assert samples["000001"]["txt"].decode() == rows[0]["caption"]
+
+
+def _vlf(ident, path, ratings):
+    comps = [{"model": f"m{i}", "response": f"answer {i}",
+              "annotations": {"Helpfulness": {"Rating": str(a), "Rationale": "r"},
+                              "Ethical Considerations": {"Rating": str(b)},
+                              "Visual Faithfulness": {"Rating": str(c)}}} for i, (a, b, c) in enumerate(ratings)]
+    return {"id": ident, "prompt": "What is shown?", "img_path": path, "completions": comps}
+
+
+def test_vlfeedback_keeps_highest_vs_lowest_average(tmp_path):
+    rows = [_vlf("a", "svit/a.jpg", [(3, 5, 4), (5, 5, 5), (1, 2, 3), (2, 2, 2)]),  # avgs 4, 5, 2, 2
+            _vlf("b", "svit/b.jpg", [(4, 4, 4), (4, 4, 4)]),  # no preference
+            _vlf("c", "../../etc/passwd", [(1, 1, 1), (5, 5, 5)])]  # hostile path
+    (tmp_path / "vlf.json").write_text(json.dumps(rows))
+    r = import_released("vlfeedback", tmp_path / "vlf.json", _images(tmp_path / "img", ["svit/a.jpg", "svit/b.jpg"]),
+                        tmp_path / "out")
+    assert (r.samples, r.failed) == (1, {"no_preference": 1, "bad_path": 1})
+    samples, _ = _read(tmp_path / "out")
+    rec = json.loads(samples["a"]["json"])
+    assert (rec["chosen"], rec["rejected"], rec["scores"]) == ("answer 1", "answer 2", [5.0, 2.0])  # first of the tied lowest
+    assert rec["images"] == ["0.jpg"] and "0.jpg" in samples["a"]
+    assert average_rating({"annotations": {"x": {"Rating": "N/A"}, "y": {"Rating": "3"}}}) == 3.0
+
+
+def test_vlfeedback_columnar_completions_and_dpo_encoding(tmp_path, tiny_processor):
+    from blip3.mixture.tar_index import decode_sample
+    from blip3.train.data import encode_pair
+
+    row = _vlf("a", "a.jpg", [(1, 1, 1), (5, 5, 4)])
+    comps = row["completions"]
+    row["completions"] = {k: [c[k] for c in comps] for k in comps[0]}  # the datasets library's columnar form
+    (tmp_path / "vlf.jsonl").write_text(json.dumps(row) + "\n")
+    import_released("vlfeedback", tmp_path / "vlf.jsonl", _images(tmp_path / "img", ["a.jpg"]), tmp_path / "out")
+    samples, _ = _read(tmp_path / "out")
+    sample = decode_sample(samples["a"], key="a", source="vlf", kind="dpo", shard="x")
+    chosen, rejected = encode_pair(tiny_processor, sample)
+    assert "answer 1" in tiny_processor.decode(chosen.input_ids) and "answer 0" in tiny_processor.decode(rejected.input_ids)
+    assert len(chosen.images) == 1
+
+
+def test_vlguard_conversations(tmp_path):
+    rows = [{"id": "HOD_1", "image": "bad_ads/1.png", "safe": True,
+             "instr-resp": [{"safe_instruction": "Describe the ad.", "response": "It shows a bus."},
+                            {"unsafe_instruction": "How do I hurt someone?", "response": "I cannot help with that."}]},
+            {"id": "HOD_2", "image": "bad_ads/2.png", "safe": False,
+             "instr-resp": [{"instruction": "What is this?", "response": "I cannot help with that request."}]}]
+    (tmp_path / "train.json").write_text(json.dumps(rows))
+    r = import_released("vlguard", tmp_path / "train.json", _images(tmp_path / "img", ["bad_ads/1.png", "bad_ads/2.png"]),
+                        tmp_path / "out")
+    assert r.samples == 3 and r.failed == {}
+    samples, _ = _read(tmp_path / "out")
+    rec = json.loads(samples["HOD_1_1"]["json"])
+    assert rec["conversations"] == [{"role": "user", "content": "How do I hurt someone?"},
+                                    {"role": "assistant", "content": "I cannot help with that."}]
+    assert rec["instruction_kind"] == "unsafe_instruction" and rec["safe_image"] is True
+    assert json.loads(samples["HOD_2_0"]["json"])["safe_image"] is False
+
+
+def test_bad_inputs_are_one_clear_error(tmp_path):
+    img = _images(tmp_path / "img", [])
+    with pytest.raises(UserError, match="KIND"):
+        import_released("laion", tmp_path / "x.json", img, tmp_path / "out")
+    (tmp_path / "x.jsonl").write_text("{not json\n")
+    with pytest.raises(UserError, match="line 1 is not valid JSON"):
+        import_released("blip3-kale", tmp_path / "x.jsonl", img, tmp_path / "out")
+    assert not list_shards(tmp_path / "out") if (tmp_path / "out").exists() else True
+
+
+def test_cli_imports_and_refuses_a_bad_kind(tmp_path):
+    from typer.testing import CliRunner
+
+    from blip3.cli import app
+
+    (tmp_path / "k.jsonl").write_text(json.dumps({"key": "k1", "caption": "a dense caption"}) + "\n")
+    img = _images(tmp_path / "img", ["k1.jpg"])
+    r = CliRunner().invoke(app, ["import-released", "blip3-kale", str(tmp_path / "k.jsonl"), str(tmp_path / "out"),
+                                 "--images", str(img)])
+    assert r.exit_code == 0, r.output
+    said = " ".join(r.output.split())
+    assert "1 sample(s) in 1 shard(s)" in said and "--kind caption" in said
+    r = CliRunner().invoke(app, ["import-released", "laion", str(tmp_path / "k.jsonl"), str(tmp_path / "o2"),
+                                 "--images", str(img)])
+    assert isinstance(r.exception, UserError) and "unknown released dataset" in str(r.exception)  # main(): exit 2
