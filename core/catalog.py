@@ -128,13 +128,16 @@ _RENAMED = {"error": "error_message", "orig_width": "original_width", "orig_heig
 
 
 def _migrate_samples(con: duckdb.DuckDBPyConnection) -> None:
-    """Bring a `samples` table made by an earlier version to the current columns (renamed, added)."""
+    """Bring a `samples` table made by an earlier version to the current columns (renamed, added);
+    runs before SCHEMA, which (re)creates the index a rename must not hold."""
     have = {r[0] for r in con.execute(
         "SELECT column_name FROM information_schema.columns WHERE table_name = 'samples'").fetchall()}
-    for old, new in _RENAMED.items():
-        if old in have and new not in have:
-            con.execute(f"ALTER TABLE samples RENAME COLUMN {old} TO {new}")
-    if "sha256" not in have:
+    renames = [(old, new) for old, new in _RENAMED.items() if old in have and new not in have]
+    if renames:
+        con.execute("DROP INDEX IF EXISTS samples_by_shard")
+    for old, new in renames:
+        con.execute(f"ALTER TABLE samples RENAME COLUMN {old} TO {new}")
+    if have and "sha256" not in have:
         con.execute("ALTER TABLE samples ADD COLUMN sha256 VARCHAR")
 
 
@@ -201,9 +204,9 @@ class Catalog:
         self.path = resolve_db(db)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.con = duckdb.connect(str(self.path))
+        _migrate_samples(self.con)
         for ddl in SCHEMA:
             self.con.execute(ddl)
-        _migrate_samples(self.con)
         from blip3.core.views import create_views  # views over the tables above, one place
 
         create_views(self.con)

@@ -212,6 +212,7 @@ def test_catalog_from_before_the_img2dataset_names_is_migrated(output_dir, tmp_p
                 "url VARCHAR, status VARCHAR, error VARCHAR, width INTEGER, height INTEGER, orig_width INTEGER, "
                 "orig_height INTEGER, image_bytes BIGINT, caption_length INTEGER, n_captions INTEGER, n_ocr INTEGER, "
                 "n_objects INTEGER, mean_confidence FLOAT, has_source_caption BOOLEAN)")
+    con.execute("CREATE INDEX samples_by_shard ON samples (shard)")
     con.execute("INSERT INTO samples (source, shard, key, status, error) VALUES ('old', 's', 'k', 'failed', 'decode: x')")
     con.close()
     with Catalog(db) as cat:
