@@ -94,8 +94,11 @@ def retemplate(
     tag_order: str = typer.Option("detector", "--tag-order", help="Tag-list order: detector (the paper's form: "
                                   "detector order, no final period) | reading (by position, ending in a period)"),
     overwrite: bool = typer.Option(False, "--overwrite", help="Rewrite shards already retemplated."),
+    source: Optional[str] = typer.Option(None, "--source", help="Catalog source name (default: output folder name)."),
+    db: Optional[Path] = typer.Option(None, "--db", help="Catalog file (default: $BLIP3_DB or ./catalog.duckdb)."),
 ) -> None:
-    """Rebuild grounding captions from the objects stored in existing shards (no re-detection)."""
+    """Rebuild grounding captions from the objects stored in existing shards (no re-detection), and
+    register the new shards in the catalog."""
     from blip3.core.logs import console
     from blip3.datagen.grounding_captions import DEFAULT_ALSO_LEAD_IN, DEFAULT_LEAD_IN
     from blip3.datagen.retemplate import TemplateOptions
@@ -103,9 +106,9 @@ def retemplate(
 
     opts = TemplateOptions(caption_format, caption_style, DEFAULT_LEAD_IN if lead_in is None else lead_in,
                            DEFAULT_ALSO_LEAD_IN if also_lead_in is None else also_lead_in, tag_order)
-    r = run_retemplate(input_dir, output_dir, opts, overwrite=overwrite)
+    r = run_retemplate(input_dir, output_dir, opts, overwrite=overwrite, catalog_db=db, source_name=source)
     console.print(f"[green]{output_dir}[/]: {r.shards_written} shard(s) rewritten ({r.samples} rows), "
-                  f"{r.shards_skipped} already done")
+                  f"{r.shards_skipped} already done; catalog source {r.source}")
 
 
 def register(app: typer.Typer) -> None:

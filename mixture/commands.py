@@ -11,6 +11,8 @@ from typing import Optional
 
 import typer
 
+from blip3.core.tables import Format
+
 DbOption = typer.Option(None, "--db", help="Catalog file (default: $BLIP3_DB or ./catalog.duckdb).")
 TokenizerOption = typer.Option(
     None, "--tokenizer",
@@ -138,16 +140,33 @@ def mix_sample(
 @mix_app.command("stats")
 def mix_stats(
     name: str = typer.Argument(..., help="Mixture name (as built by `mix build`)."),
-    fmt: str = typer.Option("table", "--format", "-f", help="table | csv | json"),
+    fmt: Format = typer.Option(
+        "table", "--format", "-f", help="Output format (parquet needs --out FOLDER: one file per table)."),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Write here instead of printing (a file; "
+                                       "a folder for parquet)."),
     db: Optional[Path] = DbOption,
 ) -> None:
     """Per-source weights (target vs realised), tokens, epochs, coverage, caption lengths, failures."""
-    from blip3.core.tables import write_result
+    import re
+
+    from blip3.core.errors import UserError
+    from blip3.core.tables import render_text, write_result
     from blip3.mixture.stats import mixture_stats
 
-    for title, table in mixture_stats(name, db).items():
-        if fmt != "table":
-            print(f"# {title}")
+    tables = mixture_stats(name, db)
+    if fmt == "parquet":
+        if out is None:
+            raise UserError("parquet output needs --out FOLDER (one file per table)", field="--out")
+        out.mkdir(parents=True, exist_ok=True)
+        for title, table in tables.items():
+            write_result(table, fmt, out / f"{re.sub(r'[^a-z0-9]+', '_', title.lower()).strip('_')}.parquet")
+        return
+    heading = (lambda title: "") if fmt == "table" else (lambda title: f"# {title}\n")
+    if out is not None:
+        out.write_text("".join(heading(t) + render_text(table, fmt, t) for t, table in tables.items()))
+        return
+    for title, table in tables.items():
+        print(heading(title), end="")
         write_result(table, fmt=fmt, title=title)
 
 

@@ -65,7 +65,7 @@ def test_boxes_are_drawn_where_the_coordinates_say():
 def _chromium(args: list[str], tmp: Path) -> subprocess.CompletedProcess:
     exe = shutil.which("chromium") or shutil.which("chromium-browser")
     if exe is None:
-        pytest.fail("chromium is not installed (apt-get install -y chromium; .ci/run installs it)")
+        pytest.fail("chromium is not installed (apt-get install -y chromium; `make test` installs it)")
     base = [exe, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
             "--disable-background-networking", "--disable-component-update", "--disable-sync",
             f"--user-data-dir={tmp / 'profile'}", "--virtual-time-budget=5000"]

@@ -1,10 +1,17 @@
 """The CLI surface: groups listed, every command documented, --help fast (no heavy imports)."""
 
+import importlib.metadata
+import os
 import subprocess
 import sys
 from pathlib import Path
 
+import pyarrow.parquet as pq
 import typer.main
+
+from blip3.core.catalog import Catalog
+from blip3.core.sql import run_query
+from tests.core_fixtures import write_caption_shard
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -38,3 +45,36 @@ def test_help_lists_groups_and_imports_nothing_heavy():
     assert r.returncode == 0, r.stderr
     assert "catalog" in r.stdout and "sql" in r.stdout
     assert "HEAVY []" in r.stdout
+
+
+def test_version_and_completion_options():
+    r = subprocess.run([sys.executable, "-m", "blip3.cli", "--version"], capture_output=True, text=True, cwd=REPO)
+    assert r.returncode == 0 and r.stdout.strip() == f"blip3 {importlib.metadata.version('blip3-engine')}"
+    r = subprocess.run([sys.executable, "-m", "blip3.cli", "--help"], capture_output=True, text=True, cwd=REPO)
+    assert "--install-completion" in r.stdout and "--show-completion" in r.stdout
+
+
+def test_piped_table_keeps_one_line_per_row_and_out_file_is_not_printed(tmp_path):
+    write_caption_shard(tmp_path / "src", 0, 3)
+    db = tmp_path / "c.duckdb"
+    with Catalog(db) as cat:
+        cat.add_output(tmp_path / "src", source="a-source-with-a-rather-long-name-" + "x" * 150)
+    q = "SELECT source, key, status FROM samples ORDER BY key"
+    r = subprocess.run([sys.executable, "-m", "blip3.cli", "sql", q, "--db", str(db)],
+                       capture_output=True, text=True, cwd=REPO, env={**os.environ, "COLUMNS": "80"})
+    n = run_query("SELECT count(*) AS n FROM samples", db).column("n")[0].as_py()
+    rows = [line for line in r.stdout.splitlines() if "a-source-with" in line]
+    assert len(rows) == n and all("x" * 150 in line for line in rows)  # nothing folded onto a second line
+    out = tmp_path / "t.txt"
+    r = subprocess.run([sys.executable, "-m", "blip3.cli", "sql", q, "--db", str(db), "--out", str(out)],
+                       capture_output=True, text=True, cwd=REPO)
+    assert r.returncode == 0 and r.stdout == "" and len([ln for ln in out.read_text().splitlines()
+                                                         if "a-source-with" in ln]) == n
+    for fmt in ("csv", "json"):
+        r = subprocess.run([sys.executable, "-m", "blip3.cli", "catalog", "stats", "--db", str(db), "--format", fmt],
+                           capture_output=True, text=True, cwd=REPO)
+        assert r.returncode == 0 and "a-source-with" in r.stdout
+    pq_out = tmp_path / "s.parquet"
+    r = subprocess.run([sys.executable, "-m", "blip3.cli", "catalog", "stats", "--db", str(db), "-f", "parquet",
+                        "-o", str(pq_out)], capture_output=True, text=True, cwd=REPO)
+    assert r.returncode == 0 and pq.read_table(pq_out).column("source")[0].as_py().startswith("a-source-with")
