@@ -77,7 +77,8 @@ def test_sample_records_follow_the_format(ocr_run):
     assert record["source_caption"] == "a shop front at night" and record["status"] == "success"
     assert len(record["captions"]) == 12 and record["generator"]["engine"] == "rapidocr"
     assert mack["txt"].decode().startswith('a shop front at night. The image contains the text "MACK SHOP" starts at [')
-    assert "png" in mack  # the input's own bytes and extension are kept
+    assert "jpg" in mack and "png" not in mack  # one image member type per job: the PNG input stored as jpg
+    assert record["source_path"].startswith("signs/")  # lineage: the relative path of the folder input
 
 
 def test_real_photos_with_and_without_text(ocr_run):
