@@ -5,7 +5,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: setup browser demo test test-fast bench clean
+.PHONY: setup browser demo test test-fast mutate bench clean
 
 setup: $(STAMP)
 
@@ -32,6 +32,11 @@ test: setup browser
 
 test-fast: setup browser
 	$(BIN)/python -m pytest -m "not slow"
+
+# Mutation testing (slow, not in CI): kill rate per module -> benchmarks/results/mutation.md.
+# `make mutate MODULES="core/shards.py core/sql.py"` for a few; see docs/testing.md.
+mutate: setup
+	nice -n 10 $(BIN)/python -m benchmarks.mutate $(or $(MODULES),--all)
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache

@@ -13,8 +13,8 @@ from typing import Optional
 
 import typer
 
-from blip3.core.errors import UserError
-from blip3.core.tables import Format
+from blip3.core.errors import UserError, environment_error
+from blip3.core.options import DbOption, Format, FormatOption, OutOption
 
 app = typer.Typer(
     name="blip3",
@@ -42,9 +42,6 @@ def _root(
 catalog_app = typer.Typer(help="Register shards in the DuckDB catalog and summarise it.", no_args_is_help=True)
 app.add_typer(catalog_app, name="catalog")
 
-DbOption = typer.Option(None, "--db", help="Catalog file (default: $BLIP3_DB or ./catalog.duckdb).")
-FormatOption = typer.Option("table", "--format", "-f", help="Output format (parquet needs --out).")
-OutOption = typer.Option(None, "--out", "-o", help="Write the result to this file instead of printing it.")
 
 
 @catalog_app.command("add")
@@ -55,7 +52,7 @@ def catalog_add(
     refresh: bool = typer.Option(False, "--refresh", help="Re-read shards whose tar changed."),
     verify: bool = typer.Option(False, "--verify", help="Re-hash every tar (default: trust the sha256 its "
                                 "writer recorded, checking the size)."),
-    db: Optional[Path] = DbOption,
+    db: Path = DbOption,
 ) -> None:
     """Register finished shards and their per-sample sidecar rows (idempotent)."""
     from blip3.core.catalog import Catalog
@@ -71,7 +68,7 @@ def catalog_add(
 
 
 @catalog_app.command("stats")
-def catalog_stats(fmt: Format = FormatOption, out: Optional[Path] = OutOption, db: Optional[Path] = DbOption) -> None:
+def catalog_stats(fmt: Format = FormatOption, out: Optional[Path] = OutOption, db: Path = DbOption) -> None:
     """Print a summary table per source: shards, samples, failures, caption length, coverage."""
     from blip3.core.sql import run_query
     from blip3.core.tables import write_result
@@ -84,7 +81,7 @@ def sql(
     query: str = typer.Argument(..., help='A read-only query, e.g. "SELECT * FROM v_source_summary".'),
     fmt: Format = FormatOption,
     out: Optional[Path] = OutOption,
-    db: Optional[Path] = DbOption,
+    db: Path = DbOption,
 ) -> None:
     """Run a read-only SQL query on the catalog (statements that write are refused)."""
     from blip3.core.sql import run_query
@@ -93,18 +90,18 @@ def sql(
     write_result(run_query(query, db), fmt=fmt, out=out)
 
 
-def _register_groups() -> None:
-    """Each package adds its own commands; a package not yet present is simply absent."""
+#: The packages that add command groups (each `commands.py` has a `register(app)`).
+COMMAND_MODULES = ("blip3.datagen.commands", "blip3.mixture.commands", "blip3.train.commands",
+                   "blip3.model.commands", "blip3.demo.commands")
+
+
+def _register_groups(modules: tuple[str, ...] = COMMAND_MODULES) -> None:
+    """Each package adds its own commands. A module that fails to import is a broken install, not
+    an optional part: the error propagates, so a command group never silently goes missing."""
     import importlib
 
-    for module in ("blip3.datagen.commands", "blip3.mixture.commands", "blip3.train.commands", "blip3.model.commands", "blip3.demo.commands"):
-        try:
-            mod = importlib.import_module(module)
-        except ModuleNotFoundError as e:
-            if e.name != module:
-                raise
-            continue
-        mod.register(app)
+    for module in modules:
+        importlib.import_module(module).register(app)
 
 
 _register_groups()
@@ -113,10 +110,13 @@ _register_groups()
 def main() -> None:
     try:
         app(standalone_mode=True)
-    except UserError as e:
+    except Exception as e:  # only user errors end here: anything else is raised again, loud
+        err = e if isinstance(e, UserError) else environment_error(e)
+        if err is None:
+            raise
         from blip3.core.logs import console
 
-        console.print(f"[bold red]error:[/] {e}", highlight=False, soft_wrap=True)
+        console.print(f"[bold red]error:[/] {err}", highlight=False, soft_wrap=True)
         sys.exit(2)
 
 

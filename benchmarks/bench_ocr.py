@@ -2,7 +2,7 @@
 
     .venv/bin/python benchmarks/bench_ocr.py [--images 96] [--out benchmarks/results/bench_ocr.json]
 
-Figures (quality.md):
+Figures (README "Performance"):
 - images/s per core of a bare loop of engine calls (decoded images in memory, one ORT thread);
 - bare loop measured before and after the pipelines, the faster run kept (shared machines);
 - the full pipeline (read, decode+validate, OCR, 12 captions, tar + parquet + stats, catalog) with

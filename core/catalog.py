@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -33,10 +34,11 @@ import duckdb
 import pyarrow as pa
 
 from blip3.core.errors import UserError
+from blip3.core.records import RECORD_KINDS
 from blip3.core.shards import SIDECAR_COLUMNS, ShardInfo, file_sha256, list_shards
 
 DEFAULT_DB = "catalog.duckdb"
-SOURCE_KINDS = ("caption", "interleaved", "sft", "dpo")
+SOURCE_KINDS = tuple(RECORD_KINDS)  # caption, interleaved, sft, dpo: one record type each
 
 SCHEMA = [
     """CREATE TABLE IF NOT EXISTS sources (
@@ -146,6 +148,39 @@ def resolve_db(db: str | Path | None = None) -> Path:
     return Path(db or os.environ.get("BLIP3_DB") or DEFAULT_DB)
 
 
+LOCK_WAIT_S = 10.0  # default for $BLIP3_LOCK_WAIT: how long to wait for another blip3 process's lock
+
+
+def open_catalog(path: Path, *, read_only: bool = False, config: dict[str, Any] | None = None
+                 ) -> duckdb.DuckDBPyConnection:
+    """Connect to the catalog file, waiting a bounded time while another process holds its lock.
+
+    DuckDB lets one process write a file at a time (and none read it meanwhile); a second `blip3`
+    command started during a long `catalog add` retries for `$BLIP3_LOCK_WAIT` seconds (default
+    10) and then says who holds the lock, in one line. A file that is not a DuckDB database is a
+    UserError naming it, not a traceback.
+    """
+    wait_s = float(os.environ.get("BLIP3_LOCK_WAIT") or LOCK_WAIT_S)
+    deadline = time.monotonic() + wait_s
+    delay = 0.05
+    while True:
+        try:
+            return duckdb.connect(str(path), read_only=read_only, config=config or {})
+        except duckdb.IOException as e:
+            message = " ".join(str(e).split())
+            if "Could not set lock" in message:
+                if time.monotonic() < deadline:
+                    time.sleep(delay)
+                    delay = min(delay * 2, 1.0)
+                    continue
+                holder = message.split("Conflicting lock is held in", 1)[-1].split(". See also")[0].strip()
+                raise UserError(f"catalog is locked by another process ({holder}); waited {wait_s:g}s "
+                                "(set BLIP3_LOCK_WAIT to wait longer)", file=path) from None
+            if "not a valid DuckDB database" in message:
+                raise UserError("not a DuckDB catalog file", file=path, field="--db") from None
+            raise UserError(f"cannot open the catalog: {message}", file=path) from None
+
+
 def _tars_without_stats(out: Path, listed: list[ShardInfo]) -> list[tuple[str, str]]:
     """`NNNNNN.tar` files of `out` that no readable stats file describes (a killed writer, a
     hand-copied tar, a corrupt stats file), as (path, reason): they are not registered, and say so."""
@@ -178,6 +213,31 @@ def _now() -> datetime:
 
 
 @dataclass
+class SourceRow:
+    """One row of `sources`; `meta` parsed (how its tokens were counted, ...)."""
+
+    name: str
+    kind: str
+    path: str
+    n_shards: int
+    n_samples: int
+    n_tokens: int | None
+    meta: dict[str, Any]
+
+
+@dataclass
+class ShardRow:
+    """The columns of a `shards` row a mixture is built from."""
+
+    path: str
+    sha256: str
+    tar_bytes: int
+    n_success: int | None
+    n_tokens: int | None
+    status: str
+
+
+@dataclass
 class AddResult:
     source: str
     added: int = 0
@@ -202,8 +262,11 @@ class Catalog:
 
     def __init__(self, db: str | Path | None = None):
         self.path = resolve_db(db)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self.con = duckdb.connect(str(self.path))
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise UserError(f"cannot create the catalog's folder: {e.strerror}", file=self.path.parent) from None
+        self.con = open_catalog(self.path)
         _migrate_samples(self.con)
         for ddl in SCHEMA:
             self.con.execute(ddl)
@@ -269,7 +332,7 @@ class Catalog:
             except (duckdb.Error, OSError, UserError) as e:
                 result.failed.append((str(info.tar), " ".join(str(e).split())[:300]))
         result.failed.extend(unlisted)
-        self._refresh_source_counts(name)
+        self.refresh_source_counts(name)
         return result
 
     def _add_shard(self, info: ShardInfo, name: str, refresh: bool, result: AddResult, verify: bool = False) -> None:
@@ -336,7 +399,61 @@ class Catalog:
         )
         return info.count
 
-    def _refresh_source_counts(self, name: str) -> None:
+    def add_shards(self, source: str, shards: list[tuple[ShardInfo, pa.Table, int]]) -> int:
+        """Insert shards read from tars without sidecars (`info`, their sample rows, their token
+        count) all in one transaction: all of them or none. Returns how many."""
+        with transaction(self.con):
+            for info, rows, tokens in shards:
+                self._insert_shard(str(info.tar), source, info, rows=rows, n_tokens=tokens)
+        return len(shards)
+
+    def shard_sha256(self, path: str) -> str | None:
+        """The sha256 a catalogued shard was added with (None when it is not catalogued)."""
+        row = self.con.execute("SELECT sha256 FROM shards WHERE path = ?", [path]).fetchone()
+        return None if row is None else row[0]
+
+    def shard_owner(self, paths: list[str], *, other_than: str) -> tuple[str, str] | None:
+        """(path, source) of the first of `paths` catalogued under a source other than `other_than`."""
+        return self.con.execute(
+            "SELECT path, source FROM shards WHERE source <> ? AND path IN (SELECT unnest(?::VARCHAR[])) ORDER BY path",
+            [other_than, paths],
+        ).fetchone()
+
+    def source_shards(self, name: str, *, counted_only: bool = False, ok_only: bool = False) -> list[ShardRow]:
+        """The catalogued shards of a source, by path."""
+        where = " AND n_tokens IS NOT NULL" if counted_only else ""
+        where += " AND status = 'ok'" if ok_only else ""
+        rows = self.con.execute(
+            f"SELECT path, sha256, tar_bytes, n_success, n_tokens, status FROM shards WHERE source = ?{where} ORDER BY path",
+            [name],
+        ).fetchall()
+        return [ShardRow(*r) for r in rows]
+
+    def set_shard_tokens(self, tokens: dict[str, int]) -> None:
+        """Token counts of shards, by path."""
+        for path, n in tokens.items():
+            self.con.execute("UPDATE shards SET n_tokens = ? WHERE path = ?", [n, path])
+
+    def source(self, name: str) -> SourceRow | None:
+        """A registered source (None when there is none by that name)."""
+        row = self.con.execute(
+            "SELECT name, kind, path, n_shards, n_samples, n_tokens, meta FROM sources WHERE name = ?", [name]
+        ).fetchone()
+        return None if row is None else SourceRow(*row[:6], meta=json.loads(row[6] or "{}"))
+
+    def source_names(self) -> list[str]:
+        return [r[0] for r in self.con.execute("SELECT name FROM sources ORDER BY name").fetchall()]
+
+    def set_source_meta(self, name: str, meta: dict[str, Any]) -> None:
+        self.con.execute("UPDATE sources SET meta = ? WHERE name = ?", [json.dumps(meta), name])
+
+    def drop_source(self, name: str) -> None:
+        """Remove a source row that has no shards (a first add that failed leaves nothing behind)."""
+        if self.con.execute("SELECT 1 FROM shards WHERE source = ?", [name]).fetchone():
+            raise ValueError(f"source {name!r} has shards; drop_source only removes an empty source")
+        self.con.execute("DELETE FROM sources WHERE name = ?", [name])
+
+    def refresh_source_counts(self, name: str) -> None:
         """Shards, samples and tokens of a source from its `ok` shards (tokens NULL while none is counted)."""
         self.con.execute(
             """UPDATE sources SET
@@ -347,6 +464,29 @@ class Catalog:
                WHERE name = $n""",
             {"n": name, "now": _now()},
         )
+
+    # -- mixtures ------------------------------------------------------------------------------
+    def record_mixture(self, manifest: Any, spec: dict[str, Any]) -> None:
+        """Replace a mixture's rows in `mixtures` and `mixture_sources` (`manifest` is a
+        `mixture.manifest.Manifest`, `spec` the validated spec it was built from)."""
+        path = None if manifest.path is None else str(Path(manifest.path).resolve())
+        with transaction(self.con):
+            self.con.execute("DELETE FROM mixture_sources WHERE mixture = ?", [manifest.name])
+            self.con.execute("DELETE FROM mixtures WHERE name = ?", [manifest.name])
+            self.con.execute(
+                "INSERT INTO mixtures (name, manifest_path, seed, weight_by, target_samples, target_tokens, created_at, "
+                "spec) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                [manifest.name, path, manifest.seed, manifest.weight_by, manifest.target["samples"],
+                 manifest.target["tokens"], datetime.fromisoformat(manifest.created_at), json.dumps(spec)],
+            )
+            for s in manifest.sources:
+                self.con.execute(
+                    "INSERT INTO mixture_sources (mixture, source, kind, weight, sample_weight, available_samples, "
+                    "available_tokens, target_samples, target_tokens, epochs, n_shards, tokenizer) "
+                    "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    [manifest.name, s.name, s.kind, s.weight, s.sample_weight, s.samples, s.tokens, s.target_samples,
+                     s.target_tokens, s.epochs, len(s.shards), manifest.tokenizer],
+                )
 
     # -- runs ----------------------------------------------------------------------------------
     def record_run(self, **fields: Any) -> None:

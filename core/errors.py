@@ -7,6 +7,7 @@ programming error and stays loud with its traceback.
 
 from __future__ import annotations
 
+import errno
 from pathlib import Path
 
 
@@ -27,6 +28,40 @@ class UserError(ValueError):
 
 class MissingWeightsError(UserError):
     """Model weights are not where we looked; the message says which path or env var to set."""
+
+
+#: OSErrors that are the machine's state, not a bug: the user fixes them (frees space, picks another
+#: folder), so the CLI prints them as one line. Anything else from the OS stays a traceback.
+ENVIRONMENT_ERRNOS = {
+    errno.ENOSPC: "no space left on the device; free some space and run again",
+    errno.EDQUOT: "disk quota exceeded; free some space and run again",
+    errno.EACCES: "permission denied",
+    errno.EPERM: "operation not permitted",
+    errno.EROFS: "read-only file system",
+    errno.ENOTDIR: "a part of this path is a file, not a folder",
+    errno.EISDIR: "is a folder, not a file",
+    errno.EEXIST: "exists and is not a folder",
+    errno.ENAMETOOLONG: "file name too long",
+}
+
+
+def environment_error(e: BaseException) -> UserError | None:
+    """The one-line UserError for a disk-full / permission / not-a-folder OSError, or None.
+
+    The OSError may arrive wrapped: chained (`raise ... from`), or as a Ray task error raised in a
+    worker (Ray keeps the original in `.cause`), so the whole chain is searched.
+    """
+    seen: set[int] = set()
+    stack: list[BaseException | None] = [e]
+    while stack:
+        cur = stack.pop()
+        if cur is None or id(cur) in seen:
+            continue
+        seen.add(id(cur))
+        if isinstance(cur, OSError) and cur.errno in ENVIRONMENT_ERRNOS:
+            return UserError(ENVIRONMENT_ERRNOS[cur.errno], file=cur.filename)
+        stack += [cur.__cause__, cur.__context__, getattr(cur, "cause", None)]
+    return None
 
 
 def describe_exception(e: BaseException) -> str:

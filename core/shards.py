@@ -25,6 +25,7 @@ Tars are deterministic (fixed mtime, owner and mode), so the same input gives th
 
 from __future__ import annotations
 
+import glob
 import hashlib
 import io
 import json
@@ -37,15 +38,19 @@ from dataclasses import asdict, dataclass, field
 from itertools import groupby
 from operator import itemgetter
 from pathlib import Path
-from typing import Any, Iterable, Iterator, NamedTuple
+from typing import Any, BinaryIO, Iterable, Iterator, NamedTuple
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from blip3.core.errors import UserError
 from blip3.core.keys import is_safe_key
 
 #: Digits of a shard name, img2dataset's default (`oom_shard_count=5`): `00000.tar`.
 SHARD_DIGITS = 5
+#: Member extensions that hold an image, in the order a reader prefers them when a sample has
+#: several (the one list: datagen's inputs, the record kinds, the loader and the audit use it).
+IMAGE_EXTS = ("jpg", "jpeg", "png", "webp", "bmp", "gif", "tif", "tiff", "ppm")
 _EXT = re.compile(r"^[A-Za-z0-9_-]+(\.[A-Za-z0-9_-]+)*$")
 
 #: Columns of the sidecar parquet, one row per input sample (failures included).
@@ -390,6 +395,42 @@ def list_shards(out_dir: str | Path) -> list[ShardInfo]:
     return infos
 
 
+def is_shard_folder(path: Path) -> bool:
+    """True for a folder written by `ShardWriter` (finished shards with their stats files)."""
+    if not path.is_dir():
+        return False
+    try:
+        return bool(list_shards(path))
+    except (KeyError, ValueError, TypeError):  # someone else's *_stats.json (img2dataset's)
+        return False
+
+
+def resolve_shards(spec: str | Path, base: Path | None = None) -> list[Path]:
+    """Tars named by a folder (its finished shards if written by us, else its `*.tar`, else
+    recursively), a file, a glob or a brace pattern."""
+    from braceexpand import braceexpand
+
+    text = str(spec)
+    paths: list[Path] = []
+    for part in braceexpand(text):
+        p = Path(part)
+        if base is not None and not p.is_absolute():
+            p = base / p
+        if any(c in part for c in "*?["):
+            paths += [Path(x) for x in sorted(glob.glob(str(p), recursive=True)) if x.endswith(".tar")]
+        elif p.is_dir() and is_shard_folder(p):  # only finished shards (a stats file marks them)
+            paths += [info.tar for info in list_shards(p)]
+        elif p.is_dir():
+            paths += sorted(p.glob("*.tar")) or sorted(p.rglob("*.tar"))
+        elif p.is_file():
+            paths.append(p)
+        else:
+            raise UserError("no such file or folder", file=p)
+    if not paths:
+        raise UserError("no .tar shards found", file=text)
+    return [p.resolve() for p in paths]
+
+
 def clean_temporaries(out_dir: str | Path) -> int:
     """Remove leftovers of killed writers (`.NNNNNN.tar.tmp-*`); returns how many."""
     n = 0
@@ -444,6 +485,24 @@ def iter_tar_index(path: str | Path, *, skipped: list[tarfile.TarInfo] | None = 
     with tarfile.open(path, mode="r:") as tar:
         for key, group in groupby(_keyed_files(tar, skipped), key=itemgetter(0)):
             yield SampleIndex(key, tuple(MemberSpan(ext, m.offset_data, m.size) for _, ext, m in group))
+
+
+def is_image_ext(ext: str) -> bool:
+    """`jpg`, or an interleaved member name like `img0.jpg` (the last dotted part decides)."""
+    return ext.rsplit(".", 1)[-1].lower() in IMAGE_EXTS
+
+
+def read_span(f: BinaryIO, offset: int, size: int) -> bytes:
+    """`size` bytes at `offset` of an open tar: a member's data, located by `iter_tar_index`."""
+    f.seek(offset)
+    return f.read(size)
+
+
+def read_members(f: BinaryIO, sample: SampleIndex) -> dict[str, bytes]:
+    """All members of a sample, by extension: they are adjacent in the tar, so one read, then slices."""
+    start = sample.members[0].offset
+    span = memoryview(read_span(f, start, max(m.offset + m.size for m in sample.members) - start))
+    return {m.ext: bytes(span[m.offset - start: m.offset - start + m.size]) for m in sample.members}
 
 
 def iter_shard(path: str | Path) -> Iterator[dict[str, Any]]:

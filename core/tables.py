@@ -10,7 +10,7 @@ from __future__ import annotations
 import io
 import json
 from pathlib import Path
-from typing import Literal
+from typing import get_args
 
 import pyarrow as pa
 import pyarrow.csv as pacsv
@@ -18,10 +18,10 @@ import pyarrow.parquet as pq
 from rich.console import Console
 from rich.table import Table
 
-from blip3.core.errors import UserError
+from blip3.core.errors import ENVIRONMENT_ERRNOS, UserError
+from blip3.core.options import Format
 
-FORMATS = ("table", "csv", "json", "parquet")
-Format = Literal["table", "csv", "json", "parquet"]
+FORMATS = get_args(Format)
 #: Width of a table written to a pipe or a file: wide enough that no row wraps.
 UNFOLDED_WIDTH = 100_000
 
@@ -64,6 +64,10 @@ def render_text(data, fmt: str, title: str | None = None) -> str:
         console.print(rich_table(t, title=title, fold=False))
         return "\n".join(line.rstrip() for line in console.export_text().splitlines()) + "\n"
     if fmt == "csv":
+        nested = [f"{f.name} ({f.type})" for f in t.schema if pa.types.is_nested(f.type)]
+        if nested:
+            raise UserError(f"CSV cannot hold nested columns: {', '.join(nested)}; use --format json or parquet, "
+                            "or flatten them in the query (e.g. to_json(col), unnest(col))", field="--format")
         sink = pa.BufferOutputStream()
         pacsv.write_csv(t, sink)
         return sink.getvalue().to_pybytes().decode()
@@ -74,16 +78,30 @@ def write_result(data, fmt: str = "table", out: str | Path | None = None, title:
     """Print `data` as a table/csv/json, or write it in `fmt` to `out` (then nothing is printed)."""
     if fmt not in FORMATS:
         raise UserError(f"unknown format {fmt!r}; one of {', '.join(FORMATS)}", field="--format")
+    if out is not None and not Path(out).parent.is_dir():
+        raise UserError("the folder to write into does not exist", file=out, field="--out")
     if fmt == "parquet":
         if not out:
             raise UserError("parquet output needs --out FILE", field="--out")
-        pq.write_table(to_arrow(data), out)
+        sink = pa.BufferOutputStream()
+        pq.write_table(to_arrow(data), sink)
+        save(out, sink.getvalue().to_pybytes())
         return
     if out:
-        Path(out).write_text(render_text(data, fmt, title))
+        save(out, render_text(data, fmt, title).encode())
         return
     console = Console()
     if fmt == "table" and console.is_terminal:
         console.print(rich_table(data, title=title))  # long cells fold to the window
     else:
         print(render_text(data, fmt, title), end="")
+
+
+def save(out: str | Path, data: bytes) -> None:
+    """Write a result file; a full disk or an unwritable path is the user's to fix (one line)."""
+    try:
+        Path(out).write_bytes(data)
+    except OSError as e:
+        if e.errno not in ENVIRONMENT_ERRNOS:
+            raise
+        raise UserError(ENVIRONMENT_ERRNOS[e.errno], file=out, field="--out") from None

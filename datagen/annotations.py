@@ -34,6 +34,7 @@ from typing import Any, Iterable
 
 from blip3.core.errors import UserError
 from blip3.core.keys import sanitize_key
+from blip3.datagen.caption_text import caption_text
 from blip3.datagen.grounding_captions import GroundedObject, normalize_box
 
 
@@ -130,6 +131,15 @@ def _num(v: Any, where: str, p: Path, *, minimum: float | None = None, strict: b
     return x
 
 
+def _label(name: Any, p: Path, where: str) -> str:
+    """A category or object name, whitespace collapsed; one with nothing to write is refused here,
+    at load time (see `caption_text`: an empty label would read `<object></object>`)."""
+    label = " ".join(str(name).split())
+    if not caption_text(label):
+        raise _fail(f"name is empty ({name!r}); every object needs a name", p, where)
+    return label
+
+
 def _size(v: Any, where: str, p: Path) -> float | None:
     """An image's optional width/height: absent, or a number above zero."""
     return None if v is None else _num(v, where, p, minimum=0, strict=True)
@@ -157,7 +167,7 @@ def _load_coco(data: dict, p: Path, include_crowd: bool) -> AnnotationIndex:
     for j, c in enumerate(_list(data, "categories", p, required=False)):
         if not isinstance(c, dict) or "id" not in c or "name" not in c:
             raise _fail("each category needs id and name", p, f"categories[{j}]")
-        cats[c["id"]] = " ".join(str(c["name"]).split())
+        cats[c["id"]] = _label(c["name"], p, f"categories[{j}].name")
     by_id: dict[Any, AnnotatedImage] = {}
     first_seen: dict[Any, int] = {}
     for j, im in enumerate(_list(data, "images", p)):
@@ -207,7 +217,7 @@ def _load_vg(data: list, p: Path) -> AnnotationIndex:
             if not isinstance(names, list) or not names:
                 raise _fail("object has no names/name", p, where)
             x, y, w, h = _box([o.get(c) for c in "xywh"], [f"{where}.{c}" for c in "xywh"], p)
-            entry.boxes.append((" ".join(str(names[0]).split()).lower(), x, y, w, h))
+            entry.boxes.append((_label(names[0], p, f"{where}.names[0]").lower(), x, y, w, h))
         url = im.get("image_url") or im.get("url")
         idx._add(entry, [im["image_id"], url])
     return idx

@@ -7,9 +7,9 @@ from typing import Literal, Optional
 
 import typer
 
+from blip3.core.options import DbOption
 from blip3.core.shards import SHARD_DIGITS
 from blip3.datagen.images import DEFAULT_ENCODE_QUALITY
-
 from blip3.datagen.detectors import DetectionLimits
 
 _LIMITS = DetectionLimits()  # the options' defaults are the library's
@@ -59,7 +59,7 @@ def ground(
     limit: Optional[int] = typer.Option(None, "--limit", help="Only the first N input samples."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Redo all shards (default: skip finished ones)."),
     source: Optional[str] = typer.Option(None, "--source", help="Catalog source name (default: output folder name)."),
-    db: Optional[Path] = typer.Option(None, "--db", help="Catalog file (default: $BLIP3_DB or ./catalog.duckdb)."),
+    db: Path = DbOption,
 ) -> None:
     """Detect objects and write BLIP3-GROUNDING caption shards (positional, textual, bbox)."""
     from rich.markup import escape

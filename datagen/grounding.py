@@ -5,16 +5,16 @@ One image goes: tags (caption noun phrases | vocabulary | open_clip zero-shot) -
 objects in reading order -> caption variants (grounding_captions.py). Reading, validation,
 sharding and the catalog are the shared pipeline's (datagen/pipeline.py), as for OCR.
 
-Stored per sample (formats.md): `captions` = all variants `{"text", "format", "style"}`;
+Stored per sample (docs/formats.md): `captions` = all variants `{"text", "format", "style"}`;
 `metadata` = `{"objects": [{"label", "bbox", "score"}], "tags", "tag_source", "detector", ...}`,
 so `blip3 retemplate` can rebuild captions without re-detecting.
 
-No-object policy, as OCR's for "no text": by default an image where nothing is detected (or an
-annotated image with no boxes) is KEPT as a valid sample with `objects: []`, tag variants saying
-"The image contains no objects." and inline variants equal to its source caption (so `.txt` is
-the source caption, or that sentence when there is none: never empty); `n_objects = 0` in the
-sidecar lets users filter it out. With `drop_empty` (`--drop-empty`) it is recorded as failed
-with reason `no_objects` instead. An image
+No-object policy (docs/captions.md), as OCR's for "no text": by default an image where nothing is
+detected (or an annotated image with no boxes) is KEPT as a valid sample with `objects: []`, tag
+variants saying "The image contains no objects" and inline variants equal to its source caption
+(so `.txt` is the source caption, or that sentence when there is none: never empty);
+`n_objects = 0` in the sidecar lets users filter it out. With `drop_empty` (`--drop-empty`) it is
+recorded as failed with reason `no_objects` instead. An image
 with no tags (no source caption with `--tags caption`) is the same case, noted in `metadata.tags`.
 """
 

@@ -1,6 +1,6 @@
 """BLIP3-GROUNDING caption templates: one object in three formats, two caption shapes.
 
-Formats (formats.md, from the blip3-grounding-50m card), for an object `garment` with box
+Formats (docs/captions.md, from the blip3-grounding-50m card), for an object `garment` with box
 [0.512, 0.604][0.990, 0.998]:
 
     positional  garment (at the bottom right corner)
@@ -38,6 +38,9 @@ Decisions written down here because the sources are silent:
   * objects whose label is not found are appended as a trailing sentence
     (`<also lead-in> x (...).`), so no detected object is lost from the caption.
   * in the bbox format the grounded phrase itself is wrapped: `<object>phrase</object><bbox>...`.
+- Labels and the source caption are data: they go through `caption_text` (`<`/`>` become `‹`/`›`,
+  one line), so a category named `</object><bbox>...` cannot forge a box; an empty label is
+  refused (`EmptyLabel`), never written as `<object></object>`.
 """
 
 from __future__ import annotations
@@ -47,6 +50,7 @@ from dataclasses import dataclass
 from typing import Iterable, Sequence
 
 from blip3.core.errors import UserError
+from blip3.datagen.caption_text import caption_label, caption_text
 
 FORMATS = ("positional", "textual", "bbox")
 STYLES = ("tags", "inline")
@@ -133,14 +137,16 @@ def location_text(bbox: Sequence[float], fmt: str) -> str:
 
 
 def ground_phrase(phrase: str, boxes: Sequence[Sequence[float]], fmt: str) -> str:
-    """`phrase` grounded to one or more boxes in format `fmt`."""
+    """`phrase` grounded to one or more boxes in format `fmt`; the phrase is data, so it is escaped
+    (`caption_text`) and an empty one is refused (`EmptyLabel`) rather than written as `<object></object>`."""
+    phrase = caption_label(phrase)
     if fmt == "bbox":
         return f"<object>{phrase}</object>" + "".join(location_text(b, fmt) for b in boxes)
     return f"{phrase} (" + "; ".join(location_text(b, fmt) for b in boxes) + ")"
 
 
 def format_object(obj: GroundedObject, fmt: str) -> str:
-    """One object as the spec's table writes it."""
+    """One object as docs/captions.md's table writes it."""
     return ground_phrase(obj.label, [obj.bbox], fmt)
 
 
@@ -197,9 +203,10 @@ def inline_caption(
     also_lead_in: str = DEFAULT_ALSO_LEAD_IN,
 ) -> str:
     """The source caption with each object's grounding inserted after its phrase (see module doc)."""
+    caption = caption_text(caption)  # the same escaping as the labels, so they still match
     by_label: dict[str, list[GroundedObject]] = {}
     for o in reading_order(objects):
-        by_label.setdefault(o.label.strip().lower(), []).append(o)
+        by_label.setdefault(caption_text(o.label).lower(), []).append(o)
     # Longest label first; ties keep first-seen order (dicts are ordered, sort is stable).
     labels = sorted(by_label, key=lambda lab: -len(lab))
     placed: list[tuple[int, int, str]] = []

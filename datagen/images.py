@@ -1,6 +1,6 @@
 """Decode and validate one input image, with bounded memory and a documented decision per case.
 
-Decisions (quality.md "bad input"):
+Decisions (docs/bad-input.md, "Datagen inputs"):
 
 | input                               | decision                                                      |
 |-------------------------------------|---------------------------------------------------------------|

@@ -39,10 +39,9 @@ from typing import Any, BinaryIO, Iterator
 
 from blip3.core.errors import UserError
 from blip3.core.keys import sanitize_key
-from blip3.core.shards import MemberSpan, iter_tar_index, split_member_name
+from blip3.core.shards import IMAGE_EXTS, MemberSpan, iter_tar_index, read_span, split_member_name
 
 INPUT_FORMATS = ("folder", "webdataset", "img2dataset", "urls", "blip3-ocr")
-IMAGE_EXTS = ("jpg", "jpeg", "png", "webp", "bmp", "gif", "tif", "tiff")
 URL_LIST_SUFFIXES = (".parquet", ".csv", ".tsv", ".jsonl", ".json")
 
 
@@ -228,7 +227,7 @@ def load_sample(ref: SampleRef) -> InputSample:
     elif kind == "tar":
         _, path, offset, size = ref.locator
         with open(path, "rb") as f:
-            image = _read_member(f, int(offset), int(size))
+            image = read_span(f, int(offset), int(size))
     elif kind == "none":
         image = b""
     else:
@@ -332,12 +331,6 @@ def _group_members(key: str, spans: tuple[MemberSpan, ...]) -> _TarSample:
     return sample
 
 
-def _read_member(f: BinaryIO, offset: int, size: int) -> bytes:
-    """A member's data from its tar, already open (a scan opens each tar once for all its members)."""
-    f.seek(offset)
-    return f.read(size)
-
-
 def _tar_sample_refs(path: Path, f: BinaryIO, sample: _TarSample) -> Iterator[SampleRef]:
     """The refs of one tar sample: its own, then a failed one per image member not taken."""
     if sample.link is not None:
@@ -358,13 +351,13 @@ def _tar_sample_ref(path: Path, f: BinaryIO, sample: _TarSample, extra: dict[str
     record: dict[str, Any] = {}
     if "json" in sample.members:
         try:
-            record = json.loads(_read_member(f, sample.members["json"].offset, sample.members["json"].size))
+            record = json.loads(read_span(f, sample.members["json"].offset, sample.members["json"].size))
         except (json.JSONDecodeError, UnicodeDecodeError):
             record = {}
     caption = None
     if "txt" in sample.members:
         txt = sample.members["txt"]
-        caption = _read_member(f, txt.offset, txt.size).decode("utf-8", errors="replace").strip() or None
+        caption = read_span(f, txt.offset, txt.size).decode("utf-8", errors="replace").strip() or None
     if "captions" in record and "generator" in record:  # our own caption shard: `.txt` is our caption
         caption = record.get("source_caption")
     extra = extra or {}

@@ -1,6 +1,6 @@
 """BLIP3-OCR caption templates: 6 granularities x with/without the source caption = 12 variants.
 
-One entry `{"text": "MACK SHOP", "bbox": [0.192, 0.037, 0.817, 0.203]}` reads (formats.md, the
+One entry `{"text": "MACK SHOP", "bbox": [0.192, 0.037, 0.817, 0.203]}` reads (docs/captions.md, the
 paper's own example, a golden test):
 
     0  "MACK SHOP"
@@ -16,6 +16,9 @@ A caption is one sentence: `{lead_in} {entry}, {entry}, ... .` where each entry 
 `filler=""` gives `The image contains "MACK SHOP" ...`) are configurable. Granularity 5 entries are
 token spans and carry no filler. Granularity 2 uses `Fraction(c).limit_denominator(20)` of the box
 centre (y, then x); a whole fraction prints as `0` or `1`.
+
+Text from data (the OCR'd text, the source caption) goes through `caption_text.caption_text`
+first: `<`/`>` become `‹`/`›`, so an alt text holding `</ocr>` cannot forge a tag.
 
 With `include_datacomp_raw_cap=True` the source caption (alt text) leads: `{source}. {sentence}`
 (a final `.`, `!` or `?` of the source is kept instead of adding one). Without a source caption
@@ -34,6 +37,8 @@ import re
 from dataclasses import dataclass
 from fractions import Fraction
 from typing import Any
+
+from blip3.datagen.caption_text import caption_text
 
 GRANULARITIES = (0, 1, 2, 3, 4, 5)
 _GRID = (
@@ -61,9 +66,10 @@ def _fraction(v: float) -> str:
 
 
 def format_entry(text: str, bbox: list[float], granularity: int) -> str:
-    """One entry at one granularity, exactly as formats.md's table."""
+    """One entry at one granularity, exactly as docs/captions.md's table."""
     x1, y1, x2, y2 = bbox
     cx, cy = (x1 + x2) / 2, (y1 + y2) / 2
+    text = caption_text(text)  # OCR'd text is data: it cannot open or close a tag
     quoted = f'"{text}"'
     if granularity == 0:
         return quoted
@@ -94,7 +100,7 @@ def ocr_sentence(entries: list[dict[str, Any]], granularity: int, style: Caption
 
 def with_source(source: str | None, sentence: str) -> str:
     """Lead the OCR sentence with the source caption (alt text), when there is one."""
-    src = " ".join((source or "").split())
+    src = caption_text(source)
     if not src:
         return sentence
     return f"{src if src[-1] in '.!?' else src + '.'} {sentence}"

@@ -7,9 +7,9 @@ from typing import Literal, Optional
 
 import typer
 
+from blip3.core.options import DbOption
 from blip3.core.shards import SHARD_DIGITS
 from blip3.datagen.images import DEFAULT_ENCODE_QUALITY
-
 
 def register(app: typer.Typer, export: typer.Typer) -> None:
     """Add this engine's commands to the `blip3` app and its `export` group."""
@@ -37,7 +37,7 @@ def ocr(
     input_format: Optional[str] = typer.Option(None, "--input-format",
                                                help="folder | webdataset | img2dataset | urls | blip3-ocr (default: detect)."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Redo every shard (default: skip finished ones)."),
-    db: Optional[Path] = typer.Option(None, "--db", help="Catalog file (default: $BLIP3_DB or ./catalog.duckdb)."),
+    db: Path = DbOption,
     source: Optional[str] = typer.Option(None, "--source", help="Catalog source name (default: the output folder name)."),
     lead_in: str = typer.Option("The image contains", "--lead-in", help="Words before the OCR entries."),
     filler: str = typer.Option("the text", "--filler", help='Words before each entry ("" to strip, as the paper does).'),

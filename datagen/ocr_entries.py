@@ -1,7 +1,7 @@
 """Engine-independent OCR post-processing: filter, polygon -> normalised box, reading order.
 
 Every engine returns `RawText(polygon, text, confidence)` with a 4-point polygon in pixels of the
-upright image. `build_entries` turns them into the stored entries of formats.md:
+upright image. `build_entries` turns them into the stored entries of docs/formats.md:
 
     {"text", "bbox": [x1, y1, x2, y2] normalised to [0, 1] (3 decimals, clamped),
      "polygon": [[x, y] * 4] pixels (1 decimal), "confidence"}

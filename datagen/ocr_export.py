@@ -21,7 +21,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from blip3.core.errors import UserError
-from blip3.core.shards import ShardInfo, iter_tar_index, list_shards
+from blip3.core.shards import ShardInfo, iter_tar_index, list_shards, read_span
 
 BLIP3_OCR_SCHEMA = pa.schema([("uid", pa.string()), ("url", pa.string()),
                               ("captions", pa.string()), ("metadata", pa.string())])
@@ -88,6 +88,5 @@ def _iter_json_members(tar: Path) -> Iterator[tuple[str, bytes]]:
         for sample in iter_tar_index(tar):
             for member in sample.members:
                 if member.ext == "json":
-                    f.seek(member.offset)
-                    yield sample.key, f.read(member.size)
+                    yield sample.key, read_span(f, member.offset, member.size)
                     break

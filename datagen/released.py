@@ -35,13 +35,12 @@ from typing import Any, Callable, Iterator
 
 from blip3.core.errors import UserError
 from blip3.core.keys import sanitize_key
-from blip3.core.shards import SampleRow, ShardWriter
+from blip3.core.shards import IMAGE_EXTS, SampleRow, ShardWriter
 from blip3.datagen.grounding_captions import GroundedObject, parse_textual_tags
 
 RELEASED_KINDS = ("blip3-ocr", "blip3-grounding", "blip3-kale", "vlfeedback", "vlguard")
 SOURCE_KIND = {"blip3-ocr": "caption", "blip3-grounding": "caption", "blip3-kale": "caption",
                "vlfeedback": "dpo", "vlguard": "sft"}
-IMAGE_EXTS = ("jpg", "jpeg", "png", "webp", "bmp", "gif")
 OCR_DEFAULT = {"granularity": 4, "include_datacomp_raw_cap": False}  # our OCR engine's default `.txt`
 
 

@@ -11,7 +11,9 @@ import typer
 def register(app: typer.Typer) -> None:
     @app.command("demo")
     def demo(
-        out: Path = typer.Option(Path("blip3-demo"), "--out", "-o", help="Folder for everything the demo writes (replaced)."),
+        out: Path = typer.Option(Path("blip3-demo"), "--out", "-o",
+                                 help="Folder for everything the demo writes (replaced when empty or an earlier demo's)."),
+        force: bool = typer.Option(False, "--force", help="Replace --out even if it is not an earlier demo output."),
         workers: int = typer.Option(2, "--workers", help="Ray actors for OCR and grounding."),
         train_steps: Optional[int] = typer.Option(None, "--train-steps", help="Cap the steps of each training stage."),
         corpus_only: bool = typer.Option(False, "--corpus-only", help="Only write the corpus (OUT/corpus) and stop."),
@@ -20,10 +22,11 @@ def register(app: typer.Typer) -> None:
         if corpus_only:
             from blip3.core.logs import console
             from blip3.demo.corpus import build_corpus
+            from blip3.demo.run import claim_out_dir
 
-            corpus = build_corpus(out / "corpus")
+            corpus = build_corpus(claim_out_dir(out, force=force, wipe=False) / "corpus")
             console.print(f"corpus written to {corpus.root}: local/ (images), web/, scenes/ (+ coco.json)")
             return
         from blip3.demo.run import run_demo
 
-        run_demo(out, workers=workers, train_steps=train_steps)
+        run_demo(out, workers=workers, train_steps=train_steps, force=force)

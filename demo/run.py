@@ -7,7 +7,9 @@
       --> report.html (contact sheets, mixture plot, loss curves)
 
 Everything lands in one folder (default `blip3-demo/`), with its own catalog
-(`blip3-demo/catalog.duckdb`), so the demo never touches the user's catalog. Re-running starts over.
+(`blip3-demo/catalog.duckdb`), so the demo never touches the user's catalog. Re-running starts over:
+the folder is replaced only when it is empty or an earlier demo output (it holds `MARKER`);
+any other folder is refused unless the user passes `--force` (see `claim_out_dir`).
 """
 
 from __future__ import annotations
@@ -23,6 +25,34 @@ from blip3.core.logs import console
 
 REPO = Path(__file__).resolve().parents[1]
 TINY_PIPELINE = REPO / "manifests" / "tiny" / "pipeline.yaml"
+
+MARKER = ".blip3-demo"  # written into every demo folder: "this is ours to replace"
+
+
+def claim_out_dir(out: Path, *, force: bool = False, wipe: bool = True) -> Path:
+    """Make `out` the demo's folder, replacing it (`wipe`) only when that loses nothing the user made.
+
+    A folder that is missing, empty, or an earlier demo output (holds MARKER) is taken; any other
+    folder is refused unless `force`, since a mistyped `--out ~/data` would otherwise be deleted.
+    """
+    from blip3.core.errors import UserError
+
+    out = out.resolve()
+    if out.exists() and not out.is_dir():
+        raise UserError("is a file; --out needs a folder", file=out, field="--out")
+    ours = (out / MARKER).is_file() or not out.exists() or not any(out.iterdir())
+    if not ours and not force:
+        raise UserError("is not empty and is not an earlier demo output; pass --force to replace it, "
+                        "or choose another --out", file=out, field="--out")
+    if wipe and out.exists():
+        shutil.rmtree(out)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / MARKER).write_text("written by `blip3 demo`; the folder is replaced by the next demo run\n")
+    except OSError as e:
+        raise UserError(f"cannot write here: {e.strerror}", file=out, field="--out") from None
+    return out
+
 
 SOURCES_QUERY = ("SELECT source, kind, shards, samples, ok, failed, mean_caption_chars, ocr_coverage, object_coverage "
                  "FROM v_source_summary ORDER BY source")
@@ -56,8 +86,10 @@ def _write_yaml(path: Path, data: dict) -> Path:
     return path
 
 
-def run_demo(out_dir: str | Path = "blip3-demo", *, workers: int = 2, train_steps: int | None = None) -> DemoResult:
-    """Run every stage of the demo into `out_dir`; `train_steps` caps each training stage."""
+def run_demo(out_dir: str | Path = "blip3-demo", *, workers: int = 2, train_steps: int | None = None,
+             force: bool = False) -> DemoResult:
+    """Run every stage of the demo into `out_dir`; `train_steps` caps each training stage.
+    `force` replaces an `out_dir` that is not an earlier demo output (see `claim_out_dir`)."""
     from blip3.core.catalog import Catalog
     from blip3.core.ray_session import ray_session
     from blip3.core.sql import run_query
@@ -67,7 +99,7 @@ def run_demo(out_dir: str | Path = "blip3-demo", *, workers: int = 2, train_step
     from blip3.demo.corpus import build_corpus, write_url_list
     from blip3.demo.report import ReportInputs, write_report
     from blip3.demo.serve import serve_folder
-    from blip3.mixture.audit import write_audit
+    from blip3.datagen.audit import write_audit
     from blip3.mixture.build import build_manifest
     from blip3.mixture.plots import plot_mixture
     from blip3.mixture.sources import add_source
@@ -77,10 +109,7 @@ def run_demo(out_dir: str | Path = "blip3-demo", *, workers: int = 2, train_step
     from blip3.train.pipeline import run_pipeline
     from blip3.mixture.tiny_sources import ensure_tiny_data
 
-    out = Path(out_dir).resolve()
-    if out.exists():
-        shutil.rmtree(out)
-    out.mkdir(parents=True)
+    out = claim_out_dir(Path(out_dir), force=force)
     db = out / "catalog.duckdb"
     res = DemoResult(out, db, out / "report.html")
     shards = out / "shards"

@@ -1,7 +1,7 @@
 """`blip3 mix build`: resolve a mixture spec (what a user writes) into a manifest (what the
 trainer reads), and record it in the catalog.
 
-Spec (formats.md): `name`, `seed` (default 0), optional `target` (`{samples: N}` or
+Spec (docs/formats.md): `name`, `seed` (default 0), optional `target` (`{samples: N}` or
 `{tokens: N}`), optional `weight_by` (`samples` | `tokens`, default samples) and `sources`, each
 `{name, weight}` for a source registered with `blip3 source add`, or `{name, path, kind, weight}`
 for one given inline (works without a catalog). Paths may use `${VAR}` / `${VAR:-default}` and
@@ -13,7 +13,7 @@ The plan, and why:
 - The loader interleaves by samples. With `weight_by: tokens` a source's sampling weight is its
   token weight divided by its mean tokens per sample (normalised), so its share of *tokens*
   matches the spec.
-- Default target: one pass over the source with the largest weight (the spec's definition).
+- Default target: one pass over the source with the largest weight (docs/formats.md).
   A token target is turned into samples through the mean tokens per sample of the mix.
 - Planned samples per source are the weights times the target, apportioned by largest remainder
   so they sum to the target exactly; epochs = planned / available, realised tokens = planned x
@@ -24,21 +24,21 @@ The plan, and why:
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import re
+from dataclasses import astuple
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from blip3.core.catalog import SOURCE_KINDS, transaction
+from blip3.core.catalog import SOURCE_KINDS
 from blip3.core.errors import UserError
-from blip3.core.shards import file_sha256
 from blip3.core.yamlio import read_yaml
 from blip3.mixture.caption_choice import validate_caption_choice
-from blip3.mixture.manifest import WEIGHT_BY, Manifest, ManifestSource, ShardRef, write_manifest
-from blip3.mixture.tokens import TokenCounter
+from blip3.mixture.manifest import (WEIGHT_BY, Manifest, ManifestSource, ShardRef, check_verify_mode, shard_change,
+                                    write_manifest)
+from blip3.mixture.tokens import DEFAULT_VISION_TOKENS_PER_CROP, TokenCounter
 
 _VAR = re.compile(r"\$\{(\w+)(?::-([^}]*))?\}")
 
@@ -75,7 +75,7 @@ def validate_spec(data: Any, file: str | None = None) -> dict[str, Any]:
         raise err("a mixture spec is a mapping with name, seed and sources", "spec")
     if "manifest_version" in data:
         raise err("this is a built manifest, not a spec; pass it to the loader or `mix sample`", "manifest_version")
-    unknown = set(data) - {"name", "seed", "target", "weight_by", "sources", "description"}
+    unknown = set(data) - {"name", "seed", "target", "weight_by", "vision_tokens_per_crop", "sources", "description"}
     if unknown:
         raise err(f"unknown field(s) {', '.join(sorted(unknown))}", sorted(unknown)[0])
     name = data.get("name")
@@ -87,49 +87,59 @@ def validate_spec(data: Any, file: str | None = None) -> dict[str, Any]:
     weight_by = data.get("weight_by", "samples")
     if weight_by not in WEIGHT_BY:
         raise err(f"must be one of {', '.join(WEIGHT_BY)}, got {weight_by!r}", "weight_by")
-    target = data.get("target")
-    if target is not None:
-        if not isinstance(target, dict) or len(target) != 1 or next(iter(target)) not in ("samples", "tokens"):
-            raise err("must be {samples: N} or {tokens: N}", "target")
-        (unit, n), = target.items()
-        if isinstance(n, float) and n.is_integer():
-            n = int(n)
-        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
-            raise err(f"must be an integer >= 1, got {n!r}", f"target.{unit}")
-        target = {unit: n}
+    vision = data.get("vision_tokens_per_crop")
+    if vision is not None and (isinstance(vision, bool) or not isinstance(vision, int) or vision < 1):
+        raise err(f"must be an integer >= 1 (the model's vision tokens per image crop), got {vision!r}",
+                  "vision_tokens_per_crop")
+    target = _validate_target(data.get("target"), err)
     sources = data.get("sources")
     if not isinstance(sources, list) or not sources:
         raise err("must be a non-empty list of {name, weight}", "sources")
-    seen: set[str] = set()
-    out_sources = []
-    for i, s in enumerate(sources):
-        f = f"sources[{i}]"
-        if not isinstance(s, dict):
-            raise err("must be a mapping {name, weight} or {name, path, kind, weight}", f)
-        extra = set(s) - {"name", "weight", "path", "kind", "caption"}
-        if extra:
-            raise err(f"unknown field(s) {', '.join(sorted(extra))}", f"{f}.{sorted(extra)[0]}")
-        sname = s.get("name")
-        if not isinstance(sname, str) or not sname:
-            raise err(f"must be a non-empty string, got {sname!r}", f"{f}.name")
-        if sname in seen:
-            raise err(f"duplicate source {sname!r}", f"{f}.name")
-        seen.add(sname)
-        w = s.get("weight")
-        if isinstance(w, bool) or not isinstance(w, (int, float)) or not math.isfinite(w) or w <= 0:
-            raise err(f"must be a number > 0, got {w!r}", f"{f}.weight")
-        if "path" in s:
-            if not isinstance(s["path"], str) or not s["path"]:
-                raise err("must be a path, glob or brace pattern of .tar shards", f"{f}.path")
-            if s.get("kind") not in SOURCE_KINDS:
-                raise err(f"an inline source needs kind, one of {', '.join(SOURCE_KINDS)}; got {s.get('kind')!r}",
-                          f"{f}.kind")
-        elif "kind" in s:
-            raise err("kind is only given with path (a catalogued source has its kind)", f"{f}.kind")
-        if "caption" in s:
-            s = dict(s, caption=validate_caption_choice(s["caption"], field=f"{f}.caption", file=file))
-        out_sources.append(dict(s, weight=float(w)))
-    return {"name": name, "seed": seed, "weight_by": weight_by, "target": target, "sources": out_sources}
+    out_sources = [_validate_source(s, f"sources[{i}]", err, file) for i, s in enumerate(sources)]
+    for i, s in enumerate(out_sources):
+        if any(o["name"] == s["name"] for o in out_sources[:i]):
+            raise err(f"duplicate source {s['name']!r}", f"sources[{i}].name")
+    return {"name": name, "seed": seed, "weight_by": weight_by, "target": target,
+            "vision_tokens_per_crop": vision, "sources": out_sources}
+
+
+def _validate_target(target: Any, err) -> dict[str, int] | None:
+    if target is None:
+        return None
+    if not isinstance(target, dict) or len(target) != 1 or next(iter(target)) not in ("samples", "tokens"):
+        raise err("must be {samples: N} or {tokens: N}", "target")
+    (unit, n), = target.items()
+    if isinstance(n, float) and n.is_integer():
+        n = int(n)
+    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+        raise err(f"must be an integer >= 1, got {n!r}", f"target.{unit}")
+    return {unit: n}
+
+
+def _validate_source(s: Any, f: str, err, file: str | None) -> dict[str, Any]:
+    """One `sources[i]` entry: `{name, weight}` (catalogued) or `{name, path, kind, weight}`."""
+    if not isinstance(s, dict):
+        raise err("must be a mapping {name, weight} or {name, path, kind, weight}", f)
+    extra = set(s) - {"name", "weight", "path", "kind", "caption"}
+    if extra:
+        raise err(f"unknown field(s) {', '.join(sorted(extra))}", f"{f}.{sorted(extra)[0]}")
+    sname = s.get("name")
+    if not isinstance(sname, str) or not sname:
+        raise err(f"must be a non-empty string, got {sname!r}", f"{f}.name")
+    w = s.get("weight")
+    if isinstance(w, bool) or not isinstance(w, (int, float)) or not math.isfinite(w) or w <= 0:
+        raise err(f"must be a number > 0, got {w!r}", f"{f}.weight")
+    if "path" in s:
+        if not isinstance(s["path"], str) or not s["path"]:
+            raise err("must be a path, glob or brace pattern of .tar shards", f"{f}.path")
+        if s.get("kind") not in SOURCE_KINDS:
+            raise err(f"an inline source needs kind, one of {', '.join(SOURCE_KINDS)}; got {s.get('kind')!r}",
+                      f"{f}.kind")
+    elif "kind" in s:
+        raise err("kind is only given with path (a catalogued source has its kind)", f"{f}.kind")
+    if "caption" in s:
+        s = dict(s, caption=validate_caption_choice(s["caption"], field=f"{f}.caption", file=file))
+    return dict(s, weight=float(w))
 
 
 def build_manifest(
@@ -139,34 +149,27 @@ def build_manifest(
     out: str | Path | None = None,
     tokenizer: str | Path | None = None,
     crops_per_image: int = 1,
+    vision_tokens_per_crop: int | None = None,
     record: bool = True,
     verify: str = "sha256",
 ) -> Manifest:
     """Resolve `spec` into a manifest; write it to `out`; record it in the catalog.
+
+    Vision tokens per crop: the spec's `vision_tokens_per_crop`, else `vision_tokens_per_crop`
+    (the model of the stage that builds it), else the released model's; a spec that declares
+    another value than the caller's model is an error, not a silent choice.
 
     The catalog (`db`, else $BLIP3_DB / ./catalog.duckdb) is opened when `db` is given or a
     source is named without a path; the mixture is recorded there unless `record=False`.
     `verify`: "sha256" re-hashes every catalogued shard against its recorded checksum; "size"
     only checks existence and size (for very large catalogues; the loader can still hash).
     """
-    if verify not in ("sha256", "size"):
-        raise UserError(f"must be sha256 or size, got {verify!r}", field="verify")
+    check_verify_mode(verify, ("sha256", "size"))  # a manifest is only written for shards looked at
     data, file, base = load_spec(spec)
     spec_d = validate_spec(data, file)
-    counter = TokenCounter(tokenizer, crops_per_image=crops_per_image)
-    needs_catalog = db is not None or any("path" not in s for s in spec_d["sources"])
-    cat = None
-    if needs_catalog:
-        from blip3.core.catalog import Catalog, resolve_db
-
-        if db is None and not resolve_db(None).exists():
-            missing = next(i for i, s in enumerate(spec_d["sources"]) if "path" not in s)
-            raise UserError(
-                f"source {spec_d['sources'][missing]['name']!r} has no path and there is no catalog "
-                f"({resolve_db(None)}); register it with `blip3 source add` or give path and kind",
-                field=f"sources[{missing}].name", file=file,
-            )
-        cat = Catalog(db)
+    vision = _vision_tokens_per_crop(spec_d["vision_tokens_per_crop"], vision_tokens_per_crop, file)
+    counter = TokenCounter(tokenizer, vision_tokens_per_crop=vision, crops_per_image=crops_per_image)
+    cat = _open_catalog(db, spec_d["sources"], file)
     try:
         resolved = []
         for i, s in enumerate(spec_d["sources"]):
@@ -179,15 +182,40 @@ def build_manifest(
             write_manifest(manifest, out)
             manifest.path = str(out)
         if cat is not None and record:
-            record_mixture(cat, manifest, spec_d)
+            cat.record_mixture(manifest, spec_d)
     finally:
         if cat is not None:
             cat.close()
     return manifest
 
 
+def _open_catalog(db: str | Path | None, sources: list[dict], file: str | None):
+    """The catalog when `db` is given or a source is named without a path, else None (an inline
+    spec builds without one)."""
+    from blip3.core.catalog import Catalog, resolve_db
+
+    if db is None and all("path" in s for s in sources):
+        return None
+    if db is None and not resolve_db(None).exists():
+        missing = next(i for i, s in enumerate(sources) if "path" not in s)
+        raise UserError(
+            f"source {sources[missing]['name']!r} has no path and there is no catalog "
+            f"({resolve_db(None)}); register it with `blip3 source add` or give path and kind",
+            field=f"sources[{missing}].name", file=file,
+        )
+    return Catalog(db)
+
+
+def _vision_tokens_per_crop(declared: int | None, model: int | None, file: str | None) -> int:
+    if declared is not None and model is not None and declared != model:
+        raise UserError(f"the spec declares {declared} vision tokens per crop, the model has {model}",
+                        field="vision_tokens_per_crop", file=file)
+    return declared or model or DEFAULT_VISION_TOKENS_PER_CROP
+
+
 def _inline_source(s: dict, i: int, counter: TokenCounter, base: Path, file: str | None) -> ManifestSource:
-    from blip3.mixture.sources import resolve_shards, scan_shard
+    from blip3.core.shards import resolve_shards
+    from blip3.mixture.sources import scan_shard
 
     field = f"sources[{i}].path"
     try:
@@ -205,15 +233,14 @@ def _inline_source(s: dict, i: int, counter: TokenCounter, base: Path, file: str
 def _catalog_source(cat, s: dict, i: int, counter: TokenCounter, file: str | None, *,
                     checksum: bool) -> ManifestSource:
     field = f"sources[{i}].name"
-    row = cat.con.execute("SELECT kind, meta FROM sources WHERE name = ?", [s["name"]]).fetchone()
+    row = cat.source(s["name"])
     if row is None:
-        known = [r[0] for r in cat.con.execute("SELECT name FROM sources ORDER BY name").fetchall()]
         raise UserError(
-            f"unknown source {s['name']!r} (catalog {cat.path} has: {', '.join(known) or 'none'}); "
+            f"unknown source {s['name']!r} (catalog {cat.path} has: {', '.join(cat.source_names()) or 'none'}); "
             f"register it with `blip3 source add` or give path and kind",
             field=field, file=file,
         )
-    kind, meta = row[0], json.loads(row[1] or "{}")
+    kind, meta = row.kind, row.meta
     if meta.get("tokenizer") not in (None, counter.label):
         raise UserError(
             f"source {s['name']!r} was counted with tokenizer {meta['tokenizer']}, this build uses {counter.label}; "
@@ -223,23 +250,21 @@ def _catalog_source(cat, s: dict, i: int, counter: TokenCounter, file: str | Non
     if "tokenizer" in meta and meta.get("vision_tokens_per_image") != counter.vision_tokens_per_image:
         raise UserError(
             f"source {s['name']!r} was counted with {meta.get('vision_tokens_per_image')} vision tokens per image, "
-            f"this build uses {counter.vision_tokens_per_image}; re-add it with the same --crops-per-image",
+            f"this build uses {counter.vision_tokens_per_image}; re-add it with the same --crops-per-image and "
+            f"--vision-tokens-per-crop",
             field=field, file=file,
         )
-    rows = cat.con.execute(
-        "SELECT path, sha256, tar_bytes, n_success, n_tokens, status FROM shards WHERE source = ? ORDER BY path",
-        [s["name"]],
-    ).fetchall()
     shards = []
-    for path, sha, size, n, tokens, status in rows:
+    for path, sha, size, n, tokens, status in (astuple(r) for r in cat.source_shards(s["name"])):
         p = Path(path)
         if status != "ok":
             raise UserError(f"source {s['name']!r}: shard {path} changed since it was catalogued (status {status})",
                             field=field, file=file)
-        if not p.is_file():
+        change = shard_change(p, size, sha, checksum=checksum)
+        if change == "missing":
             raise UserError(f"source {s['name']!r}: shard {path} is missing (moved or deleted)", field=field, file=file)
-        if p.stat().st_size != size or (checksum and file_sha256(p) != sha):
-            raise UserError(f"source {s['name']!r}: shard {path} changed on disk (sha256 differs from the catalog)",
+        if change is not None:
+            raise UserError(f"source {s['name']!r}: shard {path} changed on disk ({change} differs from the catalog)",
                             field=field, file=file)
         if tokens is None:
             from blip3.mixture.sources import scan_shard
@@ -308,26 +333,3 @@ def _plan(spec: dict, sources: list[ManifestSource], counter: TokenCounter) -> M
         vision_tokens_per_image=counter.vision_tokens_per_image,
         created_at=datetime.now(timezone.utc).isoformat(timespec="seconds"),
     )
-
-
-def record_mixture(cat, manifest: Manifest, spec: dict) -> None:
-    """Replace the mixture's rows in `mixtures` and `mixture_sources`."""
-    con = cat.con
-    with transaction(con):
-        con.execute("DELETE FROM mixture_sources WHERE mixture = ?", [manifest.name])
-        con.execute("DELETE FROM mixtures WHERE name = ?", [manifest.name])
-        con.execute(
-            "INSERT INTO mixtures (name, manifest_path, seed, weight_by, target_samples, target_tokens, created_at, spec) "
-            "VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-            [manifest.name, None if manifest.path is None else str(Path(manifest.path).resolve()), manifest.seed,
-             manifest.weight_by, manifest.target["samples"], manifest.target["tokens"],
-             datetime.fromisoformat(manifest.created_at), json.dumps(spec)],
-        )
-        for s in manifest.sources:
-            con.execute(
-                "INSERT INTO mixture_sources (mixture, source, kind, weight, sample_weight, available_samples, "
-                "available_tokens, target_samples, target_tokens, epochs, n_shards, tokenizer) "
-                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                [manifest.name, s.name, s.kind, s.weight, s.sample_weight, s.samples, s.tokens, s.target_samples,
-                 s.target_tokens, s.epochs, len(s.shards), manifest.tokenizer],
-            )

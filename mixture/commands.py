@@ -1,5 +1,5 @@
-"""CLI of `mixture`: `blip3 source ...` (register and import sources), `blip3 mix ...` (build,
-sample, stats, plot) and `blip3 audit` (contact sheet and histograms of caption shards).
+"""CLI of `mixture`: `blip3 source ...` (register and import sources) and `blip3 mix ...` (build,
+sample, stats, plot).
 
 Heavy imports (torch through the loader, matplotlib) stay inside the commands.
 """
@@ -11,15 +11,19 @@ from typing import Optional
 
 import typer
 
-from blip3.core.tables import Format
+from blip3.core.options import DbOption, Format
 
-DbOption = typer.Option(None, "--db", help="Catalog file (default: $BLIP3_DB or ./catalog.duckdb).")
 TokenizerOption = typer.Option(
     None, "--tokenizer",
     help="Hugging Face tokenizer folder for token counts (default: $BLIP3_TOKENIZER, else an estimate "
          "of UTF-8 bytes / 4, labelled `estimate:utf8-bytes/4` in the catalog).",
 )
-CropsOption = typer.Option(1, "--crops-per-image", min=1, help="Crops each image costs (x 128 vision tokens).")
+CropsOption = typer.Option(1, "--crops-per-image", min=1, help="Crops each image costs (x vision tokens per crop).")
+VisionTokensOption = typer.Option(
+    None, "--vision-tokens-per-crop", min=1,
+    help="The model's vision tokens per image crop (its resampler latents: 16 for the tiny model). "
+         "Default: the spec's vision_tokens_per_crop, else the released phi3-mini model's 128.",
+)
 
 source_app = typer.Typer(help="Register sources (caption, interleaved, sft, dpo shards) in the catalog.",
                          no_args_is_help=True)
@@ -34,15 +38,17 @@ def source_add(
     kind: str = typer.Option("caption", "--kind", help="caption | interleaved | sft | dpo"),
     tokenizer: Optional[Path] = TokenizerOption,
     crops_per_image: int = CropsOption,
-    db: Optional[Path] = DbOption,
+    vision_tokens_per_crop: Optional[int] = VisionTokensOption,
+    db: Path = DbOption,
 ) -> None:
     """Register a source with its shards, checksums, sample and token counts (idempotent)."""
     from blip3.core.catalog import Catalog
     from blip3.core.logs import console
     from blip3.mixture.sources import add_source
-    from blip3.mixture.tokens import TokenCounter
+    from blip3.mixture.tokens import DEFAULT_VISION_TOKENS_PER_CROP, TokenCounter
 
-    counter = TokenCounter(tokenizer, crops_per_image=crops_per_image)
+    counter = TokenCounter(tokenizer, crops_per_image=crops_per_image,
+                           vision_tokens_per_crop=vision_tokens_per_crop or DEFAULT_VISION_TOKENS_PER_CROP)
     with Catalog(db) as cat:
         r = add_source(cat, name, path, kind, counter)
     console.print(f"[green]{r.name}[/] ({r.kind}): {r.shards} shard(s), {r.samples} samples, {r.tokens} tokens "
@@ -58,7 +64,7 @@ def source_import_obelics(
                                               "(default: the parquet's folder)."),
     source: Optional[str] = typer.Option(None, "--source", help="Also register the output as this source."),
     tokenizer: Optional[Path] = TokenizerOption,
-    db: Optional[Path] = DbOption,
+    db: Path = DbOption,
 ) -> None:
     """Import OBELICS/MINT-1T-shaped parquet (images by path or embedded bytes) as interleaved shards."""
     from blip3.core.logs import console
@@ -68,7 +74,7 @@ def source_import_obelics(
     console.print(f"{r.documents} document(s) written in {r.shards} shard(s), {r.failed} failed "
                   f"({', '.join(f'{k}: {v}' for k, v in r.reasons.items()) or 'none'})")
     if source:
-        source_add(source, str(output), "interleaved", tokenizer, 1, db)
+        source_add(source, str(output), "interleaved", tokenizer, 1, None, db)
 
 
 @source_app.command("tiny")
@@ -88,20 +94,20 @@ def source_tiny(
 
 @mix_app.command("build")
 def mix_build(
-    spec: Path = typer.Argument(..., help="Mixture spec YAML (formats.md)."),
+    spec: Path = typer.Argument(..., help="Mixture spec YAML (docs/formats.md)."),
     out: Path = typer.Option(..., "--out", "-o", help="Manifest to write, e.g. manifests/NAME.yaml."),
     tokenizer: Optional[Path] = TokenizerOption,
     crops_per_image: int = CropsOption,
+    vision_tokens_per_crop: Optional[int] = VisionTokensOption,
     verify: str = typer.Option("sha256", "--verify", help="sha256 (re-hash catalogued shards) | size"),
-    db: Optional[Path] = DbOption,
+    db: Path = DbOption,
 ) -> None:
     """Resolve a spec into the manifest the trainer reads, and record it in the catalog."""
-    from blip3.core.catalog import resolve_db
     from blip3.core.logs import console
     from blip3.mixture.build import build_manifest
 
-    m = build_manifest(spec, db=resolve_db(db), out=out, tokenizer=tokenizer, crops_per_image=crops_per_image,
-                       verify=verify)
+    m = build_manifest(spec, db=db, out=out, tokenizer=tokenizer, crops_per_image=crops_per_image,
+                       vision_tokens_per_crop=vision_tokens_per_crop, verify=verify)
     console.print(f"[green]{m.name}[/]: {len(m.sources)} sources, {m.target['samples']} samples, "
                   f"{m.target['tokens']} tokens \\[{m.tokenizer}] -> {out}")
     for s in m.sources:
@@ -144,13 +150,13 @@ def mix_stats(
         "table", "--format", "-f", help="Output format (parquet needs --out FOLDER: one file per table)."),
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="Write here instead of printing (a file; "
                                        "a folder for parquet)."),
-    db: Optional[Path] = DbOption,
+    db: Path = DbOption,
 ) -> None:
     """Per-source weights (target vs realised), tokens, epochs, coverage, caption lengths, failures."""
     import re
 
     from blip3.core.errors import UserError
-    from blip3.core.tables import render_text, write_result
+    from blip3.core.tables import render_text, save, write_result
     from blip3.mixture.stats import mixture_stats
 
     tables = mixture_stats(name, db)
@@ -163,7 +169,7 @@ def mix_stats(
         return
     heading = (lambda title: "") if fmt == "table" else (lambda title: f"# {title}\n")
     if out is not None:
-        out.write_text("".join(heading(t) + render_text(table, fmt, t) for t, table in tables.items()))
+        save(out, "".join(heading(t) + render_text(table, fmt, t) for t, table in tables.items()).encode())
         return
     for title, table in tables.items():
         print(heading(title), end="")
@@ -174,7 +180,7 @@ def mix_stats(
 def mix_plot(
     name: str = typer.Argument(..., help="Mixture name."),
     out: Path = typer.Option(..., "--out", "-o", help="PNG file."),
-    db: Optional[Path] = DbOption,
+    db: Path = DbOption,
 ) -> None:
     """Composition (target vs realised shares) and token budget per source, as one PNG."""
     from blip3.core.logs import console
@@ -184,22 +190,7 @@ def mix_plot(
     console.print(f"wrote {out}")
 
 
-def audit(
-    shards: str = typer.Argument(..., help="Caption shards: a folder, a .tar, a glob or a brace pattern."),
-    out: Path = typer.Option(..., "--out", "-o", help="Output folder (index.html, images/, *.png)."),
-    n: int = typer.Option(48, "-n", min=1, help="Images on the contact sheet."),
-    seed: int = typer.Option(0, "--seed"),
-) -> None:
-    """HTML contact sheet of sampled images with OCR and object boxes and captions, plus histograms."""
-    from blip3.core.logs import console
-    from blip3.mixture.audit import write_audit
-
-    r = write_audit(shards, out, n=n, seed=seed)
-    console.print(f"{r.shown} of {r.scanned} samples on {r.html}; histograms: {', '.join(p.name for p in r.plots)}")
-
-
 def register(app: typer.Typer) -> None:
-    """Add `source`, `mix` and `audit` to the `blip3` app."""
+    """Add `source` and `mix` to the `blip3` app."""
     app.add_typer(source_app, name="source")
     app.add_typer(mix_app, name="mix")
-    app.command("audit")(audit)

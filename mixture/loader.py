@@ -44,9 +44,10 @@ import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
 from blip3.core.errors import UserError
+from blip3.core.shards import read_members
 from blip3.mixture.caption_choice import apply_caption_choice
-from blip3.mixture.manifest import Manifest, ManifestSource, load_manifest
-from blip3.mixture.tar_index import TarCache, decode_sample, read_members
+from blip3.mixture.manifest import Manifest, ManifestSource, load_manifest, verify_shards
+from blip3.mixture.tar_index import TarCache, decode_sample
 
 STATE_VERSION = 1
 _STATE_KEY = "__mixture_state__"
@@ -111,7 +112,7 @@ class _SourceStream:
 
 
 class MixtureLoader(IterableDataset):
-    """Weighted, interleaved, resumable stream of samples of a manifest (contract B).
+    """Weighted, interleaved, resumable stream of samples of a manifest (docs/formats.md, "Loader samples").
 
     Yields dicts `{"source", "kind", "key", "json", "txt", "images", "epoch", "shard"}`; with
     `decode=False` only the bookkeeping fields (no member bytes read): the index mode used for
@@ -134,14 +135,10 @@ class MixtureLoader(IterableDataset):
         decode: bool = True,
     ):
         super().__init__()
-        if verify not in ("sha256", "size", "none"):
-            raise UserError(f"must be sha256, size or none, got {verify!r}", field="verify")
         if isinstance(manifest, (str, Path)):
             manifest = load_manifest(manifest, verify=verify)
-        elif verify != "none":
-            from blip3.mixture.manifest import verify_shards
-
-            verify_shards(manifest, checksum=verify == "sha256", file=manifest.path)
+        else:
+            verify_shards(manifest, verify, file=manifest.path)
         if not (0 <= rank < world_size):
             raise UserError(f"rank {rank} is not in [0, {world_size})", field="rank")
         if shuffle_buffer < 1:

@@ -1,10 +1,10 @@
 """The mixture manifest: the one file the trainer reads to know exactly which samples it will see.
 
-A manifest is what `blip3 mix build` resolves a spec into (formats.md, "Mixture spec and
-manifest"): every source with its kind, its normalised target weight, the sampling weight the
-loader interleaves by, its resolved shard list (path, sha256, bytes, samples), the counts it has
-(`samples`, `tokens`) and the counts the mixture plans to draw from it (`target_samples`,
-`target_tokens`, `epochs`). Everything needed to reproduce a run's data order is in it.
+A manifest is what `blip3 mix build` resolves a spec into (docs/formats.md, "Manifest"): every
+source with its kind, its normalised target weight, the sampling weight the loader interleaves by,
+its resolved shard list (path, sha256, bytes, samples), the counts it has (`samples`, `tokens`)
+and the counts the mixture plans to draw from it (`target_samples`, `target_tokens`, `epochs`).
+Everything needed to reproduce a run's data order is in it.
 
 YAML on disk (JSON is accepted too, it is YAML). A top-level `manifest_version` tells a built
 manifest from a spec, so passing a spec where a manifest is expected is one clear error.
@@ -27,10 +27,14 @@ from blip3.core.catalog import SOURCE_KINDS
 from blip3.core.errors import UserError
 from blip3.core.yamlio import read_yaml
 from blip3.mixture.caption_choice import validate_caption_choice
-from blip3.mixture.tokens import ESTIMATE_LABEL
+from blip3.mixture.tokens import DEFAULT_VISION_TOKENS_PER_CROP, ESTIMATE_LABEL
 
 MANIFEST_VERSION = 1
 WEIGHT_BY = ("samples", "tokens")
+#: How much of each shard is checked against the manifest before a sample is read:
+#: "sha256" (re-hash: catches any change, reads all bytes), "size" (exists with its recorded
+#: size: cheap) or "none" (the fields only).
+VERIFY_MODES = ("sha256", "size", "none")
 
 
 @dataclass
@@ -81,7 +85,7 @@ class Manifest:
     weight_by: str
     sources: list[ManifestSource]
     tokenizer: str = ESTIMATE_LABEL
-    vision_tokens_per_image: int = 128
+    vision_tokens_per_image: int = DEFAULT_VISION_TOKENS_PER_CROP
     created_at: str | None = None
     path: str | None = field(default=None, compare=False)  # where it was loaded from (not written)
 
@@ -94,6 +98,9 @@ class Manifest:
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
         d.pop("path")
+        for s in d["sources"]:
+            if s.get("caption") is None:
+                s.pop("caption", None)  # only sources that choose a caption variant say so
         return {"manifest_version": MANIFEST_VERSION, **d}
 
 
@@ -114,14 +121,33 @@ def load_manifest(path: str | Path, *, verify: str = "size") -> Manifest:
     `verify`: "none" (fields only), "size" (every shard exists with its recorded byte size; the
     default, cheap) or "sha256" (also re-hash every shard: catches any change, reads all bytes).
     """
-    if verify not in ("sha256", "size", "none"):
-        raise UserError(f"must be sha256, size or none, got {verify!r}", field="verify")
+    check_verify_mode(verify)
     path = Path(path)
     manifest = manifest_from_dict(read_yaml(path, "manifest"), file=path)
     manifest.path = str(path)
-    if verify != "none":
-        verify_shards(manifest, checksum=verify == "sha256", file=path)
+    verify_shards(manifest, verify, file=path)
     return manifest
+
+
+def check_verify_mode(verify: str, modes: tuple[str, ...] = VERIFY_MODES) -> str:
+    """`verify` if it is one of `modes` (every caller's check of the option), else a UserError."""
+    if verify not in modes:
+        raise UserError(f"must be {', '.join(modes[:-1])} or {modes[-1]}, got {verify!r}", field="verify")
+    return verify
+
+
+def shard_change(path: Path, size: int, sha256: str, *, checksum: bool) -> str | None:
+    """What differs between a shard on disk and its record: "missing", "bytes", "sha256" (only
+    looked at with `checksum`), or None when it is as recorded."""
+    from blip3.core.shards import file_sha256
+
+    if not path.is_file():
+        return "missing"
+    if path.stat().st_size != size:
+        return "bytes"
+    if checksum and file_sha256(path) != sha256:
+        return "sha256"
+    return None
 
 
 def manifest_from_dict(data: Any, *, file: str | Path | None = None) -> Manifest:
@@ -160,7 +186,8 @@ def manifest_from_dict(data: Any, *, file: str | Path | None = None) -> Manifest
         weight_by=weight_by,
         sources=sources,
         tokenizer=str(data.get("tokenizer", ESTIMATE_LABEL)),
-        vision_tokens_per_image=v.integer(data, "vision_tokens_per_image", minimum=0, default=128),
+        vision_tokens_per_image=v.integer(data, "vision_tokens_per_image", minimum=0,
+                                          default=DEFAULT_VISION_TOKENS_PER_CROP),
         created_at=data.get("created_at"),
     )
 
@@ -214,29 +241,21 @@ def _source(v: "_Validator", s: Any, prefix: str, base: Path) -> ManifestSource:
     )
 
 
-def verify_shards(manifest: Manifest, *, checksum: bool, file: str | Path | None = None) -> None:
-    """Every shard is where the manifest says, with its size (and sha256 when `checksum`)."""
-    from blip3.core.shards import file_sha256
-
+def verify_shards(manifest: Manifest, verify: str, *, file: str | Path | None = None) -> None:
+    """Every shard is where the manifest says, as `verify` (one of VERIFY_MODES) checks it."""
+    if check_verify_mode(verify) == "none":
+        return
     for i, src in enumerate(manifest.sources):
         for j, sh in enumerate(src.shards):
-            fld = f"sources[{i}].shards[{j}]"
             p = Path(sh.path)
-            if not p.is_file():
-                raise UserError(f"shard {sh.path} of source {src.name!r} is missing (moved or deleted)", field=f"{fld}.path", file=file)
-            size = p.stat().st_size
-            if size != sh.bytes:
-                raise UserError(
-                    f"shard {sh.path} of source {src.name!r} changed: {size} bytes on disk, {sh.bytes} recorded",
-                    field=f"{fld}.bytes",
-                    file=file,
-                )
-            if checksum and file_sha256(p) != sh.sha256:
-                raise UserError(
-                    f"shard {sh.path} of source {src.name!r} changed: sha256 differs from the recorded one",
-                    field=f"{fld}.sha256",
-                    file=file,
-                )
+            change = shard_change(p, sh.bytes, sh.sha256, checksum=verify == "sha256")
+            if change is None:
+                continue
+            what = {"missing": "is missing (moved or deleted)",
+                    "bytes": f"changed: {p.stat().st_size if p.is_file() else 0} bytes on disk, {sh.bytes} recorded",
+                    "sha256": "changed: sha256 differs from the recorded one"}[change]
+            raise UserError(f"shard {sh.path} of source {src.name!r} {what}",
+                            field=f"sources[{i}].shards[{j}].{'path' if change == 'missing' else change}", file=file)
 
 
 _MISSING = object()

@@ -1,4 +1,4 @@
-"""Import OBELICS / MINT-1T-shaped parquet into interleaved shards (formats.md).
+"""Import OBELICS / MINT-1T-shaped parquet into interleaved shards (docs/formats.md).
 
 Input: one row per document with parallel list columns `texts` (str | null) and `images`; an
 image is given as a file path (absolute, or relative to `image_root`, default the parquet's

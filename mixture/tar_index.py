@@ -16,9 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from blip3.core.errors import UserError
-from blip3.core.shards import SampleIndex, iter_tar_index
-
-IMAGE_EXTS = ("jpg", "jpeg", "png", "webp", "bmp", "gif", "tif", "tiff", "ppm")
+from blip3.core.shards import SampleIndex, is_image_ext, iter_tar_index
 
 
 def index_tar(path: str | Path) -> list[SampleIndex]:
@@ -29,22 +27,8 @@ def index_tar(path: str | Path) -> list[SampleIndex]:
         raise UserError(f"cannot read tar: {' '.join(str(e).split())}", file=path) from None
 
 
-def is_image_ext(ext: str) -> bool:
-    """`jpg`, or an interleaved member name like `img0.jpg`."""
-    return ext.rsplit(".", 1)[-1].lower() in IMAGE_EXTS
-
-
-def read_members(f, sample: SampleIndex) -> dict[str, bytes]:
-    """A sample's members are adjacent in the tar: one seek and one read, then slices."""
-    start = sample.members[0].offset
-    end = max(offset + size for _, offset, size in sample.members)
-    f.seek(start)
-    span = memoryview(f.read(end - start))
-    return {ext: bytes(span[offset - start: offset - start + size]) for ext, offset, size in sample.members}
-
-
 def decode_sample(raw: dict[str, bytes], *, key: str, source: str, kind: str, shard: str) -> dict[str, Any]:
-    """Raw members -> the loader's sample dict (contract B): json parsed, txt decoded, images kept
+    """Raw members -> the loader's sample dict (docs/formats.md, "Loader samples"): json parsed, txt decoded, images kept
     as bytes under their member name (`jpg` for caption shards, `img0.jpg` for documents)."""
     meta: dict[str, Any] = {}
     if "json" in raw:

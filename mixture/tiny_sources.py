@@ -4,7 +4,7 @@ training pipeline (`manifests/tiny/`, `generate: tiny`).
 
 Each image is a flat background colour with one shape in another colour, and every text names them
 ("a red circle on a blue background"), so a tiny model can learn the task in a handful of steps.
-Records follow formats.md. Two sets are written from the same pieces:
+Records follow docs/formats.md. Two sets are written from the same pieces:
 
 `write_tiny_sources(OUT)` — the catalog/mixture sources (several shards each):
     caption-ocr/        captions with the text drawn in the image and its OCR entries
@@ -33,9 +33,10 @@ from typing import NamedTuple
 
 from PIL import Image, ImageDraw
 
+from blip3.core.records import sidecar_row
 from blip3.core.shards import SampleRow, ShardWriter
 
-VERSION = 2
+VERSION = 3  # 3: grounding objects in metadata.objects; sidecar rows from core.records
 COLORS = {"red": (220, 30, 30), "green": (30, 180, 40), "blue": (30, 60, 220), "yellow": (240, 220, 30), "white": (250, 250, 250), "black": (10, 10, 10)}
 SHAPES = ("circle", "square", "triangle")
 SIZES = ((32, 32), (64, 32), (32, 64), (48, 48))
@@ -101,27 +102,14 @@ def _norm(box: tuple[int, int, int, int], w: int, h: int) -> list[float]:
     return [round(x1 / w, 3), round(y1 / h, 3), round(x2 / w, 3), round(y2 / h, 3)]
 
 
-def _row(key: str, members: dict, **extra) -> SampleRow:
-    """The sidecar row of a sample: image bytes and text characters, whatever its kind."""
-    rec = members.get("json") or {}
-    if "txt" in members:
-        chars = len(members["txt"])
-    elif "texts" in rec:
-        chars = sum(len(t) for t in rec["texts"] if t)
-    elif "conversations" in rec:
-        chars = sum(len(c["content"]) for c in rec["conversations"])
-    else:
-        chars = sum(len(rec.get(k, "")) for k in ("prompt", "chosen", "rejected"))
-    images = sum(len(v) for k, v in members.items() if k.endswith("jpg"))
-    return SampleRow(key, uid=key, image_bytes=images, caption_length=chars, **extra)
-
-
-def _write(out: Path, index: int, samples: list[Sample], name: str, failure: SampleRow | None = None,
-           rows: list[dict] | None = None) -> None:
-    """Shard `index` of `out`; `rows` adds per-sample sidecar fields (sizes, OCR/object counts)."""
+def _write(out: Path, index: int, samples: list[Sample], name: str, kind: str,
+           failure: SampleRow | None = None) -> None:
+    """Shard `index` of `out`: each sample's sidecar row is derived from its record by
+    `core.records.sidecar_row`, as for any tar written without sidecars."""
     with ShardWriter(out, index, generator={"name": name, "engine": "tiny-sources", "version": VERSION}) as wr:
-        for i, (key, members) in enumerate(samples):
-            wr.add(key, members, _row(key, members, **(rows[i] if rows else {})))
+        for key, members in samples:
+            rec, txt = members.get("json") or {}, members.get("txt")
+            wr.add(key, members, sidecar_row(kind, key, rec, members, txt))
         if failure is not None:
             wr.add_failure(failure)
 
@@ -205,9 +193,9 @@ def _safety(rng: random.Random, n: int, prefix: str = "safe") -> list[Sample]:
     return out
 
 
-def _ocr(rng: random.Random, n: int, prefix: str) -> tuple[list[Sample], list[dict]]:
-    """Captions whose image carries 0-2 words, with their OCR entries (formats.md)."""
-    samples, rows = [], []
+def _ocr(rng: random.Random, n: int, prefix: str) -> list[Sample]:
+    """Captions whose image carries 0-2 words, with their OCR entries (docs/formats.md)."""
+    samples = []
     w, h = 96, 64
     for i in range(n):
         key = f"{prefix}{i:04d}"
@@ -225,14 +213,13 @@ def _ocr(rng: random.Random, n: int, prefix: str) -> tuple[list[Sample], list[di
                   "captions": [{"text": caption, "granularity": 0, "include_datacomp_raw_cap": False}],
                   "metadata": {"entries": entries}, "status": "success"}
         samples.append((key, {"jpg": sc.jpg, "txt": caption, "json": record}))
-        rows.append({"width": w, "height": h, "n_captions": 1, "n_ocr": len(entries), "n_objects": 0,
-                     "mean_confidence": entries[0]["confidence"] if entries else None})
-    return samples, rows
+    return samples
 
 
-def _grounding(rng: random.Random, n: int, prefix: str) -> tuple[list[Sample], list[dict]]:
-    """Captions with the shape as a grounded object; about a third of the images are blank."""
-    samples, rows = [], []
+def _grounding(rng: random.Random, n: int, prefix: str) -> list[Sample]:
+    """Captions with the shape as a grounded object (in `metadata.objects`, where `blip3 ground`
+    puts them); about a third of the images are blank."""
+    samples = []
     w, h = 96, 64
     for i in range(n):
         key = f"{prefix}{i:04d}"
@@ -241,12 +228,10 @@ def _grounding(rng: random.Random, n: int, prefix: str) -> tuple[list[Sample], l
         objects = [] if blank else [{"label": sc.shape, "bbox": _norm(sc.box, w, h), "score": round(rng.uniform(0.3, 1), 3)}]
         caption = (f"The image contains nothing on a {sc.bg} background." if blank else
                    f"The image contains a {sc.fg} {sc.shape} (in the center) on a {sc.bg} background.")
-        record = {"uid": key, "width": w, "height": h, "objects": objects,
+        record = {"uid": key, "width": w, "height": h, "metadata": {"objects": objects},
                   "captions": [{"text": caption, "format": "positional", "style": "tags"}], "status": "success"}
         samples.append((key, {"jpg": sc.jpg, "txt": caption, "json": record}))
-        rows.append({"width": w, "height": h, "n_captions": 1, "n_ocr": 0, "n_objects": len(objects),
-                     "mean_confidence": objects[0]["score"] if objects else None})
-    return samples, rows
+    return samples
 
 
 # --- the two sets --------------------------------------------------------------------------------
@@ -257,26 +242,26 @@ def write_tiny_sources(out_dir: str | Path, *, shards: int = 2, per_shard: int =
     folders = {name: out / name for name in TINY_KINDS}
     rng = random.Random(f"ocr:{seed}")
     for s in range(shards):
-        samples, rows = _ocr(rng, per_shard, f"ocr{s:03d}")
-        _write(folders["caption-ocr"], s, samples, "ocr", SampleRow(f"ocr{s:03d}bad", error_message="decode: cannot identify image file"), rows)
+        _write(folders["caption-ocr"], s, _ocr(rng, per_shard, f"ocr{s:03d}"), "ocr", "caption",
+               SampleRow(f"ocr{s:03d}bad", error_message="decode: cannot identify image file"))
     rng = random.Random(f"ground:{seed}")
     for s in range(shards):
-        samples, rows = _grounding(rng, per_shard, f"gnd{s:03d}")
         big = SampleRow(f"gnd{s:03d}big", error_message="too_large: 30000x30000 exceeds max pixels") if s == 0 else None
-        _write(folders["caption-grounding"], s, samples, "grounding", big, rows)
+        _write(folders["caption-grounding"], s, _grounding(rng, per_shard, f"gnd{s:03d}"), "grounding", "caption", big)
     for kind, make in (("interleaved", _interleaved), ("sft", _chat), ("dpo", _dpo)):
         rng = random.Random(f"{kind}:{seed}")
         for s in range(shards):
-            _write(folders[kind], s, make(rng, per_shard, f"{kind[:3]}{s:03d}"), kind)
+            _write(folders[kind], s, make(rng, per_shard, f"{kind[:3]}{s:03d}"), kind, kind)
     return folders
 
 
 def _generate(root: Path) -> None:
     rng = random.Random(1234)
-    for name, samples in (("caption", _captions(rng, 64)), ("interleaved", _interleaved(rng, 16)),
-                          ("sft", _chat(rng, 32)), ("multi", _multi(rng, 16)), ("dpo", _dpo(rng, 24)),
-                          ("safety", _safety(rng, 16))):
-        _write(root / name, 0, samples, "tiny-data")
+    for name, kind, samples in (("caption", "caption", _captions(rng, 64)),
+                                ("interleaved", "interleaved", _interleaved(rng, 16)),
+                                ("sft", "sft", _chat(rng, 32)), ("multi", "sft", _multi(rng, 16)),
+                                ("dpo", "dpo", _dpo(rng, 24)), ("safety", "sft", _safety(rng, 16))):
+        _write(root / name, 0, samples, "tiny-data", kind)
     (root / "done.json").write_text(json.dumps({"version": VERSION}))
 
 

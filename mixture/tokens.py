@@ -5,9 +5,11 @@ e.g. the one saved beside a model by `save_pretrained`) or `$BLIP3_TOKENIZER`. W
 *estimated* as ceil(UTF-8 bytes / 4), the usual bytes-per-token of English BPE; the label
 `estimate:utf8-bytes/4` goes into the catalog and the manifest so nobody mistakes it for a count.
 
-Images count as the vision tokens they will cost: `vision_tokens_per_crop` (128: the Perceiver
-Resampler's latents) times `crops_per_image` (1 at pretraining's base resolution; any-res SFT
-uses the base image plus its crops, so set it to the mean crops per image there).
+Images count as the vision tokens they will cost: `vision_tokens_per_crop` (the model's Perceiver
+Resampler latents, `num_latents` in its config: 128 for the released phi3-mini, 16 for the tiny
+model) times `crops_per_image` (1 at pretraining's base resolution; any-res SFT uses the base image
+plus its crops, so set it to the mean crops per image there). Without a model at hand (`blip3
+source add`, `mix build` of a spec that does not declare it) the released model's value is used.
 """
 
 from __future__ import annotations
@@ -18,8 +20,12 @@ from pathlib import Path
 from typing import Any
 
 from blip3.core.errors import UserError
+from blip3.core.records import record_kind
+from blip3.model.config import get_config
 
 ESTIMATE_LABEL = "estimate:utf8-bytes/4"
+#: Vision tokens per crop when no model says otherwise: the released xGen-MM (phi3-mini) config's.
+DEFAULT_VISION_TOKENS_PER_CROP = get_config("phi3-mini").num_latents
 TOKENIZER_ENV = "BLIP3_TOKENIZER"
 _IMAGE_TAG = re.compile(r"<image>")
 
@@ -27,8 +33,8 @@ _IMAGE_TAG = re.compile(r"<image>")
 class TokenCounter:
     """Counts text tokens (tokenizer or estimate) plus vision tokens per image."""
 
-    def __init__(self, tokenizer: str | Path | None = None, *, vision_tokens_per_crop: int = 128,
-                 crops_per_image: int = 1):
+    def __init__(self, tokenizer: str | Path | None = None, *,
+                 vision_tokens_per_crop: int = DEFAULT_VISION_TOKENS_PER_CROP, crops_per_image: int = 1):
         tokenizer = tokenizer or os.environ.get(TOKENIZER_ENV) or None
         self.vision_tokens_per_image = vision_tokens_per_crop * crops_per_image
         self._tok = None
@@ -60,12 +66,5 @@ class TokenCounter:
 
     def sample(self, kind: str, record: dict[str, Any], txt: str | None, n_images: int) -> int:
         """Tokens of one sample of `kind` (json `record`, caption `txt`, `n_images` image members)."""
-        if kind == "caption":
-            text = self.text(txt)
-        elif kind == "interleaved":
-            text = sum(self.text(t) for t in record.get("texts", []) if t)
-        elif kind == "sft":
-            text = sum(self.text(turn.get("content")) for turn in record.get("conversations", []))
-        else:
-            text = sum(self.text(record.get(k)) for k in ("prompt", "chosen", "rejected"))
+        text = sum(self.text(t) for t in record_kind(kind).texts(record, txt))
         return text + n_images * self.vision_tokens_per_image

@@ -2,7 +2,7 @@
 
 Flamingo-style, as in xGen-MM: learned latents cross-attend to concat(media, latents), then a
 feed-forward; after `depth` such layers, LayerNorm and a projection to the LLM width. Module
-names and shapes match the released checkpoint's `vision_tokenizer` (see the spec's table), so it
+names and shapes match the released checkpoint's `vision_tokenizer` (the table written out in `tests/test_model_resampler.py`), so it
 loads with strict=True.
 """
 

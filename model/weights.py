@@ -174,14 +174,16 @@ def merge_decoupled(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 def fit_lang_model(model, vocab_size: int, head_bias: bool) -> None:
     """Resize `model`'s LLM embedding and head to `vocab_size` rows (head with a bias or not) and
     record it in `model.config`, so `save_pretrained` / `from_pretrained` rebuild the same shapes.
-    The weights are overwritten by the caller; new rows start as copies of nothing meaningful."""
+    Only shapes are set here (the new modules start uninitialised-random); the caller loads the
+    weights."""
     from torch import nn
 
     lm = model.lang_model
     old = lm.get_input_embeddings()
     head = lm.lm_head
     if old.num_embeddings != vocab_size:
-        lm.set_input_embeddings(nn.Embedding(vocab_size, old.embedding_dim, dtype=old.weight.dtype, device=old.weight.device))
+        lm.set_input_embeddings(nn.Embedding(vocab_size, old.embedding_dim, padding_idx=old.padding_idx,
+                                             dtype=old.weight.dtype, device=old.weight.device))
     if head.out_features != vocab_size or (head.bias is not None) != head_bias:
         w = head.weight
         lm.lm_head = nn.Linear(head.in_features, vocab_size, bias=head_bias, dtype=w.dtype, device=w.device)

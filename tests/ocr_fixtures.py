@@ -127,7 +127,7 @@ def exif_rotated_jpeg(img: Image.Image, orientation: int = 6) -> bytes:
 
 
 def bad_inputs() -> dict[str, bytes]:
-    """file name -> bytes for every bad-input case of quality.md (decisions in datagen/images.py)."""
+    """file name -> bytes for every bad-input case of docs/bad-input.md (decisions in datagen/images.py)."""
     base = text_image("CMYK 7")
     good_png = png_bytes(text_image("TRUNCATED"))
     rgba = text_image("ALPHA 3").convert("RGBA")

@@ -12,7 +12,7 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from blip3.cli import app
-from blip3.mixture.audit import OBJECT_COLOR, OCR_COLOR, _Card, render_card_image
+from blip3.datagen.audit import OBJECT_COLOR, OCR_COLOR, _Card, render_card_image
 from blip3.mixture.tiny_sources import draw_scene
 from tests.mixture_fixtures import tiny_sources  # noqa: F401  (fixture)
 
@@ -199,7 +199,7 @@ def test_audit_of_a_real_ocr_annotation(tmp_path):
 def test_boxes_and_labels_stand_out_on_any_background(background):
     import io
 
-    from blip3.mixture.audit import HALO_COLOR
+    from blip3.datagen.audit import HALO_COLOR
 
     buf = io.BytesIO()
     Image.new("RGB", (320, 200), background).save(buf, format="PNG")
@@ -216,3 +216,18 @@ def test_boxes_and_labels_stand_out_on_any_background(background):
 
 def _count_color_list(pixels, color) -> int:
     return sum(1 for px in pixels if all(abs(a - b) < 30 for a, b in zip(px, color)))
+
+
+def test_the_audit_lives_with_the_caption_shards_it_reads():
+    """It audits datagen's caption shards, not mixtures: datagen owns it and its command."""
+    import importlib
+
+    import typer
+
+    from blip3.datagen import audit_commands
+
+    with pytest.raises(ModuleNotFoundError):
+        importlib.import_module("blip3.mixture.audit")
+    probe = typer.Typer()
+    audit_commands.register(probe)
+    assert [c.callback.__module__ for c in probe.registered_commands] == ["blip3.datagen.audit_commands"]

@@ -94,13 +94,17 @@ def test_reregistering_a_shard_replaces_its_rows_through_the_shard_index(output_
                                ).fetchone()[0] == 1
 
 
-def test_catalog_add_cli_and_env_var(output_dir, tmp_path):
+def test_catalog_add_cli_and_env_var(output_dir, tmp_path, monkeypatch):
+    monkeypatch.setenv("COLUMNS", "200")  # one table row per source, no wrapping
     db = tmp_path / "env.duckdb"
     r = blip3("catalog", "add", str(output_dir), "--source", "mine", env_db=db)
     assert r.returncode == 0, r.stderr
-    assert "2 shard(s) added" in r.stderr
+    assert "mine: 2 shard(s) added (13 rows), 0 already catalogued" in " ".join(r.stderr.split())
     r = blip3("catalog", "stats", env_db=db)
-    assert r.returncode == 0 and "mine" in r.stdout
+    assert r.returncode == 0
+    (row,) = [line for line in r.stdout.splitlines() if "mine" in line]
+    cells = [c.strip() for c in row.strip("│ ").split("│")]
+    assert cells[:6] == ["mine", "caption", "2", "13", "10", "3"]  # source kind shards samples ok failed
     r = blip3("sql", "SELECT count(*) AS n FROM samples", "--format", "json", "--db", str(db))
     assert r.returncode == 0
     assert json.loads(r.stdout.strip()) == {"n": 13}
@@ -219,3 +223,125 @@ def test_catalog_from_before_the_img2dataset_names_is_migrated(output_dir, tmp_p
         cat.add_output(output_dir, source="new")
         rows = cat.con.execute("SELECT source, error_message FROM samples WHERE status = 'failed' ORDER BY source").fetchall()
     assert rows[-1] == ("old", "decode: x") and any(src == "new" for src, _ in rows)
+
+
+# -- hostile SQL: DuckDB's own settings refuse it, whatever the text looks like ----------------------
+HOSTILE_SQL = [
+    # (statement, a path relative to the test folder that must not appear)
+    ("WITH x AS (COPY (SELECT * FROM samples) TO '{d}/cte.csv') SELECT 1", "cte.csv"),
+    ("EXPLAIN ANALYSE COPY (SELECT 1) TO '{d}/analyse.csv'", "analyse.csv"),
+    ("EXPLAIN ANALYZE COPY (SELECT 1) TO '{d}/analyze.csv'", "analyze.csv"),
+    ("WITH x AS (COPY (SELECT 'garbage') TO '{d}/other.duckdb') SELECT 1", "other.duckdb"),
+    ("COPY (SELECT 1) TO '{d}/copy.parquet' (FORMAT parquet)", "copy.parquet"),
+    ("EXPORT DATABASE '{d}/dump'", "dump"),
+    ("ATTACH '{d}/attached.duckdb' AS o", "attached.duckdb"),
+    ("WITH x AS (DELETE FROM samples RETURNING *) SELECT count(*) FROM x", None),
+    ("SELECT * FROM read_text('/etc/shadow')", None),
+    ("SELECT * FROM read_text('/etc/hostname')", None),
+    ("SELECT * FROM read_csv('/etc/passwd')", None),
+    ("SELECT * FROM read_csv_auto('/etc/passwd')", None),
+    ("SELECT * FROM read_json_auto('/etc/passwd')", None),
+    ("SELECT * FROM read_blob('/etc/hostname')", None),
+    ("SELECT * FROM sniff_csv('/etc/passwd')", None),
+    ("SELECT * FROM parquet_metadata('{d}/src/000000.parquet')", None),
+    ("SELECT * FROM read_parquet('{d}/src/000000.parquet')", None),
+    ("SELECT * FROM glob('/root/**')", None),
+    ("SELECT * FROM glob('{d}/*')", None),
+    ("SELECT * FROM read_csv('http://127.0.0.1:9/x.csv')", None),
+    ("SELECT * FROM read_parquet('s3://bucket/x.parquet')", None),
+    ("SELECT * FROM duckdb_extensions()", None),
+    ("INSTALL httpfs", None),
+    ("LOAD httpfs", None),
+    ("SET enable_external_access = true", None),
+    ("RESET threads", None),
+    ("PRAGMA enable_profiling", None),
+    ("CALL pragma_version()", None),
+    ("SELECT * FROM query('SELECT * FROM read_text(''/etc/hostname'')')", None),
+    ("CREATE SECRET s (TYPE s3, KEY_ID 'a', SECRET 'b')", None),
+    ("DROP TABLE samples", None),
+    ("CHECKPOINT", None),
+]
+
+
+@pytest.fixture(scope="module")
+def hostile_home(tmp_path_factory):
+    """One catalog for the table below (every statement is refused, so it never changes)."""
+    d = tmp_path_factory.mktemp("hostile")
+    (d / "home").mkdir()
+    write_caption_shard(d / "src", 0, 3)
+    with Catalog(d / "c.duckdb") as cat:
+        cat.add_output(d / "src")
+    return d
+
+
+@pytest.mark.parametrize("stmt, must_not_exist", HOSTILE_SQL, ids=[s for s, _ in HOSTILE_SQL])
+def test_hostile_sql_is_refused_by_duckdb_settings(stmt, must_not_exist, hostile_home, monkeypatch):
+    d, db = hostile_home, hostile_home / "c.duckdb"
+    monkeypatch.setenv("HOME", str(d / "home"))  # where DuckDB would put ~/.duckdb/extensions
+    with pytest.raises(UserError, match="refused") as e:
+        run_query(stmt.format(d=d), db)
+    assert "\n" not in str(e.value)
+    if must_not_exist:
+        assert not (d / must_not_exist).exists()
+    assert counts(db) == (1, 1, 3)
+    assert not (d / "home" / ".duckdb").exists()
+
+
+def test_queries_still_read_the_catalog_with_its_views(output_dir, tmp_path):
+    db = tmp_path / "c.duckdb"
+    with Catalog(db) as cat:
+        cat.add_output(output_dir)
+    assert run_query("WITH s AS (SELECT * FROM samples) SELECT count(*) AS n FROM s", db).to_pylist() == [{"n": 13}]
+    plan = run_query("EXPLAIN ANALYZE SELECT count(*) FROM samples", db)  # only reads: allowed
+    assert plan.num_rows >= 1
+    assert run_query("SELECT current_setting('enable_external_access') AS e", db).to_pylist() == [{"e": False}]
+
+
+def test_hostile_sql_through_the_cli_writes_nothing(output_dir, tmp_path):
+    db = tmp_path / "c.duckdb"
+    with Catalog(db) as cat:
+        cat.add_output(output_dir)
+    target = tmp_path / "victim.duckdb"
+    with Catalog(target):
+        pass
+    size = target.stat().st_size
+    r = blip3("sql", f"WITH x AS (COPY (SELECT 'garbage') TO '{target}' (FORMAT csv)) SELECT 1", "--db", str(db))
+    assert r.returncode == 2 and "Traceback" not in r.stderr and "refused" in r.stderr
+    assert target.stat().st_size == size and counts(target) == (0, 0, 0)
+
+
+def test_db_that_is_not_duckdb_is_one_line(tmp_path):
+    bad = tmp_path / "notes.duckdb"
+    bad.write_text("just some text, not a database\n")
+    for args in (["sql", "SELECT 1"], ["catalog", "stats"]):
+        r = blip3(*args, "--db", str(bad))
+        assert r.returncode == 2 and "Traceback" not in r.stderr
+        assert "not a DuckDB catalog file" in " ".join(r.stderr.split())
+    with pytest.raises(UserError, match="not a DuckDB catalog file"):
+        Catalog(bad)
+    with pytest.raises(UserError, match="not a DuckDB catalog file"):
+        run_query("SELECT 1", tmp_path)  # a folder
+
+
+def test_catalog_locked_by_another_process_waits_then_says_so(output_dir, tmp_path):
+    import os
+
+    db = tmp_path / "c.duckdb"
+    with Catalog(db) as cat:
+        cat.add_output(output_dir)
+    holder = subprocess.Popen(
+        [sys.executable, "-c", f"import duckdb, sys; c = duckdb.connect({str(db)!r}); print('held', flush=True); sys.stdin.read()"],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        env = dict(os.environ, BLIP3_NO_PROGRESS="1", BLIP3_LOCK_WAIT="0.3")
+        for args in (["sql", "SELECT 1"], ["catalog", "add", str(output_dir)]):
+            r = subprocess.run([sys.executable, "-m", "blip3.cli", *args, "--db", str(db)],
+                               capture_output=True, text=True, env=env, cwd=REPO)
+            assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
+            text = " ".join(r.stderr.split())
+            assert "catalog is locked by another process" in text and f"PID {holder.pid}" in text
+    finally:
+        holder.stdin.close()
+        holder.wait(timeout=30)
+    assert run_query("SELECT count(*) AS n FROM samples", db).to_pylist() == [{"n": 13}]  # free again

@@ -37,7 +37,7 @@ def test_every_command_has_help_text():
 
 def test_help_lists_groups_and_imports_nothing_heavy():
     code = (
-        "import sys; from typer.testing import CliRunner; from cli import app; "
+        "import sys; from typer.testing import CliRunner; from blip3.cli import app; "
         "r = CliRunner().invoke(app, ['--help']); print(r.output); "
         "heavy = [m for m in ('torch', 'ray', 'transformers') if m in sys.modules]; print('HEAVY', heavy)"
     )

@@ -1,4 +1,4 @@
-"""Decode/validate decisions for every bad input of quality.md (no Ray: the unit under the pipeline)."""
+"""Decode/validate decisions for every bad input of docs/bad-input.md (no Ray: the unit under the pipeline)."""
 
 from __future__ import annotations
 

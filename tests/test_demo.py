@@ -24,7 +24,7 @@ def test_demo_end_to_end(tmp_path):
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     assert "report:" in r.stderr
 
-    # Caption shards, read back by webdataset, with the spec's captions.
+    # Caption shards, read back by webdataset, with the captions of docs/captions.md.
     for source in ("ocr-web", "ocr-local", "coco-grounding"):
         tars = sorted((out / "shards" / source).glob("*.tar"))
         assert tars, source
@@ -59,3 +59,31 @@ def test_demo_end_to_end(tmp_path):
     report = (out / "report.html").read_text()
     assert "losses.png" in report and "mixture.png" in report and "audit/ocr-web/index.html" in report
     assert (out / "losses.png").stat().st_size > 1000
+
+
+def test_demo_out_refuses_a_folder_that_is_not_an_earlier_demo(tmp_path):
+    from blip3.core.errors import UserError
+    from blip3.demo.run import MARKER, claim_out_dir
+
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "thesis.tex").write_text("years of work")
+    env = dict(os.environ, BLIP3_NO_PROGRESS="1")
+    for args in (["--corpus-only"], []):  # the full demo refuses before any work too
+        r = subprocess.run([sys.executable, "-m", "blip3.cli", "demo", "--out", str(mine), *args],
+                           capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300)
+        assert r.returncode == 2 and "Traceback" not in r.stderr and "--force" in r.stderr
+        assert (mine / "thesis.tex").read_text() == "years of work" and not (mine / "corpus").exists()
+    r = subprocess.run([sys.executable, "-m", "blip3.cli", "demo", "--out", str(mine), "--corpus-only", "--force"],
+                       capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert (mine / "corpus" / "scenes" / "coco.json").is_file() and (mine / MARKER).is_file()
+
+    earlier = claim_out_dir(tmp_path / "demo")  # an earlier demo's folder is replaced without --force
+    (earlier / "stale.txt").write_text("x")
+    assert claim_out_dir(earlier) == earlier and not (earlier / "stale.txt").exists()
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert claim_out_dir(empty) == empty
+    with pytest.raises(UserError, match="is a file"):
+        claim_out_dir(mine / "thesis.tex")

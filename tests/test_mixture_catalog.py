@@ -117,6 +117,14 @@ def test_mix_plot_and_sample_commands(mixed_catalog, tmp_path):
     lines = [json.loads(x) for x in (tmp_path / "s.jsonl").read_text().splitlines()]
     assert len(lines) == 40 and all({"source", "key", "kind", "epoch"} <= set(x) for x in lines)
     assert sum(x["source"] == "caption-ocr" for x in lines) == 20
+    # the first N in loader order: the same samples, in the same order, as the loader yields them
+    from blip3.mixture.loader import MixtureLoader
+
+    want = MixtureLoader(manifest, seed=3).take(40)
+    assert [x["index"] for x in lines] == list(range(40))
+    assert [(x["source"], x["key"], x["epoch"], x["shard"]) for x in lines] == [
+        (s["source"], s["key"], s["epoch"], s["shard"]) for s in want]
+    assert [x["txt"] for x in lines] == [s["txt"] for s in want]
 
 
 def test_source_add_is_idempotent_and_recounts_with_a_new_tokenizer(tmp_path, tiny_sources):  # noqa: F811

@@ -20,6 +20,7 @@ def test_init_then_generate_with_an_image(tmp_path):
     r = runner.invoke(app, ["model", "generate", str(out), "--prompt", "<image> what?", "--image", str(tmp_path / "a.png"),
                             "--max-new-tokens", "4"])
     assert r.exit_code == 0, r.output
+    assert r.output.strip()  # the generated text is printed (tests/test_bite_model.py checks it is the model's)
     # two markers, one image: a user error (exit 2), not a traceback
     r = runner.invoke(app, ["model", "generate", str(out), "--prompt", "<image> <image>", "--image", str(tmp_path / "a.png")])
     assert r.exit_code != 0 and "markers" in str(r.exception)

@@ -127,9 +127,17 @@ def test_without_anyres_one_crop_and_no_sizes(tiny_config, tiny_model):
     assert enc.images[0].shape == (1, 3, 32, 32)
     batch = p.collate([enc])
     assert "image_sizes" not in batch
+    assert enc.input_ids.count(p.placeholder_id) == tiny_config.num_latents  # one crop's latents
     with torch.no_grad():
         out = tiny_model(**batch)
+        other = tiny_model(**p.collate([p.encode_caption("a wide one", noise_image(200, 20, seed=9))]))
     assert torch.isfinite(out.loss)
+    # the loss is the caption tokens' next-token loss (placeholders never scored)
+    labels = batch["labels"][0].masked_fill(batch["input_ids"][0] == p.placeholder_id, -100)
+    want = torch.nn.functional.cross_entropy(out.logits[0, :-1], labels[1:], ignore_index=-100)
+    assert torch.allclose(out.loss, want, atol=1e-5)
+    # and the single crop reaches the model: another image changes the text's logits
+    assert not torch.allclose(out.logits[0, -1], other.logits[0, -1])
 
 
 def test_pack_refuses_a_sample_longer_than_a_row(tiny_processor):

@@ -17,7 +17,7 @@ def small(**over) -> PerceiverResampler:
 
 
 def spec_table() -> dict[str, tuple[int, ...]]:
-    """The spec's table of the released `vision_tokenizer` state dict, written out by hand."""
+    """The table of the released `vision_tokenizer` state dict, written out by hand."""
     t: dict[str, tuple[int, ...]] = {"latents": (128, 1152)}
     for i in range(6):
         for n in ("norm_media", "norm_latents"):

@@ -203,6 +203,7 @@ def test_released_decoupled_layers_give_the_same_logits(released, tiny_config, t
     assert report["skipped"] == []
     n = tiny_config.lang_model["vocab_size"]
     assert model.lang_model.lm_head.bias is not None and model.config.lm_head_bias
+    assert model.lang_model.get_input_embeddings().padding_idx == tiny_config.lang_model["pad_token_id"]
     assert model.config.lang_model["vocab_size"] == n + N_EXTRA
 
     ids = torch.tensor([[1, 7, n, 9, n + 2, n + 1, 3]])  # additional ids routed to their own rows

@@ -51,11 +51,13 @@ def test_the_run_follows_cfg_seed_not_init_seed(tmp_path):
     from blip3.train.loop import train_stage
 
     states = []
-    for seed in (1, 2):
-        cfg = tiny_stage("pretrain", tmp_path / str(seed), steps=1, checkpoint_every=0, eval_every=0, seed=seed)
+    for seed, init_seed in ((1, 0), (2, 0), (1, 5)):
+        cfg = tiny_stage("pretrain", tmp_path / f"{seed}-{init_seed}", steps=1, checkpoint_every=0, eval_every=0,
+                         seed=seed, **{"init.seed": init_seed})
         train_stage(cfg, record=False)
         states.append(torch.random.get_rng_state())
-    assert not torch.equal(states[0], states[1])
+    assert not torch.equal(states[0], states[1])  # the run's seed drives the stream...
+    assert torch.equal(states[0], states[2])  # ...and the init seed does not leak into it
 
 
 @pytest.mark.slow

@@ -8,6 +8,8 @@ from typing import Optional
 
 import typer
 
+from blip3.core.options import DbOption
+
 
 def register(app: typer.Typer) -> None:
     """Add this package's commands to the `blip3` app."""
@@ -18,7 +20,7 @@ def register(app: typer.Typer) -> None:
         resume: bool = typer.Option(False, "--resume", help="Continue from the latest checkpoint of each stage."),
         max_steps: Optional[int] = typer.Option(None, "--max-steps", help="Stop each stage after N steps (checkpointed)."),
         out: Optional[Path] = typer.Option(None, "--out", help="Put every stage's output under this folder."),
-        db: Optional[Path] = typer.Option(None, "--db", help="Catalog file (default: $BLIP3_DB or ./catalog.duckdb)."),
+        db: Path = DbOption,
     ) -> None:
         """Train one stage, or a pipeline of stages (each stage's output is the next one's init).
 

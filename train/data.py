@@ -24,6 +24,7 @@ import torch
 from PIL import Image
 
 from blip3.core.errors import UserError
+from blip3.core.records import record_kind
 from blip3.model.processor import RowPacker
 
 #: Which source kinds each stage reads.
@@ -63,11 +64,11 @@ def encode_sample(processor, sample: dict[str, Any]):
     """One non-preference sample -> `model.processor.Encoded`."""
     kind, rec = sample["kind"], sample["json"]
     if kind == "caption":
-        name = next(iter(sorted(sample["images"])), None)
-        caption = sample["txt"] if sample.get("txt") else rec.get("caption", "")
-        if name is None:
+        record = record_kind(kind)
+        names = record.image_names(rec, sample["images"])
+        if not names:
             raise UserError(f"caption sample {sample['key']} has no image member", file=sample.get("shard"))
-        return processor.encode_caption(caption, _image(sample["images"][name]))
+        return processor.encode_caption("".join(record.texts(rec, sample.get("txt"))), _image(sample["images"][names[0]]))
     if kind == "interleaved":
         images = [None if n is None else _image(_member(sample, n)) for n in rec["images"]]
         return processor.encode_interleaved(rec["texts"], images)

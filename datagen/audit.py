@@ -20,15 +20,17 @@ import html
 import io
 import json
 import random
+import tarfile
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any, Iterator
 
 import pyarrow.parquet as pq
 from PIL import Image, ImageDraw, ImageFont, ImageOps, UnidentifiedImageError
 
-from blip3.core.shards import iter_shard
-from blip3.mixture.sources import resolve_shards
-from blip3.mixture.tar_index import is_image_ext
+from blip3.core.errors import UserError
+from blip3.core.records import grounding_objects, ocr_entries
+from blip3.core.shards import is_image_ext, iter_shard, resolve_shards
 
 THUMB_WIDTH = 320
 OCR_COLOR = (230, 20, 20)
@@ -55,13 +57,6 @@ class _Card:
     entries: list[dict]
     objects: list[dict]
     frame_width: int | None = None  # width of the image the polygons' pixels refer to (json `width`)
-
-
-def _boxes(rec: dict) -> tuple[list[dict], list[dict]]:
-    meta = rec.get("metadata") if isinstance(rec.get("metadata"), dict) else {}
-    entries = [e for e in meta.get("entries") or [] if isinstance(e, dict)]
-    objects = [o for o in (rec.get("objects") or meta.get("objects") or []) if isinstance(o, dict)]
-    return entries, objects
 
 
 def _scaled_box(bbox, w: int, h: int) -> list[float] | None:
@@ -127,6 +122,34 @@ def _failed_rows(tar: Path) -> list[tuple[str, str, str]]:
     return [(tar.name, str(r["key"]), str(r["error_message"] or "")) for r in rows if r["status"] != "success"]
 
 
+def _card_html(card: _Card, name: str, out: Path) -> str:
+    """One card of the sheet; its drawn image is saved as `out/name`."""
+    img = render_card_image(card)
+    if img is None:
+        figure = '<div class="broken">image does not decode</div>'
+    else:
+        img.save(out / name, format="JPEG", quality=85)
+        figure = f'<img src="{name}" width="{img.width}" height="{img.height}" alt="{html.escape(card.key)}">'
+    legend = "".join(
+        f'<li class="ocr">{html.escape(str(e.get("text", "")))} '
+        f'<span>{e.get("confidence", "")}</span></li>' for e in card.entries
+    ) + "".join(
+        f'<li class="obj">{html.escape(str(o.get("label", "")))} <span>{o.get("score", "")}</span></li>'
+        for o in card.objects
+    )
+    return (f'<figure class="card">{figure}<figcaption><b>{html.escape(card.key)}</b> '
+            f'<small>{html.escape(card.shard)}</small><p>{html.escape(card.caption)}</p>'
+            f'<ul>{legend}</ul></figcaption></figure>')
+
+
+def _tar_samples(tar: Path) -> Iterator[dict[str, Any]]:
+    """The samples of one tar; a file that is not a tar is named in one line (a UserError)."""
+    try:
+        yield from iter_shard(tar)
+    except tarfile.TarError as e:
+        raise UserError(f"not a readable tar ({e})", file=tar) from None
+
+
 def write_audit(shards: str | Path, out: str | Path, *, n: int = 48, seed: int = 0) -> AuditResult:
     """Scan `shards`, draw a reservoir sample of `n` on a contact sheet, plot the histograms."""
     out = Path(out)
@@ -141,13 +164,13 @@ def write_audit(shards: str | Path, out: str | Path, *, n: int = 48, seed: int =
     failed: list[tuple[str, str, str]] = []
     for tar in resolve_shards(shards):
         failed += _failed_rows(Path(tar))
-        for sample in iter_shard(tar):
+        for sample in _tar_samples(tar):
             try:
                 rec = json.loads(sample["json"]) if "json" in sample else {}
             except (json.JSONDecodeError, UnicodeDecodeError):
                 rec = {}
             caption = sample["txt"].decode("utf-8", errors="replace") if "txt" in sample else ""
-            entries, objects = _boxes(rec)
+            entries, objects = ocr_entries(rec), grounding_objects(rec)
             lengths.append(len(caption))
             boxes.append(len(entries) + len(objects))
             ocr_conf += [float(e["confidence"]) for e in entries if isinstance(e.get("confidence"), (int, float))]
@@ -163,28 +186,8 @@ def write_audit(shards: str | Path, out: str | Path, *, n: int = 48, seed: int =
                 else:
                     chosen[slot] = card
     chosen.sort(key=lambda c: (c.shard, c.key))
-    cards_html = []
-    for i, card in enumerate(chosen):
-        img = render_card_image(card)
-        if img is None:
-            figure = '<div class="broken">image does not decode</div>'
-        else:
-            name = f"images/{i:04d}.jpg"
-            img.save(out / name, format="JPEG", quality=85)
-            figure = f'<img src="{name}" width="{img.width}" height="{img.height}" alt="{html.escape(card.key)}">'
-        legend = "".join(
-            f'<li class="ocr">{html.escape(str(e.get("text", "")))} '
-            f'<span>{e.get("confidence", "")}</span></li>' for e in card.entries
-        ) + "".join(
-            f'<li class="obj">{html.escape(str(o.get("label", "")))} <span>{o.get("score", "")}</span></li>'
-            for o in card.objects
-        )
-        cards_html.append(
-            f'<figure class="card">{figure}<figcaption><b>{html.escape(card.key)}</b> '
-            f'<small>{html.escape(card.shard)}</small><p>{html.escape(card.caption)}</p>'
-            f'<ul>{legend}</ul></figcaption></figure>'
-        )
-    from blip3.mixture.plots import plot_histograms
+    cards_html = [_card_html(card, f"images/{i:04d}.jpg", out) for i, card in enumerate(chosen)]
+    from blip3.datagen.audit_plots import plot_histograms
 
     plots = plot_histograms(out, lengths=lengths, boxes=boxes, ocr_conf=ocr_conf, obj_score=obj_score)
     failed_html = "".join(

@@ -1,0 +1,195 @@
+"""Mutation testing (`make mutate`): how many deliberate bugs the tests catch, per module.
+
+A test suite can pass while asserting little; breaking the code on purpose and counting the
+breaks the tests notice is the honest measure. For each module below:
+
+1. the tracked tree is copied to a scratch folder, so a mutant never touches the checkout (an
+   interrupted run leaves nothing behind), and `blip3` is made to import from that copy;
+2. cosmic-ray mutates the module in place there, one mutation at a time, and runs the module's
+   targeted tests (`MODULES`) after each; a failing (or hanging) test run kills the mutant;
+3. the kill rate per module goes to `benchmarks/results/mutation.md` (and `.json`), with the
+   surviving mutants listed (file:line, operator) so each is killed by a new test or explained
+   as equivalent in docs/testing.md.
+
+The operator set is trimmed to the mutants a reviewer would call real bugs (see `EXCLUDE`):
+cosmic-ray's full set replaces every binary operator by every other one (`a + b` -> `a << b`),
+which multiplies the run time without finding more weak tests.
+
+Slow and CPU-bound (one pytest per mutant): not in CI. Run it niced, one at a time:
+
+    nice -n 10 python -m benchmarks.mutate core/shards.py core/sql.py
+    nice -n 10 python -m benchmarks.mutate --all            # every module below
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shlex
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from collections import Counter
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+RESULTS = REPO / "benchmarks" / "results"
+
+#: Module -> the tests that guard it (fast ones; `--slow` adds the Ray/CLI end-to-end tests too).
+MODULES: dict[str, list[str]] = {
+    "core/shards.py": ["tests/test_core_shards.py", "tests/test_bite_shards.py"],
+    "core/sql.py": ["tests/test_bite_sql.py", "tests/test_core_catalog.py::test_sql_refuses_writes",
+                    "tests/test_core_catalog.py::test_sql_error_is_one_clear_line"],
+    "core/catalog.py": ["tests/test_core_catalog.py", "tests/test_core_transaction.py"],
+    "datagen/ocr_captions.py": ["tests/test_ocr_captions.py", "tests/test_bite_datagen.py::test_all_nine_ocr_grid_words",
+                                "tests/test_bite_datagen.py::test_ocr_grid_borders_at_thirds"],
+    "datagen/grounding_captions.py": ["tests/test_grounding_captions.py"],
+    "datagen/images.py": ["tests/test_datagen_images.py", "tests/test_bite_datagen.py"],
+    "datagen/pipeline.py": ["tests/test_datagen_pipeline.py"],
+    "mixture/loader.py": ["tests/test_mixture_loader.py", "tests/test_bite_mixture.py"],
+    "mixture/build.py": ["tests/test_mixture_manifest.py", "tests/test_mixture_catalog.py", "tests/test_bite_mixture.py"],
+    "model/xgenmm.py": ["tests/test_model_xgenmm.py", "tests/test_bite_model.py"],
+    "model/resampler.py": ["tests/test_model_resampler.py"],
+    "model/anyres.py": ["tests/test_model_anyres.py"],
+    "train/dpo.py": ["tests/test_train_dpo.py"],
+    "train/loop.py": ["tests/test_train_units.py", "tests/test_train_guards.py"],
+    "train/checkpoint.py": ["tests/test_train_units.py", "tests/test_train_resume.py"],
+}
+
+#: Binary-operator swaps kept: the ones a slip of the hand makes (sign, scale, integer division).
+_KEPT_BINARY = "Add_Sub|Sub_Add|Mul_Div|Div_Mul|FloorDiv_Div|Div_FloorDiv|Mod_FloorDiv|Pow_Mul"
+#: Comparison swaps kept: negations and off-by-one boundaries.
+_KEPT_COMPARE = ("Eq_NotEq|NotEq_Eq|Lt_GtE|Gt_LtE|LtE_Gt|GtE_Lt|Lt_LtE|LtE_Lt|Gt_GtE|GtE_Gt|Is_IsNot|IsNot_Is"
+                 "|In_NotIn|NotIn_In")
+EXCLUDE = [
+    rf"core/ReplaceBinaryOperator_(?!({_KEPT_BINARY})$)",
+    rf"core/ReplaceComparisonOperator_(?!({_KEPT_COMPARE})$)",
+    r"core/ReplaceUnaryOperator_",
+    r"core/VariableReplacer",
+    r"core/VariableInserter",
+    r"core/RemoveDecorator",  # @dataclass/@property removal breaks import: counted, never informative
+]
+
+
+def _copy_tree(dest: Path) -> Path:
+    """Tracked + untracked-not-ignored files of the checkout into `dest/src`; returns that folder."""
+    files = subprocess.run(["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"], cwd=REPO,
+                           check=True, capture_output=True).stdout.decode().split("\0")
+    src = dest / "src"
+    for rel in filter(None, files):
+        if (REPO / rel).is_file():
+            (src / rel).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(REPO / rel, src / rel)
+    links = dest / "links"
+    links.mkdir()
+    (links / "blip3").symlink_to(src, target_is_directory=True)  # the package maps `blip3` to the root
+    return src
+
+
+def _run_module(module: str, tests: list[str], scratch: Path, slow: bool) -> dict:
+    src = _copy_tree(scratch)
+    env = dict(os.environ, PYTHONPATH=str(scratch / "links"), BLIP3_NO_PROGRESS="1",
+               RAY_TMPDIR=str(scratch / "ray"), PYTHONDONTWRITEBYTECODE="1")
+    os.makedirs(env["RAY_TMPDIR"], exist_ok=True)
+    marker = [] if slow else ["-m", "not slow"]
+    test_cmd = [sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", *marker, *tests]
+    t0 = time.perf_counter()
+    base = subprocess.run(test_cmd, cwd=src, env=env, capture_output=True, text=True)
+    baseline_s = time.perf_counter() - t0
+    if base.returncode != 0:
+        return {"module": module, "error": "baseline tests fail", "output": base.stdout[-2000:]}
+    config = scratch / "cosmic-ray.toml"
+    config.write_text(
+        "[cosmic-ray]\n"
+        f"module-path = {json.dumps(module)}\n"
+        f"timeout = {max(60.0, 4 * baseline_s):.0f}\n"
+        "excluded-modules = []\n"
+        f"test-command = {json.dumps(shlex.join(test_cmd))}\n"
+        "[cosmic-ray.distributor]\nname = \"local\"\n"
+        "[cosmic-ray.filters.operators-filter]\n"
+        f"exclude-operators = {json.dumps(EXCLUDE)}\n"
+    )
+    session = scratch / "session.sqlite"
+    bindir = Path(sys.executable).parent
+    for cmd in (["cosmic-ray", "init", str(config), str(session)],
+                ["cr-filter-operators", str(session), str(config)],
+                ["cosmic-ray", "exec", str(config), str(session)]):
+        subprocess.run([str(bindir / cmd[0]), *cmd[1:]], cwd=src, env=env, check=True, capture_output=True)
+    summary = _summarise(module, session, src)
+    summary.update(baseline_s=round(baseline_s, 1), tests=tests, minutes=round((time.perf_counter() - t0) / 60, 1))
+    return summary
+
+
+def _summarise(module: str, session: Path, src: Path) -> dict:
+    from cosmic_ray.work_db import WorkDB, use_db
+
+    outcomes: Counter[str] = Counter()
+    survivors = []
+    lines = (src / module).read_text().splitlines()
+    with use_db(str(session), WorkDB.Mode.open) as db:
+        for item, result in db.completed_work_items:
+            if result.worker_outcome == "skipped":
+                continue
+            outcome = str(result.test_outcome or result.worker_outcome)
+            outcomes[outcome] += 1
+            if outcome == "survived":
+                m = item.mutations[0]
+                line = m.start_pos[0]
+                survivors.append({"line": line, "operator": m.operator_name.removeprefix("core/"),
+                                  "occurrence": m.occurrence, "code": lines[line - 1].strip()[:100]})
+    # incompetent mutants (the module no longer imports) are killed by any test run: count them killed
+    total = sum(outcomes.values())
+    killed = outcomes["killed"] + outcomes["incompetent"]
+    return {"module": module, "mutants": total, "killed": killed, "survived": outcomes["survived"],
+            "kill_rate": round(100 * killed / total, 1) if total else None,
+            "survivors": sorted(survivors, key=lambda s: s["line"])}
+
+
+def _write(results: list[dict]) -> Path:
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    path = RESULTS / "mutation.json"
+    old = {r["module"]: r for r in json.loads(path.read_text())} if path.exists() else {}
+    old.update({r["module"]: r for r in results})
+    merged = [old[m] for m in sorted(old)]
+    path.write_text(json.dumps(merged, indent=2))
+    rows = ["| module | mutants | killed | survived | kill rate | tests (s) | run (min) |",
+            "|---|---:|---:|---:|---:|---:|---:|"]
+    for r in merged:
+        if "error" in r:
+            rows.append(f"| {r['module']} | - | - | - | {r['error']} | - | - |")
+            continue
+        rows.append(f"| {r['module']} | {r['mutants']} | {r['killed']} | {r['survived']} | {r['kill_rate']}% "
+                    f"| {r['baseline_s']} | {r['minutes']} |")
+    rows.append("")
+    for r in merged:
+        for s in r.get("survivors", []):
+            rows.append(f"- survived {r['module']}:{s['line']} {s['operator']} #{s['occurrence']}: `{s['code']}`")
+    md = RESULTS / "mutation.md"
+    md.write_text("\n".join(rows) + "\n")
+    return md
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("modules", nargs="*", help="Module paths (default with --all: every module in MODULES).")
+    ap.add_argument("--all", action="store_true", help="Run every module in MODULES.")
+    ap.add_argument("--slow", action="store_true", help="Include the slow (Ray, end-to-end) tests.")
+    args = ap.parse_args(argv)
+    modules = list(MODULES) if args.all else args.modules
+    unknown = [m for m in modules if m not in MODULES]
+    if not modules or unknown:
+        ap.error(f"name modules from: {', '.join(MODULES)}" + (f" (unknown: {', '.join(unknown)})" if unknown else ""))
+    for module in modules:
+        with tempfile.TemporaryDirectory(prefix="blip3-mutate-") as tmp:
+            result = _run_module(module, MODULES[module], Path(tmp), args.slow)
+        md = _write([result])
+        rate = result.get("kill_rate", result.get("error"))
+        print(f"{module}: {result.get('killed')}/{result.get('mutants')} killed ({rate}) -> {md}", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,68 @@
+"""Text from data cannot forge caption tags: OCR text, labels, alt text; empty labels are refused."""
+
+from __future__ import annotations
+
+import json
+import re
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from blip3.core.errors import UserError
+from blip3.datagen.annotations import load_annotations
+from blip3.datagen.caption_text import EmptyLabel, caption_text
+from blip3.datagen.grounding_captions import GroundedObject, build_captions as grounding_captions
+from blip3.datagen.ocr_captions import build_captions as ocr_captions
+
+TAG = re.compile(r"</?(ocr|object|bbox)>")
+FORGED_BOX = "</object><bbox>[0.000, 0.000][1.000, 1.000]</bbox>"
+
+
+def _tags(text: str) -> list[str]:
+    return TAG.findall(text)
+
+
+def test_forged_category_gives_exactly_one_box_per_object():
+    objs = [GroundedObject(f"dog{FORGED_BOX}<object>cat", (0.1, 0.1, 0.2, 0.2)), GroundedObject("tree", (0.5, 0.5, 0.9, 0.9))]
+    for cap in grounding_captions(objs, "A dog</object> under a tree <bbox>[0,0][1,1]</bbox>"):
+        if cap["format"] == "bbox":
+            assert _tags(cap["text"]).count("bbox") == 2 * 2, cap  # two objects: one open + one close each
+            assert _tags(cap["text"]).count("object") == 2 * 2, cap
+        else:
+            assert not _tags(cap["text"]), cap
+    bbox_tags = next(c for c in grounding_captions(objs, None) if c["format"] == "bbox")["text"]
+    assert "<object>dog‹/object›‹bbox›[0.000, 0.000][1.000, 1.000]‹/bbox›‹object›cat</object>" in bbox_tags
+
+
+def test_alt_text_cannot_close_the_ocr_span():
+    entries = [{"text": "SALE</ocr><bbox>[0.0, 0.0][1.0, 1.0]</bbox><ocr>", "bbox": [0.1, 0.1, 0.3, 0.2]}]
+    for cap in ocr_captions(entries, "alt </ocr> text\n<ocr>x</ocr>"):
+        expected = ["ocr", "ocr", "bbox", "bbox"] if cap["granularity"] == 5 else []
+        assert _tags(cap["text"]) == expected, cap
+        assert "\n" not in cap["text"]
+
+
+def test_empty_labels_never_give_an_empty_object_span():
+    for label in ("", "   ", "\n\t"):
+        with pytest.raises(EmptyLabel):
+            grounding_captions([GroundedObject(label, (0.1, 0.1, 0.2, 0.2))], "a caption")
+
+
+@pytest.mark.parametrize("doc, field", [
+    ({"images": [{"id": 1}], "annotations": [], "categories": [{"id": 1, "name": "  "}]}, r"categories\[0\]\.name"),
+    ([{"image_id": 1, "objects": [{"x": 0, "y": 0, "w": 1, "h": 1, "names": ["\t"]}]}], r"\[0\]\.objects\[0\]\.names\[0\]"),
+])
+def test_annotation_files_with_empty_names_are_refused_at_load(tmp_path, doc, field):
+    f = tmp_path / "ann.json"
+    f.write_text(json.dumps(doc))
+    with pytest.raises(UserError, match=field + r": name is empty"):
+        load_annotations(f)
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.text(max_size=40))
+def test_caption_text_never_holds_a_tag_or_a_line_break(text):
+    out = caption_text(text)
+    assert "<" not in out and ">" not in out and "\n" not in out and "\r" not in out
+    assert out == caption_text(out)  # escaping twice changes nothing (inline grounding re-escapes)
