@@ -7,7 +7,7 @@ from typing import Literal, Optional
 
 import typer
 
-from blip3.core.options import DbOption
+from blip3.core.options import DbOption, out_option, output_path
 from blip3.core.shards import SHARD_DIGITS
 from blip3.datagen.images import DEFAULT_ENCODE_QUALITY
 from blip3.datagen.detectors import DetectionLimits
@@ -18,7 +18,8 @@ _LIMITS = DetectionLimits()  # the options' defaults are the library's
 def ground(
     input: str = typer.Argument(..., help="Images: folder, WebDataset shards (brace patterns ok), img2dataset "
                                           "output, or a parquet/CSV/JSONL of URLs (same kinds as `blip3 ocr`)."),
-    output: str = typer.Argument(..., help="Output folder for NNNNNN.tar shards and their sidecars."),
+    output: Optional[str] = typer.Argument(None, help="Output folder (the older form of -o/--out)."),
+    out: Optional[str] = out_option("output folder for the 00000.tar shards and their sidecars"),
     detector: str = typer.Option("grounding-dino", "--detector",
                                  help="grounding-dino (transformers) | groundingdino-py | annotations"),
     tags: str = typer.Option("caption", "--tags", help="caption (noun phrases) | vocab | clip (open_clip zero-shot); "
@@ -76,7 +77,7 @@ def ground(
         limits=DetectionLimits(box_threshold, text_threshold, nms_iou, min_area, max_objects),
         caption_format=caption_format, caption_style=caption_style, tag_order=tag_order,
     )
-    r = run_ground(input, output, config, input_format=input_format, workers=workers, ray_address=ray_address,
+    r = run_ground(input, output_path(output, out), config, input_format=input_format, workers=workers, ray_address=ray_address,
                    shard_size=shard_size, limit=limit, overwrite=overwrite, catalog_db=db, source_name=source,
                    gpus_per_worker=gpus_per_worker, image_output=ImageOutput(image_format, encode_quality),
                    shard_name_width=shard_name_width)
@@ -85,7 +86,8 @@ def ground(
 
 def retemplate(
     input_dir: Path = typer.Argument(..., help="Folder of grounding shards."),
-    output_dir: Path = typer.Argument(..., help="Folder for the re-captioned shards (must differ)."),
+    output_dir: Optional[Path] = typer.Argument(None, help="Output folder (the older form of -o/--out)."),
+    out: Optional[Path] = out_option("folder for the re-captioned shards (must differ from the input)"),
     caption_format: str = typer.Option("positional", "--caption-format", help=".txt format: positional|textual|bbox"),
     caption_style: Optional[str] = typer.Option(None, "--caption-style", help=".txt style: inline|tags"),
     lead_in: Optional[str] = typer.Option(None, "--lead-in", help='Tag-list lead-in (default "The image contains").'),
@@ -106,6 +108,7 @@ def retemplate(
 
     opts = TemplateOptions(caption_format, caption_style, DEFAULT_LEAD_IN if lead_in is None else lead_in,
                            DEFAULT_ALSO_LEAD_IN if also_lead_in is None else also_lead_in, tag_order)
+    output_dir = output_path(output_dir, out)
     r = run_retemplate(input_dir, output_dir, opts, overwrite=overwrite, catalog_db=db, source_name=source)
     console.print(f"[green]{output_dir}[/]: {r.shards_written} shard(s) rewritten ({r.samples} rows), "
                   f"{r.shards_skipped} already done; catalog source {r.source}")

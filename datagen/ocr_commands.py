@@ -7,7 +7,7 @@ from typing import Literal, Optional
 
 import typer
 
-from blip3.core.options import DbOption
+from blip3.core.options import DbOption, out_option, output_path
 from blip3.core.shards import SHARD_DIGITS
 from blip3.datagen.images import DEFAULT_ENCODE_QUALITY
 
@@ -20,7 +20,8 @@ def register(app: typer.Typer, export: typer.Typer) -> None:
 def ocr(
     input: str = typer.Argument(..., help="Image folder, WebDataset tars/brace pattern, img2dataset folder, "
                                           "URL list (parquet/csv/tsv/jsonl) or BLIP3-OCR parquet."),
-    output: str = typer.Argument(..., help="Output folder for NNNNNN.tar shards and sidecars."),
+    output: Optional[str] = typer.Argument(None, help="Output folder (the older form of -o/--out)."),
+    out: Optional[str] = out_option("output folder for the 00000.tar shards and their sidecars"),
     engine: str = typer.Option("rapidocr", "--engine", help="rapidocr | paddleocr"),
     workers: int = typer.Option(2, "--workers", help="OCR actors (one engine each)."),
     ray_address: Optional[str] = typer.Option(None, "--ray-address", help="Join this Ray cluster instead of a local one."),
@@ -58,7 +59,7 @@ def ocr(
     options = {}
     if engine == "paddleocr":
         options = {k: v for k, v in {"det_dir": paddle_det_dir, "rec_dir": paddle_rec_dir}.items() if v}
-    r = run_ocr(input, output, engine=engine, engine_options=options, workers=workers, ray_address=ray_address,
+    r = run_ocr(input, output_path(output, out), engine=engine, engine_options=options, workers=workers, ray_address=ray_address,
                 min_confidence=min_confidence, shard_size=shard_size, default_granularity=default_granularity,
                 input_format=input_format, overwrite=overwrite, db=db, source=source,
                 style=CaptionStyle(lead_in=lead_in, filler=filler), keep_empty=not drop_empty, limit=limit,
@@ -69,12 +70,14 @@ def ocr(
 
 def export_blip3_ocr(
     output: Path = typer.Argument(..., help="A folder of OCR caption shards (from `blip3 ocr`)."),
-    parquet_dir: Path = typer.Argument(..., help="Where to write parquet files in the published BLIP3-OCR shape."),
+    parquet_dir: Optional[Path] = typer.Argument(None, help="Output folder (the older form of -o/--out)."),
+    out: Optional[Path] = out_option("folder for parquet files in the published BLIP3-OCR shape"),
     rows_per_file: int = typer.Option(100_000, "--rows-per-file", help="Rows per parquet file."),
 ) -> None:
     """Export OCR shards to parquet with the published columns: uid, url, captions (JSON), metadata (JSON)."""
     from blip3.core.logs import console
     from blip3.datagen.ocr_export import export_blip3_ocr as run_export
 
+    parquet_dir = output_path(parquet_dir, out)
     files, rows = run_export(output, parquet_dir, rows_per_file=rows_per_file)
     console.print(f"[green]{parquet_dir}[/]: {rows} rows in {len(files)} file(s)", highlight=False)

@@ -11,7 +11,7 @@ from typing import Optional
 
 import typer
 
-from blip3.core.options import DbOption, Format
+from blip3.core.options import DbOption, Format, out_option, output_path
 
 TokenizerOption = typer.Option(
     None, "--tokenizer",
@@ -58,7 +58,8 @@ def source_add(
 @source_app.command("import-obelics")
 def source_import_obelics(
     parquet: Path = typer.Argument(..., help="OBELICS-shaped parquet (columns texts, images)."),
-    output: Path = typer.Argument(..., help="Output folder for interleaved shards."),
+    output: Optional[Path] = typer.Argument(None, help="Output folder (the older form of -o/--out)."),
+    out: Optional[Path] = out_option("output folder for interleaved shards"),
     shard_size: int = typer.Option(1000, "--shard-size", min=1, help="Documents per shard."),
     image_root: Optional[Path] = typer.Option(None, "--image-root", help="Folder relative image paths start from "
                                               "(default: the parquet's folder)."),
@@ -70,6 +71,7 @@ def source_import_obelics(
     from blip3.core.logs import console
     from blip3.mixture.obelics import import_obelics
 
+    output = output_path(output, out)
     r = import_obelics(parquet, output, shard_size=shard_size, image_root=image_root)
     console.print(f"{r.documents} document(s) written in {r.shards} shard(s), {r.failed} failed "
                   f"({', '.join(f'{k}: {v}' for k, v in r.reasons.items()) or 'none'})")
@@ -79,16 +81,17 @@ def source_import_obelics(
 
 @source_app.command("tiny")
 def source_tiny(
-    output: Path = typer.Argument(..., help="Folder to write the tiny sources into."),
-    shards: int = typer.Option(2, "--shards", min=1),
-    per_shard: int = typer.Option(24, "--per-shard", min=1),
-    seed: int = typer.Option(0, "--seed"),
+    output: Optional[Path] = typer.Argument(None, help="Output folder (the older form of -o/--out)."),
+    out: Optional[Path] = out_option("folder to write the tiny sources into"),
+    shards: int = typer.Option(2, "--shards", min=1, help="Shards per source."),
+    per_shard: int = typer.Option(24, "--per-shard", min=1, help="Samples per shard."),
+    seed: int = typer.Option(0, "--seed", help="Seed of the generated content."),
 ) -> None:
     """Write tiny sources of every kind (the data of manifests/tiny-mix.yaml)."""
     from blip3.core.logs import console
     from blip3.mixture.tiny_sources import write_tiny_sources
 
-    for name, folder in write_tiny_sources(output, shards=shards, per_shard=per_shard, seed=seed).items():
+    for name, folder in write_tiny_sources(output_path(output, out), shards=shards, per_shard=per_shard, seed=seed).items():
         console.print(f"{name}: {folder}")
 
 

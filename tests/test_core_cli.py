@@ -78,3 +78,33 @@ def test_piped_table_keeps_one_line_per_row_and_out_file_is_not_printed(tmp_path
     r = subprocess.run([sys.executable, "-m", "blip3.cli", "catalog", "stats", "--db", str(db), "-f", "parquet",
                         "-o", str(pq_out)], capture_output=True, text=True, cwd=REPO)
     assert r.returncode == 0 and pq.read_table(pq_out).column("source")[0].as_py().startswith("a-source-with")
+
+
+def test_every_option_has_help_and_a_long_form():
+    import click
+
+    from blip3.cli import app
+
+    for path, cmd in _walk(typer.main.get_command(app)):
+        for p in getattr(cmd, "params", []):
+            if isinstance(p, click.Option):
+                where = f"`blip3 {' '.join(path)}` {p.opts}"
+                assert (p.help or "").strip(), f"{where} has no help text"
+                assert any(o.startswith("--") for o in p.opts), f"{where} has no long form"
+
+
+def test_output_is_dash_o_everywhere_and_the_positional_form_still_works(tmp_path):
+    """`-o/--out` names the output of every command that writes a folder; the older positional
+    form is kept; both given and disagreeing is one clear line."""
+    def run(*args):
+        return subprocess.run([sys.executable, "-m", "blip3.cli", *args], capture_output=True, text=True, cwd=REPO)
+
+    new, old = tmp_path / "new", tmp_path / "old"
+    assert run("source", "tiny", "-o", str(new), "--shards", "1", "--per-shard", "2").returncode == 0
+    assert run("source", "tiny", str(old), "--shards", "1", "--per-shard", "2").returncode == 0
+    assert sorted(p.relative_to(new).as_posix() for p in new.rglob("*")) == sorted(
+        p.relative_to(old).as_posix() for p in old.rglob("*"))
+    r = run("source", "tiny", str(old), "-o", str(new))
+    assert r.returncode == 2 and "pass it once, as -o/--out" in r.stderr and "Traceback" not in r.stderr
+    r = run("source", "tiny")
+    assert r.returncode == 2 and r.stderr.strip() == "error: --out: missing the output folder: pass -o/--out"
