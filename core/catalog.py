@@ -324,13 +324,18 @@ class Catalog:
         name = source or out.resolve().name
         self.upsert_source(name, kind, out)
         result = AddResult(source=name)
-        for info in shards:
-            # One bad shard (a corrupt sidecar, a vanished tar) is reported, never a reason to leave
-            # the rest of the folder unregistered; each shard is its own transaction.
-            try:
-                self._add_shard(info, name, refresh, result, verify)
-            except (duckdb.Error, OSError, UserError) as e:
-                result.failed.append((str(info.tar), " ".join(str(e).split())[:300]))
+        from blip3.core.logs import progress
+
+        with progress(transient=True) as bar:
+            task = bar.add_task(f"catalog add {name}", total=len(shards))
+            for info in shards:
+                # One bad shard (a corrupt sidecar, a vanished tar) is reported, never a reason to leave
+                # the rest of the folder unregistered; each shard is its own transaction.
+                try:
+                    self._add_shard(info, name, refresh, result, verify)
+                except (duckdb.Error, OSError, UserError) as e:
+                    result.failed.append((str(info.tar), " ".join(str(e).split())[:300]))
+                bar.advance(task)
         result.failed.extend(unlisted)
         self.refresh_source_counts(name)
         return result
