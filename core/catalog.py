@@ -246,6 +246,13 @@ class AddResult:
     rows: int = 0
     failed: list[tuple[str, str]] = field(default_factory=list)  # (shard path, reason): not registered
 
+    def check(self) -> "AddResult":
+        """Raise a UserError with the summary when a shard was not registered (for callers whose
+        job is otherwise done: the user must learn that the catalog lacks part of the folder)."""
+        if self.failed:
+            raise UserError(f"{self.summary()}; fix it and run `blip3 catalog add` on the folder again")
+        return self
+
     def summary(self) -> str:
         """One line: what was registered and, when some shards were not, how many and the first."""
         line = f"{self.source}: {self.added} shard(s) added ({self.rows} rows), {self.skipped} already catalogued"

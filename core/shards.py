@@ -25,6 +25,7 @@ Tars are deterministic (fixed mtime, owner and mode), so the same input gives th
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import hashlib
 import io
@@ -212,6 +213,7 @@ class ShardWriter:
         self.generator = dict(generator or {})
         self.tar_path, self.parquet_path, self.stats_path = shard_paths(self.out_dir, self.name)
         self._tmp_tar = self.tar_path.with_name(f".{self.tar_path.name}.tmp-{os.getpid()}")
+        self._tmp_parquet = self.parquet_path.with_name(f".{self.parquet_path.name}.tmp-{os.getpid()}")
         self._file = open(self._tmp_tar, "wb")
         self._hashed = _HashingFile(self._file)
         self._tar = tarfile.open(fileobj=self._hashed, mode="w", format=tarfile.GNU_FORMAT)
@@ -258,10 +260,18 @@ class ShardWriter:
 
     # -- publishing --------------------------------------------------------------------------
     def close(self, extra_stats: dict[str, Any] | None = None) -> ShardInfo:
-        """Publish the shard atomically and return its info."""
+        """Publish the shard atomically and return its info; when publishing fails (a full disk),
+        the temporary files are removed, so a failed run leaves nothing taking up the space."""
         if self._closed:
             raise RuntimeError("shard already closed")
         self._closed = True
+        try:
+            return self._publish(extra_stats)
+        except BaseException:
+            self._discard()
+            raise
+
+    def _publish(self, extra_stats: dict[str, Any] | None) -> ShardInfo:
         self._tar.close()
         self._file.flush()
         os.fsync(self._file.fileno())
@@ -270,7 +280,7 @@ class ShardWriter:
         table = rows_to_table(self._rows)
         buf = pa.BufferOutputStream()
         pq.write_table(table, buf, compression="zstd")
-        tmp_parquet = self.parquet_path.with_name(f".{self.parquet_path.name}.tmp-{os.getpid()}")
+        tmp_parquet = self._tmp_parquet
         with open(tmp_parquet, "wb") as f:
             f.write(buf.getvalue().to_pybytes())
             f.flush()
@@ -312,11 +322,17 @@ class ShardWriter:
         if self._closed:
             return
         self._closed = True
-        try:
+        self._discard()
+
+    def _discard(self) -> None:
+        """Remove the temporary files. Closing may fail again (the disk that made the writer fail is
+        still full); that must not keep the files, and the first error is the one the caller sees."""
+        with contextlib.suppress(OSError):
             self._tar.close()
-        finally:
+        with contextlib.suppress(OSError):
             self._file.close()
-            self._tmp_tar.unlink(missing_ok=True)
+        self._tmp_tar.unlink(missing_ok=True)
+        self._tmp_parquet.unlink(missing_ok=True)
 
     def __enter__(self) -> "ShardWriter":
         return self
@@ -447,13 +463,22 @@ def split_member_name(name: str) -> tuple[str, str]:
     return (f"{head}/{key}" if head else key), ext
 
 
+def _members(tar: tarfile.TarFile) -> Iterator[tarfile.TarInfo]:
+    """The tar's members in order, without keeping them: iterating a TarFile appends every header
+    to `tar.members`, so indexing a 200k-member input tar would hold 200k TarInfo objects in the
+    job's driver. Only regular members are read afterwards, which needs no earlier header."""
+    while (member := tar.next()) is not None:
+        tar.members.clear()
+        yield member
+
+
 def _keyed_files(tar: tarfile.TarFile, skipped: list[tarfile.TarInfo] | None = None
                  ) -> Iterator[tuple[str, str, tarfile.TarInfo]]:
     """(key, ext, member) for each regular file, in tar order: consecutive equal keys form a sample.
 
     Links and device entries carry no data of their own; they are passed over, and appended to
     `skipped` when given so a reader that must account for every input can report them."""
-    for member in tar:
+    for member in _members(tar):
         if member.isfile():
             key, ext = split_member_name(member.name)
             yield key, ext, member

@@ -294,7 +294,7 @@ def run_job(
         from blip3.core.catalog import Catalog
 
         with Catalog(catalog_db) as cat:
-            result.source = cat.add_output(out, source=source_name, kind="caption").source
+            result.source = cat.add_output(out, source=source_name, kind="caption").check().source
     result.duration_s = round(time.time() - started, 3)
     return result
 

@@ -18,6 +18,7 @@ from typing import Any
 
 from blip3.core.errors import UserError
 from blip3.core.shards import SampleRow, ShardWriter, iter_shard, list_shards, read_sidecar, read_stats, shard_complete
+from blip3.datagen.caption_text import EmptyLabel
 from blip3.datagen.grounding_captions import (
     DEFAULT_ALSO_LEAD_IN,
     DEFAULT_LEAD_IN,
@@ -117,7 +118,12 @@ def _rewrite_shard(info: Any, dst: Path, opts: TemplateOptions, generator: dict[
             sample = next(samples, None)
             if sample is None or sample["__key__"] != row.key:
                 raise UserError(f"tar and sidecar disagree at key {row.key!r}", file=info.tar)
-            txt, record = retemplate_record(json.loads(sample["json"]), opts)
+            try:
+                txt, record = retemplate_record(json.loads(sample["json"]), opts)
+            except EmptyLabel as e:  # an object stored before labels were checked: a row with its reason
+                row.status, row.error = "failed", f"caption: {e}"
+                w.add_failure(row)
+                continue
             members = {k: v for k, v in sample.items() if not k.startswith("__")}
             members["txt"], members["json"] = txt, record
             row.caption, row.caption_length, row.n_captions = txt, len(txt), len(record["captions"])

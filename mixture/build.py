@@ -30,7 +30,7 @@ import re
 from dataclasses import astuple
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
+from typing import Any, Mapping
 
 from blip3.core.catalog import SOURCE_KINDS
 from blip3.core.errors import UserError
@@ -43,11 +43,12 @@ from blip3.mixture.tokens import DEFAULT_VISION_TOKENS_PER_CROP, TokenCounter
 _VAR = re.compile(r"\$\{(\w+)(?::-([^}]*))?\}")
 
 
-def expand_path(text: str, *, field: str, file: str | None) -> str:
-    """`${VAR}` and `${VAR:-default}` from the environment; an unset VAR without default is an error."""
+def expand_path(text: str, *, field: str, file: str | None, variables: Mapping[str, str] | None = None) -> str:
+    """`${VAR}` and `${VAR:-default}` from `variables` (what the trainer's prepare step made), else
+    the environment; an unset VAR without default is an error."""
 
     def sub(m: re.Match) -> str:
-        val = os.environ.get(m.group(1))
+        val = (variables or {}).get(m.group(1)) or os.environ.get(m.group(1))
         if val:
             return val
         if m.group(2) is not None:
@@ -152,6 +153,7 @@ def build_manifest(
     vision_tokens_per_crop: int | None = None,
     record: bool = True,
     verify: str = "sha256",
+    variables: Mapping[str, str] | None = None,
 ) -> Manifest:
     """Resolve `spec` into a manifest; write it to `out`; record it in the catalog.
 
@@ -174,7 +176,7 @@ def build_manifest(
         resolved = []
         for i, s in enumerate(spec_d["sources"]):
             if "path" in s:
-                resolved.append(_inline_source(s, i, counter, base, file))
+                resolved.append(_inline_source(s, i, counter, base, file, variables))
             else:
                 resolved.append(_catalog_source(cat, s, i, counter, file, checksum=verify == "sha256"))
         manifest = _plan(spec_d, resolved, counter)
@@ -213,13 +215,14 @@ def _vision_tokens_per_crop(declared: int | None, model: int | None, file: str |
     return declared or model or DEFAULT_VISION_TOKENS_PER_CROP
 
 
-def _inline_source(s: dict, i: int, counter: TokenCounter, base: Path, file: str | None) -> ManifestSource:
+def _inline_source(s: dict, i: int, counter: TokenCounter, base: Path, file: str | None,
+                   variables: Mapping[str, str] | None = None) -> ManifestSource:
     from blip3.core.shards import resolve_shards
     from blip3.mixture.sources import scan_shard
 
     field = f"sources[{i}].path"
     try:
-        tars = resolve_shards(expand_path(s["path"], field=field, file=file), base)
+        tars = resolve_shards(expand_path(s["path"], field=field, file=file, variables=variables), base)
     except UserError as e:
         raise UserError(f"source {s['name']!r}: {e}", field=field, file=file) from None
     shards = []

@@ -153,3 +153,42 @@ def test_duplicate_key_is_recorded_not_written_twice(tmp_path):
     side = pq.read_table(tmp_path / "00000.parquet").to_pylist()
     assert [r["status"] for r in side] == ["success", "failed"]
     assert side[1]["error_message"].startswith("duplicate key")
+
+
+def test_a_writer_that_fails_on_a_full_disk_leaves_no_temporary_files(tmp_path, monkeypatch):
+    """ENOSPC while publishing (here from fsync, the write boundary) or while adding (a real tiny
+    tmpfs when it can be mounted): the error reaches the caller and the folder holds no temp files."""
+    import errno
+    import shutil
+    import subprocess
+
+    from blip3.core.shards import SampleRow, ShardWriter
+
+    out = tmp_path / "out"
+    w = ShardWriter(out, 0)
+    w.add("k", {"txt": "x"}, SampleRow("k"))
+
+    def full(fd):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr("blip3.core.shards.os.fsync", full)
+    with pytest.raises(OSError) as e:
+        w.close()
+    assert e.value.errno == errno.ENOSPC
+    assert list(out.iterdir()) == []
+    monkeypatch.undo()
+
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    if shutil.which("mount") is None or subprocess.run(["mount", "-t", "tmpfs", "-o", "size=16k", "tmpfs", str(disk)],
+                                                       capture_output=True).returncode != 0:
+        pytest.skip("cannot mount a tmpfs here")
+    try:
+        with pytest.raises(OSError) as e:
+            with ShardWriter(disk, 0) as w:
+                for i in range(8):
+                    w.add(f"k{i}", {"bin": os.urandom(8192)}, SampleRow(f"k{i}"))
+        assert e.value.errno == errno.ENOSPC
+        assert list(disk.iterdir()) == []
+    finally:
+        subprocess.run(["umount", str(disk)], check=False)

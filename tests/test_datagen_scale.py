@@ -123,3 +123,61 @@ def test_object_store_output_is_refused_not_written_to_a_local_folder(tmp_path):
     assert local_path("rel/out", "output") == Path("rel/out")
     with pytest.raises(UserError, match="hf:// locations"):
         local_path(Path("hf://datasets/x"), "output")  # what pathlib leaves of a URL is caught too
+
+
+def test_tar_index_memory_stays_flat_in_the_number_of_members(tmp_path):
+    """Planning over a big input tar keeps no per-member state: tarfile's own member list would
+    hold one TarInfo per member (about 2 MB for 5k members)."""
+    import io
+    import tarfile
+    import tracemalloc
+
+    from blip3.datagen.inputs import iter_raw_refs
+    from blip3.datagen.plans import iter_plans
+
+    path = tmp_path / "big.tar"
+    with tarfile.open(path, "w") as tar:
+        for i in range(5_000):
+            info = tarfile.TarInfo(f"{i:07d}.jpg")
+            info.size = 1
+            tar.addfile(info, io.BytesIO(b"x"))
+    tracemalloc.start()
+    try:
+        n = sum(len(p.refs) for p in iter_plans(iter_raw_refs(path), 100))
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert n == 5_000
+    assert peak < 1_000_000, f"planning 5k members peaked at {peak / 1e6:.1f} MB"
+
+
+@pytest.mark.slow
+def test_multi_node_cluster_joined_by_address_writes_the_bytes_of_a_local_run(ray_local, tmp_path):
+    """Two raylets (`ray.cluster_utils.Cluster`), joined with --ray-address: each node's actors
+    write their shards themselves, byte-identical to a local one-worker run."""
+    from ray.cluster_utils import Cluster
+
+    from blip3.datagen.grounding import make_config
+
+    src = _images(tmp_path / "in", 8)
+    coco = tmp_path / "coco.json"
+    coco.write_text('{"images": [' + ", ".join(
+        f'{{"id": {i}, "file_name": "img{i}.png"}}' for i in range(8)) + '], "annotations": ['
+        '{"id": 1, "image_id": 3, "bbox": [1, 2, 30, 20], "category_id": 1}], '
+        '"categories": [{"id": 1, "name": "sign"}]}')
+    ref = tmp_path / "ref"
+    run_job(src, ref, make_config(detector="annotations", annotations=coco), workers=1, shard_size=2, register=False)
+
+    cluster = Cluster(initialize_head=True, connect=False, head_node_args={"num_cpus": 1})
+    try:
+        cluster.add_node(num_cpus=1)
+        cluster.wait_for_nodes()
+        env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+        out = tmp_path / "out"
+        r = _cli(["ground", str(src), str(out), "--detector", "annotations", "--annotations", str(coco),
+                  "--workers", "2", "--shard-size", "2", "--ray-address", cluster.address,
+                  "--db", str(tmp_path / "c.duckdb")], env)
+        assert r.returncode == 0, r.stderr[-3000:]
+    finally:
+        cluster.shutdown()
+    assert _tar_hashes(out) == _tar_hashes(ref) and len(_tar_hashes(ref)) == 4

@@ -81,6 +81,11 @@ def _write(tmp_path, body: dict) -> Path:
         ({"anyres": "yes"}, "anyres", "true or false"),
         ({"output_dir": None}, "output_dir", "required"),
         ({"data": {"spec": None}}, "data", "exactly one of"),
+        ({"optim": {"lr": float("nan")}}, "optim.lr", "finite"),  # `lr: .nan` passes `lr <= 0`
+        ({"optim": {"lr": "nan"}}, "optim.lr", "finite"),
+        ({"dpo": {"beta": float("inf")}}, "dpo.beta", "finite"),
+        ({"runtime": {"loss": "fused"}}, "runtime.loss", "chunked"),
+        ({"data": {"num_workers": -1}}, "data.num_workers", ">= 0"),
     ],
 )
 def test_bad_field_is_one_clear_error(tmp_path, change, field, words):

@@ -14,6 +14,7 @@ command's output. In a pipeline, each stage after the first starts from the prev
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -45,9 +46,9 @@ class DataConfig:
 
     manifest: str | None = None
     spec: str | None = None
-    generate: str | None = None  # "tiny": write the tiny synthetic shards on first use
+    generate: str | None = None  # "tiny": the CLI writes the tiny synthetic shards before the first stage
     shuffle_buffer: int = 1000
-    num_workers: int = 0
+    num_workers: int = 0  # DataLoader processes that read, decode and encode samples (0: the training thread)
 
 
 @dataclass
@@ -96,6 +97,7 @@ class RuntimeConfig:
     activation_checkpointing: bool = False
     fsdp: bool = True  # under torchrun with world_size > 1
     cpu_threads: int = 0  # torch intra-op threads on CPU; 0 = torch's default
+    loss: str = "chunked"  # chunked: log-probs chunk by chunk, never the full fp32 logits | dense
 
 
 @dataclass
@@ -121,7 +123,7 @@ class StageConfig:
     eval_every: int = 0  # 0: no held-out eval
     eval_batches: int = 2
     log_every: int = 1
-    seed: int = 0
+    seed: int = 0  # the run's seed: data order (the loader's seed), noise, dropout
     source: str | None = None  # the file this came from (set by the loader)
 
 
@@ -169,11 +171,13 @@ def _coerce(value: Any, tp: Any, where: str, file: str) -> Any:
     if tp is float:
         if isinstance(value, str):  # YAML 1.1 reads `3e-4` as a string
             try:
-                return float(value)
+                value = float(value)
             except ValueError:
                 pass
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise UserError(f"expected a number, got {value!r}", field=where, file=file)
+        if not math.isfinite(value):  # `.nan` / `.inf` would pass every range check below
+            raise UserError(f"expected a finite number, got {value!r}", field=where, file=file)
         return float(value)
     if tp is int:
         if isinstance(value, bool) or not isinstance(value, int):
@@ -264,6 +268,12 @@ def _check_stage(cfg: StageConfig, file: str) -> None:
         raise bad("dpo.beta", "must be > 0")
     if cfg.runtime.precision not in ("auto", "bf16", "fp32"):
         raise bad("runtime.precision", "one of auto, bf16, fp32")
+    if cfg.data.num_workers < 0:
+        raise bad("data.num_workers", "must be >= 0 (0 reads on the training thread)")
+    if cfg.data.shuffle_buffer < 1:
+        raise bad("data.shuffle_buffer", "must be >= 1")
+    if cfg.runtime.loss not in ("chunked", "dense"):
+        raise bad("runtime.loss", "one of chunked, dense")
     if cfg.runtime.cpu_threads < 0:
         raise bad("runtime.cpu_threads", "must be >= 0 (0 = torch's default)")
     for name in ("checkpoint_every", "eval_every", "log_every"):
