@@ -80,7 +80,7 @@ SIDECAR_SCHEMA = pa.schema(
 SIDECAR_COLUMNS = [f.name for f in SIDECAR_SCHEMA]
 
 
-@dataclass
+@dataclass(slots=True)  # slots: a misspelt column (`row.error = ...`) is an error, not a silent new attribute
 class SampleRow:
     """One row of the sidecar parquet."""
 

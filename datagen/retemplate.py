@@ -121,7 +121,7 @@ def _rewrite_shard(info: Any, dst: Path, opts: TemplateOptions, generator: dict[
             try:
                 txt, record = retemplate_record(json.loads(sample["json"]), opts)
             except EmptyLabel as e:  # an object stored before labels were checked: a row with its reason
-                row.status, row.error = "failed", f"caption: {e}"
+                row.status, row.error_message = "failed", f"caption: {e}"
                 w.add_failure(row)
                 continue
             members = {k: v for k, v in sample.items() if not k.startswith("__")}
