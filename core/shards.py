@@ -267,6 +267,9 @@ class ShardWriter:
         self._closed = True
         try:
             return self._publish(extra_stats)
+        except OSError as e:
+            self._discard()
+            raise _naming(e, self.out_dir) from e
         except BaseException:
             self._discard()
             raise
@@ -340,8 +343,16 @@ class ShardWriter:
     def __exit__(self, exc_type, exc, tb) -> None:
         if exc_type is not None:
             self.abort()
+            if isinstance(exc, OSError) and exc.filename is None:
+                raise _naming(exc, self.out_dir) from exc
         elif not self._closed:
             self.close()
+
+
+def _naming(e: OSError, where: Path) -> OSError:
+    """`e` with a file name: a write that fails at a buffer flush (a full disk) has none, and
+    "no space left" is only useful with the disk it is about."""
+    return e if e.filename is not None else OSError(e.errno, e.strerror, str(where))
 
 
 def _to_bytes(value: bytes | str | dict | list) -> bytes:

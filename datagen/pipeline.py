@@ -35,7 +35,7 @@ from itertools import chain
 from pathlib import Path
 from typing import Any, Iterator
 
-from blip3.core.errors import UserError, describe_exception
+from blip3.core.errors import UserError, describe_exception, environment_error
 from blip3.core.logs import get_logger, progress
 from blip3.core.shards import (
     SHARD_DIGITS,
@@ -329,7 +329,12 @@ def _run_plans(
                 try:
                     stats = ray.get(ref)
                 except (ray.exceptions.RayActorError, ray.exceptions.RayTaskError) as e:
-                    lost.append(f"{index}: {str(e).strip().splitlines()[0][:200]}")
+                    full = environment_error(e)
+                    if full is not None:  # a full disk or unwritable output: every other shard fails alike
+                        raise full from None
+                    cause = getattr(e, "cause", None)  # the worker's own exception, not Ray's header
+                    detail = describe_exception(cause) if cause is not None else str(e).strip().splitlines()[0]
+                    lost.append(f"{index}: {detail[:200]}")
                     continue
                 result.shards_written += 1
                 result.samples += int(stats["count"])

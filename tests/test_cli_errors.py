@@ -142,7 +142,7 @@ def test_datagen_on_a_really_full_disk_is_one_line(tmp_path):
         for i in range(4):  # noise does not compress: 4 x ~75 KB will not fit in 64 KB
             Image.fromarray(rng.integers(0, 255, (160, 160, 3), dtype=np.uint8)).save(imgs / f"n{i}.png")
         text = one_line_error(blip3("ocr", str(imgs), str(disk / "out"), "--workers", "1", "--shard-size", "2", timeout=600))
-        assert "no space left on the device" in text
+        assert f"{disk / 'out'}: no space left on the device" in text
     finally:
         subprocess.run(["umount", str(disk)], check=False)
 

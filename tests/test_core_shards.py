@@ -174,7 +174,7 @@ def test_a_writer_that_fails_on_a_full_disk_leaves_no_temporary_files(tmp_path, 
     monkeypatch.setattr("blip3.core.shards.os.fsync", full)
     with pytest.raises(OSError) as e:
         w.close()
-    assert e.value.errno == errno.ENOSPC
+    assert e.value.errno == errno.ENOSPC and e.value.filename == str(out)  # the error names the disk
     assert list(out.iterdir()) == []
     monkeypatch.undo()
 
@@ -188,7 +188,7 @@ def test_a_writer_that_fails_on_a_full_disk_leaves_no_temporary_files(tmp_path, 
             with ShardWriter(disk, 0) as w:
                 for i in range(8):
                     w.add(f"k{i}", {"bin": os.urandom(8192)}, SampleRow(f"k{i}"))
-        assert e.value.errno == errno.ENOSPC
+        assert e.value.errno == errno.ENOSPC and e.value.filename is not None
         assert list(disk.iterdir()) == []
     finally:
         subprocess.run(["umount", str(disk)], check=False)
