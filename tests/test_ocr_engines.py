@@ -158,3 +158,22 @@ def test_factory_copy_keeps_every_field_and_not_the_loaded_engine():
     b = a()
     assert (b.name, b.min_confidence, b.keep_empty, b.engine_options) == ("ocr-strict", 0.4, False, {"text_score": 0.3})
     assert b.engine_options is not a.engine_options and b._engine is None
+
+
+def test_one_opencv_locked_and_installed():
+    """opencv-python and opencv-python-headless both write the `cv2` folder: the one installed last
+    wins and uninstalling either breaks the other. The lock, and this environment, hold one."""
+    import importlib.metadata
+    from pathlib import Path
+
+    names = ("opencv-python", "opencv-python-headless", "opencv-contrib-python", "opencv-contrib-python-headless")
+    lock = (Path(__file__).resolve().parents[1] / "requirements.lock").read_text().splitlines()
+    assert [line.split("==")[0] for line in lock if line.split("==")[0].lower() in names] == ["opencv-python-headless"]
+    installed = []
+    for name in names:
+        try:
+            importlib.metadata.version(name)
+            installed.append(name)
+        except importlib.metadata.PackageNotFoundError:
+            pass
+    assert installed == ["opencv-python-headless"]
