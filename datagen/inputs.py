@@ -402,8 +402,13 @@ def _img2dataset_parquet_refs(parquet: Path, tar: Path, f: BinaryIO | None,
     # img2dataset writes rows in completion order; its keys follow the input order: sort by key.
     for row in sorted(pq.read_table(parquet).to_pylist(), key=lambda r: str(r.get("key"))):
         key = str(row.get("key"))
-        extra = {"uid": row.get("uid"), "url": row.get("url"), "caption": row.get("caption")}
-        if f is not None and row.get("status") == "success" and key in samples:
+        extra = {"uid": row.get("uid"), "url": row.get("blip3_source_url") or row.get("url"),
+                 "caption": row.get("caption")}
+        if row.get("blip3_refused"):  # a non-http(s) URL, never opened (datagen.fetch._http_only)
+            yield SampleRef(key=key, ext="", locator=["none"], uid=_str_or_none(extra["uid"]),
+                            url=_str_or_none(extra["url"]), source_caption=extra["caption"],
+                            meta={"shard": parquet.name}, error=str(row["blip3_refused"]))
+        elif f is not None and row.get("status") == "success" and key in samples:
             yield _tar_sample_ref(tar, f, samples[key], extra)
         else:
             reason = row.get("error_message") or row.get("status") or "missing from tar"

@@ -19,7 +19,8 @@ def ocr(
     input: str = typer.Argument(..., help="Image folder, WebDataset tars/brace pattern, img2dataset folder, "
                                           "URL list (parquet/csv/tsv/jsonl) or BLIP3-OCR parquet."),
     output: str = typer.Argument(..., help="Output folder for NNNNNN.tar shards and sidecars."),
-    engine: str = typer.Option("rapidocr", "--engine", help="rapidocr | paddleocr"),
+    engine: str = typer.Option("rapidocr", "--engine",
+                               help="rapidocr (PP-OCRv6, default) | rapidocr-v4 (needs rapidocr_onnxruntime) | paddleocr"),
     workers: int = typer.Option(2, "--workers", help="OCR actors (one engine each)."),
     ray_address: Optional[str] = typer.Option(None, "--ray-address", help="Join this Ray cluster instead of a local one."),
     min_confidence: float = typer.Option(0.5, "--min-confidence", help="Drop OCR entries below this confidence."),

@@ -139,7 +139,7 @@ def test_manifest_detects_moved_and_changed_shards_before_reading(tmp_path, tiny
     tar.write_bytes(bytes(data))
     load_manifest(m_path)  # size unchanged: the cheap check passes ...
     with pytest.raises(UserError, match=r"m\.yaml: sources\[0\]\.shards\[1\]\.sha256: shard .* changed"):
-        MixtureLoader(m_path)  # ... the loader's default check hashes
+        MixtureLoader(m_path, verify="sha256")  # ... the loader hashes when asked (its default trusts the stats)
     tar.unlink()
     with pytest.raises(UserError, match=r"m\.yaml: sources\[0\]\.shards\[1\]\.path: shard .* is missing"):
         load_manifest(m_path)
@@ -224,7 +224,7 @@ def test_size_only_verification_skips_hashing_but_still_catches_moves(private_ca
     tar.write_bytes(bytes(data))
     m = build_manifest(spec, db=db, verify="size", record=False)  # same size: not noticed here ...
     with pytest.raises(UserError, match="sha256 differs"):
-        MixtureLoader(m)  # ... but the loader's default check hashes
+        MixtureLoader(m, verify="sha256")  # ... but the loader hashes when asked
     tar.unlink()
     with pytest.raises(UserError, match="is missing"):
         build_manifest(spec, db=db, verify="size")
