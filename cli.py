@@ -92,7 +92,8 @@ def sql(
 
 #: The packages that add command groups (each `commands.py` has a `register(app)`).
 COMMAND_MODULES = ("blip3.datagen.commands", "blip3.mixture.commands", "blip3.train.commands",
-                   "blip3.model.commands", "blip3.demo.commands")
+                   "blip3.model.commands", "blip3.demo.commands",
+                   "blip3.eval.commands")
 
 
 def _register_groups(modules: tuple[str, ...] = COMMAND_MODULES) -> None:

@@ -13,6 +13,8 @@ Tables (columns documented in README "The catalog"):
               plus `source` and `shard`
 - `mixtures`, `mixture_sources`   mixtures built by `blip3 mix build` and their per-source plan
 - `runs`      training runs recorded by `blip3 train` (stage, manifest, steps, tokens, loss, ckpt)
+- `evals`     benchmark results recorded by `blip3 eval`: one row per (checkpoint, task, shots,
+              metric), with the run that trained the checkpoint and its per-sample predictions
 
 Adding is idempotent: a shard already catalogued with the same sha256 is skipped, so adding the
 same folder twice leaves the row counts unchanged.
@@ -117,6 +119,17 @@ SCHEMA = [
         checkpoint VARCHAR,
         status VARCHAR,
         metrics_path VARCHAR
+    )""",
+    """CREATE TABLE IF NOT EXISTS evals (
+        run_id VARCHAR,             -- the training run whose output was evaluated (NULL: not trained here)
+        checkpoint VARCHAR NOT NULL,
+        task VARCHAR NOT NULL,
+        shots INTEGER NOT NULL,
+        metric VARCHAR NOT NULL,
+        value DOUBLE,
+        n BIGINT,                   -- questions / images scored
+        evaluated_at TIMESTAMPTZ,
+        predictions_path VARCHAR    -- per-sample parquet: id, prompt, prediction, answer, score
     )""",
 ]
 
@@ -511,3 +524,24 @@ class Catalog:
             f"INSERT INTO runs ({', '.join(cols)}) VALUES ({', '.join('?' for _ in cols)})",
             [fields[c] for c in cols],
         )
+
+    def run_for_checkpoint(self, checkpoint: str | Path) -> str | None:
+        """The run_id of the training run that wrote this model directory (None when unknown)."""
+        row = self.con.execute("SELECT run_id FROM runs WHERE checkpoint = ? ORDER BY finished_at DESC NULLS LAST",
+                               [str(Path(checkpoint).resolve())]).fetchone()
+        return None if row is None else row[0]
+
+    # -- evals ---------------------------------------------------------------------------------
+    def record_eval(self, *, checkpoint: str | Path, task: str, shots: int, metrics: dict[str, float], n: int,
+                    run_id: str | None = None, predictions_path: str | Path | None = None) -> None:
+        """Replace the rows of one (checkpoint, task, shots) evaluation, all metrics at once."""
+        ckpt = str(Path(checkpoint).resolve())
+        preds = None if predictions_path is None else str(Path(predictions_path).resolve())
+        with transaction(self.con):
+            self.con.execute("DELETE FROM evals WHERE checkpoint = ? AND task = ? AND shots = ?", [ckpt, task, shots])
+            for metric, value in metrics.items():
+                self.con.execute(
+                    "INSERT INTO evals (run_id, checkpoint, task, shots, metric, value, n, evaluated_at, predictions_path) "
+                    "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    [run_id, ckpt, task, shots, metric, float(value), n, _now(), preds],
+                )

@@ -352,7 +352,9 @@ class ShardWriter:
 def _naming(e: OSError, where: Path) -> OSError:
     """`e` with a file name: a write that fails at a buffer flush (a full disk) has none, and
     "no space left" is only useful with the disk it is about."""
-    return e if e.filename is not None else OSError(e.errno, e.strerror, str(where))
+    if e.filename is not None or e.errno is None:  # no errno: an error raised by hand, keep its words
+        return e
+    return OSError(e.errno, e.strerror, str(where))
 
 
 def _to_bytes(value: bytes | str | dict | list) -> bytes:
