@@ -181,3 +181,33 @@ def test_multi_node_cluster_joined_by_address_writes_the_bytes_of_a_local_run(ra
     finally:
         cluster.shutdown()
     assert _tar_hashes(out) == _tar_hashes(ref) and len(_tar_hashes(ref)) == 4
+
+
+def test_url_list_fetches_only_http_urls(tmp_path):
+    """img2dataset's urllib opens file:// URLs: a list naming a local file must not copy it into the
+    download or the corpus; the row is failed with its reason, the http rows are fetched."""
+    from blip3.datagen.inputs import iter_refs, load_sample
+    from tests.ocr_fixtures import LocalServer
+
+    www = tmp_path / "www"
+    www.mkdir()
+    img = png_bytes(text_image("OK"))
+    (www / "a.png").write_bytes(img)
+    secret = tmp_path / "secret.png"
+    secret.write_bytes(b"\x89PNG top secret bytes")
+    with LocalServer(www) as server:
+        urls = tmp_path / "urls.csv"
+        urls.write_text("url,uid\n"
+                        f"{server.url}/a.png,u0\n"
+                        f"file://{secret},u1\n"
+                        "file:///etc/passwd,u2\n"
+                        "ftp://example.invalid/x.png,u3\n")
+        refs = list(iter_refs(urls, work_dir=tmp_path / "dl"))
+    assert [r.uid for r in refs] == ["u0", "u1", "u2", "u3"]
+    assert refs[0].error is None and load_sample(refs[0]).image == img
+    assert refs[1].error == "url_scheme: only http(s) URLs are fetched, not file://"
+    assert refs[1].url == f"file://{secret}" and refs[2].url == "file:///etc/passwd"
+    assert refs[3].error.endswith("not ftp://")
+    downloaded = b"".join(p.read_bytes() for p in (tmp_path / "dl").rglob("*.tar"))
+    assert b"top secret" not in downloaded and b"root:" not in downloaded
+    assert list((tmp_path / "dl" / "tmp").iterdir()), "img2dataset's temporary folders belong in the job's folder"
