@@ -26,10 +26,10 @@ VIEWS: dict[str, str] = {
         FROM samples s LEFT JOIN sources src ON src.name = s.source
         GROUP BY s.source, src.kind
     """,
-    # Failure reasons by source (reason = text before the first colon of the error).
+    # Failure reasons by source (reason = text before the first colon of the error message).
     "v_failures": """
         SELECT source,
-               split_part(error, ':', 1) AS reason,
+               split_part(error_message, ':', 1) AS reason,
                count(*)                 AS n
         FROM samples WHERE status <> 'success'
         GROUP BY ALL ORDER BY source, n DESC
