@@ -19,6 +19,7 @@ from PIL import Image
 
 from blip3.core.errors import UserError
 from blip3.datagen.annotator import Annotation, SkipSample
+from blip3.datagen.fetch import DownloadOptions
 from blip3.datagen.inputs import InputSample
 from blip3.datagen.ocr_captions import GRANULARITIES, CaptionStyle, build_captions
 from blip3.datagen.ocr_engines import ENGINES, OcrEngine, make_engine
@@ -96,6 +97,7 @@ def run_ocr(
     limit: int | None = None,
     register: bool = True,
     gpus_per_worker: float = 0.0,
+    download: DownloadOptions | None = None,
 ) -> JobResult:
     """OCR `input` into BLIP3-OCR caption shards in `output` (resumable; see datagen.pipeline).
 
@@ -113,4 +115,4 @@ def run_ocr(
         make_engine(engine, **annotator.engine_options).check()  # fail before Ray starts
     return run_job(input, output, annotator, input_format=input_format, workers=workers, ray_address=ray_address,
                    shard_size=shard_size, overwrite=overwrite, catalog_db=db, source_name=source, limit=limit,
-                   register=register, gpus_per_worker=gpus_per_worker)
+                   register=register, gpus_per_worker=gpus_per_worker, download=download)

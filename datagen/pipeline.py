@@ -39,6 +39,7 @@ from blip3.core.logs import get_logger, progress
 from blip3.core.shards import SampleRow, ShardWriter, clean_temporaries, read_stats, shard_complete, shard_paths
 from blip3.core.storage import local_path
 from blip3.datagen.annotator import AnnotatorFactory, SkipSample
+from blip3.datagen.fetch import DownloadOptions
 from blip3.datagen.images import ImageLimits, ImageRejected, decode_image
 from blip3.datagen.inputs import SampleRef, check_output_outside_input, iter_raw_refs, load_sample
 from blip3.datagen.plans import ShardPlan, iter_plans
@@ -216,12 +217,13 @@ def run_job(
     gpus_per_worker: float = 0.0,
     register: bool = True,
     verify: bool = False,
+    download: DownloadOptions | None = None,
 ) -> JobResult:
     """Annotate `input` into caption shards in `output`; resumable, see the module docstring.
 
     `annotator_factory` is a picklable zero-argument callable returning an unloaded annotator.
     `register=False` skips the catalog (the shards are complete without it). `verify=True`
-    re-hashes finished shards before skipping them.
+    re-hashes finished shards before skipping them. `download` tunes how URL inputs are fetched.
     """
     started = time.time()
     if workers < 1:
@@ -230,8 +232,10 @@ def run_job(
     check_output_outside_input(input, out)
     probe = annotator_factory()  # unloaded: only asked for its name and generator info
     generator = {"name": probe.name, **probe.generator_info()}
-    plans = iter_plans(iter_raw_refs(input, input_format, work_dir=out / DOWNLOAD_DIR), shard_size, generator,
-                       limit=limit)
+    if download is not None:
+        download.check()
+    refs = iter_raw_refs(input, input_format, work_dir=out / DOWNLOAD_DIR, download=download)
+    plans = iter_plans(refs, shard_size, generator, limit=limit)
     first = next(plans, None)
     if first is None:
         raise UserError("no input images found", file=input)
