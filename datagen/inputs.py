@@ -3,7 +3,8 @@
 A job's input is one of (detected from the path, or named with `--input-format`):
 
 - `folder`       a folder of images, recursive; files sorted by relative path. A `name.txt` beside
-                 `name.jpg` is taken as the image's source caption (img2dataset's habit).
+                 `name.jpg` is taken as the image's source caption (img2dataset's habit). The
+                 relative path is kept as `source_path` in each sample's record (lineage).
 - `webdataset`   WebDataset tars: one `.tar`, a brace pattern (`shards/{000000..000009}.tar`), or
                  a folder holding `.tar` files. `<key>.txt` is the source caption, `<key>.json`
                  may carry `uid`/`url`.
@@ -149,15 +150,18 @@ def check_output_outside_input(input_path: str | Path, output_dir: str | Path) -
 
 
 def _is_img2dataset_dir(path: Path) -> bool:
-    """img2dataset writes `NNNNN.parquet` with an `error_message` column beside each tar."""
+    """img2dataset writes `NNNNN.parquet` with an `error_message` column beside each tar. Our own
+    outputs carry its columns too, plus ours (`n_captions`): they are read as WebDataset tars, whose
+    `.json` tells our caption (`.txt`) from the source caption."""
     import pyarrow.parquet as pq
 
     for parquet in sorted(path.glob("*.parquet")):
         try:
-            if "error_message" in pq.read_schema(parquet).names:
-                return True
+            names = pq.read_schema(parquet).names
         except Exception:  # an unreadable parquet is not img2dataset's; treat the dir as plain tars
             return False
+        if "error_message" in names:
+            return "n_captions" not in names
     return False
 
 

@@ -257,24 +257,30 @@ def _catalog_source(cat, s: dict, i: int, counter: TokenCounter, file: str | Non
             f"--vision-tokens-per-crop",
             field=field, file=file,
         )
-    shards = []
-    for path, sha, size, n, tokens, status in (astuple(r) for r in cat.source_shards(s["name"])):
-        p = Path(path)
-        if status != "ok":
-            raise UserError(f"source {s['name']!r}: shard {path} changed since it was catalogued (status {status})",
-                            field=field, file=file)
-        change = shard_change(p, size, sha, checksum=checksum)
-        if change == "missing":
-            raise UserError(f"source {s['name']!r}: shard {path} is missing (moved or deleted)", field=field, file=file)
-        if change is not None:
-            raise UserError(f"source {s['name']!r}: shard {path} changed on disk ({change} differs from the catalog)",
-                            field=field, file=file)
-        if tokens is None:
-            from blip3.mixture.sources import scan_shard
+    from blip3.core.logs import progress
 
-            tokens = scan_shard(p, kind, counter).tokens
-        if n:
-            shards.append(ShardRef(str(p), sha, int(size), int(n), int(tokens)))
+    shards = []
+    listed = [astuple(r) for r in cat.source_shards(s["name"])]
+    with progress(transient=True) as bar:
+        task = bar.add_task(f"mix build: check {s['name']}", total=len(listed))
+        for path, sha, size, n, tokens, status in listed:
+            p = Path(path)
+            if status != "ok":
+                raise UserError(f"source {s['name']!r}: shard {path} changed since it was catalogued (status {status})",
+                                field=field, file=file)
+            change = shard_change(p, size, sha, checksum=checksum)
+            if change == "missing":
+                raise UserError(f"source {s['name']!r}: shard {path} is missing (moved or deleted)", field=field, file=file)
+            if change is not None:
+                raise UserError(f"source {s['name']!r}: shard {path} changed on disk ({change} differs from the catalog)",
+                                field=field, file=file)
+            if tokens is None:
+                from blip3.mixture.sources import scan_shard
+
+                tokens = scan_shard(p, kind, counter).tokens
+            if n:
+                shards.append(ShardRef(str(p), sha, int(size), int(n), int(tokens)))
+            bar.advance(task)
     return _source(s, kind, shards, i, file)
 
 

@@ -11,7 +11,7 @@ from typing import Optional
 
 import typer
 
-from blip3.core.options import DbOption
+from blip3.core.options import DbOption, Format, out_option, output_path
 
 TokenizerOption = typer.Option(
     None, "--tokenizer",
@@ -58,7 +58,8 @@ def source_add(
 @source_app.command("import-obelics")
 def source_import_obelics(
     parquet: Path = typer.Argument(..., help="OBELICS-shaped parquet (columns texts, images)."),
-    output: Path = typer.Argument(..., help="Output folder for interleaved shards."),
+    output: Optional[Path] = typer.Argument(None, help="Output folder (the older form of -o/--out)."),
+    out: Optional[Path] = out_option("output folder for interleaved shards"),
     shard_size: int = typer.Option(1000, "--shard-size", min=1, help="Documents per shard."),
     image_root: Optional[Path] = typer.Option(None, "--image-root", help="Folder relative image paths start from "
                                               "(default: the parquet's folder)."),
@@ -70,6 +71,7 @@ def source_import_obelics(
     from blip3.core.logs import console
     from blip3.mixture.obelics import import_obelics
 
+    output = output_path(output, out)
     r = import_obelics(parquet, output, shard_size=shard_size, image_root=image_root)
     console.print(f"{r.documents} document(s) written in {r.shards} shard(s), {r.failed} failed "
                   f"({', '.join(f'{k}: {v}' for k, v in r.reasons.items()) or 'none'})")
@@ -79,16 +81,17 @@ def source_import_obelics(
 
 @source_app.command("tiny")
 def source_tiny(
-    output: Path = typer.Argument(..., help="Folder to write the tiny sources into."),
-    shards: int = typer.Option(2, "--shards", min=1),
-    per_shard: int = typer.Option(24, "--per-shard", min=1),
-    seed: int = typer.Option(0, "--seed"),
+    output: Optional[Path] = typer.Argument(None, help="Output folder (the older form of -o/--out)."),
+    out: Optional[Path] = out_option("folder to write the tiny sources into"),
+    shards: int = typer.Option(2, "--shards", min=1, help="Shards per source."),
+    per_shard: int = typer.Option(24, "--per-shard", min=1, help="Samples per shard."),
+    seed: int = typer.Option(0, "--seed", help="Seed of the generated content."),
 ) -> None:
     """Write tiny sources of every kind (the data of manifests/tiny-mix.yaml)."""
     from blip3.core.logs import console
     from blip3.mixture.tiny_sources import write_tiny_sources
 
-    for name, folder in write_tiny_sources(output, shards=shards, per_shard=per_shard, seed=seed).items():
+    for name, folder in write_tiny_sources(output_path(output, out), shards=shards, per_shard=per_shard, seed=seed).items():
         console.print(f"{name}: {folder}")
 
 
@@ -146,16 +149,33 @@ def mix_sample(
 @mix_app.command("stats")
 def mix_stats(
     name: str = typer.Argument(..., help="Mixture name (as built by `mix build`)."),
-    fmt: str = typer.Option("table", "--format", "-f", help="table | csv | json"),
+    fmt: Format = typer.Option(
+        "table", "--format", "-f", help="Output format (parquet needs --out FOLDER: one file per table)."),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Write here instead of printing (a file; "
+                                       "a folder for parquet)."),
     db: Path = DbOption,
 ) -> None:
     """Per-source weights (target vs realised), tokens, epochs, coverage, caption lengths, failures."""
-    from blip3.core.tables import write_result
+    import re
+
+    from blip3.core.errors import UserError
+    from blip3.core.tables import render_text, save, write_result
     from blip3.mixture.stats import mixture_stats
 
-    for title, table in mixture_stats(name, db).items():
-        if fmt != "table":
-            print(f"# {title}")
+    tables = mixture_stats(name, db)
+    if fmt == "parquet":
+        if out is None:
+            raise UserError("parquet output needs --out FOLDER (one file per table)", field="--out")
+        out.mkdir(parents=True, exist_ok=True)
+        for title, table in tables.items():
+            write_result(table, fmt, out / f"{re.sub(r'[^a-z0-9]+', '_', title.lower()).strip('_')}.parquet")
+        return
+    heading = (lambda title: "") if fmt == "table" else (lambda title: f"# {title}\n")
+    if out is not None:
+        save(out, "".join(heading(t) + render_text(table, fmt, t) for t, table in tables.items()).encode())
+        return
+    for title, table in tables.items():
+        print(heading(title), end="")
         write_result(table, fmt=fmt, title=title)
 
 

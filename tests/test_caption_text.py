@@ -83,4 +83,4 @@ def test_retemplate_turns_a_stored_empty_label_into_a_failed_row(tmp_path):
     assert result.samples == 2
     rows = {r["key"]: r for r in read_sidecar(list_shards(tmp_path / "new")[0].parquet).to_pylist()}
     assert rows["good"]["status"] == "success"
-    assert rows["bad"]["status"] == "failed" and rows["bad"]["error"].startswith("caption: object label ' ' is empty")
+    assert rows["bad"]["status"] == "failed" and rows["bad"]["error_message"].startswith("caption: object label ' ' is empty")
