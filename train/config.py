@@ -98,6 +98,11 @@ class RuntimeConfig:
     fsdp: bool = True  # under torchrun with world_size > 1
     cpu_threads: int = 0  # torch intra-op threads on CPU; 0 = torch's default
     loss: str = "chunked"  # chunked: log-probs chunk by chunk, never the full fp32 logits | dense
+    # FSDP2 (several ranks): the dtype the ranks reduce gradients in (fp32: sums of many bf16
+    # gradients lose bits), and whether a block's gathered parameters are freed after its forward
+    # (true: less memory, one more all-gather in backward; false: the ZeRO-2 trade)
+    reduce_dtype: str = "fp32"  # fp32 | bf16
+    reshard_after_forward: bool = True
 
 
 @dataclass
@@ -272,6 +277,8 @@ def _check_stage(cfg: StageConfig, file: str) -> None:
         raise bad("data.num_workers", "must be >= 0 (0 reads on the training thread)")
     if cfg.data.shuffle_buffer < 1:
         raise bad("data.shuffle_buffer", "must be >= 1")
+    if cfg.runtime.reduce_dtype not in ("fp32", "bf16"):
+        raise bad("runtime.reduce_dtype", "one of fp32, bf16")
     if cfg.runtime.loss not in ("chunked", "dense"):
         raise bad("runtime.loss", "one of chunked, dense")
     if cfg.runtime.cpu_threads < 0:

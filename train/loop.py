@@ -162,7 +162,8 @@ def build_run(cfg: StageConfig, *, init_path: str | None, resume: bool, db, info
     objective = build_objective(cfg, unwrap(model).config)
     stream = build_stream(cfg, manifest, processor, info, verify="size")
     model = parallelize(model, ac=cfg.runtime.activation_checkpointing, compile=cfg.runtime.compile,
-                        fsdp=info.distributed, bf16=bf16)
+                        fsdp=info.distributed, bf16=bf16, reduce_dtype=cfg.runtime.reduce_dtype,
+                        reshard_after_forward=cfg.runtime.reshard_after_forward)
     # the optimiser holds the parameters as FSDP2 leaves them (sharded DTensors): build it after
     optimizer = build_optimizer(model, cfg, device)
     steps_total = total_steps(cfg, info.world_size)
