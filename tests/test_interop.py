@@ -124,3 +124,19 @@ def test_keep_format_stores_original_bytes(ray_local, mixed_output, tmp_path):
     assert exts.count("png") == 1 and exts.count("jpg") == 3  # RGB PNG kept; RGBA PNG flattened to jpg
     png = next(s for s in wds.WebDataset(str(tar), shardshuffle=False) if "png" in s)
     assert png["png"] == (src / "a/one.png").read_bytes()
+
+
+def test_a_cli_job_is_quiet_and_its_summary_is_one_line(mixed_output, tmp_path):
+    """`blip3 ocr` piped: no Ray notices (token auth, core_worker), the summary on one line."""
+    import os
+    import subprocess
+    import sys
+
+    src, _ = mixed_output
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    r = subprocess.run([sys.executable, "-m", "blip3.cli", "ocr", str(src), "-o", str(tmp_path / "o"), "--workers",
+                        "1", "--db", str(tmp_path / "c.duckdb")], capture_output=True, text=True, env=env, timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "Token authentication" not in r.stderr and "core_worker" not in r.stderr, r.stderr
+    summary = [line for line in r.stderr.splitlines() if "shard(s) written" in line and "catalog source" in line]
+    assert len(summary) == 1 and "4 ok, 1 failed (decode: 1)" in summary[0]
