@@ -388,7 +388,8 @@ def _run_benchmarks(cfg: StageConfig, final: Path, db, device: torch.device) -> 
     bm = cfg.benchmarks
     data = Path(bm.data or os.environ.get("BLIP3_EVAL_DATA") or "eval-data")
     evaluate(final, bm.tasks, data=data, out=final / "eval", shots=bm.shots, limit=bm.limit,
-             batch_size=bm.batch_size, device=str(device), seed=cfg.seed, db=resolve_db(db))
+             batch_size=bm.batch_size, device=str(device), seed=cfg.seed, db=resolve_db(db),
+             dist_info=DistInfo(device=device))  # rank 0 alone, whatever the world size
 
 
 def _record(result: StageResult, run: Run, *, status: str, db=None) -> None:
