@@ -135,7 +135,7 @@ VIEWS: dict[str, str] = {
     # Each result beside the sources of the mixture behind it: share of samples and tokens, and
     # the source's OCR / object coverage. "Which sources went into the model that scored X?"
     "v_eval_sources": """
-        SELECT e.task, e.shots, e.metric, e.value, e.mixture, e.stage, e.checkpoint,
+        SELECT e.task, e.shots, e.metric, e.value, e.n, e.mixture, e.stage, e.run_id, e.checkpoint,
                ms.source, ms.sample_share, ms.token_share, c.text_share AS ocr_share, c.object_share
         FROM v_evals e
         JOIN v_mixture_sources ms ON ms.mixture = e.mixture
@@ -145,7 +145,7 @@ VIEWS: dict[str, str] = {
     # One line per result and mixture: the share of the mixture's samples that show text (OCR
     # found some), e.g. "TextVQA accuracy by OCR share in the pretrain mixture".
     "v_eval_mixture": """
-        SELECT task, shots, metric, value, mixture, stage, checkpoint,
+        SELECT task, shots, metric, value, n, mixture, stage, run_id, checkpoint,
                round(sum(sample_share * coalesce(ocr_share, 0)), 6)    AS mixture_ocr_share,
                round(sum(sample_share * coalesce(object_share, 0)), 6) AS mixture_object_share,
                count(source)                                            AS sources

@@ -14,6 +14,7 @@ import os
 import shutil
 import subprocess
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 from blip3.core.errors import UserError
@@ -113,10 +114,25 @@ def _read_list(path: Path, suffix: str):
         raise UserError(f"cannot read the URL list: {str(e).splitlines()[0]}", file=path) from e
 
 
-def fetch_urls(list_file: Path, work_dir: Path, *, thread_count: int = 16,
-               processes_count: int = 1, timeout: int = 10,
+@dataclass(frozen=True)
+class DownloadOptions:
+    """How img2dataset fetches a URL list (`--download-threads/-timeout/-retries`)."""
+
+    threads: int = 16
+    timeout: int = 10  # seconds per request
+    retries: int = 2  # further attempts per URL after a failed one (a 5xx, a reset, a timeout)
+
+    def check(self) -> None:
+        for name, value, least in (("threads", self.threads, 1), ("timeout", self.timeout, 1),
+                                   ("retries", self.retries, 0)):
+            if value < least:
+                raise UserError(f"must be at least {least}", field=f"--download-{name}")
+
+
+def fetch_urls(list_file: Path, work_dir: Path, options: DownloadOptions = DownloadOptions(), *,
                timeout_s: float | None = None) -> Path:
     """Download the list's images into `work_dir/img2dataset/`; returns that folder."""
+    options.check()
     if not list_file.is_file():
         raise UserError("URL list not found", file=list_file)
     columns = list_columns(list_file)
@@ -142,10 +158,10 @@ def fetch_urls(list_file: Path, work_dir: Path, *, thread_count: int = 16,
         output_format="webdataset",
         disable_all_reencoding=True,
         resize_mode="no",
-        processes_count=processes_count,
-        thread_count=thread_count,
-        timeout=timeout,
-        retries=0,
+        processes_count=1,
+        thread_count=options.threads,
+        timeout=options.timeout,
+        retries=options.retries,
         number_sample_per_shard=10_000,
         enable_wandb=False,
         # img2dataset's "overwrite" mode deletes its own _tmp folder and then retries forever;

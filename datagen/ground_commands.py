@@ -61,11 +61,16 @@ def ground(
     overwrite: bool = typer.Option(False, "--overwrite", help="Redo all shards (default: skip finished ones)."),
     source: Optional[str] = typer.Option(None, "--source", help="Catalog source name (default: output folder name)."),
     db: Path = DbOption,
+    download_threads: int = typer.Option(16, "--download-threads", help="URL inputs: img2dataset download threads."),
+    download_timeout: int = typer.Option(10, "--download-timeout", help="URL inputs: seconds per request."),
+    download_retries: int = typer.Option(2, "--download-retries",
+                                         help="URL inputs: further attempts after a failed request."),
 ) -> None:
     """Detect objects and write BLIP3-GROUNDING caption shards (positional, textual, bbox)."""
     from rich.markup import escape
 
     from blip3.core.logs import console
+    from blip3.datagen.fetch import DownloadOptions
     from blip3.datagen.grounding import ground as run_ground
     from blip3.datagen.images import ImageOutput
     from blip3.datagen.grounding import make_config
@@ -80,7 +85,8 @@ def ground(
     r = run_ground(input, output_path(output, out), config, input_format=input_format, workers=workers, ray_address=ray_address,
                    shard_size=shard_size, limit=limit, overwrite=overwrite, catalog_db=db, source_name=source,
                    gpus_per_worker=gpus_per_worker, image_output=ImageOutput(image_format, encode_quality),
-                   shard_name_width=shard_name_width)
+                   shard_name_width=shard_name_width,
+                   download=DownloadOptions(download_threads, download_timeout, download_retries))
     console.print(f"[green]{r.output}[/]: {escape(r.summary(skipped_as='skipped'))}", highlight=False)
 
 

@@ -183,7 +183,8 @@ class _KeyDeduper:
 
 
 def iter_refs(
-    input_path: str | Path, input_format: str | None = None, *, work_dir: str | Path | None = None
+    input_path: str | Path, input_format: str | None = None, *, work_dir: str | Path | None = None,
+    download: Any = None,
 ) -> Iterator[SampleRef]:
     """Yield the input's samples as refs, in a stable order, with sanitised unique keys.
 
@@ -192,15 +193,17 @@ def iter_refs(
     a large job, uses `iter_raw_refs` and makes keys unique per shard instead (datagen.plans).
     """
     dedup = _KeyDeduper()
-    for ref in iter_raw_refs(input_path, input_format, work_dir=work_dir):
+    for ref in iter_raw_refs(input_path, input_format, work_dir=work_dir, download=download):
         ref.key = dedup(ref.key)
         yield ref
 
 
 def iter_raw_refs(
-    input_path: str | Path, input_format: str | None = None, *, work_dir: str | Path | None = None
+    input_path: str | Path, input_format: str | None = None, *, work_dir: str | Path | None = None,
+    download: Any = None,
 ) -> Iterator[SampleRef]:
-    """`iter_refs` before key de-duplication: raw keys, not yet sanitised, in the same stable order."""
+    """`iter_refs` before key de-duplication: raw keys, not yet sanitised, in the same stable order.
+    `download` (a `datagen.fetch.DownloadOptions`) tunes the fetch of URL inputs."""
     kind = input_format or detect_format(input_path)
     if kind not in INPUT_FORMATS:
         raise UserError(f"unknown input format {kind!r}; one of {', '.join(INPUT_FORMATS)}", field="--input-format")
@@ -213,9 +216,9 @@ def iter_raw_refs(
     else:
         if work_dir is None:
             raise UserError("URL inputs need a work folder to download into", field="work_dir")
-        from blip3.datagen.fetch import fetch_urls
+        from blip3.datagen.fetch import DownloadOptions, fetch_urls
 
-        raw = _img2dataset_refs(fetch_urls(Path(input_path), Path(work_dir)))
+        raw = _img2dataset_refs(fetch_urls(Path(input_path), Path(work_dir), download or DownloadOptions()))
     yield from raw
 
 

@@ -20,6 +20,7 @@ from PIL import Image
 from blip3.core.errors import UserError
 from blip3.core.shards import SHARD_DIGITS
 from blip3.datagen.annotator import Annotation, SkipSample
+from blip3.datagen.fetch import DownloadOptions
 from blip3.datagen.images import ImageOutput
 from blip3.datagen.inputs import InputSample
 from blip3.datagen.ocr_captions import GRANULARITIES, CaptionStyle, build_captions
@@ -98,6 +99,7 @@ def run_ocr(
     limit: int | None = None,
     register: bool = True,
     gpus_per_worker: float = 0.0,
+    download: DownloadOptions | None = None,
     image_output: ImageOutput = ImageOutput(),
     shard_name_width: int = SHARD_DIGITS,
 ) -> JobResult:
@@ -121,5 +123,5 @@ def run_ocr(
         check_cuda_provider()
     return run_job(input, output, annotator, input_format=input_format, workers=workers, ray_address=ray_address,
                    shard_size=shard_size, overwrite=overwrite, catalog_db=db, source_name=source, limit=limit,
-                   register=register, gpus_per_worker=gpus_per_worker, image_output=image_output,
-                   shard_name_width=shard_name_width)
+                   register=register, gpus_per_worker=gpus_per_worker, download=download,
+                   image_output=image_output, shard_name_width=shard_name_width)

@@ -48,11 +48,16 @@ def ocr(
     paddle_rec_dir: Optional[str] = typer.Option(None, "--paddle-rec-dir", help="PaddleOCR recognition model folder."),
     limit: Optional[int] = typer.Option(None, "--limit", help="Only the first N input samples."),
     gpus_per_worker: float = typer.Option(0.0, "--gpus-per-worker", help="GPUs per OCR actor (0: CPU)."),
+    download_threads: int = typer.Option(16, "--download-threads", help="URL inputs: img2dataset download threads."),
+    download_timeout: int = typer.Option(10, "--download-timeout", help="URL inputs: seconds per request."),
+    download_retries: int = typer.Option(2, "--download-retries",
+                                         help="URL inputs: further attempts after a failed request."),
 ) -> None:
     """OCR images into BLIP3-OCR caption shards (12 caption variants each) on Ray; resumable."""
     from rich.markup import escape
 
     from blip3.core.logs import console
+    from blip3.datagen.fetch import DownloadOptions
     from blip3.datagen.images import ImageOutput
     from blip3.datagen.ocr import run_ocr
     from blip3.datagen.ocr_captions import CaptionStyle
@@ -65,7 +70,8 @@ def ocr(
                 input_format=input_format, overwrite=overwrite, db=db, source=source,
                 style=CaptionStyle(lead_in=lead_in, filler=filler), keep_empty=not drop_empty, limit=limit,
                 gpus_per_worker=gpus_per_worker, image_output=ImageOutput(image_format, encode_quality),
-                shard_name_width=shard_name_width)
+                shard_name_width=shard_name_width,
+                download=DownloadOptions(download_threads, download_timeout, download_retries))
     console.print(f"[green]{r.output}[/]: {escape(r.summary())}", highlight=False)
 
 

@@ -48,6 +48,7 @@ from blip3.core.shards import (
 )
 from blip3.core.storage import local_path
 from blip3.datagen.annotator import AnnotatorFactory, SkipSample
+from blip3.datagen.fetch import DownloadOptions
 from blip3.datagen.images import ImageLimits, ImageOutput, ImageRejected, decode_image
 from blip3.datagen.inputs import SampleRef, check_output_outside_input, iter_raw_refs, load_sample
 from blip3.datagen.plans import ShardPlan, iter_plans
@@ -239,13 +240,15 @@ def run_job(
     gpus_per_worker: float = 0.0,
     register: bool = True,
     verify: bool = False,
+    download: DownloadOptions | None = None,
 ) -> JobResult:
     """Annotate `input` into caption shards in `output`; resumable, see the module docstring.
 
     `annotator_factory` is a picklable zero-argument callable returning an unloaded annotator.
     `image_output` is how image members are stored (datagen.images); `shard_name_width` the digits
     of shard names (img2dataset's 5 by default). `register=False` skips the catalog (the shards are
-    complete without it). `verify=True` re-hashes finished shards before skipping them.
+    complete without it). `verify=True` re-hashes finished shards before skipping them. `download`
+    tunes how URL inputs are fetched.
     """
     started = time.time()
     if workers < 1:
@@ -255,11 +258,13 @@ def run_job(
     probe = annotator_factory()  # unloaded: only asked for its name and generator info
     if shard_name_width < 1:
         raise UserError("must be at least 1", field="--shard-name-width")
+    if download is not None:
+        download.check()
     # the image settings are part of what made a shard: changing them redoes it (input_digest)
     generator = {"name": probe.name, **probe.generator_info(),
                  "image_format": image_output.format, "encode_quality": image_output.quality}
-    plans = iter_plans(iter_raw_refs(input, input_format, work_dir=out / DOWNLOAD_DIR), shard_size, generator,
-                       limit=limit)
+    refs = iter_raw_refs(input, input_format, work_dir=out / DOWNLOAD_DIR, download=download)
+    plans = iter_plans(refs, shard_size, generator, limit=limit)
     first = next(plans, None)
     if first is None:
         raise UserError("no input images found", file=input)

@@ -211,3 +211,54 @@ def test_url_list_fetches_only_http_urls(tmp_path):
     downloaded = b"".join(p.read_bytes() for p in (tmp_path / "dl").rglob("*.tar"))
     assert b"top secret" not in downloaded and b"root:" not in downloaded
     assert list((tmp_path / "dl" / "tmp").iterdir()), "img2dataset's temporary folders belong in the job's folder"
+
+
+def _flaky_server(root: Path):
+    """Serve `root` on 127.0.0.1, failing each path's first request with 500 (a transient error)."""
+    import functools
+    import http.server
+    import threading
+
+    seen: set[str] = set()
+
+    class Handler(http.server.SimpleHTTPRequestHandler):
+        def do_GET(self):  # noqa: N802 (http.server's name)
+            if self.path not in seen:
+                seen.add(self.path)
+                self.send_error(500, "try again")
+                return
+            super().do_GET()
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(Handler, directory=str(root)))
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    return server
+
+
+@pytest.mark.slow
+def test_url_download_retries_are_settable_and_retry_transient_errors(tmp_path):
+    from blip3.core.errors import UserError
+    from blip3.datagen.fetch import DownloadOptions
+    from blip3.datagen.inputs import iter_refs, load_sample
+
+    with pytest.raises(UserError, match="--download-threads"):
+        DownloadOptions(threads=0).check()
+    (tmp_path / "www").mkdir()
+    img = png_bytes(text_image("OK"))
+    (tmp_path / "www" / "a.png").write_bytes(img)
+    for retries, expect_ok in ((0, False), (1, True)):
+        server = _flaky_server(tmp_path / "www")
+        try:
+            urls = tmp_path / f"urls{retries}.csv"
+            urls.write_text(f"url\nhttp://127.0.0.1:{server.server_address[1]}/a.png\n")
+            [ref] = iter_refs(urls, work_dir=tmp_path / f"dl{retries}",
+                              download=DownloadOptions(threads=1, timeout=5, retries=retries))
+        finally:
+            server.shutdown()
+            server.server_close()
+        if expect_ok:
+            assert ref.error is None and load_sample(ref).image == img
+        else:
+            assert ref.error.startswith("download:") and "500" in ref.error

@@ -12,7 +12,7 @@ from blip3.eval.runner import evaluate
 from tests.eval_fixtures import benchmarks, tiny_model_dir  # noqa: F401  (fixtures)
 from tests.model_fixtures import tiny_config, tiny_processor  # noqa: F401  (fixtures)
 from tests.test_cli_errors import blip3
-from tests.train_fixtures import tiny_stage
+from tests.train_fixtures import tiny_stage, tiny_vars
 
 ALL = ["vqav2", "okvqa", "textvqa", "coco", "pope", "mmbench"]
 
@@ -70,23 +70,51 @@ def test_cli_prints_the_table_and_refuses_few_shot_instruct_tasks(tiny_model_dir
 
 
 @pytest.mark.slow
-def test_trained_checkpoint_results_join_its_mixture(benchmarks, tmp_path):
-    """The tiny pretrain stage trains (recording its mixture and run), is evaluated on TextVQA, and
-    the catalog answers "TextVQA accuracy by OCR share of the mixture named tiny-pretrain"."""
+def test_stage_benchmarks_run_at_its_end_and_join_its_mixture(benchmarks, tmp_path):
+    """The tiny pretrain stage names TextVQA in its stage file: training ends, the benchmark runs on
+    the exported model, and the catalog answers "TextVQA accuracy by OCR share of the mixture
+    named tiny-pretrain"."""
+    from blip3.train.config import BenchmarkConfig
     from blip3.train.loop import train_stage
 
     db = tmp_path / "catalog.duckdb"
-    cfg = tiny_stage("pretrain", tmp_path, steps=2, checkpoint_every=0, eval_every=0)
-    stage = train_stage(cfg, db=db)
-    results = evaluate(stage.output_dir, ["textvqa"], data=benchmarks, out=tmp_path / "preds", limit=2, db=db)
-    assert results[0].run_id == stage.run_id
+    cfg = tiny_stage("pretrain", tmp_path, steps=2, checkpoint_every=0, eval_every=0,
+                     benchmarks=BenchmarkConfig(tasks=["textvqa"], data=str(benchmarks), limit=2))
+    stage = train_stage(cfg, db=db, data_vars=tiny_vars())
+    assert (stage.final_dir / "eval" / "textvqa-0shot.parquet").is_file()
     with duckdb.connect(str(db), read_only=True) as con:
         mixture = con.execute("SELECT name FROM mixtures").fetchone()[0]
         rows = con.execute(
-            "SELECT stage, value, mixture_ocr_share, sources FROM v_eval_mixture "
+            "SELECT run_id, stage, value, n, mixture_ocr_share, sources FROM v_eval_mixture "
             "WHERE task = 'textvqa' AND metric = 'accuracy' AND mixture = ?", [mixture]).fetchall()
         shares = con.execute("SELECT sum(sample_share) FROM v_eval_sources WHERE mixture = ?", [mixture]).fetchone()[0]
+        run_ids = con.execute("SELECT DISTINCT run_id FROM evals").fetchall()
+    assert run_ids == [(stage.run_id,)]
     assert len(rows) == 1
-    stage_name, accuracy, ocr_share, sources = rows[0]
-    assert stage_name == "pretrain" and accuracy == results[0].metrics["accuracy"]
+    _, stage_name, accuracy, n, ocr_share, sources = rows[0]
+    assert stage_name == "pretrain" and n == 2 and 0.0 <= accuracy <= 1.0
     assert sources >= 1 and 0.0 <= ocr_share <= 1.0 and shares == pytest.approx(1.0, abs=1e-3)
+
+    # Evaluated again by hand (another task): the run is found through the model's train_info.json.
+    results = evaluate(stage.output_dir, ["pope"], data=benchmarks, out=tmp_path / "preds", limit=1, db=db)
+    assert results[0].run_id == stage.run_id
+
+
+@pytest.mark.parametrize("bench, field", [({"tasks": ["gqa"]}, "benchmarks.tasks[0]"),
+                                          ({"tasks": ["pope"], "shots": 4}, "benchmarks.tasks[0]"),
+                                          ({"tasks": ["vqav2"], "limit": 0}, "benchmarks.limit")])
+def test_stage_file_benchmarks_are_checked_when_loaded(tmp_path, bench, field):
+    import yaml
+
+    from blip3.core.errors import UserError
+    from blip3.train.config import load_stage
+    from tests.train_fixtures import TINY
+
+    raw = yaml.safe_load((TINY / "pretrain.yaml").read_text())
+    raw["benchmarks"] = bench
+    raw["data"]["spec"] = str(TINY / raw["data"]["spec"])
+    path = tmp_path / "stage.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    with pytest.raises(UserError) as e:
+        load_stage(path)
+    assert e.value.field == field and str(path) in str(e.value)

@@ -106,6 +106,17 @@ class RuntimeConfig:
 
 
 @dataclass
+class BenchmarkConfig:
+    """`blip3 eval` tasks run on the stage's final model, recorded in the catalog with its run."""
+
+    tasks: list[str] = field(default_factory=list)  # vqav2, okvqa, textvqa, coco, pope, mmbench
+    data: str | None = None  # benchmark folder (relative to this file); default $BLIP3_EVAL_DATA or ./eval-data
+    shots: int = 0
+    limit: int | None = None  # the first N questions of each task
+    batch_size: int = 8
+
+
+@dataclass
 class StageConfig:
     """One training stage, as written in a stage YAML."""
 
@@ -127,6 +138,7 @@ class StageConfig:
     checkpoint_every: int = 0  # 0: only at the end
     eval_every: int = 0  # 0: no held-out eval
     eval_batches: int = 2
+    benchmarks: BenchmarkConfig = field(default_factory=BenchmarkConfig)  # run at the end of the stage
     log_every: int = 1
     seed: int = 0  # the run's seed: data order (the loader's seed), noise, dropout
     source: str | None = None  # the file this came from (set by the loader)
@@ -286,6 +298,24 @@ def _check_stage(cfg: StageConfig, file: str) -> None:
     for name in ("checkpoint_every", "eval_every", "log_every"):
         if getattr(cfg, name) < 0:
             raise bad(name, "must be >= 0")
+    _check_benchmarks(cfg.benchmarks, bad)
+
+
+def _check_benchmarks(bm: BenchmarkConfig, bad) -> None:
+    """Fail at load time, not after hours of training, on a task name or setting eval would refuse."""
+    from blip3.eval.tasks import TASKS
+
+    for i, name in enumerate(bm.tasks):
+        if name not in TASKS:
+            raise bad(f"benchmarks.tasks[{i}]", f"unknown eval task {name!r}; one of {', '.join(TASKS)}")
+        if bm.shots and TASKS[name].zero_shot_only:
+            raise bad(f"benchmarks.tasks[{i}]", f"{name} is a zero-shot instruct benchmark; use `shots: 0`")
+    if bm.shots < 0:
+        raise bad("benchmarks.shots", "must be >= 0")
+    if bm.limit is not None and bm.limit <= 0:
+        raise bad("benchmarks.limit", "must be > 0")
+    if bm.batch_size <= 0:
+        raise bad("benchmarks.batch_size", "must be > 0")
 
 
 def _resolve(base: Path, p: str | None) -> str | None:
@@ -310,6 +340,7 @@ def stage_from_dict(raw: dict, file: str | Path) -> StageConfig:
     base = Path(file).parent
     cfg.data.manifest = _resolve(base, cfg.data.manifest)
     cfg.data.spec = _resolve(base, cfg.data.spec)
+    cfg.benchmarks.data = _resolve(base, cfg.benchmarks.data)
     cfg.source = file
     return cfg
 

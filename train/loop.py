@@ -374,7 +374,21 @@ def finish(run: Run, losses: list[float], *, record: bool, db) -> StageResult:
         export_model(run.model, run.processor, result.final_dir, merge=cfg.lora.merge, info=info, about=about)
     if record and info.is_main:
         _record(result, run, db=db, status="finished" if result.final_dir else "stopped")
+    if result.final_dir and cfg.benchmarks.tasks and info.is_main:
+        _run_benchmarks(cfg, result.final_dir, db, info.device)
     return result
+
+
+def _run_benchmarks(cfg: StageConfig, final: Path, db, device: torch.device) -> None:
+    """The stage file's `benchmarks`, on the exported model (rank 0; results go to the catalog)."""
+    import os
+
+    from blip3.eval.runner import evaluate
+
+    bm = cfg.benchmarks
+    data = Path(bm.data or os.environ.get("BLIP3_EVAL_DATA") or "eval-data")
+    evaluate(final, bm.tasks, data=data, out=final / "eval", shots=bm.shots, limit=bm.limit,
+             batch_size=bm.batch_size, device=str(device), seed=cfg.seed, db=resolve_db(db))
 
 
 def _record(result: StageResult, run: Run, *, status: str, db=None) -> None:
