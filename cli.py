@@ -14,7 +14,7 @@ from typing import Optional
 import typer
 
 from blip3.core.errors import UserError, environment_error
-from blip3.core.options import DbOption, Format, FormatOption, OutOption
+from blip3.core.options import DbOption, Format, FormatOption, OutOption, SourceKind
 
 app = typer.Typer(
     name="blip3",
@@ -48,7 +48,7 @@ app.add_typer(catalog_app, name="catalog")
 def catalog_add(
     output_dir: Path = typer.Argument(..., help="A folder of NNNNNN.tar shards with their sidecars."),
     source: Optional[str] = typer.Option(None, "--source", help="Source name (default: the folder name)."),
-    kind: str = typer.Option("caption", "--kind", help="caption | interleaved | sft | dpo"),
+    kind: SourceKind = typer.Option("caption", "--kind", help="The kind of samples the shards hold."),
     refresh: bool = typer.Option(False, "--refresh", help="Re-read shards whose tar changed."),
     verify: bool = typer.Option(False, "--verify", help="Re-hash every tar (default: trust the sha256 its "
                                 "writer recorded, checking the size)."),

@@ -45,3 +45,8 @@ def output_path(positional, option, what: str = "output folder"):
 def out_option(what: str):
     """`-o/--out`, for a command whose output was a positional argument (kept, now optional)."""
     return typer.Option(None, "--out", "-o", help=f"{what[0].upper()}{what[1:]} (or as the positional argument).")
+
+#: The kinds of source the catalog knows (`core.catalog.SOURCE_KINDS`, checked equal by a test).
+SourceKind = Literal["caption", "interleaved", "sft", "dpo"]
+#: The input kinds of a datagen job (`datagen.inputs.INPUT_FORMATS`, checked equal by a test).
+InputFormat = Literal["folder", "webdataset", "img2dataset", "urls", "blip3-ocr"]

@@ -7,7 +7,7 @@ from typing import Literal, Optional
 
 import typer
 
-from blip3.core.options import DbOption, out_option, output_path
+from blip3.core.options import DbOption, InputFormat, out_option, output_path
 from blip3.core.shards import SHARD_DIGITS
 from blip3.datagen.images import DEFAULT_ENCODE_QUALITY
 from blip3.datagen.detectors import DetectionLimits
@@ -20,9 +20,9 @@ def ground(
                                           "output, or a parquet/CSV/JSONL of URLs (same kinds as `blip3 ocr`)."),
     output: Optional[str] = typer.Argument(None, help="Output folder (the older form of -o/--out)."),
     out: Optional[str] = out_option("output folder for the 00000.tar shards and their sidecars"),
-    detector: str = typer.Option("grounding-dino", "--detector",
+    detector: Literal["grounding-dino", "groundingdino-py", "annotations"] = typer.Option("grounding-dino", "--detector",
                                  help="grounding-dino (transformers) | groundingdino-py | annotations"),
-    tags: str = typer.Option("caption", "--tags", help="caption (noun phrases) | vocab | clip (open_clip zero-shot); "
+    tags: Literal["caption", "vocab", "clip"] = typer.Option("caption", "--tags", help="caption (noun phrases) | vocab | clip (open_clip zero-shot); "
                              "not used with --detector annotations (labels come from the file)"),
     vocab: Optional[Path] = typer.Option(None, "--vocab", help="Vocabulary file, one tag per line (vocab, clip)."),
     annotations: Optional[Path] = typer.Option(None, "--annotations", help="COCO or Visual Genome box JSON."),
@@ -40,12 +40,12 @@ def ground(
     nms_iou: float = typer.Option(_LIMITS.nms_iou, "--nms-iou", help="Per-label NMS IoU (detectors only)."),
     min_area: float = typer.Option(_LIMITS.min_area, "--min-area", help="Min box area as a fraction of the image."),
     max_objects: int = typer.Option(_LIMITS.max_objects, "--max-objects", help="Keep at most N objects (highest scores)."),
-    caption_format: str = typer.Option("positional", "--caption-format", help=".txt format: positional|textual|bbox"),
-    caption_style: Optional[str] = typer.Option(None, "--caption-style",
-                                                help=".txt style: inline|tags (default inline when a caption exists)"),
-    tag_order: str = typer.Option("detector", "--tag-order", help="Tag-list order: detector (the paper's form: "
+    caption_format: Literal["positional", "textual", "bbox"] = typer.Option("positional", "--caption-format", help="Format of the .txt caption."),
+    caption_style: Optional[Literal["inline", "tags"]] = typer.Option(
+        None, "--caption-style", help="Style of the .txt caption (default inline when a caption exists)."),
+    tag_order: Literal["detector", "reading"] = typer.Option("detector", "--tag-order", help="Tag-list order: detector (the paper's form: "
                                   "detector order, no final period) | reading (by position, ending in a period)"),
-    input_format: Optional[str] = typer.Option(None, "--input-format", help="Force the input kind (else detected)."),
+    input_format: Optional[InputFormat] = typer.Option(None, "--input-format", help="Force the input kind (else detected)."),
     workers: int = typer.Option(2, "--workers", help="Detector actors (one model each)."),
     gpus_per_worker: float = typer.Option(0.0, "--gpus-per-worker", help="GPU share per actor on a GPU cluster."),
     ray_address: Optional[str] = typer.Option(None, "--ray-address", help="Join this Ray cluster (else local Ray)."),
@@ -94,12 +94,12 @@ def retemplate(
     input_dir: Path = typer.Argument(..., help="Folder of grounding shards."),
     output_dir: Optional[Path] = typer.Argument(None, help="Output folder (the older form of -o/--out)."),
     out: Optional[Path] = out_option("folder for the re-captioned shards (must differ from the input)"),
-    caption_format: str = typer.Option("positional", "--caption-format", help=".txt format: positional|textual|bbox"),
-    caption_style: Optional[str] = typer.Option(None, "--caption-style", help=".txt style: inline|tags"),
+    caption_format: Literal["positional", "textual", "bbox"] = typer.Option("positional", "--caption-format", help="Format of the .txt caption."),
+    caption_style: Optional[Literal["inline", "tags"]] = typer.Option(None, "--caption-style", help="Style of the .txt caption (default inline when a caption exists)."),
     lead_in: Optional[str] = typer.Option(None, "--lead-in", help='Tag-list lead-in (default "The image contains").'),
     also_lead_in: Optional[str] = typer.Option(None, "--also-lead-in",
                                                help='Lead-in for objects not found in the caption.'),
-    tag_order: str = typer.Option("detector", "--tag-order", help="Tag-list order: detector (the paper's form: "
+    tag_order: Literal["detector", "reading"] = typer.Option("detector", "--tag-order", help="Tag-list order: detector (the paper's form: "
                                   "detector order, no final period) | reading (by position, ending in a period)"),
     overwrite: bool = typer.Option(False, "--overwrite", help="Rewrite shards already retemplated."),
     source: Optional[str] = typer.Option(None, "--source", help="Catalog source name (default: output folder name)."),

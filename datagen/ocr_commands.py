@@ -7,7 +7,7 @@ from typing import Literal, Optional
 
 import typer
 
-from blip3.core.options import DbOption, out_option, output_path
+from blip3.core.options import DbOption, InputFormat, out_option, output_path
 from blip3.core.shards import SHARD_DIGITS
 from blip3.datagen.images import DEFAULT_ENCODE_QUALITY
 
@@ -22,7 +22,7 @@ def ocr(
                                           "URL list (parquet/csv/tsv/jsonl) or BLIP3-OCR parquet."),
     output: Optional[str] = typer.Argument(None, help="Output folder (the older form of -o/--out)."),
     out: Optional[str] = out_option("output folder for the 00000.tar shards and their sidecars"),
-    engine: str = typer.Option("rapidocr", "--engine",
+    engine: Literal["rapidocr", "rapidocr-v4", "paddleocr"] = typer.Option("rapidocr", "--engine",
                                help="rapidocr (PP-OCRv6, default) | rapidocr-v4 (needs rapidocr_onnxruntime) | paddleocr"),
     workers: int = typer.Option(2, "--workers", help="OCR actors (one engine each)."),
     ray_address: Optional[str] = typer.Option(None, "--ray-address", help="Join this Ray cluster instead of a local one."),
@@ -36,7 +36,7 @@ def ocr(
     shard_name_width: int = typer.Option(SHARD_DIGITS, "--shard-name-width", min=1,
                                          help="Digits of shard names (img2dataset's oom_shard_count)."),
     default_granularity: int = typer.Option(4, "--default-granularity", help="Granularity (0-5) of <key>.txt."),
-    input_format: Optional[str] = typer.Option(None, "--input-format",
+    input_format: Optional[InputFormat] = typer.Option(None, "--input-format",
                                                help="folder | webdataset | img2dataset | urls | blip3-ocr (default: detect)."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Redo every shard (default: skip finished ones)."),
     db: Path = DbOption,

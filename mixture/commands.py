@@ -7,11 +7,11 @@ Heavy imports (torch through the loader, matplotlib) stay inside the commands.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Optional
+from typing import Literal, Optional
 
 import typer
 
-from blip3.core.options import DbOption, Format, out_option, output_path
+from blip3.core.options import DbOption, Format, SourceKind, out_option, output_path
 
 TokenizerOption = typer.Option(
     None, "--tokenizer",
@@ -35,7 +35,7 @@ mix_app = typer.Typer(help="Weighted interleaved mixtures: build manifests, samp
 def source_add(
     name: str = typer.Argument(..., help="Source name used in mixture specs."),
     path: str = typer.Argument(..., help="Folder of .tar shards (ours or any WebDataset), a glob or a brace pattern."),
-    kind: str = typer.Option("caption", "--kind", help="caption | interleaved | sft | dpo"),
+    kind: SourceKind = typer.Option("caption", "--kind", help="The kind of samples the shards hold."),
     tokenizer: Optional[Path] = TokenizerOption,
     crops_per_image: int = CropsOption,
     vision_tokens_per_crop: Optional[int] = VisionTokensOption,
@@ -102,7 +102,7 @@ def mix_build(
     tokenizer: Optional[Path] = TokenizerOption,
     crops_per_image: int = CropsOption,
     vision_tokens_per_crop: Optional[int] = VisionTokensOption,
-    verify: str = typer.Option("sha256", "--verify", help="sha256 (re-hash catalogued shards) | size"),
+    verify: Literal["sha256", "size"] = typer.Option("sha256", "--verify", help="sha256: re-hash catalogued shards; size: sizes only."),
     db: Path = DbOption,
 ) -> None:
     """Resolve a spec into the manifest the trainer reads, and record it in the catalog."""
@@ -121,12 +121,12 @@ def mix_build(
 @mix_app.command("sample")
 def mix_sample(
     manifest: Path = typer.Argument(..., help="A built manifest."),
-    n: int = typer.Option(20, "-n", min=1, help="How many samples."),
+    n: int = typer.Option(20, "--samples", "-n", min=1, help="How many samples."),
     seed: Optional[int] = typer.Option(None, "--seed", help="Override the manifest's seed."),
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="Write JSON lines here (default: stdout)."),
-    rank: int = typer.Option(0, "--rank"),
-    world_size: int = typer.Option(1, "--world-size", min=1),
-    shuffle_buffer: int = typer.Option(1000, "--shuffle-buffer", min=1),
+    rank: int = typer.Option(0, "--rank", help="This rank's share of the stream."),
+    world_size: int = typer.Option(1, "--world-size", min=1, help="Ranks the stream is split over."),
+    shuffle_buffer: int = typer.Option(1000, "--shuffle-buffer", min=1, help="Samples in the shuffle buffer."),
 ) -> None:
     """The first N samples in loader order, one JSON line each (source, key, kind, epoch, caption, images)."""
     import json

@@ -1,6 +1,7 @@
 """The CLI surface: groups listed, every command documented, --help fast (no heavy imports)."""
 
 import importlib.metadata
+import re
 import os
 import subprocess
 import sys
@@ -81,16 +82,17 @@ def test_piped_table_keeps_one_line_per_row_and_out_file_is_not_printed(tmp_path
 
 
 def test_every_option_has_help_and_a_long_form():
-    import click
-
     from blip3.cli import app
 
+    seen = 0
     for path, cmd in _walk(typer.main.get_command(app)):
         for p in getattr(cmd, "params", []):
-            if isinstance(p, click.Option):
+            if p.param_type_name == "option":
+                seen += 1
                 where = f"`blip3 {' '.join(path)}` {p.opts}"
                 assert (p.help or "").strip(), f"{where} has no help text"
                 assert any(o.startswith("--") for o in p.opts), f"{where} has no long form"
+    assert seen > 100  # the walk did see the options
 
 
 def test_output_is_dash_o_everywhere_and_the_positional_form_still_works(tmp_path):
@@ -108,3 +110,31 @@ def test_output_is_dash_o_everywhere_and_the_positional_form_still_works(tmp_pat
     assert r.returncode == 2 and "pass it once, as -o/--out" in r.stderr and "Traceback" not in r.stderr
     r = run("source", "tiny")
     assert r.returncode == 2 and r.stderr.strip() == "error: --out: missing the output folder: pass -o/--out"
+
+
+def test_choices_are_shown_as_choices_and_match_the_libraries_lists():
+    from typing import get_args
+
+    from blip3.cli import app
+    from blip3.core.catalog import SOURCE_KINDS
+    from blip3.core.options import InputFormat, SourceKind
+    from blip3.datagen.grounding import DETECTORS, TAG_SOURCES
+    from blip3.datagen.grounding_captions import FORMATS, ORDERS, STYLES
+    from blip3.datagen.inputs import INPUT_FORMATS
+    from blip3.datagen.ocr_engines import ENGINES
+
+    assert get_args(SourceKind) == SOURCE_KINDS and get_args(InputFormat) == INPUT_FORMATS
+    cmds = {" ".join(path): cmd for path, cmd in _walk(typer.main.get_command(app))}
+    expect = {("ocr", "--engine"): ENGINES, ("ocr", "--input-format"): INPUT_FORMATS,
+              ("ground", "--detector"): DETECTORS, ("ground", "--tags"): TAG_SOURCES,
+              ("ground", "--caption-format"): FORMATS, ("ground", "--caption-style"): STYLES,
+              ("ground", "--tag-order"): ORDERS, ("catalog add", "--kind"): SOURCE_KINDS,
+              ("sql", "--format"): ("table", "csv", "json", "parquet")}
+    for (cmd, opt), values in expect.items():
+        param = next(p for p in cmds[cmd].params if opt in p.opts)
+        assert param.type_descriptor.is_choice and set(param.type_descriptor.choices) == set(values), (cmd, opt)
+    # no option lists its alternatives in free text ("a | b") instead of as choices
+    for path, cmd in cmds.items():
+        for p in getattr(cmd, "params", []):
+            if p.param_type_name == "option" and not p.type_descriptor.is_choice:
+                assert not re.match(r"^[\w.-]+( \([^)]*\))? ?\| ?[\w.-]+", p.help or ""), (path, p.opts, p.help)
