@@ -145,3 +145,15 @@ def test_torchrun_ranks_split_the_questions(tiny_model_dir, benchmarks, tmp_path
     r = subprocess.run(cmd, capture_output=True, text=True, cwd=tmp_path, env=env, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
     assert [len((out / f"pope-0shot.rank{k}.jsonl").read_text().splitlines()) for k in (0, 1)] == ranks
+
+
+def test_stage_with_missing_benchmark_files_stops_before_training(tmp_path):
+    from blip3.core.errors import UserError
+    from blip3.train.config import BenchmarkConfig
+    from blip3.train.loop import train_stage
+
+    cfg = tiny_stage("pretrain", tmp_path, steps=2, checkpoint_every=0, eval_every=0,
+                     benchmarks=BenchmarkConfig(tasks=["pope"], data=str(tmp_path / "nothing")))
+    with pytest.raises(UserError, match="coco_pope_random.json"):
+        train_stage(cfg, db=tmp_path / "c.duckdb", data_vars=tiny_vars())
+    assert not (tmp_path / "pretrain").exists()  # no step was run, nothing was written
