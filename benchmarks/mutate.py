@@ -131,9 +131,9 @@ def _summarise(module: str, session: Path, src: Path) -> dict:
     lines = (src / module).read_text().splitlines()
     with use_db(str(session), WorkDB.Mode.open) as db:
         for item, result in db.completed_work_items:
-            if result.worker_outcome == "skipped":
+            if result.worker_outcome.value == "skipped":  # left out by the operator filter
                 continue
-            outcome = str(result.test_outcome or result.worker_outcome)
+            outcome = (result.test_outcome or result.worker_outcome).value
             outcomes[outcome] += 1
             if outcome == "survived":
                 m = item.mutations[0]
@@ -148,6 +148,31 @@ def _summarise(module: str, session: Path, src: Path) -> dict:
             "survivors": sorted(survivors, key=lambda s: s["line"])}
 
 
+def _recheck(module: str, scratch: Path, slow: bool) -> dict:
+    """Re-run the recorded survivors of `module` against today's tests (after new tests were added):
+    each survivor is applied alone (`cosmic-ray apply`) to a fresh copy and the tests run once."""
+    previous = {r["module"]: r for r in json.loads((RESULTS / "mutation.json").read_text())}[module]
+    bindir = Path(sys.executable).parent
+    still = []
+    for s in previous["survivors"]:
+        copy = scratch / f"{s['line']}-{s['operator']}-{s['occurrence']}"
+        copy.mkdir()
+        src = _copy_tree(copy)
+        env = dict(os.environ, PYTHONPATH=str(copy / "links"), BLIP3_NO_PROGRESS="1", PYTHONDONTWRITEBYTECODE="1")
+        subprocess.run([str(bindir / "cosmic-ray"), "apply", module, f"core/{s['operator']}", str(s["occurrence"])],
+                       cwd=src, env=env, check=True, capture_output=True)
+        marker = [] if slow else ["-m", "not slow"]
+        r = subprocess.run([sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", *marker,
+                            *MODULES[module]], cwd=src, env=env, capture_output=True)
+        if r.returncode == 0:
+            still.append(s)
+        shutil.rmtree(copy)
+    killed = previous["killed"] + len(previous["survivors"]) - len(still)
+    return {**previous, "killed": killed, "survived": len(still), "survivors": still,
+            "kill_rate_before": previous.get("kill_rate_before", previous["kill_rate"]),
+            "kill_rate": round(100 * killed / previous["mutants"], 1)}
+
+
 def _write(results: list[dict]) -> Path:
     RESULTS.mkdir(parents=True, exist_ok=True)
     path = RESULTS / "mutation.json"
@@ -155,14 +180,15 @@ def _write(results: list[dict]) -> Path:
     old.update({r["module"]: r for r in results})
     merged = [old[m] for m in sorted(old)]
     path.write_text(json.dumps(merged, indent=2))
-    rows = ["| module | mutants | killed | survived | kill rate | tests (s) | run (min) |",
-            "|---|---:|---:|---:|---:|---:|---:|"]
+    rows = ["| module | mutants | killed | survived | kill rate before | kill rate after | tests (s) | run (min) |",
+            "|---|---:|---:|---:|---:|---:|---:|---:|"]
     for r in merged:
         if "error" in r:
-            rows.append(f"| {r['module']} | - | - | - | {r['error']} | - | - |")
+            rows.append(f"| {r['module']} | - | - | - | {r['error']} | - | - | - |")
             continue
-        rows.append(f"| {r['module']} | {r['mutants']} | {r['killed']} | {r['survived']} | {r['kill_rate']}% "
-                    f"| {r['baseline_s']} | {r['minutes']} |")
+        before = r.get("kill_rate_before", r["kill_rate"])
+        rows.append(f"| {r['module']} | {r['mutants']} | {r['killed']} | {r['survived']} | {before}% "
+                    f"| {r['kill_rate']}% | {r['baseline_s']} | {r['minutes']} |")
     rows.append("")
     for r in merged:
         for s in r.get("survivors", []):
@@ -177,6 +203,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("modules", nargs="*", help="Module paths (default with --all: every module in MODULES).")
     ap.add_argument("--all", action="store_true", help="Run every module in MODULES.")
     ap.add_argument("--slow", action="store_true", help="Include the slow (Ray, end-to-end) tests.")
+    ap.add_argument("--recheck", action="store_true",
+                    help="Only re-test the survivors recorded in benchmarks/results/mutation.json (after adding tests).")
     args = ap.parse_args(argv)
     modules = list(MODULES) if args.all else args.modules
     unknown = [m for m in modules if m not in MODULES]
@@ -184,7 +212,8 @@ def main(argv: list[str] | None = None) -> int:
         ap.error(f"name modules from: {', '.join(MODULES)}" + (f" (unknown: {', '.join(unknown)})" if unknown else ""))
     for module in modules:
         with tempfile.TemporaryDirectory(prefix="blip3-mutate-") as tmp:
-            result = _run_module(module, MODULES[module], Path(tmp), args.slow)
+            run = _recheck if args.recheck else lambda m, t, slow: _run_module(m, MODULES[m], t, slow)
+            result = run(module, Path(tmp), args.slow)
         md = _write([result])
         rate = result.get("kill_rate", result.get("error"))
         print(f"{module}: {result.get('killed')}/{result.get('mutants')} killed ({rate}) -> {md}", flush=True)
