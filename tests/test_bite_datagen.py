@@ -128,3 +128,10 @@ def test_caption_style_is_immutable():
 
     with pytest.raises(FrozenInstanceError):
         CaptionStyle().lead_in = "changed"
+
+
+def test_ocr_fractions_use_denominators_up_to_twenty():
+    """Granularity 2 writes the centre as the nearest fraction with denominator <= 20, as the dataset does."""
+    x, y = 1 / 21, 0.05  # 1/21 is not allowed (nearest: 1/20); 1/20 is (19 would give 1/19)
+    assert format_entry("a", [x, y, x, y], 2) == (
+        '"a" located at 1/20 of the image from top to bottom and 1/20 of the image from left to right')
