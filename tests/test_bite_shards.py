@@ -12,8 +12,18 @@ import time
 
 import pytest
 
-from blip3.core.shards import list_shards, shard_complete, shard_paths
-from tests.core_fixtures import write_caption_shard
+from blip3.core.shards import (
+    SampleRow,
+    ShardWriter,
+    iter_shard,
+    iter_tar_index,
+    list_shards,
+    read_members,
+    resolve_shards,
+    shard_complete,
+    shard_paths,
+)
+from tests.core_fixtures import jpeg, write_caption_shard
 
 
 def _record_renames(monkeypatch, fail_on: str | None = None) -> list[str]:
@@ -81,3 +91,49 @@ def test_tars_written_at_different_times_are_identical(tmp_path, monkeypatch):
         members = tar.getmembers()
     assert members and {m.mtime for m in members} == {0}
     assert {(m.mode, m.uname, m.gname) for m in members} == {(0o644, "", "")}
+
+
+def test_a_closed_or_aborted_writer_cannot_publish_again(tmp_path):
+    w = ShardWriter(tmp_path / "a", 0)
+    w.add("k", {"txt": "x"}, SampleRow("k"))
+    w.close()
+    with pytest.raises(RuntimeError, match="already closed"):
+        w.close()
+    w = ShardWriter(tmp_path / "b", 0)
+    w.add("k", {"txt": "x"}, SampleRow("k"))
+    w.abort()
+    w.abort()  # idempotent
+    with pytest.raises(RuntimeError, match="already closed"):
+        w.close()
+    assert list((tmp_path / "b").iterdir()) == []
+
+
+def test_json_members_keep_text_readable_as_utf8(tmp_path):
+    with ShardWriter(tmp_path, 0) as w:
+        w.add("k", {"json": {"text": "café ☕ 東京"}}, SampleRow("k"))
+    (sample,) = iter_shard(shard_paths(tmp_path, 0)[0])
+    assert "café ☕ 東京".encode() in sample["json"]
+
+
+def test_tar_index_and_member_reads_give_back_each_sample(tmp_path):
+    keys = write_caption_shard(tmp_path, 0, 4)
+    tar = shard_paths(tmp_path, 0)[0]
+    index = list(iter_tar_index(tar))
+    assert [s.key for s in index] == keys
+    assert all([m.ext for m in s.members] == ["jpg", "txt", "json"] for s in index)
+    expected = {s["__key__"]: s for s in iter_shard(tar)}
+    with open(tar, "rb") as f:
+        for s in index:
+            got = read_members(f, s)
+            assert got == {ext: expected[s.key][ext] for ext in ("jpg", "txt", "json")}
+    assert got["jpg"][:2] == jpeg()[:2]  # a JPEG's own bytes
+
+
+def test_resolve_shards_reads_folders_and_brace_patterns(tmp_path):
+    write_caption_shard(tmp_path / "out", 0, 2)
+    write_caption_shard(tmp_path / "out", 1, 2)
+    (tmp_path / "out" / ".000002.tar.tmp-1").write_bytes(b"unfinished")
+    tars = [shard_paths(tmp_path / "out", i)[0].resolve() for i in (0, 1)]
+    assert resolve_shards(tmp_path / "out") == tars
+    assert resolve_shards(str(tmp_path / "out" / "{000000,000001}.tar")) == tars
+    assert resolve_shards("out/000001.tar", base=tmp_path) == tars[1:]
