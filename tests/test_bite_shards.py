@@ -6,6 +6,7 @@ was published whole. These tests break the publishing steps on purpose and check
 
 from __future__ import annotations
 
+import json
 import os
 import tarfile
 import time
@@ -16,6 +17,7 @@ from blip3.core.shards import (
     SampleRow,
     ShardWriter,
     iter_shard,
+    is_image_ext,
     iter_tar_index,
     list_shards,
     read_members,
@@ -137,3 +139,30 @@ def test_resolve_shards_reads_folders_and_brace_patterns(tmp_path):
     assert resolve_shards(tmp_path / "out") == tars
     assert resolve_shards(str(tmp_path / "out" / "{000000,000001}.tar")) == tars
     assert resolve_shards("out/000001.tar", base=tmp_path) == tars[1:]
+
+
+def test_json_members_do_not_depend_on_key_order(tmp_path):
+    for name, record in (("a", {"uid": "u", "captions": [], "meta": {"x": 1, "y": 2}}),
+                         ("b", {"meta": {"y": 2, "x": 1}, "captions": [], "uid": "u"})):
+        with ShardWriter(tmp_path / name, 0) as w:
+            w.add("k", {"json": record}, SampleRow("k"))
+    assert shard_paths(tmp_path / "a", 0)[0].read_bytes() == shard_paths(tmp_path / "b", 0)[0].read_bytes()
+
+
+@pytest.mark.parametrize("foreign", [
+    {"count": 3, "successes": 3, "failed_to_download": 0},  # img2dataset's stats: no shard fields
+    {"shard": "not-a-number", "sha256": "x", "tar_bytes": 1, "count": 1, "successes": 1, "failed": 0},
+    {"shard": "000009", "sha256": "x", "tar_bytes": None, "count": 1, "successes": 1, "failed": 0},
+    ["not", "a", "mapping"],
+])
+def test_foreign_stats_files_are_not_shards(tmp_path, foreign):
+    write_caption_shard(tmp_path, 0, 2)
+    (tmp_path / "000009_stats.json").write_text(json.dumps(foreign))
+    assert [i.index for i in list_shards(tmp_path)] == [0]
+    assert resolve_shards(tmp_path) == [shard_paths(tmp_path, 0)[0].resolve()]
+
+
+@pytest.mark.parametrize("ext, is_image", [("jpg", True), ("img0.jpg", True), ("0.PNG", True), ("a.b.webp", True),
+                                           ("txt", False), ("json", False), ("jpg.txt", False)])
+def test_image_members_are_told_by_their_last_extension(ext, is_image):
+    assert is_image_ext(ext) is is_image
