@@ -15,6 +15,7 @@ import pytest
 
 from blip3.core.shards import (
     SampleRow,
+    clean_temporaries,
     ShardWriter,
     iter_shard,
     is_image_ext,
@@ -166,3 +167,24 @@ def test_foreign_stats_files_are_not_shards(tmp_path, foreign):
                                            ("txt", False), ("json", False), ("jpg.txt", False)])
 def test_image_members_are_told_by_their_last_extension(ext, is_image):
     assert is_image_ext(ext) is is_image
+
+
+def test_writer_creates_nested_folders_and_cuts_long_failure_reasons(tmp_path):
+    out = tmp_path / "a" / "b" / "c"
+    with ShardWriter(out, 0) as w:
+        w.add_failure(SampleRow("k", error="x" * 200 + ": detail"))
+    stats = json.loads(shard_paths(out, 0)[2].read_text())
+    assert stats["failure_reasons"] == {"x" * 80: 1}
+
+
+def test_abort_after_temporaries_were_cleaned_and_clean_temporaries_counts(tmp_path):
+    w = ShardWriter(tmp_path, 0)
+    w.add("k", {"txt": "x"}, SampleRow("k"))
+    assert clean_temporaries(tmp_path) == 1  # another process tidied the folder meanwhile
+    w.abort()  # nothing left to remove: no error
+    assert list(tmp_path.iterdir()) == [] and clean_temporaries(tmp_path) == 0
+
+
+def test_resolve_shards_recursive_glob(tmp_path):
+    write_caption_shard(tmp_path / "x" / "y", 0, 1)
+    assert resolve_shards(str(tmp_path / "**" / "*.tar")) == [shard_paths(tmp_path / "x" / "y", 0)[0].resolve()]
