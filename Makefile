@@ -5,9 +5,18 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: setup demo test test-fast mutate bench clean
+.PHONY: setup browser demo test test-fast mutate bench clean
 
 setup: $(STAMP)
+
+# The audit-page tests drive Debian's headless chromium: install it when missing (as root, or
+# through sudo), so `make test` passes on a fresh machine as it stands.
+browser:
+	@command -v chromium >/dev/null 2>&1 || command -v chromium-browser >/dev/null 2>&1 || { \
+	  SUDO=$$([ "$$(id -u)" = 0 ] || echo sudo); \
+	  echo "installing chromium (apt-get) for the browser tests"; \
+	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq chromium >/dev/null; \
+	} || { echo "error: the browser tests need chromium; apt-get install chromium failed" >&2; exit 1; }
 
 $(STAMP): pyproject.toml requirements.lock
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -18,10 +27,10 @@ $(STAMP): pyproject.toml requirements.lock
 demo: setup
 	$(BIN)/blip3 demo
 
-test: setup
+test: setup browser
 	$(BIN)/python -m pytest
 
-test-fast: setup
+test-fast: setup browser
 	$(BIN)/python -m pytest -m "not slow"
 
 # Mutation testing (slow, not in CI): kill rate per module -> benchmarks/results/mutation.md.

@@ -14,15 +14,31 @@ from typing import Optional
 import typer
 
 from blip3.core.errors import UserError, environment_error
-from blip3.core.options import DbOption
+from blip3.core.options import DbOption, Format, FormatOption, OutOption, SourceKind
 
 app = typer.Typer(
     name="blip3",
     help="Data engine and slim trainer for xGen-MM (BLIP-3) style multimodal models.",
     no_args_is_help=True,
     pretty_exceptions_enable=False,
-    add_completion=False,
+    add_completion=True,  # --install-completion / --show-completion for bash, zsh, fish, PowerShell
 )
+
+
+def _version(value: bool) -> None:
+    if value:
+        from importlib.metadata import version
+
+        print(f"blip3 {version('blip3-engine')}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: bool = typer.Option(False, "--version", "-V", callback=_version, is_eager=True,
+                                 help="Print the version and exit."),
+) -> None:
+    """Data engine and slim trainer for xGen-MM (BLIP-3) style multimodal models."""
 catalog_app = typer.Typer(help="Register shards in the DuckDB catalog and summarise it.", no_args_is_help=True)
 app.add_typer(catalog_app, name="catalog")
 
@@ -32,7 +48,7 @@ app.add_typer(catalog_app, name="catalog")
 def catalog_add(
     output_dir: Path = typer.Argument(..., help="A folder of NNNNNN.tar shards with their sidecars."),
     source: Optional[str] = typer.Option(None, "--source", help="Source name (default: the folder name)."),
-    kind: str = typer.Option("caption", "--kind", help="caption | interleaved | sft | dpo"),
+    kind: SourceKind = typer.Option("caption", "--kind", help="The kind of samples the shards hold."),
     refresh: bool = typer.Option(False, "--refresh", help="Re-read shards whose tar changed."),
     verify: bool = typer.Option(False, "--verify", help="Re-hash every tar (default: trust the sha256 its "
                                 "writer recorded, checking the size)."),
@@ -52,19 +68,19 @@ def catalog_add(
 
 
 @catalog_app.command("stats")
-def catalog_stats(db: Path = DbOption) -> None:
+def catalog_stats(fmt: Format = FormatOption, out: Optional[Path] = OutOption, db: Path = DbOption) -> None:
     """Print a summary table per source: shards, samples, failures, caption length, coverage."""
     from blip3.core.sql import run_query
     from blip3.core.tables import write_result
 
-    write_result(run_query("SELECT * FROM v_source_summary ORDER BY source", db), title="catalog")
+    write_result(run_query("SELECT * FROM v_source_summary ORDER BY source", db), fmt=fmt, out=out, title="catalog")
 
 
 @app.command("sql")
 def sql(
     query: str = typer.Argument(..., help='A read-only query, e.g. "SELECT * FROM v_source_summary".'),
-    fmt: str = typer.Option("table", "--format", "-f", help="table | csv | json | parquet"),
-    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Write the result to this file."),
+    fmt: Format = FormatOption,
+    out: Optional[Path] = OutOption,
     db: Path = DbOption,
 ) -> None:
     """Run a read-only SQL query on the catalog (statements that write are refused)."""
@@ -76,7 +92,8 @@ def sql(
 
 #: The packages that add command groups (each `commands.py` has a `register(app)`).
 COMMAND_MODULES = ("blip3.datagen.commands", "blip3.mixture.commands", "blip3.train.commands",
-                   "blip3.model.commands", "blip3.demo.commands")
+                   "blip3.model.commands", "blip3.demo.commands",
+                   "blip3.eval.commands")
 
 
 def _register_groups(modules: tuple[str, ...] = COMMAND_MODULES) -> None:

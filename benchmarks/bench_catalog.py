@@ -43,11 +43,12 @@ def make_output(out: Path, n_rows: int, shard_rows: int, source_idx: int) -> Non
         failed = rng.random(n) < 0.03
         cols = {
             "key": [f"s{source_idx}_{start + i:09d}" for i in range(n)],
-            "uid": None, "url": None,
+            "uid": None, "url": None, "caption": None, "sha256": None,
             "status": np.where(failed, "failed", "success"),
-            "error": np.where(failed, "decode: cannot identify image file", None),
+            "error_message": np.where(failed, "decode: cannot identify image file", None),
             "width": rng.integers(64, 2048, n, dtype=np.int32), "height": rng.integers(64, 2048, n, dtype=np.int32),
-            "orig_width": rng.integers(64, 4096, n, dtype=np.int32), "orig_height": rng.integers(64, 4096, n, dtype=np.int32),
+            "original_width": rng.integers(64, 4096, n, dtype=np.int32),
+            "original_height": rng.integers(64, 4096, n, dtype=np.int32),
             "image_bytes": rng.integers(5_000, 500_000, n), "caption_length": rng.integers(20, 600, n, dtype=np.int32),
             "n_captions": np.full(n, 12, dtype=np.int32), "n_ocr": rng.poisson(2, n).astype(np.int32),
             "n_objects": rng.poisson(3, n).astype(np.int32), "mean_confidence": rng.random(n, dtype=np.float32),

@@ -89,7 +89,7 @@ def stats_latency(rows: int) -> dict[str, float]:
         with Catalog(db) as cat:
             t0 = time.perf_counter()
             cat.con.execute(
-                f"""INSERT INTO samples (source, shard, key, status, error, caption_length, n_ocr, n_objects,
+                f"""INSERT INTO samples (source, shard, key, status, error_message, caption_length, n_ocr, n_objects,
                                          mean_confidence, image_bytes)
                     SELECT 'src' || (i % 8), 'shard' || (i // 10000), 'k' || i,
                            CASE WHEN i % 37 = 0 THEN 'failed' ELSE 'success' END,

@@ -3,8 +3,10 @@
     python benchmarks/bench_train.py                       # CPU: tiny model, tiny chain
     python benchmarks/bench_train.py --config phi3-mini    # GPU: phi3-mini size, bf16
 
-Each row times full optimiser steps (forward under autocast, backward, clip, fused AdamW) on
-synthetic batches shaped like the stages' batches, after warm-up steps:
+Each row times the trainer's own optimiser step (`train.loop.train_step`: host-to-device copy,
+forward under autocast, backward, clip, AdamW) on synthetic batches shaped like the stages'
+batches, after warm-up steps, with the loss from chunked label log-probs or full logits, and the
+step split into transfer / forward / backward / optimiser (timed in extra synchronised steps):
 - pretrain: `micro_batch` rows of `seq_len` tokens, packed (`segment_ids`), 4 samples per row,
   one 1-crop image each (num_latents image tokens);
 - sft: `micro_batch` rows, one any-res image of 5 crops each (640 image tokens at phi3-mini
@@ -65,14 +67,16 @@ def synthetic_batch(config, kind: str, rows: int, seq_len: int, device):
 
 
 def time_steps(config_name: str, kind: str, rows: int, seq_len: int, steps: int, warmup: int, *, ac: bool,
-               compile: bool, threads: int | None) -> dict:
+               compile: bool, threads: int | None, loss: str = "chunked") -> dict:
     import torch
 
     from blip3.model.config import get_config
     from blip3.model.xgenmm import XGenMM
-    from blip3.train.distributed import parallelize
+    from blip3.train.distributed import DistInfo, parallelize
     from blip3.model.flops import flops_model, mfu, peak_flops
-    from blip3.train.data import count_crops, count_tokens
+    from blip3.train.data import Batch, count_crops, count_tokens
+    from blip3.train.loop import train_step
+    from blip3.train.objective import CrossEntropy
 
     if threads:
         torch.set_num_threads(threads)
@@ -87,19 +91,21 @@ def time_steps(config_name: str, kind: str, rows: int, seq_len: int, steps: int,
     parallelize(model, ac=ac, compile=compile, fsdp=False, bf16=bf16)
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=1e-5, fused=device.type == "cuda")
-    batch = synthetic_batch(config, kind, rows, seq_len, device)
+    # host batch, moved by the trainer's own step (pinned memory, non-blocking copy on a GPU)
+    batch = synthetic_batch(config, kind, rows, seq_len, torch.device("cpu"))
+    if device.type == "cuda":
+        batch = {k: v.pin_memory() for k, v in batch.items()}
     tokens, crops = count_tokens(batch), count_crops(batch, config)
+    objective = CrossEntropy(placeholder_id=config.image_placeholder_id, impl=loss)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
     fm = flops_model(model)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
 
-    def step():
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-            loss = model(**batch, use_cache=False).loss  # no KV cache: a recomputed block would append twice
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
+    def step(timings=None):
+        # the trainer's step: objective normalised by the step's labelled tokens, clip, AdamW
+        train_step(model, objective, [Batch(batch)], optimizer=opt, scheduler=sched, grad_clip=1.0, bf16=bf16,
+                   info=DistInfo(device=device), timings=timings)
 
     for _ in range(warmup):
         step()
@@ -111,6 +117,10 @@ def time_steps(config_name: str, kind: str, rows: int, seq_len: int, steps: int,
     if device.type == "cuda":
         torch.cuda.synchronize()
     dt = (time.perf_counter() - t0) / steps
+    split: dict[str, float] = {}
+    for _ in range(max(1, steps // 2)):  # the split, timed apart: its synchronisations slow a step down
+        step(split)
+    total = sum(split.values()) or 1.0
     flops = fm.step_flops(tokens, seq_len, crops)
     util = mfu(flops, dt, peak_flops(device))
     return {
@@ -118,6 +128,9 @@ def time_steps(config_name: str, kind: str, rows: int, seq_len: int, steps: int,
         "rows x seq": f"{rows}x{seq_len}", "step s": dt, "tokens/s": tokens / dt, "TFLOP/s": flops / dt / 1e12,
         "MFU": "n/a (CPU)" if util is None else f"{100 * util:.1f}%",
         "peak mem GB": torch.cuda.max_memory_allocated() / 2**30 if bf16 else peak_rss_mb() / 1024,
+        "loss": loss,
+        "split data/fwd/bwd/optim %": "/".join(f"{100 * split.get(k, 0.0) / total:.0f}"
+                                             for k in ("transfer", "forward", "backward", "optimizer")),
     }
 
 
@@ -151,6 +164,8 @@ def main() -> None:
     ap.add_argument("--ac", action="store_true", help="activation checkpointing per decoder block")
     ap.add_argument("--compile", action="store_true", help="torch.compile per decoder block")
     ap.add_argument("--no-chain", action="store_true", help="skip the tiny chain's wall time")
+    ap.add_argument("--loss", default="both", choices=["chunked", "dense", "both"],
+                    help="label log-probs chunk by chunk (the trainer's default) or from full logits")
     args = ap.parse_args()
 
     import torch
@@ -164,8 +179,9 @@ def main() -> None:
     rows = []
     for kind, n in (("pretrain", args.pretrain_rows or (4 if big else 2)), ("sft", args.sft_rows or (4 if big else 2))):
         for threads in ([None] if gpu else [1, 2]):
-            rows.append(time_steps(name, kind, n, seq, steps, warmup, ac=args.ac or big, compile=args.compile,
-                                   threads=threads))
+            for loss in (["chunked", "dense"] if args.loss == "both" else [args.loss]):
+                rows.append(time_steps(name, kind, n, seq, steps, warmup, ac=args.ac or big, compile=args.compile,
+                                       threads=threads, loss=loss))
     if not gpu and not args.no_chain:
         rows.append(tiny_chain_wall())
     report("bench_train", rows, f"training throughput ({name})")

@@ -9,9 +9,12 @@ Tables (columns documented in README "The catalog"):
               status is `ok`, or `changed` when the tar on disk no longer matches the sha256
               recorded when it was added (flagged, never silently re-read)
 - `samples`   one row per input sample of every shard, failures included: the sidecar parquet
-              columns (core.shards.SIDECAR_SCHEMA) plus `source` and `shard`
+              columns (core.shards.SIDECAR_SCHEMA, img2dataset's names) but the caption text,
+              plus `source` and `shard`
 - `mixtures`, `mixture_sources`   mixtures built by `blip3 mix build` and their per-source plan
 - `runs`      training runs recorded by `blip3 train` (stage, manifest, steps, tokens, loss, ckpt)
+- `evals`     benchmark results recorded by `blip3 eval`: one row per (checkpoint, task, shots,
+              metric), with the run that trained the checkpoint and its per-sample predictions
 
 Adding is idempotent: a shard already catalogued with the same sha256 is skipped, so adding the
 same folder twice leaves the row counts unchanged.
@@ -70,8 +73,8 @@ SCHEMA = [
         source VARCHAR NOT NULL,
         shard VARCHAR NOT NULL,
         key VARCHAR, uid VARCHAR, url VARCHAR,
-        status VARCHAR, error VARCHAR,
-        width INTEGER, height INTEGER, orig_width INTEGER, orig_height INTEGER,
+        status VARCHAR, error_message VARCHAR,
+        width INTEGER, height INTEGER, original_width INTEGER, original_height INTEGER, sha256 VARCHAR,
         image_bytes BIGINT, caption_length INTEGER, n_captions INTEGER,
         n_ocr INTEGER, n_objects INTEGER, mean_confidence FLOAT, has_source_caption BOOLEAN
     )""",
@@ -117,7 +120,40 @@ SCHEMA = [
         status VARCHAR,
         metrics_path VARCHAR
     )""",
+    """CREATE TABLE IF NOT EXISTS evals (
+        run_id VARCHAR,             -- the training run whose output was evaluated (NULL: not trained here)
+        checkpoint VARCHAR NOT NULL,
+        task VARCHAR NOT NULL,
+        shots INTEGER NOT NULL,
+        metric VARCHAR NOT NULL,
+        value DOUBLE,
+        n BIGINT,                   -- questions / images scored
+        evaluated_at TIMESTAMPTZ,
+        predictions_path VARCHAR    -- per-sample parquet: id, prompt, prediction, answer, score
+    )""",
 ]
+
+
+#: Sidecar columns copied into `samples`: all but the caption text (the tars hold it; the catalog
+#: keeps its length), which would make the catalog as large as the captions.
+SAMPLE_COLUMNS = [c for c in SIDECAR_COLUMNS if c != "caption"]
+
+#: Columns renamed to img2dataset's names; a catalog made before is renamed on open.
+_RENAMED = {"error": "error_message", "orig_width": "original_width", "orig_height": "original_height"}
+
+
+def _migrate_samples(con: duckdb.DuckDBPyConnection) -> None:
+    """Bring a `samples` table made by an earlier version to the current columns (renamed, added);
+    runs before SCHEMA, which (re)creates the index a rename must not hold."""
+    have = {r[0] for r in con.execute(
+        "SELECT column_name FROM information_schema.columns WHERE table_name = 'samples'").fetchall()}
+    renames = [(old, new) for old, new in _RENAMED.items() if old in have and new not in have]
+    if renames:
+        con.execute("DROP INDEX IF EXISTS samples_by_shard")
+    for old, new in renames:
+        con.execute(f"ALTER TABLE samples RENAME COLUMN {old} TO {new}")
+    if have and "sha256" not in have:
+        con.execute("ALTER TABLE samples ADD COLUMN sha256 VARCHAR")
 
 
 def resolve_db(db: str | Path | None = None) -> Path:
@@ -223,6 +259,13 @@ class AddResult:
     rows: int = 0
     failed: list[tuple[str, str]] = field(default_factory=list)  # (shard path, reason): not registered
 
+    def check(self) -> "AddResult":
+        """Raise a UserError with the summary when a shard was not registered (for callers whose
+        job is otherwise done: the user must learn that the catalog lacks part of the folder)."""
+        if self.failed:
+            raise UserError(f"{self.summary()}; fix it and run `blip3 catalog add` on the folder again")
+        return self
+
     def summary(self) -> str:
         """One line: what was registered and, when some shards were not, how many and the first."""
         line = f"{self.source}: {self.added} shard(s) added ({self.rows} rows), {self.skipped} already catalogued"
@@ -244,6 +287,7 @@ class Catalog:
         except OSError as e:
             raise UserError(f"cannot create the catalog's folder: {e.strerror}", file=self.path.parent) from None
         self.con = open_catalog(self.path)
+        _migrate_samples(self.con)
         for ddl in SCHEMA:
             self.con.execute(ddl)
         from blip3.core.views import create_views  # views over the tables above, one place
@@ -300,13 +344,18 @@ class Catalog:
         name = source or out.resolve().name
         self.upsert_source(name, kind, out)
         result = AddResult(source=name)
-        for info in shards:
-            # One bad shard (a corrupt sidecar, a vanished tar) is reported, never a reason to leave
-            # the rest of the folder unregistered; each shard is its own transaction.
-            try:
-                self._add_shard(info, name, refresh, result, verify)
-            except (duckdb.Error, OSError, UserError) as e:
-                result.failed.append((str(info.tar), " ".join(str(e).split())[:300]))
+        from blip3.core.logs import progress
+
+        with progress(transient=True) as bar:
+            task = bar.add_task(f"catalog add {name}", total=len(shards))
+            for info in shards:
+                # One bad shard (a corrupt sidecar, a vanished tar) is reported, never a reason to leave
+                # the rest of the folder unregistered; each shard is its own transaction.
+                try:
+                    self._add_shard(info, name, refresh, result, verify)
+                except (duckdb.Error, OSError, UserError) as e:
+                    result.failed.append((str(info.tar), " ".join(str(e).split())[:300]))
+                bar.advance(task)
         result.failed.extend(unlisted)
         self.refresh_source_counts(name)
         return result
@@ -354,7 +403,7 @@ class Catalog:
         The samples come from `rows` (an Arrow table with the sidecar columns) when given, for tars
         that have no sidecar parquet, else from `info.parquet`.
         """
-        cols = ", ".join(SIDECAR_COLUMNS)
+        cols = ", ".join(SAMPLE_COLUMNS)
         if self.con.execute("SELECT 1 FROM shards WHERE path = ?", [tar]).fetchone():  # re-registration
             self.con.execute("DELETE FROM samples WHERE shard = ?", [tar])
             self.con.execute("DELETE FROM shards WHERE path = ?", [tar])
@@ -475,3 +524,24 @@ class Catalog:
             f"INSERT INTO runs ({', '.join(cols)}) VALUES ({', '.join('?' for _ in cols)})",
             [fields[c] for c in cols],
         )
+
+    def run_for_checkpoint(self, checkpoint: str | Path) -> str | None:
+        """The run_id of the training run that wrote this model directory (None when unknown)."""
+        row = self.con.execute("SELECT run_id FROM runs WHERE checkpoint = ? ORDER BY finished_at DESC NULLS LAST",
+                               [str(Path(checkpoint).resolve())]).fetchone()
+        return None if row is None else row[0]
+
+    # -- evals ---------------------------------------------------------------------------------
+    def record_eval(self, *, checkpoint: str | Path, task: str, shots: int, metrics: dict[str, float], n: int,
+                    run_id: str | None = None, predictions_path: str | Path | None = None) -> None:
+        """Replace the rows of one (checkpoint, task, shots) evaluation, all metrics at once."""
+        ckpt = str(Path(checkpoint).resolve())
+        preds = None if predictions_path is None else str(Path(predictions_path).resolve())
+        with transaction(self.con):
+            self.con.execute("DELETE FROM evals WHERE checkpoint = ? AND task = ? AND shots = ?", [ckpt, task, shots])
+            for metric, value in metrics.items():
+                self.con.execute(
+                    "INSERT INTO evals (run_id, checkpoint, task, shots, metric, value, n, evaluated_at, predictions_path) "
+                    "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    [run_id, ckpt, task, shots, metric, float(value), n, _now(), preds],
+                )

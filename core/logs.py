@@ -19,6 +19,8 @@ from rich.progress import (
 )
 
 console = Console(stderr=True)
+# Piped or redirected, a summary line stays one line (greppable) instead of wrapping at 80 columns.
+console.soft_wrap = not console.is_terminal
 _configured = False
 
 

@@ -8,7 +8,7 @@ guesses it again.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Optional
+from typing import Literal, Optional
 
 import typer
 
@@ -21,3 +21,32 @@ def _resolve_db(value: Optional[Path]) -> Path:
 
 DbOption = typer.Option(None, "--db", callback=_resolve_db,
                         help="Catalog file (default: $BLIP3_DB or ./catalog.duckdb).")
+
+#: The formats every table command writes (`core.tables.write_result`).
+Format = Literal["table", "csv", "json", "parquet"]
+FormatOption = typer.Option("table", "--format", "-f", help="Output format (parquet needs --out).")
+OutOption = typer.Option(None, "--out", "-o", help="Write the result to this file instead of printing it.")
+
+
+def output_path(positional, option, what: str = "output folder"):
+    """A command's output: `-o/--out` (the one convention of every command), or the positional
+    form older scripts use; both given must agree, one of them is required."""
+    from blip3.core.errors import UserError
+
+    if positional is not None and option is not None and str(positional) != str(option):
+        raise UserError(f"the {what} is given twice ({positional} and {option}); pass it once, as -o/--out",
+                        field="--out")
+    value = option if option is not None else positional
+    if value is None:
+        raise UserError(f"missing the {what}: pass -o/--out", field="--out")
+    return value
+
+
+def out_option(what: str):
+    """`-o/--out`, for a command whose output was a positional argument (kept, now optional)."""
+    return typer.Option(None, "--out", "-o", help=f"{what[0].upper()}{what[1:]} (or as the positional argument).")
+
+#: The kinds of source the catalog knows (`core.catalog.SOURCE_KINDS`, checked equal by a test).
+SourceKind = Literal["caption", "interleaved", "sft", "dpo"]
+#: The input kinds of a datagen job (`datagen.inputs.INPUT_FORMATS`, checked equal by a test).
+InputFormat = Literal["folder", "webdataset", "img2dataset", "urls", "blip3-ocr"]

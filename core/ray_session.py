@@ -32,6 +32,9 @@ def ray_session(address: str | None = None, num_cpus: int | None = None) -> Iter
         yield False
         return
     os.environ.setdefault("RAY_DEDUP_LOGS", "1")
+    # Quiet by default: Ray's notice that token authentication is on (its default, which we keep)
+    # is not something a user of `blip3 ocr` acts on; real warnings and errors still show.
+    logging.getLogger("ray._private.authentication.authentication_token_setup").setLevel(logging.ERROR)
     kwargs: dict[str, Any] = dict(include_dashboard=False, log_to_driver=False, logging_level=logging.WARNING)
     address = address or os.environ.get("RAY_ADDRESS") or None
     try:

@@ -1,10 +1,18 @@
 """WebDataset shard I/O: the one place every stage writes and reads shards.
 
-Layout of an output folder (the same habit as img2dataset):
+Layout of an output folder, img2dataset's (tools written for img2dataset output read ours):
 
-    000000.tar          members `<key>.<ext>`: the image, `<key>.txt` caption, `<key>.json` record
-    000000.parquet      one row per *input* sample, failures included (status, error, sizes, counts)
-    000000_stats.json   counts, failure reasons, timings, generator; written last = completion mark
+    00000.tar          members `<key>.<ext>`: the image, `<key>.txt` caption, `<key>.json` record
+    00000.parquet      one row per *input* sample, failures included: img2dataset's columns (`key`,
+                       `url`, `caption`, `status`, `error_message`, `width`, `height`,
+                       `original_width`, `original_height`, `sha256`) plus ours (counts, confidence)
+    00000_stats.json   img2dataset's keys (`count`, `successes`, `failed_to_download`,
+                       `failed_to_resize`, `duration`, `start_time`, `end_time`, `status_dict`) plus
+                       ours (`failed`, tar `sha256`/`tar_bytes`, `generator`); written last = the
+                       completion mark
+
+The shard-name width (img2dataset's `oom_shard_count`, default 5 digits) is a writer setting;
+readers take any width (they go by the stats files present).
 
 Atomicity: the tar and the parquet are written under temporary names, fsynced and renamed; the
 stats file, which carries the tar's sha256, is renamed into place last. A shard is complete only
@@ -17,6 +25,7 @@ Tars are deterministic (fixed mtime, owner and mode), so the same input gives th
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import hashlib
 import io
@@ -38,7 +47,8 @@ import pyarrow.parquet as pq
 from blip3.core.errors import UserError
 from blip3.core.keys import is_safe_key
 
-SHARD_DIGITS = 6
+#: Digits of a shard name, img2dataset's default (`oom_shard_count=5`): `00000.tar`.
+SHARD_DIGITS = 5
 #: Member extensions that hold an image, in the order a reader prefers them when a sample has
 #: several (the one list: datagen's inputs, the record kinds, the loader and the audit use it).
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp", "bmp", "gif", "tif", "tiff", "ppm")
@@ -50,12 +60,14 @@ SIDECAR_SCHEMA = pa.schema(
         ("key", pa.string()),
         ("uid", pa.string()),
         ("url", pa.string()),
+        ("caption", pa.string()),  # the `.txt` member (null for failures)
         ("status", pa.string()),  # "success" | "failed"
-        ("error", pa.string()),  # failure reason, null on success
+        ("error_message", pa.string()),  # failure reason `reason: detail`, null on success
         ("width", pa.int32()),  # stored image size (after any conversion)
         ("height", pa.int32()),
-        ("orig_width", pa.int32()),  # size of the input image before resizing
-        ("orig_height", pa.int32()),
+        ("original_width", pa.int32()),  # size of the input image as stored in its file
+        ("original_height", pa.int32()),
+        ("sha256", pa.string()),  # of the stored image member (img2dataset's compute_hash)
         ("image_bytes", pa.int64()),  # size of the stored image member
         ("caption_length", pa.int32()),  # characters of the default caption (`.txt`)
         ("n_captions", pa.int32()),  # caption variants stored in the json
@@ -68,19 +80,21 @@ SIDECAR_SCHEMA = pa.schema(
 SIDECAR_COLUMNS = [f.name for f in SIDECAR_SCHEMA]
 
 
-@dataclass
+@dataclass(slots=True)  # slots: a misspelt column (`row.error = ...`) is an error, not a silent new attribute
 class SampleRow:
     """One row of the sidecar parquet."""
 
     key: str
     status: str = "success"
-    error: str | None = None
+    error_message: str | None = None
     uid: str | None = None
     url: str | None = None
+    caption: str | None = None
     width: int | None = None
     height: int | None = None
-    orig_width: int | None = None
-    orig_height: int | None = None
+    original_width: int | None = None
+    original_height: int | None = None
+    sha256: str | None = None
     image_bytes: int | None = None
     caption_length: int | None = None
     n_captions: int | None = None
@@ -107,14 +121,14 @@ class ShardInfo:
     failure_reasons: dict[str, int] = field(default_factory=dict)
 
 
-def shard_name(index: int) -> str:
-    return f"{index:0{SHARD_DIGITS}d}"
+def shard_name(index: int, digits: int = SHARD_DIGITS) -> str:
+    return f"{index:0{digits}d}"
 
 
-def shard_paths(out_dir: str | Path, index: int) -> tuple[Path, Path, Path]:
-    """(tar, parquet, stats) paths of shard `index` in `out_dir`."""
+def shard_paths(out_dir: str | Path, index: int | str, digits: int = SHARD_DIGITS) -> tuple[Path, Path, Path]:
+    """(tar, parquet, stats) paths of shard `index` (or of the shard named `index`) in `out_dir`."""
     out = Path(out_dir)
-    name = shard_name(index)
+    name = index if isinstance(index, str) else shard_name(index, digits)
     return out / f"{name}.tar", out / f"{name}.parquet", out / f"{name}_stats.json"
 
 
@@ -155,6 +169,13 @@ def _error_reason(error: str | None) -> str:
     return error.split(":", 1)[0].strip()[:80] or "unknown"
 
 
+#: Failure reasons counted as img2dataset's `failed_to_download` (the bytes never arrived) and
+#: `failed_to_resize` (the bytes are not a usable image); other failures (annotator verdicts such
+#: as `no_text`) count only in `failed`.
+DOWNLOAD_REASONS = frozenset({"download", "read", "no_image"})
+DECODE_REASONS = frozenset({"empty", "decode", "too_large", "too_small"})
+
+
 class _HashingFile:
     """A write-only file wrapper that hashes and counts what passes through it, so a shard's sha256
     comes from the write itself (hash once) instead of a second full read of the tar."""
@@ -180,16 +201,19 @@ class ShardWriter:
 
         with ShardWriter(out, 0, generator={"name": "ocr", "engine": "rapidocr"}) as w:
             w.add(key, {"jpg": jpeg, "txt": caption.encode(), "json": record}, SampleRow(key, ...))
-            w.add_failure(SampleRow(key2, status="failed", error="decode: cannot identify image"))
+            w.add_failure(SampleRow(key2, status="failed", error_message="decode: cannot identify image"))
     """
 
-    def __init__(self, out_dir: str | Path, index: int, *, generator: dict[str, Any] | None = None):
+    def __init__(self, out_dir: str | Path, index: int, *, generator: dict[str, Any] | None = None,
+                 digits: int = SHARD_DIGITS):
         self.out_dir = Path(out_dir)
         self.out_dir.mkdir(parents=True, exist_ok=True)
         self.index = index
+        self.name = shard_name(index, digits)
         self.generator = dict(generator or {})
-        self.tar_path, self.parquet_path, self.stats_path = shard_paths(self.out_dir, index)
+        self.tar_path, self.parquet_path, self.stats_path = shard_paths(self.out_dir, self.name)
         self._tmp_tar = self.tar_path.with_name(f".{self.tar_path.name}.tmp-{os.getpid()}")
+        self._tmp_parquet = self.parquet_path.with_name(f".{self.parquet_path.name}.tmp-{os.getpid()}")
         self._file = open(self._tmp_tar, "wb")
         self._hashed = _HashingFile(self._file)
         self._tar = tarfile.open(fileobj=self._hashed, mode="w", format=tarfile.GNU_FORMAT)
@@ -204,7 +228,7 @@ class ShardWriter:
         if not is_safe_key(key):
             raise ValueError(f"unsafe shard key {key!r}: pass it through core.keys.sanitize_key")
         if key in self._keys:
-            row.status, row.error = "failed", f"duplicate key: {key} already in shard"
+            row.status, row.error_message = "failed", f"duplicate key: {key} already in shard"
             self._rows.append(row)
             return False
         self._keys.add(key)
@@ -224,9 +248,9 @@ class ShardWriter:
         return True
 
     def add_failure(self, row: SampleRow) -> None:
-        """Record an input sample that produced no member; `row.error` says why."""
+        """Record an input sample that produced no member; `row.error_message` says why."""
         row.status = "failed"
-        if not row.error:
+        if not row.error_message:
             raise ValueError("a failed sample needs an error reason")
         self._rows.append(row)
 
@@ -236,10 +260,21 @@ class ShardWriter:
 
     # -- publishing --------------------------------------------------------------------------
     def close(self, extra_stats: dict[str, Any] | None = None) -> ShardInfo:
-        """Publish the shard atomically and return its info."""
+        """Publish the shard atomically and return its info; when publishing fails (a full disk),
+        the temporary files are removed, so a failed run leaves nothing taking up the space."""
         if self._closed:
             raise RuntimeError("shard already closed")
         self._closed = True
+        try:
+            return self._publish(extra_stats)
+        except OSError as e:
+            self._discard()
+            raise _naming(e, self.out_dir) from e
+        except BaseException:
+            self._discard()
+            raise
+
+    def _publish(self, extra_stats: dict[str, Any] | None) -> ShardInfo:
         self._tar.close()
         self._file.flush()
         os.fsync(self._file.fileno())
@@ -248,7 +283,7 @@ class ShardWriter:
         table = rows_to_table(self._rows)
         buf = pa.BufferOutputStream()
         pq.write_table(table, buf, compression="zstd")
-        tmp_parquet = self.parquet_path.with_name(f".{self.parquet_path.name}.tmp-{os.getpid()}")
+        tmp_parquet = self._tmp_parquet
         with open(tmp_parquet, "wb") as f:
             f.write(buf.getvalue().to_pybytes())
             f.flush()
@@ -257,21 +292,26 @@ class ShardWriter:
         sha, size = self._hashed.sha.hexdigest(), self._hashed.size
         os.replace(self._tmp_tar, self.tar_path)
         os.replace(tmp_parquet, self.parquet_path)
-        reasons = Counter(_error_reason(r.error) for r in self._rows if r.status != "success")
-        successes = sum(r.status == "success" for r in self._rows)
+        # img2dataset's status_dict: "success" and each failure reason, with their counts
+        status = Counter("success" if r.status == "success" else _error_reason(r.error_message) for r in self._rows)
+        successes = status["success"]
+        reasons = {k: n for k, n in status.items() if k != "success"}
+        finished = time.time()
         stats = {
-            "shard": shard_name(self.index),
+            "shard": self.name,
             "tar": self.tar_path.name,
             "parquet": self.parquet_path.name,
             "sha256": sha,
             "tar_bytes": size,
             "count": len(self._rows),
             "successes": successes,
+            "failed_to_download": sum(n for r, n in reasons.items() if r in DOWNLOAD_REASONS),
+            "failed_to_resize": sum(n for r, n in reasons.items() if r in DECODE_REASONS),
             "failed": len(self._rows) - successes,
-            "failure_reasons": dict(sorted(reasons.items())),
-            "started_at": self._started,
-            "finished_at": time.time(),
-            "duration_s": round(time.time() - self._started, 4),
+            "status_dict": dict(sorted(status.items())),
+            "start_time": self._started,
+            "end_time": finished,
+            "duration": round(finished - self._started, 4),
             "generator": self.generator,
         }
         if extra_stats:
@@ -285,11 +325,17 @@ class ShardWriter:
         if self._closed:
             return
         self._closed = True
-        try:
+        self._discard()
+
+    def _discard(self) -> None:
+        """Remove the temporary files. Closing may fail again (the disk that made the writer fail is
+        still full); that must not keep the files, and the first error is the one the caller sees."""
+        with contextlib.suppress(OSError):
             self._tar.close()
-        finally:
+        with contextlib.suppress(OSError):
             self._file.close()
-            self._tmp_tar.unlink(missing_ok=True)
+        self._tmp_tar.unlink(missing_ok=True)
+        self._tmp_parquet.unlink(missing_ok=True)
 
     def __enter__(self) -> "ShardWriter":
         return self
@@ -297,8 +343,18 @@ class ShardWriter:
     def __exit__(self, exc_type, exc, tb) -> None:
         if exc_type is not None:
             self.abort()
+            if isinstance(exc, OSError) and exc.filename is None:
+                raise _naming(exc, self.out_dir) from exc
         elif not self._closed:
             self.close()
+
+
+def _naming(e: OSError, where: Path) -> OSError:
+    """`e` with a file name: a write that fails at a buffer flush (a full disk) has none, and
+    "no space left" is only useful with the disk it is about."""
+    if e.filename is not None or e.errno is None:  # no errno: an error raised by hand, keep its words
+        return e
+    return OSError(e.errno, e.strerror, str(where))
 
 
 def _to_bytes(value: bytes | str | dict | list) -> bytes:
@@ -315,10 +371,9 @@ def rows_to_table(rows: Iterable[SampleRow]) -> pa.Table:
 
 
 def _info_from_stats(out_dir: Path, stats: dict[str, Any]) -> ShardInfo:
-    index = int(stats["shard"])
-    tar, parquet, stats_path = shard_paths(out_dir, index)
+    tar, parquet, stats_path = shard_paths(out_dir, str(stats["shard"]))
     return ShardInfo(
-        index=index,
+        index=int(stats["shard"]),
         tar=tar,
         parquet=parquet,
         stats=stats_path,
@@ -328,26 +383,27 @@ def _info_from_stats(out_dir: Path, stats: dict[str, Any]) -> ShardInfo:
         successes=int(stats["successes"]),
         failed=int(stats["failed"]),
         generator=stats.get("generator", {}),
-        failure_reasons=stats.get("failure_reasons", {}),
+        failure_reasons={k: v for k, v in stats.get("status_dict", {}).items() if k != "success"},
     )
 
 
 # -- reading -----------------------------------------------------------------------------------
-def read_stats(out_dir: str | Path, index: int) -> dict[str, Any] | None:
-    _, _, stats_path = shard_paths(out_dir, index)
+def read_stats(out_dir: str | Path, index: int, digits: int = SHARD_DIGITS) -> dict[str, Any] | None:
+    _, _, stats_path = shard_paths(out_dir, index, digits)
     try:
         return json.loads(stats_path.read_text())
     except (FileNotFoundError, json.JSONDecodeError):
         return None
 
 
-def shard_complete(out_dir: str | Path, index: int, *, verify_checksum: bool = True) -> bool:
+def shard_complete(out_dir: str | Path, index: int, *, verify_checksum: bool = True,
+                   digits: int = SHARD_DIGITS) -> bool:
     """True when shard `index` was published whole (stats present, tar size and, when
     `verify_checksum`, sha256 match; without it the stats' sha256 is trusted: hash once)."""
-    stats = read_stats(out_dir, index)
+    stats = read_stats(out_dir, index, digits)
     if stats is None:
         return False
-    tar, parquet, _ = shard_paths(out_dir, index)
+    tar, parquet, _ = shard_paths(out_dir, index, digits)
     if not tar.exists() or not parquet.exists() or tar.stat().st_size != stats.get("tar_bytes"):
         return False
     return not verify_checksum or file_sha256(tar) == stats.get("sha256")
@@ -420,13 +476,22 @@ def split_member_name(name: str) -> tuple[str, str]:
     return (f"{head}/{key}" if head else key), ext
 
 
+def _members(tar: tarfile.TarFile) -> Iterator[tarfile.TarInfo]:
+    """The tar's members in order, without keeping them: iterating a TarFile appends every header
+    to `tar.members`, so indexing a 200k-member input tar would hold 200k TarInfo objects in the
+    job's driver. Only regular members are read afterwards, which needs no earlier header."""
+    while (member := tar.next()) is not None:
+        tar.members.clear()
+        yield member
+
+
 def _keyed_files(tar: tarfile.TarFile, skipped: list[tarfile.TarInfo] | None = None
                  ) -> Iterator[tuple[str, str, tarfile.TarInfo]]:
     """(key, ext, member) for each regular file, in tar order: consecutive equal keys form a sample.
 
     Links and device entries carry no data of their own; they are passed over, and appended to
     `skipped` when given so a reader that must account for every input can report them."""
-    for member in tar:
+    for member in _members(tar):
         if member.isfile():
             key, ext = split_member_name(member.name)
             yield key, ext, member

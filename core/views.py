@@ -26,10 +26,10 @@ VIEWS: dict[str, str] = {
         FROM samples s LEFT JOIN sources src ON src.name = s.source
         GROUP BY s.source, src.kind
     """,
-    # Failure reasons by source (reason = text before the first colon of the error).
+    # Failure reasons by source (reason = text before the first colon of the error message).
     "v_failures": """
         SELECT source,
-               split_part(error, ':', 1) AS reason,
+               split_part(error_message, ':', 1) AS reason,
                count(*)                 AS n
         FROM samples WHERE status <> 'success'
         GROUP BY ALL ORDER BY source, n DESC
@@ -121,6 +121,36 @@ VIEWS: dict[str, str] = {
                round(max(ms.epochs), 4) AS max_epochs, m.manifest_path, m.created_at
         FROM mixtures m LEFT JOIN mixture_sources ms ON ms.mixture = m.name
         GROUP BY ALL ORDER BY m.name
+    """,
+    # Benchmark results with the run that trained the checkpoint and the mixture it trained on
+    # (a run names its mixture by name or by the manifest file's path).
+    "v_evals": """
+        SELECT e.task, e.shots, e.metric, e.value, e.n, e.checkpoint, e.run_id, r.stage,
+               m.name AS mixture, e.evaluated_at, e.predictions_path
+        FROM evals e
+        LEFT JOIN runs r ON r.run_id = e.run_id
+        LEFT JOIN mixtures m ON m.name = r.manifest OR m.manifest_path = r.manifest
+        ORDER BY e.task, e.shots, e.metric, e.checkpoint
+    """,
+    # Each result beside the sources of the mixture behind it: share of samples and tokens, and
+    # the source's OCR / object coverage. "Which sources went into the model that scored X?"
+    "v_eval_sources": """
+        SELECT e.task, e.shots, e.metric, e.value, e.n, e.mixture, e.stage, e.run_id, e.checkpoint,
+               ms.source, ms.sample_share, ms.token_share, c.text_share AS ocr_share, c.object_share
+        FROM v_evals e
+        JOIN v_mixture_sources ms ON ms.mixture = e.mixture
+        LEFT JOIN v_coverage c ON c.source = ms.source
+        ORDER BY e.task, e.metric, e.mixture, ms.sample_share DESC
+    """,
+    # One line per result and mixture: the share of the mixture's samples that show text (OCR
+    # found some), e.g. "TextVQA accuracy by OCR share in the pretrain mixture".
+    "v_eval_mixture": """
+        SELECT task, shots, metric, value, n, mixture, stage, run_id, checkpoint,
+               round(sum(sample_share * coalesce(ocr_share, 0)), 6)    AS mixture_ocr_share,
+               round(sum(sample_share * coalesce(object_share, 0)), 6) AS mixture_object_share,
+               count(source)                                            AS sources
+        FROM v_eval_sources
+        GROUP BY ALL ORDER BY task, metric, mixture_ocr_share
     """,
 }
 

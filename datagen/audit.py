@@ -3,9 +3,12 @@
 Writes `DIR/index.html`, a contact sheet of sampled images (reservoir sample, seeded) with the
 OCR boxes (red: the polygon when there is one, else the normalised bbox) and the object boxes
 (blue, with label and score) drawn on them, each with its key and caption; the drawn images in
-`DIR/images/`; and PNG histograms over *all* scanned samples: caption lengths, boxes per image,
-OCR confidence (and detector scores). Boxes are drawn into the pixels (not overlaid in CSS), so
-the sheet shows exactly what the coordinates say on any viewer.
+`DIR/images/`; PNG histograms over *all* scanned samples: caption lengths, boxes per image,
+OCR confidence (and detector scores); and every FAILED input sample of the shards' sidecars
+(`error_message`), so the page never counts only the successes. Boxes are drawn into the pixels
+(not overlaid in CSS), so the sheet shows exactly what the coordinates say on any viewer; each box
+is a coloured line between two white ones and each label white text on the box colour, legible on
+dark and light images alike.
 
 The page counts its own images once loaded (`data-images-loaded` on `<body>`, and in its
 header), so a broken image is visible to a person and to a headless-browser check alike.
@@ -22,7 +25,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
 
-from PIL import Image, ImageDraw, ImageOps, UnidentifiedImageError
+import pyarrow.parquet as pq
+from PIL import Image, ImageDraw, ImageFont, ImageOps, UnidentifiedImageError
 
 from blip3.core.errors import UserError
 from blip3.core.records import grounding_objects, ocr_entries
@@ -31,6 +35,8 @@ from blip3.core.shards import is_image_ext, iter_shard, resolve_shards
 THUMB_WIDTH = 320
 OCR_COLOR = (230, 20, 20)
 OBJECT_COLOR = (20, 90, 230)
+HALO_COLOR = (255, 255, 255)  # around every box line: contrast on dark and light backgrounds
+LABEL_SIZE = 13
 
 
 @dataclass
@@ -39,6 +45,7 @@ class AuditResult:
     scanned: int
     shown: int
     plots: list[Path] = field(default_factory=list)
+    failed: list[tuple[str, str, str]] = field(default_factory=list)  # (shard, key, error_message)
 
 
 @dataclass
@@ -78,17 +85,41 @@ def render_card_image(card: _Card) -> Image.Image | None:
     for e in card.entries:
         poly = e.get("polygon")
         if isinstance(poly, list) and len(poly) >= 3:
-            d.polygon([(float(x) * scale, float(y) * scale) for x, y in poly], outline=OCR_COLOR, width=2)
+            points = [(float(x) * scale, float(y) * scale) for x, y in poly]
+            d.polygon(points, outline=HALO_COLOR, width=4)
+            d.polygon(points, outline=OCR_COLOR, width=2)
         elif (box := _scaled_box(e.get("bbox"), w, h)) is not None:
-            d.rectangle(box, outline=OCR_COLOR, width=2)
+            _outlined_rect(d, box, OCR_COLOR)
+    font = ImageFont.load_default(size=LABEL_SIZE)
     for o in card.objects:
         box = _scaled_box(o.get("bbox"), w, h)
         if box is None:
             continue
-        d.rectangle(box, outline=OBJECT_COLOR, width=2)
+        _outlined_rect(d, box, OBJECT_COLOR)
         label = f"{o.get('label', '?')} {o.get('score', '')}".strip()
-        d.text((box[0] + 2, box[1] + 1), label, fill=OBJECT_COLOR)
+        x, y = box[0], max(0.0, box[1] - LABEL_SIZE - 3)  # above the box, inside the image
+        x1, y1, x2, y2 = d.textbbox((x + 2, y + 1), label, font=font)
+        d.rectangle((x, y, x2 + 2, y2 + 2), fill=OBJECT_COLOR)
+        d.text((x + 2, y + 1), label, fill=HALO_COLOR, font=font)
     return img
+
+
+def _outlined_rect(d: ImageDraw.ImageDraw, box: list[float], color: tuple[int, int, int]) -> None:
+    """A 2-px coloured box line inside a 4-px white one: visible on any background."""
+    d.rectangle(box, outline=HALO_COLOR, width=4)
+    d.rectangle([box[0] + 1, box[1] + 1, box[2] - 1, box[3] - 1], outline=color, width=2)
+
+
+def _failed_rows(tar: Path) -> list[tuple[str, str, str]]:
+    """(shard, key, error_message) of the failed inputs in a tar's sidecar (none without one)."""
+    sidecar = tar.with_suffix(".parquet")
+    if not sidecar.is_file():
+        return []
+    try:
+        rows = pq.read_table(sidecar, columns=["key", "status", "error_message"]).to_pylist()
+    except Exception:  # a foreign or damaged sidecar: the sheet still shows the tar's samples
+        return []
+    return [(tar.name, str(r["key"]), str(r["error_message"] or "")) for r in rows if r["status"] != "success"]
 
 
 def _card_html(card: _Card, name: str, out: Path) -> str:
@@ -130,7 +161,9 @@ def write_audit(shards: str | Path, out: str | Path, *, n: int = 48, seed: int =
     ocr_conf: list[float] = []
     obj_score: list[float] = []
     scanned = 0
+    failed: list[tuple[str, str, str]] = []
     for tar in resolve_shards(shards):
+        failed += _failed_rows(Path(tar))
         for sample in _tar_samples(tar):
             try:
                 rec = json.loads(sample["json"]) if "json" in sample else {}
@@ -157,14 +190,20 @@ def write_audit(shards: str | Path, out: str | Path, *, n: int = 48, seed: int =
     from blip3.datagen.audit_plots import plot_histograms
 
     plots = plot_histograms(out, lengths=lengths, boxes=boxes, ocr_conf=ocr_conf, obj_score=obj_score)
+    failed_html = "".join(
+        f'<tr><td>{html.escape(shard)}</td><td>{html.escape(key)}</td><td>{html.escape(error)}</td></tr>'
+        for shard, key, error in failed)
     page = _PAGE.format(
-        title=html.escape(str(shards)), scanned=scanned, shown=len(chosen),
+        title=html.escape(str(shards)), scanned=scanned, shown=len(chosen), n_failed=len(failed),
+        inputs=scanned + len(failed),
         plots="".join(f'<img class="plot" src="{p.name}" alt="{p.stem}">' for p in plots),
         cards="\n".join(cards_html),
+        failed=(f'<table><tr><th>shard</th><th>key</th><th>reason</th></tr>{failed_html}</table>'
+                if failed else "<p>None.</p>"),
     )
     index = out / "index.html"
     index.write_text(page)
-    return AuditResult(index, scanned, len(chosen), plots)
+    return AuditResult(index, scanned, len(chosen), plots, failed)
 
 
 _PAGE = """<!doctype html>
@@ -180,14 +219,20 @@ header p {{ color: #444; }}
 .card ul {{ font-size: 11px; margin: 0; padding-left: 16px; }}
 .ocr {{ color: rgb(230, 20, 20); }} .obj {{ color: rgb(20, 90, 230); }}
 .broken {{ width: 320px; height: 60px; background: #fdd; }}
+#failed table {{ border-collapse: collapse; font-size: 12px; background: #fff; }}
+#failed td, #failed th {{ border: 1px solid #ddd; padding: 2px 6px; text-align: left; }}
 </style></head>
 <body data-images-loaded="pending">
 <header><h1>Audit of {title}</h1>
-<p>{shown} of {scanned} samples shown. Red: OCR boxes; blue: objects.
+<p>{inputs} input samples: {scanned} written ({shown} shown below), {n_failed} failed (listed at the
+end, with their reason). Red: OCR boxes; blue: objects.
 <span id="loaded">Images loaded: checking...</span></p></header>
 <section class="plots">{plots}</section>
 <section class="sheet">
 {cards}
+</section>
+<section id="failed"><h2>Failed samples ({n_failed})</h2>
+{failed}
 </section>
 <script>
 window.addEventListener("load", () => {{

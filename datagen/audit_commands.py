@@ -10,8 +10,8 @@ import typer
 def audit(
     shards: str = typer.Argument(..., help="Caption shards: a folder, a .tar, a glob or a brace pattern."),
     out: Path = typer.Option(..., "--out", "-o", help="Output folder (index.html, images/, *.png)."),
-    n: int = typer.Option(48, "-n", min=1, help="Images on the contact sheet."),
-    seed: int = typer.Option(0, "--seed"),
+    n: int = typer.Option(48, "--samples", "-n", min=1, help="Images on the contact sheet."),
+    seed: int = typer.Option(0, "--seed", help="Seed of the reservoir sample."),
 ) -> None:
     """HTML contact sheet of sampled images with OCR and object boxes and captions, plus histograms."""
     from blip3.core.logs import console

@@ -14,6 +14,7 @@ import os
 import shutil
 import subprocess
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 from blip3.core.errors import UserError
@@ -21,6 +22,8 @@ from blip3.core.shards import file_sha256
 
 _FORMATS = {".parquet": "parquet", ".csv": "csv", ".tsv": "tsv", ".jsonl": "jsonl", ".json": "json"}
 MARKER = ".complete"
+#: Columns added to a URL list whose non-http(s) rows were blanked (see `_http_only`).
+REFUSED_COL, SOURCE_URL_COL = "blip3_refused", "blip3_source_url"
 
 
 def list_columns(path: Path) -> list[str]:
@@ -51,7 +54,11 @@ def _run_img2dataset(args: dict, work_dir: Path, timeout_s: float | None) -> Non
     `__main__`, and it retries some write errors forever; a child process with a time limit keeps
     both away from the job.
     """
-    env = {**os.environ, "NO_ALBUMENTATIONS_UPDATE": "1"}  # albumentations (imported by img2dataset) phones home
+    # albumentations (imported by img2dataset) phones home; wandb, imported even with
+    # enable_wandb=False, leaves tmp*wandb-* folders in $TMPDIR: keep them in the job's own folder.
+    tmp = work_dir / "tmp"
+    tmp.mkdir(parents=True, exist_ok=True)
+    env = {**os.environ, "NO_ALBUMENTATIONS_UPDATE": "1", "TMPDIR": str(tmp)}
     code = "import json, sys\nfrom img2dataset import download\ndownload(**json.loads(sys.argv[1]))\n"
     log_path = work_dir / "img2dataset.log"
     with open(log_path, "wb") as log:
@@ -65,10 +72,67 @@ def _run_img2dataset(args: dict, work_dir: Path, timeout_s: float | None) -> Non
         raise UserError(f"img2dataset failed ({tail[0][:200]}); log: {log_path}", file=args["url_list"])
 
 
-def fetch_urls(list_file: Path, work_dir: Path, *, thread_count: int = 16,
-               processes_count: int = 1, timeout: int = 10,
+def _http_only(list_file: Path, work_dir: Path) -> tuple[Path, str]:
+    """The list img2dataset may fetch, and its format: only http(s) URLs. img2dataset's urllib also
+    opens `file://` (and `ftp://`, `data:`) URLs, so a list naming `file:///etc/passwd` would copy a
+    local file into the corpus. When the list has such rows, a copy is written where their `url`
+    is empty (img2dataset fails the row without opening anything), the original URL kept in
+    `SOURCE_URL_COL` and the reason in `REFUSED_COL`; enumeration records them as failed rows."""
+    import polars as pl
+
+    suffix = list_file.suffix.lower()
+    frame = _read_list(list_file, suffix)
+    url = pl.col("url").cast(pl.Utf8)
+    http = url.str.to_lowercase().str.contains(r"^https?://")
+    if frame.select(http.fill_null(False).all()).item():
+        return list_file, _FORMATS[suffix]
+    scheme = url.str.extract(r"^([A-Za-z][A-Za-z0-9+.-]*):", 1).str.to_lowercase()
+    frame = frame.with_columns(
+        pl.when(http).then(None).otherwise(
+            pl.lit("url_scheme: only http(s) URLs are fetched")
+            + pl.coalesce(pl.lit(", not ") + scheme + pl.lit("://"), pl.lit(""))).alias(REFUSED_COL),
+        url.alias(SOURCE_URL_COL),
+        pl.when(http).then(url).otherwise(pl.lit("")).alias("url"),
+    )
+    safe = work_dir / "urls-http-only.parquet"
+    frame.write_parquet(safe)
+    return safe, "parquet"
+
+
+def _read_list(path: Path, suffix: str):
+    import polars as pl
+
+    try:
+        if suffix == ".parquet":
+            return pl.read_parquet(path)
+        if suffix in (".csv", ".tsv"):
+            return pl.read_csv(path, separator="\t" if suffix == ".tsv" else ",", infer_schema=False)
+        if suffix == ".jsonl":
+            return pl.read_ndjson(path)
+        return pl.read_json(path)
+    except Exception as e:  # polars raises many kinds for malformed files; the user gets one line
+        raise UserError(f"cannot read the URL list: {str(e).splitlines()[0]}", file=path) from e
+
+
+@dataclass(frozen=True)
+class DownloadOptions:
+    """How img2dataset fetches a URL list (`--download-threads/-timeout/-retries`)."""
+
+    threads: int = 16
+    timeout: int = 10  # seconds per request
+    retries: int = 2  # further attempts per URL after a failed one (a 5xx, a reset, a timeout)
+
+    def check(self) -> None:
+        for name, value, least in (("threads", self.threads, 1), ("timeout", self.timeout, 1),
+                                   ("retries", self.retries, 0)):
+            if value < least:
+                raise UserError(f"must be at least {least}", field=f"--download-{name}")
+
+
+def fetch_urls(list_file: Path, work_dir: Path, options: DownloadOptions = DownloadOptions(), *,
                timeout_s: float | None = None) -> Path:
     """Download the list's images into `work_dir/img2dataset/`; returns that folder."""
+    options.check()
     if not list_file.is_file():
         raise UserError("URL list not found", file=list_file)
     columns = list_columns(list_file)
@@ -81,20 +145,23 @@ def fetch_urls(list_file: Path, work_dir: Path, *, thread_count: int = 16,
     shutil.rmtree(work_dir / "img2dataset", ignore_errors=True)
     work_dir.mkdir(parents=True, exist_ok=True)
     extra = [c for c in ("uid",) if c in columns]
+    url_list, input_format = _http_only(list_file, work_dir)
+    if url_list != list_file:
+        extra += [REFUSED_COL, SOURCE_URL_COL]
     args = dict(
-        url_list=str(list_file),
+        url_list=str(url_list),
         output_folder=str(work_dir / "img2dataset"),
-        input_format=_FORMATS[list_file.suffix.lower()],
+        input_format=input_format,
         url_col="url",
         caption_col="caption" if "caption" in columns else None,
         save_additional_columns=extra or None,
         output_format="webdataset",
         disable_all_reencoding=True,
         resize_mode="no",
-        processes_count=processes_count,
-        thread_count=thread_count,
-        timeout=timeout,
-        retries=0,
+        processes_count=1,
+        thread_count=options.threads,
+        timeout=options.timeout,
+        retries=options.retries,
         number_sample_per_shard=10_000,
         enable_wandb=False,
         # img2dataset's "overwrite" mode deletes its own _tmp folder and then retries forever;

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Optional
+from typing import Literal, Optional
 
 import typer
 
-from blip3.core.options import DbOption
+from blip3.core.options import DbOption, InputFormat, out_option, output_path
+from blip3.core.shards import SHARD_DIGITS
+from blip3.datagen.images import DEFAULT_ENCODE_QUALITY
 from blip3.datagen.detectors import DetectionLimits
 
 _LIMITS = DetectionLimits()  # the options' defaults are the library's
@@ -16,10 +18,11 @@ _LIMITS = DetectionLimits()  # the options' defaults are the library's
 def ground(
     input: str = typer.Argument(..., help="Images: folder, WebDataset shards (brace patterns ok), img2dataset "
                                           "output, or a parquet/CSV/JSONL of URLs (same kinds as `blip3 ocr`)."),
-    output: str = typer.Argument(..., help="Output folder for NNNNNN.tar shards and their sidecars."),
-    detector: str = typer.Option("grounding-dino", "--detector",
+    output: Optional[str] = typer.Argument(None, help="Output folder (the older form of -o/--out)."),
+    out: Optional[str] = out_option("output folder for the 00000.tar shards and their sidecars"),
+    detector: Literal["grounding-dino", "groundingdino-py", "annotations"] = typer.Option("grounding-dino", "--detector",
                                  help="grounding-dino (transformers) | groundingdino-py | annotations"),
-    tags: str = typer.Option("caption", "--tags", help="caption (noun phrases) | vocab | clip (open_clip zero-shot); "
+    tags: Literal["caption", "vocab", "clip"] = typer.Option("caption", "--tags", help="caption (noun phrases) | vocab | clip (open_clip zero-shot); "
                              "not used with --detector annotations (labels come from the file)"),
     vocab: Optional[Path] = typer.Option(None, "--vocab", help="Vocabulary file, one tag per line (vocab, clip)."),
     annotations: Optional[Path] = typer.Option(None, "--annotations", help="COCO or Visual Genome box JSON."),
@@ -37,26 +40,39 @@ def ground(
     nms_iou: float = typer.Option(_LIMITS.nms_iou, "--nms-iou", help="Per-label NMS IoU (detectors only)."),
     min_area: float = typer.Option(_LIMITS.min_area, "--min-area", help="Min box area as a fraction of the image."),
     max_objects: int = typer.Option(_LIMITS.max_objects, "--max-objects", help="Keep at most N objects (highest scores)."),
-    caption_format: str = typer.Option("positional", "--caption-format", help=".txt format: positional|textual|bbox"),
-    caption_style: Optional[str] = typer.Option(None, "--caption-style",
-                                                help=".txt style: inline|tags (default inline when a caption exists)"),
-    tag_order: str = typer.Option("detector", "--tag-order", help="Tag-list order: detector (the paper's form: "
+    caption_format: Literal["positional", "textual", "bbox"] = typer.Option("positional", "--caption-format", help="Format of the .txt caption."),
+    caption_style: Optional[Literal["inline", "tags"]] = typer.Option(
+        None, "--caption-style", help="Style of the .txt caption (default inline when a caption exists)."),
+    tag_order: Literal["detector", "reading"] = typer.Option("detector", "--tag-order", help="Tag-list order: detector (the paper's form: "
                                   "detector order, no final period) | reading (by position, ending in a period)"),
-    input_format: Optional[str] = typer.Option(None, "--input-format", help="Force the input kind (else detected)."),
+    input_format: Optional[InputFormat] = typer.Option(None, "--input-format", help="Force the input kind (else detected)."),
     workers: int = typer.Option(2, "--workers", help="Detector actors (one model each)."),
     gpus_per_worker: float = typer.Option(0.0, "--gpus-per-worker", help="GPU share per actor on a GPU cluster."),
     ray_address: Optional[str] = typer.Option(None, "--ray-address", help="Join this Ray cluster (else local Ray)."),
     shard_size: int = typer.Option(1000, "--shard-size", help="Samples per shard."),
+    image_format: Literal["jpg", "keep"] = typer.Option(
+        "jpg", "--image-format", help="Image members: jpg (every sample .jpg, img2dataset's default) | keep "
+                                      "(PNG/WebP inputs stored as they are: mixed member types)."),
+    encode_quality: int = typer.Option(DEFAULT_ENCODE_QUALITY, "--encode-quality", min=1, max=95,
+                                       help="JPEG quality of re-encoded images."),
+    shard_name_width: int = typer.Option(SHARD_DIGITS, "--shard-name-width", min=1,
+                                         help="Digits of shard names (img2dataset's oom_shard_count)."),
     limit: Optional[int] = typer.Option(None, "--limit", help="Only the first N input samples."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Redo all shards (default: skip finished ones)."),
     source: Optional[str] = typer.Option(None, "--source", help="Catalog source name (default: output folder name)."),
     db: Path = DbOption,
+    download_threads: int = typer.Option(16, "--download-threads", help="URL inputs: img2dataset download threads."),
+    download_timeout: int = typer.Option(10, "--download-timeout", help="URL inputs: seconds per request."),
+    download_retries: int = typer.Option(2, "--download-retries",
+                                         help="URL inputs: further attempts after a failed request."),
 ) -> None:
     """Detect objects and write BLIP3-GROUNDING caption shards (positional, textual, bbox)."""
     from rich.markup import escape
 
     from blip3.core.logs import console
+    from blip3.datagen.fetch import DownloadOptions
     from blip3.datagen.grounding import ground as run_ground
+    from blip3.datagen.images import ImageOutput
     from blip3.datagen.grounding import make_config
 
     config = make_config(
@@ -66,25 +82,31 @@ def ground(
         limits=DetectionLimits(box_threshold, text_threshold, nms_iou, min_area, max_objects),
         caption_format=caption_format, caption_style=caption_style, tag_order=tag_order,
     )
-    r = run_ground(input, output, config, input_format=input_format, workers=workers, ray_address=ray_address,
+    r = run_ground(input, output_path(output, out), config, input_format=input_format, workers=workers, ray_address=ray_address,
                    shard_size=shard_size, limit=limit, overwrite=overwrite, catalog_db=db, source_name=source,
-                   gpus_per_worker=gpus_per_worker)
+                   gpus_per_worker=gpus_per_worker, image_output=ImageOutput(image_format, encode_quality),
+                   shard_name_width=shard_name_width,
+                   download=DownloadOptions(download_threads, download_timeout, download_retries))
     console.print(f"[green]{r.output}[/]: {escape(r.summary(skipped_as='skipped'))}", highlight=False)
 
 
 def retemplate(
     input_dir: Path = typer.Argument(..., help="Folder of grounding shards."),
-    output_dir: Path = typer.Argument(..., help="Folder for the re-captioned shards (must differ)."),
-    caption_format: str = typer.Option("positional", "--caption-format", help=".txt format: positional|textual|bbox"),
-    caption_style: Optional[str] = typer.Option(None, "--caption-style", help=".txt style: inline|tags"),
+    output_dir: Optional[Path] = typer.Argument(None, help="Output folder (the older form of -o/--out)."),
+    out: Optional[Path] = out_option("folder for the re-captioned shards (must differ from the input)"),
+    caption_format: Literal["positional", "textual", "bbox"] = typer.Option("positional", "--caption-format", help="Format of the .txt caption."),
+    caption_style: Optional[Literal["inline", "tags"]] = typer.Option(None, "--caption-style", help="Style of the .txt caption (default inline when a caption exists)."),
     lead_in: Optional[str] = typer.Option(None, "--lead-in", help='Tag-list lead-in (default "The image contains").'),
     also_lead_in: Optional[str] = typer.Option(None, "--also-lead-in",
                                                help='Lead-in for objects not found in the caption.'),
-    tag_order: str = typer.Option("detector", "--tag-order", help="Tag-list order: detector (the paper's form: "
+    tag_order: Literal["detector", "reading"] = typer.Option("detector", "--tag-order", help="Tag-list order: detector (the paper's form: "
                                   "detector order, no final period) | reading (by position, ending in a period)"),
     overwrite: bool = typer.Option(False, "--overwrite", help="Rewrite shards already retemplated."),
+    source: Optional[str] = typer.Option(None, "--source", help="Catalog source name (default: output folder name)."),
+    db: Optional[Path] = typer.Option(None, "--db", help="Catalog file (default: $BLIP3_DB or ./catalog.duckdb)."),
 ) -> None:
-    """Rebuild grounding captions from the objects stored in existing shards (no re-detection)."""
+    """Rebuild grounding captions from the objects stored in existing shards (no re-detection), and
+    register the new shards in the catalog."""
     from blip3.core.logs import console
     from blip3.datagen.grounding_captions import DEFAULT_ALSO_LEAD_IN, DEFAULT_LEAD_IN
     from blip3.datagen.retemplate import TemplateOptions
@@ -92,9 +114,10 @@ def retemplate(
 
     opts = TemplateOptions(caption_format, caption_style, DEFAULT_LEAD_IN if lead_in is None else lead_in,
                            DEFAULT_ALSO_LEAD_IN if also_lead_in is None else also_lead_in, tag_order)
-    r = run_retemplate(input_dir, output_dir, opts, overwrite=overwrite)
+    output_dir = output_path(output_dir, out)
+    r = run_retemplate(input_dir, output_dir, opts, overwrite=overwrite, catalog_db=db, source_name=source)
     console.print(f"[green]{output_dir}[/]: {r.shards_written} shard(s) rewritten ({r.samples} rows), "
-                  f"{r.shards_skipped} already done")
+                  f"{r.shards_skipped} already done; catalog source {r.source}")
 
 
 def register(app: typer.Typer) -> None:

@@ -9,10 +9,12 @@ Stored per sample (docs/formats.md): `captions` = all variants `{"text", "format
 `metadata` = `{"objects": [{"label", "bbox", "score"}], "tags", "tag_source", "detector", ...}`,
 so `blip3 retemplate` can rebuild captions without re-detecting.
 
-No-object policy (docs/captions.md): by default an image where nothing is detected (or an annotated
-image with no boxes) is KEPT as a valid sample with `objects: []`, no caption variants, and its
-source caption (or "") as `.txt`; `n_objects = 0` in the sidecar lets users filter it out. With
-`drop_empty` (`--drop-empty`) it is recorded as failed with reason `no_objects` instead. An image
+No-object policy (docs/captions.md), as OCR's for "no text": by default an image where nothing is
+detected (or an annotated image with no boxes) is KEPT as a valid sample with `objects: []`, tag
+variants saying "The image contains no objects" and inline variants equal to its source caption
+(so `.txt` is the source caption, or that sentence when there is none: never empty);
+`n_objects = 0` in the sidecar lets users filter it out. With `drop_empty` (`--drop-empty`) it is
+recorded as failed with reason `no_objects` instead. An image
 with no tags (no source caption with `--tags caption`) is the same case, noted in `metadata.tags`.
 """
 
@@ -225,7 +227,7 @@ class GroundingAnnotator:
         }
         scores = [o.score for o in objects]
         return Annotation(
-            default_caption=chosen["text"] if chosen else (sample.source_caption or ""),
+            default_caption=chosen["text"],
             captions=captions,
             metadata=metadata,
             n_objects=len(objects),

@@ -22,7 +22,10 @@ Decisions written down here because the sources are silent:
 - Tag list, by default the paper's form (Fig. 4): `<lead-in> a, b, c`, objects in the order the
   detector gave them, no final period. `order="reading"` gives `<lead-in> a, b, c.` in reading
   order instead: by the grid row of the box centre (top to bottom), then left to right by centre x.
-  An empty object list gives no tag caption.
+- No objects (the policy OCR has for "no text"): the tag variants say so, `<lead-in> no objects`
+  ("The image contains no objects", with the period of `order="reading"`), and the inline variants
+  are the source caption unchanged, so `.txt` is never empty; `--drop-empty` records such images
+  as failed `no_objects` instead.
 - Inline insertion, one rule set for all formats:
   * a label matches a whole-word, case-insensitive occurrence of itself in the caption, optionally
     followed by a plural `s`/`es` (`dog` grounds `dogs`); the match keeps the caption's casing;
@@ -173,6 +176,13 @@ def tag_caption(
     return f"{lead_in} {parts}{end}" if lead_in else f"{parts}{end}"
 
 
+def no_objects_caption(lead_in: str = DEFAULT_LEAD_IN, order: str = "detector") -> str:
+    """The tag caption of an image where nothing was found: `The image contains no objects`
+    (ended by a period with order="reading", as `tag_caption`)."""
+    end = "." if order == "reading" else ""
+    return f"{lead_in} no objects{end}" if lead_in else f"No objects{end}"
+
+
 def _label_pattern(label: str) -> re.Pattern[str]:
     words = [re.escape(w) for w in label.split()]
     return re.compile(r"(?<!\w)" + r"\s+".join(words) + r"(?:es|s)?(?!\w)", re.IGNORECASE)
@@ -229,11 +239,11 @@ def build_captions(
 ) -> list[dict]:
     """All caption variants of a sample: 3 formats x (tags, and inline when a caption exists).
 
-    No objects -> no variants (the sample keeps its source caption as `.txt`; see grounding.py).
+    No objects -> the tag variants say `<lead-in> no objects.` (see the module docstring).
     """
-    if not objects:
-        return []
-    caps = [{"text": tag_caption(objects, f, lead_in, tag_order), "format": f, "style": "tags"} for f in FORMATS]
+    tags = [tag_caption(objects, f, lead_in, tag_order) if objects else no_objects_caption(lead_in, tag_order)
+            for f in FORMATS]
+    caps = [{"text": text, "format": f, "style": "tags"} for f, text in zip(FORMATS, tags)]
     if source_caption and source_caption.strip():
         caps += [
             {"text": inline_caption(source_caption.strip(), objects, f, also_lead_in), "format": f, "style": "inline"}

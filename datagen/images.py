@@ -1,6 +1,6 @@
 """Decode and validate one input image, with bounded memory and a documented decision per case.
 
-Decisions (datagen/README.md, "Bad input"):
+Decisions (docs/bad-input.md, "Datagen inputs"):
 
 | input                               | decision                                                      |
 |-------------------------------------|---------------------------------------------------------------|
@@ -15,10 +15,18 @@ Decisions (datagen/README.md, "Bad input"):
 | EXIF orientation != 1               | rotate/flip upright (`ImageOps.exif_transpose`)               |
 | animated (GIF, APNG, WebP)          | first frame                                                   |
 
-Boxes are computed on the upright RGB image, so the stored image must look the same: the input's
-own bytes are kept when decoding needed no conversion that changes how a reader sees the pixels
-(RGB/L/P in JPEG/PNG/WebP without EXIF rotation); otherwise the upright RGB image is re-encoded
-as JPEG (quality 95) and stored as `.jpg`.
+Stored image member (`ImageOutput`, `--image-format`, `--encode-quality`): one member type per
+job, so `WebDataset(...).to_tuple("jpg", ...)`, Hugging Face's `webdataset` loader and NeMo
+Curator read every sample alike.
+
+- `jpg` (default, img2dataset's): every image is stored as `.jpg`. A JPEG input that needs no
+  conversion keeps its own bytes (re-encoding would only lose quality); anything else is the
+  upright RGB image encoded as JPEG at `quality` (default 95).
+- `keep`: the input's own bytes whenever decoding needed no conversion that changes how a reader
+  sees the pixels (RGB/L/P in JPEG/PNG/WebP without EXIF rotation), under their own extension, so
+  a job may mix `.png` and `.jpg`; other images are encoded as `.jpg`.
+
+Either way boxes are computed on the upright RGB image, and the stored image looks the same.
 """
 
 from __future__ import annotations
@@ -36,6 +44,8 @@ DEFAULT_MAX_PIXELS = 64_000_000
 DEFAULT_MIN_SIDE = 8
 _KEEP_FORMATS = {"JPEG": "jpg", "PNG": "png", "WEBP": "webp"}
 _KEEP_MODES = {"RGB", "L"}
+IMAGE_FORMATS = ("jpg", "keep")
+DEFAULT_ENCODE_QUALITY = 95
 
 
 class ImageRejected(Exception):
@@ -50,6 +60,20 @@ class ImageRejected(Exception):
 class ImageLimits:
     max_pixels: int = DEFAULT_MAX_PIXELS
     min_side: int = DEFAULT_MIN_SIDE
+
+
+@dataclass(frozen=True)
+class ImageOutput:
+    """How the stored image member is written; see the module docstring."""
+
+    format: str = "jpg"  # one of IMAGE_FORMATS
+    quality: int = DEFAULT_ENCODE_QUALITY  # JPEG quality of re-encoded images, 1-95
+
+    def __post_init__(self) -> None:
+        if self.format not in IMAGE_FORMATS:
+            raise ValueError(f"image format {self.format!r} is not one of {', '.join(IMAGE_FORMATS)}")
+        if not 1 <= self.quality <= 95:  # PIL: above 95 only grows the file
+            raise ValueError(f"JPEG quality {self.quality} is not in 1..95")
 
 
 @dataclass
@@ -72,8 +96,9 @@ class DecodedImage:
         return self.image.height
 
 
-def decode_image(data: bytes, limits: ImageLimits = ImageLimits()) -> DecodedImage:
-    """Decode `data` into an upright RGB image or raise `ImageRejected` with the reason."""
+def decode_image(data: bytes, limits: ImageLimits = ImageLimits(), output: ImageOutput = ImageOutput()) -> DecodedImage:
+    """Decode `data` into an upright RGB image (and the bytes to store for it, per `output`) or
+    raise `ImageRejected` with the reason."""
     if not data:
         raise ImageRejected("empty", "zero-byte file")
     try:
@@ -101,14 +126,15 @@ def decode_image(data: bytes, limits: ImageLimits = ImageLimits()) -> DecodedIma
     if orientation not in (1, None):
         img = ImageOps.exif_transpose(img)
         conversions.append(f"exif_transpose:{orientation}")
-    keep = fmt in _KEEP_FORMATS and img.mode in _KEEP_MODES and not conversions
+    keep = (fmt in _KEEP_FORMATS and img.mode in _KEEP_MODES and not conversions
+            and (output.format == "keep" or fmt == "JPEG"))
     if img.mode != "RGB":
         conversions.append(f"{img.mode}->RGB")
         img = to_rgb(img)
     if keep:
         return DecodedImage(img, width, height, data, _KEEP_FORMATS[fmt], conversions)
     buf = io.BytesIO()
-    img.save(buf, format="JPEG", quality=95)
+    img.save(buf, format="JPEG", quality=output.quality)
     return DecodedImage(img, width, height, buf.getvalue(), "jpg", conversions)
 
 

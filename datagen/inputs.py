@@ -3,7 +3,8 @@
 A job's input is one of (detected from the path, or named with `--input-format`):
 
 - `folder`       a folder of images, recursive; files sorted by relative path. A `name.txt` beside
-                 `name.jpg` is taken as the image's source caption (img2dataset's habit).
+                 `name.jpg` is taken as the image's source caption (img2dataset's habit). The
+                 relative path is kept as `source_path` in each sample's record (lineage).
 - `webdataset`   WebDataset tars: one `.tar`, a brace pattern (`shards/{000000..000009}.tar`), or
                  a folder holding `.tar` files. `<key>.txt` is the source caption, `<key>.json`
                  may carry `uid`/`url`.
@@ -149,15 +150,18 @@ def check_output_outside_input(input_path: str | Path, output_dir: str | Path) -
 
 
 def _is_img2dataset_dir(path: Path) -> bool:
-    """img2dataset writes `NNNNN.parquet` with an `error_message` column beside each tar."""
+    """img2dataset writes `NNNNN.parquet` with an `error_message` column beside each tar. Our own
+    outputs carry its columns too, plus ours (`n_captions`): they are read as WebDataset tars, whose
+    `.json` tells our caption (`.txt`) from the source caption."""
     import pyarrow.parquet as pq
 
     for parquet in sorted(path.glob("*.parquet")):
         try:
-            if "error_message" in pq.read_schema(parquet).names:
-                return True
+            names = pq.read_schema(parquet).names
         except Exception:  # an unreadable parquet is not img2dataset's; treat the dir as plain tars
             return False
+        if "error_message" in names:
+            return "n_captions" not in names
     return False
 
 
@@ -179,7 +183,8 @@ class _KeyDeduper:
 
 
 def iter_refs(
-    input_path: str | Path, input_format: str | None = None, *, work_dir: str | Path | None = None
+    input_path: str | Path, input_format: str | None = None, *, work_dir: str | Path | None = None,
+    download: Any = None,
 ) -> Iterator[SampleRef]:
     """Yield the input's samples as refs, in a stable order, with sanitised unique keys.
 
@@ -188,15 +193,17 @@ def iter_refs(
     a large job, uses `iter_raw_refs` and makes keys unique per shard instead (datagen.plans).
     """
     dedup = _KeyDeduper()
-    for ref in iter_raw_refs(input_path, input_format, work_dir=work_dir):
+    for ref in iter_raw_refs(input_path, input_format, work_dir=work_dir, download=download):
         ref.key = dedup(ref.key)
         yield ref
 
 
 def iter_raw_refs(
-    input_path: str | Path, input_format: str | None = None, *, work_dir: str | Path | None = None
+    input_path: str | Path, input_format: str | None = None, *, work_dir: str | Path | None = None,
+    download: Any = None,
 ) -> Iterator[SampleRef]:
-    """`iter_refs` before key de-duplication: raw keys, not yet sanitised, in the same stable order."""
+    """`iter_refs` before key de-duplication: raw keys, not yet sanitised, in the same stable order.
+    `download` (a `datagen.fetch.DownloadOptions`) tunes the fetch of URL inputs."""
     kind = input_format or detect_format(input_path)
     if kind not in INPUT_FORMATS:
         raise UserError(f"unknown input format {kind!r}; one of {', '.join(INPUT_FORMATS)}", field="--input-format")
@@ -209,9 +216,9 @@ def iter_raw_refs(
     else:
         if work_dir is None:
             raise UserError("URL inputs need a work folder to download into", field="work_dir")
-        from blip3.datagen.fetch import fetch_urls
+        from blip3.datagen.fetch import DownloadOptions, fetch_urls
 
-        raw = _img2dataset_refs(fetch_urls(Path(input_path), Path(work_dir)))
+        raw = _img2dataset_refs(fetch_urls(Path(input_path), Path(work_dir), download or DownloadOptions()))
     yield from raw
 
 
@@ -402,8 +409,13 @@ def _img2dataset_parquet_refs(parquet: Path, tar: Path, f: BinaryIO | None,
     # img2dataset writes rows in completion order; its keys follow the input order: sort by key.
     for row in sorted(pq.read_table(parquet).to_pylist(), key=lambda r: str(r.get("key"))):
         key = str(row.get("key"))
-        extra = {"uid": row.get("uid"), "url": row.get("url"), "caption": row.get("caption")}
-        if f is not None and row.get("status") == "success" and key in samples:
+        extra = {"uid": row.get("uid"), "url": row.get("blip3_source_url") or row.get("url"),
+                 "caption": row.get("caption")}
+        if row.get("blip3_refused"):  # a non-http(s) URL, never opened (datagen.fetch._http_only)
+            yield SampleRef(key=key, ext="", locator=["none"], uid=_str_or_none(extra["uid"]),
+                            url=_str_or_none(extra["url"]), source_caption=extra["caption"],
+                            meta={"shard": parquet.name}, error=str(row["blip3_refused"]))
+        elif f is not None and row.get("status") == "success" and key in samples:
             yield _tar_sample_ref(tar, f, samples[key], extra)
         else:
             reason = row.get("error_message") or row.get("status") or "missing from tar"

@@ -18,10 +18,13 @@ from typing import Any
 from PIL import Image
 
 from blip3.core.errors import UserError
+from blip3.core.shards import SHARD_DIGITS
 from blip3.datagen.annotator import Annotation, SkipSample
+from blip3.datagen.fetch import DownloadOptions
+from blip3.datagen.images import ImageOutput
 from blip3.datagen.inputs import InputSample
 from blip3.datagen.ocr_captions import GRANULARITIES, CaptionStyle, build_captions
-from blip3.datagen.ocr_engines import ENGINES, OcrEngine, make_engine
+from blip3.datagen.ocr_engines import DEFAULT_ENGINE, ENGINES, OcrEngine, check_cuda_provider, make_engine
 from blip3.datagen.ocr_entries import build_entries
 from blip3.datagen.pipeline import DEFAULT_SHARD_SIZE, JobResult, run_job
 
@@ -33,7 +36,7 @@ DEFAULT_MIN_CONFIDENCE = 0.5
 class OcrAnnotator:
     """The OCR annotator; also its own picklable factory (calling it returns a fresh copy)."""
 
-    engine: str = "rapidocr"
+    engine: str = DEFAULT_ENGINE
     engine_options: dict[str, Any] = field(default_factory=dict)
     min_confidence: float = DEFAULT_MIN_CONFIDENCE
     default_granularity: int = DEFAULT_GRANULARITY
@@ -80,7 +83,7 @@ def run_ocr(
     input: str | Path,
     output: str | Path,
     *,
-    engine: str = "rapidocr",
+    engine: str = DEFAULT_ENGINE,
     engine_options: dict[str, Any] | None = None,
     workers: int = 2,
     ray_address: str | None = None,
@@ -96,21 +99,29 @@ def run_ocr(
     limit: int | None = None,
     register: bool = True,
     gpus_per_worker: float = 0.0,
+    download: DownloadOptions | None = None,
+    image_output: ImageOutput = ImageOutput(),
+    shard_name_width: int = SHARD_DIGITS,
 ) -> JobResult:
     """OCR `input` into BLIP3-OCR caption shards in `output` (resumable; see datagen.pipeline).
 
     `gpus_per_worker > 0` reserves GPUs for the actors and asks the engine to use them (rapidocr:
-    ONNX Runtime's CUDA provider, which needs `onnxruntime-gpu`; paddleocr: `device="gpu"`).
+    ONNX Runtime's CUDA provider, which needs `onnxruntime-gpu` installed in place of `onnxruntime`;
+    asked for and absent, it is one UserError before anything starts; paddleocr: `device="gpu"`).
     """
     options = dict(engine_options or {})
-    if gpus_per_worker > 0 and engine == "rapidocr":
+    if gpus_per_worker > 0 and engine.startswith("rapidocr"):
         options.setdefault("use_cuda", True)
     elif gpus_per_worker > 0:
         options.setdefault("device", "gpu")
     annotator = OcrAnnotator(engine, options, min_confidence=min_confidence, default_granularity=default_granularity,
                              style=style, keep_empty=keep_empty)
+    # fail before Ray starts, in one line
     if engine == "paddleocr":
-        make_engine(engine, **annotator.engine_options).check()  # fail before Ray starts
+        make_engine(engine, **annotator.engine_options).check()
+    elif options.get("use_cuda"):
+        check_cuda_provider()
     return run_job(input, output, annotator, input_format=input_format, workers=workers, ray_address=ray_address,
                    shard_size=shard_size, overwrite=overwrite, catalog_db=db, source_name=source, limit=limit,
-                   register=register, gpus_per_worker=gpus_per_worker)
+                   register=register, gpus_per_worker=gpus_per_worker, download=download,
+                   image_output=image_output, shard_name_width=shard_name_width)

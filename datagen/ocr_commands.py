@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Optional
+from typing import Literal, Optional
 
 import typer
 
-from blip3.core.options import DbOption
+from blip3.core.options import DbOption, InputFormat, out_option, output_path
+from blip3.core.shards import SHARD_DIGITS
+from blip3.datagen.images import DEFAULT_ENCODE_QUALITY
 
 def register(app: typer.Typer, export: typer.Typer) -> None:
     """Add this engine's commands to the `blip3` app and its `export` group."""
@@ -18,14 +20,23 @@ def register(app: typer.Typer, export: typer.Typer) -> None:
 def ocr(
     input: str = typer.Argument(..., help="Image folder, WebDataset tars/brace pattern, img2dataset folder, "
                                           "URL list (parquet/csv/tsv/jsonl) or BLIP3-OCR parquet."),
-    output: str = typer.Argument(..., help="Output folder for NNNNNN.tar shards and sidecars."),
-    engine: str = typer.Option("rapidocr", "--engine", help="rapidocr | paddleocr"),
+    output: Optional[str] = typer.Argument(None, help="Output folder (the older form of -o/--out)."),
+    out: Optional[str] = out_option("output folder for the 00000.tar shards and their sidecars"),
+    engine: Literal["rapidocr", "rapidocr-v4", "paddleocr"] = typer.Option("rapidocr", "--engine",
+                               help="rapidocr (PP-OCRv6, default) | rapidocr-v4 (needs rapidocr_onnxruntime) | paddleocr"),
     workers: int = typer.Option(2, "--workers", help="OCR actors (one engine each)."),
     ray_address: Optional[str] = typer.Option(None, "--ray-address", help="Join this Ray cluster instead of a local one."),
     min_confidence: float = typer.Option(0.5, "--min-confidence", help="Drop OCR entries below this confidence."),
     shard_size: int = typer.Option(1000, "--shard-size", help="Input samples per shard."),
+    image_format: Literal["jpg", "keep"] = typer.Option(
+        "jpg", "--image-format", help="Image members: jpg (every sample .jpg, img2dataset's default) | keep "
+                                      "(PNG/WebP inputs stored as they are: mixed member types)."),
+    encode_quality: int = typer.Option(DEFAULT_ENCODE_QUALITY, "--encode-quality", min=1, max=95,
+                                       help="JPEG quality of re-encoded images."),
+    shard_name_width: int = typer.Option(SHARD_DIGITS, "--shard-name-width", min=1,
+                                         help="Digits of shard names (img2dataset's oom_shard_count)."),
     default_granularity: int = typer.Option(4, "--default-granularity", help="Granularity (0-5) of <key>.txt."),
-    input_format: Optional[str] = typer.Option(None, "--input-format",
+    input_format: Optional[InputFormat] = typer.Option(None, "--input-format",
                                                help="folder | webdataset | img2dataset | urls | blip3-ocr (default: detect)."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Redo every shard (default: skip finished ones)."),
     db: Path = DbOption,
@@ -37,33 +48,43 @@ def ocr(
     paddle_rec_dir: Optional[str] = typer.Option(None, "--paddle-rec-dir", help="PaddleOCR recognition model folder."),
     limit: Optional[int] = typer.Option(None, "--limit", help="Only the first N input samples."),
     gpus_per_worker: float = typer.Option(0.0, "--gpus-per-worker", help="GPUs per OCR actor (0: CPU)."),
+    download_threads: int = typer.Option(16, "--download-threads", help="URL inputs: img2dataset download threads."),
+    download_timeout: int = typer.Option(10, "--download-timeout", help="URL inputs: seconds per request."),
+    download_retries: int = typer.Option(2, "--download-retries",
+                                         help="URL inputs: further attempts after a failed request."),
 ) -> None:
     """OCR images into BLIP3-OCR caption shards (12 caption variants each) on Ray; resumable."""
     from rich.markup import escape
 
     from blip3.core.logs import console
+    from blip3.datagen.fetch import DownloadOptions
+    from blip3.datagen.images import ImageOutput
     from blip3.datagen.ocr import run_ocr
     from blip3.datagen.ocr_captions import CaptionStyle
 
     options = {}
     if engine == "paddleocr":
         options = {k: v for k, v in {"det_dir": paddle_det_dir, "rec_dir": paddle_rec_dir}.items() if v}
-    r = run_ocr(input, output, engine=engine, engine_options=options, workers=workers, ray_address=ray_address,
+    r = run_ocr(input, output_path(output, out), engine=engine, engine_options=options, workers=workers, ray_address=ray_address,
                 min_confidence=min_confidence, shard_size=shard_size, default_granularity=default_granularity,
                 input_format=input_format, overwrite=overwrite, db=db, source=source,
                 style=CaptionStyle(lead_in=lead_in, filler=filler), keep_empty=not drop_empty, limit=limit,
-                gpus_per_worker=gpus_per_worker)
+                gpus_per_worker=gpus_per_worker, image_output=ImageOutput(image_format, encode_quality),
+                shard_name_width=shard_name_width,
+                download=DownloadOptions(download_threads, download_timeout, download_retries))
     console.print(f"[green]{r.output}[/]: {escape(r.summary())}", highlight=False)
 
 
 def export_blip3_ocr(
     output: Path = typer.Argument(..., help="A folder of OCR caption shards (from `blip3 ocr`)."),
-    parquet_dir: Path = typer.Argument(..., help="Where to write parquet files in the published BLIP3-OCR shape."),
+    parquet_dir: Optional[Path] = typer.Argument(None, help="Output folder (the older form of -o/--out)."),
+    out: Optional[Path] = out_option("folder for parquet files in the published BLIP3-OCR shape"),
     rows_per_file: int = typer.Option(100_000, "--rows-per-file", help="Rows per parquet file."),
 ) -> None:
     """Export OCR shards to parquet with the published columns: uid, url, captions (JSON), metadata (JSON)."""
     from blip3.core.logs import console
     from blip3.datagen.ocr_export import export_blip3_ocr as run_export
 
+    parquet_dir = output_path(parquet_dir, out)
     files, rows = run_export(output, parquet_dir, rows_per_file=rows_per_file)
     console.print(f"[green]{parquet_dir}[/]: {rows} rows in {len(files)} file(s)", highlight=False)

@@ -12,6 +12,14 @@ upright image. `build_entries` turns them into the stored entries of docs/format
 - Reading order: top to bottom by line, then left to right. Entries are sorted by their vertical
   centre; an entry joins the current line when its centre lies within the vertical span of the
   line's first entry (tolerant to slightly slanted lines); lines are then read left to right by x1.
+- Split lines: detectors sometimes cut one line of text into pieces (`DANGER HIGH` + `HVOLTAGE`,
+  often overlapping, the overlap read twice). Neighbouring pieces of one visual line are merged
+  into one entry, joined by one space, only where the gap between them is a word gap: at most
+  `WORD_GAP` line heights (detector boxes are padded, so a word gap is usually an overlap).
+  Characters read twice in an overlap (the left text ends with what the right one starts with,
+  and the overlap is wide enough to hold them) are kept once. Pieces further apart (two signs side by side, columns)
+  stay separate entries. The merged polygon runs from the left piece's left edge to the right
+  piece's right edge; its confidence is the lower of the two.
 """
 
 from __future__ import annotations
@@ -20,6 +28,10 @@ from dataclasses import dataclass
 from typing import Any, Sequence
 
 BOX_DECIMALS = 3
+#: Largest gap, in line heights, between two pieces of one line that still counts as a word gap.
+WORD_GAP = 0.5
+#: Overlap, in character widths, that one character read twice takes (see `_drop_repeat`).
+REPEAT_WIDTH = 0.75
 
 
 @dataclass(frozen=True)
@@ -44,8 +56,8 @@ def polygon_to_bbox(polygon: Sequence[Sequence[float]], width: int, height: int)
     return [norm(min(xs), width), norm(min(ys), height), norm(max(xs), width), norm(max(ys), height)]
 
 
-def reading_order(entries: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Sort entries top-to-bottom by line, then left-to-right within a line."""
+def _lines(entries: list[dict[str, Any]]) -> list[list[dict[str, Any]]]:
+    """Group entries into visual lines, top to bottom; each line left to right."""
     by_centre = sorted(entries, key=lambda e: ((e["bbox"][1] + e["bbox"][3]) / 2, e["bbox"][0]))
     lines: list[list[dict[str, Any]]] = []
     span: tuple[float, float] | None = None
@@ -56,13 +68,64 @@ def reading_order(entries: list[dict[str, Any]]) -> list[dict[str, Any]]:
             continue
         lines.append([entry])
         span = (entry["bbox"][1], entry["bbox"][3])
-    return [e for line in lines for e in sorted(line, key=lambda e: (e["bbox"][0], e["bbox"][1]))]
+    return [sorted(line, key=lambda e: (e["bbox"][0], e["bbox"][1])) for line in lines]
+
+
+def reading_order(entries: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Sort entries top-to-bottom by line, then left-to-right within a line."""
+    return [e for line in _lines(entries) for e in line]
+
+
+def _x_span(entry: dict[str, Any]) -> tuple[float, float]:
+    xs = [p[0] for p in entry["polygon"]]
+    return min(xs), max(xs)
+
+
+def _height(entry: dict[str, Any]) -> float:
+    ys = [p[1] for p in entry["polygon"]]
+    return max(ys) - min(ys)
+
+
+def _drop_repeat(left: str, right: str, overlap_chars: float) -> str:
+    """`right` without the characters that end `left` too (an overlap read twice), longest first.
+
+    Only as many characters as fit in the boxes' overlap (`overlap_chars`, in the right piece's mean
+    character widths, `REPEAT_WIDTH` each): padded boxes of `SALE` + `EXIT` overlap too, and their
+    `E`s are two letters.
+    """
+    most = min(len(left), len(right) - 1, int(overlap_chars / REPEAT_WIDTH))
+    for k in range(most, 0, -1):
+        if left.endswith(right[:k]):
+            return right[k:].lstrip()
+    return right
+
+
+def merge_split_line(line: list[dict[str, Any]], width: int, height: int) -> list[dict[str, Any]]:
+    """Merge the neighbouring pieces of one visual line that are a word gap apart (module doc)."""
+    out: list[dict[str, Any]] = []
+    for entry in line:
+        if out:
+            prev = out[-1]
+            (_, prev_x2), (x1, _) = _x_span(prev), _x_span(entry)
+            gap = x1 - prev_x2
+            if gap <= WORD_GAP * min(_height(prev), _height(entry)):
+                right = entry["text"]
+                if gap < 0:
+                    char_w = (_x_span(entry)[1] - x1) / len(right)
+                    right = _drop_repeat(prev["text"], right, -gap / char_w if char_w > 0 else 0.0)
+                polygon = [prev["polygon"][0], entry["polygon"][1], entry["polygon"][2], prev["polygon"][3]]
+                out[-1] = {"text": f"{prev['text']} {right}" if right else prev["text"],
+                           "bbox": polygon_to_bbox(polygon, width, height), "polygon": polygon,
+                           "confidence": min(prev["confidence"], entry["confidence"])}
+                continue
+        out.append(entry)
+    return out
 
 
 def build_entries(
     raw: Sequence[RawText], width: int, height: int, min_confidence: float = 0.5
 ) -> list[dict[str, Any]]:
-    """Filter, normalise and order raw detections into stored OCR entries."""
+    """Filter, normalise, merge split lines and order raw detections into stored OCR entries."""
     entries = []
     for r in raw:
         text = " ".join(r.text.split())
@@ -76,4 +139,4 @@ def build_entries(
                 "confidence": round(float(r.confidence), 4),
             }
         )
-    return reading_order(entries)
+    return [e for line in _lines(entries) for e in merge_split_line(line, width, height)]

@@ -64,20 +64,25 @@ def _write_parts(shards: list[ShardInfo], dest: Path, rows_per_file: int) -> tup
             names.append(name)
             rows = []
 
-    for info in shards:
-        for key, raw in _iter_json_members(info.tar):
-            record = json.loads(raw)
-            if "captions" not in record or "entries" not in record.get("metadata", {}):
-                raise UserError("not an OCR shard (sample json lacks captions/metadata.entries)", file=info.tar)
-            rows.append({
-                "uid": record.get("uid") or key,
-                "url": record.get("url"),
-                "captions": json.dumps(record["captions"], ensure_ascii=False),
-                "metadata": json.dumps(record["metadata"], ensure_ascii=False),
-            })
-            total += 1
-            if len(rows) >= rows_per_file:
-                flush()
+    from blip3.core.logs import progress
+
+    with progress(transient=True) as bar:
+        task = bar.add_task(f"export {len(shards)} shard(s)", total=len(shards))
+        for info in shards:
+            for key, raw in _iter_json_members(info.tar):
+                record = json.loads(raw)
+                if "captions" not in record or "entries" not in record.get("metadata", {}):
+                    raise UserError("not an OCR shard (sample json lacks captions/metadata.entries)", file=info.tar)
+                rows.append({
+                    "uid": record.get("uid") or key,
+                    "url": record.get("url"),
+                    "captions": json.dumps(record["captions"], ensure_ascii=False),
+                    "metadata": json.dumps(record["metadata"], ensure_ascii=False),
+                })
+                total += 1
+                if len(rows) >= rows_per_file:
+                    flush()
+            bar.advance(task)
     flush()
     return names, total
 

@@ -24,6 +24,7 @@ Why this shape:
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -34,12 +35,21 @@ from itertools import chain
 from pathlib import Path
 from typing import Any, Iterator
 
-from blip3.core.errors import UserError, describe_exception
+from blip3.core.errors import UserError, describe_exception, environment_error
 from blip3.core.logs import get_logger, progress
-from blip3.core.shards import SampleRow, ShardWriter, clean_temporaries, read_stats, shard_complete, shard_paths
+from blip3.core.shards import (
+    SHARD_DIGITS,
+    SampleRow,
+    ShardWriter,
+    clean_temporaries,
+    read_stats,
+    shard_complete,
+    shard_paths,
+)
 from blip3.core.storage import local_path
 from blip3.datagen.annotator import AnnotatorFactory, SkipSample
-from blip3.datagen.images import ImageLimits, ImageRejected, decode_image
+from blip3.datagen.fetch import DownloadOptions
+from blip3.datagen.images import ImageLimits, ImageOutput, ImageRejected, decode_image
 from blip3.datagen.inputs import SampleRef, check_output_outside_input, iter_raw_refs, load_sample
 from blip3.datagen.plans import ShardPlan, iter_plans
 
@@ -89,15 +99,17 @@ class Processed:
         return self.members is not None
 
 
-def process_ref(ref: SampleRef, annotator, limits: ImageLimits, generator: dict[str, Any] | None = None) -> Processed:
+def process_ref(ref: SampleRef, annotator, limits: ImageLimits, generator: dict[str, Any] | None = None,
+                output: ImageOutput = ImageOutput()) -> Processed:
     """Run one sample through the steps; a failure comes back as a row with its reason.
 
-    `generator` (the annotator's `generator_info()`, computed once per actor) goes into the record.
+    `generator` (the annotator's `generator_info()`, computed once per actor) goes into the record;
+    `output` says how the image member is stored.
     """
     row = SampleRow(key=ref.key, uid=ref.uid, url=ref.url, has_source_caption=bool(ref.source_caption))
 
     def failed(error: str) -> Processed:
-        row.status, row.error = "failed", error
+        row.status, row.error_message = "failed", error
         return Processed(row)
 
     if ref.error:
@@ -107,10 +119,10 @@ def process_ref(ref: SampleRef, annotator, limits: ImageLimits, generator: dict[
     except OSError as e:
         return failed(f"read: {e}")
     try:
-        decoded = decode_image(sample.image, limits)
+        decoded = decode_image(sample.image, limits, output)
     except ImageRejected as e:
         return failed(e.error)
-    row.orig_width, row.orig_height = decoded.orig_width, decoded.orig_height
+    row.original_width, row.original_height = decoded.orig_width, decoded.orig_height
     row.width, row.height = decoded.width, decoded.height
     try:
         ann = annotator.annotate(decoded.image, sample)
@@ -125,6 +137,7 @@ def process_ref(ref: SampleRef, annotator, limits: ImageLimits, generator: dict[
         "width": decoded.width,
         "height": decoded.height,
         "source_caption": sample.source_caption,
+        **({"source_path": sample.meta["path"]} if "path" in sample.meta else {}),  # lineage of folder inputs
         "captions": ann.captions,
         "metadata": ann.metadata,
         **ann.record,
@@ -134,6 +147,8 @@ def process_ref(ref: SampleRef, annotator, limits: ImageLimits, generator: dict[
     if decoded.conversions:
         record["conversions"] = decoded.conversions
     row.image_bytes = len(decoded.data)
+    row.sha256 = hashlib.sha256(decoded.data).hexdigest()
+    row.caption = ann.default_caption
     row.caption_length = len(ann.default_caption)
     row.n_captions = len(ann.captions)
     row.n_ocr, row.n_objects = ann.n_ocr, ann.n_objects
@@ -144,13 +159,15 @@ def process_ref(ref: SampleRef, annotator, limits: ImageLimits, generator: dict[
 
 # -- one shard, no Ray: plan -> tar + parquet + stats ------------------------------------------
 def write_shard(out: str | Path, plan: ShardPlan, annotator, limits: ImageLimits, generator: dict[str, Any],
-                record_generator: dict[str, Any] | None = None) -> dict[str, Any]:
+                record_generator: dict[str, Any] | None = None, output: ImageOutput = ImageOutput(),
+                digits: int = SHARD_DIGITS) -> dict[str, Any]:
     """Process every sample of `plan` in order and publish the shard; returns its stats (counts,
     sha256, failure reasons), all the driver needs. `generator` goes into the stats,
-    `record_generator` into each sample's json."""
-    with ShardWriter(out, plan.index, generator=generator) as w:
+    `record_generator` into each sample's json; `output` is how images are stored, `digits` the
+    width of the shard's name."""
+    with ShardWriter(out, plan.index, generator=generator, digits=digits) as w:
         for ref in plan.refs:
-            res = process_ref(ref, annotator, limits, record_generator)
+            res = process_ref(ref, annotator, limits, record_generator, output)
             if res.ok:
                 w.add(res.row.key, res.members, res.row)
             else:
@@ -163,38 +180,43 @@ def write_shard(out: str | Path, plan: ShardPlan, annotator, limits: ImageLimits
 class ShardWorker:
     """A Ray actor: one annotator, loaded once, writing whole shards."""
 
-    def __init__(self, factory: AnnotatorFactory, limits: ImageLimits):
+    def __init__(self, factory: AnnotatorFactory, limits: ImageLimits, output: ImageOutput = ImageOutput(),
+                 digits: int = SHARD_DIGITS):
         self.annotator = factory()
         self.annotator.load()
         self.limits = limits
+        self.output = output
+        self.digits = digits
         self.record_generator = self.annotator.generator_info()
 
     def write(self, out: str, plan: ShardPlan, generator: dict[str, Any]) -> dict[str, Any]:
-        return write_shard(out, plan, self.annotator, self.limits, generator, self.record_generator)
+        return write_shard(out, plan, self.annotator, self.limits, generator, self.record_generator, self.output,
+                           self.digits)
 
 
 # -- resume -----------------------------------------------------------------------------------
-def shard_done(out: Path, index: int, digest: str, *, verify: bool = False) -> bool:
+def shard_done(out: Path, index: int, digest: str, *, verify: bool = False, digits: int = SHARD_DIGITS) -> bool:
     """A finished shard of the same inputs and settings; its sha256 is re-read only with `verify`."""
-    stats = read_stats(out, index)
+    stats = read_stats(out, index, digits)
     return (stats is not None and stats.get("input_digest") == digest
-            and shard_complete(out, index, verify_checksum=verify))
+            and shard_complete(out, index, verify_checksum=verify, digits=digits))
 
 
-def _remove_shards(out: Path, keep_below: int = 0) -> list[int]:
-    """Delete every published shard (tar, parquet, stats) whose index is `keep_below` or more; returns
-    the removed indices. Shards past the current plan are left over from a run with another
-    `--shard-size` or a larger `--limit`: kept, they would be catalogued and exported twice."""
-    indices = set()
+def _remove_shards(out: Path, keep_below: int = 0, digits: int = SHARD_DIGITS) -> list[int]:
+    """Delete every published shard (tar, parquet, stats) whose index is `keep_below` or more, or
+    whose name has another width than `digits`; returns the removed indices. Such shards are left
+    over from a run with another `--shard-size`, a larger `--limit` or another `--shard-name-width`:
+    kept, they would be catalogued and exported twice."""
+    names = set()
     for suffix in ("_stats.json", ".tar", ".parquet"):
         for p in out.glob(f"*{suffix}"):
             stem = p.name[: -len(suffix)]
-            if stem.isdigit() and int(stem) >= keep_below:
-                indices.add(int(stem))
-    for i in sorted(indices):
-        for p in shard_paths(out, i)[::-1]:  # stats first: a half-removed shard never looks complete
+            if stem.isdigit() and (int(stem) >= keep_below or len(stem) != digits):
+                names.add(stem)
+    for name in names:
+        for p in shard_paths(out, name)[::-1]:  # stats first: a half-removed shard never looks complete
             p.unlink(missing_ok=True)
-    return sorted(indices)
+    return sorted(int(n) for n in names)
 
 
 # -- the job ----------------------------------------------------------------------------------
@@ -212,16 +234,21 @@ def run_job(
     source_name: str | None = None,
     limit: int | None = None,
     limits: ImageLimits = ImageLimits(),
+    image_output: ImageOutput = ImageOutput(),
+    shard_name_width: int = SHARD_DIGITS,
     cpus_per_worker: float = 1.0,
     gpus_per_worker: float = 0.0,
     register: bool = True,
     verify: bool = False,
+    download: DownloadOptions | None = None,
 ) -> JobResult:
     """Annotate `input` into caption shards in `output`; resumable, see the module docstring.
 
     `annotator_factory` is a picklable zero-argument callable returning an unloaded annotator.
-    `register=False` skips the catalog (the shards are complete without it). `verify=True`
-    re-hashes finished shards before skipping them.
+    `image_output` is how image members are stored (datagen.images); `shard_name_width` the digits
+    of shard names (img2dataset's 5 by default). `register=False` skips the catalog (the shards are
+    complete without it). `verify=True` re-hashes finished shards before skipping them. `download`
+    tunes how URL inputs are fetched.
     """
     started = time.time()
     if workers < 1:
@@ -229,23 +256,29 @@ def run_job(
     out = local_path(output, "output")
     check_output_outside_input(input, out)
     probe = annotator_factory()  # unloaded: only asked for its name and generator info
-    generator = {"name": probe.name, **probe.generator_info()}
-    plans = iter_plans(iter_raw_refs(input, input_format, work_dir=out / DOWNLOAD_DIR), shard_size, generator,
-                       limit=limit)
+    if shard_name_width < 1:
+        raise UserError("must be at least 1", field="--shard-name-width")
+    if download is not None:
+        download.check()
+    # the image settings are part of what made a shard: changing them redoes it (input_digest)
+    generator = {"name": probe.name, **probe.generator_info(),
+                 "image_format": image_output.format, "encode_quality": image_output.quality}
+    refs = iter_raw_refs(input, input_format, work_dir=out / DOWNLOAD_DIR, download=download)
+    plans = iter_plans(refs, shard_size, generator, limit=limit)
     first = next(plans, None)
     if first is None:
         raise UserError("no input images found", file=input)
     out.mkdir(parents=True, exist_ok=True)
     clean_temporaries(out)
     if overwrite:
-        _remove_shards(out)
+        _remove_shards(out, digits=shard_name_width)
     result = JobResult(out, 0, 0, 0, generator=generator)
     reasons: Counter[str] = Counter()
 
     def pending() -> Iterator[ShardPlan]:
         for plan in chain([first], plans):
             result.shards_total += 1
-            if shard_done(out, plan.index, plan.digest, verify=verify):
+            if shard_done(out, plan.index, plan.digest, verify=verify, digits=shard_name_width):
                 result.shards_skipped += 1
             else:
                 yield plan
@@ -254,11 +287,11 @@ def run_job(
     nxt = next(todo, None)
     if nxt is not None:
         _run_plans(chain([nxt], todo), out, annotator_factory, generator, result, reasons,
-                   ray_address=ray_address, workers=workers, limits=limits,
-                   cpus_per_worker=cpus_per_worker, gpus_per_worker=gpus_per_worker)
+                   ray_address=ray_address, workers=workers, limits=limits, image_output=image_output,
+                   digits=shard_name_width, cpus_per_worker=cpus_per_worker, gpus_per_worker=gpus_per_worker)
     result.failure_reasons = dict(sorted(reasons.items()))
     clean_temporaries(out)  # of workers killed mid-shard (their shard was retried and published)
-    removed = _remove_shards(out, keep_below=result.shards_total)
+    removed = _remove_shards(out, keep_below=result.shards_total, digits=shard_name_width)
     if removed:
         log.info(f"removed {len(removed)} shard(s) left over from an earlier run: indices {removed[0]}..{removed[-1]}")
     log.info(f"{result.shards_total} shard(s): {result.shards_written} written, {result.shards_skipped} done before")
@@ -266,15 +299,15 @@ def run_job(
         from blip3.core.catalog import Catalog
 
         with Catalog(catalog_db) as cat:
-            result.source = cat.add_output(out, source=source_name, kind="caption").source
+            result.source = cat.add_output(out, source=source_name, kind="caption").check().source
     result.duration_s = round(time.time() - started, 3)
     return result
 
 
 def _run_plans(
     plans: Iterator[ShardPlan], out: Path, factory: AnnotatorFactory, generator: dict[str, Any], result: JobResult,
-    reasons: Counter[str], *, ray_address: str | None, workers: int, limits: ImageLimits, cpus_per_worker: float,
-    gpus_per_worker: float,
+    reasons: Counter[str], *, ray_address: str | None, workers: int, limits: ImageLimits, image_output: ImageOutput,
+    digits: int, cpus_per_worker: float, gpus_per_worker: float,
 ) -> None:
     """Send plans to one actor pool, at most IN_FLIGHT_PER_WORKER per actor, and collect stats."""
     import ray
@@ -288,7 +321,7 @@ def _run_plans(
             num_cpus=cpus_per_worker, max_restarts=-1, max_task_retries=SHARD_RETRIES,
             **({"num_gpus": gpus_per_worker} if gpus_per_worker else {}),
         )
-        actors = [actor_cls.remote(factory, limits) for _ in range(workers)]
+        actors = [actor_cls.remote(factory, limits, image_output, digits) for _ in range(workers)]
         free = deque(a for _ in range(IN_FLIGHT_PER_WORKER) for a in actors)
         in_flight: dict[Any, tuple[Any, int]] = {}
         lost: list[str] = []
@@ -301,7 +334,12 @@ def _run_plans(
                 try:
                     stats = ray.get(ref)
                 except (ray.exceptions.RayActorError, ray.exceptions.RayTaskError) as e:
-                    lost.append(f"{index}: {str(e).strip().splitlines()[0][:200]}")
+                    full = environment_error(e)
+                    if full is not None:  # a full disk or unwritable output: every other shard fails alike
+                        raise full from None
+                    cause = getattr(e, "cause", None)  # the worker's own exception, not Ray's header
+                    detail = describe_exception(cause) if cause is not None else str(e).strip().splitlines()[0]
+                    lost.append(f"{index}: {detail[:200]}")
                     continue
                 result.shards_written += 1
                 result.samples += int(stats["count"])

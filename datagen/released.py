@@ -307,7 +307,7 @@ class _Shards:
 
     def fail(self, raw_key: str, reason: str, uid: str | None, url: str | None) -> None:
         key = self.key(raw_key)
-        self._current().add_failure(SampleRow(key, uid=uid, url=url, error=reason))
+        self._current().add_failure(SampleRow(key, uid=uid, url=url, error_message=reason))
 
     def close(self) -> None:
         if self.writer is not None:

@@ -2,10 +2,11 @@
 
 Each sample's `<key>.json` keeps `metadata.objects` and `source_caption`, so a new caption format,
 default style or lead-in is a pure re-templating pass: every shard of INPUT is rewritten to OUTPUT
-under the same index, images and other members byte-for-byte, failed rows of the sidecar kept,
+under the same name, images and other members byte-for-byte, failed rows of the sidecar kept,
 `.txt` / `captions` / `generator` / sidecar caption columns updated. Shards are published through
 `core.shards.ShardWriter` (atomic), and a shard already retemplated with the same options is
-skipped, so an interrupted run can simply be started again.
+skipped, so an interrupted run can simply be started again. OUTPUT is then registered in the
+catalog like the engines' outputs (`register=False` skips it).
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from typing import Any
 
 from blip3.core.errors import UserError
 from blip3.core.shards import SampleRow, ShardWriter, iter_shard, list_shards, read_sidecar, read_stats, shard_complete
+from blip3.datagen.caption_text import EmptyLabel
 from blip3.datagen.grounding_captions import (
     DEFAULT_ALSO_LEAD_IN,
     DEFAULT_LEAD_IN,
@@ -49,6 +51,7 @@ class RetemplateResult:
     shards_written: int = 0
     shards_skipped: int = 0
     samples: int = 0
+    source: str | None = None  # the catalog source OUTPUT was registered as
 
 
 def retemplate_record(record: dict[str, Any], opts: TemplateOptions) -> tuple[str, dict[str, Any]]:
@@ -61,12 +64,14 @@ def retemplate_record(record: dict[str, Any], opts: TemplateOptions) -> tuple[st
     new = dict(record)
     new["captions"] = captions
     new["generator"] = {**(record.get("generator") or {}), **opts.as_generator()}
-    return (chosen["text"] if chosen else (source or "")), new
+    return chosen["text"], new
 
 
 def retemplate(input_dir: str | Path, output_dir: str | Path, opts: TemplateOptions = TemplateOptions(),
-               *, overwrite: bool = False) -> RetemplateResult:
-    """Rewrite every finished shard of `input_dir` into `output_dir` with new captions."""
+               *, overwrite: bool = False, register: bool = True, catalog_db: str | Path | None = None,
+               source_name: str | None = None) -> RetemplateResult:
+    """Rewrite every finished shard of `input_dir` into `output_dir` with new captions, then
+    register `output_dir` in the catalog as source `source_name` (default: its folder name)."""
     src, dst = Path(input_dir), Path(output_dir)
     opts.validate()
     if not src.is_dir():
@@ -82,23 +87,29 @@ def retemplate(input_dir: str | Path, output_dir: str | Path, opts: TemplateOpti
                             field="generator.name", file=info.stats)
     result = RetemplateResult()
     for info in shards:
-        stats = read_stats(src, info.index) or {}
+        digits = len(info.tar.stem)  # the input's shard-name width is kept
+        stats = read_stats(src, info.index, digits) or {}
         generator = {**info.generator, **opts.as_generator()}
-        done = read_stats(dst, info.index)
+        done = read_stats(dst, info.index, digits)
         if (not overwrite and done is not None and done.get("generator") == generator
-                and done.get("retemplated_from") == info.sha256 and shard_complete(dst, info.index)):
+                and done.get("retemplated_from") == info.sha256 and shard_complete(dst, info.index, digits=digits)):
             result.shards_skipped += 1
             continue
-        result.samples += _rewrite_shard(info, dst, opts, generator, stats.get("input_digest"))
+        result.samples += _rewrite_shard(info, dst, opts, generator, stats.get("input_digest"), digits)
         result.shards_written += 1
+    if register:
+        from blip3.core.catalog import Catalog
+
+        with Catalog(catalog_db) as cat:
+            result.source = cat.add_output(dst, source=source_name, kind="caption").source
     return result
 
 
 def _rewrite_shard(info: Any, dst: Path, opts: TemplateOptions, generator: dict[str, Any],
-                   input_digest: str | None) -> int:
+                   input_digest: str | None, digits: int) -> int:
     rows = read_sidecar(info.parquet).to_pylist()
     samples = iter_shard(info.tar)
-    with ShardWriter(dst, info.index, generator=generator) as w:
+    with ShardWriter(dst, info.index, generator=generator, digits=digits) as w:
         for r in rows:
             row = SampleRow(**r)
             if row.status != "success":
@@ -107,10 +118,15 @@ def _rewrite_shard(info: Any, dst: Path, opts: TemplateOptions, generator: dict[
             sample = next(samples, None)
             if sample is None or sample["__key__"] != row.key:
                 raise UserError(f"tar and sidecar disagree at key {row.key!r}", file=info.tar)
-            txt, record = retemplate_record(json.loads(sample["json"]), opts)
+            try:
+                txt, record = retemplate_record(json.loads(sample["json"]), opts)
+            except EmptyLabel as e:  # an object stored before labels were checked: a row with its reason
+                row.status, row.error_message = "failed", f"caption: {e}"
+                w.add_failure(row)
+                continue
             members = {k: v for k, v in sample.items() if not k.startswith("__")}
             members["txt"], members["json"] = txt, record
-            row.caption_length, row.n_captions = len(txt), len(record["captions"])
+            row.caption, row.caption_length, row.n_captions = txt, len(txt), len(record["captions"])
             w.add(row.key, members, row)
         w.close(extra_stats={"input_digest": input_digest, "retemplated_from": info.sha256})
     return len(rows)

@@ -30,7 +30,7 @@ import re
 from dataclasses import astuple
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
+from typing import Any, Mapping
 
 from blip3.core.catalog import SOURCE_KINDS
 from blip3.core.errors import UserError
@@ -43,11 +43,12 @@ from blip3.mixture.tokens import DEFAULT_VISION_TOKENS_PER_CROP, TokenCounter
 _VAR = re.compile(r"\$\{(\w+)(?::-([^}]*))?\}")
 
 
-def expand_path(text: str, *, field: str, file: str | None) -> str:
-    """`${VAR}` and `${VAR:-default}` from the environment; an unset VAR without default is an error."""
+def expand_path(text: str, *, field: str, file: str | None, variables: Mapping[str, str] | None = None) -> str:
+    """`${VAR}` and `${VAR:-default}` from `variables` (what the trainer's prepare step made), else
+    the environment; an unset VAR without default is an error."""
 
     def sub(m: re.Match) -> str:
-        val = os.environ.get(m.group(1))
+        val = (variables or {}).get(m.group(1)) or os.environ.get(m.group(1))
         if val:
             return val
         if m.group(2) is not None:
@@ -152,6 +153,7 @@ def build_manifest(
     vision_tokens_per_crop: int | None = None,
     record: bool = True,
     verify: str = "sha256",
+    variables: Mapping[str, str] | None = None,
 ) -> Manifest:
     """Resolve `spec` into a manifest; write it to `out`; record it in the catalog.
 
@@ -174,7 +176,7 @@ def build_manifest(
         resolved = []
         for i, s in enumerate(spec_d["sources"]):
             if "path" in s:
-                resolved.append(_inline_source(s, i, counter, base, file))
+                resolved.append(_inline_source(s, i, counter, base, file, variables))
             else:
                 resolved.append(_catalog_source(cat, s, i, counter, file, checksum=verify == "sha256"))
         manifest = _plan(spec_d, resolved, counter)
@@ -213,13 +215,14 @@ def _vision_tokens_per_crop(declared: int | None, model: int | None, file: str |
     return declared or model or DEFAULT_VISION_TOKENS_PER_CROP
 
 
-def _inline_source(s: dict, i: int, counter: TokenCounter, base: Path, file: str | None) -> ManifestSource:
+def _inline_source(s: dict, i: int, counter: TokenCounter, base: Path, file: str | None,
+                   variables: Mapping[str, str] | None = None) -> ManifestSource:
     from blip3.core.shards import resolve_shards
     from blip3.mixture.sources import scan_shard
 
     field = f"sources[{i}].path"
     try:
-        tars = resolve_shards(expand_path(s["path"], field=field, file=file), base)
+        tars = resolve_shards(expand_path(s["path"], field=field, file=file, variables=variables), base)
     except UserError as e:
         raise UserError(f"source {s['name']!r}: {e}", field=field, file=file) from None
     shards = []
@@ -254,24 +257,30 @@ def _catalog_source(cat, s: dict, i: int, counter: TokenCounter, file: str | Non
             f"--vision-tokens-per-crop",
             field=field, file=file,
         )
-    shards = []
-    for path, sha, size, n, tokens, status in (astuple(r) for r in cat.source_shards(s["name"])):
-        p = Path(path)
-        if status != "ok":
-            raise UserError(f"source {s['name']!r}: shard {path} changed since it was catalogued (status {status})",
-                            field=field, file=file)
-        change = shard_change(p, size, sha, checksum=checksum)
-        if change == "missing":
-            raise UserError(f"source {s['name']!r}: shard {path} is missing (moved or deleted)", field=field, file=file)
-        if change is not None:
-            raise UserError(f"source {s['name']!r}: shard {path} changed on disk ({change} differs from the catalog)",
-                            field=field, file=file)
-        if tokens is None:
-            from blip3.mixture.sources import scan_shard
+    from blip3.core.logs import progress
 
-            tokens = scan_shard(p, kind, counter).tokens
-        if n:
-            shards.append(ShardRef(str(p), sha, int(size), int(n), int(tokens)))
+    shards = []
+    listed = [astuple(r) for r in cat.source_shards(s["name"])]
+    with progress(transient=True) as bar:
+        task = bar.add_task(f"mix build: check {s['name']}", total=len(listed))
+        for path, sha, size, n, tokens, status in listed:
+            p = Path(path)
+            if status != "ok":
+                raise UserError(f"source {s['name']!r}: shard {path} changed since it was catalogued (status {status})",
+                                field=field, file=file)
+            change = shard_change(p, size, sha, checksum=checksum)
+            if change == "missing":
+                raise UserError(f"source {s['name']!r}: shard {path} is missing (moved or deleted)", field=field, file=file)
+            if change is not None:
+                raise UserError(f"source {s['name']!r}: shard {path} changed on disk ({change} differs from the catalog)",
+                                field=field, file=file)
+            if tokens is None:
+                from blip3.mixture.sources import scan_shard
+
+                tokens = scan_shard(p, kind, counter).tokens
+            if n:
+                shards.append(ShardRef(str(p), sha, int(size), int(n), int(tokens)))
+            bar.advance(task)
     return _source(s, kind, shards, i, file)
 
 

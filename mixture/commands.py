@@ -7,11 +7,11 @@ Heavy imports (torch through the loader, matplotlib) stay inside the commands.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Optional
+from typing import Literal, Optional
 
 import typer
 
-from blip3.core.options import DbOption
+from blip3.core.options import DbOption, Format, SourceKind, out_option, output_path
 
 TokenizerOption = typer.Option(
     None, "--tokenizer",
@@ -35,7 +35,7 @@ mix_app = typer.Typer(help="Weighted interleaved mixtures: build manifests, samp
 def source_add(
     name: str = typer.Argument(..., help="Source name used in mixture specs."),
     path: str = typer.Argument(..., help="Folder of .tar shards (ours or any WebDataset), a glob or a brace pattern."),
-    kind: str = typer.Option("caption", "--kind", help="caption | interleaved | sft | dpo"),
+    kind: SourceKind = typer.Option("caption", "--kind", help="The kind of samples the shards hold."),
     tokenizer: Optional[Path] = TokenizerOption,
     crops_per_image: int = CropsOption,
     vision_tokens_per_crop: Optional[int] = VisionTokensOption,
@@ -58,7 +58,8 @@ def source_add(
 @source_app.command("import-obelics")
 def source_import_obelics(
     parquet: Path = typer.Argument(..., help="OBELICS-shaped parquet (columns texts, images)."),
-    output: Path = typer.Argument(..., help="Output folder for interleaved shards."),
+    output: Optional[Path] = typer.Argument(None, help="Output folder (the older form of -o/--out)."),
+    out: Optional[Path] = out_option("output folder for interleaved shards"),
     shard_size: int = typer.Option(1000, "--shard-size", min=1, help="Documents per shard."),
     image_root: Optional[Path] = typer.Option(None, "--image-root", help="Folder relative image paths start from "
                                               "(default: the parquet's folder)."),
@@ -70,6 +71,7 @@ def source_import_obelics(
     from blip3.core.logs import console
     from blip3.mixture.obelics import import_obelics
 
+    output = output_path(output, out)
     r = import_obelics(parquet, output, shard_size=shard_size, image_root=image_root)
     console.print(f"{r.documents} document(s) written in {r.shards} shard(s), {r.failed} failed "
                   f"({', '.join(f'{k}: {v}' for k, v in r.reasons.items()) or 'none'})")
@@ -79,16 +81,17 @@ def source_import_obelics(
 
 @source_app.command("tiny")
 def source_tiny(
-    output: Path = typer.Argument(..., help="Folder to write the tiny sources into."),
-    shards: int = typer.Option(2, "--shards", min=1),
-    per_shard: int = typer.Option(24, "--per-shard", min=1),
-    seed: int = typer.Option(0, "--seed"),
+    output: Optional[Path] = typer.Argument(None, help="Output folder (the older form of -o/--out)."),
+    out: Optional[Path] = out_option("folder to write the tiny sources into"),
+    shards: int = typer.Option(2, "--shards", min=1, help="Shards per source."),
+    per_shard: int = typer.Option(24, "--per-shard", min=1, help="Samples per shard."),
+    seed: int = typer.Option(0, "--seed", help="Seed of the generated content."),
 ) -> None:
     """Write tiny sources of every kind (the data of manifests/tiny-mix.yaml)."""
     from blip3.core.logs import console
     from blip3.mixture.tiny_sources import write_tiny_sources
 
-    for name, folder in write_tiny_sources(output, shards=shards, per_shard=per_shard, seed=seed).items():
+    for name, folder in write_tiny_sources(output_path(output, out), shards=shards, per_shard=per_shard, seed=seed).items():
         console.print(f"{name}: {folder}")
 
 
@@ -99,7 +102,7 @@ def mix_build(
     tokenizer: Optional[Path] = TokenizerOption,
     crops_per_image: int = CropsOption,
     vision_tokens_per_crop: Optional[int] = VisionTokensOption,
-    verify: str = typer.Option("sha256", "--verify", help="sha256 (re-hash catalogued shards) | size"),
+    verify: Literal["sha256", "size"] = typer.Option("sha256", "--verify", help="sha256: re-hash catalogued shards; size: sizes only."),
     db: Path = DbOption,
 ) -> None:
     """Resolve a spec into the manifest the trainer reads, and record it in the catalog."""
@@ -118,12 +121,12 @@ def mix_build(
 @mix_app.command("sample")
 def mix_sample(
     manifest: Path = typer.Argument(..., help="A built manifest."),
-    n: int = typer.Option(20, "-n", min=1, help="How many samples."),
+    n: int = typer.Option(20, "--samples", "-n", min=1, help="How many samples."),
     seed: Optional[int] = typer.Option(None, "--seed", help="Override the manifest's seed."),
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="Write JSON lines here (default: stdout)."),
-    rank: int = typer.Option(0, "--rank"),
-    world_size: int = typer.Option(1, "--world-size", min=1),
-    shuffle_buffer: int = typer.Option(1000, "--shuffle-buffer", min=1),
+    rank: int = typer.Option(0, "--rank", help="This rank's share of the stream."),
+    world_size: int = typer.Option(1, "--world-size", min=1, help="Ranks the stream is split over."),
+    shuffle_buffer: int = typer.Option(1000, "--shuffle-buffer", min=1, help="Samples in the shuffle buffer."),
 ) -> None:
     """The first N samples in loader order, one JSON line each (source, key, kind, epoch, caption, images)."""
     import json
@@ -146,16 +149,33 @@ def mix_sample(
 @mix_app.command("stats")
 def mix_stats(
     name: str = typer.Argument(..., help="Mixture name (as built by `mix build`)."),
-    fmt: str = typer.Option("table", "--format", "-f", help="table | csv | json"),
+    fmt: Format = typer.Option(
+        "table", "--format", "-f", help="Output format (parquet needs --out FOLDER: one file per table)."),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Write here instead of printing (a file; "
+                                       "a folder for parquet)."),
     db: Path = DbOption,
 ) -> None:
     """Per-source weights (target vs realised), tokens, epochs, coverage, caption lengths, failures."""
-    from blip3.core.tables import write_result
+    import re
+
+    from blip3.core.errors import UserError
+    from blip3.core.tables import render_text, save, write_result
     from blip3.mixture.stats import mixture_stats
 
-    for title, table in mixture_stats(name, db).items():
-        if fmt != "table":
-            print(f"# {title}")
+    tables = mixture_stats(name, db)
+    if fmt == "parquet":
+        if out is None:
+            raise UserError("parquet output needs --out FOLDER (one file per table)", field="--out")
+        out.mkdir(parents=True, exist_ok=True)
+        for title, table in tables.items():
+            write_result(table, fmt, out / f"{re.sub(r'[^a-z0-9]+', '_', title.lower()).strip('_')}.parquet")
+        return
+    heading = (lambda title: "") if fmt == "table" else (lambda title: f"# {title}\n")
+    if out is not None:
+        save(out, "".join(heading(t) + render_text(table, fmt, t) for t, table in tables.items()).encode())
+        return
+    for title, table in tables.items():
+        print(heading(title), end="")
         write_result(table, fmt=fmt, title=title)
 
 

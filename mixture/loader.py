@@ -37,7 +37,7 @@ import zlib
 from bisect import bisect_right
 from itertools import islice
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterator, NamedTuple
 
 import numpy as np
 import torch
@@ -50,7 +50,6 @@ from blip3.mixture.manifest import Manifest, ManifestSource, load_manifest, veri
 from blip3.mixture.tar_index import TarCache, decode_sample
 
 STATE_VERSION = 1
-_STATE_KEY = "__mixture_state__"
 
 
 def _seed_seq(*parts: int) -> np.random.Generator:
@@ -118,9 +117,17 @@ class MixtureLoader(IterableDataset):
     `decode=False` only the bookkeeping fields (no member bytes read): the index mode used for
     audits and for checking proportions over many samples fast.
 
-    `verify`: "sha256" (default: every shard re-hashed once, here, before any sample is read, so
-    a changed shard is one clear error), "size" (existence and size only: for very large data),
-    or "none".
+    `verify`: "size" (default: each shard exists with the size its stats recorded; the sha256
+    written with the shard is trusted, so constructing a loader reads no shard bytes), "sha256"
+    (every shard re-hashed once, here, before any sample is read: a changed shard is one clear
+    error), or "none".
+
+    In a standard torch loop: `transform` runs on each sample where it is read (in the DataLoader
+    worker), so `DataLoader(MixtureLoader(m, transform=to_tensors), batch_size=32)` works with the
+    default collate; without a transform, pass `collate_fn=collate_samples` (a list of sample
+    dicts). Exact resume through workers needs `MixtureLoader.dataloader(...)`, whose batches
+    carry each worker's position back. `rank` / `world_size` default to torch.distributed's when
+    a process group is initialised.
     """
 
     def __init__(
@@ -128,13 +135,15 @@ class MixtureLoader(IterableDataset):
         manifest: Manifest | str | Path,
         *,
         seed: int | None = None,
-        rank: int = 0,
-        world_size: int = 1,
+        rank: int | None = None,
+        world_size: int | None = None,
         shuffle_buffer: int = 1000,
-        verify: str = "sha256",
+        verify: str = "size",
         decode: bool = True,
+        transform: Callable[[dict[str, Any]], Any] | None = None,
     ):
         super().__init__()
+        rank, world_size = _rank_world(rank, world_size)
         if isinstance(manifest, (str, Path)):
             manifest = load_manifest(manifest, verify=verify)
         else:
@@ -149,6 +158,7 @@ class MixtureLoader(IterableDataset):
         self.world_size = world_size
         self.shuffle_buffer = shuffle_buffer
         self.decode = decode
+        self.transform = transform
         self.names = [s.name for s in manifest.sources]
         total = sum(s.sample_weight for s in manifest.sources)
         self.weights = [s.sample_weight / total for s in manifest.sources]
@@ -220,9 +230,8 @@ class MixtureLoader(IterableDataset):
                 sample = blocks[i][1][st.block_perm(b)[u]]
                 counts[i] += 1
                 heapq.heapreplace(heap, ((counts[i] + offsets[i]) / self.weights[i], i))
-                if self._emit_state:
-                    sample = {**sample, _STATE_KEY: (slot, tuple(counts))}
-                yield sample
+                out = sample if self.transform is None else self.transform(sample)
+                yield _Tagged(out, (slot, tuple(counts))) if self._emit_state else out
         finally:
             cache.close()
 
@@ -260,20 +269,38 @@ class MixtureLoader(IterableDataset):
         return MixtureDataLoader(self, batch_size, num_workers=num_workers, collate_fn=collate_fn, **kwargs)
 
 
-def _default_collate(samples: list[dict[str, Any]]) -> list[dict[str, Any]]:
+def collate_samples(samples: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """A DataLoader `collate_fn` for raw sample dicts (their members differ): the list itself."""
     return samples
 
 
+class _Tagged(NamedTuple):
+    """A sample with its worker's position after it, on its way to `MixtureDataLoader`."""
+
+    sample: Any
+    state: tuple[int, tuple[int, ...]]
+
+
+def _rank_world(rank: int | None, world_size: int | None) -> tuple[int, int]:
+    """Given values, else torch.distributed's when a process group is up, else a single process."""
+    import torch.distributed as dist
+
+    up = dist.is_available() and dist.is_initialized()
+    if rank is None:
+        rank = dist.get_rank() if up else 0
+    if world_size is None:
+        world_size = dist.get_world_size() if up else 1
+    return rank, world_size
+
+
 class _StateCollate:
-    """Runs in the worker: strips each sample's state tag and returns it with the batch."""
+    """Runs in the worker: collates the samples and returns the position after the last one with them."""
 
     def __init__(self, collate_fn: Callable[[list[dict]], Any]):
         self.collate_fn = collate_fn
 
-    def __call__(self, samples: list[dict[str, Any]]) -> tuple[Any, tuple[int, tuple[int, ...]]]:
-        state = samples[-1][_STATE_KEY]
-        clean = [{k: v for k, v in s.items() if k != _STATE_KEY} for s in samples]
-        return self.collate_fn(clean), state
+    def __call__(self, samples: list[_Tagged]) -> tuple[Any, tuple[int, tuple[int, ...]]]:
+        return self.collate_fn([s.sample for s in samples]), samples[-1].state
 
 
 class MixtureDataLoader:
@@ -289,7 +316,7 @@ class MixtureDataLoader:
         self.dataset = dataset
         self.batch_size = batch_size
         self.num_workers = num_workers
-        self.collate_fn = collate_fn or _default_collate
+        self.collate_fn = collate_fn or collate_samples
         self.kwargs = kwargs
 
     def __iter__(self) -> Iterator[Any]:

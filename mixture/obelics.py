@@ -120,7 +120,7 @@ def import_obelics(parquet: str | Path, output: str | Path, *, shard_size: int =
                         reasons["duplicate key"] += 1
                         result.failed += 1
                 except _Skip as e:
-                    writer.add_failure(SampleRow(key, uid=uid, error=str(e)))
+                    writer.add_failure(SampleRow(key, uid=uid, error_message=str(e)))
                     reasons[str(e).split(":", 1)[0]] += 1
                     result.failed += 1
                 row += 1

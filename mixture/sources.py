@@ -102,7 +102,7 @@ def add_source(cat: Catalog, name: str, path: str | Path, kind: str, counter: To
         # anything, so a wrong --kind leaves the catalog as it was.
         counted = {s.path for s in cat.source_shards(name, counted_only=True)}
         tokens = {t: scan_shard(t, kind, counter).tokens for t in tars if recount or t not in counted}
-        added = cat.add_output(p, source=name, kind=kind).added
+        added = cat.add_output(p, source=name, kind=kind).check().added
         cat.set_shard_tokens(tokens)
     else:
         cat.upsert_source(name, kind, p)

@@ -243,10 +243,10 @@ def write_tiny_sources(out_dir: str | Path, *, shards: int = 2, per_shard: int =
     rng = random.Random(f"ocr:{seed}")
     for s in range(shards):
         _write(folders["caption-ocr"], s, _ocr(rng, per_shard, f"ocr{s:03d}"), "ocr", "caption",
-               SampleRow(f"ocr{s:03d}bad", error="decode: cannot identify image file"))
+               SampleRow(f"ocr{s:03d}bad", error_message="decode: cannot identify image file"))
     rng = random.Random(f"ground:{seed}")
     for s in range(shards):
-        big = SampleRow(f"gnd{s:03d}big", error="too_large: 30000x30000 exceeds max pixels") if s == 0 else None
+        big = SampleRow(f"gnd{s:03d}big", error_message="too_large: 30000x30000 exceeds max pixels") if s == 0 else None
         _write(folders["caption-grounding"], s, _grounding(rng, per_shard, f"gnd{s:03d}"), "grounding", "caption", big)
     for kind, make in (("interleaved", _interleaved), ("sft", _chat), ("dpo", _dpo)):
         rng = random.Random(f"{kind}:{seed}")

@@ -8,7 +8,7 @@ released checkpoint) from local files for `phi3-mini`. torch is imported inside 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import List, Optional
+from typing import List, Literal, Optional
 
 import typer
 
@@ -16,7 +16,7 @@ model_app = typer.Typer(help="The xGen-MM model: sizes, model directories, a qui
 
 
 @model_app.command("info")
-def info(config: str = typer.Option("tiny", "--config", help="tiny | phi3-mini")) -> None:
+def info(config: Literal["tiny", "phi3-mini"] = typer.Option("tiny", "--config", help="Model configuration.")) -> None:
     """Parameter counts per part (built on the meta device: no memory, no weights)."""
     import pyarrow as pa
     import torch
@@ -39,7 +39,7 @@ def info(config: str = typer.Option("tiny", "--config", help="tiny | phi3-mini")
 @model_app.command("init")
 def init(
     out: Path = typer.Argument(..., help="Model directory to write."),
-    config: str = typer.Option("tiny", "--config", help="tiny | phi3-mini"),
+    config: Literal["tiny", "phi3-mini"] = typer.Option("tiny", "--config", help="Model configuration."),
     seed: int = typer.Option(0, "--seed", help="Seed of the random weights."),
     pretrained: bool = typer.Option(False, "--pretrained", help="phi3-mini: load SigLIP and Phi-3 from local files."),
     released: bool = typer.Option(False, "--released", help="Also load the released xGen-MM resampler/LLM weights."),
@@ -76,8 +76,8 @@ def generate(
     prompt: str = typer.Option(..., "--prompt", help="User text; put <image> where each image stands."),
     image: List[Path] = typer.Option([], "--image", help="Image file(s), in order of the <image> markers."),
     chat: bool = typer.Option(True, "--chat/--raw", help="Wrap the prompt in the Phi-3 chat template."),
-    max_new_tokens: int = typer.Option(32, "--max-new-tokens", min=1),
-    device: str = typer.Option("cpu", "--device"),
+    max_new_tokens: int = typer.Option(32, "--max-new-tokens", min=1, help="Tokens to generate at most."),
+    device: str = typer.Option("cpu", "--device", help="Torch device, e.g. cpu or cuda:0."),
 ) -> None:
     """Greedy generation with images, for a quick look at a model."""
     from PIL import Image

@@ -13,6 +13,7 @@ block-diagonal causal attention and positions restarting at each segment.
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -20,8 +21,19 @@ from torch import nn
 
 from .anyres import crop_patch_masks, plan_crops, release_token_groups
 from .config import IGNORE_INDEX, ModelConfig
+from .loss import dense_token_logps
+from .loss import token_logps as chunked_token_logps
 from .resampler import PerceiverResampler
 from .vision import build_vision_encoder, patch_tokens
+
+
+@dataclass
+class TokenLogps:
+    """log p(next label) per position (B, T-1), float32, 0 where unlabelled; and that mask."""
+
+    logps: torch.Tensor
+    mask: torch.Tensor
+
 
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
@@ -68,6 +80,24 @@ def packing_mask(
         starts = segment_starts(segment_ids)
     first = torch.where(starts, idx, torch.zeros_like(idx)).cummax(dim=1).values
     return mask, idx - first
+
+
+def train_labels(
+    input_ids: torch.Tensor, labels: torch.Tensor, placeholder_id: int, segment_ids: torch.Tensor | None = None
+) -> torch.Tensor:
+    """The labels the loss really uses: -100 on image placeholders, and with packing on padding
+    (segment 0) and on the first token of each segment, so no loss crosses an image or a sample
+    border. One rule for the forward and for the trainer, which counts labelled tokens on the
+    host before the step (its loss is normalised by the labelled tokens of the whole step)."""
+    labels = labels.masked_fill(input_ids == placeholder_id, IGNORE_INDEX)
+    if segment_ids is not None:
+        labels = labels.masked_fill(segment_starts(segment_ids) | (segment_ids == 0), IGNORE_INDEX)
+    return labels
+
+
+def labelled_tokens(labels: torch.Tensor) -> int:
+    """Positions a causal-LM loss counts: labels shifted by one (position t predicts t+1), not -100."""
+    return int((labels[:, 1:] != IGNORE_INDEX).sum())
 
 
 class XGenMM(nn.Module):
@@ -195,9 +225,14 @@ class XGenMM(nn.Module):
         image_sizes: torch.Tensor | None = None,
         segment_ids: torch.Tensor | None = None,
         position_ids: torch.Tensor | None = None,
+        token_logps: str | None = None,
         **lm_kwargs,
     ):
         """Returns transformers' `CausalLMOutputWithPast` (.loss when labels are given, .logits (B, T, V)).
+
+        token_logps: "chunked" or "dense" (with labels): return a `TokenLogps` instead, the log
+        p of each next label, which every training objective is built from (`model.loss`);
+        "chunked" never holds the full fp32 logits.
 
         labels: -100 is ignored; placeholder positions, padding (segment 0) and the first token
         of each packed segment are forced to -100 so no loss crosses an image or a sample boundary.
@@ -205,18 +240,32 @@ class XGenMM(nn.Module):
         """
         slots = input_ids == self.config.image_placeholder_id
         embeds = self.embed(input_ids, pixel_values, image_sizes, slots=slots)
-        if labels is not None:
-            labels = labels.masked_fill(slots, IGNORE_INDEX)
         if segment_ids is not None:
             if attention_mask is not None:
                 segment_ids = segment_ids * attention_mask.to(segment_ids.dtype)
-            starts = segment_starts(segment_ids)
-            attention_mask, position_ids = packing_mask(segment_ids, embeds.dtype, starts)
-            if labels is not None:
-                labels = labels.masked_fill(starts | (segment_ids == 0), IGNORE_INDEX)
+            attention_mask, position_ids = packing_mask(segment_ids, embeds.dtype, segment_starts(segment_ids))
+        if labels is not None:
+            labels = train_labels(input_ids, labels, self.config.image_placeholder_id, segment_ids)
+        if token_logps is not None:
+            if labels is None:
+                raise ValueError("token_logps needs labels")
+            return self._token_logps(embeds, attention_mask, position_ids, labels, token_logps, lm_kwargs)
         return self.lang_model(
             inputs_embeds=embeds, attention_mask=attention_mask, position_ids=position_ids, labels=labels, **lm_kwargs
         )
+
+    def _token_logps(self, embeds, attention_mask, position_ids, labels, impl: str, lm_kwargs) -> "TokenLogps":
+        # inside forward, so FSDP2's hooks have the LM head's weight gathered here
+        if impl == "dense":
+            logits = self.lang_model(inputs_embeds=embeds, attention_mask=attention_mask, position_ids=position_ids,
+                                     **lm_kwargs).logits
+            return TokenLogps(*dense_token_logps(logits, labels))
+        if impl != "chunked":
+            raise ValueError(f"token_logps is chunked or dense, got {impl!r}")
+        hidden = self.lang_model.model(inputs_embeds=embeds, attention_mask=attention_mask, position_ids=position_ids,
+                                       **lm_kwargs).last_hidden_state
+        head = self.lang_model.lm_head
+        return TokenLogps(*chunked_token_logps(hidden, head.weight, labels, bias=head.bias))
 
     @torch.no_grad()
     def generate(

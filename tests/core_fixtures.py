@@ -32,5 +32,5 @@ def write_caption_shard(out: Path, index: int, n: int, *, n_failed: int = 0, pre
             )
             keys.append(key)
         for j in range(n_failed):
-            w.add_failure(SampleRow(f"{prefix}{index:03d}_bad{j}", error="decode: cannot identify image file"))
+            w.add_failure(SampleRow(f"{prefix}{index:03d}_bad{j}", error_message="decode: cannot identify image file"))
     return keys

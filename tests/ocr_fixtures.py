@@ -53,6 +53,36 @@ RENDERED = [
 ]
 
 
+#: The word-level set: multi-word lines in caps, mixed and lower case, digits and symbols.
+WORD_TEXTS = [
+    "MAIN STREET STATION", "SALE 50% OFF TODAY", "NO PARKING ANY TIME", "Opening hours 9 to 5",
+    "DANGER HIGH VOLTAGE", "Fresh fruit and vegetables", "Platform 3 trains to Leeds", "CITY HALL",
+    "Welcome to Springfield", "Exit only no entry", "Ticket office closed", "Hot coffee 2.50",
+    "Call 555-0199 now", "Room 204 B", "Speed limit 30", "Buy 2 get 1 free", "EST. 1987", "Wi-Fi password inside",
+    "Gate 12 boarding", "Keep left", "PUSH", "Pharmacy open 24/7", "Net weight 500g", "Car wash $8",
+]
+WORD_FONTS = ["DejaVuSans.ttf", "DejaVuSans-Bold.ttf", "DejaVuSerif.ttf", "DejaVuSerif-Bold.ttf",
+              "DejaVuSansMono.ttf", "DejaVuSans-Oblique.ttf", "DejaVuSansMono-Bold.ttf", "STIXGeneral.ttf",
+              "DejaVuSerif-Italic.ttf", "DejaVuSans-BoldOblique.ttf"]
+
+
+def word_signs(seed: int = 7) -> list[Rendered]:
+    """Every WORD_TEXTS line once: cycling fonts, sizes from small print (16 px) up, slight rotations
+    (plus one upside down), dark-on-light and light-on-dark colours. Deterministic."""
+    import random
+
+    rng = random.Random(seed)
+    specs = []
+    for i, text in enumerate(WORD_TEXTS):
+        dark = tuple(rng.randint(0, 80) for _ in range(3))
+        light = tuple(rng.randint(200, 255) for _ in range(3))
+        fg, bg = (light, dark) if i % 4 == 3 else (dark, light)
+        size = 16 + 2 * (i % 3) if i % 6 == 5 else rng.randint(24, 52)
+        angle = 180.0 if i == 7 else round(rng.uniform(-7, 7), 1)
+        specs.append(Rendered(f"words_{i:02d}", text, WORD_FONTS[i % len(WORD_FONTS)], size, angle, fg, bg))
+    return specs
+
+
 def render(spec: Rendered) -> Image.Image:
     """Draw `spec.text` (lines split at `\\n`) with a margin, rotated by `spec.angle` degrees."""
     font = ImageFont.truetype(str(FONTS / spec.font), spec.size)
@@ -127,7 +157,7 @@ def exif_rotated_jpeg(img: Image.Image, orientation: int = 6) -> bytes:
 
 
 def bad_inputs() -> dict[str, bytes]:
-    """file name -> bytes for every bad-input case of datagen/README.md's "Bad input" table (decisions in datagen/images.py)."""
+    """file name -> bytes for every bad-input case of docs/bad-input.md (decisions in datagen/images.py)."""
     base = text_image("CMYK 7")
     good_png = png_bytes(text_image("TRUNCATED"))
     rgba = text_image("ALPHA 3").convert("RGBA")
@@ -181,14 +211,3 @@ class LocalServer:
     def __exit__(self, *exc) -> None:
         self.server.shutdown()
         self.server.server_close()
-
-
-def cer(ref: str, hyp: str) -> tuple[int, int]:
-    """(edit distance, len(ref)) for a character error rate summed over many strings."""
-    prev = list(range(len(hyp) + 1))
-    for i, rc in enumerate(ref, 1):
-        cur = [i]
-        for j, hc in enumerate(hyp, 1):
-            cur.append(min(prev[j] + 1, cur[j - 1] + 1, prev[j - 1] + (rc != hc)))
-        prev = cur
-    return prev[-1], len(ref)

@@ -70,7 +70,7 @@ def test_ocr_options_reach_the_shards(ray_local, tmp_path):
     # --limit 4: the fifth file is never read
     assert len(rows) == 4 and not any(k.startswith("e_library") for k in rows)
     # --min-confidence + --drop-empty: signs read below the threshold and the blank are failed no_text
-    status = {k.split("_")[0]: (row["status"], (row["error"] or "").split(":")[0]) for k, row in rows.items()}
+    status = {k.split("_")[0]: (row["status"], (row["error_message"] or "").split(":")[0]) for k, row in rows.items()}
     assert status == {"a": ("failed", "no_text"), "b": ("failed", "no_text"), "c": ("success", ""),
                       "d": ("failed", "no_text")}
     # --lead-in, --filler, --default-granularity 0: the .txt is the bare quoted text

@@ -51,14 +51,14 @@ def test_stats_file_is_published_after_tar_and_parquet(tmp_path, monkeypatch):
     published = _record_renames(monkeypatch)
     write_caption_shard(tmp_path, 0, 3)
     monkeypatch.undo()
-    assert set(published) >= {"000000.tar", "000000.parquet", "000000_stats.json"}
-    assert published[-1] == "000000_stats.json"
-    assert published.index("000000.tar") < published.index("000000_stats.json")
-    assert published.index("000000.parquet") < published.index("000000_stats.json")
+    assert set(published) >= {"00000.tar", "00000.parquet", "00000_stats.json"}
+    assert published[-1] == "00000_stats.json"
+    assert published.index("00000.tar") < published.index("00000_stats.json")
+    assert published.index("00000.parquet") < published.index("00000_stats.json")
     assert shard_complete(tmp_path, 0)
 
 
-@pytest.mark.parametrize("crash_at", ["000000.tar", "000000.parquet"])
+@pytest.mark.parametrize("crash_at", ["00000.tar", "00000.parquet"])
 def test_crash_between_renames_leaves_no_complete_looking_shard(tmp_path, monkeypatch, crash_at):
     _record_renames(monkeypatch, fail_on=crash_at)
     with pytest.raises(OSError, match="simulated crash"):

@@ -66,3 +66,21 @@ def test_caption_text_never_holds_a_tag_or_a_line_break(text):
     out = caption_text(text)
     assert "<" not in out and ">" not in out and "\n" not in out and "\r" not in out
     assert out == caption_text(out)  # escaping twice changes nothing (inline grounding re-escapes)
+
+
+def test_retemplate_turns_a_stored_empty_label_into_a_failed_row(tmp_path):
+    from blip3.core.shards import SampleRow, ShardWriter, list_shards, read_sidecar
+    from blip3.datagen.retemplate import retemplate
+    from tests.core_fixtures import jpeg
+
+    src = tmp_path / "old"
+    with ShardWriter(src, 0, generator={"name": "grounding"}) as w:
+        for key, label in (("good", "dog"), ("bad", " ")):
+            record = {"metadata": {"objects": [{"label": label, "bbox": [0.1, 0.1, 0.5, 0.5], "score": 0.9}]},
+                      "source_caption": "a dog", "captions": []}
+            w.add(key, {"jpg": jpeg(), "txt": "old", "json": record}, SampleRow(key, n_objects=1))
+    result = retemplate(src, tmp_path / "new")
+    assert result.samples == 2
+    rows = {r["key"]: r for r in read_sidecar(list_shards(tmp_path / "new")[0].parquet).to_pylist()}
+    assert rows["good"]["status"] == "success"
+    assert rows["bad"]["status"] == "failed" and rows["bad"]["error_message"].startswith("caption: object label ' ' is empty")

@@ -142,6 +142,63 @@ def test_datagen_on_a_really_full_disk_is_one_line(tmp_path):
         for i in range(4):  # noise does not compress: 4 x ~75 KB will not fit in 64 KB
             Image.fromarray(rng.integers(0, 255, (160, 160, 3), dtype=np.uint8)).save(imgs / f"n{i}.png")
         text = one_line_error(blip3("ocr", str(imgs), str(disk / "out"), "--workers", "1", "--shard-size", "2", timeout=600))
-        assert "no space left on the device" in text
+        assert f"{disk / 'out'}: no space left on the device" in text
     finally:
         subprocess.run(["umount", str(disk)], check=False)
+
+
+def test_datagen_refuses_ambiguous_inputs_before_any_work(tmp_path):
+    from tests.ocr_fixtures import png_bytes, text_image
+
+    imgs = tmp_path / "imgs"
+    imgs.mkdir()
+    for i in range(3):
+        (imgs / f"{i}.png").write_bytes(png_bytes(text_image()))
+    text = one_line_error(blip3("ocr", str(imgs), str(imgs / "out"), "--workers", "1"))
+    assert "is inside the input folder" in text and not (imgs / "out").exists()
+    with tarfile.open(imgs / "000000.tar", "w"):
+        pass
+    text = one_line_error(blip3("ocr", str(imgs), str(tmp_path / "out"), "--workers", "1"))
+    assert "--input-format folder" in text and not (tmp_path / "out").exists()
+
+
+def test_output_on_a_read_only_file_system_is_one_line(tmp_path, catalog):
+    """Root ignores permission bits, so "unwritable" is a read-only tmpfs (needs mount rights)."""
+    from tests.ocr_fixtures import png_bytes, text_image
+
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    if shutil.which("mount") is None or subprocess.run(["mount", "-t", "tmpfs", "-o", "ro,size=64k", "tmpfs", str(ro)],
+                                                       capture_output=True).returncode != 0:
+        pytest.skip("cannot mount a tmpfs here")
+    try:
+        (tmp_path / "imgs").mkdir()
+        (tmp_path / "imgs" / "a.png").write_bytes(png_bytes(text_image()))
+        text = one_line_error(blip3("ocr", str(tmp_path / "imgs"), str(ro / "out"), "--workers", "1"))
+        assert f"{ro / 'out'}: read-only file system" in text
+        text = one_line_error(blip3("sql", "SELECT 1", "--format", "csv", "--out", str(ro / "r.csv"), "--db", str(catalog)))
+        assert "read-only file system" in text
+        src = tmp_path / "src"
+        from tests.core_fixtures import write_caption_shard
+
+        write_caption_shard(src, 0, 2)
+        text = one_line_error(blip3("catalog", "add", str(src), "--db", str(ro / "c.duckdb")))
+        assert "c.duckdb" in text and "Read-only file system" in text
+    finally:
+        subprocess.run(["umount", str(ro)], check=False)
+
+
+def test_datagen_says_when_part_of_its_output_is_not_in_the_catalog(tmp_path):
+    """The job is done but a shard cannot be registered (its sidecar was damaged since): exit 2, named."""
+    from tests.ocr_fixtures import png_bytes, text_image
+
+    imgs, out = tmp_path / "imgs", tmp_path / "out"
+    imgs.mkdir()
+    (imgs / "a.png").write_bytes(png_bytes(text_image()))
+    coco = tmp_path / "coco.json"
+    coco.write_text('{"images": [{"id": 1, "file_name": "a.png"}], "annotations": [], "categories": []}')
+    args = ["ground", str(imgs), str(out), "--detector", "annotations", "--annotations", str(coco), "--workers", "1"]
+    assert blip3(*args, "--db", str(tmp_path / "c.duckdb")).returncode == 0
+    (out / "000000.parquet").write_bytes(b"PAR1 damaged PAR1")
+    text = one_line_error(blip3(*args, "--db", str(tmp_path / "fresh.duckdb")))
+    assert "1 shard(s) NOT registered" in text and "000000.tar" in text and "catalog add" in text

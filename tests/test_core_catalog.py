@@ -185,28 +185,44 @@ def test_add_with_a_corrupt_sidecar_registers_the_good_shards_and_exits_non_zero
     write_caption_shard(out, 2, 5)
     _, parquet, _ = shard_paths(out, 1)
     parquet.write_bytes(b"PAR1 this is not a parquet file PAR1")
-    (out / "000007.tar").write_bytes(b"")  # a tar with no stats file: a killed or foreign writer
+    (out / "00007.tar").write_bytes(b"")  # a tar with no stats file: a killed or foreign writer
     db = tmp_path / "c.duckdb"
     r = blip3("catalog", "add", str(out), "--db", str(db))
     assert r.returncode == 1 and "Traceback" not in r.stderr
     text = " ".join(r.stderr.split())
     assert "2 shard(s) added (8 rows)" in text and "2 shard(s) NOT registered" in text
-    assert f"not registered: {(out / '000001.tar').resolve()}:" in text
-    assert f"not registered: {(out / '000007.tar').resolve()}: no stats file" in text
+    assert f"not registered: {(out / '00001.tar').resolve()}:" in text
+    assert f"not registered: {(out / '00007.tar').resolve()}: no stats file" in text
     assert run_query("SELECT idx FROM shards ORDER BY idx", db).to_pylist() == [{"idx": 0}, {"idx": 2}]
     assert counts(db) == (1, 2, 8)  # the bad shard left no partial rows
     parquet.unlink()
     write_caption_shard(out, 1, 4)  # repaired: a second add registers it
-    (out / "000007.tar").unlink()
+    (out / "00007.tar").unlink()
     with Catalog(db) as cat:
         r2 = cat.add_output(out)
     assert (r2.added, r2.skipped, r2.failed) == (1, 2, [])
 
 
 def test_add_counts_a_folder_of_stats_less_tars_in_its_error(tmp_path):
-    (tmp_path / "000000.tar").write_bytes(b"")
+    (tmp_path / "00000.tar").write_bytes(b"")
     with Catalog(tmp_path / "c.duckdb") as cat, pytest.raises(UserError, match=r"1 tar\(s\) without a readable stats"):
         cat.add_output(tmp_path)
+
+
+def test_catalog_from_before_the_img2dataset_names_is_migrated(output_dir, tmp_path):
+    db = tmp_path / "old.duckdb"
+    con = duckdb.connect(str(db))
+    con.execute("CREATE TABLE samples (source VARCHAR NOT NULL, shard VARCHAR NOT NULL, key VARCHAR, uid VARCHAR, "
+                "url VARCHAR, status VARCHAR, error VARCHAR, width INTEGER, height INTEGER, orig_width INTEGER, "
+                "orig_height INTEGER, image_bytes BIGINT, caption_length INTEGER, n_captions INTEGER, n_ocr INTEGER, "
+                "n_objects INTEGER, mean_confidence FLOAT, has_source_caption BOOLEAN)")
+    con.execute("CREATE INDEX samples_by_shard ON samples (shard)")
+    con.execute("INSERT INTO samples (source, shard, key, status, error) VALUES ('old', 's', 'k', 'failed', 'decode: x')")
+    con.close()
+    with Catalog(db) as cat:
+        cat.add_output(output_dir, source="new")
+        rows = cat.con.execute("SELECT source, error_message FROM samples WHERE status = 'failed' ORDER BY source").fetchall()
+    assert rows[-1] == ("old", "decode: x") and any(src == "new" for src, _ in rows)
 
 
 # -- hostile SQL: DuckDB's own settings refuse it, whatever the text looks like ----------------------
@@ -227,8 +243,8 @@ HOSTILE_SQL = [
     ("SELECT * FROM read_json_auto('/etc/passwd')", None),
     ("SELECT * FROM read_blob('/etc/hostname')", None),
     ("SELECT * FROM sniff_csv('/etc/passwd')", None),
-    ("SELECT * FROM parquet_metadata('{d}/src/000000.parquet')", None),
-    ("SELECT * FROM read_parquet('{d}/src/000000.parquet')", None),
+    ("SELECT * FROM parquet_metadata('{d}/src/00000.parquet')", None),
+    ("SELECT * FROM read_parquet('{d}/src/00000.parquet')", None),
     ("SELECT * FROM glob('/root/**')", None),
     ("SELECT * FROM glob('{d}/*')", None),
     ("SELECT * FROM read_csv('http://127.0.0.1:9/x.csv')", None),

@@ -21,7 +21,7 @@ from tests.mixture_fixtures import inline, tiny_sources, write_spec  # noqa: F40
 
 
 def test_read_members_gives_the_bytes_a_streaming_read_gives(tiny_sources):  # noqa: F811
-    tar = tiny_sources["interleaved"] / "000000.tar"
+    tar = tiny_sources["interleaved"] / "00000.tar"
     streamed = list(iter_shard(tar))
     with open(tar, "rb") as f:
         indexed = [read_members(f, s) for s in iter_tar_index(tar)]
@@ -31,7 +31,7 @@ def test_read_members_gives_the_bytes_a_streaming_read_gives(tiny_sources):  # n
 
 
 def test_datagen_reads_an_image_out_of_a_tar_at_its_offset(tiny_sources, tmp_path):  # noqa: F811
-    tar = tiny_sources["caption-ocr"] / "000000.tar"
+    tar = tiny_sources["caption-ocr"] / "00000.tar"
     first = next(iter_shard(tar))
     ref = next(iter_refs(tar, "webdataset", work_dir=tmp_path))
     assert ref.locator[0] == "tar"
@@ -77,7 +77,7 @@ def test_verify_modes_catch_what_they_promise(tmp_path, tiny_sources):  # noqa: 
     folder = shutil.copytree(tiny_sources["sft"], tmp_path / "sft")
     spec = write_spec(tmp_path / "spec.yaml", [{"name": "sft", "path": str(folder), "kind": "sft", "weight": 1}])
     m = build_manifest(spec)
-    tar = folder / "000000.tar"
+    tar = folder / "00000.tar"
     data = bytearray(tar.read_bytes())
     data[700] ^= 0xFF  # same size, other bytes
     tar.write_bytes(bytes(data))

@@ -82,7 +82,7 @@ def test_sidecar_row_is_derived_from_the_record():
 
 
 def test_tiny_grounding_shards_keep_objects_in_metadata(tiny_sources):  # noqa: F811
-    recs = [json.loads(s["json"]) for s in iter_shard(tiny_sources["caption-grounding"] / "000000.tar")]
+    recs = [json.loads(s["json"]) for s in iter_shard(tiny_sources["caption-grounding"] / "00000.tar")]
     assert all("objects" not in r and "objects" in r["metadata"] for r in recs)
     assert sum(len(r["metadata"]["objects"]) for r in recs) > 0
 

@@ -45,12 +45,13 @@ def test_round_trip_our_reader_and_webdataset(tmp_path):
     assert side.num_rows == 7
     statuses = side.column("status").to_pylist()
     assert statuses.count("success") == 5 and statuses.count("failed") == 2
-    errors = {r["error"] for r in side.to_pylist() if r["status"] == "failed"}
+    errors = {r["error_message"] for r in side.to_pylist() if r["status"] == "failed"}
     assert errors == {"decode: cannot identify image file"}
 
     s = json.loads(stats.read_text())
     assert (s["count"], s["successes"], s["failed"]) == (7, 5, 2)
-    assert s["failure_reasons"] == {"decode": 2}
+    assert s["status_dict"] == {"success": 5, "decode": 2}  # img2dataset's keys
+    assert (s["failed_to_download"], s["failed_to_resize"]) == (0, 2) and s["duration"] >= 0
     assert shard_complete(tmp_path, 0)
     assert [i.index for i in list_shards(tmp_path)] == [0]
 
@@ -93,7 +94,7 @@ def test_killed_writer_leaves_no_complete_looking_tar(tmp_path):
     assert not tar.exists() and not parquet.exists() and not stats.exists()
     assert not shard_complete(tmp_path, 0)
     assert list_shards(tmp_path) == []
-    assert any(p.name.startswith(".000000.tar.tmp-") for p in tmp_path.iterdir())
+    assert any(p.name.startswith(".00000.tar.tmp-") for p in tmp_path.iterdir())
 
 
 def test_truncated_tar_is_not_complete(tmp_path):
@@ -120,7 +121,14 @@ def test_sanitize_key_is_safe_and_deterministic(raw, tmp_path):
         w.add(key, {"txt": "t"}, SampleRow(key))
     names = [p.name for p in tmp_path.rglob("*")]
     assert all(Path(n).parent == Path(".") for n in names)
-    assert (tmp_path / "000000.tar").exists()
+    assert (tmp_path / "00000.tar").exists()
+
+
+def test_sanitize_key_keeps_nested_paths_readable():
+    assert sanitize_key("cats/tabby/01").startswith("cats_tabby_01_")
+    assert sanitize_key("photos/été/IMG 0001").startswith("photos_ete_IMG_0001_")
+    deep = sanitize_key("a" * 80 + "/" + "b" * 80 + "/leaf_name")
+    assert is_safe_key(deep) and "leaf_name_" in deep  # a long path keeps its file name
 
 
 def test_sanitize_key_keeps_clean_keys_and_separates_collisions():
@@ -140,8 +148,47 @@ def test_duplicate_key_is_recorded_not_written_twice(tmp_path):
     with ShardWriter(tmp_path, 0) as w:
         assert w.add("dup", {"txt": "first"}, SampleRow("dup"))
         assert not w.add("dup", {"txt": "second"}, SampleRow("dup"))
-    samples = list(iter_shard(tmp_path / "000000.tar"))
+    samples = list(iter_shard(tmp_path / "00000.tar"))
     assert [s["txt"] for s in samples] == [b"first"]
-    side = pq.read_table(tmp_path / "000000.parquet").to_pylist()
+    side = pq.read_table(tmp_path / "00000.parquet").to_pylist()
     assert [r["status"] for r in side] == ["success", "failed"]
-    assert side[1]["error"].startswith("duplicate key")
+    assert side[1]["error_message"].startswith("duplicate key")
+
+
+def test_a_writer_that_fails_on_a_full_disk_leaves_no_temporary_files(tmp_path, monkeypatch):
+    """ENOSPC while publishing (here from fsync, the write boundary) or while adding (a real tiny
+    tmpfs when it can be mounted): the error reaches the caller and the folder holds no temp files."""
+    import errno
+    import shutil
+    import subprocess
+
+    from blip3.core.shards import SampleRow, ShardWriter
+
+    out = tmp_path / "out"
+    w = ShardWriter(out, 0)
+    w.add("k", {"txt": "x"}, SampleRow("k"))
+
+    def full(fd):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr("blip3.core.shards.os.fsync", full)
+    with pytest.raises(OSError) as e:
+        w.close()
+    assert e.value.errno == errno.ENOSPC and e.value.filename == str(out)  # the error names the disk
+    assert list(out.iterdir()) == []
+    monkeypatch.undo()
+
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    if shutil.which("mount") is None or subprocess.run(["mount", "-t", "tmpfs", "-o", "size=16k", "tmpfs", str(disk)],
+                                                       capture_output=True).returncode != 0:
+        pytest.skip("cannot mount a tmpfs here")
+    try:
+        with pytest.raises(OSError) as e:
+            with ShardWriter(disk, 0) as w:
+                for i in range(8):
+                    w.add(f"k{i}", {"bin": os.urandom(8192)}, SampleRow(f"k{i}"))
+        assert e.value.errno == errno.ENOSPC and e.value.filename is not None
+        assert list(disk.iterdir()) == []
+    finally:
+        subprocess.run(["umount", str(disk)], check=False)

@@ -1,4 +1,4 @@
-"""Decode/validate decisions for every bad input of datagen/README.md's "Bad input" table (no Ray: the unit under the pipeline)."""
+"""Decode/validate decisions for every bad input of docs/bad-input.md (no Ray: the unit under the pipeline)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from blip3.datagen.images import ImageLimits, ImageRejected, decode_image
+from blip3.datagen.images import ImageLimits, ImageOutput, ImageRejected, decode_image
 from tests.ocr_fixtures import BAD_EXPECTED, bad_inputs, png_bomb, jpeg_bytes, png_bytes, text_image
 
 BAD = bad_inputs()
@@ -62,6 +62,18 @@ def test_modes_are_converted_faithfully():
 def test_plain_images_keep_their_own_bytes():
     data = jpeg_bytes(text_image())
     d = decode_image(data)
-    assert d.data == data and d.ext == "jpg" and d.conversions == []
-    gray = decode_image(BAD["gray.png"])
+    assert d.data == data and d.ext == "jpg" and d.conversions == []  # JPEG in: its own bytes
+    keep = ImageOutput("keep")
+    gray = decode_image(BAD["gray.png"], output=keep)
     assert gray.data == BAD["gray.png"] and gray.ext == "png"
+
+
+def test_default_output_is_jpeg_at_the_given_quality():
+    png = png_bytes(text_image(size=(200, 80)))
+    d = decode_image(png)
+    assert d.ext == "jpg" and Image.open(io.BytesIO(d.data)).format == "JPEG"
+    low = decode_image(png, output=ImageOutput("jpg", quality=20))
+    assert low.ext == "jpg" and len(low.data) < len(d.data)  # the quality flag reaches the encoder
+    assert decode_image(png, output=ImageOutput("keep")).data == png
+    with pytest.raises(ValueError, match="not one of jpg, keep"):
+        ImageOutput("png")

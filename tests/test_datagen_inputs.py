@@ -100,9 +100,9 @@ def test_detection_errors_are_one_clear_line(tmp_path):
 def test_our_own_caption_shards_as_input_keep_the_original_alt_text(tmp_path):
     record = {"uid": "u", "captions": [{"text": "The image contains no text."}], "generator": {"name": "ocr"},
               "source_caption": "the original alt text"}
-    _tar(tmp_path / "000000.tar", [("k.jpg", jpeg_bytes(text_image())), ("k.txt", b"The image contains no text."),
+    _tar(tmp_path / "00000.tar", [("k.jpg", jpeg_bytes(text_image())), ("k.txt", b"The image contains no text."),
                                    ("k.json", json.dumps(record).encode())])
-    (sample,) = iter_samples(tmp_path / "000000.tar")
+    (sample,) = iter_samples(tmp_path / "00000.tar")
     assert sample.source_caption == "the original alt text" and sample.uid == "u"
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 from dataclasses import dataclass
 
@@ -10,7 +11,7 @@ import pytest
 from blip3.core.errors import UserError
 from blip3.core.shards import SampleRow, ShardWriter
 from blip3.datagen.annotator import Annotation, SkipSample
-from blip3.datagen.images import ImageLimits
+from blip3.datagen.images import ImageLimits, ImageOutput
 from blip3.datagen.inputs import SampleRef
 from blip3.datagen.pipeline import process_ref, shard_done
 from blip3.datagen.plans import input_digest, iter_plans
@@ -50,25 +51,30 @@ def test_process_ref_success_record(tmp_path):
                source_caption="alt")
     res = process_ref(ref, SizeCaptioner(), ImageLimits())
     record, row = json.loads(res.members["json"]), res.row
-    assert res.ok and res.members["txt"] == "120x40" and set(res.members) == {"png", "txt", "json"}
+    assert res.ok and res.members["txt"] == "120x40" and set(res.members) == {"jpg", "txt", "json"}  # PNG in: jpg
     assert record["uid"] == "u1" and record["source_caption"] == "alt" and record["objects"] == []
     assert record["generator"] == {"engine": "size"} and record["status"] == "success"
     assert row.width == 120 and row.n_captions == 1 and row.has_source_caption is True
+    # img2dataset's sidecar columns: the caption, the stored image's sha256, the original size
+    assert row.caption == "120x40" and row.sha256 == hashlib.sha256(res.members["jpg"]).hexdigest()
+    assert (row.original_width, row.original_height) == (120, 40)
+    kept = process_ref(ref, SizeCaptioner(), ImageLimits(), output=ImageOutput("keep"))
+    assert kept.members["png"] == (tmp_path / "a.png").read_bytes()
 
 
 def test_process_ref_failures_carry_reasons(tmp_path):
     ann = SizeCaptioner(fail_on=120)
-    assert process_ref(_ref(tmp_path, "z.jpg", b""), ann, ImageLimits()).row.error == "empty: zero-byte file"
+    assert process_ref(_ref(tmp_path, "z.jpg", b""), ann, ImageLimits()).row.error_message == "empty: zero-byte file"
     pre = SampleRef(key="k", ext="", locator=["none"], error="download: HTTP Error 404")
-    assert process_ref(pre, ann, ImageLimits()).row.error == "download: HTTP Error 404"
+    assert process_ref(pre, ann, ImageLimits()).row.error_message == "download: HTTP Error 404"
     skip = process_ref(_ref(tmp_path, "s.png", png_bytes(text_image(size=(120, 40)))), ann, ImageLimits())
-    assert not skip.ok and skip.row.error == "too_plain: width 120" and skip.row.status == "failed"
+    assert not skip.ok and skip.row.error_message == "too_plain: width 120" and skip.row.status == "failed"
     crash = process_ref(_ref(tmp_path, "c.png", png_bytes(text_image(size=(240, 40)))), ann, ImageLimits())
-    assert crash.row.error == "annotate: ZeroDivisionError: engine bug"
+    assert crash.row.error_message == "annotate: ZeroDivisionError: engine bug"
     gone = SampleRef(key="g", ext="png", locator=["file", str(tmp_path / "gone.png")])
-    assert process_ref(gone, ann, ImageLimits()).row.error.startswith("read:")
+    assert process_ref(gone, ann, ImageLimits()).row.error_message.startswith("read:")
     bomb = process_ref(_ref(tmp_path, "b.png", bad_inputs()["bomb.png"]), ann, ImageLimits())
-    assert bomb.row.error.startswith("too_large:")
+    assert bomb.row.error_message.startswith("too_large:")
 
 
 def test_shard_reused_only_when_complete_and_for_the_same_inputs(tmp_path):
@@ -78,13 +84,13 @@ def test_shard_reused_only_when_complete_and_for_the_same_inputs(tmp_path):
     digest = shards[0].digest
     assert digest == input_digest(shards[0].refs)
     with ShardWriter(tmp_path, 0) as w:
-        w.add_failure(SampleRow("k0", error="x: y"))
+        w.add_failure(SampleRow("k0", error_message="x: y"))
         w.close(extra_stats={"input_digest": digest})
     assert shard_done(tmp_path, 0, digest)
     assert not shard_done(tmp_path, 0, shards[1].digest)  # inputs changed: redo
     assert not shard_done(tmp_path, 0, input_digest(shards[0].refs, {"min_confidence": 0.9}))  # settings changed
     assert not shard_done(tmp_path, 1, shards[1].digest)  # never written
-    tar = tmp_path / "000000.tar"
+    tar = tmp_path / "00000.tar"
     data = bytearray(tar.read_bytes())
     data[100] ^= 0xFF  # same size, other bytes: trusted from the stats unless verified
     tar.write_bytes(bytes(data))
@@ -144,7 +150,7 @@ def test_rerun_with_fewer_shards_removes_leftover_shards(ray_local, tmp_path):
     shards = list_shards(out)
     assert len(shards) == 2 and sum(s.count for s in shards) == 6
     assert sorted(p.name for p in out.glob("0*")) == [
-        "000000.parquet", "000000.tar", "000000_stats.json", "000001.parquet", "000001.tar", "000001_stats.json"]
+        "00000.parquet", "00000.tar", "00000_stats.json", "00001.parquet", "00001.tar", "00001_stats.json"]
 
 
 def test_job_summary_line(tmp_path):

@@ -52,7 +52,7 @@ def test_blip3_ocr_parquet_keeps_its_captions(tmp_path):
     rec = json.loads(samples["u1"]["json"])
     assert rec["captions"] == caps and rec["metadata"]["entries"][0]["text"] == "MACK SHOP"
     assert samples["u1"]["txt"].decode() == caps[4]["text"]  # granularity 4, no source caption: our default
-    assert sidecar["u2"]["status"] == "failed" and sidecar["u2"]["error"].startswith("missing_image")
+    assert sidecar["u2"]["status"] == "failed" and sidecar["u2"]["error_message"].startswith("missing_image")
     assert list_shards(tmp_path / "out")[0].generator["name"] == "ocr"
 
 

@@ -123,3 +123,142 @@ def test_object_store_output_is_refused_not_written_to_a_local_folder(tmp_path):
     assert local_path("rel/out", "output") == Path("rel/out")
     with pytest.raises(UserError, match="hf:// locations"):
         local_path(Path("hf://datasets/x"), "output")  # what pathlib leaves of a URL is caught too
+
+
+def test_tar_index_memory_stays_flat_in_the_number_of_members(tmp_path):
+    """Planning over a big input tar keeps no per-member state: tarfile's own member list would
+    hold one TarInfo per member (about 2 MB for 5k members)."""
+    import io
+    import tarfile
+    import tracemalloc
+
+    from blip3.datagen.inputs import iter_raw_refs
+    from blip3.datagen.plans import iter_plans
+
+    path = tmp_path / "big.tar"
+    with tarfile.open(path, "w") as tar:
+        for i in range(5_000):
+            info = tarfile.TarInfo(f"{i:07d}.jpg")
+            info.size = 1
+            tar.addfile(info, io.BytesIO(b"x"))
+    tracemalloc.start()
+    try:
+        n = sum(len(p.refs) for p in iter_plans(iter_raw_refs(path), 100))
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert n == 5_000
+    assert peak < 1_000_000, f"planning 5k members peaked at {peak / 1e6:.1f} MB"
+
+
+@pytest.mark.slow
+def test_multi_node_cluster_joined_by_address_writes_the_bytes_of_a_local_run(ray_local, tmp_path):
+    """Two raylets (`ray.cluster_utils.Cluster`), joined with --ray-address: each node's actors
+    write their shards themselves, byte-identical to a local one-worker run."""
+    from ray.cluster_utils import Cluster
+
+    from blip3.datagen.grounding import make_config
+
+    src = _images(tmp_path / "in", 8)
+    coco = tmp_path / "coco.json"
+    coco.write_text('{"images": [' + ", ".join(
+        f'{{"id": {i}, "file_name": "img{i}.png"}}' for i in range(8)) + '], "annotations": ['
+        '{"id": 1, "image_id": 3, "bbox": [1, 2, 30, 20], "category_id": 1}], '
+        '"categories": [{"id": 1, "name": "sign"}]}')
+    ref = tmp_path / "ref"
+    run_job(src, ref, make_config(detector="annotations", annotations=coco), workers=1, shard_size=2, register=False)
+
+    cluster = Cluster(initialize_head=True, connect=False, head_node_args={"num_cpus": 1})
+    try:
+        cluster.add_node(num_cpus=1)
+        cluster.wait_for_nodes()
+        env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+        out = tmp_path / "out"
+        r = _cli(["ground", str(src), str(out), "--detector", "annotations", "--annotations", str(coco),
+                  "--workers", "2", "--shard-size", "2", "--ray-address", cluster.address,
+                  "--db", str(tmp_path / "c.duckdb")], env)
+        assert r.returncode == 0, r.stderr[-3000:]
+    finally:
+        cluster.shutdown()
+    assert _tar_hashes(out) == _tar_hashes(ref) and len(_tar_hashes(ref)) == 4
+
+
+def test_url_list_fetches_only_http_urls(tmp_path):
+    """img2dataset's urllib opens file:// URLs: a list naming a local file must not copy it into the
+    download or the corpus; the row is failed with its reason, the http rows are fetched."""
+    from blip3.datagen.inputs import iter_refs, load_sample
+    from tests.ocr_fixtures import LocalServer
+
+    www = tmp_path / "www"
+    www.mkdir()
+    img = png_bytes(text_image("OK"))
+    (www / "a.png").write_bytes(img)
+    secret = tmp_path / "secret.png"
+    secret.write_bytes(b"\x89PNG top secret bytes")
+    with LocalServer(www) as server:
+        urls = tmp_path / "urls.csv"
+        urls.write_text("url,uid\n"
+                        f"{server.url}/a.png,u0\n"
+                        f"file://{secret},u1\n"
+                        "file:///etc/passwd,u2\n"
+                        "ftp://example.invalid/x.png,u3\n")
+        refs = list(iter_refs(urls, work_dir=tmp_path / "dl"))
+    assert [r.uid for r in refs] == ["u0", "u1", "u2", "u3"]
+    assert refs[0].error is None and load_sample(refs[0]).image == img
+    assert refs[1].error == "url_scheme: only http(s) URLs are fetched, not file://"
+    assert refs[1].url == f"file://{secret}" and refs[2].url == "file:///etc/passwd"
+    assert refs[3].error.endswith("not ftp://")
+    downloaded = b"".join(p.read_bytes() for p in (tmp_path / "dl").rglob("*.tar"))
+    assert b"top secret" not in downloaded and b"root:" not in downloaded
+    assert list((tmp_path / "dl" / "tmp").iterdir()), "img2dataset's temporary folders belong in the job's folder"
+
+
+def _flaky_server(root: Path):
+    """Serve `root` on 127.0.0.1, failing each path's first request with 500 (a transient error)."""
+    import functools
+    import http.server
+    import threading
+
+    seen: set[str] = set()
+
+    class Handler(http.server.SimpleHTTPRequestHandler):
+        def do_GET(self):  # noqa: N802 (http.server's name)
+            if self.path not in seen:
+                seen.add(self.path)
+                self.send_error(500, "try again")
+                return
+            super().do_GET()
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(Handler, directory=str(root)))
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    return server
+
+
+@pytest.mark.slow
+def test_url_download_retries_are_settable_and_retry_transient_errors(tmp_path):
+    from blip3.core.errors import UserError
+    from blip3.datagen.fetch import DownloadOptions
+    from blip3.datagen.inputs import iter_refs, load_sample
+
+    with pytest.raises(UserError, match="--download-threads"):
+        DownloadOptions(threads=0).check()
+    (tmp_path / "www").mkdir()
+    img = png_bytes(text_image("OK"))
+    (tmp_path / "www" / "a.png").write_bytes(img)
+    for retries, expect_ok in ((0, False), (1, True)):
+        server = _flaky_server(tmp_path / "www")
+        try:
+            urls = tmp_path / f"urls{retries}.csv"
+            urls.write_text(f"url\nhttp://127.0.0.1:{server.server_address[1]}/a.png\n")
+            [ref] = iter_refs(urls, work_dir=tmp_path / f"dl{retries}",
+                              download=DownloadOptions(threads=1, timeout=5, retries=retries))
+        finally:
+            server.shutdown()
+            server.server_close()
+        if expect_ok:
+            assert ref.error is None and load_sample(ref).image == img
+        else:
+            assert ref.error.startswith("download:") and "500" in ref.error

@@ -32,7 +32,7 @@ def test_demo_end_to_end(tmp_path):
         assert samples, source
         rec = json.loads(samples[0]["json"])
         assert rec["captions"], source
-    ocr = [json.loads(s["json"]) for s in wds.WebDataset(str(out / "shards/ocr-web/000000.tar"), shardshuffle=False)]
+    ocr = [json.loads(s["json"]) for s in wds.WebDataset(str(out / "shards/ocr-web/00000.tar"), shardshuffle=False)]
     texts = {e["text"] for rec in ocr for e in rec["metadata"]["entries"]}
     assert "MACK SHOP" in texts  # real OCR on a rendered sign fetched over HTTP by img2dataset
 

@@ -10,6 +10,7 @@ from blip3.cli import app
 from blip3.core.errors import UserError
 from blip3.core.keys import sanitize_key
 from blip3.core.shards import list_shards, read_sidecar
+from blip3.core.sql import run_query
 from blip3.datagen.annotations import load_annotations
 from tests.grounding_fixtures import scenes  # noqa: F401  (fixtures)
 
@@ -133,7 +134,7 @@ def test_coco_end_to_end_through_cli(scenes, tmp_path, ray_local):  # noqa: F811
     assert sorted(samples) == sorted([odd, "scene_000", "scene_001", "scene_002"])
     assert samples[odd]["json"]["metadata"]["objects"] == [
         {"label": "blue square", "bbox": [0.0, 0.0, 0.5, 0.5], "score": 1.0}]
-    failed = {k: r["error"].split(":")[0] for k, r in rows.items() if r["status"] != "success"}
+    failed = {k: r["error_message"].split(":")[0] for k, r in rows.items() if r["status"] != "success"}
     assert failed == {"broken_004": "decode", "unlisted_003": "annotations"}
 
     s0 = samples["scene_000"]
@@ -152,7 +153,8 @@ def test_coco_end_to_end_through_cli(scenes, tmp_path, ray_local):  # noqa: F811
     assert rows["scene_000"]["n_objects"] == 2 and rows["scene_000"]["n_captions"] == 6
 
     empty = samples["scene_002"]  # annotated with no boxes: kept, caption = source caption
-    assert empty["json"]["metadata"]["objects"] == [] and empty["json"]["captions"] == []
+    assert empty["json"]["metadata"]["objects"] == []
+    assert {c["text"] for c in empty["json"]["captions"] if c["style"] == "tags"} == {"The image contains no objects"}
     assert empty["txt"] == "An empty white wall." and rows["scene_002"]["n_objects"] == 0
 
     # resumable: a second run skips both finished shards
@@ -162,7 +164,7 @@ def test_coco_end_to_end_through_cli(scenes, tmp_path, ray_local):  # noqa: F811
     # re-template without re-detecting: textual tag lists in reading order as .txt, objects untouched
     re_out = tmp_path / "retemplated"
     re_args = ["retemplate", str(out), str(re_out), "--caption-format", "textual", "--caption-style", "tags",
-               "--lead-in", "Objects:", "--tag-order", "reading"]
+               "--lead-in", "Objects:", "--tag-order", "reading", "--db", str(db)]
     r = CliRunner().invoke(app, re_args)
     assert r.exit_code == 0, r.output
     r = CliRunner().invoke(app, re_args)  # same options again: nothing to redo
@@ -171,7 +173,11 @@ def test_coco_end_to_end_through_cli(scenes, tmp_path, ray_local):  # noqa: F811
     assert re_samples["scene_000"]["txt"] == (
         "Objects: red circle (starts at [0.075, 0.167] and extends up to [0.375, 0.500]), "
         "blue square (starts at [0.625, 0.500] and extends up to [0.875, 0.833]).")
-    assert re_samples["scene_000"]["png"] == samples["scene_000"]["png"]
+    assert re_samples["scene_000"]["jpg"] == samples["scene_000"]["jpg"]
+    assert re_samples["scene_002"]["txt"] == "Objects: no objects."  # the no-object policy, re-templated
+    # registered in the catalog as the engines' outputs are
+    assert run_query("SELECT n_samples FROM sources WHERE name = 'retemplated'", db).column(0).to_pylist() == [
+        sum(r["status"] == "success" for r in re_rows.values())]
     assert re_samples["scene_000"]["json"]["metadata"] == rec["metadata"]
     assert {k: r["status"] for k, r in re_rows.items()} == {k: r["status"] for k, r in rows.items()}
 

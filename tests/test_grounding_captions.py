@@ -177,6 +177,11 @@ def test_build_captions_variants_and_default_pick():
     without = build_captions([PLAYER], None)
     assert len(without) == 3
     assert pick_caption(without, "bbox", "inline")["text"] == tag_caption([PLAYER], "bbox")
-    assert build_captions([], "a caption") == []
+    # no objects: the tags say so, the inline variants are the source caption; never an empty .txt
+    empty = build_captions([], "a caption")
+    assert pick_caption(empty, "bbox", "tags")["text"] == "The image contains no objects"  # the paper's form
+    assert pick_caption(empty, "positional", None)["text"] == "a caption"
+    reading = build_captions([], None, tag_order="reading")
+    assert pick_caption(reading, "positional", None)["text"] == "The image contains no objects."
     with pytest.raises(ValueError):
         pick_caption(with_caption, "nope", None)

@@ -87,7 +87,7 @@ def test_blip3_ground_with_tiny_model_on_ray(scenes, tiny_gdino, tmp_path, ray_l
     rows = [row for i in infos for row in read_sidecar(i.parquet).to_pylist()]
     assert sorted(s["__key__"] for s in samples) == sorted(
         ["scene_000", "scene_001", "scene_002", "unlisted_003", sanitize_key("more/été (1)")])
-    assert [row["error"].split(":")[0] for row in rows if row["status"] == "failed"] == ["decode"]
+    assert [row["error_message"].split(":")[0] for row in rows if row["status"] == "failed"] == ["decode"]
     for s in samples:
         objs = s["json"]["metadata"]["objects"]
         assert 1 <= len(objs) <= 4

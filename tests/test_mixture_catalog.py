@@ -189,7 +189,7 @@ def test_foreign_webdataset_shards_become_a_source(tmp_path):
 def test_wrong_kind_is_refused_before_anything_is_written(tmp_path, tiny_sources):  # noqa: F811
     db = tmp_path / "c.duckdb"
     with Catalog(db) as cat:
-        with pytest.raises(UserError, match=r"000000\.tar: sample ocr0000000: json needs 'conversations'"):
+        with pytest.raises(UserError, match=r"00000\.tar: sample ocr0000000: json needs 'conversations'"):
             add_source(cat, "ocr", tiny_sources["caption-ocr"], "sft", TokenCounter())
         assert cat.con.execute("SELECT count(*) FROM sources").fetchone()[0] == 0
         assert cat.con.execute("SELECT count(*) FROM shards").fetchone()[0] == 0
@@ -200,7 +200,7 @@ def test_wrong_kind_is_refused_before_anything_is_written(tmp_path, tiny_sources
 def test_source_tiny_command_writes_every_kind(tmp_path):
     _cli("source", "tiny", str(tmp_path / "t"), "--shards", "1", "--per-shard", "3")
     for name in ("caption-ocr", "caption-grounding", "interleaved", "sft", "dpo"):
-        assert (tmp_path / "t" / name / "000000.tar").is_file() and (tmp_path / "t" / name / "000000.parquet").is_file()
+        assert (tmp_path / "t" / name / "00000.tar").is_file() and (tmp_path / "t" / name / "00000.parquet").is_file()
 
 
 def test_failed_first_foreign_add_leaves_no_rows_of_earlier_shards(tmp_path):

@@ -114,18 +114,18 @@ def private_catalog(tmp_path, tiny_sources):  # noqa: F811
 
 def test_moved_shard_is_a_clear_error(private_catalog):
     db, folders, spec = private_catalog
-    shutil.move(folders["sft"] / "000001.tar", folders["sft"].parent / "elsewhere.tar")
-    with pytest.raises(UserError, match=r"s\.yaml: sources\[1\]\.name: source 'sft': shard .*000001\.tar is missing"):
+    shutil.move(folders["sft"] / "00001.tar", folders["sft"].parent / "elsewhere.tar")
+    with pytest.raises(UserError, match=r"s\.yaml: sources\[1\]\.name: source 'sft': shard .*00001\.tar is missing"):
         build_manifest(spec, db=db)
 
 
 def test_changed_shard_is_caught_by_checksum(private_catalog):
     db, folders, spec = private_catalog
-    tar = folders["caption-ocr"] / "000000.tar"
+    tar = folders["caption-ocr"] / "00000.tar"
     data = bytearray(tar.read_bytes())
     data[700] ^= 0xFF  # same size, different bytes
     tar.write_bytes(bytes(data))
-    with pytest.raises(UserError, match=r"sources\[0\]\.name: source 'caption-ocr': shard .*000000\.tar changed"):
+    with pytest.raises(UserError, match=r"sources\[0\]\.name: source 'caption-ocr': shard .*00000\.tar changed"):
         build_manifest(spec, db=db)
 
 
@@ -133,13 +133,13 @@ def test_manifest_detects_moved_and_changed_shards_before_reading(tmp_path, tiny
     folders = copy_sources({"dpo": tiny_sources["dpo"]}, tmp_path / "data")
     m_path = tmp_path / "m.yaml"
     build_manifest({"name": "m", "sources": inline(folders, {"dpo": 1})}, out=m_path)
-    tar = folders["dpo"] / "000001.tar"
+    tar = folders["dpo"] / "00001.tar"
     data = bytearray(tar.read_bytes())
     data[600] ^= 0xFF
     tar.write_bytes(bytes(data))
     load_manifest(m_path)  # size unchanged: the cheap check passes ...
     with pytest.raises(UserError, match=r"m\.yaml: sources\[0\]\.shards\[1\]\.sha256: shard .* changed"):
-        MixtureLoader(m_path)  # ... the loader's default check hashes
+        MixtureLoader(m_path, verify="sha256")  # ... the loader hashes when asked (its default trusts the stats)
     tar.unlink()
     with pytest.raises(UserError, match=r"m\.yaml: sources\[0\]\.shards\[1\]\.path: shard .* is missing"):
         load_manifest(m_path)
@@ -218,13 +218,13 @@ def test_cli_prints_one_line_naming_field_and_file(tmp_path):
 
 def test_size_only_verification_skips_hashing_but_still_catches_moves(private_catalog):
     db, folders, spec = private_catalog
-    tar = folders["caption-ocr"] / "000000.tar"
+    tar = folders["caption-ocr"] / "00000.tar"
     data = bytearray(tar.read_bytes())
     data[700] ^= 0xFF
     tar.write_bytes(bytes(data))
     m = build_manifest(spec, db=db, verify="size", record=False)  # same size: not noticed here ...
     with pytest.raises(UserError, match="sha256 differs"):
-        MixtureLoader(m)  # ... but the loader's default check hashes
+        MixtureLoader(m, verify="sha256")  # ... but the loader hashes when asked
     tar.unlink()
     with pytest.raises(UserError, match="is missing"):
         build_manifest(spec, db=db, verify="size")
@@ -232,6 +232,6 @@ def test_size_only_verification_skips_hashing_but_still_catches_moves(private_ca
 
 def test_inline_folder_uses_only_finished_shards(tmp_path, tiny_sources):  # noqa: F811
     folders = copy_sources({"sft": tiny_sources["sft"]}, tmp_path / "data")
-    (folders["sft"] / "000001_stats.json").unlink()  # as if killed between the tar and its stats
+    (folders["sft"] / "00001_stats.json").unlink()  # as if killed between the tar and its stats
     m = build_manifest({"name": "m", "sources": inline(folders, {"sft": 1})})
-    assert [Path(sh.path).name for sh in m.sources[0].shards] == ["000000.tar"] and m.sources[0].samples == 24
+    assert [Path(sh.path).name for sh in m.sources[0].shards] == ["00000.tar"] and m.sources[0].samples == 24

@@ -66,7 +66,7 @@ def test_import_obelics_plain_path_column(tmp_path):
 
     r = import_obelics(src, tmp_path / "out")
     assert (r.documents, r.failed, r.shards) == (1, 0, 1)
-    doc = next(iter(wds.WebDataset(str(tmp_path / "out" / "000000.tar"), shardshuffle=False)))
+    doc = next(iter(wds.WebDataset(str(tmp_path / "out" / "00000.tar"), shardshuffle=False)))
     assert json.loads(doc["json"])["uid"] == "doc/1" and "img0.png" in doc
 
 
@@ -80,5 +80,5 @@ def test_import_obelics_counts_a_duplicate_id_as_failed(tmp_path):
 
     r = import_obelics(src, tmp_path / "out")
     assert (r.documents, r.failed, r.shards, r.reasons) == (1, 1, 1, {"duplicate key": 1})
-    docs = list(wds.WebDataset(str(tmp_path / "out" / "000000.tar"), shardshuffle=False))
+    docs = list(wds.WebDataset(str(tmp_path / "out" / "00000.tar"), shardshuffle=False))
     assert [json.loads(d["json"])["texts"] for d in docs] == [["One", None]]

@@ -36,13 +36,13 @@ def test_url_list_to_ocr_shards_with_failures_export_and_reimport(ray_local, tmp
         r = CliRunner().invoke(app, ["ocr", str(urls), str(out), "--workers", "1", "--db", str(db), "--source", "web"])
         assert r.exit_code == 0, r.output
 
-        rows = {row["uid"]: row for row in read_sidecar(out / "000000.parquet").to_pylist()}
+        rows = {row["uid"]: row for row in read_sidecar(out / "00000.parquet").to_pylist()}
         assert set(rows) == {f"uid-{i}" for i in range(5)}
-        assert rows["uid-1"]["status"] == "failed" and rows["uid-1"]["error"].startswith("download: HTTP Error 404")
-        assert rows["uid-3"]["status"] == "failed" and rows["uid-3"]["error"].startswith("decode:")
+        assert rows["uid-1"]["status"] == "failed" and rows["uid-1"]["error_message"].startswith("download: HTTP Error 404")
+        assert rows["uid-3"]["status"] == "failed" and rows["uid-3"]["error_message"].startswith("decode:")
         assert rows["uid-1"]["url"] == f"{server.url}/missing.png"
         con = duckdb.connect(str(db), read_only=True)
-        reasons = dict(con.execute("SELECT split_part(error, ':', 1), count(*) FROM samples WHERE source = 'web' "
+        reasons = dict(con.execute("SELECT split_part(error_message, ':', 1), count(*) FROM samples WHERE source = 'web' "
                                    "AND status = 'failed' GROUP BY 1").fetchall())
         con.close()
         assert reasons == {"download": 1, "decode": 1}

@@ -48,7 +48,7 @@ def test_killed_run_resumes_to_identical_shards(ray_local, tmp_path):
         start_new_session=True,
     )
     deadline = time.time() + 180
-    while not (out / "000000_stats.json").exists():
+    while not (out / "00000_stats.json").exists():
         assert proc.poll() is None, proc.stderr.read().decode()[-2000:]
         assert time.time() < deadline, "no shard appeared"
         time.sleep(0.02)
@@ -56,14 +56,14 @@ def test_killed_run_resumes_to_identical_shards(ray_local, tmp_path):
     proc.wait()
     done_at_kill = [i for i in range(n_shards) if shard_complete(out, i)]
     assert 0 < len(done_at_kill) < n_shards, f"the kill must land mid-way, finished: {done_at_kill}"
-    finished_stats = {i: (out / f"{i:06d}_stats.json").stat().st_mtime_ns for i in done_at_kill}
+    finished_stats = {i: (out / f"{i:05d}_stats.json").stat().st_mtime_ns for i in done_at_kill}
 
     # 3. run again: finished shards skipped, the rest redone
     r = CliRunner().invoke(app, _ocr_args(src, out, tmp_path / "out.duckdb"))
     assert r.exit_code == 0, r.output
     assert f"{n_shards - len(done_at_kill)} shard(s) written, {len(done_at_kill)} already done" in " ".join(r.output.split())
     for i, mtime in finished_stats.items():
-        assert (out / f"{i:06d}_stats.json").stat().st_mtime_ns == mtime  # not rewritten
+        assert (out / f"{i:05d}_stats.json").stat().st_mtime_ns == mtime  # not rewritten
     assert clean_temporaries(out) == 0  # no leftovers of the killed writer
 
     ref_tars = sorted(p.name for p in ref.glob("*.tar"))

@@ -81,6 +81,11 @@ def _write(tmp_path, body: dict) -> Path:
         ({"anyres": "yes"}, "anyres", "true or false"),
         ({"output_dir": None}, "output_dir", "required"),
         ({"data": {"spec": None}}, "data", "exactly one of"),
+        ({"optim": {"lr": float("nan")}}, "optim.lr", "finite"),  # `lr: .nan` passes `lr <= 0`
+        ({"optim": {"lr": "nan"}}, "optim.lr", "finite"),
+        ({"dpo": {"beta": float("inf")}}, "dpo.beta", "finite"),
+        ({"runtime": {"loss": "fused"}}, "runtime.loss", "chunked"),
+        ({"data": {"num_workers": -1}}, "data.num_workers", ">= 0"),
     ],
 )
 def test_bad_field_is_one_clear_error(tmp_path, change, field, words):
@@ -107,3 +112,27 @@ def test_pipeline_errors_name_the_stage_file(tmp_path):
     pipe.write_text(yaml.safe_dump({"name": "p", "stages": []}))
     with pytest.raises(UserError, match="stages"):
         load_any(pipe)
+
+
+def test_fsdp_knobs_reach_the_sharded_blocks(tmp_path):
+    """runtime.reduce_dtype / reshard_after_forward become each decoder block's FSDP2 settings
+    (a one-rank gloo group: FSDP2 itself, not a stand-in)."""
+    import torch
+    import torch.distributed as dist
+
+    from blip3.model.config import get_config
+    from blip3.model.xgenmm import XGenMM
+    from blip3.train.distributed import decoder_blocks, parallelize
+
+    cfg = _write(tmp_path, {"runtime": {"reduce_dtype": "bf16", "reshard_after_forward": False}})
+    rt = load_stage(cfg).runtime
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'init'}", rank=0, world_size=1)
+    try:
+        model = parallelize(XGenMM(get_config("tiny")), ac=False, compile=False, fsdp=True, bf16=True,
+                            reduce_dtype=rt.reduce_dtype, reshard_after_forward=rt.reshard_after_forward)
+        for block in decoder_blocks(model):
+            state = block._get_fsdp_state()
+            assert state._mp_policy.reduce_dtype == torch.bfloat16 and state._mp_policy.param_dtype == torch.bfloat16
+            assert state._fsdp_param_group.post_forward_mesh_info is None  # kept gathered after forward
+    finally:
+        dist.destroy_process_group()

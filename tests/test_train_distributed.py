@@ -15,7 +15,7 @@ import sys
 import pytest
 import yaml
 
-from tests.train_fixtures import ROOT, TINY
+from tests.train_fixtures import ROOT, TINY, tiny_vars
 
 pytestmark = pytest.mark.slow
 
@@ -33,14 +33,15 @@ def test_fsdp2_two_ranks_train_checkpoint_resume_export(tmp_path):
     stage["runtime"] = {"cpu_threads": 1, "fsdp": True}
     cfg = tmp_path / "stage.yaml"
     cfg.write_text(yaml.safe_dump(stage))
-    env = {**os.environ, "BLIP3_NO_PROGRESS": "1", "PYTHONPATH": str(ROOT)}
+    path = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
+    env = {**os.environ, "BLIP3_NO_PROGRESS": "1", "PYTHONPATH": path}
     db = str(tmp_path / "c.duckdb")
     first = _torchrun([str(cfg), "--max-steps", "2", "--db", db], tmp_path, env)
     assert first.returncode == 0, first.stderr[-3000:]
     second = _torchrun([str(cfg), "--resume", "--db", db], tmp_path, env)
     assert second.returncode == 0, second.stderr[-3000:]
     ckpt = tmp_path / "out" / "checkpoints" / "step_000002"
-    assert (ckpt / "rank0.pt").is_file() and (ckpt / "rank1.pt").is_file()  # per-rank data + RNG state
+    assert (ckpt / "rank0.json").is_file() and (ckpt / "rank1.json").is_file()  # per-rank data + RNG state
     rows = [json.loads(l) for l in (tmp_path / "out" / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [1, 2, 3, 4]
     assert rows[-1]["loss"] < rows[0]["loss"]
@@ -74,11 +75,8 @@ def test_ranks_read_disjoint_samples():
 
     from blip3.mixture.build import build_manifest
     from blip3.mixture.loader import MixtureLoader
-    from blip3.mixture.tiny_sources import ensure_tiny_data
-
-    os.environ["BLIP3_TINY_DATA"] = str(ensure_tiny_data())
     with tempfile.TemporaryDirectory() as d:
         path = os.path.join(d, "m.yaml")
-        build_manifest(str(TINY / "mixtures" / "sft.yaml"), out=path)
+        build_manifest(str(TINY / "mixtures" / "sft.yaml"), out=path, variables=tiny_vars())
         keys = [{s["key"] for s in MixtureLoader(path, rank=r, world_size=2, verify="none").take(16)} for r in (0, 1)]
     assert len(keys[0]) == len(keys[1]) == 16 and not keys[0] & keys[1]

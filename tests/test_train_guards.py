@@ -10,7 +10,7 @@ import pytest
 import yaml
 
 from blip3.core.errors import UserError
-from tests.train_fixtures import ROOT, tiny_stage
+from tests.train_fixtures import ROOT, tiny_stage, tiny_vars
 
 os.environ.setdefault("BLIP3_NO_PROGRESS", "1")
 
@@ -22,7 +22,7 @@ def test_several_ranks_without_fsdp_are_refused_before_any_work(tmp_path):
     cfg = tiny_stage("pretrain", tmp_path, steps=1)
     cfg.runtime = replace(cfg.runtime, fsdp=False)
     with pytest.raises(UserError) as e:
-        train_stage(cfg, dist_info=DistInfo(rank=0, world_size=2), record=False)
+        train_stage(cfg, dist_info=DistInfo(rank=0, world_size=2), record=False, data_vars=tiny_vars())
     assert e.value.field == "runtime.fsdp" and e.value.file == cfg.source
     assert not (tmp_path / "pretrain").exists()  # nothing was built or written
 
@@ -54,7 +54,7 @@ def test_the_run_follows_cfg_seed_not_init_seed(tmp_path):
     for seed, init_seed in ((1, 0), (2, 0), (1, 5)):
         cfg = tiny_stage("pretrain", tmp_path / f"{seed}-{init_seed}", steps=1, checkpoint_every=0, eval_every=0,
                          seed=seed, **{"init.seed": init_seed})
-        train_stage(cfg, record=False)
+        train_stage(cfg, record=False, data_vars=tiny_vars())
         states.append(torch.random.get_rng_state())
     assert not torch.equal(states[0], states[1])  # the run's seed drives the stream...
     assert torch.equal(states[0], states[2])  # ...and the init seed does not leak into it
@@ -68,7 +68,7 @@ def test_samples_too_long_for_a_packed_row_are_reported(tmp_path):
     # 40-token rows: a caption image alone takes 16 placeholders, so longer documents cannot fit
     cfg = tiny_stage("pretrain", tmp_path, steps=2, checkpoint_every=0, eval_every=0, log_every=1)
     cfg.batch = replace(cfg.batch, seq_len=40)
-    out = train_stage(cfg, record=False).output_dir
+    out = train_stage(cfg, record=False, data_vars=tiny_vars()).output_dir
     rows = [r for r in read_metrics(out) if "loss" in r]
     assert [r["step"] for r in rows] == [1, 2]
     assert all(isinstance(r["skipped"], int) and r["skipped"] >= 0 for r in rows)

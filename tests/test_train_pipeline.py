@@ -76,7 +76,7 @@ def test_dpo_increases_the_margin_and_lora_share_is_reported(tiny_chain):
     from blip3.model.processor import XGenMMProcessor
     from blip3.model.xgenmm import XGenMM
     from blip3.train.data import BatchStream
-    from blip3.train.loop import compute_loss
+    from blip3.train.objective import Dpo
 
     results, out, _ = tiny_chain
     dpo = _by_stage(results)["dpo"]
@@ -89,12 +89,13 @@ def test_dpo_increases_the_margin_and_lora_share_is_reported(tiny_chain):
     stream = BatchStream(MixtureLoader(out / "dpo" / "mixture.yaml", verify="none", seed=99), processor,
                          stage="dpo", micro_batch_size=12, seq_len=256, pack=False)
     batch = stream.next()
+    objective, pairs = Dpo(beta=0.5), batch.n_pairs
     with torch.no_grad():
-        loss, extra = compute_loss(policy, batch, "dpo", beta=0.5)
+        loss, extra = objective(policy, batch)
         with policy.disable_adapter():  # before training, policy == reference: margin exactly 0
-            _, before = compute_loss(policy, batch, "dpo", beta=0.5)
-    assert before["margin"] == pytest.approx(0.0, abs=1e-6)
-    assert extra["margin"] > 0.1 and loss.item() < math.log(2)
+            _, before = objective(policy, batch)
+    assert before["margin"].item() / pairs == pytest.approx(0.0, abs=1e-6)
+    assert extra["margin"].item() / pairs > 0.1 and loss.item() / pairs < math.log(2)
 
 
 def test_runs_are_in_the_catalog(tiny_chain):

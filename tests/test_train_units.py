@@ -66,8 +66,10 @@ def test_checkpoint_round_trip_and_keep(tmp_path):
                         meta={"tokens": 10 * step}, keep=2)
     assert [p.name for p in list_checkpoints(tmp_path)] == ["step_000002", "step_000003"]
     ckpt = latest_checkpoint(tmp_path)
-    saved = torch.load(ckpt / "trainable.pt")
-    assert set(saved) == {"1.weight", "1.bias"}
+    from safetensors import safe_open
+
+    saved = {k for f in (ckpt / "state").glob("*.safetensors") for k in safe_open(str(f), "pt").keys()}
+    assert {k for k in saved if k.startswith("model/")} == {"model/1.weight", "model/1.bias"}
     expect_rand = (random.random(), np.random.rand(), torch.rand(1))
 
     torch.manual_seed(5)
@@ -147,7 +149,8 @@ def test_packing_fills_rows_and_carries_the_overflow(monkeypatch):
     seg = b.inputs["segment_ids"]
     assert seg.tolist() == [[1] * 5 + [2] * 4 + [0], [1] * 6 + [2] * 3 + [0]]
     assert b.skipped == 1  # the 12-token sample is longer than a row: dropped and counted
-    assert [len(e) for e in stream._pending] == [7]  # the overflow waits for the next batch
+    assert [len(e) for e, _ in stream._pending] == [7]  # the overflow waits for the next batch
+    assert stream.state_dict() == {"loader": {"pos": 5}}  # resume re-reads the overflowing sample
     state = stream.state_dict()
     nxt = stream.next()
     assert nxt.inputs["segment_ids"].tolist()[0] == [1] * 7 + [0] * 3

@@ -24,6 +24,14 @@ def tiny_chain(tmp_path_factory):
     return results, out, db
 
 
+def tiny_vars() -> dict[str, str]:
+    """The spec variables of the tiny recipes (the data step `blip3 train` runs first)."""
+    from blip3.mixture.tiny_sources import ensure_tiny_data
+    from blip3.train.prepare import TINY_VAR
+
+    return {TINY_VAR: str(ensure_tiny_data())}
+
+
 def tiny_stage(name: str, tmp: Path, **changes):
     """A tiny stage config with its output under `tmp` and fields replaced (dotted keys allowed)."""
     from dataclasses import replace
@@ -39,3 +47,19 @@ def tiny_stage(name: str, tmp: Path, **changes):
         else:
             setattr(cfg, key, value)
     return cfg
+
+
+def rank_rows(batch, rank: int, world: int, config):
+    """This rank's equal share of a micro-batch's rows, with the image crops those rows hold."""
+    from blip3.train.data import Batch
+
+    n_rows = batch.inputs["input_ids"].shape[0] // world
+    rows = slice(n_rows * rank, n_rows * (rank + 1))
+    part = {k: (v[rows] if k in ("input_ids", "labels", "segment_ids", "attention_mask") else v)
+            for k, v in batch.inputs.items()}
+    per_row = (batch.inputs["input_ids"] == config.image_placeholder_id).sum(1) // config.num_latents
+    first, n = int(per_row[:rows.start].sum()), int(per_row[rows].sum())
+    for k in ("pixel_values", "image_sizes"):
+        if batch.inputs.get(k) is not None:
+            part[k] = batch.inputs[k][first:first + n]
+    return Batch(part)

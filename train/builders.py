@@ -5,13 +5,16 @@ The loop receives built components and does not know which stage it runs, the to
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
+from typing import TYPE_CHECKING, Mapping
 
 import torch
 
 from blip3.core.errors import UserError
 from blip3.train.config import StageConfig
+
+if TYPE_CHECKING:
+    from blip3.train.objective import Objective
 
 ADAPTER_DIR = "adapter"
 
@@ -108,17 +111,45 @@ def build_optimizer(model, cfg: StageConfig, device: torch.device) -> torch.opti
     return torch.optim.AdamW(groups, lr=o.lr, betas=o.betas, eps=o.eps, fused=device.type == "cuda")
 
 
-def resolve_manifest(cfg: StageConfig, out_dir: Path, db: str | Path | None, is_main: bool):
-    """The stage's manifest: the given one, or the spec built into `out_dir/mixture.yaml`."""
+def build_objective(cfg: StageConfig, model_config) -> "Objective":
+    """The stage's loss: DPO for `dpo`, next-token cross-entropy for every other stage."""
+    from blip3.train.objective import CrossEntropy, Dpo
+
+    if cfg.stage == "dpo":
+        return Dpo(beta=cfg.dpo.beta, impl=cfg.runtime.loss)
+    return CrossEntropy(placeholder_id=model_config.image_placeholder_id, impl=cfg.runtime.loss)
+
+
+def data_seed(cfg: StageConfig) -> int:
+    """The seed of the training data order: the stage's `seed`, so changing it reshuffles the data
+    (the mixture's own `seed` serves readers outside training: `mix sample`, audits)."""
+    return cfg.seed
+
+
+def build_stream(cfg: StageConfig, manifest, processor, info, *, verify: str, seed_offset: int = 0):
+    """This rank's micro-batches of the stage's mixture (`seed_offset` 1: the held-out eval order)."""
+    from blip3.mixture.loader import MixtureLoader
+    from blip3.train.data import BatchStream, check_kinds
+
+    loader = MixtureLoader(manifest, seed=data_seed(cfg) + seed_offset, rank=info.rank, world_size=info.world_size,
+                           shuffle_buffer=cfg.data.shuffle_buffer, verify=verify)
+    check_kinds(cfg.stage, loader.manifest, cfg.source)
+    return BatchStream(loader, processor, stage=cfg.stage, micro_batch_size=cfg.batch.micro_batch_size,
+                       seq_len=cfg.batch.seq_len, pack=cfg.batch.pack,
+                       noised_image_chosen_as_rejected=cfg.dpo.noised_image_chosen_as_rejected and seed_offset == 0,
+                       noise_std=cfg.dpo.noise_std, num_workers=cfg.data.num_workers if seed_offset == 0 else 0,
+                       pin_memory=info.device.type == "cuda")
+
+
+def resolve_manifest(cfg: StageConfig, out_dir: Path, db: str | Path | None, is_main: bool,
+                     variables: Mapping[str, str]):
+    """The stage's manifest: the given one, or the spec built into `out_dir/mixture.yaml`, its
+    `${VAR}`s taken from `variables` (the prepared data) before the environment."""
     from blip3.mixture.build import build_manifest
 
-    if cfg.data.generate == "tiny":
-        from blip3.mixture.tiny_sources import ensure_tiny_data
-
-        os.environ["BLIP3_TINY_DATA"] = str(ensure_tiny_data())
     if cfg.data.manifest is not None:
         return Path(cfg.data.manifest)
     built = out_dir / "mixture.yaml"
     if is_main:
-        build_manifest(cfg.data.spec, db=db, out=built)
+        build_manifest(cfg.data.spec, db=db, out=built, variables=variables)
     return built

@@ -2,22 +2,28 @@
 
 Layout under a stage's `output_dir`:
 
-    checkpoints/step_000010/   trainable.pt  (trainable parameters, full tensors, by name)
-                               optim.pt      (optimiser state, keyed by parameter name)
-                               rank0.pt ...  (per rank: RNG states, data-stream state)
-                               meta.json     (step, tokens, scheduler state, config source)
+    checkpoints/step_000010/   state/      trainable parameters and optimiser state, sharded:
+                                           each rank writes its own shards as safetensors
+                                           (torch.distributed.checkpoint, Hugging Face layout)
+                               meta.json   step, tokens, scheduler state, optimiser param groups
+                               rank0.json  per rank: RNG states, data-stream position
+                               ...
     final/                     the model dir (`save_pretrained`), loadable by the next stage;
                                with unmerged LoRA also `adapter/` (peft) on top of it
 
 Only trainable parameters are saved: frozen weights are rebuilt from the stage's init, which is
 deterministic (a saved dir or a seeded preset), so a resumed run has the very same model.
-State dicts go through `torch.distributed.checkpoint.state_dict` with full (unsharded) tensors,
-so one code path serves a single process and FSDP2-sharded ranks alike.
-A checkpoint directory is written under a temporary name and renamed when complete.
+Nothing in a checkpoint is a pickle: tensors are safetensors (raw numbers and a JSON header) and
+everything else JSON, so loading a checkpoint someone else crafted cannot run code. The shards
+carry their offsets, so a checkpoint saved by N ranks loads under any number of ranks, one
+included (the model and optimiser; the data position is per rank and needs the same world size).
+A checkpoint directory is written under a temporary name and renamed when complete; one that
+cannot be read is one clear error naming it.
 """
 
 from __future__ import annotations
 
+import base64
 import json
 import random
 import re
@@ -28,44 +34,88 @@ from typing import Any
 import numpy as np
 import torch
 import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.state_dict import (
-    StateDictOptions,
     get_model_state_dict,
     get_optimizer_state_dict,
     set_model_state_dict,
     set_optimizer_state_dict,
+    StateDictOptions,
 )
 
+from blip3.core.errors import UserError
+
 _STEP_DIR = re.compile(r"^step_(\d+)$")
+STATE_DIR = "state"
+_MODEL, _OPTIM = "model/", "optim/"
+
+
+def _distributed() -> bool:
+    return dist.is_available() and dist.is_initialized()
 
 
 def _rank() -> int:
-    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+    return dist.get_rank() if _distributed() else 0
 
 
 def _barrier() -> None:
-    if dist.is_available() and dist.is_initialized():
+    if _distributed():
         dist.barrier()
 
 
+def _tensor_b64(t: torch.Tensor) -> str:
+    return base64.b64encode(t.cpu().contiguous().numpy().tobytes()).decode("ascii")
+
+
+def _b64_tensor(s: str) -> torch.Tensor:
+    return torch.frombuffer(bytearray(base64.b64decode(s)), dtype=torch.uint8)
+
+
 def rng_state() -> dict[str, Any]:
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    """Every RNG the run draws from, as JSON-able values."""
+    version, mt, gauss = random.getstate()
+    name, keys, pos, has_gauss, cached = np.random.get_state()
+    state = {"python": [version, list(mt), gauss],
+             "numpy": [name, keys.tolist(), int(pos), int(has_gauss), float(cached)],
+             "torch": _tensor_b64(torch.get_rng_state())}
     if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
+        state["cuda"] = [_tensor_b64(t) for t in torch.cuda.get_rng_state_all()]
     return state
 
 
 def set_rng_state(state: dict[str, Any]) -> None:
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
-    torch.set_rng_state(state["torch"])
+    version, mt, gauss = state["python"]
+    random.setstate((version, tuple(mt), gauss))
+    name, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((name, np.array(keys, dtype=np.uint32), pos, has_gauss, cached))
+    torch.set_rng_state(_b64_tensor(state["torch"]))
     if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+        torch.cuda.set_rng_state_all([_b64_tensor(s) for s in state["cuda"]])
 
 
-def _trainable_names(model: torch.nn.Module) -> set[str]:
-    """Names as state dicts give them (wrapper prefixes of compile / checkpointing removed)."""
-    return {_strip(n) for n, p in model.named_parameters() if p.requires_grad}
+def _flat_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], list]:
+    """Trainable parameters and optimiser state as one flat {name: tensor} (sharded DTensors under
+    FSDP2, as each rank holds them), plus the optimiser's param groups (plain values, for JSON)."""
+    names = _trainable_names(model)
+    msd = {k: v for k, v in get_model_state_dict(model).items() if _strip(k) in names}
+    if len(msd) != len(names):  # a silently missing tensor would make resume inexact
+        raise RuntimeError(f"checkpoint holds {len(msd)} of {len(names)} trainable tensors")
+    osd = get_optimizer_state_dict(model, optimizer)
+    flat = {_MODEL + k: v for k, v in msd.items()}
+    for fqn, state in osd["state"].items():
+        for key, value in state.items():
+            flat[f"{_OPTIM}{fqn}/{key}"] = value if torch.is_tensor(value) else torch.tensor(value)
+    return flat, osd["param_groups"]
+
+
+def _unflat(flat: dict[str, torch.Tensor], param_groups: list) -> tuple[dict, dict]:
+    msd = {k[len(_MODEL):]: v for k, v in flat.items() if k.startswith(_MODEL)}
+    state: dict[str, dict[str, torch.Tensor]] = {}
+    for k, v in flat.items():
+        if k.startswith(_OPTIM):
+            fqn, key = k[len(_OPTIM):].rsplit("/", 1)
+            state.setdefault(fqn, {})[key] = v
+    return msd, {"state": state, "param_groups": param_groups}
 
 
 def save_checkpoint(
@@ -80,28 +130,26 @@ def save_checkpoint(
     keep: int = 2,
 ) -> Path:
     """Write `checkpoints/step_<step>` (all ranks call this); keep the newest `keep` checkpoints."""
+    from torch.distributed.checkpoint import HuggingFaceStorageWriter
+
     root = Path(out_dir) / "checkpoints"
     final = root / f"step_{step:06d}"
     tmp = root / f"step_{step:06d}.tmp"
-    opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
-    msd = get_model_state_dict(model, options=opts)
-    names = _trainable_names(model)
-    msd = {k: v for k, v in msd.items() if _strip(k) in names}
-    osd = get_optimizer_state_dict(model, optimizer, options=opts)
+    flat, param_groups = _flat_state(model, optimizer)
     rank = _rank()
-    # (full state dicts with cpu_offload live on rank 0 only)
-    if rank == 0 and len(msd) != len(names):  # a silently missing tensor would make resume inexact
-        raise RuntimeError(f"checkpoint holds {len(msd)} of {len(names)} trainable tensors")
     if rank == 0:
         if tmp.exists():
             shutil.rmtree(tmp)
-        tmp.mkdir(parents=True)
+        (tmp / STATE_DIR).mkdir(parents=True)
     _barrier()
-    torch.save({"rng": rng_state(), "data": data_state}, tmp / f"rank{rank}.pt")
+    dcp.save(flat, storage_writer=HuggingFaceStorageWriter(str(tmp / STATE_DIR), save_distributed=True),
+             no_dist=not _distributed())
+    (tmp / f"rank{rank}.json").write_text(json.dumps({"rng": rng_state(), "data": data_state}))
     if rank == 0:
-        torch.save(msd, tmp / "trainable.pt")
-        torch.save(osd, tmp / "optim.pt")
-        (tmp / "meta.json").write_text(json.dumps({"step": step, "scheduler": scheduler.state_dict(), **meta}, default=str))
+        world = dist.get_world_size() if _distributed() else 1
+        (tmp / "meta.json").write_text(json.dumps({"step": step, "world_size": world,
+                                                   "scheduler": scheduler.state_dict(),
+                                                   "param_groups": param_groups, **meta}, default=str))
     _barrier()
     if rank == 0:
         if final.exists():
@@ -111,6 +159,11 @@ def save_checkpoint(
             shutil.rmtree(old)
     _barrier()
     return final
+
+
+def _trainable_names(model: torch.nn.Module) -> set[str]:
+    """Names as state dicts give them (wrapper prefixes of compile / checkpointing removed)."""
+    return {_strip(n) for n, p in model.named_parameters() if p.requires_grad}
 
 
 def _strip(name: str) -> str:
@@ -134,19 +187,26 @@ def latest_checkpoint(out_dir: str | Path) -> Path | None:
 def load_checkpoint(ckpt: Path, *, model: torch.nn.Module, optimizer: torch.optim.Optimizer, scheduler) -> dict:
     """Restore model, optimiser, scheduler and RNG; returns meta plus this rank's `data` state.
 
-    Under several ranks only rank 0 reads the full state dicts and broadcasts them (one copy of
-    the model in host memory, not one per rank)."""
-    shared = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
-    read = not shared or _rank() == 0
-    msd = torch.load(ckpt / "trainable.pt", map_location="cpu", weights_only=False) if read else {}
-    set_model_state_dict(model, msd, options=StateDictOptions(full_state_dict=True, strict=False,
-                                                              broadcast_from_rank0=shared))
-    osd = torch.load(ckpt / "optim.pt", map_location="cpu", weights_only=False) if read else {}
-    set_optimizer_state_dict(model, optimizer, osd,
-                             options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=shared))
-    meta = json.loads((ckpt / "meta.json").read_text())
+    Each rank reads the parts of the shards it holds (whatever world size wrote them)."""
+    from torch.distributed.checkpoint import HuggingFaceStorageReader
+
+    ckpt = Path(ckpt)
+    if not (ckpt / STATE_DIR).is_dir():
+        old = " (an older pickle format, not loaded: it could run code)" if (ckpt / "trainable.pt").exists() else ""
+        raise UserError(f"not a checkpoint{old}; delete it to resume from the one before", file=ckpt)
+    try:
+        meta = json.loads((ckpt / "meta.json").read_text())
+        per_rank = json.loads((ckpt / f"rank{_rank()}.json").read_text())
+        flat, _ = _flat_state(model, optimizer)
+        dcp.load(flat, storage_reader=HuggingFaceStorageReader(str(ckpt / STATE_DIR)), no_dist=not _distributed())
+    except (OSError, ValueError, KeyError, RuntimeError, dcp.api.CheckpointException) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        raise UserError(f"checkpoint cannot be read ({type(e).__name__}: {first[:200]}); delete it to resume "
+                        "from the one before", file=ckpt) from None
+    msd, osd = _unflat(flat, meta["param_groups"])
+    set_model_state_dict(model, msd, options=StateDictOptions(strict=False))
+    set_optimizer_state_dict(model, optimizer, osd)
     scheduler.load_state_dict(meta["scheduler"])
-    per_rank = torch.load(ckpt / f"rank{_rank()}.pt", map_location="cpu", weights_only=False)
     set_rng_state(per_rank["rng"])
     meta["data"] = per_rank["data"]
     return meta

@@ -14,6 +14,7 @@ command's output. In a pipeline, each stage after the first starts from the prev
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -45,9 +46,9 @@ class DataConfig:
 
     manifest: str | None = None
     spec: str | None = None
-    generate: str | None = None  # "tiny": write the tiny synthetic shards on first use
+    generate: str | None = None  # "tiny": the CLI writes the tiny synthetic shards before the first stage
     shuffle_buffer: int = 1000
-    num_workers: int = 0
+    num_workers: int = 0  # DataLoader processes that read, decode and encode samples (0: the training thread)
 
 
 @dataclass
@@ -96,6 +97,23 @@ class RuntimeConfig:
     activation_checkpointing: bool = False
     fsdp: bool = True  # under torchrun with world_size > 1
     cpu_threads: int = 0  # torch intra-op threads on CPU; 0 = torch's default
+    loss: str = "chunked"  # chunked: log-probs chunk by chunk, never the full fp32 logits | dense
+    # FSDP2 (several ranks): the dtype the ranks reduce gradients in (fp32: sums of many bf16
+    # gradients lose bits), and whether a block's gathered parameters are freed after its forward
+    # (true: less memory, one more all-gather in backward; false: the ZeRO-2 trade)
+    reduce_dtype: str = "fp32"  # fp32 | bf16
+    reshard_after_forward: bool = True
+
+
+@dataclass
+class BenchmarkConfig:
+    """`blip3 eval` tasks run on the stage's final model, recorded in the catalog with its run."""
+
+    tasks: list[str] = field(default_factory=list)  # vqav2, okvqa, textvqa, coco, pope, mmbench
+    data: str | None = None  # benchmark folder (relative to this file); default $BLIP3_EVAL_DATA or ./eval-data
+    shots: int = 0
+    limit: int | None = None  # the first N questions of each task
+    batch_size: int = 8
 
 
 @dataclass
@@ -120,8 +138,9 @@ class StageConfig:
     checkpoint_every: int = 0  # 0: only at the end
     eval_every: int = 0  # 0: no held-out eval
     eval_batches: int = 2
+    benchmarks: BenchmarkConfig = field(default_factory=BenchmarkConfig)  # run at the end of the stage
     log_every: int = 1
-    seed: int = 0
+    seed: int = 0  # the run's seed: data order (the loader's seed), noise, dropout
     source: str | None = None  # the file this came from (set by the loader)
 
 
@@ -169,11 +188,13 @@ def _coerce(value: Any, tp: Any, where: str, file: str) -> Any:
     if tp is float:
         if isinstance(value, str):  # YAML 1.1 reads `3e-4` as a string
             try:
-                return float(value)
+                value = float(value)
             except ValueError:
                 pass
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise UserError(f"expected a number, got {value!r}", field=where, file=file)
+        if not math.isfinite(value):  # `.nan` / `.inf` would pass every range check below
+            raise UserError(f"expected a finite number, got {value!r}", field=where, file=file)
         return float(value)
     if tp is int:
         if isinstance(value, bool) or not isinstance(value, int):
@@ -264,11 +285,37 @@ def _check_stage(cfg: StageConfig, file: str) -> None:
         raise bad("dpo.beta", "must be > 0")
     if cfg.runtime.precision not in ("auto", "bf16", "fp32"):
         raise bad("runtime.precision", "one of auto, bf16, fp32")
+    if cfg.data.num_workers < 0:
+        raise bad("data.num_workers", "must be >= 0 (0 reads on the training thread)")
+    if cfg.data.shuffle_buffer < 1:
+        raise bad("data.shuffle_buffer", "must be >= 1")
+    if cfg.runtime.reduce_dtype not in ("fp32", "bf16"):
+        raise bad("runtime.reduce_dtype", "one of fp32, bf16")
+    if cfg.runtime.loss not in ("chunked", "dense"):
+        raise bad("runtime.loss", "one of chunked, dense")
     if cfg.runtime.cpu_threads < 0:
         raise bad("runtime.cpu_threads", "must be >= 0 (0 = torch's default)")
     for name in ("checkpoint_every", "eval_every", "log_every"):
         if getattr(cfg, name) < 0:
             raise bad(name, "must be >= 0")
+    _check_benchmarks(cfg.benchmarks, bad)
+
+
+def _check_benchmarks(bm: BenchmarkConfig, bad) -> None:
+    """Fail at load time, not after hours of training, on a task name or setting eval would refuse."""
+    from blip3.eval.tasks import TASKS
+
+    for i, name in enumerate(bm.tasks):
+        if name not in TASKS:
+            raise bad(f"benchmarks.tasks[{i}]", f"unknown eval task {name!r}; one of {', '.join(TASKS)}")
+        if bm.shots and TASKS[name].zero_shot_only:
+            raise bad(f"benchmarks.tasks[{i}]", f"{name} is a zero-shot instruct benchmark; use `shots: 0`")
+    if bm.shots < 0:
+        raise bad("benchmarks.shots", "must be >= 0")
+    if bm.limit is not None and bm.limit <= 0:
+        raise bad("benchmarks.limit", "must be > 0")
+    if bm.batch_size <= 0:
+        raise bad("benchmarks.batch_size", "must be > 0")
 
 
 def _resolve(base: Path, p: str | None) -> str | None:
@@ -293,6 +340,7 @@ def stage_from_dict(raw: dict, file: str | Path) -> StageConfig:
     base = Path(file).parent
     cfg.data.manifest = _resolve(base, cfg.data.manifest)
     cfg.data.spec = _resolve(base, cfg.data.spec)
+    cfg.benchmarks.data = _resolve(base, cfg.benchmarks.data)
     cfg.source = file
     return cfg
 

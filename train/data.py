@@ -10,8 +10,10 @@ micro-batch at a time:
   `noised_image_chosen_as_rejected`, P more pairs whose rejected side is the chosen answer given a
   Gaussian-noised image (an image-conditioned preference: the answer must come from the image).
 
-State for exact resume = the loader's counts + the encoded samples read but not yet used (the
-one that overflowed the last packed row). Noise uses the global torch RNG, which checkpoints hold.
+State for exact resume = the loader's position before the first sample read but not yet used
+(the one that overflowed the last packed row): a resume reads and encodes it again (encoding is
+deterministic), so the state is a few integers, JSON in the checkpoint, never encoded tensors.
+Noise uses the global torch RNG, which checkpoints hold.
 """
 
 from __future__ import annotations
@@ -100,11 +102,33 @@ class Batch:
     skipped: int = 0  # samples dropped as longer than a packed row
 
 
+class _Encode:
+    """The per-sample work a DataLoader worker does off the training thread: decode and encode
+    (a preference pair for dpo). Picklable, so it travels to the workers."""
+
+    def __init__(self, processor, stage: str):
+        self.processor = processor
+        self.stage = stage
+
+    def one(self, sample: dict[str, Any]):
+        return encode_pair(self.processor, sample) if self.stage == "dpo" else encode_sample(self.processor, sample)
+
+    def __call__(self, samples: list[dict[str, Any]]):  # DataLoader collate of batch_size=1
+        return self.one(samples[0])
+
+
 class BatchStream:
-    """Micro-batches for one stage, from one rank's slice of the mixture."""
+    """Micro-batches for one stage, from one rank's slice of the mixture.
+
+    num_workers > 0: samples are read, decoded and encoded in that many DataLoader worker
+    processes (`MixtureLoader.dataloader`, whose state covers what the trainer consumed, so resume
+    stays exact); packing, collation and the RNG-drawing noised pairs stay here, in order.
+    pin_memory: batches are put in page-locked memory, so the copy to the GPU can overlap.
+    """
 
     def __init__(self, loader, processor, *, stage: str, micro_batch_size: int, seq_len: int, pack: bool,
-                 noised_image_chosen_as_rejected: bool = False, noise_std: float = 1.0):
+                 noised_image_chosen_as_rejected: bool = False, noise_std: float = 1.0, num_workers: int = 0,
+                 pin_memory: bool = False):
         self.loader = loader
         self.processor = processor
         self.stage = stage
@@ -113,53 +137,70 @@ class BatchStream:
         self.pack = pack
         self.noised_image_chosen_as_rejected = noised_image_chosen_as_rejected
         self.noise_std = noise_std
-        self._pending: list = []
+        # samples read but not used yet, each with the loader state from before it was read
+        self._pending: list[tuple[Any, dict]] = []
         self._it = None
+        self._encode = _Encode(processor, stage)
+        self.num_workers = num_workers
+        self.pin_memory = pin_memory
 
     # -- state ---------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
-        return {"loader": self.loader.state_dict(), "pending": list(self._pending)}
+        return {"loader": self._pending[0][1] if self._pending else self.loader.state_dict()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        saved, mine = state["loader"].get("num_workers", 1), max(1, self.num_workers)
+        if state["loader"].get("counts") and saved != mine:  # each worker owns a slice of the data
+            raise UserError(f"the data position was saved with {saved} loader worker(s), this run has {mine}; "
+                            "resume with the same data.num_workers", field="data.num_workers")
         self.loader.load_state_dict(state["loader"])
-        self._pending = list(state["pending"])
+        self._pending = []
         self._it = None
 
     # -- reading -------------------------------------------------------------------------------
-    def _raw(self) -> dict[str, Any]:
+    def _next_encoded(self):
         if self._it is None:
-            self._it = iter(self.loader)
+            if self.num_workers:
+                self._it = iter(self.loader.dataloader(1, num_workers=self.num_workers, collate_fn=self._encode))
+            else:
+                self._it = map(self._encode.one, self.loader)
         return next(self._it)
 
     def _encoded(self):
+        """(the next encoded sample, the loader state from before it was read)."""
         if self._pending:
             return self._pending.pop(0)
-        return encode_sample(self.processor, self._raw())
+        before = self.loader.state_dict()
+        return self._next_encoded(), before
 
     def next(self) -> Batch:
         if self.stage == "dpo":
-            return self._dpo()
-        if self.pack:
-            return self._packed()
-        return Batch(self.processor.collate([self._encoded() for _ in range(self.rows)]))
+            batch = self._dpo()
+        elif self.pack:
+            batch = self._packed()
+        else:
+            batch = Batch(self.processor.collate([self._encoded()[0] for _ in range(self.rows)]))
+        if self.pin_memory:
+            batch.inputs = {k: v.pin_memory() if torch.is_tensor(v) else v for k, v in batch.inputs.items()}
+        return batch
 
     def _packed(self) -> Batch:
         """Fill `rows` rows by the processor's packing rule; the sample that would open one more
         row waits in `_pending` for the next batch."""
         packer, skipped = RowPacker(self.seq_len, max_rows=self.rows), 0
         while True:
-            enc = self._encoded()
+            enc, before = self._encoded()
             if len(enc) > self.seq_len:
                 skipped += 1
                 continue
             if not packer.add(enc):
-                self._pending.insert(0, enc)
+                self._pending.insert(0, (enc, before))
                 break
         chosen = [s for row in packer.rows for s in row]
         return Batch(self.processor.pack(chosen, self.seq_len), skipped=skipped)
 
     def _dpo(self) -> Batch:
-        pairs = [encode_pair(self.processor, self._raw()) for _ in range(self.rows)]
+        pairs = [self._next_encoded() for _ in range(self.rows)]
         if self.noised_image_chosen_as_rejected:
             pairs += [(c, noised(c, self.noise_std)) for c, _ in pairs if c.images]
         chosen, rejected = zip(*pairs)

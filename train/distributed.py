@@ -68,14 +68,18 @@ def apply_compile(model: torch.nn.Module) -> None:
         blocks[i] = torch.compile(block, dynamic=False)
 
 
-def apply_fsdp(model: torch.nn.Module, *, bf16: bool) -> None:
+def apply_fsdp(model: torch.nn.Module, *, bf16: bool, reduce_dtype: str = "fp32",
+               reshard_after_forward: bool = True) -> None:
+    """bf16: parameters gathered in bf16 for compute (the sharded masters stay fp32);
+    reduce_dtype: the gradient reduction's dtype; reshard_after_forward: free a block's gathered
+    parameters after its forward (the last block always stays: backward needs it at once)."""
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
-    mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16 if bf16 else None, reduce_dtype=torch.float32)
+    mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16 if bf16 else None,
+                              reduce_dtype=torch.bfloat16 if reduce_dtype == "bf16" else torch.float32)
     blocks = decoder_blocks(model)
     for i, block in enumerate(blocks):
-        # The last block stays gathered after forward: backward needs it at once.
-        fully_shard(block, mp_policy=mp, reshard_after_forward=i < len(blocks) - 1)
+        fully_shard(block, mp_policy=mp, reshard_after_forward=reshard_after_forward and i < len(blocks) - 1)
     fully_shard(_find(model, "vision_encoder"), mp_policy=mp)
     fully_shard(_find(model, "vision_tokenizer"), mp_policy=mp)
     fully_shard(model, mp_policy=mp)
@@ -88,14 +92,15 @@ def _find(model: torch.nn.Module, suffix: str) -> torch.nn.Module:
     raise ValueError(f"no {suffix} in the model")
 
 
-def parallelize(model: torch.nn.Module, *, ac: bool, compile: bool, fsdp: bool, bf16: bool) -> torch.nn.Module:
+def parallelize(model: torch.nn.Module, *, ac: bool, compile: bool, fsdp: bool, bf16: bool,
+                reduce_dtype: str = "fp32", reshard_after_forward: bool = True) -> torch.nn.Module:
     """The fixed order: activation checkpointing, per-block compile, FSDP2 blocks then root."""
     if ac:
         apply_activation_checkpointing(model)
     if compile:
         apply_compile(model)
     if fsdp:
-        apply_fsdp(model, bf16=bf16)
+        apply_fsdp(model, bf16=bf16, reduce_dtype=reduce_dtype, reshard_after_forward=reshard_after_forward)
     return model
 
 

@@ -15,20 +15,16 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from blip3.model.config import IGNORE_INDEX
+from blip3.model.loss import dense_token_logps
 
 
 def sequence_logps(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """Sum over each row of log p(label_t+1 | <= t) where the label is not -100.
 
     logits [B, T, V], labels [B, T] aligned with input_ids (not yet shifted) -> [B] float32.
+    (The trainer gets the same per-token values chunked from the model: `model.loss`.)
     """
-    logits = logits[:, :-1].float()
-    target = labels[:, 1:]
-    mask = target != IGNORE_INDEX
-    logp = torch.log_softmax(logits, dim=-1)
-    picked = torch.gather(logp, 2, target.clamp(min=0).unsqueeze(-1)).squeeze(-1)  # [B, T-1]
-    return (picked * mask).sum(dim=1)
+    return dense_token_logps(logits, labels)[0].sum(dim=1)
 
 
 @dataclass

@@ -1,5 +1,7 @@
 """Run the stages of a pipeline in order; each stage starts from the previous stage's `final/`.
 
+First the data step the stages declare (`train.prepare`), then the stages.
+
 With `resume`, a stage whose `final/` exists is skipped (its output feeds the next), and the
 first unfinished one continues from its latest checkpoint. `max_steps` interrupts the running
 stage after that many steps (a checkpoint is written, no `final/`), and the pipeline stops there.
@@ -27,7 +29,11 @@ def run_pipeline(
 ) -> list[StageResult]:
     from blip3.train.distributed import init_distributed
 
+    from blip3.train.prepare import prepare_data
+
     info = init_distributed()
+    # the explicit data step the pipeline's stages declare, before the first stage
+    data_vars = prepare_data(pipeline.stages)
     results: list[StageResult] = []
     prev_final: Path | None = None
     for i, stage in enumerate(pipeline.stages):
@@ -39,7 +45,7 @@ def run_pipeline(
             prev_final = final
             continue
         result = train_stage(stage, init_path=str(prev_final) if i > 0 else None, resume=resume,
-                             max_steps=max_steps, db=db, dist_info=info)
+                             max_steps=max_steps, db=db, dist_info=info, data_vars=data_vars)
         results.append(result)
         if result.final_dir is None:
             log.info(f"{stage.name}: stopped at step {result.steps} (--max-steps); rerun with --resume")

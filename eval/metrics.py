@@ -1,0 +1,211 @@
+"""Benchmark metrics, each following its reference implementation so numbers compare with papers.
+
+- VQA accuracy: the official VQAv2 evaluation (also used for TextVQA and OK-VQA): answer
+  normalisation (punctuation, number words, articles, contractions), then min(#matches / 3, 1)
+  averaged over the ten leave-one-annotator-out subsets.
+- POPE: the yes/no parsing of the POPE / LLaVA evaluation, then accuracy, precision, recall, F1
+  and the share of "yes" answers (a model that always says yes scores 0.5 accuracy, ratio 1.0).
+- Multiple choice: MMBench circular evaluation, where a question counts only if every rotation
+  of its options is answered right.
+- Captioning: BLEU-4 and CIDEr (pycocoevalcap's scorers) on PTB-style tokens; METEOR too when
+  Java is installed (its reference implementation is a Java program).
+"""
+
+from __future__ import annotations
+
+import re
+import shutil
+from collections import defaultdict
+from collections.abc import Iterable, Mapping, Sequence
+
+# --- VQA ------------------------------------------------------------------------------------
+CONTRACTIONS = {
+    "aint": "ain't", "arent": "aren't", "cant": "can't", "couldve": "could've", "couldnt": "couldn't",
+    "couldn'tve": "couldn't've", "couldnt've": "couldn't've", "didnt": "didn't", "doesnt": "doesn't",
+    "dont": "don't", "hadnt": "hadn't", "hadnt've": "hadn't've", "hadn'tve": "hadn't've", "hasnt": "hasn't",
+    "havent": "haven't", "hed": "he'd", "hed've": "he'd've", "he'dve": "he'd've", "hes": "he's", "howd": "how'd",
+    "howll": "how'll", "hows": "how's", "Id've": "I'd've", "I'dve": "I'd've", "Im": "I'm", "Ive": "I've",
+    "isnt": "isn't", "itd": "it'd", "itd've": "it'd've", "it'dve": "it'd've", "itll": "it'll", "let's": "let's",
+    "maam": "ma'am", "mightnt": "mightn't", "mightnt've": "mightn't've", "mightn'tve": "mightn't've",
+    "mightve": "might've", "mustnt": "mustn't", "mustve": "must've", "neednt": "needn't", "notve": "not've",
+    "oclock": "o'clock", "oughtnt": "oughtn't", "ow's'at": "'ow's'at", "'ows'at": "'ow's'at", "'ow'sat": "'ow's'at",
+    "shant": "shan't", "shed've": "she'd've", "she'dve": "she'd've", "she's": "she's", "shouldve": "should've",
+    "shouldnt": "shouldn't", "shouldnt've": "shouldn't've", "shouldn'tve": "shouldn't've", "somebody'd": "somebodyd",
+    "somebodyd've": "somebody'd've", "somebody'dve": "somebody'd've", "somebodyll": "somebody'll",
+    "somebodys": "somebody's", "someoned": "someone'd", "someoned've": "someone'd've", "someone'dve": "someone'd've",
+    "someonell": "someone'll", "someones": "someone's", "somethingd": "something'd", "somethingd've": "something'd've",
+    "something'dve": "something'd've", "somethingll": "something'll", "thats": "that's", "thered": "there'd",
+    "thered've": "there'd've", "there'dve": "there'd've", "therere": "there're", "theres": "there's", "theyd": "they'd",
+    "theyd've": "they'd've", "they'dve": "they'd've", "theyll": "they'll", "theyre": "they're", "theyve": "they've",
+    "twas": "'twas", "wasnt": "wasn't", "wed've": "we'd've", "we'dve": "we'd've", "weve": "we've", "werent": "weren't",
+    "whatll": "what'll", "whatre": "what're", "whats": "what's", "whatve": "what've", "whens": "when's",
+    "whered": "where'd", "wheres": "where's", "whereve": "where've", "whod": "who'd", "whod've": "who'd've",
+    "who'dve": "who'd've", "wholl": "who'll", "whos": "who's", "whove": "who've", "whyll": "why'll",
+    "whyre": "why're", "whys": "why's", "wont": "won't", "wouldve": "would've", "wouldnt": "wouldn't",
+    "wouldnt've": "wouldn't've", "wouldn'tve": "wouldn't've", "yall": "y'all", "yall'll": "y'all'll",
+    "y'allll": "y'all'll", "yall'd've": "y'all'd've", "y'alld've": "y'all'd've", "y'all'dve": "y'all'd've",
+    "youd": "you'd", "youd've": "you'd've", "you'dve": "you'd've", "youll": "you'll", "youre": "you're",
+    "youve": "you've",
+}
+NUMBER_WORDS = {"none": "0", "zero": "0", "one": "1", "two": "2", "three": "3", "four": "4", "five": "5",
+                "six": "6", "seven": "7", "eight": "8", "nine": "9", "ten": "10"}
+ARTICLES = ("a", "an", "the")
+PUNCT = (";", "/", "[", "]", '"', "{", "}", "(", ")", "=", "+", "\\", "_", "-", ">", "<", "@", "`", ",", "?", "!")
+# Both patterns are the official script's, quirks included: `(?!<=\d)` is a lookahead, not a
+# lookbehind, so "1.5" keeps its period only because of the `(?!\d)` after it.
+_PERIOD_STRIP = re.compile(r"(?!<=\d)(\.)(?!\d)")
+_COMMA_STRIP = re.compile(r"(\d)(,)(\d)")
+
+
+def _process_punctuation(text: str) -> str:
+    out = text
+    for p in PUNCT:
+        if (p + " " in text or " " + p in text) or _COMMA_STRIP.search(text) is not None:
+            out = out.replace(p, "")
+        else:
+            out = out.replace(p, " ")
+    return _PERIOD_STRIP.sub("", out)
+
+
+def _process_digit_article(text: str) -> str:
+    words = [NUMBER_WORDS.get(w, w) for w in text.lower().split()]
+    words = [CONTRACTIONS.get(w, w) for w in words if w not in ARTICLES]
+    return " ".join(words)
+
+
+def normalize_vqa_answer(answer: str) -> str:
+    """An answer as the official VQA evaluation compares it ("Two dogs." -> "2 dogs")."""
+    answer = answer.replace("\n", " ").replace("\t", " ").strip()
+    return _process_digit_article(_process_punctuation(answer))
+
+
+def vqa_accuracy(prediction: str, answers: Sequence[str]) -> float:
+    """One question's accuracy against its (usually ten) human answers.
+
+    As the official script: the prediction is normalised fully; the human answers get the
+    punctuation step only when they disagree (they were normalised when the dataset was made).
+    Each leave-one-out subset scores min(#matches / 3, 1); the result is their mean, so an answer
+    given by 1, 2, 3 or 4+ of ten annotators scores 0.3, 0.6, 0.9 or 1.0.
+    """
+    if not answers:
+        raise ValueError("a VQA question needs at least one human answer")
+    pred = normalize_vqa_answer(prediction)
+    gts = [a.replace("\n", " ").replace("\t", " ").strip() for a in answers]
+    if len(set(gts)) > 1:
+        gts = [_process_punctuation(a) for a in gts]
+    scores = []
+    for i in range(len(gts)):
+        matches = sum(1 for j, a in enumerate(gts) if j != i and a == pred)
+        scores.append(min(1.0, matches / 3))
+    return sum(scores) / len(scores)
+
+
+# --- POPE -------------------------------------------------------------------------------------
+def parse_yes_no(text: str) -> str:
+    """The POPE evaluation's parsing: first sentence, commas dropped; any "no"/"No"/"not" -> no."""
+    first = text.split(".")[0] if "." in text else text
+    words = first.replace(",", "").split(" ")
+    return "no" if ("No" in words or "not" in words or "no" in words) else "yes"
+
+
+def pope_metrics(predictions: Sequence[str], labels: Sequence[str]) -> dict[str, float]:
+    """Accuracy, precision, recall, F1 (positive = "yes") and yes-ratio of raw model answers."""
+    if len(predictions) != len(labels) or not labels:
+        raise ValueError("POPE needs one prediction per label, and at least one")
+    pred = [parse_yes_no(p) for p in predictions]
+    gold = [label.strip().lower() for label in labels]
+    tp = sum(p == "yes" and g == "yes" for p, g in zip(pred, gold))
+    fp = sum(p == "yes" and g == "no" for p, g in zip(pred, gold))
+    tn = sum(p == "no" and g == "no" for p, g in zip(pred, gold))
+    fn = sum(p == "no" and g == "yes" for p, g in zip(pred, gold))
+    precision = tp / (tp + fp) if tp + fp else 0.0
+    recall = tp / (tp + fn) if tp + fn else 0.0
+    f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
+    return {"accuracy": (tp + tn) / len(gold), "precision": precision, "recall": recall, "f1": f1,
+            "yes_ratio": pred.count("yes") / len(pred)}
+
+
+# --- multiple choice --------------------------------------------------------------------------
+def parse_choice(text: str, options: Mapping[str, str]) -> str | None:
+    """The option letter a free-text answer picks, or None.
+
+    In order: a leading letter ("B", "B.", "(B) cat"; not "A lovely cat"), "answer is B", then an answer that is
+    exactly one option's text. Anything else is no choice (scored wrong), never a guess.
+    """
+    t = text.strip()
+    letters = "".join(re.escape(k) for k in options)
+    m = re.match(rf"^\(?([{letters}])(?:[).:,]|$)", t)
+    if m is None:
+        m = re.search(rf"answer is:?\s*\(?([{letters}])\b", t, flags=re.IGNORECASE)
+    if m is not None:
+        return m.group(1)
+    norm = t.lower().rstrip(".")
+    hits = [k for k, v in options.items() if v.strip().lower().rstrip(".") == norm]
+    return hits[0] if len(hits) == 1 else None
+
+
+def circular_accuracy(results: Iterable[tuple[str, bool]]) -> dict[str, float]:
+    """(question id, rotation right?) pairs -> MMBench circular accuracy (a question counts only
+    if all its rotations are right) and the plain accuracy of all rotations."""
+    by_question: dict[str, list[bool]] = defaultdict(list)
+    for qid, ok in results:
+        by_question[qid].append(bool(ok))
+    if not by_question:
+        raise ValueError("no multiple-choice results")
+    flat = [ok for oks in by_question.values() for ok in oks]
+    return {"circular_accuracy": sum(all(o) for o in by_question.values()) / len(by_question),
+            "accuracy": sum(flat) / len(flat)}
+
+
+# --- captioning -------------------------------------------------------------------------------
+# The tokens PTBTokenizer (pycocoevalcap) drops after Stanford tokenisation.
+_PTB_PUNCT = {"''", "'", "``", "`", "-LRB-", "-RRB-", "-LCB-", "-RCB-", ".", "?", "!", ",", ":", "-", "--", "...", ";"}
+_TOKEN = re.compile(r"n't\b|'(?:s|re|ve|ll|d|m)\b|\.\.\.|--|\w+(?:[-/.]\w+)*|[^\w\s]")
+
+
+def ptb_tokenize(text: str) -> str:
+    """Lower-cased, PTB-style tokens joined by spaces, punctuation dropped: what pycocoevalcap's
+    PTBTokenizer produces for ordinary captions, without needing Java for CIDEr and BLEU."""
+    text = text.lower().replace("\n", " ")
+    text = re.sub(r"(\w)n't\b", r"\1 n't", text)
+    return " ".join(t for t in _TOKEN.findall(text) if t not in _PTB_PUNCT)
+
+
+def java_available() -> bool:
+    return shutil.which("java") is not None
+
+
+def caption_scores(references: Mapping[str, Sequence[str]], predictions: Mapping[str, str],
+                   *, meteor: bool | None = None) -> dict[str, float]:
+    """Corpus BLEU-4, CIDEr (and METEOR when `meteor`, default: when Java is installed).
+
+    CIDEr's document frequencies come from the references given, as in the COCO evaluation, so
+    score the whole split at once, not batch by batch.
+    """
+    from pycocoevalcap.bleu.bleu import Bleu
+    from pycocoevalcap.cider.cider import Cider
+
+    if set(references) != set(predictions) or not predictions:
+        raise ValueError("captioning needs one prediction for every image with references")
+    gts = {k: [ptb_tokenize(r) for r in refs] for k, refs in references.items()}
+    res = {k: [ptb_tokenize(predictions[k])] for k in references}
+    bleu, _ = Bleu(4).compute_score(gts, res, verbose=0)
+    cider, _ = Cider().compute_score(gts, res)
+    scores = {"BLEU-4": float(bleu[3]), "CIDEr": float(cider)}
+    if meteor if meteor is not None else java_available():
+        scores["METEOR"] = _meteor(gts, res)
+    return scores
+
+
+def _meteor(gts: dict, res: dict) -> float:
+    from pycocoevalcap.meteor.meteor import Meteor
+
+    scorer = Meteor()
+    try:
+        score, _ = scorer.compute_score(gts, res)
+    finally:
+        with scorer.lock:
+            scorer.meteor_p.stdin.close()
+            scorer.meteor_p.kill()
+            scorer.meteor_p.wait()
+    return float(score)

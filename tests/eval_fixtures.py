@@ -1,0 +1,98 @@
+"""Tiny benchmark files in each benchmark's published layout, and a tiny model directory."""
+
+from __future__ import annotations
+
+import base64
+import csv
+import io
+import json
+from pathlib import Path
+
+import pytest
+
+from tests.model_fixtures import noise_image
+
+
+def _jpeg(path: Path, seed: int) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    noise_image(40, 32, seed).save(path, format="JPEG")
+
+
+def _vqa(base: Path, qfile: str, afile: str, split: str, n: int, offset: int) -> None:
+    questions, annotations = [], []
+    for i in range(n):
+        image_id, qid = 100 + offset + i, 1000 + offset + i
+        _jpeg(base / f"{split}2014" / f"COCO_{split}2014_{image_id:012d}.jpg", image_id)
+        questions.append({"image_id": image_id, "question": f"How many dogs are there {i}?", "question_id": qid})
+        answers = ["2"] * 6 + ["two dogs"] * 2 + ["3"] * 2
+        annotations.append({"question_id": qid, "image_id": image_id, "answer_type": "number",
+                            "multiple_choice_answer": "2",
+                            "answers": [{"answer": a, "answer_confidence": "yes", "answer_id": k + 1}
+                                        for k, a in enumerate(answers)]})
+    base.mkdir(parents=True, exist_ok=True)
+    (base / qfile).write_text(json.dumps({"task_type": "Open-Ended", "data_subtype": f"{split}2014", "questions": questions}))
+    (base / afile).write_text(json.dumps({"data_subtype": f"{split}2014", "annotations": annotations}))
+
+
+def write_benchmarks(root: Path, n: int = 3) -> Path:
+    """Every supported benchmark, `n` questions each (plus train splits for few-shot)."""
+    _vqa(root / "vqav2", "v2_OpenEnded_mscoco_val2014_questions.json", "v2_mscoco_val2014_annotations.json", "val", n, 0)
+    _vqa(root / "vqav2", "v2_OpenEnded_mscoco_train2014_questions.json", "v2_mscoco_train2014_annotations.json",
+         "train", 8, 500)
+    _vqa(root / "okvqa", "OpenEnded_mscoco_val2014_questions.json", "mscoco_val2014_annotations.json", "val", n, 0)
+    tv = root / "textvqa"
+    for split, count, offset in (("val", n, 0), ("train", 8, 50)):
+        data = []
+        for i in range(count):
+            image_id = f"{split}{i:04x}"
+            _jpeg(tv / "train_images" / f"{image_id}.jpg", offset + i)
+            data.append({"question": "what brand is shown?", "image_id": image_id, "question_id": offset + i,
+                         "answers": ["nokia"] * 7 + ["Nokia."] * 3, "image_classes": ["Phone"]})
+        (tv / f"TextVQA_0.5.1_{split}.json").write_text(json.dumps({"dataset_name": "textvqa", "data": data}))
+    coco = root / "coco"
+    images, anns = [], []
+    for i in range(n):
+        name = f"COCO_val2014_{200 + i:012d}.jpg"
+        _jpeg(coco / "val2014" / name, 200 + i)
+        images.append({"id": 200 + i, "file_name": name, "width": 40, "height": 32})
+        anns += [{"id": 10 * i + k, "image_id": 200 + i, "caption": c}
+                 for k, c in enumerate(["A dog runs on the grass.", "A brown dog running outside."])]
+    (coco / "annotations").mkdir(parents=True, exist_ok=True)
+    (coco / "annotations" / "captions_val2014.json").write_text(json.dumps({"images": images, "annotations": anns}))
+    pope = root / "pope"
+    for split in ("random", "adversarial"):
+        lines = []
+        for i in range(n + 1):
+            name = f"COCO_val2014_{300 + i:012d}.jpg"
+            _jpeg(pope / "val2014" / name, 300 + i)
+            lines.append(json.dumps({"question_id": i + 1, "image": name, "text": "Is there a dog in the image?",
+                                     "label": "yes" if i % 2 == 0 else "no"}))
+        (pope / f"coco_pope_{split}.json").write_text("\n".join(lines) + "\n")
+    mmb = root / "mmbench"
+    mmb.mkdir(parents=True, exist_ok=True)
+    with (mmb / "mmbench_dev_en.tsv").open("w", newline="") as f:
+        w = csv.writer(f, delimiter="\t")
+        w.writerow(["index", "question", "hint", "A", "B", "C", "D", "answer", "category", "image"])
+        for i in range(n):
+            buf = io.BytesIO()
+            noise_image(40, 32, 400 + i).save(buf, format="JPEG")
+            w.writerow([i, "What animal is shown?", "nan" if i else "A photo.", "cat", "dog", "bird", "" if i else "fish",
+                        "B", "animals", base64.b64encode(buf.getvalue()).decode()])
+    return root
+
+
+@pytest.fixture(scope="session")
+def benchmarks(tmp_path_factory) -> Path:
+    """Read-only benchmark files (copy before editing)."""
+    return write_benchmarks(tmp_path_factory.mktemp("eval-data"))
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory, tiny_config, tiny_processor) -> Path:
+    """A tiny model directory as `blip3 model init` writes it (random weights)."""
+    from tests.model_fixtures import build_tiny_model
+
+    d = tmp_path_factory.mktemp("tiny-model") / "model"
+    build_tiny_model(tiny_config).save_pretrained(d)
+    tiny_processor.save_pretrained(d)
+    return d
