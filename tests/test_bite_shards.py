@@ -24,6 +24,7 @@ from blip3.core.shards import (
     read_members,
     resolve_shards,
     shard_complete,
+    shard_name,
     shard_paths,
 )
 from tests.core_fixtures import jpeg, write_caption_shard
@@ -135,11 +136,11 @@ def test_tar_index_and_member_reads_give_back_each_sample(tmp_path):
 def test_resolve_shards_reads_folders_and_brace_patterns(tmp_path):
     write_caption_shard(tmp_path / "out", 0, 2)
     write_caption_shard(tmp_path / "out", 1, 2)
-    (tmp_path / "out" / ".000002.tar.tmp-1").write_bytes(b"unfinished")
+    (tmp_path / "out" / f".{shard_name(2)}.tar.tmp-1").write_bytes(b"unfinished")
     tars = [shard_paths(tmp_path / "out", i)[0].resolve() for i in (0, 1)]
     assert resolve_shards(tmp_path / "out") == tars
-    assert resolve_shards(str(tmp_path / "out" / "{000000,000001}.tar")) == tars
-    assert resolve_shards("out/000001.tar", base=tmp_path) == tars[1:]
+    assert resolve_shards(str(tmp_path / "out" / f"{{{shard_name(0)},{shard_name(1)}}}.tar")) == tars
+    assert resolve_shards(f"out/{shard_name(1)}.tar", base=tmp_path) == tars[1:]
 
 
 def test_json_members_do_not_depend_on_key_order(tmp_path):
@@ -153,12 +154,12 @@ def test_json_members_do_not_depend_on_key_order(tmp_path):
 @pytest.mark.parametrize("foreign", [
     {"count": 3, "successes": 3, "failed_to_download": 0},  # img2dataset's stats: no shard fields
     {"shard": "not-a-number", "sha256": "x", "tar_bytes": 1, "count": 1, "successes": 1, "failed": 0},
-    {"shard": "000009", "sha256": "x", "tar_bytes": None, "count": 1, "successes": 1, "failed": 0},
+    {"shard": "9", "sha256": "x", "tar_bytes": None, "count": 1, "successes": 1, "failed": 0},
     ["not", "a", "mapping"],
 ])
 def test_foreign_stats_files_are_not_shards(tmp_path, foreign):
     write_caption_shard(tmp_path, 0, 2)
-    (tmp_path / "000009_stats.json").write_text(json.dumps(foreign))
+    shard_paths(tmp_path, 9)[2].write_text(json.dumps(foreign))
     assert [i.index for i in list_shards(tmp_path)] == [0]
     assert resolve_shards(tmp_path) == [shard_paths(tmp_path, 0)[0].resolve()]
 
@@ -172,9 +173,9 @@ def test_image_members_are_told_by_their_last_extension(ext, is_image):
 def test_writer_creates_nested_folders_and_cuts_long_failure_reasons(tmp_path):
     out = tmp_path / "a" / "b" / "c"
     with ShardWriter(out, 0) as w:
-        w.add_failure(SampleRow("k", error="x" * 200 + ": detail"))
-    stats = json.loads(shard_paths(out, 0)[2].read_text())
-    assert stats["failure_reasons"] == {"x" * 80: 1}
+        w.add_failure(SampleRow("k", error_message="x" * 200 + ": detail"))
+    (info,) = list_shards(out)
+    assert info.failure_reasons == {"x" * 80: 1}
 
 
 def test_abort_after_temporaries_were_cleaned_and_clean_temporaries_counts(tmp_path):
