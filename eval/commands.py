@@ -1,4 +1,7 @@
-"""CLI of `eval`: `blip3 eval CHECKPOINT TASK... [--data DIR] [--shots N] [--limit N]`."""
+"""CLI of `eval`: `blip3 eval CHECKPOINT TASK... [--data DIR] [--shots N] [--limit N]`.
+
+Data-parallel: `torchrun --nproc-per-node N -m blip3.cli eval ...` splits the questions across
+ranks (one device each); rank 0 scores, records and prints."""
 
 from __future__ import annotations
 
@@ -34,6 +37,8 @@ def eval_command(
 
     results = evaluate(checkpoint, tasks, data=data, out=out or model_dir(checkpoint) / "eval", shots=shots,
                        limit=limit, batch_size=batch_size, device=device, seed=seed, db=db, meteor=meteor)
+    if not results:
+        return  # a torchrun rank other than 0: rank 0 prints
     rows = [{"task": r.task, "shots": r.shots, "metric": m, "value": round(v, 4), "n": r.n}
             for r in results for m, v in r.metrics.items()]
     write_result(pa.Table.from_pylist(rows), title=f"{checkpoint} (run {results[0].run_id or 'unknown'})")

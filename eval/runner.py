@@ -2,8 +2,10 @@
 
 Predictions are appended to `<out>/<task>-<shots>shot.jsonl` after every batch, so a killed run
 continues where it stopped (items already answered are skipped; a half-written last line is
-ignored). When a task is complete its per-sample table goes to a parquet file beside it and its
-metrics to the catalog's `evals` table, linked to the training run that wrote the checkpoint.
+ignored). Under torchrun each rank answers every world_size-th remaining question into its own
+`...shot.rank<R>.jsonl`; rank 0 waits for all, then scores and records. When a task is complete
+its per-sample table goes to a parquet file beside it and its metrics to the catalog's `evals`
+table, linked to the training run that wrote the checkpoint.
 """
 
 from __future__ import annotations
@@ -49,16 +51,18 @@ def limit_items(items: list[Item], limit: int | None) -> list[Item]:
 
 
 def read_done(path: Path) -> dict[str, dict]:
-    """Rows already written (by id); a truncated last line from a killed run is dropped."""
+    """Rows already written (by id), in `path` and its per-rank siblings; a truncated last line
+    from a killed run is dropped."""
     done: dict[str, dict] = {}
-    if not path.exists():
-        return done
-    for line in path.read_text(encoding="utf-8").splitlines():
-        try:
-            row = json.loads(line)
-            done[row["id"]] = row
-        except (json.JSONDecodeError, KeyError, TypeError):
+    for part in [path, *sorted(path.parent.glob(f"{path.stem}.rank*.jsonl"))]:
+        if not part.exists():
             continue
+        for line in part.read_text(encoding="utf-8").splitlines():
+            try:
+                row = json.loads(line)
+                done[row["id"]] = row
+            except (json.JSONDecodeError, KeyError, TypeError):
+                continue
     return done
 
 
@@ -122,10 +126,16 @@ def evaluate(
     seed: int = 0,
     db=None,
     meteor: bool | None = None,
+    dist_info=None,
 ) -> list[TaskResult]:
-    """Evaluate one checkpoint on each task; every input is checked before the model is loaded."""
+    """Evaluate one checkpoint on each task; every input is checked before the model is loaded.
+
+    Under torchrun the questions are split across ranks; only rank 0 returns results. `dist_info`
+    (a `train.distributed.DistInfo`) overrides the torchrun environment: a trainer's rank 0
+    evaluating alone passes a single-process one."""
     from blip3.model.xgenmm import CONFIG_FILE
     from blip3.train.builders import model_dir
+    from blip3.train.distributed import init_distributed
 
     checkpoint = model_dir(checkpoint)  # a stage output folder means its final/ model
     if not (checkpoint / CONFIG_FILE).is_file():
@@ -144,18 +154,22 @@ def evaluate(
             raise UserError(f"no {name} questions found", file=data / name)
         train = task.load(data, "train") if shots else []
         planned.append((task, items, train))
-    run_id = _training_run(checkpoint, db)
+    info = dist_info or init_distributed()
+    if info.distributed:
+        device = str(info.device)  # one device per rank
+    run_id = _training_run(checkpoint, db) if info.is_main else None
     out.mkdir(parents=True, exist_ok=True)
     generate: Generator | None = None
     results = []
     for task, items, train in planned:
         path = out / f"{task.name}-{shots}shot.jsonl"
         done = read_done(path)
-        todo = [it for it in items if it.id not in done]
+        todo = [it for it in items if it.id not in done][info.rank::info.world_size]
+        mine = path.with_name(f"{path.stem}.rank{info.rank}.jsonl") if info.distributed else path
         if todo and generate is None:
             generate = Generator(checkpoint, device)
         max_new = MAX_NEW_TOKENS.get(task.name, DEFAULT_MAX_NEW_TOKENS)
-        with path.open("a", encoding="utf-8") as f:
+        with mine.open("a", encoding="utf-8") as f:
             for start in range(0, len(todo), batch_size):
                 batch = todo[start:start + batch_size]
                 prompts = [task.prompt(it, draw_shots(train, it, shots, seed)) for it in batch]
@@ -165,7 +179,13 @@ def evaluate(
                     f.write(json.dumps(row) + "\n")
                 f.flush()
                 log.info("%s: %d/%d answered", task.name, len(done), len(items))
-        results.append(_finish(task, items, done, shots, checkpoint, path, run_id, db))
+        if info.distributed:
+            import torch.distributed as dist
+
+            dist.barrier()  # every rank's answers are on disk
+            done = read_done(path)
+        if info.is_main:
+            results.append(_finish(task, items, done, shots, checkpoint, path, run_id, db))
     return results
 
 

@@ -176,7 +176,7 @@ class TextVQA(VQATask):
         base = root / self.folder
         path = _need(base / self.split_files[split], f"the TextVQA {split} file")
         try:
-            return [Item(str(d["question_id"]), _image_file(base / "train_images" / f"{d['image_id']}.jpg"),
+            return [Item(str(d["question_id"]), _image_file(base / "train_images" / f"{Path(str(d['image_id'])).name}.jpg"),
                          clean(d["question"]), {"answers": [str(a) for a in d["answers"]]})
                     for d in _read_json(path)["data"]]
         except (KeyError, TypeError) as e:

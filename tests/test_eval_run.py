@@ -118,3 +118,42 @@ def test_stage_file_benchmarks_are_checked_when_loaded(tmp_path, bench, field):
     with pytest.raises(UserError) as e:
         load_stage(path)
     assert e.value.field == field and str(path) in str(e.value)
+
+
+@pytest.mark.slow
+def test_torchrun_ranks_split_the_questions(tiny_model_dir, benchmarks, tmp_path):
+    """Two CPU ranks (gloo): each answers half the questions into its own file; rank 0 scores
+    them all, records once, and a re-run answers nothing again."""
+    import os
+    import subprocess
+    import sys
+
+    from tests.train_fixtures import ROOT
+
+    env = {**os.environ, "BLIP3_NO_PROGRESS": "1",
+           "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
+    out, db = tmp_path / "preds", tmp_path / "c.duckdb"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m", "blip3.cli",
+           "eval", str(tiny_model_dir), "pope", "--data", str(benchmarks), "--limit", "5", "--batch-size", "2",
+           "--out", str(out), "--db", str(db)]
+    r = subprocess.run(cmd, capture_output=True, text=True, cwd=tmp_path, env=env, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    ranks = [len((out / f"pope-0shot.rank{k}.jsonl").read_text().splitlines()) for k in (0, 1)]
+    assert sorted(ranks) == [2, 3]
+    assert _evals(db) and {row[4] for row in _evals(db)} == {5}
+    assert len(pq.read_table(out / "pope-0shot.parquet")) == 5
+    r = subprocess.run(cmd, capture_output=True, text=True, cwd=tmp_path, env=env, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert [len((out / f"pope-0shot.rank{k}.jsonl").read_text().splitlines()) for k in (0, 1)] == ranks
+
+
+def test_stage_with_missing_benchmark_files_stops_before_training(tmp_path):
+    from blip3.core.errors import UserError
+    from blip3.train.config import BenchmarkConfig
+    from blip3.train.loop import train_stage
+
+    cfg = tiny_stage("pretrain", tmp_path, steps=2, checkpoint_every=0, eval_every=0,
+                     benchmarks=BenchmarkConfig(tasks=["pope"], data=str(tmp_path / "nothing")))
+    with pytest.raises(UserError, match="coco_pope_random.json"):
+        train_stage(cfg, db=tmp_path / "c.duckdb", data_vars=tiny_vars())
+    assert not (tmp_path / "pretrain").exists()  # no step was run, nothing was written

@@ -301,6 +301,8 @@ def train_stage(
 
     data_vars: the `${VAR}`s of the mixture spec, as `train.prepare.prepare_data` returned them."""
     info = dist_info or init_distributed()
+    if cfg.benchmarks.tasks:
+        _benchmark_data(cfg)  # a missing benchmark file stops the stage now, not after training
     run = build_run(cfg, init_path=init_path, resume=resume, db=db, info=info, record=record, data_vars=data_vars)
     stop_at = min(run.steps_total, max_steps) if max_steps is not None else run.steps_total
     metrics = MetricsWriter(run.out, enabled=info.is_main, resume_from_step=run.step if run.resumed else None)
@@ -379,16 +381,31 @@ def finish(run: Run, losses: list[float], *, record: bool, db) -> StageResult:
     return result
 
 
-def _run_benchmarks(cfg: StageConfig, final: Path, db, device: torch.device) -> None:
-    """The stage file's `benchmarks`, on the exported model (rank 0; results go to the catalog)."""
+def _benchmark_data(cfg: StageConfig, *, check: bool = True) -> Path:
+    """The stage's benchmark folder; with `check`, every task's files are read once (one line
+    naming a missing file)."""
     import os
 
-    from blip3.eval.runner import evaluate
+    from blip3.eval.tasks import get_task
 
     bm = cfg.benchmarks
     data = Path(bm.data or os.environ.get("BLIP3_EVAL_DATA") or "eval-data")
-    evaluate(final, bm.tasks, data=data, out=final / "eval", shots=bm.shots, limit=bm.limit,
-             batch_size=bm.batch_size, device=str(device), seed=cfg.seed, db=resolve_db(db))
+    for name in bm.tasks if check else ():
+        task = get_task(name)
+        task.load(data, "test")
+        if bm.shots:
+            task.load(data, "train")
+    return data
+
+
+def _run_benchmarks(cfg: StageConfig, final: Path, db, device: torch.device) -> None:
+    """The stage file's `benchmarks`, on the exported model (rank 0; results go to the catalog)."""
+    from blip3.eval.runner import evaluate
+
+    bm = cfg.benchmarks
+    evaluate(final, bm.tasks, data=_benchmark_data(cfg, check=False), out=final / "eval", shots=bm.shots, limit=bm.limit,
+             batch_size=bm.batch_size, device=str(device), seed=cfg.seed, db=resolve_db(db),
+             dist_info=DistInfo(device=device))  # rank 0 alone, whatever the world size
 
 
 def _record(result: StageResult, run: Run, *, status: str, db=None) -> None:
