@@ -103,3 +103,35 @@ def test_ocr_generator_info_loads_no_model():
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, timeout=120)
     assert r.returncode == 0, r.stderr
     assert "LOADED []" in r.stdout
+
+
+@pytest.mark.parametrize("v, row", [(1 / 3, "to the left of the center"), (2 / 3, "at the bottom left")])
+def test_ocr_grid_thirds_belong_to_the_next_cell(v, row):
+    """A centre exactly on a third falls in the cell below / to the right (cells are [a, b) intervals)."""
+    assert format_entry("a", [0.0, v, 0.0, v], 1) == f'"a" located {row}'
+
+
+def test_ocr_captions_are_the_twelve_published_variants_in_order():
+    from blip3.datagen.ocr_captions import build_captions
+
+    caps = build_captions([{"text": "MACK SHOP", "bbox": [0.192, 0.037, 0.817, 0.203]}], "a shop")
+    assert [(c["granularity"], c["include_datacomp_raw_cap"]) for c in caps] == [
+        (g, raw) for raw in (False, True) for g in (0, 1, 2, 3, 4, 5)]
+    assert caps[5]["text"] == 'The image contains <ocr>MACK SHOP</ocr><bbox>[0.192, 0.037][0.817, 0.203]</bbox>.'
+
+
+def test_caption_style_is_immutable():
+    """Functions take `CaptionStyle()` as a shared default argument: it must not be changeable."""
+    from dataclasses import FrozenInstanceError
+
+    from blip3.datagen.ocr_captions import CaptionStyle
+
+    with pytest.raises(FrozenInstanceError):
+        CaptionStyle().lead_in = "changed"
+
+
+def test_ocr_fractions_use_denominators_up_to_twenty():
+    """Granularity 2 writes the centre as the nearest fraction with denominator <= 20, as the dataset does."""
+    x, y = 1 / 21, 0.05  # 1/21 is not allowed (nearest: 1/20); 1/20 is (19 would give 1/19)
+    assert format_entry("a", [x, y, x, y], 2) == (
+        '"a" located at 1/20 of the image from top to bottom and 1/20 of the image from left to right')

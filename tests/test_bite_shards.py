@@ -6,14 +6,28 @@ was published whole. These tests break the publishing steps on purpose and check
 
 from __future__ import annotations
 
+import json
 import os
 import tarfile
 import time
 
 import pytest
 
-from blip3.core.shards import list_shards, shard_complete, shard_paths
-from tests.core_fixtures import write_caption_shard
+from blip3.core.shards import (
+    SampleRow,
+    clean_temporaries,
+    ShardWriter,
+    iter_shard,
+    is_image_ext,
+    iter_tar_index,
+    list_shards,
+    read_members,
+    resolve_shards,
+    shard_complete,
+    shard_name,
+    shard_paths,
+)
+from tests.core_fixtures import jpeg, write_caption_shard
 
 
 def _record_renames(monkeypatch, fail_on: str | None = None) -> list[str]:
@@ -81,3 +95,97 @@ def test_tars_written_at_different_times_are_identical(tmp_path, monkeypatch):
         members = tar.getmembers()
     assert members and {m.mtime for m in members} == {0}
     assert {(m.mode, m.uname, m.gname) for m in members} == {(0o644, "", "")}
+
+
+def test_a_closed_or_aborted_writer_cannot_publish_again(tmp_path):
+    w = ShardWriter(tmp_path / "a", 0)
+    w.add("k", {"txt": "x"}, SampleRow("k"))
+    w.close()
+    with pytest.raises(RuntimeError, match="already closed"):
+        w.close()
+    w = ShardWriter(tmp_path / "b", 0)
+    w.add("k", {"txt": "x"}, SampleRow("k"))
+    w.abort()
+    w.abort()  # idempotent
+    with pytest.raises(RuntimeError, match="already closed"):
+        w.close()
+    assert list((tmp_path / "b").iterdir()) == []
+
+
+def test_json_members_keep_text_readable_as_utf8(tmp_path):
+    with ShardWriter(tmp_path, 0) as w:
+        w.add("k", {"json": {"text": "café ☕ 東京"}}, SampleRow("k"))
+    (sample,) = iter_shard(shard_paths(tmp_path, 0)[0])
+    assert "café ☕ 東京".encode() in sample["json"]
+
+
+def test_tar_index_and_member_reads_give_back_each_sample(tmp_path):
+    keys = write_caption_shard(tmp_path, 0, 4)
+    tar = shard_paths(tmp_path, 0)[0]
+    index = list(iter_tar_index(tar))
+    assert [s.key for s in index] == keys
+    assert all([m.ext for m in s.members] == ["jpg", "txt", "json"] for s in index)
+    expected = {s["__key__"]: s for s in iter_shard(tar)}
+    with open(tar, "rb") as f:
+        for s in index:
+            got = read_members(f, s)
+            assert got == {ext: expected[s.key][ext] for ext in ("jpg", "txt", "json")}
+    assert got["jpg"][:2] == jpeg()[:2]  # a JPEG's own bytes
+
+
+def test_resolve_shards_reads_folders_and_brace_patterns(tmp_path):
+    write_caption_shard(tmp_path / "out", 0, 2)
+    write_caption_shard(tmp_path / "out", 1, 2)
+    (tmp_path / "out" / f".{shard_name(2)}.tar.tmp-1").write_bytes(b"unfinished")
+    tars = [shard_paths(tmp_path / "out", i)[0].resolve() for i in (0, 1)]
+    assert resolve_shards(tmp_path / "out") == tars
+    assert resolve_shards(str(tmp_path / "out" / f"{{{shard_name(0)},{shard_name(1)}}}.tar")) == tars
+    assert resolve_shards(f"out/{shard_name(1)}.tar", base=tmp_path) == tars[1:]
+
+
+def test_json_members_do_not_depend_on_key_order(tmp_path):
+    for name, record in (("a", {"uid": "u", "captions": [], "meta": {"x": 1, "y": 2}}),
+                         ("b", {"meta": {"y": 2, "x": 1}, "captions": [], "uid": "u"})):
+        with ShardWriter(tmp_path / name, 0) as w:
+            w.add("k", {"json": record}, SampleRow("k"))
+    assert shard_paths(tmp_path / "a", 0)[0].read_bytes() == shard_paths(tmp_path / "b", 0)[0].read_bytes()
+
+
+@pytest.mark.parametrize("foreign", [
+    {"count": 3, "successes": 3, "failed_to_download": 0},  # img2dataset's stats: no shard fields
+    {"shard": "not-a-number", "sha256": "x", "tar_bytes": 1, "count": 1, "successes": 1, "failed": 0},
+    {"shard": "9", "sha256": "x", "tar_bytes": None, "count": 1, "successes": 1, "failed": 0},
+    ["not", "a", "mapping"],
+])
+def test_foreign_stats_files_are_not_shards(tmp_path, foreign):
+    write_caption_shard(tmp_path, 0, 2)
+    shard_paths(tmp_path, 9)[2].write_text(json.dumps(foreign))
+    assert [i.index for i in list_shards(tmp_path)] == [0]
+    assert resolve_shards(tmp_path) == [shard_paths(tmp_path, 0)[0].resolve()]
+
+
+@pytest.mark.parametrize("ext, is_image", [("jpg", True), ("img0.jpg", True), ("0.PNG", True), ("a.b.webp", True),
+                                           ("txt", False), ("json", False), ("jpg.txt", False)])
+def test_image_members_are_told_by_their_last_extension(ext, is_image):
+    assert is_image_ext(ext) is is_image
+
+
+def test_writer_creates_nested_folders_and_cuts_long_failure_reasons(tmp_path):
+    out = tmp_path / "a" / "b" / "c"
+    with ShardWriter(out, 0) as w:
+        w.add_failure(SampleRow("k", error_message="x" * 200 + ": detail"))
+    (info,) = list_shards(out)
+    assert info.failure_reasons == {"x" * 80: 1}
+
+
+def test_abort_after_temporaries_were_cleaned_and_clean_temporaries_counts(tmp_path):
+    w = ShardWriter(tmp_path, 0)
+    w.add("k", {"txt": "x"}, SampleRow("k"))
+    assert clean_temporaries(tmp_path) == 1  # another process tidied the folder meanwhile
+    w.abort()  # nothing left to remove: no error
+    assert list(tmp_path.iterdir()) == [] and clean_temporaries(tmp_path) == 0
+
+
+def test_resolve_shards_recursive_glob(tmp_path):
+    write_caption_shard(tmp_path / "x" / "y", 0, 1)
+    assert resolve_shards(str(tmp_path / "**" / "*.tar")) == [shard_paths(tmp_path / "x" / "y", 0)[0].resolve()]
