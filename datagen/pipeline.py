@@ -32,7 +32,6 @@ import hashlib
 import json
 import math
 import os
-import shutil
 import tempfile
 import time
 from collections import Counter, deque
@@ -174,21 +173,18 @@ def write_shard(out: str | Path | RemoteDir, plan: ShardPlan, annotator, limits:
     """Process every sample of `plan` in order and publish the shard; returns its stats (counts,
     sha256, failure reasons), all the driver needs. `generator` goes into the stats,
     `record_generator` into each sample's json; `output` is how images are stored, `digits` the
-<<<<<<< HEAD
-    width of the shard's name. An object-store `out` gets the shard written locally, then uploaded."""
-    if isinstance(out, RemoteDir):
-        with tempfile.TemporaryDirectory(prefix="blip3-shard-") as staging:
-            stats = write_shard(Path(staging), plan, annotator, limits, generator, record_generator, output, digits)
-            publish_remote(Path(staging), out, plan.index, digits)
-        return stats
-=======
     width of the shard's name. The shard's URLs are fetched here, `download.threads` at a time
     ahead of the annotator (results kept in input order, so the tar's bytes do not depend on
-    which answer came first)."""
+    which answer came first). An object-store `out` gets the shard written locally, then uploaded."""
+    if isinstance(out, RemoteDir):
+        with tempfile.TemporaryDirectory(prefix="blip3-shard-") as staging:
+            stats = write_shard(Path(staging), plan, annotator, limits, generator, record_generator, output, digits,
+                                download)
+            publish_remote(Path(staging), out, plan.index, digits)
+        return stats
     urls = any(ref.locator[0] == "url" for ref in plan.refs)
     fetched = (fetch_in_order(plan.refs, lambda ref: _fetch_ahead(ref, download), download.threads) if urls
                else repeat(None))
->>>>>>> main
     with ShardWriter(out, plan.index, generator=generator, digits=digits) as w:
         for ref, sample in zip(plan.refs, fetched):
             res = process_ref(ref, annotator, limits, record_generator, output, sample)
@@ -281,13 +277,9 @@ def run_job(
     `image_output` is how image members are stored (datagen.images); `shard_name_width` the digits
     of shard names (img2dataset's 5 by default). `register=False` skips the catalog (the shards are
     complete without it). `verify=True` re-hashes finished shards before skipping them. `download`
-<<<<<<< HEAD
-    tunes how URL inputs are fetched. `output` may be any fsspec URL (`s3://bucket/prefix`), with
-    `storage_options` for its filesystem; such an output is not catalogued (the catalog reads
-    local folders).
-=======
-    tunes how the shard tasks fetch the rows of a URL list.
->>>>>>> main
+    tunes how the shard tasks fetch the rows of a URL list. `output` may be any fsspec URL
+    (`s3://bucket/prefix`), with `storage_options` for its filesystem; such an output is not
+    catalogued (the catalog reads local folders).
     """
     started = time.time()
     if workers < 1:
@@ -304,13 +296,7 @@ def run_job(
     # the image settings are part of what made a shard: changing them redoes it (input_digest)
     generator = {"name": probe.name, **probe.generator_info(),
                  "image_format": image_output.format, "encode_quality": image_output.quality}
-<<<<<<< HEAD
-    # downloads of URL inputs: next to a local output, in a temporary folder for an object store
-    work_dir = Path(tempfile.mkdtemp(prefix="blip3-download-")) if remote else out / DOWNLOAD_DIR
-    refs = iter_raw_refs(input, input_format, work_dir=work_dir, download=download)
-=======
     refs = iter_raw_refs(input, input_format)
->>>>>>> main
     plans = iter_plans(refs, shard_size, generator, limit=limit)
     first = next(plans, None)
     if first is None:
@@ -354,8 +340,6 @@ def run_job(
 
         with Catalog(catalog_db) as cat:
             result.source = cat.add_output(out, source=source_name, kind="caption").check().source
-    if remote:
-        shutil.rmtree(work_dir, ignore_errors=True)
     result.duration_s = round(time.time() - started, 3)
     return result
 
