@@ -61,7 +61,7 @@ def ground(
     overwrite: bool = typer.Option(False, "--overwrite", help="Redo all shards (default: skip finished ones)."),
     source: Optional[str] = typer.Option(None, "--source", help="Catalog source name (default: output folder name)."),
     db: Path = DbOption,
-    download_threads: int = typer.Option(16, "--download-threads", help="URL inputs: img2dataset download threads."),
+    download_threads: int = typer.Option(16, "--download-threads", help="URL inputs: concurrent downloads per shard task."),
     download_timeout: int = typer.Option(10, "--download-timeout", help="URL inputs: seconds per request."),
     download_retries: int = typer.Option(2, "--download-retries",
                                          help="URL inputs: further attempts after a failed request."),

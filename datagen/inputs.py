@@ -12,7 +12,8 @@ A job's input is one of (detected from the path, or named with `--input-format`)
                  (failures with `error_message` become failed samples with a `download:` reason),
                  its tars hold the images.
 - `urls`         a parquet / CSV / TSV / JSONL of URLs (`url`, optional `caption`, optional `uid`),
-                 fetched through img2dataset into `<output>/.download/` first (see `fetch.py`).
+                 read row by row; each row's image is fetched by the task writing its shard
+                 (see `fetch.py`), nothing is downloaded beforehand. Keys are the row numbers.
 - `blip3-ocr`    a parquet in the published BLIP3-OCR shape (`uid`, `url`, `captions` JSON,
                  `metadata` JSON): fetched like `urls`, keeping `uid` (the
                  captions are made anew by our engine; `blip3 export blip3-ocr` writes this shape).
@@ -67,7 +68,8 @@ class InputSample:
 class SampleRef:
     """Where an input sample's bytes are, without the bytes.
 
-    `locator` is `["file", path]`, `["tar", path, offset, size]`, or `["none"]` (pre-failed).
+    `locator` is `["file", path]`, `["tar", path, offset, size]`, `["url", url]` (fetched by
+    `load_sample`) or `["none"]` (pre-failed).
     Refs serialise to JSON (`to_json`/`from_json`) so they travel cheaply through Ray Data.
     """
 
@@ -182,28 +184,20 @@ class _KeyDeduper:
         return key
 
 
-def iter_refs(
-    input_path: str | Path, input_format: str | None = None, *, work_dir: str | Path | None = None,
-    download: Any = None,
-) -> Iterator[SampleRef]:
+def iter_refs(input_path: str | Path, input_format: str | None = None) -> Iterator[SampleRef]:
     """Yield the input's samples as refs, in a stable order, with sanitised unique keys.
 
-    `work_dir` is where URL inputs are downloaded (required for `urls` and `blip3-ocr`).
     Keys are unique over the whole input; the datagen pipeline, which must not hold every key of
     a large job, uses `iter_raw_refs` and makes keys unique per shard instead (datagen.plans).
     """
     dedup = _KeyDeduper()
-    for ref in iter_raw_refs(input_path, input_format, work_dir=work_dir, download=download):
+    for ref in iter_raw_refs(input_path, input_format):
         ref.key = dedup(ref.key)
         yield ref
 
 
-def iter_raw_refs(
-    input_path: str | Path, input_format: str | None = None, *, work_dir: str | Path | None = None,
-    download: Any = None,
-) -> Iterator[SampleRef]:
-    """`iter_refs` before key de-duplication: raw keys, not yet sanitised, in the same stable order.
-    `download` (a `datagen.fetch.DownloadOptions`) tunes the fetch of URL inputs."""
+def iter_raw_refs(input_path: str | Path, input_format: str | None = None) -> Iterator[SampleRef]:
+    """`iter_refs` before key de-duplication: raw keys, not yet sanitised, in the same stable order."""
     kind = input_format or detect_format(input_path)
     if kind not in INPUT_FORMATS:
         raise UserError(f"unknown input format {kind!r}; one of {', '.join(INPUT_FORMATS)}", field="--input-format")
@@ -214,18 +208,24 @@ def iter_raw_refs(
     elif kind == "img2dataset":
         raw = _img2dataset_refs(Path(input_path))
     else:
-        if work_dir is None:
-            raise UserError("URL inputs need a work folder to download into", field="work_dir")
-        from blip3.datagen.fetch import DownloadOptions, fetch_urls
-
-        raw = _img2dataset_refs(fetch_urls(Path(input_path), Path(work_dir), download or DownloadOptions()))
+        raw = _url_list_refs(Path(input_path))
     yield from raw
 
 
-def load_sample(ref: SampleRef) -> InputSample:
-    """Read the bytes a ref points at (in whichever process runs the work)."""
+def load_sample(ref: SampleRef, download: Any = None) -> InputSample:
+    """Read the bytes a ref points at (in whichever process runs the work). A URL is fetched with
+    `download` (a `datagen.fetch.DownloadOptions`, default settings when None); a URL that could not
+    be fetched gives a sample with a `download:` error, not an exception."""
     kind = ref.locator[0]
-    if kind == "file":
+    error = ref.error
+    if kind == "url":
+        from blip3.datagen.fetch import DownloadOptions, FetchError, fetch_url
+
+        try:
+            image = fetch_url(ref.locator[1], download or DownloadOptions())
+        except FetchError as e:
+            image, error = b"", f"download: {e}"
+    elif kind == "file":
         image = Path(ref.locator[1]).read_bytes()
     elif kind == "tar":
         _, path, offset, size = ref.locator
@@ -237,15 +237,13 @@ def load_sample(ref: SampleRef) -> InputSample:
         raise ValueError(f"unknown locator {ref.locator!r}")
     return InputSample(
         key=ref.key, image=image, ext=ref.ext, uid=ref.uid, url=ref.url,
-        source_caption=ref.source_caption, meta=dict(ref.meta), error=ref.error,
+        source_caption=ref.source_caption, meta=dict(ref.meta), error=error,
     )
 
 
-def iter_samples(
-    input_path: str | Path, input_format: str | None = None, *, work_dir: str | Path | None = None
-) -> Iterator[InputSample]:
+def iter_samples(input_path: str | Path, input_format: str | None = None) -> Iterator[InputSample]:
     """`iter_refs` + `load_sample`: the input's samples with their bytes, in order."""
-    for ref in iter_refs(input_path, input_format, work_dir=work_dir):
+    for ref in iter_refs(input_path, input_format):
         yield load_sample(ref)
 
 
@@ -409,13 +407,9 @@ def _img2dataset_parquet_refs(parquet: Path, tar: Path, f: BinaryIO | None,
     # img2dataset writes rows in completion order; its keys follow the input order: sort by key.
     for row in sorted(pq.read_table(parquet).to_pylist(), key=lambda r: str(r.get("key"))):
         key = str(row.get("key"))
-        extra = {"uid": row.get("uid"), "url": row.get("blip3_source_url") or row.get("url"),
+        extra = {"uid": row.get("uid"), "url": row.get("url"),
                  "caption": row.get("caption")}
-        if row.get("blip3_refused"):  # a non-http(s) URL, never opened (datagen.fetch._http_only)
-            yield SampleRef(key=key, ext="", locator=["none"], uid=_str_or_none(extra["uid"]),
-                            url=_str_or_none(extra["url"]), source_caption=extra["caption"],
-                            meta={"shard": parquet.name}, error=str(row["blip3_refused"]))
-        elif f is not None and row.get("status") == "success" and key in samples:
+        if f is not None and row.get("status") == "success" and key in samples:
             yield _tar_sample_ref(tar, f, samples[key], extra)
         else:
             reason = row.get("error_message") or row.get("status") or "missing from tar"
@@ -424,3 +418,14 @@ def _img2dataset_parquet_refs(parquet: Path, tar: Path, f: BinaryIO | None,
                 source_caption=extra["caption"], meta={"shard": parquet.name},
                 error=f"download: {reason}",
             )
+
+
+def _url_list_refs(path: Path) -> Iterator[SampleRef]:
+    """One ref per row of a URL list, keyed by row number (img2dataset's habit), in file order; the
+    bytes are fetched later by `load_sample`. A non-http(s) URL is a failed ref, never opened."""
+    from blip3.datagen.fetch import iter_url_rows, scheme_error
+
+    for number, row in enumerate(iter_url_rows(path)):
+        refused = scheme_error(row["url"])
+        yield SampleRef(key=f"{number:09d}", ext="", locator=["none"] if refused else ["url", row["url"].strip()],
+                        uid=row["uid"], url=row["url"], source_caption=row["caption"] or None, error=refused)

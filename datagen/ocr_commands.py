@@ -48,7 +48,7 @@ def ocr(
     paddle_rec_dir: Optional[str] = typer.Option(None, "--paddle-rec-dir", help="PaddleOCR recognition model folder."),
     limit: Optional[int] = typer.Option(None, "--limit", help="Only the first N input samples."),
     gpus_per_worker: float = typer.Option(0.0, "--gpus-per-worker", help="GPUs per OCR actor (0: CPU)."),
-    download_threads: int = typer.Option(16, "--download-threads", help="URL inputs: img2dataset download threads."),
+    download_threads: int = typer.Option(16, "--download-threads", help="URL inputs: concurrent downloads per shard task."),
     download_timeout: int = typer.Option(10, "--download-timeout", help="URL inputs: seconds per request."),
     download_retries: int = typer.Option(2, "--download-retries",
                                          help="URL inputs: further attempts after a failed request."),

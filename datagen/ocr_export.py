@@ -4,7 +4,7 @@ Columns of Salesforce/blip3-ocr-200m: `uid`, `url`, `captions` (JSON string: the
 `{"text", "granularity", "include_datacomp_raw_cap"}`) and `metadata` (JSON string:
 `{"entries": [...]}`). Our `<key>.json` holds exactly those fields, so the export is a projection;
 `uid` falls back to the sample key when the input had none. Importing such a parquet as a job
-input is the `blip3-ocr` input kind (`datagen.inputs`): its URLs are fetched through img2dataset,
+input is the `blip3-ocr` input kind (`datagen.inputs`): its URLs are fetched by the shard tasks,
 keeping `uid`, and OCR'd anew.
 """
 

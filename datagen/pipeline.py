@@ -3,8 +3,9 @@
     input (streamed, stable order) --datagen.plans--> shard plans 0..n-1, one at a time
       --skip finished ones--> one actor pool for the whole job (one annotator per actor, loaded
       once), at most IN_FLIGHT_PER_WORKER plans queued per actor (back-pressure)
-      --each actor call = one whole shard: read, decode+validate, annotate, caption, write tar +
-      parquet + stats straight to the output, atomically--> the shard's stats back to the driver
+      --each actor call = one whole shard: read (a URL list's rows are fetched here), decode+validate,
+      annotate, caption, write tar + parquet + stats straight to the output, atomically--> the
+      shard's stats back to the driver
       --> catalog.add_output (the driver is the only catalog writer)
 
 Why this shape:
@@ -31,7 +32,7 @@ import os
 import time
 from collections import Counter, deque
 from dataclasses import dataclass, field
-from itertools import chain
+from itertools import chain, repeat
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -48,14 +49,13 @@ from blip3.core.shards import (
 )
 from blip3.core.storage import local_path
 from blip3.datagen.annotator import AnnotatorFactory, SkipSample
-from blip3.datagen.fetch import DownloadOptions
+from blip3.datagen.fetch import DownloadOptions, fetch_in_order
 from blip3.datagen.images import ImageLimits, ImageOutput, ImageRejected, decode_image
-from blip3.datagen.inputs import SampleRef, check_output_outside_input, iter_raw_refs, load_sample
+from blip3.datagen.inputs import InputSample, SampleRef, check_output_outside_input, iter_raw_refs, load_sample
 from blip3.datagen.plans import ShardPlan, iter_plans
 
 log = get_logger("datagen")
 DEFAULT_SHARD_SIZE = 1000
-DOWNLOAD_DIR = ".download"
 #: Plans queued per actor: one running, one waiting, so an actor never idles between shards
 #: while the driver never holds more than 2 * workers shards of refs.
 IN_FLIGHT_PER_WORKER = 2
@@ -100,11 +100,12 @@ class Processed:
 
 
 def process_ref(ref: SampleRef, annotator, limits: ImageLimits, generator: dict[str, Any] | None = None,
-                output: ImageOutput = ImageOutput()) -> Processed:
+                output: ImageOutput = ImageOutput(), sample: InputSample | None = None) -> Processed:
     """Run one sample through the steps; a failure comes back as a row with its reason.
 
     `generator` (the annotator's `generator_info()`, computed once per actor) goes into the record;
-    `output` says how the image member is stored.
+    `output` says how the image member is stored; `sample` is the ref's sample when already loaded
+    (a URL fetched ahead, see `write_shard`).
     """
     row = SampleRow(key=ref.key, uid=ref.uid, url=ref.url, has_source_caption=bool(ref.source_caption))
 
@@ -115,9 +116,11 @@ def process_ref(ref: SampleRef, annotator, limits: ImageLimits, generator: dict[
     if ref.error:
         return failed(ref.error)
     try:
-        sample = load_sample(ref)
+        sample = sample or load_sample(ref)
     except OSError as e:
         return failed(f"read: {e}")
+    if sample.error:  # a URL that could not be fetched
+        return failed(sample.error)
     try:
         decoded = decode_image(sample.image, limits, output)
     except ImageRejected as e:
@@ -160,14 +163,19 @@ def process_ref(ref: SampleRef, annotator, limits: ImageLimits, generator: dict[
 # -- one shard, no Ray: plan -> tar + parquet + stats ------------------------------------------
 def write_shard(out: str | Path, plan: ShardPlan, annotator, limits: ImageLimits, generator: dict[str, Any],
                 record_generator: dict[str, Any] | None = None, output: ImageOutput = ImageOutput(),
-                digits: int = SHARD_DIGITS) -> dict[str, Any]:
+                digits: int = SHARD_DIGITS, download: DownloadOptions = DownloadOptions()) -> dict[str, Any]:
     """Process every sample of `plan` in order and publish the shard; returns its stats (counts,
     sha256, failure reasons), all the driver needs. `generator` goes into the stats,
     `record_generator` into each sample's json; `output` is how images are stored, `digits` the
-    width of the shard's name."""
+    width of the shard's name. The shard's URLs are fetched here, `download.threads` at a time
+    ahead of the annotator (results kept in input order, so the tar's bytes do not depend on
+    which answer came first)."""
+    urls = any(ref.locator[0] == "url" for ref in plan.refs)
+    fetched = (fetch_in_order(plan.refs, lambda ref: _fetch_ahead(ref, download), download.threads) if urls
+               else repeat(None))
     with ShardWriter(out, plan.index, generator=generator, digits=digits) as w:
-        for ref in plan.refs:
-            res = process_ref(ref, annotator, limits, record_generator, output)
+        for ref, sample in zip(plan.refs, fetched):
+            res = process_ref(ref, annotator, limits, record_generator, output, sample)
             if res.ok:
                 w.add(res.row.key, res.members, res.row)
             else:
@@ -177,21 +185,27 @@ def write_shard(out: str | Path, plan: ShardPlan, annotator, limits: ImageLimits
             "failure_reasons": info.failure_reasons, "sha256": info.sha256, "tar_bytes": info.tar_bytes}
 
 
+def _fetch_ahead(ref: SampleRef, download: DownloadOptions) -> InputSample | None:
+    """A URL ref's sample (fetched on a download thread); other refs are read when processed."""
+    return load_sample(ref, download) if ref.locator[0] == "url" and not ref.error else None
+
+
 class ShardWorker:
     """A Ray actor: one annotator, loaded once, writing whole shards."""
 
     def __init__(self, factory: AnnotatorFactory, limits: ImageLimits, output: ImageOutput = ImageOutput(),
-                 digits: int = SHARD_DIGITS):
+                 digits: int = SHARD_DIGITS, download: DownloadOptions = DownloadOptions()):
         self.annotator = factory()
         self.annotator.load()
         self.limits = limits
         self.output = output
         self.digits = digits
+        self.download = download
         self.record_generator = self.annotator.generator_info()
 
     def write(self, out: str, plan: ShardPlan, generator: dict[str, Any]) -> dict[str, Any]:
         return write_shard(out, plan, self.annotator, self.limits, generator, self.record_generator, self.output,
-                           self.digits)
+                           self.digits, self.download)
 
 
 # -- resume -----------------------------------------------------------------------------------
@@ -248,7 +262,7 @@ def run_job(
     `image_output` is how image members are stored (datagen.images); `shard_name_width` the digits
     of shard names (img2dataset's 5 by default). `register=False` skips the catalog (the shards are
     complete without it). `verify=True` re-hashes finished shards before skipping them. `download`
-    tunes how URL inputs are fetched.
+    tunes how the shard tasks fetch the rows of a URL list.
     """
     started = time.time()
     if workers < 1:
@@ -258,12 +272,12 @@ def run_job(
     probe = annotator_factory()  # unloaded: only asked for its name and generator info
     if shard_name_width < 1:
         raise UserError("must be at least 1", field="--shard-name-width")
-    if download is not None:
-        download.check()
+    download = download or DownloadOptions()
+    download.check()
     # the image settings are part of what made a shard: changing them redoes it (input_digest)
     generator = {"name": probe.name, **probe.generator_info(),
                  "image_format": image_output.format, "encode_quality": image_output.quality}
-    refs = iter_raw_refs(input, input_format, work_dir=out / DOWNLOAD_DIR, download=download)
+    refs = iter_raw_refs(input, input_format)
     plans = iter_plans(refs, shard_size, generator, limit=limit)
     first = next(plans, None)
     if first is None:
@@ -288,7 +302,8 @@ def run_job(
     if nxt is not None:
         _run_plans(chain([nxt], todo), out, annotator_factory, generator, result, reasons,
                    ray_address=ray_address, workers=workers, limits=limits, image_output=image_output,
-                   digits=shard_name_width, cpus_per_worker=cpus_per_worker, gpus_per_worker=gpus_per_worker)
+                   digits=shard_name_width, cpus_per_worker=cpus_per_worker, gpus_per_worker=gpus_per_worker,
+                   download=download)
     result.failure_reasons = dict(sorted(reasons.items()))
     clean_temporaries(out)  # of workers killed mid-shard (their shard was retried and published)
     removed = _remove_shards(out, keep_below=result.shards_total, digits=shard_name_width)
@@ -307,7 +322,7 @@ def run_job(
 def _run_plans(
     plans: Iterator[ShardPlan], out: Path, factory: AnnotatorFactory, generator: dict[str, Any], result: JobResult,
     reasons: Counter[str], *, ray_address: str | None, workers: int, limits: ImageLimits, image_output: ImageOutput,
-    digits: int, cpus_per_worker: float, gpus_per_worker: float,
+    digits: int, cpus_per_worker: float, gpus_per_worker: float, download: DownloadOptions,
 ) -> None:
     """Send plans to one actor pool, at most IN_FLIGHT_PER_WORKER per actor, and collect stats."""
     import ray
@@ -321,7 +336,7 @@ def _run_plans(
             num_cpus=cpus_per_worker, max_restarts=-1, max_task_retries=SHARD_RETRIES,
             **({"num_gpus": gpus_per_worker} if gpus_per_worker else {}),
         )
-        actors = [actor_cls.remote(factory, limits, image_output, digits) for _ in range(workers)]
+        actors = [actor_cls.remote(factory, limits, image_output, digits, download) for _ in range(workers)]
         free = deque(a for _ in range(IN_FLIGHT_PER_WORKER) for a in actors)
         in_flight: dict[Any, tuple[Any, int]] = {}
         lost: list[str] = []

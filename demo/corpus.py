@@ -7,7 +7,7 @@ annotations path has real structure to read.
 
     corpus/
       local/          images read as a folder input (rendered signs, real photos)
-      web/            images served over HTTP and fetched through img2dataset
+      web/            images served over HTTP and fetched by the shard tasks
       urls.parquet    url, caption (alt text), uid — includes a 404 and a corrupt image
       scenes/         shape scenes + coco.json (their boxes) + captions.jsonl
 """
@@ -152,7 +152,7 @@ def build_corpus(root: str | Path, *, n_signs: int = 12, n_scenes: int = 8, seed
 
 
 def write_url_list(corpus: Corpus, base_url: str) -> Path:
-    """The URL list img2dataset fetches: every web image with an alt text, plus a 404."""
+    """The URL list the job fetches: every web image with an alt text, plus a 404."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 

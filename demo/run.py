@@ -1,6 +1,6 @@
 """`blip3 demo`: the whole product on a generated corpus, in a few minutes on two CPU cores.
 
-    corpus (demo.corpus) --HTTP on 127.0.0.1 + img2dataset--> web shards
+    corpus (demo.corpus) --HTTP on 127.0.0.1, fetched by the shard tasks--> web shards
       --blip3 ocr (Ray)--> ocr-web, ocr-local        --blip3 ground (annotations)--> coco-grounding
       --catalog + sources (interleaved, sft, dpo)--> mixture manifest --> SQL stats, plot
       --blip3 train manifests/tiny/pipeline.yaml (pretrain on the demo's captions)--> 5 checkpoints
@@ -120,10 +120,10 @@ def run_demo(out_dir: str | Path = "blip3-demo", *, workers: int = 2, train_step
         console.print(f"corpus: {len(corpus.texts)} rendered signs, real photos, {corpus.coco.name} scenes; tiny sources in {tiny}")
 
     with ray_session(num_cpus=max(workers, 1)):  # one cluster for the three datagen jobs
-        with _Timer(res, "img2dataset + ocr"):
+        with _Timer(res, "fetch + ocr"):
             with serve_folder(corpus.web_dir) as base_url:
                 write_url_list(corpus, base_url)
-                console.print(f"serving {corpus.web_dir.name}/ at {base_url}; fetching with img2dataset")
+                console.print(f"serving {corpus.web_dir.name}/ at {base_url}")
                 r = run_ocr(corpus.urls, shards / "ocr-web", workers=workers, db=db, source="ocr-web", shard_size=8)
             res.shards["ocr-web"] = r.output
             console.print(f"ocr-web: {r.successes} ok, {r.failed} failed {r.failure_reasons}")
@@ -192,6 +192,8 @@ def run_demo(out_dir: str | Path = "blip3-demo", *, workers: int = 2, train_step
         write_result(t, title="training runs")
         tables["training runs (from the catalog)"] = t.to_pylist()
 
+    from blip3.eval.plot import plot_evals
+
     report = write_report(ReportInputs(
         out_dir=out,
         audits=audits,
@@ -199,6 +201,7 @@ def run_demo(out_dir: str | Path = "blip3-demo", *, workers: int = 2, train_step
         stage_dirs={r.name: Path(r.output_dir) for r in results},
         tables=tables,
         notes=[f"{k}: {v:.1f} s" for k, v in res.seconds.items()],
+        eval_plots=plot_evals(db, out),  # a stage file's `benchmarks`, when it names some
     ))
     res.report = report
     console.rule("[bold green]done")

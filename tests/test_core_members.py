@@ -33,7 +33,7 @@ def test_read_members_gives_the_bytes_a_streaming_read_gives(tiny_sources):  # n
 def test_datagen_reads_an_image_out_of_a_tar_at_its_offset(tiny_sources, tmp_path):  # noqa: F811
     tar = tiny_sources["caption-ocr"] / "00000.tar"
     first = next(iter_shard(tar))
-    ref = next(iter_refs(tar, "webdataset", work_dir=tmp_path))
+    ref = next(iter_refs(tar, "webdataset"))
     assert ref.locator[0] == "tar"
     assert load_sample(ref).image == first["jpg"]
 

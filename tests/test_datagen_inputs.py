@@ -107,21 +107,36 @@ def test_our_own_caption_shards_as_input_keep_the_original_alt_text(tmp_path):
 
 
 def test_url_lists_are_checked_before_any_download(tmp_path):
-    from blip3.core.shards import file_sha256
-    from blip3.datagen.fetch import MARKER, fetch_urls
-
     no_url = tmp_path / "list.csv"
     no_url.write_text("link,caption\nhttp://x/a.jpg,a\n")
     with pytest.raises(UserError, match="no `url` column"):
-        fetch_urls(no_url, tmp_path / "dl")
+        next(iter_refs(no_url))
     with pytest.raises(UserError, match="not found"):
-        fetch_urls(tmp_path / "missing.csv", tmp_path / "dl")
-    urls = tmp_path / "urls.jsonl"
-    urls.write_text('{"url": "http://127.0.0.1:9/a.jpg"}\n')
-    (tmp_path / "dl").mkdir()
-    (tmp_path / "dl" / MARKER).write_text(file_sha256(urls))  # a finished download of this very list
-    assert fetch_urls(urls, tmp_path / "dl") == tmp_path / "dl" / "img2dataset"  # skipped, nothing fetched
-    assert not (tmp_path / "dl" / "img2dataset").exists()
+        next(iter_refs(tmp_path / "missing.csv", "urls"))
+    broken = tmp_path / "list.jsonl"
+    broken.write_text('{"url": "http://127.0.0.1:9/a.jpg"}\n{"url": \n')
+    with pytest.raises(UserError, match="cannot read the URL list"):
+        list(iter_refs(broken))
+
+
+def test_url_lists_are_read_row_by_row_in_every_format(tmp_path):
+    """parquet, CSV, TSV and JSONL lists give the same refs (keys = row numbers, url/caption/uid);
+    nothing is fetched while enumerating (the server below does not exist)."""
+    import polars as pl
+
+    rows = {"url": ["http://127.0.0.1:9/a.jpg", "https://127.0.0.1:9/b.png", "data:,x"],
+            "caption": ["alt, with comma", None, "c"], "uid": ["1", "2", "3"]}
+    pl.DataFrame(rows).write_parquet(tmp_path / "l.parquet")
+    pl.DataFrame(rows).write_csv(tmp_path / "l.csv")
+    pl.DataFrame(rows).write_csv(tmp_path / "l.tsv", separator="\t")
+    pl.DataFrame(rows).write_ndjson(tmp_path / "l.jsonl")
+    for name in ("l.parquet", "l.csv", "l.tsv", "l.jsonl"):
+        refs = list(iter_refs(tmp_path / name))
+        assert [r.key for r in refs] == ["000000000", "000000001", "000000002"], name
+        assert [r.url for r in refs] == rows["url"] and [r.uid for r in refs] == rows["uid"], name
+        assert [r.source_caption for r in refs] == ["alt, with comma", None, "c"], name
+        assert [r.locator for r in refs] == [["url", rows["url"][0]], ["url", rows["url"][1]], ["none"]], name
+        assert refs[2].error == "url_scheme: only http(s) URLs are fetched, not data://", name
 
 
 def test_webdataset_scan_opens_each_tar_once(tmp_path, monkeypatch):

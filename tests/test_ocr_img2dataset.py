@@ -1,4 +1,4 @@
-"""URL lists through img2dataset (a local HTTP server on 127.0.0.1) -> OCR shards; export and re-import."""
+"""URL lists (a local HTTP server on 127.0.0.1) -> OCR shards; export and re-import."""
 
 from __future__ import annotations
 

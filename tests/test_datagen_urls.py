@@ -1,0 +1,137 @@
+"""URL lists fetched inside the shard tasks, against a real HTTP server on 127.0.0.1 that answers
+some URLs with 404, one with 500 then 200, one by dropping the connection once, and one too slowly."""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import http.server
+import threading
+import time
+from collections import Counter
+from pathlib import Path
+
+import pytest
+
+from blip3.core.shards import read_sidecar
+from blip3.datagen.fetch import DownloadOptions, fetch_in_order
+from blip3.datagen.pipeline import run_job
+from tests.ocr_fixtures import png_bytes, text_image
+from tests.test_datagen_pipeline import SizeCaptioner
+
+SLOW_S = 3  # the slow URL answers after this long; the jobs below wait 1s per attempt
+
+
+class _Server:
+    """Serves `root`; `/flaky*` fails its first request with 500, `/reset*` drops its first
+    connection unanswered, `/slow*` answers after SLOW_S. Counts requests per path."""
+
+    def __init__(self, root: Path):
+        self.hits: Counter[str] = Counter()
+        hits = self.hits
+
+        class Handler(http.server.SimpleHTTPRequestHandler):
+            def do_GET(self):  # noqa: N802 (http.server's name)
+                hits[self.path] += 1
+                first = hits[self.path] == 1
+                if self.path.startswith("/flaky") and first:
+                    self.send_error(500, "try again")
+                    return
+                if self.path.startswith("/reset") and first:
+                    self.close_connection = True
+                    return
+                if self.path.startswith("/slow"):
+                    time.sleep(SLOW_S)
+                try:
+                    super().do_GET()
+                except (BrokenPipeError, ConnectionResetError):  # the client gave up on the slow URL
+                    pass
+
+            def log_message(self, *args):
+                pass
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(Handler, directory=str(root)))
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def _hashes(out: Path) -> dict[str, str]:
+    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(out.glob("*.tar"))}
+
+
+@pytest.fixture
+def web(tmp_path):
+    www = tmp_path / "www"
+    www.mkdir()
+    for i, name in enumerate(["a.png", "b.png", "flaky.png", "reset.png", "slow.png", "c.png"]):
+        (www / name).write_bytes(png_bytes(text_image("X" * (i + 1))))
+    server = _Server(www)
+    yield server
+    server.close()
+
+
+@pytest.mark.slow
+def test_url_list_is_fetched_inside_the_shard_tasks(ray_local, tmp_path, web):
+    names = ["a.png", "missing.png", "flaky.png", "reset.png", "slow.png", "b.png", "gone.png", "c.png"]
+    urls = tmp_path / "urls.csv"
+    urls.write_text("url,caption,uid\n" + "".join(f"{web.url}/{n},alt {i},u{i}\n" for i, n in enumerate(names))
+                    + "file:///etc/passwd,alt 8,u8\n")
+    options = DownloadOptions(threads=3, timeout=1, retries=1)
+
+    def job(out: Path):
+        return run_job(urls, out, SizeCaptioner, workers=1, shard_size=4, register=False, download=options)
+
+    out = tmp_path / "out"
+    result = job(out)
+    assert (result.shards_total, result.samples, result.successes) == (3, 9, 5)
+    rows = {r["uid"]: r for t in sorted(out.glob("*.parquet")) for r in read_sidecar(t).to_pylist()}
+    failed = {uid: r["error_message"] for uid, r in rows.items() if r["status"] == "failed"}
+    assert failed == {
+        "u1": "download: HTTP Error 404: File not found",
+        "u4": "download: timeout: no answer within 1s",
+        "u6": "download: HTTP Error 404: File not found",
+        "u8": "url_scheme: only http(s) URLs are fetched, not file://",
+    }
+    assert rows["u2"]["status"] == rows["u3"]["status"] == "success"  # a 500 and a dropped connection, retried
+    assert rows["u0"]["url"] == f"{web.url}/a.png" and rows["u8"]["url"] == "file:///etc/passwd"
+    assert result.failure_reasons == {"download": 3, "url_scheme": 1}
+    # the sample -> shard assignment follows the list's row order, keys are the row numbers
+    assert [r["key"] for r in read_sidecar(out / "00001.parquet").to_pylist()] == [f"{i:09d}" for i in range(4, 8)]
+    # a 404 is final (asked once), the slow URL is asked 1 + retries times
+    assert web.hits["/missing.png"] == 1 and web.hits["/slow.png"] == 2 and web.hits["/flaky.png"] == 2
+    # nothing but our shard set in the output: no download folder, no second copy
+    assert sorted(p.relative_to(out).as_posix() for p in out.rglob("*.tar")) == ["00000.tar", "00001.tar", "00002.tar"]
+    assert not (out / ".download").exists()
+    assert all(not p.name.startswith(".") for p in out.iterdir())
+
+    # a re-run skips every finished shard without fetching anything
+    before = sum(web.hits.values())
+    again = job(out)
+    assert (again.shards_skipped, again.shards_written) == (3, 0) and sum(web.hits.values()) == before
+    # a second clean run writes the same bytes (the flaky and reset URLs now answer at once)
+    clean = tmp_path / "clean"
+    job(clean)
+    assert _hashes(clean) == _hashes(out) and len(_hashes(out)) == 3
+
+
+def test_fetch_in_order_keeps_input_order_with_a_bounded_window():
+    """Results come back in input order whatever finishes first, and at most 2 * threads items are
+    pulled from the input ahead of the consumer (a shard's images are not all held at once)."""
+    pulled = []
+
+    def items():
+        for i in range(20):
+            pulled.append(i)
+            yield i
+
+    def work(i: int) -> int:
+        time.sleep(0.01 * (i % 3))
+        return i * i
+
+    it = fetch_in_order(items(), work, threads=2)
+    assert next(it) == 0 and len(pulled) <= 4
+    assert list(it) == [i * i for i in range(1, 20)]
