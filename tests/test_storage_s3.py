@@ -53,10 +53,6 @@ def _remote_hashes(remote: RemoteDir) -> dict[str, str]:
     return {n: hashlib.sha256(remote.read_bytes(n)).hexdigest() for n in sorted(remote.names()) if n.endswith(".tar")}
 
 
-def _upload_order(remote: RemoteDir) -> dict[str, float]:
-    return {n: remote.fs.info(remote.path(n))["LastModified"].timestamp() for n in remote.names()}
-
-
 def test_job_to_s3_writes_the_bytes_of_a_local_run_stats_last_and_resumes(ray_local, s3_server, tmp_path):
     src = _images(tmp_path / "in", 6)
     ref = tmp_path / "ref"
@@ -156,3 +152,40 @@ def test_missing_s3fs_names_the_extra_to_install(monkeypatch):
     monkeypatch.setattr(fsspec.core, "url_to_fs", missing)
     with pytest.raises(UserError, match=r"pip install 'blip3-engine\[s3\]'"):
         RemoteDir("s3://b/p").fs
+
+
+@pytest.mark.slow
+def test_multi_node_cluster_writes_to_s3_the_bytes_of_a_local_run(ray_local, s3_server, tmp_path):
+    """Two raylets (`ray.cluster_utils.Cluster`) joined with --ray-address, output on the S3
+    server given by environment variables only: each node's actors upload their own shards (the
+    variables reach them from the client), byte-identical to a local one-worker run."""
+    from ray.cluster_utils import Cluster
+
+    from blip3.datagen.grounding import make_config
+
+    src = _images(tmp_path / "in", 8)
+    coco = tmp_path / "coco.json"
+    coco.write_text('{"images": [' + ", ".join(
+        f'{{"id": {i}, "file_name": "img{i}.png"}}' for i in range(8)) + '], "annotations": ['
+        '{"id": 1, "image_id": 3, "bbox": [1, 2, 30, 20], "category_id": 1}], '
+        '"categories": [{"id": 1, "name": "sign"}]}')
+    ref = tmp_path / "ref"
+    run_job(src, ref, make_config(detector="annotations", annotations=coco), workers=1, shard_size=2, register=False)
+
+    url = f"s3://{BUCKET}/multi/out"
+    cluster = Cluster(initialize_head=True, connect=False, head_node_args={"num_cpus": 1})
+    try:
+        cluster.add_node(num_cpus=1)
+        cluster.wait_for_nodes()
+        env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+        env.update(AWS_ENDPOINT_URL=s3_server["endpoint_url"], AWS_ACCESS_KEY_ID="testing",
+                   AWS_SECRET_ACCESS_KEY="testing", AWS_DEFAULT_REGION="us-east-1")
+        r = _cli(["ground", str(src), "-o", url, "--detector", "annotations", "--annotations", str(coco),
+                  "--workers", "2", "--shard-size", "2", "--ray-address", cluster.address,
+                  "--db", str(tmp_path / "c.duckdb")], env, cwd=tmp_path)
+        assert r.returncode == 0, r.stderr[-3000:]
+    finally:
+        cluster.shutdown()
+    remote = RemoteDir(url, s3_server)
+    assert _remote_hashes(remote) == _tar_hashes(ref) and len(_tar_hashes(ref)) == 4
+    assert sorted(remote.names()) == sorted(p.name for p in ref.iterdir())
