@@ -38,6 +38,7 @@ import pyarrow as pa
 from blip3.core.errors import UserError
 from blip3.core.records import RECORD_KINDS
 from blip3.core.shards import SIDECAR_COLUMNS, ShardInfo, file_sha256, list_shards
+from blip3.core.storage import local_path
 
 DEFAULT_DB = "catalog.duckdb"
 SOURCE_KINDS = tuple(RECORD_KINDS)  # caption, interleaved, sft, dpo: one record type each
@@ -333,7 +334,7 @@ class Catalog:
         computed while writing (in the stats), checked against the tar's size; `verify=True`
         re-hashes every tar (a full read of the corpus).
         """
-        out = Path(out_dir)
+        out = local_path(out_dir, "output")  # an object-store URL: one line, not "s3:/...: not a directory"
         if not out.is_dir():
             raise UserError("not a directory", file=out)
         shards = list_shards(out)

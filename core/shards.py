@@ -46,7 +46,7 @@ import pyarrow.parquet as pq
 
 from blip3.core.errors import UserError
 from blip3.core.keys import is_safe_key
-from blip3.core.storage import RemoteDir
+from blip3.core.storage import RemoteDir, local_path
 
 #: Digits of a shard name, img2dataset's default (`oom_shard_count=5`): `00000.tar`.
 SHARD_DIGITS = 5
@@ -484,7 +484,7 @@ def resolve_shards(spec: str | Path, base: Path | None = None) -> list[Path]:
     text = str(spec)
     paths: list[Path] = []
     for part in braceexpand(text):
-        p = Path(part)
+        p = local_path(part, "shards")
         if base is not None and not p.is_absolute():
             p = base / p
         if any(c in part for c in "*?["):

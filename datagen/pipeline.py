@@ -53,7 +53,7 @@ from blip3.core.shards import (
     shard_complete,
     shard_paths,
 )
-from blip3.core.storage import RemoteDir, output_location, storage_environment
+from blip3.core.storage import RemoteDir, local_path, output_location, storage_environment
 from blip3.datagen.annotator import AnnotatorFactory, SkipSample
 from blip3.datagen.fetch import DownloadOptions, fetch_in_order
 from blip3.datagen.images import ImageLimits, ImageOutput, ImageRejected, decode_image
@@ -286,6 +286,7 @@ def run_job(
         raise UserError("must be at least 1", field="--workers")
     out = output_location(output, storage_options)
     remote = isinstance(out, RemoteDir)
+    local_path(input, "input")  # inputs are local or mounted: an object-store URL is one line
     if not remote:
         check_output_outside_input(input, out)
     probe = annotator_factory()  # unloaded: only asked for its name and generator info

@@ -189,3 +189,19 @@ def test_multi_node_cluster_writes_to_s3_the_bytes_of_a_local_run(ray_local, s3_
     remote = RemoteDir(url, s3_server)
     assert _remote_hashes(remote) == _tar_hashes(ref) and len(_tar_hashes(ref)) == 4
     assert sorted(remote.names()) == sorted(p.name for p in ref.iterdir())
+
+
+def test_object_store_inputs_and_catalog_paths_are_one_line(tmp_path):
+    """Inputs, `catalog add` and shard lists read local or mounted folders: an `s3://` one is a
+    line naming the scheme, not `s3:/...: input does not exist` (and no `s3:` folder appears)."""
+    env = dict(os.environ)
+    for args in (["ocr", "s3://bucket/in/000.tar", "-o", str(tmp_path / "out")],
+                 ["catalog", "add", "s3://bucket/out"]):
+        r = _cli(args + ["--db", str(tmp_path / "c.duckdb")], env, cwd=tmp_path)
+        assert r.returncode == 2, r.stderr[-2000:]
+        assert "s3:// locations are not supported here" in " ".join(r.stderr.split()) and "Traceback" not in r.stderr
+    from blip3.core.shards import resolve_shards
+
+    with pytest.raises(UserError, match="s3:// locations"):
+        resolve_shards("s3://bucket/out/{00000..00001}.tar")
+    assert not (tmp_path / "s3:").exists() and not (tmp_path / "out").exists()
