@@ -46,6 +46,11 @@ def out_option(what: str):
     """`-o/--out`, for a command whose output was a positional argument (kept, now optional)."""
     return typer.Option(None, "--out", "-o", help=f"{what[0].upper()}{what[1:]} (or as the positional argument).")
 
+#: `--storage-options` of the commands whose output may be an object store (core.storage).
+StorageOptions = typer.Option(None, "--storage-options",
+                              help='Object-store output (s3://, gs://, ...): fsspec filesystem arguments as JSON, '
+                                   'e.g. \'{"endpoint_url": "http://minio:9000"}\' (else the usual environment variables).')
+
 #: The kinds of source the catalog knows (`core.catalog.SOURCE_KINDS`, checked equal by a test).
 SourceKind = Literal["caption", "interleaved", "sft", "dpo"]
 #: The input kinds of a datagen job (`datagen.inputs.INPUT_FORMATS`, checked equal by a test).

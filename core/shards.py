@@ -46,6 +46,7 @@ import pyarrow.parquet as pq
 
 from blip3.core.errors import UserError
 from blip3.core.keys import is_safe_key
+from blip3.core.storage import RemoteDir
 
 #: Digits of a shard name, img2dataset's default (`oom_shard_count=5`): `00000.tar`.
 SHARD_DIGITS = 5
@@ -388,7 +389,13 @@ def _info_from_stats(out_dir: Path, stats: dict[str, Any]) -> ShardInfo:
 
 
 # -- reading -----------------------------------------------------------------------------------
-def read_stats(out_dir: str | Path, index: int, digits: int = SHARD_DIGITS) -> dict[str, Any] | None:
+def read_stats(out_dir: str | Path | RemoteDir, index: int, digits: int = SHARD_DIGITS) -> dict[str, Any] | None:
+    if isinstance(out_dir, RemoteDir):
+        data = out_dir.read_bytes(f"{shard_name(index, digits)}_stats.json")
+        try:
+            return None if data is None else json.loads(data)
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            return None
     _, _, stats_path = shard_paths(out_dir, index, digits)
     try:
         return json.loads(stats_path.read_text())
@@ -396,17 +403,52 @@ def read_stats(out_dir: str | Path, index: int, digits: int = SHARD_DIGITS) -> d
         return None
 
 
-def shard_complete(out_dir: str | Path, index: int, *, verify_checksum: bool = True,
+def shard_complete(out_dir: str | Path | RemoteDir, index: int, *, verify_checksum: bool = True,
                    digits: int = SHARD_DIGITS) -> bool:
     """True when shard `index` was published whole (stats present, tar size and, when
     `verify_checksum`, sha256 match; without it the stats' sha256 is trusted: hash once)."""
     stats = read_stats(out_dir, index, digits)
     if stats is None:
         return False
+    if isinstance(out_dir, RemoteDir):
+        return _remote_shard_complete(out_dir, shard_name(index, digits), stats, verify_checksum)
     tar, parquet, _ = shard_paths(out_dir, index, digits)
     if not tar.exists() or not parquet.exists() or tar.stat().st_size != stats.get("tar_bytes"):
         return False
     return not verify_checksum or file_sha256(tar) == stats.get("sha256")
+
+
+def _remote_shard_complete(out: RemoteDir, name: str, stats: dict[str, Any], verify_checksum: bool) -> bool:
+    if out.size(f"{name}.parquet") is None or out.size(f"{name}.tar") != stats.get("tar_bytes"):
+        return False
+    if not verify_checksum:
+        return True
+    h = hashlib.sha256()
+    with out.fs.open(out.path(f"{name}.tar"), "rb") as f:
+        while block := f.read(1 << 20):
+            h.update(block)
+    return h.hexdigest() == stats.get("sha256")
+
+
+def publish_remote(local_dir: Path, out: RemoteDir, index: int, digits: int = SHARD_DIGITS) -> None:
+    """Upload a shard written (and published) in `local_dir`: tar, parquet, then the stats object,
+    the completion mark, last; a run killed in between leaves a shard that does not count as done."""
+    for path in shard_paths(local_dir, index, digits):
+        out.upload(path, path.name)
+
+
+def remove_remote_shards(out: RemoteDir, keep_below: int = 0, digits: int = SHARD_DIGITS) -> list[int]:
+    """`datagen.pipeline`'s removal of left-over shards, on an object store: stats objects first."""
+    stems = set()
+    for name in out.names():
+        for suffix in ("_stats.json", ".tar", ".parquet"):
+            stem = name[: -len(suffix)] if name.endswith(suffix) else ""
+            if stem.isdigit() and (int(stem) >= keep_below or len(stem) != digits):
+                stems.add(stem)
+    for stem in stems:
+        for suffix in ("_stats.json", ".parquet", ".tar"):
+            out.remove(f"{stem}{suffix}")
+    return sorted(int(n) for n in stems)
 
 
 def list_shards(out_dir: str | Path) -> list[ShardInfo]:

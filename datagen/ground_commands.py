@@ -7,7 +7,7 @@ from typing import Literal, Optional
 
 import typer
 
-from blip3.core.options import DbOption, InputFormat, out_option, output_path
+from blip3.core.options import DbOption, StorageOptions, InputFormat, out_option, output_path
 from blip3.core.shards import SHARD_DIGITS
 from blip3.datagen.images import DEFAULT_ENCODE_QUALITY
 from blip3.datagen.detectors import DetectionLimits
@@ -65,11 +65,13 @@ def ground(
     download_timeout: int = typer.Option(10, "--download-timeout", help="URL inputs: seconds per request."),
     download_retries: int = typer.Option(2, "--download-retries",
                                          help="URL inputs: further attempts after a failed request."),
+    storage_options: Optional[str] = StorageOptions,
 ) -> None:
     """Detect objects and write BLIP3-GROUNDING caption shards (positional, textual, bbox)."""
     from rich.markup import escape
 
     from blip3.core.logs import console
+    from blip3.core.storage import parse_storage_options
     from blip3.datagen.fetch import DownloadOptions
     from blip3.datagen.grounding import ground as run_ground
     from blip3.datagen.images import ImageOutput
@@ -85,7 +87,7 @@ def ground(
     r = run_ground(input, output_path(output, out), config, input_format=input_format, workers=workers, ray_address=ray_address,
                    shard_size=shard_size, limit=limit, overwrite=overwrite, catalog_db=db, source_name=source,
                    gpus_per_worker=gpus_per_worker, image_output=ImageOutput(image_format, encode_quality),
-                   shard_name_width=shard_name_width,
+                   shard_name_width=shard_name_width, storage_options=parse_storage_options(storage_options),
                    download=DownloadOptions(download_threads, download_timeout, download_retries))
     console.print(f"[green]{r.output}[/]: {escape(r.summary(skipped_as='skipped'))}", highlight=False)
 

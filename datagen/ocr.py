@@ -102,6 +102,7 @@ def run_ocr(
     download: DownloadOptions | None = None,
     image_output: ImageOutput = ImageOutput(),
     shard_name_width: int = SHARD_DIGITS,
+    storage_options: dict[str, Any] | None = None,
 ) -> JobResult:
     """OCR `input` into BLIP3-OCR caption shards in `output` (resumable; see datagen.pipeline).
 
@@ -124,4 +125,5 @@ def run_ocr(
     return run_job(input, output, annotator, input_format=input_format, workers=workers, ray_address=ray_address,
                    shard_size=shard_size, overwrite=overwrite, catalog_db=db, source_name=source, limit=limit,
                    register=register, gpus_per_worker=gpus_per_worker, download=download,
-                   image_output=image_output, shard_name_width=shard_name_width)
+                   image_output=image_output, shard_name_width=shard_name_width,
+                   storage_options=storage_options)

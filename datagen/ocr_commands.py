@@ -7,7 +7,7 @@ from typing import Literal, Optional
 
 import typer
 
-from blip3.core.options import DbOption, InputFormat, out_option, output_path
+from blip3.core.options import DbOption, StorageOptions, InputFormat, out_option, output_path
 from blip3.core.shards import SHARD_DIGITS
 from blip3.datagen.images import DEFAULT_ENCODE_QUALITY
 
@@ -52,11 +52,13 @@ def ocr(
     download_timeout: int = typer.Option(10, "--download-timeout", help="URL inputs: seconds per request."),
     download_retries: int = typer.Option(2, "--download-retries",
                                          help="URL inputs: further attempts after a failed request."),
+    storage_options: Optional[str] = StorageOptions,
 ) -> None:
     """OCR images into BLIP3-OCR caption shards (12 caption variants each) on Ray; resumable."""
     from rich.markup import escape
 
     from blip3.core.logs import console
+    from blip3.core.storage import parse_storage_options
     from blip3.datagen.fetch import DownloadOptions
     from blip3.datagen.images import ImageOutput
     from blip3.datagen.ocr import run_ocr
@@ -70,7 +72,7 @@ def ocr(
                 input_format=input_format, overwrite=overwrite, db=db, source=source,
                 style=CaptionStyle(lead_in=lead_in, filler=filler), keep_empty=not drop_empty, limit=limit,
                 gpus_per_worker=gpus_per_worker, image_output=ImageOutput(image_format, encode_quality),
-                shard_name_width=shard_name_width,
+                shard_name_width=shard_name_width, storage_options=parse_storage_options(storage_options),
                 download=DownloadOptions(download_threads, download_timeout, download_retries))
     console.print(f"[green]{r.output}[/]: {escape(r.summary())}", highlight=False)
 

@@ -18,6 +18,9 @@ Why this shape:
   work. A shard counts as done when its stats exist, the tar has the recorded size (the sha256 is
   trusted from the stats, computed while writing; `verify=True` re-reads it) and its stats carry
   the same `input_digest`; a killed run leaves only temporaries, removed on the next start.
+- Object stores (`s3://`, `gs://`, any fsspec URL; core.storage): a worker writes its shard to a
+  local temporary folder exactly as above, then uploads tar, parquet and, last, the stats object;
+  resume reads the stats and sizes from the store. The tars are the same bytes as a local run's.
 - Fault tolerance: a worker process that dies mid-shard is restarted by Ray and the call retried
   (`max_task_retries`); the retry writes the same bytes under a fresh temporary name and the
   shard is published once.
@@ -29,6 +32,7 @@ import hashlib
 import json
 import math
 import os
+import tempfile
 import time
 from collections import Counter, deque
 from dataclasses import dataclass, field
@@ -43,11 +47,13 @@ from blip3.core.shards import (
     SampleRow,
     ShardWriter,
     clean_temporaries,
+    publish_remote,
     read_stats,
+    remove_remote_shards,
     shard_complete,
     shard_paths,
 )
-from blip3.core.storage import local_path
+from blip3.core.storage import RemoteDir, output_location, storage_environment
 from blip3.datagen.annotator import AnnotatorFactory, SkipSample
 from blip3.datagen.fetch import DownloadOptions, fetch_in_order
 from blip3.datagen.images import ImageLimits, ImageOutput, ImageRejected, decode_image
@@ -66,7 +72,7 @@ SHARD_RETRIES = 3
 class JobResult:
     """What a job did; `failure_reasons` counts the failed samples of the shards it wrote."""
 
-    output: Path
+    output: Path | RemoteDir
     shards_total: int
     shards_written: int
     shards_skipped: int
@@ -161,7 +167,7 @@ def process_ref(ref: SampleRef, annotator, limits: ImageLimits, generator: dict[
 
 
 # -- one shard, no Ray: plan -> tar + parquet + stats ------------------------------------------
-def write_shard(out: str | Path, plan: ShardPlan, annotator, limits: ImageLimits, generator: dict[str, Any],
+def write_shard(out: str | Path | RemoteDir, plan: ShardPlan, annotator, limits: ImageLimits, generator: dict[str, Any],
                 record_generator: dict[str, Any] | None = None, output: ImageOutput = ImageOutput(),
                 digits: int = SHARD_DIGITS, download: DownloadOptions = DownloadOptions()) -> dict[str, Any]:
     """Process every sample of `plan` in order and publish the shard; returns its stats (counts,
@@ -169,7 +175,13 @@ def write_shard(out: str | Path, plan: ShardPlan, annotator, limits: ImageLimits
     `record_generator` into each sample's json; `output` is how images are stored, `digits` the
     width of the shard's name. The shard's URLs are fetched here, `download.threads` at a time
     ahead of the annotator (results kept in input order, so the tar's bytes do not depend on
-    which answer came first)."""
+    which answer came first). An object-store `out` gets the shard written locally, then uploaded."""
+    if isinstance(out, RemoteDir):
+        with tempfile.TemporaryDirectory(prefix="blip3-shard-") as staging:
+            stats = write_shard(Path(staging), plan, annotator, limits, generator, record_generator, output, digits,
+                                download)
+            publish_remote(Path(staging), out, plan.index, digits)
+        return stats
     urls = any(ref.locator[0] == "url" for ref in plan.refs)
     fetched = (fetch_in_order(plan.refs, lambda ref: _fetch_ahead(ref, download), download.threads) if urls
                else repeat(None))
@@ -203,24 +215,26 @@ class ShardWorker:
         self.download = download
         self.record_generator = self.annotator.generator_info()
 
-    def write(self, out: str, plan: ShardPlan, generator: dict[str, Any]) -> dict[str, Any]:
+    def write(self, out: str | RemoteDir, plan: ShardPlan, generator: dict[str, Any]) -> dict[str, Any]:
         return write_shard(out, plan, self.annotator, self.limits, generator, self.record_generator, self.output,
                            self.digits, self.download)
 
 
 # -- resume -----------------------------------------------------------------------------------
-def shard_done(out: Path, index: int, digest: str, *, verify: bool = False, digits: int = SHARD_DIGITS) -> bool:
+def shard_done(out: Path | RemoteDir, index: int, digest: str, *, verify: bool = False, digits: int = SHARD_DIGITS) -> bool:
     """A finished shard of the same inputs and settings; its sha256 is re-read only with `verify`."""
     stats = read_stats(out, index, digits)
     return (stats is not None and stats.get("input_digest") == digest
             and shard_complete(out, index, verify_checksum=verify, digits=digits))
 
 
-def _remove_shards(out: Path, keep_below: int = 0, digits: int = SHARD_DIGITS) -> list[int]:
+def _remove_shards(out: Path | RemoteDir, keep_below: int = 0, digits: int = SHARD_DIGITS) -> list[int]:
     """Delete every published shard (tar, parquet, stats) whose index is `keep_below` or more, or
     whose name has another width than `digits`; returns the removed indices. Such shards are left
     over from a run with another `--shard-size`, a larger `--limit` or another `--shard-name-width`:
     kept, they would be catalogued and exported twice."""
+    if isinstance(out, RemoteDir):
+        return remove_remote_shards(out, keep_below, digits)
     names = set()
     for suffix in ("_stats.json", ".tar", ".parquet"):
         for p in out.glob(f"*{suffix}"):
@@ -255,6 +269,7 @@ def run_job(
     register: bool = True,
     verify: bool = False,
     download: DownloadOptions | None = None,
+    storage_options: dict[str, Any] | None = None,
 ) -> JobResult:
     """Annotate `input` into caption shards in `output`; resumable, see the module docstring.
 
@@ -262,13 +277,17 @@ def run_job(
     `image_output` is how image members are stored (datagen.images); `shard_name_width` the digits
     of shard names (img2dataset's 5 by default). `register=False` skips the catalog (the shards are
     complete without it). `verify=True` re-hashes finished shards before skipping them. `download`
-    tunes how the shard tasks fetch the rows of a URL list.
+    tunes how the shard tasks fetch the rows of a URL list. `output` may be any fsspec URL
+    (`s3://bucket/prefix`), with `storage_options` for its filesystem; such an output is not
+    catalogued (the catalog reads local folders).
     """
     started = time.time()
     if workers < 1:
         raise UserError("must be at least 1", field="--workers")
-    out = local_path(output, "output")
-    check_output_outside_input(input, out)
+    out = output_location(output, storage_options)
+    remote = isinstance(out, RemoteDir)
+    if not remote:
+        check_output_outside_input(input, out)
     probe = annotator_factory()  # unloaded: only asked for its name and generator info
     if shard_name_width < 1:
         raise UserError("must be at least 1", field="--shard-name-width")
@@ -282,8 +301,11 @@ def run_job(
     first = next(plans, None)
     if first is None:
         raise UserError("no input images found", file=input)
-    out.mkdir(parents=True, exist_ok=True)
-    clean_temporaries(out)
+    if remote:
+        out.fs  # noqa: B018 - a missing fsspec implementation or bad options fail here, in one line
+    else:
+        out.mkdir(parents=True, exist_ok=True)
+        clean_temporaries(out)
     if overwrite:
         _remove_shards(out, digits=shard_name_width)
     result = JobResult(out, 0, 0, 0, generator=generator)
@@ -305,12 +327,15 @@ def run_job(
                    digits=shard_name_width, cpus_per_worker=cpus_per_worker, gpus_per_worker=gpus_per_worker,
                    download=download)
     result.failure_reasons = dict(sorted(reasons.items()))
-    clean_temporaries(out)  # of workers killed mid-shard (their shard was retried and published)
+    if not remote:
+        clean_temporaries(out)  # of workers killed mid-shard (their shard was retried and published)
     removed = _remove_shards(out, keep_below=result.shards_total, digits=shard_name_width)
     if removed:
         log.info(f"removed {len(removed)} shard(s) left over from an earlier run: indices {removed[0]}..{removed[-1]}")
     log.info(f"{result.shards_total} shard(s): {result.shards_written} written, {result.shards_skipped} done before")
-    if register:
+    if register and remote:
+        log.warning(f"{out} is not catalogued: the catalog reads local or mounted folders")
+    elif register:
         from blip3.core.catalog import Catalog
 
         with Catalog(catalog_db) as cat:
@@ -320,7 +345,7 @@ def run_job(
 
 
 def _run_plans(
-    plans: Iterator[ShardPlan], out: Path, factory: AnnotatorFactory, generator: dict[str, Any], result: JobResult,
+    plans: Iterator[ShardPlan], out: Path | RemoteDir, factory: AnnotatorFactory, generator: dict[str, Any], result: JobResult,
     reasons: Counter[str], *, ray_address: str | None, workers: int, limits: ImageLimits, image_output: ImageOutput,
     digits: int, cpus_per_worker: float, gpus_per_worker: float, download: DownloadOptions,
 ) -> None:
@@ -332,8 +357,10 @@ def _run_plans(
     cpus = max(math.ceil(workers * cpus_per_worker), os.cpu_count() or 1)
     with ray_session(ray_address, num_cpus=cpus), progress() as bar:
         task = bar.add_task(f"{generator['name']} -> {out.name} (shards)", total=None)
+        storage_env = storage_environment() if isinstance(out, RemoteDir) else {}
         actor_cls = ray.remote(ShardWorker).options(
             num_cpus=cpus_per_worker, max_restarts=-1, max_task_retries=SHARD_RETRIES,
+            **({"runtime_env": {"env_vars": storage_env}} if storage_env else {}),
             **({"num_gpus": gpus_per_worker} if gpus_per_worker else {}),
         )
         actors = [actor_cls.remote(factory, limits, image_output, digits, download) for _ in range(workers)]
@@ -367,7 +394,7 @@ def _run_plans(
             while not free:
                 collect()
             actor = free.popleft()
-            in_flight[actor.write.remote(str(out), plan, generator)] = (actor, plan.index)
+            in_flight[actor.write.remote(out if isinstance(out, RemoteDir) else str(out), plan, generator)] = (actor, plan.index)
         while in_flight:
             collect()
         for actor in actors:

@@ -31,6 +31,7 @@ class ReportInputs:
     stage_dirs: dict[str, Path] = field(default_factory=dict)  # stage name -> run dir
     tables: dict[str, list[dict]] = field(default_factory=dict)  # title -> rows (SQL results)
     notes: list[str] = field(default_factory=list)
+    eval_plots: list[Path] = field(default_factory=list)  # benchmark metric across stages (eval.plot)
 
 
 #: The training curves of the report: (metrics key, axis label, file name, section title, colour).
@@ -97,6 +98,9 @@ def write_report(inp: ReportInputs) -> Path:
         parts.append(f"<h2>{html.escape(title)}</h2>{_table(rows)}")
     if inp.mixture_plot is not None:
         parts.append(f'<h2>Mixture</h2><img src="{_rel(inp.mixture_plot, out)}" alt="mixture composition">')
+    if inp.eval_plots:
+        parts.append("<h2>Benchmarks across stages</h2>" + "".join(
+            f'<img src="{_rel(p, out)}" alt="{html.escape(p.stem)}">' for p in inp.eval_plots))
     for title, png in curves:
         if png is not None:
             parts.append(f'<h2>{html.escape(title)}</h2><img src="{_rel(png, out)}" alt="{html.escape(title)}">')

@@ -192,6 +192,8 @@ def run_demo(out_dir: str | Path = "blip3-demo", *, workers: int = 2, train_step
         write_result(t, title="training runs")
         tables["training runs (from the catalog)"] = t.to_pylist()
 
+    from blip3.eval.plot import plot_evals
+
     report = write_report(ReportInputs(
         out_dir=out,
         audits=audits,
@@ -199,6 +201,7 @@ def run_demo(out_dir: str | Path = "blip3-demo", *, workers: int = 2, train_step
         stage_dirs={r.name: Path(r.output_dir) for r in results},
         tables=tables,
         notes=[f"{k}: {v:.1f} s" for k, v in res.seconds.items()],
+        eval_plots=plot_evals(db, out),  # a stage file's `benchmarks`, when it names some
     ))
     res.report = report
     console.rule("[bold green]done")

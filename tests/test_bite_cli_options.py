@@ -27,7 +27,6 @@ _SPEC = {s.name: s for s in RENDERED}
 #: file name -> rendered sign (None: no text). Folder inputs are read in sorted order.
 OCR_INPUTS = {"a_mack.png": "sign_mack", "b_open.png": "serif_open", "c_price.png": "price_tag",
               "d_blank.png": None, "e_library.png": "stix_italic"}
-MIN_CONFIDENCE = 0.96  # between the two weaker signs (~0.93, ~0.95) and the price tag (~1.0)
 
 
 def _read(out: Path) -> tuple[dict, dict, list]:
@@ -56,13 +55,14 @@ def test_ocr_options_reach_the_shards(ray_local, tmp_path):
     probe.load()
     best = {n: max([e["confidence"] for e in probe.annotate(images[n], InputSample(n, b"", "png")).metadata["entries"]],
                    default=0.0) for n in ("a_mack.png", "b_open.png", "c_price.png")}
-    assert 0.5 <= best["a_mack.png"] < MIN_CONFIDENCE and 0.5 <= best["b_open.png"] < MIN_CONFIDENCE, best
-    assert best["c_price.png"] >= MIN_CONFIDENCE, best
+    weaker = max(best["a_mack.png"], best["b_open.png"])
+    assert min(best["a_mack.png"], best["b_open.png"]) >= 0.5 and best["c_price.png"] - weaker > 0.004, best
+    min_confidence = round((weaker + best["c_price.png"]) / 2, 4)  # the price tag passes, the other two do not
 
     out = tmp_path / "out"
     r = CliRunner().invoke(app, ["ocr", str(src), str(out), "--workers", "1", "--db", str(tmp_path / "c.duckdb"),
                                  "--lead-in", "Pictured:", "--filler", "the sign", "--drop-empty",
-                                 "--min-confidence", str(MIN_CONFIDENCE), "--default-granularity", "0",
+                                 "--min-confidence", str(min_confidence), "--default-granularity", "0",
                                  "--limit", "4"])
     assert r.exit_code == 0, r.output
     samples, rows, infos = _read(out)
@@ -78,10 +78,10 @@ def test_ocr_options_reach_the_shards(ray_local, tmp_path):
     assert price["txt"].decode() == 'Pictured: the sign "Price: $12.99".'
     record = json.loads(price["json"])
     assert all(c["text"].startswith("Pictured: the sign ") for c in record["captions"] if c["granularity"] < 5)
-    assert all(e["confidence"] >= MIN_CONFIDENCE for e in record["metadata"]["entries"])
+    assert all(e["confidence"] >= min_confidence for e in record["metadata"]["entries"])
     gen = infos[0].generator
     assert (gen["min_confidence"], gen["default_granularity"], gen["lead_in"], gen["filler"], gen["keep_empty"]) == (
-        MIN_CONFIDENCE, 0, "Pictured:", "the sign", False)
+        min_confidence, 0, "Pictured:", "the sign", False)
 
 
 # -- blip3 ground ----------------------------------------------------------------------------------

@@ -1,0 +1,158 @@
+"""Outputs on an object store: a real S3-compatible server (moto's server mode on 127.0.0.1),
+started here, reached through s3fs exactly as a user's bucket would be. Never a mocked client."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+from pathlib import Path
+
+import pytest
+
+from blip3.core.errors import UserError
+from blip3.core.shards import file_sha256
+from blip3.core.storage import RemoteDir, output_location, parse_storage_options
+from blip3.datagen.pipeline import run_job
+from tests.test_datagen_pipeline import SizeCaptioner
+from tests.test_datagen_scale import _cli, _images, _tar_hashes
+
+BUCKET = "shards"
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def s3_server():
+    """moto's S3 server on a free local port; yields the storage options that reach it."""
+    pytest.importorskip("s3fs")
+    from moto.server import ThreadedMotoServer
+
+    port = _free_port()
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    options = {"endpoint_url": f"http://127.0.0.1:{port}", "key": "testing", "secret": "testing",
+               "client_kwargs": {"region_name": "us-east-1"}}
+    try:
+        import boto3
+
+        boto3.client("s3", endpoint_url=options["endpoint_url"], aws_access_key_id="testing",
+                     aws_secret_access_key="testing", region_name="us-east-1").create_bucket(Bucket=BUCKET)
+        yield options
+    finally:
+        server.stop()
+
+
+def _remote_hashes(remote: RemoteDir) -> dict[str, str]:
+    import hashlib
+
+    return {n: hashlib.sha256(remote.read_bytes(n)).hexdigest() for n in sorted(remote.names()) if n.endswith(".tar")}
+
+
+def _upload_order(remote: RemoteDir) -> dict[str, float]:
+    return {n: remote.fs.info(remote.path(n))["LastModified"].timestamp() for n in remote.names()}
+
+
+def test_job_to_s3_writes_the_bytes_of_a_local_run_stats_last_and_resumes(ray_local, s3_server, tmp_path):
+    src = _images(tmp_path / "in", 6)
+    ref = tmp_path / "ref"
+    run_job(src, ref, SizeCaptioner, workers=1, shard_size=2, register=False)
+    url = f"s3://{BUCKET}/job1/out"
+    r = run_job(src, url, SizeCaptioner, workers=2, shard_size=2, register=False, storage_options=s3_server)
+    assert (r.shards_written, r.successes, r.failed) == (3, 6, 0)
+    remote = RemoteDir(url, s3_server)
+    assert _remote_hashes(remote) == _tar_hashes(ref) and len(_tar_hashes(ref)) == 3
+    assert sorted(remote.names()) == sorted(p.name for p in ref.iterdir())  # no temporaries, parquet + stats too
+    stats = json.loads(remote.read_bytes("00001_stats.json"))
+    assert stats["sha256"] == file_sha256(ref / "00001.tar") and stats["count"] == 2
+    assert not (tmp_path / "s3:").exists() and not Path("s3:").exists()
+
+    # resume: finished shards are skipped; a shard whose stats object is missing is redone
+    remote.remove("00002_stats.json")
+    r2 = run_job(src, url, SizeCaptioner, workers=1, shard_size=2, register=False, storage_options=s3_server)
+    assert (r2.shards_skipped, r2.shards_written) == (2, 1)
+    assert _remote_hashes(remote) == _tar_hashes(ref)
+    # a tar of the wrong size does not pass for finished
+    remote.fs.pipe_file(remote.path("00000.tar"), b"truncated")
+    r3 = run_job(src, url, SizeCaptioner, workers=1, shard_size=2, register=False, storage_options=s3_server)
+    assert (r3.shards_skipped, r3.shards_written) == (2, 1) and _remote_hashes(remote) == _tar_hashes(ref)
+    # a smaller --limit removes the shards beyond it (stats objects first)
+    r4 = run_job(src, url, SizeCaptioner, workers=1, shard_size=2, limit=2, register=False, storage_options=s3_server)
+    assert r4.shards_total == 1 and sorted(remote.names()) == ["00000.parquet", "00000.tar", "00000_stats.json"]
+
+
+def test_stats_object_is_uploaded_after_tar_and_parquet(s3_server, tmp_path):
+    from blip3.core.shards import ShardWriter, SampleRow, publish_remote
+
+    local = tmp_path / "staging"
+    with ShardWriter(local, 0) as w:
+        w.add("a", {"txt": "x"}, SampleRow("a"))
+    remote = RemoteDir(f"s3://{BUCKET}/order", s3_server)
+    uploaded: list[str] = []
+    real = RemoteDir.upload
+
+    def spy(self, path, name):
+        uploaded.append(name)
+        real(self, path, name)
+
+    RemoteDir.upload = spy
+    try:
+        publish_remote(local, remote, 0)
+    finally:
+        RemoteDir.upload = real
+    assert uploaded[-1] == "00000_stats.json" and sorted(uploaded) == sorted(remote.names())
+
+
+def test_cli_writes_to_s3_with_environment_variables_or_storage_options(ray_local, s3_server, tmp_path):
+    src = _images(tmp_path / "in", 3)
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    env.update(AWS_ENDPOINT_URL=s3_server["endpoint_url"], AWS_ACCESS_KEY_ID="testing",
+               AWS_SECRET_ACCESS_KEY="testing", AWS_DEFAULT_REGION="us-east-1", BLIP3_NO_PROGRESS="1")
+    coco = tmp_path / "coco.json"
+    coco.write_text('{"images": [{"id": 1, "file_name": "img1.png"}], "annotations": [{"id": 1, "image_id": 1, '
+                    '"bbox": [1, 2, 30, 20], "category_id": 1}], "categories": [{"id": 1, "name": "sign"}]}')
+    base = ["ground", str(src), "--detector", "annotations", "--annotations", str(coco), "--workers", "1",
+            "--ray-address", ray_local, "--db", str(tmp_path / "c.duckdb")]
+    r = _cli(base + ["-o", f"s3://{BUCKET}/cli/env"], env, cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "is not catalogued" in " ".join(r.stderr.split())
+    assert sorted(RemoteDir(f"s3://{BUCKET}/cli/env", s3_server).names()) == [
+        "00000.parquet", "00000.tar", "00000_stats.json"]
+    # the same through --storage-options, no environment; a wrong endpoint fails in one line
+    for var in ("AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):
+        env.pop(var)
+    r = _cli(base + ["-o", f"s3://{BUCKET}/cli/opts", "--storage-options", json.dumps(s3_server)], env, cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert len(RemoteDir(f"s3://{BUCKET}/cli/opts", s3_server).names()) == 3
+    r = _cli(base + ["-o", f"s3://{BUCKET}/cli/x", "--storage-options", "[1]"], env, cwd=tmp_path)
+    assert r.returncode == 2 and "must be a JSON object" in r.stderr and "Traceback" not in r.stderr
+    assert not (tmp_path / "s3:").exists()
+
+
+def test_storage_locations_and_options_are_checked():
+    assert output_location("rel/out") == Path("rel/out")
+    assert isinstance(output_location("s3://b/p", {"anon": True}), RemoteDir)
+    with pytest.raises(UserError, match="only applies to an object-store output"):
+        output_location("local/out", {"anon": True})
+    with pytest.raises(UserError, match="not valid JSON"):
+        parse_storage_options("{nope")
+    assert parse_storage_options(None) == {} and parse_storage_options('{"anon": true}') == {"anon": True}
+    import pickle
+
+    d = pickle.loads(pickle.dumps(RemoteDir("memory://x/y", {"a": 1})))
+    assert (d.url, d.storage_options, d.name) == ("memory://x/y", {"a": 1}, "y")
+
+
+def test_missing_s3fs_names_the_extra_to_install(monkeypatch):
+    import fsspec.core
+
+    def missing(*a, **k):
+        raise ImportError("Install s3fs to access S3")
+
+    monkeypatch.setattr(fsspec.core, "url_to_fs", missing)
+    with pytest.raises(UserError, match=r"pip install 'blip3-engine\[s3\]'"):
+        RemoteDir("s3://b/p").fs
