@@ -20,6 +20,8 @@ def plot_evals(db: str | Path, out_dir: Path) -> list[Path]:
 
     from blip3.core.catalog import open_catalog
 
+    if not Path(db).is_file():
+        return []
     con = open_catalog(Path(db), read_only=True)
     try:
         if not con.execute("SELECT 1 FROM information_schema.tables WHERE table_name = 'evals'").fetchone():

@@ -35,4 +35,5 @@ def test_no_results_no_plots(tmp_path):
     db = tmp_path / "c.duckdb"
     Catalog(db).close()
     assert plot_evals(db, tmp_path / "out") == []
+    assert plot_evals(tmp_path / "no-catalog.duckdb", tmp_path / "out") == []  # a demo that trained nothing
     assert "Benchmarks" not in write_report(ReportInputs(out_dir=tmp_path)).read_text()
