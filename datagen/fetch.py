@@ -20,6 +20,7 @@ import json
 import socket
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
@@ -181,8 +182,19 @@ def _reason(e: BaseException, timeout: int) -> str:
     return f"{type(cause).__name__}: {cause}"[:200]
 
 
+def _ascii_url(url: str) -> str:
+    """The URL as a request line can carry it: web alt-text lists hold raw spaces and non-ASCII
+    paths (`/ä b.jpg`), which urllib refuses; they are percent-encoded (existing `%xx` kept) and an
+    international host name IDNA-encoded."""
+    parts = urllib.parse.urlsplit(url.strip())
+    netloc = parts.netloc if parts.netloc.isascii() else parts.netloc.encode("idna").decode("ascii")
+    safe = "/%:@!$&'()*+,;=~-._?"
+    return urllib.parse.urlunsplit((parts.scheme, netloc, urllib.parse.quote(parts.path, safe=safe),
+                                    urllib.parse.quote(parts.query, safe=safe), urllib.parse.quote(parts.fragment, safe=safe)))
+
+
 def _get(url: str, timeout: int) -> bytes:
-    request = urllib.request.Request(url, headers={"User-Agent": USER_AGENT})
+    request = urllib.request.Request(_ascii_url(url), headers={"User-Agent": USER_AGENT})
     with _OPENER.open(request, timeout=timeout) as response:
         data = response.read(MAX_IMAGE_BYTES + 1)
     if len(data) > MAX_IMAGE_BYTES:
@@ -201,7 +213,7 @@ def fetch_url(url: str, options: DownloadOptions = DownloadOptions()) -> bytes:
             return _get(url, options.timeout)
         except FetchError:
             raise
-        except ValueError as e:  # urllib refuses a malformed URL
+        except ValueError as e:  # a malformed URL (urllib's InvalidURL, a host IDNA cannot encode)
             raise FetchError(f"bad_url: {e}") from None
         except Exception as e:  # noqa: BLE001 (every network error is either retried or recorded)
             if not _transient(e) or attempt == options.retries:

@@ -15,6 +15,7 @@ import pytest
 
 from blip3.core.shards import read_sidecar
 from blip3.datagen.fetch import DownloadOptions, fetch_in_order
+from blip3.datagen.inputs import SampleRef, load_sample
 from blip3.datagen.pipeline import run_job
 from tests.ocr_fixtures import png_bytes, text_image
 from tests.test_datagen_pipeline import SizeCaptioner
@@ -24,7 +25,8 @@ SLOW_S = 3  # the slow URL answers after this long; the jobs below wait 1s per a
 
 class _Server:
     """Serves `root`; `/flaky*` fails its first request with 500, `/reset*` drops its first
-    connection unanswered, `/slow*` answers after SLOW_S. Counts requests per path."""
+    connection unanswered, `/slow*` answers after SLOW_S, `/to-ftp` redirects to an ftp:// URL and
+    `/to-a` to `/a.png`. Counts requests per path."""
 
     def __init__(self, root: Path):
         self.hits: Counter[str] = Counter()
@@ -39,6 +41,11 @@ class _Server:
                     return
                 if self.path.startswith("/reset") and first:
                     self.close_connection = True
+                    return
+                if self.path in ("/to-ftp", "/to-a"):
+                    self.send_response(302)
+                    self.send_header("Location", "ftp://127.0.0.1:9/x.png" if self.path == "/to-ftp" else "/a.png")
+                    self.end_headers()
                     return
                 if self.path.startswith("/slow"):
                     time.sleep(SLOW_S)
@@ -67,7 +74,7 @@ def _hashes(out: Path) -> dict[str, str]:
 def web(tmp_path):
     www = tmp_path / "www"
     www.mkdir()
-    for i, name in enumerate(["a.png", "b.png", "flaky.png", "reset.png", "slow.png", "c.png"]):
+    for i, name in enumerate(["a.png", "b.png", "flaky.png", "reset.png", "slow.png", "c.png", "ä b.png"]):
         (www / name).write_bytes(png_bytes(text_image("X" * (i + 1))))
     server = _Server(www)
     yield server
@@ -116,6 +123,23 @@ def test_url_list_is_fetched_inside_the_shard_tasks(ray_local, tmp_path, web):
     clean = tmp_path / "clean"
     job(clean)
     assert _hashes(clean) == _hashes(out) and len(_hashes(out)) == 3
+
+
+def test_urls_are_encoded_and_redirects_stay_on_http(web, tmp_path):
+    """A raw space / non-ASCII path is fetched (percent-encoded); a redirect to http(s) is followed,
+    one to another scheme is refused with its reason; a 404 is final, not retried."""
+
+    def fetch(path: str):
+        url = f"{web.url}{path}"
+        return load_sample(SampleRef(key="k", ext="", locator=["url", url], url=url), DownloadOptions(retries=2))
+
+    www = tmp_path / "www"
+    assert fetch("/ä b.png").image == (www / "ä b.png").read_bytes()
+    assert fetch("/to-a").image == (www / "a.png").read_bytes()
+    refused = fetch("/to-ftp")
+    assert refused.image == b"" and refused.error.startswith("download: HTTP Error 302: redirect to a non-http(s) URL")
+    assert fetch("/nothing.png").error == "download: HTTP Error 404: File not found"
+    assert web.hits["/nothing.png"] == 1 and web.hits["/to-ftp"] == 1
 
 
 def test_fetch_in_order_keeps_input_order_with_a_bounded_window():
