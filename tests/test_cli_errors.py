@@ -190,6 +190,7 @@ def test_output_on_a_read_only_file_system_is_one_line(tmp_path, catalog):
 
 def test_datagen_says_when_part_of_its_output_is_not_in_the_catalog(tmp_path):
     """The job is done but a shard cannot be registered (its sidecar was damaged since): exit 2, named."""
+    from blip3.core.shards import shard_paths
     from tests.ocr_fixtures import png_bytes, text_image
 
     imgs, out = tmp_path / "imgs", tmp_path / "out"
@@ -199,6 +200,7 @@ def test_datagen_says_when_part_of_its_output_is_not_in_the_catalog(tmp_path):
     coco.write_text('{"images": [{"id": 1, "file_name": "a.png"}], "annotations": [], "categories": []}')
     args = ["ground", str(imgs), str(out), "--detector", "annotations", "--annotations", str(coco), "--workers", "1"]
     assert blip3(*args, "--db", str(tmp_path / "c.duckdb")).returncode == 0
-    (out / "000000.parquet").write_bytes(b"PAR1 damaged PAR1")
+    tar, parquet, _ = shard_paths(out, 0)
+    parquet.write_bytes(b"PAR1 damaged PAR1")
     text = one_line_error(blip3(*args, "--db", str(tmp_path / "fresh.duckdb")))
-    assert "1 shard(s) NOT registered" in text and "000000.tar" in text and "catalog add" in text
+    assert "1 shard(s) NOT registered" in text and tar.name in text and "catalog add" in text
