@@ -48,7 +48,7 @@ def out_option(what: str):
 
 #: `--storage-options` of the commands whose output may be an object store (core.storage).
 StorageOptions = typer.Option(None, "--storage-options",
-                              help='Object-store output (s3://, gs://, ...): fsspec filesystem arguments as JSON, '
+                              help='Object-store output or URL list (s3://, gs://, ...): fsspec filesystem arguments as JSON, '
                                    'e.g. \'{"endpoint_url": "http://minio:9000"}\' (else the usual environment variables).')
 
 #: The kinds of source the catalog knows (`core.catalog.SOURCE_KINDS`, checked equal by a test).

@@ -4,7 +4,7 @@ Why this module exists: `pathlib.Path("s3://bucket/out")` is the local relative 
 `s3:/bucket/out`, so a job given such an output used to "succeed" into a local folder named `s3:`
 while nothing reached the bucket. Every output therefore goes through `output_location`: a local
 path stays a `Path` (`file://` URLs mean the local path), any other URL (`s3://`, `gs://`, ...)
-becomes a `RemoteDir`, configured the standard way (the filesystem's usual environment variables,
+becomes a `RemoteDir` (and a URL list on such a store is read from a local copy, `staged_input`), configured the standard way (the filesystem's usual environment variables,
 e.g. `AWS_ENDPOINT_URL`, `AWS_ACCESS_KEY_ID`, or `--storage-options JSON`).
 
 Object stores have no rename, so a shard is written to a local temporary folder first (sha256 while
@@ -14,8 +14,10 @@ object, the completion mark, goes last.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import tempfile
 import re
 from pathlib import Path
 from typing import Any
@@ -141,11 +143,31 @@ def storage_environment() -> dict[str, str]:
     return {k: v for k, v in os.environ.items() if k.startswith(STORAGE_ENV_PREFIXES)}
 
 
+@contextlib.contextmanager
+def staged_input(location: str | Path, storage_options: dict[str, Any] | None, suffixes: tuple[str, ...]):
+    """A local path for an input: the path itself, or, for an object-store URL of a small list file
+    (one of `suffixes`: a URL list), a temporary local copy that lives as long as the block.
+    Other object-store inputs (image folders, tars) are refused in one line: read them mounted."""
+    if url_scheme(location) in (None, "file"):
+        yield local_path(location, "input")
+        return
+    url = str(location)
+    parent, _, name = url.rstrip("/").rpartition("/")
+    if not name.lower().endswith(suffixes):
+        local_path(url, "input")  # raises: the one line for object-store locations
+    store = RemoteDir(parent, storage_options)
+    with tempfile.TemporaryDirectory(prefix="blip3-input-") as tmp:
+        local = Path(tmp) / name
+        try:
+            store.fs.get_file(store.path(name), str(local))
+        except FileNotFoundError:
+            raise UserError("input does not exist", file=url) from None
+        yield local
+
+
 def output_location(location: str | Path, storage_options: dict[str, Any] | None = None) -> Path | RemoteDir:
     """A job's output: a local `Path`, or a `RemoteDir` for any URL but `file://`."""
     scheme = url_scheme(location)
     if scheme is None or scheme == "file":
-        if storage_options:
-            raise UserError("only applies to an object-store output (s3://, gs://, ...)", field="--storage-options")
         return local_path(location, "output")
     return RemoteDir(str(location), storage_options)

@@ -53,11 +53,11 @@ from blip3.core.shards import (
     shard_complete,
     shard_paths,
 )
-from blip3.core.storage import RemoteDir, local_path, output_location, storage_environment
+from blip3.core.storage import RemoteDir, output_location, staged_input, storage_environment
 from blip3.datagen.annotator import AnnotatorFactory, SkipSample
 from blip3.datagen.fetch import DownloadOptions, fetch_in_order
 from blip3.datagen.images import ImageLimits, ImageOutput, ImageRejected, decode_image
-from blip3.datagen.inputs import InputSample, SampleRef, check_output_outside_input, iter_raw_refs, load_sample
+from blip3.datagen.inputs import URL_LIST_SUFFIXES, InputSample, SampleRef, check_output_outside_input, iter_raw_refs, load_sample
 from blip3.datagen.plans import ShardPlan, iter_plans
 
 log = get_logger("datagen")
@@ -247,6 +247,13 @@ def _remove_shards(out: Path | RemoteDir, keep_below: int = 0, digits: int = SHA
     return sorted(int(n) for n in names)
 
 
+def _input_refs(input: str | Path, input_format: str | None,
+                storage_options: dict[str, Any] | None) -> Iterator[SampleRef]:
+    """The input's refs; a URL list on an object store is read from a local copy (core.storage)."""
+    with staged_input(input, storage_options, URL_LIST_SUFFIXES) as path:
+        yield from iter_raw_refs(path, input_format)
+
+
 # -- the job ----------------------------------------------------------------------------------
 def run_job(
     input: str | Path,
@@ -286,7 +293,6 @@ def run_job(
         raise UserError("must be at least 1", field="--workers")
     out = output_location(output, storage_options)
     remote = isinstance(out, RemoteDir)
-    local_path(input, "input")  # inputs are local or mounted: an object-store URL is one line
     if not remote:
         check_output_outside_input(input, out)
     probe = annotator_factory()  # unloaded: only asked for its name and generator info
@@ -297,7 +303,7 @@ def run_job(
     # the image settings are part of what made a shard: changing them redoes it (input_digest)
     generator = {"name": probe.name, **probe.generator_info(),
                  "image_format": image_output.format, "encode_quality": image_output.quality}
-    refs = iter_raw_refs(input, input_format)
+    refs = _input_refs(input, input_format, storage_options)
     plans = iter_plans(refs, shard_size, generator, limit=limit)
     first = next(plans, None)
     if first is None:

@@ -13,6 +13,7 @@ import pytest
 from blip3.core.errors import UserError
 from blip3.core.shards import file_sha256
 from blip3.core.storage import RemoteDir, output_location, parse_storage_options
+from blip3.datagen.fetch import DownloadOptions
 from blip3.datagen.pipeline import run_job
 from tests.test_datagen_pipeline import SizeCaptioner
 from tests.test_datagen_scale import _cli, _images, _tar_hashes
@@ -132,8 +133,6 @@ def test_cli_writes_to_s3_with_environment_variables_or_storage_options(ray_loca
 def test_storage_locations_and_options_are_checked():
     assert output_location("rel/out") == Path("rel/out")
     assert isinstance(output_location("s3://b/p", {"anon": True}), RemoteDir)
-    with pytest.raises(UserError, match="only applies to an object-store output"):
-        output_location("local/out", {"anon": True})
     with pytest.raises(UserError, match="not valid JSON"):
         parse_storage_options("{nope")
     assert parse_storage_options(None) == {} and parse_storage_options('{"anon": true}') == {"anon": True}
@@ -221,3 +220,20 @@ def test_verify_rehashes_tars_on_the_store(ray_local, s3_server, tmp_path):
     r = run_job(src, url, SizeCaptioner, workers=1, shard_size=2, register=False, storage_options=s3_server,
                 verify=True)
     assert r.shards_written == 1 and remote.read_bytes("00000.tar") == good
+
+
+def test_url_list_on_the_store_is_read_and_other_object_store_inputs_are_one_line(ray_local, s3_server, tmp_path):
+    """A URL list (jsonl here) on s3:// is read from a local copy: every row becomes a sample (these
+    URLs refuse connections, so each is a failure row with its reason, none lost)."""
+    store = RemoteDir(f"s3://{BUCKET}/lists", s3_server)
+    rows = "".join(json.dumps({"url": f"http://127.0.0.1:9/{i}.jpg", "caption": f"c{i}"}) + "\n" for i in range(3))
+    store.fs.pipe_file(store.path("urls.jsonl"), rows.encode())
+    out = tmp_path / "out"
+    r = run_job(f"s3://{BUCKET}/lists/urls.jsonl", out, SizeCaptioner, workers=1, shard_size=2, register=False,
+                storage_options=s3_server, download=DownloadOptions(threads=1, timeout=2, retries=0))
+    assert (r.shards_total, r.samples, r.successes, r.failed) == (2, 3, 0, 3)
+    assert set(r.failure_reasons) == {"download"}
+    for missing, words in ((f"s3://{BUCKET}/lists/none.jsonl", "input does not exist"),
+                           (f"s3://{BUCKET}/lists/000.tar", "s3:// locations are not supported here")):
+        with pytest.raises(UserError, match=words):
+            run_job(missing, tmp_path / "out2", SizeCaptioner, workers=1, register=False, storage_options=s3_server)
