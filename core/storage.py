@@ -4,8 +4,9 @@ Why this module exists: `pathlib.Path("s3://bucket/out")` is the local relative 
 `s3:/bucket/out`, so a job given such an output used to "succeed" into a local folder named `s3:`
 while nothing reached the bucket. Every output therefore goes through `output_location`: a local
 path stays a `Path` (`file://` URLs mean the local path), any other URL (`s3://`, `gs://`, ...)
-becomes a `RemoteDir` (and a URL list on such a store is read from a local copy, `staged_input`), configured the standard way (the filesystem's usual environment variables,
-e.g. `AWS_ENDPOINT_URL`, `AWS_ACCESS_KEY_ID`, or `--storage-options JSON`).
+becomes a `RemoteDir`, configured the standard way (the filesystem's usual environment variables,
+e.g. `AWS_ENDPOINT_URL`, `AWS_ACCESS_KEY_ID`, or `--storage-options JSON`). A URL list on such a
+store is read from a local copy (`staged_input`); other inputs are local or mounted.
 
 Object stores have no rename, so a shard is written to a local temporary folder first (sha256 while
 writing, as for a local output) and uploaded object by object; each upload is atomic, and the stats
