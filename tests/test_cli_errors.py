@@ -112,7 +112,8 @@ def test_environment_errors_are_found_through_chains_and_ray_wrappers():
 
 
 def test_annotate_failures_carry_the_chained_detail():
-    from rapidocr_onnxruntime.utils.process_img import ResizeImgError
+    class ResizeImgError(Exception):
+        """Shaped like the OCR engine's resize error: raised bare, its reason only in the chained cause."""
 
     try:
         try:
