@@ -8,8 +8,7 @@ from typing import Literal, Optional
 import typer
 
 from blip3.core.options import DbOption, StorageOptions, InputFormat, out_option, output_path
-from blip3.core.shards import SHARD_DIGITS
-from blip3.datagen.images import DEFAULT_ENCODE_QUALITY
+from blip3.datagen.cli_options import EncodeQualityOption, ImageFormat, ImageFormatOption, ShardNameWidthOption
 from blip3.datagen.detectors import DetectionLimits
 
 _LIMITS = DetectionLimits()  # the options' defaults are the library's
@@ -50,13 +49,9 @@ def ground(
     gpus_per_worker: float = typer.Option(0.0, "--gpus-per-worker", help="GPU share per actor on a GPU cluster."),
     ray_address: Optional[str] = typer.Option(None, "--ray-address", help="Join this Ray cluster (else local Ray)."),
     shard_size: int = typer.Option(1000, "--shard-size", help="Samples per shard."),
-    image_format: Literal["jpg", "keep"] = typer.Option(
-        "jpg", "--image-format", help="Image members: jpg (every sample .jpg, img2dataset's default) | keep "
-                                      "(PNG/WebP inputs stored as they are: mixed member types)."),
-    encode_quality: int = typer.Option(DEFAULT_ENCODE_QUALITY, "--encode-quality", min=1, max=95,
-                                       help="JPEG quality of re-encoded images."),
-    shard_name_width: int = typer.Option(SHARD_DIGITS, "--shard-name-width", min=1,
-                                         help="Digits of shard names (img2dataset's oom_shard_count)."),
+    image_format: ImageFormat = ImageFormatOption,
+    encode_quality: int = EncodeQualityOption,
+    shard_name_width: int = ShardNameWidthOption,
     limit: Optional[int] = typer.Option(None, "--limit", help="Only the first N input samples."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Redo all shards (default: skip finished ones)."),
     source: Optional[str] = typer.Option(None, "--source", help="Catalog source name (default: output folder name)."),

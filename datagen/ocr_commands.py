@@ -8,8 +8,7 @@ from typing import Literal, Optional
 import typer
 
 from blip3.core.options import DbOption, StorageOptions, InputFormat, out_option, output_path
-from blip3.core.shards import SHARD_DIGITS
-from blip3.datagen.images import DEFAULT_ENCODE_QUALITY
+from blip3.datagen.cli_options import EncodeQualityOption, ImageFormat, ImageFormatOption, ShardNameWidthOption
 
 def register(app: typer.Typer, export: typer.Typer) -> None:
     """Add this engine's commands to the `blip3` app and its `export` group."""
@@ -28,13 +27,9 @@ def ocr(
     ray_address: Optional[str] = typer.Option(None, "--ray-address", help="Join this Ray cluster instead of a local one."),
     min_confidence: float = typer.Option(0.5, "--min-confidence", help="Drop OCR entries below this confidence."),
     shard_size: int = typer.Option(1000, "--shard-size", help="Input samples per shard."),
-    image_format: Literal["jpg", "keep"] = typer.Option(
-        "jpg", "--image-format", help="Image members: jpg (every sample .jpg, img2dataset's default) | keep "
-                                      "(PNG/WebP inputs stored as they are: mixed member types)."),
-    encode_quality: int = typer.Option(DEFAULT_ENCODE_QUALITY, "--encode-quality", min=1, max=95,
-                                       help="JPEG quality of re-encoded images."),
-    shard_name_width: int = typer.Option(SHARD_DIGITS, "--shard-name-width", min=1,
-                                         help="Digits of shard names (img2dataset's oom_shard_count)."),
+    image_format: ImageFormat = ImageFormatOption,
+    encode_quality: int = EncodeQualityOption,
+    shard_name_width: int = ShardNameWidthOption,
     default_granularity: int = typer.Option(4, "--default-granularity", help="Granularity (0-5) of <key>.txt."),
     input_format: Optional[InputFormat] = typer.Option(None, "--input-format",
                                                help="folder | webdataset | img2dataset | urls | blip3-ocr (default: detect)."),
