@@ -97,12 +97,13 @@ def pipeline_run(folder: Path, coco: Path, out: Path, workers: int, limit: int
                  ) -> tuple[float, float, dict[str, int]]:
     """(wall s, CPU s of the whole process tree: driver, raylet, actors, driver I/O counters)."""
     from blip3.datagen.grounding import ground, make_config
+    from blip3.datagen.pipeline import JobOptions
 
     before = _proc_io()
     t = time.perf_counter()
     with TreeMonitor(1.0) as mon:  # sparse: the sampling itself runs in the driver, inside the tree
-        ground(folder, out, make_config(detector="annotations", annotations=coco), workers=workers,
-               shard_size=SHARD_SIZE, limit=limit, register=False)
+        ground(folder, out, make_config(detector="annotations", annotations=coco),
+               JobOptions(workers=workers, shard_size=SHARD_SIZE, limit=limit, register=False))
     wall = time.perf_counter() - t
     after = _proc_io()
     return wall, mon.cpu_s, {k: after[k] - before[k] for k in ("wchar", "write_bytes")}

@@ -36,6 +36,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks._common import TreeMonitor, peak_rss_mb, report  # noqa: E402
+from blip3.datagen.pipeline import JobOptions  # noqa: E402
 
 WORDS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", ".", "a", "the", "red", "blue", "green", "circle", "square",
          "ball", "dog", "tree", "car", "sky", "person", "field", "on", "next", "to", "and", "white", "wall"]
@@ -147,15 +148,16 @@ def main() -> None:
         on_gpu = (args.device or ("cuda" if _cuda() else "cpu")).startswith("cuda")
         gpus = 0.5 if on_gpu else 0.0  # two actors share one GPU
         # a throwaway job first: the driver's one-time Ray Data set-up is not a per-job cost
-        ground(tmp / "images", tmp / "warmup", config, workers=1, register=False, gpus_per_worker=gpus, limit=2)
+        ground(tmp / "images", tmp / "warmup", config,
+               JobOptions(workers=1, register=False, gpus_per_worker=gpus, limit=2))
         steady: dict[int, float] = {}
         rows: list[dict] = []
         for workers in (1, 2):
             out = tmp / f"out_w{workers}"
             with TreeMonitor(interval=0.2) as mem:
                 t = time.perf_counter()
-                r = ground(tmp / "images", out, config, workers=workers, shard_size=args.shard_size,
-                           register=False, gpus_per_worker=gpus)
+                r = ground(tmp / "images", out, config,
+                           JobOptions(workers=workers, shard_size=args.shard_size, register=False, gpus_per_worker=gpus))
                 total = time.perf_counter() - t
             assert r.successes == args.images, r
             steady[workers] = steady_rate(out)

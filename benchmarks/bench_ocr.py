@@ -46,6 +46,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 os.environ.setdefault("BLIP3_NO_PROGRESS", "1")
 
 from benchmarks._common import TreeMonitor  # noqa: E402
+from blip3.datagen.pipeline import JobOptions  # noqa: E402
 
 #: The benchmark's own vocabulary (none of the tests' sign texts).
 VOCAB = ["North", "Avenue", "BAKERY", "Books", "open", "until", "10pm", "FREE", "delivery", "Bus", "stop", "No.",
@@ -164,7 +165,7 @@ def pipeline(src: Path, out: Path, workers: int, db: Path) -> float:
 
     shutil.rmtree(out, ignore_errors=True)
     start = time.perf_counter()
-    result = run_ocr(src, out, workers=workers, shard_size=32, db=db, overwrite=True)
+    result = run_ocr(src, out, JobOptions(workers=workers, shard_size=32, db=db, overwrite=True))
     wall = time.perf_counter() - start
     assert result.failed == 0 and result.successes > 0, result
     return wall

@@ -8,7 +8,8 @@ from typing import Literal, Optional
 import typer
 
 from blip3.core.options import DbOption, StorageOptions, InputFormat, out_option, output_path
-from blip3.datagen.cli_options import EncodeQualityOption, ImageFormat, ImageFormatOption, ShardNameWidthOption
+from blip3.datagen.cli_options import (EncodeQualityOption, ImageFormat, ImageFormatOption, ShardNameWidthOption,
+                                       job_options)
 from blip3.datagen.detectors import DetectionLimits
 
 _LIMITS = DetectionLimits()  # the options' defaults are the library's
@@ -66,10 +67,7 @@ def ground(
     from rich.markup import escape
 
     from blip3.core.logs import console
-    from blip3.core.storage import parse_storage_options
-    from blip3.datagen.fetch import DownloadOptions
     from blip3.datagen.grounding import ground as run_ground
-    from blip3.datagen.images import ImageOutput
     from blip3.datagen.grounding import make_config
 
     config = make_config(
@@ -79,11 +77,12 @@ def ground(
         limits=DetectionLimits(box_threshold, text_threshold, nms_iou, min_area, max_objects),
         caption_format=caption_format, caption_style=caption_style, tag_order=tag_order,
     )
-    r = run_ground(input, output_path(output, out), config, input_format=input_format, workers=workers, ray_address=ray_address,
-                   shard_size=shard_size, limit=limit, overwrite=overwrite, catalog_db=db, source_name=source,
-                   gpus_per_worker=gpus_per_worker, image_output=ImageOutput(image_format, encode_quality),
-                   shard_name_width=shard_name_width, storage_options=parse_storage_options(storage_options),
-                   download=DownloadOptions(download_threads, download_timeout, download_retries))
+    job = job_options(input_format=input_format, workers=workers, ray_address=ray_address, shard_size=shard_size,
+                      overwrite=overwrite, db=db, source=source, limit=limit, gpus_per_worker=gpus_per_worker,
+                      image_format=image_format, encode_quality=encode_quality, shard_name_width=shard_name_width,
+                      storage_options=storage_options, download_threads=download_threads,
+                      download_timeout=download_timeout, download_retries=download_retries)
+    r = run_ground(input, output_path(output, out), config, job)
     console.print(f"[green]{r.output}[/]: {escape(r.summary(skipped_as='skipped'))}", highlight=False)
 
 
@@ -112,7 +111,7 @@ def retemplate(
     opts = TemplateOptions(caption_format, caption_style, DEFAULT_LEAD_IN if lead_in is None else lead_in,
                            DEFAULT_ALSO_LEAD_IN if also_lead_in is None else also_lead_in, tag_order)
     output_dir = output_path(output_dir, out)
-    r = run_retemplate(input_dir, output_dir, opts, overwrite=overwrite, catalog_db=db, source_name=source)
+    r = run_retemplate(input_dir, output_dir, opts, overwrite=overwrite, db=db, source=source)
     console.print(f"[green]{output_dir}[/]: {r.shards_written} shard(s) rewritten ({r.samples} rows), "
                   f"{r.shards_skipped} already done; catalog source {r.source}")
 

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from PIL import Image
 
@@ -37,6 +37,9 @@ from blip3.datagen.grounding_captions import (
     pick_caption,
 )
 from blip3.datagen.inputs import InputSample
+
+if TYPE_CHECKING:
+    from blip3.datagen.pipeline import JobOptions
 
 DETECTORS = ("grounding-dino", "groundingdino-py", "annotations")
 TAG_SOURCES = ("caption", "vocab", "clip")
@@ -266,14 +269,14 @@ def ground(
     input: str | Path,
     output: str | Path,
     config: GroundingConfig | None = None,
-    **job: Any,
+    job: JobOptions | None = None,
 ):
     """Run the grounding engine over `input` into caption shards in `output`.
 
     `config` comes from `make_config(...)` (default: Grounding DINO on caption noun phrases);
-    `job` goes to `datagen.pipeline.run_job` (workers, ray_address, shard_size, overwrite, ...).
+    `job` says how the job runs and writes (datagen.pipeline.JobOptions).
     """
-    from blip3.datagen.pipeline import run_job
+    from blip3.datagen.pipeline import JobOptions, run_job
 
-    return run_job(input, output, config or make_config(), **job)
+    return run_job(input, output, config or make_config(), job or JobOptions())
 

@@ -1,7 +1,8 @@
 """BLIP3-OCR caption generation: the OCR annotator and `run_ocr`, the Python face of `blip3 ocr`.
 
     from blip3.datagen.ocr import run_ocr
-    result = run_ocr("images/", "shards/ocr", engine="rapidocr", workers=2, min_confidence=0.5)
+    from blip3.datagen.pipeline import JobOptions
+    result = run_ocr("images/", "shards/ocr", JobOptions(workers=2), engine="rapidocr", min_confidence=0.5)
 
 Each sample's `<key>.json` carries `captions` (the 12 variants of `datagen.ocr_captions`) and
 `metadata = {"entries": [...]}` (`datagen.ocr_entries`); `<key>.txt` is the variant at
@@ -18,15 +19,12 @@ from typing import Any
 from PIL import Image
 
 from blip3.core.errors import UserError
-from blip3.core.shards import SHARD_DIGITS
 from blip3.datagen.annotator import Annotation, SkipSample
-from blip3.datagen.fetch import DownloadOptions
-from blip3.datagen.images import ImageOutput
 from blip3.datagen.inputs import InputSample
 from blip3.datagen.ocr_captions import GRANULARITIES, CaptionStyle, build_captions
 from blip3.datagen.ocr_engines import DEFAULT_ENGINE, ENGINES, OcrEngine, check_cuda_provider, make_engine
 from blip3.datagen.ocr_entries import build_entries
-from blip3.datagen.pipeline import DEFAULT_SHARD_SIZE, JobResult, run_job
+from blip3.datagen.pipeline import JobOptions, JobResult, run_job
 
 DEFAULT_GRANULARITY = 4
 DEFAULT_MIN_CONFIDENCE = 0.5
@@ -82,38 +80,26 @@ class OcrAnnotator:
 def run_ocr(
     input: str | Path,
     output: str | Path,
+    job: JobOptions = JobOptions(),
     *,
     engine: str = DEFAULT_ENGINE,
     engine_options: dict[str, Any] | None = None,
-    workers: int = 2,
-    ray_address: str | None = None,
     min_confidence: float = DEFAULT_MIN_CONFIDENCE,
-    shard_size: int = DEFAULT_SHARD_SIZE,
     default_granularity: int = DEFAULT_GRANULARITY,
-    input_format: str | None = None,
-    overwrite: bool = False,
-    db: str | Path | None = None,
-    source: str | None = None,
     style: CaptionStyle = CaptionStyle(),
     keep_empty: bool = True,
-    limit: int | None = None,
-    register: bool = True,
-    gpus_per_worker: float = 0.0,
-    download: DownloadOptions | None = None,
-    image_output: ImageOutput = ImageOutput(),
-    shard_name_width: int = SHARD_DIGITS,
-    storage_options: dict[str, Any] | None = None,
 ) -> JobResult:
     """OCR `input` into BLIP3-OCR caption shards in `output` (resumable; see datagen.pipeline).
 
-    `gpus_per_worker > 0` reserves GPUs for the actors and asks the engine to use them (rapidocr:
+    `job` says how the job runs and writes (datagen.pipeline.JobOptions).
+    `job.gpus_per_worker > 0` reserves GPUs for the actors and asks the engine to use them (rapidocr:
     ONNX Runtime's CUDA provider, which needs `onnxruntime-gpu` installed in place of `onnxruntime`;
     asked for and absent, it is one UserError before anything starts; paddleocr: `device="gpu"`).
     """
     options = dict(engine_options or {})
-    if gpus_per_worker > 0 and engine.startswith("rapidocr"):
+    if job.gpus_per_worker > 0 and engine.startswith("rapidocr"):
         options.setdefault("use_cuda", True)
-    elif gpus_per_worker > 0:
+    elif job.gpus_per_worker > 0:
         options.setdefault("device", "gpu")
     annotator = OcrAnnotator(engine, options, min_confidence=min_confidence, default_granularity=default_granularity,
                              style=style, keep_empty=keep_empty)
@@ -122,8 +108,4 @@ def run_ocr(
         make_engine(engine, **annotator.engine_options).check()
     elif options.get("use_cuda"):
         check_cuda_provider()
-    return run_job(input, output, annotator, input_format=input_format, workers=workers, ray_address=ray_address,
-                   shard_size=shard_size, overwrite=overwrite, catalog_db=db, source_name=source, limit=limit,
-                   register=register, gpus_per_worker=gpus_per_worker, download=download,
-                   image_output=image_output, shard_name_width=shard_name_width,
-                   storage_options=storage_options)
+    return run_job(input, output, annotator, job)

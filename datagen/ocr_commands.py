@@ -8,7 +8,8 @@ from typing import Literal, Optional
 import typer
 
 from blip3.core.options import DbOption, StorageOptions, InputFormat, out_option, output_path
-from blip3.datagen.cli_options import EncodeQualityOption, ImageFormat, ImageFormatOption, ShardNameWidthOption
+from blip3.datagen.cli_options import (EncodeQualityOption, ImageFormat, ImageFormatOption, ShardNameWidthOption,
+                                       job_options)
 
 def register(app: typer.Typer, export: typer.Typer) -> None:
     """Add this engine's commands to the `blip3` app and its `export` group."""
@@ -53,22 +54,20 @@ def ocr(
     from rich.markup import escape
 
     from blip3.core.logs import console
-    from blip3.core.storage import parse_storage_options
-    from blip3.datagen.fetch import DownloadOptions
-    from blip3.datagen.images import ImageOutput
     from blip3.datagen.ocr import run_ocr
     from blip3.datagen.ocr_captions import CaptionStyle
 
     options = {}
     if engine == "paddleocr":
         options = {k: v for k, v in {"det_dir": paddle_det_dir, "rec_dir": paddle_rec_dir}.items() if v}
-    r = run_ocr(input, output_path(output, out), engine=engine, engine_options=options, workers=workers, ray_address=ray_address,
-                min_confidence=min_confidence, shard_size=shard_size, default_granularity=default_granularity,
-                input_format=input_format, overwrite=overwrite, db=db, source=source,
-                style=CaptionStyle(lead_in=lead_in, filler=filler), keep_empty=not drop_empty, limit=limit,
-                gpus_per_worker=gpus_per_worker, image_output=ImageOutput(image_format, encode_quality),
-                shard_name_width=shard_name_width, storage_options=parse_storage_options(storage_options),
-                download=DownloadOptions(download_threads, download_timeout, download_retries))
+    job = job_options(input_format=input_format, workers=workers, ray_address=ray_address, shard_size=shard_size,
+                      overwrite=overwrite, db=db, source=source, limit=limit, gpus_per_worker=gpus_per_worker,
+                      image_format=image_format, encode_quality=encode_quality, shard_name_width=shard_name_width,
+                      storage_options=storage_options, download_threads=download_threads,
+                      download_timeout=download_timeout, download_retries=download_retries)
+    r = run_ocr(input, output_path(output, out), job, engine=engine, engine_options=options,
+                min_confidence=min_confidence, default_granularity=default_granularity,
+                style=CaptionStyle(lead_in=lead_in, filler=filler), keep_empty=not drop_empty)
     console.print(f"[green]{r.output}[/]: {escape(r.summary())}", highlight=False)
 
 

@@ -254,57 +254,61 @@ def _input_refs(input: str | Path, input_format: str | None,
         yield from iter_raw_refs(path, input_format)
 
 
+@dataclass(frozen=True)
+class JobOptions:
+    """How a datagen job runs and writes its shards, whatever its annotator: the one object that
+    travels from `blip3 ocr` / `blip3 ground` through `run_ocr` / `ground` to `run_job`, so a
+    setting has one name on the way (`db`, `source`) and is declared once."""
+
+    input_format: str | None = None  # folder | webdataset | img2dataset | urls | blip3-ocr (None: detect)
+    workers: int = 2  # actors, each loading its annotator once
+    ray_address: str | None = None  # join this cluster (None: our own local one)
+    shard_size: int = DEFAULT_SHARD_SIZE
+    overwrite: bool = False  # redo every shard (else finished ones are skipped)
+    db: str | Path | None = None  # catalog file (None: $BLIP3_DB or ./catalog.duckdb)
+    source: str | None = None  # catalog source name (None: the output folder's name)
+    limit: int | None = None  # only the first N inputs
+    register: bool = True  # register the shards in the catalog at the end
+    verify: bool = False  # re-hash finished shards before skipping them
+    cpus_per_worker: float = 1.0
+    gpus_per_worker: float = 0.0
+    limits: ImageLimits = ImageLimits()
+    image_output: ImageOutput = ImageOutput()  # how image members are stored (datagen.images)
+    shard_name_width: int = SHARD_DIGITS  # digits of shard names (img2dataset's 5)
+    download: DownloadOptions = DownloadOptions()  # how shard tasks fetch the rows of a URL list
+    storage_options: dict[str, Any] | None = None  # fsspec arguments of an object-store output or URL list
+
+
 # -- the job ----------------------------------------------------------------------------------
 def run_job(
     input: str | Path,
     output: str | Path,
     annotator_factory: AnnotatorFactory,
-    *,
-    input_format: str | None = None,
-    workers: int = 2,
-    ray_address: str | None = None,
-    shard_size: int = DEFAULT_SHARD_SIZE,
-    overwrite: bool = False,
-    catalog_db: str | Path | None = None,
-    source_name: str | None = None,
-    limit: int | None = None,
-    limits: ImageLimits = ImageLimits(),
-    image_output: ImageOutput = ImageOutput(),
-    shard_name_width: int = SHARD_DIGITS,
-    cpus_per_worker: float = 1.0,
-    gpus_per_worker: float = 0.0,
-    register: bool = True,
-    verify: bool = False,
-    download: DownloadOptions | None = None,
-    storage_options: dict[str, Any] | None = None,
+    job: JobOptions = JobOptions(),
 ) -> JobResult:
     """Annotate `input` into caption shards in `output`; resumable, see the module docstring.
 
-    `annotator_factory` is a picklable zero-argument callable returning an unloaded annotator.
-    `image_output` is how image members are stored (datagen.images); `shard_name_width` the digits
-    of shard names (img2dataset's 5 by default). `register=False` skips the catalog (the shards are
-    complete without it). `verify=True` re-hashes finished shards before skipping them. `download`
-    tunes how the shard tasks fetch the rows of a URL list. `output` may be any fsspec URL
-    (`s3://bucket/prefix`), with `storage_options` for its filesystem; such an output is not
+    `annotator_factory` is a picklable zero-argument callable returning an unloaded annotator; `job`
+    says how the job runs and writes (JobOptions). `output` may be any fsspec URL
+    (`s3://bucket/prefix`, with `job.storage_options` for its filesystem); such an output is not
     catalogued (the catalog reads local folders).
     """
     started = time.time()
-    if workers < 1:
+    if job.workers < 1:
         raise UserError("must be at least 1", field="--workers")
-    out = output_location(output, storage_options)
+    out = output_location(output, job.storage_options)
     remote = isinstance(out, RemoteDir)
     if not remote:
         check_output_outside_input(input, out)
     probe = annotator_factory()  # unloaded: only asked for its name and generator info
-    if shard_name_width < 1:
+    if job.shard_name_width < 1:
         raise UserError("must be at least 1", field="--shard-name-width")
-    download = download or DownloadOptions()
-    download.check()
+    job.download.check()
     # the image settings are part of what made a shard: changing them redoes it (input_digest)
     generator = {"name": probe.name, **probe.generator_info(),
-                 "image_format": image_output.format, "encode_quality": image_output.quality}
-    refs = _input_refs(input, input_format, storage_options)
-    plans = iter_plans(refs, shard_size, generator, limit=limit)
+                 "image_format": job.image_output.format, "encode_quality": job.image_output.quality}
+    refs = _input_refs(input, job.input_format, job.storage_options)
+    plans = iter_plans(refs, job.shard_size, generator, limit=job.limit)
     first = next(plans, None)
     if first is None:
         raise UserError("no input images found", file=input)
@@ -313,15 +317,15 @@ def run_job(
     else:
         out.mkdir(parents=True, exist_ok=True)
         clean_temporaries(out)
-    if overwrite:
-        _remove_shards(out, digits=shard_name_width)
+    if job.overwrite:
+        _remove_shards(out, digits=job.shard_name_width)
     result = JobResult(out, 0, 0, 0, generator=generator)
     reasons: Counter[str] = Counter()
 
     def pending() -> Iterator[ShardPlan]:
         for plan in chain([first], plans):
             result.shards_total += 1
-            if shard_done(out, plan.index, plan.digest, verify=verify, digits=shard_name_width):
+            if shard_done(out, plan.index, plan.digest, verify=job.verify, digits=job.shard_name_width):
                 result.shards_skipped += 1
             else:
                 yield plan
@@ -329,48 +333,45 @@ def run_job(
     todo = pending()
     nxt = next(todo, None)
     if nxt is not None:
-        _run_plans(chain([nxt], todo), out, annotator_factory, generator, result, reasons,
-                   ray_address=ray_address, workers=workers, limits=limits, image_output=image_output,
-                   digits=shard_name_width, cpus_per_worker=cpus_per_worker, gpus_per_worker=gpus_per_worker,
-                   download=download)
+        _run_plans(chain([nxt], todo), out, annotator_factory, generator, result, reasons, job)
     result.failure_reasons = dict(sorted(reasons.items()))
     if not remote:
         clean_temporaries(out)  # of workers killed mid-shard (their shard was retried and published)
-    removed = _remove_shards(out, keep_below=result.shards_total, digits=shard_name_width)
+    removed = _remove_shards(out, keep_below=result.shards_total, digits=job.shard_name_width)
     if removed:
         log.info(f"removed {len(removed)} shard(s) left over from an earlier run: indices {removed[0]}..{removed[-1]}")
     log.info(f"{result.shards_total} shard(s): {result.shards_written} written, {result.shards_skipped} done before")
-    if register and remote:
+    if job.register and remote:
         log.warning(f"{out} is not catalogued: the catalog reads local or mounted folders")
-    elif register:
+    elif job.register:
         from blip3.core.catalog import Catalog
 
-        with Catalog(catalog_db) as cat:
-            result.source = cat.add_output(out, source=source_name, kind="caption").check().source
+        with Catalog(job.db) as cat:
+            result.source = cat.add_output(out, source=job.source, kind="caption").check().source
     result.duration_s = round(time.time() - started, 3)
     return result
 
 
 def _run_plans(
     plans: Iterator[ShardPlan], out: Path | RemoteDir, factory: AnnotatorFactory, generator: dict[str, Any], result: JobResult,
-    reasons: Counter[str], *, ray_address: str | None, workers: int, limits: ImageLimits, image_output: ImageOutput,
-    digits: int, cpus_per_worker: float, gpus_per_worker: float, download: DownloadOptions,
+    reasons: Counter[str], job: JobOptions,
 ) -> None:
     """Send plans to one actor pool, at most IN_FLIGHT_PER_WORKER per actor, and collect stats."""
     import ray
 
     from blip3.core.ray_session import ray_session
 
-    cpus = max(math.ceil(workers * cpus_per_worker), os.cpu_count() or 1)
-    with ray_session(ray_address, num_cpus=cpus), progress() as bar:
+    cpus = max(math.ceil(job.workers * job.cpus_per_worker), os.cpu_count() or 1)
+    with ray_session(job.ray_address, num_cpus=cpus), progress() as bar:
         task = bar.add_task(f"{generator['name']} -> {out.name} (shards)", total=None)
         storage_env = storage_environment() if isinstance(out, RemoteDir) else {}
         actor_cls = ray.remote(ShardWorker).options(
-            num_cpus=cpus_per_worker, max_restarts=-1, max_task_retries=SHARD_RETRIES,
+            num_cpus=job.cpus_per_worker, max_restarts=-1, max_task_retries=SHARD_RETRIES,
             **({"runtime_env": {"env_vars": storage_env}} if storage_env else {}),
-            **({"num_gpus": gpus_per_worker} if gpus_per_worker else {}),
+            **({"num_gpus": job.gpus_per_worker} if job.gpus_per_worker else {}),
         )
-        actors = [actor_cls.remote(factory, limits, image_output, digits, download) for _ in range(workers)]
+        actors = [actor_cls.remote(factory, job.limits, job.image_output, job.shard_name_width, job.download)
+                  for _ in range(job.workers)]
         free = deque(a for _ in range(IN_FLIGHT_PER_WORKER) for a in actors)
         in_flight: dict[Any, tuple[Any, int]] = {}
         lost: list[str] = []

@@ -68,10 +68,10 @@ def retemplate_record(record: dict[str, Any], opts: TemplateOptions) -> tuple[st
 
 
 def retemplate(input_dir: str | Path, output_dir: str | Path, opts: TemplateOptions = TemplateOptions(),
-               *, overwrite: bool = False, register: bool = True, catalog_db: str | Path | None = None,
-               source_name: str | None = None) -> RetemplateResult:
+               *, overwrite: bool = False, register: bool = True, db: str | Path | None = None,
+               source: str | None = None) -> RetemplateResult:
     """Rewrite every finished shard of `input_dir` into `output_dir` with new captions, then
-    register `output_dir` in the catalog as source `source_name` (default: its folder name)."""
+    register `output_dir` in the catalog as source `source` (default: its folder name)."""
     src, dst = Path(input_dir), Path(output_dir)
     opts.validate()
     if not src.is_dir():
@@ -100,8 +100,8 @@ def retemplate(input_dir: str | Path, output_dir: str | Path, opts: TemplateOpti
     if register:
         from blip3.core.catalog import Catalog
 
-        with Catalog(catalog_db) as cat:
-            result.source = cat.add_output(dst, source=source_name, kind="caption").source
+        with Catalog(db) as cat:
+            result.source = cat.add_output(dst, source=source, kind="caption").source
     return result
 
 

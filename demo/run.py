@@ -96,6 +96,7 @@ def run_demo(out_dir: str | Path = "blip3-demo", *, workers: int = 2, train_step
     from blip3.core.tables import write_result
     from blip3.datagen.grounding import ground, make_config
     from blip3.datagen.ocr import run_ocr
+    from blip3.datagen.pipeline import JobOptions
     from blip3.demo.corpus import build_corpus, write_url_list
     from blip3.demo.report import ReportInputs, write_report
     from blip3.demo.serve import serve_folder
@@ -124,16 +125,18 @@ def run_demo(out_dir: str | Path = "blip3-demo", *, workers: int = 2, train_step
             with serve_folder(corpus.web_dir) as base_url:
                 write_url_list(corpus, base_url)
                 console.print(f"serving {corpus.web_dir.name}/ at {base_url}")
-                r = run_ocr(corpus.urls, shards / "ocr-web", workers=workers, db=db, source="ocr-web", shard_size=8)
+                r = run_ocr(corpus.urls, shards / "ocr-web",
+                            JobOptions(workers=workers, db=db, source="ocr-web", shard_size=8))
             res.shards["ocr-web"] = r.output
             console.print(f"ocr-web: {r.successes} ok, {r.failed} failed {r.failure_reasons}")
-            r = run_ocr(corpus.local_dir, shards / "ocr-local", workers=workers, db=db, source="ocr-local", shard_size=8)
+            r = run_ocr(corpus.local_dir, shards / "ocr-local",
+                        JobOptions(workers=workers, db=db, source="ocr-local", shard_size=8))
             res.shards["ocr-local"] = r.output
             console.print(f"ocr-local: {r.successes} ok, {r.failed} failed")
         with _Timer(res, "grounding"):
             cfg = make_config(detector="annotations", annotations=corpus.coco)
-            r = ground(corpus.scenes_dir, shards / "coco-grounding", cfg, workers=workers, catalog_db=db,
-                       source_name="coco-grounding", shard_size=8)
+            r = ground(corpus.scenes_dir, shards / "coco-grounding", cfg,
+                       JobOptions(workers=workers, db=db, source="coco-grounding", shard_size=8))
             res.shards["coco-grounding"] = r.output
             console.print(f"coco-grounding: {r.successes} ok, {r.failed} failed")
 

@@ -15,6 +15,7 @@ from blip3.datagen.images import ImageLimits, ImageOutput
 from blip3.datagen.inputs import SampleRef
 from blip3.datagen.pipeline import process_ref, shard_done
 from blip3.datagen.plans import input_digest, iter_plans
+from blip3.datagen.pipeline import JobOptions
 from tests.ocr_fixtures import bad_inputs, png_bytes, text_image
 
 
@@ -143,9 +144,9 @@ def test_rerun_with_fewer_shards_removes_leftover_shards(ray_local, tmp_path):
     for i in range(6):
         (src / f"img{i}.png").write_bytes(png_bytes(text_image(f"N {i}", size=(80 + 8 * i, 40))))
     out = tmp_path / "out"
-    first = run_job(src, out, SizeCaptioner, workers=1, shard_size=1, register=False)
+    first = run_job(src, out, SizeCaptioner, JobOptions(workers=1, shard_size=1, register=False))
     assert first.shards_total == 6 and len(list_shards(out)) == 6
-    second = run_job(src, out, SizeCaptioner, workers=1, shard_size=3, register=False)
+    second = run_job(src, out, SizeCaptioner, JobOptions(workers=1, shard_size=3, register=False))
     assert second.shards_total == 2
     shards = list_shards(out)
     assert len(shards) == 2 and sum(s.count for s in shards) == 6

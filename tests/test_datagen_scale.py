@@ -16,6 +16,7 @@ import pytest
 
 from blip3.core.shards import file_sha256, list_shards
 from blip3.datagen.pipeline import run_job
+from blip3.datagen.pipeline import JobOptions
 from tests.ocr_fixtures import png_bytes, text_image
 from tests.test_datagen_pipeline import SizeCaptioner
 
@@ -48,10 +49,10 @@ def _tar_hashes(out: Path) -> dict[str, str]:
 def test_worker_killed_mid_shard_is_retried_to_the_same_bytes(ray_local, tmp_path):
     src = _images(tmp_path / "in", 6)
     ref = tmp_path / "ref"
-    run_job(src, ref, SizeCaptioner, workers=1, shard_size=2, register=False)
+    run_job(src, ref, SizeCaptioner, JobOptions(workers=1, shard_size=2, register=False))
     marker = tmp_path / "killed"
     out = tmp_path / "out"
-    r = run_job(src, out, partial(KillOnce, marker=str(marker)), workers=1, shard_size=2, register=False)
+    r = run_job(src, out, partial(KillOnce, marker=str(marker)), JobOptions(workers=1, shard_size=2, register=False))
     assert marker.exists(), "the worker was never killed"
     assert (r.shards_written, r.successes, r.failed) == (3, 6, 0)
     assert _tar_hashes(out) == _tar_hashes(ref) and len(_tar_hashes(ref)) == 3
@@ -74,7 +75,7 @@ def test_driver_writes_no_shard_bytes(ray_local, tmp_path):
 
     shards.ShardWriter.__init__ = spy
     try:
-        r = run_job(src, tmp_path / "out", SizeCaptioner, workers=1, shard_size=2, register=False)
+        r = run_job(src, tmp_path / "out", SizeCaptioner, JobOptions(workers=1, shard_size=2, register=False))
     finally:
         shards.ShardWriter.__init__ = real_init
     assert r.shards_written == 2 and len(list_shards(tmp_path / "out")) == 2
@@ -167,7 +168,8 @@ def test_multi_node_cluster_joined_by_address_writes_the_bytes_of_a_local_run(ra
         '{"id": 1, "image_id": 3, "bbox": [1, 2, 30, 20], "category_id": 1}], '
         '"categories": [{"id": 1, "name": "sign"}]}')
     ref = tmp_path / "ref"
-    run_job(src, ref, make_config(detector="annotations", annotations=coco), workers=1, shard_size=2, register=False)
+    run_job(src, ref, make_config(detector="annotations", annotations=coco),
+            JobOptions(workers=1, shard_size=2, register=False))
 
     cluster = Cluster(initialize_head=True, connect=False, head_node_args={"num_cpus": 1})
     try:

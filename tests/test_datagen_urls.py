@@ -17,6 +17,7 @@ from blip3.core.shards import read_sidecar
 from blip3.datagen.fetch import DownloadOptions, fetch_in_order
 from blip3.datagen.inputs import SampleRef, load_sample
 from blip3.datagen.pipeline import run_job
+from blip3.datagen.pipeline import JobOptions
 from tests.ocr_fixtures import png_bytes, text_image
 from tests.test_datagen_pipeline import SizeCaptioner
 
@@ -90,7 +91,7 @@ def test_url_list_is_fetched_inside_the_shard_tasks(ray_local, tmp_path, web):
     options = DownloadOptions(threads=3, timeout=1, retries=1)
 
     def job(out: Path):
-        return run_job(urls, out, SizeCaptioner, workers=1, shard_size=4, register=False, download=options)
+        return run_job(urls, out, SizeCaptioner, JobOptions(workers=1, shard_size=4, register=False, download=options))
 
     out = tmp_path / "out"
     result = job(out)

@@ -12,6 +12,7 @@ from PIL import Image
 
 from blip3.core.shards import SIDECAR_COLUMNS
 from blip3.datagen.images import ImageOutput
+from blip3.datagen.pipeline import JobOptions
 from tests.ocr_fixtures import jpeg_bytes, png_bytes, text_image
 from tests.test_datagen_pipeline import SizeCaptioner
 
@@ -39,7 +40,7 @@ def mixed_output(ray_local, tmp_path_factory):
         (src / rel).parent.mkdir(parents=True, exist_ok=True)
         (src / rel).write_bytes(data)
     out = root / "out"
-    run_job(src, out, SizeCaptioner, workers=1, shard_size=3, register=False)
+    run_job(src, out, SizeCaptioner, JobOptions(workers=1, shard_size=3, register=False))
     return src, out
 
 
@@ -114,8 +115,8 @@ def test_keep_format_stores_original_bytes(ray_local, mixed_output, tmp_path):
 
     src, _ = mixed_output
     out = tmp_path / "keep"
-    run_job(src, out, SizeCaptioner, workers=1, shard_size=10, register=False, image_output=ImageOutput("keep"),
-            shard_name_width=6)
+    run_job(src, out, SizeCaptioner,
+            JobOptions(workers=1, shard_size=10, register=False, image_output=ImageOutput("keep"), shard_name_width=6))
     import webdataset as wds
 
     (tar,) = out.glob("*.tar")

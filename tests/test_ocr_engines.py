@@ -15,6 +15,7 @@ from blip3.datagen.inputs import InputSample
 from blip3.datagen.ocr import OcrAnnotator
 from blip3.datagen.ocr_engines import CUDA_PROVIDER, PaddleOcrEngine, RapidOcrEngine, make_engine
 from blip3.datagen.ocr_metrics import OcrScore
+from blip3.datagen.pipeline import JobOptions
 from tests.ocr_fixtures import no_text_image, render, text_image, word_signs
 
 
@@ -80,7 +81,7 @@ def test_gpu_asked_for_without_the_cuda_provider_is_one_clear_error(tmp_path):
 
     (tmp_path / "in").mkdir()
     with pytest.raises(UserError, match=CUDA_PROVIDER):  # refused before Ray or any output
-        run_ocr(tmp_path / "in", tmp_path / "out", gpus_per_worker=1, db=tmp_path / "c.duckdb")
+        run_ocr(tmp_path / "in", tmp_path / "out", JobOptions(gpus_per_worker=1, db=tmp_path / "c.duckdb"))
     assert not (tmp_path / "out").exists()
 
 

@@ -16,6 +16,7 @@ from typer.testing import CliRunner
 from blip3.cli import app
 from blip3.core.shards import read_sidecar
 from blip3.datagen.ocr_metrics import OcrScore
+from blip3.datagen.pipeline import JobOptions
 from tests.ocr_fixtures import BAD_EXPECTED, RENDERED, bad_inputs, png_bytes, real_photos, render
 
 pytestmark = pytest.mark.slow
@@ -144,8 +145,8 @@ def test_webdataset_input_with_hostile_member_names_stays_inside_output(ray_loca
             info.size = len(img)
             tar.addfile(info, io.BytesIO(img))
     out = tmp_path / "out"
-    result = run_ocr(str(tmp_path / "in" / "shard-{000..000}.tar"), out, workers=1, shard_size=4,
-                     db=tmp_path / "c.duckdb")
+    result = run_ocr(str(tmp_path / "in" / "shard-{000..000}.tar"), out,
+                     JobOptions(workers=1, shard_size=4, db=tmp_path / "c.duckdb"))
     assert result.successes == 6 and result.failed == 0
     files = sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*") if p.is_file())
     assert all(f.startswith(("in/", "out/")) or f == "c.duckdb" for f in files), files

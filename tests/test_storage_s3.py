@@ -15,6 +15,7 @@ from blip3.core.shards import file_sha256
 from blip3.core.storage import RemoteDir, output_location, parse_storage_options
 from blip3.datagen.fetch import DownloadOptions
 from blip3.datagen.pipeline import run_job
+from blip3.datagen.pipeline import JobOptions
 from tests.test_datagen_pipeline import SizeCaptioner
 from tests.test_datagen_scale import _cli, _images, _tar_hashes
 
@@ -57,9 +58,9 @@ def _remote_hashes(remote: RemoteDir) -> dict[str, str]:
 def test_job_to_s3_writes_the_bytes_of_a_local_run_stats_last_and_resumes(ray_local, s3_server, tmp_path):
     src = _images(tmp_path / "in", 6)
     ref = tmp_path / "ref"
-    run_job(src, ref, SizeCaptioner, workers=1, shard_size=2, register=False)
+    run_job(src, ref, SizeCaptioner, JobOptions(workers=1, shard_size=2, register=False))
     url = f"s3://{BUCKET}/job1/out"
-    r = run_job(src, url, SizeCaptioner, workers=2, shard_size=2, register=False, storage_options=s3_server)
+    r = run_job(src, url, SizeCaptioner, JobOptions(workers=2, shard_size=2, register=False, storage_options=s3_server))
     assert (r.shards_written, r.successes, r.failed) == (3, 6, 0)
     remote = RemoteDir(url, s3_server)
     assert _remote_hashes(remote) == _tar_hashes(ref) and len(_tar_hashes(ref)) == 3
@@ -70,15 +71,18 @@ def test_job_to_s3_writes_the_bytes_of_a_local_run_stats_last_and_resumes(ray_lo
 
     # resume: finished shards are skipped; a shard whose stats object is missing is redone
     remote.remove("00002_stats.json")
-    r2 = run_job(src, url, SizeCaptioner, workers=1, shard_size=2, register=False, storage_options=s3_server)
+    r2 = run_job(src, url, SizeCaptioner,
+                 JobOptions(workers=1, shard_size=2, register=False, storage_options=s3_server))
     assert (r2.shards_skipped, r2.shards_written) == (2, 1)
     assert _remote_hashes(remote) == _tar_hashes(ref)
     # a tar of the wrong size does not pass for finished
     remote.fs.pipe_file(remote.path("00000.tar"), b"truncated")
-    r3 = run_job(src, url, SizeCaptioner, workers=1, shard_size=2, register=False, storage_options=s3_server)
+    r3 = run_job(src, url, SizeCaptioner,
+                 JobOptions(workers=1, shard_size=2, register=False, storage_options=s3_server))
     assert (r3.shards_skipped, r3.shards_written) == (2, 1) and _remote_hashes(remote) == _tar_hashes(ref)
     # a smaller --limit removes the shards beyond it (stats objects first)
-    r4 = run_job(src, url, SizeCaptioner, workers=1, shard_size=2, limit=2, register=False, storage_options=s3_server)
+    r4 = run_job(src, url, SizeCaptioner,
+                 JobOptions(workers=1, shard_size=2, limit=2, register=False, storage_options=s3_server))
     assert r4.shards_total == 1 and sorted(remote.names()) == ["00000.parquet", "00000.tar", "00000_stats.json"]
 
 
@@ -169,7 +173,8 @@ def test_multi_node_cluster_writes_to_s3_the_bytes_of_a_local_run(ray_local, s3_
         '{"id": 1, "image_id": 3, "bbox": [1, 2, 30, 20], "category_id": 1}], '
         '"categories": [{"id": 1, "name": "sign"}]}')
     ref = tmp_path / "ref"
-    run_job(src, ref, make_config(detector="annotations", annotations=coco), workers=1, shard_size=2, register=False)
+    run_job(src, ref, make_config(detector="annotations", annotations=coco),
+            JobOptions(workers=1, shard_size=2, register=False))
 
     url = f"s3://{BUCKET}/multi/out"
     cluster = Cluster(initialize_head=True, connect=False, head_node_args={"num_cpus": 1})
@@ -211,14 +216,14 @@ def test_verify_rehashes_tars_on_the_store(ray_local, s3_server, tmp_path):
     trusted from the stats) unless `verify=True`, which re-reads it and redoes the shard."""
     src = _images(tmp_path / "in", 2)
     url = f"s3://{BUCKET}/verify/out"
-    run_job(src, url, SizeCaptioner, workers=1, shard_size=2, register=False, storage_options=s3_server)
+    run_job(src, url, SizeCaptioner, JobOptions(workers=1, shard_size=2, register=False, storage_options=s3_server))
     remote = RemoteDir(url, s3_server)
     good = remote.read_bytes("00000.tar")
     remote.fs.pipe_file(remote.path("00000.tar"), bytes(len(good)))  # same size, other bytes
-    r = run_job(src, url, SizeCaptioner, workers=1, shard_size=2, register=False, storage_options=s3_server)
+    r = run_job(src, url, SizeCaptioner, JobOptions(workers=1, shard_size=2, register=False, storage_options=s3_server))
     assert r.shards_skipped == 1
-    r = run_job(src, url, SizeCaptioner, workers=1, shard_size=2, register=False, storage_options=s3_server,
-                verify=True)
+    r = run_job(src, url, SizeCaptioner,
+                JobOptions(workers=1, shard_size=2, register=False, storage_options=s3_server, verify=True))
     assert r.shards_written == 1 and remote.read_bytes("00000.tar") == good
 
 
@@ -229,11 +234,12 @@ def test_url_list_on_the_store_is_read_and_other_object_store_inputs_are_one_lin
     rows = "".join(json.dumps({"url": f"http://127.0.0.1:9/{i}.jpg", "caption": f"c{i}"}) + "\n" for i in range(3))
     store.fs.pipe_file(store.path("urls.jsonl"), rows.encode())
     out = tmp_path / "out"
-    r = run_job(f"s3://{BUCKET}/lists/urls.jsonl", out, SizeCaptioner, workers=1, shard_size=2, register=False,
-                storage_options=s3_server, download=DownloadOptions(threads=1, timeout=2, retries=0))
+    r = run_job(f"s3://{BUCKET}/lists/urls.jsonl", out, SizeCaptioner,
+                JobOptions(workers=1, shard_size=2, register=False, storage_options=s3_server, download=DownloadOptions(threads=1, timeout=2, retries=0)))
     assert (r.shards_total, r.samples, r.successes, r.failed) == (2, 3, 0, 3)
     assert set(r.failure_reasons) == {"download"}
     for missing, words in ((f"s3://{BUCKET}/lists/none.jsonl", "input does not exist"),
                            (f"s3://{BUCKET}/lists/000.tar", "s3:// locations are not supported here")):
         with pytest.raises(UserError, match=words):
-            run_job(missing, tmp_path / "out2", SizeCaptioner, workers=1, register=False, storage_options=s3_server)
+            run_job(missing, tmp_path / "out2", SizeCaptioner,
+                    JobOptions(workers=1, register=False, storage_options=s3_server))
