@@ -3,7 +3,13 @@
 from __future__ import annotations
 
 import io
+import shutil
+import subprocess
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Iterator
+
+import pytest
 
 from PIL import Image
 
@@ -34,3 +40,17 @@ def write_caption_shard(out: Path, index: int, n: int, *, n_failed: int = 0, pre
         for j in range(n_failed):
             w.add_failure(SampleRow(f"{prefix}{index:03d}_bad{j}", error_message="decode: cannot identify image file"))
     return keys
+
+
+@contextmanager
+def tmpfs(where: Path, options: str) -> Iterator[Path]:
+    """A small tmpfs mounted at `where` (created) for the length of the block: a real full or
+    read-only disk. Skips the test where this machine gives no mount rights."""
+    where.mkdir(parents=True, exist_ok=True)
+    if shutil.which("mount") is None or subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(where)],
+                                                       capture_output=True).returncode != 0:
+        pytest.skip("cannot mount a tmpfs here")
+    try:
+        yield where
+    finally:
+        subprocess.run(["umount", str(where)], check=False)

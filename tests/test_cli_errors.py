@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import errno
 import os
-import shutil
 import subprocess
 import sys
 import tarfile
@@ -15,6 +14,7 @@ import pytest
 from blip3.core.catalog import Catalog
 from blip3.core.errors import UserError, describe_exception, environment_error
 from blip3.core.yamlio import read_yaml
+from tests.core_fixtures import tmpfs
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -131,12 +131,7 @@ def test_datagen_on_a_really_full_disk_is_one_line(tmp_path):
     import numpy as np
     from PIL import Image
 
-    disk = tmp_path / "disk"
-    disk.mkdir()
-    if shutil.which("mount") is None or subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(disk)],
-                                                       capture_output=True).returncode != 0:
-        pytest.skip("cannot mount a tmpfs here")
-    try:
+    with tmpfs(tmp_path / "disk", "size=64k") as disk:
         imgs = tmp_path / "imgs"
         imgs.mkdir()
         rng = np.random.default_rng(0)
@@ -144,8 +139,6 @@ def test_datagen_on_a_really_full_disk_is_one_line(tmp_path):
             Image.fromarray(rng.integers(0, 255, (160, 160, 3), dtype=np.uint8)).save(imgs / f"n{i}.png")
         text = one_line_error(blip3("ocr", str(imgs), str(disk / "out"), "--workers", "1", "--shard-size", "2", timeout=600))
         assert f"{disk / 'out'}: no space left on the device" in text
-    finally:
-        subprocess.run(["umount", str(disk)], check=False)
 
 
 def test_datagen_refuses_ambiguous_inputs_before_any_work(tmp_path):
@@ -167,12 +160,7 @@ def test_output_on_a_read_only_file_system_is_one_line(tmp_path, catalog):
     """Root ignores permission bits, so "unwritable" is a read-only tmpfs (needs mount rights)."""
     from tests.ocr_fixtures import png_bytes, text_image
 
-    ro = tmp_path / "ro"
-    ro.mkdir()
-    if shutil.which("mount") is None or subprocess.run(["mount", "-t", "tmpfs", "-o", "ro,size=64k", "tmpfs", str(ro)],
-                                                       capture_output=True).returncode != 0:
-        pytest.skip("cannot mount a tmpfs here")
-    try:
+    with tmpfs(tmp_path / "ro", "ro,size=64k") as ro:
         (tmp_path / "imgs").mkdir()
         (tmp_path / "imgs" / "a.png").write_bytes(png_bytes(text_image()))
         text = one_line_error(blip3("ocr", str(tmp_path / "imgs"), str(ro / "out"), "--workers", "1"))
@@ -185,8 +173,6 @@ def test_output_on_a_read_only_file_system_is_one_line(tmp_path, catalog):
         write_caption_shard(src, 0, 2)
         text = one_line_error(blip3("catalog", "add", str(src), "--db", str(ro / "c.duckdb")))
         assert "c.duckdb" in text and "Read-only file system" in text
-    finally:
-        subprocess.run(["umount", str(ro)], check=False)
 
 
 def test_datagen_says_when_part_of_its_output_is_not_in_the_catalog(tmp_path):

@@ -21,7 +21,7 @@ from blip3.core.shards import (
     shard_complete,
     shard_paths,
 )
-from tests.core_fixtures import jpeg, write_caption_shard
+from tests.core_fixtures import jpeg, tmpfs, write_caption_shard
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -178,17 +178,10 @@ def test_a_writer_that_fails_on_a_full_disk_leaves_no_temporary_files(tmp_path, 
     assert list(out.iterdir()) == []
     monkeypatch.undo()
 
-    disk = tmp_path / "disk"
-    disk.mkdir()
-    if shutil.which("mount") is None or subprocess.run(["mount", "-t", "tmpfs", "-o", "size=16k", "tmpfs", str(disk)],
-                                                       capture_output=True).returncode != 0:
-        pytest.skip("cannot mount a tmpfs here")
-    try:
+    with tmpfs(tmp_path / "disk", "size=16k") as disk:
         with pytest.raises(OSError) as e:
             with ShardWriter(disk, 0) as w:
                 for i in range(8):
                     w.add(f"k{i}", {"bin": os.urandom(8192)}, SampleRow(f"k{i}"))
         assert e.value.errno == errno.ENOSPC and e.value.filename is not None
         assert list(disk.iterdir()) == []
-    finally:
-        subprocess.run(["umount", str(disk)], check=False)

@@ -153,12 +153,9 @@ def test_tar_index_memory_stays_flat_in_the_number_of_members(tmp_path):
     assert peak < 1_000_000, f"planning 5k members peaked at {peak / 1e6:.1f} MB"
 
 
-@pytest.mark.slow
-def test_multi_node_cluster_joined_by_address_writes_the_bytes_of_a_local_run(ray_local, tmp_path):
-    """Two raylets (`ray.cluster_utils.Cluster`), joined with --ray-address: each node's actors
-    write their shards themselves, byte-identical to a local one-worker run."""
-    from ray.cluster_utils import Cluster
-
+def _grounding_reference(tmp_path: Path) -> tuple[Path, Path, Path]:
+    """8 images with a COCO file, and their shards from a local one-worker run at 2 per shard:
+    (images, coco file, reference output) for the multi-node runs to match byte for byte."""
     from blip3.datagen.grounding import make_config
 
     src = _images(tmp_path / "in", 8)
@@ -170,6 +167,16 @@ def test_multi_node_cluster_joined_by_address_writes_the_bytes_of_a_local_run(ra
     ref = tmp_path / "ref"
     run_job(src, ref, make_config(detector="annotations", annotations=coco),
             JobOptions(workers=1, shard_size=2, register=False))
+    return src, coco, ref
+
+
+@pytest.mark.slow
+def test_multi_node_cluster_joined_by_address_writes_the_bytes_of_a_local_run(ray_local, tmp_path):
+    """Two raylets (`ray.cluster_utils.Cluster`), joined with --ray-address: each node's actors
+    write their shards themselves, byte-identical to a local one-worker run."""
+    from ray.cluster_utils import Cluster
+
+    src, coco, ref = _grounding_reference(tmp_path)
 
     cluster = Cluster(initialize_head=True, connect=False, head_node_args={"num_cpus": 1})
     try:

@@ -17,7 +17,7 @@ from blip3.datagen.fetch import DownloadOptions
 from blip3.datagen.pipeline import run_job
 from blip3.datagen.pipeline import JobOptions
 from tests.test_datagen_pipeline import SizeCaptioner
-from tests.test_datagen_scale import _cli, _images, _tar_hashes
+from tests.test_datagen_scale import _cli, _grounding_reference, _images, _tar_hashes
 
 BUCKET = "shards"
 
@@ -164,17 +164,7 @@ def test_multi_node_cluster_writes_to_s3_the_bytes_of_a_local_run(ray_local, s3_
     variables reach them from the client), byte-identical to a local one-worker run."""
     from ray.cluster_utils import Cluster
 
-    from blip3.datagen.grounding import make_config
-
-    src = _images(tmp_path / "in", 8)
-    coco = tmp_path / "coco.json"
-    coco.write_text('{"images": [' + ", ".join(
-        f'{{"id": {i}, "file_name": "img{i}.png"}}' for i in range(8)) + '], "annotations": ['
-        '{"id": 1, "image_id": 3, "bbox": [1, 2, 30, 20], "category_id": 1}], '
-        '"categories": [{"id": 1, "name": "sign"}]}')
-    ref = tmp_path / "ref"
-    run_job(src, ref, make_config(detector="annotations", annotations=coco),
-            JobOptions(workers=1, shard_size=2, register=False))
+    src, coco, ref = _grounding_reference(tmp_path)
 
     url = f"s3://{BUCKET}/multi/out"
     cluster = Cluster(initialize_head=True, connect=False, head_node_args={"num_cpus": 1})
