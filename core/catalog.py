@@ -17,7 +17,10 @@ Tables (columns documented in README "The catalog"):
               metric), with the run that trained the checkpoint and its per-sample predictions
 
 Adding is idempotent: a shard already catalogued with the same sha256 is skipped, so adding the
-same folder twice leaves the row counts unchanged.
+same folder twice leaves the row counts unchanged. Shards are added in batches (REGISTER_BATCH):
+one transaction and one `INSERT ... SELECT` over the batch's sidecar parquets each, so the cost is
+per batch, not per shard. A folder may be on an object store (core.shard_folder): shards are then
+catalogued under their URLs.
 """
 
 from __future__ import annotations
@@ -445,11 +448,14 @@ class Catalog:
         self._insert_shard_rows(batch, source)
 
     def _delete_shards(self, tars: list[str]) -> None:
-        """Remove catalogued shards' rows (re-registration); `samples_by_shard` keeps this at the
-        same cost whatever the table size."""
-        if self.con.execute("SELECT 1 FROM shards WHERE path IN (SELECT unnest(?::VARCHAR[]))", [tars]).fetchone():
-            self.con.execute("DELETE FROM samples WHERE shard IN (SELECT unnest(?::VARCHAR[]))", [tars])
-            self.con.execute("DELETE FROM shards WHERE path IN (SELECT unnest(?::VARCHAR[]))", [tars])
+        """Remove the rows of those of `tars` that are catalogued (re-registration), one `shard = ?`
+        each: DuckDB answers an equality through `samples_by_shard`, so this costs the same
+        whatever the table size (an `IN` list is a full scan)."""
+        known = [[r[0]] for r in self.con.execute(
+            "SELECT path FROM shards WHERE path IN (SELECT unnest(?::VARCHAR[]))", [tars]).fetchall()]
+        if known:
+            self.con.executemany("DELETE FROM samples WHERE shard = ?", known)
+            self.con.executemany("DELETE FROM shards WHERE path = ?", known)
 
     def _insert_shard_rows(self, shards: list, source: str, tokens: list[int | None] | None = None) -> None:
         now = _now()

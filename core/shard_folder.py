@@ -10,11 +10,13 @@ strings: a resolved local path, or the URL (`s3://bucket/out/00000.tar`), the ca
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -53,6 +55,28 @@ def is_remote(location: str | Path) -> bool:
     return url_scheme(location) not in (None, "file")
 
 
+def _store_exceptions() -> tuple[type[BaseException], ...]:
+    """What an object-store client raises for a store that cannot be reached or read (no
+    credentials, a wrong endpoint, access denied): s3fs maps most to OSError, botocore's own pass."""
+    try:
+        from botocore.exceptions import BotoCoreError
+    except ImportError:
+        return (OSError, ValueError)
+    return (OSError, ValueError, BotoCoreError)
+
+
+@contextlib.contextmanager
+def store_errors(location: str) -> Iterator[None]:
+    """Object-store failures as one line naming the location (a missing object passes through)."""
+    try:
+        yield
+    except FileNotFoundError:
+        raise
+    except _store_exceptions() as e:
+        detail = " ".join(str(e).split())[:300] or type(e).__name__
+        raise UserError(f"cannot read the object store: {detail}", file=location) from None
+
+
 class ShardFolder:
     """An output folder of `NNNNNN.tar` + `.parquet` + `_stats.json` shards (core.shards layout)."""
 
@@ -73,7 +97,10 @@ class ShardFolder:
         return bool(self._names()) if self.remote else self.local.is_dir()
 
     def _names(self) -> list[str]:
-        return self.remote.names() if self.remote else [p.name for p in self.local.iterdir()]
+        if not self.remote:
+            return [p.name for p in self.local.iterdir()]
+        with store_errors(self.remote.url):
+            return self.remote.names()
 
     def where(self, name: str) -> str:
         """The location of one file of the folder, as catalogued."""
@@ -105,8 +132,9 @@ class ShardFolder:
             return out
         if not names:
             return []
-        paths = [self.remote.path(n) for n in names]
-        got = self.remote.fs.cat(paths, on_error="return")
+        with store_errors(self.remote.url):
+            paths = [self.remote.path(n) for n in names]
+            got = self.remote.fs.cat(paths, on_error="return")
         return [None if isinstance(got.get(p), BaseException) else got.get(p) for p in paths]
 
     def tar_sizes(self, shards: list[FinishedShard] | None = None) -> dict[str, int]:
@@ -116,7 +144,8 @@ class ShardFolder:
             return {s.tar: size for s in shards if (size := self._size(s.tar)) is not None}
         if not self.remote:
             return {str(p): p.stat().st_size for p in self.local.glob("*.tar")}
-        listing = self.remote.fs.ls(self.remote.path("").rstrip("/"), detail=True, refresh=True)
+        with store_errors(self.remote.url):
+            listing = self.remote.fs.ls(self.remote.path("").rstrip("/"), detail=True, refresh=True)
         sizes = {}
         for entry in listing:
             name = entry["name"].rstrip("/").rsplit("/", 1)[-1]
@@ -126,7 +155,10 @@ class ShardFolder:
 
     def _size(self, location: str) -> int | None:
         try:
-            return int(self.remote.fs.size(location)) if self.remote else Path(location).stat().st_size
+            if not self.remote:
+                return Path(location).stat().st_size
+            with store_errors(location):
+                return int(self.remote.fs.size(location))
         except FileNotFoundError:
             return None
 
@@ -149,7 +181,8 @@ class ShardFolder:
         """Re-hash one tar (a full read)."""
         if not self.remote:
             return file_sha256(tar)
-        return remote_sha256(self.remote.fs, tar)
+        with store_errors(tar):
+            return remote_sha256(self.remote.fs, tar)
 
     def sidecars(self, shards: list[FinishedShard]) -> pa.Table:
         """The sidecar rows of `shards` with a `shard` column (the tar's location), for an object
@@ -157,7 +190,7 @@ class ShardFolder:
         columns = [c for c in SIDECAR_COLUMNS if c != "caption"]
         tables = []
         for s in shards:
-            with self.remote.fs.open(s.parquet, "rb") as f:
+            with store_errors(s.parquet), self.remote.fs.open(s.parquet, "rb") as f:
                 t = pq.read_table(f, columns=columns)
             tables.append(t.append_column("shard", pa.array([s.tar] * t.num_rows, pa.string())))
         return pa.concat_tables(tables)
@@ -169,6 +202,45 @@ def remote_sha256(fs, location: str) -> str:
         while block := f.read(1 << 20):
             h.update(block)
     return h.hexdigest()
+
+
+# -- one shard file anywhere: what `mix build` checks of a catalogued shard ----------------------
+def _remote_file(location: str, storage_options: dict[str, Any] | None) -> tuple[RemoteDir, str]:
+    parent, _, name = str(location).rpartition("/")
+    return RemoteDir(parent, storage_options), name
+
+
+def location_size(location: str | Path, storage_options: dict[str, Any] | None = None) -> int | None:
+    """The size of a file (a local path or an object-store URL); None when there is none."""
+    if not is_remote(location):
+        path = Path(location)
+        return path.stat().st_size if path.is_file() else None
+    folder, name = _remote_file(str(location), storage_options)
+    with store_errors(str(location)):
+        return folder.size(name)
+
+
+def location_sha256(location: str | Path, storage_options: dict[str, Any] | None = None) -> str:
+    """Re-hash a file (a full read), local or on an object store."""
+    if not is_remote(location):
+        return file_sha256(location)
+    folder, name = _remote_file(str(location), storage_options)
+    with store_errors(str(location)):
+        return remote_sha256(folder.fs, folder.path(name))
+
+
+@contextlib.contextmanager
+def open_location(location: str | Path, storage_options: dict[str, Any] | None = None) -> Iterator[BinaryIO]:
+    """A file opened for reading, local or on an object store (streamed, not downloaded first)."""
+    if not is_remote(location):
+        with open(location, "rb") as f:
+            yield f
+        return
+    folder, name = _remote_file(str(location), storage_options)
+    with store_errors(str(location)):
+        f = folder.fs.open(folder.path(name), "rb")
+    with f:
+        yield f
 
 
 def open_folder(location: str | Path, storage_options: dict[str, Any] | None = None) -> ShardFolder:
