@@ -28,6 +28,7 @@ Rows:
 from __future__ import annotations
 
 import argparse
+import io
 import json
 import os
 import resource
@@ -36,6 +37,7 @@ import sys
 import tarfile
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -67,46 +69,134 @@ def make_images(folder: Path, n: int) -> Path:
     return coco
 
 
-def plain_loop(folder: Path, coco: Path, out: Path) -> tuple[float, float]:
-    """Seconds for one process to read, decode, annotate, caption and write every image but the
-    first shard's (a warm-up, not timed), and the CPU seconds it used."""
+def plain_loop(folder: Path, coco: Path, out: Path) -> tuple[int, float, float]:
+    """The work itself, as a one-process script would write it with no framework: list the folder,
+    then per image read the bytes, decode them, annotate and caption with the same annotator, and
+    write the image, caption and json record to a tar (tarfile), one parquet row per image (key,
+    caption, sizes, sha256) per shard. Returns (images, wall s, CPU s), the first shard being a
+    warm-up (imports and first-call costs, which a worker pays once) and not timed."""
+    import hashlib
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    from PIL import Image
+
+    from blip3.datagen.grounding import make_config
+    from blip3.datagen.inputs import InputSample
+
+    annotator = make_config(detector="annotations", annotations=coco)()
+    annotator.load()
+    out.mkdir(parents=True)
+    files = sorted(folder.glob("*.jpg"))
+
+    def shard(index: int, paths: list[Path]) -> None:
+        rows = []
+        with tarfile.open(out / f"{index:05d}.tar", "w") as tar:
+            for path in paths:
+                data = path.read_bytes()
+                image = Image.open(io.BytesIO(data)).convert("RGB")
+                ann = annotator.annotate(image, InputSample(key=path.stem, image=data, ext="jpg",
+                                                            meta={"path": path.name}))
+                record = {"key": path.stem, "width": image.width, "height": image.height, "captions": ann.captions,
+                          "metadata": ann.metadata}
+                for ext, member in (("jpg", data), ("txt", ann.default_caption.encode()),
+                                    ("json", json.dumps(record, ensure_ascii=False).encode())):
+                    info = tarfile.TarInfo(f"{path.stem}.{ext}")
+                    info.size = len(member)
+                    tar.addfile(info, io.BytesIO(member))
+                rows.append({"key": path.stem, "caption": ann.default_caption, "width": image.width,
+                             "height": image.height, "sha256": hashlib.sha256(data).hexdigest()})
+        pq.write_table(pa.Table.from_pylist(rows), out / f"{index:05d}.parquet")
+
+    shard(0, files[:SHARD_SIZE])
+    t, cpu = time.perf_counter(), time.process_time()
+    for i in range(SHARD_SIZE, len(files), SHARD_SIZE):
+        shard(i // SHARD_SIZE, files[i:i + SHARD_SIZE])
+    return len(files) - SHARD_SIZE, time.perf_counter() - t, time.process_time() - cpu
+
+
+def worker_path(folder: Path, coco: Path, out: Path) -> tuple[int, float, float]:
+    """The pipeline's per-shard worker function (`datagen.pipeline.write_shard`) called in this
+    process, no Ray, over the job's own shard plans (planning included): the framework's cost
+    inside one worker (validation, records, sidecar, stats, fsyncs) apart from Ray's. Returns
+    (images, wall s, CPU s) after a one-shard warm-up."""
     from blip3.datagen.grounding import make_config
     from blip3.datagen.images import ImageLimits
     from blip3.datagen.inputs import iter_raw_refs
     from blip3.datagen.pipeline import write_shard
     from blip3.datagen.plans import iter_plans
 
-    factory = make_config(detector="annotations", annotations=coco)
-    annotator = factory()
+    annotator = make_config(detector="annotations", annotations=coco)()
     annotator.load()
     generator = {"name": annotator.name, **annotator.generator_info()}
+    record_generator = annotator.generator_info()
     plans = iter_plans(iter_raw_refs(folder), SHARD_SIZE, generator)
-    warm = next(plans)  # imports (pyarrow, pandas) and first-call costs, as a worker pays once
-    write_shard(out / "warm-up", warm, annotator, ImageLimits(), generator, annotator.generator_info())
+    write_shard(out / "warm-up", next(plans), annotator, ImageLimits(), generator, record_generator)
     t, cpu = time.perf_counter(), time.process_time()
+    done = 0
     for plan in plans:
-        write_shard(out, plan, annotator, ImageLimits(), generator, annotator.generator_info())
-    return time.perf_counter() - t, time.process_time() - cpu
+        write_shard(out, plan, annotator, ImageLimits(), generator, record_generator)
+        done += len(plan.refs)
+    return done, time.perf_counter() - t, time.process_time() - cpu
 
 
 def _proc_io() -> dict[str, int]:
     return {k: int(v) for k, v in (line.split(": ") for line in Path("/proc/self/io").read_text().splitlines())}
 
 
-def pipeline_run(folder: Path, coco: Path, out: Path, workers: int, limit: int
-                 ) -> tuple[float, float, dict[str, int]]:
-    """(wall s, CPU s of the whole process tree: driver, raylet, actors, driver I/O counters)."""
+@dataclass
+class PipelineRun:
+    """One `ground` job: wall seconds, CPU seconds of the whole process tree (without the
+    monitor's own sampling) split into driver / workers / Ray's daemons, and the driver's I/O."""
+
+    wall: float
+    cpu: dict[str, float]
+    io: dict[str, int]
+
+    @property
+    def cpu_s(self) -> float:
+        return sum(self.cpu.values())
+
+
+def _role(pid: int, cmdline: str) -> str:
+    if pid == os.getpid():
+        return "driver"
+    return "workers" if "ray::ShardWorker" in cmdline or "ray::IDLE" in cmdline or "default_worker" in cmdline \
+        else "ray daemons"
+
+
+def _wait_for_actor_exit(timeout: float = 20.0) -> None:
+    """Wait until the last job's killed actors have exited, so their exit is not counted in the
+    next job (each job pays its own actors' start, the same in every run)."""
+    import psutil
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            if not any("ray::ShardWorker" in " ".join(p.cmdline()) for p in psutil.Process().children(recursive=True)):
+                return
+        except psutil.Error:
+            pass
+        time.sleep(0.2)
+
+
+def pipeline_run(folder: Path, coco: Path, out: Path, workers: int, limit: int) -> PipelineRun:
+    """Run `ground` on the first `limit` images with the Ray cluster already up."""
     from blip3.datagen.grounding import ground, make_config
     from blip3.datagen.pipeline import JobOptions
 
     before = _proc_io()
     t = time.perf_counter()
-    with TreeMonitor(1.0) as mon:  # sparse: the sampling itself runs in the driver, inside the tree
+    # Sampled often: the actors are killed at the job's end and only sampled CPU counts.
+    with TreeMonitor(0.05) as mon:
         ground(folder, out, make_config(detector="annotations", annotations=coco),
                JobOptions(workers=workers, shard_size=SHARD_SIZE, limit=limit, register=False))
     wall = time.perf_counter() - t
     after = _proc_io()
-    return wall, mon.cpu_s, {k: after[k] - before[k] for k in ("wchar", "write_bytes")}
+    cpu: dict[str, float] = {"driver": 0.0, "workers": 0.0, "ray daemons": 0.0}
+    for pid, seconds in mon.cpu_by_pid.items():
+        cpu[_role(pid, mon.names.get(pid, ""))] += seconds
+    return PipelineRun(wall, cpu, {k: after[k] - before[k] for k in ("wchar", "write_bytes")})
 
 
 def folder_bytes(folder: Path) -> int:
@@ -177,54 +267,88 @@ def catalog_scale(tmp: Path, sizes: list[int]) -> list[dict]:
     return rows
 
 
+def _rate(runs: list[tuple[int, float, float]]) -> tuple[float, float]:
+    """(images/s wall of the least disturbed run, images per CPU-second over all runs)."""
+    return max(n / wall for n, wall, _ in runs), sum(n for n, _, _ in runs) / sum(cpu for _, _, cpu in runs)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--images", type=int, default=3000)
+    ap.add_argument("--images", type=int, default=10_000)
     ap.add_argument("--workers", type=int, default=2)
+    ap.add_argument("--repeat", type=int, default=2, help="half/full job pairs (the machine may be shared)")
     ap.add_argument("--rss-small", type=int, default=10_000)
     ap.add_argument("--rss-large", type=int, default=200_000)
-    ap.add_argument("--catalog-rows", default="1000000,4000000")
+    ap.add_argument("--catalog-rows", default="1000000,4000000", help="comma-separated sizes; empty: skip")
     args = ap.parse_args()
     os.environ.setdefault("BLIP3_NO_PROGRESS", "1")
     rows: list[dict] = []
+    load = [os.getloadavg()[0]]
     with tempfile.TemporaryDirectory(prefix="bench-datagen-") as d:
         tmp = Path(d)
         folder = tmp / "images"
         coco = make_images(folder, args.images)
-        loop_s, loop_cpu = plain_loop(folder, coco, tmp / "loop")
-        done = args.images - SHARD_SIZE  # the first shard was the warm-up
-        loop_rate, loop_cpu_rate = done / loop_s, done / loop_cpu
-        rows.append({"what": "plain loop (1 process)", "images": done, "seconds": f"{loop_s:.2f} wall, {loop_cpu:.2f} CPU",
-                     "images/s per core": f"{loop_rate:.0f} wall, {loop_cpu_rate:.0f} CPU", "vs loop": "1.00x"})
+        # the single-process figures before and after the pipeline: the machine may be shared
+        loops = [plain_loop(folder, coco, tmp / "loop-1")]
+        inproc = [worker_path(folder, coco, tmp / "inproc-1")]
 
         import ray
 
         from blip3.core.ray_session import ray_session
 
+        half = args.images // 2
+        pairs: list[tuple[PipelineRun, PipelineRun]] = []
         with ray_session(num_cpus=args.workers):
-            half = args.images // 2
-            t_half, cpu_half, _ = pipeline_run(folder, coco, tmp / "p-half", args.workers, half)
-            t_full, cpu_full, io = pipeline_run(folder, coco, tmp / "p-full", args.workers, args.images)
+            # A first job takes the workers Ray started with the cluster; every later job starts its
+            # own: run one, untimed, so the measured jobs all pay the same fixed cost.
+            pipeline_run(folder, coco, tmp / "p-warm", args.workers, SHARD_SIZE * args.workers)
+            for r in range(args.repeat):
+                _wait_for_actor_exit()
+                p_half = pipeline_run(folder, coco, tmp / f"p-half-{r}", args.workers, half)
+                _wait_for_actor_exit()
+                pairs.append((p_half, pipeline_run(folder, coco, tmp / f"p-full-{r}", args.workers, args.images)))
             assert ray.is_initialized()
+        loops.append(plain_loop(folder, coco, tmp / "loop-2"))
+        inproc.append(worker_path(folder, coco, tmp / "inproc-2"))
+        load.append(os.getloadavg()[0])
+
+        loop_wall, loop_cpu = _rate(loops)
+        rows.append({"what": "plain loop (1 process, no framework)", "images": f"{loops[0][0]} x2",
+                     "seconds": ", ".join(f"{w:.1f} wall/{c:.1f} CPU" for _, w, c in loops),
+                     "images/s per core": f"{loop_wall:.0f} wall, {loop_cpu:.0f} CPU", "vs loop": "1.00x"})
+        in_wall, in_cpu = _rate(inproc)
+        rows.append({"what": "worker path in one process (write_shard, no Ray)", "images": f"{inproc[0][0]} x2",
+                     "seconds": ", ".join(f"{w:.1f} wall/{c:.1f} CPU" for _, w, c in inproc),
+                     "images/s per core": f"{in_wall:.0f} wall, {in_cpu:.0f} CPU",
+                     "vs loop": f"{in_wall / loop_wall:.2f}x wall, {in_cpu / loop_cpu:.2f}x CPU"})
         extra = args.images - half
-        per_core = extra / (t_full - t_half) / args.workers
-        per_cpu = extra / (cpu_full - cpu_half)
-        rows.append({"what": f"pipeline, {args.workers} workers (marginal)", "images": f"{half}->{args.images}",
-                     "seconds": f"{t_half:.1f}/{t_full:.1f} wall, {cpu_half:.1f}/{cpu_full:.1f} CPU",
-                     "images/s per core": f"{per_core:.0f} wall, {per_cpu:.0f} CPU",
-                     "vs loop": f"{per_core / loop_rate:.2f}x wall, {per_cpu / loop_cpu_rate:.2f}x CPU"})
-        out_bytes = folder_bytes(tmp / "p-full")
+        for r, (p_half, p_full) in enumerate(pairs):
+            per_core = extra / (p_full.wall - p_half.wall) / args.workers
+            per_cpu = extra / (p_full.cpu_s - p_half.cpu_s)
+            rows.append({"what": f"pipeline, {args.workers} workers (marginal), run {r + 1}",
+                         "images": f"{half}->{args.images}",
+                         "seconds": f"{p_half.wall:.1f}/{p_full.wall:.1f} wall, {p_half.cpu_s:.1f}/{p_full.cpu_s:.1f} CPU",
+                         "images/s per core": f"{per_core:.0f} wall, {per_cpu:.0f} CPU",
+                         "vs loop": f"{per_core / loop_wall:.2f}x wall, {per_cpu / loop_cpu:.2f}x CPU"})
+        split = {k: sum(f.cpu[k] - h.cpu[k] for h, f in pairs) / extra / len(pairs) * 1e3 for k in pairs[0][0].cpu}
+        rows.append({"what": "marginal CPU ms per image, by process (mean of runs)", "images": f"{half}->{args.images}",
+                     "seconds": f"loop {1e3 / loop_cpu:.3f}",
+                     "images/s per core": ", ".join(f"{k} {v:.3f}" for k, v in split.items()),
+                     "vs loop": f"total {sum(split.values()):.3f}"})
+        out_bytes = folder_bytes(tmp / "p-full-0")
+        io_full = pairs[0][1].io
         rows.append({"what": "driver writes / output bytes", "images": args.images,
                      "seconds": f"output {out_bytes / 1e6:.1f} MB",
-                     "images/s per core": f"write_bytes {io['write_bytes'] / out_bytes:.2%}",
-                     "vs loop": f"wchar {io['wchar'] / out_bytes:.2%}"})
+                     "images/s per core": f"write_bytes {io_full['write_bytes'] / out_bytes:.2%}",
+                     "vs loop": f"wchar {io_full['wchar'] / out_bytes:.2%}"})
         small, large = planning_rss(tmp, args.rss_small), planning_rss(tmp, args.rss_large)
         rows.append({"what": "driver peak RSS, planning (MB)", "images": f"{args.rss_small:,} / {args.rss_large:,}",
                      "seconds": "", "images/s per core": f"{small:.0f} / {large:.0f}",
                      "vs loop": f"{large / small:.2f}x"})
-        report("datagen", rows, "datagen at scale")
-        sizes = [int(s) for s in args.catalog_rows.split(",")]
-        report("datagen-catalog", catalog_scale(tmp, sizes), "catalog registration at size")
+        report("datagen", rows, f"datagen at scale (load average {load[0]:.1f} before, {load[1]:.1f} after)")
+        if args.catalog_rows:
+            sizes = [int(s) for s in args.catalog_rows.split(",")]
+            report("datagen-catalog", catalog_scale(tmp, sizes), "catalog registration at size")
     print(f"peak RSS of this process: {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MB")
 
 
