@@ -111,3 +111,17 @@ class TreeMonitor:
         self._stop.set()
         self._thread.join()
         self._sample()  # the last interval too
+
+
+def wait_for_actor_exit(title: str, timeout: float = 20.0) -> None:
+    """Wait until no process of this tree has `title` (e.g. `ray::ShardWorker`) in its command line:
+    a job's killed actors take a moment to exit, and their exit must not be counted in the next
+    measured job (each job pays its own actors' start and exit, the same in every run)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            if not any(title in " ".join(p.cmdline()) for p in psutil.Process().children(recursive=True)):
+                return
+        except psutil.Error:
+            pass
+        time.sleep(0.2)

@@ -1,28 +1,42 @@
 """Datagen at scale: the pipeline's own cost per core, the driver's writes, the driver's memory, and
 catalog registration at size.
 
-    python benchmarks/bench_datagen.py [--images 3000] [--workers 2] [--rss-small 10000] [--rss-large 200000]
+    python benchmarks/bench_datagen.py [--images 10000] [--workers 2] [--repeat 2]
+                                       [--rss-small 10000] [--rss-large 200000]
                                        [--catalog-rows 1000000,4000000]
 
+Every rate is given twice: per wall second and per CPU second. CPU seconds are the honest figure on
+a shared machine (wall time measures the neighbours as much as the work); the CPU of the pipeline
+is that of its whole process tree (driver, Ray's daemons, the actors), sampled every 50 ms.
+
 Rows:
-- `plain loop`: one process doing read + decode/validate + the same annotate and captions
-  (`--detector annotations`: COCO boxes, an annotator that costs almost nothing) + tar/parquet
-  write, on the same images: the work itself, per core.
+- `plain loop`: one process with no framework: list the folder, then read + decode + the same
+  annotator and captions (`--detector annotations`: COCO boxes, an annotator that costs almost
+  nothing) + tarfile + one parquet per shard, on the same images: the work itself, per core. Run
+  before and after the pipeline (the machine may be shared): wall from the faster run, CPU over
+  both.
+- `worker path in one process`: the pipeline's own shard function (`datagen.pipeline.write_shard`:
+  planning, validation, records, sidecar, stats, fsyncs) called without Ray: the framework's cost
+  inside a worker, apart from Ray's.
 - `pipeline`: `datagen.grounding.ground` on a local Ray started beforehand (start-up not counted),
-  run at N/2 and N images; the marginal time per image (difference of the two runs) excludes the
-  job's fixed cost (actors loading, first shard). `per core` = marginal images/s / workers. The
-  goal is at least 0.7x the loop's images/s.
+  run at N/2 and N images, `--repeat` times, after one untimed job (the first job of a cluster gets
+  Ray's pre-started workers for free, later ones start their own); the marginal cost per image
+  (difference of the two runs) excludes the job's fixed cost (actors starting and loading, first
+  shard). `per core` = marginal images/s / workers (wall), or marginal images per CPU-second of the
+  whole tree. The goal is at least 0.7x the loop's rate. The next row splits the marginal CPU per
+  image into the driver (planning, scheduling), the workers and Ray's daemons.
 - `driver writes`: bytes the driver process wrote during the N-image run, from `/proc/self/io`
   (`write_bytes`: to storage; `wchar`: every write call, sockets to Ray included), divided by the
   bytes of the output folder. No catalog (`register=False`): registration is measured apart.
 - `driver RSS`: peak RSS of a fresh process that plans a whole job (streams the input into shard
   plans and drops each, as the driver does once a shard is sent) over a webdataset tar of
   `--rss-small` and `--rss-large` tiny members (no decode: planning is the driver's whole share).
-  Goal: flat (large/small at most 1.2x).
+  Goal: flat (large/small at most 1.2x). Also its planning rate, refs per CPU-second: how many
+  images a second one driver can hand out.
 - `catalog`: rows/s of registering fresh shards into catalogs of growing size, and the time to
   re-register one 1000-row shard at each size (goal: the same at every size). Sizes are given by
-  `--catalog-rows`; 10M rows take minutes and a few GB on this 2-core box, so the default stops
-  at 4M: pass `--catalog-rows 1000000,10000000` to measure the issue's sizes.
+  `--catalog-rows` (empty: skipped); 10M rows take minutes and a few GB on this 2-core box, so the
+  default stops at 4M: pass `--catalog-rows 1000000,10000000` to measure the issue's sizes.
 """
 
 from __future__ import annotations
@@ -42,7 +56,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks._common import TreeMonitor, report  # noqa: E402
+from benchmarks._common import TreeMonitor, report, wait_for_actor_exit  # noqa: E402
 
 SHARD_SIZE = 100  # small enough that every worker has shards at a few thousand images
 
@@ -165,21 +179,6 @@ def _role(pid: int, cmdline: str) -> str:
         else "ray daemons"
 
 
-def _wait_for_actor_exit(timeout: float = 20.0) -> None:
-    """Wait until the last job's killed actors have exited, so their exit is not counted in the
-    next job (each job pays its own actors' start, the same in every run)."""
-    import psutil
-
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            if not any("ray::ShardWorker" in " ".join(p.cmdline()) for p in psutil.Process().children(recursive=True)):
-                return
-        except psutil.Error:
-            pass
-        time.sleep(0.2)
-
-
 def pipeline_run(folder: Path, coco: Path, out: Path, workers: int, limit: int) -> PipelineRun:
     """Run `ground` on the first `limit` images with the Ray cluster already up."""
     from blip3.datagen.grounding import ground, make_config
@@ -206,17 +205,20 @@ def folder_bytes(folder: Path) -> int:
 # VmHWM, not ru_maxrss: getrusage's peak survives fork + exec, so a child would report the
 # benchmark process's own peak.
 _PLAN_ONLY = """
-import re, sys
+import re, sys, time
 from pathlib import Path
 from blip3.datagen.inputs import iter_raw_refs
 from blip3.datagen.plans import iter_plans
+cpu = time.process_time()
 n = sum(len(p.refs) for p in iter_plans(iter_raw_refs(sys.argv[1]), 1000))
-print(n, int(re.search(r"VmHWM:\\s+(\\d+)", Path("/proc/self/status").read_text()).group(1)) / 1024)
+cpu = time.process_time() - cpu
+print(n, int(re.search(r"VmHWM:\\s+(\\d+)", Path("/proc/self/status").read_text()).group(1)) / 1024, cpu)
 """
 
 
-def planning_rss(tmp: Path, n: int) -> float:
-    """Peak RSS (MB) of a process planning a job over a tar of n tiny samples."""
+def planning_rss(tmp: Path, n: int) -> tuple[float, float]:
+    """Peak RSS (MB) of a process planning a job over a tar of n tiny samples, and its planning
+    rate (refs per CPU-second: how many images a second one driver can hand out)."""
     tar_path = tmp / f"wds-{n}.tar"
     data = b"\xff\xd8fake"
     with tarfile.open(tar_path, "w") as tar:
@@ -226,10 +228,10 @@ def planning_rss(tmp: Path, n: int) -> float:
             tar.addfile(info, fileobj=__import__("io").BytesIO(data))
     out = subprocess.run([sys.executable, "-c", _PLAN_ONLY, str(tar_path)], capture_output=True, text=True,
                          check=True, env={**os.environ, "PYTHONPATH": os.environ.get("PYTHONPATH", "")})
-    count, rss = out.stdout.split()
+    count, rss, cpu = out.stdout.split()
     assert int(count) == n
     tar_path.unlink()
-    return float(rss)
+    return float(rss), n / float(cpu)
 
 
 def catalog_scale(tmp: Path, sizes: list[int]) -> list[dict]:
@@ -303,9 +305,9 @@ def main() -> None:
             # own: run one, untimed, so the measured jobs all pay the same fixed cost.
             pipeline_run(folder, coco, tmp / "p-warm", args.workers, SHARD_SIZE * args.workers)
             for r in range(args.repeat):
-                _wait_for_actor_exit()
+                wait_for_actor_exit("ray::ShardWorker")
                 p_half = pipeline_run(folder, coco, tmp / f"p-half-{r}", args.workers, half)
-                _wait_for_actor_exit()
+                wait_for_actor_exit("ray::ShardWorker")
                 pairs.append((p_half, pipeline_run(folder, coco, tmp / f"p-full-{r}", args.workers, args.images)))
             assert ray.is_initialized()
         loops.append(plain_loop(folder, coco, tmp / "loop-2"))
@@ -341,10 +343,10 @@ def main() -> None:
                      "seconds": f"output {out_bytes / 1e6:.1f} MB",
                      "images/s per core": f"write_bytes {io_full['write_bytes'] / out_bytes:.2%}",
                      "vs loop": f"wchar {io_full['wchar'] / out_bytes:.2%}"})
-        small, large = planning_rss(tmp, args.rss_small), planning_rss(tmp, args.rss_large)
+        (small, _), (large, plan_rate) = planning_rss(tmp, args.rss_small), planning_rss(tmp, args.rss_large)
         rows.append({"what": "driver peak RSS, planning (MB)", "images": f"{args.rss_small:,} / {args.rss_large:,}",
-                     "seconds": "", "images/s per core": f"{small:.0f} / {large:.0f}",
-                     "vs loop": f"{large / small:.2f}x"})
+                     "seconds": f"planning {plan_rate:,.0f} refs/CPU-s (tar)",
+                     "images/s per core": f"{small:.0f} / {large:.0f}", "vs loop": f"{large / small:.2f}x"})
         report("datagen", rows, f"datagen at scale (load average {load[0]:.1f} before, {load[1]:.1f} after)")
         if args.catalog_rows:
             sizes = [int(s) for s in args.catalog_rows.split(",")]
