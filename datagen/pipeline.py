@@ -54,7 +54,7 @@ from blip3.core.shards import (
     shard_paths,
 )
 from blip3.core.storage import RemoteDir, output_location, staged_input, storage_environment
-from blip3.datagen.annotator import AnnotatorFactory, SkipSample
+from blip3.datagen.annotator import AnnotatorConfig, SkipSample
 from blip3.datagen.fetch import DownloadOptions, fetch_in_order
 from blip3.datagen.images import ImageLimits, ImageOutput, ImageRejected, decode_image
 from blip3.datagen.inputs import URL_LIST_SUFFIXES, InputSample, SampleRef, check_output_outside_input, iter_raw_refs, load_sample
@@ -205,7 +205,7 @@ def _fetch_ahead(ref: SampleRef, download: DownloadOptions) -> InputSample | Non
 class ShardWorker:
     """A Ray actor: one annotator, loaded once, writing whole shards."""
 
-    def __init__(self, factory: AnnotatorFactory, limits: ImageLimits, output: ImageOutput = ImageOutput(),
+    def __init__(self, factory: AnnotatorConfig, limits: ImageLimits, output: ImageOutput = ImageOutput(),
                  digits: int = SHARD_DIGITS, download: DownloadOptions = DownloadOptions()):
         self.annotator = factory()
         self.annotator.load()
@@ -283,12 +283,13 @@ class JobOptions:
 def run_job(
     input: str | Path,
     output: str | Path,
-    annotator_factory: AnnotatorFactory,
+    annotator_factory: AnnotatorConfig,
     job: JobOptions = JobOptions(),
 ) -> JobResult:
     """Annotate `input` into caption shards in `output`; resumable, see the module docstring.
 
-    `annotator_factory` is a picklable zero-argument callable returning an unloaded annotator; `job`
+    `annotator_factory` is the engine's config (datagen.annotator.AnnotatorConfig), which each actor
+    calls once to build its annotator; `job`
     says how the job runs and writes (JobOptions). `output` may be any fsspec URL
     (`s3://bucket/prefix`, with `job.storage_options` for its filesystem); such an output is not
     catalogued (the catalog reads local folders).
@@ -353,7 +354,7 @@ def run_job(
 
 
 def _run_plans(
-    plans: Iterator[ShardPlan], out: Path | RemoteDir, factory: AnnotatorFactory, generator: dict[str, Any], result: JobResult,
+    plans: Iterator[ShardPlan], out: Path | RemoteDir, factory: AnnotatorConfig, generator: dict[str, Any], result: JobResult,
     reasons: Counter[str], job: JobOptions,
 ) -> None:
     """Send plans to one actor pool, at most IN_FLIGHT_PER_WORKER per actor, and collect stats."""
