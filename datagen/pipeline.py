@@ -323,18 +323,28 @@ def run_job(
     result = JobResult(out, 0, 0, 0, generator=generator)
     reasons: Counter[str] = Counter()
 
-    def pending() -> Iterator[ShardPlan]:
-        for plan in chain([first], plans):
-            result.shards_total += 1
-            if shard_done(out, plan.index, plan.digest, verify=job.verify, digits=job.shard_name_width):
-                result.shards_skipped += 1
-            else:
-                yield plan
+    # the input is listed, and finished shards re-hashed (--verify), as the shards are dispatched:
+    # each of these long steps has its own bar row, next to the job's
+    with progress() as bar:
+        listed = bar.add_task(f"{Path(str(input)).name}: inputs listed", total=None)
+        rehashed = bar.add_task("finished shards re-hashed (--verify)", total=None) if job.verify else None
 
-    todo = pending()
-    nxt = next(todo, None)
-    if nxt is not None:
-        _run_plans(chain([nxt], todo), out, annotator_factory, generator, result, reasons, job)
+        def pending() -> Iterator[ShardPlan]:
+            for plan in chain([first], plans):
+                result.shards_total += 1
+                bar.advance(listed, len(plan.refs))
+                done = shard_done(out, plan.index, plan.digest, verify=job.verify, digits=job.shard_name_width)
+                if rehashed is not None:
+                    bar.advance(rehashed)
+                if done:
+                    result.shards_skipped += 1
+                else:
+                    yield plan
+
+        todo = pending()
+        nxt = next(todo, None)
+        if nxt is not None:
+            _run_plans(chain([nxt], todo), out, annotator_factory, generator, result, reasons, job)
     result.failure_reasons = dict(sorted(reasons.items()))
     if not remote:
         clean_temporaries(out)  # of workers killed mid-shard (their shard was retried and published)
@@ -365,6 +375,8 @@ def _run_plans(
     cpus = max(math.ceil(job.workers * job.cpus_per_worker), os.cpu_count() or 1)
     with ray_session(job.ray_address, num_cpus=cpus), progress() as bar:
         task = bar.add_task(f"{generator['name']} -> {out.name} (shards)", total=None)
+        # samples fetched (URL lists: downloaded in the shard tasks) and annotated, a shard at a time
+        samples = bar.add_task(f"{generator['name']} -> {out.name} (samples)", total=None)
         storage_env = storage_environment() if isinstance(out, RemoteDir) else {}
         actor_cls = ray.remote(ShardWorker).options(
             num_cpus=job.cpus_per_worker, max_restarts=-1, max_task_retries=SHARD_RETRIES,
@@ -398,6 +410,7 @@ def _run_plans(
                 result.failed += int(stats["failed"])
                 reasons.update(stats.get("failure_reasons", {}))
                 bar.advance(task)
+                bar.advance(samples, int(stats["count"]))
 
         for plan in plans:
             while not free:
