@@ -47,6 +47,7 @@ def build_model(cfg: StageConfig, init_path: str | None = None):
 
     Returns (model, processor, info) where info reports parameter counts and the trainable share.
     """
+    from blip3.model.attention import set_attention
     from blip3.model.config import get_config
     from blip3.model.processor import XGenMMProcessor
     from blip3.model.xgenmm import XGenMM
@@ -64,6 +65,7 @@ def build_model(cfg: StageConfig, init_path: str | None = None):
         torch.manual_seed(cfg.init.seed)
         model = XGenMM(config)
         processor = XGenMMProcessor.from_config(config)
+    set_attention(model.lang_model, cfg.runtime.attention)
     processor.anyres = cfg.anyres
     processor.max_text_tokens = min(cfg.batch.seq_len, model.config.max_text_tokens)
 

@@ -132,6 +132,9 @@ def build_run(cfg: StageConfig, *, init_path: str | None, resume: bool, db, info
         raise UserError(f"{info.world_size} ranks need `runtime.fsdp: true` (there is no other data-parallel "
                         "wrapper); run one process or enable it", field="runtime.fsdp", file=cfg.source)
     device = info.device
+    if cfg.runtime.attention == "flex" and device.type != "cuda":
+        raise UserError("runtime.attention: flex trains on a GPU only (torch has no FlexAttention backward on "
+                        f"{device.type}); use dense here", field="runtime.attention", file=cfg.source)
     bf16 = cfg.runtime.precision == "bf16" or (cfg.runtime.precision == "auto" and device.type == "cuda")
     out = Path(cfg.output_dir)
     start_from = init_path or cfg.init.path
