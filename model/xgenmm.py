@@ -309,25 +309,37 @@ class XGenMM(nn.Module):
         save_model(self, str(d / WEIGHTS_FILE))
 
     @classmethod
-    def from_pretrained(cls, directory: str | Path, *, device: str | torch.device = "cpu") -> "XGenMM":
-        """Load a directory written by `save_pretrained` (no random init of the big weights)."""
-        from safetensors.torch import load_file
-
+    def empty_from_pretrained(cls, directory: str | Path) -> tuple["XGenMM", Path]:
+        """The model of a `save_pretrained` directory built on the meta device (shapes, no memory,
+        no random init) and its weights file: `from_pretrained` loads it at once,
+        `model.weights.materialize` after FSDP2 has sharded the model."""
         from blip3.core.errors import MissingWeightsError
 
         d = Path(directory)
         if not (d / CONFIG_FILE).is_file() or not (d / WEIGHTS_FILE).is_file():
             raise MissingWeightsError(f"no {CONFIG_FILE} + {WEIGHTS_FILE} in {d}", field="model dir")
         config = ModelConfig.from_dict(json.loads((d / CONFIG_FILE).read_text()))
-        with torch.device("meta"):  # shapes only; the weights come from the file
+        with torch.device("meta"):
             model = cls(config)
-        model.load_state_dict(load_file(str(d / WEIGHTS_FILE), device=str(device)), strict=True, assign=True)
-        # The rotary tables are non-persistent buffers (not in the file): rebuild them for real.
-        rotary = model.lang_model.model.rotary_emb
-        with torch.device(device):
-            model.lang_model.model.rotary_emb = type(rotary)(config=model.lang_model.config)
+        return model, d / WEIGHTS_FILE
+
+    @classmethod
+    def from_pretrained(cls, directory: str | Path, *, device: str | torch.device = "cpu") -> "XGenMM":
+        """Load a directory written by `save_pretrained` (no random init of the big weights)."""
+        from safetensors.torch import load_file
+
+        model, weights = cls.empty_from_pretrained(directory)
+        model.load_state_dict(load_file(str(weights), device=str(device)), strict=True, assign=True)
+        model.reset_rotary(device)
         model.vision_encoder.requires_grad_(False)
         return model
+
+    def reset_rotary(self, device: str | torch.device) -> None:
+        """Rebuild the rotary tables on `device`: they are non-persistent buffers (not in the
+        weights file), so a model built on the meta device has none until this runs."""
+        rotary = self.lang_model.model.rotary_emb
+        with torch.device(device):
+            self.lang_model.model.rotary_emb = type(rotary)(config=self.lang_model.config)
 
     def num_params(self, trainable_only: bool = False) -> int:
         return sum(p.numel() for p in self.parameters() if p.requires_grad or not trainable_only)

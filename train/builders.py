@@ -45,7 +45,12 @@ def load_model_dir(path: str | Path):
 def build_model(cfg: StageConfig, init_path: str | None = None):
     """The stage's starting model and processor, frozen groups frozen, LoRA attached if asked.
 
-    Returns (model, processor, info) where info reports parameter counts and the trainable share.
+    Returns (model, processor, info) where info reports parameter counts and the trainable share,
+    and `weights_file`: None when the weights are in place, else the file that
+    `model.weights.materialize` loads once parallelism is applied. That is the `runtime.meta_init`
+    build of a model dir: built on the meta device, so under FSDP2 each rank only ever allocates its
+    shards. A LoRA stage or a dir holding an unmerged adapter loads eagerly (peft builds and
+    merges adapters on real tensors).
     """
     from blip3.model.attention import set_attention
     from blip3.model.config import get_config
@@ -53,7 +58,11 @@ def build_model(cfg: StageConfig, init_path: str | None = None):
     from blip3.model.xgenmm import XGenMM
 
     path = init_path or cfg.init.path
-    if path is not None:
+    weights_file = None
+    if path is not None and cfg.runtime.meta_init and not cfg.lora.enabled and not (model_dir(path) / ADAPTER_DIR).is_dir():
+        model, weights_file = XGenMM.empty_from_pretrained(model_dir(path))
+        processor = XGenMMProcessor.from_pretrained(model_dir(path), model.config)
+    elif path is not None:
         model, processor = load_model_dir(path)
     else:
         config = get_config(cfg.model)
@@ -76,7 +85,8 @@ def build_model(cfg: StageConfig, init_path: str | None = None):
         model = attach_lora(model, cfg)
     total = sum(p.numel() for p in model.parameters())
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    info = {"params": total, "trainable_params": trainable, "trainable_share": trainable / total}
+    info = {"params": total, "trainable_params": trainable, "trainable_share": trainable / total,
+            "weights_file": weights_file}
     return model, processor, info
 
 

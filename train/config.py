@@ -101,6 +101,9 @@ class RuntimeConfig:
     # dense: SDPA, packed rows with a (T, T) mask | flex: FlexAttention with a block mask from the
     # packed segments (GPU for training: torch has no FlexAttention backward on CPU)
     attention: str = "dense"
+    # a stage starting from a model dir builds it on the meta device and loads the weights into
+    # the (sharded) parameters after parallelism is applied; false: load it whole first
+    meta_init: bool = True
     # FSDP2 (several ranks): the dtype the ranks reduce gradients in (fp32: sums of many bf16
     # gradients lose bits), and whether a block's gathered parameters are freed after its forward
     # (true: less memory, one more all-gather in backward; false: the ZeRO-2 trade)
