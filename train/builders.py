@@ -5,6 +5,7 @@ The loop receives built components and does not know which stage it runs, the to
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import TYPE_CHECKING, Mapping
 
@@ -14,6 +15,7 @@ from blip3.core.errors import UserError
 from blip3.train.config import StageConfig
 
 if TYPE_CHECKING:
+    from blip3.model.config import ModelConfig
     from blip3.train.objective import Objective
 
 ADAPTER_DIR = "adapter"
@@ -45,14 +47,24 @@ def load_model_dir(path: str | Path):
 def build_model(cfg: StageConfig, init_path: str | None = None):
     """The stage's starting model and processor, frozen groups frozen, LoRA attached if asked.
 
-    Returns (model, processor, info) where info reports parameter counts and the trainable share.
+    Returns (model, processor, info) where info reports parameter counts and the trainable share,
+    and `weights_file`: None when the weights are in place, else the file that
+    `model.weights.materialize` loads once parallelism is applied. That is the `runtime.meta_init`
+    build of a model dir: built on the meta device, so under FSDP2 each rank only ever allocates its
+    shards. A LoRA stage or a dir holding an unmerged adapter loads eagerly (peft builds and
+    merges adapters on real tensors).
     """
+    from blip3.model.attention import set_attention
     from blip3.model.config import get_config
     from blip3.model.processor import XGenMMProcessor
     from blip3.model.xgenmm import XGenMM
 
     path = init_path or cfg.init.path
-    if path is not None:
+    weights_file = None
+    if path is not None and cfg.runtime.meta_init and not cfg.lora.enabled and not (model_dir(path) / ADAPTER_DIR).is_dir():
+        model, weights_file = XGenMM.empty_from_pretrained(model_dir(path))
+        processor = XGenMMProcessor.from_pretrained(model_dir(path), model.config)
+    elif path is not None:
         model, processor = load_model_dir(path)
     else:
         config = get_config(cfg.model)
@@ -64,6 +76,7 @@ def build_model(cfg: StageConfig, init_path: str | None = None):
         torch.manual_seed(cfg.init.seed)
         model = XGenMM(config)
         processor = XGenMMProcessor.from_config(config)
+    set_attention(model.lang_model, cfg.runtime.attention)
     processor.anyres = cfg.anyres
     processor.max_text_tokens = min(cfg.batch.seq_len, model.config.max_text_tokens)
 
@@ -74,7 +87,8 @@ def build_model(cfg: StageConfig, init_path: str | None = None):
         model = attach_lora(model, cfg)
     total = sum(p.numel() for p in model.parameters())
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    info = {"params": total, "trainable_params": trainable, "trainable_share": trainable / total}
+    info = {"params": total, "trainable_params": trainable, "trainable_share": trainable / total,
+            "weights_file": weights_file}
     return model, processor, info
 
 
@@ -141,15 +155,39 @@ def build_stream(cfg: StageConfig, manifest, processor, info, *, verify: str, se
                        pin_memory=info.device.type == "cuda")
 
 
+def stage_model_config(cfg: StageConfig, init_path: str | None = None) -> "ModelConfig":
+    """The configuration of the model the stage trains, read without building the model: the
+    init dir's `config.json`, else the named preset (what `build_model` will build)."""
+    from blip3.model.config import ModelConfig, get_config
+    from blip3.model.xgenmm import CONFIG_FILE
+
+    path = init_path or cfg.init.path
+    if path is None:
+        return get_config(cfg.model)
+    file = model_dir(path) / CONFIG_FILE
+    try:
+        return ModelConfig.from_dict(json.loads(file.read_text()))
+    except FileNotFoundError:
+        raise UserError(f"no {CONFIG_FILE} in {model_dir(path)} (run the previous stage first)", field="init.path",
+                        file=cfg.source) from None
+    except (ValueError, TypeError) as e:
+        raise UserError(f"{file} is not a model config: {e}", field="init.path", file=cfg.source) from None
+
+
 def resolve_manifest(cfg: StageConfig, out_dir: Path, db: str | Path | None, is_main: bool,
-                     variables: Mapping[str, str]):
+                     variables: Mapping[str, str], init_path: str | None = None):
     """The stage's manifest: the given one, or the spec built into `out_dir/mixture.yaml`, its
-    `${VAR}`s taken from `variables` (the prepared data) before the environment."""
+    `${VAR}`s taken from `variables` (the prepared data) before the environment.
+
+    A built manifest counts each image as the stage model's resampler output (`num_latents`
+    tokens per crop), so its token budget is the one this model trains on; a spec that declares
+    another value is refused by `build_manifest`."""
     from blip3.mixture.build import build_manifest
 
     if cfg.data.manifest is not None:
         return Path(cfg.data.manifest)
     built = out_dir / "mixture.yaml"
     if is_main:
-        build_manifest(cfg.data.spec, db=db, out=built, variables=variables)
+        vision = stage_model_config(cfg, init_path).num_latents
+        build_manifest(cfg.data.spec, db=db, out=built, variables=variables, vision_tokens_per_crop=vision)
     return built
