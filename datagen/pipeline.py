@@ -28,6 +28,7 @@ Why this shape:
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import math
@@ -38,7 +39,7 @@ from collections import Counter, deque
 from dataclasses import dataclass, field
 from itertools import chain, repeat
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterator, Sequence
 
 from blip3.core.errors import UserError, describe_exception, environment_error
 from blip3.core.logs import get_logger, progress
@@ -53,12 +54,12 @@ from blip3.core.shards import (
     shard_complete,
     shard_paths,
 )
-from blip3.core.storage import RemoteDir, output_location, staged_input, storage_environment
+from blip3.core.storage import RemoteDir, output_location, storage_environment
 from blip3.datagen.annotator import AnnotatorFactory, SkipSample
 from blip3.datagen.fetch import DownloadOptions, fetch_in_order
 from blip3.datagen.images import ImageLimits, ImageOutput, ImageRejected, decode_image
-from blip3.datagen.inputs import URL_LIST_SUFFIXES, InputSample, SampleRef, check_output_outside_input, iter_raw_refs, load_sample
-from blip3.datagen.plans import ShardPlan, iter_plans
+from blip3.datagen.inputs import InputSample, SampleRef, TarCount, TarSource, check_output_outside_input, load_sample
+from blip3.datagen.plans import ShardPlan, TarCounter, count_tars_on_ray, job_plans
 
 log = get_logger("datagen")
 DEFAULT_SHARD_SIZE = 1000
@@ -247,13 +248,6 @@ def _remove_shards(out: Path | RemoteDir, keep_below: int = 0, digits: int = SHA
     return sorted(int(n) for n in names)
 
 
-def _input_refs(input: str | Path, input_format: str | None,
-                storage_options: dict[str, Any] | None) -> Iterator[SampleRef]:
-    """The input's refs; a URL list on an object store is read from a local copy (core.storage)."""
-    with staged_input(input, storage_options, URL_LIST_SUFFIXES) as path:
-        yield from iter_raw_refs(path, input_format)
-
-
 @dataclass(frozen=True)
 class JobOptions:
     """How a datagen job runs and writes its shards, whatever its annotator: the one object that
@@ -307,8 +301,28 @@ def run_job(
     # the image settings are part of what made a shard: changing them redoes it (input_digest)
     generator = {"name": probe.name, **probe.generator_info(),
                  "image_format": job.image_output.format, "encode_quality": job.image_output.quality}
-    refs = _input_refs(input, job.input_format, job.storage_options)
-    plans = iter_plans(refs, job.shard_size, generator, limit=job.limit)
+    with contextlib.ExitStack() as session:
+        def count_tars(tars: Sequence[TarSource], every: int) -> list[TarCount]:
+            """Tars are counted by tasks on the cluster, so Ray starts here for a tar input (and stays
+            up for the shards); any other input is planned before Ray starts."""
+            from blip3.core.ray_session import ray_session
+
+            session.enter_context(ray_session(job.ray_address, num_cpus=_local_cpus(job)))
+            return count_tars_on_ray(tars, every)
+
+        return _plan_and_run(input, out, annotator_factory, generator, job, started, count_tars)
+
+
+def _local_cpus(job: JobOptions) -> int:
+    """CPUs of a local cluster started for the job: the machine's, or more if the workers ask for more."""
+    return max(math.ceil(job.workers * job.cpus_per_worker), os.cpu_count() or 1)
+
+
+def _plan_and_run(input: str | Path, out: Path | RemoteDir, annotator_factory: AnnotatorFactory,
+                  generator: dict[str, Any], job: JobOptions, started: float, count_tars: TarCounter) -> JobResult:
+    remote = isinstance(out, RemoteDir)
+    plans = job_plans(str(input), job.input_format, job.shard_size, generator, limit=job.limit,
+                      storage_options=job.storage_options, count_tars=count_tars)
     first = next(plans, None)
     if first is None:
         raise UserError("no input images found", file=input)
@@ -361,10 +375,9 @@ def _run_plans(
 
     from blip3.core.ray_session import ray_session
 
-    cpus = max(math.ceil(job.workers * job.cpus_per_worker), os.cpu_count() or 1)
-    with ray_session(job.ray_address, num_cpus=cpus), progress() as bar:
+    with ray_session(job.ray_address, num_cpus=_local_cpus(job)), progress() as bar:
         task = bar.add_task(f"{generator['name']} -> {out.name} (shards)", total=None)
-        storage_env = storage_environment() if isinstance(out, RemoteDir) else {}
+        storage_env = storage_environment()  # an object-store output or input: workers reach it as we do
         actor_cls = ray.remote(ShardWorker).options(
             num_cpus=job.cpus_per_worker, max_restarts=-1, max_task_retries=SHARD_RETRIES,
             **({"runtime_env": {"env_vars": storage_env}} if storage_env else {}),
