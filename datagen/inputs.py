@@ -38,7 +38,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, BinaryIO, Iterator
 
-from blip3.core.errors import UserError
+from blip3.core.errors import UserError, describe_exception
 from blip3.core.keys import sanitize_key
 from blip3.core.storage import RemoteDir, url_scheme
 from blip3.core.shards import IMAGE_EXTS, MemberSpan, iter_tar_index, read_span, split_member_name
@@ -474,8 +474,8 @@ def count_tar(src: TarSource, every: int) -> TarCount:
             count.refs += sample.n_refs
     except UserError as e:
         count.error = str(e)
-    except OSError as e:
-        count.error = f"{src}: cannot read: {e.strerror or e}"
+    except Exception as e:  # a missing object, no permission, a store out of reach: the driver says it in one line
+        count.error = f"{src}: cannot read: {describe_exception(e)}"
     return count
 
 
