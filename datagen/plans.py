@@ -81,6 +81,11 @@ class ShardPlan:
         self._refs = refs
 
     @property
+    def size(self) -> int:
+        """How many refs the plan holds, known without reading its tars."""
+        return len(self._refs) if self._refs is not None else sum(s.stop - s.start for s in self.spans)
+
+    @property
     def refs(self) -> list[SampleRef]:
         if self._refs is None:
             self._refs = _unique_keys([ref for s in self.spans for ref in iter_tar_range(s.tar, s.start, s.stop, s.seek)])

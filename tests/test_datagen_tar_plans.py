@@ -60,6 +60,7 @@ def test_tar_plans_are_the_listed_plans(tmp_path, shard_size, limit):
     pattern = wds_tars(tmp_path / "in")
     listed = list(iter_plans(iter_raw_refs(pattern), shard_size, limit=limit))
     counted = list(job_plans(pattern, None, shard_size, limit=limit, count_tars=count_tars_locally))
+    assert [p.size for p in counted] == [len(p.refs) for p in listed]
     assert all(p._refs is None and p.spans for p in counted)  # only ranges until a worker reads them
     assert _view(counted) == _view(listed)
     again = list(job_plans(pattern, None, shard_size, limit=limit, count_tars=count_tars_locally))
