@@ -23,7 +23,8 @@ Why this shape:
   resume reads the stats and sizes from the store. The tars are the same bytes as a local run's.
 - Fault tolerance: a worker process that dies mid-shard is restarted by Ray and the call retried
   (`max_task_retries`); the retry writes the same bytes under a fresh temporary name and the
-  shard is published once.
+  shard is published once. A node lost mid-job: its actors are restarted on other nodes, and the
+  shards in flight there, whose calls Ray reports unreachable, are sent again by the driver.
 """
 
 from __future__ import annotations
@@ -68,6 +69,10 @@ DEFAULT_SHARD_SIZE = 1000
 IN_FLIGHT_PER_WORKER = 2
 #: Retries of a shard whose worker process died (the actor is restarted each time).
 SHARD_RETRIES = 3
+#: Sends of a shard whose actor could not be reached (its node lost), UNREACHABLE_WAIT_S apart:
+#: long enough for Ray to declare the node dead and restart the actor on another one.
+UNREACHABLE_RESENDS = 60
+UNREACHABLE_WAIT_S = 1.0
 
 @dataclass
 class JobResult:
@@ -399,16 +404,29 @@ def _run_plans(
         actors = [actor_cls.remote(factory, job.limits, job.image_output, job.shard_name_width, job.download)
                   for _ in range(job.workers)]
         free = deque(a for _ in range(IN_FLIGHT_PER_WORKER) for a in actors)
-        in_flight: dict[Any, tuple[Any, int]] = {}
+        in_flight: dict[Any, tuple[Any, ShardPlan]] = {}
         lost: list[str] = []
+        resend: deque[ShardPlan] = deque()
+        unreachable: Counter[int] = Counter()
 
         def collect() -> None:
             done, _ = ray.wait(list(in_flight), num_returns=1)
             for ref in done:
-                actor, index = in_flight.pop(ref)
+                actor, plan = in_flight.pop(ref)
+                index = plan.index
                 free.append(actor)
                 try:
                     stats = ray.get(ref)
+                except ray.exceptions.ActorUnavailableError as e:
+                    # its node is gone or out of reach: Ray spends the call's retries before it has
+                    # noticed, so the plan is sent again, to an actor restarted elsewhere (same bytes)
+                    unreachable[index] += 1
+                    if unreachable[index] <= UNREACHABLE_RESENDS:
+                        time.sleep(UNREACHABLE_WAIT_S)
+                        resend.append(plan)
+                    else:
+                        lost.append(f"{index}: {str(e).strip().splitlines()[0][:200]}")
+                    continue
                 except (ray.exceptions.RayActorError, ray.exceptions.RayTaskError) as e:
                     full = environment_error(e)
                     if full is not None:  # a full disk or unwritable output: every other shard fails alike
@@ -425,13 +443,21 @@ def _run_plans(
                 bar.advance(task)
                 bar.advance(samples, int(stats["count"]))
 
-        for plan in plans:
+        def send(plan: ShardPlan) -> None:
             while not free:
                 collect()
             actor = free.popleft()
-            in_flight[actor.write.remote(out if isinstance(out, RemoteDir) else str(out), plan, generator)] = (actor, plan.index)
-        while in_flight:
-            collect()
+            in_flight[actor.write.remote(out if isinstance(out, RemoteDir) else str(out), plan, generator)] = (actor, plan)
+
+        for plan in plans:
+            while resend:
+                send(resend.popleft())
+            send(plan)
+        while in_flight or resend:
+            if resend:
+                send(resend.popleft())
+            else:
+                collect()
         for actor in actors:
             ray.kill(actor)
     if lost:

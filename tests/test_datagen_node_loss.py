@@ -44,10 +44,11 @@ class StallOffHead(SizeCaptioner):
 
 _JOB = """
 import sys
+from functools import partial
 from blip3.datagen.pipeline import JobOptions, run_job
 from tests.test_datagen_node_loss import StallOffHead
 src, out, address, head, marker = sys.argv[1:]
-r = run_job(src, out, StallOffHead(head=head, marker=marker),
+r = run_job(src, out, partial(StallOffHead, head=head, marker=marker),
             JobOptions(workers=2, shard_size=2, ray_address=address, register=False))
 print(r.shards_written, r.samples, r.successes, r.failed)
 """
