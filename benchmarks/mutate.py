@@ -47,7 +47,7 @@ MODULES: dict[str, list[str]] = {
     "core/catalog.py": ["tests/test_core_catalog.py", "tests/test_core_transaction.py"],
     "datagen/ocr_captions.py": ["tests/test_ocr_captions.py", "tests/test_bite_datagen.py"],
     "datagen/grounding_captions.py": ["tests/test_grounding_captions.py", "tests/test_mut_grounding_captions.py"],
-    "datagen/images.py": ["tests/test_datagen_images.py", "tests/test_bite_datagen.py"],
+    "datagen/images.py": ["tests/test_mut_datagen_images.py", "tests/test_datagen_images.py", "tests/test_bite_datagen.py"],
     "datagen/pipeline.py": ["tests/test_datagen_pipeline.py"],
     "mixture/loader.py": ["tests/test_mixture_loader.py", "tests/test_bite_mixture.py"],
     "mixture/build.py": ["tests/test_mixture_manifest.py", "tests/test_mixture_catalog.py", "tests/test_bite_mixture.py"],

@@ -110,3 +110,23 @@ def test_decode_errors_are_one_short_line():
         decode_image(b"\x89PNG\r\n\x1a\n" + b"x" * 500)
     assert e.value.error.startswith("decode: ") and "\n" not in e.value.error and "0x" not in e.value.error
     assert len(e.value.error) <= len("decode: ") + 200
+
+
+def test_a_colour_key_on_a_grey_image_is_not_alpha():
+    """Only palette images' transparency is composited (the documented rows): a grey PNG whose tRNS
+    key marks black keeps its black pixels."""
+    img = Image.new("L", (16, 16), 0)
+    img.paste(200, (8, 0, 16, 16))
+    d = decode_image(_png(img, transparency=0))
+    assert d.conversions == ["L->RGB"]
+    px = np.asarray(d.image)
+    assert (px[:, :8] == 0).all() and (px[:, 8:] == 200).all()
+
+
+def test_error_detail_is_the_first_line_without_addresses():
+    from blip3.datagen.images import _short
+
+    assert _short(ValueError("cannot identify <PIL.PngImagePlugin.PngImageFile object at 0x7f3a2c>\nmore")) == (
+        "cannot identify input")
+    assert _short(OSError()) == "OSError"  # an error without a message is named by its type
+    assert _short(OSError("x" * 300)) == "x" * 200

@@ -144,6 +144,8 @@ def test_parse_textual_tags_reads_labels_between_objects():
     assert [(o.label, o.bbox) for o in objs] == [("garment", (0.5, 0.6, 0.9, 1.0)), ("neckband", (0.4, 0.1, 0.6, 0.3))]
     # without the lead-in the first label keeps its words
     assert parse_textual_tags("A cup (starts at [0, 0] and extends up to [1, 1])", lead_in="")[0].label == "A cup"
+    # a first label without the lead-in keeps all its words
+    assert parse_textual_tags("A cup (starts at [0, 0] and extends up to [1, 1])")[0].label == "A cup"
     # the lead-in is only stripped from the first label
-    two = "The image contains x (starts at [0, 0] and extends up to [1, 1]), The image contains y (starts at [0, 0] and extends up to [1, 1])"
+    two = "The image contains x (starts at [0, 0] and extends up to [1, 1]) The image contains y (starts at [0, 0] and extends up to [1, 1])"
     assert [o.label for o in parse_textual_tags(two)] == ["x", "The image contains y"]
