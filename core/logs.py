@@ -43,9 +43,19 @@ def progress_enabled() -> bool:
     return not os.environ.get("BLIP3_NO_PROGRESS")
 
 
+#: The bar on screen, if any: a step run inside another (a datagen job's shards while its input
+#: is listed) adds its rows to it instead of opening a second live display, whose rows would be
+#: drawn over the first one's and lose their final counts.
+_active: Progress | None = None
+
+
 @contextmanager
 def progress(transient: bool = False) -> Iterator[Progress]:
-    """A rich progress bar with count, rate and ETA columns."""
+    """A rich progress bar with count, rate and ETA columns, on stderr (never on piped stdout)."""
+    global _active
+    if _active is not None:
+        yield _active
+        return
     bar = Progress(
         TextColumn("[bold blue]{task.description}"),
         BarColumn(),
@@ -56,5 +66,9 @@ def progress(transient: bool = False) -> Iterator[Progress]:
         transient=transient,
         disable=not progress_enabled(),
     )
-    with bar:
-        yield bar
+    _active = bar
+    try:
+        with bar:
+            yield bar
+    finally:
+        _active = None

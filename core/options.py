@@ -12,6 +12,8 @@ from typing import Literal, Optional
 
 import typer
 
+from blip3.core.records import RECORD_KINDS
+
 
 def _resolve_db(value: Optional[Path]) -> Path:
     from blip3.core.catalog import resolve_db  # duckdb stays out of `blip3 --help`
@@ -51,7 +53,8 @@ StorageOptions = typer.Option(None, "--storage-options",
                               help='Object-store output or URL list (s3://, gs://, ...): fsspec filesystem arguments as JSON, '
                                    'e.g. \'{"endpoint_url": "http://minio:9000"}\' (else the usual environment variables).')
 
-#: The kinds of source the catalog knows (`core.catalog.SOURCE_KINDS`, checked equal by a test).
-SourceKind = Literal["caption", "interleaved", "sft", "dpo"]
+#: The kinds of source the catalog knows: one per record type of `core.records`, so a new kind
+#: reaches `--kind` without an edit here.
+SourceKind = Literal[tuple(RECORD_KINDS)]  # type: ignore[valid-type]
 #: The input kinds of a datagen job (`datagen.inputs.INPUT_FORMATS`, checked equal by a test).
 InputFormat = Literal["folder", "webdataset", "img2dataset", "urls", "blip3-ocr"]

@@ -8,6 +8,8 @@ kind this module says:
 - `validate`: whether the record fits the kind (`RecordError` says why);
 - `texts`: the text the sample contributes, which `caption_length` counts and token counts tokenise;
 - `image_names`: its image members, in the order the record uses them;
+- `content`: what a model is given (`Caption`, `Document`, `Chat` or `Preference`), which the
+  trainer encodes (`train/data.py`) without reading record fields itself;
 - and, for every kind alike, `sidecar_row`: its row of the sidecar parquet, for tars that were
   written without one (other tools' shards, the tiny generator).
 
@@ -15,14 +17,16 @@ Grounding objects live in `metadata.objects`, which is what `blip3 ground` write
 public BLIP3-GROUNDING card's shape keep them in a top-level `objects`; `grounding_objects` reads
 that only when `metadata.objects` is absent, and nothing else looks for objects.
 
-Adding a source kind means one class here, registered in `RECORD_KINDS`, plus how the trainer
-encodes it (`train/data.py`).
+Adding a source kind means one class here, registered in `RECORD_KINDS` (with a content type if
+none of the four fits), plus how the trainer encodes that content (`train/data.py`) and its
+section in docs/formats.md.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any, ClassVar
+from dataclasses import dataclass
+from typing import Any, ClassVar, Union
 
 from blip3.core.shards import SampleRow, is_image_ext
 
@@ -36,10 +40,57 @@ def image_members(members: Mapping[str, Any]) -> list[str]:
     return sorted(k for k in members if not k.startswith("__") and is_image_ext(k))
 
 
+# -- what a model is given, per kind (image members by name; the reader holds their bytes) ------
+@dataclass(frozen=True)
+class Caption:
+    """One image and its caption."""
+
+    text: str
+    image: str
+
+
+@dataclass(frozen=True)
+class Document:
+    """Interleaved text and images: at each position a text or an image (the other is None)."""
+
+    texts: list[str | None]
+    images: list[str | None]
+
+
+@dataclass(frozen=True)
+class Chat:
+    """A conversation of `{role, content}` turns; `<image>` tags take `images` in order."""
+
+    turns: list[dict[str, Any]]
+    images: list[str]
+
+
+@dataclass(frozen=True)
+class Preference:
+    """A prompt (with its images), the preferred answer and the rejected one."""
+
+    prompt: str
+    chosen: str
+    rejected: str
+    images: list[str]
+
+
+Content = Union[Caption, Document, Chat, Preference]
+
+
 class RecordKind:
-    """What one source kind's samples hold. Subclasses define the three kind-specific parts."""
+    """What one source kind's samples hold. Subclasses define the kind-specific parts."""
 
     name: ClassVar[str]
+
+    def read(self, rec: dict[str, Any], txt: str | None, members: Mapping[str, Any]) -> Content:
+        """The sample's content, after `validate` (RecordError when the record does not fit)."""
+        self.validate(rec, members)
+        return self.content(rec, txt, members)
+
+    def content(self, rec: dict[str, Any], txt: str | None, members: Mapping[str, Any]) -> Content:
+        """What a model is given from a valid record."""
+        raise NotImplementedError
 
     def validate(self, rec: dict[str, Any], members: Mapping[str, Any]) -> None:
         """Raise RecordError when `rec` (with these members) is not a sample of this kind."""
@@ -60,6 +111,12 @@ class RecordKind:
         return [n for n in rec.get("images") or [] if n]
 
 
+def _check_image_list(rec: dict[str, Any]) -> None:
+    images = rec.get("images")
+    if images is not None and not (isinstance(images, list) and all(isinstance(n, str) for n in images)):
+        raise RecordError("json 'images' must be a list of image member names")
+
+
 class CaptionRecord(RecordKind):
     """An image and its caption: `<key>.txt`, else the json's `caption`."""
 
@@ -76,6 +133,9 @@ class CaptionRecord(RecordKind):
     def image_names(self, rec, members) -> list[str]:
         return image_members(members)[:1]
 
+    def content(self, rec, txt, members) -> Caption:
+        return Caption("".join(self.texts(rec, txt)), self.image_names(rec, members)[0])
+
 
 class InterleavedRecord(RecordKind):
     """A document: parallel `texts` / `images` lists, one of the two set at each position."""
@@ -90,6 +150,9 @@ class InterleavedRecord(RecordKind):
     def texts(self, rec, txt) -> list[str]:
         return [t for t in rec.get("texts") or [] if isinstance(t, str) and t]
 
+    def content(self, rec, txt, members) -> Document:
+        return Document(list(rec["texts"]), list(rec["images"]))
+
 
 class SftRecord(RecordKind):
     """A conversation: `conversations` of `{role, content}`, `<image>` tags in order of `images`."""
@@ -100,9 +163,13 @@ class SftRecord(RecordKind):
         conv = rec.get("conversations")
         if not isinstance(conv, list) or not all(isinstance(t, dict) and "role" in t and "content" in t for t in conv):
             raise RecordError("json needs 'conversations': [{role, content}, ...]")
+        _check_image_list(rec)
 
     def texts(self, rec, txt) -> list[str]:
         return [t["content"] for t in rec.get("conversations") or [] if isinstance(t.get("content"), str) and t["content"]]
+
+    def content(self, rec, txt, members) -> Chat:
+        return Chat(list(rec["conversations"]), self.image_names(rec, members))
 
 
 class DpoRecord(RecordKind):
@@ -113,9 +180,13 @@ class DpoRecord(RecordKind):
     def _check_fields(self, rec, members) -> None:
         if not all(isinstance(rec.get(k), str) for k in ("prompt", "chosen", "rejected")):
             raise RecordError("json needs string 'prompt', 'chosen' and 'rejected'")
+        _check_image_list(rec)
 
     def texts(self, rec, txt) -> list[str]:
         return [rec[k] for k in ("prompt", "chosen", "rejected") if isinstance(rec.get(k), str) and rec[k]]
+
+    def content(self, rec, txt, members) -> Preference:
+        return Preference(rec["prompt"], rec["chosen"], rec["rejected"], self.image_names(rec, members))
 
 
 RECORD_KINDS: dict[str, RecordKind] = {k.name: k() for k in (CaptionRecord, InterleavedRecord, SftRecord, DpoRecord)}

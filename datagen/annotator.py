@@ -1,17 +1,26 @@
 """The one interface every datagen engine implements (OCR, grounding, ...).
 
 The pipeline (`datagen.pipeline.run_job`) owns reading, validation, sharding, writing and the
-catalog; an annotator only turns one upright RGB image into captions and metadata. Ray actors
-build their annotator from a picklable zero-argument factory (a small config dataclass with
-`__call__`, or `functools.partial`), call `load()` once, then `annotate()` per image. The driver
-also builds one (without `load()`) to ask `generator_info()` for the shard stats, so
-`generator_info` must not need the loaded model.
+catalog; an annotator only turns one upright RGB image into captions and metadata.
+
+Every engine comes in two parts, in one style:
+
+- its config (`AnnotatorConfig`): a frozen dataclass holding every setting, checked in the driver
+  before any work starts; it is what travels to the Ray actors (small, picklable, never holding a
+  loaded model), and calling it builds one unloaded annotator;
+- its annotator: built from the config once per actor, `load()`ed once, then `annotate()`d per
+  image. The driver also builds one (without `load()`) to ask `generator_info()` for the shard
+  stats, so `generator_info` must not need the loaded model.
+
+Keeping settings and loaded state apart is what lets a config be compared, hashed into the
+shard fingerprint and shipped to any number of actors without copying a model by accident.
 """
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
-from typing import Any, Callable, Protocol, runtime_checkable
+from typing import Any, Protocol, runtime_checkable
 
 from PIL import Image
 
@@ -59,5 +68,10 @@ class SkipSample(Exception):
         self.error = f"{reason}: {detail}"
 
 
-#: A picklable zero-argument callable returning an (unloaded) annotator.
-AnnotatorFactory = Callable[[], Annotator]
+class AnnotatorConfig(ABC):
+    """Base of every engine's config: subclasses are `@dataclass(frozen=True)` and build their
+    annotator in `__call__` (the zero-argument factory the pipeline's actors call)."""
+
+    @abstractmethod
+    def __call__(self) -> Annotator:
+        """A fresh, unloaded annotator with these settings."""

@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, Any
 from PIL import Image
 
 from blip3.core.errors import UserError
-from blip3.datagen.annotator import Annotation, SkipSample
+from blip3.datagen.annotator import Annotation, AnnotatorConfig, SkipSample
 from blip3.datagen.detectors import DetectionLimits, filter_objects
 from blip3.datagen.grounding_captions import (
     DEFAULT_ALSO_LEAD_IN,
@@ -47,7 +47,7 @@ ENGINE_VERSION = "1"
 
 
 @dataclass(frozen=True)
-class GroundingConfig:
+class GroundingConfig(AnnotatorConfig):
     """Everything an actor needs to build its annotator; picklable, and the pipeline's factory
     (`config()` returns an unloaded `GroundingAnnotator`). Build it with `make_config`, which
     checks the options and finds the weights in the driver, before any work starts."""

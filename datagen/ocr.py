@@ -12,14 +12,15 @@ images without text is in `datagen.ocr_captions` (kept, "The image contains no t
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, replace
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from PIL import Image
 
 from blip3.core.errors import UserError
-from blip3.datagen.annotator import Annotation, SkipSample
+from blip3.datagen.annotator import Annotation, AnnotatorConfig, SkipSample
 from blip3.datagen.inputs import InputSample
 from blip3.datagen.ocr_captions import GRANULARITIES, CaptionStyle, build_captions
 from blip3.datagen.ocr_engines import DEFAULT_ENGINE, ENGINES, OcrEngine, check_cuda_provider, make_engine
@@ -30,20 +31,20 @@ DEFAULT_GRANULARITY = 4
 DEFAULT_MIN_CONFIDENCE = 0.5
 
 
-@dataclass
-class OcrAnnotator:
-    """The OCR annotator; also its own picklable factory (calling it returns a fresh copy)."""
+@dataclass(frozen=True)
+class OcrConfig(AnnotatorConfig):
+    """Every setting of the OCR engine, checked on creation; the pipeline's factory (`config()`
+    returns an unloaded `OcrAnnotator`)."""
 
     engine: str = DEFAULT_ENGINE
-    engine_options: dict[str, Any] = field(default_factory=dict)
+    engine_options: Mapping[str, Any] = field(default_factory=dict)
     min_confidence: float = DEFAULT_MIN_CONFIDENCE
     default_granularity: int = DEFAULT_GRANULARITY
     style: CaptionStyle = field(default_factory=CaptionStyle)
     keep_empty: bool = True
-    name: str = "ocr"
-    _engine: OcrEngine | None = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
+        object.__setattr__(self, "engine_options", dict(self.engine_options))  # not the caller's dict
         if self.engine not in ENGINES:
             raise UserError(f"unknown OCR engine {self.engine!r}; one of {', '.join(ENGINES)}", field="--engine")
         if self.default_granularity not in GRANULARITIES:
@@ -52,27 +53,40 @@ class OcrAnnotator:
             raise UserError("must be within [0, 1]", field="--min-confidence")
 
     def __call__(self) -> "OcrAnnotator":
-        return replace(self, engine_options=dict(self.engine_options), _engine=None)
+        return OcrAnnotator(self)
+
+
+class OcrAnnotator:
+    """The `Annotator` of the OCR engine (see datagen/annotator.py)."""
+
+    name = "ocr"
+
+    def __init__(self, config: OcrConfig):
+        self.config = config
+        self._engine: OcrEngine | None = None
 
     def load(self) -> None:
-        self._engine = make_engine(self.engine, **self.engine_options)
+        c = self.config
+        self._engine = make_engine(c.engine, **c.engine_options)
         self._engine.load()
 
     def generator_info(self) -> dict[str, Any]:
-        return {**make_engine(self.engine, **self.engine_options).info(), "min_confidence": self.min_confidence,
-                "default_granularity": self.default_granularity, "lead_in": self.style.lead_in,
-                "filler": self.style.filler, "keep_empty": self.keep_empty}
+        c = self.config
+        return {**make_engine(c.engine, **c.engine_options).info(), "min_confidence": c.min_confidence,
+                "default_granularity": c.default_granularity, "lead_in": c.style.lead_in,
+                "filler": c.style.filler, "keep_empty": c.keep_empty}
 
     def annotate(self, image: Image.Image, sample: InputSample) -> Annotation:
         if self._engine is None:
             raise RuntimeError("call load() first")
-        entries = build_entries(self._engine.recognize(image), image.width, image.height, self.min_confidence)
-        if not entries and not self.keep_empty:
-            raise SkipSample("no_text", f"no OCR entry at confidence >= {self.min_confidence}")
-        captions = build_captions(entries, sample.source_caption, self.style)
+        c = self.config
+        entries = build_entries(self._engine.recognize(image), image.width, image.height, c.min_confidence)
+        if not entries and not c.keep_empty:
+            raise SkipSample("no_text", f"no OCR entry at confidence >= {c.min_confidence}")
+        captions = build_captions(entries, sample.source_caption, c.style)
         lead = bool(sample.source_caption)
-        default = next(c["text"] for c in captions
-                       if c["granularity"] == self.default_granularity and c["include_datacomp_raw_cap"] == lead)
+        default = next(v["text"] for v in captions
+                       if v["granularity"] == c.default_granularity and v["include_datacomp_raw_cap"] == lead)
         mean = round(sum(e["confidence"] for e in entries) / len(entries), 4) if entries else None
         return Annotation(default, captions, {"entries": entries}, n_ocr=len(entries), mean_confidence=mean)
 
@@ -101,11 +115,11 @@ def run_ocr(
         options.setdefault("use_cuda", True)
     elif job.gpus_per_worker > 0:
         options.setdefault("device", "gpu")
-    annotator = OcrAnnotator(engine, options, min_confidence=min_confidence, default_granularity=default_granularity,
-                             style=style, keep_empty=keep_empty)
+    config = OcrConfig(engine, options, min_confidence=min_confidence, default_granularity=default_granularity,
+                       style=style, keep_empty=keep_empty)
     # fail before Ray starts, in one line
     if engine == "paddleocr":
-        make_engine(engine, **annotator.engine_options).check()
+        make_engine(engine, **config.engine_options).check()
     elif options.get("use_cuda"):
         check_cuda_provider()
-    return run_job(input, output, annotator, job)
+    return run_job(input, output, config, job)

@@ -54,7 +54,7 @@ from blip3.core.shards import (
     shard_paths,
 )
 from blip3.core.storage import RemoteDir, output_location, staged_input, storage_environment
-from blip3.datagen.annotator import AnnotatorFactory, SkipSample
+from blip3.datagen.annotator import AnnotatorConfig, SkipSample
 from blip3.datagen.fetch import DownloadOptions, fetch_in_order
 from blip3.datagen.images import ImageLimits, ImageOutput, ImageRejected, decode_image
 from blip3.datagen.inputs import URL_LIST_SUFFIXES, InputSample, SampleRef, check_output_outside_input, iter_raw_refs, load_sample
@@ -205,7 +205,7 @@ def _fetch_ahead(ref: SampleRef, download: DownloadOptions) -> InputSample | Non
 class ShardWorker:
     """A Ray actor: one annotator, loaded once, writing whole shards."""
 
-    def __init__(self, factory: AnnotatorFactory, limits: ImageLimits, output: ImageOutput = ImageOutput(),
+    def __init__(self, factory: AnnotatorConfig, limits: ImageLimits, output: ImageOutput = ImageOutput(),
                  digits: int = SHARD_DIGITS, download: DownloadOptions = DownloadOptions()):
         self.annotator = factory()
         self.annotator.load()
@@ -283,12 +283,13 @@ class JobOptions:
 def run_job(
     input: str | Path,
     output: str | Path,
-    annotator_factory: AnnotatorFactory,
+    annotator_factory: AnnotatorConfig,
     job: JobOptions = JobOptions(),
 ) -> JobResult:
     """Annotate `input` into caption shards in `output`; resumable, see the module docstring.
 
-    `annotator_factory` is a picklable zero-argument callable returning an unloaded annotator; `job`
+    `annotator_factory` is the engine's config (datagen.annotator.AnnotatorConfig), which each actor
+    calls once to build its annotator; `job`
     says how the job runs and writes (JobOptions). `output` may be any fsspec URL
     (`s3://bucket/prefix`, with `job.storage_options` for its filesystem); such an output is not
     catalogued (the catalog reads local folders).
@@ -322,18 +323,28 @@ def run_job(
     result = JobResult(out, 0, 0, 0, generator=generator)
     reasons: Counter[str] = Counter()
 
-    def pending() -> Iterator[ShardPlan]:
-        for plan in chain([first], plans):
-            result.shards_total += 1
-            if shard_done(out, plan.index, plan.digest, verify=job.verify, digits=job.shard_name_width):
-                result.shards_skipped += 1
-            else:
-                yield plan
+    # the input is listed, and finished shards re-hashed (--verify), as the shards are dispatched:
+    # each of these long steps has its own bar row, next to the job's
+    with progress() as bar:
+        listed = bar.add_task(f"{Path(str(input)).name}: inputs listed", total=None)
+        rehashed = bar.add_task("finished shards re-hashed (--verify)", total=None) if job.verify else None
 
-    todo = pending()
-    nxt = next(todo, None)
-    if nxt is not None:
-        _run_plans(chain([nxt], todo), out, annotator_factory, generator, result, reasons, job)
+        def pending() -> Iterator[ShardPlan]:
+            for plan in chain([first], plans):
+                result.shards_total += 1
+                bar.advance(listed, len(plan.refs))
+                done = shard_done(out, plan.index, plan.digest, verify=job.verify, digits=job.shard_name_width)
+                if rehashed is not None:
+                    bar.advance(rehashed)
+                if done:
+                    result.shards_skipped += 1
+                else:
+                    yield plan
+
+        todo = pending()
+        nxt = next(todo, None)
+        if nxt is not None:
+            _run_plans(chain([nxt], todo), out, annotator_factory, generator, result, reasons, job)
     result.failure_reasons = dict(sorted(reasons.items()))
     if not remote:
         clean_temporaries(out)  # of workers killed mid-shard (their shard was retried and published)
@@ -353,7 +364,7 @@ def run_job(
 
 
 def _run_plans(
-    plans: Iterator[ShardPlan], out: Path | RemoteDir, factory: AnnotatorFactory, generator: dict[str, Any], result: JobResult,
+    plans: Iterator[ShardPlan], out: Path | RemoteDir, factory: AnnotatorConfig, generator: dict[str, Any], result: JobResult,
     reasons: Counter[str], job: JobOptions,
 ) -> None:
     """Send plans to one actor pool, at most IN_FLIGHT_PER_WORKER per actor, and collect stats."""
@@ -364,6 +375,8 @@ def _run_plans(
     cpus = max(math.ceil(job.workers * job.cpus_per_worker), os.cpu_count() or 1)
     with ray_session(job.ray_address, num_cpus=cpus), progress() as bar:
         task = bar.add_task(f"{generator['name']} -> {out.name} (shards)", total=None)
+        # samples fetched (URL lists: downloaded in the shard tasks) and annotated, a shard at a time
+        samples = bar.add_task(f"{generator['name']} -> {out.name} (samples)", total=None)
         storage_env = storage_environment() if isinstance(out, RemoteDir) else {}
         actor_cls = ray.remote(ShardWorker).options(
             num_cpus=job.cpus_per_worker, max_restarts=-1, max_task_retries=SHARD_RETRIES,
@@ -397,6 +410,7 @@ def _run_plans(
                 result.failed += int(stats["failed"])
                 reasons.update(stats.get("failure_reasons", {}))
                 bar.advance(task)
+                bar.advance(samples, int(stats["count"]))
 
         for plan in plans:
             while not free:

@@ -1,5 +1,5 @@
 """Tiny synthetic shards, written as real shards with core.shards: the one generator of test data,
-of the shipped small mixtures (`manifests/tiny-mix.yaml`, `blip3 source tiny OUT`) and of the CPU
+of the shipped small mixtures (`manifests/tiny-mix.yaml`, `blip3 source tiny -o OUT`) and of the CPU
 training pipeline (`manifests/tiny/`, `generate: tiny`).
 
 Each image is a flat background colour with one shape in another colour, and every text names them

@@ -12,6 +12,8 @@ from typing import List, Literal, Optional
 
 import typer
 
+from blip3.core.options import out_option, output_path
+
 model_app = typer.Typer(help="The xGen-MM model: sizes, model directories, a quick generate.", no_args_is_help=True)
 
 
@@ -38,7 +40,8 @@ def info(config: Literal["tiny", "phi3-mini"] = typer.Option("tiny", "--config",
 
 @model_app.command("init")
 def init(
-    out: Path = typer.Argument(..., help="Model directory to write."),
+    output: Optional[Path] = typer.Argument(None, help="Model directory to write (the older form of -o/--out)."),
+    out: Optional[Path] = out_option("model directory to write"),
     config: Literal["tiny", "phi3-mini"] = typer.Option("tiny", "--config", help="Model configuration."),
     seed: int = typer.Option(0, "--seed", help="Seed of the random weights."),
     pretrained: bool = typer.Option(False, "--pretrained", help="phi3-mini: load SigLIP and Phi-3 from local files."),
@@ -56,6 +59,7 @@ def init(
     from blip3.model.processor import XGenMMProcessor
     from blip3.model.xgenmm import XGenMM
 
+    out = output_path(output, out, "model directory")
     cfg = get_config(config)
     torch.manual_seed(seed)
     if pretrained or released:

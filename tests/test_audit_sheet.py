@@ -169,14 +169,14 @@ def test_audit_of_a_real_ocr_annotation(tmp_path):
 
     from blip3.core.shards import SampleRow, ShardWriter
     from blip3.datagen.inputs import InputSample
-    from blip3.datagen.ocr import OcrAnnotator
+    from blip3.datagen.ocr import OcrConfig
 
     font = ImageFont.truetype(str(Path(matplotlib.get_data_path()) / "fonts/ttf/DejaVuSans-Bold.ttf"), 48)
     img = Image.new("RGB", (480, 200), (255, 255, 255))
     ImageDraw.Draw(img).text((60, 70), "MACK SHOP", font=font, fill=(0, 0, 0))
     buf = io.BytesIO()
     img.save(buf, format="PNG")
-    ocr = OcrAnnotator()
+    ocr = OcrConfig()()
     ocr.load()
     ann = ocr.annotate(img, InputSample(key="sign", image=buf.getvalue(), ext="png", uid="sign", url=None,
                                         source_caption=None, meta={}))

@@ -43,7 +43,7 @@ def _one(items: dict, prefix: str):
 
 def test_ocr_options_reach_the_shards(ray_local, tmp_path):
     from blip3.datagen.inputs import InputSample
-    from blip3.datagen.ocr import OcrAnnotator
+    from blip3.datagen.ocr import OcrConfig
 
     src = tmp_path / "in"
     src.mkdir()
@@ -51,7 +51,7 @@ def test_ocr_options_reach_the_shards(ray_local, tmp_path):
     for name, img in images.items():
         (src / name).write_bytes(png_bytes(img))
     # precondition: the engine's confidences straddle the threshold, so ignoring it changes the result
-    probe = OcrAnnotator(min_confidence=0.0)
+    probe = OcrConfig(min_confidence=0.0)()
     probe.load()
     best = {n: max([e["confidence"] for e in probe.annotate(images[n], InputSample(n, b"", "png")).metadata["entries"]],
                    default=0.0) for n in ("a_mack.png", "b_open.png", "c_price.png")}

@@ -91,11 +91,11 @@ def test_ocr_generator_info_loads_no_model():
     """Asking what would run (e.g. to compare with finished shards) must not import or load the engine."""
     code = (
         "import sys\n"
-        "from blip3.datagen.ocr import OcrAnnotator\n"
+        "from blip3.datagen.ocr import OcrConfig\n"
         "from blip3.datagen.ocr_engines import RapidOcrEngine\n"
         "def refuse(self): raise SystemExit('engine loaded')\n"
         "RapidOcrEngine.load = refuse\n"
-        "info = OcrAnnotator(min_confidence=0.7)().generator_info()\n"
+        "info = OcrConfig(min_confidence=0.7)().generator_info()\n"
         "assert info['engine'] == 'rapidocr' and info['engine_version'] and info['min_confidence'] == 0.7, info\n"
         "loaded = [m for m in ('rapidocr_onnxruntime', 'onnxruntime', 'cv2') if m in sys.modules]\n"
         "print('LOADED', loaded)\n"

@@ -112,6 +112,51 @@ def test_output_is_dash_o_everywhere_and_the_positional_form_still_works(tmp_pat
     assert r.returncode == 2 and r.stderr.strip() == "error: --out: missing the output folder: pass -o/--out"
 
 
+#: Every command that writes a file or folder, each named by `-o/--out`.
+WRITERS = {"sql", "ocr", "ground", "retemplate", "import-released", "audit", "train", "merge-lora", "demo", "eval",
+           "catalog stats", "export blip3-ocr", "source import-obelics", "source tiny", "mix build", "mix sample",
+           "mix stats", "mix plot", "model init"}
+
+
+def test_one_output_convention_across_commands():
+    """`-o/--out` on every command that writes; a positional output is only the older, optional form."""
+    from blip3.cli import app
+
+    with_out = set()
+    for path, cmd in _walk(typer.main.get_command(app)):
+        name = " ".join(path)
+        params = getattr(cmd, "params", [])
+        outs = [p for p in params if p.param_type_name == "option" and "--out" in p.opts]
+        for p in outs:
+            assert "-o" in p.opts, f"`blip3 {name}` has --out without -o"
+            with_out.add(name)
+        for p in params:
+            if p.param_type_name != "argument":
+                continue
+            assert p.name != "out", f"`blip3 {name}` takes its output as a positional argument"
+            if "older form of -o/--out" in (getattr(p, "help", None) or ""):
+                assert not p.required and outs, f"`blip3 {name}`: the positional output must be optional"
+    assert with_out == WRITERS
+
+
+def test_model_init_writes_to_dash_o_and_keeps_the_positional_form(tmp_path):
+    from typer.testing import CliRunner
+
+    from blip3.cli import app
+
+    runner = CliRunner()
+    new, old = tmp_path / "new", tmp_path / "old"
+    assert runner.invoke(app, ["model", "init", "-o", str(new), "--config", "tiny", "--seed", "1"]).exit_code == 0
+    assert runner.invoke(app, ["model", "init", str(old), "--config", "tiny", "--seed", "1"]).exit_code == 0
+    assert (new / "model.safetensors").read_bytes() == (old / "model.safetensors").read_bytes()
+    r = subprocess.run([sys.executable, "-m", "blip3.cli", "model", "init", "--config", "tiny"],
+                       capture_output=True, text=True, cwd=REPO)
+    assert r.returncode == 2 and r.stderr.strip() == "error: --out: missing the model directory: pass -o/--out"
+    r = subprocess.run([sys.executable, "-m", "blip3.cli", "merge-lora", str(new), str(old), "--out", str(new)],
+                       capture_output=True, text=True, cwd=REPO)
+    assert r.returncode == 2 and "pass it once, as -o/--out" in r.stderr and "Traceback" not in r.stderr
+
+
 def test_choices_are_shown_as_choices_and_match_the_libraries_lists():
     from typing import get_args
 

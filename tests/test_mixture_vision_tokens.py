@@ -3,6 +3,7 @@ hard-coded 128: the tiny model has 16, and its mixtures' token counts must say s
 
 from __future__ import annotations
 
+import json
 import re
 import subprocess
 import sys
@@ -59,3 +60,28 @@ def test_mix_build_takes_vision_tokens_on_the_command_line(tmp_path, tiny_source
                        capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr
     assert load_manifest(out).vision_tokens_per_image == 16
+
+
+def _stage(tmp_path: Path, spec: Path, **extra):
+    from blip3.train.config import stage_from_dict
+
+    raw = {"stage": "sft", "name": "s", "model": "tiny", "data": {"spec": str(spec)}, "steps": 1,
+           "output_dir": str(tmp_path / "run"), **extra}
+    return stage_from_dict(raw, tmp_path / "stage.yaml")
+
+
+def test_the_trainer_counts_vision_tokens_with_its_own_models_resampler(tmp_path, tiny_sources):  # noqa: F811
+    """A spec that declares nothing gets the stage model's num_latents, not the 128 default."""
+    from blip3.train.builders import resolve_manifest
+
+    spec = write_spec(tmp_path / "spec.yaml", inline(tiny_sources, {"sft": 1}))
+    out = tmp_path / "run"
+    out.mkdir()
+    built = resolve_manifest(_stage(tmp_path, spec), out, None, True, {})
+    assert load_manifest(built).vision_tokens_per_image == get_config("tiny").num_latents == 16
+    # a stage starting from a saved model counts with that model's resampler
+    init = tmp_path / "prev" / "final"
+    init.mkdir(parents=True)
+    (init / "config.json").write_text(json.dumps(dict(get_config("tiny").to_dict(), num_latents=8)))
+    built = resolve_manifest(_stage(tmp_path, spec), out, None, True, {}, init_path=str(tmp_path / "prev"))
+    assert load_manifest(built).vision_tokens_per_image == 8

@@ -12,7 +12,7 @@ from blip3.model.xgenmm import XGenMM
 def test_init_then_generate_with_an_image(tmp_path):
     runner = CliRunner()
     out = tmp_path / "tiny"
-    r = runner.invoke(app, ["model", "init", str(out), "--config", "tiny", "--seed", "3"])
+    r = runner.invoke(app, ["model", "init", "-o", str(out), "--config", "tiny", "--seed", "3"])
     assert r.exit_code == 0, r.output
     assert {"config.json", "model.safetensors", "tokenizer.json", "processor_config.json"} <= {p.name for p in out.iterdir()}
     assert XGenMM.from_pretrained(out).config.name == "tiny"

@@ -12,7 +12,7 @@ from PIL import Image
 from blip3.core.errors import UserError
 from blip3.datagen.images import decode_image
 from blip3.datagen.inputs import InputSample
-from blip3.datagen.ocr import OcrAnnotator
+from blip3.datagen.ocr import OcrConfig
 from blip3.datagen.ocr_engines import CUDA_PROVIDER, PaddleOcrEngine, RapidOcrEngine, make_engine
 from blip3.datagen.ocr_metrics import OcrScore
 from blip3.datagen.pipeline import JobOptions
@@ -21,7 +21,7 @@ from tests.ocr_fixtures import no_text_image, render, text_image, word_signs
 
 @pytest.fixture(scope="module")
 def annotator():
-    a = OcrAnnotator(min_confidence=0.5, default_granularity=4)
+    a = OcrConfig(min_confidence=0.5, default_granularity=4)()
     a.load()
     return a
 
@@ -92,7 +92,7 @@ def test_image_without_text_is_kept_with_the_no_text_caption(annotator):
 
 
 def test_generator_info_needs_no_model_load():
-    info = OcrAnnotator(min_confidence=0.7)().generator_info()
+    info = OcrConfig(min_confidence=0.7)().generator_info()
     assert info["engine"] == "rapidocr" and info["engine_version"] and info["min_confidence"] == 0.7
     assert info["models"].startswith("PP-OCRv6") and info["det_limit"] == "max 640"
 
@@ -119,11 +119,11 @@ def test_paddleocr_not_installed_is_one_clear_error(tmp_path):
 
 def test_bad_options_are_user_errors():
     with pytest.raises(UserError, match="--engine"):
-        OcrAnnotator(engine="tesseract")
+        OcrConfig(engine="tesseract")
     with pytest.raises(UserError, match="--default-granularity"):
-        OcrAnnotator(default_granularity=6)
+        OcrConfig(default_granularity=6)
     with pytest.raises(UserError, match="--min-confidence"):
-        OcrAnnotator(min_confidence=1.5)
+        OcrConfig(min_confidence=1.5)
 
 
 def test_cli_reports_missing_paddle_models_in_one_line(tmp_path):
@@ -145,20 +145,12 @@ def test_cli_reports_missing_paddle_models_in_one_line(tmp_path):
 def test_drop_empty_records_images_without_text_as_no_text(annotator):
     from blip3.datagen.annotator import SkipSample
 
-    dropping = OcrAnnotator(keep_empty=False)
+    dropping = OcrConfig(keep_empty=False)()
     dropping._engine = annotator._engine  # same loaded engine, other policy
     with pytest.raises(SkipSample) as e:
         dropping.annotate(no_text_image(), InputSample("k", b"", "png"))
     assert e.value.error == "no_text: no OCR entry at confidence >= 0.5"
     assert dropping.annotate(text_image("KEEP"), InputSample("k", b"", "png")).n_ocr == 1
-
-
-def test_factory_copy_keeps_every_field_and_not_the_loaded_engine():
-    a = OcrAnnotator(min_confidence=0.4, keep_empty=False, name="ocr-strict", engine_options={"text_score": 0.3})
-    a._engine = object()  # as after load(): a copy must load its own
-    b = a()
-    assert (b.name, b.min_confidence, b.keep_empty, b.engine_options) == ("ocr-strict", 0.4, False, {"text_score": 0.3})
-    assert b.engine_options is not a.engine_options and b._engine is None
 
 
 def test_one_opencv_locked_and_installed():

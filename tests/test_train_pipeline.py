@@ -135,7 +135,7 @@ def test_merge_lora_command_gives_the_adapted_model(tiny_chain, tmp_path):
 
     _, out, _ = tiny_chain
     env = {**os.environ, "BLIP3_NO_PROGRESS": "1"}
-    r = subprocess.run([sys.executable, "-m", "blip3.cli", "merge-lora", str(out / "dpo"), str(tmp_path / "m")],
+    r = subprocess.run([sys.executable, "-m", "blip3.cli", "merge-lora", str(out / "dpo"), "-o", str(tmp_path / "m")],
                        capture_output=True, text=True, env=env)
     assert r.returncode == 0, r.stderr[-2000:]
     merged = XGenMM.from_pretrained(tmp_path / "m").eval()

@@ -5,6 +5,7 @@ The loop receives built components and does not know which stage it runs, the to
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import TYPE_CHECKING, Mapping
 
@@ -14,6 +15,7 @@ from blip3.core.errors import UserError
 from blip3.train.config import StageConfig
 
 if TYPE_CHECKING:
+    from blip3.model.config import ModelConfig
     from blip3.train.objective import Objective
 
 ADAPTER_DIR = "adapter"
@@ -141,15 +143,39 @@ def build_stream(cfg: StageConfig, manifest, processor, info, *, verify: str, se
                        pin_memory=info.device.type == "cuda")
 
 
+def stage_model_config(cfg: StageConfig, init_path: str | None = None) -> "ModelConfig":
+    """The configuration of the model the stage trains, read without building the model: the
+    init dir's `config.json`, else the named preset (what `build_model` will build)."""
+    from blip3.model.config import ModelConfig, get_config
+    from blip3.model.xgenmm import CONFIG_FILE
+
+    path = init_path or cfg.init.path
+    if path is None:
+        return get_config(cfg.model)
+    file = model_dir(path) / CONFIG_FILE
+    try:
+        return ModelConfig.from_dict(json.loads(file.read_text()))
+    except FileNotFoundError:
+        raise UserError(f"no {CONFIG_FILE} in {model_dir(path)} (run the previous stage first)", field="init.path",
+                        file=cfg.source) from None
+    except (ValueError, TypeError) as e:
+        raise UserError(f"{file} is not a model config: {e}", field="init.path", file=cfg.source) from None
+
+
 def resolve_manifest(cfg: StageConfig, out_dir: Path, db: str | Path | None, is_main: bool,
-                     variables: Mapping[str, str]):
+                     variables: Mapping[str, str], init_path: str | None = None):
     """The stage's manifest: the given one, or the spec built into `out_dir/mixture.yaml`, its
-    `${VAR}`s taken from `variables` (the prepared data) before the environment."""
+    `${VAR}`s taken from `variables` (the prepared data) before the environment.
+
+    A built manifest counts each image as the stage model's resampler output (`num_latents`
+    tokens per crop), so its token budget is the one this model trains on; a spec that declares
+    another value is refused by `build_manifest`."""
     from blip3.mixture.build import build_manifest
 
     if cfg.data.manifest is not None:
         return Path(cfg.data.manifest)
     built = out_dir / "mixture.yaml"
     if is_main:
-        build_manifest(cfg.data.spec, db=db, out=built, variables=variables)
+        vision = stage_model_config(cfg, init_path).num_latents
+        build_manifest(cfg.data.spec, db=db, out=built, variables=variables, vision_tokens_per_crop=vision)
     return built

@@ -20,13 +20,13 @@ from __future__ import annotations
 
 import io
 from dataclasses import dataclass, replace
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from PIL import Image
 
 from blip3.core.errors import UserError
-from blip3.core.records import record_kind
+from blip3.core.records import Caption, Chat, Content, Document, Preference, RecordError, record_kind
 from blip3.model.processor import RowPacker
 
 #: Which source kinds each stage reads.
@@ -55,38 +55,53 @@ def _image(data: bytes) -> Image.Image:
     return img.convert("RGB")
 
 
-def _member(sample: dict, name: str) -> bytes:
-    images = sample["images"]
-    if name in images:
-        return images[name]
-    raise UserError(f"sample {sample['key']} names image {name!r} but has members {sorted(images)}", file=sample.get("shard"))
+def _content(sample: dict[str, Any]) -> Content:
+    """The sample's content as its kind's record type reads it (core/records.py); a record that does
+    not fit its kind is one UserError naming the sample."""
+    try:
+        return record_kind(sample["kind"]).read(sample["json"], sample.get("txt"), sample["images"])
+    except RecordError as e:
+        raise UserError(f"{sample['kind']} sample {sample['key']}: {e}", file=sample.get("shard")) from None
+
+
+def _images(sample: dict[str, Any], names: list[str | None]) -> list[Image.Image | None]:
+    return [None if n is None else _image(sample["images"][n]) for n in names]
+
+
+def _encode_caption(processor, sample, c: Caption):
+    return processor.encode_caption(c.text, _image(sample["images"][c.image]))
+
+
+def _encode_document(processor, sample, d: Document):
+    return processor.encode_interleaved(d.texts, _images(sample, d.images))
+
+
+def _encode_chat(processor, sample, c: Chat):
+    return processor.encode_chat(c.turns, _images(sample, c.images))
+
+
+#: How the trainer encodes each content type of core/records.py (a preference pair: encode_pair).
+_ENCODERS: dict[type, Callable[..., Any]] = {Caption: _encode_caption, Document: _encode_document, Chat: _encode_chat}
 
 
 def encode_sample(processor, sample: dict[str, Any]):
     """One non-preference sample -> `model.processor.Encoded`."""
-    kind, rec = sample["kind"], sample["json"]
-    if kind == "caption":
-        record = record_kind(kind)
-        names = record.image_names(rec, sample["images"])
-        if not names:
-            raise UserError(f"caption sample {sample['key']} has no image member", file=sample.get("shard"))
-        return processor.encode_caption("".join(record.texts(rec, sample.get("txt"))), _image(sample["images"][names[0]]))
-    if kind == "interleaved":
-        images = [None if n is None else _image(_member(sample, n)) for n in rec["images"]]
-        return processor.encode_interleaved(rec["texts"], images)
-    if kind == "sft":
-        images = [_image(_member(sample, n)) for n in rec.get("images", [])]
-        return processor.encode_chat(rec["conversations"], images)
-    raise ValueError(f"encode_sample does not take kind {kind!r}")
+    content = _content(sample)
+    encoder = _ENCODERS.get(type(content))
+    if encoder is None:
+        raise ValueError(f"encode_sample does not take kind {sample['kind']!r}")
+    return encoder(processor, sample, content)
 
 
 def encode_pair(processor, sample: dict[str, Any]):
     """A preference pair -> (chosen, rejected) chats sharing the prompt and images."""
-    rec = sample["json"]
-    images = [_image(_member(sample, n)) for n in rec.get("images", [])]
-    user = {"role": "user", "content": rec["prompt"]}
-    chosen = processor.encode_chat([user, {"role": "assistant", "content": rec["chosen"]}], images)
-    rejected = processor.encode_chat([user, {"role": "assistant", "content": rec["rejected"]}], images)
+    p = _content(sample)
+    if not isinstance(p, Preference):
+        raise ValueError(f"encode_pair does not take kind {sample['kind']!r}")
+    images = _images(sample, p.images)
+    user = {"role": "user", "content": p.prompt}
+    chosen = processor.encode_chat([user, {"role": "assistant", "content": p.chosen}], images)
+    rejected = processor.encode_chat([user, {"role": "assistant", "content": p.rejected}], images)
     return chosen, rejected
 
 

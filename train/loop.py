@@ -148,7 +148,8 @@ def build_run(cfg: StageConfig, *, init_path: str | None, resume: bool, db, info
     torch.manual_seed(cfg.seed + info.rank)
 
     # recorded runs also record their mixture, so `blip3 sql` joins runs to mixtures and sources
-    manifest = resolve_manifest(cfg, out, resolve_db(db) if record else None, info.is_main, data_vars or {})
+    manifest = resolve_manifest(cfg, out, resolve_db(db) if record else None, info.is_main, data_vars or {},
+                                init_path=start_from)
     if info.distributed:
         torch.distributed.barrier()
     # build_model seeds with init.seed (the same weights on every rank); the fork keeps the stream
