@@ -31,6 +31,7 @@ from blip3.core.catalog import resolve_db
 from blip3.core.errors import UserError
 from blip3.core.logs import get_logger, progress
 from blip3.model.flops import flops_model, mfu, peak_flops
+from blip3.model.weights import materialize
 from blip3.train.builders import build_model, build_objective, build_optimizer, build_stream, resolve_manifest, unwrap
 from blip3.train.checkpoint import PendingCheckpoint, latest_checkpoint, load_checkpoint, start_checkpoint
 from blip3.train.config import StageConfig
@@ -133,6 +134,9 @@ def build_run(cfg: StageConfig, *, init_path: str | None, resume: bool, db, info
         raise UserError(f"{info.world_size} ranks need `runtime.fsdp: true` (there is no other data-parallel "
                         "wrapper); run one process or enable it", field="runtime.fsdp", file=cfg.source)
     device = info.device
+    if cfg.runtime.attention == "flex" and device.type != "cuda":
+        raise UserError("runtime.attention: flex trains on a GPU only (torch has no FlexAttention backward on "
+                        f"{device.type}); use dense here", field="runtime.attention", file=cfg.source)
     bf16 = cfg.runtime.precision == "bf16" or (cfg.runtime.precision == "auto" and device.type == "cuda")
     out = Path(cfg.output_dir)
     start_from = init_path or cfg.init.path
@@ -160,7 +164,9 @@ def build_run(cfg: StageConfig, *, init_path: str | None, resume: bool, db, info
     if cfg.lora.enabled:
         log.info(f"{cfg.name}: LoRA r={cfg.lora.rank} trains {pinfo['trainable_params']:,} of {pinfo['params']:,} "
                  f"parameters ({100 * pinfo['trainable_share']:.2f}%)")
-    model.to(device)
+    weights_file = pinfo.pop("weights_file")
+    if weights_file is None:
+        model.to(device)
     objective = build_objective(cfg, unwrap(model).config)
     stream = DataRanks(lambda rank, world: build_stream(cfg, manifest, processor, replace(info, rank=rank, world_size=world),
                                                         verify="size"),
@@ -168,6 +174,8 @@ def build_run(cfg: StageConfig, *, init_path: str | None, resume: bool, db, info
     model = parallelize(model, ac=cfg.runtime.activation_checkpointing, compile=cfg.runtime.compile,
                         fsdp=info.distributed, bf16=bf16, reduce_dtype=cfg.runtime.reduce_dtype,
                         reshard_after_forward=cfg.runtime.reshard_after_forward)
+    if weights_file is not None:  # built on the meta device: real (sharded) tensors now
+        materialize(model, weights_file, device, from_rank0=info.distributed)
     # the optimiser holds the parameters as FSDP2 leaves them (sharded DTensors): build it after
     optimizer = build_optimizer(model, cfg, device)
     steps_total = total_steps(cfg, info.world_size)
