@@ -1,33 +1,48 @@
 """Datagen at scale: the pipeline's own cost per core, the driver's writes, the driver's memory, and
 catalog registration at size.
 
-    python benchmarks/bench_datagen.py [--images 3000] [--workers 2] [--rss-small 10000] [--rss-large 200000]
+    python benchmarks/bench_datagen.py [--images 10000] [--workers 2] [--repeat 2]
+                                       [--rss-small 10000] [--rss-large 200000]
                                        [--catalog-rows 1000000,4000000]
 
+Every rate is given twice: per wall second and per CPU second. CPU seconds are the honest figure on
+a shared machine (wall time measures the neighbours as much as the work); the CPU of the pipeline
+is that of its whole process tree (driver, Ray's daemons, the actors), sampled every 50 ms.
+
 Rows:
-- `plain loop`: one process doing read + decode/validate + the same annotate and captions
-  (`--detector annotations`: COCO boxes, an annotator that costs almost nothing) + tar/parquet
-  write, on the same images: the work itself, per core.
+- `plain loop`: one process with no framework: list the folder, then read + decode + the same
+  annotator and captions (`--detector annotations`: COCO boxes, an annotator that costs almost
+  nothing) + tarfile + one parquet per shard, on the same images: the work itself, per core. Run
+  before and after the pipeline (the machine may be shared): wall from the faster run, CPU over
+  both.
+- `worker path in one process`: the pipeline's own shard function (`datagen.pipeline.write_shard`:
+  planning, validation, records, sidecar, stats, fsyncs) called without Ray: the framework's cost
+  inside a worker, apart from Ray's.
 - `pipeline`: `datagen.grounding.ground` on a local Ray started beforehand (start-up not counted),
-  run at N/2 and N images; the marginal time per image (difference of the two runs) excludes the
-  job's fixed cost (actors loading, first shard). `per core` = marginal images/s / workers. The
-  goal is at least 0.7x the loop's images/s.
+  run at N/2 and N images, `--repeat` times, after one untimed job (the first job of a cluster gets
+  Ray's pre-started workers for free, later ones start their own); the marginal cost per image
+  (difference of the two runs) excludes the job's fixed cost (actors starting and loading, first
+  shard). `per core` = marginal images/s / workers (wall), or marginal images per CPU-second of the
+  whole tree. The goal is at least 0.7x the loop's rate. The next row splits the marginal CPU per
+  image into the driver (planning, scheduling), the workers and Ray's daemons.
 - `driver writes`: bytes the driver process wrote during the N-image run, from `/proc/self/io`
   (`write_bytes`: to storage; `wchar`: every write call, sockets to Ray included), divided by the
   bytes of the output folder. No catalog (`register=False`): registration is measured apart.
 - `driver RSS`: peak RSS of a fresh process that plans a whole job (streams the input into shard
   plans and drops each, as the driver does once a shard is sent) over a webdataset tar of
   `--rss-small` and `--rss-large` tiny members (no decode: planning is the driver's whole share).
-  Goal: flat (large/small at most 1.2x).
+  Goal: flat (large/small at most 1.2x). Also its planning rate, refs per CPU-second: how many
+  images a second one driver can hand out.
 - `catalog`: rows/s of registering fresh shards into catalogs of growing size, and the time to
   re-register one 1000-row shard at each size (goal: the same at every size). Sizes are given by
-  `--catalog-rows`; 10M rows take minutes and a few GB on this 2-core box, so the default stops
-  at 4M: pass `--catalog-rows 1000000,10000000` to measure the issue's sizes.
+  `--catalog-rows` (empty: skipped); 10M rows take minutes and a few GB on this 2-core box, so the
+  default stops at 4M: pass `--catalog-rows 1000000,10000000` to measure the issue's sizes.
 """
 
 from __future__ import annotations
 
 import argparse
+import io
 import json
 import os
 import resource
@@ -36,11 +51,12 @@ import sys
 import tarfile
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks._common import TreeMonitor, report  # noqa: E402
+from benchmarks._common import TreeMonitor, report, wait_for_actor_exit  # noqa: E402
 
 SHARD_SIZE = 100  # small enough that every worker has shards at a few thousand images
 
@@ -67,46 +83,119 @@ def make_images(folder: Path, n: int) -> Path:
     return coco
 
 
-def plain_loop(folder: Path, coco: Path, out: Path) -> tuple[float, float]:
-    """Seconds for one process to read, decode, annotate, caption and write every image but the
-    first shard's (a warm-up, not timed), and the CPU seconds it used."""
+def plain_loop(folder: Path, coco: Path, out: Path) -> tuple[int, float, float]:
+    """The work itself, as a one-process script would write it with no framework: list the folder,
+    then per image read the bytes, decode them, annotate and caption with the same annotator, and
+    write the image, caption and json record to a tar (tarfile), one parquet row per image (key,
+    caption, sizes, sha256) per shard. Returns (images, wall s, CPU s), the first shard being a
+    warm-up (imports and first-call costs, which a worker pays once) and not timed."""
+    import hashlib
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    from PIL import Image
+
+    from blip3.datagen.grounding import make_config
+    from blip3.datagen.inputs import InputSample
+
+    annotator = make_config(detector="annotations", annotations=coco)()
+    annotator.load()
+    out.mkdir(parents=True)
+    files = sorted(folder.glob("*.jpg"))
+
+    def shard(index: int, paths: list[Path]) -> None:
+        rows = []
+        with tarfile.open(out / f"{index:05d}.tar", "w") as tar:
+            for path in paths:
+                data = path.read_bytes()
+                image = Image.open(io.BytesIO(data)).convert("RGB")
+                ann = annotator.annotate(image, InputSample(key=path.stem, image=data, ext="jpg",
+                                                            meta={"path": path.name}))
+                record = {"key": path.stem, "width": image.width, "height": image.height, "captions": ann.captions,
+                          "metadata": ann.metadata}
+                for ext, member in (("jpg", data), ("txt", ann.default_caption.encode()),
+                                    ("json", json.dumps(record, ensure_ascii=False).encode())):
+                    info = tarfile.TarInfo(f"{path.stem}.{ext}")
+                    info.size = len(member)
+                    tar.addfile(info, io.BytesIO(member))
+                rows.append({"key": path.stem, "caption": ann.default_caption, "width": image.width,
+                             "height": image.height, "sha256": hashlib.sha256(data).hexdigest()})
+        pq.write_table(pa.Table.from_pylist(rows), out / f"{index:05d}.parquet")
+
+    shard(0, files[:SHARD_SIZE])
+    t, cpu = time.perf_counter(), time.process_time()
+    for i in range(SHARD_SIZE, len(files), SHARD_SIZE):
+        shard(i // SHARD_SIZE, files[i:i + SHARD_SIZE])
+    return len(files) - SHARD_SIZE, time.perf_counter() - t, time.process_time() - cpu
+
+
+def worker_path(folder: Path, coco: Path, out: Path) -> tuple[int, float, float]:
+    """The pipeline's per-shard worker function (`datagen.pipeline.write_shard`) called in this
+    process, no Ray, over the job's own shard plans (planning included): the framework's cost
+    inside one worker (validation, records, sidecar, stats, fsyncs) apart from Ray's. Returns
+    (images, wall s, CPU s) after a one-shard warm-up."""
     from blip3.datagen.grounding import make_config
     from blip3.datagen.images import ImageLimits
     from blip3.datagen.inputs import iter_raw_refs
     from blip3.datagen.pipeline import write_shard
     from blip3.datagen.plans import iter_plans
 
-    factory = make_config(detector="annotations", annotations=coco)
-    annotator = factory()
+    annotator = make_config(detector="annotations", annotations=coco)()
     annotator.load()
     generator = {"name": annotator.name, **annotator.generator_info()}
+    record_generator = annotator.generator_info()
     plans = iter_plans(iter_raw_refs(folder), SHARD_SIZE, generator)
-    warm = next(plans)  # imports (pyarrow, pandas) and first-call costs, as a worker pays once
-    write_shard(out / "warm-up", warm, annotator, ImageLimits(), generator, annotator.generator_info())
+    write_shard(out / "warm-up", next(plans), annotator, ImageLimits(), generator, record_generator)
     t, cpu = time.perf_counter(), time.process_time()
+    done = 0
     for plan in plans:
-        write_shard(out, plan, annotator, ImageLimits(), generator, annotator.generator_info())
-    return time.perf_counter() - t, time.process_time() - cpu
+        write_shard(out, plan, annotator, ImageLimits(), generator, record_generator)
+        done += len(plan.refs)
+    return done, time.perf_counter() - t, time.process_time() - cpu
 
 
 def _proc_io() -> dict[str, int]:
     return {k: int(v) for k, v in (line.split(": ") for line in Path("/proc/self/io").read_text().splitlines())}
 
 
-def pipeline_run(folder: Path, coco: Path, out: Path, workers: int, limit: int
-                 ) -> tuple[float, float, dict[str, int]]:
-    """(wall s, CPU s of the whole process tree: driver, raylet, actors, driver I/O counters)."""
+@dataclass
+class PipelineRun:
+    """One `ground` job: wall seconds, CPU seconds of the whole process tree (without the
+    monitor's own sampling) split into driver / workers / Ray's daemons, and the driver's I/O."""
+
+    wall: float
+    cpu: dict[str, float]
+    io: dict[str, int]
+
+    @property
+    def cpu_s(self) -> float:
+        return sum(self.cpu.values())
+
+
+def _role(pid: int, cmdline: str) -> str:
+    if pid == os.getpid():
+        return "driver"
+    return "workers" if "ray::ShardWorker" in cmdline or "ray::IDLE" in cmdline or "default_worker" in cmdline \
+        else "ray daemons"
+
+
+def pipeline_run(folder: Path, coco: Path, out: Path, workers: int, limit: int) -> PipelineRun:
+    """Run `ground` on the first `limit` images with the Ray cluster already up."""
     from blip3.datagen.grounding import ground, make_config
     from blip3.datagen.pipeline import JobOptions
 
     before = _proc_io()
     t = time.perf_counter()
-    with TreeMonitor(1.0) as mon:  # sparse: the sampling itself runs in the driver, inside the tree
+    # Sampled often: the actors are killed at the job's end and only sampled CPU counts.
+    with TreeMonitor(0.05) as mon:
         ground(folder, out, make_config(detector="annotations", annotations=coco),
                JobOptions(workers=workers, shard_size=SHARD_SIZE, limit=limit, register=False))
     wall = time.perf_counter() - t
     after = _proc_io()
-    return wall, mon.cpu_s, {k: after[k] - before[k] for k in ("wchar", "write_bytes")}
+    cpu: dict[str, float] = {"driver": 0.0, "workers": 0.0, "ray daemons": 0.0}
+    for pid, seconds in mon.cpu_by_pid.items():
+        cpu[_role(pid, mon.names.get(pid, ""))] += seconds
+    return PipelineRun(wall, cpu, {k: after[k] - before[k] for k in ("wchar", "write_bytes")})
 
 
 def folder_bytes(folder: Path) -> int:
@@ -116,16 +205,20 @@ def folder_bytes(folder: Path) -> int:
 # VmHWM, not ru_maxrss: getrusage's peak survives fork + exec, so a child would report the
 # benchmark process's own peak.
 _PLAN_ONLY = """
-import re, sys
+import re, sys, time
 from pathlib import Path
 from blip3.datagen.plans import count_tars_locally, job_plans
+cpu = time.process_time()
+# the tar is counted in this process (a job counts it in a Ray task); plans are tar ranges
 n = sum(s.stop - s.start for p in job_plans(sys.argv[1], None, 1000, count_tars=count_tars_locally) for s in p.spans)
-print(n, int(re.search(r"VmHWM:\\s+(\\d+)", Path("/proc/self/status").read_text()).group(1)) / 1024)
+cpu = time.process_time() - cpu
+print(n, int(re.search(r"VmHWM:\\s+(\\d+)", Path("/proc/self/status").read_text()).group(1)) / 1024, cpu)
 """
 
 
-def planning_rss(tmp: Path, n: int) -> float:
-    """Peak RSS (MB) of a process planning a job over a tar of n tiny samples."""
+def planning_rss(tmp: Path, n: int) -> tuple[float, float]:
+    """Peak RSS (MB) of a process planning a job over a tar of n tiny samples, and its planning
+    rate (refs per CPU-second: how many images a second one driver can hand out)."""
     tar_path = tmp / f"wds-{n}.tar"
     data = b"\xff\xd8fake"
     with tarfile.open(tar_path, "w") as tar:
@@ -135,10 +228,10 @@ def planning_rss(tmp: Path, n: int) -> float:
             tar.addfile(info, fileobj=__import__("io").BytesIO(data))
     out = subprocess.run([sys.executable, "-c", _PLAN_ONLY, str(tar_path)], capture_output=True, text=True,
                          check=True, env={**os.environ, "PYTHONPATH": os.environ.get("PYTHONPATH", "")})
-    count, rss = out.stdout.split()
+    count, rss, cpu = out.stdout.split()
     assert int(count) == n
     tar_path.unlink()
-    return float(rss)
+    return float(rss), n / float(cpu)
 
 
 def catalog_scale(tmp: Path, sizes: list[int]) -> list[dict]:
@@ -176,54 +269,88 @@ def catalog_scale(tmp: Path, sizes: list[int]) -> list[dict]:
     return rows
 
 
+def _rate(runs: list[tuple[int, float, float]]) -> tuple[float, float]:
+    """(images/s wall of the least disturbed run, images per CPU-second over all runs)."""
+    return max(n / wall for n, wall, _ in runs), sum(n for n, _, _ in runs) / sum(cpu for _, _, cpu in runs)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--images", type=int, default=3000)
+    ap.add_argument("--images", type=int, default=10_000)
     ap.add_argument("--workers", type=int, default=2)
+    ap.add_argument("--repeat", type=int, default=2, help="half/full job pairs (the machine may be shared)")
     ap.add_argument("--rss-small", type=int, default=10_000)
     ap.add_argument("--rss-large", type=int, default=200_000)
-    ap.add_argument("--catalog-rows", default="1000000,4000000")
+    ap.add_argument("--catalog-rows", default="1000000,4000000", help="comma-separated sizes; empty: skip")
     args = ap.parse_args()
     os.environ.setdefault("BLIP3_NO_PROGRESS", "1")
     rows: list[dict] = []
+    load = [os.getloadavg()[0]]
     with tempfile.TemporaryDirectory(prefix="bench-datagen-") as d:
         tmp = Path(d)
         folder = tmp / "images"
         coco = make_images(folder, args.images)
-        loop_s, loop_cpu = plain_loop(folder, coco, tmp / "loop")
-        done = args.images - SHARD_SIZE  # the first shard was the warm-up
-        loop_rate, loop_cpu_rate = done / loop_s, done / loop_cpu
-        rows.append({"what": "plain loop (1 process)", "images": done, "seconds": f"{loop_s:.2f} wall, {loop_cpu:.2f} CPU",
-                     "images/s per core": f"{loop_rate:.0f} wall, {loop_cpu_rate:.0f} CPU", "vs loop": "1.00x"})
+        # the single-process figures before and after the pipeline: the machine may be shared
+        loops = [plain_loop(folder, coco, tmp / "loop-1")]
+        inproc = [worker_path(folder, coco, tmp / "inproc-1")]
 
         import ray
 
         from blip3.core.ray_session import ray_session
 
+        half = args.images // 2
+        pairs: list[tuple[PipelineRun, PipelineRun]] = []
         with ray_session(num_cpus=args.workers):
-            half = args.images // 2
-            t_half, cpu_half, _ = pipeline_run(folder, coco, tmp / "p-half", args.workers, half)
-            t_full, cpu_full, io = pipeline_run(folder, coco, tmp / "p-full", args.workers, args.images)
+            # A first job takes the workers Ray started with the cluster; every later job starts its
+            # own: run one, untimed, so the measured jobs all pay the same fixed cost.
+            pipeline_run(folder, coco, tmp / "p-warm", args.workers, SHARD_SIZE * args.workers)
+            for r in range(args.repeat):
+                wait_for_actor_exit("ray::ShardWorker")
+                p_half = pipeline_run(folder, coco, tmp / f"p-half-{r}", args.workers, half)
+                wait_for_actor_exit("ray::ShardWorker")
+                pairs.append((p_half, pipeline_run(folder, coco, tmp / f"p-full-{r}", args.workers, args.images)))
             assert ray.is_initialized()
+        loops.append(plain_loop(folder, coco, tmp / "loop-2"))
+        inproc.append(worker_path(folder, coco, tmp / "inproc-2"))
+        load.append(os.getloadavg()[0])
+
+        loop_wall, loop_cpu = _rate(loops)
+        rows.append({"what": "plain loop (1 process, no framework)", "images": f"{loops[0][0]} x2",
+                     "seconds": ", ".join(f"{w:.1f} wall/{c:.1f} CPU" for _, w, c in loops),
+                     "images/s per core": f"{loop_wall:.0f} wall, {loop_cpu:.0f} CPU", "vs loop": "1.00x"})
+        in_wall, in_cpu = _rate(inproc)
+        rows.append({"what": "worker path in one process (write_shard, no Ray)", "images": f"{inproc[0][0]} x2",
+                     "seconds": ", ".join(f"{w:.1f} wall/{c:.1f} CPU" for _, w, c in inproc),
+                     "images/s per core": f"{in_wall:.0f} wall, {in_cpu:.0f} CPU",
+                     "vs loop": f"{in_wall / loop_wall:.2f}x wall, {in_cpu / loop_cpu:.2f}x CPU"})
         extra = args.images - half
-        per_core = extra / (t_full - t_half) / args.workers
-        per_cpu = extra / (cpu_full - cpu_half)
-        rows.append({"what": f"pipeline, {args.workers} workers (marginal)", "images": f"{half}->{args.images}",
-                     "seconds": f"{t_half:.1f}/{t_full:.1f} wall, {cpu_half:.1f}/{cpu_full:.1f} CPU",
-                     "images/s per core": f"{per_core:.0f} wall, {per_cpu:.0f} CPU",
-                     "vs loop": f"{per_core / loop_rate:.2f}x wall, {per_cpu / loop_cpu_rate:.2f}x CPU"})
-        out_bytes = folder_bytes(tmp / "p-full")
+        for r, (p_half, p_full) in enumerate(pairs):
+            per_core = extra / (p_full.wall - p_half.wall) / args.workers
+            per_cpu = extra / (p_full.cpu_s - p_half.cpu_s)
+            rows.append({"what": f"pipeline, {args.workers} workers (marginal), run {r + 1}",
+                         "images": f"{half}->{args.images}",
+                         "seconds": f"{p_half.wall:.1f}/{p_full.wall:.1f} wall, {p_half.cpu_s:.1f}/{p_full.cpu_s:.1f} CPU",
+                         "images/s per core": f"{per_core:.0f} wall, {per_cpu:.0f} CPU",
+                         "vs loop": f"{per_core / loop_wall:.2f}x wall, {per_cpu / loop_cpu:.2f}x CPU"})
+        split = {k: sum(f.cpu[k] - h.cpu[k] for h, f in pairs) / extra / len(pairs) * 1e3 for k in pairs[0][0].cpu}
+        rows.append({"what": "marginal CPU ms per image, by process (mean of runs)", "images": f"{half}->{args.images}",
+                     "seconds": f"loop {1e3 / loop_cpu:.3f}",
+                     "images/s per core": ", ".join(f"{k} {v:.3f}" for k, v in split.items()),
+                     "vs loop": f"total {sum(split.values()):.3f}"})
+        out_bytes = folder_bytes(tmp / "p-full-0")
+        io_full = pairs[0][1].io
         rows.append({"what": "driver writes / output bytes", "images": args.images,
                      "seconds": f"output {out_bytes / 1e6:.1f} MB",
-                     "images/s per core": f"write_bytes {io['write_bytes'] / out_bytes:.2%}",
-                     "vs loop": f"wchar {io['wchar'] / out_bytes:.2%}"})
-        small, large = planning_rss(tmp, args.rss_small), planning_rss(tmp, args.rss_large)
+                     "images/s per core": f"write_bytes {io_full['write_bytes'] / out_bytes:.2%}",
+                     "vs loop": f"wchar {io_full['wchar'] / out_bytes:.2%}"})
+        (small, _), (large, plan_rate) = planning_rss(tmp, args.rss_small), planning_rss(tmp, args.rss_large)
         rows.append({"what": "driver peak RSS, planning (MB)", "images": f"{args.rss_small:,} / {args.rss_large:,}",
-                     "seconds": "", "images/s per core": f"{small:.0f} / {large:.0f}",
-                     "vs loop": f"{large / small:.2f}x"})
-        report("datagen", rows, "datagen at scale")
-        sizes = [int(s) for s in args.catalog_rows.split(",")]
-        report("datagen-catalog", catalog_scale(tmp, sizes), "catalog registration at size")
+                     "seconds": f"planning {plan_rate:,.0f} refs/CPU-s (tar)",
+                     "images/s per core": f"{small:.0f} / {large:.0f}", "vs loop": f"{large / small:.2f}x"})
+        report("datagen", rows, f"datagen at scale (load average {load[0]:.1f} before, {load[1]:.1f} after)")
+        if args.catalog_rows:
+            sizes = [int(s) for s in args.catalog_rows.split(",")]
+            report("datagen-catalog", catalog_scale(tmp, sizes), "catalog registration at size")
     print(f"peak RSS of this process: {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MB")
 
 

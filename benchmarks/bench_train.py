@@ -1,11 +1,13 @@
 """Trainer benchmark: tokens/s, MFU and peak memory of training steps; the tiny chain's wall time.
 
     python benchmarks/bench_train.py                       # CPU: tiny model, tiny chain
-    python benchmarks/bench_train.py --config phi3-mini    # GPU: phi3-mini size, bf16
+    python benchmarks/bench_train.py --config phi3-mini    # GPU: phi3-mini size, bf16, dense vs flex
 
 Each row times the trainer's own optimiser step (`train.loop.train_step`: host-to-device copy,
 forward under autocast, backward, clip, AdamW) on synthetic batches shaped like the stages'
-batches, after warm-up steps, with the loss from chunked label log-probs or full logits, and the
+batches, after warm-up steps, with the loss from chunked label log-probs or full logits, each
+decoder block compiled or not (`runtime.compile`), packed attention through the dense 4D mask or
+a FlexAttention block mask (`runtime.attention`; GPU only, torch has no CPU backward for it), and the
 step split into transfer / forward / backward / optimiser (timed in extra synchronised steps):
 - pretrain: `micro_batch` rows of `seq_len` tokens, packed (`segment_ids`), 4 samples per row,
   one 1-crop image each (num_latents image tokens);
@@ -67,9 +69,10 @@ def synthetic_batch(config, kind: str, rows: int, seq_len: int, device):
 
 
 def time_steps(config_name: str, kind: str, rows: int, seq_len: int, steps: int, warmup: int, *, ac: bool,
-               compile: bool, threads: int | None, loss: str = "chunked") -> dict:
+               compile: bool, threads: int | None, loss: str = "chunked", attention: str = "dense") -> dict:
     import torch
 
+    from blip3.model.attention import set_attention
     from blip3.model.config import get_config
     from blip3.model.xgenmm import XGenMM
     from blip3.train.distributed import DistInfo, parallelize
@@ -87,6 +90,7 @@ def time_steps(config_name: str, kind: str, rows: int, seq_len: int, steps: int,
     with torch.device(device):
         model = XGenMM(config)
     model.vision_encoder.requires_grad_(False)
+    set_attention(model.lang_model, attention)
     model.train()
     parallelize(model, ac=ac, compile=compile, fsdp=False, bf16=bf16)
     params = [p for p in model.parameters() if p.requires_grad]
@@ -111,12 +115,13 @@ def time_steps(config_name: str, kind: str, rows: int, seq_len: int, steps: int,
         step()
     if device.type == "cuda":
         torch.cuda.synchronize()
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     for _ in range(steps):
         step()
     if device.type == "cuda":
         torch.cuda.synchronize()
     dt = (time.perf_counter() - t0) / steps
+    cpu_s = (time.process_time() - c0) / steps  # load-independent on a shared CPU box
     split: dict[str, float] = {}
     for _ in range(max(1, steps // 2)):  # the split, timed apart: its synchronisations slow a step down
         step(split)
@@ -125,7 +130,8 @@ def time_steps(config_name: str, kind: str, rows: int, seq_len: int, steps: int,
     util = mfu(flops, dt, peak_flops(device))
     return {
         "config": config_name, "batch": kind, "device": torch.cuda.get_device_name() if bf16 else f"cpu x{torch.get_num_threads()}",
-        "rows x seq": f"{rows}x{seq_len}", "step s": dt, "tokens/s": tokens / dt, "TFLOP/s": flops / dt / 1e12,
+        "rows x seq": f"{rows}x{seq_len}", "attention": attention, "compile": "on" if compile else "off",
+        "step s": dt, "CPU s/step": cpu_s, "tokens/s": tokens / dt, "TFLOP/s": flops / dt / 1e12,
         "MFU": "n/a (CPU)" if util is None else f"{100 * util:.1f}%",
         "peak mem GB": torch.cuda.max_memory_allocated() / 2**30 if bf16 else peak_rss_mb() / 1024,
         "loss": loss,
@@ -149,7 +155,8 @@ def tiny_chain_wall() -> dict:
     steps = sum(r.steps for r in results)
     tokens = sum(r.tokens for r in results)
     return {"config": "tiny", "batch": "5-stage chain", "device": "cpu x1", "rows x seq": f"{steps} steps",
-            "step s": wall / steps, "tokens/s": tokens / wall, "TFLOP/s": float("nan"), "MFU": f"wall {wall:.1f}s",
+            "attention": "dense", "compile": "off", "step s": wall / steps, "CPU s/step": float("nan"),
+            "tokens/s": tokens / wall, "TFLOP/s": float("nan"), "MFU": f"wall {wall:.1f}s",
             "peak mem GB": peak_rss_mb() / 1024}
 
 
@@ -162,7 +169,11 @@ def main() -> None:
     ap.add_argument("--sft-rows", type=int, default=None)
     ap.add_argument("--seq-len", type=int, default=None)
     ap.add_argument("--ac", action="store_true", help="activation checkpointing per decoder block")
-    ap.add_argument("--compile", action="store_true", help="torch.compile per decoder block")
+    ap.add_argument("--compile", default="both", choices=["off", "on", "both"],
+                    help="torch.compile per decoder block (both: rows without and with, chunked loss)")
+    ap.add_argument("--attention", default=None, choices=["dense", "flex", "both"],
+                    help="packed attention: dense 4D mask or FlexAttention block mask (default: both on a GPU; "
+                         "dense on CPU, where FlexAttention has no backward)")
     ap.add_argument("--no-chain", action="store_true", help="skip the tiny chain's wall time")
     ap.add_argument("--loss", default="both", choices=["chunked", "dense", "both"],
                     help="label log-probs chunk by chunk (the trainer's default) or from full logits")
@@ -176,12 +187,21 @@ def main() -> None:
     steps = args.steps or (10 if big else 20)
     warmup = args.warmup if args.warmup is not None else (3 if big else 2)
     seq = args.seq_len or (2048 if big else 256)
+    attention = args.attention or ("both" if gpu else "dense")
+    if not gpu and attention != "dense":
+        ap.error("--attention flex needs a GPU (torch has no FlexAttention backward on CPU)")
+    losses = ["chunked", "dense"] if args.loss == "both" else [args.loss]
+    compiles = {"off": [False], "on": [True], "both": [False, True]}[args.compile]
+    attentions = ["dense", "flex"] if attention == "both" else [attention]
+    # (loss, compile, attention): every loss plainly; compile and flex on the first loss only
+    variants = [(loss, False, "dense") for loss in losses] if False in compiles and "dense" in attentions else []
+    variants += [(losses[0], c, a) for a in attentions for c in compiles if (c, a) != (False, "dense")]
     rows = []
     for kind, n in (("pretrain", args.pretrain_rows or (4 if big else 2)), ("sft", args.sft_rows or (4 if big else 2))):
         for threads in ([None] if gpu else [1, 2]):
-            for loss in (["chunked", "dense"] if args.loss == "both" else [args.loss]):
-                rows.append(time_steps(name, kind, n, seq, steps, warmup, ac=args.ac or big, compile=args.compile,
-                                       threads=threads, loss=loss))
+            for loss, compile, attn in variants:
+                rows.append(time_steps(name, kind, n, seq, steps, warmup, ac=args.ac or big, compile=compile,
+                                       threads=threads, loss=loss, attention=attn))
     if not gpu and not args.no_chain:
         rows.append(tiny_chain_wall())
     report("bench_train", rows, f"training throughput ({name})")

@@ -284,3 +284,23 @@ def _optional(resolve, path):
         return resolve(path)
     except MissingWeightsError:
         return None
+
+
+def materialize(model, weights_file: str | Path, device: torch.device, *, from_rank0: bool = False) -> None:
+    """A model built on the meta device (`XGenMM.empty_from_pretrained`), possibly wrapped for
+    activation checkpointing / compile and sharded by FSDP2 -> real tensors on `device` holding the
+    file's weights, each rank allocating only its own shards (the full model never exists on a
+    rank). from_rank0: rank 0 alone reads the file and broadcasts it, one host copy instead of one
+    per rank. The rotary tables (not in the file) are rebuilt."""
+    import torch.distributed as dist
+    from safetensors.torch import load_file
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+    model.to_empty(device=device)
+    read = not from_rank0 or dist.get_rank() == 0
+    state = load_file(str(weights_file)) if read else {}
+    # full_state_dict: the file holds whole tensors; each rank copies its slice into its shards
+    # (names are matched through the checkpoint / compile wrappers)
+    set_model_state_dict(model, state, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=from_rank0,
+                                                                strict=True))
+    model.reset_rotary(device)

@@ -7,7 +7,8 @@ Data flow for one batch (shapes in comments):
   the token embeddings (row-major over the batch: the k-th image of the batch fills the k-th run).
 `input_ids` arrive already expanded (one placeholder id per image token), so logits align
 one-to-one with input_ids and labels. `segment_ids` packs several samples in one row:
-block-diagonal causal attention and positions restarting at each segment.
+block-diagonal causal attention (a dense mask, or a FlexAttention block mask: `model.attention`)
+and positions restarting at each segment.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import torch
 from torch import nn
 
 from .anyres import crop_patch_masks, plan_crops, release_token_groups
+from .attention import attention_of, packed_block_mask
 from .config import IGNORE_INDEX, ModelConfig
 from .loss import dense_token_logps
 from .loss import token_logps as chunked_token_logps
@@ -75,11 +77,17 @@ def packing_mask(
     real = (segment_ids > 0)[:, :, None]
     keep = (same & causal & real) | torch.eye(T, dtype=torch.bool, device=dev)
     mask = torch.zeros(B, 1, T, T, dtype=dtype, device=dev).masked_fill(~keep[:, None], torch.finfo(dtype).min)
-    idx = torch.arange(T, device=dev).expand(B, T)
+    return mask, packed_positions(segment_ids, starts)
+
+
+def packed_positions(segment_ids: torch.Tensor, starts: torch.Tensor | None = None) -> torch.Tensor:
+    """segment_ids (B, T) -> position ids (B, T) restarting at 0 where each segment begins."""
+    B, T = segment_ids.shape
+    idx = torch.arange(T, device=segment_ids.device).expand(B, T)
     if starts is None:
         starts = segment_starts(segment_ids)
     first = torch.where(starts, idx, torch.zeros_like(idx)).cummax(dim=1).values
-    return mask, idx - first
+    return idx - first
 
 
 def train_labels(
@@ -243,7 +251,7 @@ class XGenMM(nn.Module):
         if segment_ids is not None:
             if attention_mask is not None:
                 segment_ids = segment_ids * attention_mask.to(segment_ids.dtype)
-            attention_mask, position_ids = packing_mask(segment_ids, embeds.dtype, segment_starts(segment_ids))
+            attention_mask, position_ids = self._packed_attention(segment_ids, embeds.dtype)
         if labels is not None:
             labels = train_labels(input_ids, labels, self.config.image_placeholder_id, segment_ids)
         if token_logps is not None:
@@ -253,6 +261,14 @@ class XGenMM(nn.Module):
         return self.lang_model(
             inputs_embeds=embeds, attention_mask=attention_mask, position_ids=position_ids, labels=labels, **lm_kwargs
         )
+
+    def _packed_attention(self, segment_ids: torch.Tensor, dtype: torch.dtype):
+        """The attention mask and position ids of packed rows, in the form the LM's attention
+        implementation takes: a dense additive mask, or a FlexAttention `BlockMask`."""
+        starts = segment_starts(segment_ids)
+        if attention_of(self.lang_model) == "flex":
+            return packed_block_mask(segment_ids), packed_positions(segment_ids, starts)
+        return packing_mask(segment_ids, dtype, starts)
 
     def _token_logps(self, embeds, attention_mask, position_ids, labels, impl: str, lm_kwargs) -> "TokenLogps":
         # inside forward, so FSDP2's hooks have the LM head's weight gathered here
@@ -293,25 +309,37 @@ class XGenMM(nn.Module):
         save_model(self, str(d / WEIGHTS_FILE))
 
     @classmethod
-    def from_pretrained(cls, directory: str | Path, *, device: str | torch.device = "cpu") -> "XGenMM":
-        """Load a directory written by `save_pretrained` (no random init of the big weights)."""
-        from safetensors.torch import load_file
-
+    def empty_from_pretrained(cls, directory: str | Path) -> tuple["XGenMM", Path]:
+        """The model of a `save_pretrained` directory built on the meta device (shapes, no memory,
+        no random init) and its weights file: `from_pretrained` loads it at once,
+        `model.weights.materialize` after FSDP2 has sharded the model."""
         from blip3.core.errors import MissingWeightsError
 
         d = Path(directory)
         if not (d / CONFIG_FILE).is_file() or not (d / WEIGHTS_FILE).is_file():
             raise MissingWeightsError(f"no {CONFIG_FILE} + {WEIGHTS_FILE} in {d}", field="model dir")
         config = ModelConfig.from_dict(json.loads((d / CONFIG_FILE).read_text()))
-        with torch.device("meta"):  # shapes only; the weights come from the file
+        with torch.device("meta"):
             model = cls(config)
-        model.load_state_dict(load_file(str(d / WEIGHTS_FILE), device=str(device)), strict=True, assign=True)
-        # The rotary tables are non-persistent buffers (not in the file): rebuild them for real.
-        rotary = model.lang_model.model.rotary_emb
-        with torch.device(device):
-            model.lang_model.model.rotary_emb = type(rotary)(config=model.lang_model.config)
+        return model, d / WEIGHTS_FILE
+
+    @classmethod
+    def from_pretrained(cls, directory: str | Path, *, device: str | torch.device = "cpu") -> "XGenMM":
+        """Load a directory written by `save_pretrained` (no random init of the big weights)."""
+        from safetensors.torch import load_file
+
+        model, weights = cls.empty_from_pretrained(directory)
+        model.load_state_dict(load_file(str(weights), device=str(device)), strict=True, assign=True)
+        model.reset_rotary(device)
         model.vision_encoder.requires_grad_(False)
         return model
+
+    def reset_rotary(self, device: str | torch.device) -> None:
+        """Rebuild the rotary tables on `device`: they are non-persistent buffers (not in the
+        weights file), so a model built on the meta device has none until this runs."""
+        rotary = self.lang_model.model.rotary_emb
+        with torch.device(device):
+            self.lang_model.model.rotary_emb = type(rotary)(config=self.lang_model.config)
 
     def num_params(self, trainable_only: bool = False) -> int:
         return sum(p.numel() for p in self.parameters() if p.requires_grad or not trainable_only)

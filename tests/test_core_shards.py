@@ -1,8 +1,10 @@
+import io
 import json
 import os
 import signal
 import subprocess
 import sys
+import tarfile
 import textwrap
 import time
 from pathlib import Path
@@ -62,6 +64,52 @@ def test_tars_are_deterministic(tmp_path):
     ta, _, _ = shard_paths(tmp_path / "a", 0)
     tb, _, _ = shard_paths(tmp_path / "b", 0)
     assert ta.read_bytes() == tb.read_bytes()
+
+
+def _tarfile_reference(members: list[tuple[str, bytes]]) -> bytes:
+    """The tar `tarfile` writes for these members with the writer's settings (GNU format, mode
+    0644, mtime 0, no owner): the bytes every shard had before the writer built headers itself."""
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.GNU_FORMAT) as tar:
+        for name, data in members:
+            info = tarfile.TarInfo(name)
+            info.size, info.mtime, info.mode = len(data), 0, 0o644
+            info.uname = info.gname = ""
+            tar.addfile(info, io.BytesIO(data))
+    return buf.getvalue()
+
+
+def test_tar_bytes_are_tarfiles_own(tmp_path):
+    """Sizes either side of a block, empty members, text and json members, and a member name over
+    100 bytes (tarfile's GNU long-name path): byte for byte what tarfile writes."""
+    sizes = [0, 1, 511, 512, 513, 1024, 10_240, 10_239, 70_000]
+    long_ext = "x" * 40 + ".jpg"
+    members = []
+    with ShardWriter(tmp_path, 0) as w:
+        for i, size in enumerate(sizes):
+            key = f"k{i:03d}" + "a" * (90 if i == 3 else 0)
+            data = bytes((i * 7 + j) % 251 for j in range(size))
+            record = {"key": key, "é": i}
+            group = {"jpg": data, "txt": f"caption {i} ünï", "json": record}
+            if i == 3:
+                group[long_ext] = data
+            w.add(key, group, SampleRow(key))
+            members += [(f"{key}.jpg", data), (f"{key}.txt", f"caption {i} ünï".encode()),
+                        (f"{key}.json", json.dumps(record, ensure_ascii=False, sort_keys=True).encode())]
+            if i == 3:
+                members.append((f"{key}.{long_ext}", data))
+    tar, _, stats = shard_paths(tmp_path, 0)
+    assert any(len(name) > 100 for name, _ in members)
+    assert tar.read_bytes() == _tarfile_reference(members)
+    assert json.loads(stats.read_text())["tar_bytes"] == tar.stat().st_size
+    assert [m.name for m in tarfile.open(tar)] == [name for name, _ in members]
+
+
+def test_empty_shard_is_tarfiles_empty_archive(tmp_path):
+    with ShardWriter(tmp_path, 0) as w:
+        w.add_failure(SampleRow("a", error_message="decode: cannot identify image file"))
+    tar, _, _ = shard_paths(tmp_path, 0)
+    assert tar.read_bytes() == _tarfile_reference([])
 
 
 def test_exception_inside_writer_publishes_nothing(tmp_path):

@@ -85,6 +85,7 @@ def _write(tmp_path, body: dict) -> Path:
         ({"optim": {"lr": "nan"}}, "optim.lr", "finite"),
         ({"dpo": {"beta": float("inf")}}, "dpo.beta", "finite"),
         ({"runtime": {"loss": "fused"}}, "runtime.loss", "chunked"),
+        ({"runtime": {"attention": "flash"}}, "runtime.attention", "dense, flex"),
         ({"data": {"num_workers": -1}}, "data.num_workers", ">= 0"),
     ],
 )

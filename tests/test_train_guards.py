@@ -27,6 +27,30 @@ def test_several_ranks_without_fsdp_are_refused_before_any_work(tmp_path):
     assert not (tmp_path / "pretrain").exists()  # nothing was built or written
 
 
+def test_flex_attention_training_off_gpu_is_refused_before_any_work(tmp_path):
+    from blip3.train.distributed import DistInfo
+    from blip3.train.loop import train_stage
+
+    cfg = tiny_stage("pretrain", tmp_path, steps=1)
+    cfg.runtime = replace(cfg.runtime, attention="flex")
+    with pytest.raises(UserError) as e:
+        train_stage(cfg, dist_info=DistInfo(), record=False, data_vars=tiny_vars())
+    assert e.value.field == "runtime.attention" and "GPU" in str(e.value)
+    assert not (tmp_path / "pretrain").exists()
+
+
+def test_the_stage_attention_reaches_the_model(tmp_path):
+    from blip3.model.attention import attention_of
+    from blip3.train.builders import build_model
+
+    cfg = tiny_stage("pretrain", tmp_path, steps=1)
+    cfg.runtime = replace(cfg.runtime, attention="flex")
+    model, _, _ = build_model(cfg)
+    assert attention_of(model.lang_model) == "flex"
+    cfg.runtime = replace(cfg.runtime, attention="dense")
+    assert attention_of(build_model(cfg)[0].lang_model) == "dense"
+
+
 def test_dpo_needs_a_frozen_resampler(tmp_path):
     from blip3.train.config import load_stage
 

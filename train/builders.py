@@ -47,14 +47,24 @@ def load_model_dir(path: str | Path):
 def build_model(cfg: StageConfig, init_path: str | None = None):
     """The stage's starting model and processor, frozen groups frozen, LoRA attached if asked.
 
-    Returns (model, processor, info) where info reports parameter counts and the trainable share.
+    Returns (model, processor, info) where info reports parameter counts and the trainable share,
+    and `weights_file`: None when the weights are in place, else the file that
+    `model.weights.materialize` loads once parallelism is applied. That is the `runtime.meta_init`
+    build of a model dir: built on the meta device, so under FSDP2 each rank only ever allocates its
+    shards. A LoRA stage or a dir holding an unmerged adapter loads eagerly (peft builds and
+    merges adapters on real tensors).
     """
+    from blip3.model.attention import set_attention
     from blip3.model.config import get_config
     from blip3.model.processor import XGenMMProcessor
     from blip3.model.xgenmm import XGenMM
 
     path = init_path or cfg.init.path
-    if path is not None:
+    weights_file = None
+    if path is not None and cfg.runtime.meta_init and not cfg.lora.enabled and not (model_dir(path) / ADAPTER_DIR).is_dir():
+        model, weights_file = XGenMM.empty_from_pretrained(model_dir(path))
+        processor = XGenMMProcessor.from_pretrained(model_dir(path), model.config)
+    elif path is not None:
         model, processor = load_model_dir(path)
     else:
         config = get_config(cfg.model)
@@ -66,6 +76,7 @@ def build_model(cfg: StageConfig, init_path: str | None = None):
         torch.manual_seed(cfg.init.seed)
         model = XGenMM(config)
         processor = XGenMMProcessor.from_config(config)
+    set_attention(model.lang_model, cfg.runtime.attention)
     processor.anyres = cfg.anyres
     processor.max_text_tokens = min(cfg.batch.seq_len, model.config.max_text_tokens)
 
@@ -76,7 +87,8 @@ def build_model(cfg: StageConfig, init_path: str | None = None):
         model = attach_lora(model, cfg)
     total = sum(p.numel() for p in model.parameters())
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    info = {"params": total, "trainable_params": trainable, "trainable_share": trainable / total}
+    info = {"params": total, "trainable_params": trainable, "trainable_share": trainable / total,
+            "weights_file": weights_file}
     return model, processor, info
 
 

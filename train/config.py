@@ -98,6 +98,12 @@ class RuntimeConfig:
     fsdp: bool = True  # under torchrun with world_size > 1
     cpu_threads: int = 0  # torch intra-op threads on CPU; 0 = torch's default
     loss: str = "chunked"  # chunked: log-probs chunk by chunk, never the full fp32 logits | dense
+    # dense: SDPA, packed rows with a (T, T) mask | flex: FlexAttention with a block mask from the
+    # packed segments (GPU for training: torch has no FlexAttention backward on CPU)
+    attention: str = "dense"
+    # a stage starting from a model dir builds it on the meta device and loads the weights into
+    # the (sharded) parameters after parallelism is applied; false: load it whole first
+    meta_init: bool = True
     # FSDP2 (several ranks): the dtype the ranks reduce gradients in (fp32: sums of many bf16
     # gradients lose bits), and whether a block's gathered parameters are freed after its forward
     # (true: less memory, one more all-gather in backward; false: the ZeRO-2 trade)
@@ -293,6 +299,10 @@ def _check_stage(cfg: StageConfig, file: str) -> None:
         raise bad("runtime.reduce_dtype", "one of fp32, bf16")
     if cfg.runtime.loss not in ("chunked", "dense"):
         raise bad("runtime.loss", "one of chunked, dense")
+    from blip3.model.attention import ATTENTION
+
+    if cfg.runtime.attention not in ATTENTION:
+        raise bad("runtime.attention", f"one of {', '.join(ATTENTION)}")
     if cfg.runtime.cpu_threads < 0:
         raise bad("runtime.cpu_threads", "must be >= 0 (0 = torch's default)")
     for name in ("checkpoint_every", "eval_every", "log_every"):
