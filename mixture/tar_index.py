@@ -37,8 +37,8 @@ class _NotPlain(Exception):
     """The tar holds something only `tarfile` reads right."""
 
 
-def _plain_members(f, size: int) -> list[tuple[str, str, int, int]]:
-    """(key, ext, data offset, data size) of each member, from the raw headers, as `tarfile`
+def _plain_members(f, size: int) -> list[tuple[str, str, int, int, int]]:
+    """(key, ext, data offset, data size, header offset) of each member, from the raw headers, as `tarfile`
     reads them; `_NotPlain` at the first header that is not a plain regular file."""
     out, off = [], 0
     while True:
@@ -65,11 +65,11 @@ def _plain_members(f, size: int) -> list[tuple[str, str, int, int]]:
             name = f"{prefix}/{name}"
         if name.endswith("/"):  # an old-style directory entry
             raise _NotPlain
-        data = off + _BLOCK
+        header, data = off, off + _BLOCK
         off = data + -(-length // _BLOCK) * _BLOCK
         if off > size:  # the member's data runs past the end of the file
             raise _NotPlain
-        out.append((*split_member_name(name), data, length))
+        out.append((*split_member_name(name), data, length, header))
 
 
 def _index(path: str | Path) -> list[SampleIndex]:
@@ -78,8 +78,11 @@ def _index(path: str | Path) -> list[SampleIndex]:
             members = _plain_members(f, os.fstat(f.fileno()).st_size)
         except _NotPlain:
             return list(iter_tar_index(path))
-    return [SampleIndex(key, tuple(MemberSpan(ext, o, n) for _, ext, o, n in group))
-            for key, group in groupby(members, key=itemgetter(0))]
+    samples = []
+    for key, group in groupby(members, key=itemgetter(0)):
+        group = list(group)
+        samples.append(SampleIndex(key, tuple(MemberSpan(ext, o, n) for _, ext, o, n, _ in group), header=group[0][4]))
+    return samples
 
 
 def index_tar(path: str | Path) -> list[SampleIndex]:
