@@ -207,10 +207,10 @@ def folder_bytes(folder: Path) -> int:
 _PLAN_ONLY = """
 import re, sys, time
 from pathlib import Path
-from blip3.datagen.inputs import iter_raw_refs
-from blip3.datagen.plans import iter_plans
+from blip3.datagen.plans import count_tars_locally, job_plans
 cpu = time.process_time()
-n = sum(len(p.refs) for p in iter_plans(iter_raw_refs(sys.argv[1]), 1000))
+# the tar is counted in this process (a job counts it in a Ray task); plans are tar ranges
+n = sum(s.stop - s.start for p in job_plans(sys.argv[1], None, 1000, count_tars=count_tars_locally) for s in p.spans)
 cpu = time.process_time() - cpu
 print(n, int(re.search(r"VmHWM:\\s+(\\d+)", Path("/proc/self/status").read_text()).group(1)) / 1024, cpu)
 """
