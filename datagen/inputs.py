@@ -35,6 +35,7 @@ import json
 import os
 import tarfile
 from dataclasses import asdict, dataclass, field
+from itertools import islice
 from pathlib import Path
 from typing import Any, BinaryIO, Iterator
 
@@ -308,6 +309,8 @@ class TarSource:
 
     path: str
     store: RemoteDir | None = None
+    #: an img2dataset part's `NNNNN.parquet` (local): its rows, sorted by key, are the refs
+    parquet: str | None = None
 
     @property
     def name(self) -> str:
@@ -322,6 +325,8 @@ class TarSource:
         return self.store.fs.open(self.store.path(self.path), "rb")
 
     def size(self) -> int:
+        if self.parquet is not None:  # the tar may be missing (every row failed); both files count
+            return os.path.getsize(self.parquet) + (os.path.getsize(self.path) if os.path.isfile(self.path) else 0)
         if self.store is None:
             return os.path.getsize(self.path)
         size = self.store.size(self.path)
@@ -465,6 +470,11 @@ def count_tar(src: TarSource, every: int) -> TarCount:
     count = TarCount()
     try:
         count.size = src.size()
+        if src.parquet is not None:  # an img2dataset part: one ref per parquet row, from its footer
+            import pyarrow.parquet as pq
+
+            count.refs = pq.read_metadata(src.parquet).num_rows
+            return count
         for sample in src.scan():
             if count.refs >= count.seeks[-1][0] + every and sample.link is None:
                 count.seeks.append((count.refs, sample.header))
@@ -481,7 +491,11 @@ def count_tar(src: TarSource, every: int) -> TarCount:
 
 def iter_tar_range(src: TarSource, start: int, stop: int, seek: tuple[int, int] = (0, 0)) -> Iterator[SampleRef]:
     """Refs `start .. stop-1` of one tar, numbered as `_webdataset_refs` yields them, with raw keys;
-    the scan starts at `seek` (a `TarCount.seeks` pair at or before `start`), not at the top."""
+    the scan starts at `seek` (a `TarCount.seeks` pair at or before `start`), not at the top.
+    An img2dataset part is read whole (its rows are sorted by key), then cut."""
+    if src.parquet is not None:
+        yield from islice(_img2dataset_part_refs(Path(src.parquet)), start, stop)
+        return
     ordinal = seek[0]
     with src.open() as f:
         for sample in src.scan(seek[1]):
@@ -556,10 +570,22 @@ def _img2dataset_refs(folder: Path) -> Iterator[SampleRef]:
     if not parquets:
         raise UserError("no img2dataset parquet files (NNNNN.parquet) found", file=folder)
     for parquet in parquets:
-        tar = parquet.with_suffix(".tar")
-        samples = {s.key: s for s in scan_tar(tar) if s.link is None} if tar.is_file() else {}
-        with open(tar, "rb") if samples else contextlib.nullcontext() as f:
-            yield from _img2dataset_parquet_refs(parquet, TarSource(str(tar)), f, samples)
+        yield from _img2dataset_part_refs(parquet)
+
+
+def img2dataset_parts(folder: Path) -> list[TarSource]:
+    """An img2dataset folder's parts (`NNNNN.parquet` and its tar), in order, for `count_tar`."""
+    parquets = sorted(p for p in folder.glob("*.parquet") if p.stem.isdigit())
+    if not parquets:
+        raise UserError("no img2dataset parquet files (NNNNN.parquet) found", file=folder)
+    return [TarSource(str(p.with_suffix(".tar")), parquet=str(p)) for p in parquets]
+
+
+def _img2dataset_part_refs(parquet: Path) -> Iterator[SampleRef]:
+    tar = parquet.with_suffix(".tar")
+    samples = {s.key: s for s in scan_tar(tar) if s.link is None} if tar.is_file() else {}
+    with open(tar, "rb") if samples else contextlib.nullcontext() as f:
+        yield from _img2dataset_parquet_refs(parquet, TarSource(str(tar)), f, samples)
 
 
 def _img2dataset_parquet_refs(parquet: Path, tar: TarSource, f: BinaryIO | None,

@@ -4,7 +4,7 @@ A plan is the unit of work of `datagen.pipeline`: output shard `index` holds inp
 `index*S .. index*S+S-1` (enumeration order of `inputs.iter_raw_refs`, `S` = `--shard-size`).
 
 Two ways to the same shards:
-- Folders, URL lists and img2dataset folders are listed by the driver as light refs (locators,
+- Folders and URL lists are listed by the driver as light refs (locators,
   not bytes), one shard's refs at a time (`iter_plans`): its memory grows with `--shard-size`
   times the shards in flight, not with the job.
 - Tars (`webdataset` inputs) are not read by the driver at all. Ray tasks near the data count each
@@ -16,6 +16,9 @@ Two ways to the same shards:
   tars' sizes, so shards stay full and a corpus re-packed into other tars keeps its shards.
   A count also records where a scan may resume (a header offset every `S` refs), so a shard's
   task reads fewer than `2*S` headers of its tar, not every header before its range.
+- img2dataset folders the same way, one part (`NNNNN.parquet` + its tar) per count: a part's
+  refs are its parquet rows (the count is the parquet footer's row count); a shard's task reads
+  the parts it covers whole (rows sorted by key), then keeps its range.
 
 Keys are made safe (`core.keys.sanitize_key`) and unique within their shard (`a`, `a_1`, ...),
 which is all a tar needs; keeping every key of a 200M-sample job to make them unique job-wide
@@ -45,6 +48,7 @@ from blip3.datagen.inputs import (
     detect_format,
     detect_store_format,
     expand_tar_pattern,
+    img2dataset_parts,
     iter_raw_refs,
     iter_tar_range,
     store_folder_refs,
@@ -220,9 +224,12 @@ def job_plans(input: str, input_format: str | None, shard_size: int, generator: 
     else:
         with staged_input(text, storage_options, URL_LIST_SUFFIXES) as path:
             kind = input_format or detect_format(path)
-            if kind != "webdataset":
+            if kind == "webdataset":
+                tars = [TarSource(str(p)) for p in expand_tar_pattern(str(path))]
+            elif kind == "img2dataset":
+                tars = img2dataset_parts(path)
+            else:
                 yield from iter_plans(iter_raw_refs(path, kind), shard_size, generator, limit=limit)
                 return
-            tars = [TarSource(str(p)) for p in expand_tar_pattern(str(path))]
     _check_sizes(shard_size, limit)
     yield from iter_tar_plans(tars, count_tars(tars, shard_size), shard_size, generator, limit=limit)

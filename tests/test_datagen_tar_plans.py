@@ -127,3 +127,33 @@ def test_job_over_tars_reads_no_tar_in_the_driver_and_writes_the_listed_shards(r
     assert hashes == {p.name: file_sha256(p) for p in sorted(ref.glob("*.tar"))} and len(hashes) == 5
     r2 = run_job(pattern, tmp_path / "out", SizeCaptioner, JobOptions(workers=1, shard_size=3, register=False))
     assert (r2.shards_skipped, r2.shards_written) == (5, 0)  # resume: the same plans, found done
+
+
+def test_img2dataset_parts_are_planned_from_their_row_counts(tmp_path):
+    """An img2dataset folder: each part counted from its parquet footer, each shard's rows read by
+    its task; the plans are the listed ones (failed downloads and a part without a tar included)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    folder = tmp_path / "i2d"
+    folder.mkdir()
+    n = 0
+    for part, size in enumerate((5, 3, 4)):
+        rows = []
+        with tarfile.open(folder / f"{part:05d}.tar", "w") as tar:
+            for i in range(size):
+                key = f"{part:05d}{i:04d}"
+                ok = i % 3 != 1
+                if ok:
+                    _add(tar, f"{key}.jpg", png_bytes(text_image(f"{n}", size=(40 + 4 * n, 24))))
+                rows.append({"key": key, "url": f"http://h/{n}", "caption": f"c{n}", "uid": f"u{n}",
+                             "status": "success" if ok else "failed_to_download",
+                             "error_message": None if ok else "HTTP Error 404"})
+                n += 1
+        pq.write_table(pa.Table.from_pylist(rows[::-1]), folder / f"{part:05d}.parquet")  # completion order
+    (folder / "00001.tar").unlink()  # every row of part 1 becomes a failed ref
+    for shard_size, limit in ((2, None), (5, None), (3, 10)):
+        listed = list(iter_plans(iter_raw_refs(folder), shard_size, limit=limit))
+        counted = list(job_plans(str(folder), None, shard_size, limit=limit, count_tars=count_tars_locally))
+        assert all(p._refs is None for p in counted)
+        assert _view(counted) == _view(listed)
