@@ -36,7 +36,7 @@ test-fast: setup browser
 # Mutation testing (slow, not in CI): kill rate per module -> benchmarks/results/mutation.md.
 # `make mutate MODULES="core/shards.py core/sql.py"` for a few; see docs/testing.md.
 mutate: setup
-	nice -n 10 $(BIN)/python -m benchmarks.mutate $(or $(MODULES),--all)
+	nice -n 19 $(BIN)/python -m benchmarks.mutate $(or $(MODULES),--all)
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache
