@@ -301,8 +301,7 @@ def run_job(
         raise UserError("must be at least 1", field="--workers")
     out = output_location(output, job.storage_options)
     remote = isinstance(out, RemoteDir)
-    if not remote:
-        check_output_outside_input(input, out)
+    check_output_outside_input(input, out)
     probe = annotator_factory()  # unloaded: only asked for its name and generator info
     if job.shard_name_width < 1:
         raise UserError("must be at least 1", field="--shard-name-width")

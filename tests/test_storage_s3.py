@@ -205,6 +205,12 @@ def test_catalog_paths_on_object_stores_are_one_line(tmp_path):
     assert not (tmp_path / "s3:").exists()
 
 
+def test_output_inside_an_object_store_input_folder_is_refused():
+    for out in ("s3://b/in", "s3://b/in/out/"):
+        with pytest.raises(UserError, match="inside the input folder"):
+            run_job("s3://b/in/", out, SizeCaptioner, JobOptions(register=False))
+
+
 def _upload(local: Path, url: str, options: dict) -> None:
     store = RemoteDir(url, options)
     for p in sorted(local.rglob("*")):
