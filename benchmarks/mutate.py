@@ -24,6 +24,7 @@ Slow and CPU-bound (one pytest per mutant): not in CI. Run it niced, one at a ti
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import shlex
@@ -34,6 +35,7 @@ import sys
 import tempfile
 import time
 from collections import Counter
+from collections.abc import Iterator
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -103,12 +105,46 @@ def _run_module(module: str, tests: list[str], scratch: Path, slow: bool, budget
     src = _copy_tree(scratch)
     env = _test_env(scratch)
     marker = [] if slow else ["-m", "not slow"]
-    test_cmd = [sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", *marker, *tests]
+    pytest_args = ["-x", "-q", "-p", "no:cacheprovider", *marker, *tests]
     t0 = time.perf_counter()
-    base = subprocess.run(test_cmd, cwd=src, env=env, capture_output=True, text=True)
+    base = subprocess.run([sys.executable, "-m", "pytest", *pytest_args], cwd=src, env=env, capture_output=True,
+                          text=True)
     baseline_s = time.perf_counter() - t0
     if base.returncode != 0:
         return {"module": module, "error": "baseline tests fail", "output": base.stdout[-2000:]}
+    with _forkserver(scratch, env) as run_cmd:
+        test_cmd = [*run_cmd, *pytest_args]
+        if subprocess.run(test_cmd, cwd=src, env=env).returncode != 0:  # the server runs the same tests alike
+            return {"module": module, "error": "baseline tests fail through the fork server"}
+        _init_exec(module, scratch, src, env, test_cmd, baseline_s, budget_min)
+    session = scratch / "session.sqlite"
+    summary = _summarise(module, session, src)
+    summary.update(baseline_s=round(baseline_s, 1), tests=tests, minutes=round((time.perf_counter() - t0) / 60, 1),
+                   commit=_commit(module))
+    return summary
+
+
+@contextlib.contextmanager
+def _forkserver(scratch: Path, env: dict) -> Iterator[list[str]]:
+    """Start `benchmarks/mutate_forkserver.py` for one module; yields the command prefix that runs
+    pytest through it (`... run SOCKET --`)."""
+    sock = scratch / "pytest.sock"
+    script = str(REPO / "benchmarks" / "mutate_forkserver.py")
+    server = subprocess.Popen([sys.executable, script, "serve", str(sock)], env=env, start_new_session=True,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        while not sock.exists():
+            if server.poll() is not None:
+                raise RuntimeError("the pytest fork server did not start")
+            time.sleep(0.2)
+        yield [sys.executable, script, "run", str(sock), "--"]
+    finally:
+        os.killpg(server.pid, signal.SIGTERM)
+        server.wait()
+
+
+def _init_exec(module: str, scratch: Path, src: Path, env: dict, test_cmd: list[str], baseline_s: float,
+               budget_min: float | None) -> None:
     config = scratch / "cosmic-ray.toml"
     config.write_text(
         "[cosmic-ray]\n"
@@ -126,10 +162,6 @@ def _run_module(module: str, tests: list[str], scratch: Path, slow: bool, budget
                 ["cr-filter-operators", str(session), str(config)]):
         subprocess.run([str(bindir / cmd[0]), *cmd[1:]], cwd=src, env=env, check=True, capture_output=True)
     _exec(bindir, config, session, src, env, budget_min)
-    summary = _summarise(module, session, src)
-    summary.update(baseline_s=round(baseline_s, 1), tests=tests, minutes=round((time.perf_counter() - t0) / 60, 1),
-                   commit=_commit(module))
-    return summary
 
 
 def _exec(bindir: Path, config: Path, session: Path, src: Path, env: dict, budget_min: float | None) -> None:
@@ -219,18 +251,22 @@ def _recheck(module: str, scratch: Path, slow: bool) -> dict:
     today = _mutations(session, pristine.splitlines())
     marker = [] if slow else ["-m", "not slow"]
     still, gone = [], 0
-    for s in previous["survivors"]:
-        specs = today.get((f"core/{s['operator']}", s["code"]), [])
-        if s["rank"] >= len(specs):
-            gone += 1
-            continue
-        subprocess.run([str(bindir / "cosmic-ray"), "apply", module, f"core/{s['operator']}",
-                        str(specs[s["rank"]].occurrence)], cwd=src, env=env, check=True, capture_output=True)
-        r = subprocess.run([sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", *marker,
-                            *MODULES[module]], cwd=src, env=env, capture_output=True)
-        (src / module).write_text(pristine)
-        if r.returncode == 0:
-            still.append(s)
+    with _forkserver(scratch, env) as run_cmd:
+        for s in previous["survivors"]:
+            specs = today.get((f"core/{s['operator']}", s["code"]), [])
+            if s["rank"] >= len(specs):
+                gone += 1
+                continue
+            subprocess.run([str(bindir / "cosmic-ray"), "apply", module, f"core/{s['operator']}",
+                            str(specs[s["rank"]].occurrence)], cwd=src, env=env, check=True, capture_output=True)
+            try:
+                rc = subprocess.run([*run_cmd, "-x", "-q", "-p", "no:cacheprovider", *marker, *MODULES[module]],
+                                    cwd=src, env=env, capture_output=True, timeout=600).returncode
+            except subprocess.TimeoutExpired:  # a hang is a kill, as in the full run
+                rc = -1
+            (src / module).write_text(pristine)
+            if rc == 0:
+                still.append(s)
     mutants = previous["mutants"] - gone
     killed = mutants - len(still)
     return {**previous, "mutants": mutants, "killed": killed, "survived": len(still), "survivors": still,
