@@ -6,7 +6,10 @@ breaks the tests notice is the honest measure. For each module below:
 1. the tracked tree is copied to a scratch folder, so a mutant never touches the checkout (an
    interrupted run leaves nothing behind), and `blip3` is made to import from that copy;
 2. cosmic-ray mutates the module in place there, one mutation at a time, and runs the module's
-   targeted tests (`MODULES`) after each; a failing (or hanging) test run kills the mutant;
+   targeted tests (`MODULES`) after each; a failing (or hanging) test run kills the mutant. The
+   test runs go through a fork server (`benchmarks/mutate_forkserver.py`) that imported torch and
+   the other heavy libraries once, without pytest's plugin autoload: start-up, not the tests,
+   is most of a small module's run;
 3. the kill rate per module goes to `benchmarks/results/mutation.md` (and `.json`), with the
    surviving mutants listed (file:line, operator) so each is killed by a new test or explained
    as equivalent in docs/testing.md.
@@ -19,6 +22,9 @@ Slow and CPU-bound (one pytest per mutant): not in CI. Run it niced, one at a ti
 
     nice -n 19 python -m benchmarks.mutate core/shards.py core/sql.py
     nice -n 19 python -m benchmarks.mutate --all            # every module below
+    nice -n 19 python -m benchmarks.mutate core/shards.py --budget-min 20   # a random sample in 20 min
+    nice -n 19 python -m benchmarks.mutate model/anyres.py --tests tests/test_model_anyres.py  # "before"
+    nice -n 19 python -m benchmarks.mutate --recheck model/anyres.py        # survivors vs today's tests
 """
 
 from __future__ import annotations
