@@ -167,7 +167,9 @@ def _init_exec(module: str, scratch: Path, src: Path, env: dict, test_cmd: list[
     for cmd in (["cosmic-ray", "init", str(config), str(session)],
                 ["cr-filter-operators", str(session), str(config)]):
         subprocess.run([str(bindir / cmd[0]), *cmd[1:]], cwd=src, env=env, check=True, capture_output=True)
+    pristine = (src / module).read_text()
     _exec(bindir, config, session, src, env, budget_min)
+    (src / module).write_text(pristine)  # a run stopped by the budget may leave its last mutant applied
 
 
 def _exec(bindir: Path, config: Path, session: Path, src: Path, env: dict, budget_min: float | None) -> None:
