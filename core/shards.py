@@ -580,16 +580,27 @@ class SampleIndex:
 
     key: str
     members: tuple[MemberSpan, ...]
+    #: where the sample's first header starts (extended headers included): a scan can resume here
+    header: int = field(default=0, compare=False)
 
 
-def iter_tar_index(path: str | Path, *, skipped: list[tarfile.TarInfo] | None = None) -> Iterator[SampleIndex]:
+def iter_tar_index(path: str | Path, *, skipped: list[tarfile.TarInfo] | None = None,
+                   fileobj: BinaryIO | None = None, start: int = 0) -> Iterator[SampleIndex]:
     """Samples of an uncompressed tar in order, by reading headers only (data is seeked over), so a
     reader can later fetch just the members it needs. `tarfile.TarError` / `OSError` pass through
     unchanged: each caller words them for its own user. Non-regular members (hard and symbolic
-    links, devices) are not samples; they are appended to `skipped` when it is given."""
-    with tarfile.open(path, mode="r:") as tar:
+    links, devices) are not samples; they are appended to `skipped` when it is given.
+
+    `fileobj` reads the tar from an open (seekable) file instead of `path`, e.g. an object-store
+    file; `start`, a sample's `header`, resumes the scan there instead of at the first member."""
+    with contextlib.ExitStack() as stack:
+        f = fileobj if fileobj is not None else stack.enter_context(open(path, "rb"))
+        f.seek(start)
+        tar = stack.enter_context(tarfile.open(fileobj=f, mode="r:"))
         for key, group in groupby(_keyed_files(tar, skipped), key=itemgetter(0)):
-            yield SampleIndex(key, tuple(MemberSpan(ext, m.offset_data, m.size) for _, ext, m in group))
+            members = list(group)
+            yield SampleIndex(key, tuple(MemberSpan(ext, m.offset_data, m.size) for _, ext, m in members),
+                              header=members[0][2].offset)
 
 
 def is_image_ext(ext: str) -> bool:

@@ -6,7 +6,8 @@ while nothing reached the bucket. Every output therefore goes through `output_lo
 path stays a `Path` (`file://` URLs mean the local path), any other URL (`s3://`, `gs://`, ...)
 becomes a `RemoteDir`, configured the standard way (the filesystem's usual environment variables,
 e.g. `AWS_ENDPOINT_URL`, `AWS_ACCESS_KEY_ID`, or `--storage-options JSON`). A URL list on such a
-store is read from a local copy (`staged_input`); other inputs are local or mounted.
+store is read from a local copy (`staged_input`); image folders and tars there are read in place
+by the shard tasks (`datagen.plans`).
 
 Object stores have no rename, so a shard is written to a local temporary folder first (sha256 while
 writing, as for a local output) and uploaded object by object; each upload is atomic, and the stats
@@ -148,7 +149,8 @@ def storage_environment() -> dict[str, str]:
 def staged_input(location: str | Path, storage_options: dict[str, Any] | None, suffixes: tuple[str, ...]):
     """A local path for an input: the path itself, or, for an object-store URL of a small list file
     (one of `suffixes`: a URL list), a temporary local copy that lives as long as the block.
-    Other object-store inputs (image folders, tars) are refused in one line: read them mounted."""
+    Any other object-store location is refused in one line (image folders and tars are not staged:
+    `datagen.plans` reads them in place)."""
     if url_scheme(location) in (None, "file"):
         yield local_path(location, "input")
         return

@@ -35,11 +35,13 @@ import json
 import os
 import tarfile
 from dataclasses import asdict, dataclass, field
+from itertools import islice
 from pathlib import Path
 from typing import Any, BinaryIO, Iterator
 
-from blip3.core.errors import UserError
+from blip3.core.errors import UserError, describe_exception
 from blip3.core.keys import sanitize_key
+from blip3.core.storage import RemoteDir, url_scheme
 from blip3.core.shards import IMAGE_EXTS, MemberSpan, iter_tar_index, read_span, split_member_name
 
 INPUT_FORMATS = ("folder", "webdataset", "img2dataset", "urls", "blip3-ocr")
@@ -69,8 +71,10 @@ class SampleRef:
     """Where an input sample's bytes are, without the bytes.
 
     `locator` is `["file", path]`, `["tar", path, offset, size]`, `["url", url]` (fetched by
-    `load_sample`) or `["none"]` (pre-failed).
-    Refs serialise to JSON (`to_json`/`from_json`) so they travel cheaply through Ray Data.
+    `load_sample`), `["store", RemoteDir, name]` / `["store", RemoteDir, name, offset, size]` (an
+    object, or a tar member, on an object store) or `["none"]` (pre-failed).
+    Refs of local inputs serialise to JSON (`to_json`/`from_json`); a store's refs share their one
+    `RemoteDir`, which pickles without its connection.
     """
 
     key: str
@@ -141,6 +145,14 @@ def check_output_outside_input(input_path: str | Path, output_dir: str | Path) -
     become input on the next run (or be mistaken for it), so inputs could be dropped or doubled."""
     text = str(input_path)
     if "{" in text:
+        return
+    if url_scheme(text) not in (None, "file"):  # a folder on an object store: compare the URLs
+        src_url, out_url = text.rstrip("/"), str(output_dir).rstrip("/")
+        if out_url == src_url or out_url.startswith(src_url + "/"):
+            raise UserError(f"output {out_url} is inside the input folder; choose an output outside it",
+                            file=text, field="--output")
+        return
+    if url_scheme(str(output_dir)) not in (None, "file"):  # a local input, an object-store output
         return
     src = Path(text).resolve()
     if not src.is_dir():
@@ -231,6 +243,10 @@ def load_sample(ref: SampleRef, download: Any = None) -> InputSample:
         _, path, offset, size = ref.locator
         with open(path, "rb") as f:
             image = read_span(f, int(offset), int(size))
+    elif kind == "store":
+        store, name, *span = ref.locator[1:]
+        start, end = (int(span[0]), int(span[0]) + int(span[1])) if span else (None, None)
+        image = store.fs.cat_file(store.path(name), start=start, end=end)
     elif kind == "none":
         image = b""
     else:
@@ -294,24 +310,77 @@ def expand_tar_pattern(pattern: str) -> list[Path]:
     return paths
 
 
+@dataclass(frozen=True)
+class TarSource:
+    """One input tar: a local path, or the name of an object under `store` (any fsspec filesystem).
+    Picklable, so a Ray task on any node reads the tar itself."""
+
+    path: str
+    store: RemoteDir | None = None
+    #: an img2dataset part's `NNNNN.parquet` (local): its rows, sorted by key, are the refs
+    parquet: str | None = None
+
+    @property
+    def name(self) -> str:
+        return self.path.rstrip("/").rsplit("/", 1)[-1]
+
+    def __str__(self) -> str:
+        return self.path if self.store is None else f"{self.store.url}/{self.path}"
+
+    def open(self) -> BinaryIO:
+        if self.store is None:
+            return open(self.path, "rb")
+        return self.store.fs.open(self.store.path(self.path), "rb")
+
+    def size(self) -> int:
+        if self.parquet is not None:  # the tar may be missing (every row failed); both files count
+            return os.path.getsize(self.parquet) + (os.path.getsize(self.path) if os.path.isfile(self.path) else 0)
+        if self.store is None:
+            return os.path.getsize(self.path)
+        size = self.store.size(self.path)
+        if size is None:
+            raise FileNotFoundError(f"no such object: {self}")
+        return size
+
+    def scan(self, start: int = 0) -> Iterator[_TarSample]:
+        """`scan_tar` of this tar, from the sample whose header is at byte `start`."""
+        if self.store is None:
+            yield from scan_tar(Path(self.path), start=start)
+            return
+        with self.open() as f:
+            yield from scan_tar(str(self), fileobj=f, start=start)
+
+    def locator(self, offset: int, size: int) -> list[Any]:
+        if self.store is None:
+            return ["tar", str(Path(self.path).resolve()), offset, size]
+        return ["store", self.store, self.path, offset, size]
+
+
 @dataclass
 class _TarSample:
     key: str
     members: dict[str, MemberSpan] = field(default_factory=dict)  # by lower-cased ext, first wins
     extra_images: list[str] = field(default_factory=list)  # image members not taken (`key.ext`)
     link: str | None = None  # set for a link member (`name -> target`): no data of its own
+    header: int = 0  # byte offset of the sample's first header (a scan can resume there)
+
+    @property
+    def n_refs(self) -> int:
+        """Refs this sample becomes (`_tar_sample_refs`): its own, plus one per image not taken."""
+        return 1 if self.link is not None else 1 + len(self.extra_images)
 
 
-def scan_tar(path: Path) -> Iterator[_TarSample]:
+def scan_tar(path: Path | str, *, fileobj: BinaryIO | None = None, start: int = 0) -> Iterator[_TarSample]:
     """Group a tar's members by webdataset key, keeping their data offsets (no data read).
 
     Every image member is accounted for: a second image under one key (a repeated `a.jpg`, or
     `a.jpg` beside `a.png`) is listed in `extra_images`, and an image member that is a hard or
-    symbolic link comes last as a sample of its own with `link` set, so each becomes a failed row."""
+    symbolic link comes last as a sample of its own with `link` set, so each becomes a failed row.
+    `fileobj` and `start` as for `core.shards.iter_tar_index`."""
     links: list[tarfile.TarInfo] = []
     try:
-        for sample in iter_tar_index(path, skipped=links):
-            yield _group_members(sample.key, sample.members)
+        for sample in iter_tar_index(path, skipped=links, fileobj=fileobj, start=start):
+            yield _group_members(sample.key, sample.members, sample.header)
     except tarfile.TarError as e:
         raise UserError(f"not a readable tar: {e}", file=path) from e
     for member in links:
@@ -321,9 +390,9 @@ def scan_tar(path: Path) -> Iterator[_TarSample]:
             yield _TarSample(key, link=f"{member.name!r} is a {kind}" + (f" to {member.linkname!r}" if member.linkname else ""))
 
 
-def _group_members(key: str, spans: tuple[MemberSpan, ...]) -> _TarSample:
+def _group_members(key: str, spans: tuple[MemberSpan, ...], header: int = 0) -> _TarSample:
     """One key's members by extension; the image member used is the first of the preferred ext."""
-    sample = _TarSample(key)
+    sample = _TarSample(key, header=header)
     for span in spans:
         sample.members.setdefault(span.ext.lower(), span)
     image_ext = next((e for e in IMAGE_EXTS if e in sample.members), None)
@@ -332,23 +401,23 @@ def _group_members(key: str, spans: tuple[MemberSpan, ...]) -> _TarSample:
     return sample
 
 
-def _tar_sample_refs(path: Path, f: BinaryIO, sample: _TarSample) -> Iterator[SampleRef]:
+def _tar_sample_refs(src: TarSource, f: BinaryIO, sample: _TarSample) -> Iterator[SampleRef]:
     """The refs of one tar sample: its own, then a failed one per image member not taken."""
     if sample.link is not None:
-        yield SampleRef(key=sample.key, ext="", locator=["none"], meta={"shard": path.name},
+        yield SampleRef(key=sample.key, ext="", locator=["none"], meta={"shard": src.name},
                         error=f"tar_link: {sample.link}; links are not read as images")
         return
-    yield _tar_sample_ref(path, f, sample)
+    yield _tar_sample_ref(src, f, sample)
     for name in sample.extra_images:
-        yield SampleRef(key=sample.key, ext=_ext_of(name), locator=["none"], meta={"shard": path.name},
+        yield SampleRef(key=sample.key, ext=_ext_of(name), locator=["none"], meta={"shard": src.name},
                         error=f"duplicate_member: {name!r} is a second image under key {sample.key!r} "
-                              f"in {path.name}; only the first is used")
+                              f"in {src.name}; only the first is used")
 
 
-def _tar_sample_ref(path: Path, f: BinaryIO, sample: _TarSample, extra: dict[str, Any] | None = None) -> SampleRef:
-    """The ref of one tar sample; its json/txt members are read through `f`, the open tar at `path`."""
+def _tar_sample_ref(src: TarSource, f: BinaryIO, sample: _TarSample, extra: dict[str, Any] | None = None) -> SampleRef:
+    """The ref of one tar sample; its json/txt members are read through `f`, the open tar `src`."""
     image_ext = next((e for e in IMAGE_EXTS if e in sample.members), None)
-    meta: dict[str, Any] = {"shard": path.name}
+    meta: dict[str, Any] = {"shard": src.name}
     record: dict[str, Any] = {}
     if "json" in sample.members:
         try:
@@ -372,7 +441,7 @@ def _tar_sample_ref(path: Path, f: BinaryIO, sample: _TarSample, extra: dict[str
         )
     info = sample.members[image_ext]
     return SampleRef(
-        key=sample.key, ext=image_ext, locator=["tar", str(path.resolve()), info.offset, info.size],
+        key=sample.key, ext=image_ext, locator=src.locator(info.offset, info.size),
         uid=_str_or_none(uid), url=_str_or_none(url), source_caption=caption, meta=meta,
     )
 
@@ -383,9 +452,124 @@ def _str_or_none(value: Any) -> str | None:
 
 def _webdataset_refs(pattern: str) -> Iterator[SampleRef]:
     for path in expand_tar_pattern(pattern):
-        with open(path, "rb") as f:
-            for sample in scan_tar(path):
-                yield from _tar_sample_refs(path, f, sample)
+        src = TarSource(str(path))
+        with src.open() as f:
+            for sample in src.scan():
+                yield from _tar_sample_refs(src, f, sample)
+
+
+# -- tars planned without the driver reading them (datagen.plans) ------------------------------
+@dataclass
+class TarCount:
+    """What planning needs of one input tar, found by a task near the data (`count_tar`): how many
+    refs it gives, its size (part of a shard's fingerprint), and `seeks`, (ref ordinal, header
+    offset) pairs at least every `every` refs, where a scan for a later range may start; `error`
+    says why the tar cannot be read."""
+
+    refs: int = 0
+    size: int = 0
+    seeks: list[tuple[int, int]] = field(default_factory=lambda: [(0, 0)])
+    error: str | None = None
+
+
+def count_tar(src: TarSource, every: int) -> TarCount:
+    """Count a tar's refs by reading its headers only (no member data). A tar holding links gets
+    no seeks but the start: its links' refs come after all samples, so only a full scan finds them."""
+    count = TarCount()
+    try:
+        count.size = src.size()
+        if src.parquet is not None:  # an img2dataset part: one ref per parquet row, from its footer
+            import pyarrow.parquet as pq
+
+            count.refs = pq.read_metadata(src.parquet).num_rows
+            return count
+        for sample in src.scan():
+            if count.refs >= count.seeks[-1][0] + every and sample.link is None:
+                count.seeks.append((count.refs, sample.header))
+            if sample.link is not None:
+                count.seeks = [(0, 0)]
+                every = 1 << 62
+            count.refs += sample.n_refs
+    except UserError as e:
+        count.error = str(e)
+    except Exception as e:  # a missing object, no permission, a store out of reach: the driver says it in one line
+        count.error = f"{src}: cannot read: {describe_exception(e)}"
+    return count
+
+
+def iter_tar_range(src: TarSource, start: int, stop: int, seek: tuple[int, int] = (0, 0)) -> Iterator[SampleRef]:
+    """Refs `start .. stop-1` of one tar, numbered as `_webdataset_refs` yields them, with raw keys;
+    the scan starts at `seek` (a `TarCount.seeks` pair at or before `start`), not at the top.
+    An img2dataset part is read whole (its rows are sorted by key), then cut."""
+    if src.parquet is not None:
+        yield from islice(_img2dataset_part_refs(Path(src.parquet)), start, stop)
+        return
+    ordinal = seek[0]
+    with src.open() as f:
+        for sample in src.scan(seek[1]):
+            if ordinal + sample.n_refs <= start:
+                ordinal += sample.n_refs
+                continue
+            for ref in _tar_sample_refs(src, f, sample):
+                if ordinal >= start:
+                    yield ref
+                ordinal += 1
+                if ordinal >= stop:
+                    return
+
+
+def store_tars(url: str, storage_options: dict[str, Any] | None) -> list[TarSource]:
+    """The tars of an object-store input: a brace pattern, one `.tar`, or a folder of tars (sorted),
+    as `expand_tar_pattern` reads local ones. Existence is checked by the tasks that count them."""
+    url = url.rstrip("/")
+    if "{" in url:
+        from braceexpand import braceexpand
+
+        root = url[: url.index("{")].rpartition("/")[0]
+        names = [u[len(root) + 1:] for u in braceexpand(url)]
+    elif url.lower().endswith(".tar"):
+        root, _, name = url.rpartition("/")
+        names = [name]
+    else:
+        root = url
+        names = sorted(n for n in RemoteDir(root, storage_options).names() if n.endswith(".tar"))
+        if not names:
+            raise UserError("no .tar shards found", file=url)
+    store = RemoteDir(root, storage_options)
+    return [TarSource(name, store) for name in names]
+
+
+def detect_store_format(url: str, storage_options: dict[str, Any] | None) -> str:
+    """`detect_format` for an object-store location (URL lists are staged and detected locally)."""
+    text = url.rstrip("/")
+    if "{" in text or text.lower().endswith(".tar"):
+        return "webdataset"
+    names = RemoteDir(text, storage_options).names()
+    if not names:
+        raise UserError("input does not exist (or is an empty folder)", file=url)
+    if any(n.endswith(".tar") for n in names):
+        if any(n.endswith(".parquet") and n[:-8].isdigit() for n in names):
+            raise UserError("a folder of tars with NNNNN.parquet beside them on an object store: pass "
+                            "--input-format webdataset to read its tars (img2dataset's parquet is read "
+                            "only from a local or mounted folder)", file=url)
+        return "webdataset"
+    return "folder"
+
+
+def store_folder_refs(store: RemoteDir) -> Iterator[SampleRef]:
+    """`_folder_refs` of a folder on an object store: every image under it, sorted by relative
+    path, a `name.txt` beside `name.jpg` as its source caption; the bytes are read by the shard task."""
+    root = store.path("").rstrip("/")
+    rels = sorted(p[len(root) + 1:] for p in store.fs.find(root))
+    present = set(rels)
+    for rel in rels:
+        if _ext_of(rel) not in IMAGE_EXTS:
+            continue
+        stem = rel.rsplit(".", 1)[0]
+        text = store.read_bytes(f"{stem}.txt") if f"{stem}.txt" in present else None
+        caption = text.decode("utf-8", errors="replace").strip() if text else None
+        yield SampleRef(key=stem, ext=_ext_of(rel), locator=["store", store, rel], source_caption=caption or None,
+                        meta={"path": rel})
 
 
 def _img2dataset_refs(folder: Path) -> Iterator[SampleRef]:
@@ -394,13 +578,25 @@ def _img2dataset_refs(folder: Path) -> Iterator[SampleRef]:
     if not parquets:
         raise UserError("no img2dataset parquet files (NNNNN.parquet) found", file=folder)
     for parquet in parquets:
-        tar = parquet.with_suffix(".tar")
-        samples = {s.key: s for s in scan_tar(tar) if s.link is None} if tar.is_file() else {}
-        with open(tar, "rb") if samples else contextlib.nullcontext() as f:
-            yield from _img2dataset_parquet_refs(parquet, tar, f, samples)
+        yield from _img2dataset_part_refs(parquet)
 
 
-def _img2dataset_parquet_refs(parquet: Path, tar: Path, f: BinaryIO | None,
+def img2dataset_parts(folder: Path) -> list[TarSource]:
+    """An img2dataset folder's parts (`NNNNN.parquet` and its tar), in order, for `count_tar`."""
+    parquets = sorted(p for p in folder.glob("*.parquet") if p.stem.isdigit())
+    if not parquets:
+        raise UserError("no img2dataset parquet files (NNNNN.parquet) found", file=folder)
+    return [TarSource(str(p.with_suffix(".tar")), parquet=str(p)) for p in parquets]
+
+
+def _img2dataset_part_refs(parquet: Path) -> Iterator[SampleRef]:
+    tar = parquet.with_suffix(".tar")
+    samples = {s.key: s for s in scan_tar(tar) if s.link is None} if tar.is_file() else {}
+    with open(tar, "rb") if samples else contextlib.nullcontext() as f:
+        yield from _img2dataset_parquet_refs(parquet, TarSource(str(tar)), f, samples)
+
+
+def _img2dataset_parquet_refs(parquet: Path, tar: TarSource, f: BinaryIO | None,
                               samples: dict[str, _TarSample]) -> Iterator[SampleRef]:
     import pyarrow.parquet as pq
 

@@ -23,11 +23,13 @@ Why this shape:
   resume reads the stats and sizes from the store. The tars are the same bytes as a local run's.
 - Fault tolerance: a worker process that dies mid-shard is restarted by Ray and the call retried
   (`max_task_retries`); the retry writes the same bytes under a fresh temporary name and the
-  shard is published once.
+  shard is published once. A node lost mid-job: its actors are restarted on other nodes, and the
+  shards in flight there, whose calls Ray reports unreachable, are sent again by the driver.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import math
@@ -38,7 +40,7 @@ from collections import Counter, deque
 from dataclasses import dataclass, field
 from itertools import chain, repeat
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterator, Sequence
 
 from blip3.core.errors import UserError, describe_exception, environment_error
 from blip3.core.logs import get_logger, progress
@@ -53,12 +55,12 @@ from blip3.core.shards import (
     shard_complete,
     shard_paths,
 )
-from blip3.core.storage import RemoteDir, output_location, staged_input, storage_environment
+from blip3.core.storage import RemoteDir, output_location, storage_environment
 from blip3.datagen.annotator import AnnotatorConfig, SkipSample
 from blip3.datagen.fetch import DownloadOptions, fetch_in_order
 from blip3.datagen.images import ImageLimits, ImageOutput, ImageRejected, decode_image
-from blip3.datagen.inputs import URL_LIST_SUFFIXES, InputSample, SampleRef, check_output_outside_input, iter_raw_refs, load_sample
-from blip3.datagen.plans import ShardPlan, iter_plans
+from blip3.datagen.inputs import InputSample, SampleRef, TarCount, TarSource, check_output_outside_input, load_sample
+from blip3.datagen.plans import ShardPlan, TarCounter, count_tars_on_ray, job_plans
 
 log = get_logger("datagen")
 DEFAULT_SHARD_SIZE = 1000
@@ -67,6 +69,10 @@ DEFAULT_SHARD_SIZE = 1000
 IN_FLIGHT_PER_WORKER = 2
 #: Retries of a shard whose worker process died (the actor is restarted each time).
 SHARD_RETRIES = 3
+#: Sends of a shard whose actor could not be reached (its node lost), UNREACHABLE_WAIT_S apart:
+#: long enough for Ray to declare the node dead and restart the actor on another one.
+UNREACHABLE_RESENDS = 60
+UNREACHABLE_WAIT_S = 1.0
 
 @dataclass
 class JobResult:
@@ -247,13 +253,6 @@ def _remove_shards(out: Path | RemoteDir, keep_below: int = 0, digits: int = SHA
     return sorted(int(n) for n in names)
 
 
-def _input_refs(input: str | Path, input_format: str | None,
-                storage_options: dict[str, Any] | None) -> Iterator[SampleRef]:
-    """The input's refs; a URL list on an object store is read from a local copy (core.storage)."""
-    with staged_input(input, storage_options, URL_LIST_SUFFIXES) as path:
-        yield from iter_raw_refs(path, input_format)
-
-
 @dataclass(frozen=True)
 class JobOptions:
     """How a datagen job runs and writes its shards, whatever its annotator: the one object that
@@ -299,8 +298,7 @@ def run_job(
         raise UserError("must be at least 1", field="--workers")
     out = output_location(output, job.storage_options)
     remote = isinstance(out, RemoteDir)
-    if not remote:
-        check_output_outside_input(input, out)
+    check_output_outside_input(input, out)
     probe = annotator_factory()  # unloaded: only asked for its name and generator info
     if job.shard_name_width < 1:
         raise UserError("must be at least 1", field="--shard-name-width")
@@ -308,8 +306,28 @@ def run_job(
     # the image settings are part of what made a shard: changing them redoes it (input_digest)
     generator = {"name": probe.name, **probe.generator_info(),
                  "image_format": job.image_output.format, "encode_quality": job.image_output.quality}
-    refs = _input_refs(input, job.input_format, job.storage_options)
-    plans = iter_plans(refs, job.shard_size, generator, limit=job.limit)
+    with contextlib.ExitStack() as session:
+        def count_tars(tars: Sequence[TarSource], every: int) -> list[TarCount]:
+            """Tars are counted by tasks on the cluster, so Ray starts here for a tar input (and stays
+            up for the shards); any other input is planned before Ray starts."""
+            from blip3.core.ray_session import ray_session
+
+            session.enter_context(ray_session(job.ray_address, num_cpus=_local_cpus(job)))
+            return count_tars_on_ray(tars, every)
+
+        return _plan_and_run(input, out, annotator_factory, generator, job, started, count_tars)
+
+
+def _local_cpus(job: JobOptions) -> int:
+    """CPUs of a local cluster started for the job: the machine's, or more if the workers ask for more."""
+    return max(math.ceil(job.workers * job.cpus_per_worker), os.cpu_count() or 1)
+
+
+def _plan_and_run(input: str | Path, out: Path | RemoteDir, annotator_factory: AnnotatorConfig,
+                  generator: dict[str, Any], job: JobOptions, started: float, count_tars: TarCounter) -> JobResult:
+    remote = isinstance(out, RemoteDir)
+    plans = job_plans(str(input), job.input_format, job.shard_size, generator, limit=job.limit,
+                      storage_options=job.storage_options, count_tars=count_tars)
     first = next(plans, None)
     if first is None:
         raise UserError("no input images found", file=input)
@@ -332,7 +350,7 @@ def run_job(
         def pending() -> Iterator[ShardPlan]:
             for plan in chain([first], plans):
                 result.shards_total += 1
-                bar.advance(listed, len(plan.refs))
+                bar.advance(listed, plan.size)  # not len(plan.refs): that would read a tar plan's tars here
                 done = shard_done(out, plan.index, plan.digest, verify=job.verify, digits=job.shard_name_width)
                 if rehashed is not None:
                     bar.advance(rehashed)
@@ -372,12 +390,11 @@ def _run_plans(
 
     from blip3.core.ray_session import ray_session
 
-    cpus = max(math.ceil(job.workers * job.cpus_per_worker), os.cpu_count() or 1)
-    with ray_session(job.ray_address, num_cpus=cpus), progress() as bar:
+    with ray_session(job.ray_address, num_cpus=_local_cpus(job)), progress() as bar:
         task = bar.add_task(f"{generator['name']} -> {out.name} (shards)", total=None)
         # samples fetched (URL lists: downloaded in the shard tasks) and annotated, a shard at a time
         samples = bar.add_task(f"{generator['name']} -> {out.name} (samples)", total=None)
-        storage_env = storage_environment() if isinstance(out, RemoteDir) else {}
+        storage_env = storage_environment()  # an object-store output or input: workers reach it as we do
         actor_cls = ray.remote(ShardWorker).options(
             num_cpus=job.cpus_per_worker, max_restarts=-1, max_task_retries=SHARD_RETRIES,
             **({"runtime_env": {"env_vars": storage_env}} if storage_env else {}),
@@ -386,16 +403,29 @@ def _run_plans(
         actors = [actor_cls.remote(factory, job.limits, job.image_output, job.shard_name_width, job.download)
                   for _ in range(job.workers)]
         free = deque(a for _ in range(IN_FLIGHT_PER_WORKER) for a in actors)
-        in_flight: dict[Any, tuple[Any, int]] = {}
+        in_flight: dict[Any, tuple[Any, ShardPlan]] = {}
         lost: list[str] = []
+        resend: deque[ShardPlan] = deque()
+        unreachable: Counter[int] = Counter()
 
         def collect() -> None:
             done, _ = ray.wait(list(in_flight), num_returns=1)
             for ref in done:
-                actor, index = in_flight.pop(ref)
+                actor, plan = in_flight.pop(ref)
+                index = plan.index
                 free.append(actor)
                 try:
                     stats = ray.get(ref)
+                except ray.exceptions.ActorUnavailableError as e:
+                    # its node is gone or out of reach: Ray spends the call's retries before it has
+                    # noticed, so the plan is sent again, to an actor restarted elsewhere (same bytes)
+                    unreachable[index] += 1
+                    if unreachable[index] <= UNREACHABLE_RESENDS:
+                        time.sleep(UNREACHABLE_WAIT_S)
+                        resend.append(plan)
+                    else:
+                        lost.append(f"{index}: {str(e).strip().splitlines()[0][:200]}")
+                    continue
                 except (ray.exceptions.RayActorError, ray.exceptions.RayTaskError) as e:
                     full = environment_error(e)
                     if full is not None:  # a full disk or unwritable output: every other shard fails alike
@@ -412,13 +442,21 @@ def _run_plans(
                 bar.advance(task)
                 bar.advance(samples, int(stats["count"]))
 
-        for plan in plans:
+        def send(plan: ShardPlan) -> None:
             while not free:
                 collect()
             actor = free.popleft()
-            in_flight[actor.write.remote(out if isinstance(out, RemoteDir) else str(out), plan, generator)] = (actor, plan.index)
-        while in_flight:
-            collect()
+            in_flight[actor.write.remote(out if isinstance(out, RemoteDir) else str(out), plan, generator)] = (actor, plan)
+
+        for plan in plans:
+            while resend:
+                send(resend.popleft())
+            send(plan)
+        while in_flight or resend:
+            if resend:
+                send(resend.popleft())
+            else:
+                collect()
         for actor in actors:
             ray.kill(actor)
     if lost:

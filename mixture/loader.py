@@ -13,10 +13,10 @@ How samples are chosen, and why each choice:
   of tars (about 1/slots of the bytes), not every shard. A small source that is up-weighted
   simply runs through more epochs; each sample carries its `epoch`.
 - **Shuffling** is by blocks: a slot's stream is cut into blocks of `min(shuffle_buffer, chunk)`
-  samples, each block is read into memory and emitted in an order permuted per (seed, source,
-  slot, block). Memory is bounded by one block per source (about shuffle_buffer x mean sample
-  bytes x sources, per worker: lower `shuffle_buffer` for many large sources), and a position
-  maps to its block by arithmetic, which is what makes resume exact and cheap.
+  samples, and each block is emitted in an order permuted per (seed, source, slot, block). A
+  sample is read (by its tar index: one seek) only when it is emitted, so memory holds the open
+  tars of one block per source and their indexes, never samples, and a position maps to its
+  block by arithmetic, which is what makes resume exact and cheap.
 - **Interleaving** is deterministic stride scheduling: source `i`'s `c`-th draw is due at time
   `(c + o_i) / w_i` (`w_i` its sampling weight, `o_i` in [0, 1) drawn from the seed) and the
   earliest due draw goes next. After `t` samples every source has been drawn `w_i * t` times
@@ -108,6 +108,10 @@ class _SourceStream:
             )
             self._perms = {b: perm}
         return self._perms[b]
+
+    def block_shards(self, b: int) -> set[str]:
+        """Paths of the shards block `b` reads (a block may cross chunks, epochs and shards)."""
+        return {self.src.shards[self.locate(local)[1]].path for local in range(b * self.block, (b + 1) * self.block)}
 
 
 class MixtureLoader(IterableDataset):
@@ -218,41 +222,43 @@ class MixtureLoader(IterableDataset):
         # Earliest due draw first; ties go to the lower source index (the heap compares tuples).
         heap = [((counts[i] + offsets[i]) / w, i) for i, w in enumerate(self.weights)]
         heapq.heapify(heap)
-        blocks: list[tuple[int, list] | None] = [None] * len(streams)
-        cache = TarCache()
+        blocks = [-1] * len(streams)  # the block each source is in
+        caches = [TarCache(size=None) for _ in streams]  # per source: the shards of its block
         try:
             while True:
                 i = heap[0][1]
                 st = streams[i]
                 b, u = divmod(counts[i], st.block)
-                if blocks[i] is None or blocks[i][0] != b:
-                    blocks[i] = (b, self._read_block(st, b, cache))
-                sample = blocks[i][1][st.block_perm(b)[u]]
+                if blocks[i] != b:
+                    caches[i].retain(st.block_shards(b))
+                    blocks[i] = b
+                sample = self._read(st, b * st.block + int(st.block_perm(b)[u]), caches[i])
                 counts[i] += 1
                 heapq.heapreplace(heap, ((counts[i] + offsets[i]) / self.weights[i], i))
                 out = sample if self.transform is None else self.transform(sample)
                 yield _Tagged(out, (slot, tuple(counts))) if self._emit_state else out
         finally:
-            cache.close()
+            for cache in caches:
+                cache.close()
 
-    def _read_block(self, st: _SourceStream, b: int, cache: TarCache) -> list[dict[str, Any]]:
-        """The samples of block `b` of a stream, in stream order (read in runs per shard)."""
+    def _read(self, st: _SourceStream, local: int, cache: TarCache) -> dict[str, Any]:
+        """The sample at slot-local position `local` of a stream.
+
+        Read alone, when it is due: a block is only a permutation, so no sample is read before it
+        is needed (a block read whole up front costs samples never emitted when the run stops, up
+        to a block per source and worker) and memory holds open tars and their indexes, not
+        samples."""
         src = st.src
-        out = []
-        for local in range(b * st.block, (b + 1) * st.block):
-            epoch, shard_i, idx = st.locate(local)
-            ref = src.shards[shard_i]
-            f, index = cache.get(ref.path, ref.samples)
-            entry = index[idx]
-            if self.decode:
-                sample = decode_sample(read_members(f, entry), key=entry.key, source=src.name, kind=src.kind,
-                                       shard=ref.path)
-            else:
-                sample = {"source": src.name, "kind": src.kind, "key": entry.key}
-            sample["epoch"] = epoch
-            sample["shard"] = ref.path
-            out.append(apply_caption_choice(sample, src.caption) if self.decode else sample)
-        return out
+        epoch, shard_i, idx = st.locate(local)
+        ref = src.shards[shard_i]
+        f, index = cache.get(ref.path, ref.samples)
+        entry = index[idx]
+        if not self.decode:
+            return {"source": src.name, "kind": src.kind, "key": entry.key, "epoch": epoch, "shard": ref.path}
+        sample = decode_sample(read_members(f, entry), key=entry.key, source=src.name, kind=src.kind, shard=ref.path)
+        sample["epoch"] = epoch
+        sample["shard"] = ref.path
+        return apply_caption_choice(sample, src.caption)
 
     def take(self, n: int) -> list[dict[str, Any]]:
         """The next `n` samples (this process's slot); the state advances by `n`."""

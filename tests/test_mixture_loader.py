@@ -166,6 +166,20 @@ def test_shuffle_is_bounded_by_the_buffer(manifest):
         assert sorted(plain[b:b + 8]) == sorted(shuffled[b:b + 8])
 
 
+def test_a_sample_is_read_only_when_it_is_emitted(manifest, monkeypatch):
+    """With two slots each reads its share and nothing more: no block is read ahead, so stopping
+    early (or a worker's share of a short run) costs exactly the samples delivered."""
+    import blip3.mixture.loader as loader_mod
+
+    reads = []
+    real = loader_mod.read_members
+    monkeypatch.setattr(loader_mod, "read_members", lambda f, entry: reads.append(entry.key) or real(f, entry))
+    for rank in (0, 1):
+        reads.clear()
+        got = MixtureLoader(manifest, rank=rank, world_size=2, shuffle_buffer=64).take(10)
+        assert reads == [s["key"] for s in got]
+
+
 def test_a_plain_torch_dataloader_with_transform_or_collate(manifest):
     """The loader fits a standard torch loop: a transform per sample (run in the workers), the
     default collate, or `collate_samples` for raw dicts."""

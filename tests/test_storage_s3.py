@@ -185,20 +185,85 @@ def test_multi_node_cluster_writes_to_s3_the_bytes_of_a_local_run(ray_local, s3_
     assert sorted(remote.names()) == sorted(p.name for p in ref.iterdir())
 
 
-def test_object_store_inputs_and_catalog_paths_are_one_line(tmp_path):
-    """Inputs, `catalog add` and shard lists read local or mounted folders: an `s3://` one is a
-    line naming the scheme, not `s3:/...: input does not exist` (and no `s3:` folder appears)."""
-    env = dict(os.environ)
-    for args in (["ocr", "s3://bucket/in/000.tar", "-o", str(tmp_path / "out")],
-                 ["catalog", "add", "s3://bucket/out"]):
-        r = _cli(args + ["--db", str(tmp_path / "c.duckdb")], env, cwd=tmp_path)
-        assert r.returncode == 2, r.stderr[-2000:]
-        assert "s3:// locations are not supported here" in " ".join(r.stderr.split()) and "Traceback" not in r.stderr
+def test_catalog_paths_on_object_stores_are_one_line(tmp_path):
+    """`catalog add` and shard lists read local or mounted folders: an `s3://` one is a line naming
+    the scheme, not `s3:/...: input does not exist` (and no `s3:` folder appears)."""
+    r = _cli(["catalog", "add", "s3://bucket/out", "--db", str(tmp_path / "c.duckdb")], dict(os.environ), cwd=tmp_path)
+    assert r.returncode == 2, r.stderr[-2000:]
+    assert "s3:// locations are not supported here" in " ".join(r.stderr.split()) and "Traceback" not in r.stderr
     from blip3.core.shards import resolve_shards
 
     with pytest.raises(UserError, match="s3:// locations"):
         resolve_shards("s3://bucket/out/{00000..00001}.tar")
-    assert not (tmp_path / "s3:").exists() and not (tmp_path / "out").exists()
+    assert not (tmp_path / "s3:").exists()
+
+
+def test_output_inside_an_object_store_input_folder_is_refused():
+    for out in ("s3://b/in", "s3://b/in/out/"):
+        with pytest.raises(UserError, match="inside the input folder"):
+            run_job("s3://b/in/", out, SizeCaptioner, JobOptions(register=False))
+
+
+def _upload(local: Path, url: str, options: dict) -> None:
+    store = RemoteDir(url, options)
+    for p in sorted(local.rglob("*")):
+        if p.is_file():
+            store.fs.put_file(str(p), store.path(p.relative_to(local).as_posix()))
+
+
+def test_folders_and_tars_on_s3_as_inputs_give_the_bytes_of_local_inputs(ray_local, s3_server, tmp_path):
+    """Images and tars read where they lie on the store (tars counted and read by Ray tasks, member
+    by member, with ranged reads): the shards are the bytes of the same inputs read locally, and a
+    tar job's finished shards are found done whichever location the tars are read from."""
+    from tests.test_datagen_tar_plans import wds_tars
+
+    src = _images(tmp_path / "in", 5)
+    (src / "sub").mkdir()
+    (src / "sub" / "img9.png").write_bytes((src / "img1.png").read_bytes())
+    (src / "img2.txt").write_text("alt text of two\n")
+    pattern = wds_tars(tmp_path / "wds")
+    opts = JobOptions(workers=1, shard_size=2, register=False, storage_options=s3_server)
+    _upload(src, f"s3://{BUCKET}/inputs/folder", s3_server)
+    _upload(tmp_path / "wds", f"s3://{BUCKET}/inputs/wds", s3_server)
+
+    run_job(src, tmp_path / "ref-folder", SizeCaptioner, opts)
+    r = run_job(f"s3://{BUCKET}/inputs/folder/", tmp_path / "folder", SizeCaptioner, opts)
+    assert (r.samples, r.successes) == (6, 6)
+    assert _tar_hashes(tmp_path / "folder") == _tar_hashes(tmp_path / "ref-folder")
+    assert b"alt text of two" in (tmp_path / "folder" / "00001.tar").read_bytes()
+
+    ref = tmp_path / "ref-wds"
+    run_job(pattern, ref, SizeCaptioner, opts)
+    for n, url in enumerate((f"s3://{BUCKET}/inputs/wds/part-{{000..002}}.tar", f"s3://{BUCKET}/inputs/wds")):
+        out = tmp_path / f"out{n}"
+        r = run_job(url, out, SizeCaptioner, opts)
+        assert (r.shards_written, r.samples) == (8, 15), url
+        assert _tar_hashes(out) == _tar_hashes(ref) and len(_tar_hashes(ref)) == 8, url
+    r = run_job(f"s3://{BUCKET}/inputs/wds", ref, SizeCaptioner, opts)
+    assert (r.shards_skipped, r.shards_written) == (8, 0)
+
+
+@pytest.mark.slow
+def test_cli_reads_s3_tars_with_environment_variables(ray_local, s3_server, tmp_path):
+    """`blip3 ground s3://...` with the store given by the standard environment variables only: the
+    counting tasks and the shard workers reach it as the shell does."""
+    src, coco, ref = _grounding_reference(tmp_path)
+    import tarfile
+
+    with tarfile.open(tmp_path / "imgs.tar", "w") as tar:
+        for p in sorted(src.iterdir()):
+            tar.add(p, arcname=p.name)
+    RemoteDir(f"s3://{BUCKET}/cli-in", s3_server).upload(tmp_path / "imgs.tar", "imgs.tar")
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    env.update(AWS_ENDPOINT_URL=s3_server["endpoint_url"], AWS_ACCESS_KEY_ID="testing",
+               AWS_SECRET_ACCESS_KEY="testing", AWS_DEFAULT_REGION="us-east-1")
+    args = ["ground", "--detector", "annotations", "--annotations", str(coco), "--workers", "1", "--shard-size", "2",
+            "--ray-address", ray_local, "--db", str(tmp_path / "c.duckdb")]
+    r = _cli(args + [f"s3://{BUCKET}/cli-in/imgs.tar", str(tmp_path / "out")], env, cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]
+    local = _cli(args + [str(tmp_path / "imgs.tar"), str(tmp_path / "local")], env, cwd=tmp_path)
+    assert local.returncode == 0, local.stderr[-3000:]
+    assert _tar_hashes(tmp_path / "out") == _tar_hashes(tmp_path / "local") and len(_tar_hashes(tmp_path / "out")) == 4
 
 
 def test_verify_rehashes_tars_on_the_store(ray_local, s3_server, tmp_path):
@@ -217,7 +282,7 @@ def test_verify_rehashes_tars_on_the_store(ray_local, s3_server, tmp_path):
     assert r.shards_written == 1 and remote.read_bytes("00000.tar") == good
 
 
-def test_url_list_on_the_store_is_read_and_other_object_store_inputs_are_one_line(ray_local, s3_server, tmp_path):
+def test_url_list_on_the_store_is_read_and_missing_store_inputs_are_one_line(ray_local, s3_server, tmp_path):
     """A URL list (jsonl here) on s3:// is read from a local copy: every row becomes a sample (these
     URLs refuse connections, so each is a failure row with its reason, none lost)."""
     store = RemoteDir(f"s3://{BUCKET}/lists", s3_server)
@@ -229,7 +294,8 @@ def test_url_list_on_the_store_is_read_and_other_object_store_inputs_are_one_lin
     assert (r.shards_total, r.samples, r.successes, r.failed) == (2, 3, 0, 3)
     assert set(r.failure_reasons) == {"download"}
     for missing, words in ((f"s3://{BUCKET}/lists/none.jsonl", "input does not exist"),
-                           (f"s3://{BUCKET}/lists/000.tar", "s3:// locations are not supported here")):
+                           (f"s3://{BUCKET}/lists/000.tar", "000.tar: cannot read: FileNotFoundError"),
+                           (f"s3://{BUCKET}/nothing/here", "input does not exist")):
         with pytest.raises(UserError, match=words):
             run_job(missing, tmp_path / "out2", SizeCaptioner,
                     JobOptions(workers=1, register=False, storage_options=s3_server))

@@ -91,7 +91,7 @@ def test_saved_by_two_ranks_resumed_by_one_with_the_same_loss_curve(tmp_path):
                 p.add_(torch.randn_like(p))
     opt, sched, objective, stream = _parts(model, tmp_path / "one")
     meta = load_checkpoint(ckpt, model=model, optimizer=opt, scheduler=sched)
-    stream.load_state_dict(meta["data"])
+    stream.load_state_dict(meta["data"][0])  # both ranks read the same (one-rank) stream here
     resumed = [train_step(model, objective, [stream.next()], optimizer=opt, scheduler=sched, grad_clip=1.0).loss
                for _ in range(STEPS_AFTER)]
     assert meta["step"] == STEPS_BEFORE and meta["world_size"] == 2
@@ -151,3 +151,39 @@ def test_a_truncated_checkpoint_is_one_line(tmp_path):
         load_checkpoint(ckpt, model=model, optimizer=opt, scheduler=sched)
     msg = str(e.value)
     assert "\n" not in msg and str(ckpt) in msg and "delete it" in msg
+
+
+def test_an_asynchronous_checkpoint_holds_the_state_of_when_it_started(tmp_path, monkeypatch):
+    """The writer thread works on a copy: optimiser steps taken while it writes (in place, on the
+    very tensors it was given) do not reach the checkpoint, and nothing is final before `wait()`."""
+    import threading
+
+    from torch.distributed.checkpoint import HuggingFaceStorageWriter
+
+    from blip3.train.checkpoint import latest_checkpoint, load_checkpoint, start_checkpoint
+
+    trained = threading.Event()  # the writer thread writes only once the steps below are taken
+    real_write = HuggingFaceStorageWriter.write_data
+    monkeypatch.setattr(HuggingFaceStorageWriter, "write_data",
+                        lambda self, *a, **k: trained.wait(30) and real_write(self, *a, **k))
+    model, opt, sched = _small()
+    saved = {k: v.clone() for k, v in model.state_dict().items()}
+    moment = {k: v.clone() for k, v in opt.state_dict()["state"][0].items()}
+    pending = start_checkpoint(tmp_path, 1, model=model, optimizer=opt, scheduler=sched, data_state={"pos": 1},
+                               meta={}, asynchronous=True)
+    for _ in range(3):  # train on at once
+        model(torch.randn(3, 4)).sum().backward()
+        opt.step()
+    assert not torch.equal(model[0].weight, saved["0.weight"])
+    trained.set()
+    assert latest_checkpoint(tmp_path) is None  # not a checkpoint until finished
+    ckpt = pending.wait()
+    assert latest_checkpoint(tmp_path) == ckpt and not list(ckpt.parent.glob("*.tmp"))
+
+    fresh, opt2, sched2 = _small(seed=1)
+    meta = load_checkpoint(ckpt, model=fresh, optimizer=opt2, scheduler=sched2)
+    assert meta["data"] == [{"pos": 1}]
+    for k, v in fresh.state_dict().items():
+        assert torch.equal(v, saved[k]), k
+    for k, v in opt2.state_dict()["state"][0].items():
+        assert torch.equal(v, moment[k]), k

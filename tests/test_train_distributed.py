@@ -80,3 +80,38 @@ def test_ranks_read_disjoint_samples():
         build_manifest(str(TINY / "mixtures" / "sft.yaml"), out=path, variables=tiny_vars())
         keys = [{s["key"] for s in MixtureLoader(path, rank=r, world_size=2, verify="none").take(16)} for r in (0, 1)]
     assert len(keys[0]) == len(keys[1]) == 16 and not keys[0] & keys[1]
+
+
+def test_saved_by_two_ranks_resumed_by_one_process_with_the_same_loss_curve(tmp_path):
+    """DCP checkpoint of two gloo ranks, resumed by one process with grad_accum x2: the weights,
+    the optimiser AND the data position (which samples each rank had consumed) carry over, so the
+    loss curve is the one of the run that kept its two ranks."""
+    import shutil
+
+    stage = yaml.safe_load((TINY / "pretrain.yaml").read_text())
+    stage.update(steps=4, checkpoint_every=2, eval_every=0, log_every=1, output_dir=str(tmp_path / "two"))
+    stage["data"]["spec"] = str(TINY / "mixtures" / "pretrain.yaml")
+    stage["runtime"] = {"cpu_threads": 1, "fsdp": True}
+    two = tmp_path / "two.yaml"
+    two.write_text(yaml.safe_dump(stage))
+    path = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
+    env = {**os.environ, "BLIP3_NO_PROGRESS": "1", "PYTHONPATH": path}
+    db = str(tmp_path / "c.duckdb")
+    full = _torchrun([str(two), "--db", db], tmp_path, env)
+    assert full.returncode == 0, full.stderr[-3000:]
+    full_rows = [json.loads(line) for line in (tmp_path / "two" / "metrics.jsonl").read_text().splitlines()]
+
+    # the same run stopped after step 2 (its checkpoint), continued by a single process
+    shutil.rmtree(tmp_path / "two" / "checkpoints" / "step_000004")
+    stage.update(output_dir=str(tmp_path / "two"))
+    stage["batch"]["grad_accum"] = 2 * stage["batch"]["grad_accum"]
+    one = tmp_path / "one.yaml"
+    one.write_text(yaml.safe_dump(stage))
+    resumed = subprocess.run([sys.executable, "-m", "blip3.train", str(one), "--resume", "--db", db],
+                             capture_output=True, text=True, cwd=tmp_path, env=env, timeout=150)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    rows = [json.loads(line) for line in (tmp_path / "two" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2, 3, 4]
+    assert [r["loss"] for r in rows] == pytest.approx([r["loss"] for r in full_rows], rel=1e-5)
+    assert [r["tokens"] for r in rows] == [r["tokens"] for r in full_rows]  # the very same samples
+

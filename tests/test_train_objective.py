@@ -25,7 +25,9 @@ def _stream(stage: str, tmp: Path, micro_batch_size: int, seed: int = 0):
     from blip3.train.builders import build_stream, resolve_manifest
     from blip3.train.distributed import DistInfo
 
-    cfg = tiny_stage(stage, tmp, seed=seed)
+    # the tiny preset from scratch, whatever the stage's init.path says (the stream only needs the
+    # model's config, and the tests build that model themselves)
+    cfg = tiny_stage(stage, tmp, seed=seed, model="tiny", init=InitConfig())
     cfg.batch.micro_batch_size = micro_batch_size
     tmp.mkdir(parents=True, exist_ok=True)
     manifest = resolve_manifest(cfg, tmp, None, True, tiny_vars())

@@ -79,7 +79,7 @@ def test_checkpoint_round_trip_and_keep(tmp_path):
     opt2 = torch.optim.AdamW([p for p in model2.parameters() if p.requires_grad], lr=0.1)
     sch2 = build_scheduler(opt2, 1, 5, 0.0)
     meta = load_checkpoint(ckpt, model=model2, optimizer=opt2, scheduler=sch2)
-    assert meta["step"] == 3 and meta["tokens"] == 30 and meta["data"] == {"pos": 3}
+    assert meta["step"] == 3 and meta["tokens"] == 30 and meta["data"] == [{"pos": 3}]
     assert torch.equal(model2[1].weight, model[1].weight)
     assert torch.equal(opt2.state_dict()["state"][0]["exp_avg"], opt.state_dict()["state"][0]["exp_avg"])
     assert (random.random(), np.random.rand(), torch.rand(1)) == (expect_rand[0], expect_rand[1], expect_rand[2])

@@ -4,7 +4,8 @@ Layout under a stage's `output_dir`:
 
     checkpoints/step_000010/   state/      trainable parameters and optimiser state, sharded:
                                            each rank writes its own shards as safetensors
-                                           (torch.distributed.checkpoint, Hugging Face layout)
+                                           (torch.distributed.checkpoint, Hugging Face layout;
+                                           during training written by a thread, `dcp.async_save`)
                                meta.json   step, tokens, scheduler state, optimiser param groups
                                rank0.json  per rank: RNG states, data-stream position
                                ...
@@ -16,7 +17,8 @@ deterministic (a saved dir or a seeded preset), so a resumed run has the very sa
 Nothing in a checkpoint is a pickle: tensors are safetensors (raw numbers and a JSON header) and
 everything else JSON, so loading a checkpoint someone else crafted cannot run code. The shards
 carry their offsets, so a checkpoint saved by N ranks loads under any number of ranks, one
-included (the model and optimiser; the data position is per rank and needs the same world size).
+included; every rank's data position is handed back, so a run resumed on fewer processes plays
+on the data ranks of the run it continues (`train.data.DataRanks`).
 A checkpoint directory is written under a temporary name and renamed when complete; one that
 cannot be read is one clear error naming it.
 """
@@ -118,7 +120,50 @@ def _unflat(flat: dict[str, torch.Tensor], param_groups: list) -> tuple[dict, di
     return msd, {"state": state, "param_groups": param_groups}
 
 
-def save_checkpoint(
+class PendingCheckpoint:
+    """A checkpoint being written: its tensors were copied to host memory when it was started, and
+    a thread writes them while training goes on (`dcp.async_save`). `wait()`, called by every
+    rank, finishes it: the writes done everywhere, the directory renamed to its final name (so a
+    run killed meanwhile leaves only a `.tmp` directory, never a checkpoint half written), old ones
+    pruned. A synchronous checkpoint is a pending one already written."""
+
+    def __init__(self, out_dir: Path, tmp: Path, final: Path, keep: int, future=None):
+        self.out_dir, self.tmp, self.final, self.keep = out_dir, tmp, final, keep
+        self._future = future
+
+    def wait(self) -> Path:
+        if self._future is not None:
+            self._future.result()
+            self._future = None
+        _barrier()
+        if _rank() == 0 and self.tmp.exists():
+            if self.final.exists():
+                shutil.rmtree(self.final)
+            self.tmp.rename(self.final)
+            for old in list_checkpoints(self.out_dir)[:-self.keep] if self.keep > 0 else []:
+                shutil.rmtree(old)
+        _barrier()
+        return self.final
+
+
+_ASYNC_GROUP = None
+
+
+def _async_group():
+    """A gloo group of its own for the writer thread's collectives, which must not interleave
+    with the training step's on the default group (and need a CPU backend under NCCL)."""
+    global _ASYNC_GROUP
+    if _ASYNC_GROUP is None and _distributed():
+        _ASYNC_GROUP = dist.new_group(backend="gloo")
+    return _ASYNC_GROUP
+
+
+def save_checkpoint(out_dir: str | Path, step: int, **parts) -> Path:
+    """Write `checkpoints/step_<step>` now (all ranks call this); see `start_checkpoint`."""
+    return start_checkpoint(out_dir, step, **parts).wait()
+
+
+def start_checkpoint(
     out_dir: str | Path,
     step: int,
     *,
@@ -128,8 +173,13 @@ def save_checkpoint(
     data_state: dict,
     meta: dict,
     keep: int = 2,
-) -> Path:
-    """Write `checkpoints/step_<step>` (all ranks call this); keep the newest `keep` checkpoints."""
+    asynchronous: bool = False,
+) -> PendingCheckpoint:
+    """Start `checkpoints/step_<step>` (all ranks call this); keep the newest `keep` checkpoints.
+
+    Everything but the tensors (RNG, data position, scheduler) is written before this returns;
+    with `asynchronous` the tensors are staged to host memory and written by a thread, so the
+    caller may train on at once and must `wait()` the result before the next checkpoint."""
     from torch.distributed.checkpoint import HuggingFaceStorageWriter
 
     root = Path(out_dir) / "checkpoints"
@@ -142,23 +192,21 @@ def save_checkpoint(
             shutil.rmtree(tmp)
         (tmp / STATE_DIR).mkdir(parents=True)
     _barrier()
-    dcp.save(flat, storage_writer=HuggingFaceStorageWriter(str(tmp / STATE_DIR), save_distributed=True),
-             no_dist=not _distributed())
+    writer = HuggingFaceStorageWriter(str(tmp / STATE_DIR), save_distributed=True)
+    future = None
+    if asynchronous:
+        # the writer stages (copies) every tensor to host memory before this returns, so the
+        # optimiser steps that follow cannot change what it writes
+        future = dcp.async_save(flat, storage_writer=writer, process_group=_async_group(), no_dist=not _distributed())
+    else:
+        dcp.save(flat, storage_writer=writer, no_dist=not _distributed())
     (tmp / f"rank{rank}.json").write_text(json.dumps({"rng": rng_state(), "data": data_state}))
     if rank == 0:
         world = dist.get_world_size() if _distributed() else 1
         (tmp / "meta.json").write_text(json.dumps({"step": step, "world_size": world,
                                                    "scheduler": scheduler.state_dict(),
                                                    "param_groups": param_groups, **meta}, default=str))
-    _barrier()
-    if rank == 0:
-        if final.exists():
-            shutil.rmtree(final)
-        tmp.rename(final)
-        for old in list_checkpoints(out_dir)[:-keep] if keep > 0 else []:
-            shutil.rmtree(old)
-    _barrier()
-    return final
+    return PendingCheckpoint(Path(out_dir), tmp, final, keep, future)
 
 
 def _trainable_names(model: torch.nn.Module) -> set[str]:
@@ -185,9 +233,11 @@ def latest_checkpoint(out_dir: str | Path) -> Path | None:
 
 
 def load_checkpoint(ckpt: Path, *, model: torch.nn.Module, optimizer: torch.optim.Optimizer, scheduler) -> dict:
-    """Restore model, optimiser, scheduler and RNG; returns meta plus this rank's `data` state.
+    """Restore model, optimiser, scheduler and RNG; returns meta plus `data`: the data state every
+    saving rank wrote, in rank order.
 
-    Each rank reads the parts of the shards it holds (whatever world size wrote them)."""
+    Each rank reads the parts of the shards it holds (whatever world size wrote them) and the RNG
+    state of the saving rank with its number."""
     from torch.distributed.checkpoint import HuggingFaceStorageReader
 
     ckpt = Path(ckpt)
@@ -196,10 +246,11 @@ def load_checkpoint(ckpt: Path, *, model: torch.nn.Module, optimizer: torch.opti
         raise UserError(f"not a checkpoint{old}; delete it to resume from the one before", file=ckpt)
     try:
         meta = json.loads((ckpt / "meta.json").read_text())
-        per_rank = json.loads((ckpt / f"rank{_rank()}.json").read_text())
+        per_rank = [json.loads((ckpt / f"rank{r}.json").read_text()) for r in range(int(meta.get("world_size", 1)))]
+        data = [r["data"] for r in per_rank]
         flat, _ = _flat_state(model, optimizer)
         dcp.load(flat, storage_reader=HuggingFaceStorageReader(str(ckpt / STATE_DIR)), no_dist=not _distributed())
-    except (OSError, ValueError, KeyError, RuntimeError, dcp.api.CheckpointException) as e:
+    except (OSError, ValueError, TypeError, KeyError, RuntimeError, dcp.api.CheckpointException) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else ""
         raise UserError(f"checkpoint cannot be read ({type(e).__name__}: {first[:200]}); delete it to resume "
                         "from the one before", file=ckpt) from None
@@ -207,6 +258,6 @@ def load_checkpoint(ckpt: Path, *, model: torch.nn.Module, optimizer: torch.opti
     set_model_state_dict(model, msd, options=StateDictOptions(strict=False))
     set_optimizer_state_dict(model, optimizer, osd)
     scheduler.load_state_dict(meta["scheduler"])
-    set_rng_state(per_rank["rng"])
-    meta["data"] = per_rank["data"]
+    set_rng_state(per_rank[min(_rank(), len(per_rank) - 1)]["rng"])
+    meta["data"] = data
     return meta

@@ -222,6 +222,75 @@ class BatchStream:
         return Batch(self.processor.collate([*chosen, *rejected]), n_pairs=len(pairs))
 
 
+class DataRanks:
+    """This process's micro-batches: those of the data ranks it plays, in turn.
+
+    Which samples a rank reads depends on the number of ranks (each its own slots of the mixture,
+    `mixture.loader`), so a run keeps the split it started with, its *data world size* D, in its
+    checkpoints. Resumed on W processes (W dividing D), process p plays data ranks p, p + W, ...
+    and takes one micro-batch from each in turn. With `grad_accum` scaled by D / W, a step then
+    holds the very micro-batches the interrupted run would have used, and the step's objective
+    (one mean over all its labelled tokens) does not depend on which process computed which: the
+    loss curve carries on as if the world size had never changed.
+
+    `make(rank, world_size)` builds the `BatchStream` of one data rank; `grad_accum`: the
+    micro-batches of a step, a multiple of the data ranks played (each gives one per turn).
+    """
+
+    def __init__(self, make: Callable[[int, int], BatchStream], rank: int, world_size: int, *, grad_accum: int = 1):
+        self._make = make
+        self.rank = rank
+        self.world_size = world_size
+        self.grad_accum = grad_accum
+        self.data_world_size = world_size
+        self.streams = [make(rank, world_size)]
+        self._turn = 0
+
+    @property
+    def data_ranks(self) -> list[int]:
+        return list(range(self.rank, self.data_world_size, self.world_size))
+
+    def next(self) -> Batch:
+        batch = self.streams[self._turn].next()
+        self._turn = (self._turn + 1) % len(self.streams)
+        return batch
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"data_world_size": self.data_world_size, "turn": self._turn,
+                "ranks": {str(r): s.state_dict() for r, s in zip(self.data_ranks, self.streams)}}
+
+    def load_state_dict(self, states: list[dict[str, Any]]) -> None:
+        """Continue from `states`: the data state each process of the saving run wrote, in rank order."""
+        states = [st if "ranks" in st else {"data_world_size": len(states), "turn": 0, "ranks": {str(i): st}}
+                  for i, st in enumerate(states)]  # a checkpoint of one stream per process
+        data_world = int(states[0]["data_world_size"])
+        if data_world % self.world_size:
+            raise UserError(f"the data position was saved as {data_world} data rank(s); resume on a number of "
+                            f"processes that divides {data_world}, not {self.world_size}", field="world size")
+        per_process = data_world // self.world_size
+        if self.grad_accum % per_process:
+            raise UserError(f"the run continues {data_world} data ranks on {self.world_size} process(es), "
+                            f"{per_process} each: grad_accum must be a multiple of {per_process} "
+                            f"(x{per_process} keeps the step of the saved run)", field="batch.grad_accum")
+        saved = {int(r): st for state in states for r, st in state["ranks"].items()}
+        if sorted(saved) != list(range(data_world)):
+            raise UserError(f"the checkpoint holds the data position of ranks {sorted(saved)} of {data_world}",
+                            field="data")
+        if len(states) == self.world_size:
+            turn = int(states[self.rank]["turn"])
+        elif any(state["turn"] for state in states):  # between two micro-batches of a step
+            raise UserError("the data position was saved in the middle of a step; resume on the same number "
+                            "of processes", field="world size")
+        else:
+            turn = 0
+        if data_world != self.data_world_size:
+            self.data_world_size = data_world
+            self.streams = [self._make(r, data_world) for r in self.data_ranks]
+        for r, stream in zip(self.data_ranks, self.streams):
+            stream.load_state_dict(saved[r])
+        self._turn = turn
+
+
 def count_tokens(inputs: dict[str, torch.Tensor]) -> int:
     """Real (non-padding) positions of a batch: what tokens/s and MFU count."""
     if inputs.get("segment_ids") is not None:

@@ -20,7 +20,7 @@ import math
 import shutil
 import time
 import uuid
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Mapping
@@ -33,9 +33,9 @@ from blip3.core.logs import get_logger, progress
 from blip3.model.flops import flops_model, mfu, peak_flops
 from blip3.model.weights import materialize
 from blip3.train.builders import build_model, build_objective, build_optimizer, build_stream, resolve_manifest, unwrap
-from blip3.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from blip3.train.checkpoint import PendingCheckpoint, latest_checkpoint, load_checkpoint, start_checkpoint
 from blip3.train.config import StageConfig
-from blip3.train.data import Batch, BatchStream, count_crops, count_tokens
+from blip3.train.data import Batch, DataRanks, count_crops, count_tokens
 from blip3.train.distributed import DistInfo, all_reduce_sum, init_distributed, parallelize
 from blip3.train.metrics import MetricsWriter
 from blip3.train.objective import Objective
@@ -79,12 +79,13 @@ class Run:
     objective: Objective
     optimizer: torch.optim.Optimizer
     scheduler: Any
-    stream: BatchStream
+    stream: DataRanks
     steps_total: int
     step: int = 0
     tokens: int = 0
     run_id: str = ""
     resumed: bool = False
+    pending: PendingCheckpoint | None = None  # the checkpoint still being written
     started: datetime = field(default_factory=lambda: datetime.now(timezone.utc))
 
     @property
@@ -167,7 +168,9 @@ def build_run(cfg: StageConfig, *, init_path: str | None, resume: bool, db, info
     if weights_file is None:
         model.to(device)
     objective = build_objective(cfg, unwrap(model).config)
-    stream = build_stream(cfg, manifest, processor, info, verify="size")
+    stream = DataRanks(lambda rank, world: build_stream(cfg, manifest, processor, replace(info, rank=rank, world_size=world),
+                                                        verify="size"),
+                       info.rank, info.world_size, grad_accum=cfg.batch.grad_accum)
     model = parallelize(model, ac=cfg.runtime.activation_checkpointing, compile=cfg.runtime.compile,
                         fsdp=info.distributed, bf16=bf16, reduce_dtype=cfg.runtime.reduce_dtype,
                         reshard_after_forward=cfg.runtime.reshard_after_forward)
@@ -183,6 +186,9 @@ def build_run(cfg: StageConfig, *, init_path: str | None, resume: bool, db, info
     if ckpt is not None:
         meta = load_checkpoint(ckpt, model=model, optimizer=optimizer, scheduler=scheduler)
         stream.load_state_dict(meta["data"])
+        if len(stream.streams) > 1:
+            log.info(f"{cfg.name}: {info.world_size} process(es) continue the data of {stream.data_world_size} ranks, "
+                     f"{len(stream.streams)} each (one micro-batch from each in turn)")
         run.step, run.tokens, run.run_id = meta["step"], meta["tokens"], meta.get("run_id", run.run_id)
         run.resumed = True
         log.info(f"{cfg.name}: resumed from {ckpt} at step {run.step}")
@@ -288,11 +294,23 @@ def evaluate(run: Run) -> dict[str, float]:
 # -- the stage --------------------------------------------------------------------------------------
 
 
-def _checkpoint(run: Run) -> None:
+def _checkpoint(run: Run, *, asynchronous: bool) -> None:
+    """Checkpoint the run; `asynchronous`: the tensors are written while the next steps train
+    (the previous checkpoint is finished first, so at most one is in flight)."""
     cfg = run.cfg
-    save_checkpoint(run.out, run.step, model=run.model, optimizer=run.optimizer, scheduler=run.scheduler,
-                    data_state=run.stream.state_dict(),
-                    meta={"tokens": run.tokens, "run_id": run.run_id, "stage": cfg.stage, "config": cfg.source})
+    _finish_checkpoint(run)
+    run.pending = start_checkpoint(
+        run.out, run.step, model=run.model, optimizer=run.optimizer, scheduler=run.scheduler,
+        data_state=run.stream.state_dict(), asynchronous=asynchronous,
+        meta={"tokens": run.tokens, "run_id": run.run_id, "stage": cfg.stage, "config": cfg.source})
+    if not asynchronous:
+        _finish_checkpoint(run)
+
+
+def _finish_checkpoint(run: Run) -> None:
+    if run.pending is not None:
+        run.pending.wait()
+        run.pending = None
 
 
 def train_stage(
@@ -357,8 +375,9 @@ def train_stage(
                     metrics.log(run.step, evaluate(run))
                 bar.update(task, completed=run.step, description=f"{cfg.name} loss {s.loss:.3f}")
                 if cfg.checkpoint_every and run.step % cfg.checkpoint_every == 0 and run.step < stop_at:
-                    _checkpoint(run)
+                    _checkpoint(run, asynchronous=True)
     except NonFiniteLoss as e:
+        _finish_checkpoint(run)  # every rank stops here (the loss is all-reduced): the last good one stays
         metrics.close()
         if record and info.is_main:
             result = StageResult(cfg.stage, cfg.name, run.out, None, run.step, run.tokens, None, losses, run.pinfo,
@@ -372,7 +391,7 @@ def train_stage(
 def finish(run: Run, losses: list[float], *, record: bool, db) -> StageResult:
     """Final checkpoint; `final/` model dir when the stage ran to its end; catalog row."""
     cfg, info = run.cfg, run.info
-    _checkpoint(run)
+    _checkpoint(run, asynchronous=False)
     last = losses[-1] if losses else None
     result = StageResult(cfg.stage, cfg.name, run.out, None, run.step, run.tokens, last, losses, run.pinfo, run.run_id)
     if run.step >= run.steps_total:
