@@ -14,7 +14,7 @@ from typing import Optional
 import typer
 
 from blip3.core.errors import UserError, environment_error
-from blip3.core.options import DbOption, Format, FormatOption, OutOption, SourceKind
+from blip3.core.options import DbOption, Format, FormatOption, OutOption, SourceKind, StorageOptions
 
 app = typer.Typer(
     name="blip3",
@@ -46,20 +46,25 @@ app.add_typer(catalog_app, name="catalog")
 
 @catalog_app.command("add")
 def catalog_add(
-    output_dir: Path = typer.Argument(..., help="A folder of NNNNNN.tar shards with their sidecars."),
+    output_dir: str = typer.Argument(..., help="A folder of NNNNNN.tar shards with their sidecars, local or on an "
+                                    "object store (s3://bucket/prefix, ...)."),
     source: Optional[str] = typer.Option(None, "--source", help="Source name (default: the folder name)."),
     kind: SourceKind = typer.Option("caption", "--kind", help="The kind of samples the shards hold."),
     refresh: bool = typer.Option(False, "--refresh", help="Re-read shards whose tar changed."),
     verify: bool = typer.Option(False, "--verify", help="Re-hash every tar (default: trust the sha256 its "
                                 "writer recorded, checking the size)."),
+    storage_options: Optional[str] = StorageOptions,
     db: Path = DbOption,
 ) -> None:
     """Register finished shards and their per-sample sidecar rows (idempotent)."""
     from blip3.core.catalog import Catalog
     from blip3.core.logs import console
+    from blip3.core.storage import parse_storage_options
 
+    options = parse_storage_options(storage_options)
     with Catalog(db) as cat:
-        r = cat.add_output(output_dir, source=source, kind=kind, refresh=refresh, verify=verify)
+        r = cat.add_output(output_dir, source=source, kind=kind, refresh=refresh, verify=verify,
+                           storage_options=options)
     console.print(r.summary(), highlight=False, soft_wrap=True)
     if r.failed:
         for path, reason in r.failed:

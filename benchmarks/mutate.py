@@ -6,7 +6,10 @@ breaks the tests notice is the honest measure. For each module below:
 1. the tracked tree is copied to a scratch folder, so a mutant never touches the checkout (an
    interrupted run leaves nothing behind), and `blip3` is made to import from that copy;
 2. cosmic-ray mutates the module in place there, one mutation at a time, and runs the module's
-   targeted tests (`MODULES`) after each; a failing (or hanging) test run kills the mutant;
+   targeted tests (`MODULES`) after each; a failing (or hanging) test run kills the mutant. The
+   test runs go through a fork server (`benchmarks/mutate_forkserver.py`) that imported torch and
+   the other heavy libraries once, without pytest's plugin autoload: start-up, not the tests,
+   is most of a small module's run;
 3. the kill rate per module goes to `benchmarks/results/mutation.md` (and `.json`), with the
    surviving mutants listed (file:line, operator) so each is killed by a new test or explained
    as equivalent in docs/testing.md.
@@ -19,11 +22,15 @@ Slow and CPU-bound (one pytest per mutant): not in CI. Run it niced, one at a ti
 
     nice -n 19 python -m benchmarks.mutate core/shards.py core/sql.py
     nice -n 19 python -m benchmarks.mutate --all            # every module below
+    nice -n 19 python -m benchmarks.mutate core/shards.py --budget-min 20   # a random sample in 20 min
+    nice -n 19 python -m benchmarks.mutate model/anyres.py --tests tests/test_model_anyres.py  # "before"
+    nice -n 19 python -m benchmarks.mutate --recheck model/anyres.py        # survivors vs today's tests
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import shlex
@@ -34,6 +41,7 @@ import sys
 import tempfile
 import time
 from collections import Counter
+from collections.abc import Iterator
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -41,7 +49,7 @@ RESULTS = REPO / "benchmarks" / "results"
 
 #: Module -> the tests that guard it (fast ones; `--slow` adds the Ray/CLI end-to-end tests too).
 MODULES: dict[str, list[str]] = {
-    "core/shards.py": ["tests/test_core_shards.py", "tests/test_bite_shards.py"],
+    "core/shards.py": ["tests/test_core_shards.py", "tests/test_bite_shards.py", "tests/test_mut_shards_remote.py"],
     "core/sql.py": ["tests/test_mut_sql.py", "tests/test_bite_sql.py", "tests/test_core_catalog.py::test_sql_refuses_writes",
                     "tests/test_core_catalog.py::test_sql_error_is_one_clear_line"],
     "core/catalog.py": ["tests/test_core_catalog.py", "tests/test_core_transaction.py"],
@@ -52,7 +60,7 @@ MODULES: dict[str, list[str]] = {
     "mixture/loader.py": ["tests/test_mixture_loader.py", "tests/test_bite_mixture.py"],
     "mixture/build.py": ["tests/test_mixture_manifest.py", "tests/test_mixture_catalog.py", "tests/test_bite_mixture.py"],
     "model/xgenmm.py": ["tests/test_model_xgenmm.py", "tests/test_bite_model.py"],
-    "model/resampler.py": ["tests/test_model_resampler.py", "tests/test_mut_model_resampler.py"],
+    "model/resampler.py": ["tests/test_mut_model_resampler.py", "tests/test_model_resampler.py"],
     "model/anyres.py": ["tests/test_model_anyres.py"],
     "train/dpo.py": ["tests/test_mut_train_dpo.py", "tests/test_train_dpo.py"],
     "train/loop.py": ["tests/test_train_units.py", "tests/test_train_guards.py"],
@@ -103,12 +111,46 @@ def _run_module(module: str, tests: list[str], scratch: Path, slow: bool, budget
     src = _copy_tree(scratch)
     env = _test_env(scratch)
     marker = [] if slow else ["-m", "not slow"]
-    test_cmd = [sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", *marker, *tests]
+    pytest_args = ["-x", "-q", "-p", "no:cacheprovider", *marker, *tests]
     t0 = time.perf_counter()
-    base = subprocess.run(test_cmd, cwd=src, env=env, capture_output=True, text=True)
+    base = subprocess.run([sys.executable, "-m", "pytest", *pytest_args], cwd=src, env=env, capture_output=True,
+                          text=True)
     baseline_s = time.perf_counter() - t0
     if base.returncode != 0:
         return {"module": module, "error": "baseline tests fail", "output": base.stdout[-2000:]}
+    with _forkserver(scratch, env) as run_cmd:
+        test_cmd = [*run_cmd, *pytest_args]
+        if subprocess.run(test_cmd, cwd=src, env=env).returncode != 0:  # the server runs the same tests alike
+            return {"module": module, "error": "baseline tests fail through the fork server"}
+        _init_exec(module, scratch, src, env, test_cmd, baseline_s, budget_min)
+    session = scratch / "session.sqlite"
+    summary = _summarise(module, session, src)
+    summary.update(baseline_s=round(baseline_s, 1), tests=tests, minutes=round((time.perf_counter() - t0) / 60, 1),
+                   commit=_commit(module))
+    return summary
+
+
+@contextlib.contextmanager
+def _forkserver(scratch: Path, env: dict) -> Iterator[list[str]]:
+    """Start `benchmarks/mutate_forkserver.py` for one module; yields the command prefix that runs
+    pytest through it (`... run SOCKET --`)."""
+    sock = scratch / "pytest.sock"
+    script = str(REPO / "benchmarks" / "mutate_forkserver.py")
+    server = subprocess.Popen([sys.executable, script, "serve", str(sock)], env=env, start_new_session=True,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        while not sock.exists():
+            if server.poll() is not None:
+                raise RuntimeError("the pytest fork server did not start")
+            time.sleep(0.2)
+        yield [sys.executable, script, "run", str(sock), "--"]
+    finally:
+        os.killpg(server.pid, signal.SIGTERM)
+        server.wait()
+
+
+def _init_exec(module: str, scratch: Path, src: Path, env: dict, test_cmd: list[str], baseline_s: float,
+               budget_min: float | None) -> None:
     config = scratch / "cosmic-ray.toml"
     config.write_text(
         "[cosmic-ray]\n"
@@ -125,11 +167,9 @@ def _run_module(module: str, tests: list[str], scratch: Path, slow: bool, budget
     for cmd in (["cosmic-ray", "init", str(config), str(session)],
                 ["cr-filter-operators", str(session), str(config)]):
         subprocess.run([str(bindir / cmd[0]), *cmd[1:]], cwd=src, env=env, check=True, capture_output=True)
+    pristine = (src / module).read_text()
     _exec(bindir, config, session, src, env, budget_min)
-    summary = _summarise(module, session, src)
-    summary.update(baseline_s=round(baseline_s, 1), tests=tests, minutes=round((time.perf_counter() - t0) / 60, 1),
-                   commit=_commit(module))
-    return summary
+    (src / module).write_text(pristine)  # a run stopped by the budget may leave its last mutant applied
 
 
 def _exec(bindir: Path, config: Path, session: Path, src: Path, env: dict, budget_min: float | None) -> None:
@@ -219,18 +259,22 @@ def _recheck(module: str, scratch: Path, slow: bool) -> dict:
     today = _mutations(session, pristine.splitlines())
     marker = [] if slow else ["-m", "not slow"]
     still, gone = [], 0
-    for s in previous["survivors"]:
-        specs = today.get((f"core/{s['operator']}", s["code"]), [])
-        if s["rank"] >= len(specs):
-            gone += 1
-            continue
-        subprocess.run([str(bindir / "cosmic-ray"), "apply", module, f"core/{s['operator']}",
-                        str(specs[s["rank"]].occurrence)], cwd=src, env=env, check=True, capture_output=True)
-        r = subprocess.run([sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", *marker,
-                            *MODULES[module]], cwd=src, env=env, capture_output=True)
-        (src / module).write_text(pristine)
-        if r.returncode == 0:
-            still.append(s)
+    with _forkserver(scratch, env) as run_cmd:
+        for s in previous["survivors"]:
+            specs = today.get((f"core/{s['operator']}", s["code"]), [])
+            if s["rank"] >= len(specs):
+                gone += 1
+                continue
+            subprocess.run([str(bindir / "cosmic-ray"), "apply", module, f"core/{s['operator']}",
+                            str(specs[s["rank"]].occurrence)], cwd=src, env=env, check=True, capture_output=True)
+            try:
+                rc = subprocess.run([*run_cmd, "-x", "-q", "-p", "no:cacheprovider", *marker, *MODULES[module]],
+                                    cwd=src, env=env, capture_output=True, timeout=600).returncode
+            except subprocess.TimeoutExpired:  # a hang is a kill, as in the full run
+                rc = -1
+            (src / module).write_text(pristine)
+            if rc == 0:
+                still.append(s)
     mutants = previous["mutants"] - gone
     killed = mutants - len(still)
     return {**previous, "mutants": mutants, "killed": killed, "survived": len(still), "survivors": still,

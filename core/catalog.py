@@ -17,7 +17,10 @@ Tables (columns documented in README "The catalog"):
               metric), with the run that trained the checkpoint and its per-sample predictions
 
 Adding is idempotent: a shard already catalogued with the same sha256 is skipped, so adding the
-same folder twice leaves the row counts unchanged.
+same folder twice leaves the row counts unchanged. Shards are added in batches (REGISTER_BATCH):
+one transaction and one `INSERT ... SELECT` over the batch's sidecar parquets each, so the cost is
+per batch, not per shard. A folder may be on an object store (core.shard_folder): shards are then
+catalogued under their URLs.
 """
 
 from __future__ import annotations
@@ -36,12 +39,20 @@ import duckdb
 import pyarrow as pa
 
 from blip3.core.errors import UserError
+from blip3.core.logs import get_logger
 from blip3.core.records import RECORD_KINDS
-from blip3.core.shards import SIDECAR_COLUMNS, ShardInfo, file_sha256, list_shards
-from blip3.core.storage import local_path
+from blip3.core.shard_folder import FinishedShard, ShardFolder, is_remote, open_folder
+from blip3.core.shards import SHARD_DIGITS, SIDECAR_COLUMNS, ShardInfo, shard_name
+from blip3.core.storage import RemoteDir
 
 DEFAULT_DB = "catalog.duckdb"
 SOURCE_KINDS = tuple(RECORD_KINDS)  # caption, interleaved, sft, dpo: one record type each
+#: Shards registered per transaction: one `INSERT ... SELECT` over the batch's sidecars. The datagen
+#: driver writes once per batch as shards finish, so a killed driver loses at most one batch's
+#: registration (the re-run registers it: adding is idempotent).
+REGISTER_BATCH = 64
+
+log = get_logger("catalog")
 
 SCHEMA = [
     """CREATE TABLE IF NOT EXISTS sources (
@@ -195,20 +206,6 @@ def open_catalog(path: Path, *, read_only: bool = False, config: dict[str, Any] 
             raise UserError(f"cannot open the catalog: {message}", file=path) from None
 
 
-def _tars_without_stats(out: Path, listed: list[ShardInfo]) -> list[tuple[str, str]]:
-    """`NNNNNN.tar` files of `out` that no readable stats file describes (a killed writer, a
-    hand-copied tar, a corrupt stats file), as (path, reason): they are not registered, and say so."""
-    known = {info.tar.name for info in listed}
-    missing = []
-    for tar in sorted(out.glob("*.tar")):
-        if tar.name in known or not tar.stem.isdigit():
-            continue
-        stats = tar.with_name(f"{tar.stem}_stats.json")
-        reason = "stats file unreadable" if stats.exists() else "no stats file (unfinished, or not written by blip3)"
-        missing.append((str(tar.resolve()), reason))
-    return missing
-
-
 @contextmanager
 def transaction(con: duckdb.DuckDBPyConnection) -> Iterator[None]:
     """All of the block's statements or none: committed at the end, rolled back (and the error
@@ -308,7 +305,7 @@ class Catalog:
     def upsert_source(self, name: str, kind: str, path: str | Path, meta: dict | None = None) -> None:
         if kind not in SOURCE_KINDS:
             raise UserError(f"unknown source kind {kind!r}; one of {', '.join(SOURCE_KINDS)}", field="kind")
-        path = str(Path(path).resolve())
+        path = str(path) if is_remote(path) else str(Path(path).resolve())
         row = self.con.execute("SELECT kind, path FROM sources WHERE name = ?", [name]).fetchone()
         if row is None:
             self.con.execute(
@@ -325,69 +322,152 @@ class Catalog:
 
     def add_output(
         self, out_dir: str | Path, *, source: str | None = None, kind: str = "caption", refresh: bool = False,
-        verify: bool = False,
+        verify: bool = False, storage_options: dict[str, Any] | None = None,
     ) -> AddResult:
-        """Register the finished shards of `out_dir` and their sidecar rows.
+        """Register the finished shards of `out_dir` (a local folder or an object-store URL, with
+        `storage_options` for its filesystem) and their sidecar rows.
 
         A shard already catalogued with the same sha256 is skipped; one whose tar changed since is
         flagged `changed` (and re-read only with `refresh=True`). The sha256 is the one the writer
         computed while writing (in the stats), checked against the tar's size; `verify=True`
         re-hashes every tar (a full read of the corpus).
         """
-        out = local_path(out_dir, "output")  # an object-store URL: one line, not "s3:/...: not a directory"
-        if not out.is_dir():
-            raise UserError("not a directory", file=out)
-        shards = list_shards(out)
-        unlisted = _tars_without_stats(out, shards)
+        folder = open_folder(out_dir, storage_options)
+        shards = folder.finished()
+        sizes = folder.tar_sizes()
+        unlisted = folder.tars_without_stats(shards, sizes)
         if not shards:
             more = f"; {len(unlisted)} tar(s) without a readable stats file, first: {unlisted[0][0]}" if unlisted else ""
-            raise UserError(f"no finished shards (NNNNNN_stats.json) found{more}", file=out)
-        name = source or out.resolve().name
-        self.upsert_source(name, kind, out)
-        result = AddResult(source=name)
-        from blip3.core.logs import progress
-
-        with progress(transient=True) as bar:
-            task = bar.add_task(f"catalog add {name}", total=len(shards))
-            for info in shards:
-                # One bad shard (a corrupt sidecar, a vanished tar) is reported, never a reason to leave
-                # the rest of the folder unregistered; each shard is its own transaction.
-                try:
-                    self._add_shard(info, name, refresh, result, verify)
-                except (duckdb.Error, OSError, UserError) as e:
-                    result.failed.append((str(info.tar), " ".join(str(e).split())[:300]))
-                bar.advance(task)
+            raise UserError(f"no finished shards (NNNNNN_stats.json) found{more}", file=folder.location)
+        name = source or folder.name
+        self.upsert_source(name, kind, folder.location)
+        result = self.register(folder, shards, name, refresh=refresh, verify=verify, sizes=sizes)
         result.failed.extend(unlisted)
-        self.refresh_source_counts(name)
         return result
 
-    def _add_shard(self, info: ShardInfo, name: str, refresh: bool, result: AddResult, verify: bool = False) -> None:
-        """Register, skip or flag one finished shard, counting the outcome in `result`."""
-        if not info.tar.exists():
+    def register(self, folder: ShardFolder, shards: list[FinishedShard], source: str, *, refresh: bool = False,
+                 verify: bool = False, sizes: dict[str, int] | None = None) -> AddResult:
+        """Register, skip or flag `shards` of `folder` under the (registered) `source`, in batches
+        of REGISTER_BATCH shards: one transaction and one INSERT ... SELECT over the batch's
+        sidecars each, so the cost is per batch, not per shard."""
+        from blip3.core.logs import progress
+
+        result = AddResult(source=source)
+        sizes = folder.tar_sizes(shards) if sizes is None else sizes
+        known = self._known_shards([s.tar for s in shards])
+        fresh: list[FinishedShard] = []
+        seen: list[str] = []
+        for info in shards:
+            # One bad shard (a vanished tar, a corrupt sidecar) is reported, never a reason to
+            # leave the rest of the folder unregistered.
+            try:
+                outcome = self._classify(folder, info, sizes, known.get(info.tar), refresh, verify, source)
+            except (duckdb.Error, OSError, UserError) as e:
+                result.failed.append((info.tar, " ".join(str(e).split())[:300]))
+                continue
+            if outcome == "add":
+                fresh.append(info)
+            elif outcome == "skip":
+                seen.append(info.tar)
+                result.skipped += 1
+            else:
+                result.changed += 1
+        if seen:
+            self.con.execute("UPDATE shards SET checked_at = ?, status = 'ok' "
+                             "WHERE path IN (SELECT unnest(?::VARCHAR[]))", [_now(), seen])
+        with progress(transient=True) as bar:
+            task = bar.add_task(f"catalog add {source}", total=len(fresh))
+            for start in range(0, len(fresh), REGISTER_BATCH):
+                batch = fresh[start:start + REGISTER_BATCH]
+                self._insert_batch(folder, batch, source, result)
+                bar.advance(task, len(batch))
+        self.refresh_source_counts(source)
+        return result
+
+    def _known_shards(self, paths: list[str]) -> dict[str, tuple[str, str]]:
+        """(sha256, status) of the catalogued shards among `paths`, by path: one query."""
+        rows = self.con.execute("SELECT path, sha256, status FROM shards WHERE path IN (SELECT unnest(?::VARCHAR[]))",
+                                [paths]).fetchall()
+        return {r[0]: (r[1], r[2]) for r in rows}
+
+    def _classify(self, folder: ShardFolder, info: FinishedShard, sizes: dict[str, int],
+                  known: tuple[str, str] | None, refresh: bool, verify: bool, source: str) -> str:
+        """"add", "skip" or "changed" (flagged here) for one finished shard."""
+        size = sizes.get(info.tar)
+        if size is None:
             raise UserError("stats file present but tar missing")
-        tar = str(info.tar.resolve())
-        same_size = info.tar.stat().st_size == info.tar_bytes
-        sha = file_sha256(info.tar) if verify or not same_size else info.sha256
-        known = self.con.execute("SELECT sha256, status FROM shards WHERE path = ?", [tar]).fetchone()
+        sha = folder.sha256(info.tar) if verify or size != info.tar_bytes else info.sha256
         if sha != info.sha256:
             # The tar on disk is not the one its stats describe: flag, do not trust the sidecar.
-            self._flag_changed(tar, name, info, sha)
-            result.changed += 1
-        elif known is not None and known[0] == sha and known[1] == "changed" and not verify:
-            result.changed += 1  # flagged by an earlier re-hash; only another re-hash clears it
-        elif known is not None and known[0] == sha:
-            self.con.execute("UPDATE shards SET checked_at = ?, status = 'ok' WHERE path = ?", [_now(), tar])
-            result.skipped += 1
-        elif known is not None and not refresh:
-            self.con.execute("UPDATE shards SET status = 'changed', checked_at = ? WHERE path = ?", [_now(), tar])
-            result.changed += 1
-        else:
-            with transaction(self.con):
-                rows = self._insert_shard(tar, name, info)
-            result.rows += rows
-            result.added += 1
+            self._flag_changed(info.tar, source, info, sha)
+            return "changed"
+        if known is not None and known[0] == sha and known[1] == "changed" and not verify:
+            return "changed"  # flagged by an earlier re-hash; only another re-hash clears it
+        if known is not None and known[0] == sha:
+            return "skip"
+        if known is not None and not refresh:
+            self.con.execute("UPDATE shards SET status = 'changed', checked_at = ? WHERE path = ?", [_now(), info.tar])
+            return "changed"
+        return "add"
 
-    def _flag_changed(self, tar: str, source: str, info, sha: str) -> None:
+    def _insert_batch(self, folder: ShardFolder, batch: list[FinishedShard], source: str, result: AddResult) -> None:
+        """Replace the rows of a batch of shards in one transaction; when that fails (a corrupt
+        sidecar), each shard on its own, so only the bad one is reported."""
+        try:
+            with transaction(self.con):
+                self._replace_shards(folder, batch, source)
+        except (duckdb.Error, OSError, UserError) as e:
+            if len(batch) == 1:
+                result.failed.append((batch[0].tar, " ".join(str(e).split())[:300]))
+                return
+            for info in batch:
+                self._insert_batch(folder, [info], source, result)
+            return
+        result.added += len(batch)
+        result.rows += sum(s.count for s in batch)
+
+    def _replace_shards(self, folder: ShardFolder, batch: list[FinishedShard], source: str) -> None:
+        """Delete, then insert, the `shards` and `samples` rows of `batch`; call it inside a
+        `transaction`. Local sidecars are read by DuckDB itself (`read_parquet` over the batch's
+        files); an object store's through fsspec, as one Arrow table."""
+        cols = ", ".join(SAMPLE_COLUMNS)
+        tars = [s.tar for s in batch]
+        self._delete_shards(tars)
+        insert = f"INSERT INTO samples (source, shard, {cols}) SELECT ?, "
+        if folder.remote is None:
+            self.con.execute(
+                insert + f"m.tar, {cols} FROM read_parquet(?::VARCHAR[], filename = true) p "
+                "JOIN (SELECT unnest(?::VARCHAR[]) AS parquet, unnest(?::VARCHAR[]) AS tar) m ON m.parquet = p.filename",
+                [source, [s.parquet for s in batch], [s.parquet for s in batch], tars])
+        else:
+            self.con.register("_batch_rows", folder.sidecars(batch))
+            try:
+                self.con.execute(insert + f"shard, {cols} FROM _batch_rows", [source])
+            finally:
+                self.con.unregister("_batch_rows")
+        self._insert_shard_rows(batch, source)
+
+    def _delete_shards(self, tars: list[str]) -> None:
+        """Remove the rows of those of `tars` that are catalogued (re-registration), one `shard = ?`
+        each: DuckDB answers an equality through `samples_by_shard`, so this costs the same
+        whatever the table size (an `IN` list is a full scan)."""
+        known = [[r[0]] for r in self.con.execute(
+            "SELECT path FROM shards WHERE path IN (SELECT unnest(?::VARCHAR[]))", [tars]).fetchall()]
+        if known:
+            self.con.executemany("DELETE FROM samples WHERE shard = ?", known)
+            self.con.executemany("DELETE FROM shards WHERE path = ?", known)
+
+    def _insert_shard_rows(self, shards: list, source: str, tokens: list[int | None] | None = None) -> None:
+        now = _now()
+        self.con.executemany(
+            "INSERT INTO shards (path, source, idx, sha256, tar_bytes, n_samples, n_success, n_failed, n_tokens, "
+            "generator, status, added_at, checked_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, 'ok', ?, ?)",
+            [[str(s.tar), source, s.index, s.sha256, s.tar_bytes, s.count, s.successes, s.failed,
+              None if tokens is None else tokens[i], json.dumps(s.generator), now, now]
+             for i, s in enumerate(shards)],
+        )
+
+    def _flag_changed(self, tar: str, source: str, info: FinishedShard, sha: str) -> None:
         if self.con.execute("SELECT 1 FROM shards WHERE path = ?", [tar]).fetchone():
             self.con.execute("UPDATE shards SET status = 'changed', checked_at = ? WHERE path = ?", [_now(), tar])
         else:
@@ -397,40 +477,20 @@ class Catalog:
                 [tar, source, info.index, sha, info.tar_bytes, _now(), _now()],
             )
 
-    def _insert_shard(self, tar: str, source: str, info: ShardInfo, *, rows: pa.Table | None = None,
-                      n_tokens: int | None = None) -> int:
-        """Replace one shard's `shards` row and `samples` rows; call it inside a `transaction`.
-
-        The samples come from `rows` (an Arrow table with the sidecar columns) when given, for tars
-        that have no sidecar parquet, else from `info.parquet`.
-        """
-        cols = ", ".join(SAMPLE_COLUMNS)
-        if self.con.execute("SELECT 1 FROM shards WHERE path = ?", [tar]).fetchone():  # re-registration
-            self.con.execute("DELETE FROM samples WHERE shard = ?", [tar])
-            self.con.execute("DELETE FROM shards WHERE path = ?", [tar])
-        insert = f"INSERT INTO samples (source, shard, {cols}) SELECT ?, ?, {cols} FROM "
-        if rows is None:
-            self.con.execute(insert + "read_parquet(?)", [source, tar, str(info.parquet)])
-        else:
-            self.con.register("_shard_rows", rows)
-            try:
-                self.con.execute(insert + "_shard_rows", [source, tar])
-            finally:
-                self.con.unregister("_shard_rows")
-        self.con.execute(
-            "INSERT INTO shards (path, source, idx, sha256, tar_bytes, n_samples, n_success, n_failed, n_tokens, "
-            "generator, status, added_at, checked_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, 'ok', ?, ?)",
-            [tar, source, info.index, info.sha256, info.tar_bytes, info.count, info.successes,
-             info.failed, n_tokens, json.dumps(info.generator), _now(), _now()],
-        )
-        return info.count
-
     def add_shards(self, source: str, shards: list[tuple[ShardInfo, pa.Table, int]]) -> int:
         """Insert shards read from tars without sidecars (`info`, their sample rows, their token
         count) all in one transaction: all of them or none. Returns how many."""
+        cols = ", ".join(SAMPLE_COLUMNS)
         with transaction(self.con):
-            for info, rows, tokens in shards:
-                self._insert_shard(str(info.tar), source, info, rows=rows, n_tokens=tokens)
+            self._delete_shards([str(info.tar) for info, _, _ in shards])
+            for info, rows, _ in shards:
+                self.con.register("_shard_rows", rows)
+                try:
+                    self.con.execute(f"INSERT INTO samples (source, shard, {cols}) SELECT ?, ?, {cols} FROM _shard_rows",
+                                     [source, str(info.tar)])
+                finally:
+                    self.con.unregister("_shard_rows")
+            self._insert_shard_rows([info for info, _, _ in shards], source, [tokens for _, _, tokens in shards])
         return len(shards)
 
     def shard_sha256(self, path: str) -> str | None:
@@ -546,3 +606,44 @@ class Catalog:
                     "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
                     [run_id, ckpt, task, shots, metric, float(value), n, _now(), preds],
                 )
+
+
+class BatchRegistrar:
+    """The datagen driver's catalog writes during a job: the shards the workers report finished
+    are registered REGISTER_BATCH at a time, not all at the job's end.
+
+    Each batch opens the catalog, writes one transaction and closes it, so `blip3 sql` can read the
+    catalog between batches. A driver killed mid-job loses at most the batch it was collecting; the
+    re-run's `add_output` over the folder registers it (adding is idempotent). A batch that cannot
+    be written now (the catalog locked by another process) stays pending for the next one.
+    """
+
+    def __init__(self, db: str | Path | None, location: str | Path | RemoteDir, *, source: str | None = None,
+                 kind: str = "caption", storage_options: dict[str, Any] | None = None, digits: int = SHARD_DIGITS,
+                 batch: int | None = None):
+        self.db, self.kind, self.digits, self.batch = db, kind, digits, batch or REGISTER_BATCH
+        self.folder = ShardFolder(location, storage_options)
+        self.source = source or self.folder.name
+        self.pending: list[int] = []
+        self.batches = 0  # batches written
+
+    def add(self, index: int) -> None:
+        """Shard `index` is finished (published by its worker)."""
+        self.pending.append(index)
+        if len(self.pending) >= self.batch:
+            self.flush()
+
+    def flush(self) -> None:
+        """Register the pending shards now (one transaction)."""
+        if not self.pending:
+            return
+        try:
+            with Catalog(self.db) as cat:
+                cat.upsert_source(self.source, self.kind, self.folder.location)
+                cat.register(self.folder, self.folder.finished([shard_name(i, self.digits) for i in self.pending]),
+                             self.source)
+        except UserError as e:  # locked, most likely: the next batch (or the job's end) tries again
+            log.warning(f"catalog not updated yet ({e}); retrying with the next batch")
+            return
+        self.pending.clear()
+        self.batches += 1

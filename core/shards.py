@@ -621,9 +621,10 @@ def read_members(f: BinaryIO, sample: SampleIndex) -> dict[str, bytes]:
     return {m.ext: bytes(span[m.offset - start: m.offset - start + m.size]) for m in sample.members}
 
 
-def iter_shard(path: str | Path) -> Iterator[dict[str, Any]]:
-    """Samples of one tar as webdataset yields them: `{"__key__", "__url__", ext: bytes, ...}`."""
-    with tarfile.open(path, mode="r|*") as tar:
+def iter_shard(path: str | Path, fileobj: BinaryIO | None = None) -> Iterator[dict[str, Any]]:
+    """Samples of one tar as webdataset yields them: `{"__key__", "__url__", ext: bytes, ...}`;
+    read from `fileobj` when given (a tar on an object store, opened by the caller)."""
+    with tarfile.open(None if fileobj is not None else path, mode="r|*", fileobj=fileobj) as tar:
         for key, group in groupby(_keyed_files(tar), key=itemgetter(0)):
             sample: dict[str, Any] = {"__key__": key, "__url__": str(path)}
             for _, ext, member in group:  # streaming: read each member before the next header

@@ -146,6 +146,14 @@ def check_output_outside_input(input_path: str | Path, output_dir: str | Path) -
     text = str(input_path)
     if "{" in text:
         return
+    if url_scheme(text) not in (None, "file"):  # a folder on an object store: compare the URLs
+        src_url, out_url = text.rstrip("/"), str(output_dir).rstrip("/")
+        if out_url == src_url or out_url.startswith(src_url + "/"):
+            raise UserError(f"output {out_url} is inside the input folder; choose an output outside it",
+                            file=text, field="--output")
+        return
+    if url_scheme(str(output_dir)) not in (None, "file"):  # a local input, an object-store output
+        return
     src = Path(text).resolve()
     if not src.is_dir():
         return

@@ -6,7 +6,8 @@
       --each actor call = one whole shard: read (a URL list's rows are fetched here), decode+validate,
       annotate, caption, write tar + parquet + stats straight to the output, atomically--> the
       shard's stats back to the driver
-      --> catalog.add_output (the driver is the only catalog writer)
+      --> catalog.BatchRegistrar: registered in batches as they finish (the driver is the only
+      catalog writer), then catalog.add_output at the end for the shards done before
 
 Why this shape:
 - Workers write: image bytes never travel back to the driver, which only plans and collects
@@ -40,7 +41,7 @@ from collections import Counter, deque
 from dataclasses import dataclass, field
 from itertools import chain, repeat
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import TYPE_CHECKING, Any, Iterator, Sequence
 
 from blip3.core.errors import UserError, describe_exception, environment_error
 from blip3.core.logs import get_logger, progress
@@ -61,6 +62,9 @@ from blip3.datagen.fetch import DownloadOptions, fetch_in_order
 from blip3.datagen.images import ImageLimits, ImageOutput, ImageRejected, decode_image
 from blip3.datagen.inputs import InputSample, SampleRef, TarCount, TarSource, check_output_outside_input, load_sample
 from blip3.datagen.plans import ShardPlan, TarCounter, count_tars_on_ray, job_plans
+
+if TYPE_CHECKING:
+    from blip3.core.catalog import BatchRegistrar
 
 log = get_logger("datagen")
 DEFAULT_SHARD_SIZE = 1000
@@ -267,7 +271,7 @@ class JobOptions:
     db: str | Path | None = None  # catalog file (None: $BLIP3_DB or ./catalog.duckdb)
     source: str | None = None  # catalog source name (None: the output folder's name)
     limit: int | None = None  # only the first N inputs
-    register: bool = True  # register the shards in the catalog at the end
+    register: bool = True  # register the shards in the catalog, batch by batch as they finish
     verify: bool = False  # re-hash finished shards before skipping them
     cpus_per_worker: float = 1.0
     gpus_per_worker: float = 0.0
@@ -290,16 +294,14 @@ def run_job(
     `annotator_factory` is the engine's config (datagen.annotator.AnnotatorConfig), which each actor
     calls once to build its annotator; `job`
     says how the job runs and writes (JobOptions). `output` may be any fsspec URL
-    (`s3://bucket/prefix`, with `job.storage_options` for its filesystem); such an output is not
-    catalogued (the catalog reads local folders).
+    (`s3://bucket/prefix`, with `job.storage_options` for its filesystem), catalogued by its URL.
     """
     started = time.time()
     if job.workers < 1:
         raise UserError("must be at least 1", field="--workers")
     out = output_location(output, job.storage_options)
     remote = isinstance(out, RemoteDir)
-    if not remote:
-        check_output_outside_input(input, out)
+    check_output_outside_input(input, out)
     probe = annotator_factory()  # unloaded: only asked for its name and generator info
     if job.shard_name_width < 1:
         raise UserError("must be at least 1", field="--shard-name-width")
@@ -363,7 +365,11 @@ def _plan_and_run(input: str | Path, out: Path | RemoteDir, annotator_factory: A
         todo = pending()
         nxt = next(todo, None)
         if nxt is not None:
-            _run_plans(chain([nxt], todo), out, annotator_factory, generator, result, reasons, job)
+            from blip3.core.catalog import BatchRegistrar
+
+            registrar = (BatchRegistrar(job.db, out, source=job.source, digits=job.shard_name_width)
+                         if job.register else None)
+            _run_plans(chain([nxt], todo), out, annotator_factory, generator, result, reasons, job, registrar)
     result.failure_reasons = dict(sorted(reasons.items()))
     if not remote:
         clean_temporaries(out)  # of workers killed mid-shard (their shard was retried and published)
@@ -371,22 +377,22 @@ def _plan_and_run(input: str | Path, out: Path | RemoteDir, annotator_factory: A
     if removed:
         log.info(f"removed {len(removed)} shard(s) left over from an earlier run: indices {removed[0]}..{removed[-1]}")
     log.info(f"{result.shards_total} shard(s): {result.shards_written} written, {result.shards_skipped} done before")
-    if job.register and remote:
-        log.warning(f"{out} is not catalogued: the catalog reads local or mounted folders")
-    elif job.register:
+    if job.register:  # the shards done before, and a last partial batch
         from blip3.core.catalog import Catalog
 
         with Catalog(job.db) as cat:
-            result.source = cat.add_output(out, source=job.source, kind="caption").check().source
+            result.source = cat.add_output(str(out), source=job.source, kind="caption",
+                                           storage_options=job.storage_options).check().source
     result.duration_s = round(time.time() - started, 3)
     return result
 
 
 def _run_plans(
     plans: Iterator[ShardPlan], out: Path | RemoteDir, factory: AnnotatorConfig, generator: dict[str, Any], result: JobResult,
-    reasons: Counter[str], job: JobOptions,
+    reasons: Counter[str], job: JobOptions, registrar: BatchRegistrar | None = None,
 ) -> None:
-    """Send plans to one actor pool, at most IN_FLIGHT_PER_WORKER per actor, and collect stats."""
+    """Send plans to one actor pool, at most IN_FLIGHT_PER_WORKER per actor, and collect stats;
+    `registrar` catalogues the finished shards batch by batch."""
     import ray
 
     from blip3.core.ray_session import ray_session
@@ -440,6 +446,8 @@ def _run_plans(
                 result.successes += int(stats["successes"])
                 result.failed += int(stats["failed"])
                 reasons.update(stats.get("failure_reasons", {}))
+                if registrar is not None:
+                    registrar.add(index)
                 bar.advance(task)
                 bar.advance(samples, int(stats["count"]))
 

@@ -18,8 +18,9 @@ The plan, and why:
 - Planned samples per source are the weights times the target, apportioned by largest remainder
   so they sum to the target exactly; epochs = planned / available, realised tokens = planned x
   mean tokens per sample.
-- Every shard is checked against its catalogued sha256 (or hashed, inline) before the manifest
-  is written: a shard that moved or changed is one clear error naming the field and the file.
+- Every catalogued shard is checked against its record before the manifest is written (its size;
+  its sha256 too with `--verify sha256`; inline shards are hashed): a shard that moved or changed
+  is one clear error naming the field and the file. Catalogued shards may be on an object store.
 """
 
 from __future__ import annotations
@@ -152,8 +153,9 @@ def build_manifest(
     crops_per_image: int = 1,
     vision_tokens_per_crop: int | None = None,
     record: bool = True,
-    verify: str = "sha256",
+    verify: str = "size",
     variables: Mapping[str, str] | None = None,
+    storage_options: dict[str, Any] | None = None,
 ) -> Manifest:
     """Resolve `spec` into a manifest; write it to `out`; record it in the catalog.
 
@@ -163,8 +165,10 @@ def build_manifest(
 
     The catalog (`db`, else $BLIP3_DB / ./catalog.duckdb) is opened when `db` is given or a
     source is named without a path; the mixture is recorded there unless `record=False`.
-    `verify`: "sha256" re-hashes every catalogued shard against its recorded checksum; "size"
-    only checks existence and size (for very large catalogues; the loader can still hash).
+    `verify`: "size" (default) checks each catalogued shard's existence and size and trusts the
+    sha256 its writer recorded (hash once); "sha256" re-reads every shard to re-hash it. Catalogued
+    shards may be on an object store (`s3://...`, from `catalog add s3://...`): `storage_options`
+    are its fsspec filesystem arguments (else the usual environment variables).
     """
     check_verify_mode(verify, ("sha256", "size"))  # a manifest is only written for shards looked at
     data, file, base = load_spec(spec)
@@ -178,7 +182,8 @@ def build_manifest(
             if "path" in s:
                 resolved.append(_inline_source(s, i, counter, base, file, variables))
             else:
-                resolved.append(_catalog_source(cat, s, i, counter, file, checksum=verify == "sha256"))
+                resolved.append(_catalog_source(cat, s, i, counter, file, checksum=verify == "sha256",
+                                                storage_options=storage_options))
         manifest = _plan(spec_d, resolved, counter)
         if out is not None:
             write_manifest(manifest, out)
@@ -234,7 +239,7 @@ def _inline_source(s: dict, i: int, counter: TokenCounter, base: Path, file: str
 
 
 def _catalog_source(cat, s: dict, i: int, counter: TokenCounter, file: str | None, *,
-                    checksum: bool) -> ManifestSource:
+                    checksum: bool, storage_options: dict[str, Any] | None = None) -> ManifestSource:
     field = f"sources[{i}].name"
     row = cat.source(s["name"])
     if row is None:
@@ -264,11 +269,10 @@ def _catalog_source(cat, s: dict, i: int, counter: TokenCounter, file: str | Non
     with progress(transient=True) as bar:
         task = bar.add_task(f"mix build: check {s['name']}", total=len(listed))
         for path, sha, size, n, tokens, status in listed:
-            p = Path(path)
             if status != "ok":
                 raise UserError(f"source {s['name']!r}: shard {path} changed since it was catalogued (status {status})",
                                 field=field, file=file)
-            change = shard_change(p, size, sha, checksum=checksum)
+            change = shard_change(path, size, sha, checksum=checksum, storage_options=storage_options)
             if change == "missing":
                 raise UserError(f"source {s['name']!r}: shard {path} is missing (moved or deleted)", field=field, file=file)
             if change is not None:
@@ -277,9 +281,9 @@ def _catalog_source(cat, s: dict, i: int, counter: TokenCounter, file: str | Non
             if tokens is None:
                 from blip3.mixture.sources import scan_shard
 
-                tokens = scan_shard(p, kind, counter).tokens
+                tokens = scan_shard(path, kind, counter, storage_options=storage_options).tokens
             if n:
-                shards.append(ShardRef(str(p), sha, int(size), int(n), int(tokens)))
+                shards.append(ShardRef(path, sha, int(size), int(n), int(tokens)))
             bar.advance(task)
     return _source(s, kind, shards, i, file)
 

@@ -11,7 +11,7 @@ from typing import Literal, Optional
 
 import typer
 
-from blip3.core.options import DbOption, Format, SourceKind, out_option, output_path
+from blip3.core.options import DbOption, Format, SourceKind, StorageOptions, out_option, output_path
 
 TokenizerOption = typer.Option(
     None, "--tokenizer",
@@ -102,15 +102,20 @@ def mix_build(
     tokenizer: Optional[Path] = TokenizerOption,
     crops_per_image: int = CropsOption,
     vision_tokens_per_crop: Optional[int] = VisionTokensOption,
-    verify: Literal["sha256", "size"] = typer.Option("sha256", "--verify", help="sha256: re-hash catalogued shards; size: sizes only."),
+    verify: Literal["sha256", "size"] = typer.Option(
+        "size", "--verify", help="size: check catalogued shards' sizes, trust the sha256 their writer recorded; "
+                                 "sha256: re-read every shard to re-hash it."),
+    storage_options: Optional[str] = StorageOptions,
     db: Path = DbOption,
 ) -> None:
     """Resolve a spec into the manifest the trainer reads, and record it in the catalog."""
     from blip3.core.logs import console
+    from blip3.core.storage import parse_storage_options
     from blip3.mixture.build import build_manifest
 
     m = build_manifest(spec, db=db, out=out, tokenizer=tokenizer, crops_per_image=crops_per_image,
-                       vision_tokens_per_crop=vision_tokens_per_crop, verify=verify)
+                       vision_tokens_per_crop=vision_tokens_per_crop, verify=verify,
+                       storage_options=parse_storage_options(storage_options))
     console.print(f"[green]{m.name}[/]: {len(m.sources)} sources, {m.target['samples']} samples, "
                   f"{m.target['tokens']} tokens \\[{m.tokenizer}] -> {out}")
     for s in m.sources:

@@ -15,14 +15,17 @@ sample whose record does not fit its kind (`core.records`: an interleaved sample
 from __future__ import annotations
 
 import json
+import tarfile
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import pyarrow as pa
 
 from blip3.core.catalog import SOURCE_KINDS, Catalog
 from blip3.core.errors import UserError
 from blip3.core.records import RecordError, image_members, record_kind, sidecar_row
+from blip3.core.shard_folder import is_remote, location_sha256, location_size, open_location
 from blip3.core.shards import (SampleRow, ShardInfo, file_sha256, is_shard_folder, iter_shard, resolve_shards,
                                rows_to_table)
 from blip3.mixture.tokens import TokenCounter
@@ -41,33 +44,36 @@ class ShardScan:
 
 
 def scan_shard(tar: str | Path, kind: str, counter: TokenCounter, *, rows: bool = False,
-               checksum: bool = False) -> ShardScan:
-    """Read one tar: samples, tokens (and `samples` rows when `rows`, its sha256 when `checksum`:
-    hashing reads the whole tar again, so only callers that use the value ask for it)."""
-    tar = Path(tar)
+               checksum: bool = False, storage_options: dict[str, Any] | None = None) -> ShardScan:
+    """Read one tar, local or on an object store (`storage_options` for its filesystem): samples,
+    tokens (and `samples` rows when `rows`, its sha256 when `checksum`: hashing reads the whole
+    tar again, so only callers that use the value ask for it)."""
+    location = str(tar)
     record = record_kind(kind)
     n = tokens = 0
     out_rows: list[SampleRow] = []
     try:
-        for sample in iter_shard(tar):
-            key = sample["__key__"]
-            try:
-                rec = json.loads(sample["json"]) if "json" in sample else {}
-            except (json.JSONDecodeError, UnicodeDecodeError):
-                raise UserError(f"sample {key}: {key}.json is not valid JSON", file=tar) from None
-            try:
-                record.validate(rec, sample)
-            except RecordError as e:
-                raise UserError(f"sample {key}: {e} (kind {kind}, see docs/formats.md)", file=tar) from None
-            txt = sample["txt"].decode("utf-8", errors="replace") if "txt" in sample else None
-            tokens += counter.sample(kind, rec, txt, len(image_members(sample)))
-            n += 1
-            if rows:
-                out_rows.append(sidecar_row(kind, key, rec, sample, txt))
-    except (OSError, EOFError) as e:  # tarfile raises these on truncated/corrupt archives
-        raise UserError(f"cannot read tar: {' '.join(str(e).split())}", file=tar) from None
-    sha = file_sha256(tar) if checksum else None
-    return ShardScan(str(tar.resolve()), sha, tar.stat().st_size, n, tokens, out_rows)
+        with open_location(location, storage_options) as f:
+            for sample in iter_shard(location, fileobj=f):
+                key = sample["__key__"]
+                try:
+                    rec = json.loads(sample["json"]) if "json" in sample else {}
+                except (json.JSONDecodeError, UnicodeDecodeError):
+                    raise UserError(f"sample {key}: {key}.json is not valid JSON", file=location) from None
+                try:
+                    record.validate(rec, sample)
+                except RecordError as e:
+                    raise UserError(f"sample {key}: {e} (kind {kind}, see docs/formats.md)", file=location) from None
+                txt = sample["txt"].decode("utf-8", errors="replace") if "txt" in sample else None
+                tokens += counter.sample(kind, rec, txt, len(image_members(sample)))
+                n += 1
+                if rows:
+                    out_rows.append(sidecar_row(kind, key, rec, sample, txt))
+    except (OSError, EOFError, tarfile.TarError) as e:  # truncated/corrupt archives, a vanished object
+        raise UserError(f"cannot read tar: {' '.join(str(e).split())}", file=location) from None
+    sha = location_sha256(location, storage_options) if checksum else None
+    path = location if is_remote(location) else str(Path(location).resolve())
+    return ShardScan(path, sha, location_size(location, storage_options) or 0, n, tokens, out_rows)
 
 
 @dataclass

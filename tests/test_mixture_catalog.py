@@ -228,7 +228,7 @@ def test_recorded_mixture_has_the_manifest_created_at(mixed_catalog):
 
 
 def test_source_add_hashes_only_foreign_shards_once(tmp_path, tiny_sources, monkeypatch):  # noqa: F811
-    import blip3.core.catalog
+    import blip3.core.shard_folder
     import blip3.mixture.sources
     from blip3.core.shards import file_sha256
 
@@ -238,7 +238,7 @@ def test_source_add_hashes_only_foreign_shards_once(tmp_path, tiny_sources, monk
         hashed.append(Path(path).name)
         return file_sha256(path, *a, **k)
 
-    monkeypatch.setattr(blip3.core.catalog, "file_sha256", counting)
+    monkeypatch.setattr(blip3.core.shard_folder, "file_sha256", counting)
     monkeypatch.setattr(blip3.mixture.sources, "file_sha256", counting)
     (tmp_path / "wds").mkdir()
     _foreign_tar(tmp_path / "wds" / "a.tar", 2)

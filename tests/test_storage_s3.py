@@ -8,6 +8,7 @@ import os
 import socket
 from pathlib import Path
 
+import duckdb
 import pytest
 
 from blip3.core.errors import UserError
@@ -120,7 +121,10 @@ def test_cli_writes_to_s3_with_environment_variables_or_storage_options(ray_loca
             "--ray-address", ray_local, "--db", str(tmp_path / "c.duckdb")]
     r = _cli(base + ["-o", f"s3://{BUCKET}/cli/env"], env, cwd=tmp_path)
     assert r.returncode == 0, r.stderr[-3000:]
-    assert "is not catalogued" in " ".join(r.stderr.split())
+    assert "catalog source env" in " ".join(r.stderr.split())  # catalogued by its URL
+    con = duckdb.connect(str(tmp_path / "c.duckdb"), read_only=True)
+    assert con.execute("SELECT path, n_samples FROM shards").fetchall() == [(f"s3://{BUCKET}/cli/env/00000.tar", 3)]
+    con.close()
     assert sorted(RemoteDir(f"s3://{BUCKET}/cli/env", s3_server).names()) == [
         "00000.parquet", "00000.tar", "00000_stats.json"]
     # the same through --storage-options, no environment; a wrong endpoint fails in one line
@@ -186,16 +190,25 @@ def test_multi_node_cluster_writes_to_s3_the_bytes_of_a_local_run(ray_local, s3_
 
 
 def test_catalog_paths_on_object_stores_are_one_line(tmp_path):
-    """`catalog add` and shard lists read local or mounted folders: an `s3://` one is a line naming
-    the scheme, not `s3:/...: input does not exist` (and no `s3:` folder appears)."""
-    r = _cli(["catalog", "add", "s3://bucket/out", "--db", str(tmp_path / "c.duckdb")], dict(os.environ), cwd=tmp_path)
+    """Shard lists read local or mounted folders: an `s3://` one is a line naming the scheme, not
+    `s3:/...: input does not exist` (and no `s3:` folder appears); `catalog add` of a store that
+    cannot be reached is one line too."""
+    env = dict(os.environ, AWS_ENDPOINT_URL=f"http://127.0.0.1:{_free_port()}", AWS_ACCESS_KEY_ID="testing",
+               AWS_SECRET_ACCESS_KEY="testing", AWS_DEFAULT_REGION="us-east-1", AWS_MAX_ATTEMPTS="1")
+    r = _cli(["catalog", "add", "s3://bucket/out", "--db", str(tmp_path / "c.duckdb")], env, cwd=tmp_path)
     assert r.returncode == 2, r.stderr[-2000:]
-    assert "s3:// locations are not supported here" in " ".join(r.stderr.split()) and "Traceback" not in r.stderr
+    assert "cannot read the object store" in " ".join(r.stderr.split()) and "Traceback" not in r.stderr
     from blip3.core.shards import resolve_shards
 
     with pytest.raises(UserError, match="s3:// locations"):
         resolve_shards("s3://bucket/out/{00000..00001}.tar")
     assert not (tmp_path / "s3:").exists()
+
+
+def test_output_inside_an_object_store_input_folder_is_refused():
+    for out in ("s3://b/in", "s3://b/in/out/"):
+        with pytest.raises(UserError, match="inside the input folder"):
+            run_job("s3://b/in/", out, SizeCaptioner, JobOptions(register=False))
 
 
 def _upload(local: Path, url: str, options: dict) -> None:
