@@ -61,10 +61,11 @@ MODULES: dict[str, list[str]] = {
     "mixture/build.py": ["tests/test_mixture_manifest.py", "tests/test_mixture_catalog.py", "tests/test_bite_mixture.py"],
     "model/xgenmm.py": ["tests/test_model_xgenmm.py", "tests/test_bite_model.py"],
     "model/resampler.py": ["tests/test_mut_model_resampler.py", "tests/test_model_resampler.py"],
-    "model/anyres.py": ["tests/test_model_anyres.py"],
+    "model/anyres.py": ["tests/test_mut_model_anyres.py", "tests/test_model_anyres.py"],
     "train/dpo.py": ["tests/test_mut_train_dpo.py", "tests/test_train_dpo.py"],
     "train/loop.py": ["tests/test_train_units.py", "tests/test_train_guards.py"],
-    "train/checkpoint.py": ["tests/test_train_units.py", "tests/test_train_resume.py"],
+    "train/checkpoint.py": ["tests/test_mut_train_checkpoint.py", "tests/test_train_checkpoint.py",
+                            "tests/test_train_units.py::test_checkpoint_round_trip_and_keep", "tests/test_train_resume.py"],
 }
 
 #: Binary-operator swaps kept: the ones a slip of the hand makes (sign, scale, integer division).

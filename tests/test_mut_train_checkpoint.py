@@ -1,0 +1,172 @@
+"""Checkpoints on disk: what is kept and pruned, what a resume reads back, and how each kind of
+damage becomes one clear line (real files through torch.distributed.checkpoint, no doubles)."""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from blip3.core.errors import UserError
+from blip3.train.checkpoint import latest_checkpoint, list_checkpoints, load_checkpoint, save_checkpoint
+from blip3.train.schedule import build_scheduler
+
+
+def _small(seed: int = 0):
+    torch.manual_seed(seed)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Linear(4, 2))
+    opt = torch.optim.AdamW(model.parameters(), lr=0.1)
+    model(torch.randn(3, 4)).sum().backward()
+    opt.step()
+    return model, opt, build_scheduler(opt, 1, 5, 0.0)
+
+
+def _save(out: Path, step: int, model, opt, sched, **kw) -> Path:
+    return save_checkpoint(out, step, model=model, optimizer=opt, scheduler=sched, data_state={"pos": step},
+                           meta={}, **kw)
+
+
+def test_no_checkpoint_yet_is_none(tmp_path):
+    assert list_checkpoints(tmp_path) == [] and latest_checkpoint(tmp_path) is None
+    (tmp_path / "checkpoints").mkdir()
+    (tmp_path / "checkpoints" / "step_000007").write_text("a file, not a checkpoint")
+    (tmp_path / "checkpoints" / "notes").mkdir()
+    assert latest_checkpoint(tmp_path) is None
+
+
+def test_the_trainer_default_keeps_the_newest_two(tmp_path):
+    model, opt, sched = _small()
+    for step in (1, 2, 3, 4):
+        _save(tmp_path, step, model, opt, sched)  # no `keep`: the trainer's default
+    assert [p.name for p in list_checkpoints(tmp_path)] == ["step_000003", "step_000004"]
+
+
+def test_keep_one_and_keep_zero(tmp_path):
+    model, opt, sched = _small()
+    for step in (1, 2, 3):
+        _save(tmp_path / "one", step, model, opt, sched, keep=1)
+        _save(tmp_path / "all", step, model, opt, sched, keep=0)  # 0: never prune
+    assert [p.name for p in list_checkpoints(tmp_path / "one")] == ["step_000003"]
+    assert len(list_checkpoints(tmp_path / "all")) == 3
+
+
+def test_steps_sort_by_number_not_by_name(tmp_path):
+    model, opt, sched = _small()
+    for step in (999_999, 1_000_001, 5):
+        _save(tmp_path, step, model, opt, sched, keep=0)
+    assert [p.name for p in list_checkpoints(tmp_path)] == ["step_000005", "step_999999", "step_1000001"]
+    assert latest_checkpoint(tmp_path).name == "step_1000001"
+
+
+def test_saving_a_step_again_replaces_it_and_a_stale_tmp_is_cleared(tmp_path):
+    model, opt, sched = _small()
+    first = _save(tmp_path, 2, model, opt, sched)
+    stale = tmp_path / "checkpoints" / "step_000003.tmp"
+    stale.mkdir()
+    (stale / "junk").write_text("left by a killed run")
+    with torch.no_grad():
+        model[1].weight.add_(1.0)
+    again = _save(tmp_path, 2, model, opt, sched)
+    assert again == first
+    third = _save(tmp_path, 3, model, opt, sched)
+    assert not (third / "junk").exists() and not stale.exists()
+    fresh, opt2, sched2 = _small(seed=3)
+    load_checkpoint(again, model=fresh, optimizer=opt2, scheduler=sched2)
+    assert torch.equal(fresh[1].weight, model[1].weight)  # the second save of step 2, not the first
+
+
+def test_one_process_resumes_a_two_rank_checkpoint_with_rank_zeros_rng_and_every_ranks_data(tmp_path):
+    """A checkpoint written by two ranks (meta says so; rank1.json holds the other rank's RNG and
+    data position) is resumed by one process: rank 0's RNG, both ranks' data positions in order."""
+    from blip3.train.checkpoint import rng_state
+
+    model, opt, sched = _small()
+    random.seed(1), np.random.seed(1), torch.manual_seed(1)
+    ckpt = save_checkpoint(tmp_path, 1, model=model, optimizer=opt, scheduler=sched, data_state={"pos": 10}, meta={})
+    want = (random.random(), float(np.random.rand()), torch.rand(1).item())
+    random.seed(2), np.random.seed(2), torch.manual_seed(2)
+    (ckpt / "rank1.json").write_text(json.dumps({"rng": rng_state(), "data": {"pos": 11}}))
+    meta = json.loads((ckpt / "meta.json").read_text())
+    (ckpt / "meta.json").write_text(json.dumps({**meta, "world_size": 2}))
+    fresh, opt2, sched2 = _small(seed=4)
+    got = load_checkpoint(ckpt, model=fresh, optimizer=opt2, scheduler=sched2)
+    assert got["data"] == [{"pos": 10}, {"pos": 11}]
+    assert (random.random(), float(np.random.rand()), torch.rand(1).item()) == want
+
+
+def test_a_checkpoint_without_world_size_is_one_rank(tmp_path):
+    """Checkpoints written before the world size was recorded load as written by one rank."""
+    model, opt, sched = _small()
+    ckpt = _save(tmp_path, 1, model, opt, sched)
+    meta = json.loads((ckpt / "meta.json").read_text())
+    del meta["world_size"]
+    (ckpt / "meta.json").write_text(json.dumps(meta))
+    fresh, opt2, sched2 = _small(seed=4)
+    assert load_checkpoint(ckpt, model=fresh, optimizer=opt2, scheduler=sched2)["data"] == [{"pos": 1}]
+
+
+def test_a_folder_without_state_is_not_a_checkpoint_and_no_pickle_is_mentioned(tmp_path):
+    model, opt, sched = _small()
+    with pytest.raises(UserError) as e:
+        load_checkpoint(tmp_path, model=model, optimizer=opt, scheduler=sched)
+    assert "not a checkpoint" in str(e.value) and "pickle" not in str(e.value)
+
+
+def _damage(kind: str, ckpt: Path) -> str:
+    """Damage `ckpt` one way; returns the exception type name the reader meets."""
+    if kind == "missing rank file":
+        (ckpt / "rank0.json").unlink()
+        return "FileNotFoundError"
+    if kind == "rank file not an object":
+        (ckpt / "rank0.json").write_text("[]")
+        return "TypeError"
+    if kind == "rank file without data":
+        (ckpt / "rank0.json").write_text("{}")
+        return "KeyError"
+    if kind == "meta not json":
+        (ckpt / "meta.json").write_text("{")
+        return "JSONDecodeError"
+    raise AssertionError(kind)
+
+
+@pytest.mark.parametrize("kind", ["missing rank file", "rank file not an object", "rank file without data",
+                                  "meta not json"])
+def test_each_kind_of_damage_is_one_line_naming_the_checkpoint(tmp_path, kind):
+    model, opt, sched = _small()
+    ckpt = _save(tmp_path, 1, model, opt, sched)
+    error = _damage(kind, ckpt)
+    with pytest.raises(UserError) as e:
+        load_checkpoint(ckpt, model=model, optimizer=opt, scheduler=sched)
+    msg = str(e.value)
+    assert f"({error}" in msg and "\n" not in msg and str(ckpt) in msg and "delete it" in msg
+
+
+def test_a_checkpoint_of_another_model_is_one_line(tmp_path):
+    """Shapes that do not match the model being resumed: the reader's error, one line."""
+    model, opt, sched = _small()
+    ckpt = _save(tmp_path, 1, model, opt, sched)
+    torch.manual_seed(0)
+    other = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Linear(4, 3))
+    opt2 = torch.optim.AdamW(other.parameters(), lr=0.1)
+    with pytest.raises(UserError, match="cannot be read") as e:
+        load_checkpoint(ckpt, model=other, optimizer=opt2, scheduler=build_scheduler(opt2, 1, 5, 0.0))
+    assert "\n" not in str(e.value)
+
+
+def test_a_long_reader_error_is_cut_at_200_characters(tmp_path):
+    model, opt, sched = _small()
+    deep = tmp_path / ("d" * 120) / ("e" * 120)
+    ckpt = _save(deep, 1, model, opt, sched)
+    (ckpt / "rank0.json").unlink()
+    try:
+        (ckpt / "rank0.json").read_text()
+    except OSError as err:
+        first = str(err)
+    assert len(first) > 201
+    with pytest.raises(UserError) as e:
+        load_checkpoint(ckpt, model=model, optimizer=opt, scheduler=sched)
+    assert f"(FileNotFoundError: {first[:200]});" in str(e.value)
