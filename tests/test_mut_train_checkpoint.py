@@ -170,3 +170,38 @@ def test_a_long_reader_error_is_cut_at_200_characters(tmp_path):
     with pytest.raises(UserError) as e:
         load_checkpoint(ckpt, model=model, optimizer=opt, scheduler=sched)
     assert f"(FileNotFoundError: {first[:200]});" in str(e.value)
+
+
+@pytest.mark.parametrize("rank, rng_of", [(1, 1), (2, 1)])
+def test_each_resuming_rank_takes_its_own_rng_and_extra_ranks_the_last_ones(tmp_path, monkeypatch, rank, rng_of):
+    """Rank r of the resumed run restores the RNG saved by rank r; a run resumed on more ranks than
+    saved it gives the extra ranks the last saved rank's. (The rank is set by hand: the real
+    two-process path is `test_saved_by_two_ranks_resumed_by_one_with_the_same_loss_curve`.)"""
+    from blip3.train import checkpoint
+    from blip3.train.checkpoint import rng_state
+
+    model, opt, sched = _small()
+    ckpt = _save(tmp_path, 1, model, opt, sched)
+    draws = {}
+    for r, seed in ((0, 10), (1, 11)):
+        random.seed(seed), np.random.seed(seed), torch.manual_seed(seed)
+        (ckpt / f"rank{r}.json").write_text(json.dumps({"rng": rng_state(), "data": {"pos": r}}))
+        draws[r] = (random.random(), float(np.random.rand()), torch.rand(1).item())
+    meta = json.loads((ckpt / "meta.json").read_text())
+    (ckpt / "meta.json").write_text(json.dumps({**meta, "world_size": 2}))
+    monkeypatch.setattr(checkpoint, "_rank", lambda: rank)
+    fresh, opt2, sched2 = _small(seed=4)
+    assert load_checkpoint(ckpt, model=fresh, optimizer=opt2, scheduler=sched2)["data"] == [{"pos": 0}, {"pos": 1}]
+    assert (random.random(), float(np.random.rand()), torch.rand(1).item()) == draws[rng_of]
+
+
+def test_a_garbage_shard_reports_the_readers_headline_not_its_traceback(tmp_path):
+    """The reader's error spans many lines (its workers' tracebacks); the one line keeps the first."""
+    model, opt, sched = _small()
+    ckpt = _save(tmp_path, 1, model, opt, sched)
+    for shard in (ckpt / "state").glob("*.safetensors"):
+        shard.write_bytes(b"x" * 10)
+    with pytest.raises(UserError) as e:
+        load_checkpoint(ckpt, model=model, optimizer=opt, scheduler=sched)
+    msg = str(e.value)
+    assert "(CheckpointException: CheckpointException ranks:" in msg and "\n" not in msg
