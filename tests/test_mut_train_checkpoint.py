@@ -205,3 +205,25 @@ def test_a_garbage_shard_reports_the_readers_headline_not_its_traceback(tmp_path
         load_checkpoint(ckpt, model=model, optimizer=opt, scheduler=sched)
     msg = str(e.value)
     assert "(CheckpointException: CheckpointException ranks:" in msg and "\n" not in msg
+
+
+def test_a_checkpoint_is_written_by_the_caller_unless_asked_to_write_in_the_background(tmp_path, monkeypatch):
+    """By default the tensors are on disk when `start_checkpoint` returns (written by the calling
+    thread); only `asynchronous=True` hands them to a writer thread."""
+    import threading
+
+    from torch.distributed.checkpoint import HuggingFaceStorageWriter
+
+    from blip3.train.checkpoint import start_checkpoint
+
+    writers = []
+    real_write = HuggingFaceStorageWriter.write_data
+    monkeypatch.setattr(HuggingFaceStorageWriter, "write_data",
+                        lambda self, *a, **k: writers.append(threading.current_thread()) or real_write(self, *a, **k))
+    model, opt, sched = _small()
+    pending = start_checkpoint(tmp_path, 1, model=model, optimizer=opt, scheduler=sched, data_state={}, meta={})
+    assert writers == [threading.current_thread()]
+    pending.wait()
+    start_checkpoint(tmp_path, 2, model=model, optimizer=opt, scheduler=sched, data_state={}, meta={},
+                     asynchronous=True).wait()
+    assert len(writers) == 2 and writers[1] is not threading.current_thread()
