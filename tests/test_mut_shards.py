@@ -70,3 +70,18 @@ def test_a_folder_that_cannot_be_fsynced_still_gets_its_shard(tmp_path, monkeypa
     monkeypatch.setattr(os, "fsync", fsync)
     write_caption_shard(tmp_path, 0, 2)
     assert shard_complete(tmp_path, 0)
+
+
+def test_a_writer_failing_on_a_bad_row_leaves_no_files(tmp_path):
+    """Not only a full disk: any error while publishing (here a row Arrow cannot store) removes the
+    temporary tar and parquet, and nothing appears under the final names."""
+    import pyarrow as pa
+
+    from blip3.core.shards import SampleRow, ShardWriter
+    from tests.core_fixtures import jpeg
+
+    w = ShardWriter(tmp_path, 0)
+    w.add("a", {"jpg": jpeg(), "txt": "x"}, SampleRow("a", width="wide"))  # type: ignore[arg-type]
+    with pytest.raises((pa.ArrowException, TypeError, ValueError)):
+        w.close()
+    assert list(tmp_path.iterdir()) == []
