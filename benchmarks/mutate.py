@@ -49,8 +49,8 @@ RESULTS = REPO / "benchmarks" / "results"
 
 #: Module -> the tests that guard it (fast ones; `--slow` adds the Ray/CLI end-to-end tests too).
 MODULES: dict[str, list[str]] = {
-    "core/shards.py": ["tests/test_mut_shards.py", "tests/test_core_shards.py", "tests/test_bite_shards.py",
-                       "tests/test_mut_shards_remote.py"],
+    "core/shards.py": ["tests/test_mut_shards.py", "tests/test_mut_shards_remote.py", "tests/test_core_shards.py",
+                       "tests/test_bite_shards.py"],
     "core/sql.py": ["tests/test_mut_sql.py", "tests/test_bite_sql.py", "tests/test_core_catalog.py::test_sql_refuses_writes",
                     "tests/test_core_catalog.py::test_sql_error_is_one_clear_line"],
     "core/catalog.py": ["tests/test_core_catalog.py", "tests/test_core_transaction.py"],

@@ -85,3 +85,77 @@ def test_a_writer_failing_on_a_bad_row_leaves_no_files(tmp_path):
     with pytest.raises((pa.ArrowException, TypeError, ValueError)):
         w.close()
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_folder_that_cannot_be_opened_for_fsync_still_gets_its_shard(tmp_path, monkeypatch):
+    import os
+
+    from blip3.core.shards import shard_complete
+
+    real = os.open
+
+    def opener(path, flags, *a, **kw):
+        if os.path.isdir(path):
+            raise PermissionError(13, "Permission denied", str(path))
+        return real(path, flags, *a, **kw)
+
+    monkeypatch.setattr(os, "open", opener)
+    write_caption_shard(tmp_path, 0, 2)
+    assert shard_complete(tmp_path, 0)
+
+
+def test_sample_rows_refuse_misspelt_columns():
+    from blip3.core.shards import SampleRow
+
+    with pytest.raises(AttributeError):
+        SampleRow("k").error = "decode: x"  # type: ignore[attr-defined]
+
+
+def test_stats_duration_and_failure_reasons(tmp_path):
+    import json
+
+    from blip3.core.shards import SampleRow, ShardWriter
+
+    with ShardWriter(tmp_path, 0) as w:
+        w.add_failure(SampleRow("a", status="failed", error_message="r" * 100 + ": detail"))
+    stats = json.loads(shard_paths(tmp_path, 0)[2].read_text())
+    assert stats["status_dict"] == {"r" * 80: 1}  # reasons are cut at 80 characters
+    assert stats["end_time"] >= stats["start_time"]
+    assert stats["duration"] == round(stats["end_time"] - stats["start_time"], 4)
+
+
+def test_list_shards_skips_foreign_stats_names_and_keeps_going(tmp_path):
+    from blip3.core.shards import is_shard_folder, list_shards
+
+    write_caption_shard(tmp_path, 0, 1)
+    (tmp_path / "-backup_stats.json").write_text("{}")  # sorts before the shards' names
+    assert [i.index for i in list_shards(tmp_path)] == [0]
+    assert is_shard_folder(tmp_path)
+    assert not is_shard_folder(shard_paths(tmp_path, 0)[0])  # a file is not a folder
+
+
+def test_resolve_shards_takes_a_folders_own_tars_before_nested_ones(tmp_path):
+    from blip3.core.shards import resolve_shards
+
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "a.tar").write_bytes(b"")
+    (tmp_path / "sub" / "b.tar").write_bytes(b"")
+    assert resolve_shards(tmp_path) == [(tmp_path / "a.tar").resolve()]
+
+
+def test_tar_index_reports_links_but_not_folders(tmp_path):
+    path = tmp_path / "t.tar"
+    with tarfile.open(path, "w") as tar:
+        d = tarfile.TarInfo("dir")
+        d.type = tarfile.DIRTYPE
+        tar.addfile(d)
+        link = tarfile.TarInfo("k.lnk")
+        link.type, link.linkname = tarfile.SYMTYPE, "/etc/passwd"
+        tar.addfile(link)
+        f = tarfile.TarInfo("k.txt")
+        f.size = 2
+        tar.addfile(f, io.BytesIO(b"hi"))
+    assert [s.key for s in iter_tar_index(path)] == ["k"]  # no list given: links are just not samples
+    skipped: list[tarfile.TarInfo] = []
+    assert [s.key for s in iter_tar_index(path, skipped=skipped)] == ["k"]
+    assert [m.name for m in skipped] == ["k.lnk"]
