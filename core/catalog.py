@@ -174,18 +174,19 @@ def resolve_db(db: str | Path | None = None) -> Path:
 
 
 LOCK_WAIT_S = 10.0  # default for $BLIP3_LOCK_WAIT: how long to wait for another blip3 process's lock
+BATCH_LOCK_WAIT_S = 0.5  # how long the datagen driver waits to write a batch (it retries at the next)
 
 
-def open_catalog(path: Path, *, read_only: bool = False, config: dict[str, Any] | None = None
-                 ) -> duckdb.DuckDBPyConnection:
+def open_catalog(path: Path, *, read_only: bool = False, config: dict[str, Any] | None = None,
+                 lock_wait: float | None = None) -> duckdb.DuckDBPyConnection:
     """Connect to the catalog file, waiting a bounded time while another process holds its lock.
 
     DuckDB lets one process write a file at a time (and none read it meanwhile); a second `blip3`
     command started during a long `catalog add` retries for `$BLIP3_LOCK_WAIT` seconds (default
-    10) and then says who holds the lock, in one line. A file that is not a DuckDB database is a
-    UserError naming it, not a traceback.
+    10; `lock_wait` instead when given) and then says who holds the lock, in one line. A file that
+    is not a DuckDB database is a UserError naming it, not a traceback.
     """
-    wait_s = float(os.environ.get("BLIP3_LOCK_WAIT") or LOCK_WAIT_S)
+    wait_s = float(os.environ.get("BLIP3_LOCK_WAIT") or LOCK_WAIT_S) if lock_wait is None else lock_wait
     deadline = time.monotonic() + wait_s
     delay = 0.05
     while True:
@@ -278,13 +279,13 @@ class AddResult:
 class Catalog:
     """A read-write handle on the catalog file (queries from users go through `core.sql`)."""
 
-    def __init__(self, db: str | Path | None = None):
+    def __init__(self, db: str | Path | None = None, *, lock_wait: float | None = None):
         self.path = resolve_db(db)
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
         except OSError as e:
             raise UserError(f"cannot create the catalog's folder: {e.strerror}", file=self.path.parent) from None
-        self.con = open_catalog(self.path)
+        self.con = open_catalog(self.path, lock_wait=lock_wait)
         _migrate_samples(self.con)
         for ddl in SCHEMA:
             self.con.execute(ddl)
@@ -615,7 +616,8 @@ class BatchRegistrar:
     Each batch opens the catalog, writes one transaction and closes it, so `blip3 sql` can read the
     catalog between batches. A driver killed mid-job loses at most the batch it was collecting; the
     re-run's `add_output` over the folder registers it (adding is idempotent). A batch that cannot
-    be written now (the catalog locked by another process) stays pending for the next one.
+    be written now (the catalog locked by another process) stays pending for the next one: the
+    driver waits at most BATCH_LOCK_WAIT_S for the lock, never stalling the job's dispatch.
     """
 
     def __init__(self, db: str | Path | None, location: str | Path | RemoteDir, *, source: str | None = None,
@@ -638,7 +640,7 @@ class BatchRegistrar:
         if not self.pending:
             return
         try:
-            with Catalog(self.db) as cat:
+            with Catalog(self.db, lock_wait=BATCH_LOCK_WAIT_S) as cat:
                 cat.upsert_source(self.source, self.kind, self.folder.location)
                 cat.register(self.folder, self.folder.finished([shard_name(i, self.digits) for i in self.pending]),
                              self.source)
