@@ -49,7 +49,8 @@ RESULTS = REPO / "benchmarks" / "results"
 
 #: Module -> the tests that guard it (fast ones; `--slow` adds the Ray/CLI end-to-end tests too).
 MODULES: dict[str, list[str]] = {
-    "core/shards.py": ["tests/test_core_shards.py", "tests/test_bite_shards.py", "tests/test_mut_shards_remote.py"],
+    "core/shards.py": ["tests/test_mut_shards.py", "tests/test_mut_shards_remote.py", "tests/test_core_shards.py",
+                       "tests/test_bite_shards.py"],
     "core/sql.py": ["tests/test_mut_sql.py", "tests/test_bite_sql.py", "tests/test_core_catalog.py::test_sql_refuses_writes",
                     "tests/test_core_catalog.py::test_sql_error_is_one_clear_line"],
     "core/catalog.py": ["tests/test_core_catalog.py", "tests/test_core_transaction.py"],
@@ -109,6 +110,7 @@ def _test_env(scratch: Path) -> dict[str, str]:
 
 
 def _run_module(module: str, tests: list[str], scratch: Path, slow: bool, budget_min: float | None = None) -> dict:
+    commit = _commit(module)  # now, with the copy: the checkout may move on during a long run
     src = _copy_tree(scratch)
     env = _test_env(scratch)
     marker = [] if slow else ["-m", "not slow"]
@@ -127,7 +129,7 @@ def _run_module(module: str, tests: list[str], scratch: Path, slow: bool, budget
     session = scratch / "session.sqlite"
     summary = _summarise(module, session, src)
     summary.update(baseline_s=round(baseline_s, 1), tests=tests, minutes=round((time.perf_counter() - t0) / 60, 1),
-                   commit=_commit(module))
+                   commit=commit)
     return summary
 
 
@@ -248,6 +250,7 @@ def _recheck(module: str, scratch: Path, slow: bool) -> dict:
     tests run once. A survivor whose line is gone no longer exists and leaves the count."""
     previous = {r["module"]: r for r in json.loads((RESULTS / "mutation.json").read_text())}[module]
     bindir = Path(sys.executable).parent
+    commit = _commit(module)
     src = _copy_tree(scratch)
     env = _test_env(scratch)
     config = scratch / "cosmic-ray.toml"
@@ -280,7 +283,7 @@ def _recheck(module: str, scratch: Path, slow: bool) -> dict:
     killed = mutants - len(still)
     return {**previous, "mutants": mutants, "killed": killed, "survived": len(still), "survivors": still,
             "tests": MODULES[module],
-            "rechecked_at": _commit(module),
+            "rechecked_at": commit,
             "kill_rate_before": previous.get("kill_rate_before", previous["kill_rate"]),
             "kill_rate": round(100 * killed / mutants, 1)}
 

@@ -559,6 +559,8 @@ def _keyed_files(tar: tarfile.TarFile, skipped: list[tarfile.TarInfo] | None = N
     Links and device entries carry no data of their own; they are passed over, and appended to
     `skipped` when given so a reader that must account for every input can report them."""
     for member in _members(tar):
+        if member.size < 0:  # tarfile takes a signed size field; a reader would read to the end
+            raise tarfile.ReadError(f"member {member.name!r} has a negative size")
         if member.isfile():
             key, ext = split_member_name(member.name)
             yield key, ext, member

@@ -497,25 +497,39 @@ def count_tar(src: TarSource, every: int) -> TarCount:
     return count
 
 
-def iter_tar_range(src: TarSource, start: int, stop: int, seek: tuple[int, int] = (0, 0)) -> Iterator[SampleRef]:
+def iter_tar_range(src: TarSource, start: int, stop: int, seek: tuple[int, int] = (0, 0),
+                   size: int | None = None) -> Iterator[SampleRef]:
     """Refs `start .. stop-1` of one tar, numbered as `_webdataset_refs` yields them, with raw keys;
     the scan starts at `seek` (a `TarCount.seeks` pair at or before `start`), not at the top.
-    An img2dataset part is read whole (its rows are sorted by key), then cut."""
+    An img2dataset part is read whole (its rows are sorted by key), then cut.
+
+    The range comes from a count made earlier (`count_tar`): a tar whose `size` is no longer the
+    counted one, or that holds fewer refs than counted, is a UserError, never a shard quietly
+    short or built from a seek offset that now lands inside some member's data."""
+    if size is not None and src.size() != size:
+        raise UserError(f"changed since it was counted ({size} bytes then, {src.size()} now); re-run the job",
+                        file=str(src))
+    ordinal = start
     if src.parquet is not None:
-        yield from islice(_img2dataset_part_refs(Path(src.parquet)), start, stop)
-        return
-    ordinal = seek[0]
-    with src.open() as f:
-        for sample in src.scan(seek[1]):
-            if ordinal + sample.n_refs <= start:
-                ordinal += sample.n_refs
-                continue
-            for ref in _tar_sample_refs(src, f, sample):
-                if ordinal >= start:
-                    yield ref
-                ordinal += 1
-                if ordinal >= stop:
-                    return
+        for ref in islice(_img2dataset_part_refs(Path(src.parquet)), start, stop):
+            ordinal += 1
+            yield ref
+    else:
+        ordinal = seek[0]
+        with src.open() as f:
+            for sample in src.scan(seek[1]):
+                if ordinal + sample.n_refs <= start:
+                    ordinal += sample.n_refs
+                    continue
+                for ref in _tar_sample_refs(src, f, sample):
+                    if ordinal >= start:
+                        yield ref
+                    ordinal += 1
+                    if ordinal >= stop:
+                        return
+    if ordinal < stop:
+        raise UserError(f"holds {max(ordinal, start) - start} of the {stop - start} samples counted in its range "
+                        f"{start}..{stop - 1}; re-run the job", file=str(src))
 
 
 def store_tars(url: str, storage_options: dict[str, Any] | None) -> list[TarSource]:

@@ -92,7 +92,7 @@ class ShardPlan:
     @property
     def refs(self) -> list[SampleRef]:
         if self._refs is None:
-            self._refs = _unique_keys([ref for s in self.spans for ref in iter_tar_range(s.tar, s.start, s.stop, s.seek)])
+            self._refs = _unique_keys([ref for s in self.spans for ref in iter_tar_range(s.tar, s.start, s.stop, s.seek, s.size)])
         return self._refs
 
 

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import tarfile
 from collections import OrderedDict
 from itertools import groupby
@@ -31,10 +32,20 @@ from blip3.core.shards import MemberSpan, SampleIndex, is_image_ext, iter_tar_in
 _BLOCK = 512
 _REGULAR = (b"0", b"\0", b"7")  # what tarfile counts as a regular file, less GNU sparse files
 _MAGICS = (b"ustar\x0000", b"ustar  \x00")  # POSIX ustar, GNU
+_OCTAL = re.compile(rb"[0-7]*")
 
 
 class _NotPlain(Exception):
     """The tar holds something only `tarfile` reads right."""
+
+
+def _octal(field: bytes) -> int:
+    """A numeric header field of octal digits only; `_NotPlain` for anything `int` would also take
+    (a sign, underscores): a negative size would step the scan backwards, forever."""
+    digits = field.split(b"\0", 1)[0].strip()
+    if not _OCTAL.fullmatch(digits):
+        raise _NotPlain
+    return int(digits or b"0", 8)
 
 
 def _plain_members(f, size: int) -> list[tuple[str, str, int, int, int]]:
@@ -52,11 +63,7 @@ def _plain_members(f, size: int) -> list[tuple[str, str, int, int, int]]:
             return out
         if buf[156:157] not in _REGULAR or buf[257:265] not in _MAGICS or buf[124] & 0x80:
             raise _NotPlain
-        try:
-            checksum = int(buf[148:156].split(b"\0", 1)[0].strip() or b"0", 8)
-            length = int(buf[124:136].split(b"\0", 1)[0].strip() or b"0", 8)
-        except ValueError:
-            raise _NotPlain from None
+        checksum, length = _octal(buf[148:156]), _octal(buf[124:136])
         if checksum != 256 + sum(buf[:148]) + sum(buf[156:]):
             raise _NotPlain
         name = buf[:100].split(b"\0", 1)[0].decode("utf-8", "surrogateescape")

@@ -293,14 +293,16 @@ def materialize(model, weights_file: str | Path, device: torch.device, *, from_r
     rank). from_rank0: rank 0 alone reads the file and broadcasts it, one host copy instead of one
     per rank. The rotary tables (not in the file) are rebuilt."""
     import torch.distributed as dist
-    from safetensors.torch import load_file
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+    from blip3.model.xgenmm import read_weights, weights_errors
 
     model.to_empty(device=device)
     read = not from_rank0 or dist.get_rank() == 0
-    state = load_file(str(weights_file)) if read else {}
+    state = read_weights(weights_file) if read else {}
     # full_state_dict: the file holds whole tensors; each rank copies its slice into its shards
     # (names are matched through the checkpoint / compile wrappers)
-    set_model_state_dict(model, state, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=from_rank0,
-                                                                strict=True))
+    with weights_errors(weights_file):
+        set_model_state_dict(model, state, options=StateDictOptions(full_state_dict=True,
+                                                                    broadcast_from_rank0=from_rank0, strict=True))
     model.reset_rotary(device)

@@ -13,7 +13,9 @@ and positions restarting at each segment.
 
 from __future__ import annotations
 
+import contextlib
 import json
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -39,6 +41,36 @@ class TokenLogps:
 
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0][:200] if text else ""
+
+
+def read_weights(file: str | Path, device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
+    """The tensors of a weights file (safetensors: nothing in it can run code); a file that is not
+    one (truncated, crafted) is one line naming it, see `weights_errors`."""
+    from safetensors.torch import load_file
+
+    with weights_errors(file):
+        return load_file(str(file), device=str(device))
+
+
+@contextlib.contextmanager
+def weights_errors(file: str | Path) -> Iterator[None]:
+    """A weights file that cannot be read or does not fit the model (other names or shapes) as one
+    UserError: a model dir on disk is user input, and torch's mismatch report is a page long."""
+    from safetensors import SafetensorError
+
+    from blip3.core.errors import UserError
+
+    try:
+        yield
+    except UserError:  # already worded (a ValueError too)
+        raise
+    except (SafetensorError, OSError, ValueError, RuntimeError) as e:
+        raise UserError(f"weights cannot be loaded ({type(e).__name__}: {_first_line(e)})", file=file) from None
 
 
 def build_lang_model(config: ModelConfig, attn_implementation: str = "sdpa") -> nn.Module:
@@ -313,12 +345,15 @@ class XGenMM(nn.Module):
         """The model of a `save_pretrained` directory built on the meta device (shapes, no memory,
         no random init) and its weights file: `from_pretrained` loads it at once,
         `model.weights.materialize` after FSDP2 has sharded the model."""
-        from blip3.core.errors import MissingWeightsError
+        from blip3.core.errors import MissingWeightsError, UserError
 
         d = Path(directory)
         if not (d / CONFIG_FILE).is_file() or not (d / WEIGHTS_FILE).is_file():
             raise MissingWeightsError(f"no {CONFIG_FILE} + {WEIGHTS_FILE} in {d}", field="model dir")
-        config = ModelConfig.from_dict(json.loads((d / CONFIG_FILE).read_text()))
+        try:
+            config = ModelConfig.from_dict(json.loads((d / CONFIG_FILE).read_text()))
+        except (ValueError, TypeError, KeyError, AttributeError) as e:
+            raise UserError(f"not a model config ({type(e).__name__}: {_first_line(e)})", file=d / CONFIG_FILE) from None
         with torch.device("meta"):
             model = cls(config)
         return model, d / WEIGHTS_FILE
@@ -326,10 +361,9 @@ class XGenMM(nn.Module):
     @classmethod
     def from_pretrained(cls, directory: str | Path, *, device: str | torch.device = "cpu") -> "XGenMM":
         """Load a directory written by `save_pretrained` (no random init of the big weights)."""
-        from safetensors.torch import load_file
-
         model, weights = cls.empty_from_pretrained(directory)
-        model.load_state_dict(load_file(str(weights), device=str(device)), strict=True, assign=True)
+        with weights_errors(weights):
+            model.load_state_dict(read_weights(weights, device), strict=True, assign=True)
         model.reset_rotary(device)
         model.vision_encoder.requires_grad_(False)
         return model

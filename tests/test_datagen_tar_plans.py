@@ -103,6 +103,28 @@ def test_unreadable_or_missing_tars_are_one_line(tmp_path):
     assert "cannot read" in count_tar(TarSource(str(tmp_path / "gone.tar")), 2).error
 
 
+
+def test_a_tar_changed_after_its_count_is_one_line_not_a_short_shard(tmp_path):
+    """Plans are cut from counts made before the shards' tasks read the tars: a tar rewritten in
+    between (other bytes, or fewer samples in the same bytes) fails its shard in one line."""
+    pattern = wds_tars(tmp_path / "in")
+    plans = list(job_plans(pattern, None, 3, count_tars=count_tars_locally))
+    first = tmp_path / "in" / "part-000.tar"
+    original = first.read_bytes()
+    first.write_bytes(original[:-10240])  # the end-of-archive record gone: shorter
+    with pytest.raises(UserError, match="changed since it was counted") as e:
+        plans[0].refs
+    assert "\n" not in str(e.value) and "part-000.tar" in str(e.value)
+    with tarfile.open(first, "w") as tar:  # two samples, padded to the counted size
+        for i in range(2):
+            _add(tar, f"k{i}.txt", b"x")
+    first.write_bytes(first.read_bytes().ljust(len(original), b"\0"))
+    with pytest.raises(UserError, match="holds 2 of the 3 samples counted") as e:
+        plans[0].refs
+    assert "\n" not in str(e.value) and "part-000.tar" in str(e.value)
+    first.write_bytes(original)
+    assert [r.source_caption for r in plans[0].refs] == ["caption 0", "caption 1", "caption 2"]
+
 def test_job_over_tars_reads_no_tar_in_the_driver_and_writes_the_listed_shards(ray_local, tmp_path, monkeypatch):
     """The driver plans a tar job from counts made by Ray tasks: it opens no tar itself (a driver
     that enumerated the members would fail here), and the shards are the bytes the listed plans give."""

@@ -103,3 +103,51 @@ def test_a_damaged_tar_is_one_line_either_way(tmp_path):
     with pytest.raises(UserError) as e:
         index_tar(cut)
     assert "\n" not in str(e.value) and "cut.tar" in str(e.value)
+
+
+def _header(name, size_field):
+    """A GNU header with a raw size field (tarfile would never write a signed one) and a valid checksum."""
+    info = tarfile.TarInfo(name)
+    head = bytearray(info.tobuf(tarfile.GNU_FORMAT))
+    head[124:136] = size_field.ljust(12, b"\0")
+    head[148:156] = b" " * 8
+    head[148:156] = b"%06o\0 " % sum(head)
+    return bytes(head)
+
+
+class _FewReads(io.BytesIO):
+    """Fails after many reads: a scan that steps backwards fails the test instead of running forever."""
+
+    def __init__(self, data):
+        super().__init__(data)
+        self.reads = 0
+
+    def read(self, n=-1):
+        self.reads += 1
+        assert self.reads < 100, "the header scan does not advance"
+        return super().read(n)
+
+
+@pytest.mark.parametrize("size_field", [b"-1000", b"-1", b"-0", b"+10", b"1_0"])
+def test_a_signed_or_odd_size_field_never_steps_back(tmp_path, size_field):
+    data = _header("k0.jpg", size_field) + b"x" * 512 + _header("k1.jpg", b"1") + b"y" * 512 + b"\0" * 1024
+    with pytest.raises(tar_index._NotPlain):  # the raw scan hands such a tar to tarfile
+        tar_index._plain_members(_FewReads(data), len(data))
+    tar = tmp_path / "odd.tar"
+    tar.write_bytes(data)
+    if size_field.startswith(b"-") and size_field != b"-0":
+        with pytest.raises(UserError, match="negative size") as e:
+            index_tar(tar)
+        assert "\n" not in str(e.value)
+    else:
+        got = index_tar(tar)
+        assert got == list(iter_tar_index(tar)) and all(m.size >= 0 for s in got for m in s.members)
+
+
+def test_a_member_past_the_end_of_the_file_is_one_line(tmp_path):
+    data = _header("k0.jpg", b"77777777777") + b"x" * 512 + b"\0" * 1024  # 8 GiB claimed, 2 KiB there
+    tar = tmp_path / "huge.tar"
+    tar.write_bytes(data)
+    with pytest.raises(UserError) as e:
+        index_tar(tar)
+    assert "\n" not in str(e.value) and "huge.tar" in str(e.value)

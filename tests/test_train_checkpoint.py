@@ -187,3 +187,33 @@ def test_an_asynchronous_checkpoint_holds_the_state_of_when_it_started(tmp_path,
         assert torch.equal(v, saved[k]), k
     for k, v in opt2.state_dict()["state"][0].items():
         assert torch.equal(v, moment[k]), k
+
+
+@pytest.mark.parametrize("field,value", [("world_size", 0), ("world_size", -3), ("world_size", "2"), ("step", "x"),
+                                         ("scheduler", None), ("param_groups", 7), (None, [1, 2])])
+def test_a_crafted_meta_json_is_one_line(tmp_path, field, value):
+    """meta.json is read from disk like the rest: odd values in it (no rank files to read, a scheduler
+    state that is not one, not even an object) are the same one line, never a traceback."""
+    from blip3.train.checkpoint import load_checkpoint, save_checkpoint
+
+    model, opt, sched = _small()
+    ckpt = save_checkpoint(tmp_path, 1, model=model, optimizer=opt, scheduler=sched, data_state={}, meta={})
+    meta = json.loads((ckpt / "meta.json").read_text())
+    if field is None:
+        meta = value
+    else:
+        meta[field] = value
+    (ckpt / "meta.json").write_text(json.dumps(meta))
+    with pytest.raises(UserError, match="cannot be read") as e:
+        load_checkpoint(ckpt, model=model, optimizer=opt, scheduler=sched)
+    assert "\n" not in str(e.value)
+
+
+def test_a_crafted_rng_state_is_one_line(tmp_path):
+    from blip3.train.checkpoint import load_checkpoint, save_checkpoint
+
+    model, opt, sched = _small()
+    ckpt = save_checkpoint(tmp_path, 1, model=model, optimizer=opt, scheduler=sched, data_state={}, meta={})
+    (ckpt / "rank0.json").write_text(json.dumps({"data": {}, "rng": {"python": [3, [1, 2], None]}}))
+    with pytest.raises(UserError, match="cannot be read"):
+        load_checkpoint(ckpt, model=model, optimizer=opt, scheduler=sched)

@@ -88,3 +88,30 @@ def test_a_resume_the_data_ranks_cannot_carry_is_one_line(make):
     mid.next()  # half a step of the two ranks
     with pytest.raises(UserError, match="middle of a step"):
         DataRanks(make, 0, 2).load_state_dict([mid.state_dict()])  # saved by one process
+
+
+@pytest.mark.parametrize("damage", ["zero-ranks", "turn-out-of-range", "turn-text", "ranks-a-list", "not-objects",
+                                    "no-states"])
+def test_a_crafted_data_position_is_one_line(make, damage):
+    """The data position comes from the checkpoint's rank files: odd values in them are one
+    UserError, never a ZeroDivisionError or an IndexError at the next micro-batch."""
+    from blip3.train.data import DataRanks
+
+    states, _ = _saved_by_two(make, steps=1)
+    if damage == "zero-ranks":
+        for st in states:
+            st["data_world_size"] = 0
+    elif damage == "turn-out-of-range":
+        states[0]["turn"] = 5
+    elif damage == "turn-text":
+        states[0]["turn"] = "x"
+    elif damage == "ranks-a-list":
+        states[0]["ranks"] = [1, 2]
+    elif damage == "not-objects":
+        states = [[1], [2]]
+    else:
+        states = []
+    dr = DataRanks(make, 0, 2)
+    with pytest.raises(UserError) as e:
+        dr.load_state_dict(states)
+    assert "\n" not in str(e.value)

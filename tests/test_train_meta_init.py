@@ -99,3 +99,34 @@ def test_two_gloo_ranks_load_the_weights_into_their_shards(tmp_path, saved):
     out = tmp_path / "gathered.safetensors"
     mp.spawn(_sharded_worker, args=(str(tmp_path / "init"), str(saved), str(out)), nprocs=2, join=True)
     _assert_same_weights(load_file(str(out)), XGenMM.from_pretrained(saved).state_dict())
+
+
+@pytest.mark.parametrize("damage", ["truncated", "other-names", "config"])
+def test_a_damaged_model_dir_is_one_line_either_way(tmp_path, saved, damage):
+    """A model dir on disk is user input: a truncated or foreign weights file, or a config that is
+    not one, is one UserError naming the file, eager load and meta build alike."""
+    import shutil
+
+    from safetensors.torch import save_file
+
+    from blip3.core.errors import UserError
+    from blip3.model.weights import materialize
+    from blip3.model.xgenmm import XGenMM
+
+    d = tmp_path / "final"
+    shutil.copytree(saved, d)
+    weights = d / "model.safetensors"
+    if damage == "truncated":
+        weights.write_bytes(weights.read_bytes()[:1000])
+    elif damage == "other-names":
+        save_file({"not.a.weight": torch.zeros(2)}, str(weights))
+    else:
+        (d / "config.json").write_text('["not", "a", "config"]')
+    with pytest.raises(UserError) as e:
+        XGenMM.from_pretrained(d)
+    assert "\n" not in str(e.value) and str(d) in str(e.value) and "UserError" not in str(e.value)
+    if damage != "config":
+        model, file = XGenMM.empty_from_pretrained(d)
+        with pytest.raises(UserError) as e:
+            materialize(model, file, torch.device("cpu"))
+        assert "\n" not in str(e.value) and "model.safetensors" in str(e.value)

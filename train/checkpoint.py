@@ -244,20 +244,27 @@ def load_checkpoint(ckpt: Path, *, model: torch.nn.Module, optimizer: torch.opti
     if not (ckpt / STATE_DIR).is_dir():
         old = " (an older pickle format, not loaded: it could run code)" if (ckpt / "trainable.pt").exists() else ""
         raise UserError(f"not a checkpoint{old}; delete it to resume from the one before", file=ckpt)
+    # every part below comes from the files (meta.json is hostile too): whatever is wrong in them
+    # is the one line below, not a traceback from the middle of a restore
     try:
         meta = json.loads((ckpt / "meta.json").read_text())
-        per_rank = [json.loads((ckpt / f"rank{r}.json").read_text()) for r in range(int(meta.get("world_size", 1)))]
+        world = meta.get("world_size", 1)
+        if not (isinstance(world, int) and world >= 1
+                and all(isinstance(meta.get(k, 0), int) for k in ("step", "tokens"))):
+            raise ValueError("meta.json: world_size, step or tokens is not a whole number")
+        per_rank = [json.loads((ckpt / f"rank{r}.json").read_text()) for r in range(world)]
         data = [r["data"] for r in per_rank]
         flat, _ = _flat_state(model, optimizer)
         dcp.load(flat, storage_reader=HuggingFaceStorageReader(str(ckpt / STATE_DIR)), no_dist=not _distributed())
-    except (OSError, ValueError, TypeError, KeyError, RuntimeError, dcp.api.CheckpointException) as e:
+        msd, osd = _unflat(flat, meta["param_groups"])
+        set_model_state_dict(model, msd, options=StateDictOptions(strict=False))
+        set_optimizer_state_dict(model, optimizer, osd)
+        scheduler.load_state_dict(meta["scheduler"])
+        set_rng_state(per_rank[min(_rank(), world - 1)]["rng"])
+    except (OSError, ValueError, TypeError, KeyError, IndexError, AttributeError, RuntimeError,
+            dcp.api.CheckpointException) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else ""
         raise UserError(f"checkpoint cannot be read ({type(e).__name__}: {first[:200]}); delete it to resume "
                         "from the one before", file=ckpt) from None
-    msd, osd = _unflat(flat, meta["param_groups"])
-    set_model_state_dict(model, msd, options=StateDictOptions(strict=False))
-    set_optimizer_state_dict(model, optimizer, osd)
-    scheduler.load_state_dict(meta["scheduler"])
-    set_rng_state(per_rank[min(_rank(), len(per_rank) - 1)]["rng"])
     meta["data"] = data
     return meta

@@ -18,9 +18,10 @@ Noise uses the global torch RNG, which checkpoints hold.
 
 from __future__ import annotations
 
+import contextlib
 import io
 from dataclasses import dataclass, replace
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import torch
 from PIL import Image
@@ -261,9 +262,14 @@ class DataRanks:
 
     def load_state_dict(self, states: list[dict[str, Any]]) -> None:
         """Continue from `states`: the data state each process of the saving run wrote, in rank order."""
-        states = [st if "ranks" in st else {"data_world_size": len(states), "turn": 0, "ranks": {str(i): st}}
-                  for i, st in enumerate(states)]  # a checkpoint of one stream per process
-        data_world = int(states[0]["data_world_size"])
+        with _data_position_errors():
+            states = [st if "ranks" in st else {"data_world_size": len(states), "turn": 0, "ranks": {str(i): st}}
+                      for i, st in enumerate(states)]  # a checkpoint of one stream per process
+            data_world = int(states[0]["data_world_size"])
+            saved = {int(r): st for state in states for r, st in state["ranks"].items()}
+            turns = [int(state["turn"]) for state in states]
+        if data_world < 1:
+            raise UserError(f"the checkpoint's data position is of {data_world} data ranks", field="data")
         if data_world % self.world_size:
             raise UserError(f"the data position was saved as {data_world} data rank(s); resume on a number of "
                             f"processes that divides {data_world}, not {self.world_size}", field="world size")
@@ -272,13 +278,16 @@ class DataRanks:
             raise UserError(f"the run continues {data_world} data ranks on {self.world_size} process(es), "
                             f"{per_process} each: grad_accum must be a multiple of {per_process} "
                             f"(x{per_process} keeps the step of the saved run)", field="batch.grad_accum")
-        saved = {int(r): st for state in states for r, st in state["ranks"].items()}
         if sorted(saved) != list(range(data_world)):
             raise UserError(f"the checkpoint holds the data position of ranks {sorted(saved)} of {data_world}",
                             field="data")
+        saved_per_process = max(1, data_world // len(states))  # the streams each saving process took turns over
+        if any(not 0 <= t < saved_per_process for t in turns):
+            raise UserError(f"the checkpoint's data position is at turn {max(turns)} of {saved_per_process}",
+                            field="data")
         if len(states) == self.world_size:
-            turn = int(states[self.rank]["turn"])
-        elif any(state["turn"] for state in states):  # between two micro-batches of a step
+            turn = turns[self.rank]
+        elif any(turns):  # between two micro-batches of a step
             raise UserError("the data position was saved in the middle of a step; resume on the same number "
                             "of processes", field="world size")
         else:
@@ -286,9 +295,24 @@ class DataRanks:
         if data_world != self.data_world_size:
             self.data_world_size = data_world
             self.streams = [self._make(r, data_world) for r in self.data_ranks]
-        for r, stream in zip(self.data_ranks, self.streams):
-            stream.load_state_dict(saved[r])
+        with _data_position_errors():
+            for r, stream in zip(self.data_ranks, self.streams):
+                stream.load_state_dict(saved[r])
         self._turn = turn
+
+
+@contextlib.contextmanager
+def _data_position_errors() -> Iterator[None]:
+    """A data position that is not what `state_dict` writes (it is read from a checkpoint on disk)
+    as one UserError."""
+    try:
+        yield
+    except UserError:
+        raise
+    except (TypeError, ValueError, KeyError, IndexError, AttributeError) as e:
+        detail = " ".join(str(e).split())[:200]
+        raise UserError(f"the checkpoint's data position cannot be read ({type(e).__name__}: {detail})",
+                        field="data") from None
 
 
 def count_tokens(inputs: dict[str, torch.Tensor]) -> int:

@@ -189,7 +189,7 @@ def build_run(cfg: StageConfig, *, init_path: str | None, resume: bool, db, info
         if len(stream.streams) > 1:
             log.info(f"{cfg.name}: {info.world_size} process(es) continue the data of {stream.data_world_size} ranks, "
                      f"{len(stream.streams)} each (one micro-batch from each in turn)")
-        run.step, run.tokens, run.run_id = meta["step"], meta["tokens"], meta.get("run_id", run.run_id)
+        run.step, run.tokens, run.run_id = meta.get("step", 0), meta.get("tokens", 0), meta.get("run_id", run.run_id)
         run.resumed = True
         log.info(f"{cfg.name}: resumed from {ckpt} at step {run.step}")
     return run
