@@ -131,3 +131,21 @@ def test_a_token_target_is_turned_into_samples_by_the_mixs_mean(tiny_sources):  
     per_sample = sum(s.sample_weight * s.tokens / s.samples for s in m.sources)
     assert m.target["samples"] == round(50_000 / per_sample)
     assert m.target["tokens"] == sum(s.target_tokens for s in m.sources)
+
+
+def test_token_sample_weights_are_rounded_to_twelve_digits(tiny_sources):  # noqa: F811
+    m = build_manifest(_spec(inline(tiny_sources, {"caption-ocr": 2, "interleaved": 1}), weight_by="tokens"))
+    raw = [s.weight / (s.tokens / s.samples) for s in m.sources]
+    assert [s.sample_weight for s in m.sources] == [round(r / sum(raw), 12) for r in raw]
+    assert any(s.sample_weight != r / sum(raw) for s, r in zip(m.sources, raw))  # precondition: rounding shows
+
+
+def test_one_pass_over_a_one_sample_source_plans_one_sample(tmp_path):
+    """The default target is one pass of the heaviest source, even when that is a single sample."""
+    import random
+
+    from blip3.mixture.tiny_sources import _captions, _write
+
+    _write(tmp_path / "one", 0, _captions(random.Random(0), 1), "one", "caption")
+    m = build_manifest(_spec(_one(str(tmp_path / "one"), name="one")))
+    assert m.target["samples"] == m.sources[0].target_samples == 1 and m.sources[0].epochs == 1.0
