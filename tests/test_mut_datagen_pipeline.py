@@ -193,7 +193,8 @@ def test_remove_shards_drops_high_and_other_width_shards_whole(tmp_path):
     with ShardWriter(tmp_path, 7, generator={}, digits=3) as w:
         w.add_failure(SampleRow("x", error_message="x: y"))
     (tmp_path / "notes.tar").write_bytes(b"")
-    assert pipeline._remove_shards(tmp_path, keep_below=2) == [2, 3, 7]
+    (tmp_path / "00009.tar").write_bytes(b"")  # a part without its parquet and stats
+    assert pipeline._remove_shards(tmp_path, keep_below=2) == [2, 3, 7, 9]
     assert sorted(p.name for p in tmp_path.iterdir()) == [
         "00000.parquet", "00000.tar", "00000_stats.json", "00001.parquet", "00001.tar", "00001_stats.json", "notes.tar"]
     assert pipeline._remove_shards(tmp_path) == [0, 1]
@@ -201,6 +202,21 @@ def test_remove_shards_drops_high_and_other_width_shards_whole(tmp_path):
 
 
 # -- the job's checks and a job with nothing left to do --------------------------------------------
+@pytest.mark.parametrize("command", ["blip3.datagen.ocr_commands:ocr", "blip3.datagen.ground_commands:ground"])
+def test_job_defaults_are_the_commands_defaults(command):
+    """A job started from Python cuts and runs like `blip3 ocr` / `blip3 ground` without options."""
+    import importlib
+    import inspect
+
+    module, name = command.split(":")
+    params = inspect.signature(getattr(importlib.import_module(module), name)).parameters
+    job = JobOptions()
+    for option in ("shard_size", "workers", "overwrite", "limit", "shard_name_width", "input_format", "ray_address"):
+        if option in params:
+            assert getattr(job, option) == params[option].default.default, option
+    assert job.shard_size == 1000 and job.workers == 2
+
+
 def test_job_checks_workers_and_shard_name_width_before_anything_else(tmp_path):
     empty = tmp_path / "in"
     empty.mkdir()
@@ -266,6 +282,10 @@ def test_job_with_every_shard_done_registers_them(done_job, tmp_path):
     from blip3.core.catalog import Catalog
 
     src, out, _ = done_job
+    tar = out / "000.tar"
+    data = bytearray(tar.read_bytes())
+    data[600] ^= 0xFF  # same size, other bytes: by default a finished shard's hash is trusted, not re-read
+    tar.write_bytes(bytes(data))
     db = tmp_path / "cat.duckdb"
     r = run_job(src, out, SizeCaptioner, JobOptions(shard_size=2, shard_name_width=3, db=db, source="scans"))
     assert r.source == "scans" and r.shards_skipped == 3
