@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import tarfile
 from dataclasses import dataclass
 
@@ -244,7 +245,7 @@ def test_local_cluster_cpus_cover_the_workers_request(monkeypatch):
 @pytest.fixture
 def done_job(tmp_path, monkeypatch):
     """An input folder of 5 images whose 3 shards (size 2, 3-digit names) were all written before,
-    plus a left-over 4th shard and a killed writer's temporary; Ray must not start."""
+    plus two left-over shards and a killed writer's temporary; Ray must not start."""
     src = tmp_path / "in"
     src.mkdir()
     for i in range(5):
@@ -254,9 +255,10 @@ def done_job(tmp_path, monkeypatch):
     generator = {"name": "size", "engine": "size", "image_format": "jpg", "encode_quality": ImageOutput().quality}
     for plan in job_plans(str(src), None, 2, generator):
         write_shard(out, plan, SizeCaptioner(), ImageLimits(), generator, digits=3)
-    write_caption_shard(tmp_path / "other", 3, 1)
-    for p in shard_paths(tmp_path / "other", 3):
-        p.rename(out / p.name.replace("00003", "003"))
+    for i in (3, 4):  # left over from a run with a smaller --shard-size
+        write_caption_shard(tmp_path / "other", i, 1)
+        for p in shard_paths(tmp_path / "other", i):
+            p.rename(out / p.name.replace(f"0000{i}", f"00{i}"))
     (out / ".004.tar.tmp-dead").write_bytes(b"half")
 
     def no_ray(*a, **k):
@@ -266,15 +268,18 @@ def done_job(tmp_path, monkeypatch):
     return src, out, generator
 
 
-def test_job_with_every_shard_done_skips_them_without_ray(done_job, tmp_path):
+def test_job_with_every_shard_done_skips_them_without_ray(done_job, tmp_path, caplog):
     src, out, generator = done_job
     before = {p.name: p.read_bytes() for p in out.glob("00[012]*")}
-    r = run_job(src, out, SizeCaptioner, JobOptions(shard_size=2, shard_name_width=3, register=False, verify=True))
+    with caplog.at_level(logging.INFO, logger="blip3"):
+        r = run_job(src, out, SizeCaptioner, JobOptions(shard_size=2, shard_name_width=3, register=False, verify=True))
+    assert [m for m in caplog.messages if "shard(s)" in m] == ["removed 2 shard(s) left over from an earlier run: indices 3..4",
+                               "3 shard(s): 0 written, 3 done before"]
     assert (r.shards_total, r.shards_written, r.shards_skipped) == (3, 0, 3)
     assert (r.samples, r.successes, r.failed, r.failure_reasons, r.source) == (0, 0, 0, {}, None)
     assert r.generator == generator and 0 <= r.duration_s < 3600
     assert {p.name: p.read_bytes() for p in out.glob("00[012]*")} == before
-    assert sorted(p.name for p in out.iterdir()) == sorted(before)  # left-over shard 3 and the temporary gone
+    assert sorted(p.name for p in out.iterdir()) == sorted(before)  # left-over shards 3, 4 and the temporary gone
     assert not (tmp_path / "catalog.duckdb").exists()
 
 
