@@ -387,6 +387,14 @@ def _plan_and_run(input: str | Path, out: Path | RemoteDir, annotator_factory: A
     return result
 
 
+def _failure_detail(e: BaseException) -> str:
+    """What the job's error line says of a lost shard: the worker's own exception when Ray carries
+    it (`cause`), else the first line of Ray's message (the rest is a traceback or actor details)."""
+    cause = getattr(e, "cause", None)  # the worker's own exception, not Ray's header
+    detail = describe_exception(cause) if cause is not None else str(e).strip().splitlines()[0]
+    return detail[:200]
+
+
 def _run_plans(
     plans: Iterator[ShardPlan], out: Path | RemoteDir, factory: AnnotatorConfig, generator: dict[str, Any], result: JobResult,
     reasons: Counter[str], job: JobOptions, registrar: BatchRegistrar | None = None,
@@ -431,15 +439,13 @@ def _run_plans(
                         time.sleep(UNREACHABLE_WAIT_S)
                         resend.append(plan)
                     else:
-                        lost.append(f"{index}: {str(e).strip().splitlines()[0][:200]}")
+                        lost.append(f"{index}: {_failure_detail(e)}")
                     continue
                 except (ray.exceptions.RayActorError, ray.exceptions.RayTaskError) as e:
                     full = environment_error(e)
                     if full is not None:  # a full disk or unwritable output: every other shard fails alike
                         raise full from None
-                    cause = getattr(e, "cause", None)  # the worker's own exception, not Ray's header
-                    detail = describe_exception(cause) if cause is not None else str(e).strip().splitlines()[0]
-                    lost.append(f"{index}: {detail[:200]}")
+                    lost.append(f"{index}: {_failure_detail(e)}")
                     continue
                 result.shards_written += 1
                 result.samples += int(stats["count"])
