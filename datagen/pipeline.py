@@ -387,6 +387,19 @@ def _plan_and_run(input: str | Path, out: Path | RemoteDir, annotator_factory: A
     return result
 
 
+class _Resends:
+    """Sends of each shard whose actor could not be reached: a lost node has UNREACHABLE_RESENDS
+    sends of each of its shards (UNREACHABLE_WAIT_S apart) to be replaced, then the shard is lost."""
+
+    def __init__(self) -> None:
+        self.sent: Counter[int] = Counter()
+
+    def again(self, index: int) -> bool:
+        """Shard `index` was unreachable once more: True while it may be sent again."""
+        self.sent[index] += 1
+        return self.sent[index] <= UNREACHABLE_RESENDS
+
+
 def _failure_detail(e: BaseException) -> str:
     """What the job's error line says of a lost shard: the worker's own exception when Ray carries
     it (`cause`), else the first line of Ray's message (the rest is a traceback or actor details)."""
@@ -421,7 +434,7 @@ def _run_plans(
         in_flight: dict[Any, tuple[Any, ShardPlan]] = {}
         lost: list[str] = []
         resend: deque[ShardPlan] = deque()
-        unreachable: Counter[int] = Counter()
+        unreachable = _Resends()
 
         def collect() -> None:
             done, _ = ray.wait(list(in_flight), num_returns=1)
@@ -434,8 +447,7 @@ def _run_plans(
                 except ray.exceptions.ActorUnavailableError as e:
                     # its node is gone or out of reach: Ray spends the call's retries before it has
                     # noticed, so the plan is sent again, to an actor restarted elsewhere (same bytes)
-                    unreachable[index] += 1
-                    if unreachable[index] <= UNREACHABLE_RESENDS:
+                    if unreachable.again(index):
                         time.sleep(UNREACHABLE_WAIT_S)
                         resend.append(plan)
                     else:
