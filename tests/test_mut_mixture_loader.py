@@ -50,6 +50,7 @@ def test_a_resumed_loader_continues_an_uninterrupted_run(manifest):
     assert head + _ids(resumed.take(199)) == whole
 
 
+@pytest.mark.filterwarnings("ignore:This DataLoader will create 3 worker processes")
 @pytest.mark.parametrize("rank, workers", [(1, 2), (0, 3)])
 def test_resume_through_workers_continues_an_uninterrupted_run(manifest, rank, workers):
     """Rank 1's slots are 2 and 3: the worker that comes next is found from the slot minus the
@@ -198,7 +199,13 @@ def test_the_loader_yields_plain_samples_again_after_a_dataloader(manifest):
 
 # ---- I/O: a block's tars stay open while it is read, and only those -------------------------------
 
-def test_each_shard_is_indexed_once_per_run_of_blocks_that_read_it(tiny_sources, monkeypatch):  # noqa: F811
+@pytest.fixture(scope="module")
+def ocr_only(tiny_sources):  # noqa: F811
+    """One source of 2 shards x 24 samples."""
+    return build_manifest({"name": "one", "sources": inline(tiny_sources, {"caption-ocr": 1})})
+
+
+def test_each_shard_is_indexed_once_per_run_of_blocks_that_read_it(ocr_only, monkeypatch):
     """One source of 2 shards x 24 samples, blocks of 8 (so no block crosses a shard): reading an
     epoch indexes each shard once, and at most one tar is open at a time."""
     import blip3.mixture.tar_index as tar_index
@@ -206,8 +213,7 @@ def test_each_shard_is_indexed_once_per_run_of_blocks_that_read_it(tiny_sources,
     indexed = []
     real = tar_index.index_tar
     monkeypatch.setattr(tar_index, "index_tar", lambda path, *a, **k: indexed.append(path) or real(path, *a, **k))
-    m = build_manifest({"name": "one", "sources": inline(tiny_sources, {"caption-ocr": 1})})
-    indexed.clear()
+    m = ocr_only
 
     def open_tars(sample):
         fds = Path("/proc/self/fd")
@@ -246,3 +252,33 @@ def test_a_mixture_dataloader_reads_in_this_process_by_default(manifest):
     assert pids == [os.getpid()] * 6
     whole = _ids(_loader(manifest).take(6))
     assert [_ids(b) for b in batches] == [whole[:3], whole[3:]]
+
+
+def test_at_most_one_tar_is_open_across_epoch_boundaries(tmp_path_factory):
+    """Shards of 2 samples and blocks of 2: each block is one shard. Over 15 epochs (some ending
+    with shard X then Y and the next starting with X again) the tar of the block just read is
+    closed before the next one opens, whatever comes later."""
+    from blip3.mixture.tiny_sources import write_tiny_sources
+
+    small = write_tiny_sources(tmp_path_factory.mktemp("small"), shards=3, per_shard=2)
+    m = build_manifest({"name": "small", "seed": 1, "sources": inline(small, {"caption-ocr": 1})})
+
+    def open_tars(sample):
+        sample["open"] = sum(1 for fd in Path("/proc/self/fd").iterdir() if _target(fd).endswith(".tar"))
+        return sample
+
+    got = MixtureLoader(m, decode=False, verify="none", shuffle_buffer=2, transform=open_tars).take(90)
+    assert max(s["epoch"] for s in got) == 14
+    assert max(s["open"] for s in got) == 1
+
+
+@pytest.mark.parametrize("world_size, shares", [(5, [10, 10, 10, 10, 8]), (7, [7, 7, 7, 7, 7, 7, 6])])
+def test_each_rank_reads_one_run_of_ceil_n_over_slots_of_an_epoch(ocr_only, world_size, shares):
+    """48 samples per epoch over 5 ranks: chunks of ceil(48 / 5) = 10, so ranks 0-3 read 10 of
+    epoch 0 and rank 4 the last 8 (chunks of 9 would give rank 0 a second, partial run)."""
+    got = []
+    for rank in range(world_size):
+        samples = MixtureLoader(ocr_only, rank=rank, world_size=world_size, shuffle_buffer=1, decode=False,
+                                verify="none").take(20)
+        got.append(sum(1 for s in samples if s["epoch"] == 0))
+    assert got == shares
