@@ -75,7 +75,8 @@ def test_lock_wait_backs_off_doubling_up_to_one_second(locked_db, clock):
     with pytest.raises(UserError, match=r"catalog is locked by another process \(.*PID \d+.*\); waited 3s") as e:
         open_catalog(locked_db, lock_wait=3.0)
     assert clock.sleeps == pytest.approx([0.05, 0.1, 0.2, 0.4, 0.8, 1.0, 1.0])
-    assert "\n" not in str(e.value) and str(locked_db) in str(e.value)
+    text = str(e.value)  # the holder only, not DuckDB's whole message
+    assert "\n" not in text and str(locked_db) in text and "Could not set lock" not in text and "See also" not in text
 
 
 def test_no_lock_wait_means_one_try(locked_db, clock):
@@ -137,6 +138,29 @@ def test_the_driver_registers_64_shards_a_batch_by_default(tmp_path):
     assert not db.exists() and len(reg.pending) == 63
     reg.add(63)
     assert db.exists() and reg.batches == 1 and reg.pending == []
+
+
+def test_the_driver_trusts_its_writers_checksums_and_flags_a_rewritten_shard(output_dir, tmp_path, monkeypatch):
+    """The driver registers shards its workers just wrote: no tar is read again, and a shard
+    catalogued before with another checksum is flagged, its rows kept (`catalog add --refresh`
+    replaces them)."""
+    import blip3.core.shard_folder
+
+    hashed: list[str] = []
+    monkeypatch.setattr(blip3.core.shard_folder, "file_sha256", lambda path, *a, **k: hashed.append(path))
+    db = tmp_path / "c.duckdb"
+    reg = BatchRegistrar(db, output_dir, batch=2)
+    reg.add(0)
+    reg.add(1)
+    write_caption_shard(output_dir, 1, 2, prefix="new")
+    reg.add(1)
+    reg.flush()
+    assert hashed == [] and reg.batches == 2
+    with Catalog(db) as cat:
+        assert [s[1] for s in _statuses(cat)] == ["ok", "changed"]
+        keys = [r[0] for r in cat.con.execute(
+            "SELECT key FROM samples WHERE shard LIKE '%00001.tar' ORDER BY key").fetchall()]
+    assert len(keys) == 6 and not any(k.startswith("new") for k in keys)
 
 
 # -- opening ---------------------------------------------------------------------------------------
@@ -288,6 +312,30 @@ def test_a_failed_shard_reason_is_cut_at_300_characters(tmp_path):
     assert r.added == 0 and len(r.failed) == 1
     path, reason = r.failed[0]
     assert path == str(shard_paths(out, 0)[0].resolve()) and len(reason) == 300 and "\n" not in reason
+
+
+def test_a_shard_that_cannot_be_read_is_reported_and_the_rest_registered(tmp_path):
+    out = tmp_path / ("d" * 200) / ("e" * 200)
+    for i in range(3):
+        write_caption_shard(out, i, 2)
+    tar0, tar1 = (shard_paths(out, i)[0] for i in (0, 1))
+    tar0.unlink()
+    tar0.mkdir()  # a folder where the tar should be: reading it fails (and the error names the long path)
+    tar1.unlink()
+    with Catalog(tmp_path / "c.duckdb") as cat:
+        r = cat.add_output(out)
+        assert cat.con.execute("SELECT idx FROM shards").fetchall() == [(2,)]
+    assert r.added == 1 and [p for p, _ in r.failed] == [str(tar0.resolve()), str(tar1.resolve())]
+    assert len(r.failed[0][1]) == 300 and "Is a directory" in r.failed[0][1]
+    assert r.failed[1][1] == "stats file present but tar missing"
+
+
+def test_tars_without_stats_are_counted_and_the_first_named(tmp_path):
+    for name in ("00001.tar", "00000.tar"):
+        (tmp_path / name).write_bytes(b"")
+    with Catalog(tmp_path / "c.duckdb") as cat, pytest.raises(UserError) as e:
+        cat.add_output(tmp_path)
+    assert str(e.value).endswith(f"; 2 tar(s) without a readable stats file, first: {tmp_path.resolve() / '00000.tar'}")
 
 
 def test_the_summary_says_what_was_and_was_not_registered():
