@@ -53,7 +53,26 @@ MODULES: dict[str, list[str]] = {
                        "tests/test_bite_shards.py"],
     "core/sql.py": ["tests/test_mut_sql.py", "tests/test_bite_sql.py", "tests/test_core_catalog.py::test_sql_refuses_writes",
                     "tests/test_core_catalog.py::test_sql_error_is_one_clear_line"],
-    "core/catalog.py": ["tests/test_core_catalog.py", "tests/test_core_transaction.py"],
+    "core/catalog.py": ["tests/test_mut_catalog.py", "tests/test_core_transaction.py",
+                        *(f"tests/test_core_catalog.py::test_{t}" for t in (
+                            "add_twice_is_idempotent", "changed_shard_is_flagged",
+                            "reregistering_a_shard_replaces_its_rows_through_the_shard_index",
+                            "add_rejects_folder_without_shards", "add_counts_a_folder_of_stats_less_tars_in_its_error",
+                            "catalog_from_before_the_img2dataset_names_is_migrated",
+                            "queries_still_read_the_catalog_with_its_views")),
+                        *(f"tests/test_catalog_batches.py::test_{t}" for t in (
+                            "shards_are_inserted_one_batch_per_statement", "a_corrupt_sidecar_fails_alone_in_its_batch",
+                            "reregistering_a_batch_replaces_its_rows", "registrar_writes_each_batch_when_it_fills",
+                            "registrar_keeps_a_batch_while_the_catalog_is_locked")),
+                        *(f"tests/test_mixture_catalog.py::test_{t}" for t in (
+                            "wrong_kind_is_refused_before_anything_is_written",
+                            "failed_first_foreign_add_leaves_no_rows_of_earlier_shards",
+                            "foreign_webdataset_shards_become_a_source")),
+                        "tests/test_eval_plot.py::test_one_plot_per_task_with_results_and_on_the_report",
+                        "tests/test_core_catalog_owner.py::test_mix_build_records_the_mixture_through_the_catalog_in_the_env_db",
+                        *(f"tests/test_core_catalog.py::test_{t}" for t in (  # through the CLI: slower, last
+                            "add_with_a_corrupt_sidecar_registers_the_good_shards_and_exits_non_zero",
+                            "db_that_is_not_duckdb_is_one_line", "catalog_locked_by_another_process_waits_then_says_so"))],
     "datagen/ocr_captions.py": ["tests/test_ocr_captions.py", "tests/test_bite_datagen.py"],
     "datagen/grounding_captions.py": ["tests/test_grounding_captions.py", "tests/test_mut_grounding_captions.py"],
     "datagen/images.py": ["tests/test_mut_datagen_images.py", "tests/test_datagen_images.py", "tests/test_bite_datagen.py"],
