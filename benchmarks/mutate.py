@@ -60,7 +60,7 @@ MODULES: dict[str, list[str]] = {
     "datagen/pipeline.py": ["tests/test_datagen_pipeline.py"],
     "mixture/loader.py": ["tests/test_mixture_loader.py", "tests/test_bite_mixture.py"],
     "mixture/build.py": ["tests/test_mixture_manifest.py", "tests/test_mixture_catalog.py", "tests/test_bite_mixture.py"],
-    "model/xgenmm.py": ["tests/test_model_xgenmm.py", "tests/test_bite_model.py"],
+    "model/xgenmm.py": ["tests/test_mut_model_xgenmm.py", "tests/test_model_xgenmm.py", "tests/test_bite_model.py"],
     "model/resampler.py": ["tests/test_mut_model_resampler.py", "tests/test_model_resampler.py"],
     "model/anyres.py": ["tests/test_mut_model_anyres.py", "tests/test_model_anyres.py"],
     "train/dpo.py": ["tests/test_mut_train_dpo.py", "tests/test_train_dpo.py"],
