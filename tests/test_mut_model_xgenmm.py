@@ -201,7 +201,8 @@ def test_image_sizes_needing_more_crops_than_given_is_an_error(model):
     with pytest.raises(ValueError, match="need 4 crops but pixel_values has 3"):
         model.encode_images(pv, torch.tensor([[70, 30]]))
     with torch.no_grad():  # exactly as many as needed is fine
-        assert model.encode_images(torch.zeros(1, 4, 3, cfg.image_size, cfg.image_size), torch.tensor([[70, 30]])).shape[0] == 4 * cfg.num_latents
+        tokens = model.encode_images(torch.zeros(1, 4, 3, cfg.image_size, cfg.image_size), torch.tensor([[70, 30]]))
+    assert tokens.shape[0] == 4 * cfg.num_latents
 
 
 def test_embed_without_pixels_is_the_text_embedding(model):
