@@ -197,12 +197,20 @@ def test_without_image_sizes_every_crop_is_used_unmasked(model):
 
 def test_image_sizes_needing_more_crops_than_given_is_an_error(model):
     cfg = model.config
-    pv = torch.zeros(1, 3, 3, cfg.image_size, cfg.image_size)
-    with pytest.raises(ValueError, match="need 4 crops but pixel_values has 3"):
+    pv = torch.zeros(1, 2, 3, cfg.image_size, cfg.image_size)  # 1 image, 2 crops, 3 channels: all told apart
+    with pytest.raises(ValueError, match="need 4 crops but pixel_values has 2"):
         model.encode_images(pv, torch.tensor([[70, 30]]))
     with torch.no_grad():  # exactly as many as needed is fine
         tokens = model.encode_images(torch.zeros(1, 4, 3, cfg.image_size, cfg.image_size), torch.tensor([[70, 30]]))
     assert tokens.shape[0] == 4 * cfg.num_latents
+
+
+def test_placeholders_and_image_tokens_that_differ_name_both_counts(model):
+    cfg = model.config
+    ids = torch.tensor([[1] + [cfg.image_placeholder_id] * 60 + [20]])
+    pv = torch.zeros(1, 4, 3, cfg.image_size, cfg.image_size)
+    with pytest.raises(ValueError, match="input_ids hold 60 image placeholder tokens but the images give 64 "):
+        model.embed(ids, pv, torch.tensor([[70, 30]]))
 
 
 def test_embed_without_pixels_is_the_text_embedding(model):
@@ -348,9 +356,11 @@ def test_a_truncated_weights_file_is_one_clear_error(tmp_path, saved):
     with pytest.raises(UserError) as e:
         read_weights(w)
     _assert_one_weights_error(e.value, w)
+    assert "(SafetensorError: " in str(e.value)
     with pytest.raises(UserError) as e:
-        read_weights(tmp_path / "absent.safetensors")  # an OSError from the reader
+        read_weights(tmp_path / "absent.safetensors")
     _assert_one_weights_error(e.value, tmp_path / "absent.safetensors")
+    assert "(FileNotFoundError: " in str(e.value)  # an OSError
 
 
 @pytest.mark.parametrize("change", ["drop", "reshape"])
