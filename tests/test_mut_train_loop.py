@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -123,7 +124,7 @@ def test_the_optimiser_step_unclipped_and_clipped(tiny, batches):
             p.copy_(v.view_as(p))
 
     opt, sched = _sgd(model, 0.5)
-    clip = float(g_ref.norm()) / 4
+    clip = min(float(g_ref.norm()), 1.0) / 2  # below the norm (clips) and below 1
     s = train_step(model, objective, batches, optimizer=opt, scheduler=sched, grad_clip=clip)
     after = torch.cat([p.detach().flatten() for p in params])
     assert s.grad_norm == pytest.approx(float(g_ref.norm()), rel=1e-4)  # the norm before clipping
@@ -142,8 +143,9 @@ def test_step_timings_partition_the_step(tiny, batches):
     opt, sched = _sgd(model, 0.0)
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
-    train_step(model, objective, batches, optimizer=opt, scheduler=sched, timings=timings)
+    s = train_step(model, objective, batches, optimizer=opt, scheduler=sched, timings=timings)
     elapsed = time.perf_counter() - t0
+    assert s.grad_norm is None  # grad_clip defaults to no clipping
     assert set(timings) == {"transfer", "forward", "backward", "optimizer"}
     assert all(v >= 0 for v in timings.values())
     # consecutive laps of one clock: together no longer than the call
@@ -226,28 +228,43 @@ def test_evaluate_is_the_token_mean_of_the_held_out_batches(tmp_path):
 
 class _Stage:
     """One tiny pretrain stage of 5 steps (metrics, evaluation and checkpoints every 2), stopped
-    after 3 by `max_steps`, then resumed to its end; recorded in a catalog."""
+    after 4 by `max_steps`, then resumed to its end; recorded in a catalog. Its output folder
+    first holds a `final/` of an earlier run, which the first (fresh) run must clear."""
 
     def __init__(self, tmp: Path):
+        import logging
+
         from blip3.train.checkpoint import list_checkpoints
         from blip3.train.loop import train_stage
         from blip3.train.metrics import read_metrics
 
         self.cfg = tiny_stage("pretrain", tmp, steps=5, log_every=2, eval_every=2, checkpoint_every=2, eval_batches=1)
         self.out, self.db = Path(self.cfg.output_dir), tmp / "catalog.duckdb"
+        (self.out / "final").mkdir(parents=True)
+        (self.out / "final" / "stale.txt").write_text("an earlier run's")
         ckpts = lambda: [int(p.name.split("_")[1]) for p in list_checkpoints(self.out)]  # noqa: E731
-        t0 = time.perf_counter()
-        self.first = train_stage(self.cfg, max_steps=3, db=self.db, data_vars=tiny_vars())
-        self.wall = [time.perf_counter() - t0]
-        self.first_ckpts, self.first_runs = ckpts(), self.runs()
-        t0 = time.perf_counter()
-        self.second = train_stage(self.cfg, resume=True, db=self.db, data_vars=tiny_vars())
-        self.wall.append(time.perf_counter() - t0)
+        self.log: list[str] = []
+        handler = logging.Handler()
+        handler.emit = lambda record: self.log.append(record.getMessage())
+        logger = logging.getLogger("blip3.train")
+        logger.addHandler(handler)
+        try:
+            t0 = time.perf_counter()
+            self.first = train_stage(self.cfg, max_steps=4, db=self.db, data_vars=tiny_vars())
+            self.wall = [time.perf_counter() - t0]
+            self.first_ckpts, self.first_runs = ckpts(), self.runs()
+            self.final_after_first = (self.out / "final").exists()
+            t0 = time.perf_counter()
+            self.second = train_stage(self.cfg, resume=True, db=self.db, data_vars=tiny_vars())
+            self.wall.append(time.perf_counter() - t0)
+        finally:
+            logger.removeHandler(handler)
         self.ckpts, self.metrics = ckpts(), read_metrics(self.out)
 
     def runs(self) -> list[tuple]:
         with duckdb.connect(str(self.db), read_only=True) as con:
-            return con.execute("SELECT run_id, kind, steps, tokens, final_loss, checkpoint, status FROM runs").fetchall()
+            return con.execute("SELECT run_id, kind, steps, tokens, final_loss, checkpoint, status, config_path, "
+                               "metrics_path FROM runs").fetchall()
 
 
 @pytest.fixture(scope="module")
@@ -258,23 +275,30 @@ def stage(tmp_path_factory):
 def test_metrics_evaluation_and_checkpoints_follow_their_cadence(stage):
     loss_rows = [r["step"] for r in stage.metrics if "loss" in r]
     eval_rows = [r["step"] for r in stage.metrics if "eval_loss" in r]
-    assert loss_rows == eval_rows == [2, 3, 4, 5]  # every 2 steps, and the last step of each run
-    assert stage.first_ckpts == [2, 3] and stage.ckpts == [4, 5]  # every 2, the last of each run, keep 2
+    assert loss_rows == eval_rows == [2, 4, 5]  # every 2 steps, and the last step
+    # every 2 steps before the stop, then the stop's own; the newest 2 kept
+    assert stage.first_ckpts == [2, 4] and stage.ckpts == [4, 5]
+    assert not stage.final_after_first  # the fresh run cleared the old final/, and a stopped run writes none
 
 
 def test_the_stopped_run_and_the_resumed_one(stage):
     first, second = stage.first, stage.second
-    assert (first.steps, second.steps) == (3, 5) and (len(first.losses), len(second.losses)) == (3, 2)
+    assert (first.steps, second.steps) == (4, 5) and (len(first.losses), len(second.losses)) == (4, 1)
     assert first.final_dir is None and second.final_dir == stage.out / "final"
-    assert first.final_loss == first.losses[-1] and second.final_loss == second.losses[-1]
+    assert first.final_loss == first.losses[-1] != first.losses[-2] and second.final_loss == second.losses[-1]
+    assert re.fullmatch(r"tiny-pretrain-[0-9a-f]{8}", first.run_id)
     assert second.run_id == first.run_id  # the resumed run continues the same catalog row
+    assert any(f"resumed from {stage.out / 'checkpoints' / 'step_000004'} at step 4" in m for m in stage.log)
+    assert not any("continue the data of" in m for m in stage.log)  # one process, as before
     rows = {r["step"]: r for r in stage.metrics if "loss" in r}
-    assert rows[3]["tokens"] == first.tokens and rows[5]["tokens"] == second.tokens > first.tokens > 0
-    assert rows[3]["loss"] == pytest.approx(first.losses[-1]) and rows[5]["loss"] == pytest.approx(second.losses[-1])
-    (run_id, kind, steps, tokens, loss, ckpt, status), = stage.first_runs
-    assert (run_id, kind, steps, tokens, ckpt, status) == (first.run_id, "full", 3, first.tokens, None, "stopped")
-    assert loss == pytest.approx(first.final_loss)
-    (run_id, kind, steps, tokens, loss, ckpt, status), = stage.runs()
+    assert rows[4]["tokens"] == first.tokens and rows[5]["tokens"] == second.tokens > first.tokens > 0
+    assert rows[4]["loss"] == pytest.approx(first.losses[-1]) and rows[5]["loss"] == pytest.approx(second.losses[-1])
+    config = str(Path(stage.cfg.source).resolve())
+    metrics = str((stage.out / "metrics.jsonl").resolve())
+    (run_id, kind, steps, tokens, loss, ckpt, status, config_path, metrics_path), = stage.first_runs
+    assert (run_id, kind, steps, tokens, ckpt, status) == (first.run_id, "full", 4, first.tokens, None, "stopped")
+    assert (config_path, metrics_path) == (config, metrics) and loss == pytest.approx(first.final_loss)
+    (run_id, kind, steps, tokens, loss, ckpt, status, config_path, metrics_path), = stage.runs()
     assert (run_id, kind, steps, tokens, status) == (first.run_id, "full", 5, second.tokens, "finished")
     assert ckpt == str(second.final_dir.resolve()) and loss == pytest.approx(second.final_loss)
     about = json.loads((second.final_dir / "train_info.json").read_text())
@@ -285,13 +309,15 @@ def test_the_stopped_run_and_the_resumed_one(stage):
     assert not (second.final_dir / "eval").exists()  # no benchmarks named: none run
 
 
-def test_metric_rows_measure_the_step(stage):
+def test_metric_rows_measure_the_step(stage, batches):
     rows = {r["step"]: r for r in stage.metrics if "loss" in r}
-    for step, wall in ((3, stage.wall[0]), (5, stage.wall[1])):
-        r, prev = rows[step], rows[step - 1]
-        assert 0 <= r["data_wait_s"] <= r["step_time_s"] <= wall
-        # tokens/s: this step's tokens (the cumulative count's increase) over its time
-        assert r["tokens_per_s"] * r["step_time_s"] == pytest.approx(r["tokens"] - prev["tokens"], rel=1e-6)
+    # the stage's first two steps are the stream's first two micro-batches: tokens count from 0
+    assert rows[2]["tokens"] == sum(count_tokens(b.inputs) for b in batches)
+    for step, wall in ((2, stage.wall[0]), (4, stage.wall[0]), (5, stage.wall[1])):
+        assert 0 <= rows[step]["data_wait_s"] <= rows[step]["step_time_s"] <= wall
+    # tokens/s: the step's tokens (the cumulative count's increase) over its time
+    r = rows[5]
+    assert r["tokens_per_s"] * r["step_time_s"] == pytest.approx(r["tokens"] - rows[4]["tokens"], rel=1e-6)
     for r in rows.values():
         assert r["skipped"] == 0  # 256-token rows hold every tiny sample
         assert r["grad_norm"] > 0 and r["lr"] > 0 and math.isfinite(r["loss"])
