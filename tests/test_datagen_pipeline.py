@@ -141,13 +141,17 @@ def test_rerun_with_fewer_shards_removes_leftover_shards(ray_local, tmp_path):
 
     src = tmp_path / "in"
     src.mkdir()
-    for i in range(6):
+    for i in range(5):
         (src / f"img{i}.png").write_bytes(png_bytes(text_image(f"N {i}", size=(80 + 8 * i, 40))))
+    (src / "img5.png").write_bytes(b"not an image")
     out = tmp_path / "out"
     first = run_job(src, out, SizeCaptioner, JobOptions(workers=1, shard_size=1, register=False))
     assert first.shards_total == 6 and len(list_shards(out)) == 6
+    # the driver sums the shards' stats
+    assert (first.shards_written, first.shards_skipped, first.samples, first.successes, first.failed) == (6, 0, 6, 5, 1)
+    assert first.failure_reasons == {"decode": 1}
     second = run_job(src, out, SizeCaptioner, JobOptions(workers=1, shard_size=3, register=False))
-    assert second.shards_total == 2
+    assert (second.shards_total, second.shards_written, second.shards_skipped) == (2, 2, 0)
     shards = list_shards(out)
     assert len(shards) == 2 and sum(s.count for s in shards) == 6
     assert sorted(p.name for p in out.glob("0*")) == [
