@@ -238,6 +238,7 @@ def test_local_cluster_cpus_cover_the_workers_request(monkeypatch):
     assert pipeline._local_cpus(JobOptions(workers=10_000, cpus_per_worker=1.5)) == 15_000
     monkeypatch.setattr("os.cpu_count", lambda: None)  # os.cpu_count() may not know
     assert pipeline._local_cpus(JobOptions(workers=1, cpus_per_worker=0.5)) == 1
+    assert pipeline._local_cpus(JobOptions(workers=1, cpus_per_worker=0)) == 1  # never a cluster of 0 CPUs
     monkeypatch.setattr("os.cpu_count", lambda: 6)
     assert pipeline._local_cpus(JobOptions(workers=2, cpus_per_worker=2.5)) == 6
     assert pipeline._local_cpus(JobOptions(workers=8)) == 8  # one CPU per worker unless asked
