@@ -142,3 +142,17 @@ def test_mix_build_cli_verify_rehashes_tars_on_the_store(shards_on_s3, s3_server
     r = cli(*base, "-o", str(tmp_path / "b.yaml"), "--verify", "sha256")
     assert r.returncode == 2 and "changed on disk (sha256 differs" in " ".join(r.stderr.split())
     assert "Traceback" not in r.stderr and not (tmp_path / "b.yaml").exists()
+
+
+def test_unreadable_sidecars_on_the_store_fail_alone(shards_on_s3, s3_server, tmp_path):  # noqa: F811
+    """A corrupt and a missing sidecar in one batch: the batch is redone shard by shard, and only
+    those two are reported (the store's errors, not a traceback); the third is registered."""
+    _, remote = shards_on_s3
+    remote.fs.pipe_file(remote.path("00001.parquet"), b"not parquet")
+    remote.remove("00002.parquet")
+    with Catalog(tmp_path / "c.duckdb") as cat:
+        r = cat.add_output(remote.url, storage_options=s3_server)
+        assert cat.con.execute("SELECT DISTINCT shard FROM samples").fetchall() == [(f"{remote.url}/00000.tar",)]
+    assert (r.added, r.rows) == (1, 5)
+    assert [(p.rsplit("/", 1)[-1], "parquet" in why.lower()) for p, why in r.failed] == [("00001.tar", True),
+                                                                                          ("00002.tar", True)]
