@@ -387,6 +387,27 @@ def _plan_and_run(input: str | Path, out: Path | RemoteDir, annotator_factory: A
     return result
 
 
+class _Resends:
+    """Sends of each shard whose actor could not be reached: a lost node has UNREACHABLE_RESENDS
+    sends of each of its shards (UNREACHABLE_WAIT_S apart) to be replaced, then the shard is lost."""
+
+    def __init__(self) -> None:
+        self.sent: Counter[int] = Counter()
+
+    def again(self, index: int) -> bool:
+        """Shard `index` was unreachable once more: True while it may be sent again."""
+        self.sent[index] += 1
+        return self.sent[index] <= UNREACHABLE_RESENDS
+
+
+def _failure_detail(e: BaseException) -> str:
+    """What the job's error line says of a lost shard: the worker's own exception when Ray carries
+    it (`cause`), else the first line of Ray's message (the rest is a traceback or actor details)."""
+    cause = getattr(e, "cause", None)  # the worker's own exception, not Ray's header
+    detail = describe_exception(cause) if cause is not None else str(e).strip().splitlines()[0]
+    return detail[:200]
+
+
 def _run_plans(
     plans: Iterator[ShardPlan], out: Path | RemoteDir, factory: AnnotatorConfig, generator: dict[str, Any], result: JobResult,
     reasons: Counter[str], job: JobOptions, registrar: BatchRegistrar | None = None,
@@ -413,7 +434,7 @@ def _run_plans(
         in_flight: dict[Any, tuple[Any, ShardPlan]] = {}
         lost: list[str] = []
         resend: deque[ShardPlan] = deque()
-        unreachable: Counter[int] = Counter()
+        unreachable = _Resends()
 
         def collect() -> None:
             done, _ = ray.wait(list(in_flight), num_returns=1)
@@ -426,20 +447,17 @@ def _run_plans(
                 except ray.exceptions.ActorUnavailableError as e:
                     # its node is gone or out of reach: Ray spends the call's retries before it has
                     # noticed, so the plan is sent again, to an actor restarted elsewhere (same bytes)
-                    unreachable[index] += 1
-                    if unreachable[index] <= UNREACHABLE_RESENDS:
+                    if unreachable.again(index):
                         time.sleep(UNREACHABLE_WAIT_S)
                         resend.append(plan)
                     else:
-                        lost.append(f"{index}: {str(e).strip().splitlines()[0][:200]}")
+                        lost.append(f"{index}: {_failure_detail(e)}")
                     continue
                 except (ray.exceptions.RayActorError, ray.exceptions.RayTaskError) as e:
                     full = environment_error(e)
                     if full is not None:  # a full disk or unwritable output: every other shard fails alike
                         raise full from None
-                    cause = getattr(e, "cause", None)  # the worker's own exception, not Ray's header
-                    detail = describe_exception(cause) if cause is not None else str(e).strip().splitlines()[0]
-                    lost.append(f"{index}: {detail[:200]}")
+                    lost.append(f"{index}: {_failure_detail(e)}")
                     continue
                 result.shards_written += 1
                 result.samples += int(stats["count"])

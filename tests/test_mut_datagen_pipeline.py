@@ -296,3 +296,23 @@ def test_job_with_every_shard_done_registers_them(done_job, tmp_path):
     assert r.source == "scans" and r.shards_skipped == 3
     with Catalog(db) as cat:
         assert cat.con.execute("SELECT count(*) FROM samples WHERE source = ?", ["scans"]).fetchone()[0] == 5
+
+
+def test_a_lost_shards_line_names_the_workers_exception_or_rays_first_line():
+    """The job's one error line quotes, for its first lost shard, the worker's own exception when Ray
+    carries it, else the first line of Ray's message (the actor's details follow on other lines)."""
+    from ray.exceptions import ActorDiedError, RayActorError, RayTaskError
+
+    assert pipeline._failure_detail(RayTaskError("write", "Traceback ...", ValueError("bad tar"))) == "ValueError: bad tar"
+    assert pipeline._failure_detail(ActorDiedError()) == "The actor died unexpectedly before finishing this task."
+    lost = RayActorError(error_msg="\n  The actor died unexpectedly before finishing this task.\n\tclass_name: ShardWorker\n")
+    assert pipeline._failure_detail(lost) == "The actor died unexpectedly before finishing this task."
+    assert pipeline._failure_detail(RayActorError(error_msg="x" * 300)) == "x" * 200
+
+
+def test_an_unreachable_shard_is_sent_again_60_times_then_lost():
+    """A shard whose actor Ray cannot reach (its node lost) is sent again up to 60 times, a second
+    apart, before it counts as lost; each shard has its own count."""
+    resends = pipeline._Resends()
+    assert [resends.again(3) for _ in range(61)] == [True] * 60 + [False]
+    assert resends.again(4) and not resends.again(3)
