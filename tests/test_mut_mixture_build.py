@@ -49,6 +49,22 @@ def test_seed_defaults_to_zero(tiny_sources):  # noqa: F811
     assert build_manifest(_spec(inline(tiny_sources, {"caption-ocr": 1}))).seed == 0
 
 
+@pytest.mark.parametrize("seed", [True, 2.5, "3", -1])
+def test_a_seed_that_is_not_an_integer_from_zero_is_refused(seed):
+    with pytest.raises(UserError, match="must be an integer >= 0") as e:
+        validate_spec(_spec(_one("x"), seed=seed))
+    assert e.value.field == "seed"
+
+
+def test_unknown_fields_are_listed_and_the_first_is_named():
+    with pytest.raises(UserError, match=r"unknown field\(s\) epochs, shuffle$") as e:
+        validate_spec(_spec(_one("x"), shuffle=True, epochs=2))
+    assert e.value.field == "epochs"
+    with pytest.raises(UserError) as e:
+        validate_spec(_spec(_one("x"), epochs=2))
+    assert e.value.field == "epochs"
+
+
 def test_one_vision_token_per_crop_is_accepted_zero_is_not():
     ok = validate_spec(_spec(_one("x"), vision_tokens_per_crop=1))
     assert ok["vision_tokens_per_crop"] == 1
@@ -149,3 +165,11 @@ def test_one_pass_over_a_one_sample_source_plans_one_sample(tmp_path):
     _write(tmp_path / "one", 0, _captions(random.Random(0), 1), "one", "caption")
     m = build_manifest(_spec(_one(str(tmp_path / "one"), name="one")))
     assert m.target["samples"] == m.sources[0].target_samples == 1 and m.sources[0].epochs == 1.0
+
+
+def test_the_top_up_goes_to_the_largest_remainders_not_the_smallest_sources():
+    """10 over weights .12/.35/.53 is 1.2/3.5/5.3: the one sample left goes to the .5 remainder."""
+    from blip3.mixture.build import apportion
+
+    assert apportion(10, [0.12, 0.35, 0.53]) == [1, 4, 5]
+    assert apportion(10, [0.53, 0.35, 0.12]) == [5, 4, 1]

@@ -321,3 +321,49 @@ def test_metric_rows_measure_the_step(stage, batches):
     for r in rows.values():
         assert r["skipped"] == 0  # 256-token rows hold every tiny sample
         assert r["grad_norm"] > 0 and r["lr"] > 0 and math.isfinite(r["loss"])
+
+
+def test_dpo_metrics_are_means_per_pair_in_the_step_and_the_evaluation(tmp_path):
+    """DPO's margin and reward accuracy: summed per micro-batch, divided by the step's pairs."""
+    from blip3.train.builders import build_stream
+    from blip3.train.config import InitConfig
+    from blip3.train.loop import evaluate, train_step
+
+    cfg = tiny_stage("dpo", tmp_path, model="tiny", init=InitConfig(), steps=1, eval_batches=2)
+    run = _build(cfg)
+    model, objective = run.model.train(), run.objective
+    torch.manual_seed(1)
+    with torch.no_grad():  # adapters start at zero (policy = reference, margin 0): move them
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(std=0.05)
+    batches = [run.stream.next(), run.stream.next()]
+    pairs = sum(objective.items(b) for b in batches)
+
+    def summed(bs) -> dict[str, float]:
+        out: dict[str, float] = {}
+        with torch.no_grad():
+            for b in bs:
+                for k, v in objective(model, b)[1].items():
+                    out[k] = out.get(k, 0.0) + float(v)
+        return out
+
+    torch.manual_seed(0)  # the noised-image pairs draw from the RNG: the same draws both ways
+    ref = summed(batches)
+    torch.manual_seed(0)
+    s = train_step(model, objective, batches)
+    assert set(s.extras) == {"margin", "reward_acc"} and s.items == pairs > 1
+    assert s.extras == pytest.approx({k: v / pairs for k, v in ref.items()}, rel=1e-5)
+    assert 0 <= s.extras["reward_acc"] <= 1 and s.extras["margin"] != 0
+
+    state = torch.random.get_rng_state()
+    got = evaluate(run)
+    torch.random.set_rng_state(state)
+    ev = build_stream(cfg, run.manifest, run.processor, run.info, verify="none", seed_offset=1)
+    held_out = [ev.next(), ev.next()]
+    model.eval()
+    ref = summed(held_out)
+    model.train()
+    n = sum(objective.items(b) for b in held_out)
+    assert set(got) == {"eval_loss", "eval_margin", "eval_reward_acc"}
+    assert {k: got[f"eval_{k}"] for k in ref} == pytest.approx({k: v / n for k, v in ref.items()}, rel=1e-5)

@@ -87,6 +87,7 @@ def _write(tmp_path, body: dict) -> Path:
         ({"runtime": {"loss": "fused"}}, "runtime.loss", "chunked"),
         ({"runtime": {"attention": "flash"}}, "runtime.attention", "dense, flex"),
         ({"data": {"num_workers": -1}}, "data.num_workers", ">= 0"),
+        ({"eval_every": 2, "eval_batches": 0}, "eval_batches", ">= 1 when eval_every"),
     ],
 )
 def test_bad_field_is_one_clear_error(tmp_path, change, field, words):
@@ -95,6 +96,10 @@ def test_bad_field_is_one_clear_error(tmp_path, change, field, words):
         load_stage(p)
     assert e.value.field == field and e.value.file == str(p)
     assert words in str(e.value) and str(p) in str(e.value)
+
+
+def test_eval_batches_of_zero_is_fine_without_evaluation(tmp_path):
+    assert load_stage(_write(tmp_path, {"eval_every": 0, "eval_batches": 0})).eval_batches == 0
 
 
 def test_yaml_float_strings_and_relative_paths(tmp_path):

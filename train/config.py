@@ -308,6 +308,8 @@ def _check_stage(cfg: StageConfig, file: str) -> None:
     for name in ("checkpoint_every", "eval_every", "log_every"):
         if getattr(cfg, name) < 0:
             raise bad(name, "must be >= 0")
+    if cfg.eval_every and cfg.eval_batches < 1:  # else every evaluation would log a loss of 0.0
+        raise bad("eval_batches", "must be >= 1 when eval_every is set")
     _check_benchmarks(cfg.benchmarks, bad)
 
 
