@@ -72,15 +72,33 @@ class ModelConfig:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "ModelConfig":
+        if not isinstance(d, dict):
+            raise TypeError(f"a model config is a JSON object, not {type(d).__name__}")
         d = dict(d)
         d["anyres_grids"] = tuple(tuple(g) for g in d.get("anyres_grids", RELEASED_GRIDS_384))
         d["image_mean"] = tuple(d.get("image_mean", (0.5, 0.5, 0.5)))
         d["image_std"] = tuple(d.get("image_std", (0.5, 0.5, 0.5)))
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = set(d) - known
+        fields = {f.name: f.type for f in dataclasses.fields(cls)}
+        unknown = set(d) - set(fields)
         if unknown:
             raise ValueError(f"unknown ModelConfig fields: {sorted(unknown)}")
+        for name, value in d.items():
+            if not _is_kind(value, fields[name]):
+                raise TypeError(f"ModelConfig field {name!r} must be {fields[name]}, not {type(value).__name__}")
         return cls(**d)
+
+
+def _is_kind(value: Any, annotation: str) -> bool:
+    """Whether a config.json value fits its field's annotation (a model dir on disk is untrusted: a
+    `lang_model` that is not a dict must be one clear error, not a traceback from deep in the build).
+    Tuple fields are converted by `from_dict` before this runs."""
+    if value is None:
+        return annotation.endswith("| None")
+    kind = annotation.removesuffix(" | None")
+    if kind == "int":
+        return isinstance(value, int) and not isinstance(value, bool)
+    simple = {"str": str, "bool": bool, "dict[str, Any]": dict}
+    return isinstance(value, simple[kind]) if kind in simple else True
 
 
 def _phi3_mini() -> ModelConfig:

@@ -352,10 +352,10 @@ class XGenMM(nn.Module):
             raise MissingWeightsError(f"no {CONFIG_FILE} + {WEIGHTS_FILE} in {d}", field="model dir")
         try:
             config = ModelConfig.from_dict(json.loads((d / CONFIG_FILE).read_text()))
+            with torch.device("meta"):  # inside: a `lang_model` missing `hidden_size` fails here
+                model = cls(config)
         except (ValueError, TypeError, KeyError, AttributeError) as e:
             raise UserError(f"not a model config ({type(e).__name__}: {_first_line(e)})", file=d / CONFIG_FILE) from None
-        with torch.device("meta"):
-            model = cls(config)
         return model, d / WEIGHTS_FILE
 
     @classmethod

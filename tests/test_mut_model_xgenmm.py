@@ -330,6 +330,7 @@ def test_a_model_dir_missing_a_part_is_one_clear_error(tmp_path, saved, missing)
     ("{not json", "JSONDecodeError"),
     ('{"name": "tiny"}', "TypeError"),  # required fields missing
     ('{"name": "tiny", "colour": 1}', "ValueError"),  # unknown field
+    ("[1, 2]", "TypeError"),  # a JSON array, not an object
 ])
 def test_a_bad_model_config_is_one_clear_error(tmp_path, saved, text, kind):
     d = _copy_dir(saved, tmp_path / "m")
@@ -338,6 +339,32 @@ def test_a_bad_model_config_is_one_clear_error(tmp_path, saved, text, kind):
         XGenMM.empty_from_pretrained(d)
     assert str(e.value).startswith(f"{d / 'config.json'}: not a model config ({kind}: ")
     assert "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize("field, value, kind", [
+    ("lang_model", "phi3", "TypeError"),  # not a dict: once a traceback from deep in the build
+    ("lang_model", {"vocab_size": 64}, "KeyError"),  # a dict without the sizes the build needs
+    ("num_latents", "8", "TypeError"),
+    ("num_latents", True, "TypeError"),
+    ("lm_head_bias", 0, "TypeError"),
+    ("vision_model", None, "TypeError"),
+])
+def test_a_config_field_of_the_wrong_kind_is_one_clear_error(tmp_path, saved, field, value, kind):
+    d = _copy_dir(saved, tmp_path / "m")
+    config = json.loads((d / "config.json").read_text())
+    config[field] = value
+    (d / "config.json").write_text(json.dumps(config))
+    with pytest.raises(UserError) as e:
+        XGenMM.from_pretrained(d)
+    assert str(e.value).startswith(f"{d / 'config.json'}: not a model config ({kind}: ")
+    assert "\n" not in str(e.value)
+
+
+def test_a_config_that_allows_none_takes_it(tmp_path, saved):
+    d = _copy_dir(saved, tmp_path / "m")
+    config = json.loads((d / "config.json").read_text())
+    assert config["vision_model_cfg"] is not None  # the tiny model registers its open_clip config
+    XGenMM.empty_from_pretrained(d)  # the saved config passes the kind checks
 
 
 def _assert_one_weights_error(e, file):
