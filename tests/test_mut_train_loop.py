@@ -194,7 +194,10 @@ def test_precision_and_cpu_threads_reach_the_run(tmp_path):
     try:
         torch.set_num_threads(2)
         cfg = tiny_stage("pretrain", tmp_path / "a", steps=2)  # runtime.cpu_threads: 1
-        assert _build(cfg).bf16 is False  # precision auto: fp32 on CPU
+        assert _build(cfg).bf16 is False
+        cfg = tiny_stage("pretrain", tmp_path / "auto", steps=2)
+        cfg.runtime = replace(cfg.runtime, precision="auto")
+        assert _build(cfg).bf16 is False  # auto: bf16 on a GPU only, fp32 on CPU
         assert torch.get_num_threads() == 1
         torch.set_num_threads(2)
         cfg = tiny_stage("pretrain", tmp_path / "b", steps=2)
@@ -320,6 +323,7 @@ def test_metric_rows_measure_the_step(stage, batches):
     assert r["tokens_per_s"] * r["step_time_s"] == pytest.approx(r["tokens"] - rows[4]["tokens"], rel=1e-6)
     for r in rows.values():
         assert r["skipped"] == 0  # 256-token rows hold every tiny sample
+        assert "max_memory_gb" not in r  # a CUDA figure: never written on CPU
         assert r["grad_norm"] > 0 and r["lr"] > 0 and math.isfinite(r["loss"])
 
 
@@ -367,3 +371,15 @@ def test_dpo_metrics_are_means_per_pair_in_the_step_and_the_evaluation(tmp_path)
     n = sum(objective.items(b) for b in held_out)
     assert set(got) == {"eval_loss", "eval_margin", "eval_reward_acc"}
     assert {k: got[f"eval_{k}"] for k in ref} == pytest.approx({k: v / n for k, v in ref.items()}, rel=1e-5)
+
+
+def test_benchmark_data_is_the_stage_field_then_the_variable_then_eval_data(tmp_path, monkeypatch):
+    from blip3.train.loop import _benchmark_data
+
+    cfg = tiny_stage("pretrain", tmp_path, steps=1)
+    monkeypatch.delenv("BLIP3_EVAL_DATA", raising=False)
+    assert _benchmark_data(cfg, check=False) == Path("eval-data")
+    monkeypatch.setenv("BLIP3_EVAL_DATA", str(tmp_path / "env"))
+    assert _benchmark_data(cfg, check=False) == tmp_path / "env"
+    cfg.benchmarks = replace(cfg.benchmarks, data=str(tmp_path / "field"))
+    assert _benchmark_data(cfg, check=False) == tmp_path / "field"
