@@ -15,7 +15,7 @@ import torch
 
 from blip3.core.errors import UserError
 from tests.model_fixtures import build_tiny_model
-from tests.train_fixtures import rank_rows, tiny_stage, tiny_vars
+from tests.train_fixtures import rank_rows, small_trained, tiny_stage, tiny_vars
 
 STEPS_BEFORE, STEPS_AFTER = 2, 2
 
@@ -98,17 +98,6 @@ def test_saved_by_two_ranks_resumed_by_one_with_the_same_loss_curve(tmp_path):
     assert resumed == pytest.approx(two_ranks[STEPS_BEFORE:], rel=1e-5)
 
 
-def _small(seed: int = 0):
-    from blip3.train.schedule import build_scheduler
-
-    torch.manual_seed(seed)
-    model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Linear(4, 2))
-    opt = torch.optim.AdamW(model.parameters(), lr=0.1)
-    model(torch.randn(3, 4)).sum().backward()
-    opt.step()
-    return model, opt, build_scheduler(opt, 1, 5, 0.0)
-
-
 class _Boom:
     """A pickle that would create a file when unpickled."""
 
@@ -122,7 +111,7 @@ class _Boom:
 def test_a_crafted_pickle_checkpoint_never_runs(tmp_path):
     from blip3.train.checkpoint import load_checkpoint, save_checkpoint
 
-    model, opt, sched = _small()
+    model, opt, sched = small_trained()
     ckpt = save_checkpoint(tmp_path, 1, model=model, optimizer=opt, scheduler=sched, data_state={}, meta={})
     marker = tmp_path / "marker"
     payload = pickle.dumps({"x": _Boom(marker)})
@@ -143,7 +132,7 @@ def test_a_crafted_pickle_checkpoint_never_runs(tmp_path):
 def test_a_truncated_checkpoint_is_one_line(tmp_path):
     from blip3.train.checkpoint import load_checkpoint, save_checkpoint
 
-    model, opt, sched = _small()
+    model, opt, sched = small_trained()
     ckpt = save_checkpoint(tmp_path, 1, model=model, optimizer=opt, scheduler=sched, data_state={}, meta={})
     shard = next((ckpt / "state").glob("*.safetensors"))
     shard.write_bytes(shard.read_bytes()[: shard.stat().st_size // 2])
@@ -166,7 +155,7 @@ def test_an_asynchronous_checkpoint_holds_the_state_of_when_it_started(tmp_path,
     real_write = HuggingFaceStorageWriter.write_data
     monkeypatch.setattr(HuggingFaceStorageWriter, "write_data",
                         lambda self, *a, **k: trained.wait(30) and real_write(self, *a, **k))
-    model, opt, sched = _small()
+    model, opt, sched = small_trained()
     saved = {k: v.clone() for k, v in model.state_dict().items()}
     moment = {k: v.clone() for k, v in opt.state_dict()["state"][0].items()}
     pending = start_checkpoint(tmp_path, 1, model=model, optimizer=opt, scheduler=sched, data_state={"pos": 1},
@@ -180,7 +169,7 @@ def test_an_asynchronous_checkpoint_holds_the_state_of_when_it_started(tmp_path,
     ckpt = pending.wait()
     assert latest_checkpoint(tmp_path) == ckpt and not list(ckpt.parent.glob("*.tmp"))
 
-    fresh, opt2, sched2 = _small(seed=1)
+    fresh, opt2, sched2 = small_trained(seed=1)
     meta = load_checkpoint(ckpt, model=fresh, optimizer=opt2, scheduler=sched2)
     assert meta["data"] == [{"pos": 1}]
     for k, v in fresh.state_dict().items():
@@ -196,7 +185,7 @@ def test_a_crafted_meta_json_is_one_line(tmp_path, field, value):
     state that is not one, not even an object) are the same one line, never a traceback."""
     from blip3.train.checkpoint import load_checkpoint, save_checkpoint
 
-    model, opt, sched = _small()
+    model, opt, sched = small_trained()
     ckpt = save_checkpoint(tmp_path, 1, model=model, optimizer=opt, scheduler=sched, data_state={}, meta={})
     meta = json.loads((ckpt / "meta.json").read_text())
     if field is None:
@@ -212,7 +201,7 @@ def test_a_crafted_meta_json_is_one_line(tmp_path, field, value):
 def test_a_crafted_rng_state_is_one_line(tmp_path):
     from blip3.train.checkpoint import load_checkpoint, save_checkpoint
 
-    model, opt, sched = _small()
+    model, opt, sched = small_trained()
     ckpt = save_checkpoint(tmp_path, 1, model=model, optimizer=opt, scheduler=sched, data_state={}, meta={})
     (ckpt / "rank0.json").write_text(json.dumps({"data": {}, "rng": {"python": [3, [1, 2], None]}}))
     with pytest.raises(UserError, match="cannot be read"):

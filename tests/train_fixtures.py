@@ -63,3 +63,18 @@ def rank_rows(batch, rank: int, world: int, config):
         if batch.inputs.get(k) is not None:
             part[k] = batch.inputs[k][first:first + n]
     return Batch(part)
+
+
+def small_trained(seed: int = 0):
+    """A two-layer model, its AdamW after one step (so the optimiser has state) and a scheduler:
+    the smallest thing a checkpoint round trip can compare exactly."""
+    import torch
+
+    from blip3.train.schedule import build_scheduler
+
+    torch.manual_seed(seed)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Linear(4, 2))
+    opt = torch.optim.AdamW(model.parameters(), lr=0.1)
+    model(torch.randn(3, 4)).sum().backward()
+    opt.step()
+    return model, opt, build_scheduler(opt, 1, 5, 0.0)
