@@ -125,11 +125,15 @@ def main() -> None:
     ap.add_argument("--images", type=int, default=48)
     ap.add_argument("--shard-size", type=int, default=6)
     ap.add_argument("--device", default=None, help="cpu | cuda (default: cuda when available)")
+    ap.add_argument("--detector-only", action="store_true",
+                    help="only the bare detector loop (no Ray needed): the engine's per-device rate")
     args = ap.parse_args()
 
     import os
 
     os.environ.setdefault("BLIP3_NO_PROGRESS", "1")
+    if args.detector_only:
+        return detector_only(args)
     import ray
 
     from blip3.datagen.grounding import ground, make_config
@@ -180,6 +184,24 @@ def main() -> None:
     title = f"grounding datagen: {args.size} ({n_params / 1e6:.1f}M params) on {device}, {os.cpu_count()} CPUs"
     path = report("bench_grounding", rows, title)
     print(f"wrote {path}")
+
+
+def detector_only(args) -> None:
+    """The bare detector loop, three times (median), on the chosen device: images/s per device."""
+    import torch
+
+    device = args.device or ("cuda" if _cuda() else "cpu")
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        model_dir, n_params = build_model(tmp / f"gdino-{args.size}", args.size)
+        write_images(tmp / "images", args.images)
+        runs = [bare_loop(model_dir, tmp / "images", device) for _ in range(3)]
+    s = statistics.median(runs)
+    name = torch.cuda.get_device_name() if device.startswith("cuda") else "cpu x1"
+    row = {"run": "bare detector loop", "device": name, "images": args.images, "seconds": s,
+           "images/s": args.images / s, "peak MB": peak_rss_mb(),
+           "peak GPU GB": torch.cuda.max_memory_allocated() / 2**30 if device.startswith("cuda") else 0.0}
+    report("bench_grounding", [row], f"grounding detector: {args.size} ({n_params / 1e6:.1f}M params) on {name}")
 
 
 def _cuda() -> bool:

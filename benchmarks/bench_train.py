@@ -16,7 +16,8 @@ step split into transfer / forward / backward / optimiser (timed in extra synchr
 Weights are random (no download): speed does not depend on their values.
 
 MFU = model FLOPs per step / step time / peak bf16 dense FLOP/s of the GPU (model.flops: 6N per
-trained LLM/resampler parameter per token, 12*L*d*T attention, 2N per frozen ViT parameter per
+trained LLM/resampler parameter per token, 12*L*d*T attention with T the packed row (`MFU`) or
+each token's own segment (`MFU seg`, pretrain rows hold 4 segments), 2N per frozen ViT parameter per
 patch token; H100/H200 SXM peak 989 TFLOP/s). Activation-checkpoint recompute is not counted.
 """
 
@@ -76,7 +77,7 @@ def time_steps(config_name: str, kind: str, rows: int, seq_len: int, steps: int,
     from blip3.model.config import get_config
     from blip3.model.xgenmm import XGenMM
     from blip3.train.distributed import DistInfo, parallelize
-    from blip3.model.flops import flops_model, mfu, peak_flops
+    from blip3.model.flops import attended_positions, flops_model, mfu, peak_flops
     from blip3.train.data import Batch, count_crops, count_tokens
     from blip3.train.loop import train_step
     from blip3.train.objective import CrossEntropy
@@ -128,11 +129,16 @@ def time_steps(config_name: str, kind: str, rows: int, seq_len: int, steps: int,
     total = sum(split.values()) or 1.0
     flops = fm.step_flops(tokens, seq_len, crops)
     util = mfu(flops, dt, peak_flops(device))
+    # attention over each packed segment only (what a block-diagonal kernel must compute)
+    seg = batch.get("segment_ids")
+    seg_flops = flops if seg is None else fm.step_flops(tokens, seq_len, crops, attended_positions(seg))
+    util_seg = mfu(seg_flops, dt, peak_flops(device))
     return {
         "config": config_name, "batch": kind, "device": torch.cuda.get_device_name() if bf16 else f"cpu x{torch.get_num_threads()}",
         "rows x seq": f"{rows}x{seq_len}", "attention": attention, "compile": "on" if compile else "off",
         "step s": dt, "CPU s/step": cpu_s, "tokens/s": tokens / dt, "TFLOP/s": flops / dt / 1e12,
         "MFU": "n/a (CPU)" if util is None else f"{100 * util:.1f}%",
+        "MFU seg": "n/a (CPU)" if util_seg is None else f"{100 * util_seg:.1f}%",
         "peak mem GB": torch.cuda.max_memory_allocated() / 2**30 if bf16 else peak_rss_mb() / 1024,
         "loss": loss,
         "split data/fwd/bwd/optim %": "/".join(f"{100 * split.get(k, 0.0) / total:.0f}"
@@ -156,7 +162,7 @@ def tiny_chain_wall() -> dict:
     tokens = sum(r.tokens for r in results)
     return {"config": "tiny", "batch": "5-stage chain", "device": "cpu x1", "rows x seq": f"{steps} steps",
             "attention": "dense", "compile": "off", "step s": wall / steps, "CPU s/step": float("nan"),
-            "tokens/s": tokens / wall, "TFLOP/s": float("nan"), "MFU": f"wall {wall:.1f}s",
+            "tokens/s": tokens / wall, "TFLOP/s": float("nan"), "MFU": f"wall {wall:.1f}s", "MFU seg": "",
             "peak mem GB": peak_rss_mb() / 1024}
 
 
@@ -174,6 +180,7 @@ def main() -> None:
     ap.add_argument("--attention", default=None, choices=["dense", "flex", "both"],
                     help="packed attention: dense 4D mask or FlexAttention block mask (default: both on a GPU; "
                          "dense on CPU, where FlexAttention has no backward)")
+    ap.add_argument("--kinds", default="pretrain,sft", help="batch kinds to time, comma-separated")
     ap.add_argument("--no-chain", action="store_true", help="skip the tiny chain's wall time")
     ap.add_argument("--loss", default="both", choices=["chunked", "dense", "both"],
                     help="label log-probs chunk by chunk (the trainer's default) or from full logits")
@@ -197,7 +204,11 @@ def main() -> None:
     variants = [(loss, False, "dense") for loss in losses] if False in compiles and "dense" in attentions else []
     variants += [(losses[0], c, a) for a in attentions for c in compiles if (c, a) != (False, "dense")]
     rows = []
-    for kind, n in (("pretrain", args.pretrain_rows or (4 if big else 2)), ("sft", args.sft_rows or (4 if big else 2))):
+    kinds = {"pretrain": args.pretrain_rows or (4 if big else 2), "sft": args.sft_rows or (4 if big else 2)}
+    for kind in args.kinds.split(","):
+        if kind not in kinds:
+            ap.error(f"--kinds: unknown kind {kind!r} (pretrain, sft)")
+        n = kinds[kind]
         for threads in ([None] if gpu else [1, 2]):
             for loss, compile, attn in variants:
                 rows.append(time_steps(name, kind, n, seq, steps, warmup, ac=args.ac or big, compile=compile,

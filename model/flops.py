@@ -8,8 +8,9 @@ according to what trains:
   weights): 6N. Frozen weights still pass gradients to their inputs when anything upstream or
   inside trains (LoRA adapters, the resampler): 4N; 2N when nothing trains. The input embedding is
   a lookup and is left out. Attention scores and values: 12 * layers * hidden * T_ctx per position
-  (fwd+bwd), where T_ctx is the attended length (we use the row length, an upper bound a
-  block-diagonal kernel over packed segments may not reach).
+  (fwd+bwd), where T_ctx is the attended length: the row length by default (what a dense mask
+  computes), or each token's own packed segment (`attended`: the sum of squared segment lengths,
+  what a block-diagonal kernel such as FlexAttention needs to compute). Both are reported.
 - Resampler, per crop: its matmuls for P patch tokens -> L latents (projections, attention, feed-
   forward, output projection); x3 for forward + backward if trained, x1 when frozen (nothing
   upstream needs its input grads).
@@ -55,17 +56,32 @@ class FlopsModel:
     resampler_per_crop: float
     vit_per_crop: float
 
-    def breakdown(self, tokens: int, seq_len: int, crops: int) -> StepFlops:
+    def breakdown(self, tokens: int, seq_len: int, crops: int, attended: int | None = None) -> StepFlops:
         """FLOPs of one optimiser step that processed `tokens` positions (image tokens included) in
-        rows of `seq_len`, with `crops` crops through the ViT and the resampler."""
+        rows of `seq_len`, with `crops` crops through the ViT and the resampler.
+
+        `attended` is the sum over positions of the context each attends to; None counts every
+        position against its whole row (`tokens * seq_len`). For packed rows pass
+        `attended_positions(segment_ids)` to count attention within each segment only."""
+        ctx = tokens * seq_len if attended is None else attended
         return StepFlops(
-            llm=float(tokens * (self.llm_per_token + self.attn_per_token_per_ctx * seq_len)),
+            llm=float(tokens * self.llm_per_token + self.attn_per_token_per_ctx * ctx),
             resampler=float(crops * self.resampler_per_crop),
             vit=float(crops * self.vit_per_crop),
         )
 
-    def step_flops(self, tokens: int, seq_len: int, crops: int) -> float:
-        return self.breakdown(tokens, seq_len, crops).total
+    def step_flops(self, tokens: int, seq_len: int, crops: int, attended: int | None = None) -> float:
+        return self.breakdown(tokens, seq_len, crops, attended).total
+
+
+def attended_positions(segment_ids: torch.Tensor) -> int:
+    """Sum over positions of the length of the packed segment each belongs to (sum of squared
+    segment lengths per row); padding (segment 0) attends to nothing."""
+    total = 0
+    for row in segment_ids:
+        _, counts = torch.unique(row[row > 0], return_counts=True)
+        total += int((counts.long() ** 2).sum())
+    return total
 
 
 def resampler_forward_flops(cfg) -> float:
