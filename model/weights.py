@@ -234,6 +234,17 @@ def merge_decoupled(state: dict[str, torch.Tensor], initial_tokenizer_len: int |
     return out
 
 
+def check_released_tokens(tokenizer, initial_tokenizer_len: int) -> None:
+    """Our tokenizer must give each added token the id the release trained it under (its row in
+    the merged table): one `ReleasedLayoutError` naming the first token that differs."""
+    from .tokenizer import released_token_ids
+
+    for token, want in released_token_ids(initial_tokenizer_len).items():
+        got = tokenizer.convert_tokens_to_ids(token)
+        if got != want:
+            raise ReleasedLayoutError(f"the tokenizer maps {token!r} to {got}, the release to {want}", field="--phi3-dir")
+
+
 def fit_lang_model(model, vocab_size: int, head_bias: bool) -> None:
     """Resize `model`'s LLM embedding and head to `vocab_size` rows (head with a bias or not) and
     record it in `model.config`, so `save_pretrained` / `from_pretrained` rebuild the same shapes.

@@ -288,3 +288,91 @@ def test_a_renamed_released_key_fails_loading(released, tiny_config, tmp_path, r
     model = build_tiny_model(copy.deepcopy(tiny_config), seed=44)
     with pytest.raises(weights.ReleasedLayoutError):
         weights.load_released_state_dict(model, str(tmp_path / "renamed.safetensors"))
+
+
+def _phi3_shaped_tokenizer(n: int):
+    """A tokenizer of `n` tokens whose pad is its eos, as Phi-3's (32011 tokens): the authors'
+    factory adds `<pad>` to it, so its length becomes their `initial_tokenizer_len`."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {f"w{i}": i for i in range(n - 1)} | {"<|endoftext|>": n - 1}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="w0"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>", pad_token="<|endoftext|>")
+
+
+def test_our_added_token_ids_are_the_releases():
+    """Phi-3-shaped tokenizer + our additions: `<pad>` is T-1 and `<image>`, `<image placeholder>`,
+    `<|endofchunk|>` are T, T+1, T+2, the rows the release trained them in."""
+    from blip3.model.config import get_config
+    from blip3.model.tokenizer import add_xgenmm_tokens
+
+    T = 40
+    tok = add_xgenmm_tokens(_phi3_shaped_tokenizer(T - 1))
+    assert tok.pad_token_id == T - 1 and len(tok) == T + N_EXTRA
+    assert [tok.convert_tokens_to_ids(t) for t in ("<image>", "<image placeholder>", "<|endofchunk|>")] == [T, T + 1, T + 2]
+    weights.check_released_tokens(tok, T)
+    assert get_config("phi3-mini").image_placeholder_id == 32012 + 1  # the release's T is 32012
+    with pytest.raises(weights.ReleasedLayoutError, match="'<image>' to 40, the release to 41"):
+        weights.check_released_tokens(tok, T + 1)
+
+
+@pytest.mark.parametrize(
+    "config_text, message",
+    [
+        (None, "need the release's config.json"),
+        ("{not json", "no text_config.initial_tokenizer_len"),
+        ('{"text_config": {"vocab_size": 512}}', "no text_config.initial_tokenizer_len"),
+        ('{"text_config": {"initial_tokenizer_len": "400"}}', "must be a positive integer"),
+        ('{"text_config": {"initial_tokenizer_len": 0}}', "must be a positive integer"),
+        ('{"text_config": {"initial_tokenizer_len": 513}}', "exceeds the base embedding's 512 rows"),
+    ],
+)
+def test_the_release_config_is_read_or_refused_in_one_line(tmp_path, tiny_config, config_text, message):
+    import copy
+
+    donor = released_donor(tiny_config, seed=45)
+    _save_released(donor, tmp_path / "released.safetensors", T=None)
+    if config_text is not None:
+        (tmp_path / "config.json").write_text(config_text)
+    model = build_tiny_model(copy.deepcopy(tiny_config), seed=46)
+    with pytest.raises(weights.ReleasedLayoutError, match=message) as e:
+        weights.load_released_state_dict(model, str(tmp_path / "released.safetensors"))
+    assert "\n" not in str(e.value)
+
+
+def _released_with_tower(tmp_path, tiny_config, edit):
+    """A released file with a Siglip tower, edited by `edit(state)`; the model to load it into."""
+    from safetensors.torch import save_file
+
+    hf, trunk = _tiny_siglip_pair()
+    model = build_tiny_model(tiny_config, seed=32)
+    model.vision_encoder.trunk = trunk
+    donor = build_tiny_model(tiny_config, seed=33)
+    state = {f"vlm.{k}": v.clone() for k, v in donor.state_dict().items() if not k.startswith("vision_encoder.")}
+    state |= {f"vlm.vision_encoder.{k}": v.clone() for k, v in hf.state_dict().items()}
+    edit(state)
+    save_file(state, str(tmp_path / "released.safetensors"))
+    return model, tmp_path / "released.safetensors"
+
+
+@pytest.mark.parametrize(
+    "edit, message",
+    [
+        (lambda s: s.pop("vlm.vision_encoder.post_layernorm.weight"), r"missing: \['vision_encoder.post_layernorm.weight'\]"),
+        (lambda s: s.pop("vlm.vision_encoder.encoder.layers.1.self_attn.k_proj.bias"),
+         r"missing: \['vision_encoder.encoder.layers.1.self_attn.k_proj.bias'\]"),
+        (lambda s: s.update({"vlm.vision_encoder.encoder.layers.0.mlp.fc1.weight": torch.zeros(64, 64)}),
+         r"wrong shape: \['vision_encoder.encoder.layers.0.mlp.fc1.weight'\]"),
+        (lambda s: s.update({"vlm.vision_encoder.encoder.layers.2.mlp.fc1.weight": torch.zeros(128, 64)}),
+         r"unexpected: \['vision_encoder.encoder.layers.2.mlp.fc1.weight'\]"),
+    ],
+)
+def test_a_bad_vision_key_is_one_line_naming_it_and_the_file(tmp_path, tiny_config, edit, message):
+    """Missing, reshaped or extra tower keys: one line with the checkpoint key and the file, never
+    a KeyError, torch's multi-line report, or an extra key silently dropped and listed as loaded."""
+    model, path = _released_with_tower(tmp_path, tiny_config, edit)
+    with pytest.raises(weights.ReleasedLayoutError, match=message) as e:
+        weights.load_released_state_dict(model, str(path))
+    assert "\n" not in str(e.value) and str(path) in str(e.value)
