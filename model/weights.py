@@ -92,7 +92,7 @@ def load_phi3_tokenizer(phi3_dir: str | None = None):
     return AutoTokenizer.from_pretrained(resolve_phi3_dir(phi3_dir), local_files_only=True)
 
 
-def _siglip_plan(layers: list[int], head: bool) -> dict[str, tuple[tuple[str, ...], "Callable"]]:
+def _siglip_plan(layers: list[int], head: bool) -> dict[str, tuple[tuple[str, ...], Callable]]:
     """timm name -> (transformers' Siglip names it is made of, how they combine).
 
     q/k/v projections are concatenated into timm's fused qkv; the MAP head becomes `attn_pool` (its
@@ -269,11 +269,12 @@ def fit_lang_model(model, vocab_size: int, head_bias: bool) -> None:
 def load_released_state_dict(model, path: str | None = None) -> dict[str, list[str]]:
     """Copy the released checkpoint into `model`, every key accounted for.
 
-    The resampler and the LLM load strictly (the decoupled embedding/head merged first, see
-    `merge_decoupled`; the model's LLM is resized to match); any key of theirs we cannot place, or
-    any of ours the file lacks, raises `ReleasedLayoutError`. The SigLIP tower loads strictly when
-    ours is timm-backed (names mapped from transformers' Siglip); otherwise its keys are the only
-    ones reported as skipped. Returns {"loaded": [...], "skipped": [...]} (checkpoint names,
+    The resampler and the LLM load strictly (the decoupled embedding/head merged first, cut at the
+    `initial_tokenizer_len` of the release's config.json, see `merge_decoupled`; the model's LLM
+    is resized to match); any key of theirs we cannot place, or any of ours the file lacks, raises
+    `ReleasedLayoutError`. The SigLIP tower loads strictly, with the tanh GELU it was trained with,
+    when ours is timm-backed (names mapped from transformers' Siglip); otherwise its keys are the
+    only ones reported as skipped. Returns {"loaded": [...], "skipped": [...]} (checkpoint names,
     prefix removed)."""
     from safetensors.torch import load_file
 
@@ -281,8 +282,9 @@ def load_released_state_dict(model, path: str | None = None) -> dict[str, list[s
     state: dict[str, torch.Tensor] = {}
     for f in files:
         state.update(load_file(str(f)))
-    state = merge_decoupled({k.removeprefix(RELEASED_PREFIX): v for k, v in state.items()},
-                            released_initial_tokenizer_len(files))
+    state = {k.removeprefix(RELEASED_PREFIX): v for k, v in state.items()}
+    decoupled = ADDITIONAL_EMBEDDING in state or ADDITIONAL_FC + "weight" in state
+    state = merge_decoupled(state, released_initial_tokenizer_len(files) if decoupled else None)
     parts = ("vision_tokenizer.", "vision_encoder.", "lang_model.")
     stray = [k for k in state if not k.startswith(parts)]
     if stray:
