@@ -299,6 +299,8 @@ class XGenMMProcessor:
 
         from blip3.core.errors import MissingWeightsError, UserError
 
+        from .xgenmm import _first_line
+
         d = Path(directory)
         if not (d / PROCESSOR_FILE).is_file():
             raise MissingWeightsError(f"no {PROCESSOR_FILE} in {d}", field="model dir")
@@ -322,6 +324,8 @@ def _read_processor_config(file: Path) -> tuple[bool, int]:
     """processor_config.json -> (anyres, max_text_tokens); a malformed one is one UserError."""
     from blip3.core.errors import UserError
 
+    from .xgenmm import _first_line
+
     try:
         opts = json.loads(file.read_bytes())
     except ValueError as e:  # not JSON, not UTF-8
@@ -334,8 +338,3 @@ def _read_processor_config(file: Path) -> tuple[bool, int]:
     if not isinstance(max_text, int) or isinstance(max_text, bool) or max_text <= 0:
         raise UserError(f"'max_text_tokens' must be an integer > 0, not {max_text!r}"[:200], file=file)
     return anyres, max_text
-
-
-def _first_line(e: BaseException) -> str:
-    text = str(e).strip()
-    return text.splitlines()[0][:200] if text else ""
