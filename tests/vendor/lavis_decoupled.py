@@ -1,9 +1,11 @@
 # Vendored verbatim from salesforce/LAVIS, branch xgen-mm, commit
 # d699f7e54fbe7072c1fbef3b61a4f5e6d3591bd3, file open_flamingo/src/helpers.py (the classes
 # DecoupledEmbedding and DecoupledLinear only, with the imports they use). LAVIS is released under
-# the BSD 3-Clause licence in LICENSE-LAVIS.txt next to this file. As their own comment says, the
-# authors took both classes from transformers v4.32.1 (models/idefics/modeling_idefics.py,
-# Apache-2.0). Only the import lines below are ours; the class bodies are unchanged.
+# the BSD 3-Clause licence in LICENSE-LAVIS.txt next to this file (the repository's LICENSE.txt;
+# the xgen-mm branch itself carries an MIT licence template with no holder filled in). As their
+# own comment says, the authors took both classes from transformers v4.32.1
+# (models/idefics/modeling_idefics.py, Apache-2.0). Only the import lines below are ours; the
+# class bodies are unchanged.
 # ruff: noqa
 import torch
 import torch.nn.functional as F
