@@ -158,8 +158,9 @@ def _check_lang_model(lm: dict[str, Any]) -> None:
     for name in LM_REALS:
         if name in lm and not (_is_real(lm[name]) and lm[name] > 0):
             raise TypeError(f"lang_model {name!r} must be a number > 0, not {lm[name]!r}"[:200])
-    for name in LM_TOKEN_IDS:
-        if lm.get(name) is not None and not (_is_int(lm[name]) and 0 <= lm[name] < lm["vocab_size"]):
+    for name in LM_TOKEN_IDS:  # an id, or a list of ids (transformers allows several eos ids)
+        ids = lm.get(name) if isinstance(lm.get(name), list) else [lm.get(name)]
+        if lm.get(name) is not None and not all(_is_int(i) and 0 <= i < lm["vocab_size"] for i in ids):
             raise ValueError(f"lang_model {name!r} must be a token id below vocab_size {lm['vocab_size']}, not {lm[name]!r}"[:200])
     if "tie_word_embeddings" in lm and not isinstance(lm["tie_word_embeddings"], bool):
         raise TypeError(f"lang_model 'tie_word_embeddings' must be true or false, not {lm['tie_word_embeddings']!r}"[:200])
