@@ -297,15 +297,44 @@ class XGenMMProcessor:
     def from_pretrained(cls, directory: str | Path, config: ModelConfig | None = None) -> "XGenMMProcessor":
         from transformers import AutoTokenizer
 
-        from blip3.core.errors import MissingWeightsError
+        from blip3.core.errors import MissingWeightsError, UserError
+
+        from .xgenmm import _first_line
 
         d = Path(directory)
         if not (d / PROCESSOR_FILE).is_file():
             raise MissingWeightsError(f"no {PROCESSOR_FILE} in {d}", field="model dir")
         if config is None:
-            from .xgenmm import CONFIG_FILE
+            from .xgenmm import CONFIG_FILE, read_model_config
 
-            config = ModelConfig.from_dict(json.loads((d / CONFIG_FILE).read_text()))
-        opts = json.loads((d / PROCESSOR_FILE).read_text())
-        tok = AutoTokenizer.from_pretrained(str(d), local_files_only=True)
-        return cls(tok, config, anyres=opts["anyres"], max_text_tokens=opts["max_text_tokens"])
+            config = read_model_config(d / CONFIG_FILE)
+        anyres, max_text_tokens = _read_processor_config(d / PROCESSOR_FILE)
+        try:
+            tok = AutoTokenizer.from_pretrained(str(d), local_files_only=True)
+        # the tokenizers library raises a bare Exception on a tokenizer.json it cannot parse
+        except Exception as e:  # noqa: BLE001 - every reading failure of user files is one line
+            raise UserError(f"tokenizer files cannot be read ({type(e).__name__}: {_first_line(e)})", file=d) from None
+        try:
+            return cls(tok, config, anyres=anyres, max_text_tokens=max_text_tokens)
+        except ValueError as e:  # the tokenizer does not fit the model config
+            raise UserError(str(e), file=d) from None
+
+
+def _read_processor_config(file: Path) -> tuple[bool, int]:
+    """processor_config.json -> (anyres, max_text_tokens); a malformed one is one UserError."""
+    from blip3.core.errors import UserError
+
+    from .xgenmm import _first_line
+
+    try:
+        opts = json.loads(file.read_bytes())
+    except ValueError as e:  # not JSON, not UTF-8
+        raise UserError(f"not a processor config ({type(e).__name__}: {_first_line(e)})", file=file) from None
+    if not isinstance(opts, dict):
+        raise UserError(f"a processor config is a JSON object, not {type(opts).__name__}", file=file)
+    anyres, max_text = opts.get("anyres"), opts.get("max_text_tokens")
+    if not isinstance(anyres, bool):
+        raise UserError(f"'anyres' must be true or false, not {anyres!r}"[:200], file=file)
+    if not isinstance(max_text, int) or isinstance(max_text, bool) or max_text <= 0:
+        raise UserError(f"'max_text_tokens' must be an integer > 0, not {max_text!r}"[:200], file=file)
+    return anyres, max_text

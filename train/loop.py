@@ -31,12 +31,13 @@ from blip3.core.catalog import resolve_db
 from blip3.core.errors import UserError
 from blip3.core.logs import get_logger, progress
 from blip3.model.flops import flops_model, mfu, peak_flops
+from blip3.model.runtime import DistInfo, init_distributed
 from blip3.model.weights import materialize
 from blip3.train.builders import build_model, build_objective, build_optimizer, build_stream, resolve_manifest, unwrap
 from blip3.train.checkpoint import PendingCheckpoint, latest_checkpoint, load_checkpoint, start_checkpoint
 from blip3.train.config import StageConfig
 from blip3.train.data import Batch, DataRanks, count_crops, count_tokens
-from blip3.train.distributed import DistInfo, all_reduce_sum, init_distributed, parallelize
+from blip3.train.distributed import all_reduce_sum, parallelize
 from blip3.train.metrics import MetricsWriter
 from blip3.train.objective import Objective
 from blip3.train.schedule import build_scheduler
