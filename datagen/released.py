@@ -58,7 +58,7 @@ SOURCE_KIND = {"blip3-ocr": "caption", "blip3-grounding": "caption", "blip3-kale
                "vlfeedback": "dpo", "vlguard": "sft"}
 OCR_DEFAULT = {"granularity": 4, "include_datacomp_raw_cap": False}  # our OCR engine's default `.txt`
 #: The longest id a row may have: ids name image files (`<id>.<ext>`, 255 bytes at most on most
-#: file systems) and are kept in the catalog; released ids are 9 to 64 characters.
+#: file systems) and are kept in the catalog; the released sets' ids are far shorter.
 MAX_ID_CHARS = 200
 
 
@@ -81,9 +81,8 @@ def read_rows(path: str | Path) -> Iterator[dict[str, Any]]:
         raise UserError("not a file", file=p)
     suffix = p.suffix.lower()
     if suffix == ".parquet":
-        import pyarrow.parquet as pq
-
         import pyarrow as pa
+        import pyarrow.parquet as pq
 
         try:
             batches = pq.ParquetFile(p).iter_batches(batch_size=1024)
@@ -155,7 +154,7 @@ def imported_text(text: str) -> str:
 def _clean_field(value: Any, name: str) -> str:
     """An id or path from a row: a string (or an integer id) without control characters."""
     if isinstance(value, bool) or not isinstance(value, (str, int)):
-        raise RowError(f"bad_row: {name} must be a string, got {type(value).__name__}")
+        raise RowError(f"bad_row: {name} must be a string or an integer, got {type(value).__name__}")
     text = str(value)
     if strip_controls(text) != text:
         raise RowError(f"bad_row: {name} holds a control character ({text[:40]!r})")

@@ -150,6 +150,15 @@ def test_bad_inputs_are_one_clear_error(tmp_path):
     (tmp_path / "x.jsonl").write_text("{not json\n")
     with pytest.raises(UserError, match="line 1 is not valid JSON"):
         import_released("blip3-kale", tmp_path / "x.jsonl", img, tmp_path / "out")
+    (tmp_path / "x.jsonl").write_bytes(b'{"key": "k1", "caption": "ok"}\n{"key": "\xff\xfe"}\n')
+    with pytest.raises(UserError, match="line 2 is not UTF-8 text"):
+        import_released("blip3-kale", tmp_path / "x.jsonl", img, tmp_path / "out2")
+    (tmp_path / "deep.jsonl").write_text("[" * 100_000 + "]" * 100_000 + "\n")
+    with pytest.raises(UserError, match="line 1 is not valid JSON"):
+        import_released("blip3-kale", tmp_path / "deep.jsonl", img, tmp_path / "out3")
+    (tmp_path / "rows.parquet").write_text("a,b\n1,2\n")
+    with pytest.raises(UserError, match="not a readable parquet file"):
+        import_released("blip3-kale", tmp_path / "rows.parquet", img, tmp_path / "out4")
     assert not list_shards(tmp_path / "out") if (tmp_path / "out").exists() else True
 
 
@@ -199,7 +208,7 @@ WRONG_SHAPES = [  # (kind, row, reason the failed row gives)
     ("blip3-ocr", {"uid": "u1", "captions": [{"text": "t"}], "metadata": '{"entries": 5}'}, "bad_row: metadata.entries"),
     ("blip3-ocr", {"uid": "u\x001", "captions": [{"text": "t"}]}, "bad_row: uid holds a control character"),
     ("blip3-ocr", {"uid": "u" * 400, "captions": [{"text": "t"}]}, "bad_row: uid is 400 characters, at most 200"),
-    ("blip3-ocr", {"uid": ["u1"], "captions": [{"text": "t"}]}, "bad_row: uid must be a string, got list"),
+    ("blip3-ocr", {"uid": ["u1"], "captions": [{"text": "t"}]}, "bad_row: uid must be a string or an integer, got list"),
     ("blip3-ocr", {"uid": "u1", "url": 5, "captions": [{"text": "t"}]}, "bad_row: url must be a string"),
     ("blip3-grounding", {"uid": "u1", "captions": [{"text": "t"}],
                          "metadata": {"objects": [{"label": "cat", "bbox": [0.1, 0.2, 0.3]}]}},
@@ -211,7 +220,7 @@ WRONG_SHAPES = [  # (kind, row, reason the failed row gives)
      "bad_row: metadata.objects[0].label"),
     ("blip3-grounding", {"uid": "u1", "captions": [{"text": "t"}], "metadata": {"objects": ["cat"]}},
      "bad_row: metadata.objects must be a list of objects"),
-    ("blip3-kale", {"key": {"a": 1}, "caption": "c"}, "bad_row: key must be a string, got dict"),
+    ("blip3-kale", {"key": {"a": 1}, "caption": "c"}, "bad_row: key must be a string or an integer, got dict"),
     ("vlfeedback", {"id": "v", "prompt": "p", "img_path": "a.jpg",
                     "completions": [{"response": "r", "annotations": "{not json"}, {"response": "s"}]},
      "bad_row: annotations is not valid JSON"),
