@@ -51,9 +51,9 @@ def ray_session(address: str | None = None, num_cpus: int | None = None) -> Iter
     except (ConnectionError, ValueError, RuntimeError) as e:
         raise UserError(f"cannot connect to Ray: {str(e).splitlines()[0] if str(e) else type(e).__name__}",
                         field="--ray-address" if address else None) from e
-    except KeyboardInterrupt:  # stopped while the cluster was starting
+    except KeyboardInterrupt:  # stopped while connecting, or while the cluster started here was starting
         ray.shutdown()
-        remove_session(_session_dir())
+        remove_session(None if address else _session_dir())
         raise
     finally:
         _release_sigterm(held)
@@ -90,20 +90,20 @@ def _hold_sigterm() -> Any:
     own is not installed, and the one in place is restored after (Ray's core sets another)."""
     if threading.current_thread() is not threading.main_thread():
         return None
-    import ray._private.utils as ray_utils  # a private API: without it, the restore after is what remains
-
-    held = signal.getsignal(signal.SIGTERM), getattr(ray_utils, "set_sigterm_handler", None)
-    if held[1] is not None:
+    try:  # a private API: without it, the restore after `ray.init` is what remains
+        import ray._private.utils as ray_utils
+    except ImportError:
+        ray_utils = None
+    setter = getattr(ray_utils, "set_sigterm_handler", None)
+    if setter is not None:
         ray_utils.set_sigterm_handler = lambda handler: None
-    return held
+    return signal.getsignal(signal.SIGTERM), ray_utils, setter
 
 
 def _release_sigterm(held: Any) -> None:
     if held is None:
         return
-    import ray._private.utils as ray_utils
-
-    handler, setter = held
+    handler, ray_utils, setter = held
     if setter is not None:
         ray_utils.set_sigterm_handler = setter
     if handler is not None:
