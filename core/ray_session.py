@@ -87,8 +87,10 @@ def _stderr_closed() -> Iterator[None]:
 
 def _hold_sigterm() -> Any:
     """Keep this process's SIGTERM handler through `ray.init` (see the module's docstring): Ray's
-    own is not installed, and the one in place is restored after (Ray's core sets another)."""
-    if threading.current_thread() is not threading.main_thread():
+    own is not installed, and the one in place is restored after (Ray's core sets another). Only a
+    handler someone chose is kept: with none (Python's default), Ray's exits through `finally`
+    blocks, which is better than the default's immediate end."""
+    if threading.current_thread() is not threading.main_thread() or not callable(signal.getsignal(signal.SIGTERM)):
         return None
     try:  # a private API: without it, the restore after `ray.init` is what remains
         import ray._private.utils as ray_utils
