@@ -37,8 +37,8 @@ from blip3.core.catalog import SOURCE_KINDS
 from blip3.core.errors import UserError
 from blip3.core.yamlio import read_yaml
 from blip3.mixture.caption_choice import validate_caption_choice
-from blip3.mixture.manifest import (WEIGHT_BY, Manifest, ManifestSource, ShardRef, check_verify_mode, shard_change,
-                                    write_manifest)
+from blip3.mixture.manifest import (WEIGHT_BY, Manifest, ManifestSource, ShardRef, check_distinct_shards,
+                                    check_verify_mode, shard_change, write_manifest)
 from blip3.mixture.tokens import DEFAULT_VISION_TOKENS_PER_CROP, TokenCounter
 
 _VAR = re.compile(r"\$\{(\w+)(?::-([^}]*))?\}")
@@ -184,6 +184,7 @@ def build_manifest(
             else:
                 resolved.append(_catalog_source(cat, s, i, counter, file, checksum=verify == "sha256",
                                                 storage_options=storage_options))
+        check_distinct_shards(resolved, file=file, spec=True)  # two sources naming one tar (same caption variant)
         manifest = _plan(spec_d, resolved, counter)
         if out is not None:
             write_manifest(manifest, out)

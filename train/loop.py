@@ -363,7 +363,7 @@ def train_stage(
                     row = {
                         "loss": s.loss, "lr": s.lr, "tokens": run.tokens, "tokens_per_s": step_tokens_all / dt,
                         "step_time_s": dt, "data_wait_s": data_wait, "grad_norm": s.grad_norm,
-                        # samples longer than a packed row, dropped since the previous row (all ranks)
+                        # samples dropped since the previous row (all ranks): longer than a packed row, or not encodable
                         "skipped": int(all_reduce_sum(skipped, info)),
                         "mfu": mfu(flops.step_flops(s.tokens, cfg.batch.seq_len, s.crops), dt, peak),
                         **s.extras,
