@@ -57,6 +57,14 @@ _PERIOD_STRIP = re.compile(r"(?!<=\d)(\.)(?!\d)")
 _COMMA_STRIP = re.compile(r"(\d)(,)(\d)")
 
 
+#: The official script passes `re.UNICODE` (32) as `re.sub`'s third positional argument, which is
+#: `count`: at most 32 periods are stripped. Kept, so scores equal the script's.
+_PERIOD_STRIP_COUNT = 32
+#: A question with more human answers than this is a failed row, not scored: VQA benchmarks have
+#: ten (VizWiz and TextVQA too), and a list of thousands is a broken file.
+MAX_VQA_ANSWERS = 100
+
+
 def _process_punctuation(text: str) -> str:
     out = text
     for p in PUNCT:
@@ -64,7 +72,7 @@ def _process_punctuation(text: str) -> str:
             out = out.replace(p, "")
         else:
             out = out.replace(p, " ")
-    return _PERIOD_STRIP.sub("", out)
+    return _PERIOD_STRIP.sub("", out, count=_PERIOD_STRIP_COUNT)
 
 
 def _process_digit_article(text: str) -> str:
@@ -73,31 +81,36 @@ def _process_digit_article(text: str) -> str:
     return " ".join(words)
 
 
+def _strip(text: str) -> str:
+    return text.replace("\n", " ").replace("\t", " ").strip()
+
+
 def normalize_vqa_answer(answer: str) -> str:
-    """An answer as the official VQA evaluation compares it ("Two dogs." -> "2 dogs")."""
-    answer = answer.replace("\n", " ").replace("\t", " ").strip()
-    return _process_digit_article(_process_punctuation(answer))
+    """An answer as the official VQA evaluation normalises it ("Two dogs." -> "2 dogs")."""
+    return _process_digit_article(_process_punctuation(_strip(answer)))
 
 
-def vqa_accuracy(prediction: str, answers: Sequence[str]) -> float:
+def vqa_accuracy(prediction: str, answers: Sequence[str], *, always_normalise: bool = False) -> float:
     """One question's accuracy against its (usually ten) human answers.
 
-    As the official script: the prediction is normalised fully; the human answers get the
-    punctuation step only when they disagree (they were normalised when the dataset was made).
-    Each leave-one-out subset scores min(#matches / 3, 1); the result is their mean, so an answer
-    given by 1, 2, 3 or 4+ of ten annotators scores 0.3, 0.6, 0.9 or 1.0.
+    The rule of the official VQA evaluation as it stands since its 2021 fix (GT-Vision-Lab/VQA,
+    `vqaEval.py`, commit a013f00): every answer is stripped; only when the humans disagree are the
+    prediction and the human answers normalised (punctuation, number words, articles,
+    contractions). So `Two` against ten `2` scores 0, and `2` against {two: 3, three: 7} scores
+    0.9. `always_normalise` is OpenFlamingo's port of the script, which normalises both always.
+
+    Each leave-one-annotator-out subset scores min(#matches / 3, 1), and the result is their mean
+    (1, 2, 3 or 4+ matching humans of ten: 0.3, 0.6, 0.9, 1.0). Counted once, not per subset, so
+    the cost is linear in the number of answers.
     """
     if not answers:
         raise ValueError("a VQA question needs at least one human answer")
-    pred = normalize_vqa_answer(prediction)
-    gts = [a.replace("\n", " ").replace("\t", " ").strip() for a in answers]
-    if len(set(gts)) > 1:
-        gts = [_process_punctuation(a) for a in gts]
-    scores = []
-    for i in range(len(gts)):
-        matches = sum(1 for j, a in enumerate(gts) if j != i and a == pred)
-        scores.append(min(1.0, matches / 3))
-    return sum(scores) / len(scores)
+    pred, gts = _strip(prediction), [_strip(a) for a in answers]
+    if always_normalise or len(set(gts)) > 1:
+        pred, gts = normalize_vqa_answer(pred), [normalize_vqa_answer(a) for a in gts]
+    n, hits = len(gts), sum(1 for a in gts if a == pred)
+    # an annotator who gave `pred` leaves hits - 1 matching others; any other annotator leaves hits
+    return (hits * min(1.0, (hits - 1) / 3) + (n - hits) * min(1.0, hits / 3)) / n
 
 
 # --- POPE -------------------------------------------------------------------------------------

@@ -31,13 +31,16 @@ def test_vqa_normalisation(raw, normalised):
 def test_vqa_accuracy_leave_one_out(matches, expected):
     """min(#humans/3, 1) averaged over the 10 subsets of 9 annotators: 0.3 / 0.6 / 0.9 / 1.0."""
     answers = ["2"] * matches + ["3"] * (10 - matches)
-    assert vqa_accuracy("two", answers) == pytest.approx(expected)
+    assert vqa_accuracy("2", answers) == pytest.approx(expected)
 
 
-def test_vqa_accuracy_normalises_prediction_not_human_answers_when_they_agree():
-    assert vqa_accuracy("The Dog.", ["dog"] * 10) == pytest.approx(1.0)
-    # Humans disagree: their punctuation is processed too ("hot-dog" -> "hot dog").
+def test_vqa_accuracy_normalises_only_when_humans_disagree():
+    """The current official rule (tests/test_eval_vqa_official.py runs the script itself)."""
+    assert vqa_accuracy(" dog\n", ["dog"] * 10) == pytest.approx(1.0)
+    assert vqa_accuracy("The Dog.", ["dog"] * 10) == 0.0
+    # Humans disagree: everyone is normalised ("hot-dog" -> "hot dog", "Two" -> "2").
     assert vqa_accuracy("hot dog", ["hot-dog"] * 3 + ["sandwich"] * 7) == pytest.approx(0.9)
+    assert vqa_accuracy("Two", ["2"] * 3 + ["two"] * 7) == pytest.approx(1.0)
     with pytest.raises(ValueError):
         vqa_accuracy("x", [])
 

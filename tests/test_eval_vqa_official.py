@@ -1,0 +1,91 @@
+"""VQA accuracy, question by question, against the official scripts themselves (vendored in
+tests/vendor with their licences): GT-Vision-Lab's current vqaEval.py, and OpenFlamingo's port
+for the `openflamingo` protocol."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+
+from blip3.eval.metrics import MAX_VQA_ANSWERS, normalize_vqa_answer, vqa_accuracy
+from tests.vendor import load_open_flamingo_vqa, load_vqa_eval
+
+TRICKY = ["2", "two", "Two", "TWO", "2.", "the dog", "dog", "Dog.", "a dog", "1,000", "1000", "1 000", "3.5", "3. 5",
+          "dont", "don't", "Don't", "yes", "Yes", "yes.", "hot-dog", "hot dog", "hotdog", "(x)", "x", " x ", "tea / coffee",
+          "tea coffee", "isnt", "isn't", "none", "0", "zero", "an apple", "apple", "e.g.", "eg", "U.S.", "us", "left\tside",
+          "left side", "it's", "its", "10", "ten", "?", "", "yes" + "." * 40, "yes" + "." * 8, "a.b.c." * 7]
+
+
+class _Store:
+    """The two attributes of the official `VQA` helper that `VQAEval` reads."""
+
+    def __init__(self, qa: dict):
+        self.qa = qa
+
+    def getQuesIds(self):  # noqa: N802  (the official API's name)
+        return list(self.qa)
+
+
+def _official(module, cases: list[tuple[str, list[str]]]) -> list[float]:
+    """Per-question accuracy from the official VQAEval (in [0, 1], 10 decimals)."""
+    gts = {q: {"question_id": q, "question_type": "what", "answer_type": "other",
+               "answers": [{"answer": a, "answer_confidence": "yes", "answer_id": k + 1} for k, a in enumerate(answers)]}
+           for q, (_, answers) in enumerate(cases)}
+    res = {q: {"question_id": q, "answer": pred} for q, (pred, _) in enumerate(cases)}
+    ev = module.VQAEval(_Store(gts), _Store(res), n=10)
+    ev.evaluate()
+    return [ev.evalQA[q] / 100 for q in range(len(cases))]
+
+
+@pytest.fixture(scope="module")
+def official():
+    return load_vqa_eval()
+
+
+@pytest.mark.parametrize("pred, answers, expected", [
+    ("Two", ["2"] * 10, 0.0),  # humans agree: the prediction is only stripped
+    ("two", ["2"] * 10, 0.0),
+    (" 2\n", ["2"] * 10, 1.0),
+    ("2", ["two"] * 3 + ["three"] * 7, 0.9),  # humans disagree: everyone is normalised
+    ("Two", ["2"] * 6 + ["3"] * 4, 1.0),
+    ("yes" + "." * 40, ["yes" + "." * 8] * 5 + ["no"] * 5, 0.0),  # only 32 periods are stripped
+    ("yes" + "." * 20, ["yes" + "." * 8] * 5 + ["no"] * 5, 1.0),
+])
+def test_issue_cases_equal_the_official_script(official, pred, answers, expected):
+    assert _official(official, [(pred, answers)]) == [pytest.approx(expected, abs=1e-9)]
+    assert vqa_accuracy(pred, answers) == pytest.approx(expected, abs=1e-9)
+
+
+def test_every_question_equals_the_official_script_on_tricky_answers(official):
+    rng = random.Random(7)
+    cases = []
+    for _ in range(400):
+        pool = rng.sample(TRICKY, rng.choice([1, 2, 3, 5]))
+        answers = [rng.choice(pool) for _ in range(10)]
+        pred = rng.choice(pool + rng.sample(TRICKY, 2))
+        cases.append((pred, answers))
+    cases += [(p, [p] * 10) for p in TRICKY] + [(p, [normalize_vqa_answer(p)] * 10) for p in TRICKY]
+    ours = [vqa_accuracy(p, a) for p, a in cases]
+    assert ours == pytest.approx(_official(official, cases), abs=1e-9)
+    assert len({round(x, 3) for x in ours}) >= 4  # the draw covers 0, partial and full credit
+
+
+def test_openflamingo_port_normalises_always(official):
+    """OpenFlamingo's vqa_metric.py (the `openflamingo` protocol) normalises prediction and
+    answers whether or not the humans agree."""
+    of = load_open_flamingo_vqa()
+    rng = random.Random(11)
+    cases = [(rng.choice(TRICKY), [rng.choice(TRICKY[:12]) for _ in range(10)]) for _ in range(200)]
+    cases += [("Two", ["2"] * 10)]
+    ours = [vqa_accuracy(p, a, always_normalise=True) for p, a in cases]
+    assert ours == pytest.approx(_official(of, cases), abs=1e-9)
+    assert ours[-1] == 1.0 and vqa_accuracy("Two", ["2"] * 10) == 0.0
+
+
+def test_a_long_answer_list_is_scored_by_counting():
+    """30,000 answers (the issue's case, minutes with the official quadratic loop) score as the
+    leave-one-out rule says; a task refuses lists above MAX_VQA_ANSWERS before this is reached."""
+    assert vqa_accuracy("two", ["2"] * 15_000 + ["3"] * 15_000) == 1.0
+    assert vqa_accuracy("2", ["2"] * 2 + ["3"] * 29_998) == pytest.approx(2 * (1 / 3) / 30_000 + 29_998 * (2 / 3) / 30_000)
+    assert 10 <= MAX_VQA_ANSWERS < 30_000

@@ -1,0 +1,46 @@
+"""Official scorers, vendored unchanged with their licences, run by the parity tests.
+
+- `vqa/vqaEval.py`: GT-Vision-Lab/VQA, PythonEvaluationTools/vqaEvaluation/vqaEval.py at commit
+  a013f00 (2021, "Fixed processing answers bug"), BSD licence in `vqa/LICENSE`. It is Python 2;
+  `load_vqa_eval` converts it with the standard library's 2to3 when a test loads it.
+- `open_flamingo/vqa_metric.py`: mlfoundations/open_flamingo, open_flamingo/eval/vqa_metric.py at
+  commit 655f693, MIT licence in `open_flamingo/LICENSE`.
+- `vlmevalkit/matching_util.py`: open-compass/VLMEvalKit, vlmeval/utils/matching_util.py at commit
+  e8e78f0, Apache-2.0 licence in `vlmevalkit/LICENSE` (its logger import is the one line changed,
+  marked in the file).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+import types
+from pathlib import Path
+
+HERE = Path(__file__).parent
+
+
+def load_module(path: Path, name: str, source: str | None = None) -> types.ModuleType:
+    spec = importlib.util.spec_from_loader(name, loader=None)
+    module = importlib.util.module_from_spec(spec)
+    exec(compile(source if source is not None else path.read_text(), str(path), "exec"), module.__dict__)
+    sys.modules.setdefault(name, module)
+    return module
+
+
+def load_vqa_eval() -> types.ModuleType:
+    """The official (Python 2) vqaEval.py, converted by lib2to3's print fixer only."""
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", (DeprecationWarning, PendingDeprecationWarning))
+        from lib2to3.refactor import RefactoringTool
+
+        tool = RefactoringTool(["lib2to3.fixes.fix_print"])
+        path = HERE / "vqa" / "vqaEval.py"
+        source = str(tool.refactor_string(path.read_text() + "\n", str(path)))
+    return load_module(path, "vendored_vqa_eval", source)
+
+
+def load_open_flamingo_vqa() -> types.ModuleType:
+    return load_module(HERE / "open_flamingo" / "vqa_metric.py", "vendored_open_flamingo_vqa")
