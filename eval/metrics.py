@@ -1,14 +1,13 @@
 """Benchmark metrics, each following its reference implementation so numbers compare with papers.
 
-- VQA accuracy: the official VQAv2 evaluation (also used for TextVQA and OK-VQA): answer
-  normalisation (punctuation, number words, articles, contractions), then min(#matches / 3, 1)
+- VQA accuracy: the official VQAv2 evaluation as it stands since 2021 (also used for TextVQA,
+  OK-VQA and VizWiz): answer normalisation when the humans disagree, then min(#matches / 3, 1)
   averaged over the ten leave-one-annotator-out subsets.
 - POPE: the yes/no parsing of the POPE / LLaVA evaluation, then accuracy, precision, recall, F1
   and the share of "yes" answers (a model that always says yes scores 0.5 accuracy, ratio 1.0).
 - Multiple choice: MMBench circular evaluation, where a question counts only if every rotation
   of its options is answered right.
-- Captioning: BLEU-4 and CIDEr (pycocoevalcap's scorers) on PTB-style tokens; METEOR too when
-  Java is installed (its reference implementation is a Java program).
+- Captioning: pycocoevalcap 1.2 end to end (PTB tokenizer, BLEU-4, CIDEr, METEOR); it needs Java.
 """
 
 from __future__ import annotations
@@ -171,41 +170,45 @@ def circular_accuracy(results: Iterable[tuple[str, bool]]) -> dict[str, float]:
 
 
 # --- captioning -------------------------------------------------------------------------------
-# The tokens PTBTokenizer (pycocoevalcap) drops after Stanford tokenisation.
-_PTB_PUNCT = {"''", "'", "``", "`", "-LRB-", "-RRB-", "-LCB-", "-RCB-", ".", "?", "!", ",", ":", "-", "--", "...", ";"}
-_TOKEN = re.compile(r"n't\b|'(?:s|re|ve|ll|d|m)\b|\.\.\.|--|\w+(?:[-/.]\w+)*|[^\w\s]")
-
-
-def ptb_tokenize(text: str) -> str:
-    """Lower-cased, PTB-style tokens joined by spaces, punctuation dropped: what pycocoevalcap's
-    PTBTokenizer produces for ordinary captions, without needing Java for CIDEr and BLEU."""
-    text = text.lower().replace("\n", " ")
-    text = re.sub(r"(\w)n't\b", r"\1 n't", text)
-    return " ".join(t for t in _TOKEN.findall(text) if t not in _PTB_PUNCT)
+JAVA_PACKAGE = "default-jre-headless"
 
 
 def java_available() -> bool:
     return shutil.which("java") is not None
 
 
+def require_java(what: str) -> None:
+    """One line, before any generation, when pycocoevalcap's Java programs cannot run."""
+    if not java_available():
+        from blip3.core.errors import UserError
+
+        raise UserError(f"{what} is scored with pycocoevalcap, whose PTB tokenizer and METEOR are Java programs, "
+                        f"and no `java` is on PATH; install a Java runtime (Debian/Ubuntu: apt-get install "
+                        f"{JAVA_PACKAGE})", field="TASK")
+
+
 def caption_scores(references: Mapping[str, Sequence[str]], predictions: Mapping[str, str],
                    *, meteor: bool | None = None) -> dict[str, float]:
-    """Corpus BLEU-4, CIDEr (and METEOR when `meteor`, default: when Java is installed).
+    """Corpus BLEU-4, CIDEr and METEOR from pycocoevalcap 1.2 itself, as the COCO caption
+    evaluation runs them: its PTBTokenizer (Stanford's Java tokenizer), then its scorers.
 
-    CIDEr's document frequencies come from the references given, as in the COCO evaluation, so
-    score the whole split at once, not batch by batch.
+    `meteor=False` skips METEOR (its Java process takes seconds to start). CIDEr's document
+    frequencies come from the references given, so score the whole split at once.
     """
     from pycocoevalcap.bleu.bleu import Bleu
     from pycocoevalcap.cider.cider import Cider
+    from pycocoevalcap.tokenizer.ptbtokenizer import PTBTokenizer
 
     if set(references) != set(predictions) or not predictions:
         raise ValueError("captioning needs one prediction for every image with references")
-    gts = {k: [ptb_tokenize(r) for r in refs] for k, refs in references.items()}
-    res = {k: [ptb_tokenize(predictions[k])] for k in references}
+    require_java("captioning")
+    tokenizer = PTBTokenizer()
+    gts = tokenizer.tokenize({k: [{"caption": str(r)} for r in refs] for k, refs in references.items()})
+    res = tokenizer.tokenize({k: [{"caption": str(predictions[k])}] for k in references})
     bleu, _ = Bleu(4).compute_score(gts, res, verbose=0)
     cider, _ = Cider().compute_score(gts, res)
     scores = {"BLEU-4": float(bleu[3]), "CIDEr": float(cider)}
-    if meteor if meteor is not None else java_available():
+    if meteor is None or meteor:
         scores["METEOR"] = _meteor(gts, res)
     return scores
 

@@ -8,22 +8,25 @@ laid out as the benchmark ships it (see docs/evaluation.md):
     okvqa/    OpenEnded_mscoco_val2014_questions.json  mscoco_val2014_annotations.json  val2014/ (+ train2014)
     textvqa/  TextVQA_0.5.1_val.json (+ TextVQA_0.5.1_train.json)  train_images/
     coco/     annotations/captions_val2014.json (+ captions_train2014.json)  val2014/ (+ train2014/)
+              (`openflamingo` protocol: also dataset_coco.json, the Karpathy split)
     pope/     coco_pope_{random,popular,adversarial}.json (JSON lines)  val2014/
-    mmbench/  mmbench_dev_en.tsv (images inline, base64)
+    mmbench/  mmbench_dev_en.tsv (VLMEvalKit's MMBench_DEV_EN.tsv: every circular pass a row, images inline)
 
-Prompts follow the released base model's few-shot evaluation (OpenFlamingo's formats:
-`<image>Question:{q} Short answer:{a}<|endofchunk|>`, `<image>Output:{caption}<|endofchunk|>`)
-and, for the instruct benchmarks (POPE, MMBench), the LLaVA-style chat instructions.
+How a prompt is built and an answer cut is the protocol's (eval/protocols.py). A question that
+cannot be asked or scored (no human answers, a duplicate id, a broken MMBench row) is a failed row
+with its reason, never silently dropped; a file that cannot be read at all is one line.
 """
 
 from __future__ import annotations
 
 import base64
+import binascii
 import csv
 import io
 import json
 import random
 import re
+import string
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -32,13 +35,18 @@ from PIL import Image
 
 from blip3.core.errors import UserError
 from blip3.eval import metrics
+from blip3.eval.protocols import OFFICIAL, Protocol
 
 #: Text the processor would read as structure: image markers, chunk ends, chat turns. A question or
 #: caption from a benchmark file never gets to place images or end a turn.
 _MARKUP = re.compile(r"<image>|<\|[a-z_]+\|>")
 
 VQA_INSTRUCTION = "Answer the question using a single word or phrase."
-MC_INSTRUCTION = "Answer with the option's letter from the given choices directly."
+
+#: The strings pandas reads as a missing cell (its default `na_values`): VLMEvalKit loads MMBench
+#: with pandas, so an option cell holding one of these is no option there, nor here.
+PANDAS_NA = {"", "#N/A", "#N/A N/A", "#NA", "-1.#IND", "-1.#QNAN", "-NaN", "-nan", "1.#IND", "1.#QNAN", "<NA>",
+             "N/A", "NA", "NULL", "NaN", "None", "n/a", "nan", "null"}
 
 
 def clean(text: str) -> str:
@@ -47,12 +55,15 @@ def clean(text: str) -> str:
 
 @dataclass
 class Item:
-    """One benchmark question: `target` holds what scoring needs (answers, label, references...)."""
+    """One benchmark question: `target` holds what scoring needs (answers, label, references...).
+
+    `error` set: the question cannot be asked or scored; it becomes a failed row with that reason."""
 
     id: str
     image: Callable[[], Image.Image]
     question: str = ""
     target: dict[str, Any] = field(default_factory=dict)
+    error: str | None = None
 
 
 @dataclass
@@ -62,11 +73,38 @@ class Prompt:
     chat: bool  # wrap in the chat template (instruct benchmarks) or raw few-shot text (base model)
 
 
-def _read_json(path: Path) -> Any:
+def _no_image() -> Image.Image:
+    raise AssertionError("a failed item has no image to load")
+
+
+def failed(item_id: str, reason: str) -> Item:
+    return Item(str(item_id), _no_image, error=reason)
+
+
+def read_text(path: Path) -> str:
+    """A benchmark file's text; one line when it is unreadable or not UTF-8."""
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise UserError(f"not a readable JSON file ({type(e).__name__})", file=path) from None
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise UserError(f"not UTF-8 text (byte {e.start}); benchmark files are read as published", file=path) from None
+    except OSError as e:
+        raise UserError(f"cannot read ({e.strerror or type(e).__name__})", file=path) from None
+
+
+def _reject_constant(name: str):
+    raise ValueError(f"{name} is not a JSON number")
+
+
+def read_json(path: Path) -> Any:
+    """Standard JSON only: `NaN`/`Infinity` are refused (an id of Infinity is not an id), and so is
+    nesting too deep to parse, each as one line."""
+    text = read_text(path)
+    try:
+        return json.loads(text, parse_constant=_reject_constant)
+    except RecursionError:
+        raise UserError("not a benchmark file (JSON nested too deeply)", file=path) from None
+    except ValueError as e:
+        raise UserError(f"not a readable JSON file ({type(e).__name__}: {str(e)[:120]})", file=path) from None
 
 
 def _need(path: Path, what: str) -> Path:
@@ -76,14 +114,25 @@ def _need(path: Path, what: str) -> Path:
     return path
 
 
+def _id(value: Any, what: str = "question_id") -> str:
+    """An id as text: integers and strings only (a float, bool, list or null is a broken file)."""
+    if isinstance(value, bool) or not isinstance(value, (int, str)) or value == "":
+        raise ValueError(f"{what} {json.dumps(value)[:40]} is not an integer or a string")
+    return str(value)
+
+
+def _open_image(data: Callable[[], Any], where: Path, what: str) -> Image.Image:
+    try:
+        with Image.open(data()) as im:
+            return im.convert("RGB")
+    except Image.DecompressionBombError:
+        raise UserError(f"{what}: refused, more pixels than Pillow's decompression-bomb limit", file=where) from None
+    except (OSError, ValueError, SyntaxError) as e:
+        raise UserError(f"{what}: not a readable image ({type(e).__name__})", file=where) from None
+
+
 def _image_file(path: Path) -> Callable[[], Image.Image]:
-    def load() -> Image.Image:
-        try:
-            with Image.open(path) as im:
-                return im.convert("RGB")
-        except OSError as e:
-            raise UserError(f"not a readable image ({type(e).__name__})", file=path) from None
-    return load
+    return lambda: _open_image(lambda: path, path, "image")
 
 
 class Task:
@@ -93,10 +142,13 @@ class Task:
     zero_shot_only = False
     metric: str = ""  # the headline metric
 
+    def __init__(self, protocol: Protocol = OFFICIAL):
+        self.protocol = protocol
+
     def load(self, root: Path, split: str) -> list[Item]:  # split: "test" or "train"
         raise NotImplementedError
 
-    def prompt(self, item: Item, shots: list[Item]) -> Prompt:
+    def prompt(self, item: Item, shots: list[Item], *, text_only_shots: bool = False) -> Prompt:
         raise NotImplementedError
 
     def answer(self, generated: str) -> str:
@@ -109,6 +161,19 @@ class Task:
     def score(self, items: list[Item], answers: dict[str, str]) -> dict[str, float]:
         raise NotImplementedError
 
+    def group(self, item: Item) -> str:
+        """The question an item belongs to (`--limit` keeps whole questions)."""
+        return item.id
+
+
+def few_shot_context(examples: list[tuple[str, list[Item]]], text_only: bool, separator: str) -> tuple[str, list]:
+    """OpenFlamingo-style context: each example's text, `separator` after it; text-only examples
+    (Flamingo's 0-shot) lose their `<image>` marker and image."""
+    text = "".join(t + separator for t, _ in examples)
+    if text_only:
+        return text.replace("<image>", ""), []
+    return text, [s.image() for _, shots in examples for s in shots]
+
 
 # --- VQA (VQAv2, OK-VQA, TextVQA) --------------------------------------------------------------
 class VQATask(Task):
@@ -120,31 +185,55 @@ class VQATask(Task):
     def load(self, root: Path, split: str) -> list[Item]:
         qfile, afile, images = self.files[split]
         base = root / self.folder
-        questions = _read_json(_need(base / qfile, f"the {self.name} {split} questions ({qfile})"))
-        annotations = _read_json(_need(base / afile, f"the {self.name} {split} annotations ({afile})"))
+        questions = read_json(_need(base / qfile, f"the {self.name} {split} questions ({qfile})"))
+        annotations = read_json(_need(base / afile, f"the {self.name} {split} annotations ({afile})"))
         try:
-            answers = {a["question_id"]: [x["answer"] for x in a["answers"]] for a in annotations["annotations"]}
-            items = []
-            for q in questions["questions"]:
-                name = self.image_name.format(split=images.removesuffix("2014"), image_id=int(q["image_id"]))
-                items.append(Item(str(q["question_id"]), _image_file(base / images / name), clean(q["question"]),
-                                  {"answers": [str(a) for a in answers[q["question_id"]]]}))
+            answers: dict[str, list[str] | None] = {}
+            for a in annotations["annotations"]:
+                qid = _id(a["question_id"])
+                given = [str(x["answer"]) for x in a["answers"]]
+                answers[qid] = given if qid not in answers or answers[qid] == given else None  # None: conflicting
+            rows = [(_id(q["question_id"]), q) for q in questions["questions"]]
         except (KeyError, TypeError, ValueError) as e:
-            raise UserError(f"not in the VQA layout (missing {e})", file=base / qfile) from None
+            raise UserError(f"not in the VQA layout ({type(e).__name__}: {e})", file=base / qfile) from None
+        items = []
+        for qid, q in rows:
+            try:
+                name = self.image_name.format(split=images.removesuffix("2014"), image_id=int(_id(q["image_id"], "image_id")))
+                items.append(self._item(qid, _image_file(base / images / name), q["question"], answers.get(qid, [])))
+            except (KeyError, TypeError, ValueError) as e:
+                items.append(failed(qid, f"not a VQA question ({type(e).__name__}: {e})"))
         return items
 
-    def prompt(self, item: Item, shots: list[Item]) -> Prompt:
-        demo = "".join(f"<image>Question:{s.question} Short answer:{clean(_majority(s.target['answers']))}"
-                       "<|endofchunk|>" for s in shots)
-        return Prompt(f"{demo}<image>Question:{item.question} Short answer:",
-                      [s.image() for s in shots] + [item.image()], chat=False)
+    @staticmethod
+    def _item(qid: str, image, question: Any, answers: list[str] | None) -> Item:
+        if answers is None:
+            return failed(qid, "the annotations give this question_id twice, with different answers")
+        if not answers:
+            return failed(qid, "no human answers")
+        if len(answers) > metrics.MAX_VQA_ANSWERS:
+            return failed(qid, f"{len(answers)} human answers (more than {metrics.MAX_VQA_ANSWERS}); a broken file")
+        return Item(qid, image, clean(question), {"answers": answers})
+
+    def _demo_answer(self, answers: list[str]) -> str:
+        return answers[0] if self.protocol.demo_answer == "first" else _majority(answers)
+
+    def prompt(self, item: Item, shots: list[Item], *, text_only_shots: bool = False) -> Prompt:
+        examples = [(f"<image>Question:{s.question} Short answer:{clean(self._demo_answer(s.target['answers']))}"
+                     "<|endofchunk|>", [s]) for s in shots]
+        context, images = few_shot_context(examples, text_only_shots, self.protocol.demo_separator)
+        return Prompt(f"{context}<image>Question:{item.question} Short answer:", images + [item.image()], chat=False)
 
     def answer(self, generated: str) -> str:
-        # OpenFlamingo's post-processing: the model may go on to a next "Question:".
-        return re.split(r"Question|Answer|Short", generated, maxsplit=1)[0].strip()
+        # OpenFlamingo's post-processing: the model may go on to a next "Question:"; its protocol
+        # also ends the answer at the first ", ".
+        answer = re.split(r"Question|Answer|Short", generated, maxsplit=1)[0]
+        if self.protocol.vqa_cut_comma:
+            answer = re.split(", ", answer, maxsplit=1)[0]
+        return answer.strip()
 
     def score_item(self, item: Item, answer: str) -> float:
-        return metrics.vqa_accuracy(answer, item.target["answers"])
+        return metrics.vqa_accuracy(answer, item.target["answers"], always_normalise=self.protocol.vqa_always_normalise)
 
     def score(self, items: list[Item], answers: dict[str, str]) -> dict[str, float]:
         return {"accuracy": sum(self.score_item(i, answers[i.id]) for i in items) / len(items)}
@@ -152,7 +241,10 @@ class VQATask(Task):
 
 def _majority(answers: list[str]) -> str:
     """The most common human answer (first on ties): the in-context example's answer."""
-    return max(answers, key=lambda a: (answers.count(a), -answers.index(a)))
+    counts: dict[str, int] = {}
+    for a in answers:
+        counts[a] = counts.get(a, 0) + 1
+    return max(counts, key=lambda a: counts[a])  # dicts keep first-seen order: ties go to the first
 
 
 class VQAv2(VQATask):
@@ -176,38 +268,85 @@ class TextVQA(VQATask):
         base = root / self.folder
         path = _need(base / self.split_files[split], f"the TextVQA {split} file")
         try:
-            return [Item(str(d["question_id"]), _image_file(base / "train_images" / f"{Path(str(d['image_id'])).name}.jpg"),
-                         clean(d["question"]), {"answers": [str(a) for a in d["answers"]]})
-                    for d in _read_json(path)["data"]]
+            rows = read_json(path)["data"]
+            iter(rows)
         except (KeyError, TypeError) as e:
             raise UserError(f"not in the TextVQA layout (missing {e})", file=path) from None
+        items = []
+        for n, d in enumerate(rows):
+            try:
+                qid = _id(d["question_id"])
+            except (KeyError, TypeError, ValueError) as e:
+                items.append(failed(f"row{n}", f"not a TextVQA question ({type(e).__name__}: {e})"))
+                continue
+            try:
+                image = _image_file(base / "train_images" / f"{Path(_id(d['image_id'], 'image_id')).name}.jpg")
+                items.append(self._item(qid, image, d["question"], [str(a) for a in d["answers"]]))
+            except (KeyError, TypeError, ValueError) as e:
+                items.append(failed(qid, f"not a TextVQA question ({type(e).__name__}: {e})"))
+        return items
 
 
 # --- captioning ---------------------------------------------------------------------------------
 class COCOCaptions(Task):
     name, metric = "coco", "CIDEr"
     files = {"test": ("captions_val2014.json", "val2014"), "train": ("captions_train2014.json", "train2014")}
-    meteor: bool | None = None  # None: when Java is installed
+    karpathy = "dataset_coco.json"
+    meteor: bool | None = None  # None: on
 
     def load(self, root: Path, split: str) -> list[Item]:
+        if self.protocol.coco_split == "karpathy":
+            return self._load_karpathy(root, split)
         ann_name, images = self.files[split]
+        refs, names = self._references(root, ann_name, split)
+        return [Item(str(i), _image_file(root / "coco" / images / names[i]), "", {"references": refs[i]})
+                for i in names if i in refs]
+
+    def _references(self, root: Path, ann_name: str, split: str) -> tuple[dict[int, list[str]], dict[int, str]]:
         path = _need(root / "coco" / "annotations" / ann_name, f"the COCO {split} captions ({ann_name})")
-        data = _read_json(path)
+        data = read_json(path)
         try:
             refs: dict[int, list[str]] = {}
             for a in data["annotations"]:
-                refs.setdefault(a["image_id"], []).append(str(a["caption"]))
-            return [Item(str(im["id"]), _image_file(root / "coco" / images / Path(im["file_name"]).name), "",
-                         {"references": refs[im["id"]]}) for im in data["images"] if im["id"] in refs]
-        except (KeyError, TypeError) as e:
-            raise UserError(f"not in the COCO captions layout (missing {e})", file=path) from None
+                refs.setdefault(int(_id(a["image_id"], "image_id")), []).append(str(a["caption"]))
+            names = {int(_id(im["id"], "id")): Path(str(im["file_name"])).name for im in data["images"]}
+        except (KeyError, TypeError, ValueError) as e:
+            raise UserError(f"not in the COCO captions layout ({type(e).__name__}: {e})", file=path) from None
+        return refs, names
 
-    def prompt(self, item: Item, shots: list[Item]) -> Prompt:
-        demo = "".join(f"<image>Output:{clean(s.target['references'][0])}<|endofchunk|>" for s in shots)
-        return Prompt(f"{demo}<image>Output:", [s.image() for s in shots] + [item.image()], chat=False)
+    def _load_karpathy(self, root: Path, split: str) -> list[Item]:
+        """OpenFlamingo's COCO: the Karpathy split's `test` images (its `train` images for
+        examples, first sentence as the caption), scored against captions_val2014.json."""
+        path = _need(root / "coco" / self.karpathy, "the Karpathy split (dataset_coco.json)")
+        data = read_json(path)
+        refs = self._references(root, self.files["test"][0], "test")[0] if split == "test" else {}
+        want = "test" if split == "test" else "train"
+        items = []
+        try:
+            for im in data["images"]:
+                if im["split"] != want:
+                    continue
+                cid = _id(im["cocoid"], "cocoid")
+                folder = "train2014" if im["filepath"] == "train2014" else "val2014"
+                image = _image_file(root / "coco" / folder / Path(str(im["filename"])).name)
+                if split == "train":
+                    items.append(Item(cid, image, "", {"references": [str(im["sentences"][0]["raw"])]}))
+                elif int(cid) in refs:
+                    items.append(Item(cid, image, "", {"references": refs[int(cid)]}))
+                else:
+                    items.append(failed(cid, "a Karpathy test image without captions in captions_val2014.json"))
+        except (KeyError, TypeError, ValueError, IndexError) as e:
+            raise UserError(f"not in the Karpathy split layout ({type(e).__name__}: {e})", file=path) from None
+        return items
+
+    def prompt(self, item: Item, shots: list[Item], *, text_only_shots: bool = False) -> Prompt:
+        examples = [(f"<image>Output:{clean(s.target['references'][0])}<|endofchunk|>", [s]) for s in shots]
+        context, images = few_shot_context(examples, text_only_shots, self.protocol.demo_separator)
+        return Prompt(f"{context}<image>Output:", images + [item.image()], chat=False)
 
     def answer(self, generated: str) -> str:
-        return generated.split("Output", 1)[0].strip()
+        caption = generated.split("Output", 1)[0]
+        return (caption.replace('"', "") if self.protocol.caption_drop_quotes else caption).strip()
 
     def score(self, items: list[Item], answers: dict[str, str]) -> dict[str, float]:
         return metrics.caption_scores({i.id: i.target["references"] for i in items},
@@ -227,21 +366,23 @@ class POPE(Task):
         items = []
         for path in files:
             split_name = path.stem.removeprefix("coco_pope_")
-            for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+            for n, line in enumerate(read_text(path).splitlines(), 1):
                 if not line.strip():
                     continue
                 try:
-                    d = json.loads(line)
+                    d = json.loads(line, parse_constant=_reject_constant)
                     label = str(d["label"]).strip().lower()
                     if label not in ("yes", "no"):
                         raise ValueError(f"label {label!r} is not yes/no")
-                    items.append(Item(f"{split_name}/{d['question_id']}", _image_file(base / "val2014" / Path(d["image"]).name),
+                    items.append(Item(f"{split_name}/{_id(d['question_id'])}",
+                                      _image_file(base / "val2014" / Path(str(d["image"])).name),
                                       clean(d["text"]), {"label": label, "split": split_name}))
-                except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
-                    raise UserError(f"line {n}: not a POPE question ({type(e).__name__}: {e})", file=path) from None
+                except (KeyError, TypeError, ValueError, RecursionError) as e:
+                    raise UserError(f"line {n}: not a POPE question ({type(e).__name__}: {str(e)[:120]})",
+                                    file=path) from None
         return items
 
-    def prompt(self, item: Item, shots: list[Item]) -> Prompt:
+    def prompt(self, item: Item, shots: list[Item], *, text_only_shots: bool = False) -> Prompt:
         return Prompt(f"<image>\n{item.question}\n{VQA_INSTRUCTION}", [item.image()], chat=True)
 
     def score_item(self, item: Item, answer: str) -> float:
@@ -258,68 +399,144 @@ class POPE(Task):
 
 # --- MMBench (multiple choice, circular) ---------------------------------------------------------
 class MMBench(Task):
+    """MMBench as VLMEvalKit publishes and scores it.
+
+    `MMBench_DEV_EN.tsv` holds every circular pass as its own row: pass k of question i has index
+    i + k * 1e6 and its options rotated. A question counts when every pass is answered right
+    (VLMEvalKit groups by index % 1e6); `accuracy` is over all passes. Answers are read with
+    VLMEvalKit's exact-matching extraction (eval/vlmevalkit_matching.py)."""
+
     name, metric, zero_shot_only = "mmbench", "circular_accuracy", True
     file = "mmbench_dev_en.tsv"
+    required = ("index", "question", "answer", "image")
+    judge: Callable[[Item, str], str | None] | None = None  # an LLM judge for answers exact matching cannot read
 
     def load(self, root: Path, split: str) -> list[Item]:
-        path = _need(root / "mmbench" / self.file, "the MMBench tsv (MMBench_DEV_EN.tsv, renamed)")
+        path = _need(root / "mmbench" / self.file, "the MMBench tsv (VLMEvalKit's MMBench_DEV_EN.tsv, renamed)")
         csv.field_size_limit(1 << 30)
-        items = []
-        with path.open(encoding="utf-8", newline="") as f:
-            for n, row in enumerate(csv.DictReader(f, delimiter="\t"), 2):
-                try:
-                    options = {k: clean(row[k]) for k in "ABCDEFGHI" if row.get(k) not in (None, "", "nan")}
-                    answer = row["answer"].strip()
-                    if answer not in options:
-                        raise ValueError(f"answer {answer!r} is not one of the options")
-                    image = _b64_image(row["image"], path, n)
-                    hint = clean(row.get("hint") or "")
-                    hint = "" if hint == "nan" else hint
-                except (KeyError, ValueError) as e:
-                    raise UserError(f"row {n}: not an MMBench question ({e})", file=path) from None
-                # Circular evaluation: each rotation of the options is its own prompt.
-                letters, texts = list(options), list(options.values())
-                for r in range(len(texts)):
-                    rotated = dict(zip(letters, texts[r:] + texts[:r]))
-                    gold = letters[(letters.index(answer) - r) % len(letters)]
-                    items.append(Item(f"{row['index']}/r{r}", image, clean(row["question"]),
-                                      {"options": rotated, "answer": gold, "hint": hint, "question_id": row["index"]}))
-        return items
+        try:
+            reader = csv.reader(io.StringIO(read_text(path), newline=""), delimiter="\t")
+            header = next(reader, None)
+            rows = list(enumerate(reader, 2))
+        except csv.Error as e:
+            raise UserError(f"not a TSV file ({e})", file=path) from None
+        missing = [c for c in self.required if header is None or c not in header]
+        if missing:
+            raise UserError(f"not the MMBench layout: no {', '.join(missing)} column", file=path)
+        letters = [c for c in string.ascii_uppercase if c in header]
+        cells: list[tuple[int, dict[str, str]]] = []
+        items: list[Item] = []
+        images: dict[str, str] = {}
+        for n, row in rows:
+            if len(row) != len(header):
+                items.append(failed(f"row{n}", f"row {n} has {len(row)} cells, the header {len(header)}"))
+                continue
+            d = dict(zip(header, row))
+            cells.append((n, d))
+            images[d["index"].strip()] = d["image"]
+        for n, d in cells:
+            items.append(self._item(n, d, letters, images, path))
+        mains = {it.id for it in items if it.error is None and it.target["group"] == it.id}
+        return [it if it.error or it.target["group"] in mains else
+                failed(it.id, f"a circular pass of question {it.target['group']}, which has no row of its own")
+                for it in items]
 
-    def prompt(self, item: Item, shots: list[Item]) -> Prompt:
+    def _item(self, n: int, d: dict[str, str], letters: list[str], images: dict[str, str], path: Path) -> Item:
+        raw = d["index"].strip()
+        try:
+            index = int(raw)
+        except ValueError:
+            return failed(raw or f"row{n}", f"row {n}: index {raw[:40]!r} is not an integer")
+        options = {k: clean(d[k]) for k in letters if d[k] not in PANDAS_NA}
+        answer = d["answer"].strip()
+        if not options:
+            return failed(raw, f"row {n}: no options")
+        if answer not in options:
+            return failed(raw, f"row {n}: answer {answer[:20]!r} is not one of the options {''.join(options)}")
+        data = d["image"]
+        if 0 < len(data) <= 64:  # VLMEvalKit's space saving: the index of the row holding the image
+            data = images.get(data.strip(), "")
+        if len(data) <= 64:
+            return failed(raw, f"row {n}: no image (neither base64 data nor the index of a row with one)")
+        hint = d.get("hint", "")
+        return Item(str(index), _b64_image(data, path, n), clean(d["question"]),
+                    {"options": options, "answer": answer, "hint": "" if hint in PANDAS_NA else clean(hint),
+                     "group": str(index % 1_000_000)})
+
+    def group(self, item: Item) -> str:
+        return item.target.get("group", item.id) if item.error is None else item.id
+
+    def prompt(self, item: Item, shots: list[Item], *, text_only_shots: bool = False) -> Prompt:
+        """VLMEvalKit's ImageMCQDataset.build_prompt: Hint, Question, Options, then its request."""
         t = item.target
-        lines = ([t["hint"]] if t["hint"] else []) + [item.question] + [f"{k}. {v}" for k, v in t["options"].items()]
-        return Prompt("<image>\n" + "\n".join(lines) + f"\n{MC_INSTRUCTION}", [item.image()], chat=True)
+        text = f"Hint: {t['hint']}\n" if t["hint"] else ""
+        text += f"Question: {item.question}\n"
+        text += "Options:\n" + "".join(f"{k}. {v}\n" for k, v in t["options"].items())
+        text += "Please select the correct answer from the options above. \n"
+        return Prompt("<image>\n" + text, [item.image()], chat=True)
+
+    def choice(self, item: Item, answer: str) -> str | None:
+        """The letter VLMEvalKit reads from an answer (exact matching, then the judge if any)."""
+        from blip3.eval.vlmevalkit_matching import can_infer
+
+        letter = can_infer(answer, dict(item.target["options"]))
+        if not letter and self.judge is not None:
+            letter = self.judge(item, answer)
+        return letter or None
 
     def score_item(self, item: Item, answer: str) -> float:
-        return float(metrics.parse_choice(answer, item.target["options"]) == item.target["answer"])
+        return float(self.choice(item, answer) == item.target["answer"])
 
     def score(self, items: list[Item], answers: dict[str, str]) -> dict[str, float]:
-        return metrics.circular_accuracy((i.target["question_id"], self.score_item(i, answers[i.id]) == 1.0)
-                                         for i in items)
+        return metrics.circular_accuracy((i.target["group"], self.score_item(i, answers[i.id]) == 1.0) for i in items)
 
 
 def _b64_image(data: str, path: Path, row: int) -> Callable[[], Image.Image]:
-    def load() -> Image.Image:
+    def raw() -> io.BytesIO:
         try:
-            with Image.open(io.BytesIO(base64.b64decode(data, validate=True))) as im:
-                return im.convert("RGB")
-        except (OSError, ValueError) as e:
-            raise UserError(f"row {row}: the image column is not a base64 image ({type(e).__name__})", file=path) from None
-    return load
+            return io.BytesIO(base64.b64decode(data, validate=True))
+        except (binascii.Error, ValueError) as e:
+            raise ValueError("not base64") from e
+    return lambda: _open_image(raw, path, f"row {row}: the image column")
 
 
 TASKS: dict[str, type[Task]] = {t.name: t for t in (VQAv2, OKVQA, TextVQA, COCOCaptions, POPE, MMBench)}
 
 
-def get_task(name: str) -> Task:
+def get_task(name: str, protocol: Protocol = OFFICIAL) -> Task:
     if name not in TASKS:
         raise UserError(f"unknown eval task {name!r}; one of {', '.join(TASKS)}", field="TASK")
-    return TASKS[name]()
+    return TASKS[name](protocol)
+
+
+def mark_duplicates(items: list[Item]) -> list[Item]:
+    """A second item with an id already seen is a failed row: answers and resumption are keyed by
+    id, so two questions sharing one would both be scored with one of them."""
+    seen: set[str] = set()
+    out = []
+    for it in items:
+        if it.id in seen and it.error is None:
+            it = failed(it.id, f"duplicate id {it.id!r}: an earlier question has it (that one is scored)")
+        seen.add(it.id)
+        out.append(it)
+    return out
+
+
+def query_set(train: list[Item], size: int | None, seed: int, n_test: int) -> list[Item]:
+    """The pool in-context examples are drawn from. With a size, OpenFlamingo's: numpy seeded
+    with `seed` first draws the evaluation order of the test split (`prepare_eval_samples`), then
+    `size` train items without replacement (`get_query_set`)."""
+    if size is not None and size < len(train):
+        import numpy as np
+
+        rng = np.random.RandomState(seed)  # what np.random.seed(seed) sets up
+        rng.choice(n_test, n_test, replace=False)
+        train = [train[i] for i in rng.choice(len(train), size, replace=False)]
+    return [t for t in train if t.error is None]
 
 
 def draw_shots(train: list[Item], item: Item, k: int, seed: int) -> list[Item]:
-    """`k` in-context examples for `item`, drawn from the train split with a per-item seed: the
+    """`k` in-context examples for `item`, drawn from the train pool with a per-item seed: the
     same examples whatever the batch size, the order, or how often the run was resumed."""
     if k == 0:
         return []

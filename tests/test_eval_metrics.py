@@ -12,7 +12,6 @@ from blip3.eval.metrics import (
     parse_choice,
     parse_yes_no,
     pope_metrics,
-    ptb_tokenize,
     vqa_accuracy,
 )
 
@@ -83,36 +82,57 @@ def test_circular_accuracy_needs_every_rotation():
 
 
 CAPTIONS_REFS = {
-    "1": ["A man is riding a horse on the beach.", "A person rides a brown horse along the shore."],
-    "2": ["Two dogs play with a ball in the grass.", "A pair of dogs playing in a field."],
-    "3": ["A plate of food with broccoli and rice.", "Rice and broccoli on a white plate."],
+    "1": ['A man says "hello" to a horse on the beach.', "A person cannot ride the U.S. horse along the shore."],
+    "2": ["Two dogs are gonna play with a ball in the grass.", "A pair of dogs playing in a field with 1,000 flowers."],
+    "3": ["A plate of food with broccoli and rice.", "Rice and broccoli on a white plate; it's Joe's dinner."],
 }
-CAPTIONS_PRED = {"1": "A man riding a horse on a beach.", "2": "Two dogs playing in the grass.",
-                 "3": "A plate with rice, broccoli and meat."}
+CAPTIONS_PRED = {"1": 'A man riding a "U.S." horse on a beach.', "2": "Two dogs gonna play in 1,000 fields.",
+                 "3": "A plate that cannot hold rice, broccoli and meat."}
+
+needs_java = pytest.mark.skipif(not java_available(), reason="pycocoevalcap's tokenizer and METEOR run Java "
+                                "(`make test` installs it)")
 
 
-@pytest.mark.skipif(not java_available(), reason="pycocoevalcap's PTBTokenizer runs Java")
-def test_cider_and_bleu_equal_pycocoevalcap():
-    """Our Java-free tokenisation + scorers give pycocoevalcap's numbers (its PTBTokenizer)."""
+def _pycocoevalcap(refs, preds, *, meteor: bool):
+    """The COCO caption evaluation's own pipeline, as pycocoevalcap's COCOEvalCap runs it."""
     from pycocoevalcap.bleu.bleu import Bleu
     from pycocoevalcap.cider.cider import Cider
+    from pycocoevalcap.meteor.meteor import Meteor
     from pycocoevalcap.tokenizer.ptbtokenizer import PTBTokenizer
 
     tok = PTBTokenizer()
-    gts = tok.tokenize({k: [{"caption": c} for c in v] for k, v in CAPTIONS_REFS.items()})
-    res = tok.tokenize({k: [{"caption": v}] for k, v in CAPTIONS_PRED.items()})
-    for k in gts:
-        assert [ptb_tokenize(c) for c in CAPTIONS_REFS[k]] == gts[k]
-    ref_cider, _ = Cider().compute_score(gts, res)
-    ref_bleu, _ = Bleu(4).compute_score(gts, res, verbose=0)
+    gts = tok.tokenize({k: [{"caption": c} for c in v] for k, v in refs.items()})
+    res = tok.tokenize({k: [{"caption": v}] for k, v in preds.items()})
+    scores = {"BLEU-4": Bleu(4).compute_score(gts, res, verbose=0)[0][3], "CIDEr": Cider().compute_score(gts, res)[0]}
+    if meteor:
+        scorer = Meteor()
+        try:
+            scores["METEOR"], _ = scorer.compute_score(gts, res)
+        finally:
+            scorer.meteor_p.kill()
+    return gts, scores
+
+
+@pytest.mark.java
+@needs_java
+def test_cider_bleu_equal_pycocoevalcap_on_tricky_tokens():
+    """Quotes, `cannot`, `gonna`, `U.S.`, `1,000`: where a regex tokenizer parts from the PTB one."""
+    gts, ref = _pycocoevalcap(CAPTIONS_REFS, CAPTIONS_PRED, meteor=False)
+    assert "can not" in gts["1"][1] and '"' not in gts["1"][0] and "1,000" in gts["2"][1]  # the PTB rules at work
     ours = caption_scores(CAPTIONS_REFS, CAPTIONS_PRED, meteor=False)
-    assert ours["CIDEr"] == pytest.approx(ref_cider, abs=1e-9)
-    assert ours["BLEU-4"] == pytest.approx(ref_bleu[3], abs=1e-9)
-    assert ours["CIDEr"] > 0.5  # the captions are close: a broken scorer that returns ~0 fails
+    assert set(ours) == {"BLEU-4", "CIDEr"}
+    for k, v in ref.items():
+        assert ours[k] == pytest.approx(v, rel=1e-6), k
+    assert ours["CIDEr"] > 0.2 and ours["BLEU-4"] > 0  # the captions overlap: a scorer returning ~0 fails
 
 
-def test_ptb_tokenize_matches_stanford_on_common_forms():
-    assert ptb_tokenize("A dog's ball isn't red, it's BLUE.") == "a dog 's ball is n't red it 's blue"
+@pytest.mark.slow
+@pytest.mark.java
+@needs_java
+def test_meteor_equals_pycocoevalcap():
+    _, ref = _pycocoevalcap(CAPTIONS_REFS, CAPTIONS_PRED, meteor=True)
+    ours = caption_scores(CAPTIONS_REFS, CAPTIONS_PRED)
+    assert ours["METEOR"] == pytest.approx(ref["METEOR"], rel=1e-6) and ours["METEOR"] > 0.1
 
 
 def test_caption_scores_reject_missing_predictions():
@@ -120,8 +140,11 @@ def test_caption_scores_reject_missing_predictions():
         caption_scores(CAPTIONS_REFS, {"1": "x"}, meteor=False)
 
 
-@pytest.mark.slow
-@pytest.mark.skipif(not java_available(), reason="METEOR's reference implementation is Java")
-def test_meteor_runs_the_reference_jar():
-    scores = caption_scores(CAPTIONS_REFS, CAPTIONS_PRED, meteor=True)
-    assert 0.2 < scores["METEOR"] < 1.0
+def test_missing_java_is_one_line_naming_the_package(monkeypatch):
+    import blip3.eval.metrics as m
+    from blip3.core.errors import UserError
+
+    monkeypatch.setattr(m.shutil, "which", lambda name: None)
+    with pytest.raises(UserError, match="apt-get install default-jre-headless") as e:
+        caption_scores(CAPTIONS_REFS, CAPTIONS_PRED, meteor=False)
+    assert "\n" not in str(e.value)
