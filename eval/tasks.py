@@ -436,10 +436,18 @@ class MMBench(Task):
             images[d["index"].strip()] = d["image"]
         for n, d in cells:
             items.append(self._item(n, d, letters, images, path))
+        # A question counts only with every pass: one broken pass fails its whole group, and passes
+        # whose main row (index < 1e6) is absent form no question (VLMEvalKit scores main rows only).
         mains = {it.id for it in items if it.error is None and it.target["group"] == it.id}
-        return [it if it.error or it.target["group"] in mains else
-                failed(it.id, f"a circular pass of question {it.target['group']}, which has no row of its own")
-                for it in items]
+        broken = {_group_of(it.id): it.error for it in items if it.error is not None and _group_of(it.id)}
+        out = []
+        for it in items:
+            if it.error is None and it.target["group"] not in mains:
+                it = failed(it.id, f"a circular pass of question {it.target['group']}, which has no row of its own")
+            elif it.error is None and it.target["group"] in broken:
+                it = failed(it.id, f"another pass of question {it.target['group']} failed: {broken[it.target['group']]}")
+            out.append(it)
+        return out
 
     def _item(self, n: int, d: dict[str, str], letters: list[str], images: dict[str, str], path: Path) -> Item:
         raw = d["index"].strip()
@@ -489,6 +497,13 @@ class MMBench(Task):
 
     def score(self, items: list[Item], answers: dict[str, str]) -> dict[str, float]:
         return metrics.circular_accuracy((i.target["group"], self.score_item(i, answers[i.id]) == 1.0) for i in items)
+
+
+def _group_of(index: str) -> str | None:
+    try:
+        return str(int(index) % 1_000_000)
+    except ValueError:
+        return None
 
 
 def _b64_image(data: str, path: Path, row: int) -> Callable[[], Image.Image]:

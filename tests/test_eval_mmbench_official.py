@@ -1,0 +1,92 @@
+"""MMBench scoring against VLMEvalKit's own code (vendored in tests/vendor/vlmevalkit with its
+Apache-2.0 licence): its answer extraction, and its circular evaluation (`mcq_circular_eval`,
+exact-matching policy) run on the published file layout written here."""
+
+from __future__ import annotations
+
+import inspect
+import random
+
+import pandas as pd
+import pytest
+
+from blip3.eval import vlmevalkit_matching as ours
+from blip3.eval.tasks import get_task
+from tests.eval_fixtures import write_mmbench
+from tests.vendor import HERE, load_module
+
+
+@pytest.fixture(scope="module")
+def vlmevalkit():
+    return load_module(HERE / "vlmevalkit" / "multiple_choice.py", "vendored_vlmevalkit_multiple_choice")
+
+
+def test_runtime_matcher_is_vlmevalkits_code():
+    upstream = load_module(HERE / "vlmevalkit" / "matching_util.py", "vendored_vlmevalkit_matching_util")
+    for name in ("can_infer_option", "can_infer_text", "can_infer"):
+        assert inspect.getsource(getattr(ours, name)) == inspect.getsource(getattr(upstream, name)), name
+    assert ours._VERBOSE_ANSWER_RE.pattern == upstream._VERBOSE_ANSWER_RE.pattern
+
+
+@pytest.mark.parametrize("answer, letter", [
+    ("Answer: A", "A"), ("Option D", "D"), ("The correct answer is **D**.", "D"), ("yes (A)", "A"), ("(C) a bird", "C"),
+    ("dog", "B"), ("a dog, surely", "B"), ("I cannot determine the answer", False), ("Cannot determine the answer", "Z"),
+])
+def test_vlmevalkit_exact_matching_reads_the_issue_cases(answer, letter):
+    assert ours.can_infer(answer, {"A": "cat", "B": "dog", "C": "bird", "D": "fish"}) == letter
+
+
+PREDICTIONS = ["{gold}", "Answer: {gold}", "The correct answer is **{gold}**.", "Option {gold}", "({gold})", "{text}",
+               "A", "B", "no idea", "{gold} or {wrong}", "I think {text}", "Cannot determine the answer"]
+
+
+def test_circular_accuracy_equals_vlmevalkit_on_its_file_layout(tmp_path, vlmevalkit):
+    """A TSV in MMBench_DEV_EN.tsv's layout (passes as rows i + k * 1e6, images by reference),
+    mixed predictions per pass: our circular accuracy, per question, equals mcq_circular_eval's."""
+    path = tmp_path / "mmbench" / "mmbench_dev_en.tsv"
+    write_mmbench(path, 40)
+    task = get_task("mmbench")
+    items = task.load(tmp_path, "test")
+    assert all(it.error is None for it in items) and len({it.target["group"] for it in items}) == 40
+    rng = random.Random(3)
+    answers = {}
+    for it in items:
+        gold = it.target["answer"]
+        wrong = next(k for k in it.target["options"] if k != gold)
+        form = PREDICTIONS[0] if rng.random() < 0.6 else rng.choice(PREDICTIONS)  # most passes right: groups hit
+        answers[it.id] = form.format(gold=gold, wrong=wrong, text=it.target["options"][gold])
+
+    meta = pd.read_csv(path, sep="\t")  # VLMEvalKit's load of a .tsv
+    data = meta.copy()
+    data["prediction"] = [answers[str(i)] for i in meta["index"]]
+    result = vlmevalkit.mcq_circular_eval(None, data, meta, 1, "result.pkl", "MMBench_DEV_EN")
+    official = dict(zip(result["index"].astype(str), result["hit"]))
+
+    ours_per_q = {}
+    for it in items:
+        ours_per_q.setdefault(it.target["group"], []).append(task.score_item(it, answers[it.id]) == 1.0)
+    assert {g: int(all(v)) for g, v in ours_per_q.items()} == official
+    m = task.score(items, answers)
+    assert m["circular_accuracy"] == pytest.approx(sum(official.values()) / len(official))
+    assert 0 < m["circular_accuracy"] < 1  # the draw has both hits and misses
+
+
+def test_broken_rows_are_failed_rows_not_tracebacks(tmp_path):
+    path = tmp_path / "mmbench" / "mmbench_dev_en.tsv"
+    write_mmbench(path, 5)
+    lines = path.read_text().splitlines()
+    head = lines[0].split("\t")
+    short = "\t".join(lines[1].split("\t")[:4])  # missing cells
+    no_index = "\t".join([""] + lines[5].split("\t")[1:])
+    bad_answer = "\t".join(c if k != head.index("answer") else "Q" for k, c in enumerate(lines[10].split("\t")))
+    orphan = "3000003" + lines[11][1:]  # a pass (with its own image) whose main row 3 is absent
+    path.write_text("\n".join([lines[0], short, *lines[2:5], no_index, *lines[6:10], bad_answer, orphan, *lines[12:]])
+                    + "\n")
+    items = get_task("mmbench").load(tmp_path, "test")
+    errors = [it.error for it in items if it.error]
+    assert any("cells" in e for e in errors) and any("not an integer" in e for e in errors)
+    assert any("not one of the options" in e for e in errors)
+    # questions 0, 1 and 3 have lost their main rows: their passes form no question; question 2
+    # lost its last pass, so its other passes are not scored either
+    assert any("has no row of its own" in e for e in errors) and any("another pass of question 2" in e for e in errors)
+    assert {it.target["group"] for it in items if it.error is None} == {"4"}
