@@ -3,11 +3,13 @@
 - `vqa/vqaEval.py`: GT-Vision-Lab/VQA, PythonEvaluationTools/vqaEvaluation/vqaEval.py at commit
   a013f00 (2021, "Fixed processing answers bug"), BSD licence in `vqa/LICENSE`. It is Python 2;
   `load_vqa_eval` converts it with the standard library's 2to3 when a test loads it.
-- `open_flamingo/vqa_metric.py`: mlfoundations/open_flamingo, open_flamingo/eval/vqa_metric.py at
-  commit 655f693, MIT licence in `open_flamingo/LICENSE`.
+- `open_flamingo/vqa_metric.py` and `open_flamingo/utils.py`: mlfoundations/open_flamingo,
+  open_flamingo/eval/ at commit 655f693 (v2.0.1), MIT licence in `open_flamingo/LICENSE`.
+- `vlmevalkit/multiple_choice.py`: VLMEvalKit's circular evaluation, with in-memory shims for its
+  result-file helpers (said in the file).
 - `vlmevalkit/matching_util.py`: open-compass/VLMEvalKit, vlmeval/utils/matching_util.py at commit
   e8e78f0, Apache-2.0 licence in `vlmevalkit/LICENSE` (its logger import is the one line changed,
-  marked in the file).
+  marked in the file). The runtime copy of its matcher is eval/vlmevalkit_matching.py.
 """
 
 from __future__ import annotations
@@ -44,3 +46,7 @@ def load_vqa_eval() -> types.ModuleType:
 
 def load_open_flamingo_vqa() -> types.ModuleType:
     return load_module(HERE / "open_flamingo" / "vqa_metric.py", "vendored_open_flamingo_vqa")
+
+
+def load_open_flamingo_utils() -> types.ModuleType:
+    return load_module(HERE / "open_flamingo" / "utils.py", "vendored_open_flamingo_utils")
