@@ -12,7 +12,8 @@ from blip3.core.errors import UserError
 from blip3.eval.protocols import OPENFLAMINGO, PROTOCOLS, check_tasks, get_protocol
 from blip3.eval.runner import plan_task
 from blip3.eval.tasks import Item, draw_shots, get_task, query_set
-from tests.eval_fixtures import benchmarks  # noqa: F401  (fixture)
+from tests.eval_fixtures import benchmarks, tiny_model_dir  # noqa: F401  (fixtures)
+from tests.model_fixtures import tiny_config, tiny_processor  # noqa: F401  (fixtures)
 from tests.vendor import load_open_flamingo_utils
 
 
@@ -95,3 +96,62 @@ def test_protocol_refusals_are_one_line(benchmarks):
     # 0-shot under openflamingo still needs its two text-only examples from the train split
     plan = plan_task("vqav2", OPENFLAMINGO, benchmarks, 0, 1, 42)
     assert len(plan.pool) == 8 and len(plan.items) == 1
+
+
+def test_openflamingo_run_end_to_end(tiny_model_dir, benchmarks, tmp_path):
+    """Beam search (3 beams), two text-only examples at 0-shot, recorded as `vqav2@openflamingo`
+    beside (not over) the official protocol's row."""
+    import duckdb
+
+    from blip3.eval.runner import evaluate
+
+    db, out = tmp_path / "c.duckdb", tmp_path / "preds"
+    (res,) = evaluate(tiny_model_dir, ["vqav2"], data=benchmarks, out=out, limit=2, db=db, protocol="openflamingo")
+    rows = [json.loads(x) for x in (out / "vqav2-0shot.openflamingo.jsonl").read_text().splitlines()]
+    assert len(rows) == 2 and all(r["prompt"].count("<image>") == 1 for r in rows)
+    assert all(r["prompt"].count("Short answer:2<|endofchunk|>\n") == 2 for r in rows)
+    assert all(", " not in r["answer"] for r in rows)
+    evaluate(tiny_model_dir, ["vqav2"], data=benchmarks, out=out, limit=2, db=db)
+    with duckdb.connect(str(db), read_only=True) as con:
+        assert con.execute("SELECT DISTINCT task FROM evals ORDER BY task").fetchall() == [("vqav2",),
+                                                                                         ("vqav2@openflamingo",)]
+
+
+def _judge_dir(path, letter: str):
+    """A tiny GPT-2 whose every next token is `letter`: its final LayerNorm outputs a constant
+    vector, and only `letter`'s (tied) embedding points along it."""
+    import torch
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from blip3.model.tokenizer import train_tiny_tokenizer
+
+    tok = train_tiny_tokenizer(512)
+    model = GPT2LMHeadModel(GPT2Config(vocab_size=len(tok), n_positions=2048, n_embd=16, n_layer=1, n_head=2))
+    with torch.no_grad():
+        model.transformer.ln_f.weight.zero_()
+        model.transformer.ln_f.bias.zero_()
+        model.transformer.ln_f.bias[0] = 1.0
+        model.transformer.wte.weight[:, 0] = 0.0
+        model.transformer.wte.weight[tok.convert_tokens_to_ids(letter), 0] = 50.0
+    model.save_pretrained(path)
+    tok.save_pretrained(path)
+    return path
+
+
+def test_vlmevalkit_judge_reads_only_what_exact_matching_cannot(benchmarks, tmp_path):
+    from blip3.eval.judge import Judge
+    from blip3.eval.protocols import VLMEVALKIT
+
+    judge = Judge(_judge_dir(tmp_path / "judge", "B"))
+    judge.max_new_tokens = 1
+    task = get_task("mmbench", VLMEVALKIT)
+    task.judge = judge
+    item = task.load(benchmarks, "test")[0]  # answer B (dog)
+    assert task.choice(item, "Answer: A") == "A" and judge.calls == 0  # exact matching read it
+    assert task.choice(item, "a furry animal that barks") == "B" and judge.calls == 1
+    assert judge.prompt(item.question, item.target["options"], "x").endswith(
+        "Question: What animal is shown??\nOptions: There are several options: \nA. cat\nB. dog\nC. bird\nD. fish\n\n"
+        "Answer: x\nYour output: ")
+    assert get_task("mmbench").choice(item, "a furry animal that barks") is None  # no judge: no choice
+    with pytest.raises(UserError, match="not a local model folder"):
+        Judge(tmp_path / "nothing")
