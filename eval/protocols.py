@@ -31,8 +31,7 @@ class Protocol:
     num_beams: int = 1
     length_penalty: float = 1.0
     #: new tokens per task; "*" for the rest
-    max_new_tokens: dict[str, int] = field(default_factory=lambda: {"coco": 20, "nocaps": 20, "textcaps": 20,
-                                                                     "*": 10})
+    max_new_tokens: dict[str, int] = field(default_factory=lambda: {"coco": 20, "*": 10})
     #: in-context examples come from a fixed random subset of this many train items (None: all)
     query_set_size: int | None = None
     #: 0-shot still shows this many examples, their images removed (Flamingo's text-only shots)
@@ -58,11 +57,11 @@ OPENFLAMINGO = Protocol(
     name="openflamingo",
     source="mlfoundations/open_flamingo v2.0.1, open_flamingo/eval (commit 655f693)",
     # OK-VQA is left out: its answers are stemmed with NLTK models that are not part of this install
-    tasks=("vqav2", "textvqa", "vizwiz", "coco"),
+    tasks=("vqav2", "textvqa", "coco"),
     seed=42,
     num_beams=3,
     length_penalty=0.0,
-    max_new_tokens={"coco": 20, "textvqa": 10, "vizwiz": 5, "*": 5},
+    max_new_tokens={"coco": 20, "textvqa": 10, "*": 5},
     query_set_size=2048,
     zero_shot_text_examples=2,
     demo_answer="first",
