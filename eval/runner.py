@@ -269,7 +269,12 @@ def _finish(task: Task, label: str, items: list[Item], done: dict[str, dict], sh
 
     from blip3.core.catalog import Catalog
 
-    errors = {id(it): it.error or done.get(it.id, {}).get("error") for it in items}
+    errors = {id(it): it.error or done.get(it.id, {"error": "no answer was recorded"}).get("error") for it in items}
+    # a question of several items (MMBench's circular passes) is scored whole or not at all
+    broken = {task.group(it): errors[id(it)] for it in items if errors[id(it)] is not None and it.error is None}
+    for it in items:
+        if errors[id(it)] is None and task.group(it) in broken:
+            errors[id(it)] = f"another item of question {task.group(it)} failed: {broken[task.group(it)]}"
     scored = [it for it in items if errors[id(it)] is None]
     if not scored:
         raise UserError(f"no {task.name} question could be scored (first failure: {errors[id(items[0])]})", file=path)

@@ -135,3 +135,21 @@ def test_train_info_that_is_not_utf8_falls_back_to_the_catalog(tmp_path, caplog)
         cat.record_run(run_id="run-1", stage="sft", checkpoint=str(ckpt.resolve()))
     assert _training_run(ckpt, db) == "run-1"
     assert "not a readable train_info.json (UnicodeDecodeError)" in caplog.text
+
+
+def test_an_mmbench_pass_failing_at_run_time_fails_its_whole_question(benchmarks, tmp_path):
+    """One pass of question 0 could not be asked (its image failed when loaded): the question is
+    not scored on its other passes, which would make it easier."""
+    from blip3.eval.runner import _finish
+
+    task = get_task("mmbench")
+    items = [it for it in task.load(benchmarks, "test") if it.target["group"] in ("0", "1")]
+    done = {it.id: {"id": it.id, "prompt": "p", "generated": it.target["answer"], "answer": it.target["answer"]}
+            for it in items}
+    done["2000000"] = {"id": "2000000", "error": "row 4: the image column: not a readable image (ValueError)"}
+    res = _finish(task, "mmbench", items, done, 0, tmp_path, tmp_path / "mmbench-0shot.jsonl", None,
+                  tmp_path / "c.duckdb")
+    assert res.failed == 4 and res.n == 3 and res.metrics["circular_accuracy"] == 1.0
+    rows = {r["id"]: r for r in pq.read_table(res.predictions).to_pylist()}
+    assert "another item of question 0 failed" in rows["0"]["error"] and rows["0"]["score"] is None
+    assert rows["1"]["error"] is None and rows["1"]["score"] == 1.0
