@@ -75,7 +75,7 @@ OPENFLAMINGO = Protocol(
 VLMEVALKIT = Protocol(
     name="vlmevalkit",
     source="open-compass/VLMEvalKit 0.2rc1 (commit e8e78f0)",
-    tasks=("mmbench", "pope"),
+    tasks=("mmbench", "ai2d", "scienceqa", "seedbench", "pope"),
 )
 
 PROTOCOLS = {p.name: p for p in (OFFICIAL, OPENFLAMINGO, VLMEVALKIT)}

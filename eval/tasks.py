@@ -11,6 +11,7 @@ laid out as the benchmark ships it (see docs/evaluation.md):
               (`openflamingo` protocol: also dataset_coco.json, the Karpathy split)
     pope/     coco_pope_{random,popular,adversarial}.json (JSON lines)  val2014/
     mmbench/  mmbench_dev_en.tsv (VLMEvalKit's MMBench_DEV_EN.tsv: every circular pass a row, images inline)
+    ai2d/ AI2D_TEST.tsv   scienceqa/ ScienceQA_TEST.tsv   seedbench/ SEEDBench_IMG.tsv (VLMEvalKit's TSVs)
 
 How a prompt is built and an answer cut is the protocol's (eval/protocols.py). A question that
 cannot be asked or scored (no human answers, a duplicate id, a broken MMBench row) is a failed row
@@ -397,22 +398,22 @@ class POPE(Task):
         return out
 
 
-# --- MMBench (multiple choice, circular) ---------------------------------------------------------
-class MMBench(Task):
-    """MMBench as VLMEvalKit publishes and scores it.
+# --- multiple choice in VLMEvalKit's TSV layout (MMBench circular; AI2D, ScienceQA, SEED) -------
+class VLMEvalKitMCQ(Task):
+    """A multiple-choice benchmark as VLMEvalKit publishes and scores it: one TSV, a row per
+    question (`index`, `question`, `hint`, options `A`..., `answer`, `image` as base64 or the
+    index of the row holding it), its prompt (`ImageMCQDataset.build_prompt`), and its
+    exact-matching answer extraction (eval/vlmevalkit_matching.py); `accuracy` over the rows
+    (`mcq_vanilla_eval`)."""
 
-    `MMBench_DEV_EN.tsv` holds every circular pass as its own row: pass k of question i has index
-    i + k * 1e6 and its options rotated. A question counts when every pass is answered right
-    (VLMEvalKit groups by index % 1e6); `accuracy` is over all passes. Answers are read with
-    VLMEvalKit's exact-matching extraction (eval/vlmevalkit_matching.py)."""
-
-    name, metric, zero_shot_only = "mmbench", "circular_accuracy", True
-    file = "mmbench_dev_en.tsv"
+    metric, zero_shot_only = "accuracy", True
+    folder = file = what = ""
+    circular = False
     required = ("index", "question", "answer", "image")
     judge: Callable[[Item, str], str | None] | None = None  # an LLM judge for answers exact matching cannot read
 
     def load(self, root: Path, split: str) -> list[Item]:
-        path = _need(root / "mmbench" / self.file, "the MMBench tsv (VLMEvalKit's MMBench_DEV_EN.tsv, renamed)")
+        path = _need(root / self.folder / self.file, self.what)
         csv.field_size_limit(1 << 30)
         try:
             reader = csv.reader(io.StringIO(read_text(path), newline=""), delimiter="\t")
@@ -422,7 +423,7 @@ class MMBench(Task):
             raise UserError(f"not a TSV file ({e})", file=path) from None
         missing = [c for c in self.required if header is None or c not in header]
         if missing:
-            raise UserError(f"not the MMBench layout: no {', '.join(missing)} column", file=path)
+            raise UserError(f"not VLMEvalKit's TSV layout: no {', '.join(missing)} column", file=path)
         letters = [c for c in string.ascii_uppercase if c in header]
         cells: list[tuple[int, dict[str, str]]] = []
         items: list[Item] = []
@@ -436,6 +437,8 @@ class MMBench(Task):
             images[d["index"].strip()] = d["image"]
         for n, d in cells:
             items.append(self._item(n, d, letters, images, path))
+        if not self.circular:
+            return items
         # A question counts only with every pass: one broken pass fails its whole group, and passes
         # whose main row (index < 1e6) is absent form no question (VLMEvalKit scores main rows only).
         mains = {it.id for it in items if it.error is None and it.target["group"] == it.id}
@@ -469,7 +472,7 @@ class MMBench(Task):
         hint = d.get("hint", "")
         return Item(str(index), _b64_image(data, path, n), clean(d["question"]),
                     {"options": options, "answer": answer, "hint": "" if hint in PANDAS_NA else clean(hint),
-                     "group": str(index % 1_000_000)})
+                     "group": str(index % 1_000_000) if self.circular else str(index)})
 
     def group(self, item: Item) -> str:
         return item.target.get("group", item.id) if item.error is None else item.id
@@ -496,7 +499,33 @@ class MMBench(Task):
         return float(self.choice(item, answer) == item.target["answer"])
 
     def score(self, items: list[Item], answers: dict[str, str]) -> dict[str, float]:
-        return metrics.circular_accuracy((i.target["group"], self.score_item(i, answers[i.id]) == 1.0) for i in items)
+        if self.circular:
+            return metrics.circular_accuracy((i.target["group"], self.score_item(i, answers[i.id]) == 1.0)
+                                             for i in items)
+        return {"accuracy": sum(self.score_item(i, answers[i.id]) for i in items) / len(items)}
+
+
+class MMBench(VLMEvalKitMCQ):
+    """MMBench: `MMBench_DEV_EN.tsv` holds every circular pass as its own row: pass k of question
+    i has index i + k * 1e6 and its options rotated. A question counts when every pass is answered
+    right (VLMEvalKit groups by index % 1e6, `mcq_circular_eval`); `accuracy` is over all passes."""
+
+    name, metric, circular = "mmbench", "circular_accuracy", True
+    folder, file, what = "mmbench", "mmbench_dev_en.tsv", "the MMBench tsv (VLMEvalKit's MMBench_DEV_EN.tsv, renamed)"
+
+
+class AI2D(VLMEvalKitMCQ):
+    name, folder, file, what = "ai2d", "ai2d", "AI2D_TEST.tsv", "VLMEvalKit's AI2D_TEST.tsv"
+
+
+class ScienceQA(VLMEvalKitMCQ):
+    """ScienceQA-img: VLMEvalKit's ScienceQA_TEST.tsv holds the test questions with an image."""
+
+    name, folder, file, what = "scienceqa", "scienceqa", "ScienceQA_TEST.tsv", "VLMEvalKit's ScienceQA_TEST.tsv"
+
+
+class SEEDBench(VLMEvalKitMCQ):
+    name, folder, file, what = "seedbench", "seedbench", "SEEDBench_IMG.tsv", "VLMEvalKit's SEEDBench_IMG.tsv"
 
 
 def _group_of(index: str) -> str | None:
@@ -515,7 +544,8 @@ def _b64_image(data: str, path: Path, row: int) -> Callable[[], Image.Image]:
     return lambda: _open_image(raw, path, f"row {row}: the image column")
 
 
-TASKS: dict[str, type[Task]] = {t.name: t for t in (VQAv2, OKVQA, TextVQA, COCOCaptions, POPE, MMBench)}
+TASKS: dict[str, type[Task]] = {t.name: t for t in (VQAv2, OKVQA, TextVQA, COCOCaptions, POPE, MMBench, AI2D,
+                                                    ScienceQA, SEEDBench)}
 
 
 def get_task(name: str, protocol: Protocol = OFFICIAL) -> Task:

@@ -90,3 +90,48 @@ def test_broken_rows_are_failed_rows_not_tracebacks(tmp_path):
     # lost its last pass, so its other passes are not scored either
     assert any("has no row of its own" in e for e in errors) and any("another pass of question 2" in e for e in errors)
     assert {it.target["group"] for it in items if it.error is None} == {"4"}
+
+
+@pytest.mark.parametrize("name, rel", [("ai2d", "ai2d/AI2D_TEST.tsv"), ("scienceqa", "scienceqa/ScienceQA_TEST.tsv"),
+                                       ("seedbench", "seedbench/SEEDBench_IMG.tsv")])
+def test_plain_multiple_choice_equals_vlmevalkits_vanilla_eval(tmp_path, vlmevalkit, name, rel):
+    """AI2D, ScienceQA-img, SEED-Bench image: VLMEvalKit's TSVs, no circular passes; accuracy per
+    row equal to mcq_vanilla_eval (exact matching), options from 2 to 5, some cells missing."""
+    import base64
+    import csv
+    import io
+
+    from tests.model_fixtures import noise_image
+
+    path = tmp_path / rel
+    path.parent.mkdir(parents=True)
+    buf = io.BytesIO()
+    noise_image(40, 32, 1).save(buf, format="JPEG")
+    rng = random.Random(5)
+    words = ["red", "blue", "green", "a cat", "two", "None", "north", "the sun"]
+    with path.open("w", newline="") as f:
+        w = csv.writer(f, delimiter="\t")
+        w.writerow(["index", "question", "hint", "A", "B", "C", "D", "E", "answer", "category", "image", "split"])
+        for i in range(60):
+            k = rng.randint(2, 5)
+            opts = rng.sample(words, k) + [""] * (5 - k)
+            valid = [c for c, o in zip("ABCDE", opts) if o not in ("", "None")]
+            w.writerow([100 + i, f"Which one {i}?", rng.choice(["nan", "A diagram."]), *opts, rng.choice(valid),
+                        "science", base64.b64encode(buf.getvalue()).decode() if i == 0 else "100", "test"])
+    task = get_task(name)
+    items = task.load(tmp_path, "test")
+    assert len(items) == 60 and all(it.error is None for it in items)
+    answers = {}
+    for it in items:
+        gold = it.target["answer"]
+        wrong = next((k for k in it.target["options"] if k != gold), gold)
+        form = rng.choice(PREDICTIONS)
+        answers[it.id] = form.format(gold=gold, wrong=wrong, text=it.target["options"][gold])
+    meta = pd.read_csv(path, sep="\t")
+    data = meta.copy()
+    data["prediction"] = [answers[str(i)] for i in meta["index"]]
+    result = vlmevalkit.mcq_vanilla_eval(None, data, meta, 1, f"{name}.pkl", name)
+    official = dict(zip(result["index"].astype(str), result["hit"]))
+    assert {it.id: int(task.score_item(it, answers[it.id])) for it in items} == official
+    assert task.score(items, answers)["accuracy"] == pytest.approx(sum(official.values()) / 60)
+    assert 0 < sum(official.values()) < 60

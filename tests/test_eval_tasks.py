@@ -129,7 +129,7 @@ def test_bad_files_are_one_line_errors(benchmarks, tmp_path):
         get_task("okvqa").load(tmp_path, "test")
     with pytest.raises(UserError, match="unknown eval task 'gqa'"):
         get_task("gqa")
-    assert set(TASKS) == {"vqav2", "okvqa", "textvqa", "coco", "pope", "mmbench"}
+    assert set(TASKS) == {"vqav2", "okvqa", "textvqa", "coco", "pope", "mmbench", "ai2d", "scienceqa", "seedbench"}
 
 
 def test_cli_missing_benchmark_is_one_line(tmp_path, tiny_model_dir):
