@@ -31,7 +31,8 @@ class Protocol:
     num_beams: int = 1
     length_penalty: float = 1.0
     #: new tokens per task; "*" for the rest
-    max_new_tokens: dict[str, int] = field(default_factory=lambda: {"coco": 20, "*": 10})
+    max_new_tokens: dict[str, int] = field(default_factory=lambda: {"coco": 20, "textcaps": 20, "nocaps": 20,
+                                                                     "*": 10})
     #: in-context examples come from a fixed random subset of this many train items (None: all)
     query_set_size: int | None = None
     #: 0-shot still shows this many examples, their images removed (Flamingo's text-only shots)

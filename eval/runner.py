@@ -22,7 +22,7 @@ from blip3.eval.tasks import Item, Prompt, Task, draw_shots, get_task, mark_dupl
 log = get_logger(__name__)
 
 #: Caption tasks: pycocoevalcap scores them, and its tokenizer needs Java.
-CAPTION_TASKS = ("coco",)
+CAPTION_TASKS = ("coco", "textcaps", "nocaps")
 
 
 @dataclass
@@ -203,7 +203,7 @@ def evaluate(
     planned = []
     for name in task_names:
         plan = plan_task(name, proto, data, shots, limit, seed)
-        if name == "coco":
+        if name in CAPTION_TASKS:
             plan.task.meteor = meteor
         planned.append(plan)
     if judge is not None:

@@ -9,6 +9,8 @@ laid out as the benchmark ships it (see docs/evaluation.md):
     textvqa/  TextVQA_0.5.1_val.json (+ TextVQA_0.5.1_train.json)  train_images/
     coco/     annotations/captions_val2014.json (+ captions_train2014.json)  val2014/ (+ train2014/)
               (`openflamingo` protocol: also dataset_coco.json, the Karpathy split)
+    textcaps/ TextCaps_0.1_val.json (+ TextCaps_0.1_train.json)  train_images/
+    nocaps/   nocaps_val_4500_captions.json  validation/ (few-shot examples: coco/'s train split)
     pope/     coco_pope_{random,popular,adversarial}.json (JSON lines)  val2014/
     mmbench/  mmbench_dev_en.tsv (VLMEvalKit's MMBench_DEV_EN.tsv: every circular pass a row, images inline)
     ai2d/ AI2D_TEST.tsv   scienceqa/ ScienceQA_TEST.tsv   seedbench/ SEEDBench_IMG.tsv (VLMEvalKit's TSVs)
@@ -354,6 +356,63 @@ class COCOCaptions(Task):
                                       {i.id: answers[i.id] for i in items}, meteor=self.meteor)
 
 
+class TextCaps(COCOCaptions):
+    """TextCaps as published: `TextCaps_0.1_{val,train}.json`, one entry per caption (all of an
+    image's captions in each entry's `reference_strs`), images in TextVQA's `train_images/`."""
+
+    name = "textcaps"
+    split_files = {"test": "TextCaps_0.1_val.json", "train": "TextCaps_0.1_train.json"}
+
+    def load(self, root: Path, split: str) -> list[Item]:
+        base = root / "textcaps"
+        path = _need(base / self.split_files[split], f"the TextCaps {split} file")
+        data = read_json(path)
+        refs: dict[str, list[str]] = {}
+        try:
+            for d in data["data"]:
+                image_id = _id(d["image_id"], "image_id")
+                given = d.get("reference_strs") or [d["caption_str"]]
+                refs.setdefault(image_id, [str(r) for r in given])
+        except (KeyError, TypeError, ValueError) as e:
+            raise UserError(f"not in the TextCaps layout ({type(e).__name__}: {e})", file=path) from None
+        return [Item(i, _image_file(base / "train_images" / f"{Path(i).name}.jpg"), "", {"references": r})
+                for i, r in refs.items()]
+
+
+class NoCaps(COCOCaptions):
+    """NoCaps validation as published: `nocaps_val_4500_captions.json` (COCO format, each image
+    with its `domain`), the Open Images files under `validation/`. Scored overall and per domain
+    (in-domain, near-domain, out-domain); in-context examples come from COCO's train captions."""
+
+    name = "nocaps"
+    file = "nocaps_val_4500_captions.json"
+
+    def load(self, root: Path, split: str) -> list[Item]:
+        if split == "train":  # NoCaps has no train split: its examples are COCO's
+            return COCOCaptions(self.protocol).load(root, "train")
+        path = _need(root / "nocaps" / self.file, f"the NoCaps validation captions ({self.file})")
+        data = read_json(path)
+        try:
+            refs: dict[str, list[str]] = {}
+            for a in data["annotations"]:
+                refs.setdefault(_id(a["image_id"], "image_id"), []).append(str(a["caption"]))
+            return [Item(_id(im["id"], "id"), _image_file(root / "nocaps" / "validation" / Path(str(im["file_name"])).name),
+                         "", {"references": refs[_id(im["id"], "id")], "domain": str(im.get("domain", "all"))})
+                    if _id(im["id"], "id") in refs else failed(_id(im["id"], "id"), "an image without captions")
+                    for im in data["images"]]
+        except (KeyError, TypeError, ValueError) as e:
+            raise UserError(f"not in the NoCaps layout ({type(e).__name__}: {e})", file=path) from None
+
+    def score(self, items: list[Item], answers: dict[str, str]) -> dict[str, float]:
+        out = super().score(items, answers)
+        for domain in sorted({i.target["domain"] for i in items}):
+            part = [i for i in items if i.target["domain"] == domain]
+            sub = metrics.caption_scores({i.id: i.target["references"] for i in part},
+                                         {i.id: answers[i.id] for i in part}, meteor=False)
+            out[f"{domain}/CIDEr"] = sub["CIDEr"]
+        return out
+
+
 # --- POPE -----------------------------------------------------------------------------------------
 class POPE(Task):
     name, metric, zero_shot_only = "pope", "f1", True
@@ -544,8 +603,8 @@ def _b64_image(data: str, path: Path, row: int) -> Callable[[], Image.Image]:
     return lambda: _open_image(raw, path, f"row {row}: the image column")
 
 
-TASKS: dict[str, type[Task]] = {t.name: t for t in (VQAv2, OKVQA, TextVQA, COCOCaptions, POPE, MMBench, AI2D,
-                                                    ScienceQA, SEEDBench)}
+TASKS: dict[str, type[Task]] = {t.name: t for t in (VQAv2, OKVQA, TextVQA, COCOCaptions, TextCaps, NoCaps, POPE,
+                                                    MMBench, AI2D, ScienceQA, SEEDBench)}
 
 
 def get_task(name: str, protocol: Protocol = OFFICIAL) -> Task:

@@ -79,6 +79,25 @@ def write_benchmarks(root: Path, n: int = 3) -> Path:
                  for k, c in enumerate(["A dog runs on the grass.", "A brown dog running outside."])]
     (coco / "annotations").mkdir(parents=True, exist_ok=True)
     (coco / "annotations" / "captions_val2014.json").write_text(json.dumps({"images": images, "annotations": anns}))
+    tc = root / "textcaps"
+    for split, count, offset in (("val", n, 0), ("train", 4, 70)):
+        entries = []
+        for i in range(count):
+            image_id = f"tc{split}{i:03d}"
+            _jpeg(tc / "train_images" / f"{image_id}.jpg", 600 + offset + i)
+            refs = [f"A sign that says open {i}.", "A red sign with white letters."]
+            entries += [{"image_id": image_id, "image_path": f"train/{image_id}.jpg", "caption_id": 10 * i + k,
+                         "caption_str": r, "reference_strs": refs, "set_name": split} for k, r in enumerate(refs)]
+        (tc / f"TextCaps_0.1_{split}.json").write_text(json.dumps({"dataset_name": "textcaps", "data": entries}))
+    nc = root / "nocaps"
+    images, anns = [], []
+    for i in range(n):
+        name, animal = f"{i:016x}.jpg", ["jellyfish", "seal", "turtle", "crab"][i % 4]
+        _jpeg(nc / "validation" / name, 700 + i)
+        images.append({"id": i, "file_name": name, "domain": ["in-domain", "near-domain", "out-domain"][i % 3]})
+        anns += [{"id": 10 * i + k, "image_id": i, "caption": c}
+                 for k, c in enumerate([f"A {animal} in blue water.", f"A pale {animal} swimming."])]
+    (nc / "nocaps_val_4500_captions.json").write_text(json.dumps({"images": images, "annotations": anns}))
     pope = root / "pope"
     for split in ("random", "adversarial"):
         lines = []

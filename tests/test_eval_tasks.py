@@ -8,13 +8,15 @@ import shutil
 import pytest
 
 from blip3.core.errors import UserError
+from blip3.eval.metrics import java_available
 from blip3.eval.runner import limit_items, read_done
 from blip3.eval.tasks import TASKS, Item, clean, draw_shots, get_task
 from tests.eval_fixtures import benchmarks  # noqa: F401  (fixture)
 from tests.test_cli_errors import blip3, one_line_error
 
 
-@pytest.mark.parametrize("name, n", [("vqav2", 3), ("okvqa", 3), ("textvqa", 3), ("coco", 3), ("pope", 8), ("mmbench", 10)])
+@pytest.mark.parametrize("name, n", [("vqav2", 3), ("okvqa", 3), ("textvqa", 3), ("coco", 3), ("textcaps", 3),
+                                     ("nocaps", 3), ("pope", 8), ("mmbench", 10)])
 def test_every_layout_loads(benchmarks, name, n):
     items = get_task(name).load(benchmarks, "test")
     assert len(items) == n  # pope: 2 splits x 4; mmbench: one row per circular pass (4 + 3 + 3)
@@ -129,7 +131,8 @@ def test_bad_files_are_one_line_errors(benchmarks, tmp_path):
         get_task("okvqa").load(tmp_path, "test")
     with pytest.raises(UserError, match="unknown eval task 'gqa'"):
         get_task("gqa")
-    assert set(TASKS) == {"vqav2", "okvqa", "textvqa", "coco", "pope", "mmbench", "ai2d", "scienceqa", "seedbench"}
+    assert set(TASKS) == {"vqav2", "okvqa", "textvqa", "coco", "textcaps", "nocaps", "pope", "mmbench", "ai2d",
+                          "scienceqa", "seedbench"}
 
 
 def test_cli_missing_benchmark_is_one_line(tmp_path, tiny_model_dir):
@@ -141,3 +144,23 @@ def test_cli_missing_benchmark_is_one_line(tmp_path, tiny_model_dir):
 
 from tests.eval_fixtures import tiny_model_dir  # noqa: E402,F401  (fixture)
 from tests.model_fixtures import tiny_config, tiny_processor  # noqa: E402,F401  (fixtures)
+
+
+@pytest.mark.java
+@pytest.mark.skipif(not java_available(), reason="captions are scored by pycocoevalcap, which runs Java")
+def test_textcaps_and_nocaps_layouts_and_scores(benchmarks):
+    tc = get_task("textcaps")
+    items = tc.load(benchmarks, "test")
+    assert [it.id for it in items] == ["tcval000", "tcval001", "tcval002"]  # one item per image, not per caption
+    assert items[0].target["references"] == ["A sign that says open 0.", "A red sign with white letters."]
+    assert tc.prompt(items[0], tc.load(benchmarks, "train")[:1]).text == (
+        "<image>Output:A sign that says open 0.<|endofchunk|><image>Output:")
+    nc = get_task("nocaps")
+    nc.meteor = False  # its Java process takes seconds to start; test_eval_metrics covers it
+    items = nc.load(benchmarks, "test")
+    m = nc.score(items, {it.id: it.target["references"][0] for it in items})
+    assert {"CIDEr", "BLEU-4", "in-domain/CIDEr", "near-domain/CIDEr", "out-domain/CIDEr"} <= set(m)
+    assert m["CIDEr"] > 1.0
+    # NoCaps has no train split: few-shot examples come from COCO's
+    with pytest.raises(UserError, match="captions_train2014.json"):
+        nc.load(benchmarks, "train")
