@@ -153,3 +153,19 @@ def test_an_mmbench_pass_failing_at_run_time_fails_its_whole_question(benchmarks
     rows = {r["id"]: r for r in pq.read_table(res.predictions).to_pylist()}
     assert "another item of question 0 failed" in rows["0"]["error"] and rows["0"]["score"] is None
     assert rows["1"]["error"] is None and rows["1"]["score"] == 1.0
+
+
+def test_captioning_without_java_is_one_line_before_the_model_loads(benchmarks, tiny_model_dir, tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    from tests.test_cli_errors import REPO, one_line_error
+
+    env = dict(os.environ, BLIP3_NO_PROGRESS="1", PATH=str(tmp_path))  # no `java` anywhere on PATH
+    r = subprocess.run([sys.executable, "-m", "blip3.cli", "eval", str(tiny_model_dir), "coco", "--data", str(benchmarks),
+                        "--out", str(tmp_path / "p"), "--db", str(tmp_path / "c.duckdb")],
+                       capture_output=True, text=True, env=env, cwd=REPO, timeout=300)
+    line = one_line_error(r)
+    assert "default-jre-headless" in line and "java" in line
+    assert not (tmp_path / "p").exists()
