@@ -396,10 +396,16 @@ class NoCaps(COCOCaptions):
             refs: dict[str, list[str]] = {}
             for a in data["annotations"]:
                 refs.setdefault(_id(a["image_id"], "image_id"), []).append(str(a["caption"]))
-            return [Item(_id(im["id"], "id"), _image_file(root / "nocaps" / "validation" / Path(str(im["file_name"])).name),
-                         "", {"references": refs[_id(im["id"], "id")], "domain": str(im.get("domain", "all"))})
-                    if _id(im["id"], "id") in refs else failed(_id(im["id"], "id"), "an image without captions")
-                    for im in data["images"]]
+            items = []
+            for im in data["images"]:
+                image_id = _id(im["id"], "id")
+                if image_id not in refs:
+                    items.append(failed(image_id, "an image without captions"))
+                    continue
+                image = _image_file(root / "nocaps" / "validation" / Path(str(im["file_name"])).name)
+                items.append(Item(image_id, image, "", {"references": refs[image_id],
+                                                        "domain": str(im.get("domain", "all"))}))
+            return items
         except (KeyError, TypeError, ValueError) as e:
             raise UserError(f"not in the NoCaps layout ({type(e).__name__}: {e})", file=path) from None
 

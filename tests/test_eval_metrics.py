@@ -148,3 +148,25 @@ def test_missing_java_is_one_line_naming_the_package(monkeypatch):
     with pytest.raises(UserError, match="apt-get install default-jre-headless") as e:
         caption_scores(CAPTIONS_REFS, CAPTIONS_PRED, meteor=False)
     assert "\n" not in str(e.value)
+
+
+def test_pope_metrics_equal_popes_evaluate_py(tmp_path):
+    """POPE's own evaluate.py (vendored) on tricky answers: commas, several sentences, `Not`,
+    `no.` inside words, empty answers."""
+    import json
+    import random
+
+    from tests.vendor import run_pope_evaluate
+
+    forms = ["Yes", "No", "yes, there is", "No, there is not.", "Not really.", "There is no dog. Yes", "I see a nose.",
+             "", "not", "Yes. No.", "no,", "The answer is no", "Nope", "None of them. no", "It is NOT there."]
+    rng = random.Random(2)
+    preds = [rng.choice(forms) for _ in range(300)]
+    labels = [rng.choice(["yes", "no"]) for _ in range(300)]
+    (tmp_path / "a.jsonl").write_text("".join(json.dumps({"answer": p}) + "\n" for p in preds))
+    (tmp_path / "l.jsonl").write_text("".join(json.dumps({"label": g}) + "\n" for g in labels))
+    official = run_pope_evaluate(tmp_path / "a.jsonl", tmp_path / "l.jsonl")
+    ours = pope_metrics(preds, labels)
+    assert ours == pytest.approx({"accuracy": official["Accuracy"], "precision": official["Precision"],
+                                  "recall": official["Recall"], "f1": official["F1 score"],
+                                  "yes_ratio": official["Yes ratio"]}, abs=1e-12)

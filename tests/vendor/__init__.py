@@ -7,6 +7,8 @@
   open_flamingo/eval/ at commit 655f693 (v2.0.1), MIT licence in `open_flamingo/LICENSE`.
 - `vlmevalkit/multiple_choice.py`: VLMEvalKit's circular evaluation, with in-memory shims for its
   result-file helpers (said in the file).
+- `pope/evaluate.py`: AoiDragon/POPE, evaluate.py at commit 08d957b, MIT licence in
+  `pope/LICENSE`. It reads the two paths set in its first lines; `run_pope_evaluate` sets them.
 - `vlmevalkit/matching_util.py`: open-compass/VLMEvalKit, vlmeval/utils/matching_util.py at commit
   e8e78f0, Apache-2.0 licence in `vlmevalkit/LICENSE` (its logger import is the one line changed,
   marked in the file). The runtime copy of its matcher is eval/vlmevalkit_matching.py.
@@ -50,3 +52,22 @@ def load_open_flamingo_vqa() -> types.ModuleType:
 
 def load_open_flamingo_utils() -> types.ModuleType:
     return load_module(HERE / "open_flamingo" / "utils.py", "vendored_open_flamingo_utils")
+
+
+def run_pope_evaluate(answers_path: Path, labels_path: Path) -> dict[str, float]:
+    """POPE's evaluate.py on two JSON-lines files; its printed metrics, by name."""
+    import contextlib
+    import io
+
+    source = (HERE / "pope" / "evaluate.py").read_text()
+    source = source.replace("ans_file = ''", f"ans_file = {str(answers_path)!r}", 1)
+    source = source.replace("label_file = ''", f"label_file = {str(labels_path)!r}", 1)
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        exec(compile(source, str(HERE / "pope" / "evaluate.py"), "exec"), {"__name__": "pope_evaluate"})
+    values = {}
+    for line in out.getvalue().splitlines():
+        if ": " in line:
+            name, value = line.split(": ", 1)
+            values[name] = float(value)
+    return values
