@@ -13,7 +13,8 @@ laid out as the benchmark ships it (see docs/evaluation.md):
     nocaps/   nocaps_val_4500_captions.json  validation/ (few-shot examples: coco/'s train split)
     pope/     coco_pope_{random,popular,adversarial}.json (JSON lines)  val2014/
     mmbench/  mmbench_dev_en.tsv (VLMEvalKit's MMBench_DEV_EN.tsv: every circular pass a row, images inline)
-    ai2d/ AI2D_TEST.tsv   scienceqa/ ScienceQA_TEST.tsv   seedbench/ SEEDBench_IMG.tsv (VLMEvalKit's TSVs)
+    ai2d/ AI2D_TEST.tsv   scienceqa/ ScienceQA_TEST.tsv   seedbench/ SEEDBench_IMG.tsv
+    chartqa/ ChartQA_TEST.tsv   docvqa/ DocVQA_VAL.tsv (VLMEvalKit's TSVs)
 
 How a prompt is built and an answer cut is the protocol's (eval/protocols.py). A question that
 cannot be asked or scored (no human answers, a duplicate id, a broken MMBench row) is a failed row
@@ -463,19 +464,14 @@ class POPE(Task):
         return out
 
 
-# --- multiple choice in VLMEvalKit's TSV layout (MMBench circular; AI2D, ScienceQA, SEED) -------
-class VLMEvalKitMCQ(Task):
-    """A multiple-choice benchmark as VLMEvalKit publishes and scores it: one TSV, a row per
-    question (`index`, `question`, `hint`, options `A`..., `answer`, `image` as base64 or the
-    index of the row holding it), its prompt (`ImageMCQDataset.build_prompt`), and its
-    exact-matching answer extraction (eval/vlmevalkit_matching.py); `accuracy` over the rows
-    (`mcq_vanilla_eval`)."""
+# --- VLMEvalKit's TSV layout ---------------------------------------------------------------------
+class VLMEvalKitTSV(Task):
+    """A benchmark as VLMEvalKit publishes it: one TSV, a row per question (`index`, `question`,
+    `answer`, `image` as base64 or the index of the row holding it, more columns per kind)."""
 
-    metric, zero_shot_only = "accuracy", True
+    zero_shot_only = True
     folder = file = what = ""
-    circular = False
     required = ("index", "question", "answer", "image")
-    judge: Callable[[Item, str], str | None] | None = None  # an LLM judge for answers exact matching cannot read
 
     def load(self, root: Path, split: str) -> list[Item]:
         path = _need(root / self.folder / self.file, self.what)
@@ -489,7 +485,6 @@ class VLMEvalKitMCQ(Task):
         missing = [c for c in self.required if header is None or c not in header]
         if missing:
             raise UserError(f"not VLMEvalKit's TSV layout: no {', '.join(missing)} column", file=path)
-        letters = [c for c in string.ascii_uppercase if c in header]
         cells: list[tuple[int, dict[str, str]]] = []
         items: list[Item] = []
         images: dict[str, str] = {}
@@ -501,7 +496,94 @@ class VLMEvalKitMCQ(Task):
             cells.append((n, d))
             images[d["index"].strip()] = d["image"]
         for n, d in cells:
-            items.append(self._item(n, d, letters, images, path))
+            raw = d["index"].strip()
+            try:
+                index = int(raw)
+            except ValueError:
+                items.append(failed(raw or f"row{n}", f"row {n}: index {raw[:40]!r} is not an integer"))
+                continue
+            data = d["image"]
+            if 0 < len(data) <= 64:  # VLMEvalKit's space saving: the index of the row holding the image
+                data = images.get(data.strip(), "")
+            if len(data) <= 64:
+                items.append(failed(raw, f"row {n}: no image (neither base64 data nor the index of a row with one)"))
+                continue
+            items.append(self._item(n, index, d, _b64_image(data, path, n)))
+        return items
+
+    def _item(self, n: int, index: int, d: dict[str, str], image: Callable[[], Image.Image]) -> Item:
+        raise NotImplementedError
+
+
+# --- open answers in VLMEvalKit's TSV layout (ChartQA, DocVQA) --------------------------------------
+class VLMEvalKitVQA(VLMEvalKitTSV):
+    """ImageVQADataset: the question, then "Answer the question using a single word or phrase.";
+    `answer` is one string or a Python list literal of them (read with `ast.literal_eval`, never
+    run as code as VLMEvalKit's `eval` would)."""
+
+    metric = "accuracy"
+
+    def _item(self, n: int, index: int, d: dict[str, str], image: Callable[[], Image.Image]) -> Item:
+        import ast
+
+        raw = d["answer"]
+        answers: Any = [raw]
+        if raw.strip().startswith("["):
+            try:
+                answers = ast.literal_eval(raw)
+            except (ValueError, SyntaxError, MemoryError, RecursionError):
+                answers = [raw]
+        if not isinstance(answers, list) or not answers:
+            return failed(str(index), f"row {n}: no answers")
+        return Item(str(index), image, clean(d["question"]), {"answers": [str(a) for a in answers]})
+
+    def prompt(self, item: Item, shots: list[Item], *, text_only_shots: bool = False) -> Prompt:
+        return Prompt(f"<image>\n{item.question}\n{VQA_INSTRUCTION}", [item.image()], chat=True)
+
+    def score(self, items: list[Item], answers: dict[str, str]) -> dict[str, float]:
+        return {self.metric: sum(self.score_item(i, answers[i.id]) for i in items) / len(items)}
+
+
+class ChartQA(VLMEvalKitVQA):
+    """ChartQA_TEST.tsv; relaxed accuracy (pix2struct's: numbers within 5%, else the same text),
+    the best over the answers."""
+
+    name, metric = "chartqa", "relaxed_accuracy"
+    folder, file, what = "chartqa", "ChartQA_TEST.tsv", "VLMEvalKit's ChartQA_TEST.tsv"
+
+    def score_item(self, item: Item, answer: str) -> float:
+        from blip3.eval.vlmevalkit_matching import relaxed_correctness
+
+        return float(max(relaxed_correctness(a, answer.strip()) for a in item.target["answers"]))
+
+
+class DocVQA(VLMEvalKitVQA):
+    """DocVQA_VAL.tsv; ANLS: 1 - the smallest normalised Levenshtein distance to an answer, 0
+    when that is under 0.5."""
+
+    name, metric = "docvqa", "anls"
+    folder, file, what = "docvqa", "DocVQA_VAL.tsv", "VLMEvalKit's DocVQA_VAL.tsv"
+
+    def score_item(self, item: Item, answer: str) -> float:
+        from blip3.eval.vlmevalkit_matching import anls_compute
+
+        best = 1 - min(anls_compute(a, answer) for a in item.target["answers"])
+        return 0.0 if best < 0.5 else best
+
+
+# --- multiple choice in VLMEvalKit's TSV layout (MMBench circular; AI2D, ScienceQA, SEED) -------
+class VLMEvalKitMCQ(VLMEvalKitTSV):
+    """A multiple-choice benchmark as VLMEvalKit publishes and scores it: options `A`... and a
+    `hint` column beside the common ones, its prompt (`ImageMCQDataset.build_prompt`), and its
+    exact-matching answer extraction (eval/vlmevalkit_matching.py); `accuracy` over the rows
+    (`mcq_vanilla_eval`)."""
+
+    metric = "accuracy"
+    circular = False
+    judge: Callable[[Item, str], str | None] | None = None  # an LLM judge for answers exact matching cannot read
+
+    def load(self, root: Path, split: str) -> list[Item]:
+        items = super().load(root, split)
         if not self.circular:
             return items
         # A question counts only with every pass: one broken pass fails its whole group, and passes
@@ -517,27 +599,18 @@ class VLMEvalKitMCQ(Task):
             out.append(it)
         return out
 
-    def _item(self, n: int, d: dict[str, str], letters: list[str], images: dict[str, str], path: Path) -> Item:
-        raw = d["index"].strip()
-        try:
-            index = int(raw)
-        except ValueError:
-            return failed(raw or f"row{n}", f"row {n}: index {raw[:40]!r} is not an integer")
-        options = {k: clean(d[k]) for k in letters if d[k] not in PANDAS_NA}
+    def _item(self, n: int, index: int, d: dict[str, str], image: Callable[[], Image.Image]) -> Item:
+        raw = str(index)
+        options = {k: clean(d[k]) for k in string.ascii_uppercase if k in d and d[k] not in PANDAS_NA}
         answer = d["answer"].strip()
         if not options:
             return failed(raw, f"row {n}: no options")
         if answer not in options:
             return failed(raw, f"row {n}: answer {answer[:20]!r} is not one of the options {''.join(options)}")
-        data = d["image"]
-        if 0 < len(data) <= 64:  # VLMEvalKit's space saving: the index of the row holding the image
-            data = images.get(data.strip(), "")
-        if len(data) <= 64:
-            return failed(raw, f"row {n}: no image (neither base64 data nor the index of a row with one)")
         hint = d.get("hint", "")
-        return Item(str(index), _b64_image(data, path, n), clean(d["question"]),
+        return Item(raw, image, clean(d["question"]),
                     {"options": options, "answer": answer, "hint": "" if hint in PANDAS_NA else clean(hint),
-                     "group": str(index % 1_000_000) if self.circular else str(index)})
+                     "group": str(index % 1_000_000) if self.circular else raw})
 
     def group(self, item: Item) -> str:
         return item.target.get("group", item.id) if item.error is None else item.id
@@ -610,7 +683,7 @@ def _b64_image(data: str, path: Path, row: int) -> Callable[[], Image.Image]:
 
 
 TASKS: dict[str, type[Task]] = {t.name: t for t in (VQAv2, OKVQA, TextVQA, COCOCaptions, TextCaps, NoCaps, POPE,
-                                                    MMBench, AI2D, ScienceQA, SEEDBench)}
+                                                    MMBench, AI2D, ScienceQA, SEEDBench, ChartQA, DocVQA)}
 
 
 def get_task(name: str, protocol: Protocol = OFFICIAL) -> Task:

@@ -18,7 +18,9 @@ Source: open-compass/VLMEvalKit at commit e8e78f0 (version 0.2rc1):
   library's (the `logger` line below);
 - `build_prompt` (the judge's prompt) from vlmeval/dataset/utils/multiple_choice.py, unchanged;
 - `build_option_str` from vlmeval/smp/vlm.py, with `pd.isna` written out as a None/NaN check
-  so pandas is not needed.
+  so pandas is not needed;
+- `relaxed_correctness` (ChartQA), `levenshtein_distance` and `anls_compute` (DocVQA) from
+  vlmeval/dataset/utils/vqa_eval.py, unchanged.
 """
 
 import copy as cp
@@ -27,6 +29,7 @@ import math
 import os
 import re
 import string
+from typing import Optional
 
 logger = logging.getLogger(__name__)  # changed: VLMEvalKit's own get_logger
 
@@ -132,3 +135,71 @@ def build_option_str(option_dict):
         if not (content is None or (isinstance(content, float) and math.isnan(content))):  # changed: pd.isna
             s += f'{c}. {content}\n'
     return s
+
+
+# https://github.com/google-research/pix2struct/blob/main/pix2struct/metrics.py#L81
+def relaxed_correctness(target: str,
+                        prediction: str,
+                        max_relative_change: float = 0.05) -> bool:
+    """Calculates relaxed correctness.
+
+    The correctness tolerates certain error ratio defined by max_relative_change.
+    See https://arxiv.org/pdf/2203.10244.pdf, end of section 5.1:
+    “Following Methani et al. (2020), we use a relaxed accuracy measure for the
+    numeric answers to allow a minor inaccuracy that may result from the automatic
+    data extraction process. We consider an answer to be correct if it is within
+    5% of the gold answer. For non-numeric answers, we still need an exact match
+    to consider an answer to be correct.”
+
+    Args:
+      target: Target string.
+      prediction: Predicted string.
+      max_relative_change: Maximum relative change.
+
+    Returns:
+      Whether the prediction was correct given the specified tolerance.
+    """
+
+    def _to_float(text: str) -> Optional[float]:
+        try:
+            if text.endswith('%'):
+                # Convert percentages to floats.
+                return float(text.rstrip('%')) / 100.0
+            else:
+                return float(text)
+        except ValueError:
+            return None
+    prediction = str(prediction)
+    target = str(target)
+    prediction_float = _to_float(prediction)
+    target_float = _to_float(target)
+    if prediction_float is not None and target_float:
+        relative_change = abs(prediction_float - target_float) / abs(target_float)
+        return relative_change <= max_relative_change
+    else:
+        return prediction.lower() == target.lower()
+
+
+def levenshtein_distance(s1, s2):
+    if len(s1) > len(s2):
+        s1, s2 = s2, s1
+
+    distances = range(len(s1) + 1)
+    for i2, c2 in enumerate(s2):
+        distances_ = [i2 + 1]
+        for i1, c1 in enumerate(s1):
+            if c1 == c2:
+                distances_.append(distances[i1])
+            else:
+                distances_.append(1 + min((distances[i1], distances[i1 + 1], distances_[-1])))
+        distances = distances_
+    return distances[-1]
+
+
+def anls_compute(groundtruth, prediction):
+    gt_answer = ' '.join(groundtruth.strip().lower().split())
+    det_answer = ' '.join(prediction.strip().lower().split())
+    dist = levenshtein_distance(gt_answer, det_answer)
+    length = max(len(groundtruth.upper()), len(prediction.upper()))
+    values = 0.0 if length == 0 else float(dist) / float(length)
+    return values

@@ -135,3 +135,46 @@ def test_plain_multiple_choice_equals_vlmevalkits_vanilla_eval(tmp_path, vlmeval
     assert {it.id: int(task.score_item(it, answers[it.id])) for it in items} == official
     assert task.score(items, answers)["accuracy"] == pytest.approx(sum(official.values()) / 60)
     assert 0 < sum(official.values()) < 60
+
+
+@pytest.mark.parametrize("name, rel, method", [("chartqa", "chartqa/ChartQA_TEST.tsv", "relaxed_accuracy"),
+                                               ("docvqa", "docvqa/DocVQA_VAL.tsv", "anls")])
+def test_open_answers_equal_vlmevalkits_process_line(tmp_path, name, rel, method):
+    """ChartQA (relaxed accuracy) and DocVQA (ANLS) per question, against VLMEvalKit's own
+    process_line + hit_calculate (vendored), with one answer or a list literal of several."""
+    import base64
+    import csv
+    import io
+
+    from tests.model_fixtures import noise_image
+
+    vqa_eval = load_module(HERE / "vlmevalkit" / "vqa_eval.py", "vendored_vlmevalkit_vqa_eval")
+    dataset = {"chartqa": "ChartQA_TEST", "docvqa": "DocVQA_VAL"}[name]
+    path = tmp_path / rel
+    path.parent.mkdir(parents=True)
+    buf = io.BytesIO()
+    noise_image(40, 32, 2).save(buf, format="JPEG")
+    rng = random.Random(9)
+    gold = ["12", "12.5", "13%", "0", "-4", "Yes", "New York", "1,000", "Total Revenue", "3.14", "  spaced  out "]
+    preds = gold + ["12.6", "12.2", "0.13", "13", "yes", "new york", "New Yrok", "1000", "total revenues", "", "3.3", "Yes ", " New York"]
+    rows, answers = [], {}
+    for i in range(80):
+        given = rng.sample(gold, rng.choice([1, 1, 2, 3]))
+        rows.append([i, f"What is shown {i}?", given[0] if len(given) == 1 else repr(given),
+                     base64.b64encode(buf.getvalue()).decode() if i == 0 else "0", "test"])
+        answers[str(i)] = rng.choice(preds)
+    with path.open("w", newline="") as f:
+        w = csv.writer(f, delimiter="\t")
+        w.writerow(["index", "question", "answer", "image", "split"])
+        w.writerows(rows)
+    task = get_task(name)
+    items = task.load(tmp_path, "test")
+    assert len(items) == 80 and all(it.error is None for it in items)
+    meta = pd.read_csv(path, sep="\t")
+    lines = [dict(meta.iloc[k], prediction=answers[str(meta["index"][k])], answer=str(meta["answer"][k]))
+             for k in range(len(meta))]
+    official = vqa_eval.hit_calculate([vqa_eval.process_line(x, method=method) for x in lines], dataset)
+    ours = [task.score_item(it, answers[it.id]) for it in items]
+    assert ours == pytest.approx([float(x) for x in official], abs=1e-12)
+    assert 0 < sum(ours) < 80
+    assert task.prompt(items[0], []).text == "<image>\nWhat is shown 0?\nAnswer the question using a single word or phrase."
