@@ -14,7 +14,7 @@ laid out as the benchmark ships it (see docs/evaluation.md):
     pope/     coco_pope_{random,popular,adversarial}.json (JSON lines)  val2014/
     mmbench/  mmbench_dev_en.tsv (VLMEvalKit's MMBench_DEV_EN.tsv: every circular pass a row, images inline)
     ai2d/ AI2D_TEST.tsv   scienceqa/ ScienceQA_TEST.tsv   seedbench/ SEEDBench_IMG.tsv
-    chartqa/ ChartQA_TEST.tsv   docvqa/ DocVQA_VAL.tsv (VLMEvalKit's TSVs)
+    chartqa/ ChartQA_TEST.tsv   docvqa/ DocVQA_VAL.tsv   ocrbench/ OCRBench.tsv (VLMEvalKit's TSVs)
 
 How a prompt is built and an answer cut is the protocol's (eval/protocols.py). A question that
 cannot be asked or scored (no human answers, a duplicate id, a broken MMBench row) is a failed row
@@ -571,6 +571,38 @@ class DocVQA(VLMEvalKitVQA):
         return 0.0 if best < 0.5 else best
 
 
+class OCRBench(VLMEvalKitVQA):
+    """OCRBench.tsv (VLMEvalKit's); the question alone as the prompt (OCRBench keeps the base
+    `build_prompt`). A question is right when one of its answers is inside the prediction,
+    ignoring case; for handwritten formulas, ignoring spaces instead. `final_score` is the count
+    right (out of 1,000 on the full set), as OCRBench reports it."""
+
+    name, metric = "ocrbench", "final_score"
+    folder, file, what = "ocrbench", "OCRBench.tsv", "VLMEvalKit's OCRBench.tsv"
+    formulas = "Handwritten Mathematical Expression Recognition"
+
+    def _item(self, n: int, index: int, d: dict[str, str], image: Callable[[], Image.Image]) -> Item:
+        item = super()._item(n, index, d, image)
+        item.target["category"] = d.get("category", "")
+        return item
+
+    def prompt(self, item: Item, shots: list[Item], *, text_only_shots: bool = False) -> Prompt:
+        return Prompt(f"<image>\n{item.question}", [item.image()], chat=True)
+
+    def score_item(self, item: Item, answer: str) -> float:
+        if item.target["category"] == self.formulas:
+            def norm(t: str) -> str:
+                return t.strip().replace("\n", " ").replace(" ", "")
+        else:
+            def norm(t: str) -> str:
+                return t.lower().strip().replace("\n", " ")
+        return float(any(norm(a) in norm(answer) for a in item.target["answers"]))
+
+    def score(self, items: list[Item], answers: dict[str, str]) -> dict[str, float]:
+        hits = [self.score_item(i, answers[i.id]) for i in items]
+        return {"final_score": sum(hits), "accuracy": sum(hits) / len(hits)}
+
+
 # --- multiple choice in VLMEvalKit's TSV layout (MMBench circular; AI2D, ScienceQA, SEED) -------
 class VLMEvalKitMCQ(VLMEvalKitTSV):
     """A multiple-choice benchmark as VLMEvalKit publishes and scores it: options `A`... and a
@@ -683,7 +715,8 @@ def _b64_image(data: str, path: Path, row: int) -> Callable[[], Image.Image]:
 
 
 TASKS: dict[str, type[Task]] = {t.name: t for t in (VQAv2, OKVQA, TextVQA, COCOCaptions, TextCaps, NoCaps, POPE,
-                                                    MMBench, AI2D, ScienceQA, SEEDBench, ChartQA, DocVQA)}
+                                                    MMBench, AI2D, ScienceQA, SEEDBench, ChartQA, DocVQA,
+                                                    OCRBench)}
 
 
 def get_task(name: str, protocol: Protocol = OFFICIAL) -> Task:

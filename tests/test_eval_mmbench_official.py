@@ -178,3 +178,48 @@ def test_open_answers_equal_vlmevalkits_process_line(tmp_path, name, rel, method
     assert ours == pytest.approx([float(x) for x in official], abs=1e-12)
     assert 0 < sum(ours) < 80
     assert task.prompt(items[0], []).text == "<image>\nWhat is shown 0?\nAnswer the question using a single word or phrase."
+
+
+def test_ocrbench_equals_vlmevalkits_evaluate(tmp_path):
+    """OCRBench's substring rule (case-insensitive; spaces ignored for handwritten formulas) and
+    its Final Score, against VLMEvalKit's OCRBench.evaluate (vendored)."""
+    import base64
+    import csv
+    import io
+
+    from tests.model_fixtures import noise_image
+
+    official_cls = load_module(HERE / "vlmevalkit" / "ocrbench.py", "vendored_vlmevalkit_ocrbench").OCRBench
+    path = tmp_path / "ocrbench" / "OCRBench.tsv"
+    path.parent.mkdir(parents=True)
+    buf = io.BytesIO()
+    noise_image(40, 32, 3).save(buf, format="JPEG")
+    rng = random.Random(4)
+    cats = ["Regular Text Recognition", "Scene Text-centric VQA", "Doc-oriented VQA", "Key Information Extraction",
+            "Handwritten Mathematical Expression Recognition", "Digit String Recognition"]
+    gold = ["STOP", "x^{2} + 1", "Coca Cola", "2024-01-05", "$ 12.50", "a\nb"]
+    preds = ["the sign says stop", "x^{2}+1", "X^{2} + 1", "coca cola", "Coca-Cola", "2024-01-05.", "$12.50", "$ 12.50 total",
+             "a b", "A\nB", "", "nothing"]
+    rows, answers = [], {}
+    for i in range(90):
+        given = rng.sample(gold, rng.choice([1, 2]))
+        rows.append([i, f"What is written {i}?", repr(given), rng.choice(cats),
+                     base64.b64encode(buf.getvalue()).decode() if i == 0 else "0"])
+        answers[str(i)] = rng.choice(preds)
+    rows[1][2:4] = [repr(["x^{2} + 1"]), cats[4]]  # a formula: spaces do not count
+    answers["1"] = "x^{2}+1"
+    with path.open("w", newline="") as f:
+        w = csv.writer(f, delimiter="\t")
+        w.writerow(["index", "question", "answer", "category", "image"])
+        w.writerows(rows)
+    task = get_task("ocrbench")
+    items = task.load(tmp_path, "test")
+    assert len(items) == 90 and all(it.error is None for it in items)
+    data = pd.read_csv(path, sep="\t")
+    data["prediction"] = [answers[str(i)] for i in data["index"]]
+    official = official_cls.evaluate(data)
+    ours = task.score(items, answers)
+    assert ours["final_score"] == official["Final Score"] and 0 < ours["final_score"] < 90
+    formulas = sum(task.score_item(it, answers[it.id]) for it in items if it.target["category"] == cats[4])
+    assert formulas == official["Handwritten Mathematical Expression Recognition"] > 0
+    assert task.prompt(items[0], []).text == "<image>\nWhat is written 0?"
