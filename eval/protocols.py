@@ -76,7 +76,8 @@ OPENFLAMINGO = Protocol(
 VLMEVALKIT = Protocol(
     name="vlmevalkit",
     source="open-compass/VLMEvalKit 0.2rc1 (commit e8e78f0)",
-    tasks=("mmbench", "ai2d", "scienceqa", "seedbench", "chartqa", "docvqa", "ocrbench", "pope"),
+    tasks=("mmbench", "ai2d", "scienceqa", "seedbench", "chartqa", "docvqa", "ocrbench", "mme",
+           "pope"),
 )
 
 PROTOCOLS = {p.name: p for p in (OFFICIAL, OPENFLAMINGO, VLMEVALKIT)}

@@ -14,7 +14,7 @@ laid out as the benchmark ships it (see docs/evaluation.md):
     pope/     coco_pope_{random,popular,adversarial}.json (JSON lines)  val2014/
     mmbench/  mmbench_dev_en.tsv (VLMEvalKit's MMBench_DEV_EN.tsv: every circular pass a row, images inline)
     ai2d/ AI2D_TEST.tsv   scienceqa/ ScienceQA_TEST.tsv   seedbench/ SEEDBench_IMG.tsv
-    chartqa/ ChartQA_TEST.tsv   docvqa/ DocVQA_VAL.tsv   ocrbench/ OCRBench.tsv (VLMEvalKit's TSVs)
+    chartqa/ ChartQA_TEST.tsv   docvqa/ DocVQA_VAL.tsv   ocrbench/ OCRBench.tsv   mme/ MME.tsv (VLMEvalKit's TSVs)
 
 How a prompt is built and an answer cut is the protocol's (eval/protocols.py). A question that
 cannot be asked or scored (no human answers, a duplicate id, a broken MMBench row) is a failed row
@@ -603,6 +603,49 @@ class OCRBench(VLMEvalKitVQA):
         return {"final_score": sum(hits), "accuracy": sum(hits) / len(hits)}
 
 
+class MME(VLMEvalKitTSV):
+    """MME.tsv (VLMEvalKit's): yes/no questions, two per image. The answer is read with
+    `YOrN_Extraction` (yes without no, or no without yes; else unknown, which is wrong). Per
+    category: accuracy + accuracy+ (both questions of an image right), times 100; `perception`
+    and `reasoning` sum their categories (`MME_rating`)."""
+
+    name, metric = "mme", "perception"
+    folder, file, what = "mme", "MME.tsv", "VLMEvalKit's MME.tsv"
+    required = ("index", "question", "answer", "image", "category", "image_path")
+    PERCEPTION = ("OCR", "artwork", "celebrity", "color", "count", "existence", "landmark", "position", "posters",
+                  "scene")
+    REASONING = ("code_reasoning", "commonsense_reasoning", "numerical_calculation", "text_translation")
+
+    def _item(self, n: int, index: int, d: dict[str, str], image: Callable[[], Image.Image]) -> Item:
+        answer = d["answer"].strip()
+        if answer not in ("Yes", "No"):
+            return failed(str(index), f"row {n}: answer {answer[:20]!r} is not Yes or No")
+        return Item(str(index), image, clean(d["question"]),
+                    {"answer": answer, "category": d["category"], "pair": d["image_path"]})
+
+    def prompt(self, item: Item, shots: list[Item], *, text_only_shots: bool = False) -> Prompt:
+        return Prompt(f"<image>\n{item.question}", [item.image()], chat=True)
+
+    def score_item(self, item: Item, answer: str) -> float:
+        from blip3.eval.vlmevalkit_matching import YOrN_Extraction
+
+        return float(YOrN_Extraction(answer) == item.target["answer"])
+
+    def score(self, items: list[Item], answers: dict[str, str]) -> dict[str, float]:
+        by_cat: dict[str, dict[str, list[float]]] = {}
+        for i in items:
+            by_cat.setdefault(i.target["category"], {}).setdefault(i.target["pair"], []).append(
+                self.score_item(i, answers[i.id]))
+        out: dict[str, float] = {}
+        for cat, pairs in by_cat.items():
+            flat = [s for ss in pairs.values() for s in ss]
+            plus = [float(all(ss)) for ss in pairs.values()]
+            out[cat] = 100 * sum(flat) / len(flat) + 100 * sum(plus) / len(plus)
+        out["perception"] = sum(out.get(c, 0.0) for c in self.PERCEPTION)
+        out["reasoning"] = sum(out.get(c, 0.0) for c in self.REASONING)
+        return out
+
+
 # --- multiple choice in VLMEvalKit's TSV layout (MMBench circular; AI2D, ScienceQA, SEED) -------
 class VLMEvalKitMCQ(VLMEvalKitTSV):
     """A multiple-choice benchmark as VLMEvalKit publishes and scores it: options `A`... and a
@@ -716,7 +759,7 @@ def _b64_image(data: str, path: Path, row: int) -> Callable[[], Image.Image]:
 
 TASKS: dict[str, type[Task]] = {t.name: t for t in (VQAv2, OKVQA, TextVQA, COCOCaptions, TextCaps, NoCaps, POPE,
                                                     MMBench, AI2D, ScienceQA, SEEDBench, ChartQA, DocVQA,
-                                                    OCRBench)}
+                                                    OCRBench, MME)}
 
 
 def get_task(name: str, protocol: Protocol = OFFICIAL) -> Task:

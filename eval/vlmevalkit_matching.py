@@ -20,7 +20,9 @@ Source: open-compass/VLMEvalKit at commit e8e78f0 (version 0.2rc1):
 - `build_option_str` from vlmeval/smp/vlm.py, with `pd.isna` written out as a None/NaN check
   so pandas is not needed;
 - `relaxed_correctness` (ChartQA), `levenshtein_distance` and `anls_compute` (DocVQA) from
-  vlmeval/dataset/utils/vqa_eval.py, unchanged.
+  vlmeval/dataset/utils/vqa_eval.py, unchanged;
+- `YOrN_Extraction` (MME) from vlmeval/dataset/utils/yorn.py and the `process_punctuation` it
+  calls from vlmeval/smp/misc.py, unchanged.
 """
 
 import copy as cp
@@ -203,3 +205,31 @@ def anls_compute(groundtruth, prediction):
     length = max(len(groundtruth.upper()), len(prediction.upper()))
     values = 0.0 if length == 0 else float(dist) / float(length)
     return values
+
+
+def process_punctuation(inText):
+    import re
+    outText = inText
+    punct = [
+        ';', r'/', '[', ']', '"', '{', '}', '(', ')', '=', '+', '\\', '_', '-', '>', '<', '@', '`',
+        ',', '?', '!'
+    ]
+    commaStrip = re.compile(r'(\d)(,)(\d)')
+    periodStrip = re.compile(r'(?<!\d)\.(?!\d)')
+    for p in punct:
+        if (p + ' ' in inText or ' ' + p in inText) or (re.search(commaStrip, inText) is not None):
+            outText = outText.replace(p, '')
+        else:
+            outText = outText.replace(p, ' ')
+    outText = periodStrip.sub('', outText, re.UNICODE)
+    return outText
+
+
+def YOrN_Extraction(output):
+    s = output.lower()
+    words = process_punctuation(s).split()
+    if 'yes' in words and 'no' not in words:
+        return 'Yes'
+    if 'yes' not in words and 'no' in words:
+        return 'No'
+    return 'Unknown'

@@ -223,3 +223,47 @@ def test_ocrbench_equals_vlmevalkits_evaluate(tmp_path):
     formulas = sum(task.score_item(it, answers[it.id]) for it in items if it.target["category"] == cats[4])
     assert formulas == official["Handwritten Mathematical Expression Recognition"] > 0
     assert task.prompt(items[0], []).text == "<image>\nWhat is written 0?"
+
+
+def test_mme_equals_vlmevalkits_rating(tmp_path):
+    """MME: YOrN_Extraction, accuracy + accuracy+ per category over image pairs, perception and
+    reasoning sums, against VLMEvalKit's MME_rating (vendored)."""
+    import base64
+    import csv
+    import io
+
+    from blip3.eval.tasks import MME
+    from tests.model_fixtures import noise_image
+
+    vendored = load_module(HERE / "vlmevalkit" / "mme.py", "vendored_vlmevalkit_mme")
+    path = tmp_path / "mme" / "MME.tsv"
+    path.parent.mkdir(parents=True)
+    buf = io.BytesIO()
+    noise_image(40, 32, 5).save(buf, format="JPEG")
+    rng = random.Random(6)
+    preds = ["Yes", "No", "yes.", "No, it is not.", "Yes and no", "I cannot tell", "YES!", "no", "Yes, there is one."]
+    rows, answers = [], {}
+    for c, cat in enumerate(MME.PERCEPTION + MME.REASONING):
+        for p in range(3):
+            for k, gold in enumerate(["Yes", "No"]):
+                i = 100 * c + 2 * p + k
+                rows.append([i, f"Is it so {i}? Please answer yes or no.", gold, cat, f"{cat}/{p}.jpg",
+                             base64.b64encode(buf.getvalue()).decode() if i == 0 else "0"])
+                answers[str(i)] = rng.choice(preds)
+    with path.open("w", newline="") as f:
+        w = csv.writer(f, delimiter="\t")
+        w.writerow(["index", "question", "answer", "category", "image_path", "image"])
+        w.writerows(rows)
+    task = get_task("mme")
+    items = task.load(tmp_path, "test")
+    assert len(items) == len(rows) and all(it.error is None for it in items)
+    data = pd.read_csv(path, sep="\t")
+    data["prediction"] = [answers[str(i)] for i in data["index"]]
+    # ImageYORNDataset.evaluate: the extracted answer against the gold one, then MME_rating
+    data["score"] = [vendored.YOrN_Extraction(p) == a for p, a in zip(data["prediction"], data["answer"])]
+    official = vendored.MME_rating(data).iloc[0].to_dict()
+    ours = task.score(items, answers)
+    for key in ("perception", "reasoning", *MME.PERCEPTION, *MME.REASONING):
+        assert ours[key] == pytest.approx(official[key], abs=1e-9), key
+    assert 0 < ours["perception"] < 2000
+    assert task.prompt(items[0], []).text == "<image>\nIs it so 0? Please answer yes or no."
