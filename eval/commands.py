@@ -15,8 +15,8 @@ from blip3.core.options import DbOption
 
 def eval_command(
     checkpoint: Path = typer.Argument(..., help="A model directory (or a training stage's output folder)."),
-    tasks: List[str] = typer.Argument(..., help="vqav2 | okvqa | textvqa | coco | textcaps | nocaps | pope | mmbench | ai2d | scienceqa | "
-                               "seedbench | chartqa | docvqa | ocrbench | mme"),
+    tasks: List[str] = typer.Argument(..., help="vqav2 | okvqa | textvqa | coco | textcaps | nocaps | pope | "
+                                      "mmbench | ai2d | scienceqa | seedbench | chartqa | docvqa | ocrbench | mme"),
     protocol: str = typer.Option("official", "--protocol", help="official | openflamingo | vlmevalkit: whose "
                                  "prompts, decoding and scoring (docs/evaluation.md)."),
     data: Path = typer.Option(Path("eval-data"), "--data", envvar="BLIP3_EVAL_DATA",
@@ -31,7 +31,7 @@ def eval_command(
     meteor: Optional[bool] = typer.Option(None, "--meteor/--no-meteor", help="Captioning METEOR (on by default; "
                                           "its Java process takes seconds to start)."),
     judge: Optional[Path] = typer.Option(None, "--judge", help="vlmevalkit: a local causal LM folder that reads "
-                                         "MMBench answers exact matching cannot."),
+                                         "multiple-choice answers exact matching cannot."),
     db: Path = DbOption,
 ) -> None:
     """Run benchmarks on a checkpoint; resumable; results go to the catalog's `evals` table."""

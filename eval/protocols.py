@@ -10,8 +10,9 @@ preset's source, version and choices):
   decoding and OpenFlamingo's prompt formats.
 - `openflamingo`: the few-shot protocol of OpenFlamingo's `open_flamingo/eval`, under which the
   base model's 0/4/8-shot table is reported.
-- `vlmevalkit`: VLMEvalKit's, under which instruct models are reported (its MMBench prompt,
-  answer extraction and circular grouping; an optional local LLM judge).
+- `vlmevalkit`: VLMEvalKit's, under which instruct models are reported (its TSV benchmarks:
+  MMBench with circular grouping, AI2D, ScienceQA, SEED, ChartQA, DocVQA, OCRBench, MME; its
+  prompts and answer extraction; an optional local LLM judge).
 """
 
 from __future__ import annotations
