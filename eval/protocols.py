@@ -11,7 +11,7 @@ preset's source, version and choices):
 - `openflamingo`: the few-shot protocol of OpenFlamingo's `open_flamingo/eval`, under which the
   base model's 0/4/8-shot table is reported.
 - `vlmevalkit`: VLMEvalKit's, under which instruct models are reported (its TSV benchmarks:
-  MMBench with circular grouping, AI2D, ScienceQA, SEED, ChartQA, DocVQA, OCRBench, MME; its
+  MMBench with circular grouping, MMMU, AI2D, ScienceQA, SEED, ChartQA, DocVQA, OCRBench, MME; its
   prompts and answer extraction; an optional local LLM judge).
 """
 
@@ -78,7 +78,7 @@ VLMEVALKIT = Protocol(
     name="vlmevalkit",
     source="open-compass/VLMEvalKit 0.2rc1 (commit e8e78f0)",
     tasks=("mmbench", "ai2d", "scienceqa", "seedbench", "chartqa", "docvqa", "ocrbench", "mme",
-           "pope"),
+           "mmmu", "pope"),
 )
 
 PROTOCOLS = {p.name: p for p in (OFFICIAL, OPENFLAMINGO, VLMEVALKIT)}

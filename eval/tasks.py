@@ -14,7 +14,8 @@ laid out as the benchmark ships it (see docs/evaluation.md):
     pope/     coco_pope_{random,popular,adversarial}.json (JSON lines)  val2014/
     mmbench/  mmbench_dev_en.tsv (VLMEvalKit's MMBench_DEV_EN.tsv: every circular pass a row, images inline)
     ai2d/ AI2D_TEST.tsv   scienceqa/ ScienceQA_TEST.tsv   seedbench/ SEEDBench_IMG.tsv
-    chartqa/ ChartQA_TEST.tsv   docvqa/ DocVQA_VAL.tsv   ocrbench/ OCRBench.tsv   mme/ MME.tsv (VLMEvalKit's TSVs)
+    chartqa/ ChartQA_TEST.tsv   docvqa/ DocVQA_VAL.tsv   ocrbench/ OCRBench.tsv   mme/ MME.tsv
+    mmmu/ MMMU_DEV_VAL.tsv (VLMEvalKit's TSVs)
 
 How a prompt is built and an answer cut is the protocol's (eval/protocols.py). A question that
 cannot be asked or scored (no human answers, a duplicate id, a broken MMBench row) is a failed row
@@ -508,7 +509,11 @@ class VLMEvalKitTSV(Task):
             if len(data) <= 64:
                 items.append(failed(raw, f"row {n}: no image (neither base64 data nor the index of a row with one)"))
                 continue
-            items.append(self._item(n, index, d, _b64_image(data, path, n)))
+            loaders = _b64_images(data, path, n)
+            item = self._item(n, index, d, loaders[0])
+            if item.error is None:
+                item.target["images"] = loaders
+            items.append(item)
         return items
 
     def _item(self, n: int, index: int, d: dict[str, str], image: Callable[[], Image.Image]) -> Item:
@@ -741,11 +746,75 @@ class SEEDBench(VLMEvalKitMCQ):
     name, folder, file, what = "seedbench", "seedbench", "SEEDBench_IMG.tsv", "VLMEvalKit's SEEDBench_IMG.tsv"
 
 
+class MMMU(VLMEvalKitMCQ):
+    """MMMU_DEV_VAL.tsv (VLMEvalKit's): several images per question, placed where the text says
+    `<image k>` (`MMMUDataset.split_MMMU`); open questions are asked without options and scored as
+    VLMEvalKit's `MMMU_preproc` makes them: option A the answer, B "Other Answers". A gold answer
+    that is not an option letter counts as A, as there. `accuracy` is MMMU-val (the `validation`
+    split); each split also has its own."""
+
+    name = "mmmu"
+    folder, file, what = "mmmu", "MMMU_DEV_VAL.tsv", "VLMEvalKit's MMMU_DEV_VAL.tsv"
+
+    def _item(self, n: int, index: int, d: dict[str, str], image: Callable[[], Image.Image]) -> Item:
+        raw = str(index)
+        shown = {k: clean(d[k]) for k in string.ascii_uppercase if k in d and d[k] not in PANDAS_NA}
+        answer = d["answer"].strip()
+        scored = dict(shown) if "A" in shown else {**shown, "A": clean(d["answer"]), "B": "Other Answers"}
+        hint = d.get("hint", "")
+        return Item(raw, image, clean(d["question"]),
+                    {"options": scored, "shown": shown, "answer": answer if answer in string.ascii_uppercase and
+                     len(answer) == 1 else "A", "hint": "" if hint in PANDAS_NA else clean(hint), "group": raw,
+                     "split": d.get("split", "")})
+
+    def prompt(self, item: Item, shots: list[Item], *, text_only_shots: bool = False) -> Prompt:
+        t = item.target
+        text = f"Hint: {t['hint']}\n" if t["hint"] else ""
+        text += f"Question: {item.question}\n"
+        if t["shown"]:
+            text += "Options:\n" + "".join(f"{k}. {v}\n" for k, v in t["shown"].items())
+            text += "Please select the correct answer from the options above. \n"
+        loaders = t["images"]
+        parts = re.split(r"<image (\d+)>", text)
+        if len(parts) == 1:  # no markers: the images first, as VLMEvalKit sends them
+            return Prompt("<image>" * len(loaders) + "\n" + text, [f() for f in loaders], chat=True)
+        images, out = [], parts[0]
+        for k in range(1, len(parts), 2):
+            number = int(parts[k])
+            if not 1 <= number <= len(loaders):
+                raise UserError(f"question {item.id}: <image {number}> but {len(loaders)} images")
+            images.append(loaders[number - 1]())
+            out += "<image>" + parts[k + 1]
+        return Prompt(out, images, chat=True)
+
+    def score(self, items: list[Item], answers: dict[str, str]) -> dict[str, float]:
+        out = {}
+        for split in sorted({i.target["split"] for i in items}):
+            part = [i for i in items if i.target["split"] == split]
+            out[f"{split or 'all'}/accuracy"] = sum(self.score_item(i, answers[i.id]) for i in part) / len(part)
+        out["accuracy"] = out.get("validation/accuracy", sum(self.score_item(i, answers[i.id]) for i in items) / len(items))
+        return out
+
+
 def _group_of(index: str) -> str | None:
     try:
         return str(int(index) % 1_000_000)
     except ValueError:
         return None
+
+
+def _b64_images(data: str, path: Path, row: int) -> list[Callable[[], Image.Image]]:
+    """One loader per image of a cell: base64 data, or a list literal of several (MMMU)."""
+    import ast
+
+    if data.startswith("[") and data.endswith("]"):
+        try:
+            several = ast.literal_eval(data)
+        except (ValueError, SyntaxError, MemoryError, RecursionError):
+            several = None
+        if isinstance(several, list) and several and all(isinstance(x, str) for x in several):
+            return [_b64_image(x, path, row) for x in several]
+    return [_b64_image(data, path, row)]
 
 
 def _b64_image(data: str, path: Path, row: int) -> Callable[[], Image.Image]:
@@ -759,7 +828,7 @@ def _b64_image(data: str, path: Path, row: int) -> Callable[[], Image.Image]:
 
 TASKS: dict[str, type[Task]] = {t.name: t for t in (VQAv2, OKVQA, TextVQA, COCOCaptions, TextCaps, NoCaps, POPE,
                                                     MMBench, AI2D, ScienceQA, SEEDBench, ChartQA, DocVQA,
-                                                    OCRBench, MME)}
+                                                    OCRBench, MME, MMMU)}
 
 
 def get_task(name: str, protocol: Protocol = OFFICIAL) -> Task:

@@ -11,6 +11,7 @@ import pandas as pd
 import pytest
 
 from blip3.eval import vlmevalkit_matching as ours
+from blip3.core.errors import UserError
 from blip3.eval.tasks import get_task
 from tests.eval_fixtures import write_mmbench
 from tests.vendor import HERE, load_module
@@ -267,3 +268,55 @@ def test_mme_equals_vlmevalkits_rating(tmp_path):
         assert ours[key] == pytest.approx(official[key], abs=1e-9), key
     assert 0 < ours["perception"] < 2000
     assert task.prompt(items[0], []).text == "<image>\nIs it so 0? Please answer yes or no."
+
+
+def test_mmmu_equals_vlmevalkit_with_open_questions_and_image_markers(tmp_path, vlmevalkit):
+    """MMMU_DEV_VAL.tsv's layout: several images (a list literal), `<image k>` markers, open
+    questions (no options) that MMMU_preproc turns into A = the answer, B = "Other Answers"."""
+    import base64
+    import csv
+    import io
+
+    from tests.model_fixtures import noise_image
+
+    def b64(seed):
+        buf = io.BytesIO()
+        noise_image(40 + seed, 32, seed).save(buf, format="JPEG")
+        return base64.b64encode(buf.getvalue()).decode()
+
+    path = tmp_path / "mmmu" / "MMMU_DEV_VAL.tsv"
+    path.parent.mkdir(parents=True)
+    rng = random.Random(8)
+    rows, answers = [], {}
+    for i in range(40):
+        open_q = i % 3 == 0
+        opts = ["", "", "", ""] if open_q else ["12 cm", "15 cm", "<image 1>", "none of these"]
+        gold = "42" if open_q else rng.choice("ABCD")
+        images = repr([b64(1), b64(2)]) if i == 0 else b64(3)
+        rows.append([i, f"Look at <image 1> and tell {i}." if i == 0 else f"What is {i}?", *opts, gold,
+                     images, rng.choice(["dev", "validation"])])
+        answers[str(i)] = rng.choice(["42", "The answer is 42", "A", "B", "(C)", "15 cm", "no idea", "Other Answers"])
+    with path.open("w", newline="") as f:
+        w = csv.writer(f, delimiter="\t")
+        w.writerow(["index", "question", "A", "B", "C", "D", "answer", "image", "split"])
+        w.writerows(rows)
+    task = get_task("mmmu")
+    items = task.load(tmp_path, "test")
+    assert len(items) == 40 and all(it.error is None for it in items)
+    p = task.prompt(items[0], [])  # the image where the text says <image 1>, one image only
+    assert p.text == "Question: Look at <image> and tell 0.\n" and [im.size for im in p.images] == [(41, 32)]
+    p = task.prompt(items[1], [])  # a marker in an option: the image goes there, not first
+    assert p.text.startswith("Question: What is 1?\nOptions:\nA. 12 cm\nB. 15 cm\nC. <image>\nD. none of these\n")
+    assert [im.size for im in p.images] == [(43, 32)]
+    items[1].target["images"] = []  # a marker without its image: that question fails, as one line
+    with pytest.raises(UserError, match="<image 1> but 0 images"):
+        task.prompt(items[1], [])
+    meta = pd.read_csv(path, sep="\t")
+    data = meta.copy()
+    data["prediction"] = [answers[str(i)] for i in meta["index"]]
+    result = vlmevalkit.mcq_vanilla_eval(None, data, meta, 1, "mmmu.pkl", "MMMU_DEV_VAL")
+    official = dict(zip(result["index"].astype(str), result["hit"]))
+    assert {it.id: int(task.score_item(it, answers[it.id])) for it in items} == official
+    m = task.score(items, answers)
+    val = [official[it.id] for it in items if it.target["split"] == "validation"]
+    assert m["accuracy"] == pytest.approx(sum(val) / len(val)) and "dev/accuracy" in m

@@ -132,7 +132,7 @@ def test_bad_files_are_one_line_errors(benchmarks, tmp_path):
     with pytest.raises(UserError, match="unknown eval task 'gqa'"):
         get_task("gqa")
     assert set(TASKS) == {"vqav2", "okvqa", "textvqa", "coco", "textcaps", "nocaps", "pope", "mmbench", "ai2d",
-                          "scienceqa", "seedbench", "chartqa", "docvqa", "ocrbench", "mme"}
+                          "scienceqa", "seedbench", "chartqa", "docvqa", "ocrbench", "mme", "mmmu"}
 
 
 def test_cli_missing_benchmark_is_one_line(tmp_path, tiny_model_dir):

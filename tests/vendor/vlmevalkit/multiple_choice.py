@@ -2,7 +2,7 @@
 # Licensed under the Apache License, Version 2.0 (see LICENSE beside this file).
 #
 # From open-compass/VLMEvalKit at commit e8e78f0, vlmeval/dataset/utils/multiple_choice.py:
-# `build_prompt*`, `build_choices`, `prefetch_answer`, `extract_answer_from_item`,
+# `MMMU_preproc`, `build_prompt*`, `build_choices`, `prefetch_answer`, `extract_answer_from_item`,
 # `prefetch_circular_group`, `eval_vanilla`, `mcq_vanilla_eval` and `mcq_circular_eval`, unchanged.
 # Changed: the imports. VLMEvalKit's result-file helpers (`load`, `dump`, ...) are replaced by the
 # in-memory shims below, so the test runs the circular rule without writing files.
@@ -47,6 +47,10 @@ def timestr():  # shim
 class logger:  # shim
     @staticmethod
     def warning(msg):
+        pass
+
+    @staticmethod
+    def info(msg):
         pass
 
 
@@ -402,4 +406,19 @@ def mcq_vanilla_eval(model, data, meta, nproc, result_file, dataset_name=None):
     data['log'] = [result[i]['log'] for i in data['index']]
     if 'GT' in data:
         data.pop('GT')
+    return data
+
+
+def MMMU_preproc(data):
+    cnt = 0
+    As, Bs, Ans = list(data['A']), list(data['B']), list(data['answer'])
+    lt = len(data)
+    for i in range(lt):
+        if pd.isna(As[i]):
+            As[i] = Ans[i]
+            Bs[i] = 'Other Answers'
+            cnt += 1
+    logger.info(f'During MMMU_preproc in Evaluation, {cnt} open questions are re-formulated to multi-choice ones. ')
+    data['A'] = As
+    data['B'] = Bs
     return data
