@@ -15,7 +15,7 @@ from blip3.core.options import DbOption
 
 def eval_command(
     checkpoint: Path = typer.Argument(..., help="A model directory (or a training stage's output folder)."),
-    tasks: List[str] = typer.Argument(..., help="vqav2 | okvqa | textvqa | coco | textcaps | nocaps | pope | "
+    tasks: List[str] = typer.Argument(..., help="vqav2 | okvqa | textvqa | vizwiz | coco | textcaps | nocaps | pope | "
                                       "mmbench | mmmu | ai2d | scienceqa | seedbench | chartqa | docvqa | ocrbench | mme"),
     protocol: str = typer.Option("official", "--protocol", help="official | openflamingo | vlmevalkit: whose "
                                  "prompts, decoding and scoring (docs/evaluation.md)."),

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import re
 import shutil
-from collections import defaultdict
+from collections import Counter, defaultdict
 from collections.abc import Iterable, Mapping, Sequence
 
 # --- VQA ------------------------------------------------------------------------------------
@@ -89,7 +89,8 @@ def normalize_vqa_answer(answer: str) -> str:
     return _process_digit_article(_process_punctuation(_strip(answer)))
 
 
-def vqa_accuracy(prediction: str, answers: Sequence[str], *, always_normalise: bool = False) -> float:
+def vqa_accuracy(prediction: str, answers: Sequence[str], *, always_normalise: bool = False,
+                 confidences: Sequence[str] | None = None) -> float:
     """One question's accuracy against its (usually ten) human answers.
 
     The rule of the official VQA evaluation as it stands since its 2021 fix (GT-Vision-Lab/VQA,
@@ -101,6 +102,11 @@ def vqa_accuracy(prediction: str, answers: Sequence[str], *, always_normalise: b
     Each leave-one-annotator-out subset scores min(#matches / 3, 1), and the result is their mean
     (1, 2, 3 or 4+ matching humans of ten: 0.3, 0.6, 0.9, 1.0). Counted once, not per subset, so
     the cost is linear in the number of answers.
+
+    The scripts leave out every answer record equal to the annotator's (`item != gtAnsDatum`).
+    VQAv2's records differ by `answer_id`, so that is one annotator; VizWiz's (as OpenFlamingo
+    ships them) have only answer and `answer_confidence`, so every annotator with the same
+    answer and confidence is left out with them. `confidences` selects that rule.
     """
     if not answers:
         raise ValueError("a VQA question needs at least one human answer")
@@ -108,8 +114,13 @@ def vqa_accuracy(prediction: str, answers: Sequence[str], *, always_normalise: b
     if always_normalise or len(set(gts)) > 1:
         pred, gts = normalize_vqa_answer(pred), [normalize_vqa_answer(a) for a in gts]
     n, hits = len(gts), sum(1 for a in gts if a == pred)
-    # an annotator who gave `pred` leaves hits - 1 matching others; any other annotator leaves hits
-    return (hits * min(1.0, (hits - 1) / 3) + (n - hits) * min(1.0, hits / 3)) / n
+    if confidences is None:
+        # an annotator who gave `pred` leaves hits - 1 matching others; any other annotator leaves hits
+        return (hits * min(1.0, (hits - 1) / 3) + (n - hits) * min(1.0, hits / 3)) / n
+    if len(confidences) != n:
+        raise ValueError("one confidence per answer")
+    records = Counter(zip(gts, confidences))
+    return sum(min(1.0, (hits - (records[(a, c)] if a == pred else 0)) / 3) for a, c in zip(gts, confidences)) / n
 
 
 # --- POPE -------------------------------------------------------------------------------------

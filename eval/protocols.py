@@ -59,7 +59,7 @@ OPENFLAMINGO = Protocol(
     name="openflamingo",
     source="mlfoundations/open_flamingo v2.0.1, open_flamingo/eval (commit 655f693)",
     # OK-VQA is left out: its answers are stemmed with NLTK models that are not part of this install
-    tasks=("vqav2", "textvqa", "coco"),
+    tasks=("vqav2", "textvqa", "vizwiz", "coco"),
     seed=42,
     num_beams=3,
     length_penalty=0.0,

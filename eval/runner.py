@@ -143,6 +143,8 @@ class Plan:
 def plan_task(name: str, protocol: Protocol, data: Path, shots: int, limit: int | None, seed: int) -> Plan:
     """Everything read and checked before a model is loaded or a token generated."""
     task = get_task(name, protocol)
+    if task.protocols is not None and protocol.name not in task.protocols:
+        raise UserError(f"{name} is defined under --protocol {' or '.join(task.protocols)}", field="--protocol")
     if shots and task.zero_shot_only:
         raise UserError(f"{name} is a zero-shot instruct benchmark; run it with --shots 0", field="--shots")
     everything = mark_duplicates(task.load(data, "test"))

@@ -7,6 +7,7 @@ laid out as the benchmark ships it (see docs/evaluation.md):
               (few-shot: the same names with train2014, and train2014/)
     okvqa/    OpenEnded_mscoco_val2014_questions.json  mscoco_val2014_annotations.json  val2014/ (+ train2014)
     textvqa/  TextVQA_0.5.1_val.json (+ TextVQA_0.5.1_train.json)  train_images/
+    vizwiz/   val.json (+ train.json)  val/ (+ train/)   (`openflamingo` protocol)
     coco/     annotations/captions_val2014.json (+ captions_train2014.json)  val2014/ (+ train2014/)
               (`openflamingo` protocol: also dataset_coco.json, the Karpathy split)
     textcaps/ TextCaps_0.1_val.json (+ TextCaps_0.1_train.json)  train_images/
@@ -145,6 +146,7 @@ class Task:
 
     name: str = ""
     zero_shot_only = False
+    protocols: tuple[str, ...] | None = None  # the protocols that define this task (None: any that lists it)
     metric: str = ""  # the headline metric
 
     def __init__(self, protocol: Protocol = OFFICIAL):
@@ -290,6 +292,43 @@ class TextVQA(VQATask):
             except (KeyError, TypeError, ValueError) as e:
                 items.append(failed(qid, f"not a TextVQA question ({type(e).__name__}: {e})"))
         return items
+
+
+class VizWiz(VQATask):
+    """VizWiz-VQA as published: `val.json` / `train.json` (a list of {image, question, answers:
+    [{answer, answer_confidence}], answerable, answer_type}), images in `val/` and `train/`.
+    Question ids are positions in the list, as in OpenFlamingo's VQA-format copies of these files.
+    Many answers are "unanswerable": scored as any other answer, under OpenFlamingo's leave-out rule
+    for records without answer ids (`metrics.vqa_accuracy`'s `confidences`). Defined under the
+    `openflamingo` protocol only."""
+
+    name, folder = "vizwiz", "vizwiz"
+    protocols = ("openflamingo",)
+
+    def load(self, root: Path, split: str) -> list[Item]:
+        part = "val" if split == "test" else "train"
+        base = root / self.folder
+        path = _need(base / f"{part}.json", f"the VizWiz {part} annotations ({part}.json)")
+        rows = read_json(path)
+        if not isinstance(rows, list):
+            raise UserError("not in the VizWiz layout (a list of questions)", file=path)
+        items = []
+        for n, d in enumerate(rows):
+            try:
+                given = d["answers"]
+                answers = [str(a["answer"]) for a in given]
+                confidences = [str(a.get("answer_confidence", "")) for a in given]
+                item = self._item(str(n), _image_file(base / part / Path(str(d["image"])).name), d["question"], answers)
+            except (KeyError, TypeError, ValueError, AttributeError) as e:
+                item = failed(str(n), f"not a VizWiz question ({type(e).__name__}: {e})")
+            if item.error is None:
+                item.target["confidences"] = confidences
+            items.append(item)
+        return items
+
+    def score_item(self, item: Item, answer: str) -> float:
+        return metrics.vqa_accuracy(answer, item.target["answers"], always_normalise=self.protocol.vqa_always_normalise,
+                                    confidences=item.target["confidences"])
 
 
 # --- captioning ---------------------------------------------------------------------------------
@@ -826,7 +865,7 @@ def _b64_image(data: str, path: Path, row: int) -> Callable[[], Image.Image]:
     return lambda: _open_image(raw, path, f"row {row}: the image column")
 
 
-TASKS: dict[str, type[Task]] = {t.name: t for t in (VQAv2, OKVQA, TextVQA, COCOCaptions, TextCaps, NoCaps, POPE,
+TASKS: dict[str, type[Task]] = {t.name: t for t in (VQAv2, OKVQA, TextVQA, VizWiz, COCOCaptions, TextCaps, NoCaps, POPE,
                                                     MMBench, AI2D, ScienceQA, SEEDBench, ChartQA, DocVQA,
                                                     OCRBench, MME, MMMU)}
 

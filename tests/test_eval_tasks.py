@@ -131,7 +131,7 @@ def test_bad_files_are_one_line_errors(benchmarks, tmp_path):
         get_task("okvqa").load(tmp_path, "test")
     with pytest.raises(UserError, match="unknown eval task 'gqa'"):
         get_task("gqa")
-    assert set(TASKS) == {"vqav2", "okvqa", "textvqa", "coco", "textcaps", "nocaps", "pope", "mmbench", "ai2d",
+    assert set(TASKS) == {"vqav2", "okvqa", "textvqa", "vizwiz", "coco", "textcaps", "nocaps", "pope", "mmbench", "ai2d",
                           "scienceqa", "seedbench", "chartqa", "docvqa", "ocrbench", "mme", "mmmu"}
 
 

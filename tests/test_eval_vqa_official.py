@@ -89,3 +89,39 @@ def test_a_long_answer_list_is_scored_by_counting():
     assert vqa_accuracy("two", ["2"] * 15_000 + ["3"] * 15_000) == 1.0
     assert vqa_accuracy("2", ["2"] * 2 + ["3"] * 29_998) == pytest.approx(2 * (1 / 3) / 30_000 + 29_998 * (2 / 3) / 30_000)
     assert 10 <= MAX_VQA_ANSWERS < 30_000
+
+
+def test_vizwiz_records_without_ids_equal_open_flamingos_scorer(tmp_path):
+    """VizWiz answer records carry an answer and a confidence but no id: OpenFlamingo's scorer
+    leaves out every record equal to the annotator's. Per question equal to its vqa_metric.py,
+    on published-layout files (many "unanswerable"), read by the vizwiz task."""
+    import json
+
+    from blip3.core.errors import UserError
+    from blip3.eval.protocols import OFFICIAL, OPENFLAMINGO
+    from blip3.eval.runner import plan_task
+    from blip3.eval.tasks import get_task
+
+    of = load_open_flamingo_vqa()
+    rng = random.Random(12)
+    pool = ["unanswerable", "Unanswerable", "unsuitable", "blue", "dark blue", "2", "two", "yes"]
+    rows = [{"image": f"VizWiz_val_{i:08d}.jpg", "question": f"What is this {i}?", "answerable": 1,
+             "answer_type": "other", "answers": [{"answer": rng.choice(pool[:rng.choice([2, 4, 8])]),
+                                                  "answer_confidence": rng.choice(["yes", "maybe", "no"])}
+                                                 for _ in range(10)]} for i in range(150)]
+    (tmp_path / "vizwiz").mkdir()
+    (tmp_path / "vizwiz" / "val.json").write_text(json.dumps(rows))
+    task = get_task("vizwiz", OPENFLAMINGO)
+    items = task.load(tmp_path, "test")
+    preds = {it.id: rng.choice(pool) for it in items}
+    gts = {k: {"question_id": k, "question_type": "other", "answers": [dict(a) for a in r["answers"]]}
+           for k, r in enumerate(rows)}
+    res = {k: {"question_id": k, "answer": preds[str(k)]} for k in range(len(rows))}
+    ev = of.VQAEval(_Store(gts), _Store(res), n=10)
+    ev.evaluate()
+    ours = [task.score_item(it, preds[it.id]) for it in items]
+    assert ours == pytest.approx([ev.evalQA[k] / 100 for k in range(len(rows))], abs=1e-9)
+    plain = [vqa_accuracy(preds[it.id], it.target["answers"], always_normalise=True) for it in items]
+    assert plain != pytest.approx(ours, abs=1e-9)  # the leave-out rule matters on these files
+    with pytest.raises(UserError, match="vizwiz is defined under --protocol openflamingo"):
+        plan_task("vizwiz", OFFICIAL, tmp_path, 0, None, 0)
