@@ -1,12 +1,13 @@
 """Benchmark metrics, each following its reference implementation so numbers compare with papers.
 
-- VQA accuracy: the official VQAv2 evaluation as it stands since 2021 (also used for TextVQA,
-  OK-VQA and VizWiz): answer normalisation when the humans disagree, then min(#matches / 3, 1)
-  averaged over the ten leave-one-annotator-out subsets.
+- VQA accuracy: the official VQAv2 evaluation as it stands since 2021 (also used for TextVQA
+  and OK-VQA): answer normalisation when the humans disagree, then min(#matches / 3, 1)
+  averaged over the ten leave-one-annotator-out subsets; OpenFlamingo's variant too.
 - POPE: the yes/no parsing of the POPE / LLaVA evaluation, then accuracy, precision, recall, F1
   and the share of "yes" answers (a model that always says yes scores 0.5 accuracy, ratio 1.0).
-- Multiple choice: MMBench circular evaluation, where a question counts only if every rotation
-  of its options is answered right.
+- Multiple choice: MMBench circular evaluation, where a question counts only if every pass
+  (rotation of its options) is answered right; answers are read by VLMEvalKit's matcher
+  (eval/vlmevalkit_matching.py).
 - Captioning: pycocoevalcap 1.2 end to end (PTB tokenizer, BLEU-4, CIDEr, METEOR); it needs Java.
 """
 
@@ -149,24 +150,6 @@ def pope_metrics(predictions: Sequence[str], labels: Sequence[str]) -> dict[str,
 
 
 # --- multiple choice --------------------------------------------------------------------------
-def parse_choice(text: str, options: Mapping[str, str]) -> str | None:
-    """The option letter a free-text answer picks, or None.
-
-    In order: a leading letter ("B", "B.", "(B) cat"; not "A lovely cat"), "answer is B", then an answer that is
-    exactly one option's text. Anything else is no choice (scored wrong), never a guess.
-    """
-    t = text.strip()
-    letters = "".join(re.escape(k) for k in options)
-    m = re.match(rf"^\(?([{letters}])(?:[).:,]|$)", t)
-    if m is None:
-        m = re.search(rf"answer is:?\s*\(?([{letters}])\b", t, flags=re.IGNORECASE)
-    if m is not None:
-        return m.group(1)
-    norm = t.lower().rstrip(".")
-    hits = [k for k, v in options.items() if v.strip().lower().rstrip(".") == norm]
-    return hits[0] if len(hits) == 1 else None
-
-
 def circular_accuracy(results: Iterable[tuple[str, bool]]) -> dict[str, float]:
     """(question id, rotation right?) pairs -> MMBench circular accuracy (a question counts only
     if all its rotations are right) and the plain accuracy of all rotations."""

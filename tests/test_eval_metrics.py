@@ -9,7 +9,6 @@ from blip3.eval.metrics import (
     circular_accuracy,
     java_available,
     normalize_vqa_answer,
-    parse_choice,
     parse_yes_no,
     pope_metrics,
     vqa_accuracy,
@@ -61,17 +60,6 @@ def test_pope_metrics_by_hand():
     assert m == pytest.approx({"accuracy": 6 / 8, "precision": 3 / 4, "recall": 3 / 4, "f1": 3 / 4, "yes_ratio": 4 / 8})
     always_yes = pope_metrics(["yes"] * 4, ["yes", "no", "no", "yes"])
     assert always_yes["accuracy"] == 0.5 and always_yes["yes_ratio"] == 1.0 and always_yes["recall"] == 1.0
-
-
-def test_choice_parsing():
-    opts = {"A": "a cat", "B": "a dog", "C": "a bird"}
-    assert parse_choice("B", opts) == "B"
-    assert parse_choice("(C) a bird", opts) == "C"
-    assert parse_choice("A. a cat", opts) == "A"
-    assert parse_choice("The answer is B.", opts) == "B"
-    assert parse_choice("a dog", opts) == "B"
-    assert parse_choice("A lovely animal", opts) is None  # a word starting with A is not option A
-    assert parse_choice("D", opts) is None
 
 
 def test_circular_accuracy_needs_every_rotation():
