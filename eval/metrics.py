@@ -1,8 +1,8 @@
 """Benchmark metrics, each following its reference implementation so numbers compare with papers.
 
-- VQA accuracy: the official VQAv2 evaluation as it stands since 2021 (also used for TextVQA
-  and OK-VQA): answer normalisation when the humans disagree, then min(#matches / 3, 1)
-  averaged over the ten leave-one-annotator-out subsets; OpenFlamingo's variant too.
+- VQA accuracy: the official VQAv2 evaluation as it stands since 2021 (also used for OK-VQA):
+  answer normalisation when the humans disagree, then min(#matches / 3, 1) averaged over the ten
+  leave-one-annotator-out subsets; OpenFlamingo's variant too. TextVQA: its own m4c evaluator.
 - POPE: the yes/no parsing of the POPE / LLaVA evaluation, then accuracy, precision, recall, F1
   and the share of "yes" answers (a model that always says yes scores 0.5 accuracy, ratio 1.0).
 - Multiple choice: MMBench circular evaluation, where a question counts only if every pass
@@ -122,6 +122,20 @@ def vqa_accuracy(prediction: str, answers: Sequence[str], *, always_normalise: b
         raise ValueError("one confidence per answer")
     records = Counter(zip(gts, confidences))
     return sum(min(1.0, (hits - (records[(a, c)] if a == pred else 0)) / 3) for a, c in zip(gts, confidences)) / n
+
+
+def textvqa_accuracy(prediction: str, answers: Sequence[str]) -> float:
+    """TextVQA's own accuracy (its challenge's m4c evaluator, as LLaVA runs it): prediction and
+    every human answer normalised by EvalAI's answer processor, always; then the same
+    leave-one-annotator-out mean of min(#matches / 3, 1), counted once."""
+    from blip3.eval.m4c_evaluator import EvalAIAnswerProcessor
+
+    if not answers:
+        raise ValueError("a VQA question needs at least one human answer")
+    process = EvalAIAnswerProcessor()
+    pred, gts = process(prediction), [process(a) for a in answers]
+    n, hits = len(gts), sum(1 for a in gts if a == pred)
+    return (hits * min(1.0, (hits - 1) / 3) + (n - hits) * min(1.0, hits / 3)) / n
 
 
 # --- POPE -------------------------------------------------------------------------------------

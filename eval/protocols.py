@@ -42,6 +42,7 @@ class Protocol:
     demo_separator: str = ""  # after each example's <|endofchunk|>
     vqa_cut_comma: bool = False  # answers end at the first ", "
     vqa_always_normalise: bool = False  # OpenFlamingo's port of vqaEval normalises both sides always
+    textvqa_m4c: bool = True  # TextVQA by its own (m4c) evaluator; else as the other VQA tasks
     caption_drop_quotes: bool = False
     coco_split: str = "val2014"  # or "karpathy": the Karpathy test split (dataset_coco.json)
 
@@ -52,7 +53,8 @@ class Protocol:
 OFFICIAL = Protocol(
     name="official",
     source="each benchmark's official scorer: GT-Vision-Lab/VQA vqaEval.py (commit a013f00, 2021), "
-           "pycocoevalcap 1.2, POPE evaluate.py, VLMEvalKit 0.2rc1 (commit e8e78f0) for MMBench",
+           "TextVQA's m4c evaluator (LLaVA commit c121f04), pycocoevalcap 1.2, POPE evaluate.py, "
+           "VLMEvalKit 0.2rc1 (commit e8e78f0) for its TSV benchmarks",
 )
 
 OPENFLAMINGO = Protocol(
@@ -70,6 +72,7 @@ OPENFLAMINGO = Protocol(
     demo_separator="\n",
     vqa_cut_comma=True,
     vqa_always_normalise=True,
+    textvqa_m4c=False,
     caption_drop_quotes=True,
     coco_split="karpathy",
 )

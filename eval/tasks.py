@@ -271,6 +271,11 @@ class TextVQA(VQATask):
     name, folder = "textvqa", "textvqa"
     split_files = {"test": "TextVQA_0.5.1_val.json", "train": "TextVQA_0.5.1_train.json"}
 
+    def score_item(self, item: Item, answer: str) -> float:
+        if self.protocol.textvqa_m4c:
+            return metrics.textvqa_accuracy(answer, item.target["answers"])
+        return super().score_item(item, answer)
+
     def load(self, root: Path, split: str) -> list[Item]:
         base = root / self.folder
         path = _need(base / self.split_files[split], f"the TextVQA {split} file")

@@ -125,3 +125,28 @@ def test_vizwiz_records_without_ids_equal_open_flamingos_scorer(tmp_path):
     assert plain != pytest.approx(ours, abs=1e-9)  # the leave-out rule matters on these files
     with pytest.raises(UserError, match="vizwiz is defined under --protocol openflamingo"):
         plan_task("vizwiz", OFFICIAL, tmp_path, 0, None, 0)
+
+
+def test_textvqa_equals_its_m4c_evaluator():
+    """TextVQA under the official protocol: per question equal to TextVQAAccuracyEvaluator
+    (LLaVA's copy of the m4c evaluator, vendored), whose normalisation differs from the VQA
+    script's (commas, `?` and `'s`, always normalised)."""
+    from blip3.eval.metrics import textvqa_accuracy
+    from tests.vendor import HERE, load_module
+
+    m4c = load_module(HERE / "llava" / "m4c_evaluator.py", "vendored_llava_m4c_evaluator").TextVQAAccuracyEvaluator()
+    rng = random.Random(13)
+    extra = ["John's", "johns", "john 's", "Coca-Cola", "coca cola", "1,000", "1000", "what?", "what", "NOKIA", "nokia."]
+    for _ in range(300):
+        pool = rng.sample(TRICKY + extra, rng.choice([1, 2, 3, 5]))
+        answers = [rng.choice(pool) for _ in range(10)]
+        pred = rng.choice(pool + rng.sample(TRICKY + extra, 2))
+        expected = m4c.eval_pred_list([{"pred_answer": pred, "gt_answers": answers}])
+        assert textvqa_accuracy(pred, answers) == pytest.approx(expected, abs=1e-12), (pred, answers)
+    assert textvqa_accuracy("Two", ["2"] * 10) == 1.0 and vqa_accuracy("Two", ["2"] * 10) == 0.0
+    assert textvqa_accuracy("john's", ["John's"] * 5 + ["x"] * 5) == 1.0
+    from blip3.eval.tasks import Item, get_task
+
+    item = Item("q", lambda: None, "q", {"answers": ["John's"] * 10})
+    assert get_task("textvqa").score_item(item, "john's") == 1.0  # m4c, not the VQA script (0.0)
+    assert get_task("vqav2").score_item(item, "john's") == 0.0

@@ -5,8 +5,10 @@
   `load_vqa_eval` converts it with the standard library's 2to3 when a test loads it.
 - `open_flamingo/vqa_metric.py` and `open_flamingo/utils.py`: mlfoundations/open_flamingo,
   open_flamingo/eval/ at commit 655f693 (v2.0.1), MIT licence in `open_flamingo/LICENSE`.
-- `vlmevalkit/multiple_choice.py`: VLMEvalKit's circular evaluation, with in-memory shims for its
-  result-file helpers (said in the file).
+- `vlmevalkit/multiple_choice.py`, `vqa_eval.py`, `ocrbench.py`, `mme.py`: VLMEvalKit's
+  scoring code, with shims for its imports and result-file helpers (said in each file).
+- `llava/m4c_evaluator.py`: haotian-liu/LLaVA, llava/eval/m4c_evaluator.py at commit c121f04
+  (from facebookresearch/mmf), Apache-2.0 licence in `llava/LICENSE`.
 - `pope/evaluate.py`: AoiDragon/POPE, evaluate.py at commit 08d957b, MIT licence in
   `pope/LICENSE`. It reads the two paths set in its first lines; `run_pope_evaluate` sets them.
 - `vlmevalkit/matching_util.py`: open-compass/VLMEvalKit, vlmeval/utils/matching_util.py at commit
