@@ -5,7 +5,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: setup browser demo test test-fast mutate bench clean
+.PHONY: setup browser java demo test test-fast mutate bench clean
 
 setup: $(STAMP)
 
@@ -18,6 +18,15 @@ browser:
 	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq chromium >/dev/null; \
 	} || { echo "error: the browser tests need chromium; apt-get install chromium failed" >&2; exit 1; }
 
+# pycocoevalcap's PTB tokenizer and METEOR (the captioning scores of `blip3 eval`) are Java
+# programs: install a headless JRE when `java` is missing, the same way.
+java:
+	@command -v java >/dev/null 2>&1 || { \
+	  SUDO=$$([ "$$(id -u)" = 0 ] || echo sudo); \
+	  echo "installing a Java runtime (apt-get) for the captioning tests"; \
+	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq default-jre-headless >/dev/null; \
+	} || { echo "error: the captioning tests need Java; apt-get install default-jre-headless failed" >&2; exit 1; }
+
 $(STAMP): pyproject.toml requirements.lock
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --disable-pip-version-check -r requirements.lock
@@ -27,10 +36,10 @@ $(STAMP): pyproject.toml requirements.lock
 demo: setup
 	$(BIN)/blip3 demo
 
-test: setup browser
+test: setup browser java
 	$(BIN)/python -m pytest
 
-test-fast: setup browser
+test-fast: setup browser java
 	$(BIN)/python -m pytest -m "not slow"
 
 # Mutation testing (slow, not in CI): kill rate per module -> benchmarks/results/mutation.md.

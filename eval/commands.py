@@ -1,4 +1,4 @@
-"""CLI of `eval`: `blip3 eval CHECKPOINT TASK... [--data DIR] [--shots N] [--limit N]`.
+"""CLI of `eval`: `blip3 eval CHECKPOINT TASK... [--protocol P] [--data DIR] [--shots N] [--limit N]`.
 
 Data-parallel: `torchrun --nproc-per-node N -m blip3.cli eval ...` splits the questions across
 ranks (one device each); rank 0 scores, records and prints."""
@@ -15,7 +15,10 @@ from blip3.core.options import DbOption
 
 def eval_command(
     checkpoint: Path = typer.Argument(..., help="A model directory (or a training stage's output folder)."),
-    tasks: List[str] = typer.Argument(..., help="vqav2 | okvqa | textvqa | coco | pope | mmbench"),
+    tasks: List[str] = typer.Argument(..., help="vqav2 | okvqa | textvqa | vizwiz | coco | textcaps | nocaps | pope | "
+                                      "mmbench | mmmu | ai2d | scienceqa | seedbench | chartqa | docvqa | ocrbench | mme"),
+    protocol: str = typer.Option("official", "--protocol", help="official | openflamingo | vlmevalkit: whose "
+                                 "prompts, decoding and scoring (docs/evaluation.md)."),
     data: Path = typer.Option(Path("eval-data"), "--data", envvar="BLIP3_EVAL_DATA",
                               help="Folder with one sub-folder per benchmark, in its published layout."),
     shots: int = typer.Option(0, "--shots", help="In-context examples from the train split (0, 4, 8...)."),
@@ -23,9 +26,12 @@ def eval_command(
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="Predictions folder (default: CHECKPOINT/eval)."),
     batch_size: int = typer.Option(8, "--batch-size", min=1, help="Samples per forward pass."),
     device: str = typer.Option("cpu", "--device", help="Torch device, e.g. cpu or cuda:0."),
-    seed: int = typer.Option(0, "--seed", help="Seed of the in-context example draw."),
-    meteor: Optional[bool] = typer.Option(None, "--meteor/--no-meteor", help="Captioning METEOR (needs Java; "
-                                          "default: when Java is installed)."),
+    seed: Optional[int] = typer.Option(None, "--seed", help="Seed of the in-context example draw (default: the "
+                                       "protocol's, 0; openflamingo 42)."),
+    meteor: Optional[bool] = typer.Option(None, "--meteor/--no-meteor", help="Captioning METEOR (on by default; "
+                                          "its Java process takes seconds to start)."),
+    judge: Optional[Path] = typer.Option(None, "--judge", help="vlmevalkit: a local causal LM folder that reads "
+                                         "multiple-choice answers exact matching cannot."),
     db: Path = DbOption,
 ) -> None:
     """Run benchmarks on a checkpoint; resumable; results go to the catalog's `evals` table."""
@@ -36,10 +42,11 @@ def eval_command(
     from blip3.model.directory import model_dir
 
     results = evaluate(checkpoint, tasks, data=data, out=out or model_dir(checkpoint) / "eval", shots=shots,
-                       limit=limit, batch_size=batch_size, device=device, seed=seed, db=db, meteor=meteor)
+                       limit=limit, batch_size=batch_size, device=device, seed=seed, db=db, meteor=meteor,
+                       protocol=protocol, judge=judge)
     if not results:
         return  # a torchrun rank other than 0: rank 0 prints
-    rows = [{"task": r.task, "shots": r.shots, "metric": m, "value": round(v, 4), "n": r.n}
+    rows = [{"task": r.task, "protocol": protocol, "shots": r.shots, "metric": m, "value": round(v, 4), "n": r.n}
             for r in results for m, v in r.metrics.items()]
     write_result(pa.Table.from_pylist(rows), title=f"{checkpoint} (run {results[0].run_id or 'unknown'})")
 

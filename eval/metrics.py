@@ -1,21 +1,21 @@
 """Benchmark metrics, each following its reference implementation so numbers compare with papers.
 
-- VQA accuracy: the official VQAv2 evaluation (also used for TextVQA and OK-VQA): answer
-  normalisation (punctuation, number words, articles, contractions), then min(#matches / 3, 1)
-  averaged over the ten leave-one-annotator-out subsets.
+- VQA accuracy: the official VQAv2 evaluation as it stands since 2021 (also used for OK-VQA):
+  answer normalisation when the humans disagree, then min(#matches / 3, 1) averaged over the ten
+  leave-one-annotator-out subsets; OpenFlamingo's variant too. TextVQA: its own m4c evaluator.
 - POPE: the yes/no parsing of the POPE / LLaVA evaluation, then accuracy, precision, recall, F1
   and the share of "yes" answers (a model that always says yes scores 0.5 accuracy, ratio 1.0).
-- Multiple choice: MMBench circular evaluation, where a question counts only if every rotation
-  of its options is answered right.
-- Captioning: BLEU-4 and CIDEr (pycocoevalcap's scorers) on PTB-style tokens; METEOR too when
-  Java is installed (its reference implementation is a Java program).
+- Multiple choice: MMBench circular evaluation, where a question counts only if every pass
+  (rotation of its options) is answered right; answers are read by VLMEvalKit's matcher
+  (eval/vlmevalkit_matching.py).
+- Captioning: pycocoevalcap 1.2 end to end (PTB tokenizer, BLEU-4, CIDEr, METEOR); it needs Java.
 """
 
 from __future__ import annotations
 
 import re
 import shutil
-from collections import defaultdict
+from collections import Counter, defaultdict
 from collections.abc import Iterable, Mapping, Sequence
 
 # --- VQA ------------------------------------------------------------------------------------
@@ -57,6 +57,14 @@ _PERIOD_STRIP = re.compile(r"(?!<=\d)(\.)(?!\d)")
 _COMMA_STRIP = re.compile(r"(\d)(,)(\d)")
 
 
+#: The official script passes `re.UNICODE` (32) as `re.sub`'s third positional argument, which is
+#: `count`: at most 32 periods are stripped. Kept, so scores equal the script's.
+_PERIOD_STRIP_COUNT = 32
+#: A question with more human answers than this is a failed row, not scored: VQA benchmarks have
+#: ten (VizWiz and TextVQA too), and a list of thousands is a broken file.
+MAX_VQA_ANSWERS = 100
+
+
 def _process_punctuation(text: str) -> str:
     out = text
     for p in PUNCT:
@@ -64,7 +72,7 @@ def _process_punctuation(text: str) -> str:
             out = out.replace(p, "")
         else:
             out = out.replace(p, " ")
-    return _PERIOD_STRIP.sub("", out)
+    return _PERIOD_STRIP.sub("", out, count=_PERIOD_STRIP_COUNT)
 
 
 def _process_digit_article(text: str) -> str:
@@ -73,31 +81,61 @@ def _process_digit_article(text: str) -> str:
     return " ".join(words)
 
 
+def _strip(text: str) -> str:
+    return text.replace("\n", " ").replace("\t", " ").strip()
+
+
 def normalize_vqa_answer(answer: str) -> str:
-    """An answer as the official VQA evaluation compares it ("Two dogs." -> "2 dogs")."""
-    answer = answer.replace("\n", " ").replace("\t", " ").strip()
-    return _process_digit_article(_process_punctuation(answer))
+    """An answer as the official VQA evaluation normalises it ("Two dogs." -> "2 dogs")."""
+    return _process_digit_article(_process_punctuation(_strip(answer)))
 
 
-def vqa_accuracy(prediction: str, answers: Sequence[str]) -> float:
+def vqa_accuracy(prediction: str, answers: Sequence[str], *, always_normalise: bool = False,
+                 confidences: Sequence[str] | None = None) -> float:
     """One question's accuracy against its (usually ten) human answers.
 
-    As the official script: the prediction is normalised fully; the human answers get the
-    punctuation step only when they disagree (they were normalised when the dataset was made).
-    Each leave-one-out subset scores min(#matches / 3, 1); the result is their mean, so an answer
-    given by 1, 2, 3 or 4+ of ten annotators scores 0.3, 0.6, 0.9 or 1.0.
+    The rule of the official VQA evaluation as it stands since its 2021 fix (GT-Vision-Lab/VQA,
+    `vqaEval.py`, commit a013f00): every answer is stripped; only when the humans disagree are the
+    prediction and the human answers normalised (punctuation, number words, articles,
+    contractions). So `Two` against ten `2` scores 0, and `2` against {two: 3, three: 7} scores
+    0.9. `always_normalise` is OpenFlamingo's port of the script, which normalises both always.
+
+    Each leave-one-annotator-out subset scores min(#matches / 3, 1), and the result is their mean
+    (1, 2, 3 or 4+ matching humans of ten: 0.3, 0.6, 0.9, 1.0). Counted once, not per subset, so
+    the cost is linear in the number of answers.
+
+    The scripts leave out every answer record equal to the annotator's (`item != gtAnsDatum`).
+    VQAv2's records differ by `answer_id`, so that is one annotator; VizWiz's (as OpenFlamingo
+    ships them) have only answer and `answer_confidence`, so every annotator with the same
+    answer and confidence is left out with them. `confidences` selects that rule.
     """
     if not answers:
         raise ValueError("a VQA question needs at least one human answer")
-    pred = normalize_vqa_answer(prediction)
-    gts = [a.replace("\n", " ").replace("\t", " ").strip() for a in answers]
-    if len(set(gts)) > 1:
-        gts = [_process_punctuation(a) for a in gts]
-    scores = []
-    for i in range(len(gts)):
-        matches = sum(1 for j, a in enumerate(gts) if j != i and a == pred)
-        scores.append(min(1.0, matches / 3))
-    return sum(scores) / len(scores)
+    pred, gts = _strip(prediction), [_strip(a) for a in answers]
+    if always_normalise or len(set(gts)) > 1:
+        pred, gts = normalize_vqa_answer(pred), [normalize_vqa_answer(a) for a in gts]
+    n, hits = len(gts), sum(1 for a in gts if a == pred)
+    if confidences is None:
+        # an annotator who gave `pred` leaves hits - 1 matching others; any other annotator leaves hits
+        return (hits * min(1.0, (hits - 1) / 3) + (n - hits) * min(1.0, hits / 3)) / n
+    if len(confidences) != n:
+        raise ValueError("one confidence per answer")
+    records = Counter(zip(gts, confidences))
+    return sum(min(1.0, (hits - (records[(a, c)] if a == pred else 0)) / 3) for a, c in zip(gts, confidences)) / n
+
+
+def textvqa_accuracy(prediction: str, answers: Sequence[str]) -> float:
+    """TextVQA's own accuracy (its challenge's m4c evaluator, as LLaVA runs it): prediction and
+    every human answer normalised by EvalAI's answer processor, always; then the same
+    leave-one-annotator-out mean of min(#matches / 3, 1), counted once."""
+    from blip3.eval.m4c_evaluator import EvalAIAnswerProcessor
+
+    if not answers:
+        raise ValueError("a VQA question needs at least one human answer")
+    process = EvalAIAnswerProcessor()
+    pred, gts = process(prediction), [process(a) for a in answers]
+    n, hits = len(gts), sum(1 for a in gts if a == pred)
+    return (hits * min(1.0, (hits - 1) / 3) + (n - hits) * min(1.0, hits / 3)) / n
 
 
 # --- POPE -------------------------------------------------------------------------------------
@@ -126,24 +164,6 @@ def pope_metrics(predictions: Sequence[str], labels: Sequence[str]) -> dict[str,
 
 
 # --- multiple choice --------------------------------------------------------------------------
-def parse_choice(text: str, options: Mapping[str, str]) -> str | None:
-    """The option letter a free-text answer picks, or None.
-
-    In order: a leading letter ("B", "B.", "(B) cat"; not "A lovely cat"), "answer is B", then an answer that is
-    exactly one option's text. Anything else is no choice (scored wrong), never a guess.
-    """
-    t = text.strip()
-    letters = "".join(re.escape(k) for k in options)
-    m = re.match(rf"^\(?([{letters}])(?:[).:,]|$)", t)
-    if m is None:
-        m = re.search(rf"answer is:?\s*\(?([{letters}])\b", t, flags=re.IGNORECASE)
-    if m is not None:
-        return m.group(1)
-    norm = t.lower().rstrip(".")
-    hits = [k for k, v in options.items() if v.strip().lower().rstrip(".") == norm]
-    return hits[0] if len(hits) == 1 else None
-
-
 def circular_accuracy(results: Iterable[tuple[str, bool]]) -> dict[str, float]:
     """(question id, rotation right?) pairs -> MMBench circular accuracy (a question counts only
     if all its rotations are right) and the plain accuracy of all rotations."""
@@ -158,41 +178,45 @@ def circular_accuracy(results: Iterable[tuple[str, bool]]) -> dict[str, float]:
 
 
 # --- captioning -------------------------------------------------------------------------------
-# The tokens PTBTokenizer (pycocoevalcap) drops after Stanford tokenisation.
-_PTB_PUNCT = {"''", "'", "``", "`", "-LRB-", "-RRB-", "-LCB-", "-RCB-", ".", "?", "!", ",", ":", "-", "--", "...", ";"}
-_TOKEN = re.compile(r"n't\b|'(?:s|re|ve|ll|d|m)\b|\.\.\.|--|\w+(?:[-/.]\w+)*|[^\w\s]")
-
-
-def ptb_tokenize(text: str) -> str:
-    """Lower-cased, PTB-style tokens joined by spaces, punctuation dropped: what pycocoevalcap's
-    PTBTokenizer produces for ordinary captions, without needing Java for CIDEr and BLEU."""
-    text = text.lower().replace("\n", " ")
-    text = re.sub(r"(\w)n't\b", r"\1 n't", text)
-    return " ".join(t for t in _TOKEN.findall(text) if t not in _PTB_PUNCT)
+JAVA_PACKAGE = "default-jre-headless"
 
 
 def java_available() -> bool:
     return shutil.which("java") is not None
 
 
+def require_java(what: str) -> None:
+    """One line, before any generation, when pycocoevalcap's Java programs cannot run."""
+    if not java_available():
+        from blip3.core.errors import UserError
+
+        raise UserError(f"{what} is scored with pycocoevalcap, whose PTB tokenizer and METEOR are Java programs, "
+                        f"and no `java` is on PATH; install a Java runtime (Debian/Ubuntu: apt-get install "
+                        f"{JAVA_PACKAGE})", field="TASK")
+
+
 def caption_scores(references: Mapping[str, Sequence[str]], predictions: Mapping[str, str],
                    *, meteor: bool | None = None) -> dict[str, float]:
-    """Corpus BLEU-4, CIDEr (and METEOR when `meteor`, default: when Java is installed).
+    """Corpus BLEU-4, CIDEr and METEOR from pycocoevalcap 1.2 itself, as the COCO caption
+    evaluation runs them: its PTBTokenizer (Stanford's Java tokenizer), then its scorers.
 
-    CIDEr's document frequencies come from the references given, as in the COCO evaluation, so
-    score the whole split at once, not batch by batch.
+    `meteor=False` skips METEOR (its Java process takes seconds to start). CIDEr's document
+    frequencies come from the references given, so score the whole split at once.
     """
     from pycocoevalcap.bleu.bleu import Bleu
     from pycocoevalcap.cider.cider import Cider
+    from pycocoevalcap.tokenizer.ptbtokenizer import PTBTokenizer
 
     if set(references) != set(predictions) or not predictions:
         raise ValueError("captioning needs one prediction for every image with references")
-    gts = {k: [ptb_tokenize(r) for r in refs] for k, refs in references.items()}
-    res = {k: [ptb_tokenize(predictions[k])] for k in references}
+    require_java("captioning")
+    tokenizer = PTBTokenizer()
+    gts = tokenizer.tokenize({k: [{"caption": str(r)} for r in refs] for k, refs in references.items()})
+    res = tokenizer.tokenize({k: [{"caption": str(predictions[k])}] for k in references})
     bleu, _ = Bleu(4).compute_score(gts, res, verbose=0)
     cider, _ = Cider().compute_score(gts, res)
     scores = {"BLEU-4": float(bleu[3]), "CIDEr": float(cider)}
-    if meteor if meteor is not None else java_available():
+    if meteor is None or meteor:
         scores["METEOR"] = _meteor(gts, res)
     return scores
 

@@ -34,6 +34,26 @@ def _vqa(base: Path, qfile: str, afile: str, split: str, n: int, offset: int) ->
     (base / afile).write_text(json.dumps({"data_subtype": f"{split}2014", "annotations": annotations}))
 
 
+def write_mmbench(path: Path, n: int) -> None:
+    """VLMEvalKit's MMBench_DEV_EN.tsv layout: question i, then its circular passes as rows
+    i + k * 1e6 with the options rotated by k and the image cell naming row i."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("w", newline="") as f:
+        w = csv.writer(f, delimiter="\t")
+        w.writerow(["index", "question", "hint", "A", "B", "C", "D", "answer", "category", "image", "l2-category", "split"])
+        for i in range(n):
+            buf = io.BytesIO()
+            noise_image(40, 32, 400 + i).save(buf, format="JPEG")
+            texts = ["cat", "dog", "bird"] + ([] if i else ["fish"])
+            for k in range(len(texts)):
+                rotated = texts[k:] + texts[:k]
+                cells = rotated + [""] * (4 - len(rotated))
+                answer = "ABCD"[rotated.index("dog")]
+                image = base64.b64encode(buf.getvalue()).decode() if k == 0 else str(i)
+                w.writerow([i + k * 1_000_000, "What animal is shown?", "nan" if i else "A photo.", *cells, answer,
+                            "animals", image, "perception", "dev"])
+
+
 def write_benchmarks(root: Path, n: int = 3) -> Path:
     """Every supported benchmark, `n` questions each (plus train splits for few-shot)."""
     _vqa(root / "vqav2", "v2_OpenEnded_mscoco_val2014_questions.json", "v2_mscoco_val2014_annotations.json", "val", n, 0)
@@ -59,6 +79,25 @@ def write_benchmarks(root: Path, n: int = 3) -> Path:
                  for k, c in enumerate(["A dog runs on the grass.", "A brown dog running outside."])]
     (coco / "annotations").mkdir(parents=True, exist_ok=True)
     (coco / "annotations" / "captions_val2014.json").write_text(json.dumps({"images": images, "annotations": anns}))
+    tc = root / "textcaps"
+    for split, count, offset in (("val", n, 0), ("train", 4, 70)):
+        entries = []
+        for i in range(count):
+            image_id = f"tc{split}{i:03d}"
+            _jpeg(tc / "train_images" / f"{image_id}.jpg", 600 + offset + i)
+            refs = [f"A sign that says open {i}.", "A red sign with white letters."]
+            entries += [{"image_id": image_id, "image_path": f"train/{image_id}.jpg", "caption_id": 10 * i + k,
+                         "caption_str": r, "reference_strs": refs, "set_name": split} for k, r in enumerate(refs)]
+        (tc / f"TextCaps_0.1_{split}.json").write_text(json.dumps({"dataset_name": "textcaps", "data": entries}))
+    nc = root / "nocaps"
+    images, anns = [], []
+    for i in range(n):
+        name, animal = f"{i:016x}.jpg", ["jellyfish", "seal", "turtle", "crab"][i % 4]
+        _jpeg(nc / "validation" / name, 700 + i)
+        images.append({"id": i, "file_name": name, "domain": ["in-domain", "near-domain", "out-domain"][i % 3]})
+        anns += [{"id": 10 * i + k, "image_id": i, "caption": c}
+                 for k, c in enumerate([f"A {animal} in blue water.", f"A pale {animal} swimming."])]
+    (nc / "nocaps_val_4500_captions.json").write_text(json.dumps({"images": images, "annotations": anns}))
     pope = root / "pope"
     for split in ("random", "adversarial"):
         lines = []
@@ -68,16 +107,7 @@ def write_benchmarks(root: Path, n: int = 3) -> Path:
             lines.append(json.dumps({"question_id": i + 1, "image": name, "text": "Is there a dog in the image?",
                                      "label": "yes" if i % 2 == 0 else "no"}))
         (pope / f"coco_pope_{split}.json").write_text("\n".join(lines) + "\n")
-    mmb = root / "mmbench"
-    mmb.mkdir(parents=True, exist_ok=True)
-    with (mmb / "mmbench_dev_en.tsv").open("w", newline="") as f:
-        w = csv.writer(f, delimiter="\t")
-        w.writerow(["index", "question", "hint", "A", "B", "C", "D", "answer", "category", "image"])
-        for i in range(n):
-            buf = io.BytesIO()
-            noise_image(40, 32, 400 + i).save(buf, format="JPEG")
-            w.writerow([i, "What animal is shown?", "nan" if i else "A photo.", "cat", "dog", "bird", "" if i else "fish",
-                        "B", "animals", base64.b64encode(buf.getvalue()).decode()])
+    write_mmbench(root / "mmbench" / "mmbench_dev_en.tsv", n)
     return root
 
 

@@ -8,6 +8,7 @@ import duckdb
 import pyarrow.parquet as pq
 import pytest
 
+from blip3.eval.metrics import java_available
 from blip3.eval.runner import evaluate
 from tests.eval_fixtures import benchmarks, tiny_model_dir  # noqa: F401  (fixtures)
 from tests.model_fixtures import tiny_config, tiny_processor  # noqa: F401  (fixtures)
@@ -22,6 +23,8 @@ def _evals(db) -> list[tuple]:
         return con.execute("SELECT task, shots, metric, value, n FROM evals ORDER BY task, shots, metric").fetchall()
 
 
+@pytest.mark.java
+@pytest.mark.skipif(not java_available(), reason="coco is scored by pycocoevalcap, which runs Java (`make test` installs it)")
 def test_every_task_runs_records_and_resumes(tiny_model_dir, benchmarks, tmp_path):
     db, out = tmp_path / "catalog.duckdb", tmp_path / "preds"
     results = evaluate(tiny_model_dir, ALL, data=benchmarks, out=out, limit=2, batch_size=3, db=db, meteor=False)

@@ -8,16 +8,18 @@ import shutil
 import pytest
 
 from blip3.core.errors import UserError
+from blip3.eval.metrics import java_available
 from blip3.eval.runner import limit_items, read_done
 from blip3.eval.tasks import TASKS, Item, clean, draw_shots, get_task
 from tests.eval_fixtures import benchmarks  # noqa: F401  (fixture)
 from tests.test_cli_errors import blip3, one_line_error
 
 
-@pytest.mark.parametrize("name, n", [("vqav2", 3), ("okvqa", 3), ("textvqa", 3), ("coco", 3), ("pope", 8), ("mmbench", 10)])
+@pytest.mark.parametrize("name, n", [("vqav2", 3), ("okvqa", 3), ("textvqa", 3), ("coco", 3), ("textcaps", 3),
+                                     ("nocaps", 3), ("pope", 8), ("mmbench", 10)])
 def test_every_layout_loads(benchmarks, name, n):
     items = get_task(name).load(benchmarks, "test")
-    assert len(items) == n  # pope: 2 splits x 4; mmbench: one rotation per option (4 + 3 + 3)
+    assert len(items) == n  # pope: 2 splits x 4; mmbench: one row per circular pass (4 + 3 + 3)
     assert all(it.image().size == (40, 32) for it in items[:2])
 
 
@@ -30,10 +32,10 @@ def test_vqa_prompt_is_the_few_shot_format_and_scores_officially(benchmarks):
     assert p.text == ("".join(f"<image>Question:{s.question} Short answer:2<|endofchunk|>" for s in shots)
                       + "<image>Question:How many dogs are there 0? Short answer:")
     assert task.answer(" Two\nQuestion: what") == "Two"
-    # 6 of 10 said "2": full credit. The official script normalises the prediction fully but the
-    # human answers only for punctuation, so "two dogs" (-> "2 dogs") matches no one.
+    # The humans disagree, so everyone is normalised: "two" is "2" (6 of 10), "two dogs" is
+    # "2 dogs" (2 of 10).
     assert task.score_item(items[0], "two") == 1.0
-    assert task.score_item(items[0], "two dogs") == 0.0
+    assert task.score_item(items[0], "two dogs") == pytest.approx(0.6)
     assert task.score_item(items[0], "3") == pytest.approx(0.6)
 
 
@@ -49,17 +51,22 @@ def test_shots_are_deterministic_per_item_and_seed(benchmarks):
         draw_shots(train[:3], items[1], 8, seed=0)
 
 
-def test_mmbench_rotations_and_circular_scoring(benchmarks):
+def test_mmbench_passes_are_the_files_rows_grouped_by_index_mod_1e6(benchmarks):
+    """VLMEvalKit's layout: each circular pass is a row (index + k * 1e6), asked as written, its
+    image cell naming the main row; not rotated again."""
     task = get_task("mmbench")
     items = task.load(benchmarks, "test")
-    q0 = [it for it in items if it.target["question_id"] == "0"]
-    assert [it.target["answer"] for it in q0] == ["B", "A", "D", "C"]  # "dog" moves one letter up per rotation
+    q0 = [it for it in items if it.target["group"] == "0"]
+    assert [it.id for it in q0] == ["0", "1000000", "2000000", "3000000"]
+    assert [it.target["answer"] for it in q0] == ["B", "A", "D", "C"]  # "dog" moves one letter up per pass
     assert [it.target["options"][it.target["answer"]] for it in q0] == ["dog"] * 4
+    assert q0[1].image().size == (40, 32)  # the image of row 0
     p = task.prompt(q0[1], [])
-    assert p.chat and p.text == ("<image>\nA photo.\nWhat animal is shown?\nA. dog\nB. bird\nC. fish\nD. cat\n"
-                                 "Answer with the option's letter from the given choices directly.")
-    answers = {it.id: it.target["answer"] for it in items}
-    answers["1/r2"] = "A"  # one wrong rotation sinks question 1
+    assert p.chat and p.text == ("<image>\nHint: A photo.\nQuestion: What animal is shown?\nOptions:\nA. dog\nB. bird\n"
+                                 "C. fish\nD. cat\nPlease select the correct answer from the options above. \n")
+    assert "Hint" not in task.prompt(items[-1], []).text  # "nan" is pandas' missing cell
+    answers = {it.id: f"The correct answer is **{it.target['answer']}**." for it in items}
+    answers["2000001"] = "Answer: A"  # one wrong pass sinks question 1
     m = task.score(items, answers)
     assert m["circular_accuracy"] == pytest.approx(2 / 3)
     assert m["accuracy"] == pytest.approx((len(items) - 1) / len(items))
@@ -89,9 +96,9 @@ def test_benchmark_text_cannot_place_images_or_end_turns(benchmarks, tmp_path):
 
 
 def test_limit_keeps_whole_questions(benchmarks):
-    items = get_task("mmbench").load(benchmarks, "test")
-    kept = limit_items(items, 2)
-    assert {it.target["question_id"] for it in kept} == {"0", "1"} and len(kept) == 4 + 3
+    task = get_task("mmbench")
+    kept = limit_items(task.load(benchmarks, "test"), 2, task)
+    assert {it.target["group"] for it in kept} == {"0", "1"} and len(kept) == 4 + 3
     plain = [Item(str(i), lambda: None) for i in range(5)]
     assert [it.id for it in limit_items(plain, 2)] == ["0", "1"] and limit_items(plain, None) == plain
 
@@ -124,7 +131,8 @@ def test_bad_files_are_one_line_errors(benchmarks, tmp_path):
         get_task("okvqa").load(tmp_path, "test")
     with pytest.raises(UserError, match="unknown eval task 'gqa'"):
         get_task("gqa")
-    assert set(TASKS) == {"vqav2", "okvqa", "textvqa", "coco", "pope", "mmbench"}
+    assert set(TASKS) == {"vqav2", "okvqa", "textvqa", "vizwiz", "coco", "textcaps", "nocaps", "pope", "mmbench", "ai2d",
+                          "scienceqa", "seedbench", "chartqa", "docvqa", "ocrbench", "mme", "mmmu"}
 
 
 def test_cli_missing_benchmark_is_one_line(tmp_path, tiny_model_dir):
@@ -136,3 +144,23 @@ def test_cli_missing_benchmark_is_one_line(tmp_path, tiny_model_dir):
 
 from tests.eval_fixtures import tiny_model_dir  # noqa: E402,F401  (fixture)
 from tests.model_fixtures import tiny_config, tiny_processor  # noqa: E402,F401  (fixtures)
+
+
+@pytest.mark.java
+@pytest.mark.skipif(not java_available(), reason="captions are scored by pycocoevalcap, which runs Java")
+def test_textcaps_and_nocaps_layouts_and_scores(benchmarks):
+    tc = get_task("textcaps")
+    items = tc.load(benchmarks, "test")
+    assert [it.id for it in items] == ["tcval000", "tcval001", "tcval002"]  # one item per image, not per caption
+    assert items[0].target["references"] == ["A sign that says open 0.", "A red sign with white letters."]
+    assert tc.prompt(items[0], tc.load(benchmarks, "train")[:1]).text == (
+        "<image>Output:A sign that says open 0.<|endofchunk|><image>Output:")
+    nc = get_task("nocaps")
+    nc.meteor = False  # its Java process takes seconds to start; test_eval_metrics covers it
+    items = nc.load(benchmarks, "test")
+    m = nc.score(items, {it.id: it.target["references"][0] for it in items})
+    assert {"CIDEr", "BLEU-4", "in-domain/CIDEr", "near-domain/CIDEr", "out-domain/CIDEr"} <= set(m)
+    assert m["CIDEr"] > 1.0
+    # NoCaps has no train split: few-shot examples come from COCO's
+    with pytest.raises(UserError, match="captions_train2014.json"):
+        nc.load(benchmarks, "train")
