@@ -22,8 +22,9 @@ makes them); read each, decode it, caption it from its COCO boxes, write tar sha
   (JPEG quality 92, as NeMo's writer does), the loop a NeMo job is compared against.
 
 Each tool runs in its own venv under `benchmarks/.venvs/<tool>` (git-ignored), made from PyPI by
-this script on first use (torch, which NeMo Curator requires, pinned to the CPU wheel). blip3 and
-the loops run in this interpreter's environment.
+this script on first use (`--setup-only` makes them and stops; torch, which NeMo Curator requires,
+is constrained to the CPU wheel: `--torch`). blip3 and the loops run in this interpreter's
+environment.
 
 The figure: every job runs as a child process of this one, which is made the subreaper of its
 descendants (Ray's daemons stay in its tree even when their parent exits) and sums the CPU
@@ -66,8 +67,8 @@ class Tool:
     name: str
     requirements: tuple[str, ...]
     job: str
-    # pinned so the peers run on the Ray the project's own lock names, and torch from its CPU wheel
-    constraints: tuple[str, ...] = ("ray==2.60.0", "torch==2.13.0+cpu")
+    # the Ray of the project's own lock, so that the tools differ in what they do on it
+    constraints: tuple[str, ...] = ("ray==2.60.0",)
 
     @property
     def venv(self) -> Path:
@@ -90,11 +91,18 @@ PEER_TOOLS = {
 }
 
 
-def ensure_venv(tool: Tool, log: Path) -> None:
+#: torch, which NeMo Curator requires, as the CPU build (no CUDA libraries in the venv); on a
+#: machine whose pip finds no such wheel, `--torch torch==2.14.1` takes requirements.lock's
+DEFAULT_TORCH = "torch==2.13.0+cpu"
+
+
+def ensure_venv(tool: Tool, log: Path, torch: str = DEFAULT_TORCH) -> None:
     """Create `tool`'s venv and install it from PyPI unless the venv already holds this spec.
 
-    Wheels only first (`--only-binary=:all:`); if some dependency ships only a source archive,
-    again with `--prefer-binary` (wheels where they exist). torch is the CPU build."""
+    Wheels only first (`--only-binary=:all:`); if some dependency ships only a source archive
+    (NeMo Curator's `comment_parser`, Data-Juicer's `emoji==2.2.0`), again with `--prefer-binary`
+    (wheels where they exist). `torch` is a constraint: installed only where the tool needs it."""
+    tool = Tool(tool.name, tool.requirements, tool.job, (*tool.constraints, torch))
     stamp = tool.venv / ".bench-peers-installed"
     if stamp.exists() and stamp.read_text() == tool.stamp():
         return
@@ -132,6 +140,7 @@ class JobMonitor:
         self.interval = interval
         self.cpu: dict[int, float] = {}
         self.names: dict[int, str] = {}  # pid -> command line, first seen
+        self._before: set[int] = set()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
@@ -148,6 +157,8 @@ class JobMonitor:
         import psutil
 
         for p in self.descendants():
+            if p.pid in self._before:
+                continue
             try:
                 t = p.cpu_times()
                 if p.pid not in self.names:
@@ -179,8 +190,12 @@ class JobMonitor:
     def __enter__(self) -> "JobMonitor":
         libc = ctypes.CDLL(None, use_errno=True)
         libc.prctl(36, 1, 0, 0, 0)  # PR_SET_CHILD_SUBREAPER
-        if self.descendants():
-            raise RuntimeError("a job starts with child processes still running: their CPU would count")
+        _reap()
+        alive = _alive()
+        if alive:
+            names = [" ".join(p.cmdline())[:80] for p in alive]
+            raise RuntimeError(f"a job starts with child processes still running (their CPU would count): {names}")
+        self._before = {p.pid for p in self.descendants()}  # zombies not reaped yet: not this job's
         self._thread.start()
         return self
 
@@ -190,34 +205,58 @@ class JobMonitor:
         self._sample()
 
 
-def _reap_and_wait(timeout: float = 60.0) -> list[str]:
+def _reap() -> None:
+    """Reap the exited orphans re-parented here."""
+    while True:
+        try:
+            pid, _ = os.waitpid(-1, os.WNOHANG)
+        except ChildProcessError:
+            return
+        if pid == 0:
+            return
+
+
+def _alive() -> list:
+    import psutil
+
+    alive = []
+    for p in JobMonitor.descendants():
+        try:
+            if p.status() != psutil.STATUS_ZOMBIE:
+                alive.append(p)
+        except psutil.Error:
+            pass
+    return alive
+
+
+def _reap_and_wait(timeout: float = 30.0) -> list[str]:
     """After a job's main process exits, wait for its descendants (Ray's daemons shut down in
-    their own time), reaping the orphans re-parented here; kill any left after `timeout`.
-    Returns the command lines of those killed."""
+    their own time), reaping the orphans re-parented here; kill any left after `timeout` (their
+    CPU until then counts: they are the job's). Returns the command lines of those killed."""
     import psutil
 
     deadline = time.monotonic() + timeout
     while True:
-        while True:  # reap exited orphans
-            try:
-                pid, _ = os.waitpid(-1, os.WNOHANG)
-            except ChildProcessError:
-                pid = 0
-            if pid == 0:
-                break
-        alive = [p for p in JobMonitor.descendants() if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
+        _reap()
+        alive = _alive()
         if not alive:
             return []
         if time.monotonic() > deadline:
-            names = []
-            for p in alive:
-                try:
-                    names.append(" ".join(p.cmdline())[:80])
-                    p.kill()
-                except psutil.Error:
-                    pass
-            return names
+            break
         time.sleep(0.2)
+    names = []
+    for p in alive:
+        try:
+            names.append(" ".join(p.cmdline()).strip()[:80])
+            p.kill()
+        except psutil.Error:
+            pass
+    for _ in range(100):
+        _reap()
+        if not _alive():
+            break
+        time.sleep(0.1)
+    return names
 
 
 @dataclass
@@ -343,7 +382,11 @@ def versions(tool: str) -> str:
         dists = ["blip3-engine"] if tool == "blip3" else []
     out = subprocess.run([python, "-c", code.format(dists=[*dists, "ray", "pillow", "pyarrow"])],
                          capture_output=True, text=True).stdout
-    return ", ".join(line.replace(" ", " ") for line in out.splitlines())
+    found = out.splitlines()
+    if tool == "blip3":  # the code measured is this checkout's, whatever the installed metadata says
+        head = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"], capture_output=True, text=True)
+        found.insert(0, f"checkout {head.stdout.strip() or 'unknown'}")
+    return ", ".join(found)
 
 
 def main() -> None:
@@ -353,6 +396,7 @@ def main() -> None:
     ap.add_argument("--tools", default="blip3,nemo-curator,data-juicer")
     ap.add_argument("--workers", type=int, default=2, help="blip3's --workers; the peers' Ray CPUs")
     ap.add_argument("--setup-only", action="store_true", help="make the peers' venvs, run nothing")
+    ap.add_argument("--torch", default=DEFAULT_TORCH, help="pip constraint for torch in the peers' venvs")
     ap.add_argument("--keep", type=Path, help="keep inputs, outputs and logs in this folder")
     args = ap.parse_args()
     sizes = sorted(int(s) for s in args.sizes.split(","))
@@ -366,7 +410,7 @@ def main() -> None:
     VENVS.mkdir(parents=True, exist_ok=True)
     for tool in tools:
         if tool in PEER_TOOLS:
-            ensure_venv(PEER_TOOLS[tool], setup_log)
+            ensure_venv(PEER_TOOLS[tool], setup_log, args.torch)
     if args.setup_only:
         return
     from benchmarks._common import report
