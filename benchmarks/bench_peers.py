@@ -1,8 +1,8 @@
 """The same job in blip3, NeMo Curator and Data-Juicer, side by side: marginal CPU per image over
 each tool's whole process tree, against a plain loop.
 
-    python benchmarks/bench_peers.py [--sizes 1000,4000] [--repeat 2] [--tools blip3,nemo-curator,data-juicer]
-                                     [--setup-only]
+    python benchmarks/bench_peers.py [--sizes 1000,4000] [--repeat 2] [--setup-only] [--keep DIR]
+                                     [--tools blip3,nemo-curator,data-juicer,data-juicer-per-sample]
 
 The job: a folder of JPEGs (320x240 scenes and their COCO box file, made as `bench_datagen.py`
 makes them); read each, decode it, caption it from its COCO boxes, write tar shards of 1,000.
@@ -15,8 +15,9 @@ makes them); read each, decode it, caption it from its COCO boxes, write tar sha
   default Xenna executor, which runs on Ray. NeMo's own image reader cannot read this job: it reads
   webdataset tars only and needs NVIDIA DALI; its writer re-encodes every image from pixels.
 - `data-juicer` (1.6.1): `benchmarks/peers/job_dj.py`, a Data-Juicer recipe on its Ray executor
-  (Ray Data): a JSONL of image paths, one custom mapper op (read, decode, caption), exported as
-  webdataset tars.
+  (Ray Data): JSONL of image paths, one custom mapper op (read, decode, caption; batched, 1,000
+  rows a call), exported as webdataset tars. `data-juicer-per-sample`: the same op in its
+  one-sample-per-call form (`process_single`, Data-Juicer's default form of a mapper).
 - `plain loop`: one process, no framework (`benchmarks/peers/job_loop.py`): list, read, decode,
   caption, tarfile + one parquet per shard; `plain loop, re-encode` also re-encodes each image
   (JPEG quality 92, as NeMo's writer does), the loop a NeMo job is compared against.
@@ -293,9 +294,9 @@ def job_command(tool: str, images: Path, coco: Path, out: Path, workers: int) ->
     if tool in ("plain loop", "plain loop, re-encode"):
         return [sys.executable, str(PEERS / "job_loop.py"), str(images), str(coco), str(out),
                 "--shard-size", str(SHARD_SIZE), *(["--reencode"] if "re-encode" in tool else [])]
-    peer = PEER_TOOLS[tool]
+    peer = PEER_TOOLS[VARIANTS.get(tool, tool)]
     return [str(peer.python), str(PEERS / peer.job), str(images), str(coco), str(out),
-            "--shard-size", str(SHARD_SIZE), "--cpus", str(workers)]
+            "--shard-size", str(SHARD_SIZE), "--cpus", str(workers), *(["--per-sample"] if tool in VARIANTS else [])]
 
 
 def run_job(tool: str, images: Path, coco: Path, out: Path, workers: int, log: Path) -> Run:
@@ -303,10 +304,11 @@ def run_job(tool: str, images: Path, coco: Path, out: Path, workers: int, log: P
     n = sum(1 for _ in images.glob("*.jpg"))
     env = {**os.environ, "BLIP3_NO_PROGRESS": "1", "BENCH_PEERS_TMP": str(out.parent), "RAY_USAGE_STATS_ENABLED": "0"}
     env.pop("RAY_ADDRESS", None)  # every job starts its own local Ray, never joins one
-    if tool in PEER_TOOLS:  # a clean environment of the peer's own venv
+    peer = PEER_TOOLS.get(VARIANTS.get(tool, tool))
+    if peer:  # a clean environment of the peer's own venv
         env.pop("PYTHONPATH", None)
         env.pop("VIRTUAL_ENV", None)
-        env["PATH"] = f"{PEER_TOOLS[tool].venv / 'bin'}:{env['PATH']}"
+        env["PATH"] = f"{peer.venv / 'bin'}:{env['PATH']}"
     t = time.perf_counter()
     with JobMonitor() as mon, log.open("a") as out_log:
         out_log.write(f"\n=== {tool}, {n} images\n")
@@ -340,7 +342,9 @@ def pair_marginals(pairs: list[tuple[Run, Run]]) -> list[float]:
     return [marginal([p]) for p in pairs]
 
 
-LOOP_FOR = {"blip3": "plain loop", "data-juicer": "plain loop",
+#: a peer's job run another way in the same venv: Data-Juicer's op in its one-sample-per-call form
+VARIANTS = {"data-juicer-per-sample": "data-juicer"}
+LOOP_FOR = {"blip3": "plain loop", "data-juicer": "plain loop", "data-juicer-per-sample": "plain loop",
             "nemo-curator": "plain loop, re-encode"}  # NeMo's writer re-encodes every image
 
 
@@ -374,9 +378,10 @@ def versions(tool: str) -> str:
     """The tool's version (and its Ray's, Pillow's) as installed where it runs."""
     code = ("import importlib.metadata as m\nfor d in {dists}:\n"
             "    try: print(d, m.version(d))\n    except m.PackageNotFoundError: pass")
-    if tool in PEER_TOOLS:
-        python = str(PEER_TOOLS[tool].python)
-        dists = {"nemo-curator": ["nemo-curator", "cosmos-xenna"], "data-juicer": ["py-data-juicer"]}[tool]
+    peer = VARIANTS.get(tool, tool)
+    if peer in PEER_TOOLS:
+        python = str(PEER_TOOLS[peer].python)
+        dists = {"nemo-curator": ["nemo-curator", "cosmos-xenna"], "data-juicer": ["py-data-juicer"]}[peer]
     else:
         python = sys.executable
         dists = ["blip3-engine"] if tool == "blip3" else []
@@ -393,7 +398,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--sizes", default="1000,4000", help="two image counts, comma-separated")
     ap.add_argument("--repeat", type=int, default=2, help="(small, large) pairs per tool")
-    ap.add_argument("--tools", default="blip3,nemo-curator,data-juicer")
+    ap.add_argument("--tools", default="blip3,nemo-curator,data-juicer,data-juicer-per-sample")
     ap.add_argument("--workers", type=int, default=2, help="blip3's --workers; the peers' Ray CPUs")
     ap.add_argument("--setup-only", action="store_true", help="make the peers' venvs, run nothing")
     ap.add_argument("--torch", default=DEFAULT_TORCH, help="pip constraint for torch in the peers' venvs")
@@ -403,14 +408,14 @@ def main() -> None:
     if len(sizes) != 2 or sizes[0] >= sizes[1]:
         ap.error("--sizes takes two different counts, e.g. 1000,4000")
     tools = [t.strip() for t in args.tools.split(",") if t.strip()]
-    unknown = set(tools) - {"blip3", *PEER_TOOLS}
+    unknown = set(tools) - set(LOOP_FOR)
     if unknown:
-        ap.error(f"unknown tools {sorted(unknown)}; known: blip3, {', '.join(PEER_TOOLS)}")
+        ap.error(f"unknown tools {sorted(unknown)}; known: {', '.join(LOOP_FOR)}")
     setup_log = VENVS / "install.log"
     VENVS.mkdir(parents=True, exist_ok=True)
-    for tool in tools:
-        if tool in PEER_TOOLS:
-            ensure_venv(PEER_TOOLS[tool], setup_log, args.torch)
+    for peer in dict.fromkeys(VARIANTS.get(t, t) for t in tools):
+        if peer in PEER_TOOLS:
+            ensure_venv(PEER_TOOLS[peer], setup_log, args.torch)
     if args.setup_only:
         return
     from benchmarks._common import report
