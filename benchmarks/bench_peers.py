@@ -8,8 +8,8 @@ The job: a folder of JPEGs (320x240 scenes and their COCO box file, made as `ben
 makes them); read each, decode it, caption it from its COCO boxes, write tar shards of 1,000.
 
 - `blip3`: `blip3 ground IN -o OUT --detector annotations --annotations coco.json --shard-size 1000
-  --workers 2`, the CLI of this checkout (run with this interpreter and `blip3` on the path this
-  process imports it from, so a rewrite of the pipeline is measured by the same script).
+  --workers 2`, the CLI script beside this interpreter, importing the checkout this script sits
+  in (put first on its `PYTHONPATH`), so a rewrite of the pipeline is measured by the same script.
 - `nemo-curator` (1.4.0, `[image-cpu]`): `benchmarks/peers/job_nemo.py`, a NeMo Curator pipeline
   (file partitioning, a read + decode stage, a caption stage, NeMo's `ImageWriterStage`) on its
   default Xenna executor, which runs on Ray. NeMo's own image reader cannot read this job: it reads
@@ -304,6 +304,12 @@ def run_job(tool: str, images: Path, coco: Path, out: Path, workers: int, log: P
     n = sum(1 for _ in images.glob("*.jpg"))
     env = {**os.environ, "BLIP3_NO_PROGRESS": "1", "BENCH_PEERS_TMP": str(out.parent), "RAY_USAGE_STATS_ENABLED": "0"}
     env.pop("RAY_ADDRESS", None)  # every job starts its own local Ray, never joins one
+    if tool == "blip3":  # `blip3` imports this checkout (the repo root is the package), whatever is installed
+        pkg = out.parent / "checkout"
+        if not (pkg / "blip3").exists():
+            pkg.mkdir(exist_ok=True)
+            (pkg / "blip3").symlink_to(ROOT)
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (str(pkg), env.get("PYTHONPATH")) if p)
     peer = PEER_TOOLS.get(VARIANTS.get(tool, tool))
     if peer:  # a clean environment of the peer's own venv
         env.pop("PYTHONPATH", None)
@@ -402,7 +408,7 @@ def main() -> None:
     ap.add_argument("--workers", type=int, default=2, help="blip3's --workers; the peers' Ray CPUs")
     ap.add_argument("--setup-only", action="store_true", help="make the peers' venvs, run nothing")
     ap.add_argument("--torch", default=DEFAULT_TORCH, help="pip constraint for torch in the peers' venvs")
-    ap.add_argument("--keep", type=Path, help="keep inputs, outputs and logs in this folder")
+    ap.add_argument("--keep", type=Path, help="keep the inputs and the jobs' log (jobs.log) in this folder")
     args = ap.parse_args()
     sizes = sorted(int(s) for s in args.sizes.split(","))
     if len(sizes) != 2 or sizes[0] >= sizes[1]:
