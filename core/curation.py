@@ -10,9 +10,9 @@ The tables (created with the others in `core.catalog.SCHEMA`) are keyed like `sa
 
 Nothing here deletes a sample from a shard: a decision only changes what `blip3 mix build` draws.
 
-Registering a re-run replaces its rows shard by shard: one `DELETE ... WHERE shard = ?` per shard
-(answered through the table's `shard` index, as shard re-registration in `core.catalog` is), then
-one bulk insert of the new rows from Arrow. The cost is per shard, whatever the table size.
+Registering a re-run replaces its rows shard by shard, with statements on `shard = ?` only (answered
+through the table's `shard` index, as shard re-registration in `core.catalog` is), then one bulk
+insert from Arrow: the cost is per shard, whatever the table size.
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ from collections.abc import Iterable
 
 import duckdb
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from blip3.core.catalog import transaction
 
@@ -41,6 +42,11 @@ def replace_rows(con: duckdb.DuckDBPyConnection, table: str, rows: pa.Table, sha
 
     `shards` are the shards the run looked at: a shard whose new result has no rows (no benchmark
     match any more) loses its old ones too.
+
+    Every statement filters on `shard` alone, the one form DuckDB answers through the index (a
+    conjunction `shard = ? AND rule = ?` scans the table): a shard's rows of other rules are read
+    (`shard = ?`), the shard's rows deleted (`shard = ?`), and those kept re-inserted with the new
+    rows in one bulk insert.
     """
     if table not in TABLES:
         raise ValueError(f"not a curation table: {table}")
@@ -48,19 +54,23 @@ def replace_rows(con: duckdb.DuckDBPyConnection, table: str, rows: pa.Table, sha
     names = sorted(set(what)) if what is not None else None
     if column is not None and names is None:
         raise ValueError(f"{table}: say which {column}s the rows replace")
-    cols = ", ".join(rows.column_names)
+    cols = rows.column_names
+    shards = sorted(set(shards))
     with transaction(con):
-        delete = f"DELETE FROM {table} WHERE shard = ?"
-        params: list[list] = [[s] for s in sorted(set(shards))]
+        kept: list[pa.Table] = []
         if column is not None:
-            delete += f" AND list_contains(?::VARCHAR[], {column})"
-            params = [[s, names] for s, in params]
-        if params:
-            con.executemany(delete, params)
-        if rows.num_rows:
-            con.register("_curation_rows", rows)
+            for shard in shards:
+                old = con.execute(f"SELECT {', '.join(cols)} FROM {table} WHERE shard = ?", [shard]).to_arrow_table()
+                if old.num_rows:
+                    kept.append(old.filter(pc.invert(pc.is_in(old[column], value_set=pa.array(names, pa.string())))))
+        if shards:
+            con.executemany(f"DELETE FROM {table} WHERE shard = ?", [[s] for s in shards])
+        schema = con.execute(f"SELECT {', '.join(cols)} FROM {table} LIMIT 0").to_arrow_table().schema
+        new = pa.concat_tables([t.cast(schema) for t in kept] + [rows.cast(schema)])
+        if new.num_rows:
+            con.register("_curation_rows", new)
             try:
-                con.execute(f"INSERT INTO {table} ({cols}) SELECT {cols} FROM _curation_rows")
+                con.execute(f"INSERT INTO {table} ({', '.join(cols)}) SELECT {', '.join(cols)} FROM _curation_rows")
             finally:
                 con.unregister("_curation_rows")
     return rows.num_rows
