@@ -60,12 +60,12 @@ def replace_rows(con: duckdb.DuckDBPyConnection, table: str, rows: pa.Table, sha
         kept: list[pa.Table] = []
         if column is not None:
             for shard in shards:
-                old = con.execute(f"SELECT {', '.join(cols)} FROM {table} WHERE shard = ?", [shard]).to_arrow_table()
+                old = con.sql(f"SELECT {', '.join(cols)} FROM {table} WHERE shard = ?", params=[shard]).to_arrow_table()
                 if old.num_rows:
                     kept.append(old.filter(pc.invert(pc.is_in(old[column], value_set=pa.array(names, pa.string())))))
         if shards:
             con.executemany(f"DELETE FROM {table} WHERE shard = ?", [[s] for s in shards])
-        schema = con.execute(f"SELECT {', '.join(cols)} FROM {table} LIMIT 0").to_arrow_table().schema
+        schema = con.sql(f"SELECT {', '.join(cols)} FROM {table} LIMIT 0").to_arrow_table().schema
         new = pa.concat_tables([t.cast(schema) for t in kept] + [rows.cast(schema)])
         if new.num_rows:
             con.register("_curation_rows", new)
