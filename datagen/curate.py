@@ -28,6 +28,7 @@ well inside a shuffle's own start-up cost at that size.
 from __future__ import annotations
 
 import json
+import logging
 import shutil
 import time
 from dataclasses import dataclass, field
@@ -102,15 +103,18 @@ def score_samples(shards: list[dict[str, str]], out: Path, opts: CurateOptions) 
     """Run the per-sample stages on Ray Data; their columns (no image bytes) land in `out/samples/`."""
     import ray.data
 
+    from blip3.core.logs import progress_enabled
     from blip3.core.ray_session import ray_session
     from blip3.datagen.curate_stages import ImageStage, TextPresenceStage, TextStage, read_shard_samples
 
     final = out / "samples"
     tmp = out / ".samples.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
+    logging.getLogger("ray.data").setLevel(logging.WARNING)  # its per-dataset INFO lines are not for users
+    # Ray Data's bars when ours are on; when they are off, its notice that they are is noise too.
+    logging.getLogger("ray.data._internal.progress").setLevel(logging.ERROR)
     with ray_session(opts.ray_address, opts.num_cpus):
-        ctx = ray.data.DataContext.get_current()
-        ctx.enable_progress_bars = False
+        ray.data.DataContext.get_current().enable_progress_bars = progress_enabled()
         ds = ray.data.from_items(shards, override_num_blocks=len(shards))
         ds = ds.map_batches(read_shard_samples, batch_size=1)
         ds = ds.map_batches(ImageStage(), batch_size=256)

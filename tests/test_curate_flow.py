@@ -143,3 +143,23 @@ def test_score_threshold_rules_and_missing_rules(curated, tmp_path):
         build_manifest(_spec(tmp_path / "y.yaml", {"exclude": ["clip_below_0.28"]}), db=db)
     with pytest.raises(UserError, match=r"curation.exclude\[0\]: unknown rule 'nearest'"):
         build_manifest(_spec(tmp_path / "z.yaml", {"exclude": ["nearest"]}), db=db)
+
+
+def test_audit_shows_clusters_side_by_side_and_drops_with_reason(curated, tmp_path):
+    import re
+
+    from blip3.datagen.audit import write_audit
+
+    root = curated["root"]
+    r = write_audit(f"{root}/{{web,more}}/*.tar", tmp_path / "audit", n=4, db=curated["db"])
+    page = r.html.read_text()
+    clusters = re.findall(r'<div class="cluster">(.*?)</div>', page, re.S)
+    exact = next(c for c in clusters if c.startswith("<h3>exact_dup"))
+    assert exact.index("<b>w0003</b>") < exact.index("<b>copy</b>")  # the kept one first, side by side
+    assert 'class="dropped"' in exact and "exact copy of w0003" in exact
+    assert any("<b>small</b>" in c and "<b>w0005</b>" in c for c in clusters if c.startswith("<h3>near_dup"))
+    drops = page.split('<div class="drops">', 1)[1]
+    assert re.search(r"<b>bench</b>.*?decontam: in textvqa image val0001\.jpg \(questions 1; sha256\)", drops, re.S)
+    assert (tmp_path / "audit" / "scores.png").stat().st_size > 1000 and "scores.png" in page
+    shown = re.findall(r'<img src="(curation/[^"]+)"', page)
+    assert shown and all((tmp_path / "audit" / s).is_file() for s in shown)
