@@ -35,13 +35,15 @@ from typing import Any, Mapping
 
 from blip3.core.catalog import SOURCE_KINDS
 from blip3.core.errors import UserError
+from blip3.core.logs import get_logger
 from blip3.core.yamlio import read_yaml
 from blip3.mixture.caption_choice import validate_caption_choice
-from blip3.mixture.curation import source_exclusions, validate_curation
+from blip3.mixture.curation import check_rules_applied, source_exclusions, validate_curation
 from blip3.mixture.manifest import (WEIGHT_BY, Manifest, ManifestSource, ShardRef, check_verify_mode, shard_change,
                                     write_manifest)
 from blip3.mixture.tokens import DEFAULT_VISION_TOKENS_PER_CROP, TokenCounter
 
+log = get_logger("mix")
 _VAR = re.compile(r"\$\{(\w+)(?::-([^}]*))?\}")
 
 
@@ -187,6 +189,9 @@ def build_manifest(
             else:
                 resolved.append(_catalog_source(cat, s, i, counter, file, checksum=verify == "sha256",
                                                 storage_options=storage_options, curation=spec_d["curation"]))
+        catalogued = {s["name"]: r.curation for s, r in zip(spec_d["sources"], resolved) if "path" not in s}
+        for warning in check_rules_applied(spec_d["curation"], catalogued, file):
+            log.warning(warning)
         manifest = _plan(spec_d, resolved, counter)
         if out is not None:
             write_manifest(manifest, out)
@@ -269,8 +274,7 @@ def _catalog_source(cat, s: dict, i: int, counter: TokenCounter, file: str | Non
     from blip3.core.logs import progress
 
     rules = (curation or {}).get("rules", [])
-    left_out = source_exclusions(cat.con, s["name"], rules, required=(curation or {}).get("exclude", []),
-                                 field_name=field, file=file)
+    left_out = source_exclusions(cat.con, s["name"], rules)
     shards = []
     listed = [astuple(r) for r in cat.source_shards(s["name"])]
     with progress(transient=True) as bar:

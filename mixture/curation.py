@@ -8,9 +8,10 @@
   `sem_dup`, `min_side`, `clip`, `language`, ...: the samples a rule did not keep are left out)
   or score thresholds evaluated here on `sample_scores`, `<score>_below_<x>` / `<score>_above_<x>`
   (`clip_below_0.3`), so another threshold needs no new curation run.
-- A rule named in `exclude` must have been decided for every catalogued source of the mixture
-  (else the spec says to run `blip3 curate`): a silent "nothing removed" would be a wrong mixture.
-  The default `decontam` applies where it was recorded.
+- A rule named in `exclude` applies to the catalogued sources it was decided for; one decided for
+  none of them is an error (a typo or a missing `blip3 curate` run must not silently remove
+  nothing), one missing for some sources is a warning naming them. The default `decontam`
+  applies where it was recorded.
 
 The left-out samples are listed per shard in the manifest (`exclude: [keys]`), and the shard's
 `samples` is what remains, so the loader's arithmetic (and its exact resume) runs over the kept
@@ -63,19 +64,16 @@ class Exclusions:
     # left out by two rules counts for both)
 
 
-def source_exclusions(con, source: str, rules: list[str], *, required: list[str], field_name: str,
-                      file: str | None) -> Exclusions:
-    """The samples of `source` that `rules` leave out, from the catalog connection `con`."""
+def source_exclusions(con, source: str, rules: list[str]) -> Exclusions:
+    """The samples of `source` that `rules` leave out, from the catalog connection `con` (a rule
+    not decided for the source leaves nothing out of it and is not in `removed`)."""
     parts, params, applied = [], [], []
     for rule in rules:
         parsed = score_rule(rule)
         if parsed is None:
             if not con.execute("SELECT 1 FROM sample_decisions WHERE source = ? AND rule = ? LIMIT 1",
                                [source, rule]).fetchone():
-                if rule in required:
-                    raise UserError(f"rule {rule!r} was never decided for source {source!r}; run `blip3 curate` "
-                                    f"(see docs/curation.md)", field=field_name, file=file)
-                continue  # a default rule applies where it was recorded
+                continue  # not decided for this source: `check_rules_applied` says so
             parts.append("SELECT shard, key, ? AS rule FROM sample_decisions WHERE source = ? AND rule = ? AND NOT kept")
             applied.append(rule)
             params += [rule, source, rule]
@@ -83,8 +81,7 @@ def source_exclusions(con, source: str, rules: list[str], *, required: list[str]
             score, op, x = parsed
             if not con.execute("SELECT 1 FROM sample_scores WHERE source = ? AND name = ? LIMIT 1",
                                [source, score]).fetchone():
-                raise UserError(f"rule {rule!r}: no {score!r} scores recorded for source {source!r}; run "
-                                f"`blip3 curate` (see docs/curation.md)", field=field_name, file=file)
+                continue
             parts.append(f"SELECT shard, key, ? AS rule FROM sample_scores WHERE source = ? AND name = ? "
                          f"AND value {'<' if op == 'below' else '>'} ?")
             applied.append(rule)
@@ -97,3 +94,20 @@ def source_exclusions(con, source: str, rules: list[str], *, required: list[str]
         out.keys.setdefault(shard, set()).add(key)
         out.removed[rule] += 1
     return out
+
+
+def check_rules_applied(curation: dict[str, Any], removed: dict[str, dict[str, int] | None],
+                        file: str | None) -> list[str]:
+    """A rule listed in `exclude` must have been decided for at least one catalogued source of the
+    mixture (else a typo or a missing `blip3 curate` run would silently remove nothing): a
+    UserError. Returns one warning per (listed rule, catalogued source) it was not decided for."""
+    warnings = []
+    for i, rule in enumerate(curation["exclude"]):
+        missing = [name for name, got in removed.items() if rule not in (got or {})]
+        if removed and len(missing) == len(removed):
+            what = "scores" if score_rule(rule) else "decisions"
+            raise UserError(f"no source of the mixture has {what} of rule {rule!r}; run `blip3 curate` "
+                            "(see docs/curation.md)", field=f"curation.exclude[{i}]", file=file)
+        warnings += [f"curation rule {rule!r} was not decided for source {name!r}: nothing of it left out"
+                     for name in missing]
+    return warnings

@@ -18,7 +18,7 @@ from blip3.mixture.loader import MixtureLoader
 from tests.curate_fixtures import planted_sources
 from tests.eval_fixtures import write_benchmarks
 
-pytestmark = pytest.mark.usefixtures("ray_local")
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("ray_local")]  # Ray end to end
 
 
 @pytest.fixture(scope="module")
@@ -127,7 +127,7 @@ def test_mix_build_leaves_them_out(curated, tmp_path):
     assert keep_all.source("more").samples == 7 and keep_all.curation is None
 
 
-def test_score_threshold_rules_and_missing_rules(curated, tmp_path):
+def test_score_threshold_rules_and_missing_rules(curated, tmp_path, caplog):
     db = curated["db"]
     m = build_manifest(_spec(tmp_path / "c.yaml", {"exclude": ["caption_words_below_7"], "keep_all": True}), db=db)
     # captions of 6 words or fewer: "a small boat..." has 8, "the same picture stored again" 5, ...
@@ -137,10 +137,29 @@ def test_score_threshold_rules_and_missing_rules(curated, tmp_path):
         {**{"web": 0, "more": 0}, **{r["source"]: r["n"] for r in short}}
     from blip3.core.errors import UserError
 
-    with pytest.raises(UserError, match="rule 'sem_dup' was never decided for source"):
+    with pytest.raises(UserError, match=r"curation.exclude\[0\]: no source of the mixture has decisions of rule 'sem_dup'"):
         build_manifest(_spec(tmp_path / "x.yaml", {"exclude": ["sem_dup"]}), db=db)
-    with pytest.raises(UserError, match="no 'clip' scores recorded"):
+    with pytest.raises(UserError, match="no source of the mixture has scores of rule 'clip_below_0.28'"):
         build_manifest(_spec(tmp_path / "y.yaml", {"exclude": ["clip_below_0.28"]}), db=db)
+    # a rule decided for some sources only: applied there, the others named in a warning
+    from tests.curate_fixtures import encode, picture, write_source
+
+    write_source(curated["root"] / "late", [("l0", encode(picture(3)), "a late copy of w0003")])
+    with Catalog(db) as cat:
+        cat.add_output(curated["root"] / "late", source="late").check()
+    spec = {"name": "late", "sources": [{"name": "more", "weight": 1}, {"name": "late", "weight": 1}],
+            "curation": {"exclude": ["exact_dup"]}}
+    (tmp_path / "late.yaml").write_text(yaml.safe_dump(spec))
+    import logging
+
+    logging.getLogger("blip3").addHandler(caplog.handler)  # blip3's loggers do not propagate to the root
+    try:
+        m = build_manifest(tmp_path / "late.yaml", db=db)
+    finally:
+        logging.getLogger("blip3").removeHandler(caplog.handler)
+    assert m.source("late").curation is None and m.source("late").samples == 1
+    assert m.source("more").curation == {"decontam": 1, "exact_dup": 1}
+    assert "curation rule 'exact_dup' was not decided for source 'late'" in caplog.text
     with pytest.raises(UserError, match=r"curation.exclude\[0\]: unknown rule 'nearest'"):
         build_manifest(_spec(tmp_path / "z.yaml", {"exclude": ["nearest"]}), db=db)
 
