@@ -41,6 +41,7 @@ import pyarrow as pa
 from blip3.core.catalog import Catalog, resolve_db
 from blip3.core.curation import replace_rows
 from blip3.core.errors import UserError
+from blip3.core.shard_folder import is_remote
 from blip3.core.logs import get_logger
 from blip3.datagen.curate_rules import (DEFAULT_LANGUAGES, DEFAULT_NEAR_DUP_BITS, LANGUAGE_RULE, THRESHOLD_RULES,
                                         language_sql)
@@ -96,6 +97,10 @@ def _shards(cat: Catalog, names: list[str]) -> list[dict[str, str]]:
         "ORDER BY source, path", [names, names]).fetchall()
     if not rows:
         raise UserError("no catalogued shards to curate (register them with `blip3 catalog add` or `blip3 source add`)")
+    remote = next((p for _, p in rows if is_remote(p)), None)
+    if remote is not None:
+        raise UserError(f"curation reads local shards; {remote} is on an object store (copy the source locally, or "
+                        "curate the folder it was written from)", field="--source")
     return [{"source": s, "shard": p} for s, p in rows]
 
 
@@ -127,10 +132,26 @@ def score_samples(shards: list[dict[str, str]], out: Path, opts: CurateOptions) 
             ds = ds.map_batches(ClipStage, batch_size=64, concurrency=1,
                                 fn_constructor_kwargs={"model_dir": str(opts.clip_model), "embeddings": opts.sem_dedup})
         ds = ds.drop_columns(["image", "caption"])
-        ds.write_parquet(str(tmp))
+        try:
+            ds.write_parquet(str(tmp))
+        except Exception as e:  # a worker's UserError (a catalogued tar that no longer reads) is one line
+            raise _user_error(e) or e
+    if not any(tmp.glob("*.parquet")):
+        raise UserError("the shards hold no samples to curate")
     shutil.rmtree(final, ignore_errors=True)
     tmp.rename(final)
     return final
+
+
+def _user_error(e: BaseException) -> UserError | None:
+    """The UserError a Ray task raised, found in the chain Ray wraps it in (None if there is none)."""
+    seen: set[int] = set()
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        if isinstance(e, UserError):
+            return UserError(str(e))
+        e = getattr(e, "cause", None) or e.__cause__ or e.__context__
+    return None
 
 
 def run_curation(db: str | Path | None, opts: CurateOptions) -> CurateResult:

@@ -23,6 +23,7 @@ from typing import Any, Mapping
 
 import numpy as np
 
+from blip3.core.errors import UserError
 from blip3.core.shards import IMAGE_EXTS, iter_shard
 from blip3.datagen.image_hash import bytes_sha256, open_image, phash, pixel_sha256
 
@@ -66,7 +67,8 @@ def read_shard_samples(batch: Batch) -> dict[str, np.ndarray]:
                 cols["image"].append(image or b"")
                 cols["caption"].append(sample["txt"].decode("utf-8", "replace") if "txt" in sample else "")
         except (OSError, tarfile.TarError) as e:
-            raise OSError(f"{shard}: cannot read tar ({e})") from e
+            raise UserError(f"cannot read the catalogued tar ({' '.join(str(e).split())}); re-check it with "
+                            "`blip3 catalog add --verify`", file=str(shard)) from None
     out = {k: np.asarray(v, dtype=object) for k, v in cols.items()}
     return out
 

@@ -159,3 +159,21 @@ def test_replace_rows_replaces_per_shard_and_rule(tmp_path):
             replace_rows(cat.con, "sample_decisions", rows("a", "blur", 1).drop(["kept"]).append_column(
                 "kept", pa.array([None], pa.bool_())), ["a"], ["blur"])
         assert cat.con.execute("SELECT count(*) FROM sample_decisions").fetchone()[0] == 8  # rolled back
+
+
+def test_a_catalogued_tar_that_no_longer_reads_is_one_line(tmp_path):
+    from blip3.core.errors import UserError
+    from blip3.datagen.curate import _user_error
+    from blip3.datagen.curate_stages import read_shard_samples
+    from tests.core_fixtures import write_caption_shard
+
+    write_caption_shard(tmp_path, 0, 3)
+    tar = tmp_path / "00000.tar"
+    ok = read_shard_samples({"source": ["s"], "shard": [str(tar)]})
+    assert ok["key"].tolist() == ["s000_0000", "s000_0001", "s000_0002"] and ok["image"][0][:2] == b"\xff\xd8"
+    tar.write_bytes(tar.read_bytes()[:700])  # truncated inside the first member
+    with pytest.raises(UserError, match="cannot read the catalogued tar") as err:
+        read_shard_samples({"source": ["s"], "shard": [str(tar)]})
+    wrapped = RuntimeError("task failed")
+    wrapped.cause = err.value  # how Ray carries a task's exception
+    assert str(_user_error(wrapped)) == str(err.value) and _user_error(RuntimeError("x")) is None
