@@ -501,6 +501,9 @@ class Catalog:
         if known:
             self.con.executemany("DELETE FROM samples WHERE shard = ?", known)
             self.con.executemany("DELETE FROM shards WHERE path = ?", known)
+            # What curation recorded about the old tar no longer describes the new one.
+            for table in ("sample_hashes", "sample_scores", "sample_decisions", "benchmark_matches"):
+                self.con.executemany(f"DELETE FROM {table} WHERE shard = ?", known)
 
     def _insert_shard_rows(self, shards: list, source: str, tokens: list[int | None] | None = None) -> None:
         now = _now()

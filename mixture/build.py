@@ -6,7 +6,9 @@ Spec (docs/formats.md): `name`, `seed` (default 0), optional `target` (`{samples
 `{name, weight}` for a source registered with `blip3 source add`, or `{name, path, kind, weight}`
 for one given inline (works without a catalog). Paths may use `${VAR}` / `${VAR:-default}` and
 are relative to the spec's folder. A caption source may add `caption: {...}` to train on one of
-its stored caption variants instead of `.txt` (mixture/caption_choice.py).
+its stored caption variants instead of `.txt` (mixture/caption_choice.py). `curation: {exclude,
+keep_all}` leaves out samples `blip3 curate` dropped (mixture/curation.py; decontamination by
+default).
 
 The plan, and why:
 - Weights are relative (normalised to sum 1), each must be > 0.
@@ -357,8 +359,6 @@ def _plan(spec: dict, sources: list[ManifestSource], counter: TokenCounter) -> M
     curated = [s for s in sources if s.curation is not None]
     curation = spec.get("curation") or {}
     return Manifest(
-        curation={"rules": curation["rules"], "exclude": curation["exclude"], "keep_all": curation["keep_all"]}
-        if curated else None,
         name=spec["name"],
         seed=spec["seed"],
         target={"samples": total, "tokens": sum(s.target_tokens for s in sources)},
@@ -367,4 +367,5 @@ def _plan(spec: dict, sources: list[ManifestSource], counter: TokenCounter) -> M
         tokenizer=counter.label,
         vision_tokens_per_image=counter.vision_tokens_per_image,
         created_at=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        curation={k: curation[k] for k in ("rules", "exclude", "keep_all")} if curated else None,
     )
