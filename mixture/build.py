@@ -41,8 +41,8 @@ from blip3.core.logs import get_logger
 from blip3.core.yamlio import read_yaml
 from blip3.mixture.caption_choice import validate_caption_choice
 from blip3.mixture.curation import check_rules_applied, source_exclusions, validate_curation
-from blip3.mixture.manifest import (WEIGHT_BY, Manifest, ManifestSource, ShardRef, check_verify_mode, shard_change,
-                                    write_manifest)
+from blip3.mixture.manifest import (WEIGHT_BY, Manifest, ManifestSource, ShardRef, check_distinct_shards,
+                                    check_verify_mode, shard_change, write_manifest)
 from blip3.mixture.tokens import DEFAULT_VISION_TOKENS_PER_CROP, TokenCounter
 
 log = get_logger("mix")
@@ -191,6 +191,7 @@ def build_manifest(
             else:
                 resolved.append(_catalog_source(cat, s, i, counter, file, checksum=verify == "sha256",
                                                 storage_options=storage_options, curation=spec_d["curation"]))
+        check_distinct_shards(resolved, file=file, spec=True)  # two sources naming one tar (same caption variant)
         catalogued = {s["name"]: r.curation for s, r in zip(spec_d["sources"], resolved) if "path" not in s}
         for warning in check_rules_applied(spec_d["curation"], catalogued, file):
             log.warning(warning)
