@@ -1,6 +1,6 @@
 """Curation benchmark (`blip3 curate`): the figures docs/curation.md quotes, side by side.
 
-    python benchmarks/bench_curation.py [--hashes 10000000] [--images 300] [--skip-lsh]
+    python benchmarks/bench_curation.py [--hashes 10000000] [--images 300] [--skip-lsh] [--only PART]
 
 Rows:
 - **pHash**: images per CPU-second of `datagen.image_hash.phash(open_image(bytes))` against
@@ -15,6 +15,8 @@ Rows:
 - **CLIP stage** (tiny open_clip, built here): `ClipStage` on batches of 64 against the bare loop
   (decode, preprocess, encode image and text, cosine) on the same images; goal: framework cost
   <= 1.1x.
+- **duplicate decisions**: `exact_dup` then `near_dup` over 1M catalogued-shaped hash rows
+  (clusters, keep rule, one decision row per sample), CPU seconds.
 - **text presence**: the OCR engine's detector alone (`TextPresenceStage`) against the full OCR
   engine call, CPU seconds per image on rendered sign pictures.
 """
@@ -256,19 +258,47 @@ def bench_text_presence(n: int) -> list[dict]:
              "note": f"{f / n * 1000:.0f} ms/image: the detector is {d / f:.2f}x of it"}]
 
 
+def bench_decisions(n: int) -> list[dict]:
+    """`exact_dup` then `near_dup` decisions (clusters, keep rule, one row per sample) over n
+    catalogued-shaped hash rows, 1% of them planted copies."""
+    import pyarrow as pa
+
+    from blip3.datagen.dedup import exact_duplicates, near_duplicates
+
+    rng = np.random.default_rng(2)
+    ph = rng.integers(0, 2**63, n, dtype=np.uint64)
+    copies = rng.choice(n, size=n // 100, replace=False)
+    ph[copies[: len(copies) // 2]] = ph[copies[len(copies) // 2:]]  # identical pHash: near copies
+    sha = [f"{i:x}" for i in range(n)]
+    t = pa.table({"source": ["s"] * n, "shard": [f"/data/{i // 1000:06d}.tar" for i in range(n)],
+                  "key": [f"k{i:09d}" for i in range(n)], "sha256": sha, "pixel_sha256": sha, "phash": pa.array(ph),
+                  "width": pa.array(rng.integers(100, 1000, n)), "height": pa.array(rng.integers(100, 1000, n)),
+                  "source_rank": pa.array(np.ones(n, dtype=np.int64))})
+    c = time.process_time()
+    _, kept = exact_duplicates(t)
+    near = near_duplicates(t.filter(pa.array(kept)), 4)
+    cpu = time.process_time() - c
+    dropped = near.num_rows - sum(near["kept"].to_pylist())
+    return [{"what": f"duplicate decisions, {n:,} samples (exact + near, keep rule)", "images": n,
+             "images/cpu-s": n / cpu, "vs imagehash": "",
+             "note": f"{cpu:.1f} cpu-s; {dropped:,} near copies dropped; peak RSS {peak_rss_mb():.0f} MB"}]
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--hashes", type=int, default=10_000_000)
     ap.add_argument("--images", type=int, default=300)
     ap.add_argument("--skip-lsh", action="store_true")
-    ap.add_argument("--only", choices=["phash", "clip", "text", "lsh"], default=None)
+    ap.add_argument("--only", choices=["phash", "clip", "text", "decide", "lsh"], default=None)
+    ap.add_argument("--decisions", type=int, default=1_000_000, help="samples of the decision row")
     ap.add_argument("--lsh-child", type=int, default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.lsh_child is not None:
         lsh_child(args.lsh_child)
         return
     parts = {"phash": lambda: bench_phash(args.images), "clip": lambda: bench_clip(args.images),
-             "text": lambda: bench_text_presence(max(8, args.images // 10)), "lsh": lambda: bench_lsh(args.hashes)}
+             "text": lambda: bench_text_presence(max(8, args.images // 10)),
+             "decide": lambda: bench_decisions(args.decisions), "lsh": lambda: bench_lsh(args.hashes)}
     rows = []
     for name, run in parts.items():
         if (args.only or name) == name and not (name == "lsh" and args.skip_lsh):
