@@ -11,7 +11,10 @@ Tables (columns documented in README "The catalog"):
 - `samples`   one row per input sample of every shard, failures included: the sidecar parquet
               columns (core.shards.SIDECAR_SCHEMA, img2dataset's names) but the caption text,
               plus `source` and `shard`
-- `mixtures`, `mixture_sources`   mixtures built by `blip3 mix build` and their per-source plan
+- `sample_hashes`, `sample_scores`, `sample_decisions`, `benchmark_matches`   what `blip3 curate`
+              computed and decided per sample (core.curation; nothing is deleted from the shards)
+- `mixtures`, `mixture_sources`, `mixture_curation`   mixtures built by `blip3 mix build`, their
+              per-source plan, and how many samples each curation rule left out per source
 - `runs`      training runs recorded by `blip3 train` (stage, manifest, steps, tokens, loss, ckpt)
 - `evals`     benchmark results recorded by `blip3 eval`: one row per (checkpoint, task, shots,
               metric), with the run that trained the checkpoint and its per-sample predictions
@@ -93,6 +96,41 @@ SCHEMA = [
     # Re-registering a shard deletes its rows by `shard`: with this index that costs the same at
     # 1M and 10M rows (a full scan without it), for about twice the bulk insert time.
     "CREATE INDEX IF NOT EXISTS samples_by_shard ON samples (shard)",
+    # Curation (`blip3 curate`, datagen/curate.py): per-sample fingerprints, scores and decisions,
+    # keyed like `samples` by (shard, key). Each is replaced shard by shard (`core.curation`), with
+    # `shard = ?` deletes through these indexes, so a re-run costs the same at any table size.
+    """CREATE TABLE IF NOT EXISTS sample_hashes (
+        source VARCHAR NOT NULL, shard VARCHAR NOT NULL, key VARCHAR NOT NULL,
+        sha256 VARCHAR,          -- of the image member's bytes
+        pixel_sha256 VARCHAR,    -- of the decoded RGB pixels and size: the same picture re-encoded
+        phash UBIGINT,           -- 64-bit DCT perceptual hash (imagehash.phash bit order)
+        width INTEGER, height INTEGER, image_bytes BIGINT
+    )""",
+    "CREATE INDEX IF NOT EXISTS sample_hashes_by_shard ON sample_hashes (shard)",
+    """CREATE TABLE IF NOT EXISTS sample_scores (
+        source VARCHAR NOT NULL, shard VARCHAR NOT NULL, key VARCHAR NOT NULL,
+        name VARCHAR NOT NULL,   -- clip, blur, aspect, caption_words, lang_score, ...
+        value DOUBLE,
+        generator VARCHAR        -- what computed it (model, version)
+    )""",
+    "CREATE INDEX IF NOT EXISTS sample_scores_by_shard ON sample_scores (shard)",
+    """CREATE TABLE IF NOT EXISTS sample_decisions (
+        source VARCHAR NOT NULL, shard VARCHAR NOT NULL, key VARCHAR NOT NULL,
+        rule VARCHAR NOT NULL,   -- exact_dup, near_dup, sem_dup, decontam, min_side, aspect, clip, ...
+        kept BOOLEAN NOT NULL,
+        reason VARCHAR,          -- why it was dropped (or, in a duplicate cluster, why it was kept)
+        cluster VARCHAR          -- duplicate rules: the cluster (the key of the sample kept in it)
+    )""",
+    "CREATE INDEX IF NOT EXISTS sample_decisions_by_shard ON sample_decisions (shard)",
+    """CREATE TABLE IF NOT EXISTS benchmark_matches (
+        source VARCHAR NOT NULL, shard VARCHAR NOT NULL, key VARCHAR NOT NULL,
+        task VARCHAR NOT NULL,   -- the `blip3 eval` task whose image it is
+        image VARCHAR,           -- the benchmark image (file, or row of an inline-image table)
+        question_ids VARCHAR[],  -- the task's questions about that image
+        match VARCHAR,           -- sha256 | pixels | phash
+        distance INTEGER         -- Hamming distance of the perceptual hashes
+    )""",
+    "CREATE INDEX IF NOT EXISTS benchmark_matches_by_shard ON benchmark_matches (shard)",
     """CREATE TABLE IF NOT EXISTS mixtures (
         name VARCHAR PRIMARY KEY,
         manifest_path VARCHAR,
@@ -116,6 +154,12 @@ SCHEMA = [
         sample_weight DOUBLE,   -- share of samples the loader draws (= weight unless weight_by tokens)
         n_shards INTEGER,
         tokenizer VARCHAR       -- how tokens were counted (`estimate:...` or `hf:NAME`)
+    )""",
+    """CREATE TABLE IF NOT EXISTS mixture_curation (
+        mixture VARCHAR NOT NULL,
+        source VARCHAR NOT NULL,
+        rule VARCHAR NOT NULL,
+        removed BIGINT          -- samples of the source this rule left out (one may fall to several rules)
     )""",
     """CREATE TABLE IF NOT EXISTS runs (
         run_id VARCHAR PRIMARY KEY,
@@ -482,6 +526,9 @@ class Catalog:
         if known:
             self.con.executemany("DELETE FROM samples WHERE shard = ?", known)
             self.con.executemany("DELETE FROM shards WHERE path = ?", known)
+            # What curation recorded about the old tar no longer describes the new one.
+            for table in ("sample_hashes", "sample_scores", "sample_decisions", "benchmark_matches"):
+                self.con.executemany(f"DELETE FROM {table} WHERE shard = ?", known)
 
     def _insert_shard_rows(self, shards: list, source: str, tokens: list[int | None] | None = None) -> None:
         now = _now()
@@ -584,6 +631,7 @@ class Catalog:
         path = None if manifest.path is None else str(Path(manifest.path).resolve())
         with transaction(self.con):
             self.con.execute("DELETE FROM mixture_sources WHERE mixture = ?", [manifest.name])
+            self.con.execute("DELETE FROM mixture_curation WHERE mixture = ?", [manifest.name])
             self.con.execute("DELETE FROM mixtures WHERE name = ?", [manifest.name])
             self.con.execute(
                 "INSERT INTO mixtures (name, manifest_path, seed, weight_by, target_samples, target_tokens, created_at, "
@@ -599,6 +647,9 @@ class Catalog:
                     [manifest.name, s.name, s.kind, s.weight, s.sample_weight, s.samples, s.tokens, s.target_samples,
                      s.target_tokens, s.epochs, len(s.shards), manifest.tokenizer],
                 )
+                for rule, removed in (s.curation or {}).items():
+                    self.con.execute("INSERT INTO mixture_curation VALUES (?, ?, ?, ?)",
+                                     [manifest.name, s.name, rule, removed])
 
     # -- runs ----------------------------------------------------------------------------------
     def record_run(self, **fields: Any) -> None:

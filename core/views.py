@@ -91,6 +91,46 @@ VIEWS: dict[str, str] = {
                max(len) AS max, round(sum(len * n) / max(total), 1) AS mean
         FROM c GROUP BY source ORDER BY source
     """,
+    # Curation (`blip3 curate`): kept and dropped samples per source and rule.
+    "v_curation": """
+        SELECT source, rule,
+               count(*)                          AS evaluated,
+               count(*) FILTER (WHERE kept)      AS kept,
+               count(*) FILTER (WHERE NOT kept)  AS dropped,
+               round(count(*) FILTER (WHERE NOT kept) / count(*), 4) AS drop_share
+        FROM sample_decisions GROUP BY ALL ORDER BY source, rule
+    """,
+    # The reasons behind the drops, most common first ("exact copy of ...", "min_side 120 below 200").
+    "v_curation_reasons": """
+        SELECT source, rule, regexp_replace(reason, '[0-9.]+', '#', 'g') AS reason, count(*) AS n
+        FROM sample_decisions WHERE NOT kept
+        GROUP BY ALL ORDER BY source, rule, n DESC
+    """,
+    # Score histograms: 20 equal-width bins per score between its min and max over all sources.
+    "v_score_histograms": """
+        WITH r AS (SELECT name, min(value) AS lo, max(value) AS hi FROM sample_scores GROUP BY name),
+        b AS (
+            SELECT s.source, s.name, r.lo, r.hi,
+                   CASE WHEN r.hi = r.lo THEN 0 ELSE least(floor((s.value - r.lo) / (r.hi - r.lo) * 20), 19) END AS bin
+            FROM sample_scores s JOIN r USING (name)
+        )
+        SELECT source, name, bin::INTEGER AS bin,
+               lo + bin * (hi - lo) / 20 AS value_from, lo + (bin + 1) * (hi - lo) / 20 AS value_to,
+               count(*) AS n
+        FROM b GROUP BY ALL ORDER BY source, name, bin
+    """,
+    # Duplicate clusters side by side: every member of every cluster of more than one sample.
+    "v_duplicate_clusters": """
+        SELECT rule, cluster, count(*) OVER (PARTITION BY rule, cluster) AS size, kept, source, shard, key, reason
+        FROM sample_decisions WHERE cluster IS NOT NULL
+        ORDER BY rule, cluster, kept DESC, source, shard, key
+    """,
+    # Training samples that are also benchmark images, by task: "which training images are in TextVQA".
+    "v_contamination": """
+        SELECT task, source, count(DISTINCT shard || '#' || key) AS samples, count(DISTINCT image) AS images,
+               sum(len(question_ids)) AS questions
+        FROM benchmark_matches GROUP BY ALL ORDER BY task, source
+    """,
     # Each mixture's plan per source: target vs realised weight, effective epochs, tokens.
     # realised_weight is the planned share in the unit the mixture is weighted by (samples or tokens).
     "v_mixture_sources": """

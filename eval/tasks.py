@@ -137,8 +137,23 @@ def _open_image(data: Callable[[], Any], where: Path, what: str) -> Image.Image:
         raise UserError(f"{what}: not a readable image ({type(e).__name__})", file=where) from None
 
 
+class _ImageFile:
+    """A benchmark image on disk, decoded when a prompt needs it. `raw()` is its file's bytes and
+    `ref` names it (decontamination in datagen/decontam.py hashes benchmark images through these)."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.ref = str(path)
+
+    def raw(self) -> bytes:
+        return self.path.read_bytes()
+
+    def __call__(self) -> Image.Image:
+        return _open_image(lambda: self.path, self.path, "image")
+
+
 def _image_file(path: Path) -> Callable[[], Image.Image]:
-    return lambda: _open_image(lambda: path, path, "image")
+    return _ImageFile(path)
 
 
 class Task:
@@ -861,13 +876,32 @@ def _b64_images(data: str, path: Path, row: int) -> list[Callable[[], Image.Imag
     return [_b64_image(data, path, row)]
 
 
-def _b64_image(data: str, path: Path, row: int) -> Callable[[], Image.Image]:
-    def raw() -> io.BytesIO:
+class _InlineImage:
+    """A base64 image in a row of a benchmark table (VLMEvalKit's TSVs), decoded when needed; `ref`
+    names the row, `raw()` is the decoded bytes (decontamination hashes them)."""
+
+    def __init__(self, data: str, path: Path, row: int):
+        self.data, self.path, self.row = data, path, row
+        self.ref = f"{path}:{row}"
+
+    def _decoded(self) -> bytes:
         try:
-            return io.BytesIO(base64.b64decode(data, validate=True))
+            return base64.b64decode(self.data, validate=True)
         except (binascii.Error, ValueError) as e:
             raise ValueError("not base64") from e
-    return lambda: _open_image(raw, path, f"row {row}: the image column")
+
+    def raw(self) -> bytes:
+        try:
+            return self._decoded()
+        except ValueError:
+            raise UserError(f"row {self.row}: the image column is not base64", file=self.path) from None
+
+    def __call__(self) -> Image.Image:
+        return _open_image(lambda: io.BytesIO(self._decoded()), self.path, f"row {self.row}: the image column")
+
+
+def _b64_image(data: str, path: Path, row: int) -> Callable[[], Image.Image]:
+    return _InlineImage(data, path, row)
 
 
 TASKS: dict[str, type[Task]] = {t.name: t for t in (VQAv2, OKVQA, TextVQA, VizWiz, COCOCaptions, TextCaps, NoCaps, POPE,
