@@ -21,7 +21,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from blip3.core.errors import UserError
-from blip3.core.shards import ShardInfo, iter_tar_index, list_shards, read_span
+from blip3.core.shards import Shard, iter_tar_index, list_shards, read_span
 
 BLIP3_OCR_SCHEMA = pa.schema([("uid", pa.string()), ("url", pa.string()),
                               ("captions", pa.string()), ("metadata", pa.string())])
@@ -51,7 +51,7 @@ def export_blip3_ocr(output: str | Path, parquet_dir: str | Path, *, rows_per_fi
     return [dest / name for name in names], total
 
 
-def _write_parts(shards: list[ShardInfo], dest: Path, rows_per_file: int) -> tuple[list[str], int]:
+def _write_parts(shards: list[Shard], dest: Path, rows_per_file: int) -> tuple[list[str], int]:
     names: list[str] = []
     rows: list[dict[str, str | None]] = []
     total = 0

@@ -87,7 +87,7 @@ def retemplate(input_dir: str | Path, output_dir: str | Path, opts: TemplateOpti
                             field="generator.name", file=info.stats)
     result = RetemplateResult()
     for info in shards:
-        digits = len(info.tar.stem)  # the input's shard-name width is kept
+        digits = len(Path(info.tar).stem)  # the input's shard-name width is kept
         stats = read_stats(src, info.index, digits) or {}
         generator = {**info.generator, **opts.as_generator()}
         done = read_stats(dst, info.index, digits)

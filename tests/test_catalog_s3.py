@@ -9,10 +9,9 @@ from pathlib import Path
 import duckdb
 import pytest
 
-from blip3.core import shard_folder
 from blip3.core.catalog import Catalog
 from blip3.core.errors import UserError
-from blip3.core.storage import RemoteDir
+from blip3.core.storage import Location as RemoteDir
 from blip3.mixture.build import build_manifest
 from blip3.mixture.manifest import load_manifest
 from tests.core_fixtures import write_caption_shard
@@ -25,7 +24,7 @@ SAMPLE_COLUMNS = "key, uid, status, error_message, width, height, caption_length
 def _upload(local: Path, url: str, options: dict) -> RemoteDir:
     remote = RemoteDir(url, options)
     for p in sorted(local.iterdir()):
-        remote.upload(p, p.name)
+        remote.put(p, p.name)
     return remote
 
 
@@ -52,8 +51,8 @@ def test_catalog_add_reads_sidecars_and_stats_from_the_store(shards_on_s3, s3_se
     (the sha256 is trusted from the stats) unless `verify`, which re-hashes every one."""
     local, remote = shards_on_s3
     hashed: list[str] = []
-    rehash = shard_folder.remote_sha256
-    monkeypatch.setattr(shard_folder, "remote_sha256", lambda fs, loc: hashed.append(loc) or rehash(fs, loc))
+    rehash = RemoteDir.sha256
+    monkeypatch.setattr(RemoteDir, "sha256", lambda self, name="": hashed.append(name) or rehash(self, name))
     db_local, db_s3 = tmp_path / "local.duckdb", tmp_path / "s3.duckdb"
     with Catalog(db_local) as cat:
         cat.add_output(local)

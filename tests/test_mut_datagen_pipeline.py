@@ -17,7 +17,7 @@ from PIL import Image
 
 from blip3.core.errors import UserError
 from blip3.core.shards import SampleRow, ShardWriter, read_stats, shard_complete, shard_paths
-from blip3.core.storage import RemoteDir
+from blip3.core.storage import Location
 from blip3.datagen.annotator import Annotation
 from blip3.datagen.fetch import DownloadOptions
 from blip3.datagen.images import ImageLimits, ImageOutput
@@ -139,7 +139,7 @@ def test_write_shard_to_a_store_publishes_the_same_shard(tmp_path):
     local = tmp_path / "local"
     local.mkdir()
     (tmp_path / "bucket").mkdir()
-    store = RemoteDir(f"file://{tmp_path / 'bucket'}")
+    store = Location(f"file://{tmp_path / 'bucket'}")
     a = write_shard(local, plan, SizeCaptioner(), ImageLimits(), {"name": "size"})
     b = write_shard(store, plan, SizeCaptioner(), ImageLimits(), {"name": "size"})
     assert a == b and shard_complete(store, 0)
