@@ -78,6 +78,14 @@ def url_scheme(location: str | Path) -> str | None:
     return match.group(1).lower() if match else None
 
 
+def _unmangled(text: str) -> str:
+    """`s3:/bucket/x`, what `pathlib.Path` makes of `s3://bucket/x`, back as the URL it was."""
+    match = re.match(r"^([A-Za-z][A-Za-z0-9+.-]*):/(?!/)", text)
+    if match and match.group(1).lower() != "file":
+        return f"{match.group(1)}://{text[match.end():]}"
+    return text
+
+
 def _local(text: str, field: str) -> Path | None:
     """`text` as a local path, or None for a URL of another scheme than `file`."""
     scheme = url_scheme(text)
@@ -193,7 +201,7 @@ class Location:
         if isinstance(where, Location):
             storage_options = where.storage_options if storage_options is None else storage_options
             where = where.url
-        text = str(where)
+        text = _unmangled(str(where))
         path = _local(text, "location")
         self.local_path: Path | None = None if path is None else path.resolve()
         self.url = str(self.local_path) if path is not None else text.rstrip("/")
@@ -378,6 +386,10 @@ class Location:
             target.parent.mkdir(parents=True, exist_ok=True)
             if Path(local).resolve() == target:
                 return
+            if target.exists() and not target.is_file():  # a device or a pipe: written into, never replaced
+                with open(local, "rb") as src, open(target, "wb") as dst:
+                    shutil.copyfileobj(src, dst)
+                return
             tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
             shutil.copyfile(local, tmp)
             os.replace(tmp, target)
@@ -402,6 +414,11 @@ class Location:
         """Create a local folder (a store prefix exists once something is written under it)."""
         if self.local_path is not None:
             self.local_path.mkdir(parents=True, exist_ok=True)
+
+    def write_bytes(self, data: bytes, name: str = "") -> None:
+        """Write a whole file (`name` in this folder, or this location), atomically."""
+        with self.staged_file(name) as local:
+            local.write_bytes(data)
 
     @contextlib.contextmanager
     def staged_file(self, name: str = "") -> Iterator[Path]:
@@ -695,7 +712,7 @@ def as_location(where: str | Path | Location, storage_options: dict[str, Any] | 
 def output_location(where: str | Path | Location, storage_options: dict[str, Any] | None = None,
                     field: str = "--output") -> Location:
     """Where a command writes: refused up front when it cannot hold an output (see the module docstring)."""
-    text = where.url if isinstance(where, Location) else str(where)
+    text = where.url if isinstance(where, Location) else _unmangled(str(where))
     scheme = url_scheme(text)
     if "::" in text.split("/", 1)[0] or (scheme is not None and text[len(scheme) + 1:].startswith(":")):
         raise UserError("a chained URL (a::b://...) caches reads and cannot be an output; give the target URL itself",

@@ -98,7 +98,7 @@ def source_tiny(
 @mix_app.command("build")
 def mix_build(
     spec: Path = typer.Argument(..., help="Mixture spec YAML (docs/formats.md)."),
-    out: Path = typer.Option(..., "--out", "-o", help="Manifest to write, e.g. manifests/NAME.yaml."),
+    out: str = typer.Option(..., "--out", "-o", help="Manifest to write, e.g. manifests/NAME.yaml (or an s3://... URL)."),
     tokenizer: Optional[Path] = TokenizerOption,
     crops_per_image: int = CropsOption,
     vision_tokens_per_crop: Optional[int] = VisionTokensOption,

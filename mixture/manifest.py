@@ -25,7 +25,7 @@ import yaml
 
 from blip3.core.catalog import SOURCE_KINDS
 from blip3.core.errors import UserError
-from blip3.core.storage import Location, url_scheme
+from blip3.core.storage import Location, output_location, url_scheme
 from blip3.core.yamlio import read_yaml
 from blip3.mixture.caption_choice import validate_caption_choice
 from blip3.mixture.tokens import DEFAULT_VISION_TOKENS_PER_CROP, ESTIMATE_LABEL
@@ -105,15 +105,14 @@ class Manifest:
         return {"manifest_version": MANIFEST_VERSION, **d}
 
 
-def write_manifest(manifest: Manifest, path: str | Path) -> Path:
-    """Write `manifest` as YAML (atomically: a reader never sees half a manifest)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    text = yaml.safe_dump(manifest.to_dict(), sort_keys=False, width=120)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    tmp.replace(path)
-    return path
+def write_manifest(manifest: Manifest, path: str | Path) -> str:
+    """Write `manifest` as YAML (atomically: a reader never sees half a manifest), to a local path
+    or any fsspec URL."""
+    where = output_location(path, field="--out")
+    if where.is_local:
+        where.local_path.parent.mkdir(parents=True, exist_ok=True)
+    where.write_bytes(yaml.safe_dump(manifest.to_dict(), sort_keys=False, width=120).encode())
+    return where.url
 
 
 def load_manifest(path: str | Path, *, verify: str = "size") -> Manifest:
