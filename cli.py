@@ -90,8 +90,11 @@ def sql(
 ) -> None:
     """Run a read-only SQL query on the catalog (statements that write are refused)."""
     from blip3.core.sql import run_query
+    from blip3.core.storage import output_location
     from blip3.core.tables import write_result
 
+    if out is not None:
+        output_location(out, field="--out")  # refused before the query runs
     write_result(run_query(query, db), fmt=fmt, out=out)
 
 
