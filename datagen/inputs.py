@@ -42,7 +42,7 @@ from typing import Any, BinaryIO, Iterator
 from blip3.core.errors import UserError, describe_exception
 from blip3.core.keys import sanitize_key
 from blip3.core.storage import RemoteDir, url_scheme
-from blip3.core.shards import IMAGE_EXTS, MemberSpan, iter_tar_index, read_span, split_member_name
+from blip3.core.shards import IMAGE_EXTS, MemberSpan, is_image_ext, iter_tar_index, read_span, split_member_name
 
 INPUT_FORMATS = ("folder", "webdataset", "img2dataset", "urls", "blip3-ocr")
 URL_LIST_SUFFIXES = (".parquet", ".csv", ".tsv", ".jsonl", ".json")
@@ -361,6 +361,7 @@ class _TarSample:
     key: str
     members: dict[str, MemberSpan] = field(default_factory=dict)  # by lower-cased ext, first wins
     extra_images: list[str] = field(default_factory=list)  # image members not taken (`key.ext`)
+    image: str | None = None  # the extension (a `members` key) of the image member taken
     link: str | None = None  # set for a link member (`name -> target`): no data of its own
     header: int = 0  # byte offset of the sample's first header (a scan can resume there)
 
@@ -391,13 +392,17 @@ def scan_tar(path: Path | str, *, fileobj: BinaryIO | None = None, start: int = 
 
 
 def _group_members(key: str, spans: tuple[MemberSpan, ...], header: int = 0) -> _TarSample:
-    """One key's members by extension; the image member used is the first of the preferred ext."""
+    """One key's members by extension. The image used is the first member of the preferred plain
+    extension (`jpg`, `png`, ...), else the first whose last dotted part is one (`a.b.jpg` is key
+    `a`, extension `b.jpg`, the webdataset way); every other image member is listed in
+    `extra_images`, so it becomes a failed row, never silently dropped."""
     sample = _TarSample(key, header=header)
     for span in spans:
         sample.members.setdefault(span.ext.lower(), span)
-    image_ext = next((e for e in IMAGE_EXTS if e in sample.members), None)
-    chosen = sample.members.get(image_ext) if image_ext else None
-    sample.extra_images = [f"{key}.{m.ext}" for m in spans if m.ext.lower() in IMAGE_EXTS and m is not chosen]
+    sample.image = next((e for e in IMAGE_EXTS if e in sample.members), None) or next(
+        (e for e in sample.members if is_image_ext(e)), None)
+    chosen = sample.members.get(sample.image) if sample.image else None
+    sample.extra_images = [f"{key}.{m.ext}" for m in spans if is_image_ext(m.ext) and m is not chosen]
     return sample
 
 
@@ -416,7 +421,7 @@ def _tar_sample_refs(src: TarSource, f: BinaryIO, sample: _TarSample) -> Iterato
 
 def _tar_sample_ref(src: TarSource, f: BinaryIO, sample: _TarSample, extra: dict[str, Any] | None = None) -> SampleRef:
     """The ref of one tar sample; its json/txt members are read through `f`, the open tar `src`."""
-    image_ext = next((e for e in IMAGE_EXTS if e in sample.members), None)
+    image_ext = sample.image
     meta: dict[str, Any] = {"shard": src.name}
     record: dict[str, Any] = {}
     if "json" in sample.members:
@@ -441,7 +446,7 @@ def _tar_sample_ref(src: TarSource, f: BinaryIO, sample: _TarSample, extra: dict
         )
     info = sample.members[image_ext]
     return SampleRef(
-        key=sample.key, ext=image_ext, locator=src.locator(info.offset, info.size),
+        key=sample.key, ext=image_ext.rsplit(".", 1)[-1], locator=src.locator(info.offset, info.size),
         uid=_str_or_none(uid), url=_str_or_none(url), source_caption=caption, meta=meta,
     )
 
