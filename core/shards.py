@@ -522,13 +522,16 @@ def _members(tar: tarfile.TarFile) -> Iterator[tarfile.TarInfo]:
         yield member
 
 
-def _keyed_files(tar: tarfile.TarFile, skipped: list[tarfile.TarInfo] | None = None
+def _keyed_files(tar: tarfile.TarFile, skipped: list[tarfile.TarInfo] | None = None, headers: Any = None
                  ) -> Iterator[tuple[str, str, tarfile.TarInfo]]:
     """(key, ext, member) for each regular file, in tar order: consecutive equal keys form a sample.
 
     Links and device entries carry no data of their own; they are passed over, and appended to
     `skipped` when given so a reader that must account for every input can report them."""
     for member in _members(tar):
+        if headers is not None:
+            headers.update(repr((member.name, member.size, member.mtime, member.chksum, member.type,
+                                 member.linkname)).encode("utf-8", "surrogateescape"))
         if member.size < 0:  # tarfile takes a signed size field; a reader would read to the end
             raise tarfile.ReadError(f"member {member.name!r} has a negative size")
         if member.isfile():
@@ -557,19 +560,20 @@ class SampleIndex:
 
 
 def iter_tar_index(path: str | Path, *, skipped: list[tarfile.TarInfo] | None = None,
-                   fileobj: BinaryIO | None = None, start: int = 0) -> Iterator[SampleIndex]:
+                   fileobj: BinaryIO | None = None, start: int = 0, headers: Any = None) -> Iterator[SampleIndex]:
     """Samples of an uncompressed tar in order, by reading headers only (data is seeked over), so a
     reader can later fetch just the members it needs. `tarfile.TarError` / `OSError` pass through
     unchanged: each caller words them for its own user. Non-regular members (hard and symbolic
     links, devices) are not samples; they are appended to `skipped` when it is given.
 
     `fileobj` reads the tar from an open (seekable) file instead of `path`, e.g. an object-store
-    file; `start`, a sample's `header`, resumes the scan there instead of at the first member."""
+    file; `start`, a sample's `header`, resumes the scan there instead of at the first member;
+    `headers` (a hashlib object) is fed every member header's fields on the way (no extra read)."""
     with contextlib.ExitStack() as stack:
         f = fileobj if fileobj is not None else stack.enter_context(open(path, "rb"))
         f.seek(start)
         tar = stack.enter_context(tarfile.open(fileobj=f, mode="r:"))
-        for key, group in groupby(_keyed_files(tar, skipped), key=itemgetter(0)):
+        for key, group in groupby(_keyed_files(tar, skipped, headers), key=itemgetter(0)):
             members = list(group)
             yield SampleIndex(key, tuple(MemberSpan(ext, m.offset_data, m.size) for _, ext, m in members),
                               header=members[0][2].offset)

@@ -31,6 +31,7 @@ so the same input always gives the same keys and no key can name a path outside 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import tarfile
@@ -41,7 +42,7 @@ from typing import Any, BinaryIO, Iterator
 
 from blip3.core.errors import UserError, describe_exception
 from blip3.core.keys import sanitize_key
-from blip3.core.storage import RemoteDir, url_scheme
+from blip3.core.storage import Location, stamp_of, url_scheme
 from blip3.core.shards import IMAGE_EXTS, MemberSpan, is_image_ext, iter_tar_index, read_span, split_member_name
 
 INPUT_FORMATS = ("folder", "webdataset", "img2dataset", "urls", "blip3-ocr")
@@ -71,10 +72,10 @@ class SampleRef:
     """Where an input sample's bytes are, without the bytes.
 
     `locator` is `["file", path]`, `["tar", path, offset, size]`, `["url", url]` (fetched by
-    `load_sample`), `["store", RemoteDir, name]` / `["store", RemoteDir, name, offset, size]` (an
+    `load_sample`), `["store", Location, name]` / `["store", Location, name, offset, size]` (an
     object, or a tar member, on an object store) or `["none"]` (pre-failed).
     Refs of local inputs serialise to JSON (`to_json`/`from_json`); a store's refs share their one
-    `RemoteDir`, which pickles without its connection.
+    `Location`, which pickles without its connection.
     """
 
     key: str
@@ -85,6 +86,9 @@ class SampleRef:
     source_caption: str | None = None
     meta: dict[str, Any] = field(default_factory=dict)
     error: str | None = None
+    #: what changes when the input's bytes do, at the cost of a stat: `size:mtime_ns` of a file,
+    #: `size:ETag` of an object (core.storage.stamp_of); part of the shard's input digest
+    stamp: str | None = None
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), ensure_ascii=False)
@@ -282,9 +286,10 @@ def _folder_refs(root: Path) -> Iterator[SampleRef]:
             continue
         caption_file = path.with_suffix(".txt")
         caption = caption_file.read_text(encoding="utf-8", errors="replace").strip() if caption_file.is_file() else None
+        st = path.stat()
         yield SampleRef(
             key=rel.rsplit(".", 1)[0], ext=_ext_of(path.name), locator=["file", str(path.resolve())],
-            source_caption=caption or None, meta={"path": rel},
+            source_caption=caption or None, meta={"path": rel}, stamp=f"{st.st_size}:{st.st_mtime_ns}",
         )
 
 
@@ -316,7 +321,7 @@ class TarSource:
     Picklable, so a Ray task on any node reads the tar itself."""
 
     path: str
-    store: RemoteDir | None = None
+    store: Location | None = None
     #: an img2dataset part's `NNNNN.parquet` (local): its rows, sorted by key, are the refs
     parquet: str | None = None
 
@@ -342,13 +347,13 @@ class TarSource:
             raise FileNotFoundError(f"no such object: {self}")
         return size
 
-    def scan(self, start: int = 0) -> Iterator[_TarSample]:
+    def scan(self, start: int = 0, headers: Any = None) -> Iterator[_TarSample]:
         """`scan_tar` of this tar, from the sample whose header is at byte `start`."""
         if self.store is None:
-            yield from scan_tar(Path(self.path), start=start)
+            yield from scan_tar(Path(self.path), start=start, headers=headers)
             return
         with self.open() as f:
-            yield from scan_tar(str(self), fileobj=f, start=start)
+            yield from scan_tar(str(self), fileobj=f, start=start, headers=headers)
 
     def locator(self, offset: int, size: int) -> list[Any]:
         if self.store is None:
@@ -371,16 +376,17 @@ class _TarSample:
         return 1 if self.link is not None else 1 + len(self.extra_images)
 
 
-def scan_tar(path: Path | str, *, fileobj: BinaryIO | None = None, start: int = 0) -> Iterator[_TarSample]:
+def scan_tar(path: Path | str, *, fileobj: BinaryIO | None = None, start: int = 0,
+             headers: Any = None) -> Iterator[_TarSample]:
     """Group a tar's members by webdataset key, keeping their data offsets (no data read).
 
     Every image member is accounted for: a second image under one key (a repeated `a.jpg`, or
     `a.jpg` beside `a.png`) is listed in `extra_images`, and an image member that is a hard or
     symbolic link comes last as a sample of its own with `link` set, so each becomes a failed row.
-    `fileobj` and `start` as for `core.shards.iter_tar_index`."""
+    `fileobj`, `start` and `headers` as for `core.shards.iter_tar_index`."""
     links: list[tarfile.TarInfo] = []
     try:
-        for sample in iter_tar_index(path, skipped=links, fileobj=fileobj, start=start):
+        for sample in iter_tar_index(path, skipped=links, fileobj=fileobj, start=start, headers=headers):
             yield _group_members(sample.key, sample.members, sample.header)
     except tarfile.TarError as e:
         raise UserError(f"not a readable tar: {e}", file=path) from e
@@ -475,26 +481,32 @@ class TarCount:
     size: int = 0
     seeks: list[tuple[int, int]] = field(default_factory=lambda: [(0, 0)])
     error: str | None = None
+    #: sha256 of every member header (name, size, mtime, checksum), read while counting: a tar
+    #: rewritten with other members, sizes or times gets another one, wherever it lies
+    stamp: str = ""
 
 
 def count_tar(src: TarSource, every: int) -> TarCount:
     """Count a tar's refs by reading its headers only (no member data). A tar holding links gets
     no seeks but the start: its links' refs come after all samples, so only a full scan finds them."""
     count = TarCount()
+    headers = hashlib.sha256()
     try:
         count.size = src.size()
         if src.parquet is not None:  # an img2dataset part: one ref per parquet row, from its footer
             import pyarrow.parquet as pq
 
             count.refs = pq.read_metadata(src.parquet).num_rows
+            count.stamp = "|".join(str(Location(p).stamp()) for p in (src.parquet, src.path))
             return count
-        for sample in src.scan():
+        for sample in src.scan(headers=headers):
             if count.refs >= count.seeks[-1][0] + every and sample.link is None:
                 count.seeks.append((count.refs, sample.header))
             if sample.link is not None:
                 count.seeks = [(0, 0)]
                 every = 1 << 62
             count.refs += sample.n_refs
+        count.stamp = headers.hexdigest()
     except UserError as e:
         count.error = str(e)
     except Exception as e:  # a missing object, no permission, a store out of reach: the driver says it in one line
@@ -551,10 +563,10 @@ def store_tars(url: str, storage_options: dict[str, Any] | None) -> list[TarSour
         names = [name]
     else:
         root = url
-        names = sorted(n for n in RemoteDir(root, storage_options).names() if n.endswith(".tar"))
+        names = sorted(n for n in Location(root, storage_options).names() if n.endswith(".tar"))
         if not names:
             raise UserError("no .tar shards found", file=url)
-    store = RemoteDir(root, storage_options)
+    store = Location(root, storage_options)
     return [TarSource(name, store) for name in names]
 
 
@@ -563,7 +575,7 @@ def detect_store_format(url: str, storage_options: dict[str, Any] | None) -> str
     text = url.rstrip("/")
     if "{" in text or text.lower().endswith(".tar"):
         return "webdataset"
-    names = RemoteDir(text, storage_options).names()
+    names = Location(text, storage_options).names()
     if not names:
         raise UserError("input does not exist (or is an empty folder)", file=url)
     if any(n.endswith(".tar") for n in names):
@@ -575,20 +587,18 @@ def detect_store_format(url: str, storage_options: dict[str, Any] | None) -> str
     return "folder"
 
 
-def store_folder_refs(store: RemoteDir) -> Iterator[SampleRef]:
+def store_folder_refs(store: Location) -> Iterator[SampleRef]:
     """`_folder_refs` of a folder on an object store: every image under it, sorted by relative
     path, a `name.txt` beside `name.jpg` as its source caption; the bytes are read by the shard task."""
-    root = store.path("").rstrip("/")
-    rels = sorted(p[len(root) + 1:] for p in store.fs.find(root))
-    present = set(rels)
-    for rel in rels:
+    found = store.find()
+    for rel in sorted(found):
         if _ext_of(rel) not in IMAGE_EXTS:
             continue
         stem = rel.rsplit(".", 1)[0]
-        text = store.read_bytes(f"{stem}.txt") if f"{stem}.txt" in present else None
+        text = store.read_bytes(f"{stem}.txt") if f"{stem}.txt" in found else None
         caption = text.decode("utf-8", errors="replace").strip() if text else None
         yield SampleRef(key=stem, ext=_ext_of(rel), locator=["store", store, rel], source_caption=caption or None,
-                        meta={"path": rel})
+                        meta={"path": rel}, stamp=stamp_of(found[rel]))
 
 
 def _img2dataset_refs(folder: Path) -> Iterator[SampleRef]:

@@ -36,7 +36,7 @@ from typing import Any, Callable, Iterable, Iterator, Sequence
 
 from blip3.core.errors import UserError
 from blip3.core.logs import progress
-from blip3.core.storage import RemoteDir, staged_input, storage_environment, url_scheme
+from blip3.core.storage import Location, staged_input, storage_environment, url_scheme
 from blip3.datagen.inputs import (
     INPUT_FORMATS,
     URL_LIST_SUFFIXES,
@@ -68,6 +68,7 @@ class TarSpan:
     stop: int
     size: int
     seek: tuple[int, int] = (0, 0)
+    stamp: str = ""  # the tar's `TarCount.stamp`: its member headers' digest
 
 
 class ShardPlan:
@@ -112,17 +113,18 @@ def input_digest(refs: Iterable[SampleRef], generator: dict[str, Any] | None = N
     only for the same inputs annotated the same way (changing e.g. `--min-confidence` redoes it)."""
     h = _generator_hash(generator)
     for r in refs:
-        h.update(json.dumps([r.key, r.ext, r.uid, r.url, r.source_caption, r.error]).encode())
+        h.update(json.dumps([r.key, r.ext, r.uid, r.url, r.source_caption, r.error, r.stamp]).encode())
     return h.hexdigest()
 
 
 def spans_digest(spans: Iterable[TarSpan], generator: dict[str, Any] | None = None) -> str:
     """`input_digest` of a plan of tar ranges, from what the driver knows without reading the tars:
-    each tar's name and size and the range. The location is left out, so a corpus moved (say, to
-    an object store) keeps its finished shards."""
+    each tar's name, size and member headers' digest (counted by tasks near the data), and the
+    range. The location is left out, so a corpus moved (say, to an object store) keeps its
+    finished shards; a tar rewritten (other members, sizes or times) gets its shards redone."""
     h = _generator_hash(generator)
     for s in spans:
-        h.update(json.dumps(["tar", s.tar.name, s.size, s.start, s.stop]).encode())
+        h.update(json.dumps(["tar", s.tar.name, s.size, s.start, s.stop, s.stamp]).encode())
     return h.hexdigest()
 
 
@@ -161,7 +163,7 @@ def iter_tar_plans(tars: Sequence[TarSource], counts: Sequence[TarCount], shard_
         while pos < n:
             take = min(shard_size - filled, n - pos)
             seek = count.seeks[bisect.bisect_right(firsts, pos) - 1]
-            spans.append(TarSpan(tar, pos, pos + take, count.size, seek))
+            spans.append(TarSpan(tar, pos, pos + take, count.size, seek, count.stamp))
             pos, filled = pos + take, filled + take
             if filled == shard_size:
                 yield ShardPlan(index, digest=spans_digest(spans, generator), spans=tuple(spans))
@@ -214,7 +216,7 @@ def job_plans(input: str, input_format: str | None, shard_size: int, generator: 
         if kind not in INPUT_FORMATS:
             raise UserError(f"unknown input format {kind!r}; one of {', '.join(INPUT_FORMATS)}", field="--input-format")
         if kind == "folder":
-            yield from iter_plans(store_folder_refs(RemoteDir(text, storage_options)), shard_size, generator,
+            yield from iter_plans(store_folder_refs(Location(text, storage_options)), shard_size, generator,
                                   limit=limit)
             return
         if kind != "webdataset":
