@@ -133,3 +133,19 @@ def test_the_lock_leaves_no_empty_output_folder_behind(tmp_path):
     with Location(tmp_path / "new").lock():
         assert (tmp_path / "new").is_dir()
     assert not (tmp_path / "new").exists()
+
+
+def test_a_job_into_an_output_another_job_is_writing_is_refused_before_it_writes(tmp_path):
+    """Two jobs on one output folder used to mix their shards (and one's temporary-file cleanup
+    removed the other's files); the second is now refused in one line, before it touches the folder."""
+    from blip3.datagen.pipeline import JobOptions, run_job
+    from tests.test_datagen_pipeline import SizeCaptioner
+    from tests.test_datagen_scale import _images
+
+    src, out = _images(tmp_path / "in", 2), tmp_path / "out"
+    out.mkdir()
+    (out / ".00000.tar.tmp-123-abcd").write_bytes(b"the running job's shard in progress")
+    with Location(out).lock("ground in"):
+        with pytest.raises(UserError, match=r"another job \(ground in\) is writing this output"):
+            run_job(src, out, SizeCaptioner, JobOptions(workers=1, shard_size=8, register=False))
+        assert sorted(p.name for p in out.iterdir()) == sorted([LOCK_NAME, ".00000.tar.tmp-123-abcd"])
