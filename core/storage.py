@@ -163,6 +163,8 @@ def _store_hint(e: BaseException, scheme: str | None) -> str:
             return "access denied: check AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY (or AWS_PROFILE) and the bucket's policy"
         if "nosuchbucket" in words:
             return "no such bucket"
+    if any(w in words for w in ("connect call failed", "cannot connect", "connection refused", "name or service not known")):
+        return "cannot reach the server: check the URL (and --storage-options) and that the server is up"
     return ""
 
 
@@ -186,7 +188,7 @@ def store_errors(location: str) -> Iterator[None]:
     except _store_exceptions() as e:
         hint = _store_hint(e, url_scheme(location))
         detail = hint or " ".join(str(e).split())[:300] or type(e).__name__
-        raise UserError(f"cannot use the object store: {detail}", file=location) from None
+        raise UserError(f"cannot use the store: {detail}", file=location) from None
 
 
 # -- the one location type ---------------------------------------------------------------------------
@@ -491,8 +493,14 @@ class Location:
                 if size is not None:
                     out[s.tar] = size
             return out
-        return {self.where(name): int(e["size"]) for name, e in self.listing().items()
-                if name.endswith(".tar") and e.get("type") != "directory"}
+        sizes = {}
+        for name, e in self.listing().items():
+            if name.endswith(".tar") and e.get("type") != "directory":
+                size = e.get("size")  # an HTTP listing gives names only: asked one by one
+                size = self.size(name) if size is None else int(size)
+                if size is not None:
+                    sizes[self.where(name)] = size
+        return sizes
 
     def tars_without_stats(self, listed: list[Shard], sizes: dict[str, int]) -> list[tuple[str, str]]:
         """`NNNNNN.tar` files that no readable stats file describes (a killed writer, a hand-copied
