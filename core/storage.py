@@ -340,7 +340,10 @@ class Location:
             return bool(self.fs.isfile(self.path(name)))
 
     def open(self, name: str = "", mode: str = "rb") -> BinaryIO:
-        """A file of the folder (or this location itself), streamed, not downloaded first."""
+        """A file of the folder (or this location itself), streamed, not downloaded first (a local
+        one is the operating system's own file object: no wrapper in a loader's read path)."""
+        if self.local_path is not None:
+            return open(self.path(name), mode)
         with self._errors(name):
             return self.fs.open(self.path(name), mode)
 

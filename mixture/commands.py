@@ -34,23 +34,26 @@ mix_app = typer.Typer(help="Weighted interleaved mixtures: build manifests, samp
 @source_app.command("add")
 def source_add(
     name: str = typer.Argument(..., help="Source name used in mixture specs."),
-    path: str = typer.Argument(..., help="Folder of .tar shards (ours or any WebDataset), a glob or a brace pattern."),
+    path: str = typer.Argument(..., help="Folder of .tar shards (ours or any WebDataset), a glob or a brace pattern; "
+                               "local, or s3://... and other fsspec URLs."),
     kind: SourceKind = typer.Option("caption", "--kind", help="The kind of samples the shards hold."),
     tokenizer: Optional[Path] = TokenizerOption,
     crops_per_image: int = CropsOption,
     vision_tokens_per_crop: Optional[int] = VisionTokensOption,
+    storage_options: Optional[str] = StorageOptions,
     db: Path = DbOption,
 ) -> None:
     """Register a source with its shards, checksums, sample and token counts (idempotent)."""
     from blip3.core.catalog import Catalog
     from blip3.core.logs import console
+    from blip3.core.storage import parse_storage_options
     from blip3.mixture.sources import add_source
     from blip3.mixture.tokens import DEFAULT_VISION_TOKENS_PER_CROP, TokenCounter
 
     counter = TokenCounter(tokenizer, crops_per_image=crops_per_image,
                            vision_tokens_per_crop=vision_tokens_per_crop or DEFAULT_VISION_TOKENS_PER_CROP)
     with Catalog(db) as cat:
-        r = add_source(cat, name, path, kind, counter)
+        r = add_source(cat, name, path, kind, counter, parse_storage_options(storage_options))
     console.print(f"[green]{r.name}[/] ({r.kind}): {r.shards} shard(s), {r.samples} samples, {r.tokens} tokens "
                   f"\\[{r.tokenizer}], {r.added} shard(s) newly added")
 
@@ -76,7 +79,7 @@ def source_import_obelics(
     console.print(f"{r.documents} document(s) written in {r.shards} shard(s), {r.failed} failed "
                   f"({', '.join(f'{k}: {v}' for k, v in r.reasons.items()) or 'none'})")
     if source:
-        source_add(source, str(output), "interleaved", tokenizer, 1, None, db)
+        source_add(source, str(output), "interleaved", tokenizer, 1, None, None, db)
 
 
 @source_app.command("tiny")

@@ -155,3 +155,39 @@ def test_unreadable_sidecars_on_the_store_fail_alone(shards_on_s3, s3_server, tm
     assert (r.added, r.rows) == (1, 5)
     assert [(p.rsplit("/", 1)[-1], "parquet" in why.lower()) for p, why in r.failed] == [("00001.tar", True),
                                                                                           ("00002.tar", True)]
+
+
+def test_source_add_inline_sources_and_the_loader_on_the_store(shards_on_s3, s3_server, tmp_path, monkeypatch):  # noqa: F811
+    """`source add NAME s3://...` (our shards, and foreign tars by a brace pattern), a spec naming
+    `s3://` shards inline, and the trainer's loader reading those tars: the same counts, tokens and
+    samples as the local copies give."""
+    from blip3.mixture.loader import MixtureLoader
+    from blip3.mixture.sources import add_source
+    from blip3.mixture.tokens import TokenCounter
+    from tests.test_mixture_catalog import _foreign_tar
+
+    local, remote = shards_on_s3
+    (tmp_path / "wds").mkdir()
+    for i, n in enumerate((3, 2)):
+        _foreign_tar(tmp_path / "wds" / f"{i:05d}.tar", n)
+    wds = _upload(tmp_path / "wds", f"s3://{BUCKET}/{tmp_path.name}/wds", s3_server)
+    got = {}
+    for where, ours, theirs, options in (("local", local, tmp_path / "wds" / "{00000..00001}.tar", None),
+                                         ("s3", remote.url, f"{wds.url}/{{00000..00001}}.tar", s3_server)):
+        with Catalog(tmp_path / f"{where}.duckdb") as cat:
+            a = add_source(cat, "ocr-en", ours, "caption", TokenCounter(), options)
+            b = add_source(cat, "cc", theirs, "caption", TokenCounter(), options)
+        got[where] = [(r.shards, r.samples, r.tokens) for r in (a, b)]
+    assert got["s3"] == got["local"] == [(3, 12, got["local"][0][2]), (2, 5, got["local"][1][2])]
+
+    spec = {"name": "m", "seed": 0, "sources": [{"name": "inline", "kind": "caption", "weight": 1.0,
+                                                 "path": f"{remote.url}"}]}
+    m = build_manifest(spec, storage_options=s3_server, record=False)
+    assert [s.path for s in m.sources[0].shards] == [f"{remote.url}/0000{i}.tar" for i in range(3)]
+    local_m = build_manifest({**spec, "sources": [{**spec["sources"][0], "path": str(local)}]}, record=False)
+    for k, v in {"AWS_ENDPOINT_URL": s3_server["endpoint_url"], "AWS_ACCESS_KEY_ID": "testing",
+                 "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}.items():
+        monkeypatch.setenv(k, v)  # the trainer reaches the store the standard way
+    samples = MixtureLoader(m, shuffle_buffer=4).take(20)
+    expected = MixtureLoader(local_m, shuffle_buffer=4).take(20)
+    assert [(s["key"], s["txt"], s["images"]) for s in samples] == [(s["key"], s["txt"], s["images"]) for s in expected]
