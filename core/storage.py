@@ -298,25 +298,27 @@ class Location:
 
     # -- files -------------------------------------------------------------------------------------
     def names(self) -> list[str]:
-        """Names of the entries directly in the folder (none when it does not exist yet)."""
-        with self._errors():
-            try:
-                listing = self.fs.ls(self.path(), detail=False, **({} if self.is_local else {"refresh": True}))
-            except (FileNotFoundError, NotADirectoryError):
-                return []
-        return [p.rstrip("/").rsplit("/", 1)[-1] for p in listing]
+        """Names of the entries directly in the folder (none when it does not exist yet, or is a file)."""
+        return list(self.listing())
 
     def listing(self) -> dict[str, dict[str, Any]]:
         """fsspec's details (size, type, mtime or ETag) of the entries directly in the folder, by name."""
+        root = self.path().rstrip("/")
         with self._errors():
             try:
-                entries = self.fs.ls(self.path(), detail=True, **({} if self.is_local else {"refresh": True}))
+                entries = self.fs.ls(root, detail=True, **({} if self.is_local else {"refresh": True}))
             except (FileNotFoundError, NotADirectoryError):
                 return {}
+        if any(e["name"].rstrip("/") == root and e.get("type") != "directory" for e in entries):
+            return {}  # listing a file gives the file itself: a file has no entries
         return {e["name"].rstrip("/").rsplit("/", 1)[-1]: e for e in entries}
 
     def find(self) -> dict[str, dict[str, Any]]:
-        """Every file under the folder, recursively, by path relative to it, with fsspec's details."""
+        """Every file under the folder, recursively, by path relative to it, with fsspec's details
+        (`size`, `mtime` or `ETag`); a local symbolic link whose target is gone is listed with its
+        target as `dangling` (an input the user listed: it gets a failed row, not silence)."""
+        if self.local_path is not None:
+            return self._find_local()
         root = self.path()
         with self._errors():
             try:
@@ -325,6 +327,19 @@ class Location:
                 return {}
         prefix = root.rstrip("/") + "/"
         return {p[len(prefix):]: info for p, info in found.items() if p.startswith(prefix)}
+
+    def _find_local(self) -> dict[str, dict[str, Any]]:
+        root, found = self.local_path, {}
+        if not root.is_dir():
+            return found
+        for p in root.rglob("*"):
+            rel = p.relative_to(root).as_posix()
+            if p.is_symlink() and not p.exists():
+                found[rel] = {"name": str(p), "type": "file", "size": None, "dangling": os.readlink(p)}
+            elif p.is_file():
+                st = p.stat()
+                found[rel] = {"name": str(p), "type": "file", "size": st.st_size, "mtime": st.st_mtime_ns}
+        return found
 
     def exists(self, name: str = "") -> bool:
         """The folder (or `name` in it) is there; a store prefix exists when it holds something."""

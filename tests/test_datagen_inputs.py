@@ -143,7 +143,7 @@ def test_webdataset_scan_opens_each_tar_once(tmp_path, monkeypatch):
     """Reading the json/txt members of a tar's samples goes through one open file, not one per member."""
     import builtins
 
-    import blip3.datagen.inputs as inputs
+    import blip3.core.storage as storage
 
     img = png_bytes(text_image("A", size=(40, 20)))
     members = []
@@ -156,7 +156,7 @@ def test_webdataset_scan_opens_each_tar_once(tmp_path, monkeypatch):
         opened.append(str(file))
         return builtins.open(file, *args, **kwargs)
 
-    monkeypatch.setattr(inputs, "open", counting_open, raising=False)
+    monkeypatch.setattr(storage, "open", counting_open, raising=False)
     refs = list(iter_refs(tmp_path / "a.tar"))
     assert [(r.uid, r.source_caption) for r in refs] == [(str(i), f"cap {i}") for i in range(4)]
     assert opened == [str(tmp_path / "a.tar")]
