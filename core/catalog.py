@@ -334,7 +334,7 @@ class Catalog:
         """
         folder = as_location(out_dir, storage_options)
         if not folder.exists():
-            raise UserError("not a directory" if folder.is_local else "no such folder on the store", file=folder.url)
+            raise UserError("no such folder", file=folder.url)
         shards = folder.finished()
         sizes = folder.tar_sizes()
         unlisted = folder.tars_without_stats(shards, sizes)

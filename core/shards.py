@@ -474,9 +474,7 @@ def resolve_shards(spec: str | Path, base: Path | None = None,
             part = str(base / part)
         where = Location(part, storage_options)
         if any(c in part for c in "*?["):
-            with _store(where):
-                found = sorted(where.fs.glob(where.path()))
-            tars += [p if where.is_local else where.fs.unstrip_protocol(p) for p in found if p.endswith(".tar")]
+            tars += [p for p in where.glob() if p.endswith(".tar")]
         elif (finished := where.finished()):  # only finished shards (a stats file marks them)
             tars += [info.tar for info in finished]
         elif where.is_file():
@@ -491,12 +489,6 @@ def resolve_shards(spec: str | Path, base: Path | None = None,
     if not tars:
         raise UserError("no .tar shards found", file=text)
     return tars
-
-
-def _store(where: Location):
-    from blip3.core.storage import store_errors
-
-    return store_errors(where.url)
 
 
 def clean_temporaries(out_dir: str | Path | Location) -> int:

@@ -350,6 +350,12 @@ class Location:
                 return self.local_path.is_dir()
         return bool(self.names())
 
+    def glob(self) -> list[str]:
+        """Locations matching this one taken as a glob pattern (`*`, `?`, `[...]`, `**`), sorted."""
+        with self._errors():
+            found = sorted(self.fs.glob(self.path()))
+        return [p if self.local_path is not None else self.fs.unstrip_protocol(p) for p in found]
+
     def is_file(self, name: str = "") -> bool:
         with self._errors(name):
             return bool(self.fs.isfile(self.path(name)))

@@ -116,7 +116,7 @@ def _suffix(name: str) -> str:
 def detect_format(input_path: str | Path | Location, storage_options: dict[str, Any] | None = None) -> str:
     """Guess the input kind from the location (local or on any store); raises UserError when it
     cannot tell."""
-    text = input_path.url if isinstance(input_path, Location) else str(input_path)
+    text = str(input_path)
     if "{" in text and "}" in text:
         return "webdataset"
     where = as_location(input_path, storage_options)
@@ -142,8 +142,7 @@ def detect_format(input_path: str | Path | Location, storage_options: dict[str, 
         if where.is_file():
             raise UserError(f"cannot tell the input kind; pass --input-format ({', '.join(INPUT_FORMATS)})",
                             file=where.url)
-        raise UserError("input does not exist" + ("" if where.is_local else " (or is an empty folder)"),
-                        file=where.url)
+        raise UserError("input does not exist (or is an empty folder)", file=where.url)
     if any(n.endswith(".tar") for n in listing):
         _refuse_mixed_folder(where)
         return "img2dataset" if _is_img2dataset_dir(where) else "webdataset"
@@ -566,7 +565,7 @@ class FolderReader(InputReader):
     def refs(self, where: Location) -> Iterator[SampleRef]:
         found = where.find()
         if not found and not where.exists():
-            raise UserError("not a directory" if where.is_local else "input does not exist", file=where.url)
+            raise UserError("no such folder", file=where.url)
         for rel in sorted(found):
             if _ext_of(rel) not in IMAGE_EXTS:
                 continue

@@ -109,8 +109,6 @@ def write_manifest(manifest: Manifest, path: str | Path) -> str:
     """Write `manifest` as YAML (atomically: a reader never sees half a manifest), to a local path
     or any fsspec URL."""
     where = output_location(path, field="--out")
-    if where.is_local:
-        where.local_path.parent.mkdir(parents=True, exist_ok=True)
     where.write_bytes(yaml.safe_dump(manifest.to_dict(), sort_keys=False, width=120).encode())
     return where.url
 
