@@ -213,10 +213,13 @@ class Location:
 
     # pickling: the filesystem is rebuilt where the object lands (a Ray worker on another node)
     def __getstate__(self) -> dict[str, Any]:
-        return {"url": self.url, "storage_options": self.storage_options}
+        return {"url": self.url, "storage_options": self.storage_options, "local": self.local_path is not None}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
-        self.__init__(state["url"], state["storage_options"])
+        # no re-parsing or path resolution: a shard plan's refs each carry one, unpickled per sample
+        self.url, self.storage_options = state["url"], state["storage_options"]
+        self.local_path = Path(self.url) if state["local"] else None
+        self._fs, self._root = None, ""
 
     def __str__(self) -> str:
         return self.url
