@@ -758,6 +758,17 @@ def output_location(where: str | Path | Location, storage_options: dict[str, Any
     return as_location(where, storage_options)
 
 
+def local_output(where: str | Path, field: str = "--out") -> Path:
+    """Where a command that writes local files only writes: the path as given (`file:///abs` URLs
+    mean the path); any other URL is one line, never a local folder named after it."""
+    text = _unmangled(str(where))
+    location = output_location(text, field=field)
+    if not location.is_local:
+        raise UserError(f"{location.scheme}:// is not supported for this output; write to a local (or mounted) "
+                        "folder and copy it", field=field, file=text)
+    return _local(text, field)
+
+
 @contextlib.contextmanager
 def staged_input(location: str | Path, storage_options: dict[str, Any] | None, suffixes: tuple[str, ...]):
     """A local path for an input: the path itself, or, for a URL of a small list file (one of

@@ -11,7 +11,8 @@ from typing import Literal, Optional
 
 import typer
 
-from blip3.core.options import DbOption, Format, SourceKind, StorageOptions, out_option, output_path
+from blip3.core.options import (DbOption, Format, SourceKind, StorageOptions, local_out_argument, local_out_option,
+                                output_path)
 
 TokenizerOption = typer.Option(
     None, "--tokenizer",
@@ -61,8 +62,8 @@ def source_add(
 @source_app.command("import-obelics")
 def source_import_obelics(
     parquet: Path = typer.Argument(..., help="OBELICS-shaped parquet (columns texts, images)."),
-    output: Optional[Path] = typer.Argument(None, help="Output folder (the older form of -o/--out)."),
-    out: Optional[Path] = out_option("output folder for interleaved shards"),
+    output: Optional[Path] = local_out_argument("output folder"),
+    out: Optional[Path] = local_out_option("output folder for interleaved shards"),
     shard_size: int = typer.Option(1000, "--shard-size", min=1, help="Documents per shard."),
     image_root: Optional[Path] = typer.Option(None, "--image-root", help="Folder relative image paths start from "
                                               "(default: the parquet's folder)."),
@@ -84,8 +85,8 @@ def source_import_obelics(
 
 @source_app.command("tiny")
 def source_tiny(
-    output: Optional[Path] = typer.Argument(None, help="Output folder (the older form of -o/--out)."),
-    out: Optional[Path] = out_option("folder to write the tiny sources into"),
+    output: Optional[Path] = local_out_argument("output folder"),
+    out: Optional[Path] = local_out_option("folder to write the tiny sources into"),
     shards: int = typer.Option(2, "--shards", min=1, help="Shards per source."),
     per_shard: int = typer.Option(24, "--per-shard", min=1, help="Samples per shard."),
     seed: int = typer.Option(0, "--seed", help="Seed of the generated content."),
@@ -131,7 +132,7 @@ def mix_sample(
     manifest: Path = typer.Argument(..., help="A built manifest."),
     n: int = typer.Option(20, "--samples", "-n", min=1, help="How many samples."),
     seed: Optional[int] = typer.Option(None, "--seed", help="Override the manifest's seed."),
-    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Write JSON lines here (default: stdout)."),
+    out: Optional[Path] = local_out_option("file to write JSON lines to (default: stdout)"),
     rank: int = typer.Option(0, "--rank", help="This rank's share of the stream."),
     world_size: int = typer.Option(1, "--world-size", min=1, help="Ranks the stream is split over."),
     shuffle_buffer: int = typer.Option(1000, "--shuffle-buffer", min=1, help="Samples in the shuffle buffer."),
@@ -159,8 +160,7 @@ def mix_stats(
     name: str = typer.Argument(..., help="Mixture name (as built by `mix build`)."),
     fmt: Format = typer.Option(
         "table", "--format", "-f", help="Output format (parquet needs --out FOLDER: one file per table)."),
-    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Write here instead of printing (a file; "
-                                       "a folder for parquet)."),
+    out: Optional[Path] = local_out_option("file to write instead of printing (a folder for parquet)"),
     db: Path = DbOption,
 ) -> None:
     """Per-source weights (target vs realised), tokens, epochs, coverage, caption lengths, failures."""
@@ -190,7 +190,7 @@ def mix_stats(
 @mix_app.command("plot")
 def mix_plot(
     name: str = typer.Argument(..., help="Mixture name."),
-    out: Path = typer.Option(..., "--out", "-o", help="PNG file."),
+    out: Path = local_out_option("PNG file", default=...),
     db: Path = DbOption,
 ) -> None:
     """Composition (target vs realised shares) and token budget per source, as one PNG."""

@@ -93,3 +93,13 @@ def test_outputs_that_cannot_hold_a_result_are_one_line(out, words, tmp_path):
     assert r.returncode == 2 and words in " ".join(r.stderr.split()) and "Traceback" not in r.stderr
     assert sorted(p.name for p in tmp_path.iterdir()) in ([], ["c.duckdb"])  # nothing written locally
     assert not Path("/rel").exists()
+
+
+@pytest.mark.parametrize("args", [["source", "tiny", "-o", "s3://b/tiny"], ["mix", "sample", "m.yaml", "-o", "gs://b/s.jsonl"],
+                                  ["source", "tiny", "-o", "file://rel/out"]])
+def test_commands_that_write_local_files_refuse_urls_before_running(args, tmp_path):
+    r = _cli(args, dict(os.environ, BLIP3_NO_PROGRESS="1"), tmp_path)
+    line = " ".join(r.stderr.replace("│", " ").split())  # click's usage error, in rich's box
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    assert "is not supported for this output" in line or "names the host 'rel'" in line
+    assert list(tmp_path.iterdir()) == [] and not Path("/rel").exists()
