@@ -18,9 +18,11 @@ A job's input is one of (detected from the path, or named with `--input-format`)
                  `metadata` JSON): fetched like `urls`, keeping `uid` (the
                  captions are made anew by our engine; `blip3 export blip3-ocr` writes this shape).
 
-Each kind is one reader class in `READERS` (`InputReader`: how it is recognised, its tars or its
-listed refs), working the same on a local path and on any fsspec location (`core.storage.Location`:
-`s3://bucket/images/`, a brace pattern of `gs://` tars, ...). A new input kind is one class here.
+Each kind is one reader class in `READERS` (`InputReader`: its tars, counted on the cluster, or
+its refs, listed by the driver), working the same on a local path and on any fsspec location
+(`core.storage.Location`: `s3://bucket/images/`, a brace pattern of `gs://` tars, ...). A new input
+kind is one class here, plus its name in `core.options.InputFormat` (a test checks the two agree)
+and, when it can be told from the location alone, a line in `detect_format`.
 
 Enumeration happens in two steps so that a job can be sharded deterministically without holding
 image bytes: `iter_refs` yields light `SampleRef`s (a locator, not the bytes) in a stable order,
@@ -37,7 +39,6 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
-import os
 import tarfile
 from dataclasses import asdict, dataclass, field
 from itertools import islice
