@@ -17,6 +17,7 @@ import pytest
 from blip3.core.shards import SampleRow, ShardWriter
 from blip3.core.storage import Location
 from tests.core_fixtures import jpeg, write_caption_shard
+from tests.test_catalog_s3 import _forget_filesystems_built_from_other_environments
 from tests.test_storage_s3 import BUCKET, s3_server  # noqa: F401 - the fixture
 
 
@@ -67,6 +68,7 @@ def test_url_outputs_reach_the_store_and_nothing_lands_in_a_local_s3_folder(s3_s
     for k, v in env.items():  # the library calls below reach the store the standard way
         if k.startswith("AWS_"):
             monkeypatch.setenv(k, v)
+    _forget_filesystems_built_from_other_environments()
     rows = tmp_path / "rows.parquet"
     pq.write_table(pa.Table.from_pylist([{"uid": "u1", "url": "http://x/1.jpg", "metadata": "{}",
                                           "captions": json.dumps([{"text": "hi", "granularity": 0}])}]), rows)
