@@ -149,3 +149,29 @@ def test_a_job_into_an_output_another_job_is_writing_is_refused_before_it_writes
         with pytest.raises(UserError, match=r"another job \(ground in\) is writing this output"):
             run_job(src, out, SizeCaptioner, JobOptions(workers=1, shard_size=8, register=False))
         assert sorted(p.name for p in out.iterdir()) == sorted([LOCK_NAME, ".00000.tar.tmp-123-abcd"])
+
+
+_RACER = """
+import json, sys, time
+from blip3.core.errors import UserError
+from blip3.core.storage import Location
+url, options, start = sys.argv[1], json.loads(sys.argv[2]), float(sys.argv[3])
+time.sleep(max(0.0, start - time.time()))  # every racer asks at the same moment
+try:
+    with Location(url, options).lock("racer"):
+        print("got", flush=True)
+        time.sleep(3)
+except UserError:
+    print("refused", flush=True)
+"""
+
+
+def test_of_racing_jobs_exactly_one_gets_the_lock(folder):
+    """Four processes ask for the lock at the same moment: one goes on, three are refused, on a
+    local folder (create-if-absent) and on S3 (lease written, read back after the settle time)."""
+    env = dict(os.environ, BLIP3_NO_PROGRESS="1")
+    start = storage.time.time() + 3
+    racers = [subprocess.Popen([sys.executable, "-c", _RACER, folder.url, json.dumps(folder.storage_options),
+                                str(start)], stdout=subprocess.PIPE, text=True, env=env) for _ in range(4)]
+    outcomes = sorted(p.communicate(timeout=120)[0].strip() for p in racers)
+    assert outcomes == ["got", "refused", "refused", "refused"]
