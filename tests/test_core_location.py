@@ -166,6 +166,7 @@ except UserError:
 """
 
 
+@pytest.mark.slow
 def test_of_racing_jobs_exactly_one_gets_the_lock(folder):
     """Four processes ask for the lock at the same moment: one goes on, three are refused, on a
     local folder (create-if-absent) and on S3 (lease written, read back after the settle time)."""
