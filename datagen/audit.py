@@ -31,6 +31,7 @@ from PIL import Image, ImageDraw, ImageFont, ImageOps, UnidentifiedImageError
 from blip3.core.errors import UserError
 from blip3.core.records import grounding_objects, ocr_entries
 from blip3.core.shards import is_image_ext, iter_shard, resolve_shards
+from blip3.core.storage import Location, output_location
 
 THUMB_WIDTH = 320
 OCR_COLOR = (230, 20, 20)
@@ -41,7 +42,7 @@ LABEL_SIZE = 13
 
 @dataclass
 class AuditResult:
-    html: Path
+    html: Path | str  # a URL when the sheet went to an object store
     scanned: int
     shown: int
     plots: list[Path] = field(default_factory=list)
@@ -110,16 +111,18 @@ def _outlined_rect(d: ImageDraw.ImageDraw, box: list[float], color: tuple[int, i
     d.rectangle([box[0] + 1, box[1] + 1, box[2] - 1, box[3] - 1], outline=color, width=2)
 
 
-def _failed_rows(tar: Path) -> list[tuple[str, str, str]]:
+def _failed_rows(tar: str) -> list[tuple[str, str, str]]:
     """(shard, key, error_message) of the failed inputs in a tar's sidecar (none without one)."""
-    sidecar = tar.with_suffix(".parquet")
+    sidecar = Location(tar[: -len(".tar")] + ".parquet" if tar.endswith(".tar") else tar + ".parquet")
     if not sidecar.is_file():
         return []
     try:
-        rows = pq.read_table(sidecar, columns=["key", "status", "error_message"]).to_pylist()
+        with sidecar.open() as f:
+            rows = pq.read_table(f, columns=["key", "status", "error_message"]).to_pylist()
     except Exception:  # a foreign or damaged sidecar: the sheet still shows the tar's samples
         return []
-    return [(tar.name, str(r["key"]), str(r["error_message"] or "")) for r in rows if r["status"] != "success"]
+    name = tar.rsplit("/", 1)[-1]
+    return [(name, str(r["key"]), str(r["error_message"] or "")) for r in rows if r["status"] != "success"]
 
 
 def _card_html(card: _Card, name: str, out: Path) -> str:
@@ -142,20 +145,31 @@ def _card_html(card: _Card, name: str, out: Path) -> str:
             f'<ul>{legend}</ul></figcaption></figure>')
 
 
-def _tar_samples(tar: Path) -> Iterator[dict[str, Any]]:
+def _tar_samples(tar: str) -> Iterator[dict[str, Any]]:
     """The samples of one tar; a file that is not a tar is named in one line (a UserError)."""
     try:
-        yield from iter_shard(tar)
+        with Location(tar).open() as f:
+            yield from iter_shard(tar, fileobj=f)
     except tarfile.TarError as e:
         raise UserError(f"not a readable tar ({e})", file=tar) from None
 
 
 def write_audit(shards: str | Path, out: str | Path, *, n: int = 48, seed: int = 0,
                 db: str | Path | None = None) -> AuditResult:
-    """Scan `shards`, draw a reservoir sample of `n` on a contact sheet, plot the histograms; with
-    a catalog `db` holding `blip3 curate` decisions for the shards, add their section
-    (datagen/audit_curation.py: duplicate clusters, dropped samples, score histograms)."""
-    out = Path(out)
+    """Scan `shards` (local or on any fsspec filesystem), draw a reservoir sample of `n` on a
+    contact sheet, plot the histograms, into `out` (a local folder, or a URL: the sheet is written
+    in a local staging folder, then uploaded); with a catalog `db` holding `blip3 curate`
+    decisions for the shards, add their section (datagen/audit_curation.py: duplicate clusters,
+    dropped samples, score histograms)."""
+    where = output_location(out, field="--out")
+    with where.staged_folder() as staging:
+        result = _write_audit(shards, staging, n, seed, db)
+    if not where.is_local:
+        result.html = where.where("index.html")
+    return result
+
+
+def _write_audit(shards: str | Path, out: Path, n: int, seed: int, db: str | Path | None) -> AuditResult:
     (out / "images").mkdir(parents=True, exist_ok=True)
     rng = random.Random(seed)
     chosen: list[_Card] = []
@@ -167,7 +181,7 @@ def write_audit(shards: str | Path, out: str | Path, *, n: int = 48, seed: int =
     failed: list[tuple[str, str, str]] = []
     tars = resolve_shards(shards)
     for tar in tars:
-        failed += _failed_rows(Path(tar))
+        failed += _failed_rows(tar)
         for sample in _tar_samples(tar):
             try:
                 rec = json.loads(sample["json"]) if "json" in sample else {}
@@ -198,7 +212,7 @@ def write_audit(shards: str | Path, out: str | Path, *, n: int = 48, seed: int =
     if db is not None:
         from blip3.datagen.audit_curation import curation_audit
 
-        curation = curation_audit(Path(db), [str(Path(t).resolve()) for t in tars], out)
+        curation = curation_audit(Path(db), tars, out)
         plots += curation.plots if curation else []
     failed_html = "".join(
         f'<tr><td>{html.escape(shard)}</td><td>{html.escape(key)}</td><td>{html.escape(error)}</td></tr>'

@@ -35,7 +35,6 @@ import hashlib
 import json
 import math
 import os
-import tempfile
 import time
 from collections import Counter, deque
 from dataclasses import dataclass, field
@@ -45,18 +44,8 @@ from typing import TYPE_CHECKING, Any, Iterator, Sequence
 
 from blip3.core.errors import UserError, describe_exception, environment_error
 from blip3.core.logs import get_logger, progress
-from blip3.core.shards import (
-    SHARD_DIGITS,
-    SampleRow,
-    ShardWriter,
-    clean_temporaries,
-    publish_remote,
-    read_stats,
-    remove_remote_shards,
-    shard_complete,
-    shard_paths,
-)
-from blip3.core.storage import RemoteDir, output_location, storage_environment
+from blip3.core.shards import SHARD_DIGITS, SampleRow, ShardWriter, shard_name
+from blip3.core.storage import Location, as_location, output_location, storage_environment
 from blip3.datagen.annotator import AnnotatorConfig, SkipSample
 from blip3.datagen.fetch import DownloadOptions, fetch_in_order
 from blip3.datagen.images import ImageLimits, ImageOutput, ImageRejected, decode_image
@@ -82,7 +71,7 @@ UNREACHABLE_WAIT_S = 1.0
 class JobResult:
     """What a job did; `failure_reasons` counts the failed samples of the shards it wrote."""
 
-    output: Path | RemoteDir
+    output: Location
     shards_total: int
     shards_written: int
     shards_skipped: int
@@ -177,7 +166,7 @@ def process_ref(ref: SampleRef, annotator, limits: ImageLimits, generator: dict[
 
 
 # -- one shard, no Ray: plan -> tar + parquet + stats ------------------------------------------
-def write_shard(out: str | Path | RemoteDir, plan: ShardPlan, annotator, limits: ImageLimits, generator: dict[str, Any],
+def write_shard(out: str | Path | Location, plan: ShardPlan, annotator, limits: ImageLimits, generator: dict[str, Any],
                 record_generator: dict[str, Any] | None = None, output: ImageOutput = ImageOutput(),
                 digits: int = SHARD_DIGITS, download: DownloadOptions = DownloadOptions()) -> dict[str, Any]:
     """Process every sample of `plan` in order and publish the shard; returns its stats (counts,
@@ -185,13 +174,8 @@ def write_shard(out: str | Path | RemoteDir, plan: ShardPlan, annotator, limits:
     `record_generator` into each sample's json; `output` is how images are stored, `digits` the
     width of the shard's name. The shard's URLs are fetched here, `download.threads` at a time
     ahead of the annotator (results kept in input order, so the tar's bytes do not depend on
-    which answer came first). An object-store `out` gets the shard written locally, then uploaded."""
-    if isinstance(out, RemoteDir):
-        with tempfile.TemporaryDirectory(prefix="blip3-shard-") as staging:
-            stats = write_shard(Path(staging), plan, annotator, limits, generator, record_generator, output, digits,
-                                download)
-            publish_remote(Path(staging), out, plan.index, digits)
-        return stats
+    which answer came first). An object-store `out` gets the shard written locally, then uploaded
+    (`core.shards.ShardWriter` over a `core.storage.Location`)."""
     urls = any(ref.locator[0] == "url" for ref in plan.refs)
     fetched = (fetch_in_order(plan.refs, lambda ref: _fetch_ahead(ref, download), download.threads) if urls
                else repeat(None))
@@ -225,36 +209,27 @@ class ShardWorker:
         self.download = download
         self.record_generator = self.annotator.generator_info()
 
-    def write(self, out: str | RemoteDir, plan: ShardPlan, generator: dict[str, Any]) -> dict[str, Any]:
+    def write(self, out: Location, plan: ShardPlan, generator: dict[str, Any]) -> dict[str, Any]:
         return write_shard(out, plan, self.annotator, self.limits, generator, self.record_generator, self.output,
                            self.digits, self.download)
 
 
 # -- resume -----------------------------------------------------------------------------------
-def shard_done(out: Path | RemoteDir, index: int, digest: str, *, verify: bool = False, digits: int = SHARD_DIGITS) -> bool:
+def shard_done(out: str | Path | Location, index: int, digest: str, *, verify: bool = False,
+               digits: int = SHARD_DIGITS) -> bool:
     """A finished shard of the same inputs and settings; its sha256 is re-read only with `verify`."""
-    stats = read_stats(out, index, digits)
+    out, name = as_location(out), shard_name(index, digits)
+    stats = out.stats(name)
     return (stats is not None and stats.get("input_digest") == digest
-            and shard_complete(out, index, verify_checksum=verify, digits=digits))
+            and out.is_complete(name, verify_checksum=verify, stats=stats))
 
 
-def _remove_shards(out: Path | RemoteDir, keep_below: int = 0, digits: int = SHARD_DIGITS) -> list[int]:
-    """Delete every published shard (tar, parquet, stats) whose index is `keep_below` or more, or
-    whose name has another width than `digits`; returns the removed indices. Such shards are left
-    over from a run with another `--shard-size`, a larger `--limit` or another `--shard-name-width`:
-    kept, they would be catalogued and exported twice."""
-    if isinstance(out, RemoteDir):
-        return remove_remote_shards(out, keep_below, digits)
-    names = set()
-    for suffix in ("_stats.json", ".tar", ".parquet"):
-        for p in out.glob(f"*{suffix}"):
-            stem = p.name[: -len(suffix)]
-            if stem.isdigit() and (int(stem) >= keep_below or len(stem) != digits):
-                names.add(stem)
-    for name in names:
-        for p in shard_paths(out, name)[::-1]:  # stats first: a half-removed shard never looks complete
-            p.unlink(missing_ok=True)
-    return sorted(int(n) for n in names)
+def _remove_shards(out: str | Path | Location, keep_below: int = 0, digits: int = SHARD_DIGITS) -> list[int]:
+    """Delete every published shard whose index is `keep_below` or more, or whose name has another
+    width than `digits`; returns the removed indices. Such shards are left over from a run with
+    another `--shard-size`, a larger `--limit` or another `--shard-name-width`: kept, they would be
+    catalogued and exported twice."""
+    return as_location(out).remove_shards(keep_below, digits)
 
 
 @dataclass(frozen=True)
@@ -300,7 +275,6 @@ def run_job(
     if job.workers < 1:
         raise UserError("must be at least 1", field="--workers")
     out = output_location(output, job.storage_options)
-    remote = isinstance(out, RemoteDir)
     check_output_outside_input(input, out)
     probe = annotator_factory()  # unloaded: only asked for its name and generator info
     if job.shard_name_width < 1:
@@ -318,6 +292,8 @@ def run_job(
             session.enter_context(ray_session(job.ray_address, num_cpus=_local_cpus(job)))
             return count_tars_on_ray(tars, every)
 
+        # one job writes a folder at a time (core.storage.WriterLock): a second one is refused here
+        session.enter_context(out.lock(f"{probe.name} {input}"))
         return _plan_and_run(input, out, annotator_factory, generator, job, started, count_tars)
 
 
@@ -326,19 +302,15 @@ def _local_cpus(job: JobOptions) -> int:
     return max(math.ceil(job.workers * job.cpus_per_worker), os.cpu_count() or 1)
 
 
-def _plan_and_run(input: str | Path, out: Path | RemoteDir, annotator_factory: AnnotatorConfig,
+def _plan_and_run(input: str | Path, out: Location, annotator_factory: AnnotatorConfig,
                   generator: dict[str, Any], job: JobOptions, started: float, count_tars: TarCounter) -> JobResult:
-    remote = isinstance(out, RemoteDir)
     plans = job_plans(str(input), job.input_format, job.shard_size, generator, limit=job.limit,
                       storage_options=job.storage_options, count_tars=count_tars)
     first = next(plans, None)
     if first is None:
         raise UserError("no input images found", file=input)
-    if remote:
-        out.fs  # noqa: B018 - a missing fsspec implementation or bad options fail here, in one line
-    else:
-        out.mkdir(parents=True, exist_ok=True)
-        clean_temporaries(out)
+    out.mkdir()
+    out.clean_temporaries()
     if job.overwrite:
         _remove_shards(out, digits=job.shard_name_width)
     result = JobResult(out, 0, 0, 0, generator=generator)
@@ -371,8 +343,7 @@ def _plan_and_run(input: str | Path, out: Path | RemoteDir, annotator_factory: A
                          if job.register else None)
             _run_plans(chain([nxt], todo), out, annotator_factory, generator, result, reasons, job, registrar)
     result.failure_reasons = dict(sorted(reasons.items()))
-    if not remote:
-        clean_temporaries(out)  # of workers killed mid-shard (their shard was retried and published)
+    out.clean_temporaries()  # of workers killed mid-shard (their shard was retried and published)
     removed = _remove_shards(out, keep_below=result.shards_total, digits=job.shard_name_width)
     if removed:
         log.info(f"removed {len(removed)} shard(s) left over from an earlier run: indices {removed[0]}..{removed[-1]}")
@@ -409,7 +380,7 @@ def _failure_detail(e: BaseException) -> str:
 
 
 def _run_plans(
-    plans: Iterator[ShardPlan], out: Path | RemoteDir, factory: AnnotatorConfig, generator: dict[str, Any], result: JobResult,
+    plans: Iterator[ShardPlan], out: Location, factory: AnnotatorConfig, generator: dict[str, Any], result: JobResult,
     reasons: Counter[str], job: JobOptions, registrar: BatchRegistrar | None = None,
 ) -> None:
     """Send plans to one actor pool, at most IN_FLIGHT_PER_WORKER per actor, and collect stats;
@@ -473,7 +444,7 @@ def _run_plans(
             while not free:
                 collect()
             actor = free.popleft()
-            in_flight[actor.write.remote(out if isinstance(out, RemoteDir) else str(out), plan, generator)] = (actor, plan)
+            in_flight[actor.write.remote(out, plan, generator)] = (actor, plan)
 
         for plan in plans:
             while resend:
