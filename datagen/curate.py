@@ -41,8 +41,8 @@ import pyarrow as pa
 from blip3.core.catalog import Catalog, resolve_db
 from blip3.core.curation import replace_rows
 from blip3.core.errors import UserError
-from blip3.core.shard_folder import is_remote
 from blip3.core.logs import get_logger
+from blip3.core.storage import url_scheme
 from blip3.datagen.curate_rules import (DEFAULT_LANGUAGES, DEFAULT_NEAR_DUP_BITS, LANGUAGE_RULE, THRESHOLD_RULES,
                                         language_sql)
 
@@ -99,7 +99,7 @@ def _shards(cat: Catalog, names: list[str]) -> list[dict[str, str]]:
         "ORDER BY source, path", [names, names]).fetchall()
     if not rows:
         raise UserError("no catalogued shards to curate (register them with `blip3 catalog add` or `blip3 source add`)")
-    remote = next((p for _, p in rows if is_remote(p)), None)
+    remote = next((p for _, p in rows if url_scheme(p) is not None), None)
     if remote is not None:
         raise UserError(f"curation reads local shards; {remote} is on an object store (copy the source locally, or "
                         "curate the folder it was written from)", field="--source")
