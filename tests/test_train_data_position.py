@@ -8,7 +8,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from blip3.train.distributed import DistInfo
+from blip3.model.runtime import DistInfo
 from blip3.train.loop import build_run, train_stage
 from blip3.train.schedule import WarmupCosine
 from tests.train_fixtures import tiny_stage, tiny_vars
