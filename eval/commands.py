@@ -6,19 +6,22 @@ ranks (one device each); rank 0 scores, records and prints."""
 from __future__ import annotations
 
 from pathlib import Path
-from typing import List, Optional
+from typing import List, Literal, Optional
 
 import typer
 
 from blip3.core.options import DbOption, local_out_option
+
+#: The presets of eval/protocols.py (`PROTOCOLS`), as the option's choices.
+Protocol = Literal["official", "openflamingo", "vlmevalkit"]
 
 
 def eval_command(
     checkpoint: Path = typer.Argument(..., help="A model directory (or a training stage's output folder)."),
     tasks: List[str] = typer.Argument(..., help="vqav2 | okvqa | textvqa | vizwiz | coco | textcaps | nocaps | pope | "
                                       "mmbench | mmmu | ai2d | scienceqa | seedbench | chartqa | docvqa | ocrbench | mme"),
-    protocol: str = typer.Option("official", "--protocol", help="official | openflamingo | vlmevalkit: whose "
-                                 "prompts, decoding and scoring (docs/evaluation.md)."),
+    protocol: Protocol = typer.Option("official", "--protocol", help="Whose prompts, decoding and scoring "
+                                      "(docs/evaluation.md)."),
     data: Path = typer.Option(Path("eval-data"), "--data", envvar="BLIP3_EVAL_DATA",
                               help="Folder with one sub-folder per benchmark, in its published layout."),
     shots: int = typer.Option(0, "--shots", help="In-context examples from the train split (0, 4, 8...)."),

@@ -167,6 +167,7 @@ def test_choices_are_shown_as_choices_and_match_the_libraries_lists():
     from blip3.datagen.grounding_captions import FORMATS, ORDERS, STYLES
     from blip3.datagen.inputs import INPUT_FORMATS
     from blip3.datagen.ocr_engines import ENGINES
+    from blip3.eval.protocols import PROTOCOLS
 
     assert get_args(SourceKind) == SOURCE_KINDS and get_args(InputFormat) == INPUT_FORMATS
     cmds = {" ".join(path): cmd for path, cmd in _walk(typer.main.get_command(app))}
@@ -174,7 +175,7 @@ def test_choices_are_shown_as_choices_and_match_the_libraries_lists():
               ("ground", "--detector"): DETECTORS, ("ground", "--tags"): TAG_SOURCES,
               ("ground", "--caption-format"): FORMATS, ("ground", "--caption-style"): STYLES,
               ("ground", "--tag-order"): ORDERS, ("catalog add", "--kind"): SOURCE_KINDS,
-              ("sql", "--format"): ("table", "csv", "json", "parquet")}
+              ("sql", "--format"): ("table", "csv", "json", "parquet"), ("eval", "--protocol"): tuple(PROTOCOLS)}
     for (cmd, opt), values in expect.items():
         param = next(p for p in cmds[cmd].params if opt in p.opts)
         assert param.type_descriptor.is_choice and set(param.type_descriptor.choices) == set(values), (cmd, opt)
