@@ -59,6 +59,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks._common import TreeMonitor, report, wait_for_actor_exit  # noqa: E402
+from blip3.datagen.annotator import Annotation, AnnotatorConfig  # noqa: E402
 
 SHARD_SIZE = 100  # small enough that every worker has shards at a few thousand images
 
@@ -262,6 +263,87 @@ def catalog_scale(tmp: Path, sizes: list[int]) -> list[dict]:
             rows.append({"catalog rows": f"{size:,}", "bulk rows/s": f"{added / bulk:,.0f}",
                          "re-register 1 shard (of 15)": f"{wall_ms:.1f} ms wall (median), {cpu_ms:.1f} ms CPU (least)"})
     return rows
+
+
+# -- the model stage's busy fraction, without an accelerator --------------------------------
+@dataclass(frozen=True)
+class HoldAccelerator(AnnotatorConfig):
+    """A stand-in for a model on an accelerator: each image holds the stage for `hold_s` seconds (a
+    sleep, so no core is used, as a GPU kernel uses none) and logs when, to `log_dir`. The images
+    around it are really read, decoded and written, so the busy fraction says whether the CPU work
+    keeps the "accelerator" fed."""
+
+    hold_s: float = 0.02
+    log_dir: str = ""
+
+    def __call__(self) -> "_Holding":
+        return _Holding(self)
+
+
+class _Holding:
+    name = "hold"
+
+    def __init__(self, config: HoldAccelerator):
+        self.config = config
+
+    def load(self) -> None:
+        pass
+
+    def generator_info(self) -> dict:
+        return {"engine": "hold", "hold_s": self.config.hold_s}
+
+    def annotate(self, image, sample):
+        start = time.time()
+        time.sleep(self.config.hold_s)
+        end = time.time()
+        with open(Path(self.config.log_dir) / f"{os.getpid()}.log", "a") as f:
+            f.write(f"{start} {end}\n")
+        text = f"an image of {image.width}x{image.height}"
+        return Annotation(text, [{"text": text}], {})
+
+
+def make_photos(folder: Path, n: int, size: tuple[int, int]) -> None:
+    """n JPEGs of `size` with noise, so decoding them costs what a photo's decode costs."""
+    import numpy as np
+    from PIL import Image
+
+    folder.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    base = rng.integers(0, 255, (size[1] // 8, size[0] // 8, 3), dtype=np.uint8)
+    for i in range(n):
+        small = np.roll(base, i, axis=1)
+        img = Image.fromarray(small).resize(size, Image.BILINEAR)
+        img.save(folder / f"photo{i:06d}.jpg", quality=90)
+
+
+def _busy(log_dir: Path, wall: float) -> tuple[float, float, int]:
+    """(busy / wall of the whole job, busy / the window from the first hold to the last, holds)."""
+    spans = sorted(tuple(map(float, line.split())) for p in log_dir.glob("*.log") for line in p.read_text().splitlines())
+    held = sum(e - s for s, e in spans)
+    window = spans[-1][1] - spans[0][0]
+    return held / wall, held / window, len(spans)
+
+
+def busy_fraction(tmp: Path, n: int, size: tuple[int, int], hold_s: float, design: str) -> dict:
+    """Run one job of `n` photos with the stand-in model (one "accelerator"), return its row."""
+    from blip3.datagen.pipeline import JobOptions, run_job
+
+    folder = tmp / f"photos-{size[0]}x{size[1]}-{n}"
+    if not folder.exists():
+        make_photos(folder, n, size)
+    log_dir = tmp / f"busy-{design}"
+    log_dir.mkdir()
+    config = HoldAccelerator(hold_s, str(log_dir))
+    t = time.perf_counter()
+    # today's design: one actor does everything, so one accelerator means one worker
+    run_job(folder, tmp / f"busy-out-{design}", config, JobOptions(workers=1, shard_size=SHARD_SIZE, register=False))
+    wall = time.perf_counter() - t
+    of_job, of_window, holds = _busy(log_dir, wall)
+    assert holds == n, holds
+    return {"what": f"model stage busy, {design} ({hold_s * 1e3:.0f} ms hold per image)",
+            "images": f"{n} of {size[0]}x{size[1]}", "seconds": f"{wall:.1f} wall",
+            "images/s per core": f"{n / wall:.1f} images/s (ideal {1 / hold_s:.0f})",
+            "vs loop": f"busy {of_window:.0%} of the stage's window, {of_job:.0%} of the job"}
 
 
 def _rate(runs: list[tuple[int, float, float]]) -> tuple[float, float]:
