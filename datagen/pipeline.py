@@ -338,6 +338,9 @@ def run_job(
     if job.shard_name_width < 1:
         raise UserError("must be at least 1", field="--shard-name-width")
     job.download.check()
+    from blip3.core.ray_session import check_reachable
+
+    check_reachable(job.ray_address)  # a dead address is one line now, not minutes of Ray's retries
     # the image settings are part of what made a shard: changing them redoes it (input_digest)
     generator = {"name": probe.name, **probe.generator_info(),
                  "image_format": job.image_output.format, "encode_quality": job.image_output.quality}
