@@ -42,7 +42,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from itertools import chain, repeat
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterable, Iterator, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator, Sequence
 
 from blip3.core.errors import UserError, describe_exception, environment_error
 from blip3.core.logs import get_logger, progress, progress_enabled
@@ -87,11 +87,13 @@ class JobResult:
     generator: dict[str, Any] = field(default_factory=dict)
 
     def summary(self, skipped_as: str = "already done") -> str:
-        """One plain line for the engines' commands: shards, outcomes, failure reasons, time, source."""
+        """One plain line for the engines' commands: shards, outcomes, failures by reason, time and
+        throughput (images of the shards written per second of the whole job), source."""
         reasons = ", ".join(f"{k}: {v}" for k, v in self.failure_reasons.items())
+        rate = f" ({self.samples / self.duration_s:.1f} images/s)" if self.samples and self.duration_s > 0 else ""
         return (f"{self.shards_written} shard(s) written, {self.shards_skipped} {skipped_as}; "
-                f"{self.successes} ok, {self.failed} failed{f' ({reasons})' if reasons else ''}; {self.duration_s:.1f}s"
-                + (f"; catalog source {self.source}" if self.source else ""))
+                f"{self.successes} ok, {self.failed} failed{f' ({reasons})' if reasons else ''}; "
+                f"{self.duration_s:.1f}s{rate}" + (f"; catalog source {self.source}" if self.source else ""))
 
 
 # -- one sample, no Ray: read -> decode + validate | annotate | record -----------------------------
@@ -345,15 +347,21 @@ def run_job(
     generator = {"name": probe.name, **probe.generator_info(),
                  "image_format": job.image_output.format, "encode_quality": job.image_output.quality}
     with contextlib.ExitStack() as session:
-        def count_tars(tars: Sequence[TarSource], every: int) -> list[TarCount]:
-            """Tars are counted by tasks on the cluster, so Ray starts here for a tar input (and stays
-            up for the shards); any other input is planned before Ray starts."""
+        def ray_up() -> None:
+            """Ray starts when first needed (and stays up for the job): to count a tar input's tars,
+            else at the first shard left to write; a job with every shard done never starts it."""
             from blip3.core.ray_session import ray_session
 
-            session.enter_context(ray_session(job.ray_address, num_cpus=_local_cpus(job)))
+            import ray
+
+            if not ray.is_initialized():
+                session.enter_context(ray_session(job.ray_address, num_cpus=_local_cpus(job)))
+
+        def count_tars(tars: Sequence[TarSource], every: int) -> list[TarCount]:
+            ray_up()
             return count_tars_on_ray(tars, every)
 
-        return _plan_and_run(input, out, annotator_factory, generator, job, started, count_tars)
+        return _plan_and_run(input, out, annotator_factory, generator, job, started, count_tars, ray_up)
 
 
 def _local_cpus(job: JobOptions) -> int:
@@ -363,7 +371,8 @@ def _local_cpus(job: JobOptions) -> int:
 
 
 def _plan_and_run(input: str | Path, out: Path | RemoteDir, annotator_factory: AnnotatorConfig,
-                  generator: dict[str, Any], job: JobOptions, started: float, count_tars: TarCounter) -> JobResult:
+                  generator: dict[str, Any], job: JobOptions, started: float, count_tars: TarCounter,
+                  ray_up: Callable[[], None]) -> JobResult:
     remote = isinstance(out, RemoteDir)
     plans = job_plans(str(input), job.input_format, job.shard_size, generator, limit=job.limit,
                       storage_options=job.storage_options, count_tars=count_tars)
@@ -380,8 +389,10 @@ def _plan_and_run(input: str | Path, out: Path | RemoteDir, annotator_factory: A
     result = JobResult(out, 0, 0, 0, generator=generator)
     reasons: Counter[str] = Counter()
 
-    # the input is listed, and finished shards re-hashed (--verify), as the shards are dispatched:
-    # each of these long steps has its own bar row, next to the job's
+    # the input is listed, and finished shards re-hashed (--verify), first: each of these long steps
+    # has its own bar row; each plan left to write goes into Ray's object store as it is listed (the
+    # driver keeps a reference); then Ray Data shows each stage's progress as the shards are written
+    blocks: dict[int, Any] = {}  # shard index -> its plan's block
     with progress() as bar:
         listed = bar.add_task(f"{Path(str(input)).name}: inputs listed", total=None)
         rehashed = bar.add_task("finished shards re-hashed (--verify)", total=None) if job.verify else None
@@ -398,14 +409,16 @@ def _plan_and_run(input: str | Path, out: Path | RemoteDir, annotator_factory: A
                 else:
                     yield plan
 
-        todo = pending()
-        nxt = next(todo, None)
-        if nxt is not None:
-            from blip3.core.catalog import BatchRegistrar
+        for plan in pending():
+            if not blocks:
+                ray_up()
+            blocks[plan.index] = _plan_block(plan)
+    if blocks:
+        from blip3.core.catalog import BatchRegistrar
 
-            registrar = (BatchRegistrar(job.db, out, source=job.source, digits=job.shard_name_width)
-                         if job.register else None)
-            _run_plans(chain([nxt], todo), out, annotator_factory, generator, result, reasons, job, registrar)
+        registrar = (BatchRegistrar(job.db, out, source=job.source, digits=job.shard_name_width)
+                     if job.register else None)
+        _run_plans(blocks, out, annotator_factory, generator, result, reasons, job, registrar)
     result.failure_reasons = dict(sorted(reasons.items()))
     if not remote:
         clean_temporaries(out)  # of workers killed mid-shard (their shard was retried and published)
@@ -441,6 +454,16 @@ class _Shard:
         self.items, self.environment = None, (str(full) if full is not None else None)
         self.error = describe_exception(e)[:200]
         return self
+
+
+def _plan_block(plan: ShardPlan) -> Any:
+    """A plan as a one-row block in Ray's object store (its reference is all the driver keeps):
+    the pickled plan (refs or tar ranges, never image bytes) and its index."""
+    import pyarrow as pa
+    import ray
+
+    return ray.put(pa.table({"index": pa.array([plan.index], pa.int64()),
+                             "shard": pa.array([pickle.dumps(plan, protocol=5)], pa.binary())}))
 
 
 def _rows(shards: Sequence[_Shard]) -> dict[str, Any]:
@@ -521,9 +544,9 @@ def _annotator_actors(job: JobOptions) -> int:
     return min(job.workers, fit)
 
 
-def build_dataset(plans: Sequence[ShardPlan], out: Path | RemoteDir, factory: AnnotatorConfig,
+def build_dataset(blocks: Sequence[Any], out: Path | RemoteDir, factory: AnnotatorConfig,
                   generator: dict[str, Any], job: JobOptions):
-    """The job as a `ray.data.Dataset` of one row per shard plan (Ray must be initialised):
+    """The job as a `ray.data.Dataset` of one row per shard plan (`blocks`: `_plan_block`s):
     decode (CPU tasks) -> annotate (actor pool) -> write (CPU tasks); each output row is one
     finished shard's stats. Rows are shards, not images: measured, moving one row per image
     costs the framework far more (docs/planning.md)."""
@@ -532,8 +555,7 @@ def build_dataset(plans: Sequence[ShardPlan], out: Path | RemoteDir, factory: An
     storage_env = storage_environment()  # an object-store output or input: workers reach it as we do
     env = {"runtime_env": {"env_vars": storage_env}} if storage_env else {}
     record_generator = factory().generator_info()
-    ds = ray.data.from_items([{"index": p.index, "shard": pickle.dumps(p, protocol=5)} for p in plans],
-                             override_num_blocks=len(plans))
+    ds = ray.data.from_arrow_refs(list(blocks))
     ds = ds.map_batches(decode_shards, fn_kwargs={"limits": job.limits, "output": job.image_output,
                                                   "download": job.download},
                         batch_size=1, batch_format="numpy", num_cpus=1, **env)
@@ -558,32 +580,33 @@ def _data_context() -> Iterator[None]:
     import ray.data
 
     ctx = ray.data.DataContext.get_current()
-    saved = (ctx.max_errored_blocks, ctx.enable_progress_bars)
+    fields = ("max_errored_blocks", "enable_progress_bars", "enable_rich_progress_bars", "use_ray_tqdm")
+    saved = {f: getattr(ctx, f) for f in fields}
     ctx.max_errored_blocks = -1
     ctx.enable_progress_bars = ctx.enable_progress_bars and progress_enabled()
+    # Ray Data's rich bars: a row per stage (rows in and out, rate, its tasks and actors), on stderr
+    ctx.enable_rich_progress_bars, ctx.use_ray_tqdm = True, False
     logger = logging.getLogger("ray.data")
     level = logger.level
     logger.setLevel(logging.WARNING)  # the execution plan and its own start/stop lines
     try:
         yield
     finally:
-        ctx.max_errored_blocks, ctx.enable_progress_bars = saved
+        for f, value in saved.items():
+            setattr(ctx, f, value)
         logger.setLevel(level)
 
 
 def _run_plans(
-    plans: Iterator[ShardPlan], out: Path | RemoteDir, factory: AnnotatorConfig, generator: dict[str, Any], result: JobResult,
+    blocks: dict[int, Any], out: Path | RemoteDir, factory: AnnotatorConfig, generator: dict[str, Any], result: JobResult,
     reasons: Counter[str], job: JobOptions, registrar: BatchRegistrar | None = None,
 ) -> None:
     """Run the plans as one Ray Data dataset and collect each finished shard's stats as it streams
     back; `registrar` catalogues them batch by batch."""
-    from blip3.core.ray_session import ray_session
-
-    todo = list(plans)  # light: refs or tar ranges, never bytes; each pickled into its row
-    left = {p.index for p in todo}
+    left = set(blocks)
     lost: list[str] = []
-    with ray_session(job.ray_address, num_cpus=_local_cpus(job)), _data_context():
-        for row in build_dataset(todo, out, factory, generator, job).iter_rows():
+    with _data_context():
+        for row in build_dataset(list(blocks.values()), out, factory, generator, job).iter_rows():
             shard: _Shard = pickle.loads(row["shard"])
             left.discard(shard.index)
             if shard.environment:
