@@ -250,6 +250,19 @@ def test_job_defaults_are_the_commands_defaults(command):
     assert job.shard_size == 1000 and job.workers == 2
 
 
+def test_the_job_options_are_declared_once_for_both_commands():
+    """Every option `blip3 ocr` and `blip3 ground` share is the one declaration in
+    datagen/cli_options.py (same default, same help), bar the annotator's own `--drop-empty`."""
+    import inspect
+
+    from blip3.datagen.ground_commands import ground
+    from blip3.datagen.ocr_commands import ocr
+
+    a, b = inspect.signature(ocr).parameters, inspect.signature(ground).parameters
+    shared = [n for n in a if n in b and n not in ("input", "output", "out", "drop_empty")]
+    assert len(shared) >= 17 and all(a[n].default is b[n].default for n in shared), shared
+
+
 def test_job_checks_workers_and_shard_name_width_before_anything_else(tmp_path):
     empty = tmp_path / "in"
     empty.mkdir()
