@@ -260,7 +260,7 @@ def test_the_job_options_are_declared_once_for_both_commands():
 
     a, b = inspect.signature(ocr).parameters, inspect.signature(ground).parameters
     shared = [n for n in a if n in b and n not in ("input", "output", "out", "drop_empty")]
-    assert len(shared) >= 17 and all(a[n].default is b[n].default for n in shared), shared
+    assert len(shared) == 16 and all(a[n].default is b[n].default for n in shared), shared
 
 
 def test_job_checks_workers_and_shard_name_width_before_anything_else(tmp_path):
