@@ -73,7 +73,7 @@ def catalog_add(
 
 
 @catalog_app.command("stats")
-def catalog_stats(fmt: Format = FormatOption, out: Optional[Path] = OutOption, db: Path = DbOption) -> None:
+def catalog_stats(fmt: Format = FormatOption, out: Optional[str] = OutOption, db: Path = DbOption) -> None:
     """Print a summary table per source: shards, samples, failures, caption length, coverage."""
     from blip3.core.sql import run_query
     from blip3.core.tables import write_result
@@ -85,13 +85,16 @@ def catalog_stats(fmt: Format = FormatOption, out: Optional[Path] = OutOption, d
 def sql(
     query: str = typer.Argument(..., help='A read-only query, e.g. "SELECT * FROM v_source_summary".'),
     fmt: Format = FormatOption,
-    out: Optional[Path] = OutOption,
+    out: Optional[str] = OutOption,
     db: Path = DbOption,
 ) -> None:
     """Run a read-only SQL query on the catalog (statements that write are refused)."""
     from blip3.core.sql import run_query
+    from blip3.core.storage import output_location
     from blip3.core.tables import write_result
 
+    if out is not None:
+        output_location(out, field="--out")  # refused before the query runs
     write_result(run_query(query, db), fmt=fmt, out=out)
 
 

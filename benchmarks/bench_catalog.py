@@ -61,9 +61,9 @@ def make_output(out: Path, n_rows: int, shard_rows: int, source_idx: int) -> Non
         }
         arrays = [pa.nulls(n, f.type) if cols[f.name] is None else pa.array(cols[f.name], type=f.type) for f in SIDECAR_SCHEMA]
         pq.write_table(pa.Table.from_arrays(arrays, schema=SIDECAR_SCHEMA), info.parquet, compression="zstd")
-        stats = json.loads(info.stats.read_text())
+        stats = json.loads(Path(info.stats).read_text())
         stats.update(count=n, successes=int((~failed).sum()), failed=int(failed.sum()))
-        info.stats.write_text(json.dumps(stats))
+        Path(info.stats).write_text(json.dumps(stats))
 
 
 def reregister_ms(cat, out: Path, source: str, repeats: int = 15) -> tuple[float, float]:
@@ -72,9 +72,9 @@ def reregister_ms(cat, out: Path, source: str, repeats: int = 15) -> tuple[float
     least CPU time (all of DuckDB's threads) of the repeats is the figure to compare across sizes
     on a loaded machine: the run least disturbed by the neighbours."""
     from blip3.core.catalog import transaction
-    from blip3.core.shard_folder import ShardFolder
+    from blip3.core.storage import Location
 
-    folder = ShardFolder(out)
+    folder = Location(out)
     shard = folder.finished()
     wall, cpu = [], []
     for _ in range(repeats):

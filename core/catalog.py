@@ -19,7 +19,7 @@ Tables (columns documented in README "The catalog"):
 Adding is idempotent: a shard already catalogued with the same sha256 is skipped, so adding the
 same folder twice leaves the row counts unchanged. Shards are added in batches (REGISTER_BATCH):
 one transaction and one `INSERT ... SELECT` over the batch's sidecar parquets each, so the cost is
-per batch, not per shard. A folder may be on an object store (core.shard_folder): shards are then
+per batch, not per shard. A folder may be on an object store (core.storage.Location): shards are then
 catalogued under their URLs.
 """
 
@@ -41,9 +41,8 @@ import pyarrow as pa
 from blip3.core.errors import UserError
 from blip3.core.logs import get_logger
 from blip3.core.records import RECORD_KINDS
-from blip3.core.shard_folder import FinishedShard, ShardFolder, is_remote, open_folder
-from blip3.core.shards import SHARD_DIGITS, SIDECAR_COLUMNS, ShardInfo, shard_name
-from blip3.core.storage import RemoteDir
+from blip3.core.shards import SHARD_DIGITS, SIDECAR_COLUMNS, Shard, shard_name
+from blip3.core.storage import Location, as_location
 
 DEFAULT_DB = "catalog.duckdb"
 SOURCE_KINDS = tuple(RECORD_KINDS)  # caption, interleaved, sft, dpo: one record type each
@@ -306,7 +305,7 @@ class Catalog:
     def upsert_source(self, name: str, kind: str, path: str | Path, meta: dict | None = None) -> None:
         if kind not in SOURCE_KINDS:
             raise UserError(f"unknown source kind {kind!r}; one of {', '.join(SOURCE_KINDS)}", field="kind")
-        path = str(path) if is_remote(path) else str(Path(path).resolve())
+        path = as_location(path).url
         row = self.con.execute("SELECT kind, path FROM sources WHERE name = ?", [name]).fetchone()
         if row is None:
             self.con.execute(
@@ -333,20 +332,22 @@ class Catalog:
         computed while writing (in the stats), checked against the tar's size; `verify=True`
         re-hashes every tar (a full read of the corpus).
         """
-        folder = open_folder(out_dir, storage_options)
+        folder = as_location(out_dir, storage_options)
+        if not folder.exists():
+            raise UserError("no such folder", file=folder.url)
         shards = folder.finished()
         sizes = folder.tar_sizes()
         unlisted = folder.tars_without_stats(shards, sizes)
         if not shards:
             more = f"; {len(unlisted)} tar(s) without a readable stats file, first: {unlisted[0][0]}" if unlisted else ""
-            raise UserError(f"no finished shards (NNNNNN_stats.json) found{more}", file=folder.location)
+            raise UserError(f"no finished shards (NNNNNN_stats.json) found{more}", file=folder.url)
         name = source or folder.name
-        self.upsert_source(name, kind, folder.location)
+        self.upsert_source(name, kind, folder.url)
         result = self.register(folder, shards, name, refresh=refresh, verify=verify, sizes=sizes)
         result.failed.extend(unlisted)
         return result
 
-    def register(self, folder: ShardFolder, shards: list[FinishedShard], source: str, *, refresh: bool = False,
+    def register(self, folder: Location, shards: list[Shard], source: str, *, refresh: bool = False,
                  verify: bool = False, sizes: dict[str, int] | None = None) -> AddResult:
         """Register, skip or flag `shards` of `folder` under the (registered) `source`, in batches
         of REGISTER_BATCH shards: one transaction and one INSERT ... SELECT over the batch's
@@ -356,7 +357,7 @@ class Catalog:
         result = AddResult(source=source)
         sizes = folder.tar_sizes(shards) if sizes is None else sizes
         known = self._known_shards([s.tar for s in shards])
-        fresh: list[FinishedShard] = []
+        fresh: list[Shard] = []
         seen: list[str] = []
         for info in shards:
             # One bad shard (a vanished tar, a corrupt sidecar) is reported, never a reason to
@@ -391,13 +392,13 @@ class Catalog:
                                 [paths]).fetchall()
         return {r[0]: (r[1], r[2]) for r in rows}
 
-    def _classify(self, folder: ShardFolder, info: FinishedShard, sizes: dict[str, int],
+    def _classify(self, folder: Location, info: Shard, sizes: dict[str, int],
                   known: tuple[str, str] | None, refresh: bool, verify: bool, source: str) -> str:
         """"add", "skip" or "changed" (flagged here) for one finished shard."""
         size = sizes.get(info.tar)
         if size is None:
             raise UserError("stats file present but tar missing")
-        sha = folder.sha256(info.tar) if verify or size != info.tar_bytes else info.sha256
+        sha = folder.sha256(info.tar.rsplit("/", 1)[-1]) if verify or size != info.tar_bytes else info.sha256
         if sha != info.sha256:
             # The tar on disk is not the one its stats describe: flag, do not trust the sidecar.
             self._flag_changed(info.tar, source, info, sha)
@@ -411,7 +412,7 @@ class Catalog:
             return "changed"
         return "add"
 
-    def _insert_batch(self, folder: ShardFolder, batch: list[FinishedShard], source: str, result: AddResult) -> None:
+    def _insert_batch(self, folder: Location, batch: list[Shard], source: str, result: AddResult) -> None:
         """Replace the rows of a batch of shards in one transaction; when that fails (a corrupt
         sidecar), each shard on its own, so only the bad one is reported."""
         try:
@@ -427,7 +428,7 @@ class Catalog:
         result.added += len(batch)
         result.rows += sum(s.count for s in batch)
 
-    def _replace_shards(self, folder: ShardFolder, batch: list[FinishedShard], source: str) -> None:
+    def _replace_shards(self, folder: Location, batch: list[Shard], source: str) -> None:
         """Delete, then insert, the `shards` and `samples` rows of `batch`; call it inside a
         `transaction`. Local sidecars are read by DuckDB itself (`read_parquet` over the batch's
         files); an object store's through fsspec, as one Arrow table."""
@@ -435,7 +436,7 @@ class Catalog:
         tars = [s.tar for s in batch]
         self._delete_shards(tars)
         insert = f"INSERT INTO samples (source, shard, {cols}) SELECT ?, "
-        if folder.remote is None:
+        if folder.is_local:
             self.con.execute(
                 insert + f"m.tar, {cols} FROM read_parquet(?::VARCHAR[], filename = true) p "
                 "JOIN (SELECT unnest(?::VARCHAR[]) AS parquet, unnest(?::VARCHAR[]) AS tar) m ON m.parquet = p.filename",
@@ -468,7 +469,7 @@ class Catalog:
              for i, s in enumerate(shards)],
         )
 
-    def _flag_changed(self, tar: str, source: str, info: FinishedShard, sha: str) -> None:
+    def _flag_changed(self, tar: str, source: str, info: Shard, sha: str) -> None:
         if self.con.execute("SELECT 1 FROM shards WHERE path = ?", [tar]).fetchone():
             self.con.execute("UPDATE shards SET status = 'changed', checked_at = ? WHERE path = ?", [_now(), tar])
         else:
@@ -478,7 +479,7 @@ class Catalog:
                 [tar, source, info.index, sha, info.tar_bytes, _now(), _now()],
             )
 
-    def add_shards(self, source: str, shards: list[tuple[ShardInfo, pa.Table, int]]) -> int:
+    def add_shards(self, source: str, shards: list[tuple[Shard, pa.Table, int]]) -> int:
         """Insert shards read from tars without sidecars (`info`, their sample rows, their token
         count) all in one transaction: all of them or none. Returns how many."""
         cols = ", ".join(SAMPLE_COLUMNS)
@@ -620,11 +621,11 @@ class BatchRegistrar:
     driver waits at most BATCH_LOCK_WAIT_S for the lock, never stalling the job's dispatch.
     """
 
-    def __init__(self, db: str | Path | None, location: str | Path | RemoteDir, *, source: str | None = None,
+    def __init__(self, db: str | Path | None, location: str | Path | Location, *, source: str | None = None,
                  kind: str = "caption", storage_options: dict[str, Any] | None = None, digits: int = SHARD_DIGITS,
                  batch: int | None = None):
         self.db, self.kind, self.digits, self.batch = db, kind, digits, batch or REGISTER_BATCH
-        self.folder = ShardFolder(location, storage_options)
+        self.folder = as_location(location, storage_options)
         self.source = source or self.folder.name
         self.pending: list[int] = []
         self.batches = 0  # batches written
@@ -641,7 +642,7 @@ class BatchRegistrar:
             return
         try:
             with Catalog(self.db, lock_wait=BATCH_LOCK_WAIT_S) as cat:
-                cat.upsert_source(self.source, self.kind, self.folder.location)
+                cat.upsert_source(self.source, self.kind, self.folder.url)
                 cat.register(self.folder, self.folder.finished([shard_name(i, self.digits) for i in self.pending]),
                              self.source)
         except UserError as e:  # locked, most likely: the next batch (or the job's end) tries again

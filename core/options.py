@@ -45,8 +45,28 @@ def output_path(positional, option, what: str = "output folder"):
 
 
 def out_option(what: str):
-    """`-o/--out`, for a command whose output was a positional argument (kept, now optional)."""
+    """`-o/--out`, for a command whose output was a positional argument (kept, now optional); the
+    command passes it to `core.storage.output_location` (any fsspec URL)."""
     return typer.Option(None, "--out", "-o", help=f"{what[0].upper()}{what[1:]} (or as the positional argument).")
+
+
+def local_output_path(text: str):
+    """The parser of an output that must be local: `core.storage.local_output` (a URL is refused
+    in one line before the command runs, never written to `./s3:/...`)."""
+    from blip3.core.storage import local_output
+
+    return local_output(text)
+
+
+def local_out_option(what: str, default=None):
+    """`-o/--out` of a command that writes local files only (parsed by `local_output_path`)."""
+    return typer.Option(default, "--out", "-o", parser=local_output_path,
+                        help=f"{what[0].upper()}{what[1:]} (a local or mounted folder).")
+
+
+def local_out_argument(what: str):
+    """The positional (older) form of `local_out_option`."""
+    return typer.Argument(None, parser=local_output_path, help=f"{what[0].upper()}{what[1:]} (the older form of -o/--out).")
 
 #: `--storage-options` of the commands whose output may be an object store (core.storage).
 StorageOptions = typer.Option(None, "--storage-options",

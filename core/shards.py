@@ -26,26 +26,29 @@ Tars are deterministic (fixed mtime, owner and mode), so the same input gives th
 from __future__ import annotations
 
 import contextlib
-import glob
 import hashlib
 import json
 import os
 import re
+import shutil
 import tarfile
+import tempfile
 import time
 from collections import Counter
 from dataclasses import dataclass, field
 from itertools import groupby
 from operator import itemgetter
 from pathlib import Path
-from typing import Any, BinaryIO, Iterable, Iterator, NamedTuple
+from typing import TYPE_CHECKING, Any, BinaryIO, Iterable, Iterator, NamedTuple
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 
 from blip3.core.errors import UserError
 from blip3.core.keys import is_safe_key
-from blip3.core.storage import RemoteDir, local_path
+
+if TYPE_CHECKING:
+    from blip3.core.storage import Location
 
 #: Digits of a shard name, img2dataset's default (`oom_shard_count=5`): `00000.tar`.
 SHARD_DIGITS = 5
@@ -105,13 +108,16 @@ class SampleRow:
 
 
 @dataclass
-class ShardInfo:
-    """What the stats file says about a finished shard."""
+class Shard:
+    """A finished shard, as its stats file describes it, with where its files are: the one record
+    of a shard for the writer, the catalog and every reader. Locations are strings: a resolved local
+    path, or a URL (`s3://bucket/out/00000.tar`), the catalog's key. A tar registered without our
+    stats (a foreign WebDataset tar) has no `parquet` or `stats`."""
 
     index: int
-    tar: Path
-    parquet: Path
-    stats: Path
+    tar: str
+    parquet: str | None
+    stats: str | None
     sha256: str
     tar_bytes: int
     count: int
@@ -119,6 +125,18 @@ class ShardInfo:
     failed: int
     generator: dict[str, Any] = field(default_factory=dict)
     failure_reasons: dict[str, int] = field(default_factory=dict)
+
+    @classmethod
+    def from_stats(cls, stats: dict[str, Any], tar: str, parquet: str | None, stats_location: str | None) -> "Shard":
+        return cls(index=int(stats["shard"]), tar=tar, parquet=parquet, stats=stats_location,
+                   sha256=str(stats["sha256"]), tar_bytes=int(stats["tar_bytes"]), count=int(stats["count"]),
+                   successes=int(stats["successes"]), failed=int(stats["failed"]),
+                   generator=stats.get("generator") or {},
+                   failure_reasons={k: v for k, v in (stats.get("status_dict") or {}).items() if k != "success"})
+
+
+#: Old names of `Shard`, kept while callers move over.
+ShardInfo = FinishedShard = Shard
 
 
 def shard_name(index: int, digits: int = SHARD_DIGITS) -> str:
@@ -230,16 +248,23 @@ class ShardWriter:
             w.add_failure(SampleRow(key2, status="failed", error_message="decode: cannot identify image"))
     """
 
-    def __init__(self, out_dir: str | Path, index: int, *, generator: dict[str, Any] | None = None,
+    def __init__(self, out_dir: str | Path | Location, index: int, *, generator: dict[str, Any] | None = None,
                  digits: int = SHARD_DIGITS):
-        self.out_dir = Path(out_dir)
+        from blip3.core.storage import as_location
+
+        #: where the shard is published; a store's shard is written in a local staging folder first
+        self.location = as_location(out_dir)
+        self._staging = None if self.location.is_local else Path(tempfile.mkdtemp(prefix="blip3-shard-"))
+        self.out_dir = self._staging or self.location.local_path
         self.out_dir.mkdir(parents=True, exist_ok=True)
         self.index = index
         self.name = shard_name(index, digits)
         self.generator = dict(generator or {})
         self.tar_path, self.parquet_path, self.stats_path = shard_paths(self.out_dir, self.name)
-        self._tmp_tar = self.tar_path.with_name(f".{self.tar_path.name}.tmp-{os.getpid()}")
-        self._tmp_parquet = self.parquet_path.with_name(f".{self.parquet_path.name}.tmp-{os.getpid()}")
+        # temporary names carry the writer's process and a random part: two writers never share one
+        tag = f"{os.getpid()}-{os.urandom(4).hex()}"
+        self._tmp_tar = self.tar_path.with_name(f".{self.tar_path.name}.tmp-{tag}")
+        self._tmp_parquet = self.parquet_path.with_name(f".{self.parquet_path.name}.tmp-{tag}")
         self._file = open(self._tmp_tar, "wb")
         self._hashed = _HashingFile(self._file)
         self._rows: list[SampleRow] = []
@@ -280,7 +305,7 @@ class ShardWriter:
         return list(self._rows)
 
     # -- publishing --------------------------------------------------------------------------
-    def close(self, extra_stats: dict[str, Any] | None = None) -> ShardInfo:
+    def close(self, extra_stats: dict[str, Any] | None = None) -> Shard:
         """Publish the shard atomically and return its info; when publishing fails (a full disk),
         the temporary files are removed, so a failed run leaves nothing taking up the space."""
         if self._closed:
@@ -300,7 +325,7 @@ class ShardWriter:
         end = self._hashed.size + 2 * tarfile.BLOCKSIZE
         self._hashed.write(b"\x00" * (2 * tarfile.BLOCKSIZE + -end % tarfile.RECORDSIZE))
 
-    def _publish(self, extra_stats: dict[str, Any] | None) -> ShardInfo:
+    def _publish(self, extra_stats: dict[str, Any] | None) -> Shard:
         self._end_tar()
         self._file.flush()
         os.fsync(self._file.fileno())
@@ -344,7 +369,12 @@ class ShardWriter:
             stats.update(extra_stats)
         _atomic_write_bytes(self.stats_path, json.dumps(stats, indent=2).encode())
         _fsync_dir(self.out_dir)
-        return _info_from_stats(self.out_dir, stats)
+        if self._staging is not None:  # an object store: tar, parquet, then the stats object
+            self.location.publish(self._staging, self.name)
+            shutil.rmtree(self._staging, ignore_errors=True)
+        where = self.location
+        return Shard.from_stats(stats, where.where(f"{self.name}.tar"), where.where(f"{self.name}.parquet"),
+                                where.where(f"{self.name}_stats.json"))
 
     def abort(self) -> None:
         """Drop everything written so far; nothing appears under the final names."""
@@ -360,6 +390,8 @@ class ShardWriter:
             self._file.close()
         self._tmp_tar.unlink(missing_ok=True)
         self._tmp_parquet.unlink(missing_ok=True)
+        if self._staging is not None:
+            shutil.rmtree(self._staging, ignore_errors=True)
 
     def __enter__(self) -> "ShardWriter":
         return self
@@ -396,144 +428,74 @@ def rows_to_table(rows: Iterable[SampleRow]) -> pa.Table:
     return pa.Table.from_pydict({c: [getattr(r, c) for r in rows] for c in SIDECAR_COLUMNS}, schema=SIDECAR_SCHEMA)
 
 
-def _info_from_stats(out_dir: Path, stats: dict[str, Any]) -> ShardInfo:
-    tar, parquet, stats_path = shard_paths(out_dir, str(stats["shard"]))
-    return ShardInfo(
-        index=int(stats["shard"]),
-        tar=tar,
-        parquet=parquet,
-        stats=stats_path,
-        sha256=stats["sha256"],
-        tar_bytes=int(stats["tar_bytes"]),
-        count=int(stats["count"]),
-        successes=int(stats["successes"]),
-        failed=int(stats["failed"]),
-        generator=stats.get("generator", {}),
-        failure_reasons={k: v for k, v in stats.get("status_dict", {}).items() if k != "success"},
-    )
-
-
 # -- reading -----------------------------------------------------------------------------------
-def read_stats(out_dir: str | Path | RemoteDir, index: int, digits: int = SHARD_DIGITS) -> dict[str, Any] | None:
-    if isinstance(out_dir, RemoteDir):
-        data = out_dir.read_bytes(f"{shard_name(index, digits)}_stats.json")
-        try:
-            return None if data is None else json.loads(data)
-        except (json.JSONDecodeError, UnicodeDecodeError):
-            return None
-    _, _, stats_path = shard_paths(out_dir, index, digits)
-    try:
-        return json.loads(stats_path.read_text())
-    except (FileNotFoundError, json.JSONDecodeError):
-        return None
+def read_stats(out_dir: str | Path | Location, index: int, digits: int = SHARD_DIGITS) -> dict[str, Any] | None:
+    """The stats file of shard `index`, None when missing or unreadable (`Location.stats`)."""
+    from blip3.core.storage import as_location
+
+    return as_location(out_dir).stats(shard_name(index, digits))
 
 
-def shard_complete(out_dir: str | Path | RemoteDir, index: int, *, verify_checksum: bool = True,
+def shard_complete(out_dir: str | Path | Location, index: int, *, verify_checksum: bool = True,
                    digits: int = SHARD_DIGITS) -> bool:
-    """True when shard `index` was published whole (stats present, tar size and, when
-    `verify_checksum`, sha256 match; without it the stats' sha256 is trusted: hash once)."""
-    stats = read_stats(out_dir, index, digits)
-    if stats is None:
-        return False
-    if isinstance(out_dir, RemoteDir):
-        return _remote_shard_complete(out_dir, shard_name(index, digits), stats, verify_checksum)
-    tar, parquet, _ = shard_paths(out_dir, index, digits)
-    if not tar.exists() or not parquet.exists() or tar.stat().st_size != stats.get("tar_bytes"):
-        return False
-    return not verify_checksum or file_sha256(tar) == stats.get("sha256")
+    """True when shard `index` was published whole (`Location.is_complete`)."""
+    from blip3.core.storage import as_location
+
+    return as_location(out_dir).is_complete(shard_name(index, digits), verify_checksum=verify_checksum)
 
 
-def _remote_shard_complete(out: RemoteDir, name: str, stats: dict[str, Any], verify_checksum: bool) -> bool:
-    if out.size(f"{name}.parquet") is None or out.size(f"{name}.tar") != stats.get("tar_bytes"):
-        return False
-    if not verify_checksum:
-        return True
-    h = hashlib.sha256()
-    with out.fs.open(out.path(f"{name}.tar"), "rb") as f:
-        while block := f.read(1 << 20):
-            h.update(block)
-    return h.hexdigest() == stats.get("sha256")
+def list_shards(out_dir: str | Path | Location) -> list[Shard]:
+    """Finished shards of an output folder, by index (`Location.finished`; temporaries are ignored)."""
+    from blip3.core.storage import as_location
+
+    return as_location(out_dir).finished()
 
 
-def publish_remote(local_dir: Path, out: RemoteDir, index: int, digits: int = SHARD_DIGITS) -> None:
-    """Upload a shard written (and published) in `local_dir`: tar, parquet, then the stats object,
-    the completion mark, last; a run killed in between leaves a shard that does not count as done."""
-    for path in shard_paths(local_dir, index, digits):
-        out.upload(path, path.name)
-
-
-def remove_remote_shards(out: RemoteDir, keep_below: int = 0, digits: int = SHARD_DIGITS) -> list[int]:
-    """`datagen.pipeline`'s removal of left-over shards, on an object store: stats objects first."""
-    stems = set()
-    for name in out.names():
-        for suffix in ("_stats.json", ".tar", ".parquet"):
-            stem = name[: -len(suffix)] if name.endswith(suffix) else ""
-            if stem.isdigit() and (int(stem) >= keep_below or len(stem) != digits):
-                stems.add(stem)
-    for stem in stems:
-        for suffix in ("_stats.json", ".parquet", ".tar"):
-            out.remove(f"{stem}{suffix}")
-    return sorted(int(n) for n in stems)
-
-
-def list_shards(out_dir: str | Path) -> list[ShardInfo]:
-    """Finished shards of an output folder, by index (unfinished temp files are ignored)."""
-    out = Path(out_dir)
-    infos = []
-    for stats_path in sorted(out.glob("*_stats.json")):
-        stem = stats_path.name[: -len("_stats.json")]
-        if not stem.isdigit():
-            continue
-        try:
-            infos.append(_info_from_stats(out, json.loads(stats_path.read_text())))
-        except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, ValueError):
-            continue  # not a finished shard's stats; callers that must account for tars check them
-    return infos
-
-
-def is_shard_folder(path: Path) -> bool:
+def is_shard_folder(path: str | Path | Location) -> bool:
     """True for a folder written by `ShardWriter` (finished shards with their stats files)."""
-    if not path.is_dir():
-        return False
-    try:
-        return bool(list_shards(path))
-    except (KeyError, ValueError, TypeError):  # someone else's *_stats.json (img2dataset's)
-        return False
+    from blip3.core.storage import as_location
+
+    return bool(as_location(path).finished())
 
 
-def resolve_shards(spec: str | Path, base: Path | None = None) -> list[Path]:
-    """Tars named by a folder (its finished shards if written by us, else its `*.tar`, else
-    recursively), a file, a glob or a brace pattern."""
+def resolve_shards(spec: str | Path, base: Path | None = None,
+                   storage_options: dict[str, Any] | None = None) -> list[str]:
+    """Locations of the tars named by a folder (its finished shards if written by us, else its
+    `*.tar`, else recursively), a file, a glob or a brace pattern; local (resolved paths) or on
+    any fsspec filesystem (URLs)."""
     from braceexpand import braceexpand
 
+    from blip3.core.storage import Location, url_scheme
+
     text = str(spec)
-    paths: list[Path] = []
+    tars: list[str] = []
     for part in braceexpand(text):
-        p = local_path(part, "shards")
-        if base is not None and not p.is_absolute():
-            p = base / p
+        if url_scheme(part) is None and base is not None and not Path(part).is_absolute():
+            part = str(base / part)
+        where = Location(part, storage_options)
         if any(c in part for c in "*?["):
-            paths += [Path(x) for x in sorted(glob.glob(str(p), recursive=True)) if x.endswith(".tar")]
-        elif p.is_dir() and is_shard_folder(p):  # only finished shards (a stats file marks them)
-            paths += [info.tar for info in list_shards(p)]
-        elif p.is_dir():
-            paths += sorted(p.glob("*.tar")) or sorted(p.rglob("*.tar"))
-        elif p.is_file():
-            paths.append(p)
-        else:
-            raise UserError("no such file or folder", file=p)
-    if not paths:
+            tars += [p for p in where.glob() if p.endswith(".tar")]
+        elif (finished := where.finished()):  # only finished shards (a stats file marks them)
+            tars += [info.tar for info in finished]
+        elif where.is_file():
+            tars.append(where.url)
+        elif (found := sorted(where.where(n) for n, e in where.listing().items()
+                               if n.endswith(".tar") and e.get("type") != "directory")):
+            tars += found
+        elif (deep := sorted(where.where(rel) for rel in where.find() if rel.endswith(".tar"))):
+            tars += deep
+        elif not where.exists():
+            raise UserError("no such file or folder", file=where.url)
+    if not tars:
         raise UserError("no .tar shards found", file=text)
-    return [p.resolve() for p in paths]
+    return tars
 
 
-def clean_temporaries(out_dir: str | Path) -> int:
-    """Remove leftovers of killed writers (`.NNNNNN.tar.tmp-*`); returns how many."""
-    n = 0
-    for p in Path(out_dir).glob(".*.tmp-*"):
-        p.unlink(missing_ok=True)
-        n += 1
-    return n
+def clean_temporaries(out_dir: str | Path | Location) -> int:
+    """Remove leftovers of killed writers (`Location.clean_temporaries`); returns how many."""
+    from blip3.core.storage import as_location
+
+    return as_location(out_dir).clean_temporaries()
 
 
 def split_member_name(name: str) -> tuple[str, str]:
@@ -552,13 +514,16 @@ def _members(tar: tarfile.TarFile) -> Iterator[tarfile.TarInfo]:
         yield member
 
 
-def _keyed_files(tar: tarfile.TarFile, skipped: list[tarfile.TarInfo] | None = None
+def _keyed_files(tar: tarfile.TarFile, skipped: list[tarfile.TarInfo] | None = None, headers: Any = None
                  ) -> Iterator[tuple[str, str, tarfile.TarInfo]]:
     """(key, ext, member) for each regular file, in tar order: consecutive equal keys form a sample.
 
     Links and device entries carry no data of their own; they are passed over, and appended to
     `skipped` when given so a reader that must account for every input can report them."""
     for member in _members(tar):
+        if headers is not None:
+            headers.update(repr((member.name, member.size, member.mtime, member.chksum, member.type,
+                                 member.linkname)).encode("utf-8", "surrogateescape"))
         if member.size < 0:  # tarfile takes a signed size field; a reader would read to the end
             raise tarfile.ReadError(f"member {member.name!r} has a negative size")
         if member.isfile():
@@ -587,19 +552,20 @@ class SampleIndex:
 
 
 def iter_tar_index(path: str | Path, *, skipped: list[tarfile.TarInfo] | None = None,
-                   fileobj: BinaryIO | None = None, start: int = 0) -> Iterator[SampleIndex]:
+                   fileobj: BinaryIO | None = None, start: int = 0, headers: Any = None) -> Iterator[SampleIndex]:
     """Samples of an uncompressed tar in order, by reading headers only (data is seeked over), so a
     reader can later fetch just the members it needs. `tarfile.TarError` / `OSError` pass through
     unchanged: each caller words them for its own user. Non-regular members (hard and symbolic
     links, devices) are not samples; they are appended to `skipped` when it is given.
 
     `fileobj` reads the tar from an open (seekable) file instead of `path`, e.g. an object-store
-    file; `start`, a sample's `header`, resumes the scan there instead of at the first member."""
+    file; `start`, a sample's `header`, resumes the scan there instead of at the first member;
+    `headers` (a hashlib object) is fed every member header's fields on the way (no extra read)."""
     with contextlib.ExitStack() as stack:
         f = fileobj if fileobj is not None else stack.enter_context(open(path, "rb"))
         f.seek(start)
         tar = stack.enter_context(tarfile.open(fileobj=f, mode="r:"))
-        for key, group in groupby(_keyed_files(tar, skipped), key=itemgetter(0)):
+        for key, group in groupby(_keyed_files(tar, skipped, headers), key=itemgetter(0)):
             members = list(group)
             yield SampleIndex(key, tuple(MemberSpan(ext, m.offset_data, m.size) for _, ext, m in members),
                               header=members[0][2].offset)

@@ -19,6 +19,7 @@ from rich.console import Console
 from rich.table import Table
 
 from blip3.core.errors import ENVIRONMENT_ERRNOS, UserError
+from blip3.core.storage import output_location
 from blip3.core.options import Format
 
 FORMATS = get_args(Format)
@@ -78,8 +79,10 @@ def write_result(data, fmt: str = "table", out: str | Path | None = None, title:
     """Print `data` as a table/csv/json, or write it in `fmt` to `out` (then nothing is printed)."""
     if fmt not in FORMATS:
         raise UserError(f"unknown format {fmt!r}; one of {', '.join(FORMATS)}", field="--format")
-    if out is not None and not Path(out).parent.is_dir():
-        raise UserError("the folder to write into does not exist", file=out, field="--out")
+    if out is not None:
+        where = output_location(out, field="--out")  # a URL is written there, never to ./s3:/...
+        if where.is_local and not where.local_path.parent.is_dir():
+            raise UserError("the folder to write into does not exist", file=out, field="--out")
     if fmt == "parquet":
         if not out:
             raise UserError("parquet output needs --out FILE", field="--out")
@@ -100,7 +103,7 @@ def write_result(data, fmt: str = "table", out: str | Path | None = None, title:
 def save(out: str | Path, data: bytes) -> None:
     """Write a result file; a full disk or an unwritable path is the user's to fix (one line)."""
     try:
-        Path(out).write_bytes(data)
+        output_location(out, field="--out").write_bytes(data)
     except OSError as e:
         if e.errno not in ENVIRONMENT_ERRNOS:
             raise

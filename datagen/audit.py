@@ -31,6 +31,7 @@ from PIL import Image, ImageDraw, ImageFont, ImageOps, UnidentifiedImageError
 from blip3.core.errors import UserError
 from blip3.core.records import grounding_objects, ocr_entries
 from blip3.core.shards import is_image_ext, iter_shard, resolve_shards
+from blip3.core.storage import Location, output_location
 
 THUMB_WIDTH = 320
 OCR_COLOR = (230, 20, 20)
@@ -41,7 +42,7 @@ LABEL_SIZE = 13
 
 @dataclass
 class AuditResult:
-    html: Path
+    html: Path | str  # a URL when the sheet went to an object store
     scanned: int
     shown: int
     plots: list[Path] = field(default_factory=list)
@@ -110,16 +111,18 @@ def _outlined_rect(d: ImageDraw.ImageDraw, box: list[float], color: tuple[int, i
     d.rectangle([box[0] + 1, box[1] + 1, box[2] - 1, box[3] - 1], outline=color, width=2)
 
 
-def _failed_rows(tar: Path) -> list[tuple[str, str, str]]:
+def _failed_rows(tar: str) -> list[tuple[str, str, str]]:
     """(shard, key, error_message) of the failed inputs in a tar's sidecar (none without one)."""
-    sidecar = tar.with_suffix(".parquet")
+    sidecar = Location(tar[: -len(".tar")] + ".parquet" if tar.endswith(".tar") else tar + ".parquet")
     if not sidecar.is_file():
         return []
     try:
-        rows = pq.read_table(sidecar, columns=["key", "status", "error_message"]).to_pylist()
+        with sidecar.open() as f:
+            rows = pq.read_table(f, columns=["key", "status", "error_message"]).to_pylist()
     except Exception:  # a foreign or damaged sidecar: the sheet still shows the tar's samples
         return []
-    return [(tar.name, str(r["key"]), str(r["error_message"] or "")) for r in rows if r["status"] != "success"]
+    name = tar.rsplit("/", 1)[-1]
+    return [(name, str(r["key"]), str(r["error_message"] or "")) for r in rows if r["status"] != "success"]
 
 
 def _card_html(card: _Card, name: str, out: Path) -> str:
@@ -142,17 +145,28 @@ def _card_html(card: _Card, name: str, out: Path) -> str:
             f'<ul>{legend}</ul></figcaption></figure>')
 
 
-def _tar_samples(tar: Path) -> Iterator[dict[str, Any]]:
+def _tar_samples(tar: str) -> Iterator[dict[str, Any]]:
     """The samples of one tar; a file that is not a tar is named in one line (a UserError)."""
     try:
-        yield from iter_shard(tar)
+        with Location(tar).open() as f:
+            yield from iter_shard(tar, fileobj=f)
     except tarfile.TarError as e:
         raise UserError(f"not a readable tar ({e})", file=tar) from None
 
 
 def write_audit(shards: str | Path, out: str | Path, *, n: int = 48, seed: int = 0) -> AuditResult:
-    """Scan `shards`, draw a reservoir sample of `n` on a contact sheet, plot the histograms."""
-    out = Path(out)
+    """Scan `shards` (local or on any fsspec filesystem), draw a reservoir sample of `n` on a
+    contact sheet, plot the histograms, into `out` (a local folder, or a URL: the sheet is written
+    in a local staging folder, then uploaded)."""
+    where = output_location(out, field="--out")
+    with where.staged_folder() as staging:
+        result = _write_audit(shards, staging, n, seed)
+    if not where.is_local:
+        result.html = where.where("index.html")
+    return result
+
+
+def _write_audit(shards: str | Path, out: Path, n: int, seed: int) -> AuditResult:
     (out / "images").mkdir(parents=True, exist_ok=True)
     rng = random.Random(seed)
     chosen: list[_Card] = []
@@ -163,7 +177,7 @@ def write_audit(shards: str | Path, out: str | Path, *, n: int = 48, seed: int =
     scanned = 0
     failed: list[tuple[str, str, str]] = []
     for tar in resolve_shards(shards):
-        failed += _failed_rows(Path(tar))
+        failed += _failed_rows(tar)
         for sample in _tar_samples(tar):
             try:
                 rec = json.loads(sample["json"]) if "json" in sample else {}

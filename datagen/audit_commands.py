@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import typer
 
 
 def audit(
     shards: str = typer.Argument(..., help="Caption shards: a folder, a .tar, a glob or a brace pattern."),
-    out: Path = typer.Option(..., "--out", "-o", help="Output folder (index.html, images/, *.png)."),
+    out: str = typer.Option(..., "--out", "-o", help="Output folder (index.html, images/, *.png); local, or "
+                            "s3://... and other fsspec URLs."),
     n: int = typer.Option(48, "--samples", "-n", min=1, help="Images on the contact sheet."),
     seed: int = typer.Option(0, "--seed", help="Seed of the reservoir sample."),
 ) -> None:

@@ -88,9 +88,9 @@ def ground(
 
 
 def retemplate(
-    input_dir: Path = typer.Argument(..., help="Folder of grounding shards."),
-    output_dir: Optional[Path] = typer.Argument(None, help="Output folder (the older form of -o/--out)."),
-    out: Optional[Path] = out_option("folder for the re-captioned shards (must differ from the input)"),
+    input_dir: str = typer.Argument(..., help="Folder of grounding shards (local, or s3://... and other fsspec URLs)."),
+    output_dir: Optional[str] = typer.Argument(None, help="Output folder (the older form of -o/--out)."),
+    out: Optional[str] = out_option("folder for the re-captioned shards (must differ from the input)"),
     caption_format: Literal["positional", "textual", "bbox"] = typer.Option("positional", "--caption-format", help="Format of the .txt caption."),
     caption_style: Optional[Literal["inline", "tags"]] = typer.Option(None, "--caption-style", help="Style of the .txt caption (default inline when a caption exists)."),
     lead_in: Optional[str] = typer.Option(None, "--lead-in", help='Tag-list lead-in (default "The image contains").'),

@@ -18,6 +18,12 @@ A job's input is one of (detected from the path, or named with `--input-format`)
                  `metadata` JSON): fetched like `urls`, keeping `uid` (the
                  captions are made anew by our engine; `blip3 export blip3-ocr` writes this shape).
 
+Each kind is one reader class in `READERS` (`InputReader`: its tars, counted on the cluster, or
+its refs, listed by the driver), working the same on a local path and on any fsspec location
+(`core.storage.Location`: `s3://bucket/images/`, a brace pattern of `gs://` tars, ...). A new input
+kind is one class here, plus its name in `core.options.InputFormat` (a test checks the two agree)
+and, when it can be told from the location alone, a line in `detect_format`.
+
 Enumeration happens in two steps so that a job can be sharded deterministically without holding
 image bytes: `iter_refs` yields light `SampleRef`s (a locator, not the bytes) in a stable order,
 and `load_sample(ref)` reads the bytes wherever the work runs (a Ray actor). `iter_samples` does
@@ -31,8 +37,8 @@ so the same input always gives the same keys and no key can name a path outside 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
-import os
 import tarfile
 from dataclasses import asdict, dataclass, field
 from itertools import islice
@@ -41,10 +47,9 @@ from typing import Any, BinaryIO, Iterator
 
 from blip3.core.errors import UserError, describe_exception
 from blip3.core.keys import sanitize_key
-from blip3.core.storage import RemoteDir, url_scheme
-from blip3.core.shards import IMAGE_EXTS, MemberSpan, iter_tar_index, read_span, split_member_name
+from blip3.core.storage import Location, as_location, stamp_of, staged_input
+from blip3.core.shards import IMAGE_EXTS, MemberSpan, is_image_ext, iter_tar_index, read_span, split_member_name
 
-INPUT_FORMATS = ("folder", "webdataset", "img2dataset", "urls", "blip3-ocr")
 URL_LIST_SUFFIXES = (".parquet", ".csv", ".tsv", ".jsonl", ".json")
 
 
@@ -70,11 +75,10 @@ class InputSample:
 class SampleRef:
     """Where an input sample's bytes are, without the bytes.
 
-    `locator` is `["file", path]`, `["tar", path, offset, size]`, `["url", url]` (fetched by
-    `load_sample`), `["store", RemoteDir, name]` / `["store", RemoteDir, name, offset, size]` (an
-    object, or a tar member, on an object store) or `["none"]` (pre-failed).
-    Refs of local inputs serialise to JSON (`to_json`/`from_json`); a store's refs share their one
-    `RemoteDir`, which pickles without its connection.
+    `locator` is `["at", Location]` (a whole file), `["at", Location, offset, size]` (a tar
+    member), `["url", url]` (fetched by `load_sample`) or `["none"]` (pre-failed); the `Location`
+    is local or on any store, and pickles without its connection. Refs serialise to JSON
+    (`to_json`/`from_json`).
     """
 
     key: str
@@ -85,93 +89,102 @@ class SampleRef:
     source_caption: str | None = None
     meta: dict[str, Any] = field(default_factory=dict)
     error: str | None = None
+    #: what changes when the input's bytes do, at the cost of a stat: `size:mtime_ns` of a file,
+    #: `size:ETag` of an object (core.storage.stamp_of); part of the shard's input digest
+    stamp: str | None = None
 
     def to_json(self) -> str:
-        return json.dumps(asdict(self), ensure_ascii=False)
+        data = asdict(self)
+        if self.locator and self.locator[0] == "at":
+            where = self.locator[1]
+            data["locator"] = ["at", {"url": where.url, "storage_options": where.storage_options}, *self.locator[2:]]
+        return json.dumps(data, ensure_ascii=False)
 
     @classmethod
     def from_json(cls, text: str) -> "SampleRef":
-        return cls(**json.loads(text))
+        ref = cls(**json.loads(text))
+        if ref.locator and ref.locator[0] == "at":
+            where = ref.locator[1]
+            ref.locator = ["at", Location(where["url"], where["storage_options"]), *ref.locator[2:]]
+        return ref
 
 
 # -- detection ---------------------------------------------------------------------------------
-def detect_format(input_path: str | Path) -> str:
-    """Guess the input kind from the path; raises UserError when it cannot tell."""
+def _suffix(name: str) -> str:
+    return "." + name.rsplit(".", 1)[-1].lower() if "." in name else ""
+
+
+def detect_format(input_path: str | Path | Location, storage_options: dict[str, Any] | None = None) -> str:
+    """Guess the input kind from the location (local or on any store); raises UserError when it
+    cannot tell."""
     text = str(input_path)
     if "{" in text and "}" in text:
         return "webdataset"
-    path = Path(text)
-    if not path.exists():
-        raise UserError("input does not exist", file=path)
-    if path.is_dir():
-        if any(path.glob("*.tar")):
-            _refuse_mixed_folder(path)
-            return "img2dataset" if _is_img2dataset_dir(path) else "webdataset"
-        return "folder"
-    suffix = path.suffix.lower()
+    where = as_location(input_path, storage_options)
+    suffix = _suffix(where.name)
     if suffix == ".tar":
         return "webdataset"
-    if suffix == ".parquet":
+    if suffix in URL_LIST_SUFFIXES and where.is_file():
+        if suffix != ".parquet":
+            return "urls"
         import pyarrow.parquet as pq
 
-        names = set(pq.read_schema(path).names)
+        with where.open() as f:
+            names = set(pq.read_schema(f).names)
         if {"captions", "metadata", "url"} <= names:
             return "blip3-ocr"
         if "url" in names:
             return "urls"
-        raise UserError("parquet has no `url` column; cannot use it as an input", field="url", file=path)
-    if suffix in URL_LIST_SUFFIXES:
-        return "urls"
-    raise UserError(
-        f"cannot tell the input kind; pass --input-format ({', '.join(INPUT_FORMATS)})", file=path
-    )
+        raise UserError("parquet has no `url` column; cannot use it as an input", field="url", file=where.url)
+    listing = where.listing()
+    if not listing and where.exists():  # an empty local folder: a folder input with no images
+        return "folder"
+    if not listing:
+        if where.is_file():
+            raise UserError(f"cannot tell the input kind; pass --input-format ({', '.join(INPUT_FORMATS)})",
+                            file=where.url)
+        raise UserError("input does not exist (or is an empty folder)", file=where.url)
+    if any(n.endswith(".tar") for n in listing):
+        _refuse_mixed_folder(where)
+        return "img2dataset" if _is_img2dataset_dir(where) else "webdataset"
+    return "folder"
 
 
-def _refuse_mixed_folder(path: Path) -> None:
+def _refuse_mixed_folder(where: Location) -> None:
     """A folder holding both tars and loose images is ambiguous: taking it as tars would silently
     drop the images (and a job writing its shards into its own input folder looks just like it),
     so the user must say which one they mean."""
-    loose = next((p for p in path.rglob("*") if _ext_of(p.name) in IMAGE_EXTS and (p.is_file() or p.is_symlink())), None)
+    loose = next((rel for rel in sorted(where.find()) if _ext_of(rel) in IMAGE_EXTS), None)
     if loose is not None:
         raise UserError(
-            f"holds both .tar files and loose images (e.g. {loose.relative_to(path).as_posix()}); pass "
+            f"holds both .tar files and loose images (e.g. {loose}); pass "
             "--input-format folder (the loose images) or --input-format webdataset (the tars)",
-            file=path,
+            file=where.url,
         )
 
 
-def check_output_outside_input(input_path: str | Path, output_dir: str | Path) -> None:
+def check_output_outside_input(input_path: str | Path, output_dir: str | Path | Location) -> None:
     """Refuse an output folder that is, or lies inside, a folder input: the job's own shards would
     become input on the next run (or be mistaken for it), so inputs could be dropped or doubled."""
     text = str(input_path)
     if "{" in text:
         return
-    if url_scheme(text) not in (None, "file"):  # a folder on an object store: compare the URLs
-        src_url, out_url = text.rstrip("/"), str(output_dir).rstrip("/")
-        if out_url == src_url or out_url.startswith(src_url + "/"):
-            raise UserError(f"output {out_url} is inside the input folder; choose an output outside it",
-                            file=text, field="--output")
-        return
-    if url_scheme(str(output_dir)) not in (None, "file"):  # a local input, an object-store output
-        return
-    src = Path(text).resolve()
-    if not src.is_dir():
-        return
-    out = Path(output_dir).resolve()
-    if out == src or src in out.parents:
-        raise UserError(f"output folder {out} is inside the input folder; choose an output outside it",
+    src, out = Location(text).url, as_location(output_dir).url
+    if out == src or out.startswith(src.rstrip("/") + "/"):
+        raise UserError(f"output {out} is inside the input folder; choose an output outside it",
                         file=src, field="--output")
 
 
-def _is_img2dataset_dir(path: Path) -> bool:
+def _is_img2dataset_dir(where: Location) -> bool:
     """img2dataset writes `NNNNN.parquet` with an `error_message` column beside each tar. Our own
     outputs carry its columns too, plus ours (`n_captions`): they are read as WebDataset tars, whose
     `.json` tells our caption (`.txt`) from the source caption."""
     import pyarrow.parquet as pq
 
-    for parquet in sorted(path.glob("*.parquet")):
+    for parquet in sorted(n for n in where.names() if n.endswith(".parquet")):
         try:
-            names = pq.read_schema(parquet).names
+            with where.open(parquet) as f:
+                names = pq.read_schema(f).names
         except Exception:  # an unreadable parquet is not img2dataset's; treat the dir as plain tars
             return False
         if "error_message" in names:
@@ -196,32 +209,24 @@ class _KeyDeduper:
         return key
 
 
-def iter_refs(input_path: str | Path, input_format: str | None = None) -> Iterator[SampleRef]:
+def iter_refs(input_path: str | Path, input_format: str | None = None,
+              storage_options: dict[str, Any] | None = None) -> Iterator[SampleRef]:
     """Yield the input's samples as refs, in a stable order, with sanitised unique keys.
 
     Keys are unique over the whole input; the datagen pipeline, which must not hold every key of
     a large job, uses `iter_raw_refs` and makes keys unique per shard instead (datagen.plans).
     """
     dedup = _KeyDeduper()
-    for ref in iter_raw_refs(input_path, input_format):
+    for ref in iter_raw_refs(input_path, input_format, storage_options):
         ref.key = dedup(ref.key)
         yield ref
 
 
-def iter_raw_refs(input_path: str | Path, input_format: str | None = None) -> Iterator[SampleRef]:
+def iter_raw_refs(input_path: str | Path, input_format: str | None = None,
+                  storage_options: dict[str, Any] | None = None) -> Iterator[SampleRef]:
     """`iter_refs` before key de-duplication: raw keys, not yet sanitised, in the same stable order."""
-    kind = input_format or detect_format(input_path)
-    if kind not in INPUT_FORMATS:
-        raise UserError(f"unknown input format {kind!r}; one of {', '.join(INPUT_FORMATS)}", field="--input-format")
-    if kind == "folder":
-        raw = _folder_refs(Path(input_path))
-    elif kind == "webdataset":
-        raw = _webdataset_refs(str(input_path))
-    elif kind == "img2dataset":
-        raw = _img2dataset_refs(Path(input_path))
-    else:
-        raw = _url_list_refs(Path(input_path))
-    yield from raw
+    reader = reader_for(input_path, input_format, storage_options)
+    yield from reader.refs(as_location(input_path, storage_options))
 
 
 def load_sample(ref: SampleRef, download: Any = None) -> InputSample:
@@ -237,16 +242,12 @@ def load_sample(ref: SampleRef, download: Any = None) -> InputSample:
             image = fetch_url(ref.locator[1], download or DownloadOptions())
         except FetchError as e:
             image, error = b"", f"download: {e}"
-    elif kind == "file":
-        image = Path(ref.locator[1]).read_bytes()
-    elif kind == "tar":
-        _, path, offset, size = ref.locator
-        with open(path, "rb") as f:
-            image = read_span(f, int(offset), int(size))
-    elif kind == "store":
-        store, name, *span = ref.locator[1:]
-        start, end = (int(span[0]), int(span[0]) + int(span[1])) if span else (None, None)
-        image = store.fs.cat_file(store.path(name), start=start, end=end)
+    elif kind == "at":
+        where, *span = ref.locator[1:]
+        where = as_location(where)
+        image = where.read_range("", int(span[0]), int(span[1])) if span else where.read_bytes()
+        if image is None:
+            raise FileNotFoundError(f"no such file: {where.url}")
     elif kind == "none":
         image = b""
     else:
@@ -267,93 +268,54 @@ def _ext_of(name: str) -> str:
     return name.rsplit(".", 1)[-1].lower() if "." in name else ""
 
 
-def _folder_refs(root: Path) -> Iterator[SampleRef]:
-    if not root.is_dir():
-        raise UserError("not a directory", file=root)
-    files = sorted(
-        (p for p in root.rglob("*") if _ext_of(p.name) in IMAGE_EXTS and (p.is_file() or _is_dangling(p))),
-        key=lambda p: p.relative_to(root).as_posix(),
-    )
-    for path in files:
-        rel = path.relative_to(root).as_posix()
-        if _is_dangling(path):
-            yield SampleRef(key=rel.rsplit(".", 1)[0], ext=_ext_of(path.name), locator=["none"], meta={"path": rel},
-                            error=f"dangling_symlink: {rel} points at {os.readlink(path)}, which does not exist")
-            continue
-        caption_file = path.with_suffix(".txt")
-        caption = caption_file.read_text(encoding="utf-8", errors="replace").strip() if caption_file.is_file() else None
-        yield SampleRef(
-            key=rel.rsplit(".", 1)[0], ext=_ext_of(path.name), locator=["file", str(path.resolve())],
-            source_caption=caption or None, meta={"path": rel},
-        )
-
-
-def _is_dangling(path: Path) -> bool:
-    """A symlink whose target is gone: an input the user listed, so it gets a failed row."""
-    return path.is_symlink() and not path.exists()
-
-
-def expand_tar_pattern(pattern: str) -> list[Path]:
-    """Brace pattern, single tar, or folder of tars -> the tar paths (pattern order / sorted)."""
-    if "{" in pattern:
-        from braceexpand import braceexpand
-
-        paths = [Path(p) for p in braceexpand(pattern)]
-    else:
-        p = Path(pattern)
-        paths = sorted(p.glob("*.tar")) if p.is_dir() else [p]
-    missing = [str(p) for p in paths if not p.is_file()]
-    if missing:
-        raise UserError(f"{len(missing)} shard(s) not found, first: {missing[0]}", file=pattern)
-    if not paths:
-        raise UserError("no .tar shards found", file=pattern)
-    return paths
-
-
+# -- tars --------------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class TarSource:
-    """One input tar: a local path, or the name of an object under `store` (any fsspec filesystem).
-    Picklable, so a Ray task on any node reads the tar itself."""
+    """One input tar, local or on any fsspec store (a path or URL is made a `Location`). Picklable,
+    so a Ray task on any node reads the tar itself."""
 
-    path: str
-    store: RemoteDir | None = None
-    #: an img2dataset part's `NNNNN.parquet` (local): its rows, sorted by key, are the refs
-    parquet: str | None = None
+    where: Location
+    #: an img2dataset part's `NNNNN.parquet`: its rows, sorted by key, are the refs
+    parquet: Location | None = None
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "where", as_location(self.where))
+        if self.parquet is not None:
+            object.__setattr__(self, "parquet", as_location(self.parquet))
 
     @property
     def name(self) -> str:
-        return self.path.rstrip("/").rsplit("/", 1)[-1]
+        return self.where.name
 
     def __str__(self) -> str:
-        return self.path if self.store is None else f"{self.store.url}/{self.path}"
+        return self.where.url
 
     def open(self) -> BinaryIO:
-        if self.store is None:
-            return open(self.path, "rb")
-        return self.store.fs.open(self.store.path(self.path), "rb")
+        return self.where.open()
 
     def size(self) -> int:
         if self.parquet is not None:  # the tar may be missing (every row failed); both files count
-            return os.path.getsize(self.parquet) + (os.path.getsize(self.path) if os.path.isfile(self.path) else 0)
-        if self.store is None:
-            return os.path.getsize(self.path)
-        size = self.store.size(self.path)
+            return (self.parquet.size() or 0) + (self.where.size() or 0)
+        size = self.where.size()
         if size is None:
-            raise FileNotFoundError(f"no such object: {self}")
+            raise FileNotFoundError(f"no such file: {self}")
         return size
 
-    def scan(self, start: int = 0) -> Iterator[_TarSample]:
-        """`scan_tar` of this tar, from the sample whose header is at byte `start`."""
-        if self.store is None:
-            yield from scan_tar(Path(self.path), start=start)
+    def scan(self, start: int = 0, headers: Any = None, fileobj: BinaryIO | None = None) -> Iterator[_TarSample]:
+        """`scan_tar` of this tar, from the sample whose header is at byte `start`, through `fileobj`
+        when the caller has the tar open already (tarfile seeks back to its headers itself)."""
+        if fileobj is not None:
+            yield from scan_tar(str(self), fileobj=fileobj, start=start, headers=headers)
             return
-        with self.open() as f:
-            yield from scan_tar(str(self), fileobj=f, start=start)
+        try:
+            f = self.open()
+        except FileNotFoundError:
+            raise UserError("not found", file=str(self)) from None
+        with f:
+            yield from scan_tar(str(self), fileobj=f, start=start, headers=headers)
 
     def locator(self, offset: int, size: int) -> list[Any]:
-        if self.store is None:
-            return ["tar", str(Path(self.path).resolve()), offset, size]
-        return ["store", self.store, self.path, offset, size]
+        return ["at", self.where, offset, size]
 
 
 @dataclass
@@ -361,6 +323,7 @@ class _TarSample:
     key: str
     members: dict[str, MemberSpan] = field(default_factory=dict)  # by lower-cased ext, first wins
     extra_images: list[str] = field(default_factory=list)  # image members not taken (`key.ext`)
+    image: str | None = None  # the extension (a `members` key) of the image member taken
     link: str | None = None  # set for a link member (`name -> target`): no data of its own
     header: int = 0  # byte offset of the sample's first header (a scan can resume there)
 
@@ -370,16 +333,17 @@ class _TarSample:
         return 1 if self.link is not None else 1 + len(self.extra_images)
 
 
-def scan_tar(path: Path | str, *, fileobj: BinaryIO | None = None, start: int = 0) -> Iterator[_TarSample]:
+def scan_tar(path: Path | str, *, fileobj: BinaryIO | None = None, start: int = 0,
+             headers: Any = None) -> Iterator[_TarSample]:
     """Group a tar's members by webdataset key, keeping their data offsets (no data read).
 
     Every image member is accounted for: a second image under one key (a repeated `a.jpg`, or
     `a.jpg` beside `a.png`) is listed in `extra_images`, and an image member that is a hard or
     symbolic link comes last as a sample of its own with `link` set, so each becomes a failed row.
-    `fileobj` and `start` as for `core.shards.iter_tar_index`."""
+    `fileobj`, `start` and `headers` as for `core.shards.iter_tar_index`."""
     links: list[tarfile.TarInfo] = []
     try:
-        for sample in iter_tar_index(path, skipped=links, fileobj=fileobj, start=start):
+        for sample in iter_tar_index(path, skipped=links, fileobj=fileobj, start=start, headers=headers):
             yield _group_members(sample.key, sample.members, sample.header)
     except tarfile.TarError as e:
         raise UserError(f"not a readable tar: {e}", file=path) from e
@@ -391,13 +355,17 @@ def scan_tar(path: Path | str, *, fileobj: BinaryIO | None = None, start: int = 
 
 
 def _group_members(key: str, spans: tuple[MemberSpan, ...], header: int = 0) -> _TarSample:
-    """One key's members by extension; the image member used is the first of the preferred ext."""
+    """One key's members by extension. The image used is the first member of the preferred plain
+    extension (`jpg`, `png`, ...), else the first whose last dotted part is one (`a.b.jpg` is key
+    `a`, extension `b.jpg`, the webdataset way); every other image member is listed in
+    `extra_images`, so it becomes a failed row, never silently dropped."""
     sample = _TarSample(key, header=header)
     for span in spans:
         sample.members.setdefault(span.ext.lower(), span)
-    image_ext = next((e for e in IMAGE_EXTS if e in sample.members), None)
-    chosen = sample.members.get(image_ext) if image_ext else None
-    sample.extra_images = [f"{key}.{m.ext}" for m in spans if m.ext.lower() in IMAGE_EXTS and m is not chosen]
+    sample.image = next((e for e in IMAGE_EXTS if e in sample.members), None) or next(
+        (e for e in sample.members if is_image_ext(e)), None)
+    chosen = sample.members.get(sample.image) if sample.image else None
+    sample.extra_images = [f"{key}.{m.ext}" for m in spans if is_image_ext(m.ext) and m is not chosen]
     return sample
 
 
@@ -416,7 +384,7 @@ def _tar_sample_refs(src: TarSource, f: BinaryIO, sample: _TarSample) -> Iterato
 
 def _tar_sample_ref(src: TarSource, f: BinaryIO, sample: _TarSample, extra: dict[str, Any] | None = None) -> SampleRef:
     """The ref of one tar sample; its json/txt members are read through `f`, the open tar `src`."""
-    image_ext = next((e for e in IMAGE_EXTS if e in sample.members), None)
+    image_ext = sample.image
     meta: dict[str, Any] = {"shard": src.name}
     record: dict[str, Any] = {}
     if "json" in sample.members:
@@ -441,7 +409,7 @@ def _tar_sample_ref(src: TarSource, f: BinaryIO, sample: _TarSample, extra: dict
         )
     info = sample.members[image_ext]
     return SampleRef(
-        key=sample.key, ext=image_ext, locator=src.locator(info.offset, info.size),
+        key=sample.key, ext=image_ext.rsplit(".", 1)[-1], locator=src.locator(info.offset, info.size),
         uid=_str_or_none(uid), url=_str_or_none(url), source_caption=caption, meta=meta,
     )
 
@@ -450,11 +418,18 @@ def _str_or_none(value: Any) -> str | None:
     return None if value is None else str(value)
 
 
-def _webdataset_refs(pattern: str) -> Iterator[SampleRef]:
-    for path in expand_tar_pattern(pattern):
-        src = TarSource(str(path))
-        with src.open() as f:
-            for sample in src.scan():
+def _tar_refs(tars: list[TarSource]) -> Iterator[SampleRef]:
+    """Every ref of `tars`, in order (a listing in one process: jobs count tars on Ray instead)."""
+    for src in tars:
+        if src.parquet is not None:
+            yield from _img2dataset_part_refs(src)
+            continue
+        try:
+            f = src.open()
+        except FileNotFoundError:
+            raise UserError("not found", file=str(src)) from None
+        with f:  # one open file for the headers and the json/txt members (tarfile seeks back itself)
+            for sample in src.scan(fileobj=f):
                 yield from _tar_sample_refs(src, f, sample)
 
 
@@ -470,26 +445,33 @@ class TarCount:
     size: int = 0
     seeks: list[tuple[int, int]] = field(default_factory=lambda: [(0, 0)])
     error: str | None = None
+    #: sha256 of every member header (name, size, mtime, checksum), read while counting: a tar
+    #: rewritten with other members, sizes or times gets another one, wherever it lies
+    stamp: str = ""
 
 
 def count_tar(src: TarSource, every: int) -> TarCount:
     """Count a tar's refs by reading its headers only (no member data). A tar holding links gets
     no seeks but the start: its links' refs come after all samples, so only a full scan finds them."""
     count = TarCount()
+    headers = hashlib.sha256()
     try:
         count.size = src.size()
         if src.parquet is not None:  # an img2dataset part: one ref per parquet row, from its footer
             import pyarrow.parquet as pq
 
-            count.refs = pq.read_metadata(src.parquet).num_rows
+            with src.parquet.open() as f:
+                count.refs = pq.read_metadata(f).num_rows
+            count.stamp = f"{src.parquet.stamp()}|{src.where.stamp()}"
             return count
-        for sample in src.scan():
+        for sample in src.scan(headers=headers):
             if count.refs >= count.seeks[-1][0] + every and sample.link is None:
                 count.seeks.append((count.refs, sample.header))
             if sample.link is not None:
                 count.seeks = [(0, 0)]
                 every = 1 << 62
             count.refs += sample.n_refs
+        count.stamp = headers.hexdigest()
     except UserError as e:
         count.error = str(e)
     except Exception as e:  # a missing object, no permission, a store out of reach: the driver says it in one line
@@ -499,7 +481,7 @@ def count_tar(src: TarSource, every: int) -> TarCount:
 
 def iter_tar_range(src: TarSource, start: int, stop: int, seek: tuple[int, int] = (0, 0),
                    size: int | None = None) -> Iterator[SampleRef]:
-    """Refs `start .. stop-1` of one tar, numbered as `_webdataset_refs` yields them, with raw keys;
+    """Refs `start .. stop-1` of one tar, numbered as `_tar_refs` yields them, with raw keys;
     the scan starts at `seek` (a `TarCount.seeks` pair at or before `start`), not at the top.
     An img2dataset part is read whole (its rows are sorted by key), then cut.
 
@@ -511,13 +493,13 @@ def iter_tar_range(src: TarSource, start: int, stop: int, seek: tuple[int, int] 
                         file=str(src))
     ordinal = start
     if src.parquet is not None:
-        for ref in islice(_img2dataset_part_refs(Path(src.parquet)), start, stop):
+        for ref in islice(_img2dataset_part_refs(src), start, stop):
             ordinal += 1
             yield ref
     else:
         ordinal = seek[0]
         with src.open() as f:
-            for sample in src.scan(seek[1]):
+            for sample in src.scan(seek[1], fileobj=f):
                 if ordinal + sample.n_refs <= start:
                     ordinal += sample.n_refs
                     continue
@@ -532,110 +514,139 @@ def iter_tar_range(src: TarSource, start: int, stop: int, seek: tuple[int, int] 
                         f"{start}..{stop - 1}; re-run the job", file=str(src))
 
 
-def store_tars(url: str, storage_options: dict[str, Any] | None) -> list[TarSource]:
-    """The tars of an object-store input: a brace pattern, one `.tar`, or a folder of tars (sorted),
-    as `expand_tar_pattern` reads local ones. Existence is checked by the tasks that count them."""
-    url = url.rstrip("/")
-    if "{" in url:
-        from braceexpand import braceexpand
-
-        root = url[: url.index("{")].rpartition("/")[0]
-        names = [u[len(root) + 1:] for u in braceexpand(url)]
-    elif url.lower().endswith(".tar"):
-        root, _, name = url.rpartition("/")
-        names = [name]
-    else:
-        root = url
-        names = sorted(n for n in RemoteDir(root, storage_options).names() if n.endswith(".tar"))
-        if not names:
-            raise UserError("no .tar shards found", file=url)
-    store = RemoteDir(root, storage_options)
-    return [TarSource(name, store) for name in names]
-
-
-def detect_store_format(url: str, storage_options: dict[str, Any] | None) -> str:
-    """`detect_format` for an object-store location (URL lists are staged and detected locally)."""
-    text = url.rstrip("/")
-    if "{" in text or text.lower().endswith(".tar"):
-        return "webdataset"
-    names = RemoteDir(text, storage_options).names()
-    if not names:
-        raise UserError("input does not exist (or is an empty folder)", file=url)
-    if any(n.endswith(".tar") for n in names):
-        if any(n.endswith(".parquet") and n[:-8].isdigit() for n in names):
-            raise UserError("a folder of tars with NNNNN.parquet beside them on an object store: pass "
-                            "--input-format webdataset to read its tars (img2dataset's parquet is read "
-                            "only from a local or mounted folder)", file=url)
-        return "webdataset"
-    return "folder"
-
-
-def store_folder_refs(store: RemoteDir) -> Iterator[SampleRef]:
-    """`_folder_refs` of a folder on an object store: every image under it, sorted by relative
-    path, a `name.txt` beside `name.jpg` as its source caption; the bytes are read by the shard task."""
-    root = store.path("").rstrip("/")
-    rels = sorted(p[len(root) + 1:] for p in store.fs.find(root))
-    present = set(rels)
-    for rel in rels:
-        if _ext_of(rel) not in IMAGE_EXTS:
-            continue
-        stem = rel.rsplit(".", 1)[0]
-        text = store.read_bytes(f"{stem}.txt") if f"{stem}.txt" in present else None
-        caption = text.decode("utf-8", errors="replace").strip() if text else None
-        yield SampleRef(key=stem, ext=_ext_of(rel), locator=["store", store, rel], source_caption=caption or None,
-                        meta={"path": rel})
-
-
-def _img2dataset_refs(folder: Path) -> Iterator[SampleRef]:
-    """Every URL img2dataset tried, by key (= input order); its failures become failed refs."""
-    parquets = sorted(p for p in folder.glob("*.parquet") if p.stem.isdigit())
-    if not parquets:
-        raise UserError("no img2dataset parquet files (NNNNN.parquet) found", file=folder)
-    for parquet in parquets:
-        yield from _img2dataset_part_refs(parquet)
-
-
-def img2dataset_parts(folder: Path) -> list[TarSource]:
-    """An img2dataset folder's parts (`NNNNN.parquet` and its tar), in order, for `count_tar`."""
-    parquets = sorted(p for p in folder.glob("*.parquet") if p.stem.isdigit())
-    if not parquets:
-        raise UserError("no img2dataset parquet files (NNNNN.parquet) found", file=folder)
-    return [TarSource(str(p.with_suffix(".tar")), parquet=str(p)) for p in parquets]
-
-
-def _img2dataset_part_refs(parquet: Path) -> Iterator[SampleRef]:
-    tar = parquet.with_suffix(".tar")
-    samples = {s.key: s for s in scan_tar(tar) if s.link is None} if tar.is_file() else {}
-    with open(tar, "rb") if samples else contextlib.nullcontext() as f:
-        yield from _img2dataset_parquet_refs(parquet, TarSource(str(tar)), f, samples)
-
-
-def _img2dataset_parquet_refs(parquet: Path, tar: TarSource, f: BinaryIO | None,
-                              samples: dict[str, _TarSample]) -> Iterator[SampleRef]:
+# -- img2dataset parts -------------------------------------------------------------------------
+def _img2dataset_part_refs(part: TarSource) -> Iterator[SampleRef]:
+    """Every URL img2dataset tried in one part, by key (= input order); its failures become failed refs."""
     import pyarrow.parquet as pq
 
-    # img2dataset writes rows in completion order; its keys follow the input order: sort by key.
-    for row in sorted(pq.read_table(parquet).to_pylist(), key=lambda r: str(r.get("key"))):
-        key = str(row.get("key"))
-        extra = {"uid": row.get("uid"), "url": row.get("url"),
-                 "caption": row.get("caption")}
-        if f is not None and row.get("status") == "success" and key in samples:
-            yield _tar_sample_ref(tar, f, samples[key], extra)
-        else:
-            reason = row.get("error_message") or row.get("status") or "missing from tar"
-            yield SampleRef(
-                key=key, ext="", locator=["none"], uid=_str_or_none(extra["uid"]), url=_str_or_none(extra["url"]),
-                source_caption=extra["caption"], meta={"shard": parquet.name},
-                error=f"download: {reason}",
-            )
+    samples = {}
+    if part.where.is_file():
+        with part.open() as f:
+            samples = {s.key: s for s in scan_tar(str(part), fileobj=f) if s.link is None}
+    with part.open() if samples else contextlib.nullcontext() as f:
+        with part.parquet.open() as pf:
+            rows = pq.read_table(pf).to_pylist()
+        # img2dataset writes rows in completion order; its keys follow the input order: sort by key.
+        for row in sorted(rows, key=lambda r: str(r.get("key"))):
+            key = str(row.get("key"))
+            extra = {"uid": row.get("uid"), "url": row.get("url"), "caption": row.get("caption")}
+            if f is not None and row.get("status") == "success" and key in samples:
+                yield _tar_sample_ref(part, f, samples[key], extra)
+            else:
+                reason = row.get("error_message") or row.get("status") or "missing from tar"
+                yield SampleRef(
+                    key=key, ext="", locator=["none"], uid=_str_or_none(extra["uid"]), url=_str_or_none(extra["url"]),
+                    source_caption=extra["caption"], meta={"shard": part.parquet.name}, error=f"download: {reason}",
+                )
 
 
-def _url_list_refs(path: Path) -> Iterator[SampleRef]:
-    """One ref per row of a URL list, keyed by row number (img2dataset's habit), in file order; the
-    bytes are fetched later by `load_sample`. A non-http(s) URL is a failed ref, never opened."""
-    from blip3.datagen.fetch import iter_url_rows, scheme_error
+# -- the readers: one class per input kind -----------------------------------------------------
+class InputReader:
+    """One input kind. A reader either names the tars of its input (`tars`), which Ray tasks near
+    the data count and the shards' tasks read (datagen.plans), or lists its refs in the driver
+    (`refs`). Every method takes a `Location`, local or on any store."""
 
-    for number, row in enumerate(iter_url_rows(path)):
-        refused = scheme_error(row["url"])
-        yield SampleRef(key=f"{number:09d}", ext="", locator=["none"] if refused else ["url", row["url"].strip()],
-                        uid=row["uid"], url=row["url"], source_caption=row["caption"] or None, error=refused)
+    name: str = ""
+
+    def tars(self, where: Location) -> list[TarSource] | None:
+        """The input's tars, or None for a kind listed by the driver."""
+        return None
+
+    def refs(self, where: Location) -> Iterator[SampleRef]:
+        """The input's refs with raw keys, in a stable order."""
+        yield from _tar_refs(self.tars(where) or [])
+
+
+class FolderReader(InputReader):
+    """A folder of images, recursive, sorted by relative path; `name.txt` beside `name.jpg` is the
+    image's source caption; a dangling symbolic link is a failed ref."""
+
+    name = "folder"
+
+    def refs(self, where: Location) -> Iterator[SampleRef]:
+        found = where.find()
+        if not found and not where.exists():
+            raise UserError("no such folder", file=where.url)
+        for rel in sorted(found):
+            if _ext_of(rel) not in IMAGE_EXTS:
+                continue
+            info, stem = found[rel], rel.rsplit(".", 1)[0]
+            if info.get("dangling") is not None:
+                yield SampleRef(key=stem, ext=_ext_of(rel), locator=["none"], meta={"path": rel},
+                                error=f"dangling_symlink: {rel} points at {info['dangling']}, which does not exist")
+                continue
+            text = where.read_bytes(f"{stem}.txt") if f"{stem}.txt" in found else None
+            caption = text.decode("utf-8", errors="replace").strip() if text else None
+            yield SampleRef(key=stem, ext=_ext_of(rel), locator=["at", where.child(rel)], source_caption=caption or None,
+                            meta={"path": rel}, stamp=stamp_of(info))
+
+
+class WebDatasetReader(InputReader):
+    """WebDataset tars: one `.tar`, a brace pattern, or a folder holding `.tar` files (sorted)."""
+
+    name = "webdataset"
+
+    def tars(self, where: Location) -> list[TarSource]:
+        if "{" in where.url:  # a brace pattern: its tars in pattern order (existence: checked by their counts)
+            from braceexpand import braceexpand
+
+            return [TarSource(Location(url, where.storage_options)) for url in braceexpand(where.url)]
+        if _suffix(where.name) == ".tar":
+            return [TarSource(where)]
+        names = sorted(n for n, e in where.listing().items() if n.endswith(".tar") and e.get("type") != "directory")
+        if not names:
+            raise UserError("no .tar shards found", file=where.url)
+        return [TarSource(where.child(n)) for n in names]
+
+
+class Img2DatasetReader(InputReader):
+    """An img2dataset output folder: each `NNNNN.parquet` lists every URL it tried (failures become
+    failed refs with a `download:` reason), its tar holds the images."""
+
+    name = "img2dataset"
+
+    def tars(self, where: Location) -> list[TarSource]:
+        parquets = sorted(n for n in where.names() if n.endswith(".parquet") and n[: -len(".parquet")].isdigit())
+        if not parquets:
+            raise UserError("no img2dataset parquet files (NNNNN.parquet) found", file=where.url)
+        return [TarSource(where.child(p[: -len(".parquet")] + ".tar"), parquet=where.child(p)) for p in parquets]
+
+
+class UrlListReader(InputReader):
+    """A parquet / CSV / TSV / JSONL / JSON list of URLs (`url`, optional `caption`, `uid`), one ref
+    per row keyed by row number (img2dataset's habit); each row's image is fetched by the task
+    writing its shard. A list on a store is read from a local copy. A non-http(s) URL is a failed
+    ref, never opened."""
+
+    name = "urls"
+
+    def refs(self, where: Location) -> Iterator[SampleRef]:
+        from blip3.datagen.fetch import iter_url_rows, scheme_error
+
+        with staged_input(where, None, URL_LIST_SUFFIXES) as path:
+            for number, row in enumerate(iter_url_rows(path)):
+                refused = scheme_error(row["url"])
+                yield SampleRef(key=f"{number:09d}", ext="", locator=["none"] if refused else ["url", row["url"].strip()],
+                                uid=row["uid"], url=row["url"], source_caption=row["caption"] or None, error=refused)
+
+
+class Blip3OcrReader(UrlListReader):
+    """A parquet in the published BLIP3-OCR shape (`uid`, `url`, `captions`, `metadata`): fetched like
+    `urls`, keeping `uid` (the captions are made anew by our engine)."""
+
+    name = "blip3-ocr"
+
+
+#: Every input kind, by `--input-format` name: the one place a kind is picked.
+READERS: dict[str, InputReader] = {r.name: r for r in (FolderReader(), WebDatasetReader(), Img2DatasetReader(),
+                                                        UrlListReader(), Blip3OcrReader())}
+INPUT_FORMATS = tuple(READERS)
+
+
+def reader_for(input_path: str | Path | Location, input_format: str | None = None,
+               storage_options: dict[str, Any] | None = None) -> InputReader:
+    """The reader of `--input-format`, or of the kind detected from the input."""
+    kind = input_format or detect_format(input_path, storage_options)
+    if kind not in READERS:
+        raise UserError(f"unknown input format {kind!r}; one of {', '.join(INPUT_FORMATS)}", field="--input-format")
+    return READERS[kind]

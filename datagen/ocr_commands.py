@@ -72,9 +72,9 @@ def ocr(
 
 
 def export_blip3_ocr(
-    output: Path = typer.Argument(..., help="A folder of OCR caption shards (from `blip3 ocr`)."),
-    parquet_dir: Optional[Path] = typer.Argument(None, help="Output folder (the older form of -o/--out)."),
-    out: Optional[Path] = out_option("folder for parquet files in the published BLIP3-OCR shape"),
+    output: str = typer.Argument(..., help="A folder of OCR caption shards (from `blip3 ocr`)."),
+    parquet_dir: Optional[str] = typer.Argument(None, help="Output folder (the older form of -o/--out)."),
+    out: Optional[str] = out_option("folder for parquet files in the published BLIP3-OCR shape"),
     rows_per_file: int = typer.Option(100_000, "--rows-per-file", help="Rows per parquet file."),
 ) -> None:
     """Export OCR shards to parquet with the published columns: uid, url, captions (JSON), metadata (JSON)."""

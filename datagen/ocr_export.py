@@ -11,8 +11,6 @@ keeping `uid`, and OCR'd anew.
 from __future__ import annotations
 
 import json
-import os
-import shutil
 import tempfile
 from pathlib import Path
 from typing import Iterator
@@ -21,37 +19,38 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from blip3.core.errors import UserError
-from blip3.core.shards import ShardInfo, iter_tar_index, list_shards, read_span
+from blip3.core.shards import Shard, iter_tar_index, read_span
+from blip3.core.storage import Location, output_location
 
 BLIP3_OCR_SCHEMA = pa.schema([("uid", pa.string()), ("url", pa.string()),
                               ("captions", pa.string()), ("metadata", pa.string())])
 
 
-def export_blip3_ocr(output: str | Path, parquet_dir: str | Path, *, rows_per_file: int = 100_000) -> tuple[list[Path], int]:
-    """Write `part-NNNNN.parquet` files from the shards of `output`; returns (files, rows).
+def export_blip3_ocr(output: str | Path, parquet_dir: str | Path, *, rows_per_file: int = 100_000) -> tuple[list[str], int]:
+    """Write `part-NNNNN.parquet` files from the shards of `output`; returns (file locations, rows).
+    Either folder may be local or on any fsspec filesystem.
 
-    The parts are written into a temporary folder inside `parquet_dir` and swapped in only once all
-    are written: a failed export leaves the previous one whole, and a smaller re-export leaves no
-    stale `part-*.parquet` of the previous one behind (they would be read as duplicate rows).
+    The parts are written into a local staging folder and published only once all are written
+    (each part atomically); then the previous export's parts that this one did not rewrite are
+    removed, so a smaller re-export leaves no stale `part-*.parquet` behind (they would be read as
+    duplicate rows), and a failed export leaves the previous one whole.
     """
-    shards = list_shards(output)
+    shards = Location(output).finished()
     if not shards:
         raise UserError("no finished shards (NNNNNN_stats.json) found", file=output)
-    dest = Path(parquet_dir)
-    dest.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=".export-", dir=dest))
-    try:
-        names, total = _write_parts(shards, staging, rows_per_file)
-        for old in dest.glob("part-*.parquet"):
-            old.unlink()
+    dest = output_location(parquet_dir, field="--out")
+    dest.mkdir()
+    with tempfile.TemporaryDirectory(prefix="blip3-export-") as staging:
+        names, total = _write_parts(shards, Path(staging), rows_per_file)
         for name in names:
-            os.replace(staging / name, dest / name)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
-    return [dest / name for name in names], total
+            dest.put(Path(staging) / name, name)
+    for old in dest.names():
+        if old.startswith("part-") and old.endswith(".parquet") and old not in names:
+            dest.remove(old)
+    return [dest.where(name) for name in names], total
 
 
-def _write_parts(shards: list[ShardInfo], dest: Path, rows_per_file: int) -> tuple[list[str], int]:
+def _write_parts(shards: list[Shard], dest: Path, rows_per_file: int) -> tuple[list[str], int]:
     names: list[str] = []
     rows: list[dict[str, str | None]] = []
     total = 0
@@ -87,10 +86,11 @@ def _write_parts(shards: list[ShardInfo], dest: Path, rows_per_file: int) -> tup
     return names, total
 
 
-def _iter_json_members(tar: Path) -> Iterator[tuple[str, bytes]]:
+def _iter_json_members(tar: str) -> Iterator[tuple[str, bytes]]:
     """(key, json bytes) of each sample that has a json member; the images are seeked over, not read."""
-    with open(tar, "rb") as f:
-        for sample in iter_tar_index(tar):
+    where = Location(tar)
+    with where.open() as headers, where.open() as f:  # one handle scans headers, the other reads data
+        for sample in iter_tar_index(tar, fileobj=headers):
             for member in sample.members:
                 if member.ext == "json":
                     yield sample.key, read_span(f, member.offset, member.size)

@@ -48,7 +48,6 @@ import json
 import math
 import os
 import pickle
-import tempfile
 import time
 from collections import Counter
 from dataclasses import dataclass, field
@@ -58,18 +57,8 @@ from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator, Sequence
 
 from blip3.core.errors import UserError, describe_exception, environment_error
 from blip3.core.logs import get_logger, progress, progress_enabled
-from blip3.core.shards import (
-    SHARD_DIGITS,
-    SampleRow,
-    ShardWriter,
-    clean_temporaries,
-    publish_remote,
-    read_stats,
-    remove_remote_shards,
-    shard_complete,
-    shard_paths,
-)
-from blip3.core.storage import RemoteDir, output_location, storage_environment
+from blip3.core.shards import SHARD_DIGITS, SampleRow, ShardWriter, shard_name
+from blip3.core.storage import Location, as_location, output_location, storage_environment
 from blip3.datagen.annotator import Annotation, AnnotatorConfig, SkipSample
 from blip3.datagen.fetch import DownloadOptions, fetch_in_order
 from blip3.datagen.images import DecodedImage, ImageLimits, ImageOutput, ImageRejected, decode_image
@@ -86,7 +75,7 @@ DEFAULT_SHARD_SIZE = 1000
 class JobResult:
     """What a job did; `failure_reasons` counts the failed samples of the shards it wrote."""
 
-    output: Path | RemoteDir
+    output: Location
     shards_total: int
     shards_written: int
     shards_skipped: int
@@ -236,16 +225,12 @@ def decode_plan(plan: ShardPlan, limits: ImageLimits, output: ImageOutput = Imag
     return [decode_step(ref, limits, output, sample) for ref, sample in zip(plan.refs, fetched)]
 
 
-def publish_shard(out: str | Path | RemoteDir, index: int, items: Iterable[Processed], generator: dict[str, Any],
+def publish_shard(out: str | Path | Location, index: int, items: Iterable[Processed], generator: dict[str, Any],
                   extra_stats: dict[str, Any] | None = None, digits: int = SHARD_DIGITS) -> dict[str, Any]:
     """Write recorded samples as shard `index` (tar + parquet + stats, atomically; an object-store
-    `out` gets it written locally, then uploaded, stats last) and return its stats: all the driver
-    needs. `generator` goes into the stats."""
-    if isinstance(out, RemoteDir):
-        with tempfile.TemporaryDirectory(prefix="blip3-shard-") as staging:
-            stats = publish_shard(Path(staging), index, items, generator, extra_stats, digits)
-            publish_remote(Path(staging), out, index, digits)
-        return stats
+    `out` gets it written locally, then uploaded, stats last: `core.shards.ShardWriter` over a
+    `core.storage.Location`) and return its stats: all the driver needs. `generator` goes into the
+    stats."""
     with ShardWriter(out, index, generator=generator, digits=digits) as w:
         for item in items:
             if item.ok:
@@ -257,7 +242,7 @@ def publish_shard(out: str | Path | RemoteDir, index: int, items: Iterable[Proce
             "failure_reasons": info.failure_reasons, "sha256": info.sha256, "tar_bytes": info.tar_bytes}
 
 
-def write_shard(out: str | Path | RemoteDir, plan: ShardPlan, annotator, limits: ImageLimits, generator: dict[str, Any],
+def write_shard(out: str | Path | Location, plan: ShardPlan, annotator, limits: ImageLimits, generator: dict[str, Any],
                 record_generator: dict[str, Any] | None = None, output: ImageOutput = ImageOutput(),
                 digits: int = SHARD_DIGITS, download: DownloadOptions = DownloadOptions()) -> dict[str, Any]:
     """A whole shard in this process, the job's three stages one after the other (tests, and the
@@ -276,30 +261,21 @@ def _fetch_ahead(ref: SampleRef, download: DownloadOptions) -> InputSample | Non
 
 
 # -- resume -----------------------------------------------------------------------------------
-def shard_done(out: Path | RemoteDir, index: int, digest: str, *, verify: bool = False, digits: int = SHARD_DIGITS) -> bool:
+def shard_done(out: str | Path | Location, index: int, digest: str, *, verify: bool = False,
+               digits: int = SHARD_DIGITS) -> bool:
     """A finished shard of the same inputs and settings; its sha256 is re-read only with `verify`."""
-    stats = read_stats(out, index, digits)
+    out, name = as_location(out), shard_name(index, digits)
+    stats = out.stats(name)
     return (stats is not None and stats.get("input_digest") == digest
-            and shard_complete(out, index, verify_checksum=verify, digits=digits))
+            and out.is_complete(name, verify_checksum=verify, stats=stats))
 
 
-def _remove_shards(out: Path | RemoteDir, keep_below: int = 0, digits: int = SHARD_DIGITS) -> list[int]:
-    """Delete every published shard (tar, parquet, stats) whose index is `keep_below` or more, or
-    whose name has another width than `digits`; returns the removed indices. Such shards are left
-    over from a run with another `--shard-size`, a larger `--limit` or another `--shard-name-width`:
-    kept, they would be catalogued and exported twice."""
-    if isinstance(out, RemoteDir):
-        return remove_remote_shards(out, keep_below, digits)
-    names = set()
-    for suffix in ("_stats.json", ".tar", ".parquet"):
-        for p in out.glob(f"*{suffix}"):
-            stem = p.name[: -len(suffix)]
-            if stem.isdigit() and (int(stem) >= keep_below or len(stem) != digits):
-                names.add(stem)
-    for name in names:
-        for p in shard_paths(out, name)[::-1]:  # stats first: a half-removed shard never looks complete
-            p.unlink(missing_ok=True)
-    return sorted(int(n) for n in names)
+def _remove_shards(out: str | Path | Location, keep_below: int = 0, digits: int = SHARD_DIGITS) -> list[int]:
+    """Delete every published shard whose index is `keep_below` or more, or whose name has another
+    width than `digits`; returns the removed indices. Such shards are left over from a run with
+    another `--shard-size`, a larger `--limit` or another `--shard-name-width`: kept, they would be
+    catalogued and exported twice."""
+    return as_location(out).remove_shards(keep_below, digits)
 
 
 @dataclass(frozen=True)
@@ -346,7 +322,6 @@ def run_job(
     if job.workers < 1:
         raise UserError("must be at least 1", field="--workers")
     out = output_location(output, job.storage_options)
-    remote = isinstance(out, RemoteDir)
     check_output_outside_input(input, out)
     probe = annotator_factory()  # unloaded: only asked for its name and generator info
     if job.shard_name_width < 1:
@@ -373,6 +348,8 @@ def run_job(
             ray_up()
             return count_tars_on_ray(tars, every)
 
+        # one job writes a folder at a time (core.storage.WriterLock): a second one is refused here
+        session.enter_context(out.lock(f"{probe.name} {input}"))
         return _plan_and_run(input, out, annotator_factory, generator, job, started, count_tars, ray_up)
 
 
@@ -382,20 +359,16 @@ def _local_cpus(job: JobOptions) -> int:
     return math.ceil(job.workers * job.cpus_per_worker) + (os.cpu_count() or 1)
 
 
-def _plan_and_run(input: str | Path, out: Path | RemoteDir, annotator_factory: AnnotatorConfig,
+def _plan_and_run(input: str | Path, out: Location, annotator_factory: AnnotatorConfig,
                   generator: dict[str, Any], job: JobOptions, started: float, count_tars: TarCounter,
                   ray_up: Callable[[], None]) -> JobResult:
-    remote = isinstance(out, RemoteDir)
     plans = job_plans(str(input), job.input_format, job.shard_size, generator, limit=job.limit,
                       storage_options=job.storage_options, count_tars=count_tars)
     first = next(plans, None)
     if first is None:
         raise UserError("no input images found", file=input)
-    if remote:
-        out.fs  # noqa: B018 - a missing fsspec implementation or bad options fail here, in one line
-    else:
-        out.mkdir(parents=True, exist_ok=True)
-        clean_temporaries(out)
+    out.mkdir()
+    out.clean_temporaries()
     if job.overwrite:
         _remove_shards(out, digits=job.shard_name_width)
     result = JobResult(out, 0, 0, 0, generator=generator)
@@ -432,8 +405,7 @@ def _plan_and_run(input: str | Path, out: Path | RemoteDir, annotator_factory: A
                      if job.register else None)
         _run_plans(blocks, out, annotator_factory, generator, result, reasons, job, registrar)
     result.failure_reasons = dict(sorted(reasons.items()))
-    if not remote:
-        clean_temporaries(out)  # of workers killed mid-shard (their shard was retried and published)
+    out.clean_temporaries()  # of workers killed mid-shard (their shard was retried and published)
     removed = _remove_shards(out, keep_below=result.shards_total, digits=job.shard_name_width)
     if removed:
         log.info(f"removed {len(removed)} shard(s) left over from an earlier run: indices {removed[0]}..{removed[-1]}")
@@ -523,7 +495,7 @@ class AnnotateShards:
         return _rows(shards)
 
 
-def write_shards(batch: dict[str, Any], out: str | RemoteDir, generator: dict[str, Any],
+def write_shards(batch: dict[str, Any], out: str | Location, generator: dict[str, Any],
                  record_generator: dict[str, Any], digits: int) -> dict[str, Any]:
     """Stage 3 (CPU tasks): caption and record each sample, write tar + parquet + stats straight
     to the output (atomically; an object store gets them uploaded, stats last); the row that goes
@@ -556,7 +528,7 @@ def _annotator_actors(job: JobOptions) -> int:
     return min(job.workers, fit)
 
 
-def build_dataset(blocks: Sequence[Any], out: Path | RemoteDir, factory: AnnotatorConfig,
+def build_dataset(blocks: Sequence[Any], out: Location, factory: AnnotatorConfig,
                   generator: dict[str, Any], job: JobOptions):
     """The job as a `ray.data.Dataset` of one row per shard plan (`blocks`: `_plan_block`s):
     decode (CPU tasks) -> annotate (actor pool) -> write (CPU tasks); each output row is one
@@ -575,7 +547,7 @@ def build_dataset(blocks: Sequence[Any], out: Path | RemoteDir, factory: Annotat
                         compute=ray.data.ActorPoolStrategy(size=_annotator_actors(job)), num_cpus=job.cpus_per_worker, **env,
                         **({"num_gpus": job.gpus_per_worker} if job.gpus_per_worker else {}),
                         **({"resources": dict(job.resources)} if job.resources else {}))
-    return ds.map_batches(write_shards, fn_kwargs={"out": out if isinstance(out, RemoteDir) else str(out),
+    return ds.map_batches(write_shards, fn_kwargs={"out": out,
                                                    "generator": generator, "record_generator": record_generator,
                                                    "digits": job.shard_name_width},
                           batch_size=1, batch_format="numpy", num_cpus=1, **env)
@@ -610,7 +582,7 @@ def _data_context() -> Iterator[None]:
 
 
 def _run_plans(
-    blocks: dict[int, Any], out: Path | RemoteDir, factory: AnnotatorConfig, generator: dict[str, Any], result: JobResult,
+    blocks: dict[int, Any], out: Location, factory: AnnotatorConfig, generator: dict[str, Any], result: JobResult,
     reasons: Counter[str], job: JobOptions, registrar: BatchRegistrar | None = None,
 ) -> None:
     """Run the plans as one Ray Data dataset and collect each finished shard's stats as it streams

@@ -4,6 +4,8 @@ A plan is the unit of work of `datagen.pipeline`: output shard `index` holds inp
 `index*S .. index*S+S-1` (enumeration order of `inputs.iter_raw_refs`, `S` = `--shard-size`).
 
 Two ways to the same shards:
+- Which way an input goes is its reader's (`inputs.READERS`); local and object-store inputs go
+  the same way.
 - Folders and URL lists are listed by the driver as light refs (locators,
   not bytes), one shard's refs at a time (`iter_plans`): its memory grows with `--shard-size`
   times the shards in flight, not with the job.
@@ -36,24 +38,8 @@ from typing import Any, Callable, Iterable, Iterator, Sequence
 
 from blip3.core.errors import UserError
 from blip3.core.logs import progress
-from blip3.core.storage import RemoteDir, staged_input, storage_environment, url_scheme
-from blip3.datagen.inputs import (
-    INPUT_FORMATS,
-    URL_LIST_SUFFIXES,
-    SampleRef,
-    TarCount,
-    TarSource,
-    _KeyDeduper,
-    count_tar,
-    detect_format,
-    detect_store_format,
-    expand_tar_pattern,
-    img2dataset_parts,
-    iter_raw_refs,
-    iter_tar_range,
-    store_folder_refs,
-    store_tars,
-)
+from blip3.core.storage import Location, storage_environment
+from blip3.datagen.inputs import SampleRef, TarCount, TarSource, _KeyDeduper, count_tar, iter_tar_range, reader_for
 
 #: Counts one job's tars into one list: `(tars, every) -> [TarCount]`, in the tars' order.
 TarCounter = Callable[[Sequence[TarSource], int], list[TarCount]]
@@ -68,6 +54,7 @@ class TarSpan:
     stop: int
     size: int
     seek: tuple[int, int] = (0, 0)
+    stamp: str = ""  # the tar's `TarCount.stamp`: its member headers' digest
 
 
 class ShardPlan:
@@ -112,17 +99,18 @@ def input_digest(refs: Iterable[SampleRef], generator: dict[str, Any] | None = N
     only for the same inputs annotated the same way (changing e.g. `--min-confidence` redoes it)."""
     h = _generator_hash(generator)
     for r in refs:
-        h.update(json.dumps([r.key, r.ext, r.uid, r.url, r.source_caption, r.error]).encode())
+        h.update(json.dumps([r.key, r.ext, r.uid, r.url, r.source_caption, r.error, r.stamp]).encode())
     return h.hexdigest()
 
 
 def spans_digest(spans: Iterable[TarSpan], generator: dict[str, Any] | None = None) -> str:
     """`input_digest` of a plan of tar ranges, from what the driver knows without reading the tars:
-    each tar's name and size and the range. The location is left out, so a corpus moved (say, to
-    an object store) keeps its finished shards."""
+    each tar's name, size and member headers' digest (counted by tasks near the data), and the
+    range. The location is left out, so a corpus moved (say, to an object store) keeps its
+    finished shards; a tar rewritten (other members, sizes or times) gets its shards redone."""
     h = _generator_hash(generator)
     for s in spans:
-        h.update(json.dumps(["tar", s.tar.name, s.size, s.start, s.stop]).encode())
+        h.update(json.dumps(["tar", s.tar.name, s.size, s.start, s.stop, s.stamp]).encode())
     return h.hexdigest()
 
 
@@ -161,7 +149,7 @@ def iter_tar_plans(tars: Sequence[TarSource], counts: Sequence[TarCount], shard_
         while pos < n:
             take = min(shard_size - filled, n - pos)
             seek = count.seeks[bisect.bisect_right(firsts, pos) - 1]
-            spans.append(TarSpan(tar, pos, pos + take, count.size, seek))
+            spans.append(TarSpan(tar, pos, pos + take, count.size, seek, count.stamp))
             pos, filled = pos + take, filled + take
             if filled == shard_size:
                 yield ShardPlan(index, digest=spans_digest(spans, generator), spans=tuple(spans))
@@ -182,7 +170,7 @@ def count_tars_on_ray(tars: Sequence[TarSource], every: int) -> list[TarCount]:
     the cluster, a few per CPU at a time, with a progress bar; the driver reads no tar."""
     import ray
 
-    env = storage_environment() if any(t.store is not None for t in tars) else {}
+    env = storage_environment()  # a store's settings reach the counting tasks as they reach us
     task = ray.remote(count_tar).options(**({"runtime_env": {"env_vars": env}} if env else {}))
     window = 2 * max(1, int(ray.cluster_resources().get("CPU", 1)))
     counts: list[TarCount | None] = [None] * len(tars)
@@ -205,31 +193,14 @@ def count_tars_on_ray(tars: Sequence[TarSource], every: int) -> list[TarCount]:
 def job_plans(input: str, input_format: str | None, shard_size: int, generator: dict[str, Any] | None = None, *,
               limit: int | None = None, storage_options: dict[str, Any] | None = None,
               count_tars: TarCounter = count_tars_on_ray) -> Iterator[ShardPlan]:
-    """The plans of a job's input, local or on any fsspec filesystem: tars through `count_tars`
-    and `iter_tar_plans`, every other kind through the driver's listing and `iter_plans`. A URL
-    list on an object store is read from a local copy (`core.storage.staged_input`)."""
-    text = str(input)
-    if url_scheme(text) not in (None, "file") and not text.lower().endswith(URL_LIST_SUFFIXES):
-        kind = input_format or detect_store_format(text, storage_options)
-        if kind not in INPUT_FORMATS:
-            raise UserError(f"unknown input format {kind!r}; one of {', '.join(INPUT_FORMATS)}", field="--input-format")
-        if kind == "folder":
-            yield from iter_plans(store_folder_refs(RemoteDir(text, storage_options)), shard_size, generator,
-                                  limit=limit)
-            return
-        if kind != "webdataset":
-            raise UserError(f"{kind} inputs are read from a local or mounted folder; on an object store, give "
-                            "a folder of images or tars", field="--input-format", file=text)
-        tars = store_tars(text, storage_options)
-    else:
-        with staged_input(text, storage_options, URL_LIST_SUFFIXES) as path:
-            kind = input_format or detect_format(path)
-            if kind == "webdataset":
-                tars = [TarSource(str(p)) for p in expand_tar_pattern(str(path))]
-            elif kind == "img2dataset":
-                tars = img2dataset_parts(path)
-            else:
-                yield from iter_plans(iter_raw_refs(path, kind), shard_size, generator, limit=limit)
-                return
+    """The plans of a job's input, local or on any fsspec filesystem: the reader of its kind
+    (`inputs.READERS`) names its tars, planned through `count_tars` and `iter_tar_plans`, or lists
+    its refs in the driver, planned through `iter_plans`."""
+    where = Location(input, storage_options)
+    reader = reader_for(where, input_format)
+    tars = reader.tars(where)
+    if tars is None:
+        yield from iter_plans(reader.refs(where), shard_size, generator, limit=limit)
+        return
     _check_sizes(shard_size, limit)
     yield from iter_tar_plans(tars, count_tars(tars, shard_size), shard_size, generator, limit=limit)

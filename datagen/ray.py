@@ -44,7 +44,7 @@ from ray.data import Datasink
 
 from blip3.core.keys import sanitize_key
 from blip3.core.shards import SHARD_DIGITS, SIDECAR_SCHEMA, SampleRow, resolve_shards
-from blip3.core.storage import RemoteDir, output_location, url_scheme
+from blip3.core.storage import as_location, output_location, url_scheme
 from blip3.datagen.annotator import AnnotatorConfig
 from blip3.datagen.images import ImageLimits, ImageOutput
 from blip3.datagen.inputs import InputSample
@@ -212,8 +212,7 @@ class ShardSink(Datasink):
         return self.rows_per_shard
 
     def on_write_start(self, schema=None) -> None:
-        if not isinstance(self.out, RemoteDir):
-            Path(self.out).mkdir(parents=True, exist_ok=True)
+        self.out.mkdir()
 
     def write(self, blocks, ctx) -> dict[str, Any]:
         from ray.data.block import BlockAccessor
@@ -243,7 +242,7 @@ def read_shards(path: str | os.PathLike, *, storage_options: dict[str, Any] | No
         return ray.data.read_webdataset(tars, **read_webdataset_args)
     from pyarrow.fs import FSSpecHandler, PyFileSystem
 
-    store = RemoteDir(text, storage_options)
+    store = as_location(text, storage_options)
     names = set(store.names())
     finished = [n[: -len("_stats.json")] for n in names if n.endswith("_stats.json")]
     tars = sorted(f"{n}.tar" for n in finished if f"{n}.tar" in names) or sorted(n for n in names if n.endswith(".tar"))

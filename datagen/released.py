@@ -36,6 +36,7 @@ from typing import Any, Callable, Iterator
 from blip3.core.errors import UserError
 from blip3.core.keys import sanitize_key
 from blip3.core.shards import IMAGE_EXTS, SampleRow, ShardWriter
+from blip3.core.storage import Location, output_location
 from blip3.datagen.grounding_captions import GroundedObject, parse_textual_tags
 
 RELEASED_KINDS = ("blip3-ocr", "blip3-grounding", "blip3-kale", "vlfeedback", "vlguard")
@@ -278,7 +279,7 @@ GENERATOR_NAME = {"blip3-ocr": "ocr", "blip3-grounding": "grounding"}  # what re
 class _Shards:
     """Consecutive shards of at most `size` rows (successes and failures)."""
 
-    def __init__(self, out: Path, size: int, generator: dict[str, Any]):
+    def __init__(self, out: Location, size: int, generator: dict[str, Any]):
         self.out, self.size, self.generator = out, size, generator
         self.index, self.rows, self.writer = 0, 0, None
         self.keys: set[str] = set()
@@ -328,10 +329,15 @@ def import_released(kind: str, rows: str | Path, images: str | Path, output: str
         raise UserError(f"unknown released dataset {kind!r}; one of {', '.join(RELEASED_KINDS)}", field="KIND")
     if shard_size < 1:
         raise UserError("must be >= 1", field="--shard-size")
-    out = Path(output)
-    if out.exists() and any(out.glob("*.tar")):
-        raise UserError("already holds shards; import into an empty folder", file=out)
+    out = output_location(output, field="--out")
     folder = ImageFolder(images)
+    with out.lock(f"import-released {kind}"):  # one writer per folder (core.storage.WriterLock)
+        if any(n.endswith(".tar") for n in out.names()):
+            raise UserError("already holds shards; import into an empty folder", file=out.url)
+        return _import(kind, rows, folder, out, shard_size)
+
+
+def _import(kind: str, rows: str | Path, folder: ImageFolder, out: Location, shard_size: int) -> ImportResult:
     convert = CONVERTERS[kind]
     shards = _Shards(out, shard_size, {"name": GENERATOR_NAME.get(kind, "import"), "imported_from": kind,
                                        "source_kind": SOURCE_KIND[kind]})

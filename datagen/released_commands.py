@@ -13,8 +13,8 @@ from blip3.core.options import out_option, output_path
 def import_released(
     kind: str = typer.Argument(..., help="blip3-ocr | blip3-grounding | blip3-kale | vlfeedback | vlguard"),
     rows: Path = typer.Argument(..., help="The released rows: .parquet, .jsonl or .json in the published layout."),
-    output: Optional[Path] = typer.Argument(None, help="Output folder (the older form of -o/--out)."),
-    out: Optional[Path] = out_option("empty folder for the shards"),
+    output: Optional[str] = typer.Argument(None, help="Output folder (the older form of -o/--out)."),
+    out: Optional[str] = out_option("empty folder for the shards (local, or s3://... and other fsspec URLs)"),
     images: Path = typer.Option(..., "--images", help="Folder of the rows' images (<id>.<ext>, or the rows' own "
                                 "relative paths for vlfeedback / vlguard)."),
     shard_size: int = typer.Option(1000, "--shard-size", help="Rows per shard."),

@@ -16,8 +16,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import pyarrow.parquet as pq
+
 from blip3.core.errors import UserError
-from blip3.core.shards import SampleRow, ShardWriter, iter_shard, list_shards, read_sidecar, read_stats, shard_complete
+from blip3.core.shards import SampleRow, Shard, ShardWriter, iter_shard
+from blip3.core.storage import Location, output_location
 from blip3.datagen.caption_text import EmptyLabel
 from blip3.datagen.grounding_captions import (
     DEFAULT_ALSO_LEAD_IN,
@@ -72,31 +75,32 @@ def retemplate(input_dir: str | Path, output_dir: str | Path, opts: TemplateOpti
                source: str | None = None) -> RetemplateResult:
     """Rewrite every finished shard of `input_dir` into `output_dir` with new captions, then
     register `output_dir` in the catalog as source `source` (default: its folder name)."""
-    src, dst = Path(input_dir), Path(output_dir)
+    src, dst = Location(input_dir), output_location(output_dir, field="--out")
     opts.validate()
-    if not src.is_dir():
-        raise UserError("not a folder of shards", file=src)
-    if src.resolve() == dst.resolve():
-        raise UserError("OUTPUT must differ from INPUT (the input shards are read while writing)", file=dst)
-    shards = list_shards(src)
+    if not src.exists():
+        raise UserError("not a folder of shards", file=src.url)
+    if src.url == dst.url:
+        raise UserError("OUTPUT must differ from INPUT (the input shards are read while writing)", file=dst.url)
+    shards = src.finished()
     if not shards:
-        raise UserError("no finished shards (NNNNNN_stats.json) found", file=src)
+        raise UserError("no finished shards (NNNNNN_stats.json) found", file=src.url)
     for info in shards:
         if info.generator.get("name") != "grounding":
             raise UserError(f"shard made by {info.generator.get('name')!r}, not the grounding engine",
                             field="generator.name", file=info.stats)
     result = RetemplateResult()
-    for info in shards:
-        digits = len(info.tar.stem)  # the input's shard-name width is kept
-        stats = read_stats(src, info.index, digits) or {}
-        generator = {**info.generator, **opts.as_generator()}
-        done = read_stats(dst, info.index, digits)
-        if (not overwrite and done is not None and done.get("generator") == generator
-                and done.get("retemplated_from") == info.sha256 and shard_complete(dst, info.index, digits=digits)):
-            result.shards_skipped += 1
-            continue
-        result.samples += _rewrite_shard(info, dst, opts, generator, stats.get("input_digest"), digits)
-        result.shards_written += 1
+    with dst.lock("retemplate"):  # one writer per folder (core.storage.WriterLock)
+        for info in shards:
+            name = info.tar.rsplit("/", 1)[-1][: -len(".tar")]  # the input's shard-name width is kept
+            stats = src.stats(name) or {}
+            generator = {**info.generator, **opts.as_generator()}
+            done = dst.stats(name)
+            if (not overwrite and done is not None and done.get("generator") == generator
+                    and done.get("retemplated_from") == info.sha256 and dst.is_complete(name, stats=done)):
+                result.shards_skipped += 1
+                continue
+            result.samples += _rewrite_shard(src, info, dst, opts, generator, stats.get("input_digest"), len(name))
+            result.shards_written += 1
     if register:
         from blip3.core.catalog import Catalog
 
@@ -105,11 +109,13 @@ def retemplate(input_dir: str | Path, output_dir: str | Path, opts: TemplateOpti
     return result
 
 
-def _rewrite_shard(info: Any, dst: Path, opts: TemplateOptions, generator: dict[str, Any],
+def _rewrite_shard(src: Location, info: Shard, dst: Location, opts: TemplateOptions, generator: dict[str, Any],
                    input_digest: str | None, digits: int) -> int:
-    rows = read_sidecar(info.parquet).to_pylist()
-    samples = iter_shard(info.tar)
-    with ShardWriter(dst, info.index, generator=generator, digits=digits) as w:
+    name = info.tar.rsplit("/", 1)[-1]
+    with src.open(name[: -len(".tar")] + ".parquet") as f:
+        rows = pq.read_table(f).to_pylist()
+    with src.open(name) as tar, ShardWriter(dst, info.index, generator=generator, digits=digits) as w:
+        samples = iter_shard(info.tar, fileobj=tar)
         for r in rows:
             row = SampleRow(**r)
             if row.status != "success":

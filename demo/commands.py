@@ -7,12 +7,14 @@ from typing import Optional
 
 import typer
 
+from blip3.core.options import local_out_option
+
 
 def register(app: typer.Typer) -> None:
     @app.command("demo")
     def demo(
-        out: Path = typer.Option(Path("blip3-demo"), "--out", "-o",
-                                 help="Folder for everything the demo writes (replaced when empty or an earlier demo's)."),
+        out: Path = local_out_option("folder for everything the demo writes (replaced when empty or an earlier "
+                                     "demo's)", default=Path("blip3-demo")),
         force: bool = typer.Option(False, "--force", help="Replace --out even if it is not an earlier demo output."),
         workers: int = typer.Option(2, "--workers", help="Ray actors for OCR and grounding."),
         train_steps: Optional[int] = typer.Option(None, "--train-steps", help="Cap the steps of each training stage."),

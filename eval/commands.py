@@ -10,7 +10,7 @@ from typing import List, Optional
 
 import typer
 
-from blip3.core.options import DbOption
+from blip3.core.options import DbOption, local_out_option
 
 
 def eval_command(
@@ -20,7 +20,7 @@ def eval_command(
                               help="Folder with one sub-folder per benchmark, in its published layout."),
     shots: int = typer.Option(0, "--shots", help="In-context examples from the train split (0, 4, 8...)."),
     limit: Optional[int] = typer.Option(None, "--limit", min=1, help="Only the first N questions of each task."),
-    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Predictions folder (default: CHECKPOINT/eval)."),
+    out: Optional[Path] = local_out_option("predictions folder (default: CHECKPOINT/eval)"),
     batch_size: int = typer.Option(8, "--batch-size", min=1, help="Samples per forward pass."),
     device: str = typer.Option("cpu", "--device", help="Torch device, e.g. cpu or cuda:0."),
     seed: int = typer.Option(0, "--seed", help="Seed of the in-context example draw."),

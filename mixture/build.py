@@ -166,9 +166,9 @@ def build_manifest(
     The catalog (`db`, else $BLIP3_DB / ./catalog.duckdb) is opened when `db` is given or a
     source is named without a path; the mixture is recorded there unless `record=False`.
     `verify`: "size" (default) checks each catalogued shard's existence and size and trusts the
-    sha256 its writer recorded (hash once); "sha256" re-reads every shard to re-hash it. Catalogued
-    shards may be on an object store (`s3://...`, from `catalog add s3://...`): `storage_options`
-    are its fsspec filesystem arguments (else the usual environment variables).
+    sha256 its writer recorded (hash once); "sha256" re-reads every shard to re-hash it. Shards,
+    catalogued or named inline, may be on any fsspec filesystem (`s3://...`): `storage_options` are
+    its arguments (else the usual environment variables).
     """
     check_verify_mode(verify, ("sha256", "size"))  # a manifest is only written for shards looked at
     data, file, base = load_spec(spec)
@@ -180,7 +180,7 @@ def build_manifest(
         resolved = []
         for i, s in enumerate(spec_d["sources"]):
             if "path" in s:
-                resolved.append(_inline_source(s, i, counter, base, file, variables))
+                resolved.append(_inline_source(s, i, counter, base, file, variables, storage_options))
             else:
                 resolved.append(_catalog_source(cat, s, i, counter, file, checksum=verify == "sha256",
                                                 storage_options=storage_options))
@@ -221,18 +221,20 @@ def _vision_tokens_per_crop(declared: int | None, model: int | None, file: str |
 
 
 def _inline_source(s: dict, i: int, counter: TokenCounter, base: Path, file: str | None,
-                   variables: Mapping[str, str] | None = None) -> ManifestSource:
+                   variables: Mapping[str, str] | None = None,
+                   storage_options: dict[str, Any] | None = None) -> ManifestSource:
     from blip3.core.shards import resolve_shards
     from blip3.mixture.sources import scan_shard
 
     field = f"sources[{i}].path"
     try:
-        tars = resolve_shards(expand_path(s["path"], field=field, file=file, variables=variables), base)
+        tars = resolve_shards(expand_path(s["path"], field=field, file=file, variables=variables), base,
+                              storage_options=storage_options)
     except UserError as e:
         raise UserError(f"source {s['name']!r}: {e}", field=field, file=file) from None
     shards = []
     for tar in tars:
-        scan = scan_shard(tar, s["kind"], counter, checksum=True)
+        scan = scan_shard(tar, s["kind"], counter, checksum=True, storage_options=storage_options)
         if scan.samples:
             shards.append(ShardRef(scan.path, scan.sha256, scan.bytes, scan.samples, scan.tokens))
     return _source(s, s["kind"], shards, i, file)

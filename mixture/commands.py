@@ -11,7 +11,8 @@ from typing import Literal, Optional
 
 import typer
 
-from blip3.core.options import DbOption, Format, SourceKind, StorageOptions, out_option, output_path
+from blip3.core.options import (DbOption, Format, SourceKind, StorageOptions, local_out_argument, local_out_option,
+                                output_path)
 
 TokenizerOption = typer.Option(
     None, "--tokenizer",
@@ -34,23 +35,26 @@ mix_app = typer.Typer(help="Weighted interleaved mixtures: build manifests, samp
 @source_app.command("add")
 def source_add(
     name: str = typer.Argument(..., help="Source name used in mixture specs."),
-    path: str = typer.Argument(..., help="Folder of .tar shards (ours or any WebDataset), a glob or a brace pattern."),
+    path: str = typer.Argument(..., help="Folder of .tar shards (ours or any WebDataset), a glob or a brace pattern; "
+                               "local, or s3://... and other fsspec URLs."),
     kind: SourceKind = typer.Option("caption", "--kind", help="The kind of samples the shards hold."),
     tokenizer: Optional[Path] = TokenizerOption,
     crops_per_image: int = CropsOption,
     vision_tokens_per_crop: Optional[int] = VisionTokensOption,
+    storage_options: Optional[str] = StorageOptions,
     db: Path = DbOption,
 ) -> None:
     """Register a source with its shards, checksums, sample and token counts (idempotent)."""
     from blip3.core.catalog import Catalog
     from blip3.core.logs import console
+    from blip3.core.storage import parse_storage_options
     from blip3.mixture.sources import add_source
     from blip3.mixture.tokens import DEFAULT_VISION_TOKENS_PER_CROP, TokenCounter
 
     counter = TokenCounter(tokenizer, crops_per_image=crops_per_image,
                            vision_tokens_per_crop=vision_tokens_per_crop or DEFAULT_VISION_TOKENS_PER_CROP)
     with Catalog(db) as cat:
-        r = add_source(cat, name, path, kind, counter)
+        r = add_source(cat, name, path, kind, counter, parse_storage_options(storage_options))
     console.print(f"[green]{r.name}[/] ({r.kind}): {r.shards} shard(s), {r.samples} samples, {r.tokens} tokens "
                   f"\\[{r.tokenizer}], {r.added} shard(s) newly added")
 
@@ -58,8 +62,8 @@ def source_add(
 @source_app.command("import-obelics")
 def source_import_obelics(
     parquet: Path = typer.Argument(..., help="OBELICS-shaped parquet (columns texts, images)."),
-    output: Optional[Path] = typer.Argument(None, help="Output folder (the older form of -o/--out)."),
-    out: Optional[Path] = out_option("output folder for interleaved shards"),
+    output: Optional[Path] = local_out_argument("output folder"),
+    out: Optional[Path] = local_out_option("output folder for interleaved shards"),
     shard_size: int = typer.Option(1000, "--shard-size", min=1, help="Documents per shard."),
     image_root: Optional[Path] = typer.Option(None, "--image-root", help="Folder relative image paths start from "
                                               "(default: the parquet's folder)."),
@@ -76,13 +80,13 @@ def source_import_obelics(
     console.print(f"{r.documents} document(s) written in {r.shards} shard(s), {r.failed} failed "
                   f"({', '.join(f'{k}: {v}' for k, v in r.reasons.items()) or 'none'})")
     if source:
-        source_add(source, str(output), "interleaved", tokenizer, 1, None, db)
+        source_add(source, str(output), "interleaved", tokenizer, 1, None, None, db)
 
 
 @source_app.command("tiny")
 def source_tiny(
-    output: Optional[Path] = typer.Argument(None, help="Output folder (the older form of -o/--out)."),
-    out: Optional[Path] = out_option("folder to write the tiny sources into"),
+    output: Optional[Path] = local_out_argument("output folder"),
+    out: Optional[Path] = local_out_option("folder to write the tiny sources into"),
     shards: int = typer.Option(2, "--shards", min=1, help="Shards per source."),
     per_shard: int = typer.Option(24, "--per-shard", min=1, help="Samples per shard."),
     seed: int = typer.Option(0, "--seed", help="Seed of the generated content."),
@@ -98,7 +102,7 @@ def source_tiny(
 @mix_app.command("build")
 def mix_build(
     spec: Path = typer.Argument(..., help="Mixture spec YAML (docs/formats.md)."),
-    out: Path = typer.Option(..., "--out", "-o", help="Manifest to write, e.g. manifests/NAME.yaml."),
+    out: str = typer.Option(..., "--out", "-o", help="Manifest to write, e.g. manifests/NAME.yaml (or an s3://... URL)."),
     tokenizer: Optional[Path] = TokenizerOption,
     crops_per_image: int = CropsOption,
     vision_tokens_per_crop: Optional[int] = VisionTokensOption,
@@ -128,7 +132,7 @@ def mix_sample(
     manifest: Path = typer.Argument(..., help="A built manifest."),
     n: int = typer.Option(20, "--samples", "-n", min=1, help="How many samples."),
     seed: Optional[int] = typer.Option(None, "--seed", help="Override the manifest's seed."),
-    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Write JSON lines here (default: stdout)."),
+    out: Optional[Path] = local_out_option("file to write JSON lines to (default: stdout)"),
     rank: int = typer.Option(0, "--rank", help="This rank's share of the stream."),
     world_size: int = typer.Option(1, "--world-size", min=1, help="Ranks the stream is split over."),
     shuffle_buffer: int = typer.Option(1000, "--shuffle-buffer", min=1, help="Samples in the shuffle buffer."),
@@ -156,8 +160,7 @@ def mix_stats(
     name: str = typer.Argument(..., help="Mixture name (as built by `mix build`)."),
     fmt: Format = typer.Option(
         "table", "--format", "-f", help="Output format (parquet needs --out FOLDER: one file per table)."),
-    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Write here instead of printing (a file; "
-                                       "a folder for parquet)."),
+    out: Optional[Path] = local_out_option("file to write instead of printing (a folder for parquet)"),
     db: Path = DbOption,
 ) -> None:
     """Per-source weights (target vs realised), tokens, epochs, coverage, caption lengths, failures."""
@@ -187,7 +190,7 @@ def mix_stats(
 @mix_app.command("plot")
 def mix_plot(
     name: str = typer.Argument(..., help="Mixture name."),
-    out: Path = typer.Option(..., "--out", "-o", help="PNG file."),
+    out: Path = local_out_option("PNG file", default=...),
     db: Path = DbOption,
 ) -> None:
     """Composition (target vs realised shares) and token budget per source, as one PNG."""

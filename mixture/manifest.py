@@ -25,7 +25,7 @@ import yaml
 
 from blip3.core.catalog import SOURCE_KINDS
 from blip3.core.errors import UserError
-from blip3.core.shard_folder import is_remote, location_sha256, location_size
+from blip3.core.storage import Location, output_location, url_scheme
 from blip3.core.yamlio import read_yaml
 from blip3.mixture.caption_choice import validate_caption_choice
 from blip3.mixture.tokens import DEFAULT_VISION_TOKENS_PER_CROP, ESTIMATE_LABEL
@@ -105,15 +105,12 @@ class Manifest:
         return {"manifest_version": MANIFEST_VERSION, **d}
 
 
-def write_manifest(manifest: Manifest, path: str | Path) -> Path:
-    """Write `manifest` as YAML (atomically: a reader never sees half a manifest)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    text = yaml.safe_dump(manifest.to_dict(), sort_keys=False, width=120)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    tmp.replace(path)
-    return path
+def write_manifest(manifest: Manifest, path: str | Path) -> str:
+    """Write `manifest` as YAML (atomically: a reader never sees half a manifest), to a local path
+    or any fsspec URL."""
+    where = output_location(path, field="--out")
+    where.write_bytes(yaml.safe_dump(manifest.to_dict(), sort_keys=False, width=120).encode())
+    return where.url
 
 
 def load_manifest(path: str | Path, *, verify: str = "size") -> Manifest:
@@ -141,12 +138,13 @@ def shard_change(path: Path | str, size: int, sha256: str, *, checksum: bool,
                  storage_options: dict[str, Any] | None = None) -> str | None:
     """What differs between a shard (a local path or an object-store URL) and its record:
     "missing", "bytes", "sha256" (only looked at with `checksum`), or None when it is as recorded."""
-    actual = location_size(path, storage_options)
+    shard = Location(path, storage_options)
+    actual = shard.size()
     if actual is None:
         return "missing"
     if actual != size:
         return "bytes"
-    if checksum and location_sha256(path, storage_options) != sha256:
+    if checksum and shard.sha256() != sha256:
         return "sha256"
     return None
 
@@ -205,7 +203,7 @@ def _source(v: "_Validator", s: Any, prefix: str, base: Path) -> ManifestSource:
         if not isinstance(sh, dict):
             raise UserError("must be a mapping with path, sha256, bytes, samples", field=p.rstrip("."), file=v.file)
         shard_path = v.string(sh, "path", prefix=p)
-        if not is_remote(shard_path) and not Path(shard_path).is_absolute():  # a URL stays as written
+        if url_scheme(shard_path) is None and not Path(shard_path).is_absolute():  # a URL stays as written
             shard_path = str(base / shard_path)
         sha = v.string(sh, "sha256", prefix=p)
         if len(sha) != 64 or any(c not in "0123456789abcdef" for c in sha):
@@ -252,7 +250,7 @@ def verify_shards(manifest: Manifest, verify: str, *, file: str | Path | None = 
             if change is None:
                 continue
             what = {"missing": "is missing (moved or deleted)",
-                    "bytes": f"changed: {location_size(sh.path) or 0} bytes on disk, {sh.bytes} recorded",
+                    "bytes": f"changed: {Location(sh.path).size() or 0} bytes on disk, {sh.bytes} recorded",
                     "sha256": "changed: sha256 differs from the recorded one"}[change]
             raise UserError(f"shard {sh.path} of source {src.name!r} {what}",
                             field=f"sources[{i}].shards[{j}].{'path' if change == 'missing' else change}", file=file)

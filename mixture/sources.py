@@ -25,9 +25,8 @@ import pyarrow as pa
 from blip3.core.catalog import SOURCE_KINDS, Catalog
 from blip3.core.errors import UserError
 from blip3.core.records import RecordError, image_members, record_kind, sidecar_row
-from blip3.core.shard_folder import is_remote, location_sha256, location_size, open_location
-from blip3.core.shards import (SampleRow, ShardInfo, file_sha256, is_shard_folder, iter_shard, resolve_shards,
-                               rows_to_table)
+from blip3.core.shards import SampleRow, Shard, iter_shard, resolve_shards, rows_to_table
+from blip3.core.storage import Location
 from blip3.mixture.tokens import TokenCounter
 
 
@@ -43,17 +42,18 @@ class ShardScan:
     rows: list[SampleRow] = field(default_factory=list)
 
 
-def scan_shard(tar: str | Path, kind: str, counter: TokenCounter, *, rows: bool = False,
+def scan_shard(tar: str | Path | Location, kind: str, counter: TokenCounter, *, rows: bool = False,
                checksum: bool = False, storage_options: dict[str, Any] | None = None) -> ShardScan:
     """Read one tar, local or on an object store (`storage_options` for its filesystem): samples,
     tokens (and `samples` rows when `rows`, its sha256 when `checksum`: hashing reads the whole
     tar again, so only callers that use the value ask for it)."""
-    location = str(tar)
+    where = Location(tar, storage_options)
+    location = where.url
     record = record_kind(kind)
     n = tokens = 0
     out_rows: list[SampleRow] = []
     try:
-        with open_location(location, storage_options) as f:
+        with where.open() as f:
             for sample in iter_shard(location, fileobj=f):
                 key = sample["__key__"]
                 try:
@@ -71,9 +71,8 @@ def scan_shard(tar: str | Path, kind: str, counter: TokenCounter, *, rows: bool 
                     out_rows.append(sidecar_row(kind, key, rec, sample, txt))
     except (OSError, EOFError, tarfile.TarError) as e:  # truncated/corrupt archives, a vanished object
         raise UserError(f"cannot read tar: {' '.join(str(e).split())}", file=location) from None
-    sha = location_sha256(location, storage_options) if checksum else None
-    path = location if is_remote(location) else str(Path(location).resolve())
-    return ShardScan(path, sha, location_size(location, storage_options) or 0, n, tokens, out_rows)
+    sha = where.sha256() if checksum else None
+    return ShardScan(location, sha, where.size() or 0, n, tokens, out_rows)
 
 
 @dataclass
@@ -87,14 +86,16 @@ class SourceResult:
     added: int
 
 
-def add_source(cat: Catalog, name: str, path: str | Path, kind: str, counter: TokenCounter) -> SourceResult:
+def add_source(cat: Catalog, name: str, path: str | Path, kind: str, counter: TokenCounter,
+               storage_options: dict[str, Any] | None = None) -> SourceResult:
     """Register a source (idempotent: shards already catalogued with the same sha256 keep their rows;
-    tokens are recounted only for shards without a count or when the tokenizer changed)."""
+    tokens are recounted only for shards without a count or when the tokenizer changed). `path` is
+    local or on any fsspec filesystem (`storage_options` for it)."""
     if kind not in SOURCE_KINDS:
         raise UserError(f"unknown kind {kind!r}; one of {', '.join(SOURCE_KINDS)}", field="--kind")
-    p = Path(path)
-    ours = is_shard_folder(p)
-    tars = [str(t) for t in resolve_shards(path)]  # our layout: its finished shards
+    p = Location(path, storage_options)
+    ours = "{" not in str(path) and not any(c in str(path) for c in "*?[") and bool(p.finished())
+    tars = resolve_shards(path, storage_options=storage_options)  # our layout: its finished shards
     taken = cat.shard_owner(tars, other_than=name)
     if taken:
         raise UserError(f"shard {taken[0]} already belongs to source {taken[1]!r} (a shard is in one source)",
@@ -107,19 +108,20 @@ def add_source(cat: Catalog, name: str, path: str | Path, kind: str, counter: To
         # Read (and check against the kind) every shard that needs a token count *before* writing
         # anything, so a wrong --kind leaves the catalog as it was.
         counted = {s.path for s in cat.source_shards(name, counted_only=True)}
-        tokens = {t: scan_shard(t, kind, counter).tokens for t in tars if recount or t not in counted}
+        tokens = {t: scan_shard(t, kind, counter, storage_options=storage_options).tokens
+                  for t in tars if recount or t not in counted}
         added = cat.add_output(p, source=name, kind=kind).check().added
         cat.set_shard_tokens(tokens)
     else:
         cat.upsert_source(name, kind, p)
         try:
-            added = _add_foreign(cat, name, [Path(t) for t in tars], kind, counter)
+            added = _add_foreign(cat, name, [Location(t, storage_options) for t in tars], kind, counter)
         except UserError:
             if known is None:  # a source that failed on its first add leaves no empty row behind
                 cat.drop_source(name)
             raise
         if recount:  # shards kept from an earlier add were counted with another tokenizer
-            cat.set_shard_tokens({s.path: scan_shard(s.path, kind, counter).tokens
+            cat.set_shard_tokens({s.path: scan_shard(s.path, kind, counter, storage_options=storage_options).tokens
                                   for s in cat.source_shards(name, ok_only=True)})
     meta.update(tokenizer=counter.label, token_count="exact" if counter.exact else "estimate",
                 vision_tokens_per_image=counter.vision_tokens_per_image)
@@ -129,17 +131,17 @@ def add_source(cat: Catalog, name: str, path: str | Path, kind: str, counter: To
     return SourceResult(name, kind, row.n_shards, row.n_samples, row.n_tokens or 0, counter.label, added)
 
 
-def _add_foreign(cat: Catalog, name: str, tars: list[Path], kind: str, counter: TokenCounter) -> int:
+def _add_foreign(cat: Catalog, name: str, tars: list[Location], kind: str, counter: TokenCounter) -> int:
     """Scan every new (or changed) tar first, then insert them all in one transaction: a bad
     sample in any tar leaves the catalog as it was, with no rows of the tars read before it."""
-    scans: list[tuple[ShardInfo, pa.Table, int]] = []
+    scans: list[tuple[Shard, pa.Table, int]] = []
     for i, tar in enumerate(tars):
-        sha = file_sha256(tar)
-        if cat.shard_sha256(str(tar)) == sha:
+        sha = tar.sha256()
+        if cat.shard_sha256(tar.url) == sha:
             continue
         scan = scan_shard(tar, kind, counter, rows=True)
         # no sidecar parquet or stats file: the rows derived from the members are passed instead
-        info = ShardInfo(index=i, tar=tar, parquet=None, stats=None, sha256=sha, tar_bytes=scan.bytes,
+        info = Shard(index=i, tar=tar.url, parquet=None, stats=None, sha256=sha, tar_bytes=scan.bytes,
                          count=scan.samples, successes=scan.samples, failed=0, generator={"name": "external"})
         scans.append((info, rows_to_table(scan.rows), scan.tokens))
     return cat.add_shards(name, scans)

@@ -17,7 +17,6 @@ headers, links, a bad checksum, a truncated member) hands the whole file to
 from __future__ import annotations
 
 import json
-import os
 import re
 import tarfile
 from collections import OrderedDict
@@ -28,6 +27,7 @@ from typing import Any
 
 from blip3.core.errors import UserError
 from blip3.core.shards import MemberSpan, SampleIndex, is_image_ext, iter_tar_index, split_member_name
+from blip3.core.storage import Location
 
 _BLOCK = 512
 _REGULAR = (b"0", b"\0", b"7")  # what tarfile counts as a regular file, less GNU sparse files
@@ -80,11 +80,15 @@ def _plain_members(f, size: int) -> list[tuple[str, str, int, int, int]]:
 
 
 def _index(path: str | Path) -> list[SampleIndex]:
-    with open(path, "rb") as f:
+    where = Location(path)
+    size = where.size()
+    if size is None:
+        raise FileNotFoundError(f"no such file: {where.url}")
+    with where.open() as f:
         try:
-            members = _plain_members(f, os.fstat(f.fileno()).st_size)
+            members = _plain_members(f, size)
         except _NotPlain:
-            return list(iter_tar_index(path))
+            return list(iter_tar_index(path, fileobj=f))
     samples = []
     for key, group in groupby(members, key=itemgetter(0)):
         group = list(group)
@@ -132,7 +136,7 @@ class TarCache:
             raise UserError(
                 f"shard holds {len(index)} samples but the manifest records {expected_samples} (it changed)", file=path
             )
-        f = open(path, "rb")
+        f = Location(path).open()  # a local file, or a tar on any fsspec store (ranged reads)
         self._items[path] = (f, index)
         while self.size is not None and len(self._items) > self.size:
             _, (old, _) = self._items.popitem(last=False)

@@ -12,7 +12,7 @@ from typing import List, Literal, Optional
 
 import typer
 
-from blip3.core.options import out_option, output_path
+from blip3.core.options import local_out_argument, local_out_option, output_path
 
 model_app = typer.Typer(help="The xGen-MM model: sizes, model directories, a quick generate.", no_args_is_help=True)
 
@@ -40,8 +40,8 @@ def info(config: Literal["tiny", "phi3-mini"] = typer.Option("tiny", "--config",
 
 @model_app.command("init")
 def init(
-    output: Optional[Path] = typer.Argument(None, help="Model directory to write (the older form of -o/--out)."),
-    out: Optional[Path] = out_option("model directory to write"),
+    output: Optional[Path] = local_out_argument("model directory to write"),
+    out: Optional[Path] = local_out_option("model directory to write"),
     config: Literal["tiny", "phi3-mini"] = typer.Option("tiny", "--config", help="Model configuration."),
     seed: int = typer.Option(0, "--seed", help="Seed of the random weights."),
     pretrained: bool = typer.Option(False, "--pretrained", help="phi3-mini: load SigLIP and Phi-3 from local files."),

@@ -137,7 +137,7 @@ def test_resolve_shards_reads_folders_and_brace_patterns(tmp_path):
     write_caption_shard(tmp_path / "out", 0, 2)
     write_caption_shard(tmp_path / "out", 1, 2)
     (tmp_path / "out" / f".{shard_name(2)}.tar.tmp-1").write_bytes(b"unfinished")
-    tars = [shard_paths(tmp_path / "out", i)[0].resolve() for i in (0, 1)]
+    tars = [str(shard_paths(tmp_path / "out", i)[0].resolve()) for i in (0, 1)]
     assert resolve_shards(tmp_path / "out") == tars
     assert resolve_shards(str(tmp_path / "out" / f"{{{shard_name(0)},{shard_name(1)}}}.tar")) == tars
     assert resolve_shards(f"out/{shard_name(1)}.tar", base=tmp_path) == tars[1:]
@@ -161,7 +161,7 @@ def test_foreign_stats_files_are_not_shards(tmp_path, foreign):
     write_caption_shard(tmp_path, 0, 2)
     shard_paths(tmp_path, 9)[2].write_text(json.dumps(foreign))
     assert [i.index for i in list_shards(tmp_path)] == [0]
-    assert resolve_shards(tmp_path) == [shard_paths(tmp_path, 0)[0].resolve()]
+    assert resolve_shards(tmp_path) == [str(shard_paths(tmp_path, 0)[0].resolve())]
 
 
 @pytest.mark.parametrize("ext, is_image", [("jpg", True), ("img0.jpg", True), ("0.PNG", True), ("a.b.webp", True),
@@ -188,4 +188,4 @@ def test_abort_after_temporaries_were_cleaned_and_clean_temporaries_counts(tmp_p
 
 def test_resolve_shards_recursive_glob(tmp_path):
     write_caption_shard(tmp_path / "x" / "y", 0, 1)
-    assert resolve_shards(str(tmp_path / "**" / "*.tar")) == [shard_paths(tmp_path / "x" / "y", 0)[0].resolve()]
+    assert resolve_shards(str(tmp_path / "**" / "*.tar")) == [str(shard_paths(tmp_path / "x" / "y", 0)[0].resolve())]

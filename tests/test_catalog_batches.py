@@ -13,7 +13,7 @@ import pytest
 import blip3.core.catalog
 from blip3.core.catalog import BatchRegistrar, Catalog
 from blip3.core.errors import UserError
-from blip3.core.shard_folder import ShardFolder
+from blip3.core.storage import Location
 from blip3.core.shards import shard_paths
 from blip3.datagen.pipeline import JobOptions, run_job
 from tests.core_fixtures import write_caption_shard
@@ -153,6 +153,6 @@ def test_job_registers_finished_shards_batch_by_batch(ray_local, tmp_path, monke
 
 
 def test_shard_folder_reads_only_the_named_shards(five_shards):
-    folder = ShardFolder(five_shards)
+    folder = Location(five_shards)
     assert [s.index for s in folder.finished(["00001", "00003"])] == [1, 3]
     assert [s.index for s in folder.finished()] == [0, 1, 2, 3, 4]

@@ -9,10 +9,9 @@ from pathlib import Path
 import duckdb
 import pytest
 
-from blip3.core import shard_folder
 from blip3.core.catalog import Catalog
 from blip3.core.errors import UserError
-from blip3.core.storage import RemoteDir
+from blip3.core.storage import Location as RemoteDir
 from blip3.mixture.build import build_manifest
 from blip3.mixture.manifest import load_manifest
 from tests.core_fixtures import write_caption_shard
@@ -25,7 +24,7 @@ SAMPLE_COLUMNS = "key, uid, status, error_message, width, height, caption_length
 def _upload(local: Path, url: str, options: dict) -> RemoteDir:
     remote = RemoteDir(url, options)
     for p in sorted(local.iterdir()):
-        remote.upload(p, p.name)
+        remote.put(p, p.name)
     return remote
 
 
@@ -52,8 +51,8 @@ def test_catalog_add_reads_sidecars_and_stats_from_the_store(shards_on_s3, s3_se
     (the sha256 is trusted from the stats) unless `verify`, which re-hashes every one."""
     local, remote = shards_on_s3
     hashed: list[str] = []
-    rehash = shard_folder.remote_sha256
-    monkeypatch.setattr(shard_folder, "remote_sha256", lambda fs, loc: hashed.append(loc) or rehash(fs, loc))
+    rehash = RemoteDir.sha256
+    monkeypatch.setattr(RemoteDir, "sha256", lambda self, name="": hashed.append(name) or rehash(self, name))
     db_local, db_s3 = tmp_path / "local.duckdb", tmp_path / "s3.duckdb"
     with Catalog(db_local) as cat:
         cat.add_output(local)
@@ -99,7 +98,7 @@ def test_catalog_add_cli_on_the_store(shards_on_s3, s3_server, tmp_path):  # noq
     assert "remote: 3 shard(s) added (15 rows)" in " ".join(r.stderr.split())
     r = cli("catalog", "add", f"s3://{BUCKET}/nothing/here", "--storage-options", json.dumps(s3_server),
               "--db", str(db))
-    assert r.returncode == 2 and "no such folder on the store" in r.stderr and "Traceback" not in r.stderr
+    assert r.returncode == 2 and "no such folder" in r.stderr and "Traceback" not in r.stderr
 
 
 def test_mix_build_from_catalogued_shards_on_the_store(shards_on_s3, s3_server, tmp_path):  # noqa: F811
@@ -156,3 +155,48 @@ def test_unreadable_sidecars_on_the_store_fail_alone(shards_on_s3, s3_server, tm
     assert (r.added, r.rows) == (1, 5)
     assert [(p.rsplit("/", 1)[-1], "parquet" in why.lower()) for p, why in r.failed] == [("00001.tar", True),
                                                                                           ("00002.tar", True)]
+
+
+def test_source_add_inline_sources_and_the_loader_on_the_store(shards_on_s3, s3_server, tmp_path, monkeypatch):  # noqa: F811
+    """`source add NAME s3://...` (our shards, and foreign tars by a brace pattern), a spec naming
+    `s3://` shards inline, and the trainer's loader reading those tars: the same counts, tokens and
+    samples as the local copies give."""
+    from blip3.mixture.loader import MixtureLoader
+    from blip3.mixture.sources import add_source
+    from blip3.mixture.tokens import TokenCounter
+    from tests.test_mixture_catalog import _foreign_tar
+
+    local, remote = shards_on_s3
+    (tmp_path / "wds").mkdir()
+    for i, n in enumerate((3, 2)):
+        _foreign_tar(tmp_path / "wds" / f"{i:05d}.tar", n)
+    wds = _upload(tmp_path / "wds", f"s3://{BUCKET}/{tmp_path.name}/wds", s3_server)
+    got = {}
+    for where, ours, theirs, options in (("local", local, tmp_path / "wds" / "{00000..00001}.tar", None),
+                                         ("s3", remote.url, f"{wds.url}/{{00000..00001}}.tar", s3_server)):
+        with Catalog(tmp_path / f"{where}.duckdb") as cat:
+            a = add_source(cat, "ocr-en", ours, "caption", TokenCounter(), options)
+            b = add_source(cat, "cc", theirs, "caption", TokenCounter(), options)
+        got[where] = [(r.shards, r.samples, r.tokens) for r in (a, b)]
+    assert got["s3"] == got["local"] == [(3, 12, got["local"][0][2]), (2, 5, got["local"][1][2])]
+
+    spec = {"name": "m", "seed": 0, "sources": [{"name": "inline", "kind": "caption", "weight": 1.0,
+                                                 "path": f"{remote.url}"}]}
+    m = build_manifest(spec, storage_options=s3_server, record=False)
+    assert [s.path for s in m.sources[0].shards] == [f"{remote.url}/0000{i}.tar" for i in range(3)]
+    local_m = build_manifest({**spec, "sources": [{**spec["sources"][0], "path": str(local)}]}, record=False)
+    for k, v in {"AWS_ENDPOINT_URL": s3_server["endpoint_url"], "AWS_ACCESS_KEY_ID": "testing",
+                 "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}.items():
+        monkeypatch.setenv(k, v)  # the trainer reaches the store the standard way
+    _forget_filesystems_built_from_other_environments()
+    samples = MixtureLoader(m, shuffle_buffer=4).take(20)
+    expected = MixtureLoader(local_m, shuffle_buffer=4).take(20)
+    assert [(s["key"], s["txt"], s["images"]) for s in samples] == [(s["key"], s["txt"], s["images"]) for s in expected]
+
+
+def _forget_filesystems_built_from_other_environments() -> None:
+    """fsspec keeps one filesystem per set of arguments: one built from the environment of an
+    earlier test (another server's endpoint) would be reused for ours."""
+    import s3fs
+
+    s3fs.S3FileSystem.clear_instance_cache()

@@ -8,7 +8,7 @@ import pytest
 
 from blip3.core.catalog import Catalog, transaction
 from blip3.core.errors import UserError
-from blip3.core.shard_folder import ShardFolder
+from blip3.core.storage import Location
 from blip3.core.shards import shard_paths
 from blip3.core.sql import check_read_only, run_query
 from tests.core_fixtures import write_caption_shard
@@ -87,7 +87,7 @@ def test_reregistering_a_shard_replaces_its_rows_through_the_shard_index(output_
     with Catalog(db) as cat:
         cat.add_output(output_dir)
         n = cat.con.execute("SELECT count(*) FROM samples").fetchone()[0]
-        folder = ShardFolder(output_dir)
+        folder = Location(output_dir)
         with transaction(cat.con):
             cat._replace_shards(folder, folder.finished(["00000"]), "ocr-en")  # again: replaced, not doubled
         assert cat.con.execute("SELECT count(*) FROM samples").fetchone()[0] == n

@@ -34,7 +34,7 @@ def test_datagen_reads_an_image_out_of_a_tar_at_its_offset(tiny_sources, tmp_pat
     tar = tiny_sources["caption-ocr"] / "00000.tar"
     first = next(iter_shard(tar))
     ref = next(iter_refs(tar, "webdataset"))
-    assert ref.locator[0] == "tar"
+    assert ref.locator[0] == "at" and ref.locator[1].url == str(tar.resolve())
     assert load_sample(ref).image == first["jpg"]
 
 

@@ -143,7 +143,7 @@ def test_webdataset_scan_opens_each_tar_once(tmp_path, monkeypatch):
     """Reading the json/txt members of a tar's samples goes through one open file, not one per member."""
     import builtins
 
-    import blip3.datagen.inputs as inputs
+    import blip3.core.storage as storage
 
     img = png_bytes(text_image("A", size=(40, 20)))
     members = []
@@ -156,7 +156,7 @@ def test_webdataset_scan_opens_each_tar_once(tmp_path, monkeypatch):
         opened.append(str(file))
         return builtins.open(file, *args, **kwargs)
 
-    monkeypatch.setattr(inputs, "open", counting_open, raising=False)
+    monkeypatch.setattr(storage, "open", counting_open, raising=False)
     refs = list(iter_refs(tmp_path / "a.tar"))
     assert [(r.uid, r.source_caption) for r in refs] == [(str(i), f"cap {i}") for i in range(4)]
     assert opened == [str(tmp_path / "a.tar")]
@@ -221,3 +221,23 @@ def test_every_image_member_of_a_tar_gets_a_row(tmp_path):
     assert by_key["b"].ext == "jpg" and by_key["b_1"].error.startswith("duplicate_member: 'b.png'")
     assert by_key["d"].error == "tar_link: 'd.png' is a hard link to 'a.png'; links are not read as images"
     assert by_key["c"].error is None and by_key["e"].error is None
+
+
+def test_a_dotted_image_name_under_another_key_is_a_failed_row_not_lost(tmp_path):
+    """`a.b.jpg` is key `a` (extension `b.jpg`, the webdataset way), beside `a.jpg`: it becomes a
+    failed row naming it, and the tar counts (what plans are cut from) agree with the listing."""
+    from blip3.datagen.inputs import TarSource, count_tar
+
+    img = png_bytes(text_image("A"))
+    path = tmp_path / "s.tar"
+    with tarfile.open(path, "w") as tar:
+        for name in ("a.jpg", "a.b.jpg", "b.jpg", "c.d.png"):
+            info = tarfile.TarInfo(name)
+            info.size = len(img)
+            tar.addfile(info, io.BytesIO(img))
+    refs = list(iter_refs(path))
+    by_key = {r.key: r for r in refs}
+    assert sorted(by_key) == ["a", "a_1", "b", "c"] and count_tar(TarSource(str(path)), 10).refs == 4
+    assert by_key["a"].error is None and by_key["b"].error is None
+    assert by_key["a_1"].error.startswith("duplicate_member: 'a.b.jpg' is a second image under key 'a'")
+    assert by_key["c"].error is None and by_key["c"].ext == "png"  # the only image of key `c`: used

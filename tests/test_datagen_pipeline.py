@@ -44,7 +44,7 @@ class SizeCaptioner:
 def _ref(tmp_path, name: str, data: bytes, **kw) -> SampleRef:
     path = tmp_path / name
     path.write_bytes(data)
-    return SampleRef(key=name.replace(".", "_"), ext=name.rsplit(".", 1)[1], locator=["file", str(path)], **kw)
+    return SampleRef(key=name.replace(".", "_"), ext=name.rsplit(".", 1)[1], locator=["at", str(path)], **kw)
 
 
 def test_process_ref_success_record(tmp_path):
@@ -72,7 +72,7 @@ def test_process_ref_failures_carry_reasons(tmp_path):
     assert not skip.ok and skip.row.error_message == "too_plain: width 120" and skip.row.status == "failed"
     crash = process_ref(_ref(tmp_path, "c.png", png_bytes(text_image(size=(240, 40)))), ann, ImageLimits())
     assert crash.row.error_message == "annotate: ZeroDivisionError: engine bug"
-    gone = SampleRef(key="g", ext="png", locator=["file", str(tmp_path / "gone.png")])
+    gone = SampleRef(key="g", ext="png", locator=["at", str(tmp_path / "gone.png")])
     assert process_ref(gone, ann, ImageLimits()).row.error_message.startswith("read:")
     bomb = process_ref(_ref(tmp_path, "b.png", bad_inputs()["bomb.png"]), ann, ImageLimits())
     assert bomb.row.error_message.startswith("too_large:")

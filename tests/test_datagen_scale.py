@@ -135,7 +135,7 @@ def test_object_store_output_without_its_filesystem_is_one_line_not_a_local_fold
     src = _images(tmp_path / "in", 1)
     r = _cli(["ocr", str(src), "gs://bucket/out", "--db", str(tmp_path / "c.duckdb")], dict(os.environ), cwd=tmp_path)
     assert r.returncode == 2, r.stderr[-2000:]
-    assert "gs:// outputs need their fsspec filesystem" in " ".join(r.stderr.split())
+    assert "gs:// locations need their fsspec filesystem" in " ".join(r.stderr.split())
     assert "Traceback" not in r.stderr
     assert sorted(p.name for p in tmp_path.iterdir()) == ["in"]  # no `gs:` folder, no catalog
     assert local_path(f"file://{tmp_path}/x", "output") == tmp_path / "x"

@@ -74,7 +74,7 @@ def test_a_count_lets_a_shard_scan_start_near_its_range(tmp_path):
     pattern = wds_tars(tmp_path / "in")
     big, linked = TarSource(str(tmp_path / "in" / "part-000.tar")), TarSource(str(tmp_path / "in" / "part-002.tar"))
     count = count_tar(big, 3)
-    assert (count.refs, count.size) == (7, os.path.getsize(big.path))
+    assert (count.refs, count.size) == (7, os.path.getsize(big.where.url))
     assert [s[0] for s in count.seeks] == [0, 3, 6] and count.seeks[1][1] > 0
     assert count_tar(linked, 1).seeks == [(0, 0)] and count_tar(linked, 1).refs == 5 + 1 + 1
     plans = list(job_plans(pattern, None, 3, count_tars=count_tars_locally))
@@ -82,8 +82,8 @@ def test_a_count_lets_a_shard_scan_start_near_its_range(tmp_path):
     scanned: list[int] = []
     real = TarSource.scan
 
-    def spy(self, start=0):
-        for sample in real(self, start):
+    def spy(self, start=0, **kw):
+        for sample in real(self, start, **kw):
             scanned.append((self.name, sample.header))
             yield sample
 

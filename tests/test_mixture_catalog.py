@@ -228,18 +228,17 @@ def test_recorded_mixture_has_the_manifest_created_at(mixed_catalog):
 
 
 def test_source_add_hashes_only_foreign_shards_once(tmp_path, tiny_sources, monkeypatch):  # noqa: F811
-    import blip3.core.shard_folder
-    import blip3.mixture.sources
     from blip3.core.shards import file_sha256
+    from blip3.core.storage import Location
 
     hashed: list[str] = []
+    real = Location.sha256
 
-    def counting(path, *a, **k):
-        hashed.append(Path(path).name)
-        return file_sha256(path, *a, **k)
+    def counting(self, name=""):
+        hashed.append(self.child(name).name if name else self.name)
+        return real(self, name)
 
-    monkeypatch.setattr(blip3.core.shard_folder, "file_sha256", counting)
-    monkeypatch.setattr(blip3.mixture.sources, "file_sha256", counting)
+    monkeypatch.setattr(Location, "sha256", counting)
     (tmp_path / "wds").mkdir()
     _foreign_tar(tmp_path / "wds" / "a.tar", 2)
     _foreign_tar(tmp_path / "wds" / "b.tar", 2)

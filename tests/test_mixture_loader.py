@@ -198,11 +198,11 @@ def test_a_plain_torch_dataloader_with_transform_or_collate(manifest):
 
 def test_construction_trusts_the_recorded_sha256(manifest, monkeypatch):
     """No shard is re-hashed unless asked (`verify="sha256"`): construction reads no shard bytes."""
-    import blip3.core.shard_folder as shard_folder
+    from blip3.core.storage import Location
 
     calls = []
-    real = shard_folder.file_sha256
-    monkeypatch.setattr(shard_folder, "file_sha256", lambda *a, **k: calls.append(a) or real(*a, **k))
+    real = Location.sha256
+    monkeypatch.setattr(Location, "sha256", lambda *a, **k: calls.append(a) or real(*a, **k))
     MixtureLoader(manifest)
     assert calls == []
     MixtureLoader(manifest, verify="sha256")

@@ -17,7 +17,7 @@ from PIL import Image
 
 from blip3.core.errors import UserError
 from blip3.core.shards import SampleRow, ShardWriter, read_stats, shard_complete, shard_paths
-from blip3.core.storage import RemoteDir
+from blip3.core.storage import Location
 from blip3.datagen.annotator import Annotation
 from blip3.datagen.fetch import DownloadOptions
 from blip3.datagen.images import ImageLimits, ImageOutput
@@ -61,7 +61,7 @@ def _image_ref(tmp_path, name: str, size=(64, 32), mode: str = "RGB", **kw) -> S
         path.write_bytes(png_bytes(text_image(size=size)))
     else:
         Image.new(mode, size, 0).save(path)
-    return SampleRef(key=path.stem, ext=name.rsplit(".", 1)[1], locator=["file", str(path)], **kw)
+    return SampleRef(key=path.stem, ext=name.rsplit(".", 1)[1], locator=["at", str(path)], **kw)
 
 
 # -- one sample ---------------------------------------------------------------------------------
@@ -100,7 +100,7 @@ def test_an_engine_crash_reason_is_cut_to_200_characters(tmp_path):
 def test_a_sample_fetched_ahead_is_used_and_its_download_error_recorded(tmp_path):
     """`write_shard` hands `process_ref` the samples its download threads fetched: the ref is not
     read again, and a failed download is the row's reason."""
-    ref = SampleRef(key="u", ext="png", locator=["file", str(tmp_path / "not-there.png")], url="http://x/u.png")
+    ref = SampleRef(key="u", ext="png", locator=["at", str(tmp_path / "not-there.png")], url="http://x/u.png")
     data = png_bytes(text_image(size=(48, 24)))
     ok = process_ref(ref, SizeCaptioner(), ImageLimits(), sample=InputSample("u", data, "png"))
     assert ok.ok and ok.members["txt"] == "48x24"
@@ -113,7 +113,7 @@ def _plan(tmp_path, n_ok: int = 2, n_bad: int = 1):
     refs = [_image_ref(tmp_path, f"i{i}.png", size=(40 + i, 20)) for i in range(n_ok)]
     for j in range(n_bad):
         (tmp_path / f"bad{j}.png").write_bytes(b"not an image")
-        refs.append(SampleRef(key=f"bad{j}", ext="png", locator=["file", str(tmp_path / f"bad{j}.png")]))
+        refs.append(SampleRef(key=f"bad{j}", ext="png", locator=["at", str(tmp_path / f"bad{j}.png")]))
     return next(iter_plans(refs, len(refs), {"engine": "size"}))
 
 
@@ -139,7 +139,7 @@ def test_write_shard_to_a_store_publishes_the_same_shard(tmp_path):
     local = tmp_path / "local"
     local.mkdir()
     (tmp_path / "bucket").mkdir()
-    store = RemoteDir(f"file://{tmp_path / 'bucket'}")
+    store = Location(f"file://{tmp_path / 'bucket'}")
     a = write_shard(local, plan, SizeCaptioner(), ImageLimits(), {"name": "size"})
     b = write_shard(store, plan, SizeCaptioner(), ImageLimits(), {"name": "size"})
     assert a == b and shard_complete(store, 0)

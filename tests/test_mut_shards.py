@@ -140,7 +140,7 @@ def test_resolve_shards_takes_a_folders_own_tars_before_nested_ones(tmp_path):
     (tmp_path / "sub").mkdir()
     (tmp_path / "a.tar").write_bytes(b"")
     (tmp_path / "sub" / "b.tar").write_bytes(b"")
-    assert resolve_shards(tmp_path) == [(tmp_path / "a.tar").resolve()]
+    assert resolve_shards(tmp_path) == [str((tmp_path / "a.tar").resolve())]
 
 
 def test_tar_index_reports_links_but_not_folders(tmp_path):

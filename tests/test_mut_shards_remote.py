@@ -1,4 +1,4 @@
-"""Shards on an object store (`RemoteDir`): the completion check, stats reading and the removal of
+"""Shards on an object store (`Location`): the completion check, stats reading and the removal of
 left-over shards, on fsspec's local filesystem (the same code paths as S3; `test_storage_s3.py`
 runs them against a real S3 server end to end)."""
 
@@ -8,8 +8,8 @@ import json
 
 import pytest
 
-from blip3.core.shards import publish_remote, read_stats, remove_remote_shards, shard_complete, shard_name, shard_paths
-from blip3.core.storage import RemoteDir
+from blip3.core.shards import read_stats, shard_complete, shard_name, shard_paths
+from blip3.core.storage import Location
 from tests.core_fixtures import write_caption_shard
 
 
@@ -18,10 +18,10 @@ def remote(tmp_path):
     local = tmp_path / "local"
     for i in range(3):
         write_caption_shard(local, i, 2 + i)
-    out = RemoteDir(f"file://{tmp_path / 'bucket' / 'out'}")
+    out = Location(f"file://{tmp_path / 'bucket' / 'out'}")
     (tmp_path / "bucket" / "out").mkdir(parents=True)
     for i in range(3):
-        publish_remote(local, out, i)
+        out.publish(local, shard_name(i))
     return local, out
 
 
@@ -68,10 +68,10 @@ def test_remove_remote_shards_keeps_the_ones_below_and_others_files(remote, tmp_
     (folder / "notes.txt").write_text("x")
     (folder / "abc.tar").write_bytes(b"x")
     (folder / "0000000.tar").write_bytes(b"x")  # shard 0 at another name width: not one of ours to keep
-    assert remove_remote_shards(out, keep_below=1) == [0, 1, 2]
+    assert out.remove_shards(keep_below=1, digits=5) == [0, 1, 2]
     assert sorted(out.names()) == sorted([*(p.name for p in shard_paths(local, 0)), "notes.txt", "abc.tar"])
     assert shard_complete(out, 0)
-    assert remove_remote_shards(out) == [0]
+    assert out.remove_shards(digits=5) == [0]
     assert sorted(out.names()) == ["abc.tar", "notes.txt"]
 
 
@@ -81,6 +81,6 @@ def test_remove_remote_shards_finds_each_kind_of_left_over(tmp_path):
     folder.mkdir()
     for i, suffix in enumerate(("_stats.json", ".parquet", ".tar")):
         (folder / f"{shard_name(i + 4)}{suffix}").write_text(json.dumps({}))
-    out = RemoteDir(f"file://{folder}")
-    assert remove_remote_shards(out, keep_below=4) == [4, 5, 6]
+    out = Location(f"file://{folder}")
+    assert out.remove_shards(keep_below=4, digits=5) == [4, 5, 6]
     assert out.names() == []

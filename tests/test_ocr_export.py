@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pyarrow.parquet as pq
 
@@ -32,7 +33,7 @@ def test_smaller_reexport_leaves_no_stale_parts(tmp_path):
     files, n = export_blip3_ocr(big, dest, rows_per_file=1)
     assert n == 3 and len(files) == 3 and _rows(dest) == ["u-a", "u-b", "u-c"]
     files, n = export_blip3_ocr(small, dest, rows_per_file=1)
-    assert n == 1 and [f.name for f in files] == ["part-00000.parquet"]
+    assert n == 1 and [Path(f).name for f in files] == ["part-00000.parquet"]
     assert _rows(dest) == ["u-d"]
     assert sorted(p.name for p in dest.iterdir()) == ["part-00000.parquet"]  # no staging folder left
 

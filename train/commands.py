@@ -8,7 +8,7 @@ from typing import Optional
 
 import typer
 
-from blip3.core.options import DbOption, out_option, output_path
+from blip3.core.options import DbOption, local_out_argument, local_out_option, output_path
 
 
 def register(app: typer.Typer) -> None:
@@ -19,7 +19,7 @@ def register(app: typer.Typer) -> None:
         config: Path = typer.Argument(..., help="A stage YAML or a pipeline YAML (manifests/tiny/pipeline.yaml)."),
         resume: bool = typer.Option(False, "--resume", help="Continue from the latest checkpoint of each stage."),
         max_steps: Optional[int] = typer.Option(None, "--max-steps", help="Stop each stage after N steps (checkpointed)."),
-        out: Optional[Path] = typer.Option(None, "--out", "-o", help="Put every stage's output under this folder."),
+        out: Optional[Path] = local_out_option("folder to put every stage's output under"),
         db: Path = DbOption,
     ) -> None:
         """Train one stage, or a pipeline of stages (each stage's output is the next one's init).
@@ -47,8 +47,8 @@ def register(app: typer.Typer) -> None:
     @app.command("merge-lora")
     def merge_lora(
         stage_dir: Path = typer.Argument(..., help="A stage output (or its final/) holding an unmerged adapter/."),
-        output: Optional[Path] = typer.Argument(None, help="Model directory to write (the older form of -o/--out)."),
-        out: Optional[Path] = out_option("model directory to write, adapters folded into the weights"),
+        output: Optional[Path] = local_out_argument("model directory to write"),
+        out: Optional[Path] = local_out_option("model directory to write, adapters folded into the weights"),
     ) -> None:
         """Merge a stage's LoRA adapters into its base weights (for stages run with `lora.merge: false`)."""
         from blip3.core.errors import UserError
