@@ -36,7 +36,6 @@ from __future__ import annotations
 
 import io
 import os
-from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterable
 
 import pyarrow as pa
