@@ -59,6 +59,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks._common import TreeMonitor, report, wait_for_actor_exit  # noqa: E402
+from blip3.datagen.annotator import Annotation, AnnotatorConfig  # noqa: E402
 
 SHARD_SIZE = 100  # small enough that every worker has shards at a few thousand images
 
@@ -177,12 +178,33 @@ class PipelineRun:
 def _role(pid: int, cmdline: str) -> str:
     if pid == os.getpid():
         return "driver"
-    return "workers" if "ray::ShardWorker" in cmdline or "ray::IDLE" in cmdline or "default_worker" in cmdline \
-        else "ray daemons"
+    # Ray Data's tasks and actors (`ray::MapWorker(...)`, `ray::ReadBinary`, idle pool workers) are
+    # worker processes; the rest of the tree (raylet, GCS, agents, log monitor) is Ray's daemons
+    return "workers" if cmdline.startswith("ray::") or "default_worker" in cmdline else "ray daemons"
 
 
-def pipeline_run(folder: Path, coco: Path, out: Path, workers: int, limit: int) -> PipelineRun:
-    """Run `ground` on the first `limit` images with the Ray cluster already up."""
+#: How the job is cut into Ray Data rows: `plan-rows` is `blip3 ground` (one row per shard plan);
+#: the others are the same work as a user's pipeline of `blip3.datagen.ray` with one row per
+#: image, carrying its encoded bytes (`read_binary_files`) or its pixels (`read_images`).
+DESIGNS = ("plan-rows", "image-bytes", "image-pixels")
+
+
+def _library_job(folder: Path, coco: Path, out: Path, workers: int, limit: int, pixels: bool) -> None:
+    import ray.data
+
+    from blip3.datagen.ray import Grounding, ShardSink
+
+    files = [str(p) for p in sorted(folder.glob("*.jpg"))[:limit]]
+    ds = (ray.data.read_images(files, include_paths=True, mode="RGB") if pixels
+          else ray.data.read_binary_files(files, include_paths=True))
+    ds = ds.map_batches(Grounding, fn_constructor_kwargs={"root": str(folder), "detector": "annotations",
+                                                          "annotations": str(coco)},
+                        compute=ray.data.ActorPoolStrategy(size=workers), batch_size=SHARD_SIZE)
+    ds.write_datasink(ShardSink(out, rows_per_shard=SHARD_SIZE))
+
+
+def pipeline_run(folder: Path, coco: Path, out: Path, workers: int, limit: int, design: str = "plan-rows") -> PipelineRun:
+    """Run `ground` (or its `design` alternative) on the first `limit` images, Ray already up."""
     from blip3.datagen.grounding import ground, make_config
     from blip3.datagen.pipeline import JobOptions
 
@@ -190,8 +212,11 @@ def pipeline_run(folder: Path, coco: Path, out: Path, workers: int, limit: int) 
     t = time.perf_counter()
     # Sampled often: the actors are killed at the job's end and only sampled CPU counts.
     with TreeMonitor(0.05) as mon:
-        ground(folder, out, make_config(detector="annotations", annotations=coco),
-               JobOptions(workers=workers, shard_size=SHARD_SIZE, limit=limit, register=False))
+        if design == "plan-rows":
+            ground(folder, out, make_config(detector="annotations", annotations=coco),
+                   JobOptions(workers=workers, shard_size=SHARD_SIZE, limit=limit, register=False))
+        else:
+            _library_job(folder, coco, out, workers, limit, pixels=design == "image-pixels")
     wall = time.perf_counter() - t
     after = _proc_io()
     cpu: dict[str, float] = {"driver": 0.0, "workers": 0.0, "ray daemons": 0.0}
@@ -209,12 +234,20 @@ def folder_bytes(folder: Path) -> int:
 _PLAN_ONLY = """
 import re, sys, time
 from pathlib import Path
+import ray
+from blip3.datagen.pipeline import _plan_block
 from blip3.datagen.plans import count_tars_locally, job_plans
+ray.init(num_cpus=1, include_dashboard=False, log_to_driver=False, logging_level="ERROR")
 cpu = time.process_time()
-# the tar is counted in this process (a job counts it in a Ray task); plans are tar ranges
-n = sum(s.stop - s.start for p in job_plans(sys.argv[1], None, 1000, count_tars=count_tars_locally) for s in p.spans)
+# the tar is counted in this process (a job counts it in a Ray task); plans are tar ranges, each put
+# into the object store as a job's driver does, keeping only the reference
+blocks, n = [], 0
+for p in job_plans(sys.argv[1], None, 1000, count_tars=count_tars_locally):
+    n += sum(s.stop - s.start for s in p.spans)
+    blocks.append(_plan_block(p))
 cpu = time.process_time() - cpu
 print(n, int(re.search(r"VmHWM:\\s+(\\d+)", Path("/proc/self/status").read_text()).group(1)) / 1024, cpu)
+ray.shutdown()
 """
 
 
@@ -230,7 +263,7 @@ def planning_rss(tmp: Path, n: int) -> tuple[float, float]:
             tar.addfile(info, fileobj=__import__("io").BytesIO(data))
     out = subprocess.run([sys.executable, "-c", _PLAN_ONLY, str(tar_path)], capture_output=True, text=True,
                          check=True, env={**os.environ, "PYTHONPATH": os.environ.get("PYTHONPATH", "")})
-    count, rss, cpu = out.stdout.split()
+    count, rss, cpu = out.stdout.split()[-3:]
     assert int(count) == n
     tar_path.unlink()
     return float(rss), n / float(cpu)
@@ -264,6 +297,136 @@ def catalog_scale(tmp: Path, sizes: list[int]) -> list[dict]:
     return rows
 
 
+# -- the model stage's busy fraction, without an accelerator --------------------------------
+@dataclass(frozen=True)
+class HoldAccelerator(AnnotatorConfig):
+    """A stand-in for a model on an accelerator: each image holds the stage for `hold_s` seconds (a
+    sleep, so no core is used, as a GPU kernel uses none) and logs when, to `log_dir`. The images
+    around it are really read, decoded and written, so the busy fraction says whether the CPU work
+    keeps the "accelerator" fed."""
+
+    hold_s: float = 0.02
+    log_dir: str = ""
+
+    def __call__(self) -> "_Holding":
+        return _Holding(self)
+
+
+class _Holding:
+    name = "hold"
+
+    def __init__(self, config: HoldAccelerator):
+        self.config = config
+
+    def load(self) -> None:
+        pass
+
+    def generator_info(self) -> dict:
+        return {"engine": "hold", "hold_s": self.config.hold_s}
+
+    def annotate(self, image, sample):
+        start = time.time()
+        time.sleep(self.config.hold_s)
+        end = time.time()
+        with open(Path(self.config.log_dir) / f"{os.getpid()}.log", "a") as f:
+            f.write(f"{start} {end}\n")
+        text = f"an image of {image.width}x{image.height}"
+        return Annotation(text, [{"text": text}], {})
+
+
+def make_photos(folder: Path, n: int, size: tuple[int, int]) -> None:
+    """n JPEGs of `size` with noise, so decoding them costs what a photo's decode costs."""
+    import numpy as np
+    from PIL import Image
+
+    folder.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    base = rng.integers(0, 255, (size[1] // 8, size[0] // 8, 3), dtype=np.uint8)
+    for i in range(n):
+        small = np.roll(base, i, axis=1)
+        img = Image.fromarray(small).resize(size, Image.BILINEAR)
+        img.save(folder / f"photo{i:06d}.jpg", quality=90)
+
+
+def _busy(log_dir: Path, wall: float) -> tuple[float, float, int]:
+    """(busy / wall of the whole job, busy / the window from the first hold to the last, holds)."""
+    spans = sorted(tuple(map(float, line.split())) for p in log_dir.glob("*.log") for line in p.read_text().splitlines())
+    held = sum(e - s for s, e in spans)
+    window = spans[-1][1] - spans[0][0]
+    return held / wall, held / window, len(spans)
+
+
+def busy_fraction(tmp: Path, n: int, size: tuple[int, int], hold_s: float, design: str = "staged") -> dict:
+    """Run one job of `n` photos with the stand-in model on the one "accelerator" of the cluster
+    (a custom resource), return its row. Ray must be up, with `{"accelerator": 1}`."""
+    from blip3.datagen.pipeline import JobOptions, run_job
+
+    folder = tmp / f"photos-{size[0]}x{size[1]}-{n}"
+    if not folder.exists():
+        make_photos(folder, n, size)
+    log_dir = tmp / f"busy-{design}"
+    log_dir.mkdir()
+    config = HoldAccelerator(hold_s, str(log_dir))
+    t = time.perf_counter()
+    run_job(folder, tmp / f"busy-out-{design}", config, JobOptions(workers=1, shard_size=SHARD_SIZE, register=False,
+                                                                   resources={"accelerator": 1}))
+    wall = time.perf_counter() - t
+    of_job, of_window, holds = _busy(log_dir, wall)
+    assert holds == n, holds
+    return {"what": f"model stage busy ({hold_s * 1e3:.0f} ms hold per image)",
+            "images": f"{n} of {size[0]}x{size[1]}", "seconds": f"{wall:.1f} wall",
+            "images/s per core": f"{n / wall:.1f} images/s (ideal {1 / hold_s:.0f})",
+            "vs loop": f"busy {of_window:.0%} of the stage's window, {of_job:.0%} of the job"}
+
+
+def pair_rows(design: str, pairs: list, extra: int, half: int, args: argparse.Namespace, loop_wall: float,
+              loop_cpu: float, tmp: Path) -> list[dict]:
+    """The rows of one design's job pairs: each pair's marginal rates, all pairs pooled, and the
+    driver's share of the bytes written by the full run of the first pair."""
+    rows = []
+    ratios = []
+    for r, (p_half, p_full) in enumerate(pairs):
+        per_core = extra / (p_full.wall - p_half.wall) / args.workers
+        per_cpu = extra / (p_full.cpu_s - p_half.cpu_s)
+        ratios.append(per_cpu / loop_cpu)
+        split = ", ".join(f"{k} {(p_full.cpu[k] - p_half.cpu[k]) / extra * 1e3:.3f}" for k in p_full.cpu)
+        rows.append({"what": f"{design}, {args.workers} workers (marginal), run {r + 1}; CPU ms/image: {split}",
+                     "images": f"{half}->{args.images}",
+                     "seconds": f"{p_half.wall:.1f}/{p_full.wall:.1f} wall, {p_half.cpu_s:.1f}/{p_full.cpu_s:.1f} CPU",
+                     "images/s per core": f"{per_core:.0f} wall, {per_cpu:.0f} CPU",
+                     "vs loop": f"{per_core / loop_wall:.2f}x wall, {per_cpu / loop_cpu:.2f}x CPU"})
+    ratios.sort()
+    pooled = extra * len(pairs) / sum(f.cpu_s - h.cpu_s for h, f in pairs)
+    rows.append({"what": f"{design} marginal vs loop, all runs pooled (CPU)", "images": f"{len(ratios)} runs",
+                 "seconds": f"loop {1e3 / loop_cpu:.3f} CPU ms/image",
+                 "images/s per core": f"{pooled:.0f} CPU", "vs loop": f"{pooled / loop_cpu:.2f}x CPU (median "
+                 f"{statistics.median(ratios):.2f}x, runs {ratios[0]:.2f}-{ratios[-1]:.2f}x)"})
+    out_bytes = folder_bytes(tmp / f"{design}-full-0")
+    io_full = pairs[0][1].io
+    rows.append({"what": f"{design}: driver writes / output bytes", "images": args.images,
+                 "seconds": f"output {out_bytes / 1e6:.1f} MB",
+                 "images/s per core": f"write_bytes {io_full['write_bytes'] / out_bytes:.2%}",
+                 "vs loop": f"wchar {io_full['wchar'] / out_bytes:.2%}"})
+    return rows
+
+
+def busy_rows(tmp: Path, args: argparse.Namespace) -> list[dict]:
+    """The busy-fraction rows: a cluster with one "accelerator" (a custom resource) and a CPU for
+    the actor holding it on top of the machine's cores, which the read and write stages share."""
+    import ray
+
+    rows = []
+    ray.init(num_cpus=(os.cpu_count() or 1) + 1, resources={"accelerator": 1}, include_dashboard=False,
+             log_to_driver=False, logging_level="ERROR")
+    try:
+        for size in args.busy_sizes.split(","):
+            w, h = (int(x) for x in size.split("x"))
+            rows.append(busy_fraction(tmp / f"busy-{size}", args.busy_images, (w, h), args.hold_ms / 1e3))
+    finally:
+        ray.shutdown()
+    return rows
+
+
 def _rate(runs: list[tuple[int, float, float]]) -> tuple[float, float]:
     """(images/s wall of the least disturbed run, images per CPU-second over all runs)."""
     return max(n / wall for n, wall, _ in runs), sum(n for n, _, _ in runs) / sum(cpu for _, _, cpu in runs)
@@ -277,12 +440,22 @@ def main() -> None:
     ap.add_argument("--rss-small", type=int, default=10_000)
     ap.add_argument("--rss-large", type=int, default=200_000)
     ap.add_argument("--catalog-rows", default="1000000,4000000", help="comma-separated sizes; empty: skip")
+    ap.add_argument("--busy-images", type=int, default=1000, help="photos per busy-fraction job; 0: skip")
+    ap.add_argument("--busy-sizes", default="320x240,1024x768", help="photo sizes of the busy-fraction jobs")
+    ap.add_argument("--hold-ms", type=float, default=20.0, help="the stand-in model's time per image")
+    ap.add_argument("--busy-only", action="store_true", help="only the busy-fraction rows")
+    ap.add_argument("--designs", default="plan-rows", help=f"comma-separated, of {', '.join(DESIGNS)}")
     args = ap.parse_args()
     os.environ.setdefault("BLIP3_NO_PROGRESS", "1")
     rows: list[dict] = []
     load = [os.getloadavg()[0]]
     with tempfile.TemporaryDirectory(prefix="bench-datagen-") as d:
         tmp = Path(d)
+        if args.busy_images:
+            rows += busy_rows(tmp, args)
+            if args.busy_only:
+                report("datagen-busy", rows, f"model stage busy (load average {load[0]:.1f} before)")
+                return
         folder = tmp / "images"
         coco = make_images(folder, args.images)
         # the single-process figures before and after the pipeline: the machine may be shared
@@ -294,16 +467,24 @@ def main() -> None:
         from blip3.core.ray_session import ray_session
 
         half = args.images // 2
-        pairs: list[tuple[PipelineRun, PipelineRun]] = []
-        with ray_session(num_cpus=args.workers):
-            # A first job takes the workers Ray started with the cluster; every later job starts its
-            # own: run one, untimed, so the measured jobs all pay the same fixed cost.
-            pipeline_run(folder, coco, tmp / "p-warm", args.workers, SHARD_SIZE * args.workers)
-            for r in range(args.repeat):
-                wait_for_actor_exit("ray::ShardWorker")
-                p_half = pipeline_run(folder, coco, tmp / f"p-half-{r}", args.workers, half)
-                wait_for_actor_exit("ray::ShardWorker")
-                pairs.append((p_half, pipeline_run(folder, coco, tmp / f"p-full-{r}", args.workers, args.images)))
+        designs = args.designs.split(",")
+        runs: dict[str, list[tuple[PipelineRun, PipelineRun]]] = {d: [] for d in designs}
+        from blip3.datagen.pipeline import JobOptions, _local_cpus
+
+        # the cluster a local job starts: the machine's cores for the read and write stages, plus
+        # one per annotation actor
+        with ray_session(num_cpus=_local_cpus(JobOptions(workers=args.workers))):
+            for design in designs:
+                # A first job takes the workers Ray started with the cluster; every later job starts
+                # its own: run one, untimed, so the measured jobs all pay the same fixed cost.
+                pipeline_run(folder, coco, tmp / f"{design}-warm", args.workers, SHARD_SIZE * args.workers, design)
+            for r in range(args.repeat):  # the designs in turn, so the machine's load falls on each alike
+                for design in designs:
+                    wait_for_actor_exit("ray::MapWorker")
+                    p_half = pipeline_run(folder, coco, tmp / f"{design}-half-{r}", args.workers, half, design)
+                    wait_for_actor_exit("ray::MapWorker")
+                    runs[design].append((p_half, pipeline_run(folder, coco, tmp / f"{design}-full-{r}", args.workers,
+                                                              args.images, design)))
             assert ray.is_initialized()
         loops.append(plain_loop(folder, coco, tmp / "loop-2"))
         inproc.append(worker_path(folder, coco, tmp / "inproc-2"))
@@ -319,29 +500,8 @@ def main() -> None:
                      "images/s per core": f"{in_wall:.0f} wall, {in_cpu:.0f} CPU",
                      "vs loop": f"{in_wall / loop_wall:.2f}x wall, {in_cpu / loop_cpu:.2f}x CPU"})
         extra = args.images - half
-        ratios = []
-        for r, (p_half, p_full) in enumerate(pairs):
-            per_core = extra / (p_full.wall - p_half.wall) / args.workers
-            per_cpu = extra / (p_full.cpu_s - p_half.cpu_s)
-            ratios.append(per_cpu / loop_cpu)
-            split = ", ".join(f"{k} {(p_full.cpu[k] - p_half.cpu[k]) / extra * 1e3:.3f}" for k in p_full.cpu)
-            rows.append({"what": f"pipeline, {args.workers} workers (marginal), run {r + 1}; CPU ms/image: {split}",
-                         "images": f"{half}->{args.images}",
-                         "seconds": f"{p_half.wall:.1f}/{p_full.wall:.1f} wall, {p_half.cpu_s:.1f}/{p_full.cpu_s:.1f} CPU",
-                         "images/s per core": f"{per_core:.0f} wall, {per_cpu:.0f} CPU",
-                         "vs loop": f"{per_core / loop_wall:.2f}x wall, {per_cpu / loop_cpu:.2f}x CPU"})
-        ratios.sort()
-        pooled = extra * len(pairs) / sum(f.cpu_s - h.cpu_s for h, f in pairs)
-        rows.append({"what": "pipeline marginal vs loop, all runs pooled (CPU)", "images": f"{len(ratios)} runs",
-                     "seconds": f"loop {1e3 / loop_cpu:.3f} CPU ms/image",
-                     "images/s per core": f"{pooled:.0f} CPU", "vs loop": f"{pooled / loop_cpu:.2f}x CPU (median "
-                     f"{statistics.median(ratios):.2f}x, runs {ratios[0]:.2f}-{ratios[-1]:.2f}x)"})
-        out_bytes = folder_bytes(tmp / "p-full-0")
-        io_full = pairs[0][1].io
-        rows.append({"what": "driver writes / output bytes", "images": args.images,
-                     "seconds": f"output {out_bytes / 1e6:.1f} MB",
-                     "images/s per core": f"write_bytes {io_full['write_bytes'] / out_bytes:.2%}",
-                     "vs loop": f"wchar {io_full['wchar'] / out_bytes:.2%}"})
+        for design, pairs in runs.items():
+            rows += pair_rows(design, pairs, extra, half, args, loop_wall, loop_cpu, tmp)
         (small, _), (large, plan_rate) = planning_rss(tmp, args.rss_small), planning_rss(tmp, args.rss_large)
         rows.append({"what": "driver peak RSS, planning (MB)", "images": f"{args.rss_small:,} / {args.rss_large:,}",
                      "seconds": f"counted + planned in one process: {plan_rate:,.0f} refs/CPU-s",

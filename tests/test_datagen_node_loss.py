@@ -79,7 +79,8 @@ def test_node_lost_mid_job_finishes_with_the_bytes_of_a_clean_run(tmp_path, monk
     marker, out = tmp_path / "stalled-on", tmp_path / "out"
     cluster = Cluster(initialize_head=True, connect=False, head_node_args={"num_cpus": 1})
     try:
-        doomed = cluster.add_node(num_cpus=1)
+        # two CPUs a node: the annotation pool (2 actors) leaves the read and write tasks a CPU
+        doomed = cluster.add_node(num_cpus=2)
         cluster.wait_for_nodes()
         job = subprocess.Popen([sys.executable, "-c", _JOB, str(src), str(out), cluster.address,
                                 cluster.head_node.node_id, str(marker)],
@@ -87,7 +88,7 @@ def test_node_lost_mid_job_finishes_with_the_bytes_of_a_clean_run(tmp_path, monk
         try:
             _wait_for(marker, job, 240)
             assert marker.read_text() == doomed.node_id
-            cluster.add_node(num_cpus=1)  # the replacement the restarted actor moves to
+            cluster.add_node(num_cpus=2)  # the replacement the restarted actor moves to
             cluster.remove_node(doomed, allow_graceful=False)
             stdout, stderr = job.communicate(timeout=400)
         finally:
