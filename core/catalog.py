@@ -15,6 +15,9 @@ Tables (columns documented in README "The catalog"):
 - `runs`      training runs recorded by `blip3 train` (stage, manifest, steps, tokens, loss, ckpt)
 - `evals`     benchmark results recorded by `blip3 eval`: one row per (checkpoint, task, shots,
               metric), with the run that trained the checkpoint and its per-sample predictions
+- `sample_scores`   per-sample quality scores, one row per (shard, key, score name), with the
+              sha256 of the shard they were read from (`blip3 recaption`; views `v_sample_scores`,
+              `v_recaption_quality`, `v_entity_survival`)
 
 Adding is idempotent: a shard already catalogued with the same sha256 is skipped, so adding the
 same folder twice leaves the row counts unchanged. Shards are added in batches (REGISTER_BATCH):
@@ -93,6 +96,15 @@ SCHEMA = [
     # Re-registering a shard deletes its rows by `shard`: with this index that costs the same at
     # 1M and 10M rows (a full scan without it), for about twice the bulk insert time.
     "CREATE INDEX IF NOT EXISTS samples_by_shard ON samples (shard)",
+    """CREATE TABLE IF NOT EXISTS sample_scores (
+        source VARCHAR NOT NULL,
+        shard VARCHAR NOT NULL,
+        shard_sha256 VARCHAR NOT NULL,
+        key VARCHAR NOT NULL,
+        name VARCHAR NOT NULL,
+        value DOUBLE
+    )""",
+    "CREATE INDEX IF NOT EXISTS sample_scores_by_shard ON sample_scores (shard)",
     """CREATE TABLE IF NOT EXISTS mixtures (
         name VARCHAR PRIMARY KEY,
         manifest_path VARCHAR,
@@ -551,6 +563,27 @@ class Catalog:
                WHERE name = $n""",
             {"n": name, "now": _now()},
         )
+
+    # -- per-sample scores ---------------------------------------------------------------------
+    def scored_shards(self, source: str) -> dict[str, str]:
+        """{shard path: sha256 of the tar its scores were read from} of a source."""
+        return dict(self.con.execute(
+            "SELECT DISTINCT shard, shard_sha256 FROM sample_scores WHERE source = ?", [source]).fetchall())
+
+    def replace_scores(self, source: str, shard: str, sha256: str, rows: list[tuple[str, str, float]]) -> None:
+        """The scores of one shard, `(key, name, value)` each, in place of those it had."""
+        with transaction(self.con):
+            self.con.execute("DELETE FROM sample_scores WHERE shard = ?", [shard])
+            if rows:  # one INSERT ... SELECT over an Arrow table: executemany costs a statement per row
+                keys, names, values = zip(*rows)
+                table = pa.table({"key": pa.array(keys, pa.string()), "name": pa.array(names, pa.string()),
+                                  "value": pa.array(values, pa.float64())})
+                self.con.register("_scores", table)
+                try:
+                    self.con.execute("INSERT INTO sample_scores (source, shard, shard_sha256, key, name, value) "
+                                     "SELECT ?, ?, ?, key, name, value FROM _scores", [source, shard, sha256])
+                finally:
+                    self.con.unregister("_scores")
 
     # -- mixtures ------------------------------------------------------------------------------
     def record_mixture(self, manifest: Any, spec: dict[str, Any]) -> None:
