@@ -16,7 +16,8 @@ in the catalog's `sample_scores` table (views `v_recaption_quality`, `v_entity_s
 
 Named entities, by string matching (no NER model, so the rate is cheap and reproducible): the
 maximal runs of capitalised words or words holding a digit (`Eiffel Tower`, `iPhone 15`, `2019`),
-with a leading common word (`A`, `The`, `Photo`, ...) dropped. An entity survives when the final
+with a leading common word (`A`, `The`, `Photo`, ...) dropped; a year (1800-2099) is an entity of
+its own (`Paris 2019` is `Paris` and `2019`). An entity survives when the final
 caption contains it as whole words, ignoring case.
 """
 
@@ -34,6 +35,7 @@ COMMON_WORDS = frozenset("""
 a an the this that these those it its in on at of for with and or to from by my our your his her their
 photo photograph picture image images stock illustration vector close closeup view free new best top
 """.split())
+_YEAR = re.compile(r"(1[89]|20)\d\d")
 _WORD = re.compile(r"[\w'’&.-]+", re.UNICODE)
 
 
@@ -60,17 +62,22 @@ def named_entities(text: str) -> list[str]:
     for sentence in re.split(r"[.!?;:|,()\[\]\"“”]+", text):
         run: list[str] = []
         for w in [*words(sentence), ""]:
-            if w and _is_entity_word(w):
+            year = _YEAR.fullmatch(w) is not None
+            if w and _is_entity_word(w) and not year:
                 run.append(w)
                 continue
-            while run and run[0].lower() in COMMON_WORDS:
-                run.pop(0)
-            if run:
-                entity = " ".join(run)
-                if entity.lower() not in (e.lower() for e in found):
+            for entity in (_trimmed(run), w if year else ""):
+                if entity and entity.lower() not in (e.lower() for e in found):
                     found.append(entity)
             run = []
     return found
+
+
+def _trimmed(run: list[str]) -> str:
+    """A run of entity words without its leading common words (`The`, `Photo`, ...)."""
+    while run and run[0].lower() in COMMON_WORDS:
+        run = run[1:]
+    return " ".join(run)
 
 
 def mentions(text: str, entity: str) -> bool:

@@ -19,7 +19,7 @@ from PIL import Image, ImageDraw
 LLAVA_TEMPLATE = (
     "{% for message in messages %}{{ message['role'] }}: "
     "{% for c in message['content'] %}{% if c['type'] == 'image' %}<image>\n{% else %}{{ c['text'] }}{% endif %}"
-    "{% endfor %}\n{% endfor %}{% if add_generation_prompt %}assistant:{% endif %}"
+    "{% endfor %}{{ '\\n' }}{% endfor %}{% if add_generation_prompt %}assistant:{% endif %}"
 )
 ALT_TEXTS = {
     0: "Eiffel Tower at night, Paris",
