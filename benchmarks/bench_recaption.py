@@ -18,7 +18,9 @@ Rows:
 - `vs bare`: the bare loop's CPU seconds over the stage's, bare and stage run alternately three
   times in one process and the medians compared (>= 0.9 means the stage costs at most 11% more);
   on a GPU the ratio is of wall seconds (the GPU does the work);
-- the batching curve: stage images/s at batch 1, 2, 4, ... up to `--max-batch`;
+- the batching curve: stage images/s at batch 1, 2, 4, ... up to `--max-batch`, each on
+  min(N, max(8 x batch, 16)) images (the rate is what is measured; batch 1 on N images would
+  take long on a GPU at a real size);
 - tokens/s counts the tokens generated (the models are random: they rarely stop before
   `--max-new-tokens`, so this is the engine's rate at that length).
 """
@@ -218,9 +220,10 @@ def main() -> None:
                      "images/s": n / key(both), "tokens/s": (tokens + merged * m) / key(both), "vs bare": 0.0})
         batch = 1
         while batch <= max_batch:
-            clock, _ = stage(vlm_dir, None, images, samples, batch, m, args.device, args.backend)
-            rows.append({"run": f"curve: VLM stage, batch {batch}", "images": n, f"{unit} s": key(clock),
-                         "images/s": n / key(clock), "tokens/s": n * m / key(clock), "vs bare": 0.0})
+            k = min(n, max(8 * batch, 16))  # small batches on fewer images: the rate, not the total, is measured
+            clock, _ = stage(vlm_dir, None, images[:k], samples[:k], batch, m, args.device, args.backend)
+            rows.append({"run": f"curve: VLM stage, batch {batch}", "images": k, f"{unit} s": key(clock),
+                         "images/s": k / key(clock), "tokens/s": k * m / key(clock), "vs bare": 0.0})
             batch *= 2
     name = torch.cuda.get_device_name() if gpu else "cpu x1 thread"
     extra = f", peak GPU {torch.cuda.max_memory_allocated() / 2**30:.1f} GiB" if gpu else f", peak RSS {peak_rss_mb():.0f} MB"
