@@ -217,3 +217,25 @@ def test_repetition_and_refusals():
     assert repetition("one two three four five") == 0.0 and repetition("one two") == 0.0
     assert is_refusal("  I'm sorry, but I can't describe people.") and is_refusal("As an AI model ...")
     assert not is_refusal("A sorry-looking dog.")
+
+
+def test_blip3_model_batches_are_left_padded(tmp_path):
+    """Our own model directory with any-res crops: images of other shapes give prompts of other
+    lengths, so a batch is padded; greedy captions must not depend on it."""
+    from blip3.model.config import get_config
+    from blip3.model.processor import XGenMMProcessor
+    from tests.model_fixtures import build_tiny_model, noise_image
+
+    cfg = get_config("tiny")
+    build_tiny_model(cfg, seed=3).save_pretrained(tmp_path / "m")
+    XGenMMProcessor.from_config(cfg, anyres=True).save_pretrained(tmp_path / "m")
+    sizes = [(32, 32), (96, 32), (32, 96), (64, 64), (40, 90)]
+    images = [noise_image(w, h, seed=i) for i, (w, h) in enumerate(sizes)]
+    samples = [InputSample(key=f"k{i}", image=b"", ext="png") for i in range(len(images))]
+    single = _annotator(tmp_path / "m", None, GenerationSettings(max_new_tokens=5, batch_size=1), use_llm=False)
+    batched = _annotator(tmp_path / "m", None, GenerationSettings(max_new_tokens=5, batch_size=5), use_llm=False)
+    assert single.vision.ref.kind == "blip3" and single.generator_info()["vlm"]["format"] == "caption"
+    lengths = {len(single.vision._encode(im, None).input_ids) for im in images}
+    assert len(lengths) > 1  # the batch really is padded
+    expected = [_outcome(single.annotate(im, s)) for im, s in zip(images, samples)]
+    assert [_outcome(r) for r in batched.annotate_batch(images, samples)] == expected
