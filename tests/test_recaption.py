@@ -239,3 +239,12 @@ def test_blip3_model_batches_are_left_padded(tmp_path):
     assert len(lengths) > 1  # the batch really is padded
     expected = [_outcome(single.annotate(im, s)) for im, s in zip(images, samples)]
     assert [_outcome(r) for r in batched.annotate_batch(images, samples)] == expected
+
+
+def test_a_mixture_can_train_on_the_dense_caption():
+    from blip3.mixture.caption_choice import chosen_caption, validate_caption_choice
+
+    record = {"captions": [{"text": "dense words", "style": "dense", "model": "v"},
+                           {"text": "merged words", "style": "knowledge", "model": "l"}]}
+    for style, text in (("dense", "dense words"), ("knowledge", "merged words")):
+        assert chosen_caption(record, validate_caption_choice({"style": style}, field="caption"), key="k") == text
