@@ -114,7 +114,7 @@ class TreeMonitor:
 
 
 def wait_for_actor_exit(title: str, timeout: float = 20.0) -> None:
-    """Wait until no process of this tree has `title` (e.g. `ray::ShardWorker`) in its command line:
+    """Wait until no process of this tree has `title` (e.g. `ray::MapWorker`, an actor of a Ray Data stage) in its command line:
     a job's killed actors take a moment to exit, and their exit must not be counted in the next
     measured job (each job pays its own actors' start and exit, the same in every run)."""
     deadline = time.monotonic() + timeout

@@ -59,6 +59,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks._common import TreeMonitor, report, wait_for_actor_exit  # noqa: E402
+from blip3.datagen.annotator import Annotation, AnnotatorConfig  # noqa: E402
 
 SHARD_SIZE = 100  # small enough that every worker has shards at a few thousand images
 
@@ -177,8 +178,9 @@ class PipelineRun:
 def _role(pid: int, cmdline: str) -> str:
     if pid == os.getpid():
         return "driver"
-    return "workers" if "ray::ShardWorker" in cmdline or "ray::IDLE" in cmdline or "default_worker" in cmdline \
-        else "ray daemons"
+    # Ray Data's tasks and actors (`ray::MapWorker(...)`, `ray::ReadBinary`, idle pool workers) are
+    # worker processes; the rest of the tree (raylet, GCS, agents, log monitor) is Ray's daemons
+    return "workers" if cmdline.startswith("ray::") or "default_worker" in cmdline else "ray daemons"
 
 
 def pipeline_run(folder: Path, coco: Path, out: Path, workers: int, limit: int) -> PipelineRun:
@@ -264,6 +266,105 @@ def catalog_scale(tmp: Path, sizes: list[int]) -> list[dict]:
     return rows
 
 
+# -- the model stage's busy fraction, without an accelerator --------------------------------
+@dataclass(frozen=True)
+class HoldAccelerator(AnnotatorConfig):
+    """A stand-in for a model on an accelerator: each image holds the stage for `hold_s` seconds (a
+    sleep, so no core is used, as a GPU kernel uses none) and logs when, to `log_dir`. The images
+    around it are really read, decoded and written, so the busy fraction says whether the CPU work
+    keeps the "accelerator" fed."""
+
+    hold_s: float = 0.02
+    log_dir: str = ""
+
+    def __call__(self) -> "_Holding":
+        return _Holding(self)
+
+
+class _Holding:
+    name = "hold"
+
+    def __init__(self, config: HoldAccelerator):
+        self.config = config
+
+    def load(self) -> None:
+        pass
+
+    def generator_info(self) -> dict:
+        return {"engine": "hold", "hold_s": self.config.hold_s}
+
+    def annotate(self, image, sample):
+        start = time.time()
+        time.sleep(self.config.hold_s)
+        end = time.time()
+        with open(Path(self.config.log_dir) / f"{os.getpid()}.log", "a") as f:
+            f.write(f"{start} {end}\n")
+        text = f"an image of {image.width}x{image.height}"
+        return Annotation(text, [{"text": text}], {})
+
+
+def make_photos(folder: Path, n: int, size: tuple[int, int]) -> None:
+    """n JPEGs of `size` with noise, so decoding them costs what a photo's decode costs."""
+    import numpy as np
+    from PIL import Image
+
+    folder.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    base = rng.integers(0, 255, (size[1] // 8, size[0] // 8, 3), dtype=np.uint8)
+    for i in range(n):
+        small = np.roll(base, i, axis=1)
+        img = Image.fromarray(small).resize(size, Image.BILINEAR)
+        img.save(folder / f"photo{i:06d}.jpg", quality=90)
+
+
+def _busy(log_dir: Path, wall: float) -> tuple[float, float, int]:
+    """(busy / wall of the whole job, busy / the window from the first hold to the last, holds)."""
+    spans = sorted(tuple(map(float, line.split())) for p in log_dir.glob("*.log") for line in p.read_text().splitlines())
+    held = sum(e - s for s, e in spans)
+    window = spans[-1][1] - spans[0][0]
+    return held / wall, held / window, len(spans)
+
+
+def busy_fraction(tmp: Path, n: int, size: tuple[int, int], hold_s: float, design: str = "staged") -> dict:
+    """Run one job of `n` photos with the stand-in model on the one "accelerator" of the cluster
+    (a custom resource), return its row. Ray must be up, with `{"accelerator": 1}`."""
+    from blip3.datagen.pipeline import JobOptions, run_job
+
+    folder = tmp / f"photos-{size[0]}x{size[1]}-{n}"
+    if not folder.exists():
+        make_photos(folder, n, size)
+    log_dir = tmp / f"busy-{design}"
+    log_dir.mkdir()
+    config = HoldAccelerator(hold_s, str(log_dir))
+    t = time.perf_counter()
+    run_job(folder, tmp / f"busy-out-{design}", config, JobOptions(workers=1, shard_size=SHARD_SIZE, register=False,
+                                                                   resources={"accelerator": 1}))
+    wall = time.perf_counter() - t
+    of_job, of_window, holds = _busy(log_dir, wall)
+    assert holds == n, holds
+    return {"what": f"model stage busy ({hold_s * 1e3:.0f} ms hold per image)",
+            "images": f"{n} of {size[0]}x{size[1]}", "seconds": f"{wall:.1f} wall",
+            "images/s per core": f"{n / wall:.1f} images/s (ideal {1 / hold_s:.0f})",
+            "vs loop": f"busy {of_window:.0%} of the stage's window, {of_job:.0%} of the job"}
+
+
+def busy_rows(tmp: Path, args: argparse.Namespace) -> list[dict]:
+    """The busy-fraction rows: a cluster with one "accelerator" (a custom resource) and a CPU for
+    the actor holding it on top of the machine's cores, which the read and write stages share."""
+    import ray
+
+    rows = []
+    ray.init(num_cpus=(os.cpu_count() or 1) + 1, resources={"accelerator": 1}, include_dashboard=False,
+             log_to_driver=False, logging_level="ERROR")
+    try:
+        for size in args.busy_sizes.split(","):
+            w, h = (int(x) for x in size.split("x"))
+            rows.append(busy_fraction(tmp / f"busy-{size}", args.busy_images, (w, h), args.hold_ms / 1e3))
+    finally:
+        ray.shutdown()
+    return rows
+
+
 def _rate(runs: list[tuple[int, float, float]]) -> tuple[float, float]:
     """(images/s wall of the least disturbed run, images per CPU-second over all runs)."""
     return max(n / wall for n, wall, _ in runs), sum(n for n, _, _ in runs) / sum(cpu for _, _, cpu in runs)
@@ -277,12 +378,21 @@ def main() -> None:
     ap.add_argument("--rss-small", type=int, default=10_000)
     ap.add_argument("--rss-large", type=int, default=200_000)
     ap.add_argument("--catalog-rows", default="1000000,4000000", help="comma-separated sizes; empty: skip")
+    ap.add_argument("--busy-images", type=int, default=1000, help="photos per busy-fraction job; 0: skip")
+    ap.add_argument("--busy-sizes", default="320x240,1024x768", help="photo sizes of the busy-fraction jobs")
+    ap.add_argument("--hold-ms", type=float, default=20.0, help="the stand-in model's time per image")
+    ap.add_argument("--busy-only", action="store_true", help="only the busy-fraction rows")
     args = ap.parse_args()
     os.environ.setdefault("BLIP3_NO_PROGRESS", "1")
     rows: list[dict] = []
     load = [os.getloadavg()[0]]
     with tempfile.TemporaryDirectory(prefix="bench-datagen-") as d:
         tmp = Path(d)
+        if args.busy_images:
+            rows += busy_rows(tmp, args)
+            if args.busy_only:
+                report("datagen-busy", rows, f"model stage busy (load average {load[0]:.1f} before)")
+                return
         folder = tmp / "images"
         coco = make_images(folder, args.images)
         # the single-process figures before and after the pipeline: the machine may be shared
@@ -295,14 +405,18 @@ def main() -> None:
 
         half = args.images // 2
         pairs: list[tuple[PipelineRun, PipelineRun]] = []
-        with ray_session(num_cpus=args.workers):
+        from blip3.datagen.pipeline import JobOptions, _local_cpus
+
+        # the cluster a local job starts: the machine's cores for the read and write stages, plus
+        # one per annotation actor
+        with ray_session(num_cpus=_local_cpus(JobOptions(workers=args.workers))):
             # A first job takes the workers Ray started with the cluster; every later job starts its
             # own: run one, untimed, so the measured jobs all pay the same fixed cost.
             pipeline_run(folder, coco, tmp / "p-warm", args.workers, SHARD_SIZE * args.workers)
             for r in range(args.repeat):
-                wait_for_actor_exit("ray::ShardWorker")
+                wait_for_actor_exit("ray::MapWorker")
                 p_half = pipeline_run(folder, coco, tmp / f"p-half-{r}", args.workers, half)
-                wait_for_actor_exit("ray::ShardWorker")
+                wait_for_actor_exit("ray::MapWorker")
                 pairs.append((p_half, pipeline_run(folder, coco, tmp / f"p-full-{r}", args.workers, args.images)))
             assert ray.is_initialized()
         loops.append(plain_loop(folder, coco, tmp / "loop-2"))

@@ -230,7 +230,7 @@ def main() -> None:
         runs = {}
         for name, folder, w in (("1_half", half, 1), ("1", src, 1), ("2", src, 2)):
             n = len(list(folder.iterdir()))
-            wait_for_actor_exit("ray::ShardWorker")
+            wait_for_actor_exit("ray::MapWorker")
             with TreeMonitor(interval=0.05) as mem:
                 wall = pipeline(folder, tmp / f"out{name}", w, tmp / "catalog.duckdb")
             runs[name] = {"images": n, "wall_s": round(wall, 2), "images_per_s": round(n / wall, 2),

@@ -37,6 +37,8 @@ def ray_session(address: str | None = None, num_cpus: int | None = None) -> Iter
     logging.getLogger("ray._private.authentication.authentication_token_setup").setLevel(logging.ERROR)
     kwargs: dict[str, Any] = dict(include_dashboard=False, log_to_driver=False, logging_level=logging.WARNING)
     address = address or os.environ.get("RAY_ADDRESS") or None
+    if address:
+        check_reachable(address)
     try:
         if address:
             ray.init(address=address, **kwargs)
@@ -52,6 +54,31 @@ def ray_session(address: str | None = None, num_cpus: int | None = None) -> Iter
         ray.shutdown()
         if session_dir:
             shutil.rmtree(session_dir, ignore_errors=True)
+
+
+#: Seconds to wait for a named cluster's address to answer: Ray itself retries a dead address
+#: for minutes before it gives up.
+CONNECT_TIMEOUT_S = 10.0
+
+
+def check_reachable(address: str | None) -> None:
+    """One line, within CONNECT_TIMEOUT_S, when a `HOST:PORT` address does not answer (`auto` and
+    `ray://` client addresses are left to Ray); a job calls it before any work (None: nothing named)."""
+    import socket
+
+    address = address or os.environ.get("RAY_ADDRESS") or None
+    if address is None:
+        return
+
+    host, sep, port = address.rpartition(":")
+    if not sep or "://" in address or not port.isdigit():
+        return
+    try:
+        socket.create_connection((host.strip("[]") or "127.0.0.1", int(port)), timeout=CONNECT_TIMEOUT_S).close()
+    except OSError as e:
+        reason = "no answer" if isinstance(e, TimeoutError) else (e.strerror or type(e).__name__).lower()
+        raise UserError(f"cannot connect to Ray at {address}: {reason} (is `ray start --head` running there?)",
+                        field="--ray-address") from None
 
 
 def _session_dir() -> str | None:

@@ -8,8 +8,10 @@ from typing import Literal, Optional
 import typer
 
 from blip3.core.options import DbOption, StorageOptions, InputFormat, out_option, output_path
-from blip3.datagen.cli_options import (EncodeQualityOption, ImageFormat, ImageFormatOption, ShardNameWidthOption,
-                                       job_options)
+from blip3.datagen.cli_options import (DownloadRetriesOption, DownloadThreadsOption, DownloadTimeoutOption,
+                                       EncodeQualityOption, GpusPerWorkerOption, ImageFormat, ImageFormatOption,
+                                       InputFormatOption, LimitOption, OverwriteOption, RayAddressOption,
+                                       ShardNameWidthOption, ShardSizeOption, SourceOption, WorkersOption, job_options)
 from blip3.datagen.detectors import DetectionLimits
 
 _LIMITS = DetectionLimits()  # the options' defaults are the library's
@@ -45,22 +47,21 @@ def ground(
         None, "--caption-style", help="Style of the .txt caption (default inline when a caption exists)."),
     tag_order: Literal["detector", "reading"] = typer.Option("detector", "--tag-order", help="Tag-list order: detector (the paper's form: "
                                   "detector order, no final period) | reading (by position, ending in a period)"),
-    input_format: Optional[InputFormat] = typer.Option(None, "--input-format", help="Force the input kind (else detected)."),
-    workers: int = typer.Option(2, "--workers", help="Detector actors (one model each)."),
-    gpus_per_worker: float = typer.Option(0.0, "--gpus-per-worker", help="GPU share per actor on a GPU cluster."),
-    ray_address: Optional[str] = typer.Option(None, "--ray-address", help="Join this Ray cluster (else local Ray)."),
-    shard_size: int = typer.Option(1000, "--shard-size", help="Samples per shard."),
+    input_format: Optional[InputFormat] = InputFormatOption,
+    workers: int = WorkersOption,
+    gpus_per_worker: float = GpusPerWorkerOption,
+    ray_address: Optional[str] = RayAddressOption,
+    shard_size: int = ShardSizeOption,
     image_format: ImageFormat = ImageFormatOption,
     encode_quality: int = EncodeQualityOption,
     shard_name_width: int = ShardNameWidthOption,
-    limit: Optional[int] = typer.Option(None, "--limit", help="Only the first N input samples."),
-    overwrite: bool = typer.Option(False, "--overwrite", help="Redo all shards (default: skip finished ones)."),
-    source: Optional[str] = typer.Option(None, "--source", help="Catalog source name (default: output folder name)."),
+    limit: Optional[int] = LimitOption,
+    overwrite: bool = OverwriteOption,
+    source: Optional[str] = SourceOption,
     db: Path = DbOption,
-    download_threads: int = typer.Option(16, "--download-threads", help="URL inputs: concurrent downloads per shard task."),
-    download_timeout: int = typer.Option(10, "--download-timeout", help="URL inputs: seconds per request."),
-    download_retries: int = typer.Option(2, "--download-retries",
-                                         help="URL inputs: further attempts after a failed request."),
+    download_threads: int = DownloadThreadsOption,
+    download_timeout: int = DownloadTimeoutOption,
+    download_retries: int = DownloadRetriesOption,
     storage_options: Optional[str] = StorageOptions,
 ) -> None:
     """Detect objects and write BLIP3-GROUNDING caption shards (positional, textual, bbox)."""

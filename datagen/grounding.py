@@ -41,7 +41,23 @@ from blip3.datagen.inputs import InputSample
 if TYPE_CHECKING:
     from blip3.datagen.pipeline import JobOptions
 
-DETECTORS = ("grounding-dino", "groundingdino-py", "annotations")
+def _hf_grounding_dino(c: "GroundingConfig") -> Any:
+    from blip3.datagen.detectors_gdino import HFGroundingDino
+
+    return HFGroundingDino(c.model_dir, c.device)  # type: ignore[arg-type]
+
+
+def _groundingdino_py(c: "GroundingConfig") -> Any:
+    from blip3.datagen.detectors_gdino import GroundingDinoPy
+
+    return GroundingDinoPy(c.gdino_config, c.model_dir, c.device)  # type: ignore[arg-type]
+
+
+#: The detector models, by the name `--detector` takes: each builds its (unloaded) detector from
+#: the config; the one table a new detector is added to. `annotations` (boxes read from a COCO/VG
+#: file, no model) is the other `--detector`.
+DETECTOR_MODELS = {"grounding-dino": _hf_grounding_dino, "groundingdino-py": _groundingdino_py}
+DETECTORS = (*DETECTOR_MODELS, "annotations")
 TAG_SOURCES = ("caption", "vocab", "clip")
 ENGINE_VERSION = "1"
 
@@ -176,14 +192,7 @@ class GroundingAnnotator:
 
             self._index = load_annotations(c.annotations, include_crowd=c.include_crowd)  # type: ignore[arg-type]
             return
-        if c.detector == "grounding-dino":
-            from blip3.datagen.detectors_gdino import HFGroundingDino
-
-            self._detector = HFGroundingDino(c.model_dir, c.device)  # type: ignore[arg-type]
-        else:
-            from blip3.datagen.detectors_gdino import GroundingDinoPy
-
-            self._detector = GroundingDinoPy(c.gdino_config, c.model_dir, c.device)  # type: ignore[arg-type]
+        self._detector = DETECTOR_MODELS[c.detector](c)
         self._detector.load()
         if c.tags == "clip":
             from blip3.datagen.tags_clip import ClipTagger

@@ -8,8 +8,10 @@ from typing import Literal, Optional
 import typer
 
 from blip3.core.options import DbOption, StorageOptions, InputFormat, out_option, output_path
-from blip3.datagen.cli_options import (EncodeQualityOption, ImageFormat, ImageFormatOption, ShardNameWidthOption,
-                                       job_options)
+from blip3.datagen.cli_options import (DownloadRetriesOption, DownloadThreadsOption, DownloadTimeoutOption,
+                                       EncodeQualityOption, GpusPerWorkerOption, ImageFormat, ImageFormatOption,
+                                       InputFormatOption, LimitOption, OverwriteOption, RayAddressOption,
+                                       ShardNameWidthOption, ShardSizeOption, SourceOption, WorkersOption, job_options)
 
 def register(app: typer.Typer, export: typer.Typer) -> None:
     """Add this engine's commands to the `blip3` app and its `export` group."""
@@ -24,30 +26,28 @@ def ocr(
     out: Optional[str] = out_option("output folder for the 00000.tar shards and their sidecars"),
     engine: Literal["rapidocr", "rapidocr-v4", "paddleocr"] = typer.Option("rapidocr", "--engine",
                                help="rapidocr (PP-OCRv6, default) | rapidocr-v4 (needs rapidocr_onnxruntime) | paddleocr"),
-    workers: int = typer.Option(2, "--workers", help="OCR actors (one engine each)."),
-    ray_address: Optional[str] = typer.Option(None, "--ray-address", help="Join this Ray cluster instead of a local one."),
+    workers: int = WorkersOption,
+    ray_address: Optional[str] = RayAddressOption,
     min_confidence: float = typer.Option(0.5, "--min-confidence", help="Drop OCR entries below this confidence."),
-    shard_size: int = typer.Option(1000, "--shard-size", help="Input samples per shard."),
+    shard_size: int = ShardSizeOption,
     image_format: ImageFormat = ImageFormatOption,
     encode_quality: int = EncodeQualityOption,
     shard_name_width: int = ShardNameWidthOption,
     default_granularity: int = typer.Option(4, "--default-granularity", help="Granularity (0-5) of <key>.txt."),
-    input_format: Optional[InputFormat] = typer.Option(None, "--input-format",
-                                               help="folder | webdataset | img2dataset | urls | blip3-ocr (default: detect)."),
-    overwrite: bool = typer.Option(False, "--overwrite", help="Redo every shard (default: skip finished ones)."),
+    input_format: Optional[InputFormat] = InputFormatOption,
+    overwrite: bool = OverwriteOption,
     db: Path = DbOption,
-    source: Optional[str] = typer.Option(None, "--source", help="Catalog source name (default: the output folder name)."),
+    source: Optional[str] = SourceOption,
     lead_in: str = typer.Option("The image contains", "--lead-in", help="Words before the OCR entries."),
     filler: str = typer.Option("the text", "--filler", help='Words before each entry ("" to strip, as the paper does).'),
     drop_empty: bool = typer.Option(False, "--drop-empty", help="Record images without text as failed (no_text) instead of keeping them."),
     paddle_det_dir: Optional[str] = typer.Option(None, "--paddle-det-dir", help="PaddleOCR detection model folder."),
     paddle_rec_dir: Optional[str] = typer.Option(None, "--paddle-rec-dir", help="PaddleOCR recognition model folder."),
-    limit: Optional[int] = typer.Option(None, "--limit", help="Only the first N input samples."),
-    gpus_per_worker: float = typer.Option(0.0, "--gpus-per-worker", help="GPUs per OCR actor (0: CPU)."),
-    download_threads: int = typer.Option(16, "--download-threads", help="URL inputs: concurrent downloads per shard task."),
-    download_timeout: int = typer.Option(10, "--download-timeout", help="URL inputs: seconds per request."),
-    download_retries: int = typer.Option(2, "--download-retries",
-                                         help="URL inputs: further attempts after a failed request."),
+    limit: Optional[int] = LimitOption,
+    gpus_per_worker: float = GpusPerWorkerOption,
+    download_threads: int = DownloadThreadsOption,
+    download_timeout: int = DownloadTimeoutOption,
+    download_retries: int = DownloadRetriesOption,
     storage_options: Optional[str] = StorageOptions,
 ) -> None:
     """OCR images into BLIP3-OCR caption shards (12 caption variants each) on Ray; resumable."""

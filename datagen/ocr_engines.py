@@ -34,7 +34,6 @@ from PIL import Image
 from blip3.core.errors import UserError
 from blip3.datagen.ocr_entries import RawText
 
-ENGINES = ("rapidocr", "rapidocr-v4", "paddleocr")
 DEFAULT_ENGINE = "rapidocr"
 PADDLE_ENV = {"det_dir": "BLIP3_PADDLEOCR_DET_DIR", "rec_dir": "BLIP3_PADDLEOCR_REC_DIR",
               "det_name": "BLIP3_PADDLEOCR_DET_NAME", "rec_name": "BLIP3_PADDLEOCR_REC_NAME"}
@@ -232,12 +231,12 @@ class PaddleOcrEngine:
                 "models": {"det": cfg["det_name"] or cfg["det_dir"], "rec": cfg["rec_name"] or cfg["rec_dir"]}}
 
 
+#: The OCR engines, by the name `--engine` takes: the one table a new engine is added to.
+ENGINES: dict[str, type] = {"rapidocr": RapidOcrEngine, "rapidocr-v4": RapidOcrV4Engine, "paddleocr": PaddleOcrEngine}
+
+
 def make_engine(name: str, **options: Any) -> OcrEngine:
     """Build an (unloaded) engine by name; options are the engine's dataclass fields."""
-    if name == "rapidocr":
-        return RapidOcrEngine(**options)
-    if name == "rapidocr-v4":
-        return RapidOcrV4Engine(**options)
-    if name == "paddleocr":
-        return PaddleOcrEngine(**options)
-    raise UserError(f"unknown OCR engine {name!r}; one of {', '.join(ENGINES)}", field="--engine")
+    if name not in ENGINES:
+        raise UserError(f"unknown OCR engine {name!r}; one of {', '.join(ENGINES)}", field="--engine")
+    return ENGINES[name](**options)

@@ -35,16 +35,17 @@ import hashlib
 import json
 import math
 import os
+import pickle
 import tempfile
 import time
-from collections import Counter, deque
+from collections import Counter
 from dataclasses import dataclass, field
 from itertools import chain, repeat
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterator, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator, Sequence
 
 from blip3.core.errors import UserError, describe_exception, environment_error
-from blip3.core.logs import get_logger, progress
+from blip3.core.logs import get_logger, progress, progress_enabled
 from blip3.core.shards import (
     SHARD_DIGITS,
     SampleRow,
@@ -57,9 +58,9 @@ from blip3.core.shards import (
     shard_paths,
 )
 from blip3.core.storage import RemoteDir, output_location, storage_environment
-from blip3.datagen.annotator import AnnotatorConfig, SkipSample
+from blip3.datagen.annotator import Annotation, AnnotatorConfig, SkipSample
 from blip3.datagen.fetch import DownloadOptions, fetch_in_order
-from blip3.datagen.images import ImageLimits, ImageOutput, ImageRejected, decode_image
+from blip3.datagen.images import DecodedImage, ImageLimits, ImageOutput, ImageRejected, decode_image
 from blip3.datagen.inputs import InputSample, SampleRef, TarCount, TarSource, check_output_outside_input, load_sample
 from blip3.datagen.plans import ShardPlan, TarCounter, count_tars_on_ray, job_plans
 
@@ -68,15 +69,6 @@ if TYPE_CHECKING:
 
 log = get_logger("datagen")
 DEFAULT_SHARD_SIZE = 1000
-#: Plans queued per actor: one running, one waiting, so an actor never idles between shards
-#: while the driver never holds more than 2 * workers shards of refs.
-IN_FLIGHT_PER_WORKER = 2
-#: Retries of a shard whose worker process died (the actor is restarted each time).
-SHARD_RETRIES = 3
-#: Sends of a shard whose actor could not be reached (its node lost), UNREACHABLE_WAIT_S apart:
-#: long enough for Ray to declare the node dead and restart the actor on another one.
-UNREACHABLE_RESENDS = 60
-UNREACHABLE_WAIT_S = 1.0
 
 @dataclass
 class JobResult:
@@ -95,72 +87,105 @@ class JobResult:
     generator: dict[str, Any] = field(default_factory=dict)
 
     def summary(self, skipped_as: str = "already done") -> str:
-        """One plain line for the engines' commands: shards, outcomes, failure reasons, time, source."""
+        """One plain line for the engines' commands: shards, outcomes, failures by reason, time and
+        throughput (images of the shards written per second of the whole job), source."""
         reasons = ", ".join(f"{k}: {v}" for k, v in self.failure_reasons.items())
+        rate = f" ({self.samples / self.duration_s:.1f} images/s)" if self.samples and self.duration_s > 0 else ""
         return (f"{self.shards_written} shard(s) written, {self.shards_skipped} {skipped_as}; "
-                f"{self.successes} ok, {self.failed} failed{f' ({reasons})' if reasons else ''}; {self.duration_s:.1f}s"
-                + (f"; catalog source {self.source}" if self.source else ""))
+                f"{self.successes} ok, {self.failed} failed{f' ({reasons})' if reasons else ''}; "
+                f"{self.duration_s:.1f}s{rate}" + (f"; catalog source {self.source}" if self.source else ""))
 
 
-# -- one sample, no Ray: read -> validate -> annotate -> pack ---------------------------------
+# -- one sample, no Ray: read -> decode + validate | annotate | record -----------------------------
 @dataclass
 class Processed:
-    """One sample's outcome: its sidecar row, and its tar members when it succeeded."""
+    """One sample on its way through the steps, and its outcome.
+
+    `row` is its sidecar row (failed, with the reason, as soon as a step fails). Between the steps it
+    carries what the next one needs: `sample` (the input's metadata, its bytes dropped once decoded)
+    and `decoded` (the upright RGB image and the bytes to store) after `decode_step`; `annotation`
+    after `annotate_step` (the pixels are dropped then: only the stored bytes travel on); `members`
+    (the tar members) after `record_step`."""
 
     row: SampleRow
     members: dict[str, bytes | str] | None = None
+    sample: InputSample | None = None
+    decoded: DecodedImage | None = None
+    annotation: Annotation | None = None
 
     @property
     def ok(self) -> bool:
-        return self.members is not None
+        return self.row.status != "failed"
+
+    def fail(self, error: str) -> "Processed":
+        self.row.status, self.row.error_message = "failed", error
+        self.sample = self.decoded = self.annotation = self.members = None
+        return self
 
 
-def process_ref(ref: SampleRef, annotator, limits: ImageLimits, generator: dict[str, Any] | None = None,
-                output: ImageOutput = ImageOutput(), sample: InputSample | None = None) -> Processed:
-    """Run one sample through the steps; a failure comes back as a row with its reason.
-
-    `generator` (the annotator's `generator_info()`, computed once per actor) goes into the record;
-    `output` says how the image member is stored; `sample` is the ref's sample when already loaded
-    (a URL fetched ahead, see `write_shard`).
-    """
-    row = SampleRow(key=ref.key, uid=ref.uid, url=ref.url, has_source_caption=bool(ref.source_caption))
-
-    def failed(error: str) -> Processed:
-        row.status, row.error_message = "failed", error
-        return Processed(row)
-
+def decode_step(ref: SampleRef, limits: ImageLimits, output: ImageOutput = ImageOutput(),
+                sample: InputSample | None = None) -> Processed:
+    """Read `ref` (or take its `sample`, already fetched), decode and validate it: CPU work, no model."""
+    item = Processed(SampleRow(key=ref.key, uid=ref.uid, url=ref.url, has_source_caption=bool(ref.source_caption)))
     if ref.error:
-        return failed(ref.error)
+        return item.fail(ref.error)
     try:
         sample = sample or load_sample(ref)
     except OSError as e:
-        return failed(f"read: {e}")
+        return item.fail(f"read: {e}")
     if sample.error:  # a URL that could not be fetched
-        return failed(sample.error)
+        return item.fail(sample.error)
+    return decode_sample(item, sample, limits, output)
+
+
+def decode_sample(item: Processed, sample: InputSample, limits: ImageLimits, output: ImageOutput) -> Processed:
+    """Decode the bytes of `sample` into `item` (the step's half that does not read)."""
     try:
         decoded = decode_image(sample.image, limits, output)
     except ImageRejected as e:
-        return failed(e.error)
+        return item.fail(e.error)
+    row = item.row
     row.original_width, row.original_height = decoded.orig_width, decoded.orig_height
     row.width, row.height = decoded.width, decoded.height
+    sample.image = b""  # the stored bytes are `decoded.data`; the input's need not travel on
+    item.sample, item.decoded = sample, decoded
+    return item
+
+
+def annotate_step(item: Processed, annotator) -> Processed:
+    """The model's step: annotate the decoded image; its pixels are dropped afterwards."""
+    if not item.ok:
+        return item
+    assert item.decoded is not None and item.sample is not None
     try:
-        ann = annotator.annotate(decoded.image, sample)
+        item.annotation = annotator.annotate(item.decoded.image, item.sample)
     except SkipSample as e:
-        return failed(e.error)
+        return item.fail(e.error)
     except Exception as e:  # an engine crash on one image must not stop the job; recorded with reason
-        return failed(f"annotate: {describe_exception(e)[:200]}")
+        return item.fail(f"annotate: {describe_exception(e)[:200]}")
+    item.decoded.image = None  # type: ignore[assignment]  # pixels stay in the model's stage
+    return item
+
+
+def record_step(item: Processed, generator: dict[str, Any]) -> Processed:
+    """Caption, record and sidecar row of an annotated sample: its tar members (`item.members`).
+    `generator` (the annotator's `generator_info()`) goes into the record."""
+    if not item.ok:
+        return item
+    row, sample, decoded, ann = item.row, item.sample, item.decoded, item.annotation
+    assert sample is not None and decoded is not None and ann is not None
     record: dict[str, Any] = {
-        "key": ref.key,
-        "uid": ref.uid,
-        "url": ref.url,
-        "width": decoded.width,
-        "height": decoded.height,
+        "key": row.key,
+        "uid": row.uid,
+        "url": row.url,
+        "width": row.width,
+        "height": row.height,
         "source_caption": sample.source_caption,
         **({"source_path": sample.meta["path"]} if "path" in sample.meta else {}),  # lineage of folder inputs
         "captions": ann.captions,
         "metadata": ann.metadata,
         **ann.record,
-        "generator": generator if generator is not None else annotator.generator_info(),
+        "generator": generator,
         "status": "success",
     }
     if decoded.conversions:
@@ -172,62 +197,70 @@ def process_ref(ref: SampleRef, annotator, limits: ImageLimits, generator: dict[
     row.n_captions = len(ann.captions)
     row.n_ocr, row.n_objects = ann.n_ocr, ann.n_objects
     row.mean_confidence = ann.mean_confidence
-    return Processed(row, {decoded.ext: decoded.data, "txt": ann.default_caption,
-                           "json": json.dumps(record, ensure_ascii=False)})
+    item.members = {decoded.ext: decoded.data, "txt": ann.default_caption,
+                    "json": json.dumps(record, ensure_ascii=False)}
+    item.sample = item.decoded = item.annotation = None
+    return item
+
+
+def process_ref(ref: SampleRef, annotator, limits: ImageLimits, generator: dict[str, Any] | None = None,
+                output: ImageOutput = ImageOutput(), sample: InputSample | None = None) -> Processed:
+    """The three steps in one call; a failure comes back as a row with its reason. `generator` goes
+    into the record (None: the annotator's `generator_info()`); `output` says how the image member
+    is stored; `sample` is the ref's sample when already loaded (a URL fetched ahead)."""
+    item = annotate_step(decode_step(ref, limits, output, sample), annotator)
+    return record_step(item, generator if generator is not None else annotator.generator_info())
 
 
 # -- one shard, no Ray: plan -> tar + parquet + stats ------------------------------------------
-def write_shard(out: str | Path | RemoteDir, plan: ShardPlan, annotator, limits: ImageLimits, generator: dict[str, Any],
-                record_generator: dict[str, Any] | None = None, output: ImageOutput = ImageOutput(),
-                digits: int = SHARD_DIGITS, download: DownloadOptions = DownloadOptions()) -> dict[str, Any]:
-    """Process every sample of `plan` in order and publish the shard; returns its stats (counts,
-    sha256, failure reasons), all the driver needs. `generator` goes into the stats,
-    `record_generator` into each sample's json; `output` is how images are stored, `digits` the
-    width of the shard's name. The shard's URLs are fetched here, `download.threads` at a time
-    ahead of the annotator (results kept in input order, so the tar's bytes do not depend on
-    which answer came first). An object-store `out` gets the shard written locally, then uploaded."""
-    if isinstance(out, RemoteDir):
-        with tempfile.TemporaryDirectory(prefix="blip3-shard-") as staging:
-            stats = write_shard(Path(staging), plan, annotator, limits, generator, record_generator, output, digits,
-                                download)
-            publish_remote(Path(staging), out, plan.index, digits)
-        return stats
+def decode_plan(plan: ShardPlan, limits: ImageLimits, output: ImageOutput = ImageOutput(),
+                download: DownloadOptions = DownloadOptions()) -> list[Processed]:
+    """`decode_step` over a plan's refs, in order. The shard's URLs are fetched here,
+    `download.threads` at a time (results kept in input order, so the tar's bytes do not depend on
+    which answer came first)."""
     urls = any(ref.locator[0] == "url" for ref in plan.refs)
     fetched = (fetch_in_order(plan.refs, lambda ref: _fetch_ahead(ref, download), download.threads) if urls
                else repeat(None))
-    with ShardWriter(out, plan.index, generator=generator, digits=digits) as w:
-        for ref, sample in zip(plan.refs, fetched):
-            res = process_ref(ref, annotator, limits, record_generator, output, sample)
-            if res.ok:
-                w.add(res.row.key, res.members, res.row)
+    return [decode_step(ref, limits, output, sample) for ref, sample in zip(plan.refs, fetched)]
+
+
+def publish_shard(out: str | Path | RemoteDir, index: int, items: Iterable[Processed], generator: dict[str, Any],
+                  extra_stats: dict[str, Any] | None = None, digits: int = SHARD_DIGITS) -> dict[str, Any]:
+    """Write recorded samples as shard `index` (tar + parquet + stats, atomically; an object-store
+    `out` gets it written locally, then uploaded, stats last) and return its stats: all the driver
+    needs. `generator` goes into the stats."""
+    if isinstance(out, RemoteDir):
+        with tempfile.TemporaryDirectory(prefix="blip3-shard-") as staging:
+            stats = publish_shard(Path(staging), index, items, generator, extra_stats, digits)
+            publish_remote(Path(staging), out, index, digits)
+        return stats
+    with ShardWriter(out, index, generator=generator, digits=digits) as w:
+        for item in items:
+            if item.ok:
+                w.add(item.row.key, item.members, item.row)  # type: ignore[arg-type]
             else:
-                w.add_failure(res.row)
-        info = w.close(extra_stats={"input_digest": plan.digest})
+                w.add_failure(item.row)
+        info = w.close(extra_stats=extra_stats)
     return {"index": info.index, "count": info.count, "successes": info.successes, "failed": info.failed,
             "failure_reasons": info.failure_reasons, "sha256": info.sha256, "tar_bytes": info.tar_bytes}
+
+
+def write_shard(out: str | Path | RemoteDir, plan: ShardPlan, annotator, limits: ImageLimits, generator: dict[str, Any],
+                record_generator: dict[str, Any] | None = None, output: ImageOutput = ImageOutput(),
+                digits: int = SHARD_DIGITS, download: DownloadOptions = DownloadOptions()) -> dict[str, Any]:
+    """A whole shard in this process, the job's three stages one after the other (tests, and the
+    reference a staged job's bytes are compared with): returns its stats. `generator` goes into the
+    stats, `record_generator` into each sample's json; `output` is how images are stored, `digits`
+    the width of the shard's name."""
+    record_generator = record_generator if record_generator is not None else annotator.generator_info()
+    items = (record_step(annotate_step(item, annotator), record_generator)
+             for item in decode_plan(plan, limits, output, download))
+    return publish_shard(out, plan.index, items, generator, {"input_digest": plan.digest}, digits)
 
 
 def _fetch_ahead(ref: SampleRef, download: DownloadOptions) -> InputSample | None:
     """A URL ref's sample (fetched on a download thread); other refs are read when processed."""
     return load_sample(ref, download) if ref.locator[0] == "url" and not ref.error else None
-
-
-class ShardWorker:
-    """A Ray actor: one annotator, loaded once, writing whole shards."""
-
-    def __init__(self, factory: AnnotatorConfig, limits: ImageLimits, output: ImageOutput = ImageOutput(),
-                 digits: int = SHARD_DIGITS, download: DownloadOptions = DownloadOptions()):
-        self.annotator = factory()
-        self.annotator.load()
-        self.limits = limits
-        self.output = output
-        self.digits = digits
-        self.download = download
-        self.record_generator = self.annotator.generator_info()
-
-    def write(self, out: str | RemoteDir, plan: ShardPlan, generator: dict[str, Any]) -> dict[str, Any]:
-        return write_shard(out, plan, self.annotator, self.limits, generator, self.record_generator, self.output,
-                           self.digits, self.download)
 
 
 # -- resume -----------------------------------------------------------------------------------
@@ -264,7 +297,7 @@ class JobOptions:
     setting has one name on the way (`db`, `source`) and is declared once."""
 
     input_format: str | None = None  # folder | webdataset | img2dataset | urls | blip3-ocr (None: detect)
-    workers: int = 2  # actors, each loading its annotator once
+    workers: int = 2  # annotation actors, each loading its annotator once
     ray_address: str | None = None  # join this cluster (None: our own local one)
     shard_size: int = DEFAULT_SHARD_SIZE
     overwrite: bool = False  # redo every shard (else finished ones are skipped)
@@ -275,6 +308,7 @@ class JobOptions:
     verify: bool = False  # re-hash finished shards before skipping them
     cpus_per_worker: float = 1.0
     gpus_per_worker: float = 0.0
+    resources: dict[str, float] | None = None  # custom Ray resources per annotation actor (e.g. {"TPU": 1})
     limits: ImageLimits = ImageLimits()
     image_output: ImageOutput = ImageOutput()  # how image members are stored (datagen.images)
     shard_name_width: int = SHARD_DIGITS  # digits of shard names (img2dataset's 5)
@@ -306,28 +340,39 @@ def run_job(
     if job.shard_name_width < 1:
         raise UserError("must be at least 1", field="--shard-name-width")
     job.download.check()
+    from blip3.core.ray_session import check_reachable
+
+    check_reachable(job.ray_address)  # a dead address is one line now, not minutes of Ray's retries
     # the image settings are part of what made a shard: changing them redoes it (input_digest)
     generator = {"name": probe.name, **probe.generator_info(),
                  "image_format": job.image_output.format, "encode_quality": job.image_output.quality}
     with contextlib.ExitStack() as session:
-        def count_tars(tars: Sequence[TarSource], every: int) -> list[TarCount]:
-            """Tars are counted by tasks on the cluster, so Ray starts here for a tar input (and stays
-            up for the shards); any other input is planned before Ray starts."""
+        def ray_up() -> None:
+            """Ray starts when first needed (and stays up for the job): to count a tar input's tars,
+            else at the first shard left to write; a job with every shard done never starts it."""
             from blip3.core.ray_session import ray_session
 
-            session.enter_context(ray_session(job.ray_address, num_cpus=_local_cpus(job)))
+            import ray
+
+            if not ray.is_initialized():
+                session.enter_context(ray_session(job.ray_address, num_cpus=_local_cpus(job)))
+
+        def count_tars(tars: Sequence[TarSource], every: int) -> list[TarCount]:
+            ray_up()
             return count_tars_on_ray(tars, every)
 
-        return _plan_and_run(input, out, annotator_factory, generator, job, started, count_tars)
+        return _plan_and_run(input, out, annotator_factory, generator, job, started, count_tars, ray_up)
 
 
 def _local_cpus(job: JobOptions) -> int:
-    """CPUs of a local cluster started for the job: the machine's, or more if the workers ask for more."""
-    return max(math.ceil(job.workers * job.cpus_per_worker), os.cpu_count() or 1)
+    """CPUs of a local cluster started for the job: the machine's for the read and write stages,
+    plus those the annotation actors ask for."""
+    return math.ceil(job.workers * job.cpus_per_worker) + (os.cpu_count() or 1)
 
 
 def _plan_and_run(input: str | Path, out: Path | RemoteDir, annotator_factory: AnnotatorConfig,
-                  generator: dict[str, Any], job: JobOptions, started: float, count_tars: TarCounter) -> JobResult:
+                  generator: dict[str, Any], job: JobOptions, started: float, count_tars: TarCounter,
+                  ray_up: Callable[[], None]) -> JobResult:
     remote = isinstance(out, RemoteDir)
     plans = job_plans(str(input), job.input_format, job.shard_size, generator, limit=job.limit,
                       storage_options=job.storage_options, count_tars=count_tars)
@@ -344,8 +389,10 @@ def _plan_and_run(input: str | Path, out: Path | RemoteDir, annotator_factory: A
     result = JobResult(out, 0, 0, 0, generator=generator)
     reasons: Counter[str] = Counter()
 
-    # the input is listed, and finished shards re-hashed (--verify), as the shards are dispatched:
-    # each of these long steps has its own bar row, next to the job's
+    # the input is listed, and finished shards re-hashed (--verify), first: each of these long steps
+    # has its own bar row; each plan left to write goes into Ray's object store as it is listed (the
+    # driver keeps a reference); then Ray Data shows each stage's progress as the shards are written
+    blocks: dict[int, Any] = {}  # shard index -> its plan's block
     with progress() as bar:
         listed = bar.add_task(f"{Path(str(input)).name}: inputs listed", total=None)
         rehashed = bar.add_task("finished shards re-hashed (--verify)", total=None) if job.verify else None
@@ -362,14 +409,16 @@ def _plan_and_run(input: str | Path, out: Path | RemoteDir, annotator_factory: A
                 else:
                     yield plan
 
-        todo = pending()
-        nxt = next(todo, None)
-        if nxt is not None:
-            from blip3.core.catalog import BatchRegistrar
+        for plan in pending():
+            if not blocks:
+                ray_up()
+            blocks[plan.index] = _plan_block(plan)
+    if blocks:
+        from blip3.core.catalog import BatchRegistrar
 
-            registrar = (BatchRegistrar(job.db, out, source=job.source, digits=job.shard_name_width)
-                         if job.register else None)
-            _run_plans(chain([nxt], todo), out, annotator_factory, generator, result, reasons, job, registrar)
+        registrar = (BatchRegistrar(job.db, out, source=job.source, digits=job.shard_name_width)
+                     if job.register else None)
+        _run_plans(blocks, out, annotator_factory, generator, result, reasons, job, registrar)
     result.failure_reasons = dict(sorted(reasons.items()))
     if not remote:
         clean_temporaries(out)  # of workers killed mid-shard (their shard was retried and published)
@@ -387,105 +436,193 @@ def _plan_and_run(input: str | Path, out: Path | RemoteDir, annotator_factory: A
     return result
 
 
-class _Resends:
-    """Sends of each shard whose actor could not be reached: a lost node has UNREACHABLE_RESENDS
-    sends of each of its shards (UNREACHABLE_WAIT_S apart) to be replaced, then the shard is lost."""
+@dataclass
+class _Shard:
+    """One shard between the job's stages (pickled into one row): its samples, or why a stage failed
+    on it (`error`; `environment`: a full disk or an unwritable output, which every other shard
+    would meet too, so the job stops with that line)."""
 
-    def __init__(self) -> None:
-        self.sent: Counter[int] = Counter()
+    index: int
+    digest: str
+    items: list[Processed] | None = None
+    stats: dict[str, Any] | None = None
+    error: str | None = None
+    environment: str | None = None
 
-    def again(self, index: int) -> bool:
-        """Shard `index` was unreachable once more: True while it may be sent again."""
-        self.sent[index] += 1
-        return self.sent[index] <= UNREACHABLE_RESENDS
+    def failed(self, e: Exception) -> "_Shard":
+        full = environment_error(e)
+        self.items, self.environment = None, (str(full) if full is not None else None)
+        self.error = describe_exception(e)[:200]
+        return self
 
 
-def _failure_detail(e: BaseException) -> str:
-    """What the job's error line says of a lost shard: the worker's own exception when Ray carries
-    it (`cause`), else the first line of Ray's message (the rest is a traceback or actor details)."""
-    cause = getattr(e, "cause", None)  # the worker's own exception, not Ray's header
-    detail = describe_exception(cause) if cause is not None else str(e).strip().splitlines()[0]
-    return detail[:200]
+def _plan_block(plan: ShardPlan) -> Any:
+    """A plan as a one-row block in Ray's object store (its reference is all the driver keeps):
+    the pickled plan (refs or tar ranges, never image bytes) and its index."""
+    import pyarrow as pa
+    import ray
+
+    return ray.put(pa.table({"index": pa.array([plan.index], pa.int64()),
+                             "shard": pa.array([pickle.dumps(plan, protocol=5)], pa.binary())}))
+
+
+def _rows(shards: Sequence[_Shard]) -> dict[str, Any]:
+    """A batch of shard rows: the index, and the pickled shard (one Arrow binary cell: no per-image
+    rows or columns, so the framework's cost is per shard, not per image)."""
+    import numpy as np
+
+    return {"index": np.array([s.index for s in shards], dtype=np.int64),
+            "shard": np.array([pickle.dumps(s, protocol=5) for s in shards], dtype=object)}
+
+
+def _shards(batch: dict[str, Any]) -> list[_Shard]:
+    return [pickle.loads(blob) for blob in batch["shard"]]
+
+
+def decode_shards(batch: dict[str, Any], limits: ImageLimits, output: ImageOutput,
+                  download: DownloadOptions) -> dict[str, Any]:
+    """Stage 1 (CPU tasks): a plan row -> the shard's samples read (URLs fetched), decoded and
+    validated; pixels and stored bytes travel on, failures as rows with their reason."""
+    shards = []
+    for blob in batch["shard"]:
+        plan: ShardPlan = pickle.loads(blob)
+        shard = _Shard(plan.index, plan.digest)
+        try:
+            shard.items = decode_plan(plan, limits, output, download)
+        except Exception as e:  # an unreadable tar range, a store gone: this shard fails, the job goes on
+            shard.failed(e)
+        shards.append(shard)
+    return _rows(shards)
+
+
+class AnnotateShards:
+    """Stage 2 (an actor pool: `--workers` actors, each loading its annotator once, with the
+    job's CPUs/GPUs per actor): the model's step over each decoded sample of a shard."""
+
+    def __init__(self, factory: AnnotatorConfig):
+        self.annotator = factory()
+        self.annotator.load()
+
+    def __call__(self, batch: dict[str, Any]) -> dict[str, Any]:
+        shards = _shards(batch)
+        for shard in shards:
+            for item in shard.items or ():
+                annotate_step(item, self.annotator)
+        return _rows(shards)
+
+
+def write_shards(batch: dict[str, Any], out: str | RemoteDir, generator: dict[str, Any],
+                 record_generator: dict[str, Any], digits: int) -> dict[str, Any]:
+    """Stage 3 (CPU tasks): caption and record each sample, write tar + parquet + stats straight
+    to the output (atomically; an object store gets them uploaded, stats last); the row that goes
+    back to the driver holds only the shard's stats."""
+    shards = _shards(batch)
+    for shard in shards:
+        if shard.items is None:
+            continue
+        items = (record_step(item, record_generator) for item in shard.items)
+        try:
+            shard.stats = publish_shard(out, shard.index, items, generator, {"input_digest": shard.digest}, digits)
+        except Exception as e:
+            shard.failed(e)
+        shard.items = None
+    return _rows(shards)
+
+
+def _annotator_actors(job: JobOptions) -> int:
+    """Actors of the annotation stage: `--workers`, less as many as would leave the read and write
+    stages no CPU of the cluster (they would wait for ever); at least one."""
+    import ray
+
+    cpus = ray.cluster_resources().get("CPU", 1.0)
+    if job.cpus_per_worker <= 0:
+        return job.workers
+    fit = max(1, int((cpus - 1) // job.cpus_per_worker))
+    if fit < job.workers:
+        log.info(f"{fit} annotator actor(s) of {job.workers}: the cluster's {cpus:g} CPUs also run the read "
+                 "and write stages")
+    return min(job.workers, fit)
+
+
+def build_dataset(blocks: Sequence[Any], out: Path | RemoteDir, factory: AnnotatorConfig,
+                  generator: dict[str, Any], job: JobOptions):
+    """The job as a `ray.data.Dataset` of one row per shard plan (`blocks`: `_plan_block`s):
+    decode (CPU tasks) -> annotate (actor pool) -> write (CPU tasks); each output row is one
+    finished shard's stats. Rows are shards, not images: measured, moving one row per image
+    costs the framework far more (docs/planning.md)."""
+    import ray.data
+
+    storage_env = storage_environment()  # an object-store output or input: workers reach it as we do
+    env = {"runtime_env": {"env_vars": storage_env}} if storage_env else {}
+    record_generator = factory().generator_info()
+    ds = ray.data.from_arrow_refs(list(blocks))
+    ds = ds.map_batches(decode_shards, fn_kwargs={"limits": job.limits, "output": job.image_output,
+                                                  "download": job.download},
+                        batch_size=1, batch_format="numpy", num_cpus=1, **env)
+    ds = ds.map_batches(AnnotateShards, fn_constructor_args=(factory,), batch_size=1, batch_format="numpy",
+                        compute=ray.data.ActorPoolStrategy(size=_annotator_actors(job)), num_cpus=job.cpus_per_worker, **env,
+                        **({"num_gpus": job.gpus_per_worker} if job.gpus_per_worker else {}),
+                        **({"resources": dict(job.resources)} if job.resources else {}))
+    return ds.map_batches(write_shards, fn_kwargs={"out": out if isinstance(out, RemoteDir) else str(out),
+                                                   "generator": generator, "record_generator": record_generator,
+                                                   "digits": job.shard_name_width},
+                          batch_size=1, batch_format="numpy", num_cpus=1, **env)
+
+
+@contextlib.contextmanager
+def _data_context() -> Iterator[None]:
+    """Ray Data's settings for one job, restored after: a shard whose stage keeps failing is
+    reported by the driver (which knows every shard it planned) after the others are written,
+    rather than stopping the whole dataset; Ray Data's per-stage bars follow ours (off with
+    BLIP3_NO_PROGRESS)."""
+    import logging
+
+    import ray.data
+
+    ctx = ray.data.DataContext.get_current()
+    fields = ("max_errored_blocks", "enable_progress_bars", "enable_rich_progress_bars", "use_ray_tqdm")
+    saved = {f: getattr(ctx, f) for f in fields}
+    ctx.max_errored_blocks = -1
+    ctx.enable_progress_bars = ctx.enable_progress_bars and progress_enabled()
+    # Ray Data's rich bars: a row per stage (rows in and out, rate, its tasks and actors), on stderr
+    ctx.enable_rich_progress_bars, ctx.use_ray_tqdm = True, False
+    logger = logging.getLogger("ray.data")
+    level = logger.level
+    logger.setLevel(logging.WARNING)  # the execution plan and its own start/stop lines
+    try:
+        yield
+    finally:
+        for f, value in saved.items():
+            setattr(ctx, f, value)
+        logger.setLevel(level)
 
 
 def _run_plans(
-    plans: Iterator[ShardPlan], out: Path | RemoteDir, factory: AnnotatorConfig, generator: dict[str, Any], result: JobResult,
+    blocks: dict[int, Any], out: Path | RemoteDir, factory: AnnotatorConfig, generator: dict[str, Any], result: JobResult,
     reasons: Counter[str], job: JobOptions, registrar: BatchRegistrar | None = None,
 ) -> None:
-    """Send plans to one actor pool, at most IN_FLIGHT_PER_WORKER per actor, and collect stats;
-    `registrar` catalogues the finished shards batch by batch."""
-    import ray
-
-    from blip3.core.ray_session import ray_session
-
-    with ray_session(job.ray_address, num_cpus=_local_cpus(job)), progress() as bar:
-        task = bar.add_task(f"{generator['name']} -> {out.name} (shards)", total=None)
-        # samples fetched (URL lists: downloaded in the shard tasks) and annotated, a shard at a time
-        samples = bar.add_task(f"{generator['name']} -> {out.name} (samples)", total=None)
-        storage_env = storage_environment()  # an object-store output or input: workers reach it as we do
-        actor_cls = ray.remote(ShardWorker).options(
-            num_cpus=job.cpus_per_worker, max_restarts=-1, max_task_retries=SHARD_RETRIES,
-            **({"runtime_env": {"env_vars": storage_env}} if storage_env else {}),
-            **({"num_gpus": job.gpus_per_worker} if job.gpus_per_worker else {}),
-        )
-        actors = [actor_cls.remote(factory, job.limits, job.image_output, job.shard_name_width, job.download)
-                  for _ in range(job.workers)]
-        free = deque(a for _ in range(IN_FLIGHT_PER_WORKER) for a in actors)
-        in_flight: dict[Any, tuple[Any, ShardPlan]] = {}
-        lost: list[str] = []
-        resend: deque[ShardPlan] = deque()
-        unreachable = _Resends()
-
-        def collect() -> None:
-            done, _ = ray.wait(list(in_flight), num_returns=1)
-            for ref in done:
-                actor, plan = in_flight.pop(ref)
-                index = plan.index
-                free.append(actor)
-                try:
-                    stats = ray.get(ref)
-                except ray.exceptions.ActorUnavailableError as e:
-                    # its node is gone or out of reach: Ray spends the call's retries before it has
-                    # noticed, so the plan is sent again, to an actor restarted elsewhere (same bytes)
-                    if unreachable.again(index):
-                        time.sleep(UNREACHABLE_WAIT_S)
-                        resend.append(plan)
-                    else:
-                        lost.append(f"{index}: {_failure_detail(e)}")
-                    continue
-                except (ray.exceptions.RayActorError, ray.exceptions.RayTaskError) as e:
-                    full = environment_error(e)
-                    if full is not None:  # a full disk or unwritable output: every other shard fails alike
-                        raise full from None
-                    lost.append(f"{index}: {_failure_detail(e)}")
-                    continue
-                result.shards_written += 1
-                result.samples += int(stats["count"])
-                result.successes += int(stats["successes"])
-                result.failed += int(stats["failed"])
-                reasons.update(stats.get("failure_reasons", {}))
-                if registrar is not None:
-                    registrar.add(index)
-                bar.advance(task)
-                bar.advance(samples, int(stats["count"]))
-
-        def send(plan: ShardPlan) -> None:
-            while not free:
-                collect()
-            actor = free.popleft()
-            in_flight[actor.write.remote(out if isinstance(out, RemoteDir) else str(out), plan, generator)] = (actor, plan)
-
-        for plan in plans:
-            while resend:
-                send(resend.popleft())
-            send(plan)
-        while in_flight or resend:
-            if resend:
-                send(resend.popleft())
-            else:
-                collect()
-        for actor in actors:
-            ray.kill(actor)
+    """Run the plans as one Ray Data dataset and collect each finished shard's stats as it streams
+    back; `registrar` catalogues them batch by batch."""
+    left = set(blocks)
+    lost: list[str] = []
+    with _data_context():
+        for row in build_dataset(list(blocks.values()), out, factory, generator, job).iter_rows():
+            shard: _Shard = pickle.loads(row["shard"])
+            left.discard(shard.index)
+            if shard.environment:
+                raise UserError(shard.environment)
+            if shard.stats is None:
+                lost.append(f"{shard.index}: {shard.error}")
+                continue
+            stats = shard.stats
+            result.shards_written += 1
+            result.samples += int(stats["count"])
+            result.successes += int(stats["successes"])
+            result.failed += int(stats["failed"])
+            reasons.update(stats.get("failure_reasons", {}))
+            if registrar is not None:
+                registrar.add(shard.index)
+    lost += [f"{i}: dropped by Ray Data (its log says why)" for i in sorted(left)]
     if lost:
-        raise UserError(f"{len(lost)} shard(s) failed after {SHARD_RETRIES} retries (re-run to retry them); "
-                        f"first: shard {lost[0]}")
+        raise UserError(f"{len(lost)} shard(s) failed (re-run to retry them); "
+                        f"first: shard {sorted(lost, key=lambda t: int(t.split(':')[0]))[0]}")

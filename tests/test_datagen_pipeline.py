@@ -161,8 +161,8 @@ def test_rerun_with_fewer_shards_removes_leftover_shards(ray_local, tmp_path):
 def test_job_summary_line(tmp_path):
     from blip3.datagen.pipeline import JobResult
 
-    r = JobResult(tmp_path, 3, 2, 1, successes=5, failed=2, failure_reasons={"decode": 1, "too_small": 1},
+    r = JobResult(tmp_path, 3, 2, 1, samples=7, successes=5, failed=2, failure_reasons={"decode": 1, "too_small": 1},
                   duration_s=1.25, source="scans")
-    assert r.summary() == ("2 shard(s) written, 1 already done; 5 ok, 2 failed (decode: 1, too_small: 1); 1.2s; "
-                           "catalog source scans")
+    assert r.summary() == ("2 shard(s) written, 1 already done; 5 ok, 2 failed (decode: 1, too_small: 1); "
+                           "1.2s (5.6 images/s); catalog source scans")
     assert JobResult(tmp_path, 1, 0, 1).summary(skipped_as="skipped") == "0 shard(s) written, 1 skipped; 0 ok, 0 failed; 0.0s"

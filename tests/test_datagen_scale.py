@@ -108,6 +108,23 @@ def test_run_without_ray_address_ignores_a_stale_cluster_record_and_cleans_up(tm
         shutil.rmtree(ray_tmp, ignore_errors=True)
 
 
+def test_a_ray_address_nobody_answers_is_one_line_at_once(tmp_path):
+    """`--ray-address` naming a port where no cluster listens used to hang past 120 s in Ray's
+    own retries; it is one line, exit 2, before any work."""
+    import socket
+
+    src = _images(tmp_path / "in", 1)
+    with socket.socket() as s:  # a port that was free a moment ago: nobody listens there
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    r = _cli(["ocr", str(src), "-o", str(tmp_path / "out"), "--ray-address", f"127.0.0.1:{port}",
+              "--db", str(tmp_path / "c.duckdb")], env)
+    assert r.returncode == 2, r.stderr[-2000:]
+    assert f"cannot connect to Ray at 127.0.0.1:{port}: connection refused" in " ".join(r.stderr.split())
+    assert "Traceback" not in r.stderr and not (tmp_path / "out").exists()
+
+
 def test_object_store_output_without_its_filesystem_is_one_line_not_a_local_folder(tmp_path):
     """`gs://bucket/out` used to exit 0 having written a local folder `gs:`; object stores are now
     written through fsspec (tests/test_storage_s3.py), and one whose fsspec package is missing

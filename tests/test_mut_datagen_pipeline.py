@@ -22,7 +22,7 @@ from blip3.datagen.annotator import Annotation
 from blip3.datagen.fetch import DownloadOptions
 from blip3.datagen.images import ImageLimits, ImageOutput
 from blip3.datagen.inputs import InputSample, SampleRef
-from blip3.datagen.pipeline import JobOptions, ShardWorker, process_ref, run_job, write_shard
+from blip3.datagen.pipeline import JobOptions, process_ref, run_job, write_shard
 from blip3.datagen import pipeline
 from blip3.datagen.plans import iter_plans, job_plans
 from tests.core_fixtures import write_caption_shard
@@ -147,15 +147,47 @@ def test_write_shard_to_a_store_publishes_the_same_shard(tmp_path):
     assert (tmp_path / "bucket" / "00000.tar").read_bytes() == (local / "00000.tar").read_bytes()
 
 
-def test_worker_loads_its_annotator_once_and_writes_with_its_settings(tmp_path):
+def test_stages_load_the_annotator_once_and_write_with_the_jobs_settings(tmp_path):
+    """The job's three stages called as Ray Data calls them (a batch of one pickled shard row each):
+    the annotation stage loads its annotator once and asks its generator info never per sample;
+    the write stage publishes the shard with the job's settings and returns only its stats."""
+    import pickle
+
     plan = _plan(tmp_path, n_ok=1, n_bad=0)
-    worker = ShardWorker(CountingCaptioner, ImageLimits(), ImageOutput("keep"), digits=2)
-    assert worker.annotator.loaded and worker.annotator.info_calls == 1
-    stats = worker.write(str(tmp_path / "out"), plan, {"name": "counting"})
-    assert stats["successes"] == 1 and worker.annotator.info_calls == 1  # not asked again per sample
+    rows = {"index": [0], "shard": [pickle.dumps(plan)]}
+    decoded = pipeline.decode_shards(rows, ImageLimits(), ImageOutput("keep"), DownloadOptions())
+    stage = pipeline.AnnotateShards(CountingCaptioner)
+    assert stage.annotator.loaded and stage.annotator.info_calls == 0
+    annotated = stage(decoded)
+    written = pipeline.write_shards(annotated, str(tmp_path / "out"), {"name": "counting"},
+                                    {"engine": "counting", "loaded": True}, 2)
+    (shard,) = pipeline._shards(written)
+    assert shard.items is None and shard.stats["successes"] == 1 and stage.annotator.info_calls == 0
+    assert read_stats(tmp_path / "out", 0, 2)["input_digest"] == plan.digest
     with tarfile.open(tmp_path / "out" / "00.tar") as t:
         assert t.getnames() == ["i0.png", "i0.txt", "i0.json"]
         assert json.loads(t.extractfile("i0.json").read())["generator"] == {"engine": "counting", "loaded": True}
+
+
+def test_a_stage_failing_on_one_shard_reports_it_and_a_full_disk_stops_the_job(tmp_path):
+    """A shard whose stage raises comes back as a row with the reason (the job goes on, then names
+    it); an output that cannot be written (a full disk, a file in the way) comes back marked as such:
+    every shard would meet it, so the job stops with that line."""
+    import errno
+    import pickle
+
+    plan = _plan(tmp_path, n_ok=1, n_bad=0)
+    annotated = pipeline.AnnotateShards(SizeCaptioner)(
+        pipeline.decode_shards({"shard": [pickle.dumps(plan)]}, ImageLimits(), ImageOutput(), DownloadOptions()))
+    blocked = tmp_path / "file"
+    blocked.write_text("not a folder")
+    (shard,) = pipeline._shards(pipeline.write_shards(annotated, str(blocked / "out"), {}, {}, 5))
+    assert shard.stats is None and shard.error.startswith("NotADirectoryError")
+    assert shard.environment.endswith("a part of this path is a file, not a folder")
+    full = pipeline._Shard(0, "").failed(OSError(errno.ENOSPC, "No space left on device", str(tmp_path)))
+    assert "no space left" in full.environment and full.error.startswith("OSError")
+    other = pipeline._Shard(1, "").failed(ValueError("bad tar"))
+    assert other.environment is None and other.error == "ValueError: bad tar"
 
 
 @pytest.fixture
@@ -218,6 +250,19 @@ def test_job_defaults_are_the_commands_defaults(command):
     assert job.shard_size == 1000 and job.workers == 2
 
 
+def test_the_job_options_are_declared_once_for_both_commands():
+    """Every option `blip3 ocr` and `blip3 ground` share is the one declaration in
+    datagen/cli_options.py (same default, same help), bar the annotator's own `--drop-empty`."""
+    import inspect
+
+    from blip3.datagen.ground_commands import ground
+    from blip3.datagen.ocr_commands import ocr
+
+    a, b = inspect.signature(ocr).parameters, inspect.signature(ground).parameters
+    shared = [n for n in a if n in b and n not in ("input", "output", "out", "drop_empty")]
+    assert len(shared) == 16 and all(a[n].default is b[n].default for n in shared), shared
+
+
 def test_job_checks_workers_and_shard_name_width_before_anything_else(tmp_path):
     empty = tmp_path / "in"
     empty.mkdir()
@@ -234,14 +279,14 @@ def test_job_checks_workers_and_shard_name_width_before_anything_else(tmp_path):
     assert not out.exists()
 
 
-def test_local_cluster_cpus_cover_the_workers_request(monkeypatch):
-    assert pipeline._local_cpus(JobOptions(workers=10_000, cpus_per_worker=1.5)) == 15_000
+def test_local_cluster_cpus_cover_the_workers_request_and_the_cpu_stages(monkeypatch):
+    """A local cluster has the machine's cores for the read and write stages, plus the actors' CPUs."""
+    monkeypatch.setattr("os.cpu_count", lambda: 2)
+    assert pipeline._local_cpus(JobOptions(workers=10_000, cpus_per_worker=1.5)) == 15_002
+    assert pipeline._local_cpus(JobOptions(workers=2, cpus_per_worker=0)) == 2
     monkeypatch.setattr("os.cpu_count", lambda: None)  # os.cpu_count() may not know
-    assert pipeline._local_cpus(JobOptions(workers=1, cpus_per_worker=0.5)) == 1
+    assert pipeline._local_cpus(JobOptions(workers=1, cpus_per_worker=0.5)) == 2
     assert pipeline._local_cpus(JobOptions(workers=1, cpus_per_worker=0)) == 1  # never a cluster of 0 CPUs
-    monkeypatch.setattr("os.cpu_count", lambda: 6)
-    assert pipeline._local_cpus(JobOptions(workers=2, cpus_per_worker=2.5)) == 6
-    assert pipeline._local_cpus(JobOptions(workers=8)) == 8  # one CPU per worker unless asked
 
 
 @pytest.fixture
@@ -298,23 +343,3 @@ def test_job_with_every_shard_done_registers_them(done_job, tmp_path):
     assert r.source == "scans" and r.shards_skipped == 3
     with Catalog(db) as cat:
         assert cat.con.execute("SELECT count(*) FROM samples WHERE source = ?", ["scans"]).fetchone()[0] == 5
-
-
-def test_a_lost_shards_line_names_the_workers_exception_or_rays_first_line():
-    """The job's one error line quotes, for its first lost shard, the worker's own exception when Ray
-    carries it, else the first line of Ray's message (the actor's details follow on other lines)."""
-    from ray.exceptions import ActorDiedError, RayActorError, RayTaskError
-
-    assert pipeline._failure_detail(RayTaskError("write", "Traceback ...", ValueError("bad tar"))) == "ValueError: bad tar"
-    assert pipeline._failure_detail(ActorDiedError()) == "The actor died unexpectedly before finishing this task."
-    lost = RayActorError(error_msg="\n  The actor died unexpectedly before finishing this task.\n\tclass_name: ShardWorker\n")
-    assert pipeline._failure_detail(lost) == "The actor died unexpectedly before finishing this task."
-    assert pipeline._failure_detail(RayActorError(error_msg="x" * 300)) == "x" * 200
-
-
-def test_an_unreachable_shard_is_sent_again_60_times_then_lost():
-    """A shard whose actor Ray cannot reach (its node lost) is sent again up to 60 times, a second
-    apart, before it counts as lost; each shard has its own count."""
-    resends = pipeline._Resends()
-    assert [resends.again(3) for _ in range(61)] == [True] * 60 + [False]
-    assert resends.again(4) and not resends.again(3)

@@ -1,5 +1,5 @@
 """Progress bars on the long steps of a datagen job (listing the input, re-hashing finished shards
-on resume, the shards and their samples), on stderr only, and none with BLIP3_NO_PROGRESS."""
+on resume: ours; then each Ray Data stage: Ray Data's), on stderr only, and none with BLIP3_NO_PROGRESS."""
 
 from __future__ import annotations
 
@@ -45,13 +45,43 @@ def _final(rows: str, description: str) -> str:
     return drawn[-1]
 
 
-def test_a_datagen_job_shows_listing_resume_hashing_and_sample_rows(ray_local, tmp_path, terminal, capsys):
+@pytest.fixture
+def data_bars():
+    """Ray Data's own bars on (the test session's cluster has them off)."""
+    import ray.data
+
+    ctx = ray.data.DataContext.get_current()
+    saved = ctx.enable_progress_bars
+    ctx.enable_progress_bars = True
+    yield ctx
+    ctx.enable_progress_bars = saved
+
+
+def test_the_jobs_stages_show_ray_datas_bars_unless_bars_are_off(data_bars, monkeypatch):
+    """While a job runs, Ray Data draws a row per stage (its rich bars, on stderr: seen in a
+    terminal, where they show `MapBatches(decode_shards)`, `...(AnnotateShards)`,
+    `...(write_shards)`); BLIP3_NO_PROGRESS turns them off; the settings are restored after."""
+    from blip3.datagen.pipeline import _data_context
+
+    monkeypatch.delenv("BLIP3_NO_PROGRESS", raising=False)
+    data_bars.enable_rich_progress_bars = False
+    with _data_context():
+        assert data_bars.enable_progress_bars and data_bars.enable_rich_progress_bars and not data_bars.use_ray_tqdm
+        assert data_bars.max_errored_blocks == -1  # a failed shard is reported by the driver, after the rest
+    assert not data_bars.enable_rich_progress_bars and data_bars.max_errored_blocks == 0
+    monkeypatch.setenv("BLIP3_NO_PROGRESS", "1")
+    with _data_context():
+        assert not data_bars.enable_progress_bars
+    assert data_bars.enable_progress_bars
+
+
+def test_a_datagen_job_shows_listing_and_resume_hashing(ray_local, tmp_path, terminal, capsys):
     src, out = _inputs(tmp_path), tmp_path / "out"
     run_job(src, out, SizeCaptioner, JobOptions(workers=1, shard_size=2, register=False))
     first = _rows(terminal)
     assert "5/?" in _final(first, "in: inputs listed")
-    assert "3/?" in _final(first, "size -> out (shards)") and "5/?" in _final(first, "size -> out (samples)")
     assert "re-hashed" not in first  # only --verify re-hashes
+    assert capsys.readouterr().out == ""  # bars never land on stdout
 
     terminal.truncate(0)
     terminal.seek(0)
@@ -60,11 +90,11 @@ def test_a_datagen_job_shows_listing_resume_hashing_and_sample_rows(ray_local, t
     resumed = _rows(terminal)
     assert "3/?" in _final(resumed, "finished shards re-hashed (--verify)")
     assert "5/?" in _final(resumed, "in: inputs listed")
-    assert capsys.readouterr().out == ""  # bars never land on stdout
+    assert capsys.readouterr().out == ""
 
 
 def test_no_bars_with_blip3_no_progress(ray_local, tmp_path, terminal, monkeypatch):
     monkeypatch.setenv("BLIP3_NO_PROGRESS", "1")
     run_job(_inputs(tmp_path, 2), tmp_path / "out", SizeCaptioner,
             JobOptions(workers=1, shard_size=2, register=False, verify=True))
-    assert "inputs listed" not in _rows(terminal) and "(shards)" not in _rows(terminal)
+    assert "inputs listed" not in _rows(terminal)
