@@ -13,8 +13,10 @@ from typing import Any, Literal, Optional
 import typer
 
 from blip3.core.options import DbOption, InputFormat, StorageOptions, out_option, output_path
-from blip3.datagen.cli_options import (EncodeQualityOption, ImageFormat, ImageFormatOption, ShardNameWidthOption,
-                                       job_options)
+from blip3.datagen.cli_options import (DownloadRetriesOption, DownloadThreadsOption, DownloadTimeoutOption,
+                                       EncodeQualityOption, GpusPerWorkerOption, ImageFormat, ImageFormatOption,
+                                       InputFormatOption, LimitOption, OverwriteOption, RayAddressOption,
+                                       ShardNameWidthOption, ShardSizeOption, SourceOption, WorkersOption, job_options)
 
 
 def recaption(
@@ -41,21 +43,21 @@ def recaption(
     backend: Optional[Literal["transformers", "vllm"]] = typer.Option(None, "--backend",
                                                                       help="transformers (default) | vllm (GPU nodes)."),
     device: Optional[str] = typer.Option(None, "--device", help="Torch device (default: cuda with --gpus-per-worker, else cpu)."),
-    workers: int = typer.Option(1, "--workers", help="Captioning actors (each loads both models)."),
-    gpus_per_worker: float = typer.Option(0.0, "--gpus-per-worker", help="GPUs per actor (0: CPU)."),
-    ray_address: Optional[str] = typer.Option(None, "--ray-address", help="Join this Ray cluster (else local Ray)."),
-    shard_size: int = typer.Option(1000, "--shard-size", help="Input samples per shard."),
+    workers: int = WorkersOption,
+    gpus_per_worker: float = GpusPerWorkerOption,
+    ray_address: Optional[str] = RayAddressOption,
+    shard_size: int = ShardSizeOption,
     image_format: ImageFormat = ImageFormatOption,
     encode_quality: int = EncodeQualityOption,
     shard_name_width: int = ShardNameWidthOption,
-    input_format: Optional[InputFormat] = typer.Option(None, "--input-format", help="Force the input kind (else detected)."),
-    limit: Optional[int] = typer.Option(None, "--limit", help="Only the first N input samples."),
-    overwrite: bool = typer.Option(False, "--overwrite", help="Redo every shard (default: skip finished ones)."),
-    source: Optional[str] = typer.Option(None, "--source", help="Catalog source name (default: the output folder name)."),
+    input_format: Optional[InputFormat] = InputFormatOption,
+    limit: Optional[int] = LimitOption,
+    overwrite: bool = OverwriteOption,
+    source: Optional[str] = SourceOption,
     db: Path = DbOption,
-    download_threads: int = typer.Option(16, "--download-threads", help="URL inputs: concurrent downloads per shard task."),
-    download_timeout: int = typer.Option(10, "--download-timeout", help="URL inputs: seconds per request."),
-    download_retries: int = typer.Option(2, "--download-retries", help="URL inputs: further attempts after a failed request."),
+    download_threads: int = DownloadThreadsOption,
+    download_timeout: int = DownloadTimeoutOption,
+    download_retries: int = DownloadRetriesOption,
     storage_options: Optional[str] = StorageOptions,
 ) -> None:
     """Dense captions from a VLM, merged with each image's alt-text by an LLM (BLIP3-KALE style)."""

@@ -248,3 +248,46 @@ def test_a_mixture_can_train_on_the_dense_caption():
                            {"text": "merged words", "style": "knowledge", "model": "l"}]}
     for style, text in (("dense", "dense words"), ("knowledge", "merged words")):
         assert chosen_caption(record, validate_caption_choice({"style": style}, field="caption"), key="k") == text
+
+
+# -- the pipeline hands a shard's images to the annotator at once --------------------------------
+def test_a_shard_is_captioned_in_batches(tiny_llava, tmp_path, monkeypatch):  # noqa: F811
+    from blip3.core.shards import read_sidecar
+    from blip3.datagen.images import ImageLimits
+    from blip3.datagen.plans import job_plans
+    from blip3.datagen.pipeline import write_shard
+
+    src = write_images(tmp_path / "imgs", 6)
+    (plan,) = job_plans(str(src), None, shard_size=6)
+    calls: list[int] = []
+    real = HFVision.generate
+    monkeypatch.setattr(HFVision, "generate", lambda self, images, prompt: calls.append(len(images)) or real(self, images, prompt))
+    a = _annotator(tiny_llava, None, replace(GREEDY, batch_size=4), use_llm=False)
+    stats = write_shard(tmp_path / "out", plan, a, ImageLimits(), {"name": "recaption"})
+    assert calls == [4, 2] and stats["successes"] == 6
+    assert read_sidecar(tmp_path / "out" / "00000.parquet").column("status").to_pylist() == ["success"] * 6
+
+
+def test_a_batch_that_raises_is_redone_image_by_image(tmp_path):
+    """Unit logic of `annotate_steps` with a stand-in annotator: one image that breaks the batch
+    fails alone, with its reason; the others are annotated."""
+    from blip3.datagen.images import ImageLimits
+    from blip3.datagen.plans import job_plans
+    from blip3.datagen.pipeline import annotate_steps, decode_plan
+
+    class Picky:
+        name = "picky"
+
+        def annotate_batch(self, images, samples):
+            raise RuntimeError("batch broke")
+
+        def annotate(self, image, sample):
+            if sample.key == "img_01":
+                raise ValueError("bad image")
+            return Annotation(sample.key, [], {})
+
+    (plan,) = job_plans(str(write_images(tmp_path / "imgs", 3)), None, shard_size=3)
+    items = annotate_steps(decode_plan(plan, ImageLimits()), Picky())
+    assert [(i.row.status, i.row.error_message) for i in items] == [
+        ("success", None), ("failed", "annotate: ValueError: bad image"), ("success", None)]
+    assert items[0].annotation.default_caption == "img_00"

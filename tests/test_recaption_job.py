@@ -21,6 +21,7 @@ from blip3.core.sql import run_query
 from blip3.datagen.recaption_prompts import DEFAULT_MERGE_PROMPT, DEFAULT_VLM_PROMPT
 from tests.recaption_fixtures import ALT_TEXTS, tiny_llama, tiny_llava, write_images  # noqa: F401
 
+pytestmark = pytest.mark.slow  # each job starts Ray Data stages and loads two models per actor
 
 def _args(src, out, db, vlm, llm, *extra: str) -> list[str]:
     return ["recaption", str(src), "-o", str(out), "--vlm", str(vlm), "--llm", str(llm), "--db", str(db),
@@ -73,7 +74,6 @@ def test_recaption_job_writes_traceable_shards_and_catalog_scores(ray_local, tmp
     assert (tmp_path / "audit" / "index.html").is_file()
 
 
-@pytest.mark.slow
 def test_killed_recaption_resumes_to_identical_shards(ray_local, tmp_path, tiny_llava, tiny_llama):  # noqa: F811
     n_images, shard_size = 16, 2
     n_shards = n_images // shard_size
@@ -109,3 +109,32 @@ def test_killed_recaption_resumes_to_identical_shards(ray_local, tmp_path, tiny_
     for name in names:
         assert file_sha256(out / name) == file_sha256(ref / name), name
     assert _rows(tmp_path / "out.duckdb", "SELECT count(DISTINCT key) AS n FROM sample_scores") == [{"n": n_images}]
+
+
+def test_recaption_in_a_users_ray_data_pipeline_gives_the_cli_tar(ray_local, tmp_path, tiny_llava, tiny_llama):  # noqa: F811
+    import ray.data
+
+    from blip3.datagen.ray import Recaption, ShardSink
+    from blip3.datagen.recaption_models import GenerationSettings
+
+    src = write_images(tmp_path / "imgs", 4)
+    r = CliRunner().invoke(app, _args(src, tmp_path / "cli", tmp_path / "c.duckdb", tiny_llava, tiny_llama,
+                                      "--shard-size", "100"))
+    assert r.exit_code == 0, r.output
+    ctx = ray.data.DataContext.get_current()
+    saved, ctx.execution_options.preserve_order = ctx.execution_options.preserve_order, True
+    try:
+        gen = GenerationSettings(max_new_tokens=6, batch_size=3)
+        ds = ray.data.read_binary_files(sorted(str(p) for p in src.glob("*.png")), include_paths=True)
+        ds = ds.map_batches(Recaption, fn_constructor_kwargs={"root": str(src), "vlm": str(tiny_llava),
+                                                              "llm": str(tiny_llama), "vlm_generation": gen,
+                                                              "llm_generation": gen},
+                            compute=ray.data.ActorPoolStrategy(size=1), batch_size=4)
+        ds.repartition(1).write_datasink(ShardSink(tmp_path / "lib"))
+    finally:
+        ctx.execution_options.preserve_order = saved
+    lib = {s["__key__"]: s for s in wds.WebDataset(str(tmp_path / "lib" / "00000.tar"), shardshuffle=False)}
+    cli = {s["__key__"]: s for s in wds.WebDataset(str(tmp_path / "cli" / "00000.tar"), shardshuffle=False)}
+    assert sorted(lib) == sorted(cli) == [f"img_{i:02d}" for i in range(4)]
+    for key in cli:  # the same captions and records (the alt-texts come from the .txt files for the CLI only)
+        assert json.loads(lib[key]["json"])["metadata"]["dense_caption"] == json.loads(cli[key]["json"])["metadata"]["dense_caption"]
