@@ -267,6 +267,18 @@ def test_a_shard_is_captioned_in_batches(tiny_llava, tmp_path, monkeypatch):  # 
     assert calls == [4, 2] and stats["successes"] == 6
     assert read_sidecar(tmp_path / "out" / "00000.parquet").column("status").to_pylist() == ["success"] * 6
 
+    # the scores reach the catalog once per shard version: a second pass reads no tar
+    from blip3.core.catalog import Catalog
+    from blip3.core.sql import run_query
+    from blip3.datagen.recaption_scores import register_scores
+
+    db = tmp_path / "c.duckdb"
+    with Catalog(db) as cat:
+        cat.add_output(str(tmp_path / "out"), source="kale")
+    assert register_scores(db, "kale") == 1 and register_scores(db, "kale") == 0
+    rows = run_query("SELECT key, caption_chars, merged FROM v_sample_scores ORDER BY key", db).to_pylist()
+    assert [r["key"] for r in rows] == [f"img_{i:02d}" for i in range(6)] and all(r["merged"] == 0 for r in rows)
+
 
 def test_a_batch_that_raises_is_redone_image_by_image(tmp_path):
     """Unit logic of `annotate_steps` with a stand-in annotator: one image that breaks the batch
