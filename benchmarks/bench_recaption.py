@@ -181,6 +181,7 @@ def main() -> None:
     ap.add_argument("--images", type=int, default=64)
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--max-batch", type=int, default=None, help="largest batch of the curve (default 16 CPU, 64 GPU)")
+    ap.add_argument("--min-batch", type=int, default=1, help="smallest batch of the curve")
     ap.add_argument("--max-new-tokens", type=int, default=32)
     ap.add_argument("--device", default="cpu", help="cpu | cuda")
     ap.add_argument("--backend", choices=["transformers", "vllm"], default="transformers")
@@ -214,16 +215,19 @@ def main() -> None:
             {"run": f"VLM stage (batch {b})", "images": n, f"{unit} s": stage_s, "images/s": n / stage_s,
              "tokens/s": tokens / stage_s, "vs bare": bare_s / stage_s},
         ]
+        print(rows, flush=True)
         both, _ = stage(vlm_dir, llm_dir, images, samples, b, m, args.device, args.backend)
         merged = sum(1 for s in samples if s.source_caption)
         rows.append({"run": f"VLM + merge LLM stage (batch {b}; {merged} merges)", "images": n, f"{unit} s": key(both),
                      "images/s": n / key(both), "tokens/s": (tokens + merged * m) / key(both), "vs bare": 0.0})
-        batch = 1
+        print(rows[-1], flush=True)
+        batch = args.min_batch
         while batch <= max_batch:
             k = min(n, max(8 * batch, 16))  # small batches on fewer images: the rate, not the total, is measured
             clock, _ = stage(vlm_dir, None, images[:k], samples[:k], batch, m, args.device, args.backend)
             rows.append({"run": f"curve: VLM stage, batch {batch}", "images": k, f"{unit} s": key(clock),
                          "images/s": k / key(clock), "tokens/s": k * m / key(clock), "vs bare": 0.0})
+            print(rows[-1], flush=True)  # a run cut short still shows what it measured
             batch *= 2
     name = torch.cuda.get_device_name() if gpu else "cpu x1 thread"
     extra = f", peak GPU {torch.cuda.max_memory_allocated() / 2**30:.1f} GiB" if gpu else f", peak RSS {peak_rss_mb():.0f} MB"
