@@ -11,13 +11,14 @@ Tables (columns documented in README "The catalog"):
 - `samples`   one row per input sample of every shard, failures included: the sidecar parquet
               columns (core.shards.SIDECAR_SCHEMA, img2dataset's names) but the caption text,
               plus `source` and `shard`
-- `mixtures`, `mixture_sources`   mixtures built by `blip3 mix build` and their per-source plan
+- `sample_hashes`, `sample_scores`, `sample_decisions`, `benchmark_matches`   what `blip3 curate`
+              computed and decided per sample (core.curation; nothing is deleted from the shards);
+              `blip3 recaption` adds its quality scores to `sample_scores` (datagen/recaption_scores.py)
+- `mixtures`, `mixture_sources`, `mixture_curation`   mixtures built by `blip3 mix build`, their
+              per-source plan, and how many samples each curation rule left out per source
 - `runs`      training runs recorded by `blip3 train` (stage, manifest, steps, tokens, loss, ckpt)
 - `evals`     benchmark results recorded by `blip3 eval`: one row per (checkpoint, task, shots,
               metric), with the run that trained the checkpoint and its per-sample predictions
-- `sample_scores`   per-sample quality scores, one row per (shard, key, score name), with the
-              sha256 of the shard they were read from (`blip3 recaption`; views `v_sample_scores`,
-              `v_recaption_quality`, `v_entity_survival`)
 
 Adding is idempotent: a shard already catalogued with the same sha256 is skipped, so adding the
 same folder twice leaves the row counts unchanged. Shards are added in batches (REGISTER_BATCH):
@@ -96,15 +97,41 @@ SCHEMA = [
     # Re-registering a shard deletes its rows by `shard`: with this index that costs the same at
     # 1M and 10M rows (a full scan without it), for about twice the bulk insert time.
     "CREATE INDEX IF NOT EXISTS samples_by_shard ON samples (shard)",
+    # Curation (`blip3 curate`, datagen/curate.py): per-sample fingerprints, scores and decisions,
+    # keyed like `samples` by (shard, key). Each is replaced shard by shard (`core.curation`), with
+    # `shard = ?` deletes through these indexes, so a re-run costs the same at any table size.
+    """CREATE TABLE IF NOT EXISTS sample_hashes (
+        source VARCHAR NOT NULL, shard VARCHAR NOT NULL, key VARCHAR NOT NULL,
+        sha256 VARCHAR,          -- of the image member's bytes
+        pixel_sha256 VARCHAR,    -- of the decoded RGB pixels and size: the same picture re-encoded
+        phash UBIGINT,           -- 64-bit DCT perceptual hash (imagehash.phash bit order)
+        width INTEGER, height INTEGER, image_bytes BIGINT
+    )""",
+    "CREATE INDEX IF NOT EXISTS sample_hashes_by_shard ON sample_hashes (shard)",
     """CREATE TABLE IF NOT EXISTS sample_scores (
-        source VARCHAR NOT NULL,
-        shard VARCHAR NOT NULL,
-        shard_sha256 VARCHAR NOT NULL,
-        key VARCHAR NOT NULL,
-        name VARCHAR NOT NULL,
-        value DOUBLE
+        source VARCHAR NOT NULL, shard VARCHAR NOT NULL, key VARCHAR NOT NULL,
+        name VARCHAR NOT NULL,   -- clip, blur, aspect, caption_words, lang_score, ...
+        value DOUBLE,
+        generator VARCHAR        -- what computed it (model, version)
     )""",
     "CREATE INDEX IF NOT EXISTS sample_scores_by_shard ON sample_scores (shard)",
+    """CREATE TABLE IF NOT EXISTS sample_decisions (
+        source VARCHAR NOT NULL, shard VARCHAR NOT NULL, key VARCHAR NOT NULL,
+        rule VARCHAR NOT NULL,   -- exact_dup, near_dup, sem_dup, decontam, min_side, aspect, clip, ...
+        kept BOOLEAN NOT NULL,
+        reason VARCHAR,          -- why it was dropped (or, in a duplicate cluster, why it was kept)
+        cluster VARCHAR          -- duplicate rules: the cluster (the key of the sample kept in it)
+    )""",
+    "CREATE INDEX IF NOT EXISTS sample_decisions_by_shard ON sample_decisions (shard)",
+    """CREATE TABLE IF NOT EXISTS benchmark_matches (
+        source VARCHAR NOT NULL, shard VARCHAR NOT NULL, key VARCHAR NOT NULL,
+        task VARCHAR NOT NULL,   -- the `blip3 eval` task whose image it is
+        image VARCHAR,           -- the benchmark image (file, or row of an inline-image table)
+        question_ids VARCHAR[],  -- the task's questions about that image
+        match VARCHAR,           -- sha256 | pixels | phash
+        distance INTEGER         -- Hamming distance of the perceptual hashes
+    )""",
+    "CREATE INDEX IF NOT EXISTS benchmark_matches_by_shard ON benchmark_matches (shard)",
     """CREATE TABLE IF NOT EXISTS mixtures (
         name VARCHAR PRIMARY KEY,
         manifest_path VARCHAR,
@@ -128,6 +155,12 @@ SCHEMA = [
         sample_weight DOUBLE,   -- share of samples the loader draws (= weight unless weight_by tokens)
         n_shards INTEGER,
         tokenizer VARCHAR       -- how tokens were counted (`estimate:...` or `hf:NAME`)
+    )""",
+    """CREATE TABLE IF NOT EXISTS mixture_curation (
+        mixture VARCHAR NOT NULL,
+        source VARCHAR NOT NULL,
+        rule VARCHAR NOT NULL,
+        removed BIGINT          -- samples of the source this rule left out (one may fall to several rules)
     )""",
     """CREATE TABLE IF NOT EXISTS runs (
         run_id VARCHAR PRIMARY KEY,
@@ -564,27 +597,6 @@ class Catalog:
             {"n": name, "now": _now()},
         )
 
-    # -- per-sample scores ---------------------------------------------------------------------
-    def scored_shards(self, source: str) -> dict[str, str]:
-        """{shard path: sha256 of the tar its scores were read from} of a source."""
-        return dict(self.con.execute(
-            "SELECT DISTINCT shard, shard_sha256 FROM sample_scores WHERE source = ?", [source]).fetchall())
-
-    def replace_scores(self, source: str, shard: str, sha256: str, rows: list[tuple[str, str, float]]) -> None:
-        """The scores of one shard, `(key, name, value)` each, in place of those it had."""
-        with transaction(self.con):
-            self.con.execute("DELETE FROM sample_scores WHERE shard = ?", [shard])
-            if rows:  # one INSERT ... SELECT over an Arrow table: executemany costs a statement per row
-                keys, names, values = zip(*rows)
-                table = pa.table({"key": pa.array(keys, pa.string()), "name": pa.array(names, pa.string()),
-                                  "value": pa.array(values, pa.float64())})
-                self.con.register("_scores", table)
-                try:
-                    self.con.execute("INSERT INTO sample_scores (source, shard, shard_sha256, key, name, value) "
-                                     "SELECT ?, ?, ?, key, name, value FROM _scores", [source, shard, sha256])
-                finally:
-                    self.con.unregister("_scores")
-
     # -- mixtures ------------------------------------------------------------------------------
     def record_mixture(self, manifest: Any, spec: dict[str, Any]) -> None:
         """Replace a mixture's rows in `mixtures` and `mixture_sources` (`manifest` is a
@@ -592,6 +604,7 @@ class Catalog:
         path = None if manifest.path is None else str(Path(manifest.path).resolve())
         with transaction(self.con):
             self.con.execute("DELETE FROM mixture_sources WHERE mixture = ?", [manifest.name])
+            self.con.execute("DELETE FROM mixture_curation WHERE mixture = ?", [manifest.name])
             self.con.execute("DELETE FROM mixtures WHERE name = ?", [manifest.name])
             self.con.execute(
                 "INSERT INTO mixtures (name, manifest_path, seed, weight_by, target_samples, target_tokens, created_at, "
@@ -607,6 +620,9 @@ class Catalog:
                     [manifest.name, s.name, s.kind, s.weight, s.sample_weight, s.samples, s.tokens, s.target_samples,
                      s.target_tokens, s.epochs, len(s.shards), manifest.tokenizer],
                 )
+                for rule, removed in (s.curation or {}).items():
+                    self.con.execute("INSERT INTO mixture_curation VALUES (?, ?, ?, ?)",
+                                     [manifest.name, s.name, rule, removed])
 
     # -- runs ----------------------------------------------------------------------------------
     def record_run(self, **fields: Any) -> None:

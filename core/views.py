@@ -91,11 +91,12 @@ VIEWS: dict[str, str] = {
                max(len) AS max, round(sum(len * n) / max(total), 1) AS mean
         FROM c GROUP BY source ORDER BY source
     """,
-    # Per-sample scores (table sample_scores, long form) as one row per sample, one column per score.
-    "v_sample_scores": """
+    # `blip3 recaption`'s per-sample scores (table sample_scores, long form) as one row per sample,
+    # one column per score; samples with none of them (curate's scores only) are left out.
+    "v_recaption_scores": """
         SELECT source, shard, key,
-               max(value) FILTER (WHERE name = 'caption_chars')    AS caption_chars,
-               max(value) FILTER (WHERE name = 'caption_words')    AS caption_words,
+               max(value) FILTER (WHERE name = 'length_chars')     AS length_chars,
+               max(value) FILTER (WHERE name = 'length_words')     AS length_words,
                max(value) FILTER (WHERE name = 'repetition_3gram') AS repetition_3gram,
                max(value) FILTER (WHERE name = 'refusal')          AS refusal,
                max(value) FILTER (WHERE name = 'empty')            AS empty,
@@ -103,13 +104,15 @@ VIEWS: dict[str, str] = {
                max(value) FILTER (WHERE name = 'alt_entities')     AS alt_entities,
                max(value) FILTER (WHERE name = 'entities_kept')    AS entities_kept,
                max(value) FILTER (WHERE name = 'entity_survival')  AS entity_survival
-        FROM sample_scores GROUP BY source, shard, key
+        FROM sample_scores WHERE name IN ('length_chars', 'length_words', 'repetition_3gram', 'refusal', 'empty',
+                                          'merged', 'alt_entities', 'entities_kept', 'entity_survival')
+        GROUP BY source, shard, key
     """,
     # Recaptioning quality per source: length, degenerate loops (3-gram repetition over 0.5),
     # refusals, empty rewrites, the share rewritten with the alt-text, entity survival.
     "v_recaption_quality": """
         SELECT source, count(*) AS samples,
-               round(avg(caption_chars), 1)                                    AS mean_caption_chars,
+               round(avg(length_chars), 1)                                     AS mean_caption_chars,
                round(avg(repetition_3gram), 4)                                 AS mean_repetition,
                round(avg(CASE WHEN repetition_3gram > 0.5 THEN 1.0 ELSE 0.0 END), 4) AS looping_share,
                round(avg(refusal), 4)                                          AS refusal_share,
@@ -118,7 +121,7 @@ VIEWS: dict[str, str] = {
                sum(alt_entities)::BIGINT                                       AS alt_entities,
                sum(entities_kept)::BIGINT                                      AS entities_kept,
                round(sum(entities_kept) / nullif(sum(alt_entities), 0), 4)     AS entity_survival
-        FROM v_sample_scores GROUP BY source ORDER BY source
+        FROM v_recaption_scores GROUP BY source ORDER BY source
     """,
     # The alt-text entities that survive the rewrite, per shard (and so per run and model).
     "v_entity_survival": """
@@ -127,7 +130,47 @@ VIEWS: dict[str, str] = {
                sum(alt_entities)::BIGINT                                    AS alt_entities,
                sum(entities_kept)::BIGINT                                   AS entities_kept,
                round(sum(entities_kept) / nullif(sum(alt_entities), 0), 4)  AS entity_survival
-        FROM v_sample_scores GROUP BY source, shard ORDER BY source, shard
+        FROM v_recaption_scores GROUP BY source, shard ORDER BY source, shard
+    """,
+    # Curation (`blip3 curate`): kept and dropped samples per source and rule.
+    "v_curation": """
+        SELECT source, rule,
+               count(*)                          AS evaluated,
+               count(*) FILTER (WHERE kept)      AS kept,
+               count(*) FILTER (WHERE NOT kept)  AS dropped,
+               round(count(*) FILTER (WHERE NOT kept) / count(*), 4) AS drop_share
+        FROM sample_decisions GROUP BY ALL ORDER BY source, rule
+    """,
+    # The reasons behind the drops, most common first ("exact copy of ...", "min_side 120 below 200").
+    "v_curation_reasons": """
+        SELECT source, rule, regexp_replace(reason, '[0-9.]+', '#', 'g') AS reason, count(*) AS n
+        FROM sample_decisions WHERE NOT kept
+        GROUP BY ALL ORDER BY source, rule, n DESC
+    """,
+    # Score histograms: 20 equal-width bins per score between its min and max over all sources.
+    "v_score_histograms": """
+        WITH r AS (SELECT name, min(value) AS lo, max(value) AS hi FROM sample_scores GROUP BY name),
+        b AS (
+            SELECT s.source, s.name, r.lo, r.hi,
+                   CASE WHEN r.hi = r.lo THEN 0 ELSE least(floor((s.value - r.lo) / (r.hi - r.lo) * 20), 19) END AS bin
+            FROM sample_scores s JOIN r USING (name)
+        )
+        SELECT source, name, bin::INTEGER AS bin,
+               lo + bin * (hi - lo) / 20 AS value_from, lo + (bin + 1) * (hi - lo) / 20 AS value_to,
+               count(*) AS n
+        FROM b GROUP BY ALL ORDER BY source, name, bin
+    """,
+    # Duplicate clusters side by side: every member of every cluster of more than one sample.
+    "v_duplicate_clusters": """
+        SELECT rule, cluster, count(*) OVER (PARTITION BY rule, cluster) AS size, kept, source, shard, key, reason
+        FROM sample_decisions WHERE cluster IS NOT NULL
+        ORDER BY rule, cluster, kept DESC, source, shard, key
+    """,
+    # Training samples that are also benchmark images, by task: "which training images are in TextVQA".
+    "v_contamination": """
+        SELECT task, source, count(DISTINCT shard || '#' || key) AS samples, count(DISTINCT image) AS images,
+               sum(len(question_ids)) AS questions
+        FROM benchmark_matches GROUP BY ALL ORDER BY task, source
     """,
     # Each mixture's plan per source: target vs realised weight, effective epochs, tokens.
     # realised_weight is the planned share in the unit the mixture is weighted by (samples or tokens).

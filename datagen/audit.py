@@ -150,8 +150,11 @@ def _tar_samples(tar: Path) -> Iterator[dict[str, Any]]:
         raise UserError(f"not a readable tar ({e})", file=tar) from None
 
 
-def write_audit(shards: str | Path, out: str | Path, *, n: int = 48, seed: int = 0) -> AuditResult:
-    """Scan `shards`, draw a reservoir sample of `n` on a contact sheet, plot the histograms."""
+def write_audit(shards: str | Path, out: str | Path, *, n: int = 48, seed: int = 0,
+                db: str | Path | None = None) -> AuditResult:
+    """Scan `shards`, draw a reservoir sample of `n` on a contact sheet, plot the histograms; with
+    a catalog `db` holding `blip3 curate` decisions for the shards, add their section
+    (datagen/audit_curation.py: duplicate clusters, dropped samples, score histograms)."""
     out = Path(out)
     (out / "images").mkdir(parents=True, exist_ok=True)
     rng = random.Random(seed)
@@ -162,7 +165,8 @@ def write_audit(shards: str | Path, out: str | Path, *, n: int = 48, seed: int =
     obj_score: list[float] = []
     scanned = 0
     failed: list[tuple[str, str, str]] = []
-    for tar in resolve_shards(shards):
+    tars = resolve_shards(shards)
+    for tar in tars:
         failed += _failed_rows(Path(tar))
         for sample in _tar_samples(tar):
             try:
@@ -190,6 +194,12 @@ def write_audit(shards: str | Path, out: str | Path, *, n: int = 48, seed: int =
     from blip3.datagen.audit_plots import plot_histograms
 
     plots = plot_histograms(out, lengths=lengths, boxes=boxes, ocr_conf=ocr_conf, obj_score=obj_score)
+    curation = None
+    if db is not None:
+        from blip3.datagen.audit_curation import curation_audit
+
+        curation = curation_audit(Path(db), [str(Path(t).resolve()) for t in tars], out)
+        plots += curation.plots if curation else []
     failed_html = "".join(
         f'<tr><td>{html.escape(shard)}</td><td>{html.escape(key)}</td><td>{html.escape(error)}</td></tr>'
         for shard, key, error in failed)
@@ -198,6 +208,7 @@ def write_audit(shards: str | Path, out: str | Path, *, n: int = 48, seed: int =
         inputs=scanned + len(failed),
         plots="".join(f'<img class="plot" src="{p.name}" alt="{p.stem}">' for p in plots),
         cards="\n".join(cards_html),
+        curation=curation.html if curation else "",
         failed=(f'<table><tr><th>shard</th><th>key</th><th>reason</th></tr>{failed_html}</table>'
                 if failed else "<p>None.</p>"),
     )
@@ -221,6 +232,10 @@ header p {{ color: #444; }}
 .broken {{ width: 320px; height: 60px; background: #fdd; }}
 #failed table {{ border-collapse: collapse; font-size: 12px; background: #fff; }}
 #failed td, #failed th {{ border: 1px solid #ddd; padding: 2px 6px; text-align: left; }}
+.cluster, .drops {{ display: flex; flex-wrap: wrap; gap: 6px; align-items: flex-start; margin-bottom: 8px; }}
+.cluster h3 {{ width: 100%; margin: 4px 0; font-size: 14px; }}
+.cluster figure, .drops figure {{ margin: 0; padding: 4px; width: 170px; background: #fff; font-size: 11px; }}
+figure.kept {{ border: 2px solid #2ca02c; }} figure.dropped {{ border: 2px solid #d62728; }}
 </style></head>
 <body data-images-loaded="pending">
 <header><h1>Audit of {title}</h1>
@@ -231,6 +246,7 @@ end, with their reason). Red: OCR boxes; blue: objects.
 <section class="sheet">
 {cards}
 </section>
+{curation}
 <section id="failed"><h2>Failed samples ({n_failed})</h2>
 {failed}
 </section>

@@ -3,7 +3,7 @@
 Each is a number per sample, stored in the record (`metadata.scores`) and, by `blip3 recaption`,
 in the catalog's `sample_scores` table (views `v_recaption_quality`, `v_entity_survival`):
 
-- `caption_chars`, `caption_words`: length of the final caption (`.txt`);
+- `length_chars`, `length_words`: length of the final caption (`.txt`);
 - `repetition_3gram`: the share of the caption's word 3-grams that repeat an earlier one (0 for a
   caption of fewer than 4 words); a degenerate loop ("a red car a red car a red car") nears 1;
 - `empty`: 1 when the LLM's rewrite came back empty (an empty dense caption is a failed row,
@@ -94,8 +94,8 @@ def caption_scores(final: str, alt_text: str | None, *, merged: bool, refusal: b
     """Every signal of one sample, by name (see the module doc); the caller knows whether a model
     output was empty or a refusal (`is_refusal`)."""
     scores: dict[str, Any] = {
-        "caption_chars": len(final),
-        "caption_words": len(words(final)),
+        "length_chars": len(final),
+        "length_words": len(words(final)),
         "repetition_3gram": repetition(final),
         "empty": int(empty),
         "refusal": int(refusal),

@@ -31,12 +31,12 @@ WEIGHT_FILES = (
 )
 
 
-def resolve_clip_model(path: str | Path | None) -> Path:
-    """The local open_clip directory for `--tags clip` (flag, then env var), or MissingWeightsError."""
+def resolve_clip_model(path: str | Path | None, needed_by: str = "--tags clip") -> Path:
+    """The local open_clip directory (flag, then env var), or MissingWeightsError naming `needed_by`."""
     raw = str(path) if path else os.environ.get(ENV_VAR)
     if not raw:
         raise MissingWeightsError(
-            f"--tags clip needs local CLIP weights: pass --clip-model DIR or set ${ENV_VAR}=DIR "
+            f"{needed_by} needs local CLIP weights: pass --clip-model DIR or set ${ENV_VAR}=DIR "
             "(a folder with open_clip_config.json and open_clip_model.safetensors)")
     p = Path(raw).expanduser()
     where = "--clip-model" if path else f"${ENV_VAR}"

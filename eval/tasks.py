@@ -76,14 +76,27 @@ def _need(path: Path, what: str) -> Path:
     return path
 
 
-def _image_file(path: Path) -> Callable[[], Image.Image]:
-    def load() -> Image.Image:
+class _ImageFile:
+    """A benchmark image on disk, decoded when a prompt needs it. `raw()` is its file's bytes and
+    `ref` names it (decontamination in datagen/decontam.py hashes benchmark images through these)."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.ref = str(path)
+
+    def raw(self) -> bytes:
+        return self.path.read_bytes()
+
+    def __call__(self) -> Image.Image:
         try:
-            with Image.open(path) as im:
+            with Image.open(self.path) as im:
                 return im.convert("RGB")
         except OSError as e:
-            raise UserError(f"not a readable image ({type(e).__name__})", file=path) from None
-    return load
+            raise UserError(f"not a readable image ({type(e).__name__})", file=self.path) from None
+
+
+def _image_file(path: Path) -> Callable[[], Image.Image]:
+    return _ImageFile(path)
 
 
 class Task:
@@ -299,14 +312,30 @@ class MMBench(Task):
                                          for i in items)
 
 
-def _b64_image(data: str, path: Path, row: int) -> Callable[[], Image.Image]:
-    def load() -> Image.Image:
+class _InlineImage:
+    """A base64 image in a row of a benchmark table (MMBench), decoded when needed; `ref` names the row."""
+
+    def __init__(self, data: str, path: Path, row: int):
+        self.data, self.path, self.row = data, path, row
+        self.ref = f"{path}:{row}"
+
+    def raw(self) -> bytes:
         try:
-            with Image.open(io.BytesIO(base64.b64decode(data, validate=True))) as im:
+            return base64.b64decode(self.data, validate=True)
+        except ValueError as e:
+            raise UserError(f"row {self.row}: the image column is not base64 ({e})", file=self.path) from None
+
+    def __call__(self) -> Image.Image:
+        try:
+            with Image.open(io.BytesIO(self.raw())) as im:
                 return im.convert("RGB")
-        except (OSError, ValueError) as e:
-            raise UserError(f"row {row}: the image column is not a base64 image ({type(e).__name__})", file=path) from None
-    return load
+        except OSError as e:
+            raise UserError(f"row {self.row}: the image column is not a base64 image ({type(e).__name__})",
+                            file=self.path) from None
+
+
+def _b64_image(data: str, path: Path, row: int) -> Callable[[], Image.Image]:
+    return _InlineImage(data, path, row)
 
 
 TASKS: dict[str, type[Task]] = {t.name: t for t in (VQAv2, OKVQA, TextVQA, COCOCaptions, POPE, MMBench)}

@@ -35,12 +35,15 @@ from typing import Any, Mapping
 
 from blip3.core.catalog import SOURCE_KINDS
 from blip3.core.errors import UserError
+from blip3.core.logs import get_logger
 from blip3.core.yamlio import read_yaml
 from blip3.mixture.caption_choice import validate_caption_choice
+from blip3.mixture.curation import check_rules_applied, source_exclusions, validate_curation
 from blip3.mixture.manifest import (WEIGHT_BY, Manifest, ManifestSource, ShardRef, check_verify_mode, shard_change,
                                     write_manifest)
 from blip3.mixture.tokens import DEFAULT_VISION_TOKENS_PER_CROP, TokenCounter
 
+log = get_logger("mix")
 _VAR = re.compile(r"\$\{(\w+)(?::-([^}]*))?\}")
 
 
@@ -77,7 +80,8 @@ def validate_spec(data: Any, file: str | None = None) -> dict[str, Any]:
         raise err("a mixture spec is a mapping with name, seed and sources", "spec")
     if "manifest_version" in data:
         raise err("this is a built manifest, not a spec; pass it to the loader or `mix sample`", "manifest_version")
-    unknown = set(data) - {"name", "seed", "target", "weight_by", "vision_tokens_per_crop", "sources", "description"}
+    unknown = set(data) - {"name", "seed", "target", "weight_by", "vision_tokens_per_crop", "sources", "description",
+                           "curation"}
     if unknown:
         raise err(f"unknown field(s) {', '.join(sorted(unknown))}", sorted(unknown)[0])
     name = data.get("name")
@@ -102,7 +106,8 @@ def validate_spec(data: Any, file: str | None = None) -> dict[str, Any]:
         if any(o["name"] == s["name"] for o in out_sources[:i]):
             raise err(f"duplicate source {s['name']!r}", f"sources[{i}].name")
     return {"name": name, "seed": seed, "weight_by": weight_by, "target": target,
-            "vision_tokens_per_crop": vision, "sources": out_sources}
+            "vision_tokens_per_crop": vision, "sources": out_sources,
+            "curation": validate_curation(data.get("curation"), file)}
 
 
 def _validate_target(target: Any, err) -> dict[str, int] | None:
@@ -183,7 +188,10 @@ def build_manifest(
                 resolved.append(_inline_source(s, i, counter, base, file, variables))
             else:
                 resolved.append(_catalog_source(cat, s, i, counter, file, checksum=verify == "sha256",
-                                                storage_options=storage_options))
+                                                storage_options=storage_options, curation=spec_d["curation"]))
+        catalogued = {s["name"]: r.curation for s, r in zip(spec_d["sources"], resolved) if "path" not in s}
+        for warning in check_rules_applied(spec_d["curation"], catalogued, file):
+            log.warning(warning)
         manifest = _plan(spec_d, resolved, counter)
         if out is not None:
             write_manifest(manifest, out)
@@ -239,7 +247,8 @@ def _inline_source(s: dict, i: int, counter: TokenCounter, base: Path, file: str
 
 
 def _catalog_source(cat, s: dict, i: int, counter: TokenCounter, file: str | None, *,
-                    checksum: bool, storage_options: dict[str, Any] | None = None) -> ManifestSource:
+                    checksum: bool, storage_options: dict[str, Any] | None = None,
+                    curation: dict[str, Any] | None = None) -> ManifestSource:
     field = f"sources[{i}].name"
     row = cat.source(s["name"])
     if row is None:
@@ -264,6 +273,8 @@ def _catalog_source(cat, s: dict, i: int, counter: TokenCounter, file: str | Non
         )
     from blip3.core.logs import progress
 
+    rules = (curation or {}).get("rules", [])
+    left_out = source_exclusions(cat.con, s["name"], rules)
     shards = []
     listed = [astuple(r) for r in cat.source_shards(s["name"])]
     with progress(transient=True) as bar:
@@ -282,10 +293,17 @@ def _catalog_source(cat, s: dict, i: int, counter: TokenCounter, file: str | Non
                 from blip3.mixture.sources import scan_shard
 
                 tokens = scan_shard(path, kind, counter, storage_options=storage_options).tokens
-            if n:
-                shards.append(ShardRef(path, sha, int(size), int(n), int(tokens)))
+            excluded = sorted(left_out.keys.get(path, ()))
+            kept = int(n or 0) - len(excluded)
+            if kept > 0:
+                # Tokens of the kept samples, estimated as the shard's mean per sample (the tar is
+                # not re-read to count them).
+                shards.append(ShardRef(path, sha, int(size), kept, round(int(tokens) * kept / int(n)),
+                                       exclude=excluded or None))
             bar.advance(task)
-    return _source(s, kind, shards, i, file)
+    source = _source(s, kind, shards, i, file)
+    source.curation = left_out.removed or None
+    return source
 
 
 def _source(s: dict, kind: str, shards: list[ShardRef], i: int, file: str | None) -> ManifestSource:
@@ -336,7 +354,11 @@ def _plan(spec: dict, sources: list[ManifestSource], counter: TokenCounter) -> M
         s.target_samples = n
         s.target_tokens = round(n * m)
         s.epochs = round(n / s.samples, 6)
+    curated = [s for s in sources if s.curation is not None]
+    curation = spec.get("curation") or {}
     return Manifest(
+        curation={"rules": curation["rules"], "exclude": curation["exclude"], "keep_all": curation["keep_all"]}
+        if curated else None,
         name=spec["name"],
         seed=spec["seed"],
         target={"samples": total, "tokens": sum(s.target_tokens for s in sources)},

@@ -251,7 +251,7 @@ class MixtureLoader(IterableDataset):
         src = st.src
         epoch, shard_i, idx = st.locate(local)
         ref = src.shards[shard_i]
-        f, index = cache.get(ref.path, ref.samples)
+        f, index = cache.get(ref.path, ref.samples, ref.exclude)
         entry = index[idx]
         if not self.decode:
             return {"source": src.name, "kind": src.kind, "key": entry.key, "epoch": epoch, "shard": ref.path}

@@ -45,8 +45,9 @@ class ShardRef:
     path: str
     sha256: str
     bytes: int
-    samples: int
+    samples: int  # samples the mixture draws from it: those in the tar less `exclude`
     tokens: int | None = None
+    exclude: list[str] | None = None  # keys a curation rule left out (mixture/curation.py)
 
 
 @dataclass
@@ -70,6 +71,7 @@ class ManifestSource:
     target_samples: int | None = None
     target_tokens: int | None = None
     caption: dict[str, Any] | None = None  # the caption variant the loader hands out (mixture.caption_choice)
+    curation: dict[str, int] | None = None  # rule -> samples of this source it left out (mixture.curation)
 
     def __post_init__(self) -> None:
         if self.sample_weight is None:
@@ -88,6 +90,7 @@ class Manifest:
     tokenizer: str = ESTIMATE_LABEL
     vision_tokens_per_image: int = DEFAULT_VISION_TOKENS_PER_CROP
     created_at: str | None = None
+    curation: dict[str, Any] | None = None  # the rules applied: {rules, exclude, keep_all}
     path: str | None = field(default=None, compare=False)  # where it was loaded from (not written)
 
     def source(self, name: str) -> ManifestSource:
@@ -99,9 +102,15 @@ class Manifest:
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
         d.pop("path")
+        if d.get("curation") is None:
+            d.pop("curation", None)  # only a mixture that applied curation rules says so
         for s in d["sources"]:
-            if s.get("caption") is None:
-                s.pop("caption", None)  # only sources that choose a caption variant say so
+            for optional in ("caption", "curation"):  # only sources that use them say so
+                if s.get(optional) is None:
+                    s.pop(optional, None)
+            for sh in s["shards"]:
+                if not sh.get("exclude"):
+                    sh.pop("exclude", None)
         return {"manifest_version": MANIFEST_VERSION, **d}
 
 
@@ -190,7 +199,28 @@ def manifest_from_dict(data: Any, *, file: str | Path | None = None) -> Manifest
         vision_tokens_per_image=v.integer(data, "vision_tokens_per_image", minimum=0,
                                           default=DEFAULT_VISION_TOKENS_PER_CROP),
         created_at=data.get("created_at"),
+        curation=_curation(data.get("curation"), "curation", file),
     )
+
+
+def _curation(value: Any, field_name: str, file: str | Path | None) -> dict[str, Any] | None:
+    """A manifest's record of the curation applied (a mapping), as written by `mix build`."""
+    if value is None:
+        return None
+    if not isinstance(value, dict):
+        raise UserError("must be a mapping", field=field_name, file=file)
+    return value
+
+
+def _exclude(value: Any, field_name: str, file: str | None) -> list[str] | None:
+    """A shard's `exclude`: distinct keys (strings)."""
+    if value is None:
+        return None
+    if not isinstance(value, list) or not all(isinstance(k, str) and k for k in value):
+        raise UserError("must be a list of sample keys", field=field_name, file=file)
+    if len(set(value)) != len(value):
+        raise UserError("lists a key twice", field=field_name, file=file)
+    return value
 
 
 def _source(v: "_Validator", s: Any, prefix: str, base: Path) -> ManifestSource:
@@ -217,6 +247,7 @@ def _source(v: "_Validator", s: Any, prefix: str, base: Path) -> ManifestSource:
                 bytes=v.integer(sh, "bytes", minimum=1, prefix=p),
                 samples=v.integer(sh, "samples", minimum=0, prefix=p),
                 tokens=v.integer(sh, "tokens", minimum=0, prefix=p, default=None),
+                exclude=_exclude(sh.get("exclude"), f"{p}exclude", v.file),
             )
         )
     samples = v.integer(s, "samples", minimum=1, prefix=prefix)
@@ -239,6 +270,7 @@ def _source(v: "_Validator", s: Any, prefix: str, base: Path) -> ManifestSource:
         target_tokens=v.integer(s, "target_tokens", minimum=0, prefix=prefix, default=None),
         caption=None if s.get("caption") is None else validate_caption_choice(
             s["caption"], field=f"{prefix}caption", file=v.file),
+        curation=_curation(s.get("curation"), f"{prefix}curation", v.file),
     )
 
 

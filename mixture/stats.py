@@ -31,6 +31,10 @@ def mixture_queries(name: str) -> dict[str, str]:
         "OCR / grounding coverage": f"SELECT * FROM v_coverage WHERE {in_mix}",
         "caption length (characters)": f"SELECT * FROM v_caption_length_quantiles WHERE {in_mix}",
         "failure reasons": f"SELECT * FROM v_failure_share WHERE {in_mix}",
+        "curation: samples each rule left out": (
+            "SELECT c.source, c.rule, c.removed, round(c.removed / ms.available_samples, 4) AS share_of_source "
+            f"FROM mixture_curation c JOIN mixture_sources ms ON ms.mixture = c.mixture AND ms.source = c.source "
+            f"WHERE c.mixture = {q} ORDER BY c.source, c.rule"),
     }
 
 

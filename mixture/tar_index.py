@@ -123,11 +123,22 @@ class TarCache:
         self.size = size
         self._items: OrderedDict[str, tuple[Any, list[SampleIndex]]] = OrderedDict()
 
-    def get(self, path: str, expected_samples: int | None = None) -> tuple[Any, list[SampleIndex]]:
+    def get(self, path: str, expected_samples: int | None = None,
+            exclude: list[str] | None = None) -> tuple[Any, list[SampleIndex]]:
+        """The open tar and its index, less the samples whose keys are in `exclude` (what curation
+        left out: the loader's positions count kept samples only). The cache holds one exclusion
+        list per path (a manifest lists a shard once)."""
         if path in self._items:
             self._items.move_to_end(path)
             return self._items[path]
         index = index_tar(path)
+        if exclude:
+            left_out = set(exclude)
+            kept = [e for e in index if e.key not in left_out]
+            if len(index) - len(kept) != len(left_out):
+                raise UserError(f"the manifest leaves out {len(left_out) - len(index) + len(kept)} key(s) the shard "
+                                "does not hold (it changed)", file=path)
+            index = kept
         if expected_samples is not None and len(index) != expected_samples:
             raise UserError(
                 f"shard holds {len(index)} samples but the manifest records {expected_samples} (it changed)", file=path

@@ -276,7 +276,7 @@ def test_a_shard_is_captioned_in_batches(tiny_llava, tmp_path, monkeypatch):  # 
     with Catalog(db) as cat:
         cat.add_output(str(tmp_path / "out"), source="kale")
     assert register_scores(db, "kale") == 1 and register_scores(db, "kale") == 0
-    rows = run_query("SELECT key, caption_chars, merged FROM v_sample_scores ORDER BY key", db).to_pylist()
+    rows = run_query("SELECT key, length_chars, merged FROM v_recaption_scores ORDER BY key", db).to_pylist()
     assert [r["key"] for r in rows] == [f"img_{i:02d}" for i in range(6)] and all(r["merged"] == 0 for r in rows)
 
 

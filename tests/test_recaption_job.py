@@ -56,7 +56,7 @@ def test_recaption_job_writes_traceable_shards_and_catalog_scores(ray_local, tmp
     # the catalog: generator info per shard, one score row per sample and signal, the views
     shard_gen = _rows(db, "SELECT generator FROM shards ORDER BY idx")
     assert json.loads(shard_gen[0]["generator"])["llm"]["prompt"] == DEFAULT_MERGE_PROMPT
-    per_sample = _rows(db, "SELECT key, merged, alt_entities, entity_survival FROM v_sample_scores ORDER BY key")
+    per_sample = _rows(db, "SELECT key, merged, alt_entities, entity_survival FROM v_recaption_scores ORDER BY key")
     assert [(s["key"], s["merged"], s["alt_entities"]) for s in per_sample] == [
         ("img_00", 1, 2), ("img_01", 0, None), ("img_02", 1, 1), ("img_03", 1, 3), ("img_04", 0, None), ("img_05", 1, None)]
     (quality,) = _rows(db, "SELECT * FROM v_recaption_quality")

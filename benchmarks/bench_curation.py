@@ -1,0 +1,221 @@
+"""Curation benchmark (`blip3 curate`): the figures docs/curation.md quotes, side by side.
+
+    python benchmarks/bench_curation.py [--hashes 10000000] [--images 300] [--skip-lsh]
+
+Rows:
+- **pHash**: images per CPU-second of `datagen.image_hash.phash(open_image(bytes))` against
+  `imagehash.phash(Image.open(bytes))` in a plain loop over the same JPEGs (photo-sized, 640x480
+  smooth random pictures, decoded in both); goal >= 0.9x. The better of 3 rounds each (a shared
+  machine's neighbours only ever slow a round down).
+- **near-dup search** over N random 64-bit hashes plus 10,000 planted pairs at distance 0..4:
+  recall of the planted pairs, wall and CPU seconds, peak resident memory of the process (run in a
+  child process, so the figure is the search's alone). Goal: recall >= 0.99 at distance <= 4, in
+  minutes. Beside it, one band of the same search as a DuckDB self-join on the band key over the
+  same hashes (the alternative of running it in SQL over the catalog), per band.
+- **CLIP stage** (tiny open_clip, built here): `ClipStage` on batches of 64 against the bare loop
+  (decode, preprocess, encode image and text, cosine) on the same images; goal: framework cost
+  <= 1.1x.
+- **text presence**: the OCR engine's detector alone (`TextPresenceStage`) against the full OCR
+  engine call, CPU seconds per image on rendered sign pictures.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageDraw
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+os.environ.setdefault("BLIP3_NO_PROGRESS", "1")
+
+from benchmarks._common import peak_rss_mb, report  # noqa: E402
+
+
+def _pictures(n: int, size=(640, 480)) -> list[bytes]:
+    from tests.curate_fixtures import encode, picture
+
+    return [encode(picture(i, size)) for i in range(n)]
+
+
+def _best_cpu(fn, rounds: int = 3) -> float:
+    best = float("inf")
+    for _ in range(rounds):
+        t = time.process_time()
+        fn()
+        best = min(best, time.process_time() - t)
+    return best
+
+
+def bench_phash(n: int) -> list[dict]:
+    import imagehash
+
+    from blip3.datagen.image_hash import open_image, phash
+
+    images = _pictures(n)
+    ours = _best_cpu(lambda: [phash(open_image(b)) for b in images])
+    ref = _best_cpu(lambda: [imagehash.phash(Image.open(io.BytesIO(b))) for b in images])
+    same = sum(phash(open_image(b)) == int(str(imagehash.phash(Image.open(io.BytesIO(b)))), 16) for b in images)
+    return [{"what": "pHash, imagehash plain loop", "images": n, "images/cpu-s": n / ref, "vs imagehash": 1.0,
+             "note": ""},
+            {"what": "pHash, datagen.image_hash", "images": n, "images/cpu-s": n / ours, "vs imagehash": ref / ours,
+             "note": f"same bits on {same}/{n} images"}]
+
+
+def _flip(h: np.ndarray, rng, d: int) -> np.ndarray:
+    out = h.copy()
+    for i in range(len(out)):
+        for b in rng.choice(64, size=d, replace=False):
+            out[i] ^= np.uint64(1) << np.uint64(int(b))
+    return out
+
+
+def lsh_child(n: int) -> None:
+    """In a child process: the search over n random hashes + planted pairs; prints JSON."""
+    from blip3.datagen.lsh import near_pairs, plan
+
+    rng = np.random.default_rng(0)
+    hashes = rng.integers(0, 2**63, n, dtype=np.uint64) * np.uint64(2) + rng.integers(0, 2, n, dtype=np.uint64)
+    planted = 10_000
+    src = rng.choice(n, size=planted, replace=False)
+    copies = np.concatenate([_flip(hashes[src[d::5]], rng, d) for d in range(5)])
+    originals = np.concatenate([src[d::5] for d in range(5)])
+    allh = np.concatenate([hashes, copies])
+    lsh = plan(len(allh), 4)
+    t, c = time.perf_counter(), time.process_time()
+    pairs = near_pairs(allh, 4)
+    wall, cpu = time.perf_counter() - t, time.process_time() - c
+    codes = set((pairs[:, 0] * len(allh) + pairs[:, 1]).tolist())
+    want = np.stack([originals, n + np.arange(planted)], axis=1)
+    found = sum(int(a) * len(allh) + int(b) in codes for a, b in want)
+    # one band as a DuckDB self-join on the band key, for comparison
+    import duckdb
+    import pyarrow as pa
+
+    from blip3.datagen.lsh import band_keys
+
+    keys = band_keys(allh, rng.choice(64, size=lsh.band_bits, replace=False))
+    con = duckdb.connect()
+    con.register("h", pa.table({"i": np.arange(len(allh)), "k": keys, "h": allh}))
+    t = time.perf_counter()
+    m = con.execute("SELECT count(*) FROM h a JOIN h b ON a.k = b.k AND a.i < b.i "
+                    "WHERE bit_count(xor(a.h, b.h)) <= 4").fetchone()[0]
+    duck_band = time.perf_counter() - t
+    t = time.perf_counter()
+    order = np.argsort(keys, kind="stable")
+    sk = keys[order]
+    o = 1
+    while (same := np.flatnonzero(sk[o:] == sk[:-o])).size:
+        np.bitwise_count(allh[order[same]] ^ allh[order[same + o]])
+        o += 1
+    numpy_band = time.perf_counter() - t
+    print(json.dumps({"n": len(allh), "bands": lsh.bands, "band_bits": lsh.band_bits, "planned_recall": lsh.recall,
+                      "recall": found / planted, "pairs": len(pairs), "wall_s": wall, "cpu_s": cpu,
+                      "peak_mb": peak_rss_mb(), "duckdb_band_s": duck_band, "numpy_band_s": numpy_band,
+                      "duckdb_band_pairs": m}))
+
+
+def bench_lsh(n: int) -> list[dict]:
+    out = subprocess.run([sys.executable, __file__, "--lsh-child", str(n)], capture_output=True, text=True, check=True)
+    r = json.loads(out.stdout.strip().splitlines()[-1])
+    return [{"what": f"near-dup search, {r['n']:,} hashes (numpy LSH)", "images": r["n"],
+             "images/cpu-s": r["n"] / r["cpu_s"], "vs imagehash": "",
+             "note": f"recall {r['recall']:.4f} of 10,000 planted pairs at distance 0-4 (planned {r['planned_recall']:.4f}); "
+                     f"{r['bands']} bands of {r['band_bits']} bits; {r['wall_s']:.0f} s wall, {r['cpu_s']:.0f} cpu-s; "
+                     f"peak RSS {r['peak_mb']:.0f} MB; {r['pairs']:,} pairs"},
+            {"what": "one band: numpy sort vs DuckDB self-join", "images": r["n"], "images/cpu-s": "",
+             "vs imagehash": "",
+             "note": f"numpy {r['numpy_band_s']:.1f} s, DuckDB {r['duckdb_band_s']:.1f} s per band"}]
+
+
+def bench_clip(n: int) -> list[dict]:
+    import torch
+
+    from blip3.datagen.clip_score import ClipStage
+    from blip3.datagen.image_hash import open_image
+    from tests.grounding_fixtures import build_tiny_clip
+
+    torch.set_num_threads(1)
+    with tempfile.TemporaryDirectory() as tmp:
+        model_dir = build_tiny_clip(Path(tmp) / "clip")
+        stage = ClipStage(model_dir, device="cpu")
+        images = _pictures(n, (320, 240))
+        captions = [f"a picture number {i}" for i in range(n)]
+        batches = [(images[i:i + 64], captions[i:i + 64]) for i in range(0, n, 64)]
+
+        def bare():
+            with torch.inference_mode():
+                for imgs, caps in batches:
+                    x = torch.stack([stage.preprocess(open_image(b).convert("RGB")) for b in imgs])
+                    a = stage.model.encode_image(x)
+                    t = stage.model.encode_text(stage.tokenizer(caps))
+                    torch.nn.functional.cosine_similarity(a, t)
+
+        def framework():
+            for imgs, caps in batches:
+                stage({"key": np.arange(len(imgs)), "image": np.asarray(imgs, dtype=object),
+                       "caption": np.asarray(caps, dtype=object)})
+
+        b = _best_cpu(bare)
+        f = _best_cpu(framework)
+    return [{"what": "CLIP score, bare model loop (tiny open_clip)", "images": n, "images/cpu-s": n / b,
+             "vs imagehash": "", "note": ""},
+            {"what": "CLIP score, ClipStage (map_batches callable)", "images": n, "images/cpu-s": n / f,
+             "vs imagehash": "", "note": f"framework cost {f / b:.3f}x the bare loop"}]
+
+
+def bench_text_presence(n: int) -> list[dict]:
+    from blip3.datagen.curate_stages import TextPresenceStage
+    from blip3.datagen.image_hash import open_image
+    from blip3.datagen.ocr_engines import RapidOcrEngine
+
+    rng = np.random.default_rng(1)
+    pages = []
+    for i in range(n):
+        img = Image.new("RGB", (640, 480), tuple(int(v) for v in rng.integers(180, 255, 3)))
+        d = ImageDraw.Draw(img)
+        for line in range(int(rng.integers(1, 4))):
+            d.text((20, 40 + 120 * line), f"SALE {i} OPEN {line} DAYS", fill="black", font_size=36)
+        buf = io.BytesIO()
+        img.save(buf, format="JPEG")
+        pages.append(buf.getvalue())
+    det = TextPresenceStage()
+    full = RapidOcrEngine(threads=1)
+    full.load()
+    decoded = [open_image(b) for b in pages]
+    d = _best_cpu(lambda: [det.boxes(im) for im in decoded], rounds=2)
+    f = _best_cpu(lambda: [full.recognize(im.convert("RGB")) for im in decoded], rounds=2)
+    return [{"what": "text presence, detector alone", "images": n, "images/cpu-s": n / d, "vs imagehash": "",
+             "note": f"{d / n * 1000:.0f} ms/image"},
+            {"what": "full OCR (det + cls + rec)", "images": n, "images/cpu-s": n / f, "vs imagehash": "",
+             "note": f"{f / n * 1000:.0f} ms/image: the detector is {d / f:.2f}x of it"}]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--hashes", type=int, default=10_000_000)
+    ap.add_argument("--images", type=int, default=300)
+    ap.add_argument("--skip-lsh", action="store_true")
+    ap.add_argument("--lsh-child", type=int, default=None, help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.lsh_child is not None:
+        lsh_child(args.lsh_child)
+        return
+    rows = bench_phash(args.images)
+    rows += bench_clip(args.images)
+    rows += bench_text_presence(max(8, args.images // 10))
+    if not args.skip_lsh:
+        rows += bench_lsh(args.hashes)
+    report("bench_curation", rows, "curation: hashing, near-dup search, CLIP stage, text presence")
+
+
+if __name__ == "__main__":
+    main()
