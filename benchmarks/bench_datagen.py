@@ -183,8 +183,28 @@ def _role(pid: int, cmdline: str) -> str:
     return "workers" if cmdline.startswith("ray::") or "default_worker" in cmdline else "ray daemons"
 
 
-def pipeline_run(folder: Path, coco: Path, out: Path, workers: int, limit: int) -> PipelineRun:
-    """Run `ground` on the first `limit` images with the Ray cluster already up."""
+#: How the job is cut into Ray Data rows: `plan-rows` is `blip3 ground` (one row per shard plan);
+#: the others are the same work as a user's pipeline of `blip3.datagen.ray` with one row per
+#: image, carrying its encoded bytes (`read_binary_files`) or its pixels (`read_images`).
+DESIGNS = ("plan-rows", "image-bytes", "image-pixels")
+
+
+def _library_job(folder: Path, coco: Path, out: Path, workers: int, limit: int, pixels: bool) -> None:
+    import ray.data
+
+    from blip3.datagen.ray import Grounding, ShardSink
+
+    files = [str(p) for p in sorted(folder.glob("*.jpg"))[:limit]]
+    ds = (ray.data.read_images(files, include_paths=True, mode="RGB") if pixels
+          else ray.data.read_binary_files(files, include_paths=True))
+    ds = ds.map_batches(Grounding, fn_constructor_kwargs={"root": str(folder), "detector": "annotations",
+                                                          "annotations": str(coco)},
+                        compute=ray.data.ActorPoolStrategy(size=workers), batch_size=SHARD_SIZE)
+    ds.write_datasink(ShardSink(out, rows_per_shard=SHARD_SIZE))
+
+
+def pipeline_run(folder: Path, coco: Path, out: Path, workers: int, limit: int, design: str = "plan-rows") -> PipelineRun:
+    """Run `ground` (or its `design` alternative) on the first `limit` images, Ray already up."""
     from blip3.datagen.grounding import ground, make_config
     from blip3.datagen.pipeline import JobOptions
 
@@ -192,8 +212,11 @@ def pipeline_run(folder: Path, coco: Path, out: Path, workers: int, limit: int) 
     t = time.perf_counter()
     # Sampled often: the actors are killed at the job's end and only sampled CPU counts.
     with TreeMonitor(0.05) as mon:
-        ground(folder, out, make_config(detector="annotations", annotations=coco),
-               JobOptions(workers=workers, shard_size=SHARD_SIZE, limit=limit, register=False))
+        if design == "plan-rows":
+            ground(folder, out, make_config(detector="annotations", annotations=coco),
+                   JobOptions(workers=workers, shard_size=SHARD_SIZE, limit=limit, register=False))
+        else:
+            _library_job(folder, coco, out, workers, limit, pixels=design == "image-pixels")
     wall = time.perf_counter() - t
     after = _proc_io()
     cpu: dict[str, float] = {"driver": 0.0, "workers": 0.0, "ray daemons": 0.0}
@@ -211,12 +234,20 @@ def folder_bytes(folder: Path) -> int:
 _PLAN_ONLY = """
 import re, sys, time
 from pathlib import Path
+import ray
+from blip3.datagen.pipeline import _plan_block
 from blip3.datagen.plans import count_tars_locally, job_plans
+ray.init(num_cpus=1, include_dashboard=False, log_to_driver=False, logging_level="ERROR")
 cpu = time.process_time()
-# the tar is counted in this process (a job counts it in a Ray task); plans are tar ranges
-n = sum(s.stop - s.start for p in job_plans(sys.argv[1], None, 1000, count_tars=count_tars_locally) for s in p.spans)
+# the tar is counted in this process (a job counts it in a Ray task); plans are tar ranges, each put
+# into the object store as a job's driver does, keeping only the reference
+blocks, n = [], 0
+for p in job_plans(sys.argv[1], None, 1000, count_tars=count_tars_locally):
+    n += sum(s.stop - s.start for s in p.spans)
+    blocks.append(_plan_block(p))
 cpu = time.process_time() - cpu
 print(n, int(re.search(r"VmHWM:\\s+(\\d+)", Path("/proc/self/status").read_text()).group(1)) / 1024, cpu)
+ray.shutdown()
 """
 
 
@@ -232,7 +263,7 @@ def planning_rss(tmp: Path, n: int) -> tuple[float, float]:
             tar.addfile(info, fileobj=__import__("io").BytesIO(data))
     out = subprocess.run([sys.executable, "-c", _PLAN_ONLY, str(tar_path)], capture_output=True, text=True,
                          check=True, env={**os.environ, "PYTHONPATH": os.environ.get("PYTHONPATH", "")})
-    count, rss, cpu = out.stdout.split()
+    count, rss, cpu = out.stdout.split()[-3:]
     assert int(count) == n
     tar_path.unlink()
     return float(rss), n / float(cpu)
@@ -348,6 +379,37 @@ def busy_fraction(tmp: Path, n: int, size: tuple[int, int], hold_s: float, desig
             "vs loop": f"busy {of_window:.0%} of the stage's window, {of_job:.0%} of the job"}
 
 
+def pair_rows(design: str, pairs: list, extra: int, half: int, args: argparse.Namespace, loop_wall: float,
+              loop_cpu: float, tmp: Path) -> list[dict]:
+    """The rows of one design's job pairs: each pair's marginal rates, all pairs pooled, and the
+    driver's share of the bytes written by the full run of the first pair."""
+    rows = []
+    ratios = []
+    for r, (p_half, p_full) in enumerate(pairs):
+        per_core = extra / (p_full.wall - p_half.wall) / args.workers
+        per_cpu = extra / (p_full.cpu_s - p_half.cpu_s)
+        ratios.append(per_cpu / loop_cpu)
+        split = ", ".join(f"{k} {(p_full.cpu[k] - p_half.cpu[k]) / extra * 1e3:.3f}" for k in p_full.cpu)
+        rows.append({"what": f"{design}, {args.workers} workers (marginal), run {r + 1}; CPU ms/image: {split}",
+                     "images": f"{half}->{args.images}",
+                     "seconds": f"{p_half.wall:.1f}/{p_full.wall:.1f} wall, {p_half.cpu_s:.1f}/{p_full.cpu_s:.1f} CPU",
+                     "images/s per core": f"{per_core:.0f} wall, {per_cpu:.0f} CPU",
+                     "vs loop": f"{per_core / loop_wall:.2f}x wall, {per_cpu / loop_cpu:.2f}x CPU"})
+    ratios.sort()
+    pooled = extra * len(pairs) / sum(f.cpu_s - h.cpu_s for h, f in pairs)
+    rows.append({"what": f"{design} marginal vs loop, all runs pooled (CPU)", "images": f"{len(ratios)} runs",
+                 "seconds": f"loop {1e3 / loop_cpu:.3f} CPU ms/image",
+                 "images/s per core": f"{pooled:.0f} CPU", "vs loop": f"{pooled / loop_cpu:.2f}x CPU (median "
+                 f"{statistics.median(ratios):.2f}x, runs {ratios[0]:.2f}-{ratios[-1]:.2f}x)"})
+    out_bytes = folder_bytes(tmp / f"{design}-full-0")
+    io_full = pairs[0][1].io
+    rows.append({"what": f"{design}: driver writes / output bytes", "images": args.images,
+                 "seconds": f"output {out_bytes / 1e6:.1f} MB",
+                 "images/s per core": f"write_bytes {io_full['write_bytes'] / out_bytes:.2%}",
+                 "vs loop": f"wchar {io_full['wchar'] / out_bytes:.2%}"})
+    return rows
+
+
 def busy_rows(tmp: Path, args: argparse.Namespace) -> list[dict]:
     """The busy-fraction rows: a cluster with one "accelerator" (a custom resource) and a CPU for
     the actor holding it on top of the machine's cores, which the read and write stages share."""
@@ -382,6 +444,7 @@ def main() -> None:
     ap.add_argument("--busy-sizes", default="320x240,1024x768", help="photo sizes of the busy-fraction jobs")
     ap.add_argument("--hold-ms", type=float, default=20.0, help="the stand-in model's time per image")
     ap.add_argument("--busy-only", action="store_true", help="only the busy-fraction rows")
+    ap.add_argument("--designs", default="plan-rows", help=f"comma-separated, of {', '.join(DESIGNS)}")
     args = ap.parse_args()
     os.environ.setdefault("BLIP3_NO_PROGRESS", "1")
     rows: list[dict] = []
@@ -404,20 +467,24 @@ def main() -> None:
         from blip3.core.ray_session import ray_session
 
         half = args.images // 2
-        pairs: list[tuple[PipelineRun, PipelineRun]] = []
+        designs = args.designs.split(",")
+        runs: dict[str, list[tuple[PipelineRun, PipelineRun]]] = {d: [] for d in designs}
         from blip3.datagen.pipeline import JobOptions, _local_cpus
 
         # the cluster a local job starts: the machine's cores for the read and write stages, plus
         # one per annotation actor
         with ray_session(num_cpus=_local_cpus(JobOptions(workers=args.workers))):
-            # A first job takes the workers Ray started with the cluster; every later job starts its
-            # own: run one, untimed, so the measured jobs all pay the same fixed cost.
-            pipeline_run(folder, coco, tmp / "p-warm", args.workers, SHARD_SIZE * args.workers)
-            for r in range(args.repeat):
-                wait_for_actor_exit("ray::MapWorker")
-                p_half = pipeline_run(folder, coco, tmp / f"p-half-{r}", args.workers, half)
-                wait_for_actor_exit("ray::MapWorker")
-                pairs.append((p_half, pipeline_run(folder, coco, tmp / f"p-full-{r}", args.workers, args.images)))
+            for design in designs:
+                # A first job takes the workers Ray started with the cluster; every later job starts
+                # its own: run one, untimed, so the measured jobs all pay the same fixed cost.
+                pipeline_run(folder, coco, tmp / f"{design}-warm", args.workers, SHARD_SIZE * args.workers, design)
+            for r in range(args.repeat):  # the designs in turn, so the machine's load falls on each alike
+                for design in designs:
+                    wait_for_actor_exit("ray::MapWorker")
+                    p_half = pipeline_run(folder, coco, tmp / f"{design}-half-{r}", args.workers, half, design)
+                    wait_for_actor_exit("ray::MapWorker")
+                    runs[design].append((p_half, pipeline_run(folder, coco, tmp / f"{design}-full-{r}", args.workers,
+                                                              args.images, design)))
             assert ray.is_initialized()
         loops.append(plain_loop(folder, coco, tmp / "loop-2"))
         inproc.append(worker_path(folder, coco, tmp / "inproc-2"))
@@ -433,29 +500,8 @@ def main() -> None:
                      "images/s per core": f"{in_wall:.0f} wall, {in_cpu:.0f} CPU",
                      "vs loop": f"{in_wall / loop_wall:.2f}x wall, {in_cpu / loop_cpu:.2f}x CPU"})
         extra = args.images - half
-        ratios = []
-        for r, (p_half, p_full) in enumerate(pairs):
-            per_core = extra / (p_full.wall - p_half.wall) / args.workers
-            per_cpu = extra / (p_full.cpu_s - p_half.cpu_s)
-            ratios.append(per_cpu / loop_cpu)
-            split = ", ".join(f"{k} {(p_full.cpu[k] - p_half.cpu[k]) / extra * 1e3:.3f}" for k in p_full.cpu)
-            rows.append({"what": f"pipeline, {args.workers} workers (marginal), run {r + 1}; CPU ms/image: {split}",
-                         "images": f"{half}->{args.images}",
-                         "seconds": f"{p_half.wall:.1f}/{p_full.wall:.1f} wall, {p_half.cpu_s:.1f}/{p_full.cpu_s:.1f} CPU",
-                         "images/s per core": f"{per_core:.0f} wall, {per_cpu:.0f} CPU",
-                         "vs loop": f"{per_core / loop_wall:.2f}x wall, {per_cpu / loop_cpu:.2f}x CPU"})
-        ratios.sort()
-        pooled = extra * len(pairs) / sum(f.cpu_s - h.cpu_s for h, f in pairs)
-        rows.append({"what": "pipeline marginal vs loop, all runs pooled (CPU)", "images": f"{len(ratios)} runs",
-                     "seconds": f"loop {1e3 / loop_cpu:.3f} CPU ms/image",
-                     "images/s per core": f"{pooled:.0f} CPU", "vs loop": f"{pooled / loop_cpu:.2f}x CPU (median "
-                     f"{statistics.median(ratios):.2f}x, runs {ratios[0]:.2f}-{ratios[-1]:.2f}x)"})
-        out_bytes = folder_bytes(tmp / "p-full-0")
-        io_full = pairs[0][1].io
-        rows.append({"what": "driver writes / output bytes", "images": args.images,
-                     "seconds": f"output {out_bytes / 1e6:.1f} MB",
-                     "images/s per core": f"write_bytes {io_full['write_bytes'] / out_bytes:.2%}",
-                     "vs loop": f"wchar {io_full['wchar'] / out_bytes:.2%}"})
+        for design, pairs in runs.items():
+            rows += pair_rows(design, pairs, extra, half, args, loop_wall, loop_cpu, tmp)
         (small, _), (large, plan_rate) = planning_rss(tmp, args.rss_small), planning_rss(tmp, args.rss_large)
         rows.append({"what": "driver peak RSS, planning (MB)", "images": f"{args.rss_small:,} / {args.rss_large:,}",
                      "seconds": f"counted + planned in one process: {plan_rate:,.0f} refs/CPU-s",

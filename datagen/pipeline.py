@@ -1,31 +1,43 @@
-"""One datagen pipeline for every annotator: read -> validate -> annotate -> caption -> write.
+"""One datagen pipeline for every annotator, on Ray Data: read -> decode -> annotate -> record -> write.
 
     input (streamed, stable order) --datagen.plans--> shard plans 0..n-1, one at a time
-      --skip finished ones--> one actor pool for the whole job (one annotator per actor, loaded
-      once), at most IN_FLIGHT_PER_WORKER plans queued per actor (back-pressure)
-      --each actor call = one whole shard: read (a URL list's rows are fetched here), decode+validate,
-      annotate, caption, write tar + parquet + stats straight to the output, atomically--> the
-      shard's stats back to the driver
-      --> catalog.BatchRegistrar: registered in batches as they finish (the driver is the only
-      catalog writer), then catalog.add_output at the end for the shards done before
+      --skip finished ones--> each plan a one-row block in Ray's object store (the driver keeps
+      the reference) --> a `ray.data.Dataset` (`build_dataset`) of three stages:
+        decode_shards   CPU tasks: read (a URL list's rows are fetched here), decode + validate
+        AnnotateShards  an actor pool (`workers` actors, one annotator each, loaded once; the
+                        job's CPUs/GPUs/custom resources per actor): the model's step only
+        write_shards    CPU tasks: caption, record, tar + parquet + stats straight into the
+                        output, atomically; the shard's stats are the row that comes back
+      --> the driver, as rows stream back: catalog.BatchRegistrar registers them in batches (the
+      driver is the only catalog writer), then catalog.add_output at the end for the shards done
+      before
 
 Why this shape:
+- Rows are whole shards, not images: the framework's cost (Arrow, the object store, scheduling)
+  is per shard, and a sample's bytes move between stages once, in its shard's row. Measured
+  against one row per image in docs/planning.md.
 - Workers write: image bytes never travel back to the driver, which only plans and collects
   counts; so adding nodes adds write throughput, and with `--ray-address` the tars land where the
-  output says, not on the client. One call per shard keeps the framework's cost per shard, not
-  per image.
+  output says, not on the client.
+- The model's stage only annotates: on a GPU (or any accelerator, a custom resource) the decode
+  tasks keep it fed while it runs. An annotator asking for the same resources as the CPU stages
+  (a CPU engine) has the decode stage fused into its actors by Ray Data: no pixels cross processes.
 - Determinism and resume: shard `i` always holds input samples `i*S .. i*S+S-1` and members are
   written in that order, so the tars are byte-identical across runs however Ray schedules the
   work. A shard counts as done when its stats exist, the tar has the recorded size (the sha256 is
   trusted from the stats, computed while writing; `verify=True` re-reads it) and its stats carry
   the same `input_digest`; a killed run leaves only temporaries, removed on the next start.
-- Object stores (`s3://`, `gs://`, any fsspec URL; core.storage): a worker writes its shard to a
-  local temporary folder exactly as above, then uploads tar, parquet and, last, the stats object;
-  resume reads the stats and sizes from the store. The tars are the same bytes as a local run's.
-- Fault tolerance: a worker process that dies mid-shard is restarted by Ray and the call retried
-  (`max_task_retries`); the retry writes the same bytes under a fresh temporary name and the
-  shard is published once. A node lost mid-job: its actors are restarted on other nodes, and the
-  shards in flight there, whose calls Ray reports unreachable, are sent again by the driver.
+- Object stores (`s3://`, `gs://`, any fsspec URL; core.storage): a write task writes its shard to
+  a local temporary folder exactly as above, then uploads tar, parquet and, last, the stats
+  object; resume reads the stats and sizes from the store. The tars are the bytes of a local run.
+- Fault tolerance is Ray Data's: a worker process that dies mid-shard has its actor restarted (or
+  its task retried) and the shard's stage run again; a node lost mid-job has its stages' work
+  redone elsewhere. A retry writes the same bytes under a fresh temporary name and the shard is
+  published once. A stage that fails on a shard (an exception, not a dead process) returns the
+  shard with its reason; the driver names it after the others are written.
+
+The steps of one sample (`decode_step`, `annotate_step`, `record_step`) and the shard writer
+(`publish_shard`) are also what `blip3.datagen.ray` runs inside a user's own Ray Data pipeline.
 """
 
 from __future__ import annotations

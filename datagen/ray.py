@@ -88,7 +88,7 @@ class Annotate:
         self.annotator = config()
         self.annotator.load()
         self.generator = self.annotator.generator_info()
-        self.root = str(root).rstrip("/") + "/" if root is not None else None
+        self.root = _root_prefix(root)
         self.limits, self.image_output = limits, image_output
 
     def _name(self, cols: dict[str, list], i: int) -> tuple[str, dict[str, Any]]:
@@ -119,6 +119,17 @@ class Annotate:
             sample.image = image if isinstance(image, (bytes, bytearray)) else _encode_pixels(image)
             out.append(decode_sample(item, sample, self.limits, self.image_output))
         return records_table(record_step(item, self.generator) for item in annotate_steps(out, self.annotator))
+
+
+def _root_prefix(root: str | os.PathLike | None) -> str | None:
+    """`root` as the prefix of Ray Data's `path` column: absolute for a local folder, without the
+    scheme for a URL (Ray Data's paths of `s3://bucket/x` read `bucket/x`)."""
+    if root is None:
+        return None
+    text = str(root)
+    scheme = url_scheme(text)
+    text = text.split("://", 1)[1] if scheme not in (None, "file") else os.path.abspath(text.removeprefix("file://"))
+    return text.rstrip("/") + "/"
 
 
 def _encode_pixels(pixels: Any) -> bytes:

@@ -1,5 +1,7 @@
 """The README's examples run as written: every ```bash block after a `<!-- readme-test: ... -->`
-marker, in order, in one fresh folder, with `blip3` from this environment."""
+marker, in order, in one fresh folder, with `blip3` from this environment; and each ```python block
+after a `<!-- readme-test-python: ... -->` marker, with this Python, in a folder holding the
+tour's demo corpus."""
 
 import os
 import re
@@ -11,6 +13,7 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 MARKED = re.compile(r"<!-- readme-test: (\S+) -->\s*```bash\n(.*?)```", re.S)
+PYTHON = re.compile(r"<!-- readme-test-python: (\S+) -->\s*```python\n(.*?)```", re.S)
 
 
 def readme_blocks() -> list[tuple[str, str]]:
@@ -43,6 +46,22 @@ def test_readme_examples_run(tmp_path):
     assert (tmp_path / "work" / "failed.parquet").exists()
     assert "tour-mix" in r.stdout + r.stderr and "tiny-sft" in r.stdout
     _check_tour_output(r.stdout, tmp_path / "work")
+
+
+@pytest.mark.slow
+def test_readme_ray_data_example_runs(tmp_path):
+    """The Ray Data pipeline of the tour: the demo's 9 images through our OCR into our shards."""
+    (name, code), = PYTHON.findall((REPO / "README.md").read_text())
+    assert name == "ray-data"
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    env.update(BLIP3_NO_PROGRESS="1")
+    subprocess.run([sys.executable, "-m", "blip3.cli", "demo", "--corpus-only", "--out", "blip3-demo"], cwd=tmp_path,
+                   env=env, check=True, capture_output=True, timeout=300)
+    r = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-4000:]
+    assert r.stdout.strip().splitlines()[-1] == "9 samples"
+    assert sorted(p.name for p in (tmp_path / "work" / "ocr-ray").iterdir()) == [
+        "00000.parquet", "00000.tar", "00000_stats.json"]
 
 
 def _table_rows(stdout: str) -> list[list[str]]:
