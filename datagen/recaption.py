@@ -116,6 +116,7 @@ class RecaptionAnnotator:
         self.config = config
         self.vision: Any = None
         self.text: Any = None
+        self._special: list[str] | None = None
 
     def load(self) -> None:
         c = self.config
@@ -174,8 +175,10 @@ class RecaptionAnnotator:
         return [self._annotation(dense[i], alts[i], merged.get(i)) for i in range(len(samples))]
 
     def _specials(self) -> list[str]:
-        specials = self.vision.special_tokens()
-        return specials + (self.text.special_tokens() if self.text is not None else [])
+        """Both models' special-token strings, removed from the data put into prompts (read once)."""
+        if self._special is None:
+            self._special = self.vision.special_tokens() + (self.text.special_tokens() if self.text is not None else [])
+        return self._special
 
     @staticmethod
     def _seed(g: GenerationSettings, key: str) -> None:

@@ -14,8 +14,8 @@ The LLM is any local causal LM (`AutoModelForCausalLM` + `AutoTokenizer`).
 Batched generation pads on the LEFT (decoder-only models continue the last position of each row),
 so a sample's greedy output does not depend on the batch it is in (tested).
 
-Every model is recorded by `ModelRef.info()`: its directory name, its `_name_or_path`, and a
-revision: the Hub commit when the directory is a Hugging Face cache snapshot, else `sha256:` of
+Every model is recorded by `ModelRef.info()`: its name (the Hub id in its config's
+`_name_or_path`, else its directory's name), its kind, and a revision: the Hub commit when the directory is a Hugging Face cache snapshot, else `sha256:` of
 config.json and, per weights file, its size and first and last MiB (a fingerprint, not a full
 hash: cheap in the driver even for a 70B model, and it changes when the weights are replaced).
 
@@ -119,8 +119,13 @@ def resolve_model(value: str | Path | None, *, env: str, option: str, what: str)
     if not isinstance(cfg, dict):
         raise UserError("not a model config (not a JSON object)", file=config)
     kind = "blip3" if "lang_model" in cfg and (p / "processor_config.json").is_file() else "hf"
-    name = str(cfg.get("_name_or_path") or "") or p.resolve().name
-    return ModelRef(str(p.resolve()), kind, Path(name).name or p.resolve().name, model_revision(p))
+    return ModelRef(str(p.resolve()), kind, _model_name(str(cfg.get("_name_or_path") or ""), p), model_revision(p))
+
+
+def _model_name(name_or_path: str, directory: Path) -> str:
+    """A Hub id the config was saved from (`org/model`) as it is; else the directory's name."""
+    hub_id = name_or_path.count("/") == 1 and not name_or_path.startswith((".", "/", "~"))
+    return name_or_path if hub_id else directory.resolve().name
 
 
 def model_revision(path: str | Path) -> str:

@@ -197,6 +197,12 @@ def test_settings_file_is_checked_and_options_win(tmp_path, tiny_llava, tiny_lla
     bad.write_text("vlm: {batch_size: 0}\n")
     assert "--batch-size: must be at least 1" in _one_line(_cli(str(imgs), "-o", str(tmp_path / "o"), "--config",
                                                                 str(bad), "--vlm", str(tiny_llava), "--no-llm"))
+    # the option given on the command line wins over the file: the job gets past the settings
+    # (to the empty input, the next check)
+    (tmp_path / "none").mkdir()
+    line = _one_line(_cli(str(tmp_path / "none"), "-o", str(tmp_path / "o"), "--config", str(bad), "--vlm",
+                          str(tiny_llava), "--no-llm", "--batch-size", "2"))
+    assert "no input images found" in line
 
 
 # -- quality signals ----------------------------------------------------------------------------
