@@ -68,6 +68,7 @@ def test_default_prompts_and_worked_example_are_as_documented():
 
 def test_models_are_given_exactly_the_documented_prompts(tiny_llava, tiny_llama, tmp_path, monkeypatch):  # noqa: F811
     images, samples = _inputs(tmp_path, 3)
+    samples[0].source_caption = "Eiffel Tower at night,<|endoftext|> Paris"  # a special token in the data is removed
     a = _annotator(tiny_llava, tiny_llama)
     seen_vlm: list[str] = []
     seen_llm: list[str] = []
