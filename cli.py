@@ -7,6 +7,7 @@ Heavy libraries (torch, ray) are imported inside commands, so `blip3 --help` sta
 
 from __future__ import annotations
 
+import signal
 import sys
 from pathlib import Path
 from typing import Optional
@@ -113,9 +114,40 @@ def _register_groups(modules: tuple[str, ...] = COMMAND_MODULES) -> None:
 _register_groups()
 
 
+class Stopped(KeyboardInterrupt):
+    """SIGTERM or SIGINT: raised where the program is, so every `finally` on the way out runs (the
+    shard being written is dropped, finished ones stay; the Ray cluster stops and its session folder
+    goes), as on Ctrl-C."""
+
+
+_stopped_by: list[int] = []  # the signal that stopped this run, if one did
+
+
+def _stop(signum: int, frame) -> None:
+    _stopped_by.append(signum)
+    signal.signal(signum, signal.SIG_DFL)  # a second one ends the process at once
+    raise Stopped(signum)
+
+
+def _catch_stop_signals() -> None:
+    signal.signal(signal.SIGTERM, _stop)
+    if signal.getsignal(signal.SIGINT) is signal.default_int_handler:  # not when started ignoring it
+        signal.signal(signal.SIGINT, _stop)
+
+
 def main() -> None:
+    _catch_stop_signals()
     try:
         app(standalone_mode=True)
+    except SystemExit:
+        if not _stopped_by:
+            raise
+        from blip3.core.logs import console
+
+        name = signal.Signals(_stopped_by[0]).name
+        console.print(f"[bold red]stopped:[/] {name}; finished work is kept (run the same command again to "
+                      "continue)", highlight=False, soft_wrap=True)
+        sys.exit(128 + _stopped_by[0])
     except Exception as e:  # only user errors end here: anything else is raised again, loud
         err = e if isinstance(e, UserError) else environment_error(e)
         if err is None:

@@ -166,10 +166,48 @@ def bench_clip(n: int) -> list[dict]:
 
         b = _best_cpu(bare)
         f = _best_cpu(framework)
+        ray_cpu = _clip_on_ray_data(model_dir, images, captions)
     return [{"what": "CLIP score, bare model loop (tiny open_clip)", "images": n, "images/cpu-s": n / b,
              "vs imagehash": "", "note": ""},
             {"what": "CLIP score, ClipStage (map_batches callable)", "images": n, "images/cpu-s": n / f,
-             "vs imagehash": "", "note": f"framework cost {f / b:.3f}x the bare loop"}]
+             "vs imagehash": "", "note": f"framework cost {f / b:.3f}x the bare loop"},
+            {"what": "CLIP score, ClipStage on Ray Data (1 actor)", "images": n, "images/cpu-s": n / ray_cpu,
+             "vs imagehash": "", "note": f"{ray_cpu / b:.3f}x the bare loop per extra image (whole Ray process tree's "
+                                          "CPU, T(all) - T(half): actor start and model load cancel)"}]
+
+
+def _clip_on_ray_data(model_dir: Path, images: list[bytes], captions: list[str]) -> float:
+    """CPU seconds of the whole process tree for `map_batches(ClipStage)` over the images on a
+    started local Ray, per extra image (all minus half the images, so the fixed cost of the actor
+    and its model load cancels) times the number of images; one untimed warm-up dataset first (a
+    first job gets pre-started workers)."""
+    import ray
+    import ray.data
+
+    from benchmarks._common import TreeMonitor
+    from blip3.datagen.clip_score import ClipStage
+
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, logging_level="ERROR")
+    try:
+        ray.data.DataContext.get_current().enable_progress_bars = False
+        rows = [{"key": str(i), "image": b, "caption": c} for i, (b, c) in enumerate(zip(images, captions))]
+
+        def run(items):
+            ray.data.from_items(items).map_batches(
+                ClipStage, batch_size=64, compute=ray.data.ActorPoolStrategy(size=1),
+                fn_constructor_kwargs={"model_dir": str(model_dir), "device": "cpu"}).drop_columns(
+                ["image"]).materialize()
+
+        run(rows[:8])
+        cpu = {}
+        for part in (rows[: len(rows) // 2], rows):
+            with TreeMonitor(0.05) as mon:
+                run(part)
+            cpu[len(part)] = mon.cpu_s
+        half, full = sorted(cpu)
+        return (cpu[full] - cpu[half]) / (full - half) * len(rows)  # per extra image, scaled to all
+    finally:
+        ray.shutdown()
 
 
 def bench_text_presence(n: int) -> list[dict]:

@@ -76,7 +76,8 @@ def time_steps(config_name: str, kind: str, rows: int, seq_len: int, steps: int,
     from blip3.model.attention import set_attention
     from blip3.model.config import get_config
     from blip3.model.xgenmm import XGenMM
-    from blip3.train.distributed import DistInfo, parallelize
+    from blip3.model.runtime import DistInfo
+    from blip3.train.distributed import parallelize
     from blip3.model.flops import attended_positions, flops_model, mfu, peak_flops
     from blip3.train.data import Batch, count_crops, count_tokens
     from blip3.train.loop import train_step

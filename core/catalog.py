@@ -218,6 +218,30 @@ def resolve_db(db: str | Path | None = None) -> Path:
     return Path(db or os.environ.get("BLIP3_DB") or DEFAULT_DB)
 
 
+#: DuckDB's file header: an 8-byte checksum, then this magic. DuckDB itself opens an existing CSV,
+#: JSON or Parquet file given as a database as a read-only in-memory view of it (writes then vanish),
+#: so the header is checked before DuckDB sees the path.
+_DUCKDB_MAGIC = (8, b"DUCK")
+
+
+def check_catalog_file(path: Path) -> None:
+    """Refuse a `--db` that exists but is not a DuckDB database file (a folder, a CSV, a Parquet,
+    an empty file); a path that does not exist yet is fine: the catalog is created there."""
+    if not path.exists():
+        return
+    if not path.is_file():
+        raise UserError("not a DuckDB catalog file (a folder)", file=path, field="--db")
+    offset, magic = _DUCKDB_MAGIC
+    try:
+        with open(path, "rb") as f:
+            head = f.read(offset + len(magic))
+    except OSError as e:
+        raise UserError(f"cannot read the catalog: {e.strerror}", file=path, field="--db") from None
+    if head[offset:] != magic:
+        raise UserError("not a DuckDB catalog file (give a .duckdb file, or a path that does not exist yet)",
+                        file=path, field="--db")
+
+
 LOCK_WAIT_S = 10.0  # default for $BLIP3_LOCK_WAIT: how long to wait for another blip3 process's lock
 BATCH_LOCK_WAIT_S = 0.5  # how long the datagen driver waits to write a batch (it retries at the next)
 
@@ -229,9 +253,10 @@ def open_catalog(path: Path, *, read_only: bool = False, config: dict[str, Any] 
     DuckDB lets one process write a file at a time (and none read it meanwhile); a second `blip3`
     command started during a long `catalog add` retries for `$BLIP3_LOCK_WAIT` seconds (default
     10; `lock_wait` instead when given) and then says who holds the lock, in one line. A file that
-    is not a DuckDB database is a UserError naming it, not a traceback.
+    is not a DuckDB database (`check_catalog_file`) is a UserError naming it, not a traceback.
     """
     wait_s = float(os.environ.get("BLIP3_LOCK_WAIT") or LOCK_WAIT_S) if lock_wait is None else lock_wait
+    check_catalog_file(path)
     deadline = time.monotonic() + wait_s
     delay = 0.05
     while True:
@@ -502,6 +527,9 @@ class Catalog:
         if known:
             self.con.executemany("DELETE FROM samples WHERE shard = ?", known)
             self.con.executemany("DELETE FROM shards WHERE path = ?", known)
+            # What curation recorded about the old tar no longer describes the new one.
+            for table in ("sample_hashes", "sample_scores", "sample_decisions", "benchmark_matches"):
+                self.con.executemany(f"DELETE FROM {table} WHERE shard = ?", known)
 
     def _insert_shard_rows(self, shards: list, source: str, tokens: list[int | None] | None = None) -> None:
         now = _now()

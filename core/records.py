@@ -161,8 +161,9 @@ class SftRecord(RecordKind):
 
     def _check_fields(self, rec, members) -> None:
         conv = rec.get("conversations")
-        if not isinstance(conv, list) or not all(isinstance(t, dict) and "role" in t and "content" in t for t in conv):
-            raise RecordError("json needs 'conversations': [{role, content}, ...]")
+        if not isinstance(conv, list) or not all(isinstance(t, dict) and isinstance(t.get("role"), str)
+                                                 and isinstance(t.get("content"), str) for t in conv):
+            raise RecordError("json needs 'conversations': [{role, content}, ...] of strings")
         _check_image_list(rec)
 
     def texts(self, rec, txt) -> list[str]:

@@ -503,7 +503,8 @@ def is_shard_folder(path: Path) -> bool:
 
 def resolve_shards(spec: str | Path, base: Path | None = None) -> list[Path]:
     """Tars named by a folder (its finished shards if written by us, else its `*.tar`, else
-    recursively), a file, a glob or a brace pattern."""
+    recursively), a file, a glob or a brace pattern; each tar once, in the order first named (a
+    glob overlapping a name, or a link to a tar also named, does not make its samples count twice)."""
     from braceexpand import braceexpand
 
     text = str(spec)
@@ -524,7 +525,7 @@ def resolve_shards(spec: str | Path, base: Path | None = None) -> list[Path]:
             raise UserError("no such file or folder", file=p)
     if not paths:
         raise UserError("no .tar shards found", file=text)
-    return [p.resolve() for p in paths]
+    return list(dict.fromkeys(p.resolve() for p in paths))
 
 
 def clean_temporaries(out_dir: str | Path) -> int:

@@ -71,8 +71,6 @@ def run_query(sql: str, db: str | Path | None = None) -> pa.Table:
     path = resolve_db(db)
     if not path.exists():
         raise UserError("catalog not found (create it with `blip3 catalog add` or set --db/BLIP3_DB)", file=path)
-    if not path.is_file():
-        raise UserError("not a DuckDB catalog file", file=path, field="--db")
     con = open_catalog(path, read_only=True, config=dict(LOCKED_CONFIG))
     try:
         rel = con.sql(sql)

@@ -9,7 +9,7 @@ Weights come from a local open_clip directory (`--clip-model DIR` or `$BLIP3_CLI
 layout `--tags clip` uses); nothing is downloaded, and missing weights are one line.
 
 `ClipStage` is a Ray Data callable class (`ds.map_batches(ClipStage, fn_constructor_kwargs=...,
-concurrency=N)`): the model loads once per actor. It adds `score.clip` and, with `embeddings`,
+compute=ray.data.ActorPoolStrategy(size=N))`): the model loads once per actor. It adds `score.clip` and, with `embeddings`,
 the image embedding (`embedding`, float32) that semantic dedup clusters.
 """
 

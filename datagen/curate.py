@@ -65,6 +65,7 @@ class CurateOptions:
     sem_threshold: float = 0.95
     ray_address: str | None = None
     num_cpus: int | None = None
+    actors: int = 1  # model actors (CLIP, OCR detector): each loads the model once
 
     def threshold(self, rule: str) -> float | None:
         return self.thresholds.get(rule, THRESHOLD_RULES[rule].default)
@@ -125,11 +126,11 @@ def score_samples(shards: list[dict[str, str]], out: Path, opts: CurateOptions) 
         ds = ds.map_batches(ImageStage(), batch_size=256)
         ds = ds.map_batches(TextStage(languages=opts.languages is not None), batch_size=256)
         if opts.text_presence:
-            ds = ds.map_batches(TextPresenceStage, batch_size=32, concurrency=1)
+            ds = ds.map_batches(TextPresenceStage, batch_size=32, compute=ray.data.ActorPoolStrategy(size=opts.actors))
         if opts.clip_model is not None:
             from blip3.datagen.clip_score import ClipStage
 
-            ds = ds.map_batches(ClipStage, batch_size=64, concurrency=1,
+            ds = ds.map_batches(ClipStage, batch_size=64, compute=ray.data.ActorPoolStrategy(size=opts.actors),
                                 fn_constructor_kwargs={"model_dir": str(opts.clip_model), "embeddings": opts.sem_dedup})
         ds = ds.drop_columns(["image", "caption"])
         try:

@@ -32,6 +32,7 @@ def curate(
                                         "(default: curation/ beside the catalog)."),
     ray_address: Optional[str] = typer.Option(None, "--ray-address", help="Join this Ray cluster (default: a local one)."),
     workers: Optional[int] = typer.Option(None, "--workers", min=1, help="CPUs of the local Ray cluster."),
+    actors: int = typer.Option(1, "--actors", min=1, help="Model actors (CLIP, OCR detector), each with its model."),
     db: Path = DbOption,
 ) -> None:
     """Score, deduplicate and decontaminate catalogued samples; decisions go to the catalog, never into the shards."""
@@ -45,7 +46,7 @@ def curate(
         thresholds=parse_thresholds(threshold),
         languages=None if no_language else tuple(language) or DEFAULT_LANGUAGES,
         near_dup_bits=near_dup_bits, text_presence=text_presence, sem_dedup=sem_dedup, sem_threshold=sem_threshold,
-        ray_address=ray_address, num_cpus=workers)
+        ray_address=ray_address, num_cpus=workers, actors=actors)
     if (clip or sem_dedup) and clip_model is None:
         from blip3.datagen.tags_clip import resolve_clip_model
 

@@ -7,7 +7,8 @@ library user composes them on their own dataset:
 
     ds = ray.data.from_items(shards).map_batches(read_shard_samples, batch_size=1)
     ds = ds.map_batches(ImageStage()).map_batches(TextStage(languages=True))
-    ds = ds.map_batches(ClipStage, fn_constructor_kwargs={"model_dir": d}, concurrency=1)
+    ds = ds.map_batches(ClipStage, fn_constructor_kwargs={"model_dir": d},
+                        compute=ray.data.ActorPoolStrategy(size=1))
 
 Score columns are named `score.<name>` (NaN when the stage could not compute it: an image that
 does not decode has no blur); `datagen/curate_rules.py` turns them into keep/drop decisions.

@@ -23,12 +23,25 @@ aspects) as chosen and the lowest as rejected, as the paper does (62.6k pairs); 
 completions all score the same gives no pair (a failed row `no_preference`). Ties for highest or
 lowest go to the first completion listed. VLGuard gives one single-turn conversation per
 instruction-response pair.
+
+Rows are untrusted: a row of the wrong shape is a failed row with its reason (`bad_row: …`,
+`bad_path: …`), never the end of the import. Ids (`uid`, `key`, `id`) are strings or integers
+of at most MAX_ID_CHARS characters without control characters (they name image files and
+samples); image paths are strings without control characters, inside the images folder; JSON
+columns hold the shape their layout says (`metadata` an object, `entries`/`objects` lists, a bbox
+four finite numbers, `annotations` an object). Text kept from a row (captions, prompts,
+responses, instructions) is imported as data (`imported_text`): control characters but newlines
+and tabs are dropped, and model control-token spellings (`<image>`, `<|endofchunk|>`, `<|end|>`,
+`<|assistant|>`, ...) are escaped (`model.control_tokens`), so no released text becomes a model
+control token in training.
 """
 
 from __future__ import annotations
 
+import errno
 import io
 import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator
@@ -36,12 +49,17 @@ from typing import Any, Callable, Iterator
 from blip3.core.errors import UserError
 from blip3.core.keys import sanitize_key
 from blip3.core.shards import IMAGE_EXTS, SampleRow, ShardWriter
+from blip3.datagen.caption_text import strip_controls
 from blip3.datagen.grounding_captions import GroundedObject, parse_textual_tags
+from blip3.model.control_tokens import escape_control_tokens
 
 RELEASED_KINDS = ("blip3-ocr", "blip3-grounding", "blip3-kale", "vlfeedback", "vlguard")
 SOURCE_KIND = {"blip3-ocr": "caption", "blip3-grounding": "caption", "blip3-kale": "caption",
                "vlfeedback": "dpo", "vlguard": "sft"}
 OCR_DEFAULT = {"granularity": 4, "include_datacomp_raw_cap": False}  # our OCR engine's default `.txt`
+#: The longest id a row may have: ids name image files (`<id>.<ext>`, 255 bytes at most on most
+#: file systems) and are kept in the catalog; the released sets' ids are far shorter.
+MAX_ID_CHARS = 200
 
 
 class RowError(ValueError):
@@ -63,20 +81,29 @@ def read_rows(path: str | Path) -> Iterator[dict[str, Any]]:
         raise UserError("not a file", file=p)
     suffix = p.suffix.lower()
     if suffix == ".parquet":
+        import pyarrow as pa
         import pyarrow.parquet as pq
 
-        for batch in pq.ParquetFile(p).iter_batches(batch_size=1024):
+        try:
+            batches = pq.ParquetFile(p).iter_batches(batch_size=1024)
+        except (pa.ArrowException, OSError) as e:
+            raise UserError(f"not a readable parquet file ({' '.join(str(e).split())[:120]})", file=p) from None
+        for batch in batches:
             yield from batch.to_pylist()
     elif suffix == ".jsonl":
-        with open(p, encoding="utf-8") as f:
-            for n, line in enumerate(f, 1):
+        with open(p, "rb") as f:
+            for n, raw in enumerate(f, 1):
+                try:
+                    line = raw.decode("utf-8")
+                except UnicodeDecodeError:
+                    raise UserError(f"line {n} is not UTF-8 text", file=p) from None
                 if line.strip():
                     yield _json_line(line, p, n)
     elif suffix == ".json":
         try:
             data = json.loads(p.read_text(encoding="utf-8"))
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise UserError(f"not valid JSON ({e})", file=p) from None
+        except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:
+            raise UserError(f"not valid JSON ({type(e).__name__}: {str(e)[:80]})", file=p) from None
         rows = data.get("data") if isinstance(data, dict) else data
         if not isinstance(rows, list):
             raise UserError("expected a list of rows (or {\"data\": [...]})", file=p)
@@ -88,8 +115,8 @@ def read_rows(path: str | Path) -> Iterator[dict[str, Any]]:
 def _json_line(line: str, p: Path, n: int) -> dict[str, Any]:
     try:
         return json.loads(line)
-    except json.JSONDecodeError as e:
-        raise UserError(f"line {n} is not valid JSON ({e})", file=p) from None
+    except (json.JSONDecodeError, RecursionError) as e:
+        raise UserError(f"line {n} is not valid JSON ({type(e).__name__}: {str(e)[:80]})", file=p) from None
 
 
 def _json_field(row: dict, name: str, default: Any = None) -> Any:
@@ -98,9 +125,40 @@ def _json_field(row: dict, name: str, default: Any = None) -> Any:
     if isinstance(value, str):
         try:
             return json.loads(value)
-        except json.JSONDecodeError:
+        except (json.JSONDecodeError, RecursionError):
             raise RowError(f"bad_row: {name} is not valid JSON") from None
     return value
+
+
+def _json_object(row: dict, name: str) -> dict[str, Any]:
+    """A JSON-object column (absent or empty: {})."""
+    value = _json_field(row, name) or {}
+    if not isinstance(value, dict):
+        raise RowError(f"bad_row: {name} must be a JSON object, got {type(value).__name__}")
+    return value
+
+
+def _list_of_objects(value: Any, name: str) -> list[dict[str, Any]]:
+    value = value or []
+    if not isinstance(value, list) or not all(isinstance(v, dict) for v in value):
+        raise RowError(f"bad_row: {name} must be a list of objects")
+    return value
+
+
+def imported_text(text: str) -> str:
+    """Released text as our shards keep it: control characters but newlines and tabs dropped, and
+    model control-token spellings escaped (the module's docstring)."""
+    return escape_control_tokens(strip_controls(text, keep_newlines=True))
+
+
+def _clean_field(value: Any, name: str) -> str:
+    """An id or path from a row: a string (or an integer id) without control characters."""
+    if isinstance(value, bool) or not isinstance(value, (str, int)):
+        raise RowError(f"bad_row: {name} must be a string or an integer, got {type(value).__name__}")
+    text = str(value)
+    if strip_controls(text) != text:
+        raise RowError(f"bad_row: {name} holds a control character ({text[:40]!r})")
+    return text
 
 
 # -- images ------------------------------------------------------------------------------------
@@ -113,6 +171,8 @@ class ImageFolder:
             raise UserError("not a folder of images", field="--images", file=root)
 
     def by_id(self, ident: str) -> Path:
+        if len(f"{ident}.jpeg".encode()) > 255:
+            raise RowError(f"bad_row: id is {len(ident)} characters, too long for an image file name")
         for ext in IMAGE_EXTS:
             for name in (f"{ident}.{ext}", f"{ident}.{ext.upper()}"):
                 p = (self.root / name).resolve()
@@ -121,11 +181,14 @@ class ImageFolder:
         raise RowError(f"missing_image: no {ident}.<{'|'.join(IMAGE_EXTS)}> in the images folder")
 
     def by_path(self, rel: str) -> Path:
-        p = (self.root / str(rel)).resolve()
-        if not p.is_relative_to(self.root):
-            raise RowError(f"bad_path: image path {rel!r} leaves the images folder")
-        if not p.is_file():
-            raise RowError(f"missing_image: {rel}")
+        try:
+            p = (self.root / rel).resolve()
+            if not p.is_relative_to(self.root):
+                raise RowError(f"bad_path: image path {rel!r} leaves the images folder")
+            if not p.is_file():
+                raise RowError(f"missing_image: {rel}")
+        except OSError as e:  # a name too long for the file system, a loop of links
+            raise RowError(f"bad_path: {rel[:80]!r}: {e.strerror or errno.errorcode.get(e.errno, e)}") from None
         return p
 
     @staticmethod
@@ -133,12 +196,15 @@ class ImageFolder:
         """(bytes, ext, (width, height)); undecodable files are a `decode:` failure."""
         from PIL import Image
 
-        data = path.read_bytes()
+        try:
+            data = path.read_bytes()
+        except OSError as e:  # unreadable (permissions), a folder
+            raise RowError(f"read: {path.name}: {e.strerror}") from None
         try:
             with Image.open(io.BytesIO(data)) as im:
                 im.load()
                 size = im.size
-        except Exception as e:  # PIL raises many types for bad files
+        except Exception as e:  # PIL raises many types for bad files (a bomb is not an OSError)
             raise RowError(f"decode: {path.name}: {type(e).__name__}") from None
         ext = path.suffix.lower().lstrip(".")
         return data, ("jpg" if ext == "jpeg" else ext), size
@@ -152,24 +218,62 @@ def _caption_list(row: dict) -> list[dict]:
     caps = _json_field(row, "captions")
     if not isinstance(caps, list) or not caps or not all(isinstance(c, dict) and isinstance(c.get("text"), str) for c in caps):
         raise RowError("bad_row: captions must be a non-empty list of {text, ...}")
-    return caps
+    return [{**c, "text": imported_text(c["text"])} for c in caps]
 
 
 def _ident(row: dict, *names: str) -> str:
+    """The row's id: the first of `names` it has."""
     for n in names:
         if row.get(n) not in (None, ""):
-            return str(row[n])
+            ident = _clean_field(row[n], n)
+            if len(ident) > MAX_ID_CHARS:
+                raise RowError(f"bad_row: {n} is {len(ident)} characters, at most {MAX_ID_CHARS}")
+            return ident
     raise RowError(f"bad_row: no {' / '.join(names)}")
+
+
+def _image_path(row: dict, *names: str) -> str:
+    """The row's relative image path: the first of `names` it has."""
+    for n in names:
+        if row.get(n) not in (None, ""):
+            if not isinstance(row[n], str):
+                raise RowError(f"bad_row: {n} must be a path, got {type(row[n]).__name__}")
+            return _clean_field(row[n], n)
+    raise RowError(f"bad_row: no {' / '.join(names)}")
+
+
+def _url(row: dict) -> str | None:
+    url = row.get("url")
+    if url is not None and not isinstance(url, str):
+        raise RowError(f"bad_row: url must be a string, got {type(url).__name__}")
+    return url
+
+
+def _grounded_object(o: dict, j: int) -> GroundedObject:
+    label, box, score = o.get("label"), o.get("bbox"), o.get("score", 1.0)
+    where = f"metadata.objects[{j}]"
+    if not isinstance(label, str) or not label.strip():
+        raise RowError(f"bad_row: {where}.label must be a non-empty string")
+    if not isinstance(box, list) or len(box) != 4 or not all(_finite(v) for v in box):
+        raise RowError(f"bad_row: {where}.bbox must be 4 finite numbers, got {json.dumps(box)[:60]}")
+    if not _finite(score):
+        raise RowError(f"bad_row: {where}.score must be a finite number")
+    return GroundedObject.from_dict({"label": label, "bbox": box, "score": score})
+
+
+def _finite(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
 
 
 def _ocr(row: dict, images: ImageFolder) -> Converted:
     uid = _ident(row, "uid")
     caps = _caption_list(row)
-    meta = _json_field(row, "metadata") or {}
+    meta = _json_object(row, "metadata")
+    entries = _list_of_objects(meta.get("entries"), "metadata.entries")
     data, ext, (w, h) = images.read(images.by_id(uid))
     txt = next((c["text"] for c in caps if all(c.get(k) == v for k, v in OCR_DEFAULT.items())), caps[0]["text"])
-    record = {"uid": uid, "url": row.get("url"), "width": w, "height": h, "captions": caps, "metadata": meta}
-    return uid, {ext: data, "txt": txt, "json": record}, {"n_captions": len(caps), "n_ocr": len(meta.get("entries") or [])}
+    record = {"uid": uid, "url": _url(row), "width": w, "height": h, "captions": caps, "metadata": meta}
+    return uid, {ext: data, "txt": txt, "json": record}, {"n_captions": len(caps), "n_ocr": len(entries)}
 
 
 def _grounding_format(text: str) -> str:
@@ -180,16 +284,17 @@ def _grounding(row: dict, images: ImageFolder) -> Converted:
     uid = _ident(row, "uid")
     caps = [{**c, "format": c.get("format") or _grounding_format(c["text"]), "style": c.get("style") or "tags"}
             for c in _caption_list(row)]
-    meta = _json_field(row, "metadata") or {}
+    meta = _json_object(row, "metadata")
     if meta.get("objects"):
-        objects = [GroundedObject.from_dict(o) for o in meta["objects"]]
+        objects = [_grounded_object(o, j) for j, o in enumerate(_list_of_objects(meta["objects"], "metadata.objects"))]
     else:  # rebuilt from the textual caption (either spelling), so `blip3 retemplate` works
         textual = next((c["text"] for c in caps if c["format"] == "textual"), "")
         objects = parse_textual_tags(textual)
     data, ext, (w, h) = images.read(images.by_id(uid))
     txt = next((c["text"] for c in caps if c["format"] == "positional"), caps[0]["text"])
-    record = {"uid": uid, "url": row.get("url"), "width": w, "height": h, "captions": caps,
-              "source_caption": row.get("cogvlm_caption"),
+    source = row.get("cogvlm_caption")
+    record = {"uid": uid, "url": _url(row), "width": w, "height": h, "captions": caps,
+              "source_caption": imported_text(source) if isinstance(source, str) else None,
               "metadata": {**meta, "objects": [o.to_dict() for o in objects]}}
     return uid, {ext: data, "txt": txt, "json": record}, {"n_captions": len(caps), "n_objects": len(objects)}
 
@@ -199,8 +304,9 @@ def _kale(row: dict, images: ImageFolder) -> Converted:
     caption = row.get("caption")
     if not isinstance(caption, str) or not caption.strip():
         raise RowError("bad_row: no caption")
+    caption = imported_text(caption)
     data, ext, (w, h) = images.read(images.by_id(ident))
-    record = {"uid": ident, "url": row.get("url"), "width": w, "height": h,
+    record = {"uid": ident, "url": _url(row), "width": w, "height": h,
               "captions": [{"text": caption, "style": "dense"}]}
     return ident, {ext: data, "txt": caption, "json": record}, {"n_captions": 1}
 
@@ -212,21 +318,26 @@ def _completions(row: dict) -> list[dict]:
         comps = [dict(zip(names, vals)) for vals in zip(*(comps[n] for n in names))]
     if not isinstance(comps, list) or not comps:
         raise RowError("bad_row: completions must be a non-empty list")
-    return comps
+    return _list_of_objects(comps, "completions")
 
 
 def average_rating(completion: dict) -> float | None:
-    """Mean of the numeric `Rating`s over a completion's annotated aspects (None without any)."""
-    ann = completion.get("annotations")
-    if isinstance(ann, str):
-        ann = json.loads(ann)
+    """Mean of the numeric `Rating`s over a completion's annotated aspects (None without any).
+
+    An aspect without a number (`"N/A"`, missing, NaN, infinite) is left out of the mean, not
+    counted as 0: a completion rated 5 on two aspects and N/A on the third averages 5."""
+    ann = _json_field(completion, "annotations")
+    if ann is not None and not isinstance(ann, dict):
+        raise RowError(f"bad_row: annotations must be a JSON object, got {type(ann).__name__}")
     scores = []
     for aspect in (ann or {}).values():
         rating = aspect.get("Rating") if isinstance(aspect, dict) else None
         try:
-            scores.append(float(rating))
+            score = float(rating)
         except (TypeError, ValueError):
             continue
+        if math.isfinite(score):
+            scores.append(score)
     return sum(scores) / len(scores) if scores else None
 
 
@@ -242,8 +353,9 @@ def _vlfeedback(row: dict, images: ImageFolder) -> Converted:
     worst = min(rated, key=lambda sc: sc[0])
     if best[0] == worst[0]:
         raise RowError(f"no_preference: every completion scores {best[0]:g}")
-    data, ext, _ = images.read(images.by_path(_ident(row, "img_path", "image")))
-    record = {"id": ident, "prompt": prompt, "chosen": best[1]["response"], "rejected": worst[1]["response"],
+    data, ext, _ = images.read(images.by_path(_image_path(row, "img_path", "image")))
+    record = {"id": ident, "prompt": imported_text(prompt), "chosen": imported_text(best[1]["response"]),
+              "rejected": imported_text(worst[1]["response"]),
               "images": [f"0.{ext}"], "scores": [best[0], worst[0]],
               "models": [best[1].get("model"), worst[1].get("model")]}
     return ident, {f"0.{ext}": data, "json": record}, {}
@@ -254,14 +366,15 @@ def _vlguard(row: dict, images: ImageFolder) -> list[Converted]:
     pairs = row.get("instr-resp")
     if not isinstance(pairs, list) or not pairs:
         raise RowError("bad_row: instr-resp must be a non-empty list")
-    data, ext, _ = images.read(images.by_path(_ident(row, "image")))
+    data, ext, _ = images.read(images.by_path(_image_path(row, "image")))
     out = []
     for j, pair in enumerate(pairs):
-        kind = next((k for k in ("safe_instruction", "unsafe_instruction", "instruction") if k in pair), None)
-        if kind is None or not isinstance(pair.get("response"), str):
-            raise RowError(f"bad_row: instr-resp[{j}] needs an instruction and a response")
-        record = {"conversations": [{"role": "user", "content": pair[kind]},
-                                    {"role": "assistant", "content": pair["response"]}],
+        kind = next((k for k in ("safe_instruction", "unsafe_instruction", "instruction")
+                     if isinstance(pair, dict) and k in pair), None)
+        if kind is None or not isinstance(pair[kind], str) or not isinstance(pair.get("response"), str):
+            raise RowError(f"bad_row: instr-resp[{j}] needs an instruction and a response (strings)")
+        record = {"conversations": [{"role": "user", "content": imported_text(pair[kind])},
+                                    {"role": "assistant", "content": imported_text(pair["response"])}],
                   "images": [f"0.{ext}"], "id": ident, "safe_image": bool(row.get("safe")), "instruction_kind": kind}
         out.append((f"{ident}_{j}", {f"0.{ext}": data, "json": record}, {}))
     return out
@@ -321,6 +434,15 @@ class _Shards:
             self.writer = None
 
 
+def _recorded(value: Any) -> str | None:
+    """A row's uid or url as its sidecar row records it: as given when it is a clean string (or an
+    integer), else nothing (the failed row's reason says what was wrong with it)."""
+    try:
+        return None if value is None else _clean_field(value, "")
+    except RowError:
+        return None
+
+
 def import_released(kind: str, rows: str | Path, images: str | Path, output: str | Path,
                     *, shard_size: int = 1000) -> ImportResult:
     """Write `rows` of released dataset `kind` with their local images as shards in `output`."""
@@ -343,17 +465,18 @@ def import_released(kind: str, rows: str | Path, images: str | Path, output: str
                 result.failed["bad_row"] = result.failed.get("bad_row", 0) + 1
                 continue
             ident = str(row.get("uid") or row.get("key") or row.get("id") or f"row{n}")
+            uid, url = _recorded(row.get("uid")), _recorded(row.get("url"))
             try:
                 got = convert(row, folder)
             except RowError as e:
                 reason = str(e)
-                shards.fail(ident, reason, row.get("uid"), row.get("url"))
+                shards.fail(ident, reason, uid, url)
                 tag = reason.split(":")[0]
                 result.failed[tag] = result.failed.get(tag, 0) + 1
                 continue
             for key, members, stats in got if isinstance(got, list) else [got]:
                 members = {k: (json.dumps(v, ensure_ascii=False) if k == "json" else v) for k, v in members.items()}
-                shards.add(key, members, stats, row.get("uid"), row.get("url"))
+                shards.add(key, members, stats, uid, url)
                 result.samples += 1
     except BaseException:
         shards.abort()

@@ -33,7 +33,7 @@ def eval_command(
 
     from blip3.core.tables import write_result
     from blip3.eval.runner import evaluate
-    from blip3.train.builders import model_dir
+    from blip3.model.directory import model_dir
 
     results = evaluate(checkpoint, tasks, data=data, out=out or model_dir(checkpoint) / "eval", shots=shots,
                        limit=limit, batch_size=batch_size, device=device, seed=seed, db=db, meteor=meteor)

@@ -88,7 +88,7 @@ class Generator:
     def __init__(self, checkpoint: Path, device: str = "cpu"):
         import torch
 
-        from blip3.train.builders import load_model_dir
+        from blip3.model.directory import load_model_dir
 
         model, self.proc = load_model_dir(checkpoint)
         self.model = model.to(device).eval()
@@ -131,11 +131,11 @@ def evaluate(
     """Evaluate one checkpoint on each task; every input is checked before the model is loaded.
 
     Under torchrun the questions are split across ranks; only rank 0 returns results. `dist_info`
-    (a `train.distributed.DistInfo`) overrides the torchrun environment: a trainer's rank 0
+    (a `model.runtime.DistInfo`) overrides the torchrun environment: a trainer's rank 0
     evaluating alone passes a single-process one."""
     from blip3.model.xgenmm import CONFIG_FILE
-    from blip3.train.builders import model_dir
-    from blip3.train.distributed import init_distributed
+    from blip3.model.directory import model_dir
+    from blip3.model.runtime import init_distributed
 
     checkpoint = model_dir(checkpoint)  # a stage output folder means its final/ model
     if not (checkpoint / CONFIG_FILE).is_file():

@@ -6,7 +6,9 @@ Spec (docs/formats.md): `name`, `seed` (default 0), optional `target` (`{samples
 `{name, weight}` for a source registered with `blip3 source add`, or `{name, path, kind, weight}`
 for one given inline (works without a catalog). Paths may use `${VAR}` / `${VAR:-default}` and
 are relative to the spec's folder. A caption source may add `caption: {...}` to train on one of
-its stored caption variants instead of `.txt` (mixture/caption_choice.py).
+its stored caption variants instead of `.txt` (mixture/caption_choice.py). `curation: {exclude,
+keep_all}` leaves out samples `blip3 curate` dropped (mixture/curation.py; decontamination by
+default).
 
 The plan, and why:
 - Weights are relative (normalised to sum 1), each must be > 0.
@@ -39,8 +41,8 @@ from blip3.core.logs import get_logger
 from blip3.core.yamlio import read_yaml
 from blip3.mixture.caption_choice import validate_caption_choice
 from blip3.mixture.curation import check_rules_applied, source_exclusions, validate_curation
-from blip3.mixture.manifest import (WEIGHT_BY, Manifest, ManifestSource, ShardRef, check_verify_mode, shard_change,
-                                    write_manifest)
+from blip3.mixture.manifest import (WEIGHT_BY, Manifest, ManifestSource, ShardRef, check_distinct_shards,
+                                    check_verify_mode, shard_change, write_manifest)
 from blip3.mixture.tokens import DEFAULT_VISION_TOKENS_PER_CROP, TokenCounter
 
 log = get_logger("mix")
@@ -189,6 +191,7 @@ def build_manifest(
             else:
                 resolved.append(_catalog_source(cat, s, i, counter, file, checksum=verify == "sha256",
                                                 storage_options=storage_options, curation=spec_d["curation"]))
+        check_distinct_shards(resolved, file=file, spec=True)  # two sources naming one tar (same caption variant)
         catalogued = {s["name"]: r.curation for s, r in zip(spec_d["sources"], resolved) if "path" not in s}
         for warning in check_rules_applied(spec_d["curation"], catalogued, file):
             log.warning(warning)
@@ -357,8 +360,6 @@ def _plan(spec: dict, sources: list[ManifestSource], counter: TokenCounter) -> M
     curated = [s for s in sources if s.curation is not None]
     curation = spec.get("curation") or {}
     return Manifest(
-        curation={"rules": curation["rules"], "exclude": curation["exclude"], "keep_all": curation["keep_all"]}
-        if curated else None,
         name=spec["name"],
         seed=spec["seed"],
         target={"samples": total, "tokens": sum(s.target_tokens for s in sources)},
@@ -367,4 +368,5 @@ def _plan(spec: dict, sources: list[ManifestSource], counter: TokenCounter) -> M
         tokenizer=counter.label,
         vision_tokens_per_image=counter.vision_tokens_per_image,
         created_at=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        curation={k: curation[k] for k in ("rules", "exclude", "keep_all")} if curated else None,
     )

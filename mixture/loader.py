@@ -46,7 +46,7 @@ from torch.utils.data import IterableDataset, get_worker_info
 from blip3.core.errors import UserError
 from blip3.core.shards import read_members
 from blip3.mixture.caption_choice import apply_caption_choice
-from blip3.mixture.manifest import Manifest, ManifestSource, load_manifest, verify_shards
+from blip3.mixture.manifest import Manifest, ManifestSource, check_distinct_shards, load_manifest, verify_shards
 from blip3.mixture.tar_index import TarCache, decode_sample
 
 STATE_VERSION = 1
@@ -150,7 +150,8 @@ class MixtureLoader(IterableDataset):
         rank, world_size = _rank_world(rank, world_size)
         if isinstance(manifest, (str, Path)):
             manifest = load_manifest(manifest, verify=verify)
-        else:
+        else:  # built in code, not loaded: the checks load_manifest makes
+            check_distinct_shards(manifest.sources, file=manifest.path)
             verify_shards(manifest, verify, file=manifest.path)
         if not (0 <= rank < world_size):
             raise UserError(f"rank {rank} is not in [0, {world_size})", field="rank")

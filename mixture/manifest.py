@@ -189,6 +189,7 @@ def manifest_from_dict(data: Any, *, file: str | Path | None = None) -> Manifest
     for i, n in enumerate(names):
         if names.index(n) != i:
             raise UserError(f"duplicate source name {n!r}", field=f"sources[{i}].name", file=file)
+    check_distinct_shards(sources, file=file)
     return Manifest(
         name=name,
         seed=seed,
@@ -272,6 +273,27 @@ def _source(v: "_Validator", s: Any, prefix: str, base: Path) -> ManifestSource:
             s["caption"], field=f"{prefix}caption", file=v.file),
         curation=_curation(s.get("curation"), f"{prefix}curation", v.file),
     )
+
+
+def check_distinct_shards(sources: list[ManifestSource], *, file: str | Path | None = None,
+                          spec: bool = False) -> None:
+    """Each shard is listed once: a shard listed twice would be served twice per epoch, silently
+    doubling its weight (a source's `weight` is how a mixture draws more of it). The same shard may
+    appear in two sources only when they hand out different caption variants (different text).
+    `spec`: the sources come from a mixture spec, whose fields are `sources[i]` (no shard list)."""
+    seen: dict[tuple[str, str], tuple[int, int]] = {}
+    for i, src in enumerate(sources):
+        variant = repr(sorted((src.caption or {}).items()))
+        for j, sh in enumerate(src.shards):
+            fi, fj = seen.setdefault((sh.path, variant), (i, j))
+            if (fi, fj) == (i, j):
+                continue
+            where = (f"source {src.name!r}" if fi == i else
+                     f"sources {sources[fi].name!r} and {src.name!r} (with the same caption variant)")
+            field = f"sources[{i}]" if spec else f"sources[{i}].shards[{j}].path"
+            also = "" if spec else f" (also sources[{fi}].shards[{fj}])"
+            raise UserError(f"shard {sh.path} is listed twice in {where}{also}: it would be served twice per epoch; "
+                            "list it once and set the source's weight instead", field=field, file=file)
 
 
 def verify_shards(manifest: Manifest, verify: str, *, file: str | Path | None = None) -> None:

@@ -69,6 +69,11 @@ def init(
     else:
         model = XGenMM(cfg)
     proc = XGenMMProcessor.from_config(cfg, phi3_dir=phi3_dir, anyres=not no_anyres)
+    if released:
+        from blip3.model.weights import check_released_tokens, released_initial_tokenizer_len, resolve_xgenmm
+
+        if (T := released_initial_tokenizer_len(resolve_xgenmm(xgenmm_ckpt))) is not None:
+            check_released_tokens(proc.tokenizer, T)
     model.save_pretrained(out)
     proc.save_pretrained(out)
     console.print(f"[green]{out}[/]: {cfg.name}, {model.num_params():,} parameters ({model.num_params(True):,} trained)")

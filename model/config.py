@@ -72,12 +72,15 @@ class ModelConfig:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "ModelConfig":
+        """A config from its JSON form. A model dir on disk is untrusted input: a value of the wrong
+        kind or size is a TypeError / ValueError / KeyError naming the field, here, not a
+        traceback from deep in the build (`xgenmm.read_model_config` words it as one line)."""
         if not isinstance(d, dict):
             raise TypeError(f"a model config is a JSON object, not {type(d).__name__}")
         d = dict(d)
-        d["anyres_grids"] = tuple(tuple(g) for g in d.get("anyres_grids", RELEASED_GRIDS_384))
-        d["image_mean"] = tuple(d.get("image_mean", (0.5, 0.5, 0.5)))
-        d["image_std"] = tuple(d.get("image_std", (0.5, 0.5, 0.5)))
+        d["anyres_grids"] = _grids(d.get("anyres_grids", RELEASED_GRIDS_384))
+        d["image_mean"] = _numbers(d.get("image_mean", (0.5, 0.5, 0.5)), "image_mean")
+        d["image_std"] = _numbers(d.get("image_std", (0.5, 0.5, 0.5)), "image_std")
         fields = {f.name: f.type for f in dataclasses.fields(cls)}
         unknown = set(d) - set(fields)
         if unknown:
@@ -85,7 +88,86 @@ class ModelConfig:
         for name, value in d.items():
             if not _is_kind(value, fields[name]):
                 raise TypeError(f"ModelConfig field {name!r} must be {fields[name]}, not {type(value).__name__}")
-        return cls(**d)
+        config = cls(**d)
+        config.check()
+        return config
+
+    def check(self) -> None:
+        """Sizes a model can be built with: every size > 0, pixels normalised by a positive std,
+        grids a whole number of crops, a `lang_model` Phi3Config can take (`_check_lang_model`)."""
+        for name in POSITIVE_FIELDS:
+            if getattr(self, name) <= 0:
+                raise ValueError(f"ModelConfig field {name!r} must be > 0, not {getattr(self, name)}")
+        if self.image_placeholder_id < 0:
+            raise ValueError(f"ModelConfig field 'image_placeholder_id' must be >= 0, not {self.image_placeholder_id}")
+        if any(v <= 0 for v in self.image_std):
+            raise ValueError(f"ModelConfig field 'image_std' must be > 0, not {list(self.image_std)}")
+        if not self.anyres_grids:
+            raise ValueError("ModelConfig field 'anyres_grids' needs at least one grid")
+        for grid in self.anyres_grids:
+            if any(side <= 0 or side % self.image_size for side in grid):
+                raise ValueError(f"ModelConfig field 'anyres_grids': {list(grid)} is not whole {self.image_size}-pixel crops")
+        _check_lang_model(self.lang_model)
+
+
+# Fields that are sizes: 0 or less builds nothing (or divides by zero).
+POSITIVE_FIELDS = ("image_size", "patch_size", "vision_width", "num_latents", "resampler_depth", "resampler_heads",
+                   "resampler_dim_head", "resampler_ff_mult", "max_text_tokens")
+# Phi3Config kwargs we check: required sizes, optional sizes, positive reals, token ids.
+LM_SIZES = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "vocab_size")
+LM_OPTIONAL_SIZES = ("num_key_value_heads", "max_position_embeddings", "original_max_position_embeddings", "sliding_window")
+LM_REALS = ("rms_norm_eps", "rope_theta")
+LM_TOKEN_IDS = ("bos_token_id", "eos_token_id", "pad_token_id")
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_real(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _numbers(value: Any, name: str) -> tuple[float, float, float]:
+    """image_mean / image_std: three numbers, one per RGB channel."""
+    if not isinstance(value, (list, tuple)) or len(value) != 3 or not all(_is_real(v) for v in value):
+        raise TypeError(f"ModelConfig field {name!r} must be 3 numbers (R, G, B), not {value!r}"[:200])
+    return tuple(float(v) for v in value)
+
+
+def _grids(value: Any) -> tuple[tuple[int, int], ...]:
+    """anyres_grids: a list of [width, height] pairs of integers."""
+    ok = isinstance(value, (list, tuple)) and all(
+        isinstance(g, (list, tuple)) and len(g) == 2 and all(_is_int(v) for v in g) for g in value)
+    if not ok:
+        raise TypeError(f"ModelConfig field 'anyres_grids' must be [width, height] pairs of integers, not {value!r}"[:200])
+    return tuple((int(w), int(h)) for w, h in value)
+
+
+def _check_lang_model(lm: dict[str, Any]) -> None:
+    """The Phi3Config kwargs of `lang_model` that shape the network, each of its kind and > 0."""
+    for name in LM_SIZES:
+        if name not in lm:
+            raise KeyError(f"lang_model needs {name!r}")
+    for name in LM_SIZES + LM_OPTIONAL_SIZES:
+        if name in lm and not (name == "sliding_window" and lm[name] is None):
+            if not _is_int(lm[name]):
+                raise TypeError(f"lang_model {name!r} must be an integer, not {type(lm[name]).__name__}")
+            if lm[name] <= 0:
+                raise ValueError(f"lang_model {name!r} must be > 0, not {lm[name]}")
+    for name in LM_REALS:
+        if name in lm and not (_is_real(lm[name]) and lm[name] > 0):
+            raise TypeError(f"lang_model {name!r} must be a number > 0, not {lm[name]!r}"[:200])
+    for name in LM_TOKEN_IDS:  # an id, or a list of ids (transformers allows several eos ids)
+        ids = lm.get(name) if isinstance(lm.get(name), list) else [lm.get(name)]
+        if lm.get(name) is not None and not all(_is_int(i) and 0 <= i < lm["vocab_size"] for i in ids):
+            raise ValueError(f"lang_model {name!r} must be a token id below vocab_size {lm['vocab_size']}, not {lm[name]!r}"[:200])
+    if "tie_word_embeddings" in lm and not isinstance(lm["tie_word_embeddings"], bool):
+        raise TypeError(f"lang_model 'tie_word_embeddings' must be true or false, not {lm['tie_word_embeddings']!r}"[:200])
+    heads, kv = lm["num_attention_heads"], lm.get("num_key_value_heads", lm["num_attention_heads"])
+    if lm["hidden_size"] % heads or heads % kv:
+        raise ValueError(f"lang_model: hidden_size {lm['hidden_size']} / num_attention_heads {heads} / "
+                         f"num_key_value_heads {kv} do not divide evenly")
 
 
 def _is_kind(value: Any, annotation: str) -> bool:
@@ -96,7 +178,7 @@ def _is_kind(value: Any, annotation: str) -> bool:
         return annotation.endswith("| None")
     kind = annotation.removesuffix(" | None")
     if kind == "int":
-        return isinstance(value, int) and not isinstance(value, bool)
+        return _is_int(value)
     simple = {"str": str, "bool": bool, "dict[str, Any]": dict}
     return isinstance(value, simple[kind]) if kind in simple else True
 

@@ -11,8 +11,12 @@ everything but assistant turns. Three sample shapes, as the data formats define 
 Each sample is tokenized as one string (what the chat template renders), so the ids match the
 tokenizer's own reading of the whole text; labels come from character spans via offsets. The text
 budget (`max_text_tokens`) counts text tokens only, before images are spliced in; a sample is
-never cut inside an image (images after the cut are dropped with it). Special-token strings inside
-data text are read as those tokens (as the template would).
+never cut inside an image (images after the cut are dropped with it). Text from data never becomes
+a control token (`model.control_tokens`): the spellings of the tokenizer's special tokens inside
+captions, document texts and chat contents are escaped before tokenizing, except `<image>` in chat
+contents, which places the images. `encode_prompt` takes text built by code (eval's few-shot
+templates) and reads it as written. A sample that still cannot be encoded (more `<image>` markers
+than images) raises `UnencodableSample`, which the trainer counts as a skipped sample.
 """
 
 from __future__ import annotations
@@ -28,12 +32,18 @@ from PIL import Image
 
 from .anyres import anyres_crops
 from .config import END_OF_CHUNK_TOKEN, IGNORE_INDEX, IMAGE_TOKEN, PLACEHOLDER_TOKEN, ModelConfig
+from .control_tokens import control_pattern, escape_control_tokens
 
 PROCESSOR_FILE = "processor_config.json"
 DEFAULT_SYSTEM = (
     "A chat between a curious user and an artificial intelligence assistant. "
     "The assistant gives helpful, detailed, and polite answers to the user's questions."
 )
+
+
+class UnencodableSample(ValueError):
+    """This sample's text and images do not fit together (its `<image>` markers and its images
+    differ in number): the sample is skipped, not the run stopped."""
 
 
 @dataclass
@@ -95,6 +105,7 @@ class XGenMMProcessor:
         self.end_of_chunk_id = tokenizer.convert_tokens_to_ids(END_OF_CHUNK_TOKEN)
         self.end_id = tokenizer.convert_tokens_to_ids("<|end|>")
         self.pad_id = tokenizer.pad_token_id
+        self._control = control_pattern([*tokenizer.all_special_tokens, *tokenizer.get_added_vocab()])
         self._mean = torch.tensor(config.image_mean).view(3, 1, 1)
         self._std = torch.tensor(config.image_std).view(3, 1, 1)
 
@@ -138,7 +149,7 @@ class XGenMMProcessor:
         enc = self.tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
         ids, offsets = enc["input_ids"], enc["offset_mapping"]
         if ids.count(self.image_id) != len(images):
-            raise ValueError(f"text has {ids.count(self.image_id)} {IMAGE_TOKEN} markers but {len(images)} images")
+            raise UnencodableSample(f"text has {ids.count(self.image_id)} {IMAGE_TOKEN} markers but {len(images)} images")
         out = Encoded([], [])
         budget = self.max_text_tokens
         if self.tokenizer.bos_token_id is not None:
@@ -164,10 +175,14 @@ class XGenMMProcessor:
             budget -= 1
         return out
 
+    def plain(self, text: str, *, keep: tuple[str, ...] = ()) -> str:
+        """Data text with every control-token spelling but `keep` escaped (`model.control_tokens`)."""
+        return escape_control_tokens(text, keep=keep, pattern=self._control)
+
     def encode_caption(self, caption: str, image: Image.Image) -> Encoded:
         """Pretraining caption sample; loss on the caption and its end tokens."""
         end = END_OF_CHUNK_TOKEN + self.tokenizer.eos_token
-        return self._encode([(IMAGE_TOKEN, False), (caption, True), (end, True)], [image])
+        return self._encode([(IMAGE_TOKEN, False), (self.plain(caption), True), (end, True)], [image])
 
     def encode_interleaved(self, texts: Sequence[str | None], images: Sequence[Image.Image | None]) -> Encoded:
         """Interleaved document (parallel lists, one of text/image set at each position)."""
@@ -182,7 +197,7 @@ class XGenMMProcessor:
                 parts.append((IMAGE_TOKEN, False))
                 seen_image = True
             else:
-                parts.append((t, True))
+                parts.append((self.plain(t), True))
                 if seen_image:
                     parts.append((END_OF_CHUNK_TOKEN, True))
                     seen_image = False
@@ -203,7 +218,7 @@ class XGenMMProcessor:
         `<image> ` at the start of the first user turn. A default system turn is added when the
         messages have none (None disables it).
         """
-        messages = [dict(m) for m in messages]
+        messages = [dict(m, content=self.plain(m["content"], keep=(IMAGE_TOKEN,))) for m in messages]
         n_markers = sum(m["content"].count(IMAGE_TOKEN) for m in messages)
         if images and n_markers == 0:
             first_user = next((m for m in messages if m["role"] == "user"), None)
@@ -297,15 +312,44 @@ class XGenMMProcessor:
     def from_pretrained(cls, directory: str | Path, config: ModelConfig | None = None) -> "XGenMMProcessor":
         from transformers import AutoTokenizer
 
-        from blip3.core.errors import MissingWeightsError
+        from blip3.core.errors import MissingWeightsError, UserError
+
+        from .xgenmm import _first_line
 
         d = Path(directory)
         if not (d / PROCESSOR_FILE).is_file():
             raise MissingWeightsError(f"no {PROCESSOR_FILE} in {d}", field="model dir")
         if config is None:
-            from .xgenmm import CONFIG_FILE
+            from .xgenmm import CONFIG_FILE, read_model_config
 
-            config = ModelConfig.from_dict(json.loads((d / CONFIG_FILE).read_text()))
-        opts = json.loads((d / PROCESSOR_FILE).read_text())
-        tok = AutoTokenizer.from_pretrained(str(d), local_files_only=True)
-        return cls(tok, config, anyres=opts["anyres"], max_text_tokens=opts["max_text_tokens"])
+            config = read_model_config(d / CONFIG_FILE)
+        anyres, max_text_tokens = _read_processor_config(d / PROCESSOR_FILE)
+        try:
+            tok = AutoTokenizer.from_pretrained(str(d), local_files_only=True)
+        # the tokenizers library raises a bare Exception on a tokenizer.json it cannot parse
+        except Exception as e:  # noqa: BLE001 - every reading failure of user files is one line
+            raise UserError(f"tokenizer files cannot be read ({type(e).__name__}: {_first_line(e)})", file=d) from None
+        try:
+            return cls(tok, config, anyres=anyres, max_text_tokens=max_text_tokens)
+        except ValueError as e:  # the tokenizer does not fit the model config
+            raise UserError(str(e), file=d) from None
+
+
+def _read_processor_config(file: Path) -> tuple[bool, int]:
+    """processor_config.json -> (anyres, max_text_tokens); a malformed one is one UserError."""
+    from blip3.core.errors import UserError
+
+    from .xgenmm import _first_line
+
+    try:
+        opts = json.loads(file.read_bytes())
+    except ValueError as e:  # not JSON, not UTF-8
+        raise UserError(f"not a processor config ({type(e).__name__}: {_first_line(e)})", file=file) from None
+    if not isinstance(opts, dict):
+        raise UserError(f"a processor config is a JSON object, not {type(opts).__name__}", file=file)
+    anyres, max_text = opts.get("anyres"), opts.get("max_text_tokens")
+    if not isinstance(anyres, bool):
+        raise UserError(f"'anyres' must be true or false, not {anyres!r}"[:200], file=file)
+    if not isinstance(max_text, int) or isinstance(max_text, bool) or max_text <= 0:
+        raise UserError(f"'max_text_tokens' must be an integer > 0, not {max_text!r}"[:200], file=file)
+    return anyres, max_text

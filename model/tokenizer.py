@@ -59,6 +59,13 @@ def train_tiny_tokenizer(vocab_size: int = TINY_VOCAB):
     return fast
 
 
+def released_token_ids(initial_tokenizer_len: int) -> dict[str, int]:
+    """The ids the release gives its added tokens: the authors append `XGENMM_ADDITIONS` in this
+    order after a tokenizer of `initial_tokenizer_len` tokens (Phi-3's 32011 + `<pad>`), so
+    `<image>` 32012, `<image placeholder>` 32013, `<|endofchunk|>` 32014."""
+    return {tok: initial_tokenizer_len + i for i, tok in enumerate(XGENMM_ADDITIONS)}
+
+
 def add_xgenmm_tokens(tokenizer):
     """Phi-3's tokenizer + `<pad>` (32011), `<image>`, `<image placeholder>`, `<|endofchunk|>`."""
     tokenizer.add_special_tokens({"pad_token": PAD_TOKEN})

@@ -3,6 +3,10 @@
 open_clip builds two kinds of ViT: timm-backed ones (SigLIP so400m: `visual.trunk` is a timm
 VisionTransformer, whose `forward_features` gives the normed last hidden state) and its own
 `VisionTransformer` (`output_tokens=True` returns (pooled, tokens)). `patch_tokens` hides that.
+
+SigLIP's weights were trained with the tanh approximation of GELU (big_vision's default; the
+released xGen-MM tower is transformers' Siglip, `gelu_pytorch_tanh`), while timm builds its SigLIP
+ViTs with the exact GELU. A SigLIP trunk gets its activation swapped back (`use_tanh_gelu`).
 """
 
 from __future__ import annotations
@@ -54,11 +58,24 @@ def build_vision_encoder(config: ModelConfig, checkpoint: str | None = None) -> 
     finally:
         logging.getLogger().removeFilter(quiet)
     visual = clip.visual
+    trunk = getattr(visual, "trunk", None)
+    if trunk is not None and "siglip" in config.vision_model.lower():
+        use_tanh_gelu(trunk)
     if hasattr(visual, "output_tokens"):
         visual.output_tokens = True
     visual.requires_grad_(False)
     visual.eval()
     return visual
+
+
+def use_tanh_gelu(trunk: nn.Module) -> nn.Module:
+    """Every GELU of a timm ViT (the blocks' MLPs and the MAP head's) -> the tanh approximation,
+    the activation SigLIP was trained with. No weights change; idempotent. Returns `trunk`."""
+    for name, module in list(trunk.named_modules()):
+        if isinstance(module, nn.GELU) and module.approximate != "tanh":
+            parent, _, attr = name.rpartition(".")
+            setattr(trunk.get_submodule(parent) if parent else trunk, attr, nn.GELU(approximate="tanh"))
+    return trunk
 
 
 def patch_tokens(visual: nn.Module, pixels: torch.Tensor) -> torch.Tensor:

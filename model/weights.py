@@ -7,6 +7,7 @@ missing piece raises one `MissingWeightsError` that names the flag and the varia
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -14,12 +15,14 @@ import torch
 from blip3.core.errors import MissingWeightsError
 
 from .config import ModelConfig
+from .vision import use_tanh_gelu
 
 SIGLIP_ENV, PHI3_ENV, XGENMM_ENV = "BLIP3_SIGLIP_CKPT", "BLIP3_PHI3_DIR", "BLIP3_XGENMM_CKPT"
 SIGLIP_REPO, SIGLIP_FILES = "timm/ViT-SO400M-14-SigLIP-384", ("open_clip_model.safetensors", "open_clip_pytorch_model.bin")
 PHI3_REPO = "microsoft/Phi-3-mini-4k-instruct"
 XGENMM_REPO = "Salesforce/xgen-mm-phi3-mini-instruct-r-v1.5"
 RELEASED_PREFIX = "vlm."  # the released checkpoint nests the model under `vlm`
+RELEASE_CONFIG = "config.json"  # the release's own config, next to its safetensors
 
 
 def _cached_file(repo: str, filename: str) -> str | None:
@@ -89,41 +92,68 @@ def load_phi3_tokenizer(phi3_dir: str | None = None):
     return AutoTokenizer.from_pretrained(resolve_phi3_dir(phi3_dir), local_files_only=True)
 
 
-def siglip_hf_to_timm(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """transformers' SiglipVisionTransformer names -> timm's VisionTransformer (open_clip's trunk).
+def _siglip_plan(layers: list[int], head: bool) -> dict[str, tuple[tuple[str, ...], Callable]]:
+    """timm name -> (transformers' Siglip names it is made of, how they combine).
 
-    q/k/v projections are concatenated into timm's fused qkv; the MAP head becomes `attn_pool`
-    (its packed in_proj splits into q and kv). Note: timm's so400m uses exact GELU where
-    transformers' Siglip uses the tanh approximation; the same weights differ by ~1e-4 per token.
-    """
-    out: dict[str, torch.Tensor] = {}
-    layers = sorted({int(k.split(".")[2]) for k in state if k.startswith("encoder.layers.")})
+    q/k/v projections are concatenated into timm's fused qkv; the MAP head becomes `attn_pool` (its
+    packed in_proj splits into q (first third) and kv)."""
+    same = lambda t: t  # noqa: E731
+    plan: dict[str, tuple[tuple[str, ...], Callable]] = {}
     for i in layers:
         src, dst = f"encoder.layers.{i}.", f"blocks.{i}."
         for part in ("weight", "bias"):
-            out[f"{dst}attn.qkv.{part}"] = torch.cat([state[f"{src}self_attn.{x}_proj.{part}"] for x in "qkv"])
-            out[f"{dst}attn.proj.{part}"] = state[f"{src}self_attn.out_proj.{part}"]
-            out[f"{dst}norm1.{part}"] = state[f"{src}layer_norm1.{part}"]
-            out[f"{dst}norm2.{part}"] = state[f"{src}layer_norm2.{part}"]
-            out[f"{dst}mlp.fc1.{part}"] = state[f"{src}mlp.fc1.{part}"]
-            out[f"{dst}mlp.fc2.{part}"] = state[f"{src}mlp.fc2.{part}"]
-    pos = state["embeddings.position_embedding.weight"]
-    out["pos_embed"] = pos[None]  # (1, P, D)
+            plan[f"{dst}attn.qkv.{part}"] = (tuple(f"{src}self_attn.{x}_proj.{part}" for x in "qkv"),
+                                             lambda *t: torch.cat(t))
+            for mine, theirs in (("attn.proj", "self_attn.out_proj"), ("norm1", "layer_norm1"), ("norm2", "layer_norm2"),
+                                 ("mlp.fc1", "mlp.fc1"), ("mlp.fc2", "mlp.fc2")):
+                plan[f"{dst}{mine}.{part}"] = ((f"{src}{theirs}.{part}",), same)
+    plan["pos_embed"] = (("embeddings.position_embedding.weight",), lambda t: t[None])  # (1, P, D)
     for part in ("weight", "bias"):
-        out[f"patch_embed.proj.{part}"] = state[f"embeddings.patch_embedding.{part}"]
-        out[f"norm.{part}"] = state[f"post_layernorm.{part}"]
-    if "head.probe" in state:
-        D = pos.shape[1]
-        out["attn_pool.latent"] = state["head.probe"]
-        w, b = state["head.attention.in_proj_weight"], state["head.attention.in_proj_bias"]
-        out["attn_pool.q.weight"], out["attn_pool.kv.weight"] = w[:D], w[D:]
-        out["attn_pool.q.bias"], out["attn_pool.kv.bias"] = b[:D], b[D:]
+        plan[f"patch_embed.proj.{part}"] = ((f"embeddings.patch_embedding.{part}",), same)
+        plan[f"norm.{part}"] = ((f"post_layernorm.{part}",), same)
+    if head:
+        plan["attn_pool.latent"] = (("head.probe",), same)
+        for part, key in (("weight", "head.attention.in_proj_weight"), ("bias", "head.attention.in_proj_bias")):
+            plan[f"attn_pool.q.{part}"] = ((key,), lambda t: t[: t.shape[0] // 3])
+            plan[f"attn_pool.kv.{part}"] = ((key,), lambda t: t[t.shape[0] // 3 :])
         for part in ("weight", "bias"):
-            out[f"attn_pool.proj.{part}"] = state[f"head.attention.out_proj.{part}"]
-            out[f"attn_pool.norm.{part}"] = state[f"head.layernorm.{part}"]
-            out[f"attn_pool.mlp.fc1.{part}"] = state[f"head.mlp.fc1.{part}"]
-            out[f"attn_pool.mlp.fc2.{part}"] = state[f"head.mlp.fc2.{part}"]
-    return out
+            for mine, theirs in (("proj", "attention.out_proj"), ("norm", "layernorm"), ("mlp.fc1", "mlp.fc1"),
+                                 ("mlp.fc2", "mlp.fc2")):
+                plan[f"attn_pool.{mine}.{part}"] = ((f"head.{theirs}.{part}",), same)
+    return plan
+
+
+def siglip_hf_to_timm(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """transformers' SiglipVisionTransformer names -> timm's VisionTransformer (open_clip's trunk),
+    for a complete Siglip state dict (its layers and head read from its own keys)."""
+    layers = sorted({int(k.split(".")[2]) for k in state if k.startswith("encoder.layers.")})
+    plan = _siglip_plan(layers, head="head.probe" in state)
+    return {dst: combine(*(state[k] for k in srcs)) for dst, (srcs, combine) in plan.items()}
+
+
+def _load_siglip(trunk, vision: dict[str, torch.Tensor], file: Path) -> None:
+    """Load the release's Siglip tower (names without `vision_encoder.`) into open_clip's timm
+    trunk, every key accounted for: a key our tower needs and the file lacks, one it holds that we
+    cannot place, or one of the wrong shape is one `ReleasedLayoutError` naming the checkpoint key
+    and the file (not a KeyError, nor torch's page-long mismatch report)."""
+    own = trunk.state_dict()
+    layers = sorted({int(k.split(".")[1]) for k in own if k.startswith("blocks.")})
+    plan = _siglip_plan(layers, head=any(k.startswith("attn_pool.") for k in own))
+    needed = {k for srcs, _ in plan.values() for k in srcs}
+    problems = {
+        "missing": sorted(needed - set(vision)),
+        "unexpected": sorted(set(vision) - needed),
+        "not in the release's layout": sorted(set(own) - set(plan)),  # a trunk that is not a SigLIP ViT
+    }
+    mapped = {dst: combine(*(vision[k] for k in srcs)) for dst, (srcs, combine) in plan.items()
+              if dst in own and set(srcs) <= set(vision)}
+    problems["wrong shape"] = sorted({k for dst, t in mapped.items() if t.shape != own[dst].shape for k in plan[dst][0]})
+    detail = "; ".join(f"{what}: {['vision_encoder.' + k for k in keys[:5]]}{' ...' if len(keys) > 5 else ''}"
+                       for what, keys in problems.items() if keys)
+    if detail:
+        raise ReleasedLayoutError(f"released vision tower does not match the model ({detail})", file=file)
+    trunk.load_state_dict(mapped, strict=True)
+    use_tanh_gelu(trunk)  # transformers' Siglip, which the release was trained in, uses the tanh GELU
 
 
 # The authors wrap Phi-3's input embedding and output head in "decoupled" layers: the rows of the
@@ -140,10 +170,35 @@ class ReleasedLayoutError(MissingWeightsError):
     """The released checkpoint does not fill our model key for key (renamed, missing or extra)."""
 
 
-def merge_decoupled(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+def released_initial_tokenizer_len(files: list[Path]) -> int | None:
+    """`text_config.initial_tokenizer_len` of the release's config.json, next to its weights (None
+    when there is no config.json there): the tokenizer length before the three added tokens, i.e.
+    the first id the decoupled layers send to their additional rows (32012 in the release, whose
+    Phi-3 table has 32064 rows)."""
+    import json
+
+    cfg = files[0].parent / RELEASE_CONFIG
+    if not cfg.is_file():
+        return None
+    try:
+        value = json.loads(cfg.read_bytes())["text_config"]["initial_tokenizer_len"]
+    except (ValueError, KeyError, TypeError) as e:  # not JSON / no such field / not an object
+        raise ReleasedLayoutError(f"no text_config.initial_tokenizer_len ({type(e).__name__}: {e})"[:200],
+                                  file=cfg) from None
+    if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+        raise ReleasedLayoutError(f"text_config.initial_tokenizer_len must be a positive integer, not {value!r}"[:200],
+                                  file=cfg)
+    return value
+
+
+def merge_decoupled(state: dict[str, torch.Tensor], initial_tokenizer_len: int | None) -> dict[str, torch.Tensor]:
     """Released-layout state dict (prefix `vlm.` removed) -> the same weights as one embedding
-    table (N + k rows: ids >= N read the additional rows in order) and one biased head whose
-    logits are the base vocabulary's followed by the additional tokens'."""
+    table and one biased head, following the authors' decoupled layers (LAVIS xgen-mm,
+    `DecoupledEmbedding` / `DecoupledLinear`): ids above `T - 1` (T = `initial_tokenizer_len`)
+    read the additional rows, and only the first T base logits are kept before the additional
+    ones. So the merged table is `emb[:T] ++ additional` and the head `head[:T] ++ additional_fc`;
+    base rows T.. (Phi-3's unused padding rows 32012-32063 in the release) are never read by the
+    authors' forward and are dropped."""
     out = dict(state)
     extra = out.pop(ADDITIONAL_EMBEDDING, None)
     fc_w, fc_b = out.pop(ADDITIONAL_FC + "weight", None), out.pop(ADDITIONAL_FC + "bias", None)
@@ -155,20 +210,39 @@ def merge_decoupled(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         )
     if extra is None:
         return out
+    if initial_tokenizer_len is None:
+        raise ReleasedLayoutError(
+            f"the decoupled layers need the release's {RELEASE_CONFIG} (text_config.initial_tokenizer_len) "
+            "next to its weights", field="--xgenmm-ckpt")
     emb, head_w, head_b = "lang_model.model.embed_tokens.weight", HEAD + "weight", HEAD + "bias"
     missing = [k for k in (emb, head_w, head_b) if k not in out]
     if missing:
         raise ReleasedLayoutError(f"decoupled layers without their base weights: missing {missing}", field="--xgenmm-ckpt")
-    if extra.shape[0] != fc_w.shape[0] or out[emb].shape[0] != out[head_w].shape[0]:
+    if extra.shape[0] != fc_w.shape[0] or not out[emb].shape[0] == out[head_w].shape[0] == out[head_b].shape[0]:
         raise ReleasedLayoutError(
             f"decoupled vocabularies disagree: embedding {tuple(out[emb].shape)} + {tuple(extra.shape)}, "
             f"head {tuple(out[head_w].shape)} + {tuple(fc_w.shape)}",
             field="--xgenmm-ckpt",
         )
-    out[emb] = torch.cat([out[emb], extra])
-    out[head_w] = torch.cat([out[head_w], fc_w])
-    out[head_b] = torch.cat([out[head_b], fc_b])
+    T = initial_tokenizer_len
+    if T > out[emb].shape[0]:
+        raise ReleasedLayoutError(
+            f"initial_tokenizer_len {T} exceeds the base embedding's {out[emb].shape[0]} rows", field="--xgenmm-ckpt")
+    out[emb] = torch.cat([out[emb][:T], extra])
+    out[head_w] = torch.cat([out[head_w][:T], fc_w])
+    out[head_b] = torch.cat([out[head_b][:T], fc_b])
     return out
+
+
+def check_released_tokens(tokenizer, initial_tokenizer_len: int) -> None:
+    """Our tokenizer must give each added token the id the release trained it under (its row in
+    the merged table): one `ReleasedLayoutError` naming the first token that differs."""
+    from .tokenizer import released_token_ids
+
+    for token, want in released_token_ids(initial_tokenizer_len).items():
+        got = tokenizer.convert_tokens_to_ids(token)
+        if got != want:
+            raise ReleasedLayoutError(f"the tokenizer maps {token!r} to {got}, the release to {want}", field="--phi3-dir")
 
 
 def fit_lang_model(model, vocab_size: int, head_bias: bool) -> None:
@@ -195,42 +269,47 @@ def fit_lang_model(model, vocab_size: int, head_bias: bool) -> None:
 def load_released_state_dict(model, path: str | None = None) -> dict[str, list[str]]:
     """Copy the released checkpoint into `model`, every key accounted for.
 
-    The resampler and the LLM load strictly (the decoupled embedding/head merged first, see
-    `merge_decoupled`; the model's LLM is resized to match); any key of theirs we cannot place, or
-    any of ours the file lacks, raises `ReleasedLayoutError`. The SigLIP tower loads strictly when
-    ours is timm-backed (names mapped from transformers' Siglip); otherwise its keys are the only
-    ones reported as skipped. Returns {"loaded": [...], "skipped": [...]} (checkpoint names,
+    The resampler and the LLM load strictly (the decoupled embedding/head merged first, cut at the
+    `initial_tokenizer_len` of the release's config.json, see `merge_decoupled`; the model's LLM
+    is resized to match); any key of theirs we cannot place, or any of ours the file lacks, raises
+    `ReleasedLayoutError`. The SigLIP tower loads strictly, with the tanh GELU it was trained with,
+    when ours is timm-backed (names mapped from transformers' Siglip); otherwise its keys are the
+    only ones reported as skipped. Returns {"loaded": [...], "skipped": [...]} (checkpoint names,
     prefix removed)."""
     from safetensors.torch import load_file
 
+    files = resolve_xgenmm(path)
     state: dict[str, torch.Tensor] = {}
-    for f in resolve_xgenmm(path):
+    for f in files:
         state.update(load_file(str(f)))
-    state = merge_decoupled({k.removeprefix(RELEASED_PREFIX): v for k, v in state.items()})
+    state = {k.removeprefix(RELEASED_PREFIX): v for k, v in state.items()}
+    decoupled = ADDITIONAL_EMBEDDING in state or ADDITIONAL_FC + "weight" in state
+    state = merge_decoupled(state, released_initial_tokenizer_len(files) if decoupled else None)
     parts = ("vision_tokenizer.", "vision_encoder.", "lang_model.")
     stray = [k for k in state if not k.startswith(parts)]
     if stray:
         raise ReleasedLayoutError(f"keys outside {list(parts)}: {stray[:5]}", field="--xgenmm-ckpt")
     resampler = {k.removeprefix("vision_tokenizer."): v for k, v in state.items() if k.startswith("vision_tokenizer.")}
-    _load_strict(model.vision_tokenizer, resampler, "vision_tokenizer.")
+    where = files[0] if len(files) == 1 else files[0].parent
+    _load_strict(model.vision_tokenizer, resampler, "vision_tokenizer.", where)
     loaded = [f"vision_tokenizer.{k}" for k in resampler]
     lm = {k.removeprefix("lang_model."): v for k, v in state.items() if k.startswith("lang_model.")}
     if "model.embed_tokens.weight" in lm:
         fit_lang_model(model, lm["model.embed_tokens.weight"].shape[0], head_bias="lm_head.bias" in lm)
-    _load_strict(model.lang_model, lm, "lang_model.")
+    _load_strict(model.lang_model, lm, "lang_model.", where)
     loaded += [f"lang_model.{k}" for k in lm]
     vision = {k.removeprefix("vision_encoder."): v for k, v in state.items() if k.startswith("vision_encoder.")}
     trunk = getattr(model.vision_encoder, "trunk", None)
     skipped = []
     if vision and trunk is not None:
-        trunk.load_state_dict(siglip_hf_to_timm(vision), strict=True)
+        _load_siglip(trunk, vision, where)
         loaded += [f"vision_encoder.{k}" for k in vision]
     else:
         skipped = [f"vision_encoder.{k}" for k in vision]
     return {"loaded": loaded, "skipped": skipped}
 
 
-def _load_strict(module, state: dict[str, torch.Tensor], prefix: str) -> None:
+def _load_strict(module, state: dict[str, torch.Tensor], prefix: str, file: Path) -> None:
     """load_state_dict(strict=True), with names and shapes checked first so the error is one line
     naming the keys (torch's own message lists every mismatch across several lines)."""
     own = module.state_dict()
@@ -243,7 +322,7 @@ def _load_strict(module, state: dict[str, torch.Tensor], prefix: str) -> None:
             for what, keys in (("missing", missing), ("unexpected", unexpected), ("wrong shape", wrong))
             if keys
         )
-        raise ReleasedLayoutError(f"released checkpoint does not match the model ({detail})", field="--xgenmm-ckpt")
+        raise ReleasedLayoutError(f"released checkpoint does not match the model ({detail})", file=file)
     module.load_state_dict(state, strict=True)
 
 

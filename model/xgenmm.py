@@ -48,6 +48,17 @@ def _first_line(e: BaseException) -> str:
     return text.splitlines()[0][:200] if text else ""
 
 
+def read_model_config(file: str | Path) -> ModelConfig:
+    """config.json of a model directory -> ModelConfig; anything unreadable or ill-formed (see
+    `ModelConfig.from_dict`) is one `UserError` naming the file: a model dir on disk is user input."""
+    from blip3.core.errors import UserError
+
+    try:
+        return ModelConfig.from_dict(json.loads(Path(file).read_bytes()))
+    except (ValueError, TypeError, KeyError) as e:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+        raise UserError(f"not a model config ({type(e).__name__}: {_first_line(e)})", file=file) from None
+
+
 def read_weights(file: str | Path, device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
     """The tensors of a weights file (safetensors: nothing in it can run code); a file that is not
     one (truncated, crafted) is one line naming it, see `weights_errors`."""
@@ -345,16 +356,18 @@ class XGenMM(nn.Module):
         """The model of a `save_pretrained` directory built on the meta device (shapes, no memory,
         no random init) and its weights file: `from_pretrained` loads it at once,
         `model.weights.materialize` after FSDP2 has sharded the model."""
+        from huggingface_hub.errors import StrictDataclassError
+
         from blip3.core.errors import MissingWeightsError, UserError
 
         d = Path(directory)
         if not (d / CONFIG_FILE).is_file() or not (d / WEIGHTS_FILE).is_file():
             raise MissingWeightsError(f"no {CONFIG_FILE} + {WEIGHTS_FILE} in {d}", field="model dir")
+        config = read_model_config(d / CONFIG_FILE)
         try:
-            config = ModelConfig.from_dict(json.loads((d / CONFIG_FILE).read_text()))
-            with torch.device("meta"):  # inside: a `lang_model` missing `hidden_size` fails here
+            with torch.device("meta"):  # a Phi3Config kwarg we do not check (transformers validates it)
                 model = cls(config)
-        except (ValueError, TypeError, KeyError, AttributeError) as e:
+        except (ValueError, TypeError, KeyError, AttributeError, StrictDataclassError) as e:
             raise UserError(f"not a model config ({type(e).__name__}: {_first_line(e)})", file=d / CONFIG_FILE) from None
         return model, d / WEIGHTS_FILE
 

@@ -1,11 +1,27 @@
 """Shared pytest setup. Area fixtures live in tests/<area>_fixtures.py; add here only what is shared."""
 
 import os
+import shutil
+import tempfile
 
 os.environ.setdefault("BLIP3_NO_PROGRESS", "1")
 
+# The processes the tests start (CLI runs, torchrun and its workers, Ray's raylet and workers) put
+# their temporary files in a folder of this session, removed when it ends: a process that is
+# killed rather than exiting (a Ray worker at shutdown) leaves no `torchelastic_*`, `tmp*wandb-*`
+# (open_clip imports wandb, which makes them at import) or `pymp-*` folder in the machine's temp
+# folder. This process keeps the machine's (`tempfile` reads TMPDIR once): pytest's own `tmp_path`
+# folders stay where pytest keeps them.
+tempfile.gettempdir()
+SCRATCH = tempfile.mkdtemp(prefix="blip3-tests-")  # short: Ray's socket paths must fit 107 bytes
+os.environ["TMPDIR"] = SCRATCH
 
-import pytest
+
+def pytest_sessionfinish(session, exitstatus):
+    shutil.rmtree(SCRATCH, ignore_errors=True)
+
+
+import pytest  # noqa: E402
 
 
 @pytest.fixture(scope="session")
@@ -17,8 +33,13 @@ def ray_local():
     """
     import ray
 
+    from blip3.core.ray_session import remove_session
+
     os.environ.setdefault("RAY_DEDUP_LOGS", "1")
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, logging_level="ERROR")
+    # address="local": never join a cluster another process started. Its session folder is under
+    # TMPDIR (Ray reads the variable, not tempfile's choice), removed when the cluster stops.
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False, logging_level="ERROR")
+    session_dir = ray._private.worker.global_worker.node.get_session_dir_path()
     try:
         import ray.data
 
@@ -26,3 +47,4 @@ def ray_local():
         yield ray.get_runtime_context().gcs_address
     finally:
         ray.shutdown()
+        remove_session(session_dir)

@@ -84,3 +84,35 @@ def test_retemplate_turns_a_stored_empty_label_into_a_failed_row(tmp_path):
     rows = {r["key"]: r for r in read_sidecar(list_shards(tmp_path / "new")[0].parquet).to_pylist()}
     assert rows["good"]["status"] == "success"
     assert rows["bad"]["status"] == "failed" and rows["bad"]["error_message"].startswith("caption: object label ' ' is empty")
+
+
+def _unprintable(text: str) -> list[str]:
+    """Characters a caption line must not hold: C0/C1 controls (NUL, ESC, DEL, ...), lone
+    surrogates, bidirectional overrides."""
+    import unicodedata
+
+    return [c for c in text if unicodedata.category(c) in ("Cc", "Cs") or "\u202a" <= c <= "\u202e"
+            or "\u2066" <= c <= "\u2069"]
+
+
+HOSTILE = "SALE\x00 50%\x1b[31m OFF\x1b[0m\x07\x7f\x85\u202eevil\ud800\x9b end"
+
+
+def test_control_characters_never_reach_a_caption():
+    """NUL, ESC (and the rest of its escape sequence), BEL, DEL, C1 controls, a lone surrogate and
+    a bidi override in OCR'd text, an alt text or a label are dropped from every caption variant."""
+    assert caption_text(HOSTILE) == "SALE 50% OFF evil end"
+    entries = [{"text": HOSTILE, "bbox": [0.1, 0.1, 0.3, 0.2]}]
+    captions = [c["text"] for c in ocr_captions(entries, f"alt {HOSTILE}")]
+    captions += [c["text"] for c in grounding_captions([GroundedObject(f"dog{HOSTILE}", (0.1, 0.1, 0.2, 0.2))],
+                                                        f"a dog {HOSTILE}")]
+    assert len(captions) == 12 + 6
+    for cap in captions:
+        assert not _unprintable(cap), cap
+        cap.encode("utf-8")  # what the .txt member is written as
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.text(alphabet=st.characters(codec=None, categories=("Cc", "Cs", "Zs", "Ll", "Sm")), max_size=40))
+def test_caption_text_is_printable_whatever_the_input(text):
+    assert not _unprintable(caption_text(text))

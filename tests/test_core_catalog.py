@@ -324,6 +324,31 @@ def test_db_that_is_not_duckdb_is_one_line(tmp_path):
         run_query("SELECT 1", tmp_path)  # a folder
 
 
+def test_db_that_is_a_csv_json_or_parquet_file_is_refused_and_left_alone(output_dir, tmp_path):
+    """DuckDB opens an existing CSV/JSON/Parquet file given as a database in memory: `catalog add`
+    would report success and keep nothing. Anything without DuckDB's header is refused."""
+    files = {"rows.csv": b"a,b\n1,2\n", "rows.json": b'{"a": 1}\n', "empty.duckdb": b""}
+    duckdb.sql(f"COPY (SELECT 1 AS a) TO '{tmp_path / 'rows.parquet'}' (FORMAT parquet)")
+    for name, body in files.items():
+        (tmp_path / name).write_bytes(body)
+    for name in [*files, "rows.parquet"]:
+        bad = tmp_path / name
+        before = bad.read_bytes()
+        with pytest.raises(UserError, match="not a DuckDB catalog file"):
+            Catalog(bad)
+        with pytest.raises(UserError, match="not a DuckDB catalog file"):
+            run_query("SELECT 1", bad)
+        assert bad.read_bytes() == before
+    for args in (["catalog", "add", str(output_dir)], ["sql", "SELECT count(*) FROM samples"]):
+        r = blip3(*args, "--db", str(tmp_path / "rows.csv"))
+        assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
+        assert "not a DuckDB catalog file" in " ".join(r.stderr.split())
+    fresh = tmp_path / "new.csv"  # a path that does not exist yet is a new catalog, whatever its name
+    with Catalog(fresh) as cat:
+        cat.add_output(output_dir)
+    assert counts(fresh) == (1, 2, 13)
+
+
 def test_catalog_locked_by_another_process_waits_then_says_so(output_dir, tmp_path):
     import os
 

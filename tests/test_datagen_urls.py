@@ -160,3 +160,47 @@ def test_fetch_in_order_keeps_input_order_with_a_bounded_window():
     it = fetch_in_order(items(), work, threads=2)
     assert next(it) == 0 and len(pulled) <= 4
     assert list(it) == [i * i for i in range(1, 20)]
+
+
+class _SizedBodies(http.server.BaseHTTPRequestHandler):
+    """`/N` answers N bytes with a Content-Length; `/N?stream` the same bytes without one, ended by
+    closing the connection (a server that does not say how much it sends)."""
+
+    protocol_version = "HTTP/1.0"
+
+    def do_GET(self):  # noqa: N802 (http.server's name)
+        path, _, query = self.path.lstrip("/").partition("?")
+        body = bytes(i % 251 for i in range(int(path)))
+        self.send_response(200)
+        self.send_header("Content-Type", "application/octet-stream")
+        if query != "stream":
+            self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *args):
+        pass
+
+
+def test_the_download_cap_takes_exactly_the_cap_and_refuses_one_byte_more(monkeypatch):
+    """A body of exactly the cap is fetched whole; cap + 1 is `too_large`, never cut to the cap and
+    accepted; with or without a Content-Length (real HTTP on 127.0.0.1)."""
+    from blip3.datagen import fetch
+
+    cap = 4096
+    monkeypatch.setattr(fetch, "MAX_IMAGE_BYTES", cap)
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _SizedBodies)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    base = f"http://127.0.0.1:{server.server_address[1]}"
+    try:
+        for query in ("", "?stream"):
+            whole = fetch.fetch_url(f"{base}/{cap}{query}", DownloadOptions(retries=0))
+            assert whole == bytes(i % 251 for i in range(cap))
+            with pytest.raises(fetch.FetchError, match=f"^too_large: more than {cap} bytes$"):
+                fetch.fetch_url(f"{base}/{cap + 1}{query}", DownloadOptions(retries=0))
+        url = f"{base}/{cap + 1}"
+        row = load_sample(SampleRef(key="k", ext="", locator=["url", url], url=url), DownloadOptions(retries=0))
+        assert row.image == b"" and row.error == f"download: too_large: more than {cap} bytes"
+    finally:
+        server.shutdown()
+        server.server_close()

@@ -50,7 +50,11 @@ def _build(db, tmp_path, curation=None, name="m"):
     return build_manifest(tmp_path / f"{name}.yaml", db=db, out=tmp_path / f"{name}-manifest.yaml")
 
 
-def _one_epoch(path, n):
+def _all_keys():
+    return [f"s{i:03d}_{j:04d}" for i in range(2) for j in range(6)]
+
+
+def _take(path, n):
     return [s["key"] for s in MixtureLoader(path, decode=False, shuffle_buffer=3).take(n)]
 
 
@@ -59,8 +63,9 @@ def test_default_leaves_decontaminated_samples_out(catalog):
     m = _build(db, tmp)
     assert m.source("src").samples == 11 and m.source("src").curation == {"decontam": 1}
     assert m.curation == {"rules": ["decontam"], "exclude": [], "keep_all": False}
-    keys = _one_epoch(tmp / "m-manifest.yaml", 11)
-    assert len(set(keys)) == 11 and "s001_0004" not in keys
+    keys = _take(tmp / "m-manifest.yaml", 22)
+    assert len(set(keys[:9])) == 9  # whole shuffle blocks of the first epoch: no sample twice
+    assert set(keys) == {k for k in _all_keys() if k != "s001_0004"}
 
 
 def test_listed_rules_and_score_thresholds(catalog):
@@ -73,8 +78,8 @@ def test_listed_rules_and_score_thresholds(catalog):
     assert [sh.exclude for sh in reloaded.source("src").shards] == [["s000_0000", "s000_0001", "s000_0002"],
                                                                     ["s001_0004"]]
     assert [sh.samples for sh in reloaded.source("src").shards] == [3, 5]
-    keys = _one_epoch(tmp / "m-manifest.yaml", 16)
-    assert len(set(keys[:8])) == 8  # one epoch: each kept sample once
+    keys = _take(tmp / "m-manifest.yaml", 16)
+    assert len(set(keys[:6])) == 6  # whole shuffle blocks of the first epoch: no sample twice
     assert set(keys) == {"s000_0003", "s000_0004", "s000_0005", "s001_0000", "s001_0001", "s001_0002",
                          "s001_0003", "s001_0005"}
 
@@ -83,14 +88,14 @@ def test_resume_is_exact_over_kept_samples(catalog):
     db, tmp = catalog
     _build(db, tmp, {"exclude": ["near_dup"]})
     path = tmp / "m-manifest.yaml"
-    whole = _one_epoch(path, 25)
+    whole = _take(path, 25)
     loader = MixtureLoader(path, decode=False, shuffle_buffer=3)
     first = [s["key"] for s in loader.take(9)]
     state = json.loads(json.dumps(loader.state_dict()))
     again = MixtureLoader(path, decode=False, shuffle_buffer=3)
     again.load_state_dict(state)
     assert first + [s["key"] for s in again.take(16)] == whole
-    assert whole[:10] and len(set(whole[:10])) == 10  # one epoch: each kept sample once
+    assert len(set(whole[:9])) == 9  # whole shuffle blocks of the first epoch: no sample twice
 
 
 def test_keep_all_and_bad_specs(catalog):
@@ -122,3 +127,15 @@ def test_loader_refuses_exclusions_the_shard_does_not_hold(catalog):
     path.write_text(yaml.safe_dump(data))
     with pytest.raises(UserError, match=r"shards\[0\].exclude: lists a key twice"):
         load_manifest(path)
+
+
+def test_re_registering_a_changed_shard_drops_its_curation_rows(catalog):
+    from tests.core_fixtures import write_caption_shard
+
+    db, tmp = catalog
+    write_caption_shard(tmp / "src", 1, 4, prefix="n")  # shard 1 rewritten with other samples
+    with Catalog(db) as cat:
+        cat.add_output(tmp / "src", source="src", refresh=True).check()
+        left = cat.con.execute("SELECT rule, count(*) FROM sample_decisions GROUP BY rule ORDER BY rule").fetchall()
+    assert left == [("decontam", 6), ("near_dup", 6)]  # shard 0's rows only
+    assert _build(db, tmp).source("src").samples == 10  # shard 0 (6) + the new shard 1 (4); nothing stale left out

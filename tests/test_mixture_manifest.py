@@ -236,3 +236,30 @@ def test_inline_folder_uses_only_finished_shards(tmp_path, tiny_sources):  # noq
     (folders["sft"] / "00001_stats.json").unlink()  # as if killed between the tar and its stats
     m = build_manifest({"name": "m", "sources": inline(folders, {"sft": 1})})
     assert [Path(sh.path).name for sh in m.sources[0].shards] == ["00000.tar"] and m.sources[0].samples == 24
+
+
+def test_a_shard_listed_twice_is_refused_not_served_twice(tmp_path, tiny_sources):  # noqa: F811
+    """A duplicated shard would be served twice per epoch (its weight silently doubled): refused in a
+    manifest, across two sources of a spec, and in a Manifest built in code; a pattern naming one tar
+    twice names it once."""
+    built = build_manifest({"name": "m", "sources": inline(tiny_sources, {"sft": 1})})
+    d = built.to_dict()
+    src = d["sources"][0]
+    src["shards"].append(dict(src["shards"][0]))
+    src["samples"] += src["shards"][0]["samples"]
+    m_path = tmp_path / "m.yaml"
+    m_path.write_text(yaml.safe_dump(d, sort_keys=False))
+    with pytest.raises(UserError, match=r"sources\[0\]\.shards\[2\]\.path: shard .* is listed twice in source 'sft' "
+                                        r"\(also sources\[0\]\.shards\[0\]\)"):
+        load_manifest(m_path)
+    built.sources[0].shards.append(built.sources[0].shards[0])
+    with pytest.raises(UserError, match="listed twice"):
+        MixtureLoader(built)
+    twice = inline(tiny_sources, {"sft": 1}) + [dict(inline(tiny_sources, {"sft": 1})[0], name="sft-again")]
+    with pytest.raises(UserError, match=r"spec\.yaml: sources\[1\]: shard .* listed twice in sources 'sft' and "
+                                        r"'sft-again'"):
+        build_manifest(write_spec(tmp_path / "spec.yaml", twice))
+    folder = tiny_sources["sft"]
+    overlap = [{"name": "sft", "kind": "sft", "weight": 1, "path": f"{{{folder}/00000.tar,{folder}/*.tar}}"}]
+    m = build_manifest({"name": "o", "sources": overlap})
+    assert len(m.sources[0].shards) == 2 and m.sources[0].samples == 48

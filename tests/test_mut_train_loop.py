@@ -156,7 +156,7 @@ def test_step_timings_partition_the_step(tiny, batches):
 
 
 def _build(cfg, **kw):
-    from blip3.train.distributed import DistInfo
+    from blip3.model.runtime import DistInfo
     from blip3.train.loop import build_run
 
     return build_run(cfg, init_path=None, resume=kw.pop("resume", False), db=None, info=DistInfo(), record=False,

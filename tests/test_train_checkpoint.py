@@ -25,7 +25,7 @@ def _parts(model, tmp: Path):
     from blip3.model.config import get_config
     from blip3.model.processor import XGenMMProcessor
     from blip3.train.builders import build_objective, build_optimizer, build_stream, resolve_manifest
-    from blip3.train.distributed import DistInfo
+    from blip3.model.runtime import DistInfo
     from blip3.train.schedule import build_scheduler
 
     cfg = tiny_stage("pretrain", tmp)
@@ -44,7 +44,8 @@ def _worker(rank: int, init_file: str, out: str) -> None:
 
     from blip3.model.config import get_config
     from blip3.train.checkpoint import save_checkpoint
-    from blip3.train.distributed import DistInfo, parallelize
+    from blip3.model.runtime import DistInfo
+    from blip3.train.distributed import parallelize
     from blip3.train.loop import train_step
 
     torch.set_num_threads(1)

@@ -19,7 +19,7 @@ def make(tmp_path_factory):
     from blip3.model.config import get_config
     from blip3.model.processor import XGenMMProcessor
     from blip3.train.builders import build_stream, resolve_manifest
-    from blip3.train.distributed import DistInfo
+    from blip3.model.runtime import DistInfo
 
     tmp = tmp_path_factory.mktemp("ranks")
     cfg = tiny_stage("pretrain", tmp)

@@ -63,7 +63,7 @@ def test_fsdp2_two_ranks_train_checkpoint_resume_export(tmp_path):
     b = load_file(str(tmp_path / "full" / "final" / "model.safetensors"))
     assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k], rtol=1e-5, atol=1e-6) for k in a)
 
-    from blip3.train.builders import load_model_dir
+    from blip3.model.directory import load_model_dir
 
     model, _ = load_model_dir(tmp_path / "out")
     assert model.num_params() > 0

@@ -16,7 +16,7 @@ os.environ.setdefault("BLIP3_NO_PROGRESS", "1")
 
 
 def test_several_ranks_without_fsdp_are_refused_before_any_work(tmp_path):
-    from blip3.train.distributed import DistInfo
+    from blip3.model.runtime import DistInfo
     from blip3.train.loop import train_stage
 
     cfg = tiny_stage("pretrain", tmp_path, steps=1)
@@ -28,7 +28,7 @@ def test_several_ranks_without_fsdp_are_refused_before_any_work(tmp_path):
 
 
 def test_flex_attention_training_off_gpu_is_refused_before_any_work(tmp_path):
-    from blip3.train.distributed import DistInfo
+    from blip3.model.runtime import DistInfo
     from blip3.train.loop import train_stage
 
     cfg = tiny_stage("pretrain", tmp_path, steps=1)

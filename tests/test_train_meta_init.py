@@ -37,7 +37,8 @@ def _assert_same_weights(got: dict[str, torch.Tensor], want: dict[str, torch.Ten
 
 def test_meta_build_equals_the_eager_load(tmp_path, saved, tiny_processor):
     from blip3.model.weights import materialize
-    from blip3.train.builders import build_model, load_model_dir
+    from blip3.model.directory import load_model_dir
+    from blip3.train.builders import build_model
     from blip3.train.distributed import parallelize
 
     cfg = tiny_stage("sft", tmp_path, **{"init.path": str(saved)})

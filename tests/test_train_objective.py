@@ -23,7 +23,7 @@ def _stream(stage: str, tmp: Path, micro_batch_size: int, seed: int = 0):
     from blip3.model.config import get_config
     from blip3.model.processor import XGenMMProcessor
     from blip3.train.builders import build_stream, resolve_manifest
-    from blip3.train.distributed import DistInfo
+    from blip3.model.runtime import DistInfo
 
     # the tiny preset from scratch, whatever the stage's init.path says (the stream only needs the
     # model's config, and the tests build that model themselves)
@@ -120,7 +120,8 @@ def _rank_main(rank: int, world: int, init_file: str, out_dir: str, tmp: str) ->
     import torch.distributed as dist
 
     from blip3.model.config import get_config
-    from blip3.train.distributed import DistInfo, parallelize
+    from blip3.model.runtime import DistInfo
+    from blip3.train.distributed import parallelize
     from blip3.train.loop import train_step
 
     torch.set_num_threads(1)

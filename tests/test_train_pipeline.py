@@ -21,7 +21,7 @@ def _by_stage(results):
 
 
 def test_every_stage_leaves_a_checkpoint_the_next_one_loads(tiny_chain):
-    from blip3.train.builders import load_model_dir
+    from blip3.model.directory import load_model_dir
 
     results, out, _ = tiny_chain
     assert [r.stage for r in results] == ["pretrain", "sft", "interleave", "dpo", "safety"]
@@ -51,7 +51,7 @@ def test_pretrain_loss_goes_down(tiny_chain):
 
 def test_sft_labels_are_assistant_tokens_only(tiny_chain):
     from blip3.mixture.loader import MixtureLoader
-    from blip3.train.builders import load_model_dir
+    from blip3.model.directory import load_model_dir
     from blip3.train.data import BatchStream
 
     _, out, _ = tiny_chain
@@ -154,7 +154,7 @@ def test_merge_lora_command_gives_the_adapted_model(tiny_chain, tmp_path):
 def test_packed_rows_do_not_attend_across_samples(tiny_chain):
     """The loss of a packed batch equals the token-weighted loss of its samples run one by one."""
     from blip3.mixture.loader import MixtureLoader
-    from blip3.train.builders import load_model_dir
+    from blip3.model.directory import load_model_dir
     from blip3.train.data import BatchStream, encode_sample
 
     _, out, _ = tiny_chain

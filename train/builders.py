@@ -12,36 +12,12 @@ from typing import TYPE_CHECKING, Mapping
 import torch
 
 from blip3.core.errors import UserError
+from blip3.model.directory import ADAPTER_DIR, load_model_dir, model_dir
 from blip3.train.config import StageConfig
 
 if TYPE_CHECKING:
     from blip3.model.config import ModelConfig
     from blip3.train.objective import Objective
-
-ADAPTER_DIR = "adapter"
-
-
-def model_dir(path: str | Path) -> Path:
-    """A model dir, or a stage output dir whose `final/` is the model."""
-    p = Path(path)
-    if (p / "final" / "config.json").is_file():
-        return p / "final"
-    return p
-
-
-def load_model_dir(path: str | Path):
-    """(XGenMM, processor) from a saved dir; an unmerged LoRA adapter in it is merged on load."""
-    from blip3.model.processor import XGenMMProcessor
-    from blip3.model.xgenmm import XGenMM
-
-    d = model_dir(path)
-    model = XGenMM.from_pretrained(d)
-    processor = XGenMMProcessor.from_pretrained(d, model.config)
-    if (d / ADAPTER_DIR).is_dir():
-        from peft import PeftModel
-
-        model = PeftModel.from_pretrained(model, str(d / ADAPTER_DIR)).merge_and_unload()
-    return model, processor
 
 
 def build_model(cfg: StageConfig, init_path: str | None = None):
@@ -170,8 +146,8 @@ def stage_model_config(cfg: StageConfig, init_path: str | None = None) -> "Model
     except FileNotFoundError:
         raise UserError(f"no {CONFIG_FILE} in {model_dir(path)} (run the previous stage first)", field="init.path",
                         file=cfg.source) from None
-    except (ValueError, TypeError) as e:
-        raise UserError(f"{file} is not a model config: {e}", field="init.path", file=cfg.source) from None
+    except (ValueError, TypeError, KeyError) as e:
+        raise UserError(f"{file} is not a model config: {e}"[:300], field="init.path", file=cfg.source) from None
 
 
 def resolve_manifest(cfg: StageConfig, out_dir: Path, db: str | Path | None, is_main: bool,

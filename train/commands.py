@@ -53,7 +53,7 @@ def register(app: typer.Typer) -> None:
         """Merge a stage's LoRA adapters into its base weights (for stages run with `lora.merge: false`)."""
         from blip3.core.errors import UserError
         from blip3.core.logs import console
-        from blip3.train.builders import ADAPTER_DIR, load_model_dir, model_dir
+        from blip3.model.directory import ADAPTER_DIR, load_model_dir, model_dir
 
         out = output_path(output, out, "model directory")
         if not (model_dir(stage_dir) / ADAPTER_DIR).is_dir():

@@ -14,6 +14,11 @@ State for exact resume = the loader's position before the first sample read but 
 (the one that overflowed the last packed row): a resume reads and encodes it again (encoding is
 deterministic), so the state is a few integers, JSON in the checkpoint, never encoded tensors.
 Noise uses the global torch RNG, which checkpoints hold.
+
+A sample that cannot be encoded (an undecodable image, more `<image>` markers than images:
+`model.processor.UnencodableSample`) is skipped: logged with its key and shard, and counted in the
+batch's `skipped` (the metrics' `skipped` column), never the end of the stage. Only a long run of
+them (`MAX_SKIPS_IN_A_ROW`: the data, not a sample, is wrong) stops the stage, in one line.
 """
 
 from __future__ import annotations
@@ -27,8 +32,13 @@ import torch
 from PIL import Image
 
 from blip3.core.errors import UserError
+from blip3.core.logs import get_logger
 from blip3.core.records import Caption, Chat, Content, Document, Preference, RecordError, record_kind
-from blip3.model.processor import RowPacker
+from blip3.model.processor import RowPacker, UnencodableSample
+
+log = get_logger("train")
+#: Consecutive samples that could not be encoded after which the stage stops (one line).
+MAX_SKIPS_IN_A_ROW = 1000
 
 #: Which source kinds each stage reads.
 STAGE_SOURCE_KINDS = {
@@ -51,9 +61,13 @@ def check_kinds(stage: str, manifest, file: str | None) -> None:
 
 
 def _image(data: bytes) -> Image.Image:
-    img = Image.open(io.BytesIO(data))
-    img.load()
-    return img.convert("RGB")
+    try:
+        img = Image.open(io.BytesIO(data))
+        img.load()
+        return img.convert("RGB")
+    except (OSError, Image.DecompressionBombError) as e:  # PIL's UnidentifiedImageError is an OSError
+        raise UnencodableSample(f"image cannot be decoded ({type(e).__name__}: {' '.join(str(e).split())[:120]})") \
+            from None
 
 
 def _content(sample: dict[str, Any]) -> Content:
@@ -115,7 +129,16 @@ def noised(enc, std: float):
 class Batch:
     inputs: dict[str, torch.Tensor]  # model kwargs (input_ids, labels, attention_mask | segment_ids, images)
     n_pairs: int = 0  # dpo: rows are [chosen x n_pairs, rejected x n_pairs]
-    skipped: int = 0  # samples dropped as longer than a packed row
+    skipped: int = 0  # samples dropped: longer than a packed row, or not encodable
+
+
+@dataclass
+class Skipped:
+    """A sample that could not be encoded (what a worker hands back instead of it)."""
+
+    key: str
+    shard: str | None
+    reason: str
 
 
 class _Encode:
@@ -127,7 +150,10 @@ class _Encode:
         self.stage = stage
 
     def one(self, sample: dict[str, Any]):
-        return encode_pair(self.processor, sample) if self.stage == "dpo" else encode_sample(self.processor, sample)
+        try:
+            return encode_pair(self.processor, sample) if self.stage == "dpo" else encode_sample(self.processor, sample)
+        except UnencodableSample as e:
+            return Skipped(str(sample.get("key")), sample.get("shard"), str(e))
 
     def __call__(self, samples: list[dict[str, Any]]):  # DataLoader collate of batch_size=1
         return self.one(samples[0])
@@ -159,6 +185,7 @@ class BatchStream:
         self._encode = _Encode(processor, stage)
         self.num_workers = num_workers
         self.pin_memory = pin_memory
+        self._unencodable = 0  # samples skipped as not encodable since the last batch
 
     # -- state ---------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
@@ -183,11 +210,19 @@ class BatchStream:
         return next(self._it)
 
     def _encoded(self):
-        """(the next encoded sample, the loader state from before it was read)."""
+        """(the next encoded sample, the loader state from before it was read); samples that
+        cannot be encoded are logged, counted and passed over."""
         if self._pending:
             return self._pending.pop(0)
-        before = self.loader.state_dict()
-        return self._next_encoded(), before
+        for _ in range(MAX_SKIPS_IN_A_ROW):
+            before = self.loader.state_dict()
+            enc = self._next_encoded()
+            if not isinstance(enc, Skipped):
+                return enc, before
+            self._unencodable += 1
+            log.warning(f"skipped sample {enc.key} of {enc.shard}: {enc.reason}")
+        raise UserError(f"{MAX_SKIPS_IN_A_ROW} samples in a row could not be encoded; the last, {enc.key} of "
+                        f"{enc.shard}: {enc.reason}", field="data")
 
     def next(self) -> Batch:
         if self.stage == "dpo":
@@ -196,6 +231,8 @@ class BatchStream:
             batch = self._packed()
         else:
             batch = Batch(self.processor.collate([self._encoded()[0] for _ in range(self.rows)]))
+        batch.skipped += self._unencodable
+        self._unencodable = 0
         if self.pin_memory:
             batch.inputs = {k: v.pin_memory() if torch.is_tensor(v) else v for k, v in batch.inputs.items()}
         return batch
@@ -216,7 +253,7 @@ class BatchStream:
         return Batch(self.processor.pack(chosen, self.seq_len), skipped=skipped)
 
     def _dpo(self) -> Batch:
-        pairs = [self._next_encoded() for _ in range(self.rows)]
+        pairs = [self._encoded()[0] for _ in range(self.rows)]
         if self.noised_image_chosen_as_rejected:
             pairs += [(c, noised(c, self.noise_std)) for c, _ in pairs if c.images]
         chosen, rejected = zip(*pairs)

@@ -6,7 +6,7 @@ collective under FSDP2), strip the wrappers' name prefixes, then on rank 0:
 - LoRA, `merge: true`: W += (alpha / r) * B @ A folded into each adapted projection;
 - LoRA, `merge: false`: the base weights, plus `adapter/` in peft's own format
   (`adapter_config.json` + `adapter_model.safetensors`), which `PeftModel.from_pretrained` reads
-  and `train.builders.load_model_dir` merges when the next stage starts.
+  and `model.directory.load_model_dir` merges when the next stage starts.
 The directory is written under a temporary name and renamed when complete.
 """
 
@@ -20,9 +20,10 @@ import torch
 import torch.distributed as dist
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
-from blip3.train.builders import ADAPTER_DIR, unwrap
+from blip3.model.directory import ADAPTER_DIR
+from blip3.model.runtime import DistInfo
+from blip3.train.builders import unwrap
 from blip3.train.checkpoint import _strip
-from blip3.train.distributed import DistInfo
 
 PEFT_PREFIX = "base_model.model."
 

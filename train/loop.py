@@ -31,12 +31,13 @@ from blip3.core.catalog import resolve_db
 from blip3.core.errors import UserError
 from blip3.core.logs import get_logger, progress
 from blip3.model.flops import flops_model, mfu, peak_flops
+from blip3.model.runtime import DistInfo, init_distributed
 from blip3.model.weights import materialize
 from blip3.train.builders import build_model, build_objective, build_optimizer, build_stream, resolve_manifest, unwrap
 from blip3.train.checkpoint import PendingCheckpoint, latest_checkpoint, load_checkpoint, start_checkpoint
 from blip3.train.config import StageConfig
 from blip3.train.data import Batch, DataRanks, count_crops, count_tokens
-from blip3.train.distributed import DistInfo, all_reduce_sum, init_distributed, parallelize
+from blip3.train.distributed import all_reduce_sum, parallelize
 from blip3.train.metrics import MetricsWriter
 from blip3.train.objective import Objective
 from blip3.train.schedule import build_scheduler
@@ -362,7 +363,7 @@ def train_stage(
                     row = {
                         "loss": s.loss, "lr": s.lr, "tokens": run.tokens, "tokens_per_s": step_tokens_all / dt,
                         "step_time_s": dt, "data_wait_s": data_wait, "grad_norm": s.grad_norm,
-                        # samples longer than a packed row, dropped since the previous row (all ranks)
+                        # samples dropped since the previous row (all ranks): longer than a packed row, or not encodable
                         "skipped": int(all_reduce_sum(skipped, info)),
                         "mfu": mfu(flops.step_flops(s.tokens, cfg.batch.seq_len, s.crops), dt, peak),
                         **s.extras,

@@ -27,7 +27,7 @@ def run_pipeline(
     db: str | Path | None = None,
     out_root: str | Path | None = None,
 ) -> list[StageResult]:
-    from blip3.train.distributed import init_distributed
+    from blip3.model.runtime import init_distributed
 
     from blip3.train.prepare import prepare_data
 
