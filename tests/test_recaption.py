@@ -310,3 +310,36 @@ def test_a_batch_that_raises_is_redone_image_by_image(tmp_path):
     assert [(i.row.status, i.row.error_message) for i in items] == [
         ("success", None), ("failed", "annotate: ValueError: bad image"), ("success", None)]
     assert items[0].annotation.default_caption == "img_00"
+
+
+def test_vllm_backend_is_fed_the_transformers_prompts(tiny_llava, tiny_llama, tmp_path, monkeypatch):  # noqa: F811
+    """Unit logic of the vLLM backend with a stand-in `vllm` module (vllm itself needs a GPU node):
+    the same rendered prompts as the transformers backend, greedy as temperature 0, one image per
+    request."""
+    import importlib.machinery
+    import types
+
+    requests: list = []
+
+    class LLM:
+        def __init__(self, model, seed, **kw):
+            self.model, self.kw = model, kw
+
+        def generate(self, reqs, params, use_tqdm=False):
+            requests.append((self.model, reqs, params))
+            return [types.SimpleNamespace(outputs=[types.SimpleNamespace(text=f" out{i} ")]) for i in range(len(reqs))]
+
+    fake = types.ModuleType("vllm")
+    fake.LLM, fake.SamplingParams = LLM, lambda **kw: kw
+    fake.__spec__ = importlib.machinery.ModuleSpec("vllm", None)  # what find_spec answers for it
+    monkeypatch.setitem(sys.modules, "vllm", fake)
+    images, samples = _inputs(tmp_path, 2)
+    hf = _annotator(tiny_llava, tiny_llama)
+    v = _annotator(tiny_llava, tiny_llama, replace(GREEDY, batch_size=2), backend="vllm")
+    out = v.annotate_batch(images, samples)
+    (vlm_model, vlm_reqs, vlm_params), (llm_model, llm_reqs, llm_params) = requests
+    assert vlm_model == str(tiny_llava) and [r["prompt"] for r in vlm_reqs] == [hf.vision.render(DEFAULT_VLM_PROMPT)] * 2
+    assert [r["multi_modal_data"]["image"] for r in vlm_reqs] == images
+    assert vlm_params["temperature"] == 0.0 and vlm_params["max_tokens"] == 6
+    assert llm_reqs == [hf.text.render(fill_merge_prompt(DEFAULT_MERGE_PROMPT, "out0", ALT_TEXTS[0]))]  # 1 has no alt
+    assert [o.default_caption for o in out] == ["out0", "out1"] and v.generator_info()["backend"] == "vllm"
