@@ -1,6 +1,6 @@
 """Curation benchmark (`blip3 curate`): the figures docs/curation.md quotes, side by side.
 
-    python benchmarks/bench_curation.py [--hashes 10000000] [--images 300] [--skip-lsh]
+    python benchmarks/bench_curation.py [--hashes 10000000] [--images 300] [--skip-lsh] [--only PART]
 
 Rows:
 - **pHash**: images per CPU-second of `datagen.image_hash.phash(open_image(bytes))` against
@@ -15,6 +15,8 @@ Rows:
 - **CLIP stage** (tiny open_clip, built here): `ClipStage` on batches of 64 against the bare loop
   (decode, preprocess, encode image and text, cosine) on the same images; goal: framework cost
   <= 1.1x.
+- **duplicate decisions**: `exact_dup` then `near_dup` over 1M catalogued-shaped hash rows
+  (clusters, keep rule, one decision row per sample), CPU seconds.
 - **text presence**: the OCR engine's detector alone (`TextPresenceStage`) against the full OCR
   engine call, CPU seconds per image on rendered sign pictures.
 """
@@ -166,26 +168,27 @@ def bench_clip(n: int) -> list[dict]:
 
         b = _best_cpu(bare)
         f = _best_cpu(framework)
-        ray_cpu = _clip_on_ray_data(model_dir, images, captions)
+        ray_cpu, actor_cpu = _clip_on_ray_data(model_dir, images, captions)
     return [{"what": "CLIP score, bare model loop (tiny open_clip)", "images": n, "images/cpu-s": n / b,
              "vs imagehash": "", "note": ""},
             {"what": "CLIP score, ClipStage (map_batches callable)", "images": n, "images/cpu-s": n / f,
              "vs imagehash": "", "note": f"framework cost {f / b:.3f}x the bare loop"},
-            {"what": "CLIP score, ClipStage on Ray Data (1 actor)", "images": n, "images/cpu-s": n / ray_cpu,
+            {"what": "CLIP score, ClipStage in a Ray Data actor", "images": n, "images/cpu-s": n / actor_cpu,
+             "vs imagehash": "", "note": f"{actor_cpu / b:.3f}x the bare loop (the actor's own calls)"},
+            {"what": "CLIP score, the whole Ray Data job", "images": n, "images/cpu-s": n / ray_cpu,
              "vs imagehash": "", "note": f"{ray_cpu / b:.3f}x the bare loop per extra image (whole Ray process tree's "
                                           "CPU, T(all) - T(half): actor start and model load cancel)"}]
 
 
-def _clip_on_ray_data(model_dir: Path, images: list[bytes], captions: list[str]) -> float:
-    """CPU seconds of the whole process tree for `map_batches(ClipStage)` over the images on a
-    started local Ray, per extra image (all minus half the images, so the fixed cost of the actor
-    and its model load cancels) times the number of images; one untimed warm-up dataset first (a
-    first job gets pre-started workers)."""
+def _clip_on_ray_data(model_dir: Path, images: list[bytes], captions: list[str]) -> tuple[float, float]:
+    """CPU seconds of `map_batches(ClipStage)` over the images on a started local Ray: (the whole
+    process tree's, per extra image (all minus half the images, so the fixed cost of the actor and
+    its model load cancels) times the number of images; the actor's own calls over all images).
+    One untimed warm-up dataset first (a first job gets pre-started workers)."""
     import ray
     import ray.data
 
     from benchmarks._common import TreeMonitor
-    from blip3.datagen.clip_score import ClipStage
 
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, logging_level="ERROR")
     try:
@@ -193,21 +196,39 @@ def _clip_on_ray_data(model_dir: Path, images: list[bytes], captions: list[str])
         rows = [{"key": str(i), "image": b, "caption": c} for i, (b, c) in enumerate(zip(images, captions))]
 
         def run(items):
-            ray.data.from_items(items).map_batches(
-                ClipStage, batch_size=64, compute=ray.data.ActorPoolStrategy(size=1),
-                fn_constructor_kwargs={"model_dir": str(model_dir), "device": "cpu"}).drop_columns(
-                ["image"]).materialize()
+            return ray.data.from_items(items).map_batches(
+                _TimedClipStage, batch_size=64, compute=ray.data.ActorPoolStrategy(size=1),
+                fn_constructor_kwargs={"model_dir": str(model_dir), "device": "cpu"}).select_columns(
+                ["cpu_s"]).sum("cpu_s")
 
         run(rows[:8])
-        cpu = {}
+        cpu, actor = {}, 0.0
         for part in (rows[: len(rows) // 2], rows):
             with TreeMonitor(0.05) as mon:
-                run(part)
+                actor = run(part)
             cpu[len(part)] = mon.cpu_s
         half, full = sorted(cpu)
-        return (cpu[full] - cpu[half]) / (full - half) * len(rows)  # per extra image, scaled to all
+        return (cpu[full] - cpu[half]) / (full - half) * len(rows), actor  # per extra image, scaled to all
     finally:
         ray.shutdown()
+
+
+class _TimedClipStage:
+    """ClipStage in a Ray actor, reporting the CPU seconds its own calls took (a `cpu_s` column)."""
+
+    def __init__(self, **kwargs):
+        import torch
+
+        from blip3.datagen.clip_score import ClipStage
+
+        torch.set_num_threads(1)
+        self.stage = ClipStage(**kwargs)
+
+    def __call__(self, batch):
+        t = time.process_time()
+        out = self.stage(batch)
+        out["cpu_s"] = np.full(len(batch["key"]), (time.process_time() - t) / max(len(batch["key"]), 1))
+        return out
 
 
 def bench_text_presence(n: int) -> list[dict]:
@@ -237,21 +258,51 @@ def bench_text_presence(n: int) -> list[dict]:
              "note": f"{f / n * 1000:.0f} ms/image: the detector is {d / f:.2f}x of it"}]
 
 
+def bench_decisions(n: int) -> list[dict]:
+    """`exact_dup` then `near_dup` decisions (clusters, keep rule, one row per sample) over n
+    catalogued-shaped hash rows, 1% of them planted copies."""
+    import pyarrow as pa
+
+    from blip3.datagen.dedup import exact_duplicates, near_duplicates
+
+    rng = np.random.default_rng(2)
+    ph = rng.integers(0, 2**63, n, dtype=np.uint64)
+    copies = rng.choice(n, size=n // 100, replace=False)
+    ph[copies[: len(copies) // 2]] = ph[copies[len(copies) // 2:]]  # identical pHash: near copies
+    sha = [f"{i:x}" for i in range(n)]
+    t = pa.table({"source": ["s"] * n, "shard": [f"/data/{i // 1000:06d}.tar" for i in range(n)],
+                  "key": [f"k{i:09d}" for i in range(n)], "sha256": sha, "pixel_sha256": sha, "phash": pa.array(ph),
+                  "width": pa.array(rng.integers(100, 1000, n)), "height": pa.array(rng.integers(100, 1000, n)),
+                  "source_rank": pa.array(np.ones(n, dtype=np.int64))})
+    c = time.process_time()
+    _, kept = exact_duplicates(t)
+    near = near_duplicates(t.filter(pa.array(kept)), 4)
+    cpu = time.process_time() - c
+    dropped = near.num_rows - sum(near["kept"].to_pylist())
+    return [{"what": f"duplicate decisions, {n:,} samples (exact + near, keep rule)", "images": n,
+             "images/cpu-s": n / cpu, "vs imagehash": "",
+             "note": f"{cpu:.1f} cpu-s; {dropped:,} near copies dropped; peak RSS {peak_rss_mb():.0f} MB"}]
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--hashes", type=int, default=10_000_000)
     ap.add_argument("--images", type=int, default=300)
     ap.add_argument("--skip-lsh", action="store_true")
+    ap.add_argument("--only", choices=["phash", "clip", "text", "decide", "lsh"], default=None)
+    ap.add_argument("--decisions", type=int, default=1_000_000, help="samples of the decision row")
     ap.add_argument("--lsh-child", type=int, default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.lsh_child is not None:
         lsh_child(args.lsh_child)
         return
-    rows = bench_phash(args.images)
-    rows += bench_clip(args.images)
-    rows += bench_text_presence(max(8, args.images // 10))
-    if not args.skip_lsh:
-        rows += bench_lsh(args.hashes)
+    parts = {"phash": lambda: bench_phash(args.images), "clip": lambda: bench_clip(args.images),
+             "text": lambda: bench_text_presence(max(8, args.images // 10)),
+             "decide": lambda: bench_decisions(args.decisions), "lsh": lambda: bench_lsh(args.hashes)}
+    rows = []
+    for name, run in parts.items():
+        if (args.only or name) == name and not (name == "lsh" and args.skip_lsh):
+            rows += run()
     report("bench_curation", rows, "curation: hashing, near-dup search, CLIP stage, text presence")
 
 

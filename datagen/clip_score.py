@@ -20,7 +20,7 @@ from typing import Any, Mapping
 
 import numpy as np
 
-from blip3.datagen.curate_stages import _out
+from blip3.datagen.curate_stages import with_columns
 from blip3.datagen.image_hash import open_image
 
 
@@ -72,4 +72,4 @@ class ClipStage:
             dim = next((e.shape[0] for e in emb if e is not None), 0)
             cols["embedding"] = np.stack([e if e is not None else np.full(dim, np.nan, np.float32) for e in emb]) \
                 if n else np.zeros((0, dim), np.float32)
-        return _out(batch, **cols)
+        return with_columns(batch, **cols)

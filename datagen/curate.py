@@ -66,6 +66,7 @@ class CurateOptions:
     ray_address: str | None = None
     num_cpus: int | None = None
     actors: int = 1  # model actors (CLIP, OCR detector): each loads the model once
+    gpus_per_actor: float = 0.0  # GPUs each CLIP actor asks Ray for (0: CPU)
 
     def threshold(self, rule: str) -> float | None:
         return self.thresholds.get(rule, THRESHOLD_RULES[rule].default)
@@ -131,6 +132,7 @@ def score_samples(shards: list[dict[str, str]], out: Path, opts: CurateOptions) 
             from blip3.datagen.clip_score import ClipStage
 
             ds = ds.map_batches(ClipStage, batch_size=64, compute=ray.data.ActorPoolStrategy(size=opts.actors),
+                                num_gpus=opts.gpus_per_actor,
                                 fn_constructor_kwargs={"model_dir": str(opts.clip_model), "embeddings": opts.sem_dedup})
         ds = ds.drop_columns(["image", "caption"])
         try:

@@ -33,6 +33,8 @@ def curate(
     ray_address: Optional[str] = typer.Option(None, "--ray-address", help="Join this Ray cluster (default: a local one)."),
     workers: Optional[int] = typer.Option(None, "--workers", min=1, help="CPUs of the local Ray cluster."),
     actors: int = typer.Option(1, "--actors", min=1, help="Model actors (CLIP, OCR detector), each with its model."),
+    gpus_per_actor: float = typer.Option(0.0, "--gpus-per-actor", min=0.0,
+                                         help="GPUs each CLIP actor asks Ray for (0: CPU)."),
     db: Path = DbOption,
 ) -> None:
     """Score, deduplicate and decontaminate catalogued samples; decisions go to the catalog, never into the shards."""
@@ -46,7 +48,8 @@ def curate(
         thresholds=parse_thresholds(threshold),
         languages=None if no_language else tuple(language) or DEFAULT_LANGUAGES,
         near_dup_bits=near_dup_bits, text_presence=text_presence, sem_dedup=sem_dedup, sem_threshold=sem_threshold,
-        ray_address=ray_address, num_cpus=workers, actors=actors)
+        ray_address=ray_address, num_cpus=workers, actors=actors,
+        gpus_per_actor=gpus_per_actor)
     if (clip or sem_dedup) and clip_model is None:
         from blip3.datagen.tags_clip import resolve_clip_model
 

@@ -35,7 +35,8 @@ BLUR_SIDE = 512
 REPETITION_N = 10  # Data-Juicer's character_repetition_filter rep_len
 
 
-def _out(batch: Batch, **cols: Any) -> dict[str, np.ndarray]:
+def with_columns(batch: Batch, **cols: Any) -> dict[str, np.ndarray]:
+    """`batch` (as numpy columns) with `cols` added: what every stage returns."""
     out = {k: np.asarray(v) if not isinstance(v, np.ndarray) else v for k, v in batch.items()}
     for k, v in cols.items():
         out[k] = v if isinstance(v, np.ndarray) else np.asarray(v)
@@ -56,7 +57,7 @@ def _image_member(sample: dict[str, Any]) -> bytes | None:
 def read_shard_samples(batch: Batch) -> dict[str, np.ndarray]:
     """Rows (`source`, `shard`) -> one row per sample of each shard: `source`, `shard`, `key`,
     `image` (the image member's bytes, b"" when there is none) and `caption` (the `.txt`).
-    A tar that cannot be read raises: a catalogued shard that no longer reads is an error."""
+    A tar that cannot be read is a UserError: a catalogued shard that no longer reads is the user's to fix."""
     cols: dict[str, list] = {"source": [], "shard": [], "key": [], "image": [], "caption": []}
     for source, shard in zip(batch["source"], batch["shard"]):
         try:
@@ -70,8 +71,7 @@ def read_shard_samples(batch: Batch) -> dict[str, np.ndarray]:
         except (OSError, tarfile.TarError) as e:
             raise UserError(f"cannot read the catalogued tar ({' '.join(str(e).split())}); re-check it with "
                             "`blip3 catalog add --verify`", file=str(shard)) from None
-    out = {k: np.asarray(v, dtype=object) for k, v in cols.items()}
-    return out
+    return {k: np.asarray(v, dtype=object) for k, v in cols.items()}
 
 
 def laplacian_variance(grey: np.ndarray) -> float:
@@ -118,9 +118,9 @@ class ImageStage:
             if max(w, h) > BLUR_SIDE:
                 grey.thumbnail((BLUR_SIDE, BLUR_SIDE))
             scores["blur"][i] = laplacian_variance(np.asarray(grey))
-        return _out(batch, sha256=np.asarray(sha, dtype=object), pixel_sha256=np.asarray(pix, dtype=object),
-                    phash=ph, has_phash=has_ph, image_error=np.asarray(error, dtype=object),
-                    **{f"score.{k}": v for k, v in scores.items()})
+        return with_columns(batch, sha256=np.asarray(sha, dtype=object), pixel_sha256=np.asarray(pix, dtype=object),
+                            phash=ph, has_phash=has_ph, image_error=np.asarray(error, dtype=object),
+                            **{f"score.{k}": v for k, v in scores.items()})
 
 
 def repetition_ratio(text: str, n: int = REPETITION_N) -> float:
@@ -164,7 +164,7 @@ class TextStage:
             found = [ident.classify(c) if c.strip() else ("", float("nan")) for c in captions]
             cols["lang"] = np.asarray([lang for lang, _ in found], dtype=object)
             cols["score.lang_score"] = np.asarray([float(p) for _, p in found], dtype=np.float64)
-        return _out(batch, **cols)
+        return with_columns(batch, **cols)
 
 
 class TextPresenceStage:
@@ -189,4 +189,4 @@ class TextPresenceStage:
                 counts[i] = self.boxes(open_image(bytes(data)))
             except Exception:  # noqa: BLE001 - ImageStage records why an image does not decode
                 continue
-        return _out(batch, **{"score.text_boxes": counts})
+        return with_columns(batch, **{"score.text_boxes": counts})

@@ -69,28 +69,24 @@ def cluster_decisions(t: pa.Table, labels: np.ndarray, rule: str, why: str) -> t
     others dropped ("<why> of <kept sample>"); a sample alone is kept with no reason."""
     rank = keep_order(t)
     n = t.num_rows
-    best: dict[int, int] = {}
-    for i in range(n):
-        j = best.get(labels[i])
-        if j is None or rank[i] < rank[j]:
-            best[labels[i]] = i
-    sizes = np.bincount(np.unique(labels, return_inverse=True)[1], minlength=1)
-    size_of = dict(zip(np.unique(labels).tolist(), sizes.tolist()))
-    shard, key = t["shard"].to_pylist(), t["key"].to_pylist()
+    _, group, sizes = np.unique(labels, return_inverse=True, return_counts=True)
+    order = np.lexsort((rank, group))  # by cluster, the kept sample first
+    first = np.ones(n, dtype=bool)
+    first[1:] = group[order][1:] != group[order][:-1]
+    best = np.empty(len(sizes), dtype=np.int64)
+    best[group[order][first]] = order[first]
     kept = np.ones(n, dtype=bool)
     reasons: list[str | None] = [None] * n
     clusters: list[str | None] = [None] * n
-    for i in range(n):
-        size = size_of[labels[i]]
-        if size == 1:
-            continue
-        j = best[labels[i]]
-        clusters[i] = f"{shard[j]}#{key[j]}"
+    shard, key = t["shard"], t["key"]
+    for i in np.flatnonzero(sizes[group] > 1).tolist():  # only samples in a cluster get a reason
+        j = int(best[group[i]])
+        clusters[i] = f"{shard[j].as_py()}#{key[j].as_py()}"
         if i == j:
-            reasons[i] = f"kept: highest resolution, then earliest source, of a cluster of {size}"
+            reasons[i] = f"kept: highest resolution, then earliest source, of a cluster of {sizes[group[i]]}"
         else:
             kept[i] = False
-            reasons[i] = f"{why} of {key[j]} ({shard[j]})"
+            reasons[i] = f"{why} of {key[j].as_py()} ({shard[j].as_py()})"
     rows = pa.table({"source": t["source"], "shard": t["shard"], "key": t["key"],
                      "rule": pa.array([rule] * n, pa.string()), "kept": pa.array(kept),
                      "reason": pa.array(reasons, pa.string()), "cluster": pa.array(clusters, pa.string())},
