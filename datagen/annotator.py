@@ -17,14 +17,14 @@ shard fingerprint and shipped to any number of actors without copying a model by
 
 An annotator whose model gains from batches (a VLM's `generate`) also has
 `annotate_batch(images, samples) -> [Annotation | SkipSample, ...]`, one outcome per image in
-order; `annotate_all` calls it where there is one, else `annotate` image by image.
+order; the pipeline (`datagen.pipeline.annotate_steps`) hands it a shard's images at once.
 """
 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
-from typing import Any, Protocol, Sequence, runtime_checkable
+from typing import Any, Protocol, runtime_checkable
 
 from PIL import Image
 
@@ -70,22 +70,6 @@ class SkipSample(Exception):
     def __init__(self, reason: str, detail: str):
         super().__init__(f"{reason}: {detail}")
         self.error = f"{reason}: {detail}"
-
-
-def annotate_all(annotator: Annotator, images: Sequence[Image.Image], samples: Sequence[InputSample]
-                 ) -> list[Annotation | SkipSample]:
-    """One outcome per image, in order: `annotate_batch` when the annotator has it, else `annotate`
-    one image at a time (a SkipSample comes back as the outcome; any other error propagates)."""
-    batch = getattr(annotator, "annotate_batch", None)
-    if batch is not None:
-        return batch(images, samples)
-    out: list[Annotation | SkipSample] = []
-    for image, sample in zip(images, samples):
-        try:
-            out.append(annotator.annotate(image, sample))
-        except SkipSample as e:
-            out.append(e)
-    return out
 
 
 class AnnotatorConfig(ABC):
