@@ -12,7 +12,8 @@ Tables (columns documented in README "The catalog"):
               columns (core.shards.SIDECAR_SCHEMA, img2dataset's names) but the caption text,
               plus `source` and `shard`
 - `sample_hashes`, `sample_scores`, `sample_decisions`, `benchmark_matches`   what `blip3 curate`
-              computed and decided per sample (core.curation; nothing is deleted from the shards)
+              computed and decided per sample (core.curation; nothing is deleted from the shards);
+              `blip3 recaption` adds its quality scores to `sample_scores` (datagen/recaption_scores.py)
 - `mixtures`, `mixture_sources`, `mixture_curation`   mixtures built by `blip3 mix build`, their
               per-source plan, and how many samples each curation rule left out per source
 - `runs`      training runs recorded by `blip3 train` (stage, manifest, steps, tokens, loss, ckpt)

@@ -91,6 +91,47 @@ VIEWS: dict[str, str] = {
                max(len) AS max, round(sum(len * n) / max(total), 1) AS mean
         FROM c GROUP BY source ORDER BY source
     """,
+    # `blip3 recaption`'s per-sample scores (table sample_scores, long form) as one row per sample,
+    # one column per score; samples with none of them (curate's scores only) are left out.
+    "v_recaption_scores": """
+        SELECT source, shard, key,
+               max(value) FILTER (WHERE name = 'length_chars')     AS length_chars,
+               max(value) FILTER (WHERE name = 'length_words')     AS length_words,
+               max(value) FILTER (WHERE name = 'repetition_3gram') AS repetition_3gram,
+               max(value) FILTER (WHERE name = 'refusal')          AS refusal,
+               max(value) FILTER (WHERE name = 'empty')            AS empty,
+               max(value) FILTER (WHERE name = 'merged')           AS merged,
+               max(value) FILTER (WHERE name = 'alt_entities')     AS alt_entities,
+               max(value) FILTER (WHERE name = 'entities_kept')    AS entities_kept,
+               max(value) FILTER (WHERE name = 'entity_survival')  AS entity_survival
+        FROM sample_scores WHERE name IN ('length_chars', 'length_words', 'repetition_3gram', 'refusal', 'empty',
+                                          'merged', 'alt_entities', 'entities_kept', 'entity_survival')
+        GROUP BY source, shard, key
+    """,
+    # Recaptioning quality per source: length, degenerate loops (3-gram repetition over 0.5),
+    # refusals, empty rewrites, the share rewritten with the alt-text, entity survival.
+    "v_recaption_quality": """
+        SELECT source, count(*) AS samples,
+               round(avg(length_chars), 1)                                     AS mean_caption_chars,
+               round(avg(repetition_3gram), 4)                                 AS mean_repetition,
+               round(avg(CASE WHEN repetition_3gram > 0.5 THEN 1.0 ELSE 0.0 END), 4) AS looping_share,
+               round(avg(refusal), 4)                                          AS refusal_share,
+               round(avg(empty), 4)                                            AS empty_share,
+               round(avg(merged), 4)                                           AS merged_share,
+               sum(alt_entities)::BIGINT                                       AS alt_entities,
+               sum(entities_kept)::BIGINT                                      AS entities_kept,
+               round(sum(entities_kept) / nullif(sum(alt_entities), 0), 4)     AS entity_survival
+        FROM v_recaption_scores GROUP BY source ORDER BY source
+    """,
+    # The alt-text entities that survive the rewrite, per shard (and so per run and model).
+    "v_entity_survival": """
+        SELECT source, shard, count(*) AS samples,
+               count(alt_entities)                                          AS samples_with_entities,
+               sum(alt_entities)::BIGINT                                    AS alt_entities,
+               sum(entities_kept)::BIGINT                                   AS entities_kept,
+               round(sum(entities_kept) / nullif(sum(alt_entities), 0), 4)  AS entity_survival
+        FROM v_recaption_scores GROUP BY source, shard ORDER BY source, shard
+    """,
     # Curation (`blip3 curate`): kept and dropped samples per source and rule.
     "v_curation": """
         SELECT source, rule,

@@ -14,6 +14,10 @@ Every engine comes in two parts, in one style:
 
 Keeping settings and loaded state apart is what lets a config be compared, hashed into the
 shard fingerprint and shipped to any number of actors without copying a model by accident.
+
+An annotator whose model gains from batches (a VLM's `generate`) also has
+`annotate_batch(images, samples) -> [Annotation | SkipSample, ...]`, one outcome per image in
+order; the pipeline (`datagen.pipeline.annotate_steps`) hands it a shard's images at once.
 """
 
 from __future__ import annotations

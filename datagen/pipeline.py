@@ -168,6 +168,29 @@ def annotate_step(item: Processed, annotator) -> Processed:
     return item
 
 
+def annotate_steps(items: list[Processed], annotator) -> list[Processed]:
+    """`annotate_step` over several samples (a shard's): one `annotate_batch` call for the good ones
+    when the annotator has it (a VLM batches its `generate`, datagen/annotator.py), else one
+    `annotate` each. A batch that raises is redone one sample at a time, so one bad image fails
+    alone, with its reason."""
+    batch = getattr(annotator, "annotate_batch", None)
+    todo = [item for item in items if item.ok]
+    if batch is None or not todo:
+        return [annotate_step(item, annotator) for item in items]
+    try:
+        outcomes = batch([item.decoded.image for item in todo],  # type: ignore[union-attr]
+                         [item.sample for item in todo])
+    except Exception:
+        return [annotate_step(item, annotator) for item in items]
+    for item, outcome in zip(todo, outcomes, strict=True):
+        if isinstance(outcome, SkipSample):
+            item.fail(outcome.error)
+        else:
+            item.annotation = outcome
+            item.decoded.image = None  # type: ignore[union-attr,assignment]  # pixels stay in the model's stage
+    return items
+
+
 def record_step(item: Processed, generator: dict[str, Any]) -> Processed:
     """Caption, record and sidecar row of an annotated sample: its tar members (`item.members`).
     `generator` (the annotator's `generator_info()`) goes into the record."""
@@ -250,8 +273,8 @@ def write_shard(out: str | Path | Location, plan: ShardPlan, annotator, limits: 
     stats, `record_generator` into each sample's json; `output` is how images are stored, `digits`
     the width of the shard's name."""
     record_generator = record_generator if record_generator is not None else annotator.generator_info()
-    items = (record_step(annotate_step(item, annotator), record_generator)
-             for item in decode_plan(plan, limits, output, download))
+    items = (record_step(item, record_generator)
+             for item in annotate_steps(decode_plan(plan, limits, output, download), annotator))
     return publish_shard(out, plan.index, items, generator, {"input_digest": plan.digest}, digits)
 
 
@@ -490,8 +513,7 @@ class AnnotateShards:
     def __call__(self, batch: dict[str, Any]) -> dict[str, Any]:
         shards = _shards(batch)
         for shard in shards:
-            for item in shard.items or ():
-                annotate_step(item, self.annotator)
+            annotate_steps(shard.items or [], self.annotator)
         return _rows(shards)
 
 

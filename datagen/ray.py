@@ -8,7 +8,7 @@
     ds.write_datasink(ShardSink("s3://bucket/ocr"))                     # tars + parquet sidecars + stats
     again = read_shards("s3://bucket/ocr")                              # a dataset of the finished shards' samples
 
-- `OCR` and `Grounding` are callable classes for `Dataset.map_batches` (an actor each: the engine
+- `OCR`, `Grounding` and `Recaption` are callable classes for `Dataset.map_batches` (an actor each: the engine
   is loaded once). A row holds an image: encoded bytes (`bytes` of `read_binary_files`, `image`,
   or a webdataset member column such as `jpg`/`png`) or pixels (`image` of `read_images`); its
   name (`path`, `__key__` or `key`) and, optionally, `caption` / `txt` (the alt text), `uid` and
@@ -27,7 +27,7 @@
 - `read_shards` gives a dataset back from our shards (finished ones only), any webdataset tars
   (a folder, one tar, a glob or brace pattern) or an img2dataset output folder.
 
-The CLI (`datagen.pipeline`) is built from the same steps (`decode_step`, `annotate_step`,
+The CLI (`datagen.pipeline`) is built from the same steps (`decode_step`, `annotate_steps`,
 `record_step`, `publish_shard`); it runs them as separate Ray Data stages over shard plans, so a
 GPU actor only annotates.
 """
@@ -47,7 +47,7 @@ from blip3.core.storage import as_location, output_location, url_scheme
 from blip3.datagen.annotator import AnnotatorConfig
 from blip3.datagen.images import ImageLimits, ImageOutput
 from blip3.datagen.inputs import InputSample
-from blip3.datagen.pipeline import Processed, annotate_step, decode_sample, publish_shard, record_step
+from blip3.datagen.pipeline import Processed, annotate_steps, decode_sample, publish_shard, record_step
 
 if TYPE_CHECKING:
     import ray.data
@@ -116,9 +116,8 @@ class Annotate:
                                  meta=meta)
             item = Processed(SampleRow(key=sample.key, uid=uid, url=url, has_source_caption=bool(caption)))
             sample.image = image if isinstance(image, (bytes, bytearray)) else _encode_pixels(image)
-            item = decode_sample(item, sample, self.limits, self.image_output)
-            out.append(record_step(annotate_step(item, self.annotator), self.generator))
-        return records_table(out)
+            out.append(decode_sample(item, sample, self.limits, self.image_output))
+        return records_table(record_step(item, self.generator) for item in annotate_steps(out, self.annotator))
 
 
 def _root_prefix(root: str | os.PathLike | None) -> str | None:
@@ -191,6 +190,19 @@ class Grounding(Annotate):
         super().__init__(make_config(**settings), root=root, limits=limits, image_output=image_output)
 
 
+class Recaption(Annotate):
+    """Knowledge-augmented dense captions in `map_batches`: `Recaption(vlm="/models/llava",
+    llm="/models/llm", vlm_generation=GenerationSettings(batch_size=16))` takes
+    `datagen.recaption.make_config`'s settings, plus `root` / `limits` / `image_output` (see
+    `Annotate`); each `map_batches` batch is captioned in `batch_size` chunks."""
+
+    def __init__(self, *, root: str | os.PathLike | None = None, limits: ImageLimits = ImageLimits(),
+                 image_output: ImageOutput = ImageOutput(), **settings: Any):
+        from blip3.datagen.recaption import make_config
+
+        super().__init__(make_config(**settings), root=root, limits=limits, image_output=image_output)
+
+
 class ShardSink(Datasink):
     """A `ray.data.Datasink` writing annotated rows (RECORD_SCHEMA) as our shards: one shard per
     write task, named by its index (`00000.tar`, `.parquet`, `_stats.json` last), to `path` (a
@@ -253,4 +265,4 @@ def read_shards(path: str | os.PathLike, *, storage_options: dict[str, Any] | No
                                     **read_webdataset_args)
 
 
-__all__ = ["Annotate", "Grounding", "OCR", "RECORD_SCHEMA", "ShardSink", "read_shards", "records_table"]
+__all__ = ["Annotate", "Grounding", "OCR", "RECORD_SCHEMA", "Recaption", "ShardSink", "read_shards", "records_table"]

@@ -25,7 +25,7 @@ MATCH_FIELDS: dict[str, tuple[Any, ...]] = {
     "granularity": (0, 1, 2, 3, 4, 5),
     "include_datacomp_raw_cap": (False, True),
     "format": ("positional", "textual", "bbox"),
-    "style": ("tags", "inline"),
+    "style": ("tags", "inline", "dense", "knowledge"),  # grounding's two; recaptioning's two
 }
 DEFAULT_FILLER = "the text"
 

@@ -19,8 +19,8 @@ MIXTURE_SPECS = sorted((ROOT / "manifests" / "tiny" / "mixtures").glob("*.yaml")
 
 def test_recipes_exist():
     names = {p.name for p in RECIPES}
-    assert {"pipeline.yaml", "pretrain.yaml", "sft.yaml", "interleave.yaml", "dpo.yaml", "safety.yaml"} <= names
-    assert len(RECIPES) == 12
+    assert {"pipeline.yaml", "pretrain.yaml", "sft.yaml", "interleave.yaml", "dpo.yaml", "safety.yaml", "distill.yaml"} <= names
+    assert len(RECIPES) == 13
 
 
 @pytest.mark.parametrize("path", RECIPES, ids=lambda p: f"{p.parent.name}/{p.name}")
