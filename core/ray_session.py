@@ -22,7 +22,7 @@ import shutil
 import signal
 import threading
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from typing import Any
 
 from blip3.core.errors import UserError
@@ -37,6 +37,13 @@ def ray_session(address: str | None = None, num_cpus: int | None = None) -> Iter
         yield False
         return
     os.environ.setdefault("RAY_DEDUP_LOGS", "1")
+    # Ray's C++ core logs one error line per Ray Data actor pool on the driver's stderr
+    # (constructor arguments in the object store, ray-project/ray#53727): Ray Data always puts its
+    # map function there, so every job would print it. Only fatal core messages go to the
+    # terminal; set RAY_BACKEND_LOG_LEVEL (e.g. `info`) to see the rest. Setting it makes the core
+    # say so on stderr once, while it starts: that start is quiet (its errors are exceptions).
+    quiet_start = "RAY_BACKEND_LOG_LEVEL" not in os.environ
+    os.environ.setdefault("RAY_BACKEND_LOG_LEVEL", "fatal")
     # Quiet by default: Ray's notice that token authentication is on (its default, which we keep)
     # is not something a user of `blip3 ocr` acts on; real warnings and errors still show.
     logging.getLogger("ray._private.authentication.authentication_token_setup").setLevel(logging.ERROR)
@@ -46,10 +53,11 @@ def ray_session(address: str | None = None, num_cpus: int | None = None) -> Iter
         check_reachable(address)
     held = _hold_sigterm()
     try:
-        if address:
-            ray.init(address=address, **kwargs)
-        else:
-            ray.init(address="local", num_cpus=num_cpus or os.cpu_count() or 1, **kwargs)
+        with _stderr_closed() if quiet_start else nullcontext():
+            if address:
+                ray.init(address=address, **kwargs)
+            else:
+                ray.init(address="local", num_cpus=num_cpus or os.cpu_count() or 1, **kwargs)
     except (ConnectionError, ValueError, RuntimeError) as e:
         raise UserError(f"cannot connect to Ray: {str(e).splitlines()[0] if str(e) else type(e).__name__}",
                         field="--ray-address" if address else None) from e

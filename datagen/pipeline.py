@@ -595,9 +595,15 @@ def _data_context() -> Iterator[None]:
     logger = logging.getLogger("ray.data")
     level = logger.level
     logger.setLevel(logging.WARNING)  # the execution plan and its own start/stop lines
+    # with our progress off (BLIP3_NO_PROGRESS, a pipe) Ray Data warns once that its bars are off:
+    # that was asked for, not a problem to report
+    quiet = logging.getLogger("ray.data._internal.progress")
+    quiet_level = quiet.level
+    quiet.setLevel(logging.ERROR)
     try:
         yield
     finally:
+        quiet.setLevel(quiet_level)
         for f, value in saved.items():
             setattr(ctx, f, value)
         logger.setLevel(level)
