@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from blip3.core.catalog import open_catalog
+from blip3.core.curation import shard_decisions
 from blip3.core.shards import read_members
 from blip3.datagen.curate_rules import THRESHOLD_RULES
 
@@ -65,24 +66,12 @@ def curation_audit(db: Path, shards: list[str], out: Path, *, max_clusters: int 
         return None
     con = open_catalog(Path(db), read_only=True)
     try:
-        if not con.execute("SELECT 1 FROM information_schema.tables WHERE table_name = 'sample_decisions'").fetchall():
-            return None
-        con.execute("CREATE TEMP TABLE audited AS SELECT unnest(?::VARCHAR[]) AS shard", [shards])
-        decided = con.execute("SELECT count(*) FROM sample_decisions SEMI JOIN audited USING (shard)").fetchall()[0][0]
-        if not decided:
-            return None
-        members = con.execute(
-            "SELECT rule, cluster, kept, shard, key, reason FROM sample_decisions SEMI JOIN audited USING (shard) "
-            "WHERE cluster IS NOT NULL ORDER BY rule, cluster, kept DESC, shard, key").fetchall()
-        dropped = con.execute(
-            "SELECT rule, shard, key, reason FROM sample_decisions SEMI JOIN audited USING (shard) "
-            "WHERE NOT kept AND cluster IS NULL ORDER BY rule, shard, key").fetchall()
-        scores = con.execute("SELECT name, value FROM sample_scores SEMI JOIN audited USING (shard)").fetchall()
-        reasons = con.execute(
-            "SELECT DISTINCT rule, reason FROM sample_decisions SEMI JOIN audited USING (shard) "
-            "WHERE NOT kept AND cluster IS NULL AND reason IS NOT NULL").fetchall()
+        recorded = shard_decisions(con, shards)
     finally:
         con.close()
+    if recorded is None:
+        return None
+    members, dropped, scores, reasons = recorded.members, recorded.dropped, recorded.scores, recorded.reasons
     (out / "curation").mkdir(parents=True, exist_ok=True)
     cache: dict = {}
     clusters: dict[tuple[str, str], list] = {}

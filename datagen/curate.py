@@ -8,9 +8,9 @@ The job, for the catalogued sources asked for (default: every source):
    score, embeddings) run as `map_batches` stages next to the data. Images never reach the
    driver: the stages' small columns are written as parquet under `WORK/samples/` (atomically:
    a folder renamed into place when complete).
-2. **In DuckDB over that parquet and the catalog**: scores unpivoted into `sample_scores`,
-   fingerprints into `sample_hashes`, threshold and language decisions by SQL
-   (datagen/curate_rules.py).
+2. **In DuckDB over that parquet and the catalog** (core/curation.py): scores unpivoted into
+   `sample_scores`, fingerprints into `sample_hashes`, threshold and language decisions by SQL
+   (the rules and their defaults: datagen/curate_rules.py).
 3. **Across samples**: `exact_dup` and `near_dup` over every hash in the catalog (all sources, not
    only this run's: a copy in another source is still a copy), `sem_dup` over this run's CLIP
    embeddings, `decontam` against the `blip3 eval` data folder.
@@ -39,12 +39,13 @@ import numpy as np
 import pyarrow as pa
 
 from blip3.core.catalog import Catalog, resolve_db
-from blip3.core.curation import replace_rows
+from blip3.core.curation import (Threshold, all_hashes, attach_run_samples, curatable_shards, decision_counts,
+                                 replace_rows, run_hashes, run_rule_decisions, run_score_names, run_scores,
+                                 source_ranks)
 from blip3.core.errors import UserError
 from blip3.core.logs import get_logger
 from blip3.core.storage import url_scheme
-from blip3.datagen.curate_rules import (DEFAULT_LANGUAGES, DEFAULT_NEAR_DUP_BITS, LANGUAGE_RULE, THRESHOLD_RULES,
-                                        language_sql)
+from blip3.datagen.curate_rules import DEFAULT_LANGUAGES, DEFAULT_NEAR_DUP_BITS, LANGUAGE_RULE, THRESHOLD_RULES
 
 log = get_logger("curate")
 GENERATOR = "blip3 curate"
@@ -94,9 +95,7 @@ def _shards(cat: Catalog, names: list[str]) -> list[dict[str, str]]:
     for name in names:
         if name not in known:
             raise UserError(f"unknown source {name!r} (catalog has: {', '.join(known) or 'none'})", field="--source")
-    rows = cat.con.execute(
-        "SELECT source, path FROM shards WHERE status = 'ok' AND (len(?::VARCHAR[]) = 0 OR list_contains(?, source)) "
-        "ORDER BY source, path", [names, names]).fetchall()
+    rows = curatable_shards(cat.con, names)
     if not rows:
         raise UserError("no catalogued shards to curate (register them with `blip3 catalog add` or `blip3 source add`)")
     remote = next((p for _, p in rows if url_scheme(p) is not None), None)
@@ -176,8 +175,7 @@ def run_curation(db: str | Path | None, opts: CurateOptions) -> CurateResult:
     samples_dir = score_samples(shards, work, opts)
     with Catalog(db) as cat:
         con = cat.con
-        con.execute(f"CREATE OR REPLACE TEMP VIEW samples_run AS SELECT * FROM read_parquet('{_sql_path(samples_dir)}/*.parquet')")
-        n = con.execute("SELECT count(*) FROM samples_run").fetchall()[0][0]
+        n = attach_run_samples(con, samples_dir)
         run_shards = [s["shard"] for s in shards]
         _record_hashes(con, run_shards)
         _record_scores(con, run_shards, opts)
@@ -187,75 +185,42 @@ def run_curation(db: str | Path | None, opts: CurateOptions) -> CurateResult:
             _record_semantic(con, samples_dir, run_shards, opts)
         if bench is not None:
             _record_decontam(con, bench, opts)
-        counts = con.execute(
-            "SELECT rule, count(*) FILTER (WHERE kept), count(*) FILTER (WHERE NOT kept) FROM sample_decisions "
-            "WHERE list_contains(?::VARCHAR[], shard) GROUP BY rule ORDER BY rule", [run_shards]).fetchall()
-    result = CurateResult(n, len(shards), {r: {"kept": k, "dropped": d} for r, k, d in counts},
+        counts = decision_counts(con, run_shards)
+    result = CurateResult(n, len(shards), counts,
                           bench.tasks if bench else [], bench.skipped if bench else {},
                           time.monotonic() - started)
     (work / "report.json").write_text(json.dumps(result.__dict__, indent=1, default=str))
     return result
 
 
-def _sql_path(p: Path) -> str:
-    return str(p.resolve()).replace("'", "''")
-
-
 def _record_hashes(con, shards: list[str]) -> None:
-    rows = con.sql(
-        "SELECT source, shard, key, sha256, pixel_sha256, CASE WHEN has_phash THEN phash END::UBIGINT AS phash, "
-        '"score.width"::INTEGER AS width, "score.height"::INTEGER AS height, "score.image_bytes"::BIGINT AS image_bytes '
-        "FROM samples_run").to_arrow_table()
-    replace_rows(con, "sample_hashes", rows, shards)
+    replace_rows(con, "sample_hashes", run_hashes(con), shards)
 
 
 def _record_scores(con, shards: list[str], opts: CurateOptions) -> list[str]:
     """Unpivot the run's `score.*` columns into `sample_scores`; returns the score names."""
-    cols = [r[0] for r in con.execute("DESCRIBE samples_run").fetchall() if r[0].startswith("score.")]
-    names = [c.removeprefix("score.") for c in cols]
-    clip = f"open_clip {Path(opts.clip_model).name}".replace("'", "''") if opts.clip_model else None
-    parts = [
-        f"SELECT source, shard, key, '{name}' AS name, \"{col}\" AS value, "
-        f"'{(clip if name == 'clip' else 'py3langid' if name == 'lang_score' else GENERATOR)}' AS generator "
-        f"FROM samples_run WHERE NOT isnan(\"{col}\")"
-        for name, col in zip(names, cols)]
-    rows = con.sql(" UNION ALL ".join(parts)).to_arrow_table()
-    replace_rows(con, "sample_scores", rows, shards, names)
+    names = run_score_names(con)
+    clip = f"open_clip {Path(opts.clip_model).name}" if opts.clip_model else None
+    generators = {name: clip if name == "clip" else "py3langid" if name == "lang_score" else GENERATOR
+                  for name in names}
+    replace_rows(con, "sample_scores", run_scores(con, generators), shards, names)
     return names
 
 
 def _record_threshold_decisions(con, shards: list[str], opts: CurateOptions) -> None:
     """Threshold and language rules over every recorded score of the run's shards (a CLIP score
     from an earlier run is still judged with today's threshold); a rule switched off loses its rows."""
-    con.execute("CREATE OR REPLACE TEMP TABLE run_shards AS SELECT unnest(?::VARCHAR[]) AS shard", [shards])
-    con.execute("CREATE OR REPLACE TEMP VIEW scores AS SELECT * FROM sample_scores SEMI JOIN run_shards USING (shard)")
-    scored = {r[0] for r in con.execute("SELECT DISTINCT name FROM scores").fetchall()}
-    parts = []
-    for rule in THRESHOLD_RULES.values():
-        t = opts.threshold(rule.name)
-        if t is not None and rule.score in scored:
-            parts.append(rule.sql(t))
-    if opts.languages is not None:
-        parts.append(language_sql(opts.languages))
-    failed = (f"SELECT source, shard, key, '{DECODES_RULE}' AS rule, image_error = '' AS kept, nullif(image_error, '') AS reason, "
-              "NULL::VARCHAR AS cluster FROM samples_run")
-    rows = con.sql(" UNION ALL ".join(parts + [failed])).to_arrow_table()
+    thresholds = [Threshold(rule.name, rule.score, rule.drop_when, t) for rule in THRESHOLD_RULES.values()
+                  if (t := opts.threshold(rule.name)) is not None]
+    rows = run_rule_decisions(con, shards, thresholds, opts.languages, language_rule=LANGUAGE_RULE,
+                              decodes_rule=DECODES_RULE)
     replace_rows(con, "sample_decisions", rows, shards, [*THRESHOLD_RULES, LANGUAGE_RULE, DECODES_RULE])
-
-
-def _all_hashes(con) -> pa.Table:
-    """Every catalogued fingerprint with the keep rule's source order (registration time)."""
-    return con.sql(
-        "SELECT h.source, h.shard, h.key, h.sha256, h.pixel_sha256, h.phash, h.width, h.height, "
-        "dense_rank() OVER (ORDER BY s.added_at, s.name) AS source_rank "
-        "FROM sample_hashes h JOIN sources s ON s.name = h.source "
-        "JOIN shards sh ON sh.path = h.shard AND sh.status = 'ok' ORDER BY h.shard, h.key").to_arrow_table()
 
 
 def _record_duplicates(con, opts: CurateOptions) -> None:
     from blip3.datagen.dedup import exact_duplicates, near_duplicates
 
-    hashes = _all_hashes(con)
+    hashes = all_hashes(con)
     shards = hashes["shard"].unique().to_pylist()
     exact, kept = exact_duplicates(hashes)
     replace_rows(con, "sample_decisions", exact, shards, ["exact_dup"])
@@ -271,8 +236,7 @@ def _record_semantic(con, samples_dir: Path, shards: list[str], opts: CurateOpti
 
     run = pq.read_table(samples_dir, columns=["source", "shard", "key", "embedding", "score.width", "score.height"])
     run = run.filter(pa.compute.invert(pa.compute.is_null(run["embedding"])))
-    order = con.execute("SELECT name, dense_rank() OVER (ORDER BY added_at, name) FROM sources").fetchall()
-    rank = dict(order)
+    rank = source_ranks(con)
     t = pa.table({"source": run["source"], "shard": run["shard"], "key": run["key"],
                   "width": run["score.width"], "height": run["score.height"],
                   "source_rank": pa.array([rank[s] for s in run["source"].to_pylist()], pa.int64())})
@@ -286,7 +250,7 @@ def _record_semantic(con, samples_dir: Path, shards: list[str], opts: CurateOpti
 def _record_decontam(con, bench: Any, opts: CurateOptions) -> None:
     from blip3.datagen.decontam import match_benchmarks
 
-    hashes = _all_hashes(con)
+    hashes = all_hashes(con)
     shards = hashes["shard"].unique().to_pylist()
     matches, decisions = match_benchmarks(hashes, bench, opts.near_dup_bits)
     replace_rows(con, "benchmark_matches", matches, shards)

@@ -1,9 +1,9 @@
 """The curation rules: what each decides, from which score, with which default threshold.
 
 Per-sample rules are thresholds on one score of `sample_scores`, turned into `sample_decisions`
-rows by one SQL statement each (`decision_sql`). Cross-sample rules (`exact_dup`, `near_dup`,
-`sem_dup`, `decontam`) are decided by datagen/dedup.py, datagen/semdedup.py and
-datagen/decontam.py. docs/curation.md says where each default comes from.
+rows by one SQL statement each (`run_rule_decisions` in core/curation.py). Cross-sample rules
+(`exact_dup`, `near_dup`, `sem_dup`, `decontam`) are decided by datagen/dedup.py,
+datagen/semdedup.py and datagen/decontam.py. docs/curation.md says where each default comes from.
 
 A mixture may also name a threshold rule the curation run did not decide, `<score>_below_<x>` or
 `<score>_above_<x>` (`clip_below_0.28`): `mixture/curation.py` evaluates it on the recorded scores,
@@ -26,14 +26,6 @@ class ThresholdRule:
     drop_when: str  # "below" | "above": the sample is dropped when its score is below/above the threshold
     default: float | None  # None: off unless a threshold is given
     why: str  # the source of the default, shown in docs/curation.md
-
-    def sql(self, threshold: float) -> str:
-        """SELECT producing this rule's decision rows from `sample_scores`-shaped `scores`."""
-        op = "<" if self.drop_when == "below" else ">"
-        return (f"SELECT source, shard, key, '{self.name}' AS rule, NOT coalesce(value {op} {threshold!r}, false) AS kept, "
-                f"CASE WHEN value {op} {threshold!r} THEN '{self.score} ' || round(value, 4) || ' {self.drop_when} "
-                f"{threshold!r}' END AS reason, NULL::VARCHAR AS cluster "
-                f"FROM scores WHERE name = '{self.score}'")
 
 
 THRESHOLD_RULES: dict[str, ThresholdRule] = {r.name: r for r in (
@@ -58,16 +50,6 @@ DEFAULT_LANGUAGES = ("en",)  # DataComp basic filtering keeps English captions
 DEFAULT_NEAR_DUP_BITS = 4
 
 _SCORE_RULE = re.compile(r"^(?P<score>[a-z_]+)_(?P<op>below|above)_(?P<x>-?[0-9]+(\.[0-9]+)?)$")
-
-
-def language_sql(languages: tuple[str, ...]) -> str:
-    """Decision rows of `language` from the `lang` column of the run's samples (`samples_run`)."""
-    allowed = ", ".join(f"'{code}'" for code in languages if re.fullmatch(r"[a-z]{2,3}", code))
-    ok = f"coalesce(lang IN ({allowed}), false)"
-    return (f"SELECT source, shard, key, '{LANGUAGE_RULE}' AS rule, {ok} AS kept, "
-            f"CASE WHEN NOT {ok} THEN 'language ' || coalesce(nullif(lang, ''), 'none') || ' (p=' || "
-            f"coalesce(round(\"score.lang_score\", 3)::VARCHAR, '-') || '), kept: {', '.join(languages)}' END AS reason, "
-            "NULL::VARCHAR AS cluster FROM samples_run WHERE lang IS NOT NULL")
 
 
 def parse_thresholds(items: list[str]) -> dict[str, float | None]:

@@ -23,6 +23,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+from blip3.core.curation import excluded_samples
 from blip3.core.errors import UserError
 from blip3.datagen.curate_rules import CROSS_SAMPLE_RULES, LANGUAGE_RULE, THRESHOLD_RULES, score_rule
 
@@ -67,30 +68,13 @@ class Exclusions:
 def source_exclusions(con, source: str, rules: list[str]) -> Exclusions:
     """The samples of `source` that `rules` leave out, from the catalog connection `con` (a rule
     not decided for the source leaves nothing out of it and is not in `removed`)."""
-    parts, params, applied = [], [], []
-    for rule in rules:
-        parsed = score_rule(rule)
-        if parsed is None:
-            if not con.execute("SELECT 1 FROM sample_decisions WHERE source = ? AND rule = ? LIMIT 1",
-                               [source, rule]).fetchone():
-                continue  # not decided for this source: `check_rules_applied` says so
-            parts.append("SELECT shard, key, ? AS rule FROM sample_decisions WHERE source = ? AND rule = ? AND NOT kept")
-            applied.append(rule)
-            params += [rule, source, rule]
-        else:
-            score, op, x = parsed
-            if not con.execute("SELECT 1 FROM sample_scores WHERE source = ? AND name = ? LIMIT 1",
-                               [source, score]).fetchone():
-                continue
-            parts.append(f"SELECT shard, key, ? AS rule FROM sample_scores WHERE source = ? AND name = ? "
-                         f"AND value {'<' if op == 'below' else '>'} ?")
-            applied.append(rule)
-            params += [rule, source, score, x]
+    # a rule not decided for this source is not applied to it: `check_rules_applied` says so
+    applied, rows = excluded_samples(con, source, [(rule, score_rule(rule)) for rule in rules])
     out = Exclusions()
-    if not parts:
+    if not applied:
         return out
     out.removed = {rule: 0 for rule in applied}
-    for shard, key, rule in con.execute(" UNION ALL ".join(parts), params).fetchall():
+    for shard, key, rule in rows:
         out.keys.setdefault(shard, set()).add(key)
         out.removed[rule] += 1
     return out
