@@ -273,3 +273,9 @@ def excluded_samples(con: duckdb.DuckDBPyConnection, source: str, rules: list[tu
     if not parts:
         return applied, []
     return applied, con.execute(" UNION ALL ".join(parts), params).fetchall()
+
+
+def score_generators(con, source: str, name: str) -> dict[str, str]:
+    """shard -> the `generator` of its `name` score rows in `source` (what computed them, from which tar)."""
+    return dict(con.execute("SELECT shard, any_value(generator) FROM sample_scores WHERE source = ? AND name = ? "
+                            "GROUP BY shard", [source, name]).fetchall())

@@ -15,31 +15,18 @@ from __future__ import annotations
 
 import json
 import tarfile
-from contextlib import contextmanager
 from pathlib import Path
-from typing import IO, Iterator
 
 from blip3.core.logs import get_logger
+from blip3.core.storage import Location
 
 log = get_logger("datagen")
-
-
-@contextmanager
-def _open_tar(path: str) -> Iterator[IO[bytes]]:
-    if "://" in path:
-        import fsspec
-
-        with fsspec.open(path, "rb") as f:
-            yield f
-    else:
-        with open(path, "rb") as f:
-            yield f
 
 
 def shard_scores(path: str) -> list[tuple[str, str, float]]:
     """`(key, name, value)` of every sample's `metadata.scores` in one shard tar."""
     rows: list[tuple[str, str, float]] = []
-    with _open_tar(path) as f, tarfile.open(fileobj=f, mode="r:") as tar:
+    with Location(path).open() as f, tarfile.open(fileobj=f, mode="r:") as tar:
         for member in tar:
             if not member.isfile() or not member.name.endswith(".json"):
                 continue
@@ -70,11 +57,10 @@ def register_scores(db: str | Path | None, source: str) -> int:
     import pyarrow as pa
 
     from blip3.core.catalog import Catalog
-    from blip3.core.curation import replace_rows
+    from blip3.core.curation import replace_rows, score_generators
 
     with Catalog(db) as cat:
-        done = dict(cat.con.execute("SELECT shard, any_value(generator) FROM sample_scores "
-                                    "WHERE source = ? AND name = 'merged' GROUP BY shard", [source]).fetchall())
+        done = score_generators(cat.con, source, "merged")
         todo = [s for s in cat.source_shards(source, ok_only=True) if done.get(s.path) != scores_generator(s.sha256)]
         for shard in todo:
             rows = shard_scores(shard.path)
