@@ -113,7 +113,7 @@ def test_output_is_dash_o_everywhere_and_the_positional_form_still_works(tmp_pat
 
 
 #: Every command that writes a file or folder, each named by `-o/--out`.
-WRITERS = {"sql", "ocr", "ground", "retemplate", "import-released", "audit", "train", "merge-lora", "demo", "eval",
+WRITERS = {"sql", "ocr", "ground", "recaption", "retemplate", "import-released", "audit", "train", "merge-lora", "demo", "eval",
            "catalog stats", "export blip3-ocr", "source import-obelics", "source tiny", "mix build", "mix sample",
            "mix stats", "mix plot", "model init"}
 
