@@ -4,15 +4,13 @@ reach is one line naming what to set, never a traceback."""
 
 from __future__ import annotations
 
-import functools
-import http.server
 import os
-import threading
 
 import pytest
 
 from blip3.core.catalog import Catalog
 from blip3.core.errors import UserError
+from blip3.demo.serve import serve_folder
 from tests.core_fixtures import write_caption_shard
 from tests.test_storage_s3 import BUCKET, _cli, _free_port, s3_server  # noqa: F401 - the fixture
 
@@ -21,16 +19,8 @@ from tests.test_storage_s3 import BUCKET, _cli, _free_port, s3_server  # noqa: F
 def http_folder(tmp_path):
     """A shard folder served by Python's own HTTP server (its listing is an HTML page of links)."""
     write_caption_shard(tmp_path / "site" / "out", 0, 3, n_failed=1)
-    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(tmp_path / "site"))
-    handler.log_message = lambda *a: None
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    try:
-        yield f"http://127.0.0.1:{server.server_address[1]}"
-    finally:
-        server.shutdown()
-        server.server_close()
+    with serve_folder(tmp_path / "site") as url:
+        yield url
 
 
 def test_catalog_add_of_an_http_folder(http_folder, tmp_path):
