@@ -71,10 +71,13 @@ class AnnotationIndex:
         for c in candidates:
             if not c:
                 continue
-            for name in _name_forms(str(c)):
+            i = self.names.get(str(c))  # the name as given: most lookups end here
+            for name in ([] if i is not None else _name_forms(str(c))):
                 i = self.names.get(name)
                 if i is not None:
-                    return self.images[i]
+                    break
+            if i is not None:
+                return self.images[i]
         return None
 
     def _add(self, image: AnnotatedImage, names: Iterable[Any]) -> None:

@@ -67,6 +67,7 @@ from blip3.datagen.plans import ShardPlan, TarCounter, count_tars_on_ray, job_pl
 
 if TYPE_CHECKING:
     from blip3.core.catalog import BatchRegistrar
+    from blip3.datagen.plan_source import PlanRef
 
 log = get_logger("datagen")
 DEFAULT_SHARD_SIZE = 1000
@@ -377,9 +378,11 @@ def run_job(
 
 
 def _local_cpus(job: JobOptions) -> int:
-    """CPUs of a local cluster started for the job: the machine's for the read and write stages,
-    plus those the annotation actors ask for."""
-    return math.ceil(job.workers * job.cpus_per_worker) + (os.cpu_count() or 1)
+    """CPUs of a local cluster started for the job: those the annotation actors ask for, plus, for
+    a staged job, the machine's for the read and write stages. No more: Ray starts a worker process
+    per CPU up front, and each idle one costs CPU for as long as the job runs."""
+    actors = math.ceil(job.workers * job.cpus_per_worker)
+    return actors + (os.cpu_count() or 1) if staged(job) else max(1, actors)
 
 
 def _plan_and_run(input: str | Path, out: Location, annotator_factory: AnnotatorConfig,
@@ -400,7 +403,7 @@ def _plan_and_run(input: str | Path, out: Location, annotator_factory: Annotator
     # the input is listed, and finished shards re-hashed (--verify), first: each of these long steps
     # has its own bar row; each plan left to write goes into Ray's object store as it is listed (the
     # driver keeps a reference); then Ray Data shows each stage's progress as the shards are written
-    blocks: dict[int, Any] = {}  # shard index -> its plan's block
+    blocks: dict[int, PlanRef] = {}  # shard index -> its plan in the object store
     with progress() as bar:
         listed = bar.add_task(f"{Path(str(input)).name}: inputs listed", total=None)
         rehashed = bar.add_task("finished shards re-hashed (--verify)", total=None) if job.verify else None
@@ -420,7 +423,8 @@ def _plan_and_run(input: str | Path, out: Location, annotator_factory: Annotator
         for plan in pending():
             if not blocks:
                 ray_up()
-            blocks[plan.index] = _plan_block(plan)
+                from blip3.datagen.plan_source import put_plan
+            blocks[plan.index] = put_plan(plan)
     if blocks:
         from blip3.core.catalog import BatchRegistrar
 
@@ -463,16 +467,6 @@ class _Shard:
         return self
 
 
-def _plan_block(plan: ShardPlan) -> Any:
-    """A plan as a one-row block in Ray's object store (its reference is all the driver keeps):
-    the pickled plan (refs or tar ranges, never image bytes) and its index."""
-    import pyarrow as pa
-    import ray
-
-    return ray.put(pa.table({"index": pa.array([plan.index], pa.int64()),
-                             "shard": pa.array([pickle.dumps(plan, protocol=5)], pa.binary())}))
-
-
 def _rows(shards: Sequence[_Shard]) -> dict[str, Any]:
     """A batch of shard rows: the index, and the pickled shard (one Arrow binary cell: no per-image
     rows or columns, so the framework's cost is per shard, not per image)."""
@@ -486,20 +480,38 @@ def _shards(batch: dict[str, Any]) -> list[_Shard]:
     return [pickle.loads(blob) for blob in batch["shard"]]
 
 
+def decode_shard(blob: bytes, limits: ImageLimits, output: ImageOutput, download: DownloadOptions) -> _Shard:
+    """A pickled plan -> its shard with the samples read (URLs fetched), decoded and validated, or
+    failed with the reason (an unreadable tar range, a store gone: this shard fails, the job goes on)."""
+    plan: ShardPlan = pickle.loads(blob)
+    shard = _Shard(plan.index, plan.digest)
+    try:
+        shard.items = decode_plan(plan, limits, output, download)
+    except Exception as e:
+        shard.failed(e)
+    return shard
+
+
+def write_shard_items(shard: _Shard, out: str | Location, generator: dict[str, Any],
+                      record_generator: dict[str, Any], digits: int) -> _Shard:
+    """Caption and record each annotated sample of `shard`, publish it into `out` (atomically; an
+    object store gets it uploaded, stats last) and keep only its stats (or why it failed)."""
+    if shard.items is None:
+        return shard
+    items = (record_step(item, record_generator) for item in shard.items)
+    try:
+        shard.stats = publish_shard(out, shard.index, items, generator, {"input_digest": shard.digest}, digits)
+    except Exception as e:
+        shard.failed(e)
+    shard.items = None
+    return shard
+
+
 def decode_shards(batch: dict[str, Any], limits: ImageLimits, output: ImageOutput,
                   download: DownloadOptions) -> dict[str, Any]:
-    """Stage 1 (CPU tasks): a plan row -> the shard's samples read (URLs fetched), decoded and
-    validated; pixels and stored bytes travel on, failures as rows with their reason."""
-    shards = []
-    for blob in batch["shard"]:
-        plan: ShardPlan = pickle.loads(blob)
-        shard = _Shard(plan.index, plan.digest)
-        try:
-            shard.items = decode_plan(plan, limits, output, download)
-        except Exception as e:  # an unreadable tar range, a store gone: this shard fails, the job goes on
-            shard.failed(e)
-        shards.append(shard)
-    return _rows(shards)
+    """Stage 1 of a staged job (CPU tasks): plan rows -> the shards' samples decoded; pixels and
+    stored bytes travel on to the model's stage, failures as rows with their reason."""
+    return _rows([decode_shard(blob, limits, output, download) for blob in batch["shard"]])
 
 
 class AnnotateShards:
@@ -519,60 +531,95 @@ class AnnotateShards:
 
 def write_shards(batch: dict[str, Any], out: str | Location, generator: dict[str, Any],
                  record_generator: dict[str, Any], digits: int) -> dict[str, Any]:
-    """Stage 3 (CPU tasks): caption and record each sample, write tar + parquet + stats straight
-    to the output (atomically; an object store gets them uploaded, stats last); the row that goes
-    back to the driver holds only the shard's stats."""
-    shards = _shards(batch)
-    for shard in shards:
-        if shard.items is None:
-            continue
-        items = (record_step(item, record_generator) for item in shard.items)
-        try:
-            shard.stats = publish_shard(out, shard.index, items, generator, {"input_digest": shard.digest}, digits)
-        except Exception as e:
-            shard.failed(e)
-        shard.items = None
-    return _rows(shards)
+    """Stage 3 of a staged job (CPU tasks): each shard captioned, recorded and written straight to
+    the output; the row that goes back to the driver holds only the shard's stats."""
+    return _rows([write_shard_items(shard, out, generator, record_generator, digits) for shard in _shards(batch)])
+
+
+class ProcessShards:
+    """The one stage of a job whose annotator needs no accelerator (an actor pool: `--workers`
+    actors, each loading its annotator once): decode, annotate, record and write each planned
+    shard in the actor, so pixels never leave the process that decoded them; the row back to the
+    driver holds only the shard's stats."""
+
+    def __init__(self, factory: AnnotatorConfig, limits: ImageLimits, output: ImageOutput, download: DownloadOptions,
+                 out: str | Location, generator: dict[str, Any], record_generator: dict[str, Any], digits: int):
+        self.annotator = factory()
+        self.annotator.load()
+        self.decode_args = (limits, output, download)
+        self.write_args = (out, generator, record_generator, digits)
+
+    def __call__(self, batch: dict[str, Any]) -> dict[str, Any]:
+        shards = []
+        for blob in batch["shard"]:
+            shard = decode_shard(blob, *self.decode_args)
+            annotate_steps(shard.items or [], self.annotator)
+            shards.append(write_shard_items(shard, *self.write_args))
+        return _rows(shards)
+
+
+def staged(job: JobOptions) -> bool:
+    """Whether the job runs as three stages (decode tasks -> the model's actors -> write tasks) or
+    one (`ProcessShards`). Apart only when the model's actors hold an accelerator (GPUs, or a custom
+    resource standing for one), which the CPU stages then keep fed. A CPU engine shares the CPUs
+    with decode and write either way, and apart its shard's pixels would be pickled, converted to
+    Arrow and copied between the stages: measured, that tripled the CPU per image
+    (docs/planning.md)."""
+    return bool(job.gpus_per_worker or job.resources)
 
 
 def _annotator_actors(job: JobOptions) -> int:
-    """Actors of the annotation stage: `--workers`, less as many as would leave the read and write
-    stages no CPU of the cluster (they would wait for ever); at least one."""
+    """Actors of the annotation stage: `--workers`, less as many as the cluster's CPUs cannot hold
+    (a staged job also leaves its read and write stages one CPU, else they would wait for ever);
+    at least one."""
     import ray
 
     cpus = ray.cluster_resources().get("CPU", 1.0)
     if job.cpus_per_worker <= 0:
         return job.workers
-    fit = max(1, int((cpus - 1) // job.cpus_per_worker))
+    fit = max(1, int((cpus - staged(job)) // job.cpus_per_worker))
     if fit < job.workers:
-        log.info(f"{fit} annotator actor(s) of {job.workers}: the cluster's {cpus:g} CPUs also run the read "
-                 "and write stages")
+        log.info(f"{fit} annotator actor(s) of {job.workers}: the cluster has {cpus:g} CPUs"
+                 + (", and the read and write stages need some" if staged(job) else ""))
     return min(job.workers, fit)
 
 
-def build_dataset(blocks: Sequence[Any], out: Location, factory: AnnotatorConfig,
+def build_dataset(plans: Sequence[PlanRef], out: Location, factory: AnnotatorConfig,
                   generator: dict[str, Any], job: JobOptions):
-    """The job as a `ray.data.Dataset` of one row per shard plan (`blocks`: `_plan_block`s):
-    decode (CPU tasks) -> annotate (actor pool) -> write (CPU tasks); each output row is one
-    finished shard's stats. Rows are shards, not images: measured, moving one row per image
-    costs the framework far more (docs/planning.md)."""
+    """The job as a `ray.data.Dataset` of one row per shard plan (`plans`, read by `PlanSource`); each
+    output row is one finished shard's stats. An annotator holding an accelerator gets three
+    stages, decode (CPU tasks) -> annotate (its actor pool) -> write (CPU tasks); any other runs
+    decode, annotate and write in one actor pool (`staged`). Rows are shards, not images:
+    measured, moving one row per image costs the framework far more (docs/planning.md)."""
     import ray.data
+
+    from blip3.datagen.plan_source import PlanSource
 
     storage_env = storage_environment()  # an object-store output or input: workers reach it as we do
     env = {"runtime_env": {"env_vars": storage_env}} if storage_env else {}
     record_generator = factory().generator_info()
-    ds = ray.data.from_arrow_refs(list(blocks))
+    resources = {"num_cpus": job.cpus_per_worker,
+                 **({"num_gpus": job.gpus_per_worker} if job.gpus_per_worker else {}),
+                 **({"resources": dict(job.resources)} if job.resources else {}), **env}
+    actors = {"compute": ray.data.ActorPoolStrategy(size=_annotator_actors(job)), **resources}
+    cpu_task = {"num_cpus": 1, **env}
+    # a plan's read asks for what its first stage asks for, and that stage takes whole blocks (one
+    # plan each, `batch_size=None`), so Ray Data fuses the read into it: no task of its own, which
+    # on a cluster whose CPUs the actors hold would never be scheduled
+    first = resources if not staged(job) else cpu_task
+    ds = ray.data.read_datasource(PlanSource(plans), override_num_blocks=len(plans), **first)
+    if not staged(job):
+        return ds.map_batches(ProcessShards, fn_constructor_args=(
+            factory, job.limits, job.image_output, job.download, out, generator, record_generator,
+            job.shard_name_width), batch_size=None, batch_format="numpy", **actors)
     ds = ds.map_batches(decode_shards, fn_kwargs={"limits": job.limits, "output": job.image_output,
                                                   "download": job.download},
-                        batch_size=1, batch_format="numpy", num_cpus=1, **env)
-    ds = ds.map_batches(AnnotateShards, fn_constructor_args=(factory,), batch_size=1, batch_format="numpy",
-                        compute=ray.data.ActorPoolStrategy(size=_annotator_actors(job)), num_cpus=job.cpus_per_worker, **env,
-                        **({"num_gpus": job.gpus_per_worker} if job.gpus_per_worker else {}),
-                        **({"resources": dict(job.resources)} if job.resources else {}))
+                        batch_size=None, batch_format="numpy", **cpu_task)
+    ds = ds.map_batches(AnnotateShards, fn_constructor_args=(factory,), batch_size=None, batch_format="numpy", **actors)
     return ds.map_batches(write_shards, fn_kwargs={"out": out,
                                                    "generator": generator, "record_generator": record_generator,
                                                    "digits": job.shard_name_width},
-                          batch_size=1, batch_format="numpy", num_cpus=1, **env)
+                          batch_size=None, batch_format="numpy", **cpu_task)
 
 
 @contextlib.contextmanager
@@ -610,7 +657,7 @@ def _data_context() -> Iterator[None]:
 
 
 def _run_plans(
-    blocks: dict[int, Any], out: Location, factory: AnnotatorConfig, generator: dict[str, Any], result: JobResult,
+    blocks: dict[int, PlanRef], out: Location, factory: AnnotatorConfig, generator: dict[str, Any], result: JobResult,
     reasons: Counter[str], job: JobOptions, registrar: BatchRegistrar | None = None,
 ) -> None:
     """Run the plans as one Ray Data dataset and collect each finished shard's stats as it streams

@@ -26,7 +26,7 @@ import pytest  # noqa: E402
 
 @pytest.fixture(scope="session")
 def ray_local():
-    """One quiet local Ray cluster (2 CPUs) for the whole test session; yields its GCS address.
+    """One quiet local Ray cluster (2 CPUs, 1 `accelerator`) for the whole test session; yields its GCS address.
 
     `datagen.pipeline.run_job` reuses an initialised Ray, so in-process jobs share this cluster;
     subprocesses can join it with `--ray-address <address>`.
@@ -38,7 +38,9 @@ def ray_local():
     os.environ.setdefault("RAY_DEDUP_LOGS", "1")
     # address="local": never join a cluster another process started. Its session folder is under
     # TMPDIR (Ray reads the variable, not tempfile's choice), removed when the cluster stops.
-    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False, logging_level="ERROR")
+    # `accelerator`: a custom resource standing in for a GPU, so a staged datagen job runs here too
+    ray.init(address="local", num_cpus=2, resources={"accelerator": 1}, include_dashboard=False, log_to_driver=False,
+             logging_level="ERROR")
     session_dir = ray._private.worker.global_worker.node.get_session_dir_path()
     try:
         import ray.data

@@ -158,6 +158,36 @@ def test_rerun_with_fewer_shards_removes_leftover_shards(ray_local, tmp_path):
         "00000.parquet", "00000.tar", "00000_stats.json", "00001.parquet", "00001.tar", "00001_stats.json"]
 
 
+def test_staged_and_one_stage_jobs_write_the_same_shards(ray_local, tmp_path, monkeypatch):
+    """An annotator holding an accelerator (here the test cluster's custom `accelerator`) runs as
+    decode tasks -> its actors -> write tasks; any other as one actor stage. Either way each plan's
+    read is fused into the first stage (a read task of its own would wait for ever on a cluster
+    whose CPUs the actors hold), and the shards are the same bytes."""
+    from blip3.datagen import pipeline
+    from blip3.datagen.pipeline import run_job
+
+    src = tmp_path / "in"
+    src.mkdir()
+    for i in range(5):
+        (src / f"img{i}.png").write_bytes(png_bytes(text_image(f"N {i}", size=(80 + 8 * i, 40))))
+    (src / "img5.png").write_bytes(b"not an image")
+    datasets = []
+    build = pipeline.build_dataset
+    monkeypatch.setattr(pipeline, "build_dataset", lambda *a, **k: datasets.append(build(*a, **k)) or datasets[-1])
+    one = run_job(src, tmp_path / "one", SizeCaptioner, JobOptions(workers=2, shard_size=2, register=False,
+                                                                  cpus_per_worker=0.5))
+    staged = run_job(src, tmp_path / "staged", SizeCaptioner,
+                     JobOptions(workers=1, shard_size=2, register=False, cpus_per_worker=0,
+                                resources={"accelerator": 1}))
+    ops = [[line.split(":")[0].split(" ", 2)[2] for line in ds.stats().splitlines() if line.startswith("Operator ")]
+           for ds in datasets]
+    assert ops == [["ReadShardPlans->MapBatches(ProcessShards)"],
+                   ["ReadShardPlans->MapBatches(decode_shards)", "MapBatches(AnnotateShards)", "MapBatches(write_shards)"]]
+    assert (one.shards_written, one.successes, one.failed) == (staged.shards_written, staged.successes, staged.failed) == (3, 5, 1)
+    for name in ("00000.tar", "00001.tar", "00002.tar", "00002.parquet"):
+        assert (tmp_path / "one" / name).read_bytes() == (tmp_path / "staged" / name).read_bytes()
+
+
 def test_job_summary_line(tmp_path):
     from blip3.datagen.pipeline import JobResult
 

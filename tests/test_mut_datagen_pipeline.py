@@ -169,6 +169,28 @@ def test_stages_load_the_annotator_once_and_write_with_the_jobs_settings(tmp_pat
         assert json.loads(t.extractfile("i0.json").read())["generator"] == {"engine": "counting", "loaded": True}
 
 
+def test_the_one_stage_decodes_annotates_and_writes_in_its_actor(tmp_path):
+    """`ProcessShards` (a job without an accelerator) as Ray Data calls it: the annotator loaded
+    once, each plan row written as its shard with the job's settings, only the stats coming back;
+    an output it cannot write comes back marked so (the job stops with that line)."""
+    import pickle
+
+    plan = _plan(tmp_path, n_ok=1, n_bad=0)
+    stage = pipeline.ProcessShards(CountingCaptioner, ImageLimits(), ImageOutput("keep"), DownloadOptions(),
+                                   str(tmp_path / "out"), {"name": "counting"}, {"engine": "counting"}, 2)
+    assert stage.annotator.loaded and stage.annotator.info_calls == 0
+    (shard,) = pipeline._shards(stage({"index": [0], "shard": [pickle.dumps(plan)]}))
+    assert shard.items is None and shard.stats["successes"] == 1 and stage.annotator.info_calls == 0
+    assert read_stats(tmp_path / "out", 0, 2)["input_digest"] == plan.digest
+    with tarfile.open(tmp_path / "out" / "00.tar") as t:
+        assert t.getnames() == ["i0.png", "i0.txt", "i0.json"]
+    (tmp_path / "file").write_text("not a folder")
+    blocked = pipeline.ProcessShards(CountingCaptioner, ImageLimits(), ImageOutput(), DownloadOptions(),
+                                     str(tmp_path / "file" / "out"), {}, {}, 2)
+    (failed,) = pipeline._shards(blocked({"index": [0], "shard": [pickle.dumps(plan)]}))
+    assert failed.stats is None and failed.environment.endswith("a part of this path is a file, not a folder")
+
+
 def test_a_stage_failing_on_one_shard_reports_it_and_a_full_disk_stops_the_job(tmp_path):
     """A shard whose stage raises comes back as a row with the reason (the job goes on, then names
     it); an output that cannot be written (a full disk, a file in the way) comes back marked as such:
@@ -279,14 +301,24 @@ def test_job_checks_workers_and_shard_name_width_before_anything_else(tmp_path):
     assert not out.exists()
 
 
-def test_local_cluster_cpus_cover_the_workers_request_and_the_cpu_stages(monkeypatch):
-    """A local cluster has the machine's cores for the read and write stages, plus the actors' CPUs."""
+def test_local_cluster_cpus_cover_the_workers_request_and_a_staged_jobs_cpu_stages(monkeypatch):
+    """A local cluster has the actors' CPUs, plus the machine's cores for the read and write stages
+    of a staged job (an accelerator annotator); no more (Ray starts a worker per CPU)."""
     monkeypatch.setattr("os.cpu_count", lambda: 2)
-    assert pipeline._local_cpus(JobOptions(workers=10_000, cpus_per_worker=1.5)) == 15_002
-    assert pipeline._local_cpus(JobOptions(workers=2, cpus_per_worker=0)) == 2
+    assert pipeline._local_cpus(JobOptions(workers=10_000, cpus_per_worker=1.5)) == 15_000
+    assert pipeline._local_cpus(JobOptions(workers=3, cpus_per_worker=1.5, gpus_per_worker=1)) == 7
+    assert pipeline._local_cpus(JobOptions(workers=2, cpus_per_worker=0, resources={"TPU": 1})) == 2
+    assert pipeline._local_cpus(JobOptions(workers=2, cpus_per_worker=0)) == 1  # never a cluster of 0 CPUs
     monkeypatch.setattr("os.cpu_count", lambda: None)  # os.cpu_count() may not know
-    assert pipeline._local_cpus(JobOptions(workers=1, cpus_per_worker=0.5)) == 2
-    assert pipeline._local_cpus(JobOptions(workers=1, cpus_per_worker=0)) == 1  # never a cluster of 0 CPUs
+    assert pipeline._local_cpus(JobOptions(workers=1, cpus_per_worker=0.5, gpus_per_worker=1)) == 2
+    assert pipeline._local_cpus(JobOptions(workers=1, cpus_per_worker=0.5)) == 1
+
+
+def test_only_an_accelerator_annotator_is_staged():
+    """GPUs or a custom resource per actor: decode, annotate and write apart; otherwise one stage."""
+    assert not pipeline.staged(JobOptions(workers=4, cpus_per_worker=2))
+    assert pipeline.staged(JobOptions(gpus_per_worker=0.5))
+    assert pipeline.staged(JobOptions(resources={"accelerator": 1}))
 
 
 @pytest.fixture
