@@ -1,0 +1,133 @@
+"""lmms-eval's own evaluator on a blip3 model directory (`--model blip3`, eval/lmms_eval.py).
+
+A local lmms-eval task (YAML + utils.py + a parquet of images, all written here) is run by
+`lmms_eval.evaluator.simple_evaluate`, which resolves `blip3` through the installed entry point,
+loads the tiny model directory, asks it and computes the task's metric. The targets are the
+model's own answers (asked directly through `eval.runner.Generator`, the path `blip3 eval` uses)
+for all questions but one, so the metric is 3/4 only when every answer reaches its question.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+lmms_eval = pytest.importorskip(
+    "lmms_eval", reason="lmms-eval is not installed (make setup installs requirements-lmms.lock)")
+
+from blip3.core.errors import UserError  # noqa: E402
+from blip3.eval.runner import Generator  # noqa: E402
+from blip3.eval.tasks import Prompt  # noqa: E402
+from tests.eval_fixtures import tiny_model_dir  # noqa: E402,F401  (fixture)
+from tests.model_fixtures import noise_image, tiny_config, tiny_processor  # noqa: E402,F401  (fixtures)
+
+TASK = "blip3_local_vqa"
+QUESTIONS = ["What color is the sky?", "How many dogs are there in the picture on the left side?",
+             "Is it raining?", "What is written on the red sign near the door of the small house?"]
+MAX_NEW = 6
+
+
+@pytest.fixture
+def offline(monkeypatch, tmp_path):
+    """No hub: datasets and huggingface_hub offline, lmms-eval's datasets cache in tmp_path."""
+    import datasets.config
+    import huggingface_hub.constants
+
+    for name in ("HF_DATASETS_OFFLINE", "HF_HUB_OFFLINE"):
+        monkeypatch.setenv(name, "1")
+        monkeypatch.setattr(datasets.config, name, True)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setenv("LMMS_EVAL_DATASETS_CACHE", str(tmp_path / "hf-cache"))
+
+
+def _write_task(root: Path, targets: list[str], until: str) -> Path:
+    """An lmms-eval task folder: a generate_until task over a local parquet (image, question,
+    answer) scored by exact_match."""
+    import datasets
+
+    images = [noise_image(40, 32, 900 + i) for i in range(len(QUESTIONS))]
+    ds = datasets.Dataset.from_dict({"question": QUESTIONS, "answer": targets, "image": images})
+    ds.cast_column("image", datasets.Image()).to_parquet(str(root / "test.parquet"))
+    tasks = root / "tasks"
+    tasks.mkdir()
+    (tasks / "utils.py").write_text(
+        "def doc_to_visual(doc):\n    return [doc['image'].convert('RGB')]\n\n"
+        "def doc_to_text(doc):\n    return doc['question']\n")
+    (tasks / f"{TASK}.yaml").write_text(f"""\
+task: {TASK}
+dataset_path: parquet
+dataset_kwargs:
+  data_files:
+    test: {root / 'test.parquet'}
+test_split: test
+output_type: generate_until
+doc_to_visual: !function utils.doc_to_visual
+doc_to_text: !function utils.doc_to_text
+doc_to_target: answer
+generation_kwargs:
+  until: [{json.dumps(until)}]
+  max_new_tokens: {MAX_NEW}
+  temperature: 0
+  do_sample: false
+metric_list:
+  - metric: exact_match
+    aggregation: mean
+    higher_is_better: true
+""")
+    return tasks
+
+
+def _direct_answers(model_dir: Path) -> list[str]:
+    """What the model says to each question, asked as `blip3 eval` asks (base-model text: the
+    image first, then the question)."""
+    gen = Generator(model_dir)
+    prompts = [Prompt("<image>\n" + q, [noise_image(40, 32, 900 + i)], chat=False) for i, q in enumerate(QUESTIONS)]
+    return gen(prompts, MAX_NEW)
+
+
+def _evaluate(tasks: Path, model_args: str) -> dict:
+    from lmms_eval.evaluator import simple_evaluate
+    from lmms_eval.tasks import TaskManager
+
+    return simple_evaluate(model="blip3", model_args=model_args, tasks=[TASK], log_samples=True,
+                           task_manager=TaskManager(include_path=str(tasks), include_defaults=False))
+
+
+def test_blip3_is_in_lmms_evals_registry():
+    """`--model blip3` resolves through the installed `lmms_eval.models` entry point."""
+    from lmms_eval.models import get_model
+
+    from blip3.eval.lmms_eval import Blip3
+
+    assert get_model("blip3") is Blip3
+
+
+def test_lmms_evaluator_scores_the_models_answers(tiny_model_dir, tmp_path, offline):
+    raw = _direct_answers(tiny_model_dir)
+    assert len(set(raw)) == len(raw), "the tiny model must answer each question differently"
+    assert len(raw[0]) > 4
+    until = raw[0][2:4]  # a stop string inside the first answer: the task's `until` must cut it there
+    expected = [r.split(until, 1)[0] for r in raw]
+    targets = expected[:3] + ["no model says this"]
+    tasks = _write_task(tmp_path, targets, until)
+
+    out = _evaluate(tasks, f"pretrained={tiny_model_dir},batch_size=2,chat=false")
+
+    samples = sorted(out["samples"][TASK], key=lambda s: s["doc_id"])
+    assert [s["filtered_resps"][0] for s in samples] == expected
+    assert expected[0] != raw[0]  # the stop string did cut
+    assert out["results"][TASK]["exact_match,none"] == pytest.approx(0.75)
+
+
+def test_sampling_and_unknown_args_are_one_line_errors(tiny_model_dir, tmp_path, offline):
+    from blip3.eval.lmms_eval import Blip3
+
+    with pytest.raises(UserError, match="unknown model_args"):
+        Blip3(pretrained=str(tiny_model_dir), temprature="0")
+    model = Blip3(pretrained=str(tiny_model_dir))
+    with pytest.raises(UserError, match="asks for sampling"):
+        model._settings({"temperature": 0.7, "max_new_tokens": 4}, "some_task")
+    with pytest.raises(NotImplementedError, match="loglikelihood"):
+        model.loglikelihood([])
