@@ -10,6 +10,8 @@ for all questions but one, so the metric is 3/4 only when every answer reaches i
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -104,21 +106,38 @@ def test_blip3_is_in_lmms_evals_registry():
     assert get_model("blip3") is Blip3
 
 
-def test_lmms_evaluator_scores_the_models_answers(tiny_model_dir, tmp_path, offline):
+@pytest.fixture(scope="module")
+def local_task(tiny_model_dir, tmp_path_factory) -> tuple[Path, list[str]]:
+    """The task folder, and the answers the evaluator must collect: the model's own, cut at the
+    task's stop string, which is taken from inside the first answer so that it does cut."""
     raw = _direct_answers(tiny_model_dir)
     assert len(set(raw)) == len(raw), "the tiny model must answer each question differently"
     assert len(raw[0]) > 4
-    until = raw[0][2:4]  # a stop string inside the first answer: the task's `until` must cut it there
+    until = raw[0][2:4]
     expected = [r.split(until, 1)[0] for r in raw]
-    targets = expected[:3] + ["no model says this"]
-    tasks = _write_task(tmp_path, targets, until)
+    assert expected[0] != raw[0]
+    return _write_task(tmp_path_factory.mktemp("lmms-task"), expected[:3] + ["no model says this"], until), expected
 
+
+def test_lmms_evaluator_scores_the_models_answers(tiny_model_dir, local_task, offline):
+    tasks, expected = local_task
     out = _evaluate(tasks, f"pretrained={tiny_model_dir},batch_size=2,chat=false")
 
     samples = sorted(out["samples"][TASK], key=lambda s: s["doc_id"])
     assert [s["filtered_resps"][0] for s in samples] == expected
-    assert expected[0] != raw[0]  # the stop string did cut
     assert out["results"][TASK]["exact_match,none"] == pytest.approx(0.75)
+
+
+def test_lmms_eval_command_runs_blip3(tiny_model_dir, local_task, offline, tmp_path):
+    """The command users run, in a process of its own: `--model blip3` found through the entry point."""
+    tasks, _ = local_task
+    cmd = [sys.executable, "-m", "lmms_eval", "--model", "blip3", "--model_args",
+           f"pretrained={tiny_model_dir},chat=false", "--tasks", TASK, "--include_path", str(tasks),
+           "--output_path", str(tmp_path / "out")]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    (results,) = (tmp_path / "out").rglob("*_results.json")
+    assert json.loads(results.read_text())["results"][TASK]["exact_match,none"] == pytest.approx(0.75)
 
 
 def test_sampling_and_unknown_args_are_one_line_errors(tiny_model_dir, tmp_path, offline):
