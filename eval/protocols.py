@@ -64,8 +64,8 @@ OPENFLAMINGO = Protocol(
     source="mlfoundations/open_flamingo v2.0.1, open_flamingo/eval (commit 655f693)",
     tasks=("vqav2", "textvqa", "vizwiz", "coco"),
     not_reproduced={"okvqa": "OpenFlamingo stems OK-VQA answers with NLTK's trained POS tagger "
-                             "(averaged_perceptron_tagger_eng), Punkt and WordNet, data NLTK downloads from its "
-                             "own site and no package installs"},
+                             "(averaged_perceptron_tagger_eng), Punkt and WordNet: data nltk.download fetches from "
+                             "NLTK's own site, which no package we found installs"},
     seed=42,
     num_beams=3,
     length_penalty=0.0,
