@@ -19,13 +19,13 @@ from typing import Any
 
 from PIL import Image
 
-from lmms_eval.api.instance import Instance
+from lmms_eval.api.instance import GenerationResult, Instance
 from lmms_eval.api.model import lmms
 
 from blip3.core.errors import UserError
 from blip3.eval.runner import Generator
 from blip3.eval.tasks import Prompt
-from blip3.model.config import IMAGE_TOKEN
+from blip3.model.config import IGNORE_INDEX, IMAGE_TOKEN
 
 #: Decoding settings lmms-eval tasks give that change nothing here (greedy is what they ask for
 #: when they set temperature 0; `until` is applied to the text).
@@ -138,11 +138,67 @@ class Blip3(lmms):
         return answers  # type: ignore[return-value]
 
     def loglikelihood(self, requests: list[Instance]) -> list[tuple[float, bool]]:
-        raise NotImplementedError("blip3 answers generate_until tasks only; this task is a loglikelihood "
-                                  "(multiple-choice by likelihood) task")
+        """(mean negative log-likelihood of the continuation's tokens given the context and images,
+        whether greedy decoding would write them) per request: lmms-eval's multiple_choice and
+        loglikelihood tasks. The first value is a loss, not a log-probability: lmms-eval's
+        multiple_choice scoring picks the choice of least value (`argmin`), and its own models
+        return their mean loss there. Base text: the continuation is what follows the context's
+        tokens in the tokens of context + continuation (lm-eval's split). Chat: the continuation,
+        stripped, is the assistant turn, its `<|end|>` not scored."""
+        encoded = []
+        for req in requests:
+            if len(req.args) == 2:  # the unconditional half of a mutual-information task: no doc
+                context, target, visuals, task = *req.args, [], "?"
+            else:
+                context, target, doc_to_visual, doc_id, task, split = req.args
+                doc = self.task_dict[task][split][doc_id]
+                visuals = list(doc_to_visual(doc) or []) if doc_to_visual is not None else []
+                target = target if isinstance(target, str) else target(doc)
+            encoded.append(self._scored(self._prompt(context, visuals, task), str(target)))
+        results: list[tuple[float, bool]] = []
+        for start in range(0, len(encoded), self.batch_size):
+            results += self._score(encoded[start:start + self.batch_size])
+        for req, res in zip(requests, results):
+            self.cache_hook.add_partial("loglikelihood", req.args[:2], res)
+        # lmms-eval 0.7.3 passes every model output through `unwrap_generation_output`, which turns
+        # a (float, bool) pair into its string and breaks every multiple_choice task; only a
+        # GenerationResult's `text` reaches the task as it is, so the pairs travel in one.
+        return [GenerationResult(text=res) for res in results]  # type: ignore[arg-type,misc]
+
+    def _scored(self, prompt: Prompt, continuation: str):
+        """The prompt + continuation, encoded with labels on the continuation's tokens only."""
+        proc = self.generator.proc
+        if prompt.chat:
+            enc = proc.encode_chat([{"role": "user", "content": prompt.text},
+                                    {"role": "assistant", "content": continuation.strip()}], prompt.images)
+            last = max(i for i, label in enumerate(enc.labels) if label != IGNORE_INDEX)  # its <|end|>
+            enc.labels[last] = IGNORE_INDEX
+            return enc
+        n_context = len(proc.encode_prompt(prompt.text, prompt.images))
+        enc = proc.encode_prompt(prompt.text + proc.plain(continuation), prompt.images)
+        enc.labels = [IGNORE_INDEX] * n_context + enc.input_ids[n_context:]
+        return enc
+
+    def _score(self, encoded: list) -> list[tuple[float, bool]]:
+        gen = self.generator
+        torch = gen.torch
+        batch = {k: v.to(gen.device) for k, v in gen.proc.collate(encoded).items()}
+        labels = batch.pop("labels")
+        with torch.inference_mode():
+            logits = gen.model(batch["input_ids"], batch["attention_mask"], pixel_values=batch.get("pixel_values"),
+                               image_sizes=batch.get("image_sizes")).logits
+        logp = torch.log_softmax(logits[:, :-1].float(), dim=-1)
+        target = labels[:, 1:]
+        scored = target != IGNORE_INDEX
+        token_logp = torch.gather(logp, 2, target.clamp(min=0).unsqueeze(-1)).squeeze(-1)
+        greedy = (logp.argmax(-1) == target) | ~scored
+        n = scored.sum(-1).clamp(min=1)
+        nll = -(token_logp * scored).sum(-1) / n
+        return [(float(nll[r]), bool(greedy[r].all())) for r in range(len(encoded))]
 
     def generate_until_multi_round(self, requests: list[Instance]) -> list[str]:
-        raise NotImplementedError("blip3 answers generate_until tasks only; this task is a multi-round task")
+        raise NotImplementedError("blip3 answers generate_until, multiple_choice and loglikelihood tasks; "
+                                  "this task is a multi-round one")
 
 
 def _cut(text: str, until: list[str]) -> str:

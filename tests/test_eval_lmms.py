@@ -148,5 +148,87 @@ def test_sampling_and_unknown_args_are_one_line_errors(tiny_model_dir, tmp_path,
     model = Blip3(pretrained=str(tiny_model_dir))
     with pytest.raises(UserError, match="asks for sampling"):
         model._settings({"temperature": 0.7, "max_new_tokens": 4}, "some_task")
-    with pytest.raises(NotImplementedError, match="loglikelihood"):
-        model.loglikelihood([])
+    with pytest.raises(NotImplementedError, match="multi-round"):
+        model.generate_until_multi_round([])
+
+
+CHOICES = ["red", "green", "blue", "yellow"]
+
+
+def _reference_losses(model_dir: Path) -> list[list[float]]:
+    """The mean loss of " choice" after image + question (what lmms-eval's models return and its
+    multiple_choice scoring takes the argmin of), by the model's own loss: transformers'
+    cross-entropy over the labelled tokens, as training computes it. The continuation's tokens
+    are those that follow the context's (lm-eval's split)."""
+    import torch
+
+    from blip3.model.config import IGNORE_INDEX
+    from blip3.model.directory import load_model_dir
+
+    model, proc = load_model_dir(model_dir)
+    out = []
+    for i, q in enumerate(QUESTIONS):
+        text, image, row = "<image>\n" + q, noise_image(40, 32, 900 + i), []
+        n_context = len(proc.encode_prompt(text, [image]))
+        for choice in CHOICES:
+            whole = proc.encode_prompt(text + " " + choice, [image])
+            whole.labels = [IGNORE_INDEX] * n_context + whole.input_ids[n_context:]
+            batch = proc.collate([whole])
+            with torch.no_grad():
+                loss = model(batch["input_ids"], batch["attention_mask"], labels=batch["labels"],
+                             pixel_values=batch["pixel_values"], image_sizes=batch.get("image_sizes")).loss
+            row.append(float(loss))
+        out.append(row)
+    return out
+
+
+def test_lmms_multiple_choice_scores_by_the_models_likelihood(tiny_model_dir, tmp_path, offline):
+    import datasets
+
+    losses = _reference_losses(tiny_model_dir)
+    best = [min(range(len(CHOICES)), key=row.__getitem__) for row in losses]
+    worst = [max(range(len(CHOICES)), key=row.__getitem__) for row in losses]
+    labels = best[:3] + worst[3:]  # the model is right on 3 of 4
+    images = [noise_image(40, 32, 900 + i) for i in range(len(QUESTIONS))]
+    ds = datasets.Dataset.from_dict({"question": QUESTIONS, "label": labels, "image": images})
+    ds.cast_column("image", datasets.Image()).to_parquet(str(tmp_path / "mc.parquet"))
+    tasks = tmp_path / "tasks"
+    tasks.mkdir()
+    (tasks / "utils.py").write_text("def doc_to_visual(doc):\n    return [doc['image'].convert('RGB')]\n")
+    (tasks / "blip3_local_mc.yaml").write_text(f"""\
+task: blip3_local_mc
+dataset_path: parquet
+dataset_kwargs:
+  data_files:
+    test: {tmp_path / 'mc.parquet'}
+test_split: test
+output_type: multiple_choice
+doc_to_visual: !function utils.doc_to_visual
+doc_to_text: "{{{{question}}}}"
+doc_to_choice: {json.dumps(CHOICES)}
+doc_to_target: label
+metric_list:
+  - metric: acc
+""")
+    from lmms_eval.evaluator import simple_evaluate
+    from lmms_eval.tasks import TaskManager
+
+    out = simple_evaluate(model="blip3", model_args=f"pretrained={tiny_model_dir},batch_size=3,chat=false",
+                          tasks=["blip3_local_mc"], log_samples=True,
+                          task_manager=TaskManager(include_path=str(tasks), include_defaults=False))
+
+    samples = sorted(out["samples"]["blip3_local_mc"], key=lambda s: s["doc_id"])
+    got = [[resp[0][0] for resp in s["resps"]] for s in samples]
+    assert got == [pytest.approx(row, abs=1e-4) for row in losses]
+    assert out["results"]["blip3_local_mc"]["acc,none"] == pytest.approx(0.75)
+
+
+def test_chat_loglikelihood_scores_the_assistant_turn_only(tiny_model_dir):
+    """Chat: the scored tokens are the continuation's, the `<|end|>` after it left out."""
+    from blip3.eval.lmms_eval import Blip3
+    from blip3.model.config import IGNORE_INDEX
+
+    model = Blip3(pretrained=str(tiny_model_dir), chat="true")
+    enc = model._scored(Prompt("<image>\nWhat color?", [noise_image(40, 32, 1)], chat=True), " dark blue")
+    scored = [t for t, label in zip(enc.input_ids, enc.labels) if label != IGNORE_INDEX]
+    assert model.generator.proc.decode(scored) == "dark blue"
