@@ -4,7 +4,8 @@ lmms-eval finds models through the `lmms_eval.models` entry-point group (`eval.l
 (or `lmms_eval.evaluator.simple_evaluate(model="blip3", ...)`) loads this class. The model is
 loaded and asked exactly as `blip3 eval` does it (`eval.runner.Generator`: the model directory,
 its processor, the NaN/inf weight check, batched left-padded generation); lmms-eval builds the
-prompts, decides the decoding settings and scores the answers.
+prompts, decides the decoding settings and scores the answers. Task kinds: generate_until,
+multiple_choice and loglikelihood (scored by the model's loss on each continuation).
 
 model_args: `pretrained` (a model directory, or a stage output folder whose `final/` is used),
 `device` (default cpu), `batch_size` (default 1), `chat` (default true: the prompt is a user turn
