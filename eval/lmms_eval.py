@@ -1,7 +1,8 @@
 """The `blip3` model of lmms-eval: its own evaluator runs any of its image tasks on a model directory.
 
-lmms-eval finds models through the `lmms_eval.models` entry-point group (`eval.lmms_plugin`), so `lmms-eval --model blip3 --model_args pretrained=DIR --tasks ...`
-(or `lmms_eval.evaluator.simple_evaluate(model="blip3", ...)`) loads this class. The model is
+lmms-eval finds models through the `lmms_eval.models` entry-point group (`eval.lmms_plugin`), so
+`lmms-eval --model blip3 --model_args pretrained=DIR --tasks ...` (or
+`lmms_eval.evaluator.simple_evaluate(model="blip3", ...)`) loads this class. The model is
 loaded and asked exactly as `blip3 eval` does it (`eval.runner.Generator`: the model directory,
 its processor, the NaN/inf weight check, batched left-padded generation); lmms-eval builds the
 prompts, decides the decoding settings and scores the answers. Task kinds: generate_until,
