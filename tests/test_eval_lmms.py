@@ -1,10 +1,12 @@
 """lmms-eval's own evaluator on a blip3 model directory (`--model blip3`, eval/lmms_eval.py).
 
-A local lmms-eval task (YAML + utils.py + a parquet of images, all written here) is run by
-`lmms_eval.evaluator.simple_evaluate`, which resolves `blip3` through the installed entry point,
-loads the tiny model directory, asks it and computes the task's metric. The targets are the
-model's own answers (asked directly through `eval.runner.Generator`, the path `blip3 eval` uses)
-for all questions but one, so the metric is 3/4 only when every answer reaches its question.
+Local lmms-eval tasks (YAML + utils.py + a parquet of images, all written here) are run by
+`lmms_eval.evaluator.simple_evaluate` and by the `lmms-eval` command, which resolve `blip3`
+through the installed entry point, load the tiny model directory, ask it and compute the task's
+metric. generate_until: the targets are the model's own answers (asked directly through
+`eval.runner.Generator`, the path `blip3 eval` uses) for all questions but one, so the metric is
+3/4 only when every answer reaches its question. multiple_choice: every choice's value must be
+the model's own training loss on it, and the gold choices make the accuracy 3/4 the same way.
 """
 
 from __future__ import annotations
