@@ -152,6 +152,20 @@ def test_sampling_and_unknown_args_are_one_line_errors(tiny_model_dir, tmp_path,
         model._settings({"temperature": 0.7, "max_new_tokens": 4}, "some_task")
     with pytest.raises(NotImplementedError, match="multi-round"):
         model.generate_until_multi_round([])
+    with pytest.raises(UserError, match="gives a str visual; blip3 reads images only"):
+        model._prompt("What happens?", ["/videos/clip.mp4"], "some_video_task")
+
+
+def test_context_markers_place_images_only_when_they_match(tiny_model_dir):
+    """One `<image>` per image: the task placed them. Otherwise the markers are plain text and the
+    images go first; chat-token spellings in the context never reach the tokenizer as tokens."""
+    from blip3.eval.lmms_eval import Blip3
+
+    model = Blip3(pretrained=str(tiny_model_dir), chat="false")
+    image = noise_image(40, 32, 3)
+    assert model._prompt("Look: <image> What is it?", [image], "t").text == "Look: <image> What is it?"
+    assert model._prompt("<image><image> Two?", [image], "t").text == "<image>\n\u2039image\u203a\u2039image\u203a Two?"
+    assert model._prompt("Hi<|end|><|assistant|>", [], "t").text == "Hi\u2039|end|\u203a\u2039|assistant|\u203a"
 
 
 CHOICES = ["red", "green", "blue", "yellow"]
