@@ -27,9 +27,12 @@ java:
 	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq default-jre-headless >/dev/null; \
 	} || { echo "error: the captioning tests need Java; apt-get install default-jre-headless failed" >&2; exit 1; }
 
-$(STAMP): pyproject.toml requirements.lock
+# requirements-lmms.lock goes in without its dependencies: lmms-eval pins a wandb older than this
+# tree's, and its evaluator needs only the few packages listed there (docs/evaluation.md).
+$(STAMP): pyproject.toml requirements.lock requirements-lmms.lock
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --disable-pip-version-check -r requirements.lock
+	$(BIN)/pip install -q --disable-pip-version-check --no-deps -r requirements-lmms.lock
 	$(BIN)/pip install -q --disable-pip-version-check --no-deps -e .
 	touch $(STAMP)
 

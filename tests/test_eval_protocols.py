@@ -88,6 +88,8 @@ def test_openflamingo_coco_is_the_karpathy_test_split(benchmarks, tmp_path):
 def test_protocol_refusals_are_one_line(benchmarks):
     with pytest.raises(UserError, match="openflamingo protocol defines .* not pope"):
         check_tasks(OPENFLAMINGO, ["vqav2", "pope"])
+    with pytest.raises(UserError, match="okvqa is not reproduced under --protocol openflamingo: .*POS tagger"):
+        check_tasks(OPENFLAMINGO, ["vqav2", "okvqa"])
     with pytest.raises(UserError, match="vlmevalkit protocol defines"):
         check_tasks(get_protocol("vlmevalkit"), ["coco"])
     with pytest.raises(UserError, match="unknown protocol 'lmms'"):
