@@ -235,7 +235,7 @@ _PLAN_ONLY = """
 import re, sys, time
 from pathlib import Path
 import ray
-from blip3.datagen.pipeline import _plan_block
+from blip3.datagen.plan_source import put_plan
 from blip3.datagen.plans import count_tars_locally, job_plans
 ray.init(num_cpus=1, include_dashboard=False, log_to_driver=False, logging_level="ERROR")
 cpu = time.process_time()
@@ -244,7 +244,7 @@ cpu = time.process_time()
 blocks, n = [], 0
 for p in job_plans(sys.argv[1], None, 1000, count_tars=count_tars_locally):
     n += sum(s.stop - s.start for s in p.spans)
-    blocks.append(_plan_block(p))
+    blocks.append(put_plan(p))
 cpu = time.process_time() - cpu
 print(n, int(re.search(r"VmHWM:\\s+(\\d+)", Path("/proc/self/status").read_text()).group(1)) / 1024, cpu)
 ray.shutdown()
@@ -357,23 +357,27 @@ def _busy(log_dir: Path, wall: float) -> tuple[float, float, int]:
 
 
 def busy_fraction(tmp: Path, n: int, size: tuple[int, int], hold_s: float, design: str = "staged") -> dict:
-    """Run one job of `n` photos with the stand-in model on the one "accelerator" of the cluster
-    (a custom resource), return its row. Ray must be up, with `{"accelerator": 1}`."""
+    """Run one job of `n` photos with the stand-in model, return its row. `staged`: the model's
+    actor holds the one "accelerator" of the cluster (a custom resource), so the job runs as
+    decode tasks -> that actor -> write tasks; `one actor`: the same annotator without it, so the
+    job is one stage, its actor decoding and writing between holds. Ray must be up, with
+    `{"accelerator": 1}`."""
     from blip3.datagen.pipeline import JobOptions, run_job
 
     folder = tmp / f"photos-{size[0]}x{size[1]}-{n}"
     if not folder.exists():
         make_photos(folder, n, size)
-    log_dir = tmp / f"busy-{design}"
+    log_dir = tmp / f"busy-{design.replace(' ', '-')}"
     log_dir.mkdir()
     config = HoldAccelerator(hold_s, str(log_dir))
     t = time.perf_counter()
-    run_job(folder, tmp / f"busy-out-{design}", config, JobOptions(workers=1, shard_size=SHARD_SIZE, register=False,
-                                                                   resources={"accelerator": 1}))
+    resources = {"accelerator": 1} if design == "staged" else None
+    job = JobOptions(workers=1, shard_size=SHARD_SIZE, register=False, resources=resources)
+    run_job(folder, tmp / f"busy-out-{design.replace(' ', '-')}", config, job)
     wall = time.perf_counter() - t
     of_job, of_window, holds = _busy(log_dir, wall)
     assert holds == n, holds
-    return {"what": f"model stage busy ({hold_s * 1e3:.0f} ms hold per image)",
+    return {"what": f"model stage busy ({hold_s * 1e3:.0f} ms hold per image), {design}",
             "images": f"{n} of {size[0]}x{size[1]}", "seconds": f"{wall:.1f} wall",
             "images/s per core": f"{n / wall:.1f} images/s (ideal {1 / hold_s:.0f})",
             "vs loop": f"busy {of_window:.0%} of the stage's window, {of_job:.0%} of the job"}
@@ -421,7 +425,8 @@ def busy_rows(tmp: Path, args: argparse.Namespace) -> list[dict]:
     try:
         for size in args.busy_sizes.split(","):
             w, h = (int(x) for x in size.split("x"))
-            rows.append(busy_fraction(tmp / f"busy-{size}", args.busy_images, (w, h), args.hold_ms / 1e3))
+            for design in ("one actor", "staged"):
+                rows.append(busy_fraction(tmp / f"busy-{size}", args.busy_images, (w, h), args.hold_ms / 1e3, design))
     finally:
         ray.shutdown()
     return rows

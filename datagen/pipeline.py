@@ -1,13 +1,17 @@
 """One datagen pipeline for every annotator, on Ray Data: read -> decode -> annotate -> record -> write.
 
     input (streamed, stable order) --datagen.plans--> shard plans 0..n-1, one at a time
-      --skip finished ones--> each plan a one-row block in Ray's object store (the driver keeps
-      the reference) --> a `ray.data.Dataset` (`build_dataset`) of three stages:
-        decode_shards   CPU tasks: read (a URL list's rows are fetched here), decode + validate
-        AnnotateShards  an actor pool (`workers` actors, one annotator each, loaded once; the
-                        job's CPUs/GPUs/custom resources per actor): the model's step only
-        write_shards    CPU tasks: caption, record, tar + parquet + stats straight into the
-                        output, atomically; the shard's stats are the row that comes back
+      --skip finished ones--> each plan put into Ray's object store as it is listed (the driver
+      keeps the reference) --> a `ray.data.Dataset` (`build_dataset`) whose rows are plans
+      (`datagen.plan_source`), each read inside the first stage:
+        an annotator with an accelerator (GPUs, or a custom resource) -- three stages:
+          decode_shards   CPU tasks: read (a URL list's rows are fetched here), decode + validate
+          AnnotateShards  an actor pool (`workers` actors, one annotator each, loaded once; the
+                          job's CPUs/GPUs/custom resources per actor): the model's step only
+          write_shards    CPU tasks: caption, record, tar + parquet + stats straight into the
+                          output, atomically; the shard's stats are the row that comes back
+        any other annotator (a CPU engine) -- one stage:
+          ProcessShards   an actor pool doing the same steps in each actor, one shard at a time
       --> the driver, as rows stream back: catalog.BatchRegistrar registers them in batches (the
       driver is the only catalog writer), then catalog.add_output at the end for the shards done
       before
@@ -19,9 +23,10 @@ Why this shape:
 - Workers write: image bytes never travel back to the driver, which only plans and collects
   counts; so adding nodes adds write throughput, and with `--ray-address` the tars land where the
   output says, not on the client.
-- The model's stage only annotates: on a GPU (or any accelerator, a custom resource) the decode
-  tasks keep it fed while it runs. An annotator asking for the same resources as the CPU stages
-  (a CPU engine) has the decode stage fused into its actors by Ray Data: no pixels cross processes.
+- On an accelerator the model's stage only annotates: the decode tasks keep it fed while it runs.
+  A CPU engine shares the CPUs with decode and write anyway, so its job is one stage: apart, each
+  shard's pixels would be pickled, turned into Arrow and copied between stages, which measured
+  tripled the CPU per image of a cheap annotator (docs/planning.md).
 - Determinism and resume: shard `i` always holds input samples `i*S .. i*S+S-1` and members are
   written in that order, so the tars are byte-identical across runs however Ray schedules the
   work. A shard counts as done when its stats exist, the tar has the recorded size (the sha256 is
@@ -514,17 +519,58 @@ def decode_shards(batch: dict[str, Any], limits: ImageLimits, output: ImageOutpu
     return _rows([decode_shard(blob, limits, output, download) for blob in batch["shard"]])
 
 
+#: starts of one shard in an engine's actor after which its next start fails it instead (`ShardAttempts`)
+MAX_ATTEMPTS = 3
+
+
+class ShardAttempts:
+    """How often the engine's actors have started each shard: one small actor per job (no CPU).
+
+    A process that dies in a shard (a native crash in an engine on one hostile image, an
+    out-of-memory kill) is restarted by Ray Data and the shard retried, without end; a lost node's
+    shards are retried the same way. After `MAX_ATTEMPTS` starts the next one fails the shard with
+    that reason instead, so the job writes the others and then names it."""
+
+    def __init__(self) -> None:
+        self.started: Counter[int] = Counter()
+
+    def start(self, index: int) -> int:
+        self.started[index] += 1
+        return self.started[index]
+
+
+def _died_in(attempts: Any, index: int) -> str | None:
+    """Why shard `index` is not to be started again (None: start it); `attempts` is the job's
+    `ShardAttempts` actor (None outside a job: nothing to count)."""
+    if attempts is None:
+        return None
+    import ray
+
+    try:
+        started = ray.get(attempts.start.remote(int(index)))
+    except ray.exceptions.RayError:  # the counter itself gone (its node lost for good): not counted
+        return None
+    if started <= MAX_ATTEMPTS:
+        return None
+    return (f"the annotator's worker process died in this shard {started - 1} times (a crash in the engine "
+            "on one of its images, or out of memory)")
+
+
 class AnnotateShards:
     """Stage 2 (an actor pool: `--workers` actors, each loading its annotator once, with the
     job's CPUs/GPUs per actor): the model's step over each decoded sample of a shard."""
 
-    def __init__(self, factory: AnnotatorConfig):
+    def __init__(self, factory: AnnotatorConfig, attempts: Any = None):
         self.annotator = factory()
         self.annotator.load()
+        self.attempts = attempts
 
     def __call__(self, batch: dict[str, Any]) -> dict[str, Any]:
         shards = _shards(batch)
         for shard in shards:
+            died = None if shard.items is None else _died_in(self.attempts, shard.index)
+            if died:
+                shard.items, shard.error = None, died
             annotate_steps(shard.items or [], self.annotator)
         return _rows(shards)
 
@@ -543,15 +589,21 @@ class ProcessShards:
     driver holds only the shard's stats."""
 
     def __init__(self, factory: AnnotatorConfig, limits: ImageLimits, output: ImageOutput, download: DownloadOptions,
-                 out: str | Location, generator: dict[str, Any], record_generator: dict[str, Any], digits: int):
+                 out: str | Location, generator: dict[str, Any], record_generator: dict[str, Any], digits: int,
+                 attempts: Any = None):
         self.annotator = factory()
         self.annotator.load()
         self.decode_args = (limits, output, download)
         self.write_args = (out, generator, record_generator, digits)
+        self.attempts = attempts
 
     def __call__(self, batch: dict[str, Any]) -> dict[str, Any]:
         shards = []
-        for blob in batch["shard"]:
+        for index, blob in zip(batch["index"], batch["shard"]):
+            died = _died_in(self.attempts, index)
+            if died:
+                shards.append(_Shard(int(index), "", error=died))
+                continue
             shard = decode_shard(blob, *self.decode_args)
             annotate_steps(shard.items or [], self.annotator)
             shards.append(write_shard_items(shard, *self.write_args))
@@ -585,12 +637,13 @@ def _annotator_actors(job: JobOptions) -> int:
 
 
 def build_dataset(plans: Sequence[PlanRef], out: Location, factory: AnnotatorConfig,
-                  generator: dict[str, Any], job: JobOptions):
+                  generator: dict[str, Any], job: JobOptions, attempts: Any = None):
     """The job as a `ray.data.Dataset` of one row per shard plan (`plans`, read by `PlanSource`); each
     output row is one finished shard's stats. An annotator holding an accelerator gets three
     stages, decode (CPU tasks) -> annotate (its actor pool) -> write (CPU tasks); any other runs
     decode, annotate and write in one actor pool (`staged`). Rows are shards, not images:
-    measured, moving one row per image costs the framework far more (docs/planning.md)."""
+    measured, moving one row per image costs the framework far more (docs/planning.md).
+    `attempts`: the job's `ShardAttempts` actor (its caller keeps it alive while the job runs)."""
     import ray.data
 
     from blip3.datagen.plan_source import PlanSource
@@ -611,11 +664,11 @@ def build_dataset(plans: Sequence[PlanRef], out: Location, factory: AnnotatorCon
     if not staged(job):
         return ds.map_batches(ProcessShards, fn_constructor_args=(
             factory, job.limits, job.image_output, job.download, out, generator, record_generator,
-            job.shard_name_width), batch_size=None, batch_format="numpy", **actors)
+            job.shard_name_width, attempts), batch_size=None, batch_format="numpy", **actors)
     ds = ds.map_batches(decode_shards, fn_kwargs={"limits": job.limits, "output": job.image_output,
                                                   "download": job.download},
                         batch_size=None, batch_format="numpy", **cpu_task)
-    ds = ds.map_batches(AnnotateShards, fn_constructor_args=(factory,), batch_size=None, batch_format="numpy", **actors)
+    ds = ds.map_batches(AnnotateShards, fn_constructor_args=(factory, attempts), batch_size=None, batch_format="numpy", **actors)
     return ds.map_batches(write_shards, fn_kwargs={"out": out,
                                                    "generator": generator, "record_generator": record_generator,
                                                    "digits": job.shard_name_width},
@@ -665,7 +718,15 @@ def _run_plans(
     left = set(blocks)
     lost: list[str] = []
     with _data_context():
-        for row in build_dataset(list(blocks.values()), out, factory, generator, job).iter_rows():
+        import ray
+        from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+        # on the driver's node where it can be (a lost node must not take the counts with it), and
+        # restarted if it goes all the same (its counts then start again)
+        here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=True)
+        attempts = ray.remote(ShardAttempts).options(num_cpus=0, max_restarts=-1, max_task_retries=-1,
+                                                     scheduling_strategy=here).remote()
+        for row in build_dataset(list(blocks.values()), out, factory, generator, job, attempts).iter_rows():
             shard: _Shard = pickle.loads(row["shard"])
             left.discard(shard.index)
             if shard.environment:

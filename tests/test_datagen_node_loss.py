@@ -77,9 +77,10 @@ def test_node_lost_mid_job_finishes_with_the_bytes_of_a_clean_run(tmp_path, monk
     monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]))
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
     marker, out = tmp_path / "stalled-on", tmp_path / "out"
-    cluster = Cluster(initialize_head=True, connect=False, head_node_args={"num_cpus": 1})
+    # no CPU on the head: both annotator actors (one CPU each) start on the doomed node, so the
+    # first of them to take a shard stalls there (Ray's and the job's CPU-less actors stay on the head)
+    cluster = Cluster(initialize_head=True, connect=False, head_node_args={"num_cpus": 0})
     try:
-        # two CPUs a node: the annotation pool (2 actors) leaves the read and write tasks a CPU
         doomed = cluster.add_node(num_cpus=2)
         cluster.wait_for_nodes()
         job = subprocess.Popen([sys.executable, "-c", _JOB, str(src), str(out), cluster.address,

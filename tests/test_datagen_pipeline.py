@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import signal
 from dataclasses import dataclass
 
 import pytest
@@ -39,6 +40,18 @@ class SizeCaptioner:
             raise ZeroDivisionError("engine bug")
         text = f"{image.width}x{image.height}"
         return Annotation(text, [{"text": text}], {"entries": []}, record={"objects": []})
+
+
+@dataclass
+class CrashingCaptioner(SizeCaptioner):
+    """Kills its own process on an image 88 pixels wide, as a native crash in an engine would."""
+
+    def annotate(self, image, sample) -> Annotation:
+        if image.width == 88:
+            import os
+
+            os._exit(1)
+        return super().annotate(image, sample)
 
 
 def _ref(tmp_path, name: str, data: bytes, **kw) -> SampleRef:
@@ -186,6 +199,32 @@ def test_staged_and_one_stage_jobs_write_the_same_shards(ray_local, tmp_path, mo
     assert (one.shards_written, one.successes, one.failed) == (staged.shards_written, staged.successes, staged.failed) == (3, 5, 1)
     for name in ("00000.tar", "00001.tar", "00002.tar", "00002.parquet"):
         assert (tmp_path / "one" / name).read_bytes() == (tmp_path / "staged" / name).read_bytes()
+
+
+def test_a_shard_whose_worker_keeps_dying_fails_alone(ray_local, tmp_path):
+    """Ray Data restarts a dead actor and retries its shard without end; after MAX_ATTEMPTS starts
+    the shard fails with the reason, the job writes the others and then names it."""
+    from blip3.datagen.pipeline import MAX_ATTEMPTS, run_job
+
+    src = tmp_path / "in"
+    src.mkdir()
+    for i in range(5):  # widths 80, 88 (shard 0 crashes), 96, 104, 112
+        (src / f"img{i}.png").write_bytes(png_bytes(text_image(f"N {i}", size=(80 + 8 * i, 40))))
+    out = tmp_path / "out"
+
+    def endless(*_):
+        raise TimeoutError("the job is still retrying the shard whose worker dies")
+
+    before = signal.signal(signal.SIGALRM, endless)
+    signal.alarm(120)  # a job without the limit never ends: fail instead of hanging the suite
+    try:
+        with pytest.raises(UserError, match=rf"1 shard\(s\) failed \(re-run to retry them\); first: shard 0: the "
+                                            rf"annotator's worker process died in this shard {MAX_ATTEMPTS} times"):
+            run_job(src, out, CrashingCaptioner, JobOptions(workers=1, shard_size=2, register=False))
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, before)
+    assert sorted(p.name for p in out.glob("*_stats.json")) == ["00001_stats.json", "00002_stats.json"]
 
 
 def test_job_summary_line(tmp_path):

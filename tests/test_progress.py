@@ -59,8 +59,8 @@ def data_bars():
 
 def test_the_jobs_stages_show_ray_datas_bars_unless_bars_are_off(data_bars, monkeypatch):
     """While a job runs, Ray Data draws a row per stage (its rich bars, on stderr: seen in a
-    terminal, where they show `MapBatches(decode_shards)`, `...(AnnotateShards)`,
-    `...(write_shards)`); BLIP3_NO_PROGRESS turns them off; the settings are restored after."""
+    terminal, where they show `ReadShardPlans->MapBatches(ProcessShards)`, or the three stages of
+    an accelerator's job); BLIP3_NO_PROGRESS turns them off; the settings are restored after."""
     from blip3.datagen.pipeline import _data_context
 
     monkeypatch.delenv("BLIP3_NO_PROGRESS", raising=False)
