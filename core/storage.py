@@ -669,16 +669,25 @@ class WriterLock:
                 self.where.fs.pipe_file(self.where.path(LOCK_NAME), data)
             return True
         local.mkdir(parents=True, exist_ok=True)
-        if exclusive:
-            try:
-                fd = os.open(local / LOCK_NAME, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
-            except FileExistsError:
-                return False
-            with os.fdopen(fd, "wb") as f:
-                f.write(data)
-            return True
         tmp = local / f".{LOCK_NAME}.tmp-{self.token}"
         tmp.write_bytes(data)
+        if exclusive:
+            # a hard link appears whole or not at all: a racing job never reads a lock file that is
+            # created but not yet written (it would take that for no lock, and write its own)
+            try:
+                os.link(tmp, local / LOCK_NAME)
+            except FileExistsError:
+                return False
+            except OSError:  # a filesystem without hard links: create-if-absent, then write
+                try:
+                    fd = os.open(local / LOCK_NAME, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+                except FileExistsError:
+                    return False
+                with os.fdopen(fd, "wb") as f:
+                    f.write(data)
+            finally:
+                tmp.unlink()
+            return True
         os.replace(tmp, local / LOCK_NAME)
         return True
 

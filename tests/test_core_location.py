@@ -129,6 +129,35 @@ def test_a_lease_overwritten_by_a_racing_job_stops_this_one(s3_server, tmp_path,
             pass
 
 
+def test_a_local_lock_file_appears_whole(tmp_path, monkeypatch):
+    """A racing job that finds the lock file reads a whole lease, never a file created and not yet
+    written (which it would take for no lock, and write its own: two jobs on one output). The lock
+    appears by a hard link of a finished file; without hard links, by create-if-absent."""
+    seen = []
+    link = os.link
+
+    def watched(src, dst):
+        seen.append(json.loads(Path(src).read_text())["job"])  # the lease is complete before it appears
+        link(src, dst)
+
+    monkeypatch.setattr(storage.os, "link", watched)
+    with Location(str(tmp_path / "out")).lock("first"):
+        assert seen == ["first"]
+        assert json.loads((tmp_path / "out" / LOCK_NAME).read_text())["job"] == "first"
+        with pytest.raises(UserError, match=r"another job \(first\) is writing"):
+            Location(str(tmp_path / "out")).lock("second").__enter__()
+    assert not (tmp_path / "out").exists()  # released, and the folder it made removed
+
+    def no_links(src, dst):
+        raise PermissionError("hard links not supported")
+
+    monkeypatch.setattr(storage.os, "link", no_links)
+    with Location(str(tmp_path / "out2")).lock("third"):
+        assert json.loads((tmp_path / "out2" / LOCK_NAME).read_text())["job"] == "third"
+        with pytest.raises(UserError, match=r"another job \(third\)"):
+            Location(str(tmp_path / "out2")).lock("fourth").__enter__()
+
+
 def test_the_lock_leaves_no_empty_output_folder_behind(tmp_path):
     with Location(tmp_path / "new").lock():
         assert (tmp_path / "new").is_dir()
