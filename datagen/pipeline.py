@@ -654,7 +654,8 @@ def build_dataset(plans: Sequence[PlanRef], out: Location, factory: AnnotatorCon
     resources = {"num_cpus": job.cpus_per_worker,
                  **({"num_gpus": job.gpus_per_worker} if job.gpus_per_worker else {}),
                  **({"resources": dict(job.resources)} if job.resources else {}), **env}
-    actors = {"compute": ray.data.ActorPoolStrategy(size=_annotator_actors(job)), **resources}
+    # no more actors than shards: each one loads its engine, and Ray Data warns of idle ones
+    actors = {"compute": ray.data.ActorPoolStrategy(size=min(_annotator_actors(job), len(plans))), **resources}
     cpu_task = {"num_cpus": 1, **env}
     # a plan's read asks for what its first stage asks for, and that stage takes whole blocks (one
     # plan each, `batch_size=None`), so Ray Data fuses the read into it: no task of its own, which

@@ -201,6 +201,19 @@ def test_staged_and_one_stage_jobs_write_the_same_shards(ray_local, tmp_path, mo
         assert (tmp_path / "one" / name).read_bytes() == (tmp_path / "staged" / name).read_bytes()
 
 
+def test_no_more_annotator_actors_than_shards(ray_local, tmp_path, recwarn):
+    """A one-shard job with `--workers 2` starts one actor (each loads its engine), so Ray Data has
+    no idle actor to warn about on the user's terminal."""
+    from blip3.datagen.pipeline import run_job
+
+    src = tmp_path / "in"
+    src.mkdir()
+    for i in range(2):
+        (src / f"img{i}.png").write_bytes(png_bytes(text_image(f"N {i}", size=(80 + 8 * i, 40))))
+    assert run_job(src, tmp_path / "out", SizeCaptioner, JobOptions(workers=2, shard_size=2, register=False)).successes == 2
+    assert not [w for w in recwarn if "concurrent actors" in str(w.message)]
+
+
 def test_a_shard_whose_worker_keeps_dying_fails_alone(ray_local, tmp_path):
     """Ray Data restarts a dead actor and retries its shard without end; after MAX_ATTEMPTS starts
     the shard fails with the reason, the job writes the others and then names it."""
