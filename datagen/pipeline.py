@@ -274,8 +274,9 @@ def publish_shard(out: str | Path | Location, index: int, items: Iterable[Proces
 def write_shard(out: str | Path | Location, plan: ShardPlan, annotator, limits: ImageLimits, generator: dict[str, Any],
                 record_generator: dict[str, Any] | None = None, output: ImageOutput = ImageOutput(),
                 digits: int = SHARD_DIGITS, download: DownloadOptions = DownloadOptions()) -> dict[str, Any]:
-    """A whole shard in this process, the job's three stages one after the other (tests, and the
-    reference a staged job's bytes are compared with): returns its stats. `generator` goes into the
+    """A whole shard in this process, the job's three steps one after the other (what each actor
+    of a one-stage job runs, `ProcessShards`; the reference a staged job's bytes are compared
+    with): returns its stats. `generator` goes into the
     stats, `record_generator` into each sample's json; `output` is how images are stored, `digits`
     the width of the shard's name."""
     record_generator = record_generator if record_generator is not None else annotator.generator_info()
@@ -485,38 +486,21 @@ def _shards(batch: dict[str, Any]) -> list[_Shard]:
     return [pickle.loads(blob) for blob in batch["shard"]]
 
 
-def decode_shard(blob: bytes, limits: ImageLimits, output: ImageOutput, download: DownloadOptions) -> _Shard:
-    """A pickled plan -> its shard with the samples read (URLs fetched), decoded and validated, or
-    failed with the reason (an unreadable tar range, a store gone: this shard fails, the job goes on)."""
-    plan: ShardPlan = pickle.loads(blob)
-    shard = _Shard(plan.index, plan.digest)
-    try:
-        shard.items = decode_plan(plan, limits, output, download)
-    except Exception as e:
-        shard.failed(e)
-    return shard
-
-
-def write_shard_items(shard: _Shard, out: str | Location, generator: dict[str, Any],
-                      record_generator: dict[str, Any], digits: int) -> _Shard:
-    """Caption and record each annotated sample of `shard`, publish it into `out` (atomically; an
-    object store gets it uploaded, stats last) and keep only its stats (or why it failed)."""
-    if shard.items is None:
-        return shard
-    items = (record_step(item, record_generator) for item in shard.items)
-    try:
-        shard.stats = publish_shard(out, shard.index, items, generator, {"input_digest": shard.digest}, digits)
-    except Exception as e:
-        shard.failed(e)
-    shard.items = None
-    return shard
-
-
 def decode_shards(batch: dict[str, Any], limits: ImageLimits, output: ImageOutput,
                   download: DownloadOptions) -> dict[str, Any]:
-    """Stage 1 of a staged job (CPU tasks): plan rows -> the shards' samples decoded; pixels and
-    stored bytes travel on to the model's stage, failures as rows with their reason."""
-    return _rows([decode_shard(blob, limits, output, download) for blob in batch["shard"]])
+    """Stage 1 of a staged job (CPU tasks): plan rows -> the shards' samples read (URLs fetched),
+    decoded and validated; pixels and stored bytes travel on to the model's stage, failures as rows
+    with their reason."""
+    shards = []
+    for blob in batch["shard"]:
+        plan: ShardPlan = pickle.loads(blob)
+        shard = _Shard(plan.index, plan.digest)
+        try:
+            shard.items = decode_plan(plan, limits, output, download)
+        except Exception as e:  # an unreadable tar range, a store gone: this shard fails, the job goes on
+            shard.failed(e)
+        shards.append(shard)
+    return _rows(shards)
 
 
 #: starts of one shard in an engine's actor after which its next start fails it instead (`ShardAttempts`)
@@ -577,9 +561,20 @@ class AnnotateShards:
 
 def write_shards(batch: dict[str, Any], out: str | Location, generator: dict[str, Any],
                  record_generator: dict[str, Any], digits: int) -> dict[str, Any]:
-    """Stage 3 of a staged job (CPU tasks): each shard captioned, recorded and written straight to
-    the output; the row that goes back to the driver holds only the shard's stats."""
-    return _rows([write_shard_items(shard, out, generator, record_generator, digits) for shard in _shards(batch)])
+    """Stage 3 of a staged job (CPU tasks): caption and record each sample, write tar + parquet +
+    stats straight to the output (atomically; an object store gets them uploaded, stats last); the
+    row that goes back to the driver holds only the shard's stats."""
+    shards = _shards(batch)
+    for shard in shards:
+        if shard.items is None:
+            continue
+        items = (record_step(item, record_generator) for item in shard.items)
+        try:
+            shard.stats = publish_shard(out, shard.index, items, generator, {"input_digest": shard.digest}, digits)
+        except Exception as e:
+            shard.failed(e)
+        shard.items = None
+    return _rows(shards)
 
 
 class ProcessShards:
@@ -593,20 +588,22 @@ class ProcessShards:
                  attempts: Any = None):
         self.annotator = factory()
         self.annotator.load()
-        self.decode_args = (limits, output, download)
-        self.write_args = (out, generator, record_generator, digits)
+        self.limits, self.output, self.download = limits, output, download
+        self.out, self.generator, self.record_generator, self.digits = out, generator, record_generator, digits
         self.attempts = attempts
 
     def __call__(self, batch: dict[str, Any]) -> dict[str, Any]:
         shards = []
         for index, blob in zip(batch["index"], batch["shard"]):
-            died = _died_in(self.attempts, index)
-            if died:
-                shards.append(_Shard(int(index), "", error=died))
-                continue
-            shard = decode_shard(blob, *self.decode_args)
-            annotate_steps(shard.items or [], self.annotator)
-            shards.append(write_shard_items(shard, *self.write_args))
+            plan: ShardPlan = pickle.loads(blob)
+            shard = _Shard(plan.index, plan.digest, error=_died_in(self.attempts, index))
+            if shard.error is None:
+                try:
+                    shard.stats = write_shard(self.out, plan, self.annotator, self.limits, self.generator,
+                                              self.record_generator, self.output, self.digits, self.download)
+                except Exception as e:  # an unreadable tar range, an output that cannot be written
+                    shard.failed(e)
+            shards.append(shard)
         return _rows(shards)
 
 
@@ -660,9 +657,10 @@ def build_dataset(plans: Sequence[PlanRef], out: Location, factory: AnnotatorCon
     # a plan's read asks for what its first stage asks for, and that stage takes whole blocks (one
     # plan each, `batch_size=None`), so Ray Data fuses the read into it: no task of its own, which
     # on a cluster whose CPUs the actors hold would never be scheduled
-    first = resources if not staged(job) else cpu_task
+    split = staged(job)
+    first = cpu_task if split else resources
     ds = ray.data.read_datasource(PlanSource(plans), override_num_blocks=len(plans), **first)
-    if not staged(job):
+    if not split:
         return ds.map_batches(ProcessShards, fn_constructor_args=(
             factory, job.limits, job.image_output, job.download, out, generator, record_generator,
             job.shard_name_width, attempts), batch_size=None, batch_format="numpy", **actors)
